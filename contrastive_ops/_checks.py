@@ -1,0 +1,142 @@
+"""Argument checking, done once in the public functions before any backend.
+
+Every failure is a ``ValueError`` (``TypeError`` for integer features) whose
+message names the argument and the shapes seen.
+"""
+from __future__ import annotations
+
+from numbers import Real
+from typing import Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .core import acc_dtype
+
+Tensor = torch.Tensor
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def shape_str(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
+def check_features(name: str, t, ndims: Sequence[int] = (2,)) -> None:
+    """A floating-point, non-empty tensor of one of the ranks in ``ndims``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype} with shape {shape_str(t)}")
+    if t.dim() not in ndims:
+        want = " or ".join(f"{n}-D" for n in ndims)
+        raise ValueError(f"{name} must be {want}, got shape {shape_str(t)}")
+    if t.numel() == 0 or t.shape[0] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {shape_str(t)}")
+
+
+def check_same_device_dtype(named: Iterable[Tuple[str, Tensor]]) -> None:
+    named = [(n, t) for n, t in named if t is not None]
+    n0, t0 = named[0]
+    for n, t in named[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{n} is on {t.device} but {n0} is on {t0.device} (shapes {shape_str(t)}, {shape_str(t0)})")
+        if t.is_floating_point() and t0.is_floating_point() and t.dtype != t0.dtype:
+            raise ValueError(f"{n} has dtype {t.dtype} but {n0} has dtype {t0.dtype} (shapes {shape_str(t)}, {shape_str(t0)})")
+
+
+def check_same_shape(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} and {b_name} must have the same shape, got {shape_str(a)} and {shape_str(b)}")
+
+
+def check_same_dim(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(
+            f"{a_name} and {b_name} must have the same feature dimension, got {shape_str(a)} and {shape_str(b)}"
+        )
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_reduction(reduction) -> str:
+    return check_choice("reduction", reduction, REDUCTIONS)
+
+
+def as_scalar(name: str, value: Union[float, Tensor], like: Tensor, *, positive: bool = False) -> Tensor:
+    """A float or 0-dim tensor as a 0-dim tensor in the accumulation dtype on ``like``'s device.
+
+    Keeps the autograd graph of a tensor argument.  ``positive`` rejects
+    values <= 0 (checked on the host except under ``torch.compile``).
+    """
+    dt = acc_dtype(like.dtype)
+    if isinstance(value, Tensor):
+        if value.dim() != 0 and value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {shape_str(value)}")
+        if not value.is_floating_point():
+            value = value.to(dt)
+        if positive and not _compiling():
+            v = float(value.detach().reshape(()).item())
+            if not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
+        return value.reshape(()).to(device=like.device, dtype=dt)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    v = float(value)
+    if positive and not v > 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return torch.tensor(v, dtype=dt, device=like.device)
+
+
+def inv_temperature(temperature, like: Tensor) -> Tensor:
+    """``1/temperature`` as a 0-dim tensor (differentiable in a tensor temperature)."""
+    return 1.0 / as_scalar("temperature", temperature, like, positive=True)
+
+
+def check_labels(name: str, labels: Tensor, n: int, device) -> None:
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"{name} must be a tensor of shape ({n},), got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype} with shape {shape_str(labels)}")
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {shape_str(labels)}")
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
+
+
+def check_mask(name: str, mask: Optional[Tensor], shape: Tuple[int, ...], device) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = f"dtype {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a bool tensor of shape {shape}, got {got}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {shape_str(mask)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the features are on {device}")
+
+
+def reduce(values: Tensor, reduction: str, count: Optional[Tensor] = None) -> Tensor:
+    """Reduce per-anchor values; ``count`` (a tensor) is the number of anchors that count for "mean".
+
+    With ``count`` = 0 the mean is 0 and stays in the graph.
+    """
+    if reduction == "none":
+        return values
+    total = values.sum()
+    if reduction == "sum":
+        return total
+    if count is None:
+        return total / values.numel()
+    return total / count.clamp_min(1).to(total.dtype)

@@ -1,0 +1,187 @@
+r"""The tiled similarity-LSE core that every fused loss is built on.
+
+Maths
+-----
+Anchors are rows of ``q`` (optionally a subset, ``row_index``), candidates rows
+of ``k`` (optionally a subset, ``col_index``)::
+
+    Q = q[row_index]            (B, D)        K = k[col_index]      (M, D)
+    S = scale · Q Kᵀ            (B, M)        never stored by a kernel backend
+
+Candidate ``j`` is *allowed* for anchor ``i`` when::
+
+    col_start[i] <= j < col_end[i]       (default: all of 0..M-1)
+    j not in exclude[i, :]                (entries < 0 exclude nothing)
+
+The core returns, in fp32 (float64 for float64 inputs)::
+
+    row_lse[i] = LSE_{j allowed for i} S[i, j]        (B,)   -inf if none allowed
+    col_lse[j] = LSE_{i : j allowed for i} S[i, j]    (M,)   only if want_col
+
+Backward, with upstream gradients g_row (B,), g_col (M,)::
+
+    P_row[i,j] = exp(S[i,j] - row_lse[i]),   P_col[i,j] = exp(S[i,j] - col_lse[j])
+    dS[i,j]    = g_row[i]·P_row[i,j] + g_col[j]·P_col[i,j]      (allowed pairs, else 0)
+    dQ = scale · dS K,   dK = scale · dSᵀ Q,   dscale = Σ_ij dS[i,j]·S[i,j] / scale
+
+(rows with ``row_lse = -inf`` and columns with ``col_lse = -inf`` contribute
+nothing).  ``dQ``/``dK`` are scattered back to the rows of ``q``/``k`` named by
+the index lists.  Positive logits, label sums and reductions stay in PyTorch on
+O((B+M)·D) tensors; only this core touches B×M.
+
+Kernel backends implement the primitive ``"sim_lse"`` as an object with::
+
+    forward(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col)
+        -> (row_lse (B,) fp32, col_lse (M,) fp32 or a 0-element tensor)
+    backward(q, k, scale, row_index, col_index, col_start, col_end, exclude,
+             row_lse, col_lse, grad_row, grad_col)
+        -> (dq like q, dk like k, dscale 0-dim fp32)
+
+with ``scale`` a 0-dim fp32 tensor, index tensors int32 and contiguous,
+``exclude`` of shape (B, E), E in {1, 2}, and ``grad_col``/``col_lse`` empty
+when no column LSE was asked for.  ``q`` and ``k`` may be the same tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import backends
+
+Tensor = torch.Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the losses: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_index(t: Optional[Tensor], device) -> Optional[Tensor]:
+    if t is None:
+        return None
+    return t.to(device=device, dtype=torch.int32).contiguous()
+
+
+def allowed_mask(
+    B: int,
+    M: int,
+    col_start: Optional[Tensor],
+    col_end: Optional[Tensor],
+    exclude: Optional[Tensor],
+    device,
+) -> Tensor:
+    """Dense (B, M) bool mask of allowed pairs (reference and tests only)."""
+    j = torch.arange(M, device=device)
+    allowed = torch.ones(B, M, dtype=torch.bool, device=device)
+    if col_start is not None:
+        allowed &= j[None, :] >= col_start.to(device).long()[:, None]
+    if col_end is not None:
+        allowed &= j[None, :] < col_end.to(device).long()[:, None]
+    if exclude is not None:
+        for e in exclude.to(device).long().unbind(1):
+            allowed &= j[None, :] != e[:, None]
+    return allowed
+
+
+def _masked_lse(S: Tensor, allowed: Tensor, dim: int) -> Tensor:
+    """LSE over allowed entries along ``dim``; -inf (with zero gradient) when none."""
+    neg_inf = torch.tensor(float("-inf"), dtype=S.dtype, device=S.device)
+    empty = ~allowed.any(dim)
+    Sm = torch.where(allowed, S, neg_inf)
+    # Give empty slices a harmless finite value so logsumexp's backward has no NaN.
+    Sm = torch.where(empty.unsqueeze(dim), torch.zeros_like(S), Sm)
+    out = torch.logsumexp(Sm, dim)
+    return torch.where(empty, neg_inf, out)
+
+
+def sim_lse_reference(
+    q: Tensor,
+    k: Tensor,
+    scale: Tensor,
+    row_index: Optional[Tensor] = None,
+    col_index: Optional[Tensor] = None,
+    col_start: Optional[Tensor] = None,
+    col_end: Optional[Tensor] = None,
+    exclude: Optional[Tensor] = None,
+    want_col: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Dense PyTorch implementation of the core (differentiable by autograd).
+
+    Materializes B×M: the oracle that kernel tests compare against, and the
+    engine behind ``backend="reference"`` compositions in tests.
+    """
+    dt = acc_dtype(q.dtype)
+    Q = q if row_index is None else q[row_index.long()]
+    K = k if col_index is None else k[col_index.long()]
+    S = (Q.to(dt) @ K.to(dt).T) * scale.to(dt)
+    allowed = allowed_mask(S.shape[0], S.shape[1], col_start, col_end, exclude, S.device)
+    row = _masked_lse(S, allowed, 1)
+    col = _masked_lse(S, allowed, 0) if want_col else None
+    return row, col
+
+
+class _SimLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, backend):
+        prim = backends.primitive(backend, "sim_lse")
+        row_lse, col_lse = prim.forward(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col)
+        ctx.prim = prim
+        ctx.want_col = want_col
+        ctx.save_for_backward(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse)
+        if not want_col:
+            ctx.mark_non_differentiable(col_lse)
+        return row_lse, col_lse
+
+    @staticmethod
+    def backward(ctx, g_row, g_col):
+        q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse = ctx.saved_tensors
+        if g_row is None:
+            g_row = torch.zeros_like(row_lse)
+        if not ctx.want_col or g_col is None:
+            g_col = torch.zeros_like(col_lse)
+        dq, dk, dscale = ctx.prim.backward(
+            q, k, scale, row_index, col_index, col_start, col_end, exclude,
+            row_lse, col_lse, g_row.contiguous(), g_col.contiguous(),
+        )
+        if not ctx.needs_input_grad[0]:
+            dq = None
+        if not ctx.needs_input_grad[1]:
+            dk = None
+        if not ctx.needs_input_grad[2]:
+            dscale = None
+        return dq, dk, dscale, None, None, None, None, None, None, None
+
+
+def sim_lse(
+    q: Tensor,
+    k: Tensor,
+    scale: Tensor,
+    *,
+    row_index: Optional[Tensor] = None,
+    col_index: Optional[Tensor] = None,
+    col_start: Optional[Tensor] = None,
+    col_end: Optional[Tensor] = None,
+    exclude: Optional[Tensor] = None,
+    want_col: bool = False,
+    backend: str,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Row (and column) log-sum-exp of ``scale · q[row_index] · k[col_index]ᵀ`` over allowed pairs.
+
+    ``backend`` is a concrete backend name.  ``"reference"`` runs the dense
+    PyTorch version (same maths, stores B×M); kernel backends never store B×M.
+    Returns ``(row_lse, col_lse)`` with ``col_lse`` None unless ``want_col``.
+    """
+    device = q.device
+    args = (
+        _as_index(row_index, device),
+        _as_index(col_index, device),
+        _as_index(col_start, device),
+        _as_index(col_end, device),
+        None if exclude is None else _as_index(exclude.reshape(exclude.shape[0], -1), device),
+    )
+    scale = scale.to(device=device, dtype=acc_dtype(q.dtype))
+    if backend == "reference":
+        return sim_lse_reference(q, k, scale, *args, want_col=want_col)
+    row, col = _SimLSE.apply(q.contiguous(), k.contiguous(), scale.reshape(()), *args, want_col, backend)
+    return row, (col if want_col else None)

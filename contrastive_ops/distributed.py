@@ -1,0 +1,2 @@
+"""Gradient-carrying gathers for global-batch losses under torch.distributed."""
+from __future__ import annotations
