@@ -1,2 +1,220 @@
-"""Gradient-carrying gathers for global-batch losses under torch.distributed."""
+r"""Gradient-carrying gathers for global-batch losses under torch.distributed.
+
+Semantics (SPEC "Distributed")
+------------------------------
+Every loss takes ``process_group=None``.  With a process group, each rank
+passes its *local* batch; the candidates (keys, other views, labels, masks) are
+all-gathered with gradient, and each rank's loss covers *its own anchors*
+against the *global* batch.  Write ``L`` for the single-process loss on the
+concatenation (in rank order) of the local batches and ``L_r`` for rank r's
+loss.  The contract is::
+
+    mean_r L_r = L                                        (values)
+    (1/W) · grad_r(x_r) = ∂L/∂x_r                          (after DDP-style averaging)
+
+Why the backward of the gather *sums* over ranks.  Rank r's loss depends on
+the local rows of every rank through the gathered tensor ``G``.  Autograd on
+rank r produces ∂L_r/∂G for all rows; the backward of :func:`all_gather_with_grad`
+all-reduces (sums) that gradient and returns this rank's slice, so rank s gets
+
+    grad_s(x_s) = Σ_r ∂L_r/∂x_s = W · ∂(mean_r L_r)/∂x_s = W · ∂L/∂x_s.
+
+DDP then averages parameter gradients over the W ranks (factor 1/W), which
+gives exactly ∂L/∂θ.  A scalar shared by the ranks (a temperature tensor, a
+logit scale) is not gathered: its gradient on rank r is ∂L_r/∂τ, whose mean
+over ranks is ∂L/∂τ.
+
+Reductions.  For ``"mean"`` each rank returns ``W · Σ_{local anchors} ℓ / n``
+where ``n`` is the *global* number of anchors that count (all-reduced), so the
+mean over ranks is the global mean also when local batch sizes differ (with
+equal sizes this is the local mean).  ``"sum"`` returns ``W · Σ_local ℓ``;
+``"none"`` returns this rank's anchors only.
+
+Uneven local batch sizes are supported: every gather first all-gathers the
+local sizes (one small collective and a host synchronization), pads to the
+largest one for the collective and cuts the padding away.
+
+``process_group=None`` means no distribution; gathers happen before the
+backend is called, so every kernel backend takes part unchanged.
+"""
 from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from . import _checks
+
+Tensor = torch.Tensor
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def check_group(process_group) -> None:
+    """Raise a clear error when a process group is given but torch.distributed is not usable."""
+    if process_group is None:
+        return
+    dist = _dist()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("process_group was given but torch.distributed is not initialized "
+                           "(call torch.distributed.init_process_group first)")
+
+
+def world_size(process_group) -> int:
+    """Number of ranks in ``process_group`` (1 for ``None``)."""
+    if process_group is None:
+        return 1
+    return _dist().get_world_size(process_group)
+
+
+def rank(process_group) -> int:
+    """This process's rank inside ``process_group`` (0 for ``None``)."""
+    if process_group is None:
+        return 0
+    return _dist().get_rank(process_group)
+
+
+def gather_sizes(n: int, process_group, device) -> List[int]:
+    """The local sizes ``n`` of every rank, in rank order (``[n]`` for ``None``)."""
+    if process_group is None:
+        return [n]
+    W = world_size(process_group)
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.empty_like(mine) for _ in range(W)]
+    _dist().all_gather(out, mine, group=process_group)
+    return [int(s.item()) for s in out]
+
+
+def _gather(t: Tensor, process_group, sizes: List[int]) -> Tensor:
+    """All-gather ``t`` along dim 0 with per-rank sizes ``sizes`` (no autograd)."""
+    dist = _dist()
+    n_max = max(sizes)
+    send = t.detach().contiguous()
+    if send.shape[0] < n_max:
+        pad = send.new_zeros((n_max - send.shape[0],) + tuple(send.shape[1:]))
+        send = torch.cat([send, pad])
+    bufs = [torch.empty_like(send) for _ in sizes]
+    dist.all_gather(bufs, send, group=process_group)
+    return torch.cat([b[:s] for b, s in zip(bufs, sizes)])
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: concatenate every rank's rows.  Backward: sum the gradient over ranks, keep this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, t, process_group, sizes):
+        ctx.group = process_group
+        ctx.offset = sum(sizes[: rank(process_group)])
+        ctx.n = t.shape[0]
+        return _gather(t, process_group, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.contiguous().clone()
+        _dist().all_reduce(g, op=_dist().ReduceOp.SUM, group=ctx.group)
+        return g[ctx.offset: ctx.offset + ctx.n], None, None
+
+
+def all_gather_with_grad(t: Tensor, process_group, sizes: Optional[List[int]] = None) -> Tensor:
+    """Concatenate ``t`` of every rank along dim 0, differentiably.
+
+    The backward all-reduces (sums) the gradient of the gathered tensor and
+    returns this rank's slice (see the module docstring for why this is the
+    right factor under DDP's averaging).  Local sizes may differ between
+    ranks; pass ``sizes`` (from :func:`gather_sizes`) to skip gathering them
+    again.  ``process_group=None`` returns ``t`` itself.
+
+    Every rank must call it in the same order, and either all or none of the
+    ranks' inputs must require grad (the backward is a collective too).
+    """
+    if process_group is None:
+        return t
+    if sizes is None:
+        sizes = gather_sizes(t.shape[0], process_group, t.device)
+    if not t.requires_grad:
+        return _gather(t, process_group, sizes)
+    return _AllGatherWithGrad.apply(t, process_group, sizes)
+
+
+def all_gather_nograd(t: Tensor, process_group, sizes: Optional[List[int]] = None) -> Tensor:
+    """Concatenate ``t`` (labels, masks: any dtype, bool included) of every rank along dim 0."""
+    if process_group is None:
+        return t
+    if sizes is None:
+        sizes = gather_sizes(t.shape[0], process_group, t.device)
+    if t.dtype == torch.bool:
+        return _gather(t.to(torch.uint8), process_group, sizes).bool()
+    return _gather(t, process_group, sizes)
+
+
+def all_reduce_sum(t: Tensor, process_group) -> Tensor:
+    """Sum of ``t`` over the ranks (a new tensor, no autograd); ``t`` itself for ``None``."""
+    if process_group is None:
+        return t
+    out = t.detach().clone()
+    _dist().all_reduce(out, op=_dist().ReduceOp.SUM, group=process_group)
+    return out
+
+
+class GlobalBatch:
+    """Where this rank's ``n`` local rows sit in the concatenated global batch.
+
+    ``sizes`` (per rank), ``offset`` (first global row of this rank), ``total``
+    (global batch size), and gathers that reuse the sizes::
+
+        gb = GlobalBatch(z.shape[0], process_group, z.device)
+        Z = gb.gather(z)              # (total, D), with gradient
+        y = gb.gather_nograd(labels)  # (total,)
+
+    With ``process_group=None`` it describes a single process (offset 0) and
+    the gathers return their input.
+    """
+
+    def __init__(self, n: int, process_group, device):
+        check_group(process_group)
+        self.group = process_group
+        self.n = n
+        self.world_size = world_size(process_group)
+        self.rank = rank(process_group)
+        self.sizes = gather_sizes(n, process_group, device)
+        self.offset = sum(self.sizes[: self.rank])
+        self.total = sum(self.sizes)
+
+    def gather(self, t: Tensor) -> Tensor:
+        return all_gather_with_grad(t, self.group, self.sizes)
+
+    def gather_nograd(self, t: Tensor) -> Tensor:
+        return all_gather_nograd(t, self.group, self.sizes)
+
+    def local(self, t: Tensor, *, dim: int = 0) -> Tensor:
+        """This rank's rows of a global tensor (``t.narrow(dim, offset, n)``)."""
+        return t.narrow(dim, self.offset, self.n)
+
+    def local_index(self, device) -> Tensor:
+        """Global positions of this rank's rows, int64 (n,)."""
+        return torch.arange(self.offset, self.offset + self.n, device=device)
+
+
+def reduce(values: Tensor, reduction: str, process_group, count: Optional[Tensor] = None) -> Tensor:
+    """Reduce this rank's per-anchor ``values`` so that the mean over ranks is the global reduction.
+
+    ``count`` is the number of this rank's anchors that count for ``"mean"``
+    (default ``values.numel()``); it is summed over the ranks.  Without a
+    process group this is :func:`contrastive_ops._checks.reduce`.
+    """
+    if process_group is None:
+        return _checks.reduce(values, reduction, count)
+    if reduction == "none":
+        return values
+    W = world_size(process_group)
+    total = values.sum()
+    if reduction == "sum":
+        return total * W
+    if count is None:
+        count = torch.tensor(values.numel(), device=values.device)
+    n_global = all_reduce_sum(count.detach().to(device=values.device, dtype=total.dtype).reshape(()), process_group)
+    return total * W / n_global.clamp_min(1)

@@ -1,0 +1,481 @@
+"""Global-batch losses under torch.distributed equal one process on the concatenated batch.
+
+One group of processes per world size (gloo on CPU, spawned on localhost) runs
+every case below; each rank
+
+* builds the same global batch from a fixed seed and computes the
+  single-process loss and gradients on it,
+* runs the loss on its own slice with ``process_group=WORLD``,
+* checks that the mean over ranks of the losses equals the single-process
+  loss (for ``reduction="none"``: that its values are the global values of
+  its anchors), that its input gradients divided by the world size (DDP's
+  averaging) equal the matching rows of the single-process gradients, and
+  that the mean over ranks of a shared scalar's gradient (temperature,
+  logit scale) equals the single-process one.
+
+World size 2 uses equal local batches, world size 3 uneven ones (one rank
+holds a single sample).  Every collective has a timeout and the parent
+bounds the whole run, so a hang fails instead of blocking.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import tempfile
+import time
+import traceback
+from typing import Callable, Dict, List, Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import contrastive_ops as co
+from contrastive_ops import distributed as codist
+from contrastive_ops.distributed import GlobalBatch
+
+pytestmark = pytest.mark.distributed
+
+SIZES = {2: [3, 3], 3: [2, 4, 1]}
+COLLECTIVE_TIMEOUT_S = 45
+RUN_TIMEOUT_S = 170
+
+
+# --------------------------------------------------------------------------- harness
+
+
+class B:
+    """A batch tensor: rank r gets rows [offset_r, offset_r + n_r) (dim 0)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
+class BL:
+    """A sequence of batch tensors (views or crops), each split like ``B``."""
+
+    def __init__(self, ts: List[torch.Tensor]):
+        self.ts = ts
+
+
+class S:
+    """A tensor shared by every rank (temperature, logit scale): not split."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(t.requires_grad)
+
+
+def _materialize(args, gb: Optional[GlobalBatch]):
+    """Copies of the inputs: global ones (``gb`` None) or this rank's slices."""
+    out, leaves = [], []
+    for a in args:
+        if isinstance(a, B):
+            t = _fresh(a.t if gb is None else gb.local(a.t))
+            out.append(t)
+            leaves.append(("B", t))
+        elif isinstance(a, BL):
+            ts = [_fresh(x if gb is None else gb.local(x)) for x in a.ts]
+            out.append(ts)
+            leaves.extend(("B", t) for t in ts)
+        elif isinstance(a, S):
+            t = _fresh(a.t)
+            out.append(t)
+            leaves.append(("S", t))
+        else:
+            out.append(a)
+    return out, leaves
+
+
+class Ctx:
+    def __init__(self, rank: int, world: int, sizes: List[int], backend: str, dtype: torch.dtype):
+        self.rank, self.world, self.sizes, self.backend, self.dtype = rank, world, sizes, backend, dtype
+        self.group = dist.group.WORLD
+        self.n = sizes[rank]
+        self.N = sum(sizes)
+        self.offset = sum(sizes[:rank])
+        self.tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+
+    def randn(self, *shape, requires_grad=True, seed=0):
+        g = torch.Generator().manual_seed(1000 + seed)
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(self.dtype).requires_grad_(requires_grad)
+
+    def randint(self, high, *shape, seed=0):
+        g = torch.Generator().manual_seed(2000 + seed)
+        return torch.randint(0, high, shape, generator=g)
+
+    def rand(self, *shape, seed=0):
+        g = torch.Generator().manual_seed(3000 + seed)
+        return torch.rand(*shape, generator=g)
+
+    def scalar(self, v, requires_grad=True):
+        return torch.tensor(v, dtype=self.dtype).requires_grad_(requires_grad)
+
+    def close(self, actual, expected, what):
+        torch.testing.assert_close(actual, expected, **self.tol, msg=lambda m: f"rank {self.rank}: {what}: {m}")
+
+    def check(self, fn: Callable, args, rows: Optional[Callable] = None, grad: bool = True, **kwargs):
+        """Distributed ``fn`` on this rank's slice against ``fn`` on the global batch.
+
+        ``rows(ctx)``: for a per-anchor output, the global positions of this
+        rank's outputs (default: this rank's batch rows).
+        """
+        gb = GlobalBatch(self.n, self.group, torch.device("cpu"))
+        assert (gb.offset, gb.total) == (self.offset, self.N)
+        kwargs.setdefault("backend", self.backend)
+
+        g_args, g_leaves = _materialize(args, None)
+        out = fn(*g_args, **kwargs)
+        l_args, l_leaves = _materialize(args, gb)
+        out_r = fn(*l_args, process_group=self.group, **kwargs)
+
+        if out.dim() == 0:
+            assert out_r.dim() == 0, f"rank {self.rank}: expected a scalar, got shape {tuple(out_r.shape)}"
+            mean = codist.all_reduce_sum(out_r, self.group) / self.world
+            self.close(mean, out.detach(), "mean over ranks of the loss")
+            J, J_r = 2.0 * out, 2.0 * out_r
+        else:
+            idx = (rows or (lambda c: torch.arange(c.offset, c.offset + c.n)))(self)
+            self.close(out_r.detach(), out.detach()[idx], "per-anchor values")
+            g = torch.Generator().manual_seed(7)
+            w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+            J, J_r = (w * out).sum(), self.world * (w[idx] * out_r).sum()
+        if not grad:
+            return
+        J.backward()
+        J_r.backward()
+        for i, ((kind, a), (_, b)) in enumerate(zip(l_leaves, g_leaves)):
+            if not a.requires_grad:
+                continue
+            assert a.grad is not None, f"rank {self.rank}: no gradient for input {i}"
+            if kind == "B":
+                self.close(a.grad / self.world, b.grad[self.offset: self.offset + self.n], f"grad of input {i}")
+            else:
+                mean = codist.all_reduce_sum(a.grad, self.group) / self.world
+                self.close(mean, b.grad, f"grad of shared input {i}")
+
+
+# --------------------------------------------------------------------------- cases
+
+CASES: Dict[str, Callable[[Ctx], None]] = {}
+
+
+def case(name):
+    def deco(f):
+        CASES[name] = f
+        return f
+
+    return deco
+
+
+def _toy_loss(x: torch.Tensor, temperature, *, backend=None, process_group=None):
+    """A loss written only with the gather helpers: rows of x against all rows of the global x."""
+    gb = GlobalBatch(x.shape[0], process_group, x.device)
+    X = gb.gather(x)
+    s = x @ X.T / temperature
+    pos = (x * gb.local(X.roll(1, 0))).sum(1) / temperature
+    values = torch.logsumexp(s, 1) - pos
+    return codist.reduce(values, "mean", process_group)
+
+
+@case("all_gather_with_grad")
+def _(c: Ctx):
+    c.check(_toy_loss, [B(c.randn(c.N, 5)), S(c.scalar(0.3))], backend=None)
+
+
+@case("info_nce")
+def _(c: Ctx):
+    c.check(co.info_nce, [B(c.randn(c.N, 7)), B(c.randn(c.N, 7, seed=1)), S(c.scalar(0.2))])
+
+
+@case("info_nce_targets_sum")
+def _(c: Ctx):
+    # Local targets index the local keys; here a permutation inside each rank's block.
+    t = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(r)) for r, n in enumerate(c.sizes)])
+    c.check(lambda q, k, tau, tg, **kw: co.info_nce(q, k, tau, targets=tg, reduction="sum", **kw),
+            [B(c.randn(c.N, 7)), B(c.randn(c.N, 7, seed=1)), S(c.scalar(0.2)), B(t)])
+
+
+@case("info_nce_symmetric_none")
+def _(c: Ctx):
+    c.check(co.info_nce, [B(c.randn(c.N, 7)), B(c.randn(c.N, 7, seed=1)), 0.3], symmetric=True,
+            reduction="none", normalize=False)
+
+
+@case("clip_loss")
+def _(c: Ctx):
+    c.check(co.clip_loss, [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), S(c.scalar(2.5))])
+
+
+@case("siglip_loss")
+def _(c: Ctx):
+    c.check(co.siglip_loss, [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), S(c.scalar(1.5)), S(c.scalar(-2.0))])
+
+
+def _two_view_rows(c: Ctx) -> torch.Tensor:
+    """Global rows of this rank's anchors in a (2N,) view-major output."""
+    local = torch.arange(c.offset, c.offset + c.n)
+    return torch.cat([local, local + c.N])
+
+
+@case("nt_xent")
+def _(c: Ctx):
+    c.check(co.nt_xent, [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), S(c.scalar(0.5))])
+
+
+@case("nt_xent_none")
+def _(c: Ctx):
+    c.check(co.nt_xent, [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), 0.4], reduction="none",
+            rows=_two_view_rows)
+
+
+@case("similarity_lse")
+def _(c: Ctx):
+    c.check(co.similarity_lse, [B(c.randn(c.N, 5)), B(c.randn(c.N, 5, seed=1)), S(c.scalar(1.3))])
+
+
+def _mask(c: Ctx, V: int, seed: int = 0) -> torch.Tensor:
+    m = c.rand(c.N, V, seed=seed) > 0.3
+    m[0, :] = True
+    m[-1, 1:] = False  # an instance with a single view leaves the mean
+    return m
+
+
+@case("mv_infonce_mask")
+def _(c: Ctx):
+    c.check(lambda f, tau, m, **kw: co.mv_infonce(f, tau, mask=m, **kw),
+            [B(c.randn(c.N, 3, 5)), S(c.scalar(0.2)), B(_mask(c, 3))])
+
+
+@case("mv_infonce_list_none")
+def _(c: Ctx):
+    c.check(co.mv_infonce, [BL([c.randn(c.N, 5, seed=s) for s in range(3)]), 0.3], reduction="none")
+
+
+@case("mv_infonce_pairwise_mask")
+def _(c: Ctx):
+    c.check(lambda f, tau, m, **kw: co.mv_infonce(f, tau, mask=m, variant="pairwise", **kw),
+            [B(c.randn(c.N, 3, 5)), S(c.scalar(0.2)), B(_mask(c, 3, seed=1))])
+
+
+@case("mv_dhel_mask")
+def _(c: Ctx):
+    c.check(lambda f, tau, m, **kw: co.mv_dhel(f, tau, mask=m, **kw),
+            [B(c.randn(c.N, 3, 5)), S(c.scalar(0.25)), B(_mask(c, 3, seed=2))])
+
+
+@case("supcon_labels")
+def _(c: Ctx):
+    c.check(lambda f, y, tau, **kw: co.supcon_loss(f, y, tau, **kw),
+            [B(c.randn(c.N, 2, 5)), B(c.randint(3, c.N)), S(c.scalar(0.1))])
+
+
+@case("supcon_one_none")
+def _(c: Ctx):
+    # Labels with singletons: anchors without a positive count as 0 and leave the mean.
+    y = torch.arange(c.N) // 2
+    c.check(lambda f, y, **kw: co.supcon_loss(f, y, 0.2, **kw), [B(c.randn(c.N, 5)), B(y)],
+            contrast_mode="one", reduction="none")
+
+
+@case("supcon_unsupervised_sum")
+def _(c: Ctx):
+    def rows(c):
+        local = torch.arange(c.offset, c.offset + c.n)
+        return torch.cat([local + v * c.N for v in range(3)])
+
+    c.check(lambda f, **kw: co.supcon_loss(f, None, 0.2, **kw), [B(c.randn(c.N, 3, 5))], reduction="none", rows=rows)
+
+
+@case("dcl")
+def _(c: Ctx):
+    c.check(co.dcl_loss, [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), S(c.scalar(0.2))])
+
+
+@case("dcl_weighted_none")
+def _(c: Ctx):
+    c.check(co.dcl_loss, [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), 0.2], weighted=True, reduction="none")
+
+
+@case("dhel")
+def _(c: Ctx):
+    c.check(co.dhel_loss, [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), S(c.scalar(0.3))])
+
+
+@case("dhel_no_augs_none")
+def _(c: Ctx):
+    c.check(co.dhel_loss, [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), 0.3], include_augs=False,
+            reduction="none")
+
+
+@case("sinkhorn_knopp")
+def _(c: Ctx):
+    c.check(co.sinkhorn_knopp, [B(c.randn(c.N, 5, requires_grad=False) * 0.5)], grad=False, epsilon=0.1)
+
+
+@case("swav_loss")
+def _(c: Ctx):
+    crops = [c.randn(c.N, 5, seed=s) * 0.5 for s in range(3)]
+    c.check(co.swav_loss, [BL(crops), 0.2], epsilon=0.1)
+
+
+def _point_inputs(c: Ctx, G: int = 5):
+    m1, m2 = c.rand(c.N, G, seed=1) > 0.4, c.rand(c.N, G, seed=2) > 0.4
+    m1[0, :2] = m2[0, :2] = True
+    return [B(c.randn(c.N, G, 4)), B(c.randn(c.N, G, 4, seed=1)), B(m1), B(m2)]
+
+
+@case("point_token_infonce_batch")
+def _(c: Ctx):
+    c.check(co.point_token_contrast, _point_inputs(c), negatives="batch", temperature=0.2)
+
+
+@case("point_token_infonce_cloud")
+def _(c: Ctx):
+    c.check(co.point_token_contrast, _point_inputs(c), negatives="cloud", temperature=0.2)
+
+
+@case("point_token_cosine_official")
+def _(c: Ctx):
+    c.check(co.point_token_contrast, _point_inputs(c), mode="cosine", pairing="official")
+
+
+@case("ddp_module")
+def _(c: Ctx):
+    """DistributedDataParallel + a loss module with gather_distributed=True equals one process."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).to(c.dtype)
+    single = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).to(c.dtype)
+    single.load_state_dict(model.state_dict())
+    ddp = DDP(model)
+    x1, x2 = c.randn(c.N, 6, requires_grad=False), c.randn(c.N, 6, seed=1, requires_grad=False)
+    for loss_cls in (co.nn.NTXentLoss, co.nn.SupConLoss):
+        ddp.zero_grad()
+        single.zero_grad()
+        kw = dict(backend=c.backend)
+        if loss_cls is co.nn.NTXentLoss:
+            h = ddp(torch.cat([x1[c.offset:c.offset + c.n], x2[c.offset:c.offset + c.n]]))
+            dloss = loss_cls(0.5, gather_distributed=True, **kw)(h[:c.n], h[c.n:])
+            hs = single(torch.cat([x1, x2]))
+            sloss = loss_cls(0.5, **kw)(hs[:c.N], hs[c.N:])
+        else:
+            y = torch.arange(c.N) % 2
+            x = torch.stack([x1, x2], 1)
+            dloss = loss_cls(0.1, gather_distributed=True, **kw)(ddp(x[c.offset:c.offset + c.n]),
+                                                               y[c.offset:c.offset + c.n])
+            sloss = loss_cls(0.1, **kw)(single(x), y)
+        dloss.backward()  # DDP averages the parameter gradients over the ranks
+        sloss.backward()
+        c.close(codist.all_reduce_sum(dloss.detach(), c.group) / c.world, sloss.detach(), f"{loss_cls.__name__}")
+        for (name, p), q in zip(model.named_parameters(), single.parameters()):
+            c.close(p.grad, q.grad, f"{loss_cls.__name__}: DDP gradient of {name}")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _kernel_backends_for_cpu() -> List[str]:
+    """Kernel backends that run on CPU tensors here (the interpreted Triton one is left to its own tests)."""
+    out = []
+    ok, _ = co.available_backends()["cpu"]
+    if ok:
+        out.append("cpu")
+    return out
+
+
+def _dtype_for(backend: str) -> torch.dtype:
+    if backend == "reference":
+        return torch.float64
+    from contrastive_ops import backends
+
+    return torch.float64 if torch.float64 in backends.backend_module(backend).dtypes() else torch.float32
+
+
+def _worker(rank: int, world: int, port: int, sizes: List[int], backend_names: List[str], outdir: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    results = {}
+    try:
+        for backend in backend_names:
+            for name, fn in CASES.items():
+                ctx = Ctx(rank, world, sizes, backend, _dtype_for(backend))
+                t0 = time.time()
+                try:
+                    fn(ctx)
+                    err = None
+                except Exception:  # noqa: BLE001 - reported to the parent
+                    err = traceback.format_exc()
+                results[f"{backend}/{name}"] = dict(error=err, seconds=time.time() - t0)
+                # Keep the ranks in step even when one of them failed between collectives.
+                dist.barrier()
+    finally:
+        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_group(world: int, sizes: List[int], backend_names: List[str], timeout_s: float = RUN_TIMEOUT_S) -> dict:
+    """Spawn ``world`` ranks running every case; return {case: [error of rank r or None]}."""
+    with tempfile.TemporaryDirectory() as outdir:
+        port = _free_port()
+        ctx = mp.spawn(_worker, args=(world, port, sizes, backend_names, outdir), nprocs=world, join=False)
+        deadline = time.time() + timeout_s
+        while not ctx.join(timeout=1.0):
+            if time.time() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.terminate()
+                raise TimeoutError(f"distributed run with world size {world} did not finish in {timeout_s} s")
+        per_rank = []
+        for r in range(world):
+            with open(os.path.join(outdir, f"rank{r}.json")) as f:
+                per_rank.append(json.load(f))
+    return {k: [pr[k]["error"] for pr in per_rank] for k in per_rank[0]}
+
+
+_RESULTS: Dict[int, dict] = {}
+BACKENDS = ["reference"] + _kernel_backends_for_cpu()
+
+
+def _results(world: int) -> dict:
+    if world not in _RESULTS:
+        _RESULTS[world] = run_group(world, SIZES[world], BACKENDS)
+    return _RESULTS[world]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("world", sorted(SIZES))
+def test_distributed_equals_single_process(world, name, backend):
+    errors = _results(world)[f"{backend}/{name}"]
+    failed = [f"--- rank {r} ---\n{e}" for r, e in enumerate(errors) if e is not None]
+    assert not failed, "\n".join(failed)
+
+
+# --------------------------------------------------------------------------- no process group
+
+
+def test_gather_helpers_without_group_are_identity():
+    x = torch.randn(4, 3, requires_grad=True)
+    assert codist.all_gather_with_grad(x, None) is x
+    assert codist.world_size(None) == 1 and codist.rank(None) == 0
+    gb = GlobalBatch(4, None, x.device)
+    assert (gb.offset, gb.total, gb.sizes) == (0, 4, [4])
+    v = torch.randn(5)
+    torch.testing.assert_close(codist.reduce(v, "mean", None), v.mean())
+    torch.testing.assert_close(codist.reduce(v, "sum", None), v.sum())
