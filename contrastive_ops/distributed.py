@@ -25,17 +25,18 @@ logit scale) is not gathered: its gradient on rank r is ∂L_r/∂τ, whose mean
 over ranks is ∂L/∂τ.
 
 Reductions.  For ``"mean"`` each rank returns ``W · Σ_{local anchors} ℓ / n``
-where ``n`` is the *global* number of anchors that count (all-reduced), so the
-mean over ranks is the global mean also when local batch sizes differ (with
-equal sizes this is the local mean).  ``"sum"`` returns ``W · Σ_local ℓ``;
-``"none"`` returns this rank's anchors only.
+where ``n`` is the *global* number of anchors that count, so the mean over
+ranks is the global mean also when local batch sizes differ (with equal sizes
+and every anchor counting this is the local mean).  ``"sum"`` returns
+``W · Σ_local ℓ``; ``"none"`` returns this rank's anchors only.
 
-Uneven local batch sizes are supported: every gather first all-gathers the
-local sizes (one small collective and a host synchronization), pads to the
-largest one for the collective and cuts the padding away.
+Uneven local batch sizes are supported: the local sizes are all-gathered first
+(one small collective and a host synchronization per call), every gather pads
+to the largest size for the collective and cuts the padding away.
 
-``process_group=None`` means no distribution; gathers happen before the
-backend is called, so every kernel backend takes part unchanged.
+``process_group=None`` means no distribution (every helper then returns its
+input); gathers happen before the backend is called, so every kernel backend
+takes part unchanged.
 """
 from __future__ import annotations
 
@@ -91,14 +92,13 @@ def gather_sizes(n: int, process_group, device) -> List[int]:
 
 def _gather(t: Tensor, process_group, sizes: List[int]) -> Tensor:
     """All-gather ``t`` along dim 0 with per-rank sizes ``sizes`` (no autograd)."""
-    dist = _dist()
     n_max = max(sizes)
     send = t.detach().contiguous()
     if send.shape[0] < n_max:
         pad = send.new_zeros((n_max - send.shape[0],) + tuple(send.shape[1:]))
         send = torch.cat([send, pad])
     bufs = [torch.empty_like(send) for _ in sizes]
-    dist.all_gather(bufs, send, group=process_group)
+    _dist().all_gather(bufs, send, group=process_group)
     return torch.cat([b[:s] for b, s in zip(bufs, sizes)])
 
 
@@ -160,45 +160,6 @@ def all_reduce_sum(t: Tensor, process_group) -> Tensor:
     return out
 
 
-class GlobalBatch:
-    """Where this rank's ``n`` local rows sit in the concatenated global batch.
-
-    ``sizes`` (per rank), ``offset`` (first global row of this rank), ``total``
-    (global batch size), and gathers that reuse the sizes::
-
-        gb = GlobalBatch(z.shape[0], process_group, z.device)
-        Z = gb.gather(z)              # (total, D), with gradient
-        y = gb.gather_nograd(labels)  # (total,)
-
-    With ``process_group=None`` it describes a single process (offset 0) and
-    the gathers return their input.
-    """
-
-    def __init__(self, n: int, process_group, device):
-        check_group(process_group)
-        self.group = process_group
-        self.n = n
-        self.world_size = world_size(process_group)
-        self.rank = rank(process_group)
-        self.sizes = gather_sizes(n, process_group, device)
-        self.offset = sum(self.sizes[: self.rank])
-        self.total = sum(self.sizes)
-
-    def gather(self, t: Tensor) -> Tensor:
-        return all_gather_with_grad(t, self.group, self.sizes)
-
-    def gather_nograd(self, t: Tensor) -> Tensor:
-        return all_gather_nograd(t, self.group, self.sizes)
-
-    def local(self, t: Tensor, *, dim: int = 0) -> Tensor:
-        """This rank's rows of a global tensor (``t.narrow(dim, offset, n)``)."""
-        return t.narrow(dim, self.offset, self.n)
-
-    def local_index(self, device) -> Tensor:
-        """Global positions of this rank's rows, int64 (n,)."""
-        return torch.arange(self.offset, self.offset + self.n, device=device)
-
-
 def reduce(values: Tensor, reduction: str, process_group, count: Optional[Tensor] = None) -> Tensor:
     """Reduce this rank's per-anchor ``values`` so that the mean over ranks is the global reduction.
 
@@ -218,3 +179,101 @@ def reduce(values: Tensor, reduction: str, process_group, count: Optional[Tensor
         count = torch.tensor(values.numel(), device=values.device)
     n_global = all_reduce_sum(count.detach().to(device=values.device, dtype=total.dtype).reshape(()), process_group)
     return total * W / n_global.clamp_min(1)
+
+
+class GlobalBatch:
+    """Where this rank's ``n`` local rows sit in the concatenated global batch.
+
+    ``sizes`` (per rank), ``offset`` (first global row of this rank), ``total``
+    (global batch size), and gathers that reuse the sizes::
+
+        gb = GlobalBatch(z.shape[0], process_group, z.device)
+        Z = gb.gather(z)              # (total, D), with gradient
+        y = gb.gather_nograd(labels)  # (total,)
+        loss = gb.reduce(values, reduction)
+
+    With ``process_group=None`` it describes a single process (offset 0,
+    total n): the gathers and selections return their input and ``reduce`` is
+    the plain reduction, so a composition written with it serves both cases.
+    """
+
+    def __init__(self, n: int, process_group, device):
+        check_group(process_group)
+        self.group = process_group
+        self.n = n
+        self.world_size = world_size(process_group)
+        self.rank = rank(process_group)
+        self.sizes = gather_sizes(n, process_group, device)
+        self.offset = sum(self.sizes[: self.rank])
+        self.total = sum(self.sizes)
+        self._gathered: List[Tensor] = []
+
+    def _keep(self, g: Tensor) -> Tensor:
+        if g.requires_grad:
+            self._gathered.append(g)
+        return g
+
+    def _anchor(self, out: Tensor) -> Tensor:
+        """``out`` plus 0·(every gathered tensor): the backward of each gather (a collective) then runs
+        on every rank, also where this rank's anchors happen not to use a gathered tensor."""
+        for g in self._gathered:
+            out = out + g.sum().to(out.dtype) * 0
+        return out
+
+    def gather(self, t: Tensor, dim: int = 0) -> Tensor:
+        """All ranks' ``t`` concatenated along ``dim`` (this rank's rows there), with gradient."""
+        if self.group is None:
+            return t
+        if dim == 0:
+            return self._keep(all_gather_with_grad(t, self.group, self.sizes))
+        return self._keep(all_gather_with_grad(t.transpose(0, dim), self.group, self.sizes).transpose(0, dim))
+
+    def gather_nograd(self, t: Tensor, dim: int = 0) -> Tensor:
+        """All ranks' ``t`` (labels, masks) concatenated along ``dim``."""
+        if dim == 0 or self.group is None:
+            return all_gather_nograd(t, self.group, self.sizes)
+        return all_gather_nograd(t.transpose(0, dim), self.group, self.sizes).transpose(0, dim)
+
+    def local(self, t: Tensor, *, dim: int = 0) -> Tensor:
+        """This rank's rows of a global tensor (``t.narrow(dim, offset, n)``)."""
+        if self.group is None:
+            return t
+        return t.narrow(dim, self.offset, self.n)
+
+    def local_anchors(self, t: Tensor, groups: int = 1) -> Tensor:
+        """This rank's entries of a view-major ``(groups·total, ...)`` tensor, as ``(groups·n, ...)``.
+
+        E.g. NT-Xent's per-anchor values (2N,) = [view 1; view 2] give this
+        rank's [view 1 local; view 2 local].
+        """
+        if self.group is None:
+            return t
+        rest = tuple(t.shape[1:])
+        return t.reshape((groups, self.total) + rest).narrow(1, self.offset, self.n).reshape((groups * self.n,) + rest)
+
+    def anchor_index(self, groups: int, device) -> Tensor:
+        """Global positions (int64, ``(groups·n,)``) of this rank's anchors in a view-major ``(groups·total)`` stack."""
+        base = torch.arange(groups, device=device)[:, None] * self.total + self.offset
+        return (base + torch.arange(self.n, device=device)[None, :]).reshape(-1)
+
+    def reduce(self, values: Tensor, reduction: str, counted: Optional[Tensor] = None) -> Tensor:
+        """:func:`reduce` of this rank's per-anchor ``values``.
+
+        ``counted`` (bool, like ``values``) marks the anchors that count for
+        the mean; by default all do, and the global count (``groups·total``
+        for ``groups·n`` local values) needs no collective.
+        """
+        if self.group is None:
+            return reduce(values, reduction, None, None if counted is None else counted.sum())
+        if counted is not None or reduction != "mean":
+            out = reduce(values, reduction, self.group, None if counted is None else counted.sum())
+        else:
+            n_global = values.numel() * self.total // self.n
+            out = values.sum() * (self.world_size / n_global)
+        return self._anchor(out)
+
+    def mean_from_sum(self, total: Tensor) -> Tensor:
+        """A sum over this rank's ``n`` rows turned into this rank's share of the global mean over rows."""
+        if self.group is None:
+            return total / self.n
+        return self._anchor(total * (self.world_size / self.total))

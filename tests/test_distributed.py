@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -61,6 +62,14 @@ class BL:
         self.ts = ts
 
 
+class PerRank:
+    """A non-differentiable input whose global value is not the concatenation of the local ones
+    (info_nce's targets index the local keys)."""
+
+    def __init__(self, global_value: torch.Tensor, local_value: torch.Tensor):
+        self.global_value, self.local_value = global_value, local_value
+
+
 class S:
     """A tensor shared by every rank (temperature, logit scale): not split."""
 
@@ -84,6 +93,8 @@ def _materialize(args, gb: Optional[GlobalBatch]):
             ts = [_fresh(x if gb is None else gb.local(x)) for x in a.ts]
             out.append(ts)
             leaves.extend(("B", t) for t in ts)
+        elif isinstance(a, PerRank):
+            out.append(a.global_value if gb is None else a.local_value)
         elif isinstance(a, S):
             t = _fresh(a.t)
             out.append(t)
@@ -153,11 +164,13 @@ class Ctx:
         for i, ((kind, a), (_, b)) in enumerate(zip(l_leaves, g_leaves)):
             if not a.requires_grad:
                 continue
-            assert a.grad is not None, f"rank {self.rank}: no gradient for input {i}"
             if kind == "B":
+                assert a.grad is not None, f"rank {self.rank}: no gradient for input {i}"
                 self.close(a.grad / self.world, b.grad[self.offset: self.offset + self.n], f"grad of input {i}")
             else:
-                mean = codist.all_reduce_sum(a.grad, self.group) / self.world
+                # A rank whose anchors all leave the mean gives a shared scalar no gradient.
+                g = torch.zeros_like(a) if a.grad is None else a.grad
+                mean = codist.all_reduce_sum(g, self.group) / self.world
                 self.close(mean, b.grad, f"grad of shared input {i}")
 
 
@@ -197,9 +210,10 @@ def _(c: Ctx):
 @case("info_nce_targets_sum")
 def _(c: Ctx):
     # Local targets index the local keys; here a permutation inside each rank's block.
-    t = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(r)) for r, n in enumerate(c.sizes)])
+    local = [torch.randperm(n, generator=torch.Generator().manual_seed(r)) for r, n in enumerate(c.sizes)]
+    glob = torch.cat([t + sum(c.sizes[:r]) for r, t in enumerate(local)])
     c.check(lambda q, k, tau, tg, **kw: co.info_nce(q, k, tau, targets=tg, reduction="sum", **kw),
-            [B(c.randn(c.N, 7)), B(c.randn(c.N, 7, seed=1)), S(c.scalar(0.2)), B(t)])
+            [B(c.randn(c.N, 7)), B(c.randn(c.N, 7, seed=1)), S(c.scalar(0.2)), PerRank(glob, local[c.rank])])
 
 
 @case("info_nce_symmetric_none")
@@ -382,6 +396,90 @@ def _(c: Ctx):
 # --------------------------------------------------------------------------- processes
 
 
+class _DenseSimLSE:
+    """The "sim_lse" primitive with the kernel interface, computed by the dense core.
+
+    Lets the fused compositions (and the core's autograd Function) run under a
+    process group on any machine, with or without compiled kernels.
+    """
+
+    def forward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
+        from contrastive_ops.core import sim_lse_reference
+
+        with torch.no_grad():
+            row, col = sim_lse_reference(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col)
+        return row, (col if want_col else row.new_empty(0))
+
+    def backward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
+                 grad_row, grad_col):
+        from contrastive_ops.core import sim_lse_reference
+
+        want_col = col_lse.numel() > 0
+        with torch.enable_grad():
+            qq, kk, ss = (t.detach().requires_grad_(True) for t in (q, k, scale))
+            row, col = sim_lse_reference(qq, kk, ss, row_index, col_index, col_start, col_end, exclude, want_col)
+            total = (row * grad_row).sum() + ((col * grad_col).sum() if want_col else 0)
+            return torch.autograd.grad(total, (qq, kk, ss))
+
+
+class _DenseSigLIP:
+    """The "siglip" pair-sum primitive with the kernel interface, computed densely."""
+
+    def forward(self, x, y, scale, bias):
+        from contrastive_ops.losses.siglip import siglip_sum_reference
+
+        with torch.no_grad():
+            return siglip_sum_reference(x, y, scale, bias)
+
+    def backward(self, x, y, scale, bias, grad):
+        from contrastive_ops.losses.siglip import siglip_sum_reference
+
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (x, y, scale, bias)]
+            return torch.autograd.grad(siglip_sum_reference(*leaves) * grad, leaves)
+
+
+class _DenseSinkhorn:
+    """The "sinkhorn" primitive's steps (see ``contrastive_ops.losses.swav``), computed densely."""
+
+    @staticmethod
+    def _logits(scores, epsilon):
+        return scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32) / epsilon
+
+    def col_lse(self, scores, epsilon, v):
+        L = self._logits(scores, epsilon)
+        u = torch.zeros(L.shape[0], 1, dtype=L.dtype) if v is None else -torch.logsumexp(L + v, 1, keepdim=True)
+        return torch.logsumexp(L + u, 0)
+
+    def codes(self, scores, epsilon, v, normalize):
+        X = self._logits(scores, epsilon) + v
+        return torch.exp(X - torch.logsumexp(X, 1, keepdim=True) if normalize else X)
+
+    def forward(self, scores, epsilon, iterations):
+        from contrastive_ops.losses.swav import sinkhorn_steps
+
+        return sinkhorn_steps(self.col_lse, self.codes, scores, epsilon, iterations)
+
+
+_DENSE_PRIMITIVES = {"sim_lse": _DenseSimLSE(), "siglip": _DenseSigLIP(), "sinkhorn": _DenseSinkhorn()}
+# Ops whose composition needs a primitive the dense stand-in lacks keep the reference.
+_DENSE_OPS = {op for op, prims in __import__("contrastive_ops.backends", fromlist=["x"]).OP_PRIMITIVES.items()
+              if all(p in _DENSE_PRIMITIVES for p in prims)}
+
+
+def _use_dense_compositions() -> None:
+    """Route every loss to its fused composition with the dense primitives (this process only)."""
+    from contrastive_ops import backends
+
+    real_resolve, real_primitive, real_check = backends.resolve, backends.primitive, backends._check_name
+    backends._check_name = lambda name, **kw: name if name == "composition" else real_check(name, **kw)
+    backends.resolve = lambda backend, *, op, tensors: (
+        "composition" if backend == "composition" and op in _DENSE_OPS
+        else real_resolve("reference" if backend == "composition" else backend, op=op, tensors=tensors))
+    backends.primitive = lambda name, prim: (_DENSE_PRIMITIVES[prim] if name == "composition"
+                                             else real_primitive(name, prim))
+
+
 def _kernel_backends_for_cpu() -> List[str]:
     """Kernel backends that run on CPU tensors here (the interpreted Triton one is left to its own tests)."""
     out = []
@@ -392,7 +490,7 @@ def _kernel_backends_for_cpu() -> List[str]:
 
 
 def _dtype_for(backend: str) -> torch.dtype:
-    if backend == "reference":
+    if backend in ("reference", "composition"):
         return torch.float64
     from contrastive_ops import backends
 
@@ -401,12 +499,16 @@ def _dtype_for(backend: str) -> torch.dtype:
 
 def _worker(rank: int, world: int, port: int, sizes: List[int], backend_names: List[str], outdir: str):
     torch.set_num_threads(1)
+    _use_dense_compositions()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     results = {}
+    only = [o for o in os.environ.get("CONTRASTIVE_OPS_DIST_ONLY", "").split(",") if o]  # debugging aid
     try:
         for backend in backend_names:
             for name, fn in CASES.items():
+                if only and not any(o in name for o in only):
+                    continue
                 ctx = Ctx(rank, world, sizes, backend, _dtype_for(backend))
                 t0 = time.time()
                 try:
@@ -414,6 +516,7 @@ def _worker(rank: int, world: int, port: int, sizes: List[int], backend_names: L
                     err = None
                 except Exception:  # noqa: BLE001 - reported to the parent
                     err = traceback.format_exc()
+                    print(f"rank {rank}: {backend}/{name} failed:\n{err}", file=sys.stderr, flush=True)
                 results[f"{backend}/{name}"] = dict(error=err, seconds=time.time() - t0)
                 # Keep the ranks in step even when one of them failed between collectives.
                 dist.barrier()
@@ -445,16 +548,18 @@ def run_group(world: int, sizes: List[int], backend_names: List[str], timeout_s:
         for r in range(world):
             with open(os.path.join(outdir, f"rank{r}.json")) as f:
                 per_rank.append(json.load(f))
-    return {k: [pr[k]["error"] for pr in per_rank] for k in per_rank[0]}
+    return {k: [pr[k]["error"] for pr in per_rank] for k in per_rank[0]}, per_rank
 
 
 _RESULTS: Dict[int, dict] = {}
-BACKENDS = ["reference"] + _kernel_backends_for_cpu()
+# "reference": each loss's dense reference; "composition": its fused composition on the dense
+# primitives (through the kernel interface); then the kernel backends that run on CPU here.
+BACKENDS = ["reference", "composition"] + _kernel_backends_for_cpu()
 
 
 def _results(world: int) -> dict:
     if world not in _RESULTS:
-        _RESULTS[world] = run_group(world, SIZES[world], BACKENDS)
+        _RESULTS[world] = run_group(world, SIZES[world], BACKENDS)[0]
     return _RESULTS[world]
 
 
@@ -462,7 +567,11 @@ def _results(world: int) -> dict:
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("world", sorted(SIZES))
 def test_distributed_equals_single_process(world, name, backend):
-    errors = _results(world)[f"{backend}/{name}"]
+    key = f"{backend}/{name}"
+    results = _results(world)
+    if key not in results:
+        pytest.skip("not selected by CONTRASTIVE_OPS_DIST_ONLY")
+    errors = results[key]
     failed = [f"--- rank {r} ---\n{e}" for r, e in enumerate(errors) if e is not None]
     assert not failed, "\n".join(failed)
 
