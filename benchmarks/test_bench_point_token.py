@@ -24,7 +24,6 @@ larger G and B (G up to 1024, B up to 512 on GPU; smaller on CPU).
 """
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

@@ -349,3 +349,23 @@ def test_inputs_not_modified(impl, mode, pairing, negatives):
     for t, s in zip((f1, f2, m1, m2, tau), saved):
         assert torch.equal(t, s)
     assert torch.equal(a.detach(), f1) and torch.equal(b.detach(), f2)
+
+
+# ----------------------------------------------------------------------------- defaults and module
+
+
+def test_auto_backend_and_module_match_reference():
+    import warnings
+
+    f1, f2 = _features(3, 12, 10, dtype=torch.float32)
+    m1, m2 = _masks(3, 12, "random")
+    ref = co.point_token_contrast(f1, f2, m1, m2, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # reference fallback notice where no kernel exists
+        auto = co.point_token_contrast(f1, f2, m1, m2)
+        mod = co.nn.PointTokenContrastLoss(mode="infonce", temperature=0.1)(f1, f2, m1, m2)
+    torch.testing.assert_close(auto, ref, atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(mod, ref, atol=2e-5, rtol=2e-4)
+    cos = co.nn.PointTokenContrastLoss(mode="cosine", pairing="official", backend="reference")(f1, f2, m1, m2)
+    torch.testing.assert_close(cos, co.point_token_contrast(f1, f2, m1, m2, mode="cosine", pairing="official",
+                                                            backend="reference"))

@@ -44,8 +44,6 @@ the features; positives and the cosine modes are O(B·G·D).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
