@@ -594,3 +594,30 @@ def test_inputs_not_modified(path):
     for t, b, v in zip(inputs, before, versions):
         assert torch.equal(t.detach(), b)
         assert t._version == v
+
+
+# ----------------------------------------------------------------------------- modules and torch.compile
+
+
+def test_modules_call_the_functions():
+    q, k = torch.randn(6, 4), torch.randn(6, 4)
+    t = torch.tensor([1, 0, 2, 3, 5, 4])
+    torch.testing.assert_close(co.nn.InfoNCELoss(0.2, backend="reference")(q, k, t),
+                               co.info_nce(q, k, 0.2, targets=t, backend="reference"))
+    m = co.nn.InfoNCELoss(0.2, learnable_temperature=True, backend="reference")
+    m(q, k).backward()
+    assert m.log_temperature.grad is not None and m.log_temperature.grad != 0
+    torch.testing.assert_close(co.nn.ClipLoss(backend="reference")(q, k, 3.0),
+                               co.clip_loss(q, k, 3.0, backend="reference"))
+    torch.testing.assert_close(co.nn.NTXentLoss(0.3, reduction="none", backend="reference")(q, k),
+                               co.nt_xent(q, k, 0.3, reduction="none", backend="reference"))
+    torch.testing.assert_close(co.nn.SigLIPLoss(backend="reference")(q, k, 3.0, -1.0),
+                               co.siglip_loss(q, k, 3.0, -1.0, backend="reference"))
+
+
+@pytest.mark.slow
+def test_info_nce_compiles_fullgraph():
+    q, k = torch.randn(6, 8), torch.randn(9, 8)
+    t = torch.tensor([0, 8, 2, 3, 4, 4])
+    fn = torch.compile(lambda q, k: co.info_nce(q, k, 0.1, targets=t, backend="reference"), fullgraph=True)
+    torch.testing.assert_close(fn(q, k), co.info_nce(q, k, 0.1, targets=t, backend="reference"))
