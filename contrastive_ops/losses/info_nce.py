@@ -152,14 +152,14 @@ def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=Fal
                     reduction="mean", backend: str) -> Tensor:
     """InfoNCE on ``core.sim_lse``: row (and column) LSEs from the core, positives in PyTorch."""
     q = _normalized_like(query, normalize)
-    k = _keys(_normalized_like(key, normalize))
+    k = _normalized_like(key, normalize)
     scale = _inv_tau(temperature, q)
     if symmetric:
-        row_lse, col_lse = core.sim_lse(q, k, scale, want_col=True, backend=backend)
+        row_lse, col_lse = core.sim_lse(q, _keys(k), scale, want_col=True, backend=backend)
         pos = _rowdot(q, k) * scale
         loss = 0.5 * ((row_lse - pos) + (col_lse - pos))
     else:
-        row_lse, _ = core.sim_lse(q, k, scale, backend=backend)
+        row_lse, _ = core.sim_lse(q, _keys(k), scale, backend=backend)
         t = torch.arange(q.shape[0], device=q.device) if targets is None else targets.long()
         pos = _rowdot(q, k.index_select(0, t)) * scale
         loss = row_lse - pos
@@ -233,9 +233,9 @@ def clip_loss_reference(image_features, text_features, logit_scale) -> Tensor:
 def _fused_clip_loss(image_features, text_features, logit_scale, *, backend: str) -> Tensor:
     """CLIP loss on one core call: the row LSEs are the image→text terms, the column LSEs text→image."""
     img = image_features
-    txt = _keys(text_features)
+    txt = text_features
     s = as_scalar("logit_scale", logit_scale, img)
-    row_lse, col_lse = core.sim_lse(img, txt, s, want_col=True, backend=backend)
+    row_lse, col_lse = core.sim_lse(img, _keys(txt), s, want_col=True, backend=backend)
     pos = _rowdot(img, txt) * s
     return 0.5 * ((row_lse - pos).mean() + (col_lse - pos).mean())
 
