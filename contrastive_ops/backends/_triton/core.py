@@ -433,7 +433,8 @@ def _sim_lse_fwd_op(
     flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col)
     row_lse = _empty((B,), torch.float32, q.device)
     slots = n_slots(q.device, B, _MIN_BLOCK)
-    col_part = torch.empty((slots if want_col else 0, M), dtype=torch.float32, device=q.device)
+    # Every slot is filled by its program before use, so no initialisation here.
+    col_part = _empty((slots if want_col else 0, M), torch.float32, q.device)
     if B > 0:
         torch.library.wrap_triton(_sim_lse_fwd_kernel)[(slots,)](
             q, k, scale, _ptr(row_index, scale), _ptr(col_index, scale), _ptr(col_start, scale),
@@ -465,16 +466,17 @@ def _sim_lse_bwd_op(
     B, M, D = _sizes(q, k, row_index, col_index)
     col_start, col_end = _ranges(q, B, M, col_start, col_end)
     flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col)
+    launch = B > 0 and M > 0
     # Rows outside an index list get no gradient: those outputs start at zero.
-    dq = torch.zeros_like(q) if row_index is not None else _empty(q.shape, q.dtype, q.device)
-    dk = torch.zeros_like(k) if col_index is not None else _empty(k.shape, k.dtype, k.device)
+    dq = _empty(q.shape, q.dtype, q.device) if row_index is None and launch else torch.zeros_like(q)
+    dk = _empty(k.shape, k.dtype, k.device) if col_index is None and launch else torch.zeros_like(k)
     dscale_part = torch.zeros((triton.cdiv(B, _MIN_BLOCK),), dtype=torch.float32, device=q.device)
     block_d = _block_d(D)
     n_d = triton.cdiv(D, block_d)
     common = (q, k, scale, _ptr(row_index, scale), _ptr(col_index, scale), _ptr(col_start, scale),
               _ptr(col_end, scale), _ptr(exclude, scale), row_lse, _ptr(col_lse if want_col else None, row_lse),
               grad_row, _ptr(grad_col if want_col else None, grad_row))
-    if B > 0 and M > 0:
+    if launch:
         torch.library.wrap_triton(_sim_lse_bwd_dq_kernel)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_d)](
             *common, dq, dscale_part, B, M, D, q.stride(0), k.stride(0), dq.stride(0),
             BLOCK_D=block_d, BLOCK_DO=block_d, **flags,
@@ -483,9 +485,6 @@ def _sim_lse_bwd_op(
             *common, dk, B, M, D, q.stride(0), k.stride(0), dk.stride(0),
             BLOCK_D=block_d, BLOCK_DO=block_d, **flags,
         )
-    else:
-        dq.zero_()
-        dk.zero_()
     return dq, dk, dscale_part.sum()
 
 

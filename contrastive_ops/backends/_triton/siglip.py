@@ -179,15 +179,16 @@ def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tens
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     B, D = x.shape
     M = y.shape[0]
-    dx = _empty(x.shape, x.dtype, x.device)
-    dy = _empty(y.shape, y.dtype, y.device)
+    launch = B > 0 and M > 0
+    dx = _empty(x.shape, x.dtype, x.device) if launch else torch.zeros_like(x)
+    dy = _empty(y.shape, y.dtype, y.device) if launch else torch.zeros_like(y)
     n_part = triton.cdiv(B, _MIN_BLOCK)
     scale_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
     bias_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
     block_d = _block_d(D)
     n_d = triton.cdiv(D, block_d)
     flags = _dot_flags(x.dtype)
-    if B > 0 and M > 0:
+    if launch:
         torch.library.wrap_triton(_siglip_bwd_dx_kernel)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_d)](
             x, y, scale, bias, grad, dx, scale_part, bias_part, B, M, D, x.stride(0), y.stride(0), dx.stride(0),
             BLOCK_D=block_d, BLOCK_DO=block_d, **flags,
@@ -196,9 +197,6 @@ def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tens
             x, y, scale, bias, grad, dy, B, M, D, x.stride(0), y.stride(0), dy.stride(0),
             BLOCK_D=block_d, BLOCK_DO=block_d, **flags,
         )
-    else:
-        dx.zero_()
-        dy.zero_()
     return dx, dy, scale_part.sum(), bias_part.sum()
 
 
