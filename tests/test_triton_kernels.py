@@ -306,6 +306,12 @@ def test_custom_ops_fake_and_schema():
     bargs = (q, k, scale, *fkw.values(), row, col, torch.randn_like(row), torch.randn_like(col))
     torch.library.opcheck(torch.ops.contrastive_ops_triton.sim_lse_bwd.default, bargs,
                           test_utils=("test_schema", "test_faketensor"))
+    # Traced with fake tensors the op stays one graph node (no data read, no kernel run).
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda *a: tcore.sim_lse_forward(*a, want_col=True), tracing_mode="fake")(q, k, scale, *fkw.values())
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.contrastive_ops_triton.sim_lse_fwd.default in targets
     x, y, s, b = _siglip_inputs(20, 20, 16, torch.float32)
     torch.library.opcheck(torch.ops.contrastive_ops_triton.siglip_fwd.default, (x, y, s, b),
                           test_utils=("test_schema", "test_faketensor"))
@@ -327,3 +333,11 @@ def test_sim_lse_compiles_fullgraph():
     out.backward()
     ref = f(q.detach().float(), k.float(), scale)
     assert_close(out, ref, torch.float16, what="compiled")
+
+
+def test_backward_one_wide_output_chunk(monkeypatch):
+    """The GPU layout of the backward (one output chunk of width 128 ≠ BLOCK_D) on the same data."""
+    monkeypatch.setattr(tcore, "_block_do", lambda D: 128)
+    monkeypatch.setattr(tsiglip, "_block_do", lambda D: 128)
+    test_sim_lse_primitive("range_index_exclude2", torch.float32, True)
+    test_siglip_primitive((45, 38, 72), torch.float32)

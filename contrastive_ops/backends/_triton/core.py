@@ -66,6 +66,18 @@ def _block_d(D: int) -> int:
     return max(16, min(triton.next_power_of_2(D), cap))
 
 
+def _block_do(D: int) -> int:
+    """Width of the output D-chunks of the backward (one program per chunk recomputes S).
+
+    On the GPU one chunk up to D = 128, so the common widths recompute S once
+    per gradient; wider D splits (the fp32 accumulator stays ≤ BLOCK×128).
+    Under the interpreter it equals BLOCK_D, so small tests cover several chunks.
+    """
+    if interpreting():
+        return _block_d(D)
+    return max(16, min(triton.next_power_of_2(D), 128))
+
+
 _SM_COUNT: dict = {}
 
 
@@ -471,19 +483,19 @@ def _sim_lse_bwd_op(
     dq = _empty(q.shape, q.dtype, q.device) if row_index is None and launch else torch.zeros_like(q)
     dk = _empty(k.shape, k.dtype, k.device) if col_index is None and launch else torch.zeros_like(k)
     dscale_part = torch.zeros((triton.cdiv(B, _MIN_BLOCK),), dtype=torch.float32, device=q.device)
-    block_d = _block_d(D)
-    n_d = triton.cdiv(D, block_d)
+    block_d, block_do = _block_d(D), _block_do(D)
+    n_d = triton.cdiv(D, block_do)
     common = (q, k, scale, _ptr(row_index, scale), _ptr(col_index, scale), _ptr(col_start, scale),
               _ptr(col_end, scale), _ptr(exclude, scale), row_lse, _ptr(col_lse if want_col else None, row_lse),
               grad_row, _ptr(grad_col if want_col else None, grad_row))
     if launch:
         torch.library.wrap_triton(_sim_lse_bwd_dq_kernel)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_d)](
             *common, dq, dscale_part, B, M, D, q.stride(0), k.stride(0), dq.stride(0),
-            BLOCK_D=block_d, BLOCK_DO=block_d, **flags,
+            BLOCK_D=block_d, BLOCK_DO=block_do, **flags,
         )
         torch.library.wrap_triton(_sim_lse_bwd_dk_kernel)[lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), n_d)](
             *common, dk, B, M, D, q.stride(0), k.stride(0), dk.stride(0),
-            BLOCK_D=block_d, BLOCK_DO=block_d, **flags,
+            BLOCK_D=block_d, BLOCK_DO=block_do, **flags,
         )
     return dq, dk, dscale_part.sum()
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .core import (_BWD_GPU, _FWD_GPU, _INTERP_BLOCK, _MIN_BLOCK, _block_d, _col_tile, _configs,
+from .core import (_BWD_GPU, _FWD_GPU, _INTERP_BLOCK, _MIN_BLOCK, _block_d, _block_do, _col_tile, _configs,
                    _dot_flags, _empty, _s_tile)
 
 Tensor = torch.Tensor
@@ -185,17 +185,17 @@ def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tens
     n_part = triton.cdiv(B, _MIN_BLOCK)
     scale_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
     bias_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
-    block_d = _block_d(D)
-    n_d = triton.cdiv(D, block_d)
+    block_d, block_do = _block_d(D), _block_do(D)
+    n_d = triton.cdiv(D, block_do)
     flags = _dot_flags(x.dtype)
     if launch:
         torch.library.wrap_triton(_siglip_bwd_dx_kernel)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_d)](
             x, y, scale, bias, grad, dx, scale_part, bias_part, B, M, D, x.stride(0), y.stride(0), dx.stride(0),
-            BLOCK_D=block_d, BLOCK_DO=block_d, **flags,
+            BLOCK_D=block_d, BLOCK_DO=block_do, **flags,
         )
         torch.library.wrap_triton(_siglip_bwd_dy_kernel)[lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), n_d)](
             x, y, scale, bias, grad, dy, B, M, D, x.stride(0), y.stride(0), dy.stride(0),
-            BLOCK_D=block_d, BLOCK_DO=block_d, **flags,
+            BLOCK_D=block_d, BLOCK_DO=block_do, **flags,
         )
     return dx, dy, scale_part.sum(), bias_part.sum()
 
