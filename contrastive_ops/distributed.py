@@ -169,6 +169,7 @@ def reduce(values: Tensor, reduction: str, process_group, count: Optional[Tensor
     """
     if process_group is None:
         return _checks.reduce(values, reduction, count)
+    check_group(process_group)
     if reduction == "none":
         return values
     W = world_size(process_group)

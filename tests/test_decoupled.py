@@ -263,8 +263,8 @@ def test_unknown_backend(fn):
         fn(torch.randn(4, 5), torch.randn(4, 5), backend="fast")
 
 
-def test_process_group_not_yet(fn):
-    with pytest.raises(NotImplementedError, match="process_group"):
+def test_process_group_without_distributed(fn):
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         fn(torch.randn(4, 5), torch.randn(4, 5), process_group=object())
 
 

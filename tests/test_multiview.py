@@ -405,8 +405,8 @@ def test_unknown_variant():
         co.mv_infonce(torch.randn(4, 3, 5), variant="pwe")
 
 
-def test_process_group_not_yet(fn):
-    with pytest.raises(NotImplementedError, match="process_group"):
+def test_process_group_without_distributed(fn):
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         fn(torch.randn(4, 3, 5), process_group=object())
 
 

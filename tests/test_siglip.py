@@ -232,8 +232,8 @@ def test_unknown_backend():
     _raises(ValueError, "backend must be one of", *_xy(), 1.0, 0.0, backend="fast")
 
 
-def test_process_group_not_yet():
-    _raises(NotImplementedError, "process_group", *_xy(), 1.0, 0.0, process_group=object())
+def test_process_group_without_distributed():
+    _raises(RuntimeError, "torch.distributed is not initialized", *_xy(), 1.0, 0.0, process_group=object())
 
 
 @pytest.mark.parametrize("path", ["public-reference", "dense-primitive-maths"])

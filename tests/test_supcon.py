@@ -235,8 +235,8 @@ def test_unknown_backend():
         co.supcon_loss(torch.randn(4, 2, 5), backend="fast")
 
 
-def test_process_group_not_yet():
-    with pytest.raises(NotImplementedError, match="process_group"):
+def test_process_group_without_distributed():
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         co.supcon_loss(torch.randn(4, 2, 5), process_group=object())
 
 

@@ -20,6 +20,12 @@ which equals DHEL with ``include_augs=True`` for V = 2).
 
 Fused compositions: Z = cat(u, v) (2N, D) and one core call; DCL excludes
 self and the positive per row, DHEL limits each row to its own half.
+
+Under ``process_group`` both views are all-gathered with gradient; the anchors
+are this rank's rows, the negatives come from the global batch (excluding the
+anchor's own global positions), and DCLW's weights are the softmax over the
+global batch (SPEC: over the batch the loss sees).  The references keep this
+rank's rows of the dense loss on the gathered batch.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ import torch
 
 from .. import _checks, backends, core
 from ..core import _masked_lse
-from .multiview import _as_t, _no_process_group, _unit
+from ..distributed import GlobalBatch
+from .multiview import _as_t, _unit
 
 Tensor = torch.Tensor
 
@@ -42,8 +49,10 @@ def _dcl_weights(u: Tensor, v: Tensor, sigma, weighted: bool) -> Tensor:
 
 
 def dcl_reference(z1: Tensor, z2: Tensor, temperature, *, weighted: bool = False, sigma=0.5,
-                  normalize: bool = True, reduction: str = "mean") -> Tensor:
+                  normalize: bool = True, reduction: str = "mean", process_group=None) -> Tensor:
     """Exact dense DCL / DCLW; stores (2N)²."""
+    gb = GlobalBatch(z1.shape[0], process_group, z1.device)
+    z1, z2 = gb.gather(z1), gb.gather(z2)
     N = z1.shape[0]
     u, v = _unit(z1, normalize), _unit(z2, normalize)
     scale = 1.0 / _as_t(temperature, u)
@@ -58,12 +67,14 @@ def dcl_reference(z1: Tensor, z2: Tensor, temperature, *, weighted: bool = False
     if N >= 2:
         lse = _masked_lse(S, allowed, 1)
         values = values + 0.5 * (lse[:N] + lse[N:])
-    return _checks.reduce(values, reduction)
+    return gb.reduce(gb.local(values), reduction)
 
 
 def dhel_reference(z1: Tensor, z2: Tensor, temperature, *, include_augs: bool = True, normalize: bool = True,
-                   reduction: str = "mean") -> Tensor:
+                   reduction: str = "mean", process_group=None) -> Tensor:
     """Exact dense DHEL; stores N²."""
+    gb = GlobalBatch(z1.shape[0], process_group, z1.device)
+    z1, z2 = gb.gather(z1), gb.gather(z2)
     N = z1.shape[0]
     u, v = _unit(z1, normalize), _unit(z2, normalize)
     scale = 1.0 / _as_t(temperature, u)
@@ -73,45 +84,53 @@ def dhel_reference(z1: Tensor, z2: Tensor, temperature, *, include_augs: bool = 
         values = values + _masked_lse((u @ u.T) * scale, not_self, 1)
         if include_augs:
             values = values + _masked_lse((v @ v.T) * scale, not_self, 1)
-    return _checks.reduce(values, reduction)
+    return gb.reduce(gb.local(values), reduction)
 
 
 def _fused_dcl(z1: Tensor, z2: Tensor, temperature, *, weighted: bool = False, sigma=0.5, normalize: bool = True,
-               reduction: str = "mean", backend: str) -> Tensor:
-    """DCL / DCLW on the core: one call over cat(u, v) excluding self and positive."""
-    N = z1.shape[0]
+               reduction: str = "mean", backend: str, process_group=None) -> Tensor:
+    """DCL / DCLW on the core: this rank's rows of cat(u, v) against the gathered cat(U, V), excluding
+    self and the positive (``n`` local rows, ``N`` global)."""
+    n = z1.shape[0]
+    gb = GlobalBatch(n, process_group, z1.device)
     u, v = _unit(z1, normalize), _unit(z2, normalize)
+    Ug, Vg = gb.gather(u), gb.gather(v)
+    N = Ug.shape[0]
     scale = 1.0 / _as_t(temperature, u)
-    w = _dcl_weights(u, v, sigma, weighted)
+    w = _dcl_weights(Ug, Vg, sigma, weighted)  # over the global batch
+    w = gb.local(w) if weighted else w
     values = -w * (u * v).sum(-1) * scale
     if N >= 2:
-        Zc = torch.cat([u, v]).to(z1.dtype)
-        i = torch.arange(2 * N, device=u.device)
-        exclude = torch.stack([i, (i + N) % (2 * N)], 1)  # self and the positive
-        lse, _ = core.sim_lse(Zc, Zc, scale, exclude=exclude, backend=backend)
-        values = values + 0.5 * (lse[:N] + lse[N:])
-    return _checks.reduce(values, reduction)
+        a = gb.anchor_index(2, u.device)  # global positions of the local rows of cat(u, v)
+        exclude = torch.stack([a, (a + N) % (2 * N)], 1)  # self and the positive
+        lse, _ = core.sim_lse(torch.cat([u, v]).to(z1.dtype), torch.cat([Ug, Vg]).to(z1.dtype), scale,
+                              exclude=exclude, backend=backend)
+        values = values + 0.5 * (lse[:n] + lse[n:])
+    return gb.reduce(values, reduction)
 
 
 def _fused_dhel(z1: Tensor, z2: Tensor, temperature, *, include_augs: bool = True, normalize: bool = True,
-                reduction: str = "mean", backend: str) -> Tensor:
-    """DHEL on the core: same-view LSE with self excluded, one call."""
-    N = z1.shape[0]
+                reduction: str = "mean", backend: str, process_group=None) -> Tensor:
+    """DHEL on the core: same-view LSE with self excluded, one call (``n`` local rows, ``N`` global)."""
+    n = z1.shape[0]
+    gb = GlobalBatch(n, process_group, z1.device)
     u, v = _unit(z1, normalize), _unit(z2, normalize)
     scale = 1.0 / _as_t(temperature, u)
     values = -(u * v).sum(-1) * scale
+    Ug = gb.gather(u)
+    N = Ug.shape[0]
     if N >= 2:
+        a = gb.anchor_index(2 if include_augs else 1, u.device)  # global positions of the local rows
         if include_augs:
-            Zc = torch.cat([u, v]).to(z1.dtype)
-            start = torch.arange(2, device=u.device).repeat_interleave(N) * N  # each row's own half
-            lse, _ = core.sim_lse(Zc, Zc, scale, col_start=start, col_end=start + N,
-                                  exclude=torch.arange(2 * N, device=u.device), backend=backend)
-            values = values + lse[:N] + lse[N:]
+            Zc = torch.cat([Ug, gb.gather(v)]).to(z1.dtype)
+            start = torch.arange(2, device=u.device).repeat_interleave(n) * N  # each row's own half
+            lse, _ = core.sim_lse(torch.cat([u, v]).to(z1.dtype), Zc, scale, col_start=start, col_end=start + N,
+                                  exclude=a, backend=backend)
+            values = values + lse[:n] + lse[n:]
         else:
-            uc = u.to(z1.dtype)
-            lse, _ = core.sim_lse(uc, uc, scale, exclude=torch.arange(N, device=u.device), backend=backend)
+            lse, _ = core.sim_lse(u.to(z1.dtype), Ug.to(z1.dtype), scale, exclude=a, backend=backend)
             values = values + lse
-    return _checks.reduce(values, reduction)
+    return gb.reduce(values, reduction)
 
 
 def _check_pair(z1, z2, reduction):
@@ -140,9 +159,9 @@ def dcl_loss(z1, z2, temperature=0.1, *, weighted=False, sigma=0.5, normalize=Tr
     _check_pair(z1, z2, reduction)
     temperature = _checks.as_scalar("temperature", temperature, z1, positive=True)
     sigma = _checks.as_scalar("sigma", sigma, z1, positive=True)
-    _no_process_group(process_group)
     name = backends.resolve(backend, op="dcl_loss", tensors=[z1, z2])
-    kw = dict(weighted=bool(weighted), sigma=sigma, normalize=normalize, reduction=reduction)
+    kw = dict(weighted=bool(weighted), sigma=sigma, normalize=normalize, reduction=reduction,
+              process_group=process_group)
     if name == "reference":
         return dcl_reference(z1, z2, temperature, **kw)
     return _fused_dcl(z1, z2, temperature, backend=name, **kw)
@@ -157,9 +176,9 @@ def dhel_loss(z1, z2, temperature=0.3, *, include_augs=True, normalize=True, red
     """
     _check_pair(z1, z2, reduction)
     temperature = _checks.as_scalar("temperature", temperature, z1, positive=True)
-    _no_process_group(process_group)
     name = backends.resolve(backend, op="dhel_loss", tensors=[z1, z2])
-    kw = dict(include_augs=bool(include_augs), normalize=normalize, reduction=reduction)
+    kw = dict(include_augs=bool(include_augs), normalize=normalize, reduction=reduction,
+              process_group=process_group)
     if name == "reference":
         return dhel_reference(z1, z2, temperature, **kw)
     return _fused_dhel(z1, z2, temperature, backend=name, **kw)

@@ -30,10 +30,14 @@ Layout of each loss
 ``<loss>``            the public function: argument checks once, then
                       ``backends.resolve`` picks one of the two above.
 
-Under ``process_group`` the keys (and for the symmetric / NT-Xent forms, the
-other side) are to be all-gathered with gradient before the core call; the
-fused compositions take their key tensors from ``_keys`` so that is the one
-place to add it.
+Under ``process_group`` (see ``contrastive_ops.distributed``) each rank's
+anchors are its local rows; the keys (for the symmetric / CLIP / NT-Xent
+forms also the other side) are all-gathered with gradient.  The fused
+compositions run their core calls on local anchors against the global
+candidates: info_nce's targets move by the rank's key offset, the column
+terms become the local keys' rows against the gathered queries, and NT-Xent
+excludes each anchor's own global position.  The references compute the
+dense loss of the gathered global batch and keep this rank's anchors.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends, core
+from ..distributed import GlobalBatch
 from .._checks import (
     _compiling,
     as_scalar,
@@ -49,7 +54,6 @@ from .._checks import (
     check_same_device_dtype,
     check_same_dim,
     check_same_shape,
-    reduce,
     shape_str,
 )
 from ..core import acc_dtype
@@ -60,11 +64,6 @@ NORM_EPS = 1e-12
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _check_no_process_group(process_group) -> None:
-    if process_group is not None:
-        raise NotImplementedError("process_group support lands with the distributed module")
 
 
 def _check_targets(targets, B: int, M: int, device) -> Tensor:
@@ -123,19 +122,18 @@ def _inv_tau(temperature, like: Tensor) -> Tensor:
     return 1.0 / as_scalar("temperature", temperature, like)
 
 
-def _keys(key: Tensor) -> Tensor:
-    """The candidate rows the core sees: the local keys (the distributed module gathers here)."""
-    return key
-
-
 # --------------------------------------------------------------------------- info_nce
 
 
 def info_nce_reference(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
-                       reduction="mean") -> Tensor:
+                       reduction="mean", process_group=None) -> Tensor:
     """Dense InfoNCE: ℓ_i = −S[i, t_i] + LSE_j S[i, j] (stores B×M)."""
-    q = _normalized_acc(query, normalize)
-    k = _normalized_acc(key, normalize)
+    gq = GlobalBatch(query.shape[0], process_group, query.device)
+    gk = GlobalBatch(key.shape[0], process_group, key.device)
+    if targets is not None:  # local key indices -> positions in the gathered keys
+        targets = gq.gather_nograd(targets.long() + gk.offset)
+    q = _normalized_acc(gq.gather(query), normalize)
+    k = _normalized_acc(gk.gather(key), normalize)
     S = (q @ k.T) * _inv_tau(temperature, q)
     B = S.shape[0]
     if symmetric:
@@ -145,25 +143,35 @@ def info_nce_reference(query, key, temperature=0.07, *, targets=None, symmetric=
         t = torch.arange(B, device=S.device) if targets is None else targets.long()
         pos = S.gather(1, t[:, None]).squeeze(1)
         loss = S.logsumexp(1) - pos
-    return reduce(loss, reduction)
+    return gq.reduce(gq.local(loss), reduction)
 
 
 def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
-                    reduction="mean", backend: str) -> Tensor:
-    """InfoNCE on ``core.sim_lse``: row (and column) LSEs from the core, positives in PyTorch."""
+                    reduction="mean", backend: str, process_group=None) -> Tensor:
+    """InfoNCE on ``core.sim_lse``: row (and column) LSEs from the core, positives in PyTorch.
+
+    Under ``process_group``: local queries against the gathered keys (and,
+    symmetric, local keys against the gathered queries).
+    """
+    gk = GlobalBatch(key.shape[0], process_group, key.device)
     q = _normalized_like(query, normalize)
-    k = _normalized_like(key, normalize)
+    k_local = _normalized_like(key, normalize)
+    k = gk.gather(k_local)
     scale = _inv_tau(temperature, q)
     if symmetric:
-        row_lse, col_lse = core.sim_lse(q, _keys(k), scale, want_col=True, backend=backend)
-        pos = _rowdot(q, k) * scale
+        if process_group is None:
+            row_lse, col_lse = core.sim_lse(q, k, scale, want_col=True, backend=backend)
+        else:  # columns of the global S that belong to this rank's keys = rows of S^T
+            row_lse, _ = core.sim_lse(q, k, scale, backend=backend)
+            col_lse, _ = core.sim_lse(k_local, gk.gather(q), scale, backend=backend)
+        pos = _rowdot(q, k_local) * scale
         loss = 0.5 * ((row_lse - pos) + (col_lse - pos))
     else:
-        row_lse, _ = core.sim_lse(q, _keys(k), scale, backend=backend)
+        row_lse, _ = core.sim_lse(q, k, scale, backend=backend)
         t = torch.arange(q.shape[0], device=q.device) if targets is None else targets.long()
-        pos = _rowdot(q, k.index_select(0, t)) * scale
+        pos = _rowdot(q, k.index_select(0, t + gk.offset)) * scale
         loss = row_lse - pos
-    return reduce(loss, reduction)
+    return gk.reduce(loss, reduction)
 
 
 def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
@@ -207,9 +215,9 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
             f"got query {shape_str(query)} and key {shape_str(key)}"
         )
     as_scalar("temperature", temperature, query, positive=True)
-    _check_no_process_group(process_group)
     name = backends.resolve(backend, op="info_nce", tensors=(query, key))
-    kw = dict(targets=targets, symmetric=symmetric, normalize=normalize, reduction=reduction)
+    kw = dict(targets=targets, symmetric=symmetric, normalize=normalize, reduction=reduction,
+              process_group=process_group)
     if name == "reference":
         return info_nce_reference(query, key, temperature, **kw)
     return _fused_info_nce(query, key, temperature, backend=name, **kw)
@@ -218,26 +226,37 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
 # --------------------------------------------------------------------------- clip_loss
 
 
-def clip_loss_reference(image_features, text_features, logit_scale) -> Tensor:
+def clip_loss_reference(image_features, text_features, logit_scale, process_group=None) -> Tensor:
     """Dense CLIP loss: ½[CE(s·I Tᵀ, arange) + CE(s·T Iᵀ, arange)] (stores B×B)."""
     dt = acc_dtype(image_features.dtype)
-    img, txt = image_features.to(dt), text_features.to(dt)
+    gb = GlobalBatch(image_features.shape[0], process_group, image_features.device)
+    img, txt = gb.gather(image_features).to(dt), gb.gather(text_features).to(dt)
     s = as_scalar("logit_scale", logit_scale, img)
     logits = s * (img @ txt.T)
     # log-softmax over texts for each image (rows) and over images for each text (columns).
     row = logits.logsumexp(1) - logits.diagonal()
     col = logits.logsumexp(0) - logits.diagonal()
-    return 0.5 * (row.mean() + col.mean())
+    if process_group is None:
+        return 0.5 * (row.mean() + col.mean())
+    return gb.reduce(gb.local(0.5 * (row + col)), "mean")
 
 
-def _fused_clip_loss(image_features, text_features, logit_scale, *, backend: str) -> Tensor:
-    """CLIP loss on one core call: the row LSEs are the image→text terms, the column LSEs text→image."""
-    img = image_features
-    txt = text_features
+def _fused_clip_loss(image_features, text_features, logit_scale, *, backend: str, process_group=None) -> Tensor:
+    """CLIP loss on one core call: the row LSEs are the image→text terms, the column LSEs text→image.
+
+    Under ``process_group``: local images against all texts and local texts
+    against all images (two core calls).
+    """
+    img, txt = image_features, text_features
     s = as_scalar("logit_scale", logit_scale, img)
-    row_lse, col_lse = core.sim_lse(img, _keys(txt), s, want_col=True, backend=backend)
     pos = _rowdot(img, txt) * s
-    return 0.5 * ((row_lse - pos).mean() + (col_lse - pos).mean())
+    if process_group is None:
+        row_lse, col_lse = core.sim_lse(img, txt, s, want_col=True, backend=backend)
+        return 0.5 * ((row_lse - pos).mean() + (col_lse - pos).mean())
+    gb = GlobalBatch(img.shape[0], process_group, img.device)
+    row_lse, _ = core.sim_lse(img, gb.gather(txt), s, backend=backend)
+    col_lse, _ = core.sim_lse(txt, gb.gather(img), s, backend=backend)
+    return gb.reduce(0.5 * ((row_lse - pos) + (col_lse - pos)), "mean")
 
 
 def clip_loss(image_features, text_features, logit_scale, *, backend="auto", process_group=None) -> Tensor:
@@ -253,19 +272,19 @@ def clip_loss(image_features, text_features, logit_scale, *, backend="auto", pro
     """
     _check_pair("image_features", image_features, "text_features", text_features, same_rows=True)
     as_scalar("logit_scale", logit_scale, image_features, positive=True)
-    _check_no_process_group(process_group)
     name = backends.resolve(backend, op="clip_loss", tensors=(image_features, text_features))
     if name == "reference":
-        return clip_loss_reference(image_features, text_features, logit_scale)
-    return _fused_clip_loss(image_features, text_features, logit_scale, backend=name)
+        return clip_loss_reference(image_features, text_features, logit_scale, process_group)
+    return _fused_clip_loss(image_features, text_features, logit_scale, backend=name, process_group=process_group)
 
 
 # --------------------------------------------------------------------------- nt_xent
 
 
-def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mean") -> Tensor:
+def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", process_group=None) -> Tensor:
     """Dense NT-Xent over the 2N anchors of Z = cat(z1, z2) (stores 2N×2N)."""
-    Z = torch.cat([_normalized_acc(z1, normalize), _normalized_acc(z2, normalize)], 0)
+    gb = GlobalBatch(z1.shape[0], process_group, z1.device)
+    Z = torch.cat([_normalized_acc(gb.gather(z1), normalize), _normalized_acc(gb.gather(z2), normalize)], 0)
     n2 = Z.shape[0]
     N = n2 // 2
     S = (Z @ Z.T) * _inv_tau(temperature, Z)
@@ -273,20 +292,26 @@ def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mea
     denom = S.masked_fill(self_pair, float("-inf")).logsumexp(1)
     partner = (torch.arange(n2, device=S.device) + N) % n2
     pos = S.gather(1, partner[:, None]).squeeze(1)
-    return reduce(denom - pos, reduction)
+    return gb.reduce(gb.local_anchors(denom - pos, 2), reduction)
 
 
-def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend: str) -> Tensor:
-    """NT-Xent on ``core.sim_lse(Z, Z)`` with the self pair excluded; positives in PyTorch."""
-    Z = torch.cat([_normalized_like(z1, normalize), _normalized_like(z2, normalize)], 0)
-    n2 = Z.shape[0]
-    N = n2 // 2
+def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend: str,
+                   process_group=None) -> Tensor:
+    """NT-Xent on ``core.sim_lse(Z, Z)`` with the self pair excluded; positives in PyTorch.
+
+    Under ``process_group`` the anchors are the 2n local rows and the
+    candidates the 2N gathered ones; each anchor excludes its own global position.
+    """
+    gb = GlobalBatch(z1.shape[0], process_group, z1.device)
+    u, v = _normalized_like(z1, normalize), _normalized_like(z2, normalize)
+    Z = torch.cat([u, v], 0)  # local anchors, view 1 then view 2
     scale = _inv_tau(temperature, Z)
-    idx = torch.arange(n2, device=Z.device)
-    row_lse, _ = core.sim_lse(Z, _keys(Z), scale, exclude=idx[:, None], backend=backend)
-    partner = torch.cat([Z[N:], Z[:N]], 0)
+    keys = Z if process_group is None else torch.cat([gb.gather(u), gb.gather(v)], 0)
+    self_pos = gb.anchor_index(2, Z.device)
+    row_lse, _ = core.sim_lse(Z, keys, scale, exclude=self_pos[:, None], backend=backend)
+    partner = torch.cat([v, u], 0)
     pos = _rowdot(Z, partner) * scale
-    return reduce(row_lse - pos, reduction)
+    return gb.reduce(row_lse - pos, reduction)
 
 
 def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend="auto",
@@ -306,9 +331,8 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
     _check_pair("z1", z1, "z2", z2, same_rows=True)
     check_reduction(reduction)
     as_scalar("temperature", temperature, z1, positive=True)
-    _check_no_process_group(process_group)
     name = backends.resolve(backend, op="nt_xent", tensors=(z1, z2))
-    kw = dict(normalize=normalize, reduction=reduction)
+    kw = dict(normalize=normalize, reduction=reduction, process_group=process_group)
     if name == "reference":
         return nt_xent_reference(z1, z2, temperature, **kw)
     return _fused_nt_xent(z1, z2, temperature, backend=name, **kw)
@@ -317,15 +341,17 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
 # --------------------------------------------------------------------------- similarity_lse
 
 
-def similarity_lse_reference(query, key, scale) -> Tensor:
-    """Dense row LSE of scale·Q Kᵀ (stores B×M)."""
+def similarity_lse_reference(query, key, scale, process_group=None) -> Tensor:
+    """Dense row LSE of scale·Q Kᵀ (stores B×M); under ``process_group`` against the gathered keys."""
     dt = acc_dtype(query.dtype)
-    q, k = query.to(dt), key.to(dt)
+    gk = GlobalBatch(key.shape[0], process_group, key.device)
+    q, k = query.to(dt), gk.gather(key).to(dt)
     return ((q @ k.T) * as_scalar("scale", scale, q)).logsumexp(1)
 
 
-def _fused_similarity_lse(query, key, scale, *, backend: str) -> Tensor:
-    row_lse, _ = core.sim_lse(query, _keys(key), as_scalar("scale", scale, query), backend=backend)
+def _fused_similarity_lse(query, key, scale, *, backend: str, process_group=None) -> Tensor:
+    keys = GlobalBatch(key.shape[0], process_group, key.device).gather(key)
+    row_lse, _ = core.sim_lse(query, keys, as_scalar("scale", scale, query), backend=backend)
     return row_lse
 
 
@@ -341,11 +367,10 @@ def similarity_lse(query, key, scale, *, backend="auto", process_group=None) -> 
     """
     _check_pair("query", query, "key", key, same_rows=False)
     as_scalar("scale", scale, query, positive=True)
-    _check_no_process_group(process_group)
     name = backends.resolve(backend, op="similarity_lse", tensors=(query, key))
     if name == "reference":
-        return similarity_lse_reference(query, key, scale)
-    return _fused_similarity_lse(query, key, scale, backend=name)
+        return similarity_lse_reference(query, key, scale, process_group)
+    return _fused_similarity_lse(query, key, scale, backend=name, process_group=process_group)
 
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "similarity_lse"]

@@ -28,6 +28,14 @@ official code's z of shape (V·N, D) = [all of view 0; all of view 1; ...].
 Fused compositions (``_fused_*``) call the similarity-LSE core once per loss
 (once per unordered view pair for ``"pairwise"``) on the view-major (V·N, D)
 features and keep everything else on O(V·N·D) and O(N·V²) tensors.
+
+Under ``process_group`` (``contrastive_ops.distributed``) the instances are
+all-gathered with gradient (the mask without); the anchors are this rank's
+instances, the candidates every rank's.  The core runs this rank's anchor rows
+against the gathered (V·N, D) stack, excluding each anchor's own global
+position; the counts of the mean (instances that count, pairs) are global.
+The references compute the dense loss of the gathered batch and keep this
+rank's instances.
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ import torch.nn.functional as F
 
 from .. import _checks, backends, core
 from ..core import _masked_lse, acc_dtype
+from ..distributed import GlobalBatch
 
 Tensor = torch.Tensor
 VARIANTS = ("mv", "pairwise")
@@ -77,7 +86,7 @@ def _not_eye(V: int, device) -> Tensor:
 
 
 def mv_infonce_reference(views: Tensor, temperature, mask: Optional[Tensor] = None, *, variant: str = "mv",
-                         normalize: bool = True, reduction: str = "mean") -> Tensor:
+                         normalize: bool = True, reduction: str = "mean", process_group=None) -> Tensor:
     """Exact dense MV-InfoNCE on view-major ``views`` (V, N, D); stores (V·N)² (``"mv"``) or N² per pair.
 
     ``reduction="none"`` gives (N,) with 0 for instances with fewer than 2
@@ -86,6 +95,9 @@ def mv_infonce_reference(views: Tensor, temperature, mask: Optional[Tensor] = No
     instances that count): without a mask it is the mean over ordered view
     pairs of the instance's cross-entropy.
     """
+    gb = GlobalBatch(views.shape[1], process_group, views.device)
+    views = gb.gather(views, dim=1)
+    mask = None if mask is None else gb.gather_nograd(mask)
     V, N, D = views.shape
     U = _unit(views, normalize)
     scale = 1.0 / _as_t(temperature, U)
@@ -100,7 +112,7 @@ def mv_infonce_reference(views: Tensor, temperature, mask: Optional[Tensor] = No
         ok = present.T[:, :, None] & present.T[:, None, :] & _not_eye(V, U.device)
         num = _pair_lse(U, scale, ok)
         values = torch.where(counted, den, 0) - torch.where(counted, num, 0)
-        return _checks.reduce(values, reduction, counted.sum())
+        return gb.reduce(gb.local(values), reduction, gb.local(counted))
     # "pairwise": mean over ordered view pairs of the cross-entropy over the instances present in both.
     total = torch.zeros(N, dtype=U.dtype, device=U.device)
     n_pairs = torch.zeros((), dtype=U.dtype, device=U.device)
@@ -117,12 +129,15 @@ def mv_infonce_reference(views: Tensor, temperature, mask: Optional[Tensor] = No
             total = total + ce / n.clamp_min(1)
             n_pairs = n_pairs + (n > 0)
     values = total * counted.sum() / n_pairs.clamp_min(1)
-    return _checks.reduce(values, reduction, counted.sum())
+    return gb.reduce(gb.local(values), reduction, gb.local(counted))
 
 
 def mv_dhel_reference(views: Tensor, temperature, mask: Optional[Tensor] = None, *, normalize: bool = True,
-                      reduction: str = "mean") -> Tensor:
+                      reduction: str = "mean", process_group=None) -> Tensor:
     """Exact dense MV-DHEL on view-major ``views`` (V, N, D); stores V·N²."""
+    gb = GlobalBatch(views.shape[1], process_group, views.device)
+    views = gb.gather(views, dim=1)
+    mask = None if mask is None else gb.gather_nograd(mask)
     V, N, D = views.shape
     U = _unit(views, normalize)
     scale = 1.0 / _as_t(temperature, U)
@@ -136,7 +151,7 @@ def mv_dhel_reference(views: Tensor, temperature, mask: Optional[Tensor] = None,
     ok = present.T[:, :, None] & present.T[:, None, :] & torch.ones(V, V, dtype=torch.bool, device=U.device).triu(1)
     align = _pair_lse(U, scale, ok)
     values = torch.where(counted, unif, 0) - torch.where(counted, align, 0)
-    return _checks.reduce(values, reduction, counted.sum())
+    return gb.reduce(gb.local(values), reduction, gb.local(counted))
 
 
 def _as_t(temperature, like: Tensor) -> Tensor:
@@ -155,94 +170,134 @@ def _compact(mask: Tensor, V: int, N: int):
     return mask.T.reshape(-1).nonzero().squeeze(1)
 
 
+def _compact_position(mask: Tensor, V: int, N: int) -> Tensor:
+    """(V·N,) int64: position of each present flat view-major entry in ``_compact``'s list (junk elsewhere)."""
+    return torch.cumsum(mask.T.reshape(-1).long(), 0) - 1
+
+
 def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None, *, variant: str = "mv",
-                      normalize: bool = True, reduction: str = "mean", backend: str) -> Tensor:
-    """MV-InfoNCE on the core: never builds (V·N)² or N² tensors."""
-    V, N, D = views.shape
-    U = _unit(views, normalize)  # (V, N, D) accumulation dtype: positives
-    Uc = U.to(views.dtype)  # core operands in the input dtype
+                      normalize: bool = True, reduction: str = "mean", backend: str,
+                      process_group=None) -> Tensor:
+    """MV-InfoNCE on the core: never builds (V·N)² or N² tensors.
+
+    Anchors are this rank's instances (``views``, ``mask``: local, ``n`` of
+    them), candidates the gathered ones (``N``; ``n == N`` in one process).
+    """
+    V, n, D = views.shape
+    gb = GlobalBatch(n, process_group, views.device)
+    U = _unit(views, normalize)  # (V, n, D) accumulation dtype: positives
+    Ug = gb.gather(U, dim=1)  # (V, N, D)
+    N = Ug.shape[1]
+    Uc, Zc = U.to(views.dtype), Ug.to(views.dtype)  # core operands in the input dtype
     scale = 1.0 / _as_t(temperature, U)
-    present = _present(mask, V, N, U.device)
+    present = _present(mask, V, n, U.device)
     counted = present.sum(0) >= 2
+    mask_g = None if mask is None else gb.gather_nograd(mask)
+    zero = U.sum() * 0 + torch.zeros(n, dtype=U.dtype, device=U.device)
     if variant == "mv":
-        Z = Uc.reshape(V * N, D)
+        Z, Zg = Uc.reshape(V * n, D), Zc.reshape(V * N, D)
+        self_pos = gb.anchor_index(V, U.device)  # global position of each local anchor
         if mask is None:
             # Row (l, i): LSE over all V·N−1 others (self excluded, positives kept).
-            row, _ = core.sim_lse(Z, Z, scale, exclude=torch.arange(V * N, device=Z.device), backend=backend)
-            den = torch.logsumexp(row.view(V, N), 0)
+            row, _ = core.sim_lse(Z, Zg, scale, exclude=self_pos, backend=backend)
+            den = torch.logsumexp(row.view(V, n), 0)
         else:
-            idx = _compact(mask, V, N)
+            idx = _compact(mask_g, V, N)
             if idx.numel() == 0:
-                return _checks.reduce(U.sum() * 0 + torch.zeros(N, dtype=U.dtype, device=U.device),
-                                      reduction, counted.sum())
-            row_c, _ = core.sim_lse(Z, Z, scale, row_index=idx, col_index=idx,
-                                    exclude=torch.arange(idx.numel(), device=Z.device), backend=backend)
-            row = torch.full((V * N,), float("-inf"), dtype=row_c.dtype, device=row_c.device)
-            row = row.index_put((idx,), row_c).view(V, N)
-            den = _masked_lse(row, present & counted[None, :], 0)
+                return gb.reduce(zero, reduction, counted)
+            li = _compact(mask, V, n)  # this rank's present anchors (positions in the local stack)
+            row = torch.full((V * n,), float("-inf"), dtype=zero.dtype, device=U.device)
+            if li.numel() > 0:
+                excl = _compact_position(mask_g, V, N)[self_pos[li]]  # self, in the compacted candidates
+                row_c, _ = core.sim_lse(Z, Zg, scale, row_index=li, col_index=idx, exclude=excl, backend=backend)
+                row = row.to(row_c.dtype).index_put((li,), row_c)
+            den = _masked_lse(row.view(V, n), present & counted[None, :], 0)
         ok = present.T[:, :, None] & present.T[:, None, :] & _not_eye(V, U.device)
         num = _pair_lse(U, scale, ok)
         values = torch.where(counted, den, 0) - torch.where(counted, num, 0)
-        return _checks.reduce(values, reduction, counted.sum())
+        return gb.reduce(values, reduction, counted)
 
     # "pairwise": one core call per unordered pair (l, m); the row LSE is the
-    # denominator of direction l→m, the column LSE that of m→l.
-    total = U.sum() * 0 + torch.zeros(N, dtype=U.dtype, device=U.device)
+    # denominator of direction l→m, the column LSE that of m→l.  Under a process
+    # group the columns of this rank's instances are the rows of its view-m
+    # anchors against all view-l candidates: a second call.
+    total = zero
     n_pairs = 0
     for l in range(V):
         for m in range(l + 1, V):
-            pos = (U[l] * U[m]).sum(-1) * scale  # (N,)
+            pos = (U[l] * U[m]).sum(-1) * scale  # (n,)
             if mask is None:
-                r, c = core.sim_lse(Uc[l], Uc[m], scale, want_col=True, backend=backend)
+                if process_group is None:
+                    r, c = core.sim_lse(Uc[l], Uc[m], scale, want_col=True, backend=backend)
+                else:
+                    r, _ = core.sim_lse(Uc[l], Zc[m], scale, backend=backend)
+                    c, _ = core.sim_lse(Uc[m], Zc[l], scale, backend=backend)
                 total = total + (r + c - 2 * pos) / N
             else:
-                idx = (mask[:, l] & mask[:, m]).nonzero().squeeze(1)
+                idx = (mask_g[:, l] & mask_g[:, m]).nonzero().squeeze(1)
                 if idx.numel() == 0:
                     continue
-                r, c = core.sim_lse(Uc[l], Uc[m], scale, row_index=idx, col_index=idx, want_col=True,
-                                    backend=backend)
-                total = total.index_add(0, idx, (r + c - 2 * pos[idx]) / idx.numel())
+                li = (mask[:, l] & mask[:, m]).nonzero().squeeze(1)
+                if li.numel() > 0:
+                    if process_group is None:
+                        r, c = core.sim_lse(Uc[l], Uc[m], scale, row_index=idx, col_index=idx, want_col=True,
+                                            backend=backend)
+                    else:
+                        r, _ = core.sim_lse(Uc[l], Zc[m], scale, row_index=li, col_index=idx, backend=backend)
+                        c, _ = core.sim_lse(Uc[m], Zc[l], scale, row_index=li, col_index=idx, backend=backend)
+                    total = total.index_add(0, li, (r + c - 2 * pos[li]) / idx.numel())
             n_pairs += 2
-    values = total * counted.sum() / max(n_pairs, 1)
-    return _checks.reduce(values, reduction, counted.sum())
+    n_counted = N if mask_g is None else (mask_g.sum(1) >= 2).sum()  # global
+    values = total * n_counted / max(n_pairs, 1)
+    return gb.reduce(values, reduction, counted)
 
 
 def _fused_mv_dhel(views: Tensor, temperature, mask: Optional[Tensor] = None, *, normalize: bool = True,
-                   reduction: str = "mean", backend: str) -> Tensor:
-    """MV-DHEL on the core: one call over view-major features, each row limited to its own view block."""
-    V, N, D = views.shape
+                   reduction: str = "mean", backend: str, process_group=None) -> Tensor:
+    """MV-DHEL on the core: one call over view-major features, each row limited to its own view block.
+
+    Anchors are this rank's instances (``n``), candidates the gathered ones (``N``).
+    """
+    V, n, D = views.shape
+    gb = GlobalBatch(n, process_group, views.device)
     U = _unit(views, normalize)
-    Uc = U.to(views.dtype)
+    Ug = gb.gather(U, dim=1)
+    N = Ug.shape[1]
+    Z, Zg = U.to(views.dtype).reshape(V * n, D), Ug.to(views.dtype).reshape(V * N, D)
     scale = 1.0 / _as_t(temperature, U)
-    present = _present(mask, V, N, U.device)
+    present = _present(mask, V, n, U.device)
     counted = present.sum(0) >= 2
-    Z = Uc.reshape(V * N, D)
-    unif = U.sum() * 0 + torch.zeros(N, dtype=U.dtype, device=U.device)
+    self_pos = gb.anchor_index(V, U.device)  # global position of each local anchor
+    view_of = torch.arange(V, device=Z.device).repeat_interleave(n)
+    unif = U.sum() * 0 + torch.zeros(n, dtype=U.dtype, device=U.device)
     if mask is None:
         if N >= 2:  # with N = 1 every view term's set is empty and is left out
-            start = torch.arange(V, device=Z.device).repeat_interleave(N) * N
-            row, _ = core.sim_lse(Z, Z, scale, col_start=start, col_end=start + N,
-                                  exclude=torch.arange(V * N, device=Z.device), backend=backend)
-            unif = unif + row.view(V, N).sum(0)
+            start = view_of * N
+            row, _ = core.sim_lse(Z, Zg, scale, col_start=start, col_end=start + N, exclude=self_pos,
+                                  backend=backend)
+            unif = unif + row.view(V, n).sum(0)
     else:
-        idx = _compact(mask, V, N)
-        if idx.numel() > 0:
+        mask_g = gb.gather_nograd(mask)
+        idx = _compact(mask_g, V, N)
+        li = _compact(mask, V, n)
+        if idx.numel() > 0 and li.numel() > 0:
             # In the compacted (view-major) list, view l's present entries form one block.
-            counts = mask.sum(0)  # (V,)
+            counts = mask_g.sum(0)  # (V,)
             offsets = torch.cumsum(counts, 0) - counts
-            view_of = idx // N
-            start = offsets[view_of]
-            end = start + counts[view_of]
-            row_c, _ = core.sim_lse(Z, Z, scale, row_index=idx, col_index=idx, col_start=start, col_end=end,
-                                    exclude=torch.arange(idx.numel(), device=Z.device), backend=backend)
-            term = counts[view_of] >= 2  # else the row's set is empty (-inf): left out
+            v_of = view_of[li]
+            start = offsets[v_of]
+            end = start + counts[v_of]
+            excl = _compact_position(mask_g, V, N)[self_pos[li]]  # self, in the compacted candidates
+            row_c, _ = core.sim_lse(Z, Zg, scale, row_index=li, col_index=idx, col_start=start, col_end=end,
+                                    exclude=excl, backend=backend)
+            term = counts[v_of] >= 2  # else the row's set is empty (-inf): left out
             vals = torch.where(term, row_c, 0)
-            flat = torch.zeros(V * N, dtype=vals.dtype, device=vals.device).index_put((idx,), vals)
-            unif = unif + flat.view(V, N).sum(0)
+            flat = torch.zeros(V * n, dtype=vals.dtype, device=vals.device).index_put((li,), vals)
+            unif = unif + flat.view(V, n).sum(0)
     ok = present.T[:, :, None] & present.T[:, None, :] & torch.ones(V, V, dtype=torch.bool, device=U.device).triu(1)
     align = _pair_lse(U, scale, ok)
     values = torch.where(counted, unif, 0) - torch.where(counted, align, 0)
-    return _checks.reduce(values, reduction, counted.sum())
+    return gb.reduce(values, reduction, counted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,11 +311,6 @@ def _check_common(features, mask, reduction):
     _checks.check_mask("mask", mask, (N, V), views.device)
     _checks.check_reduction(reduction)
     return views
-
-
-def _no_process_group(process_group):
-    if process_group is not None:
-        raise NotImplementedError("process_group support lands with the distributed module")
 
 
 def mv_infonce(features, temperature=0.1, *, mask=None, variant="mv", normalize=True, reduction="mean",
@@ -285,13 +335,11 @@ def mv_infonce(features, temperature=0.1, *, mask=None, variant="mv", normalize=
     views = _check_common(features, mask, reduction)
     _checks.check_choice("variant", variant, VARIANTS)
     temperature = _checks.as_scalar("temperature", temperature, views, positive=True)
-    _no_process_group(process_group)
     name = backends.resolve(backend, op="mv_infonce", tensors=[views])
+    kw = dict(variant=variant, normalize=normalize, reduction=reduction, process_group=process_group)
     if name == "reference":
-        return mv_infonce_reference(views, temperature, mask, variant=variant, normalize=normalize,
-                                    reduction=reduction)
-    return _fused_mv_infonce(views, temperature, mask, variant=variant, normalize=normalize, reduction=reduction,
-                             backend=name)
+        return mv_infonce_reference(views, temperature, mask, **kw)
+    return _fused_mv_infonce(views, temperature, mask, backend=name, **kw)
 
 
 def mv_dhel(features, temperature=0.2, *, mask=None, normalize=True, reduction="mean", backend="auto",
@@ -303,8 +351,8 @@ def mv_dhel(features, temperature=0.2, *, mask=None, normalize=True, reduction="
     """
     views = _check_common(features, mask, reduction)
     temperature = _checks.as_scalar("temperature", temperature, views, positive=True)
-    _no_process_group(process_group)
     name = backends.resolve(backend, op="mv_dhel", tensors=[views])
+    kw = dict(normalize=normalize, reduction=reduction, process_group=process_group)
     if name == "reference":
-        return mv_dhel_reference(views, temperature, mask, normalize=normalize, reduction=reduction)
-    return _fused_mv_dhel(views, temperature, mask, normalize=normalize, reduction=reduction, backend=name)
+        return mv_dhel_reference(views, temperature, mask, **kw)
+    return _fused_mv_dhel(views, temperature, mask, backend=name, **kw)

@@ -41,6 +41,15 @@ to the block diagonal of clouds for "cloud" (anchor k of cloud b may see the
 compacted range ``[start_b, end_b)``) or to everything for "batch": one call
 of the core with ``want_col=True``.  No B×G×G padding, no gathered copies of
 the features; positives and the cosine modes are O(B·G·D).
+
+Distributed (``process_group``): each rank passes its own clouds; the mean is
+over the global |S| (all-reduced).  "cosine" and "cloud" need nothing else
+(their candidates are in the same cloud).  "batch" gathers, with gradient,
+the co-masked tokens of both branches (compacted first, so ranks may hold
+different numbers of them) and runs this rank's tokens as anchors against all
+of them: the row LSE (f1 → f2) and, by a second call, the column LSE of this
+rank's f2 tokens (f2 → f1).  The reference keeps this rank's tokens of the
+dense loss on the gathered batch.
 """
 from __future__ import annotations
 
@@ -48,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks, backends, core
+from ..distributed import GlobalBatch, reduce
 
 Tensor = torch.Tensor
 
@@ -87,12 +97,20 @@ def point_token_contrast_reference(
     mode: str = "infonce",
     pairing: str = "diag",
     negatives: str = "cloud",
+    process_group=None,
 ) -> Tensor:
     """Exact dense PyTorch form of the loss (see the module docstring).
 
     ``inv_t`` is 1/τ as a 0-dim tensor (unused by ``mode="cosine"``).  Stores
     (B, G, G) similarities ("cloud", "official") or |S|×|S| ("batch").
     """
+    gb = GlobalBatch(f1.shape[0], process_group, f1.device)
+    f1, f2 = gb.gather(f1), gb.gather(f2)
+    mask1, mask2 = gb.gather_nograd(mask1), gb.gather_nograd(mask2)
+
+    def mean(per: Tensor) -> Tensor:  # (B, G) per-token values, 0 outside S -> this rank's share of the mean
+        return gb.reduce(gb.local(per).reshape(-1), "mean", gb.local(S).reshape(-1))
+
     B, G, D = f1.shape
     dt = core.acc_dtype(f1.dtype)
     u = _normalize(f1)
@@ -104,9 +122,9 @@ def point_token_contrast_reference(
     if mode == "cosine":
         if pairing == "diag":
             per = 1 - (u * v).sum(-1)  # (B, G)
-            return torch.where(S, per, zero).sum() / count
+            return mean(torch.where(S, per, zero))
         C = torch.bmm(u, v.transpose(1, 2))  # (B, G, G): C[b, i, j] = û1_bi · û2_bj
-        return torch.where(S.unsqueeze(-1), 1 - C, zero).sum() / (G * count)
+        return mean(torch.where(S.unsqueeze(-1), 1 - C, zero).sum(-1) / G)
 
     inv_t = inv_t.to(dt)
     if negatives == "cloud":
@@ -116,7 +134,7 @@ def point_token_contrast_reference(
         lse12 = _masked_logsumexp(L, allowed, 2)  # anchor f1_bi over f2_bj
         lse21 = _masked_logsumexp(L, allowed, 1)  # anchor f2_bj over f1_bi
         per = 0.5 * (lse12 + lse21) - pos
-        return torch.where(S, per, zero).sum() / count
+        return mean(torch.where(S, per, zero))
 
     # "batch": every co-masked token of the batch is a candidate; compact them.
     Sf = S.reshape(-1)
@@ -126,7 +144,12 @@ def point_token_contrast_reference(
     pos = torch.diagonal(L)
     per = 0.5 * (torch.logsumexp(L, 1) + torch.logsumexp(L, 0)) - pos
     # The sum of an empty per is 0 with grad_fn, so an empty S stays in the graph.
-    return per.sum() / count
+    if process_group is None:
+        return per.sum() / count
+    mine = gb.local(torch.ones(B, G, dtype=torch.bool, device=f1.device), dim=0)
+    mine = torch.cat([torch.zeros(gb.offset, G, dtype=torch.bool, device=f1.device), mine,
+                      torch.zeros(B - gb.offset - gb.n, G, dtype=torch.bool, device=f1.device)])[S]
+    return gb.reduce(per[mine], "mean", mine[mine])
 
 
 def point_cmae_released_loss(f1: Tensor, f2: Tensor, mask1: Tensor, mask2: Tensor) -> Tensor:
@@ -160,6 +183,7 @@ def _fused_point_token_contrast(
     pairing: str = "diag",
     negatives: str = "cloud",
     backend: str,
+    process_group=None,
 ) -> Tensor:
     """The loss on O(B·G·D) tensors plus, for "infonce", one call of the core.
 
@@ -172,6 +196,9 @@ def _fused_point_token_contrast(
     co-masked tokens, whose number fixes the size of the index lists.  The
     cosine modes do not synchronize.
     """
+    if process_group is not None:
+        return _fused_distributed(f1, f2, mask1, mask2, inv_t, mode=mode, pairing=pairing, negatives=negatives,
+                                  backend=backend, process_group=process_group)
     B, G, D = f1.shape
     dt = core.acc_dtype(f1.dtype)
     u = _normalize(f1)  # (B, G, D) in dt
@@ -219,6 +246,37 @@ def _fused_point_token_contrast(
     # the same matrix: anchor f2_k over f1_i (f2 → f1).  Same positive.
     per = 0.5 * (lse12.to(dt) + lse21.to(dt)) - pos[idx]
     return per.sum() / count
+
+
+def _fused_distributed(f1, f2, mask1, mask2, inv_t, *, mode, pairing, negatives, backend, process_group) -> Tensor:
+    """The fused loss under a process group: this rank's co-masked tokens are the anchors.
+
+    "cosine" and "cloud" run the single-process composition on the local
+    clouds (their candidates never leave a cloud) and turn its mean into this
+    rank's share of the mean over the global |S|; "batch" gathers the
+    compacted co-masked tokens of both branches.
+    """
+    S = mask1 & mask2
+    if mode == "cosine" or negatives == "cloud":
+        local = _fused_point_token_contrast(f1, f2, mask1, mask2, inv_t, mode=mode, pairing=pairing,
+                                            negatives=negatives, backend=backend)
+        n_local = S.sum()
+        return reduce((local * n_local.clamp_min(1)).reshape(1), "mean", process_group, n_local)
+    B, G, D = f1.shape
+    dt = core.acc_dtype(f1.dtype)
+    Sf = S.reshape(B * G)
+    u = _normalize(f1).reshape(B * G, D)[Sf]  # this rank's co-masked tokens, (b, i) order
+    v = _normalize(f2).reshape(B * G, D)[Sf]
+    gb = GlobalBatch(u.shape[0], process_group, f1.device)  # ranks hold different numbers of them
+    Ug, Vg = gb.gather(u.to(f1.dtype)), gb.gather(v.to(f2.dtype))
+    inv_t = inv_t.to(dt)
+    pos = (u * v).sum(-1) * inv_t
+    if gb.n == 0:  # no co-masked token here: 0, still attached to the graph
+        return gb.reduce(pos, "mean", torch.zeros_like(pos, dtype=torch.bool))
+    lse12, _ = core.sim_lse(u.to(f1.dtype), Vg, inv_t, backend=backend)  # f1_k over every co-masked f2
+    lse21, _ = core.sim_lse(v.to(f2.dtype), Ug, inv_t, backend=backend)  # f2_k over every co-masked f1
+    per = 0.5 * (lse12.to(dt) + lse21.to(dt)) - pos
+    return gb.reduce(per, "mean", torch.ones_like(per, dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------- public
@@ -285,10 +343,8 @@ def point_token_contrast(
     """
     _check_args(f1, f2, mask1, mask2, mode, pairing, negatives, backend)
     inv_t = _checks.inv_temperature(temperature, f1)
-    if process_group is not None:
-        raise NotImplementedError("process_group support lands with the distributed module")
     name = backends.resolve(backend, op="point_token_contrast", tensors=(f1, f2))
-    kw = dict(mode=mode, pairing=pairing, negatives=negatives)
+    kw = dict(mode=mode, pairing=pairing, negatives=negatives, process_group=process_group)
     if name == "reference":
         return point_token_contrast_reference(f1, f2, mask1, mask2, inv_t, **kw)
     return _fused_point_token_contrast(f1, f2, mask1, mask2, inv_t, backend=name, **kw)

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from .. import backends
 from .._checks import as_scalar
 from ..core import acc_dtype
-from .info_nce import _check_no_process_group, _check_pair
+from ..distributed import GlobalBatch
+from .info_nce import _check_pair
 
 Tensor = torch.Tensor
 
@@ -57,17 +58,23 @@ def siglip_sum_reference(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> T
     return F.softplus(-z * logits).sum()
 
 
-def siglip_loss_reference(image_features, text_features, logit_scale, logit_bias) -> Tensor:
-    """Dense SigLIP loss: −(1/B) Σ_ij log σ(z_ij·(s·x_i·y_j + b)) (stores B×B)."""
+def siglip_loss_reference(image_features, text_features, logit_scale, logit_bias, process_group=None) -> Tensor:
+    """Dense SigLIP loss: −(1/B) Σ_ij log σ(z_ij·(s·x_i·y_j + b)) (stores B×B).
+
+    Under ``process_group``: the global batch's loss restricted to this rank's images (rows).
+    """
     dt = acc_dtype(image_features.dtype)
-    x, y = image_features.to(dt), text_features.to(dt)
+    gb = GlobalBatch(image_features.shape[0], process_group, image_features.device)
+    x, y = gb.gather(image_features).to(dt), gb.gather(text_features).to(dt)
     s = as_scalar("logit_scale", logit_scale, x)
     b = as_scalar("logit_bias", logit_bias, x)
     logits = s * (x @ y.T) + b
     B = x.shape[0]
     labels = -torch.ones(B, B, dtype=dt, device=x.device)
     labels.diagonal().fill_(1.0)
-    return -F.logsigmoid(labels * logits).sum() / B
+    if process_group is None:
+        return -F.logsigmoid(labels * logits).sum() / B
+    return gb.reduce(gb.local(-F.logsigmoid(labels * logits).sum(1)), "mean")
 
 
 class _SigLIPPairs(torch.autograd.Function):
@@ -95,16 +102,27 @@ class _SigLIPPairs(torch.autograd.Function):
         )
 
 
-def _fused_siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend: str) -> Tensor:
-    """SigLIP on the ``"siglip"`` primitive; ``backend="reference"`` runs its dense maths instead."""
+def _fused_siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend: str,
+                       process_group=None) -> Tensor:
+    """SigLIP on the ``"siglip"`` primitive; ``backend="reference"`` runs its dense maths instead.
+
+    Under ``process_group`` the local images (n rows) meet all N gathered
+    texts, rotated so that this rank's texts come first: the positive pairs
+    are then (i, i) of the n×N pair sum, as the primitive expects.  The loss
+    divides by the global B (``gb.reduce`` of the per-rank total).
+    """
     x, y = image_features, text_features
     s = as_scalar("logit_scale", logit_scale, x).reshape(())
     b = as_scalar("logit_bias", logit_bias, x).reshape(())
+    gb = GlobalBatch(x.shape[0], process_group, x.device)
+    if process_group is not None:
+        Y = gb.gather(y)
+        y = torch.cat([Y[gb.offset:], Y[:gb.offset]])
     if backend == "reference":
         total = siglip_sum_reference(x, y, s, b)
     else:
         total = _SigLIPPairs.apply(x.contiguous(), y.contiguous(), s, b, backend)
-    return total / x.shape[0]
+    return gb.mean_from_sum(total)  # total / B, B the global batch size
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend="auto",
@@ -123,8 +141,8 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
     _check_pair("image_features", image_features, "text_features", text_features, same_rows=True)
     as_scalar("logit_scale", logit_scale, image_features, positive=True)
     as_scalar("logit_bias", logit_bias, image_features)
-    _check_no_process_group(process_group)
     name = backends.resolve(backend, op="siglip_loss", tensors=(image_features, text_features))
     if name == "reference":
-        return siglip_loss_reference(image_features, text_features, logit_scale, logit_bias)
-    return _fused_siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=name)
+        return siglip_loss_reference(image_features, text_features, logit_scale, logit_bias, process_group)
+    return _fused_siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=name,
+                              process_group=process_group)

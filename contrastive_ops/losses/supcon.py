@@ -15,6 +15,11 @@ positive the loss is 0 and still in the graph.
 Fused composition: one core call for LSE_{c≠a} s_ac; the positive sum
 Σ_{p∈P(a)} s_ap = u_a·(Σ_{c: y_c=y_a} u_c − u_a)/τ uses per-label sums of the
 features (index_add over label groups), |P(a)| = V·#{i: y_i = y_a} − 1.
+
+Under ``process_group`` the features and labels (instance ids without labels)
+are all-gathered, the anchors are this rank's instances (in each view), the
+contrast set and the label groups are global; the reference keeps this rank's
+anchors of the dense loss on the gathered batch.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ import torch
 
 from .. import _checks, backends, core
 from ..core import _masked_lse
-from .multiview import _as_t, _no_process_group, _unit
+from ..distributed import GlobalBatch
+from .multiview import _as_t, _unit
 
 Tensor = torch.Tensor
 CONTRAST_MODES = ("all", "one")
@@ -43,8 +49,12 @@ def _label_groups(labels: Optional[Tensor], N: int, device) -> Tensor:
 
 
 def supcon_reference(views: Tensor, labels: Optional[Tensor], temperature, base_temperature, *,
-                     contrast_mode: str = "all", normalize: bool = True, reduction: str = "mean") -> Tensor:
+                     contrast_mode: str = "all", normalize: bool = True, reduction: str = "mean",
+                     process_group=None) -> Tensor:
     """Exact dense SupCon on view-major ``views`` (V, N, D); stores A × V·N."""
+    gb = GlobalBatch(views.shape[1], process_group, views.device)
+    views = gb.gather(views, dim=1)
+    labels = None if labels is None else gb.gather_nograd(labels)
     V, N, D = views.shape
     U = _unit(views, normalize)
     t = _as_t(temperature, U)
@@ -61,36 +71,44 @@ def supcon_reference(views: Tensor, labels: Optional[Tensor], temperature, base_
     mean_pos = torch.where(pos, S, 0).sum(1) / npos.clamp_min(1)
     values = -factor * (mean_pos - torch.where(has, lse, 0))
     values = torch.where(has, values, 0)
-    return _checks.reduce(values, reduction, has.sum())
+    groups = 1 if contrast_mode == "one" else V
+    return gb.reduce(gb.local_anchors(values, groups), reduction, gb.local_anchors(has, groups))
 
 
 def _fused_supcon(views: Tensor, labels: Optional[Tensor], temperature, base_temperature, *,
                   contrast_mode: str = "all", normalize: bool = True, reduction: str = "mean",
-                  backend: str) -> Tensor:
-    """SupCon on the core: one similarity-LSE call, label sums in PyTorch; never builds A × V·N."""
-    V, N, D = views.shape
+                  backend: str, process_group=None) -> Tensor:
+    """SupCon on the core: one similarity-LSE call, label sums in PyTorch; never builds A × V·N.
+
+    Anchors are this rank's (``n`` instances per view), the contrast set the
+    gathered V·N features (``N`` = ``n`` in one process).
+    """
+    V, n, D = views.shape
+    gb = GlobalBatch(n, process_group, views.device)
     U = _unit(views, normalize)
+    Ug = gb.gather(U, dim=1)  # (V, N, D)
+    N = Ug.shape[1]
+    labels = None if labels is None else gb.gather_nograd(labels)
     t = _as_t(temperature, U)
     factor = t / _as_t(base_temperature, U)
     scale = 1.0 / t
-    Zc = U.to(views.dtype).reshape(V * N, D)
-    A = N if contrast_mode == "one" else V * N
-    rows = torch.arange(N, device=U.device) if contrast_mode == "one" else None
+    groups = 1 if contrast_mode == "one" else V
+    Za = U[:groups].reshape(groups * n, D)  # this rank's anchors, view-major
+    a = gb.anchor_index(groups, U.device)  # their positions in the contrast set
+    Z = Ug.reshape(V * N, D)
     # Anchor a sits at column a of the contrast set: exclude it.
-    lse, _ = core.sim_lse(Zc, Zc, scale, row_index=rows, exclude=torch.arange(A, device=U.device),
-                          backend=backend)
+    lse, _ = core.sim_lse(Za.to(views.dtype), Z.to(views.dtype), scale, exclude=a, backend=backend)
     gid = _label_groups(labels, N, U.device).repeat(V)  # (V·N,) view-major
-    Z = U.reshape(V * N, D)
     group_sum = torch.zeros(N, D, dtype=U.dtype, device=U.device).index_add(0, gid, Z)
     group_cnt = torch.zeros(N, dtype=torch.long, device=U.device).index_add(0, gid, torch.ones_like(gid))
-    ga, Za = gid[:A], Z[:A]
+    ga = gid[a]
     pos_sum = ((group_sum[ga] - Za) * Za).sum(-1) * scale  # Σ_{p∈P(a)} s_ap
     npos = group_cnt[ga] - 1
     has = npos > 0
     mean_pos = pos_sum / npos.clamp_min(1)
     values = -factor * (mean_pos - torch.where(has, lse, 0))
     values = torch.where(has, values, 0)
-    return _checks.reduce(values, reduction, has.sum())
+    return gb.reduce(values, reduction, has)
 
 
 def supcon_loss(features, labels=None, temperature=0.07, *, base_temperature=0.07, contrast_mode="all",
@@ -117,9 +135,8 @@ def supcon_loss(features, labels=None, temperature=0.07, *, base_temperature=0.0
     _checks.check_reduction(reduction)
     temperature = _checks.as_scalar("temperature", temperature, views, positive=True)
     base_temperature = _checks.as_scalar("base_temperature", base_temperature, views, positive=True)
-    _no_process_group(process_group)
     name = backends.resolve(backend, op="supcon_loss", tensors=[views])
-    kw = dict(contrast_mode=contrast_mode, normalize=normalize, reduction=reduction)
+    kw = dict(contrast_mode=contrast_mode, normalize=normalize, reduction=reduction, process_group=process_group)
     if name == "reference":
         return supcon_reference(views, labels, temperature, base_temperature, **kw)
     return _fused_supcon(views, labels, temperature, base_temperature, backend=name, **kw)
