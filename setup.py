@@ -43,7 +43,7 @@ def _nvidia_include_dirs():
     """Headers shipped by torch's nvidia-* wheels (cuBLAS & co. that ATen/cuda headers include)."""
     dirs = []
     for base in sys.path:
-        for d in sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "include"))):
+        for d in sorted(glob.glob(os.path.join(base, "nvidia", "cu[0-9]*", "include"))):
             if os.path.isdir(d) and d not in dirs:
                 dirs.append(d)
     return dirs
@@ -98,10 +98,11 @@ def extensions():
         sources = [s for s in sources if not s.startswith(cuda_dir)]
 
     include_dirs = [os.path.join(ROOT, "csrc")]
+    nvidia_dirs = _nvidia_include_dirs() if with_cuda else []
     extra = {"cxx": ["-O3"]}  # the C++ standard is the one torch asks for
     if with_cuda:
-        include_dirs += _nvidia_include_dirs()
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
+        include_dirs += nvidia_dirs
+        extra["nvcc"] = ["-O3", "-lineinfo"]
         ext_cls = ce.CUDAExtension
         extra["cxx"].append("-DCONTRASTIVE_OPS_WITH_CUDA")
     else:
@@ -120,7 +121,7 @@ def extensions():
     print(f"  extension: {'CUDAExtension (CPU + CUDA kernels)' if with_cuda else 'CppExtension (CPU kernels)'}")
     if with_cuda:
         print(f"  CUDA_HOME={cuda_home}  TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(local GPU)')}")
-        print(f"  extra include dirs: {include_dirs[1:]}")
+        print(f"  extra include dirs: {nvidia_dirs}")
     print(f"  MAX_JOBS={os.environ['MAX_JOBS']}  sources={sources}")
 
     class BuildExt(ce.BuildExtension):
