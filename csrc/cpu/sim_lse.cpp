@@ -79,38 +79,30 @@ inline void colsumexp_t(const T* p, const T* m, T* s, int64_t n) {
   for (int64_t j = 0; j < n; ++j) s[j] += fast_exp(p[j] - m[j]);
 }
 
-// ds[j] = gr·exp(scale·g[j] - rl) [+ gc[j]·exp(scale·g[j] - cl[j])]; returns Σ ds[j]·g[j].
-// rl / cl are +inf where the LSE was -inf, which makes the term 0.
+// ds[j] = gr·exp(scale·g[j] - rl) [+ gc[j]·exp(scale·g[j] - cl[j])].
+// rl / cl are +inf where the LSE was -inf, which makes the term 0.  Excluded
+// entries may overflow here; the caller zeroes them before using ds.
 template <typename T>
-inline T ds_row_t(const T* g, T* ds, int64_t n, T scale, T gr, T rl, const T* gc, const T* cl, bool has_col) {
-  T acc[L] = {};
-  int64_t j = 0;
+inline void ds_row_t(const T* g, T* ds, int64_t n, T scale, T gr, T rl, const T* gc, const T* cl, bool has_col) {
   if (has_col) {
-    for (; j + L <= n; j += L)
-      for (int64_t l = 0; l < L; ++l) {
-        const T s = scale * g[j + l];
-        const T d = gr * fast_exp(s - rl) + gc[j + l] * fast_exp(s - cl[j + l]);
-        ds[j + l] = d;
-        acc[l] += d * g[j + l];
-      }
-    for (; j < n; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       const T s = scale * g[j];
       ds[j] = gr * fast_exp(s - rl) + gc[j] * fast_exp(s - cl[j]);
-      acc[0] += ds[j] * g[j];
     }
   } else {
-    for (; j + L <= n; j += L)
-      for (int64_t l = 0; l < L; ++l) {
-        const T d = gr * fast_exp(scale * g[j + l] - rl);
-        ds[j + l] = d;
-        acc[l] += d * g[j + l];
-      }
-    for (; j < n; ++j) {
-      ds[j] = gr * fast_exp(scale * g[j] - rl);
-      acc[0] += ds[j] * g[j];
-    }
+    for (int64_t j = 0; j < n; ++j) ds[j] = gr * fast_exp(scale * g[j] - rl);
   }
+}
+
+// Σ_j a[j]·b[j].
+template <typename T>
+inline T dot_t(const T* a, const T* b, int64_t n) {
+  T acc[L] = {};
+  int64_t j = 0;
+  for (; j + L <= n; j += L)
+    for (int64_t l = 0; l < L; ++l) acc[l] += a[j + l] * b[j + l];
   T s = 0;
+  for (; j < n; ++j) s += a[j] * b[j];
   for (int64_t l = 0; l < L; ++l) s += acc[l];
   return s;
 }
@@ -160,10 +152,11 @@ CO_MULTIVERSION float vmax(const float* p, int64_t n) { return max_t(p, n); }
 CO_MULTIVERSION float sumexp(const float* p, int64_t n, float m) { return sumexp_t(p, n, m); }
 CO_MULTIVERSION void colmax(const float* p, float* m, int64_t n) { colmax_t(p, m, n); }
 CO_MULTIVERSION void colsumexp(const float* p, const float* m, float* s, int64_t n) { colsumexp_t(p, m, s, n); }
-CO_MULTIVERSION float ds_row(const float* g, float* ds, int64_t n, float scale, float gr, float rl, const float* gc,
-                             const float* cl, bool has_col) {
-  return ds_row_t(g, ds, n, scale, gr, rl, gc, cl, has_col);
+CO_MULTIVERSION void ds_row(const float* g, float* ds, int64_t n, float scale, float gr, float rl, const float* gc,
+                            const float* cl, bool has_col) {
+  ds_row_t(g, ds, n, scale, gr, rl, gc, cl, has_col);
 }
+CO_MULTIVERSION float dot(const float* a, const float* b, int64_t n) { return dot_t(a, b, n); }
 CO_MULTIVERSION float softplus_sum(const float* g, int64_t n, float scale, float bias) {
   return softplus_sum_t(g, n, scale, bias);
 }
@@ -178,10 +171,11 @@ inline double vmax(const double* p, int64_t n) { return max_t(p, n); }
 inline double sumexp(const double* p, int64_t n, double m) { return sumexp_t(p, n, m); }
 inline void colmax(const double* p, double* m, int64_t n) { colmax_t(p, m, n); }
 inline void colsumexp(const double* p, const double* m, double* s, int64_t n) { colsumexp_t(p, m, s, n); }
-inline double ds_row(const double* g, double* ds, int64_t n, double scale, double gr, double rl, const double* gc,
-                     const double* cl, bool has_col) {
-  return ds_row_t(g, ds, n, scale, gr, rl, gc, cl, has_col);
+inline void ds_row(const double* g, double* ds, int64_t n, double scale, double gr, double rl, const double* gc,
+                   const double* cl, bool has_col) {
+  ds_row_t(g, ds, n, scale, gr, rl, gc, cl, has_col);
 }
+inline double dot(const double* a, const double* b, int64_t n) { return dot_t(a, b, n); }
 inline double softplus_sum(const double* g, int64_t n, double scale, double bias) {
   return softplus_sum_t(g, n, scale, bias);
 }
@@ -332,15 +326,13 @@ struct CpuDev {
           std::fill(dp, dp + lo, scalar_t(0));
           std::fill(dp + hi, dp + bc, scalar_t(0));
           if (lo >= hi) continue;
-          double acc = ds_row(gp + lo, dp + lo, hi - lo, sc, grp[gi], rlp[gi], has_col ? gcp + lo : nullptr,
-                              has_col ? clp + lo : nullptr, has_col);
+          ds_row(gp + lo, dp + lo, hi - lo, sc, grp[gi], rlp[gi], has_col ? gcp + lo : nullptr,
+                 has_col ? clp + lo : nullptr, has_col);
           for (int64_t x = 0; x < rr.E; ++x) {
             const int64_t j = int64_t(rr.ex[gi * rr.E + x]) - c0;
-            if (j >= lo && j < hi && dp[j] != scalar_t(0)) {
-              acc -= double(dp[j]) * double(gp[j]);
-              dp[j] = 0;
-            }
+            if (j >= lo && j < hi) dp[j] = 0;
           }
+          const double acc = dot(dp + lo, gp + lo, hi - lo);  // dscale: Σ dS·G over the allowed pairs
           part[i] = acc;
         }
       });
