@@ -150,11 +150,13 @@ class SimLSE:
 
     @staticmethod
     def forward(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
+        ensure_loaded()
         return torch.ops.contrastive_ops.sim_lse_fwd(
             q, k, scale, row_index, col_index, col_start, col_end, exclude, bool(want_col))
 
     @staticmethod
     def backward(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse, grad_row, grad_col):
+        ensure_loaded()
         return torch.ops.contrastive_ops.sim_lse_bwd(
             q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse, grad_row, grad_col)
 
@@ -164,10 +166,12 @@ class SigLIP:
 
     @staticmethod
     def forward(x, y, scale, bias):
+        ensure_loaded()
         return torch.ops.contrastive_ops.siglip_fwd(x, y, scale, bias)
 
     @staticmethod
     def backward(x, y, scale, bias, grad):
+        ensure_loaded()
         return torch.ops.contrastive_ops.siglip_bwd(x, y, scale, bias, grad)
 
 
