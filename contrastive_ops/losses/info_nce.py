@@ -36,8 +36,9 @@ forms also the other side) are all-gathered with gradient.  The fused
 compositions run their core calls on local anchors against the global
 candidates: info_nce's targets move by the rank's key offset, the column
 terms become the local keys' rows against the gathered queries, and NT-Xent
-excludes each anchor's own global position.  The references compute the
-dense loss of the gathered global batch and keep this rank's anchors.
+excludes each anchor's own global position.  Positive logits only involve
+local rows.  The references compute the dense loss of the gathered global
+batch and keep this rank's anchors.
 """
 from __future__ import annotations
 
@@ -104,11 +105,14 @@ def _normalized_acc(x: Tensor, normalize: bool) -> Tensor:
     return F.normalize(x, dim=1, eps=NORM_EPS) if normalize else x
 
 
-def _normalized_like(x: Tensor, normalize: bool) -> Tensor:
-    """Fused path: normalize in the accumulation dtype, hand the kernel the input dtype."""
-    if not normalize:
-        return x
-    return F.normalize(x.to(acc_dtype(x.dtype)), dim=1, eps=NORM_EPS).to(x.dtype)
+def _normalized_like(x: Tensor, normalize: bool):
+    """Fused path: normalize in the accumulation dtype; return ``(for the kernel, for PyTorch-side terms)``.
+
+    See ``core.kernel_operands``: the kernel reads the input dtype, the
+    positive logits use the same rounded values in fp32, and both gradients
+    are summed in fp32 before the final cast.
+    """
+    return core.kernel_operands(_normalized_acc(x, normalize), x.dtype)
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -154,22 +158,21 @@ def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=Fal
     symmetric, local keys against the gathered queries).
     """
     gk = GlobalBatch(key.shape[0], process_group, key.device)
-    q = _normalized_like(query, normalize)
-    k_local = _normalized_like(key, normalize)
-    k = gk.gather(k_local)
+    q, q32 = _normalized_like(query, normalize)
+    k, k32 = _normalized_like(key, normalize)
     scale = _inv_tau(temperature, q)
     if symmetric:
         if process_group is None:
             row_lse, col_lse = core.sim_lse(q, k, scale, want_col=True, backend=backend)
-        else:  # columns of the global S that belong to this rank's keys = rows of S^T
-            row_lse, _ = core.sim_lse(q, k, scale, backend=backend)
-            col_lse, _ = core.sim_lse(k_local, gk.gather(q), scale, backend=backend)
-        pos = _rowdot(q, k_local) * scale
+        else:  # this rank's columns of the global S are the rows of its keys against all queries
+            row_lse, _ = core.sim_lse(q, gk.gather(k), scale, backend=backend)
+            col_lse, _ = core.sim_lse(k, gk.gather(q), scale, backend=backend)
+        pos = _rowdot(q32, k32) * scale
         loss = 0.5 * ((row_lse - pos) + (col_lse - pos))
     else:
-        row_lse, _ = core.sim_lse(q, k, scale, backend=backend)
+        row_lse, _ = core.sim_lse(q, gk.gather(k), scale, backend=backend)
         t = torch.arange(q.shape[0], device=q.device) if targets is None else targets.long()
-        pos = _rowdot(q, k.index_select(0, t + gk.offset)) * scale
+        pos = _rowdot(q32, k32.index_select(0, t)) * scale  # targets index the local keys
         loss = row_lse - pos
     return gk.reduce(loss, reduction)
 
@@ -247,9 +250,10 @@ def _fused_clip_loss(image_features, text_features, logit_scale, *, backend: str
     Under ``process_group``: local images against all texts and local texts
     against all images (two core calls).
     """
-    img, txt = image_features, text_features
+    img, img32 = _normalized_like(image_features, False)
+    txt, txt32 = _normalized_like(text_features, False)
     s = as_scalar("logit_scale", logit_scale, img)
-    pos = _rowdot(img, txt) * s
+    pos = _rowdot(img32, txt32) * s
     if process_group is None:
         row_lse, col_lse = core.sim_lse(img, txt, s, want_col=True, backend=backend)
         return 0.5 * ((row_lse - pos).mean() + (col_lse - pos).mean())
@@ -303,14 +307,13 @@ def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean",
     candidates the 2N gathered ones; each anchor excludes its own global position.
     """
     gb = GlobalBatch(z1.shape[0], process_group, z1.device)
-    u, v = _normalized_like(z1, normalize), _normalized_like(z2, normalize)
-    Z = torch.cat([u, v], 0)  # local anchors, view 1 then view 2
+    (a, a32), (b, b32) = _normalized_like(z1, normalize), _normalized_like(z2, normalize)
+    Z = torch.cat([a, b], 0)  # local anchors, view 1 then view 2
     scale = _inv_tau(temperature, Z)
-    keys = Z if process_group is None else torch.cat([gb.gather(u), gb.gather(v)], 0)
-    self_pos = gb.anchor_index(2, Z.device)
+    keys = Z if process_group is None else torch.cat([gb.gather(a), gb.gather(b)], 0)
+    self_pos = gb.anchor_index(2, Z.device)  # arange(2N) in one process
     row_lse, _ = core.sim_lse(Z, keys, scale, exclude=self_pos[:, None], backend=backend)
-    partner = torch.cat([v, u], 0)
-    pos = _rowdot(Z, partner) * scale
+    pos = _rowdot(torch.cat([a32, b32], 0), torch.cat([b32, a32], 0)) * scale
     return gb.reduce(row_lse - pos, reduction)
 
 
