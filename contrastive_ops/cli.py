@@ -49,6 +49,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, help="time budget of the timing sweep in seconds")
     p.add_argument("--max-point-s", type=float, default=None,
                    help="skip larger sizes once a step is predicted to take longer than this (seconds)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_csv, default=None,
                    help=f"comma-separated dtypes to check ({', '.join(DTYPES)}); the first one is timed "
                         "(default: float32 on CPU, float32,float16,bfloat16 on CUDA)")
+    p.add_argument("--backends", type=_csv, help="kernel backends to check and time (default: all available)")
     p.add_argument("--no-check", action="store_true", help="skip the self-check")
     p.add_argument("--no-bench", action="store_true", help="skip the timing table")
     p.add_argument("--strict", action="store_true", help="a loss that raises NotImplementedError is a failure")
@@ -102,6 +104,14 @@ def _losses(args) -> List[str]:
     return names
 
 
+def _check_backend_names(names):
+    from .backends import BACKENDS
+
+    bad = [n for n in names or () if n not in BACKENDS or n == "reference"]
+    if bad:
+        raise SystemExit(f"--backends: unknown {bad}; choose from {[b for b in BACKENDS if b != 'reference']}")
+
+
 def _dtype(name: str):
     import torch
 
@@ -120,7 +130,7 @@ def _progress(args, total, label):
 # Self-check
 # ---------------------------------------------------------------------------
 
-def check_targets(device_filter=None):
+def check_targets(only=None):
     """``(backend, device)`` pairs to check: every available kernel backend on each device it runs on here."""
     import torch
 
@@ -130,7 +140,7 @@ def check_targets(device_filter=None):
     present = {"cpu"} | ({"cuda"} if torch.cuda.is_available() else set())
     out = []
     for name, (ok, _why) in co.available_backends().items():
-        if name == "reference" or not ok:
+        if name == "reference" or not ok or (only is not None and name not in only):
             continue
         for dev in sorted(set(backends.backend_module(name).devices()) & present):
             out.append((name, dev))
@@ -152,8 +162,9 @@ def _aggregate(results) -> str:
     return "PASS " + "/".join(sorted(set(st)))
 
 
-def run_selfcheck(args, out=sys.stdout) -> dict:
+def run_selfcheck(args, out=None) -> dict:
     """Print the PASS/FAIL table; return counts of failures and not-implemented entries."""
+    out = sys.stdout if out is None else out
     import torch
 
     from .benchmarking import selfcheck as S
@@ -161,7 +172,7 @@ def run_selfcheck(args, out=sys.stdout) -> dict:
 
     names = _losses(args)
     cases = [CASES[n] for n in names]
-    targets = check_targets()
+    targets = check_targets(args.backends)
     if args.dtype:
         dtypes = [_dtype(d) for d in args.dtype]
     else:
@@ -242,7 +253,8 @@ def _sweep_config(args, device, dtype, *, full: bool):
         device=str(device), dtype=dtype, dim=args.dim, sizes=sizes, losses=_losses(args),
         only=(getattr(args, "impls", None) if full else None),
         peers=full and not getattr(args, "no_peers", False),
-        compile_reference=full and not getattr(args, "no_compile", False),
+        # On CPU, compiling takes tens of seconds per loss and size: not part of a quick run.
+        compile_reference=full and not getattr(args, "no_compile", False) and (cuda or not args.quick),
         budget_s=budget,
         max_point_s=args.max_point_s if args.max_point_s is not None else 5.0,
         mem_cap_bytes=None if cuda else W.default_mem_cap(),
@@ -250,12 +262,13 @@ def _sweep_config(args, device, dtype, *, full: bool):
         max_repeats=5 if args.quick else (50 if cuda else 20),
         min_time=0.02 if args.quick else (0.3 if cuda else 0.15),
     )
-    if not full:  # the default command compares backends only
-        cfg.only = None
+    if not full and args.backends is not None:  # the default command compares backends only
+        cfg.only = ["reference"] + list(args.backends)
     return cfg
 
 
-def run_timing(args, device, dtype, *, full: bool, out=sys.stdout):
+def run_timing(args, device, dtype, *, full: bool, out=None):
+    out = sys.stdout if out is None else out
     from .benchmarking import sweep as W
 
     cfg = _sweep_config(args, device, dtype, full=full)
@@ -281,13 +294,18 @@ def run_timing(args, device, dtype, *, full: bool, out=sys.stdout):
 # Entry points
 # ---------------------------------------------------------------------------
 
-def _print_env(device, out=sys.stdout):
+def _print_env(device, out=None):
+    out = sys.stdout if out is None else out
     import contrastive_ops as co
 
     from .benchmarking.envinfo import environment, format_environment
 
     for line in format_environment(environment(device), co.available_backends()):
         print(line, file=out)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device.type == "cpu" and load > (os.cpu_count() or 1):
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores: CPU timings will be noisy "
+              "(other processes compete; --threads 1 makes them steadier)", file=out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -296,6 +314,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     device = _device(args)
+    _check_backend_names(getattr(args, "backends", None))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.command == "bench":
         return _bench(args, device)

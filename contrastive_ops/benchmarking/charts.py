@@ -24,6 +24,18 @@ def _style(impl: str, kind: str):
     return dict(marker="x", linestyle="-.", linewidth=1.4)
 
 
+_PEER_COLORS = ("tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def _plain_log_axis(axis, base, subs=(1.0,)):
+    """Log axis with plain numbers (128, 1024, 0.5) instead of powers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=base, subs=subs, numticks=12))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def write_charts(doc: Dict, out_dir: str) -> List[str]:
     """Write ``<loss>.png`` for every loss with at least one measured point; return the paths."""
     import matplotlib
@@ -46,6 +58,7 @@ def write_charts(doc: Dict, out_dir: str) -> List[str]:
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5.2))
         passes = {r.get("pass", "fwd+bwd") for r in ok}
         what = "forward+backward" if passes == {"fwd+bwd"} else "forward (no gradient)"
+        peer_i = 0
         for impl in dict.fromkeys(r["impl"] for r in recs):
             rs = sorted((r for r in recs if r["impl"] == impl), key=lambda r: r["size"])
             pts = [r for r in rs if r["status"] == "ok"]
@@ -57,6 +70,9 @@ def write_charts(doc: Dict, out_dir: str) -> List[str]:
             if end is not None:
                 label += f"  ({ {'oom': 'OOM', 'too_slow': 'too slow', 'error': 'error'}[end['status']] } at N={end['size']})"
             st = _style(impl, kind)
+            if "color" not in st:
+                st["color"] = _PEER_COLORS[peer_i % len(_PEER_COLORS)]
+                peer_i += 1
             xs = [r["size"] for r in pts]
             med = [r["time_s"]["median"] * 1e3 for r in pts]
             lo = [r["time_s"]["q25"] * 1e3 for r in pts]
@@ -72,6 +88,8 @@ def write_charts(doc: Dict, out_dir: str) -> List[str]:
                                   (ax_m, "peak extra memory (MiB)", "peak memory of one step")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            _plain_log_axis(ax.xaxis, 2)
+            _plain_log_axis(ax.yaxis, 10, subs=(1.0, 2.0, 5.0))
             ax.set_xlabel("batch size N")
             ax.set_ylabel(ylabel)
             ax.set_title(title)
