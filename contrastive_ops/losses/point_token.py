@@ -1,11 +1,294 @@
-"""Masked point-token contrast (Point-CMAE) over co-masked token sets."""
+r"""Masked point-token contrast (Point-CMAE) over co-masked token sets.
+
+Maths
+-----
+Two masked branches see the same B point clouds of G tokens each and produce
+token features ``f1, f2`` of shape (B, G, D); ``mask1, mask2`` (B, G) are True
+where a token is masked in that branch.  With ``û = u/max(‖u‖, 1e-12)``::
+
+    S = {(b, i) : mask1[b, i] ∧ mask2[b, i]}          the co-masked tokens
+    c(x, y) = x̂ · ŷ                                    cosine similarity
+
+``mode="cosine"`` (no temperature, no negatives)::
+
+    pairing="diag":      L = (1/|S|)     Σ_{(b,i)∈S} (1 − c(f1_bi, f2_bi))
+    pairing="official":  L = (1/(G·|S|)) Σ_{(b,i)∈S} Σ_{j<G} (1 − c(f1_bi, f2_bj))
+
+"official" is the released Point-CMAE loss (mask on rows only, G hard-coded
+to 64 there): each co-masked token is pulled toward *all* G tokens of the
+other branch.  It is linear in f̂2, so with the per-cloud mean
+``v̄_b = (1/G) Σ_j f̂2_bj`` it is the "diag" form with f̂2_bi replaced by v̄_b::
+
+    L = (1/|S|) Σ_{(b,i)∈S} (1 − f̂1_bi · v̄_b)
+
+``mode="infonce"`` with s(x, y) = c(x, y)/τ and the candidate set
+``N(b) = {(b, j) ∈ S}`` (``negatives="cloud"``) or ``N = S`` (``"batch"``)::
+
+    ℓ¹_bi = −s(f1_bi, f2_bi) + LSE_{(c,j)∈N} s(f1_bi, f2_cj)     f1 → f2
+    ℓ²_bi = −s(f1_bi, f2_bi) + LSE_{(c,j)∈N} s(f1_cj, f2_bi)     f2 → f1
+    L = (1/|S|) Σ_{(b,i)∈S} ½(ℓ¹_bi + ℓ²_bi)
+
+The positive is in its own denominator.  An empty S gives L = 0, still
+attached to the autograd graph (zero gradients, never NaN).  Losses
+accumulate in fp32 (float64 for float64 inputs).
+
+Fused composition
+-----------------
+The co-masked tokens are listed once, in (b, i) order, as indices into the
+flattened (B·G, D) features: ``idx``.  Both LSE directions are the row and
+the column LSE of the *same* similarity ``s(f̂1[idx], f̂2[idx])``, restricted
+to the block diagonal of clouds for "cloud" (anchor k of cloud b may see the
+compacted range ``[start_b, end_b)``) or to everything for "batch": one call
+of the core with ``want_col=True``.  No B×G×G padding, no gathered copies of
+the features; positives and the cosine modes are O(B·G·D).
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from .. import _checks, backends, core
 
 Tensor = torch.Tensor
 
+MODES = ("infonce", "cosine")
+PAIRINGS = ("diag", "official")
+NEGATIVES = ("cloud", "batch")
+_EPS = 1e-12
 
-def point_token_contrast(f1, f2, mask1, mask2, *, mode="infonce", temperature=0.1, pairing="diag",
-                         negatives="cloud", backend="auto", process_group=None) -> Tensor:
-    raise NotImplementedError
+
+def _normalize(x: Tensor) -> Tensor:
+    """x / max(‖x‖, 1e-12) along the last dim, in the accumulation dtype."""
+    return F.normalize(x.to(core.acc_dtype(x.dtype)), dim=-1, eps=_EPS)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _masked_logsumexp(x: Tensor, allowed: Tensor, dim: int) -> Tensor:
+    """LSE over allowed entries of ``x`` along ``dim``.
+
+    Slices with no allowed entry get a finite dummy value (callers drop them
+    with ``torch.where``), so no NaN reaches the backward pass.
+    """
+    x = torch.where(allowed, x, torch.full_like(x, float("-inf")))
+    empty = ~allowed.any(dim, keepdim=True)
+    x = torch.where(empty, torch.zeros_like(x), x)
+    return torch.logsumexp(x, dim)
+
+
+def point_token_contrast_reference(
+    f1: Tensor,
+    f2: Tensor,
+    mask1: Tensor,
+    mask2: Tensor,
+    inv_t: Tensor,
+    *,
+    mode: str = "infonce",
+    pairing: str = "diag",
+    negatives: str = "cloud",
+) -> Tensor:
+    """Exact dense PyTorch form of the loss (see the module docstring).
+
+    ``inv_t`` is 1/τ as a 0-dim tensor (unused by ``mode="cosine"``).  Stores
+    (B, G, G) similarities ("cloud", "official") or |S|×|S| ("batch").
+    """
+    B, G, D = f1.shape
+    dt = core.acc_dtype(f1.dtype)
+    u = _normalize(f1)
+    v = _normalize(f2)
+    S = mask1 & mask2  # (B, G)
+    count = S.sum().clamp_min(1).to(dt)
+    zero = torch.zeros((), dtype=dt, device=f1.device)
+
+    if mode == "cosine":
+        if pairing == "diag":
+            per = 1 - (u * v).sum(-1)  # (B, G)
+            return torch.where(S, per, zero).sum() / count
+        C = torch.bmm(u, v.transpose(1, 2))  # (B, G, G): C[b, i, j] = û1_bi · û2_bj
+        return torch.where(S.unsqueeze(-1), 1 - C, zero).sum() / (G * count)
+
+    inv_t = inv_t.to(dt)
+    if negatives == "cloud":
+        L = torch.bmm(u, v.transpose(1, 2)) * inv_t  # (B, G, G): L[b, i, j] = s(f1_bi, f2_bj)
+        allowed = S.unsqueeze(2) & S.unsqueeze(1)
+        pos = torch.diagonal(L, dim1=1, dim2=2)  # (B, G)
+        lse12 = _masked_logsumexp(L, allowed, 2)  # anchor f1_bi over f2_bj
+        lse21 = _masked_logsumexp(L, allowed, 1)  # anchor f2_bj over f1_bi
+        per = 0.5 * (lse12 + lse21) - pos
+        return torch.where(S, per, zero).sum() / count
+
+    # "batch": every co-masked token of the batch is a candidate; compact them.
+    Sf = S.reshape(-1)
+    U = u.reshape(B * G, D)[Sf]
+    V = v.reshape(B * G, D)[Sf]
+    L = (U @ V.T) * inv_t  # (|S|, |S|)
+    pos = torch.diagonal(L)
+    per = 0.5 * (torch.logsumexp(L, 1) + torch.logsumexp(L, 0)) - pos
+    # The sum of an empty per is 0 with grad_fn, so an empty S stays in the graph.
+    return per.sum() / count
+
+
+def point_cmae_released_loss(f1: Tensor, f2: Tensor, mask1: Tensor, mask2: Tensor) -> Tensor:
+    """The released Point-CMAE contrast loss, transcribed (loss-notes §3).
+
+    ``C = bmm(F1, F2ᵀ)``, the co-mask applied to rows only (expanded over G),
+    ``Σ mask·(1 − C + 1e-8) / (G·Σ mask)``.  It equals ``pairing="official"``
+    up to the 1e-8 term; kept as a peer for tests and benchmarks.  NaN when no
+    token is co-masked, as in the released code.
+    """
+    G = f1.shape[1]
+    F1 = F.normalize(f1, dim=-1)
+    F2 = F.normalize(f2, dim=-1)
+    C = torch.bmm(F1, F2.transpose(1, 2))
+    comask = mask1 & mask2
+    rows = comask.unsqueeze(-1).expand(-1, -1, G)
+    return (rows * (1 - C + 1e-8)).sum() / (G * comask.sum())
+
+
+# ----------------------------------------------------------------------------- fused
+
+
+def _fused_point_token_contrast(
+    f1: Tensor,
+    f2: Tensor,
+    mask1: Tensor,
+    mask2: Tensor,
+    inv_t: Tensor,
+    *,
+    mode: str = "infonce",
+    pairing: str = "diag",
+    negatives: str = "cloud",
+    backend: str,
+) -> Tensor:
+    """The loss on O(B·G·D) tensors plus, for "infonce", one call of the core.
+
+    ``backend`` is a concrete backend name handed to ``core.sim_lse``
+    (``"reference"`` runs the dense core, which tests use to check this
+    composition without a kernel).  The cosine modes need no core and run the
+    same code on every backend.
+
+    Host synchronization: "infonce" calls ``torch.nonzero`` once to list the
+    co-masked tokens, whose number fixes the size of the index lists.  The
+    cosine modes do not synchronize.
+    """
+    B, G, D = f1.shape
+    dt = core.acc_dtype(f1.dtype)
+    u = _normalize(f1)  # (B, G, D) in dt
+    v = _normalize(f2)
+    S = mask1 & mask2
+    Sd = S.to(dt)
+    count = S.sum().clamp_min(1).to(dt)
+
+    if mode == "cosine":
+        if pairing == "official":
+            # Σ_j (1 − û1_bi·û2_bj) / G = 1 − û1_bi · v̄_b,  v̄_b = mean_j û2_bj
+            v = v.mean(1, keepdim=True)
+        per = 1 - (u * v).sum(-1)  # (B, G)
+        return (Sd * per).sum() / count
+
+    inv_t = inv_t.to(dt)
+    pos = (u * v).sum(-1).reshape(B * G) * inv_t  # s(f1_bi, f2_bi) for every token
+    Sf = S.reshape(B * G)
+    idx = torch.nonzero(Sf).squeeze(1)  # the one host sync: |S| sizes the index lists
+    n = idx.shape[0]
+    if n == 0:
+        # 0, attached to f1, f2 and the temperature, with zero gradients.
+        return torch.where(Sf, pos, torch.zeros_like(pos)).sum()
+
+    if negatives == "cloud":
+        # idx lists tokens in (b, i) order, so cloud b's co-masked tokens are
+        # the contiguous compacted range [start_b, end_b).
+        per_cloud = S.sum(1)  # (B,)
+        end = per_cloud.cumsum(0)
+        start = end - per_cloud
+        cloud = torch.div(idx, G, rounding_mode="floor")
+        col_start, col_end = start[cloud], end[cloud]
+    else:
+        col_start = col_end = None
+
+    # Kernels take features in the input dtype; normalization stays in dt.
+    q = u.to(f1.dtype).reshape(B * G, D)
+    k = v.to(f2.dtype).reshape(B * G, D)
+    lse12, lse21 = core.sim_lse(
+        q, k, inv_t,
+        row_index=idx, col_index=idx, col_start=col_start, col_end=col_end,
+        want_col=True, backend=backend,
+    )
+    # Row LSE: anchor f1_k over its candidates f2_j (f1 → f2); column LSE of
+    # the same matrix: anchor f2_k over f1_i (f2 → f1).  Same positive.
+    per = 0.5 * (lse12.to(dt) + lse21.to(dt)) - pos[idx]
+    return per.sum() / count
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def _check_args(f1, f2, mask1, mask2, mode, pairing, negatives, backend):
+    _checks.check_features("f1", f1, ndims=(3,))
+    _checks.check_features("f2", f2, ndims=(3,))
+    _checks.check_same_shape("f1", f1, "f2", f2)
+    _checks.check_same_device_dtype([("f1", f1), ("f2", f2)])
+    B, G, _ = f1.shape
+    for name, m in (("mask1", mask1), ("mask2", mask2)):
+        if m is None:
+            raise ValueError(f"{name} must be a bool tensor of shape {(B, G)}, got None "
+                             f"(f1 has shape {_checks.shape_str(f1)})")
+        _checks.check_mask(name, m, (B, G), f1.device)
+    _checks.check_choice("mode", mode, MODES)
+    _checks.check_choice("pairing", pairing, PAIRINGS)
+    _checks.check_choice("negatives", negatives, NEGATIVES)
+    if backend is not None:
+        backends._check_name(backend)
+
+
+def point_token_contrast(
+    f1: Tensor,
+    f2: Tensor,
+    mask1: Tensor,
+    mask2: Tensor,
+    *,
+    mode: str = "infonce",
+    temperature=0.1,
+    pairing: str = "diag",
+    negatives: str = "cloud",
+    backend: str = "auto",
+    process_group=None,
+) -> Tensor:
+    r"""Contrast of the tokens masked in both branches of a two-mask point-cloud MAE.
+
+    Args:
+        f1, f2: (B, G, D) token features of the two branches (same dtype and device).
+        mask1, mask2: (B, G) bool, True where the token is masked in that branch.
+        mode: ``"infonce"`` (temperature-scaled, symmetric InfoNCE) or ``"cosine"``
+            (Point-CMAE's 1 − cosine).
+        temperature: τ of ``"infonce"``; float or 0-dim tensor (receives a gradient).
+        pairing: ``"diag"`` (token i with token i) or ``"official"`` (the released
+            code: each co-masked token of f1 against all G tokens of f2); only for
+            ``mode="cosine"``.
+        negatives: ``"cloud"`` (candidates are the co-masked tokens of the same
+            cloud) or ``"batch"`` (all co-masked tokens); only for ``"infonce"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        0-dim loss, fp32 (float64 for float64 inputs); 0 (in the graph) when
+        no token is co-masked.
+
+    ::
+
+        branch 1  ■ ■ □ ■ □      ■ masked, □ visible
+        branch 2  ■ □ □ ■ ■
+        S         ■ · · ■ ·      tokens 0 and 3 are contrasted
+
+    The maths is in the module docstring of ``contrastive_ops.losses.point_token``.
+    The fused backends call ``torch.nonzero`` once (one host sync) for "infonce".
+    """
+    _check_args(f1, f2, mask1, mask2, mode, pairing, negatives, backend)
+    inv_t = _checks.inv_temperature(temperature, f1)
+    if process_group is not None:
+        raise NotImplementedError("process_group support lands with the distributed module")
+    name = backends.resolve(backend, op="point_token_contrast", tensors=(f1, f2))
+    kw = dict(mode=mode, pairing=pairing, negatives=negatives)
+    if name == "reference":
+        return point_token_contrast_reference(f1, f2, mask1, mask2, inv_t, **kw)
+    return _fused_point_token_contrast(f1, f2, mask1, mask2, inv_t, backend=name, **kw)
