@@ -290,6 +290,10 @@ def format_tables(doc: Dict) -> List[str]:
         if unavailable:
             lines.append("  not run: " + "; ".join(f"{k} ({v})" for k, v in unavailable.items()))
         lines.append("")
+    why_skipped = sorted({r["detail"] for r in doc["results"] if r["status"] == "skipped" and r["detail"]
+                          and r["detail"] != "not implemented"})
+    if why_skipped:
+        lines.append("skip: " + "; ".join(why_skipped))
     return lines
 
 
