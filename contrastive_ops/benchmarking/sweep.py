@@ -1,7 +1,9 @@
 r"""The timing/memory sweep: every loss × implementation × batch size.
 
 Sizes run in increasing order, all losses at one size before the next, so
-that a time budget cut leaves every loss measured at the small sizes.  For
+that a time budget cut leaves every loss measured at the small sizes.  The
+library's backends run first (at most 60% of the budget when peers follow),
+then ``torch.compile`` and the peers, whose first calls can take long.  For
 each (loss, implementation), a point is
 
 * ``ok``: timed and measured;
@@ -31,6 +33,7 @@ from .envinfo import environment
 from .measure import MEMORY_METHOD, free_memory, is_oom, make_step, peak_memory, time_step
 
 SCHEMA_VERSION = 1
+PHASE1_SHARE = 0.6
 
 TIMING_METHOD = ("forward + torch.autograd.grad of every input that requires grad (forward only where the "
                  "loss has no gradient); after warm-up, repeated until min_repeats and min_time are reached; "
@@ -109,36 +112,47 @@ def run_sweep(cfg: SweepConfig, *, progress=None) -> Dict:
         listing[case.name] = {i.name: {"kind": i.kind, "available": i.why_not is None, "reason": i.why_not}
                               for i in impls[case.name]}
     runnable = {name: [i for i in lst if i.why_not is None] for name, lst in impls.items()}
-    total = sum(len(v) for v in runnable.values()) * len(sizes)
     records: List[dict] = []
     stop: Dict[tuple, str] = {}  # (loss, impl) -> why larger sizes are skipped
     last: Dict[tuple, dict] = {}
     start = time.perf_counter()
-    for n in sizes:
-        for case in losses:
-            for impl in runnable[case.name]:
-                key = (case.name, impl.name)
-                rec = {"loss": case.name, "impl": impl.name, "kind": impl.kind, "size": n,
-                       "dtype": str(cfg.dtype).replace("torch.", ""), "status": None, "detail": None}
-                records.append(rec)
-                note = f"{case.name} {impl.name} N={n}"
-                if progress is not None:
-                    progress.update(0, note=note)
-                if key in stop:
-                    rec.update(status="skipped", detail=stop[key])
-                elif time.perf_counter() - start > cfg.budget_s:
-                    rec.update(status="skipped", detail=f"time budget of {cfg.budget_s:g} s used up")
-                else:
-                    _measure_point(cfg, case, impl, n, device, rec, last.get(key))
-                    if rec["status"] == "ok":
-                        last[key] = rec
-                    elif rec["status"] == "not_implemented":
-                        stop[key] = "not implemented"
-                    elif rec["status"] in ("oom", "too_slow", "error") or (
-                            rec["status"] == "skipped" and "cap" in (rec["detail"] or "")):
-                        stop[key] = f"{rec['status']} at N={n}"
-                if progress is not None:
-                    progress.update(1, note=note)
+    # Phase 1: the library's backends (the reference included); phase 2: torch.compile and peers.
+    # Peers get what phase 1 leaves, but phase 1 stops at PHASE1_SHARE of the budget when peers
+    # remain, so that compilation times cannot crowd out the library's own scaling curves.
+    has_peers = any(i.kind == "peer" for lst in runnable.values() for i in lst)
+    phases = [("backend", start + cfg.budget_s * (PHASE1_SHARE if has_peers else 1.0)),
+              ("peer", start + cfg.budget_s)]
+    for kind, deadline in phases:
+        for n in sizes:
+            for case in losses:
+                for impl in runnable[case.name]:
+                    if impl.kind != kind:
+                        continue
+                    key = (case.name, impl.name)
+                    rec = {"loss": case.name, "impl": impl.name, "kind": impl.kind, "size": n,
+                           "dtype": str(cfg.dtype).replace("torch.", ""), "status": None, "detail": None}
+                    records.append(rec)
+                    note = f"{case.name} {impl.name} N={n}"
+                    if progress is not None:
+                        progress.update(0, note=note)
+                    if key in stop:
+                        rec.update(status="skipped", detail=stop[key])
+                    elif time.perf_counter() > deadline:
+                        rec.update(status="skipped", detail=f"time budget of {cfg.budget_s:g} s used up")
+                    else:
+                        _measure_point(cfg, case, impl, n, device, rec, last.get(key))
+                        if rec["status"] == "ok":
+                            last[key] = rec
+                        elif rec["status"] == "not_implemented":
+                            stop[key] = "not implemented"
+                        elif rec["status"] in ("oom", "too_slow", "error") or (
+                                rec["status"] == "skipped" and "cap" in (rec["detail"] or "")):
+                            stop[key] = f"{rec['status']} at N={n}"
+                    if progress is not None:
+                        progress.update(1, note=note)
+    order = {(c.name, i.name): k for c in losses for k, i in enumerate(runnable[c.name])}
+    records.sort(key=lambda r: (r["size"], cfg.losses.index(r["loss"]) if r["loss"] in cfg.losses else 0,
+                                order[(r["loss"], r["impl"])]))
     return {
         "schema_version": SCHEMA_VERSION,
         "environment": environment(device),
