@@ -133,24 +133,30 @@ def test_sweep_records_oom_errors_and_slowness_and_continues(monkeypatch):
     def broken(i):
         raise RuntimeError("an illegal memory access was encountered")
 
-    def slow(i):
-        import time
+    cost = {"t": 0.0}  # seconds the fake clock charges for the last step
 
-        time.sleep(0.02 * (i.tensors()[0].shape[0] / 32) ** 2)
+    def slow(i):
+        cost["t"] = 0.15 * (i.tensors()[0].shape[0] / 32) ** 2
         return case.call("reference", i)
+
+    def fake_time_step(step, device, **kw):  # a deterministic clock: 1 ms, or what ``slow`` charges
+        cost["t"] = 1e-3
+        step()
+        return M.summarize([cost["t"]])
 
     fakes = [C.Impl("reference", "backend", lambda i: case.call("reference", i)),
              _fake_impl("oomy", oom), _fake_impl("broken", broken), C.Impl("sleepy", "peer", slow)]
     monkeypatch.setattr(C, "implementations", lambda *a, **k: fakes)
     monkeypatch.setattr(W.C, "implementations", lambda *a, **k: fakes)
-    cfg = W.SweepConfig(sizes=[32, 64, 128], losses=["similarity_lse"], dim=8, max_point_s=0.1, budget_s=60,
+    monkeypatch.setattr(W, "time_step", fake_time_step)
+    cfg = W.SweepConfig(sizes=[32, 64, 128], losses=["similarity_lse"], dim=8, max_point_s=1.0, budget_s=60,
                         min_repeats=1, max_repeats=2, min_time=0.0, memory=False)
     doc = W.run_sweep(cfg)
     st = {(r["impl"], r["size"]): r["status"] for r in doc["results"]}
     assert st[("reference", 32)] == st[("reference", 64)] == st[("reference", 128)] == "ok"
     assert (st[("oomy", 32)], st[("oomy", 64)], st[("oomy", 128)]) == ("ok", "oom", "skipped")
     assert st[("broken", 32)] == "error" and st[("broken", 64)] == "skipped"
-    # 0.02 s at 32 predicts 0.08 s at 64 (runs) and 0.32 s at 128 (> 0.1 s: too slow)
+    # 0.15 s at 32 predicts 0.6 s at 64 (runs) and 2.4 s at 128 (> 1 s: too slow)
     assert (st[("sleepy", 64)], st[("sleepy", 128)]) == ("ok", "too_slow")
     errs = W.backend_errors(doc)
     assert [(r["impl"], r["size"]) for r in errs] == [("broken", 32)]
