@@ -295,7 +295,27 @@ def run_timing(args, device, dtype, *, full: bool, out=None):
 # Entry points
 # ---------------------------------------------------------------------------
 
-def _print_env(device, out=None):
+def _set_threads(args, device) -> Optional[str]:
+    """Apply ``--threads``; on a CPU busier than its core count, time with 1 thread unless told otherwise.
+
+    With other processes on every core, torch's OpenMP threads wait for one
+    another at each parallel region, and a 1 ms step takes 100+ ms.  Returns
+    the note to print (None when nothing was decided).
+    """
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        return None
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device.type == "cpu" and load >= (os.cpu_count() or 1) and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+        return (f"note: load average {load:.1f} on {os.cpu_count()} cores: timing with 1 torch thread, as "
+                "competing threads make CPU timings meaningless (pass --threads N to override)")
+    return None
+
+
+def _print_env(device, out=None, busy=None):
     out = sys.stdout if out is None else out
     import contrastive_ops as co
 
@@ -303,10 +323,8 @@ def _print_env(device, out=None):
 
     for line in format_environment(environment(device), co.available_backends()):
         print(line, file=out)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if device.type == "cpu" and load > (os.cpu_count() or 1):
-        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores: CPU timings will be noisy "
-              "(other processes compete; --threads 1 makes them steadier)", file=out)
+    if busy:
+        print(busy, file=out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -316,12 +334,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     device = _device(args)
     _check_backend_names(getattr(args, "backends", None))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    busy = _set_threads(args, device)
     t0 = time.perf_counter()
     if args.command == "bench":
-        return _bench(args, device)
-    _print_env(device)
+        return _bench(args, device, busy)
+    _print_env(device, busy=busy)
     failed = False
     if not args.no_check:
         res = run_selfcheck(args)
@@ -339,11 +356,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1 if failed else 0
 
 
-def _bench(args, device) -> int:
+def _bench(args, device, busy=None) -> int:
     from .benchmarking.charts import write_charts
     from .benchmarking.sweep import backend_errors, write_results
 
-    _print_env(device)
+    _print_env(device, busy=busy)
     doc = run_timing(args, device, _dtype(args.dtype), full=True)
     path = write_results(doc, args.out)
     print(f"wrote {path}")

@@ -271,6 +271,14 @@ def format_tables(doc: Dict) -> List[str]:
     by_loss: Dict[str, List[dict]] = {}
     for r in doc["results"]:
         by_loss.setdefault(r["loss"], []).append(r)
+    # reasons shared by every loss (a backend missing here, the Triton interpreter) are said once, at the end
+    absent = {k for k, v in doc.get("backends", {}).items() if not v["available"]}
+    seen: Dict[tuple, int] = {}
+    for impls in doc["implementations"].values():
+        for k, v in impls.items():
+            if not v["available"] and k not in absent:
+                seen[(k, v["reason"])] = seen.get((k, v["reason"]), 0) + 1
+    common = {key for key, count in seen.items() if count >= 2}
     dtype, dim = doc["config"]["dtype"], doc["config"]["dim"]
     for loss, recs in by_loss.items():
         impls = list(dict.fromkeys(r["impl"] for r in recs))
@@ -297,10 +305,8 @@ def format_tables(doc: Dict) -> List[str]:
         errs = [r for r in recs if r["status"] == "error"]
         for r in errs:
             lines.append(f"  ERROR {r['impl']} N={r['size']}: {r['detail']}")
-        # reasons specific to this loss (a backend missing everywhere is reported once, with the environment)
-        absent = {k for k, v in doc.get("backends", {}).items() if not v["available"]}
         unavailable = {k: v["reason"] for k, v in doc["implementations"].get(loss, {}).items()
-                       if not v["available"] and k not in absent}
+                       if not v["available"] and k not in absent and (k, v["reason"]) not in common}
         if unavailable:
             lines.append("  not run: " + "; ".join(f"{k} ({v})" for k, v in unavailable.items()))
         lines.append("")
@@ -308,6 +314,8 @@ def format_tables(doc: Dict) -> List[str]:
                           and r["detail"] != "not implemented"})
     if why_skipped:
         lines.append("skip: " + "; ".join(why_skipped))
+    if common:
+        lines.append("not run: " + "; ".join(f"{k} ({why})" for k, why in sorted(common)))
     return lines
 
 
