@@ -5,7 +5,8 @@
 #      (pip install --no-build-isolation --no-deps -e .);
 #   2. the test suite on CUDA tensors (pytest -q tests);
 #   3. compute-sanitizer memcheck and racecheck over a small kernel selection
-#      (the self-check of every loss on the CUDA and Triton backends, N=37);
+#      (the self-check of one loss per kernel primitive on the CUDA and Triton
+#      backends, N=37);
 #   4. the command line's self-check in float32/float16/bfloat16 (strict);
 #   5. the benchmark sweep (python -m contrastive_ops bench --out ...).
 #
@@ -17,14 +18,15 @@
 #
 # Knobs (environment variables, seconds unless said otherwise):
 #   TOTAL_BUDGET      whole run deadline                          (default 540)
-#   BUILD_TIMEOUT     step 1                                      (default 240)
-#   TEST_TIMEOUT      step 2                                      (default 150)
-#   SANITIZER_TIMEOUT each of memcheck and racecheck              (default 60)
-#   SANITIZER_LOSSES  losses for the sanitizers (comma-separated) (default info_nce,clip_loss,siglip_loss,sinkhorn_knopp,mv_infonce)
+#   BUILD_TIMEOUT     step 1                                      (default 180)
+#   TEST_TIMEOUT      step 2                                      (default 120)
+#   SANITIZER_TIMEOUT each of memcheck and racecheck              (default 45)
+#   SANITIZER_LOSSES  losses for the sanitizers (comma-separated) (default info_nce,siglip_loss,sinkhorn_knopp)
 #   SANITIZER_PYTEST  extra pytest arguments also run under memcheck (default: none)
-#   CHECK_TIMEOUT     step 4                                      (default 60)
-#   SWEEP_BUDGET      sweep time budget passed to --budget        (default 150)
-#   SWEEP_SIZES       comma-separated batch sizes                 (default: the CLI's CUDA sizes)
+#   CHECK_TIMEOUT     step 4                                      (default 45)
+#   SWEEP_BUDGET      sweep time budget passed to --budget        (default 100; less if the
+#                     run deadline leaves less, so that the JSON and charts are written)
+#   SWEEP_SIZES       comma-separated batch sizes                 (default 1024,4096,16384,65536)
 #   SWEEP_ARGS        extra arguments of "bench"                  (default: none)
 #   PYTEST_ARGS       extra arguments of step 2                   (default: none)
 #   SKIP_BUILD=1      use the extension already built in place
@@ -99,24 +101,25 @@ step() {
 cat "$RES/environment.txt" | head -n 3
 
 if [ "${SKIP_BUILD:-0}" != "1" ]; then
-    step build "${BUILD_TIMEOUT:-240}" $PY -m pip install --no-build-isolation --no-deps -v -e .
+    step build "${BUILD_TIMEOUT:-180}" $PY -m pip install --no-build-isolation --no-deps -v -e .
 fi
 
 # shellcheck disable=SC2086
-step tests "${TEST_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider tests ${PYTEST_ARGS:-}
+step tests "${TEST_TIMEOUT:-120}" $PY -m pytest -q -p no:cacheprovider tests ${PYTEST_ARGS:-}
 
-SAN_LOSSES=${SANITIZER_LOSSES:-info_nce,clip_loss,siglip_loss,sinkhorn_knopp,mv_infonce}
+# One loss per kernel primitive: sim_lse, siglip, sinkhorn.
+SAN_LOSSES=${SANITIZER_LOSSES:-info_nce,siglip_loss,sinkhorn_knopp}
 if command -v compute-sanitizer >/dev/null 2>&1; then
     # The caching allocator hides out-of-bounds accesses inside its pooled blocks: turn it off.
     for tool in memcheck racecheck; do
-        step "sanitizer-$tool" "${SANITIZER_TIMEOUT:-60}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        step "sanitizer-$tool" "${SANITIZER_TIMEOUT:-45}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
             compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
-            $PY -m contrastive_ops --no-bench --no-progress --backends cuda,triton --dtype float32 \
+            $PY -m contrastive_ops --quick --no-bench --no-progress --backends cuda,triton --dtype float32 \
             --losses "$SAN_LOSSES"
     done
     if [ -n "${SANITIZER_PYTEST:-}" ]; then
         # shellcheck disable=SC2086
-        step sanitizer-memcheck-pytest "${SANITIZER_TIMEOUT:-60}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        step sanitizer-memcheck-pytest "${SANITIZER_TIMEOUT:-45}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
             compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
             $PY -m pytest -q -x -p no:cacheprovider $SANITIZER_PYTEST
     fi
@@ -124,13 +127,18 @@ else
     echo "sanitizers: SKIPPED (compute-sanitizer not found)" | tee -a "$SUMMARY"
 fi
 
-step selfcheck "${CHECK_TIMEOUT:-60}" $PY -m contrastive_ops --no-bench --no-progress --strict -v
+step selfcheck "${CHECK_TIMEOUT:-45}" $PY -m contrastive_ops --no-bench --no-progress --strict -v
 
-SWEEP=(bench --out "$RES/bench" --no-progress --budget "${SWEEP_BUDGET:-150}")
-[ -n "${SWEEP_SIZES:-}" ] && SWEEP+=(--sizes "$SWEEP_SIZES")
-# The sweep's own budget plus a margin for the last point and the charts.
+# The sweep's budget: what is asked, at most what the deadline leaves after a margin for the
+# first calls of the last points and the charts.
+MARGIN=60
+SB=${SWEEP_BUDGET:-100}
+LEFT=$(( $(remaining) - MARGIN ))
+[ "$SB" -gt "$LEFT" ] && SB=$LEFT
+[ "$SB" -lt 10 ] && SB=10
+SWEEP=(bench --out "$RES/bench" --no-progress --budget "$SB" --sizes "${SWEEP_SIZES:-1024,4096,16384,65536}")
 # shellcheck disable=SC2086
-step sweep $(( ${SWEEP_BUDGET:-150} + 90 )) $PY -m contrastive_ops "${SWEEP[@]}" ${SWEEP_ARGS:-}
+step sweep $(( SB + MARGIN )) $PY -m contrastive_ops "${SWEEP[@]}" ${SWEEP_ARGS:-}
 
 echo "total: $(( $(date +%s) - START ))s, $([ $FAILED -eq 0 ] && echo 'all steps passed' || echo 'some steps FAILED')" \
     | tee -a "$SUMMARY"

@@ -260,8 +260,8 @@ def _sweep_config(args, device, dtype, *, full: bool):
         max_point_s=args.max_point_s if args.max_point_s is not None else 5.0,
         mem_cap_bytes=None if cuda else W.default_mem_cap(),
         min_repeats=2 if args.quick else (5 if cuda else 3),
-        max_repeats=5 if args.quick else (50 if cuda else 20),
-        min_time=0.02 if args.quick else (0.3 if cuda else 0.15),
+        max_repeats=5 if args.quick else (30 if cuda else 20),
+        min_time=0.02 if args.quick else (0.1 if cuda else 0.15),
     )
     if not full and args.backends is not None:  # the default command compares backends only
         cfg.only = ["reference"] + list(args.backends)

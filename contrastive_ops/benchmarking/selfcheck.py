@@ -1,8 +1,8 @@
 r"""Self-check: every loss on a kernel backend against the reference, forward and gradients.
 
 The kernel backend gets inputs in the dtype under test; the reference gets the
-same values in float32 (float64 stays float64), so the comparison measures the
-kernel's error against the exact loss.  The loss is multiplied by 1.7 (by a
+same (rounded) values in float32 (float64 stays float64), so the comparison
+measures the kernel's error against the exact loss of its inputs.  The loss is multiplied by 1.7 (by a
 random vector for per-anchor outputs) before the backward pass, so that an
 upstream gradient other than 1 is exercised.  Sizes are deliberately ragged
 (N=37, D=29: not multiples of a block, D not a power of two).
@@ -77,7 +77,9 @@ def check_case(case: LossCase, backend: str, device, dtype: torch.dtype, variant
     res = CheckResult(case.name, variant, backend, device.type, str(dtype).replace("torch.", ""), PASS)
     base = case.make(n, dim, torch.float32, device, seed=seed, variant=variant, small=True)
     ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    k_in, r_in = cast_inputs(base, dtype), cast_inputs(base, ref_dtype)
+    # the reference sees the very values the kernel sees (rounded to ``dtype``), in higher precision
+    k_in = cast_inputs(base, dtype)
+    r_in = cast_inputs(k_in, ref_dtype)
     try:
         r_out = case.call("reference", r_in)
     except NotImplementedError as e:
