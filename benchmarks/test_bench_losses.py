@@ -97,7 +97,7 @@ def test_loss_fwd_bwd(benchmark, loss, impl_name, why, n):
     benchmark.group = f"{loss} N={n} D={DIM} {str(DTYPE).replace('torch.', '')}"
     benchmark.extra_info.update(loss=loss, impl=impl_name, kind=impl.kind, device=str(DEVICE), dtype=str(DTYPE),
                                 shapes=inp.shapes, flops=inp.flops, peak_mem_bytes=int(peak),
-                                pass_="fwd+bwd" if inp.differentiable else "fwd")
+                                step="fwd+bwd" if inp.differentiable else "fwd")
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     median = benchmark.stats.stats.median if benchmark.stats is not None else None
     if inp.flops and median:

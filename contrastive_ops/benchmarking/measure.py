@@ -20,9 +20,10 @@ The extra memory one step needs on top of what exists before it (inputs):
   ``profile_memory=True``: the running sum of the CPU allocator's allocation and
   free events during the step, its maximum taken.  It counts tensors allocated
   through torch's CPU allocator (everything ATen and the C++ extension
-  allocate as tensors); it does not count memory that bypasses it (Python
-  objects, a kernel's private ``malloc``, the Triton interpreter's NumPy
-  buffers).  Peak RSS was not used: glibc keeps freed blocks for reuse, so a
+  allocate as tensors) on the threads the profiler follows; it does not
+  count memory that bypasses it (Python objects, a kernel's private
+  ``malloc``, the Triton interpreter's NumPy buffers) nor tensors allocated
+  on threads other than the caller's (e.g. a kernel's OpenMP workers).  Peak RSS was not used: glibc keeps freed blocks for reuse, so a
   warm process's RSS high-water mark under-reports a step's allocations.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
