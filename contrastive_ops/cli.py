@@ -40,13 +40,16 @@ def _sizes(s: str) -> List[int]:
     return out
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, sub: bool = False) -> None:
+    # ``sub``: the parser of "bench", created with argument_default=SUPPRESS, so that an option
+    # given before "bench" keeps its value unless repeated after it.
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: small sizes, few repeats, only the default variant of each loss checked")
     p.add_argument("--sizes", type=_sizes, help="comma-separated batch sizes to time, e.g. 256,1024,4096")
     p.add_argument("--losses", type=_csv, help="comma-separated loss names (default: all 13)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="device to time on (default: cuda if present)")
-    p.add_argument("--dim", type=int, default=128, help="feature dimension D of the timed inputs (default 128)")
+    p.add_argument("--dim", type=int, default=argparse.SUPPRESS if sub else 128,
+                   help="feature dimension D of the timed inputs (default 128)")
     p.add_argument("--budget", type=float, help="time budget of the timing sweep in seconds")
     p.add_argument("--max-point-s", type=float, default=None,
                    help="skip larger sizes once a step is predicted to take longer than this (seconds)")
@@ -69,14 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="a loss that raises NotImplementedError is a failure")
     p.add_argument("--verbose", "-v", action="store_true", help="print tracebacks of failures")
     sub = p.add_subparsers(dest="command")
-    b = sub.add_parser("bench", help="full sweep with peers; writes results.json and PNG charts")
-    _add_common(b)
+    b = sub.add_parser("bench", help="full sweep with peers; writes results.json and PNG charts",
+                       argument_default=argparse.SUPPRESS)
+    _add_common(b, sub=True)
     b.add_argument("--out", required=True, help="output directory")
-    b.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the sweep (default float32)")
-    b.add_argument("--impls", type=_csv, help="implementation names to keep (default: all available)")
-    b.add_argument("--no-peers", action="store_true", help="leave out other libraries' losses")
-    b.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the reference")
-    b.add_argument("--no-charts", action="store_true", help="write the JSON only")
+    b.add_argument("--dtype", choices=DTYPES, help="dtype of the sweep (default float32)")
+    b.add_argument("--impls", type=_csv, default=None, help="implementation names to keep (default: all available)")
+    b.add_argument("--no-peers", action="store_true", default=False, help="leave out other libraries' losses")
+    b.add_argument("--no-compile", action="store_true", default=False,
+                   help="leave out torch.compile of the reference")
+    b.add_argument("--no-charts", action="store_true", default=False, help="write the JSON only")
     return p
 
 
@@ -361,7 +366,8 @@ def _bench(args, device, busy=None) -> int:
     from .benchmarking.sweep import backend_errors, write_results
 
     _print_env(device, busy=busy)
-    doc = run_timing(args, device, _dtype(args.dtype), full=True)
+    dtype = args.dtype[0] if isinstance(args.dtype, list) else (args.dtype or "float32")
+    doc = run_timing(args, device, _dtype(dtype), full=True)
     path = write_results(doc, args.out)
     print(f"wrote {path}")
     if not args.no_charts:

@@ -283,3 +283,12 @@ def test_selfcheck_tolerances_are_the_test_suites():
     from helpers import TOL
 
     assert S.TOL == TOL
+
+
+def test_options_before_or_after_bench_both_count():
+    p = cli.build_parser()
+    a = p.parse_args(["--quick", "--dtype", "float16", "bench", "--out", "d"])
+    assert a.command == "bench" and a.quick and a.dtype == ["float16"] and a.out == "d"
+    b = p.parse_args(["bench", "--out", "d", "--sizes", "8,16", "--dtype", "bfloat16", "--no-peers"])
+    assert b.sizes == [8, 16] and b.dtype == "bfloat16" and b.no_peers and not b.quick
+    assert p.parse_args([]).command is None
