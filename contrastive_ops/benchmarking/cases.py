@@ -526,7 +526,8 @@ def implementations(case: LossCase, inp: Inputs, *, for_timing: bool = True, pee
         def run_compiled(i, state=state):
             if "fn" not in state:
                 fn = case.fn
-                state["fn"] = torch.compile(lambda *a, **k: fn(*a, backend="reference", **k))
+                # dynamic=True: one compilation serves every batch size of a sweep
+                state["fn"] = torch.compile(lambda *a, **k: fn(*a, backend="reference", **k), dynamic=True)
             return state["fn"](*i.args, **i.kwargs)
 
         out.append(Impl("torch.compile(reference)", "peer", run_compiled, None, state))

@@ -2,9 +2,10 @@ r"""The timing/memory sweep: every loss × implementation × batch size.
 
 Sizes run in increasing order, all losses at one size before the next, so
 that a time budget cut leaves every loss measured at the small sizes.  The
-library's backends run first (at most 60% of the budget when peers follow),
-then ``torch.compile`` and the peers, whose first calls can take long.  For
-each (loss, implementation), a point is
+library's backends run first (until 55% of the budget when peers follow),
+then the peers (until 70%), then ``torch.compile`` of the reference loss by
+loss (compilation takes long; a cut leaves whole curves for the first
+losses).  For each (loss, implementation), a point is
 
 * ``ok``: timed and measured;
 * ``oom``: out of memory (the larger sizes are then ``skipped``);
@@ -33,7 +34,8 @@ from .envinfo import environment
 from .measure import MEMORY_METHOD, free_memory, is_oom, make_step, peak_memory, time_step
 
 SCHEMA_VERSION = 1
-PHASE1_SHARE = 0.6
+PHASE_SHARES = (0.55, 0.7, 1.0)  # cumulative budget shares of the phases of run_sweep
+COMPILED = "torch.compile(reference)"
 
 TIMING_METHOD = ("forward + torch.autograd.grad of every input that requires grad (forward only where the "
                  "loss has no gradient); after warm-up, repeated until min_repeats and min_time are reached; "
@@ -116,40 +118,50 @@ def run_sweep(cfg: SweepConfig, *, progress=None) -> Dict:
     stop: Dict[tuple, str] = {}  # (loss, impl) -> why larger sizes are skipped
     last: Dict[tuple, dict] = {}
     start = time.perf_counter()
-    # Phase 1: the library's backends (the reference included); phase 2: torch.compile and peers.
-    # Peers get what phase 1 leaves, but phase 1 stops at PHASE1_SHARE of the budget when peers
-    # remain, so that compilation times cannot crowd out the library's own scaling curves.
-    has_peers = any(i.kind == "peer" for lst in runnable.values() for i in lst)
-    phases = [("backend", start + cfg.budget_s * (PHASE1_SHARE if has_peers else 1.0)),
-              ("peer", start + cfg.budget_s)]
-    for kind, deadline in phases:
-        for n in sizes:
-            for case in losses:
-                for impl in runnable[case.name]:
-                    if impl.kind != kind:
-                        continue
-                    key = (case.name, impl.name)
-                    rec = {"loss": case.name, "impl": impl.name, "kind": impl.kind, "size": n,
-                           "dtype": str(cfg.dtype).replace("torch.", ""), "status": None, "detail": None}
-                    records.append(rec)
-                    note = f"{case.name} {impl.name} N={n}"
-                    if progress is not None:
-                        progress.update(0, note=note)
-                    if key in stop:
-                        rec.update(status="skipped", detail=stop[key])
-                    elif time.perf_counter() > deadline:
-                        rec.update(status="skipped", detail=f"time budget of {cfg.budget_s:g} s used up")
-                    else:
-                        _measure_point(cfg, case, impl, n, device, rec, last.get(key))
-                        if rec["status"] == "ok":
-                            last[key] = rec
-                        elif rec["status"] == "not_implemented":
-                            stop[key] = "not implemented"
-                        elif rec["status"] in ("oom", "too_slow", "error") or (
-                                rec["status"] == "skipped" and "cap" in (rec["detail"] or "")):
-                            stop[key] = f"{rec['status']} at N={n}"
-                    if progress is not None:
-                        progress.update(1, note=note)
+    # Phases, each with a deadline (a share of the budget, when later phases have work):
+    # 1. the library's backends (the reference included), sizes outer;
+    # 2. the peers' losses, sizes outer;
+    # 3. torch.compile of the reference, loss by loss (compiling takes seconds to minutes, so a
+    #    budget cut should leave whole curves for some losses rather than one point for each).
+    groups = [
+        (lambda i: i.kind == "backend", "sizes"),
+        (lambda i: i.kind == "peer" and i.name != COMPILED, "sizes"),
+        (lambda i: i.name == COMPILED, "losses"),
+    ]
+    present = [any(sel(i) for lst in runnable.values() for i in lst) for sel, _ in groups]
+    shares = []
+    for k in range(len(groups)):
+        later = any(present[k + 1:])
+        shares.append(PHASE_SHARES[k] if later else 1.0)
+    for (sel, order), share in zip(groups, shares):
+        deadline = start + cfg.budget_s * share
+        if order == "sizes":
+            points = [(n, c, i) for n in sizes for c in losses for i in runnable[c.name] if sel(i)]
+        else:
+            points = [(n, c, i) for c in losses for i in runnable[c.name] if sel(i) for n in sizes]
+        for n, case, impl in points:
+            key = (case.name, impl.name)
+            rec = {"loss": case.name, "impl": impl.name, "kind": impl.kind, "size": n,
+                   "dtype": str(cfg.dtype).replace("torch.", ""), "status": None, "detail": None}
+            records.append(rec)
+            note = f"{case.name} {impl.name} N={n}"
+            if progress is not None:
+                progress.update(0, note=note)
+            if key in stop:
+                rec.update(status="skipped", detail=stop[key])
+            elif time.perf_counter() > deadline:
+                rec.update(status="skipped", detail=f"time budget of {cfg.budget_s:g} s used up")
+            else:
+                _measure_point(cfg, case, impl, n, device, rec, last.get(key))
+                if rec["status"] == "ok":
+                    last[key] = rec
+                elif rec["status"] == "not_implemented":
+                    stop[key] = "not implemented"
+                elif rec["status"] in ("oom", "too_slow", "error") or (
+                        rec["status"] == "skipped" and "cap" in (rec["detail"] or "")):
+                    stop[key] = f"{rec['status']} at N={n}"
+            if progress is not None:
+                progress.update(1, note=note)
     order = {(c.name, i.name): k for c in losses for k, i in enumerate(runnable[c.name])}
     records.sort(key=lambda r: (r["size"], cfg.losses.index(r["loss"]) if r["loss"] in cfg.losses else 0,
                                 order[(r["loss"], r["impl"])]))
