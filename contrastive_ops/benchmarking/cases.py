@@ -237,7 +237,8 @@ def _make_supcon(n, d, dt, dev, seed, variant, small):
     if variant == "one":
         kw["contrast_mode"] = "one"
     anchors = n if variant == "one" else v * n
-    return Inputs((feats, labels), kw, {"features": [n, v, d], "labels": [n]}, 3 * _mm(anchors, v * n, d))
+    shapes = {"features": [n, v, d]} if labels is None else {"features": [n, v, d], "labels": [n]}
+    return Inputs((feats, labels), kw, shapes, 3 * _mm(anchors, v * n, d))
 
 
 def _make_dcl(n, d, dt, dev, seed, variant, small):
