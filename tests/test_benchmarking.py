@@ -174,3 +174,20 @@ def test_sweep_stops_at_the_time_budget(monkeypatch):
     ref = [r for r in doc["results"] if r["impl"] == "reference"]
     assert [r["status"] for r in ref] == ["skipped", "skipped"]
     assert "budget" in ref[0]["detail"]
+
+
+def test_environment_reports_the_extension_build_record(monkeypatch):
+    import sys
+    import types
+
+    from contrastive_ops.benchmarking import envinfo
+
+    rec = types.ModuleType("contrastive_ops._build_info")
+    rec.TORCH_VERSION, rec.CUDA_VERSION, rec.WITH_EXT, rec.WITH_CUDA = "2.14.1", "13.0", True, True
+    monkeypatch.setitem(sys.modules, "contrastive_ops._build_info", rec)
+    info = envinfo.build_info()
+    assert info == {"TORCH_VERSION": "2.14.1", "CUDA_VERSION": "13.0", "WITH_EXT": True, "WITH_CUDA": True}
+    env = envinfo.environment("cpu")
+    text = "\n".join(envinfo.format_environment(env, {"reference": (True, "plain"), "cuda": (False, "no GPU")}))
+    assert "extension build: CUDA_VERSION=13.0, TORCH_VERSION=2.14.1, WITH_CUDA=True, WITH_EXT=True" in text
+    assert "cuda       no   no GPU" in text and env["device"]["type"] == "cpu" and env["torch"] == torch.__version__

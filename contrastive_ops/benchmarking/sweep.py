@@ -314,6 +314,21 @@ def format_tables(doc: Dict) -> List[str]:
                 else:
                     row.append(_SHORT.get(r["status"], r["status"]))
             lines.append("  " + f"{n:>7}  " + "".join(f"{c:>{width}}" for c in row))
+        ref_ok = {r["size"]: r for r in recs if r["impl"] == "reference" and r["status"] == "ok"}
+        for i in impls:
+            if i == "reference":
+                continue
+            both = [(n, cell[(i, n)]) for n in sorted(ref_ok) if cell.get((i, n), {}).get("status") == "ok"]
+            if both:
+                n, r = both[-1]
+                ref = ref_ok[n]
+                speed = ref["time_s"]["median"] / r["time_s"]["median"]
+                line = f"  N={n}, {i} vs reference: " + (f"{speed:.1f}x faster" if speed >= 1
+                                                             else f"{1 / speed:.1f}x slower")
+                if r.get("peak_mem_bytes") and ref.get("peak_mem_bytes"):
+                    m = ref["peak_mem_bytes"] / r["peak_mem_bytes"]
+                    line += f", {m:.1f}x less memory" if m >= 1 else f", {1 / m:.1f}x more memory"
+                lines.append(line)
         errs = [r for r in recs if r["status"] == "error"]
         for r in errs:
             lines.append(f"  ERROR {r['impl']} N={r['size']}: {r['detail']}")
