@@ -105,11 +105,14 @@ def _normalized_acc(x: Tensor, normalize: bool) -> Tensor:
     return F.normalize(x, dim=1, eps=NORM_EPS) if normalize else x
 
 
-def _normalized_like(x: Tensor, normalize: bool) -> Tensor:
-    """Fused path: normalize in the accumulation dtype, hand the kernel the input dtype."""
-    if not normalize:
-        return x
-    return F.normalize(x.to(acc_dtype(x.dtype)), dim=1, eps=NORM_EPS).to(x.dtype)
+def _normalized_like(x: Tensor, normalize: bool):
+    """Fused path: normalize in the accumulation dtype; return ``(for the kernel, for PyTorch-side terms)``.
+
+    See ``core.kernel_operands``: the kernel reads the input dtype, the
+    positive logits use the same rounded values in fp32, and both gradients
+    are summed in fp32 before the final cast.
+    """
+    return core.kernel_operands(_normalized_acc(x, normalize), x.dtype)
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -151,17 +154,17 @@ def info_nce_reference(query, key, temperature=0.07, *, targets=None, symmetric=
 def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
                     reduction="mean", backend: str) -> Tensor:
     """InfoNCE on ``core.sim_lse``: row (and column) LSEs from the core, positives in PyTorch."""
-    q = _normalized_like(query, normalize)
-    k = _normalized_like(key, normalize)
+    q, q32 = _normalized_like(query, normalize)
+    k, k32 = _normalized_like(key, normalize)
     scale = _inv_tau(temperature, q)
     if symmetric:
         row_lse, col_lse = core.sim_lse(q, _keys(k), scale, want_col=True, backend=backend)
-        pos = _rowdot(q, k) * scale
+        pos = _rowdot(q32, k32) * scale
         loss = 0.5 * ((row_lse - pos) + (col_lse - pos))
     else:
         row_lse, _ = core.sim_lse(q, _keys(k), scale, backend=backend)
         t = torch.arange(q.shape[0], device=q.device) if targets is None else targets.long()
-        pos = _rowdot(q, k.index_select(0, t)) * scale
+        pos = _rowdot(q32, k32.index_select(0, t)) * scale
         loss = row_lse - pos
     return reduce(loss, reduction)
 
@@ -232,11 +235,11 @@ def clip_loss_reference(image_features, text_features, logit_scale) -> Tensor:
 
 def _fused_clip_loss(image_features, text_features, logit_scale, *, backend: str) -> Tensor:
     """CLIP loss on one core call: the row LSEs are the image→text terms, the column LSEs text→image."""
-    img = image_features
-    txt = text_features
+    img, img32 = _normalized_like(image_features, False)
+    txt, txt32 = _normalized_like(text_features, False)
     s = as_scalar("logit_scale", logit_scale, img)
     row_lse, col_lse = core.sim_lse(img, _keys(txt), s, want_col=True, backend=backend)
-    pos = _rowdot(img, txt) * s
+    pos = _rowdot(img32, txt32) * s
     return 0.5 * ((row_lse - pos).mean() + (col_lse - pos).mean())
 
 
@@ -278,14 +281,14 @@ def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mea
 
 def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend: str) -> Tensor:
     """NT-Xent on ``core.sim_lse(Z, Z)`` with the self pair excluded; positives in PyTorch."""
-    Z = torch.cat([_normalized_like(z1, normalize), _normalized_like(z2, normalize)], 0)
+    (a, a32), (b, b32) = _normalized_like(z1, normalize), _normalized_like(z2, normalize)
+    Z = torch.cat([a, b], 0)
     n2 = Z.shape[0]
     N = n2 // 2
     scale = _inv_tau(temperature, Z)
     idx = torch.arange(n2, device=Z.device)
     row_lse, _ = core.sim_lse(Z, _keys(Z), scale, exclude=idx[:, None], backend=backend)
-    partner = torch.cat([Z[N:], Z[:N]], 0)
-    pos = _rowdot(Z, partner) * scale
+    pos = _rowdot(torch.cat([a32, b32], 0), torch.cat([b32, a32], 0)) * scale
     return reduce(row_lse - pos, reduction)
 
 
