@@ -61,8 +61,8 @@ def test_cli_bench_quick_writes_json_and_png(tmp_path):
              "--no-progress")
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads((out_dir / "results.json").read_text())
-    for key in ("schema_version", "environment", "backends", "config", "methods", "cases", "implementations",
-                "results"):
+    for key in ("schema_version", "date", "device", "environment", "backends", "config", "methods", "cases",
+                "implementations", "results"):
         assert key in doc, key
     assert doc["environment"]["device"]["name"]
     assert doc["environment"]["date"].startswith(tuple("12"))

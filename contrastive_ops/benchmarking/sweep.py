@@ -165,9 +165,12 @@ def run_sweep(cfg: SweepConfig, *, progress=None) -> Dict:
     order = {(c.name, i.name): k for c in losses for k, i in enumerate(runnable[c.name])}
     records.sort(key=lambda r: (r["size"], cfg.losses.index(r["loss"]) if r["loss"] in cfg.losses else 0,
                                 order[(r["loss"], r["impl"])]))
+    env = environment(device)
     return {
         "schema_version": SCHEMA_VERSION,
-        "environment": environment(device),
+        "date": env["date"],
+        "device": env["device"]["name"],
+        "environment": env,
         "backends": {k: {"available": ok, "reason": why} for k, (ok, why) in _backends().items()},
         "config": cfg.as_dict(),
         "methods": {"timing": TIMING_METHOD, "memory": MEMORY_METHOD[device.type], "flops": _flop_doc()},
