@@ -43,6 +43,7 @@ and the fused kernels are measured against the same count.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -526,9 +527,10 @@ def implementations(case: LossCase, inp: Inputs, *, for_timing: bool = True, pee
 
         def run_compiled(i, state=state):
             if "fn" not in state:
-                fn = case.fn
-                # dynamic=True: one compilation serves every batch size of a sweep
-                state["fn"] = torch.compile(lambda *a, **k: fn(*a, backend="reference", **k), dynamic=True)
+                # dynamic=True: one compilation serves every batch size of a sweep.  The loss's own
+                # function is compiled (not a shared wrapper), so that every loss has its own
+                # dynamo cache and none falls back to eager at the recompile limit.
+                state["fn"] = torch.compile(functools.partial(case.fn, backend="reference"), dynamic=True)
             return state["fn"](*i.args, **i.kwargs)
 
         out.append(Impl("torch.compile(reference)", "peer", run_compiled, None, state))
