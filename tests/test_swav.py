@@ -276,6 +276,19 @@ def test_cext_fake_and_opcheck():
     torch.library.opcheck(torch.ops.contrastive_ops.sinkhorn_codes.default, (scores, 0.05, torch.randn(23), True))
 
 
+@pytest.mark.parametrize("iterations", [0, 3])
+def test_cext_compiles_fullgraph(iterations):
+    """The ops trace through their fake kernels (the primitive alone and the step-wise composition)."""
+    p = _cext_prim()
+    scores = torch.randn(40, 30)
+    ref = sinkhorn_reference(scores, 0.05, iterations)
+    f = torch.compile(lambda x: p.forward(x, 0.05, iterations), fullgraph=True, backend="aot_eager")
+    g = torch.compile(lambda x: sinkhorn_steps(p.col_lse, p.codes, x, 0.05, iterations), fullgraph=True,
+                      backend="aot_eager")
+    torch.testing.assert_close(f(scores), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g(scores), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_cext_op_rejects_bad_input():
     _cext_prim()
     with pytest.raises(RuntimeError, match="2-D"):
