@@ -92,7 +92,7 @@ _CEXT_STATE = {}
 
 
 def _cext_prim():
-    """The extension's op: from ``contrastive_ops._C`` when built, else a one-off build of the CPU source."""
+    """The extension's op: from ``contrastive_ops._C`` when built, else a one-off build of this op's sources."""
     if "prim" in _CEXT_STATE:
         return _CEXT_STATE["prim"]
     if "error" in _CEXT_STATE:
@@ -100,13 +100,20 @@ def _cext_prim():
     from contrastive_ops.backends import _cext_sinkhorn as cx
 
     if not cx._has_op("sinkhorn"):
+        sources = [os.path.join(ROOT, "csrc", "cpu", "sinkhorn.cpp")]
+        if DEV.type == "cuda":
+            sources.append(os.path.join(ROOT, "csrc", "cuda", "sinkhorn.cu"))
         try:
             from torch.utils.cpp_extension import load
 
-            load(name="contrastive_ops_sinkhorn_cpu_test", sources=[os.path.join(ROOT, "csrc", "cpu", "sinkhorn.cpp")],
-                 is_python_module=False, extra_cflags=["-O3"])
+            import site
+
+            incs = [p for p in (os.path.join(d, "nvidia", "cu13", "include") for d in site.getsitepackages())
+                    if os.path.isdir(p)]  # cuBLAS headers that ATen/cuda pulls in, where the toolkit lacks them
+            load(name=f"contrastive_ops_sinkhorn_{DEV.type}_test", sources=sources, is_python_module=False,
+                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], extra_include_paths=incs)
         except Exception as e:  # noqa: BLE001 - reported as the skip reason
-            _CEXT_STATE["error"] = f"cannot build csrc/cpu/sinkhorn.cpp: {type(e).__name__}: {e}"
+            _CEXT_STATE["error"] = f"cannot build {sources}: {type(e).__name__}: {e}"
             pytest.skip(_CEXT_STATE["error"])
         cx.register_fakes()
     _CEXT_STATE["prim"] = cx.SINKHORN
@@ -132,7 +139,7 @@ def kernel_backend(request, monkeypatch):
     """
     name = request.param
     try:
-        ok, why = co.available_backends()[name]
+        ok, why = backends._availability(name)
         wired = ok and DEV.type in backends.backend_module(name).devices() and \
             "sinkhorn" in backends.backend_module(name).PRIMITIVES
     except Exception as e:  # noqa: BLE001 - a backend package without its dispatch module yet

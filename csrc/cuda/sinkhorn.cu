@@ -14,7 +14,7 @@
 //     (online LSE over K, warp shuffles), then every thread folds L[b,k] + u[b]
 //     of those rows into its prototypes: m' = max(m, x), s' = s·e^{m−m'} + e^{x−m'}.
 //     The rows are read from HBM once per iteration (the second read hits L1/L2);
-//   * combine_kernel: v[k] = LSE over blocks of (m, s)  (the host negates it).
+//   * combine_kernel: LSE over blocks of (m, s) per prototype (the host negates it into v).
 // codes_kernel: one warp per row, online LSE then the write.
 // Scores are read in their dtype and accumulated in fp32 (fp64 for fp64 scores).
 // Nothing overflows: every exponent is ≤ 0.  Extra memory: (blocks × K) partials.
@@ -128,14 +128,26 @@ __global__ void __launch_bounds__(kThreads) col_lse_kernel(
 }
 
 // out[k] = LSE over blocks of the partials (every block holds ≥ 1 row, so m is finite, s ≥ 1).
+// A block takes 32 prototypes; its 8 warps split the partial rows, then merge through shared memory.
 template <typename acc_t>
-__global__ void combine_kernel(const acc_t* __restrict__ part_m, const acc_t* __restrict__ part_s,
-                               int64_t n_blocks, int64_t K, acc_t* __restrict__ out) {
-  const int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (k >= K) return;
+__global__ void __launch_bounds__(kThreads) combine_kernel(const acc_t* __restrict__ part_m,
+                                                           const acc_t* __restrict__ part_s, int64_t n_blocks,
+                                                           int64_t K, acc_t* __restrict__ out) {
+  __shared__ acc_t m_sh[kWarps][32];
+  __shared__ acc_t s_sh[kWarps][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t k = blockIdx.x * static_cast<int64_t>(32) + lane;
   acc_t m = neg_inf<acc_t>(), s = 0;
-  for (int64_t j = 0; j < n_blocks; ++j) lse_merge(m, s, part_m[j * K + k], part_s[j * K + k]);
-  out[k] = m + dlog(s);
+  if (k < K) {
+    for (int64_t j = warp; j < n_blocks; j += kWarps) lse_merge(m, s, part_m[j * K + k], part_s[j * K + k]);
+  }
+  m_sh[warp][lane] = m;
+  s_sh[warp][lane] = s;
+  __syncthreads();
+  if (warp == 0 && k < K) {
+    for (int w = 1; w < kWarps; ++w) lse_merge(m, s, m_sh[w][lane], s_sh[w][lane]);
+    out[k] = m + dlog(s);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -204,7 +216,7 @@ at::Tensor sinkhorn_col_lse(const at::Tensor& scores_in, double epsilon, const c
         v.defined() ? v.data_ptr<acc_t>() : nullptr, pm.data_ptr<acc_t>(), ps.data_ptr<acc_t>(), rows_per_block,
         use_smem);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    combine_kernel<acc_t><<<static_cast<unsigned>((K + 255) / 256), 256, 0, stream>>>(
+    combine_kernel<acc_t><<<static_cast<unsigned>((K + 31) / 32), kThreads, 0, stream>>>(
         pm.data_ptr<acc_t>(), ps.data_ptr<acc_t>(), n_blocks, K, out.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
