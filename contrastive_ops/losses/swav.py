@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 import torch.nn.functional as F
