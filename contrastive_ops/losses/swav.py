@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from .. import backends
 from .._checks import as_scalar, check_features, check_same_device_dtype, shape_str
 from ..core import acc_dtype
+from ..distributed import GlobalBatch
 
 Tensor = torch.Tensor
 
@@ -188,6 +189,16 @@ def sinkhorn_reference(scores: Tensor, epsilon: float, iterations: int, process_
     return torch.exp(logq + log_b).T.to(torch.float32).contiguous()    # (B·Q)ᵀ
 
 
+def _share_of_global_mean(crop: Tensor, process_group) -> float:
+    """Factor turning a mean over this rank's B rows into this rank's share of the mean over the global batch.
+
+    1 without a process group or with equal local batches; with uneven ones
+    the mean over ranks of the losses is then the global mean.
+    """
+    gb = GlobalBatch(crop.shape[0], process_group, crop.device)
+    return gb.world_size * gb.n / gb.total
+
+
 def swav_loss_reference(crops: Sequence[Tensor], temperature, crops_for_assign, epsilon, iterations,
                         process_group=None) -> Tensor:
     """The swapped-prediction loss as SwAV's training loop writes it (dense, plain PyTorch)."""
@@ -204,7 +215,7 @@ def swav_loss_reference(crops: Sequence[Tensor], temperature, crops_for_assign, 
             x = crops[v].to(dt) / tau
             subloss = subloss - torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
         loss = loss + subloss / (n - 1)
-    return loss / len(crops_for_assign)
+    return loss / len(crops_for_assign) * _share_of_global_mean(crops[0], process_group)
 
 
 # --------------------------------------------------------------------------- fused composition
@@ -288,4 +299,4 @@ def swav_loss(scores, temperature=0.1, *, crops_for_assign=(0, 1), epsilon=0.05,
             continue
         target = targets[0] if len(targets) == 1 else torch.stack(targets).sum(0)
         loss = loss + F.cross_entropy(crop.to(dt) / tau, target.to(dt), reduction="mean")
-    return loss / ((len(crops) - 1) * len(assign))
+    return loss / ((len(crops) - 1) * len(assign)) * _share_of_global_mean(crops[0], process_group)
