@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import types
 
 import pytest
 import torch
@@ -15,9 +13,9 @@ import contrastive_ops as co
 from contrastive_ops import backends
 from contrastive_ops.losses.swav import sinkhorn_reference, sinkhorn_steps
 
+import helpers
 from helpers import TOL, compare_with_reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOW = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -88,36 +86,13 @@ def _triton_prim():
     return SINKHORN
 
 
-_CEXT_STATE = {}
-
-
 def _cext_prim():
-    """The extension's op: from ``contrastive_ops._C`` when built, else a one-off build of this op's sources."""
-    if "prim" in _CEXT_STATE:
-        return _CEXT_STATE["prim"]
-    if "error" in _CEXT_STATE:
-        pytest.skip(_CEXT_STATE["error"])
-    from contrastive_ops.backends import _cext_sinkhorn as cx
-
-    if not cx._has_op("sinkhorn"):
-        sources = [os.path.join(ROOT, "csrc", "cpu", "sinkhorn.cpp")]
-        if DEV.type == "cuda":
-            sources.append(os.path.join(ROOT, "csrc", "cuda", "sinkhorn.cu"))
-        try:
-            from torch.utils.cpp_extension import load
-
-            import site
-
-            incs = [p for p in (os.path.join(d, "nvidia", "cu13", "include") for d in site.getsitepackages())
-                    if os.path.isdir(p)]  # cuBLAS headers that ATen/cuda pulls in, where the toolkit lacks them
-            load(name=f"contrastive_ops_sinkhorn_{DEV.type}_test", sources=sources, is_python_module=False,
-                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], extra_include_paths=incs)
-        except Exception as e:  # noqa: BLE001 - reported as the skip reason
-            _CEXT_STATE["error"] = f"cannot build {sources}: {type(e).__name__}: {e}"
-            pytest.skip(_CEXT_STATE["error"])
-        cx.register_fakes()
-    _CEXT_STATE["prim"] = cx.SINKHORN
-    return cx.SINKHORN
+    """The extension's op through the cpu/cuda backend (skipped with the reason when not built)."""
+    name = "cuda" if DEV.type == "cuda" else "cpu"
+    ok, why = backends._availability(name)
+    if not ok:
+        pytest.skip(f"{name} backend not usable here: {why}")
+    return backends.primitive(name, "sinkhorn")
 
 
 PRIMS = {"triton": _triton_prim, "cext": _cext_prim}
@@ -129,34 +104,10 @@ def prim(request):
     return PRIMS[request.param]()
 
 
-@pytest.fixture(params=["cpu", "triton", "cuda"])
-def kernel_backend(request, monkeypatch):
-    """A kernel backend whose ``"sinkhorn"`` primitive runs here.
-
-    The backend's own module when it offers the primitive; otherwise (before
-    the primitive is wired into the backend's PRIMITIVES) a stand-in module with
-    just this primitive, so the composition is exercised either way.
-    """
-    name = request.param
-    try:
-        ok, why = backends._availability(name)
-        wired = ok and DEV.type in backends.backend_module(name).devices() and \
-            "sinkhorn" in backends.backend_module(name).PRIMITIVES
-    except Exception as e:  # noqa: BLE001 - a backend package without its dispatch module yet
-        ok, why, wired = False, f"{type(e).__name__}: {e}", False
-    if wired:
-        return name
-    if name == "cuda" or (name == "cpu" and DEV.type != "cpu"):
-        pytest.skip(f"{name} backend not usable here: {why}")
-    p = _triton_prim() if name == "triton" else _cext_prim()
-    shim = types.ModuleType(f"_sinkhorn_shim_{name}")
-    shim.availability = lambda: (True, "sinkhorn primitive only")
-    shim.devices = lambda: {DEV.type}
-    shim.dtypes = lambda: set(LOW)
-    shim.PRIMITIVES = {"sinkhorn": p}
-    monkeypatch.setitem(sys.modules, shim.__name__, shim)
-    monkeypatch.setitem(backends._MODULES, name, shim.__name__)
-    return name
+@pytest.fixture(params=helpers.backend_params())
+def kernel_backend(request):
+    """A kernel backend whose ``"sinkhorn"`` primitive runs on this device."""
+    return request.param
 
 
 # --------------------------------------------------------------------------- reference vs SwAV

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
 import warnings
 from typing import Dict, Iterable, Optional, Sequence, Tuple
@@ -99,8 +100,14 @@ def get_backend() -> str:
 
 
 def backend_module(name: str):
-    """Import and return the module of a kernel backend (raises ImportError)."""
-    return importlib.import_module(_MODULES[name])
+    """Import and return the module of a kernel backend (raises ImportError).
+
+    Once imported (``resolve`` does it), looking it up again is a read of
+    ``sys.modules``, which ``torch.compile`` traces without a graph break.
+    """
+    path = _MODULES[name]
+    mod = sys.modules.get(path)
+    return mod if mod is not None else importlib.import_module(path)
 
 
 def _availability(name: str) -> Tuple[bool, str]:
@@ -160,8 +167,18 @@ def resolve(backend: Optional[str], *, op: str, tensors: Sequence) -> str:
     Raises ``RuntimeError`` naming the reason when an explicit backend cannot
     run ``op`` on the tensors' device.
     """
-    name = get_backend() if backend is None else _check_name(backend)
     device, dtype = _device_dtype(tensors)
+    return _resolve(backend, op, device.type, dtype)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: Optional[str], op: str, device_type: str, dtype: Optional[torch.dtype]) -> str:
+    # Depends only on constants (names, device type, dtype) and the process's
+    # backends: under torch.compile it runs once at trace time and its answer
+    # is a constant of the graph, so imports and availability probes never
+    # reach the tracer.
+    name = get_backend() if backend is None else _check_name(backend)
+    device = torch.device(device_type)
     if name != "auto":
         why = _why_not(name, op, device, dtype)
         if why is not None:
@@ -189,7 +206,7 @@ def _warn_once(op: str, device: torch.device, reasons) -> None:
         f"({'; '.join(reasons)}); using the plain-PyTorch reference, which stores the "
         "full similarity matrix. Pass backend='reference' to silence this.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 

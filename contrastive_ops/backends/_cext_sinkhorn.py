@@ -8,8 +8,9 @@ kernels in ``csrc/cuda/sinkhorn.cu``::
     contrastive_ops::sinkhorn_codes(Tensor scores, float epsilon, Tensor v, bool normalize) -> Tensor
 
 (maths in ``contrastive_ops.losses.swav``).  ``register_fakes()`` gives them
-fake kernels for ``torch.compile``; it runs when this module is imported and
-the ops exist, and may be called again after loading the library by hand.
+fake kernels for ``torch.compile``; ``backends._cext`` calls it once the
+extension is loaded (through ``_ext.load``, which checks the build versions),
+and it may be called again after loading the library by hand.
 """
 from __future__ import annotations
 
@@ -79,9 +80,3 @@ class _Sinkhorn:
 
 
 SINKHORN = _Sinkhorn()
-
-try:  # the extension may be absent (pure-Python install); the primitive is then simply not offered
-    from .. import _C  # noqa: F401
-except (ImportError, OSError):
-    pass
-register_fakes()
