@@ -1,9 +1,141 @@
-"""Build script: the Python package plus the optional C++/CUDA extension ``contrastive_ops._C``."""
+"""Build script: the Python package plus the optional C++/CUDA extension ``contrastive_ops._C``.
+
+Environment variables (read once, printed as the resolved build configuration):
+
+``CONTRASTIVE_OPS_SKIP_EXT=1``   pure-Python install, no extension (backends "cpu"/"cuda" unavailable).
+``CONTRASTIVE_OPS_CPU_ONLY=1``   build only the CPU kernels even where CUDA could be built.
+``FORCE_CUDA=1``                 build the CUDA kernels even without a visible GPU (needs nvcc).
+``TORCH_CUDA_ARCH_LIST``         CUDA architectures (default: the local GPU's, or "9.0" without one).
+``MAX_JOBS``                     parallel compile jobs (default: from CPU cores and free memory).
+``CUDA_HOME``                    the CUDA toolkit (default: torch's detection, nvcc on PATH).
+
+Sources: every ``csrc/**/*.cpp`` (those under ``csrc/cuda/`` only with CUDA) and,
+with CUDA, every ``csrc/**/*.cu``.  Recommended install, against the torch
+already installed: ``pip install --no-build-isolation .``
+"""
+import glob
+import os
+import sys
+
 from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PKG = "contrastive_ops"
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _default_jobs():
+    """Parallel jobs: one per core, at most one per 3 GiB of available memory (nvcc is hungry)."""
+    cores = os.cpu_count() or 1
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        avail_gib = int(info["MemAvailable"].split()[0]) / 2**20
+        return max(1, min(cores, int(avail_gib // 3)))
+    except (OSError, KeyError, ValueError):
+        return max(1, min(cores, 4))
+
+
+def _nvidia_include_dirs():
+    """Headers shipped by torch's nvidia-* wheels (cuBLAS & co. that ATen/cuda headers include)."""
+    dirs = []
+    for base in sys.path:
+        for d in sorted(glob.glob(os.path.join(base, "nvidia", "cu[0-9]*", "include"))):
+            if os.path.isdir(d) and d not in dirs:
+                dirs.append(d)
+    return dirs
+
+
+def _write_build_info(with_ext, with_cuda):
+    import torch
+
+    text = (
+        '"""Written by setup.py at build time: the torch the extension was compiled against."""\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n"
+        f"WITH_EXT = {bool(with_ext)!r}\n"
+        f"WITH_CUDA = {bool(with_cuda)!r}\n"
+    )
+    path = os.path.join(ROOT, PKG, "_build_info.py")
+    with open(path, "w") as f:
+        f.write(text)
+    return text
 
 
 def extensions():
-    return [], {}
+    if _flag("CONTRASTIVE_OPS_SKIP_EXT"):
+        print("contrastive_ops build: CONTRASTIVE_OPS_SKIP_EXT=1, pure-Python install (no extension)")
+        try:
+            _write_build_info(False, False)
+        except ImportError:
+            pass
+        return [], {}
+
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    force_cuda = _flag("FORCE_CUDA")
+    cpu_only = _flag("CONTRASTIVE_OPS_CPU_ONLY")
+    cuda_home = ce.CUDA_HOME
+    nvcc = cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    with_cuda = not cpu_only and torch.version.cuda is not None and (force_cuda or bool(nvcc))
+    if force_cuda and not cpu_only and not nvcc:
+        raise RuntimeError("FORCE_CUDA=1 but no nvcc was found: set CUDA_HOME to a CUDA toolkit")
+    if force_cuda and torch.version.cuda is None:
+        raise RuntimeError(f"FORCE_CUDA=1 but the installed torch {torch.__version__} has no CUDA support")
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    os.environ.setdefault("MAX_JOBS", str(_default_jobs()))
+
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cuda_dir = os.path.join("csrc", "cuda") + os.sep
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    else:
+        sources = [s for s in sources if not s.startswith(cuda_dir)]
+
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    nvidia_dirs = _nvidia_include_dirs() if with_cuda else []
+    extra = {"cxx": ["-O3"]}  # the C++ standard is the one torch asks for
+    if with_cuda:
+        include_dirs += nvidia_dirs
+        extra["nvcc"] = ["-O3", "-lineinfo"]
+        ext_cls = ce.CUDAExtension
+        extra["cxx"].append("-DCONTRASTIVE_OPS_WITH_CUDA")
+    else:
+        ext_cls = ce.CppExtension
+    ext = ext_cls(
+        name=f"{PKG}._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args=extra,
+        py_limited_api=False,
+    )
+    _write_build_info(True, with_cuda)
+
+    print("contrastive_ops build configuration:")
+    print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
+    print(f"  extension: {'CUDAExtension (CPU + CUDA kernels)' if with_cuda else 'CppExtension (CPU kernels)'}")
+    if with_cuda:
+        print(f"  CUDA_HOME={cuda_home}  TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(local GPU)')}")
+        print(f"  extra include dirs: {nvidia_dirs}")
+    print(f"  MAX_JOBS={os.environ['MAX_JOBS']}  sources={sources}")
+
+    class BuildExt(ce.BuildExtension):
+        def run(self):
+            super().run()
+            # build_py may already have copied the package: make sure the
+            # installed copy carries the build info of this build.
+            src = os.path.join(ROOT, PKG, "_build_info.py")
+            dst_dir = os.path.join(self.build_lib, PKG)
+            if not self.inplace and os.path.isdir(dst_dir):
+                with open(src) as f, open(os.path.join(dst_dir, "_build_info.py"), "w") as g:
+                    g.write(f.read())
+
+    return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

@@ -140,3 +140,34 @@ def reduce(values: Tensor, reduction: str, count: Optional[Tensor] = None) -> Te
     if count is None:
         return total / values.numel()
     return total / count.clamp_min(1).to(total.dtype)
+
+
+def check_views(name: str, features, *, min_views: int = 2, allow_single: bool = False) -> Tensor:
+    """Multi-view features as a view-major (V, N, D) tensor.
+
+    Accepts an (N, V, D) tensor (returned transposed, no copy), a sequence of V
+    (N, D) tensors (stacked), and with ``allow_single`` an (N, D) tensor as one
+    view.  Fewer than ``min_views`` views is an error.
+    """
+    if isinstance(features, Tensor):
+        check_features(name, features, (2, 3) if allow_single else (3,))
+        views = features.unsqueeze(0) if features.dim() == 2 else features.transpose(0, 1)
+        if views.shape[0] < min_views:
+            raise ValueError(
+                f"{name} must hold at least {min_views} views (shape (N, V, D) with V >= {min_views}), "
+                f"got shape {shape_str(features)}"
+            )
+        return views
+    if not isinstance(features, (list, tuple)):
+        raise TypeError(f"{name} must be a tensor of shape (N, V, D) or a sequence of (N, D) tensors, "
+                        f"got {type(features).__name__}")
+    if len(features) < max(min_views, 1):
+        raise ValueError(f"{name} must hold at least {max(min_views, 1)} views, got a sequence of {len(features)}")
+    for i, t in enumerate(features):
+        check_features(f"{name}[{i}]", t, (2,))
+    t0 = features[0]
+    for i, t in enumerate(features[1:], 1):
+        if t.shape != t0.shape:
+            raise ValueError(f"{name}[{i}] and {name}[0] must have the same shape, got {shape_str(t)} and {shape_str(t0)}")
+    check_same_device_dtype([(f"{name}[{i}]", t) for i, t in enumerate(features)])
+    return torch.stack(list(features), 0)

@@ -57,6 +57,23 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def kernel_operands(x_acc: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Split a feature tensor held in the accumulation dtype into what the core and PyTorch see.
+
+    Returns ``(x_kernel, x_rounded)``: ``x_kernel`` is ``x_acc`` in the input
+    dtype (what the kernel reads); ``x_rounded`` has the same rounded values in
+    the accumulation dtype, for the PyTorch-side terms (positive logits, label
+    sums), so both sides of a loss see identical logits.  Gradients of both
+    flow back into ``x_acc`` and are summed there in fp32 — with fp16/bf16
+    inputs the large, nearly cancelling terms (the softmax and the positive)
+    meet before the one final rounding, not after.
+    """
+    x_kernel = x_acc.to(dtype)
+    if x_kernel.dtype == x_acc.dtype:
+        return x_acc, x_acc
+    return x_kernel, x_acc + (x_kernel.to(x_acc.dtype) - x_acc).detach()
+
+
 def _as_index(t: Optional[Tensor], device) -> Optional[Tensor]:
     if t is None:
         return None

@@ -1,16 +1,165 @@
-"""Losses whose positive is not in the denominator: dcl_loss (DCL/DCLW), dhel_loss."""
+r"""Losses whose positive is in no denominator: DCL / DCLW and DHEL.
+
+With u = ẑ1, v = ẑ2 (normalized when ``normalize=True``), s(a, b) = a·b/τ:
+
+DCL (Yeh et al. 2022; lightly ``DCLLoss`` / ``DCLWLoss``)::
+
+    ℓ⁽¹⁾_i = −w_i·s(u_i, v_i) + LSE( {s(u_i, u_j)}_{j≠i} ∪ {s(u_i, v_j)}_{j≠i} )   (2N−2 negatives)
+    ℓ⁽²⁾_i = −w_i·s(u_i, v_i) + LSE( {s(v_i, v_j)}_{j≠i} ∪ {s(v_i, u_j)}_{j≠i} )
+    ℓ_i    = ½(ℓ⁽¹⁾_i + ℓ⁽²⁾_i)
+
+with w_i = 1, or for ``weighted=True`` (DCLW) w_i = 2 − N·softmax_i(u_i·v_i/σ)
+computed on detached features (the same weights for both directions).
+
+DHEL (Koromilas et al., DHEL-KCL)::
+
+    ℓ_i = −s(u_i, v_i) + LSE_{j≠i} s(u_i, u_j) [+ LSE_{j≠i} s(v_i, v_j) if include_augs]
+
+With N = 1 every LSE set is empty and the term is left out (as in MV-DHEL,
+which equals DHEL with ``include_augs=True`` for V = 2).
+
+Fused compositions: Z = cat(u, v) (2N, D) and one core call; DCL excludes
+self and the positive per row, DHEL limits each row to its own half.
+"""
 from __future__ import annotations
 
 import torch
 
+from .. import _checks, backends, core
+from ..core import _masked_lse
+from .multiview import _as_t, _no_process_group, _unit
+
 Tensor = torch.Tensor
+
+
+def _dcl_weights(u: Tensor, v: Tensor, sigma, weighted: bool) -> Tensor:
+    """DCLW's negative von Mises-Fisher weights on detached features (1 when not weighted)."""
+    if not weighted:
+        return torch.ones((), dtype=u.dtype, device=u.device)
+    N = u.shape[0]
+    sim = (u.detach() * v.detach()).sum(-1) / _as_t(sigma, u).detach()
+    return 2 - N * torch.softmax(sim, 0)
+
+
+def dcl_reference(z1: Tensor, z2: Tensor, temperature, *, weighted: bool = False, sigma=0.5,
+                  normalize: bool = True, reduction: str = "mean") -> Tensor:
+    """Exact dense DCL / DCLW; stores (2N)²."""
+    N = z1.shape[0]
+    u, v = _unit(z1, normalize), _unit(z2, normalize)
+    scale = 1.0 / _as_t(temperature, u)
+    w = _dcl_weights(u, v, sigma, weighted)
+    Z = torch.cat([u, v])
+    S = (Z @ Z.T) * scale
+    i = torch.arange(2 * N, device=u.device)
+    partner = (i + N) % (2 * N)
+    allowed = (i[None, :] != i[:, None]) & (i[None, :] != partner[:, None])
+    pos = S[i[:N], partner[:N]]
+    values = -w * pos
+    if N >= 2:
+        lse = _masked_lse(S, allowed, 1)
+        values = values + 0.5 * (lse[:N] + lse[N:])
+    return _checks.reduce(values, reduction)
+
+
+def dhel_reference(z1: Tensor, z2: Tensor, temperature, *, include_augs: bool = True, normalize: bool = True,
+                   reduction: str = "mean") -> Tensor:
+    """Exact dense DHEL; stores N²."""
+    N = z1.shape[0]
+    u, v = _unit(z1, normalize), _unit(z2, normalize)
+    scale = 1.0 / _as_t(temperature, u)
+    values = -(u * v).sum(-1) * scale
+    if N >= 2:
+        not_self = ~torch.eye(N, dtype=torch.bool, device=u.device)
+        values = values + _masked_lse((u @ u.T) * scale, not_self, 1)
+        if include_augs:
+            values = values + _masked_lse((v @ v.T) * scale, not_self, 1)
+    return _checks.reduce(values, reduction)
+
+
+def _fused_dcl(z1: Tensor, z2: Tensor, temperature, *, weighted: bool = False, sigma=0.5, normalize: bool = True,
+               reduction: str = "mean", backend: str) -> Tensor:
+    """DCL / DCLW on the core: one call over cat(u, v) excluding self and positive."""
+    N = z1.shape[0]
+    u, v = _unit(z1, normalize), _unit(z2, normalize)
+    scale = 1.0 / _as_t(temperature, u)
+    w = _dcl_weights(u, v, sigma, weighted)
+    values = -w * (u * v).sum(-1) * scale
+    if N >= 2:
+        Zc = torch.cat([u, v]).to(z1.dtype)
+        i = torch.arange(2 * N, device=u.device)
+        exclude = torch.stack([i, (i + N) % (2 * N)], 1)  # self and the positive
+        lse, _ = core.sim_lse(Zc, Zc, scale, exclude=exclude, backend=backend)
+        values = values + 0.5 * (lse[:N] + lse[N:])
+    return _checks.reduce(values, reduction)
+
+
+def _fused_dhel(z1: Tensor, z2: Tensor, temperature, *, include_augs: bool = True, normalize: bool = True,
+                reduction: str = "mean", backend: str) -> Tensor:
+    """DHEL on the core: same-view LSE with self excluded, one call."""
+    N = z1.shape[0]
+    u, v = _unit(z1, normalize), _unit(z2, normalize)
+    scale = 1.0 / _as_t(temperature, u)
+    values = -(u * v).sum(-1) * scale
+    if N >= 2:
+        if include_augs:
+            Zc = torch.cat([u, v]).to(z1.dtype)
+            start = torch.arange(2, device=u.device).repeat_interleave(N) * N  # each row's own half
+            lse, _ = core.sim_lse(Zc, Zc, scale, col_start=start, col_end=start + N,
+                                  exclude=torch.arange(2 * N, device=u.device), backend=backend)
+            values = values + lse[:N] + lse[N:]
+        else:
+            uc = u.to(z1.dtype)
+            lse, _ = core.sim_lse(uc, uc, scale, exclude=torch.arange(N, device=u.device), backend=backend)
+            values = values + lse
+    return _checks.reduce(values, reduction)
+
+
+def _check_pair(z1, z2, reduction):
+    _checks.check_features("z1", z1)
+    _checks.check_features("z2", z2)
+    _checks.check_same_device_dtype([("z1", z1), ("z2", z2)])
+    _checks.check_same_shape("z1", z1, "z2", z2)
+    _checks.check_reduction(reduction)
 
 
 def dcl_loss(z1, z2, temperature=0.1, *, weighted=False, sigma=0.5, normalize=True, reduction="mean",
              backend="auto", process_group=None) -> Tensor:
-    raise NotImplementedError
+    r"""Decoupled contrastive loss (lightly ``DCLLoss``; ``weighted=True``: ``DCLWLoss``).
+
+    Args:
+        z1, z2: (N, D) features of the two views.
+        temperature: τ > 0, float or 0-dim tensor.
+        weighted: multiply the positive term by w_i = 2 − N·softmax_i(ẑ1_i·ẑ2_i/σ) (detached).
+        sigma: σ > 0 of the weights.
+        normalize: L2-normalize first (the weights then use the normalized features).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` ((N,), ½(ℓ⁽¹⁾_i + ℓ⁽²⁾_i)).
+
+    The positive is in no denominator: each anchor's negatives are the 2N−2
+    other features.  Returns fp32 (float64 for float64 inputs).
+    """
+    _check_pair(z1, z2, reduction)
+    temperature = _checks.as_scalar("temperature", temperature, z1, positive=True)
+    sigma = _checks.as_scalar("sigma", sigma, z1, positive=True)
+    _no_process_group(process_group)
+    name = backends.resolve(backend, op="dcl_loss", tensors=[z1, z2])
+    kw = dict(weighted=bool(weighted), sigma=sigma, normalize=normalize, reduction=reduction)
+    if name == "reference":
+        return dcl_reference(z1, z2, temperature, **kw)
+    return _fused_dcl(z1, z2, temperature, backend=name, **kw)
 
 
 def dhel_loss(z1, z2, temperature=0.3, *, include_augs=True, normalize=True, reduction="mean",
               backend="auto", process_group=None) -> Tensor:
-    raise NotImplementedError
+    r"""DHEL: ℓ_i = −s(u_i,v_i) + LSE_{j≠i} s(u_i,u_j) [+ LSE_{j≠i} s(v_i,v_j) if ``include_augs``].
+
+    Arguments as :func:`dcl_loss`.  Negatives come from the anchor's own view;
+    the positive is in no denominator.
+    """
+    _check_pair(z1, z2, reduction)
+    temperature = _checks.as_scalar("temperature", temperature, z1, positive=True)
+    _no_process_group(process_group)
+    name = backends.resolve(backend, op="dhel_loss", tensors=[z1, z2])
+    kw = dict(include_augs=bool(include_augs), normalize=normalize, reduction=reduction)
+    if name == "reference":
+        return dhel_reference(z1, z2, temperature, **kw)
+    return _fused_dhel(z1, z2, temperature, backend=name, **kw)

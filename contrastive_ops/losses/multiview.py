@@ -1,16 +1,310 @@
-"""Multi-view losses: mv_infonce, mv_dhel."""
+r"""Multi-view losses: MV-InfoNCE and MV-DHEL (Koromilas et al. 2025, official code).
+
+Notation: N instances, V views, u_il the (normalized) feature of view l of
+instance i, s(a, b) = a·b/τ, P_i the views present for instance i (all of
+them without ``mask``).
+
+MV-InfoNCE, ``variant="mv"`` (positives sit in the denominator; only the self
+pair is left out)::
+
+    ℓ_i = −LSE_{l≠l' ∈ P_i} s(u_il, u_il') + LSE_{l ∈ P_i} LSE_{(j,m) present, (j,m)≠(i,l)} s(u_il, u_jm)
+
+MV-InfoNCE, ``variant="pairwise"``: the mean over ordered view pairs (l, l') of
+CE(s(u_l, u_l') over the instances present in both views, targets = same
+instance).
+
+MV-DHEL (negatives from the same view only; the positives are in no
+denominator)::
+
+    ℓ_i = −LSE_{l<l' ∈ P_i} s(u_il, u_il') + Σ_{l ∈ P_i} LSE_{j≠i present in l} s(u_il, u_jl)
+
+An absent view leaves every sum; an instance with |P_i| < 2 leaves the mean
+(``reduction="none"`` gives 0 for it); an MV-DHEL view term whose LSE set is
+empty is left out.
+
+Layout: internally the features are a view-major (V, N, D) tensor, i.e. the
+official code's z of shape (V·N, D) = [all of view 0; all of view 1; ...].
+
+Fused compositions (``_fused_*``) call the similarity-LSE core once per loss
+(once per unordered view pair for ``"pairwise"``) on the view-major (V·N, D)
+features and keep everything else on O(V·N·D) and O(N·V²) tensors.
+"""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+
+from .. import _checks, backends, core
+from ..core import _masked_lse, acc_dtype
 
 Tensor = torch.Tensor
+VARIANTS = ("mv", "pairwise")
+
+
+def _unit(x: Tensor, normalize: bool) -> Tensor:
+    """``x`` in the accumulation dtype, L2-normalized along the last dim (eps 1e-12) when ``normalize``."""
+    x = x.to(acc_dtype(x.dtype))
+    return F.normalize(x, dim=-1, eps=1e-12) if normalize else x
+
+
+def _present(mask: Optional[Tensor], V: int, N: int, device) -> Tensor:
+    """(V, N) bool: view l of instance i is present."""
+    if mask is None:
+        return torch.ones(V, N, dtype=torch.bool, device=device)
+    return mask.T
+
+
+def _pair_lse(U: Tensor, scale: Tensor, ok: Tensor) -> Tensor:
+    """Per instance, LSE over the view pairs (l, l') with ``ok[i, l, l']`` of s(u_il, u_il').
+
+    U (V, N, D) in the accumulation dtype; builds (N, V, V) only.  -inf (zero
+    gradient) where no pair is allowed.
+    """
+    V, N, _ = U.shape
+    P = torch.einsum("lnd,mnd->nlm", U, U) * scale
+    return _masked_lse(P.reshape(N, V * V), ok.reshape(N, V * V), 1)
+
+
+def _not_eye(V: int, device) -> Tensor:
+    return ~torch.eye(V, dtype=torch.bool, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# References: dense, plain PyTorch, the formulas as written above
+# ---------------------------------------------------------------------------------------------
+
+
+def mv_infonce_reference(views: Tensor, temperature, mask: Optional[Tensor] = None, *, variant: str = "mv",
+                         normalize: bool = True, reduction: str = "mean") -> Tensor:
+    """Exact dense MV-InfoNCE on view-major ``views`` (V, N, D); stores (V·N)² (``"mv"``) or N² per pair.
+
+    ``reduction="none"`` gives (N,) with 0 for instances with fewer than 2
+    present views.  For ``"pairwise"`` the per-instance value is that
+    instance's share of the loss, scaled so that ``"mean"`` = sum / (number of
+    instances that count): without a mask it is the mean over ordered view
+    pairs of the instance's cross-entropy.
+    """
+    V, N, D = views.shape
+    U = _unit(views, normalize)
+    scale = 1.0 / _as_t(temperature, U)
+    present = _present(mask, V, N, U.device)
+    counted = present.sum(0) >= 2
+    if variant == "mv":
+        Z = U.reshape(V * N, D)
+        S = (Z @ Z.T) * scale
+        allowed = present.reshape(1, -1) & _not_eye(V * N, U.device)
+        row = _masked_lse(S, allowed, 1).view(V, N)
+        den = _masked_lse(row, present & counted[None, :], 0)
+        ok = present.T[:, :, None] & present.T[:, None, :] & _not_eye(V, U.device)
+        num = _pair_lse(U, scale, ok)
+        values = torch.where(counted, den, 0) - torch.where(counted, num, 0)
+        return _checks.reduce(values, reduction, counted.sum())
+    # "pairwise": mean over ordered view pairs of the cross-entropy over the instances present in both.
+    total = torch.zeros(N, dtype=U.dtype, device=U.device)
+    n_pairs = torch.zeros((), dtype=U.dtype, device=U.device)
+    eye = torch.eye(N, dtype=torch.bool, device=U.device)
+    for l in range(V):
+        for m in range(V):
+            if l == m:
+                continue
+            both = present[l] & present[m]
+            S = (U[l] @ U[m].T) * scale
+            lse = _masked_lse(S, both[:, None] & both[None, :], 1)
+            ce = torch.where(both, lse, 0) - torch.where(both, S[eye], 0)
+            n = both.sum()
+            total = total + ce / n.clamp_min(1)
+            n_pairs = n_pairs + (n > 0)
+    values = total * counted.sum() / n_pairs.clamp_min(1)
+    return _checks.reduce(values, reduction, counted.sum())
+
+
+def mv_dhel_reference(views: Tensor, temperature, mask: Optional[Tensor] = None, *, normalize: bool = True,
+                      reduction: str = "mean") -> Tensor:
+    """Exact dense MV-DHEL on view-major ``views`` (V, N, D); stores V·N²."""
+    V, N, D = views.shape
+    U = _unit(views, normalize)
+    scale = 1.0 / _as_t(temperature, U)
+    present = _present(mask, V, N, U.device)
+    counted = present.sum(0) >= 2
+    S = torch.einsum("lnd,lmd->lnm", U, U) * scale  # (V, N, N): one Gram block per view
+    allowed = present[:, :, None] & present[:, None, :] & _not_eye(N, U.device)
+    lse = _masked_lse(S, allowed, 2)  # (V, N), -inf where the view term's set is empty
+    term = allowed.any(2)
+    unif = torch.where(term, lse, 0).sum(0)
+    ok = present.T[:, :, None] & present.T[:, None, :] & torch.ones(V, V, dtype=torch.bool, device=U.device).triu(1)
+    align = _pair_lse(U, scale, ok)
+    values = torch.where(counted, unif, 0) - torch.where(counted, align, 0)
+    return _checks.reduce(values, reduction, counted.sum())
+
+
+def _as_t(temperature, like: Tensor) -> Tensor:
+    if isinstance(temperature, Tensor):
+        return temperature.to(device=like.device, dtype=like.dtype)
+    return torch.tensor(float(temperature), dtype=like.dtype, device=like.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused compositions on the similarity-LSE core
+# ---------------------------------------------------------------------------------------------
+
+
+def _compact(mask: Tensor, V: int, N: int):
+    """Flat view-major positions (l·N + i) of the present views, in order, as int64 (P,)."""
+    return mask.T.reshape(-1).nonzero().squeeze(1)
+
+
+def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None, *, variant: str = "mv",
+                      normalize: bool = True, reduction: str = "mean", backend: str) -> Tensor:
+    """MV-InfoNCE on the core: never builds (V·N)² or N² tensors."""
+    V, N, D = views.shape
+    U = _unit(views, normalize)  # (V, N, D) accumulation dtype: positives
+    Uc = U.to(views.dtype)  # core operands in the input dtype
+    scale = 1.0 / _as_t(temperature, U)
+    present = _present(mask, V, N, U.device)
+    counted = present.sum(0) >= 2
+    if variant == "mv":
+        Z = Uc.reshape(V * N, D)
+        if mask is None:
+            # Row (l, i): LSE over all V·N−1 others (self excluded, positives kept).
+            row, _ = core.sim_lse(Z, Z, scale, exclude=torch.arange(V * N, device=Z.device), backend=backend)
+            den = torch.logsumexp(row.view(V, N), 0)
+        else:
+            idx = _compact(mask, V, N)
+            if idx.numel() == 0:
+                return _checks.reduce(U.sum() * 0 + torch.zeros(N, dtype=U.dtype, device=U.device),
+                                      reduction, counted.sum())
+            row_c, _ = core.sim_lse(Z, Z, scale, row_index=idx, col_index=idx,
+                                    exclude=torch.arange(idx.numel(), device=Z.device), backend=backend)
+            row = torch.full((V * N,), float("-inf"), dtype=row_c.dtype, device=row_c.device)
+            row = row.index_put((idx,), row_c).view(V, N)
+            den = _masked_lse(row, present & counted[None, :], 0)
+        ok = present.T[:, :, None] & present.T[:, None, :] & _not_eye(V, U.device)
+        num = _pair_lse(U, scale, ok)
+        values = torch.where(counted, den, 0) - torch.where(counted, num, 0)
+        return _checks.reduce(values, reduction, counted.sum())
+
+    # "pairwise": one core call per unordered pair (l, m); the row LSE is the
+    # denominator of direction l→m, the column LSE that of m→l.
+    total = U.sum() * 0 + torch.zeros(N, dtype=U.dtype, device=U.device)
+    n_pairs = 0
+    for l in range(V):
+        for m in range(l + 1, V):
+            pos = (U[l] * U[m]).sum(-1) * scale  # (N,)
+            if mask is None:
+                r, c = core.sim_lse(Uc[l], Uc[m], scale, want_col=True, backend=backend)
+                total = total + (r + c - 2 * pos) / N
+            else:
+                idx = (mask[:, l] & mask[:, m]).nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                r, c = core.sim_lse(Uc[l], Uc[m], scale, row_index=idx, col_index=idx, want_col=True,
+                                    backend=backend)
+                total = total.index_add(0, idx, (r + c - 2 * pos[idx]) / idx.numel())
+            n_pairs += 2
+    values = total * counted.sum() / max(n_pairs, 1)
+    return _checks.reduce(values, reduction, counted.sum())
+
+
+def _fused_mv_dhel(views: Tensor, temperature, mask: Optional[Tensor] = None, *, normalize: bool = True,
+                   reduction: str = "mean", backend: str) -> Tensor:
+    """MV-DHEL on the core: one call over view-major features, each row limited to its own view block."""
+    V, N, D = views.shape
+    U = _unit(views, normalize)
+    Uc = U.to(views.dtype)
+    scale = 1.0 / _as_t(temperature, U)
+    present = _present(mask, V, N, U.device)
+    counted = present.sum(0) >= 2
+    Z = Uc.reshape(V * N, D)
+    unif = U.sum() * 0 + torch.zeros(N, dtype=U.dtype, device=U.device)
+    if mask is None:
+        if N >= 2:  # with N = 1 every view term's set is empty and is left out
+            start = torch.arange(V, device=Z.device).repeat_interleave(N) * N
+            row, _ = core.sim_lse(Z, Z, scale, col_start=start, col_end=start + N,
+                                  exclude=torch.arange(V * N, device=Z.device), backend=backend)
+            unif = unif + row.view(V, N).sum(0)
+    else:
+        idx = _compact(mask, V, N)
+        if idx.numel() > 0:
+            # In the compacted (view-major) list, view l's present entries form one block.
+            counts = mask.sum(0)  # (V,)
+            offsets = torch.cumsum(counts, 0) - counts
+            view_of = idx // N
+            start = offsets[view_of]
+            end = start + counts[view_of]
+            row_c, _ = core.sim_lse(Z, Z, scale, row_index=idx, col_index=idx, col_start=start, col_end=end,
+                                    exclude=torch.arange(idx.numel(), device=Z.device), backend=backend)
+            term = counts[view_of] >= 2  # else the row's set is empty (-inf): left out
+            vals = torch.where(term, row_c, 0)
+            flat = torch.zeros(V * N, dtype=vals.dtype, device=vals.device).index_put((idx,), vals)
+            unif = unif + flat.view(V, N).sum(0)
+    ok = present.T[:, :, None] & present.T[:, None, :] & torch.ones(V, V, dtype=torch.bool, device=U.device).triu(1)
+    align = _pair_lse(U, scale, ok)
+    values = torch.where(counted, unif, 0) - torch.where(counted, align, 0)
+    return _checks.reduce(values, reduction, counted.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_common(features, mask, reduction):
+    views = _checks.check_views("features", features, min_views=2)
+    V, N, _ = views.shape
+    _checks.check_mask("mask", mask, (N, V), views.device)
+    _checks.check_reduction(reduction)
+    return views
+
+
+def _no_process_group(process_group):
+    if process_group is not None:
+        raise NotImplementedError("process_group support lands with the distributed module")
 
 
 def mv_infonce(features, temperature=0.1, *, mask=None, variant="mv", normalize=True, reduction="mean",
                backend="auto", process_group=None) -> Tensor:
-    raise NotImplementedError
+    r"""MV-InfoNCE over V ≥ 2 views.
+
+    Args:
+        features: (N, V, D) tensor or a sequence of V tensors (N, D).
+        temperature: τ > 0, a float or a 0-dim tensor (receives a gradient if it requires one).
+        mask: optional (N, V) bool, True = view present.  Absent views leave every sum; instances
+            with fewer than 2 present views leave the mean.
+        variant: ``"mv"`` (official MV-InfoNCE: ℓ_i = −LSE_{l≠l'} s(u_il,u_il') +
+            LSE_l LSE_{(j,m)≠(i,l)} s(u_il,u_jm)) or ``"pairwise"`` (mean over ordered view pairs of
+            the N×N cross-entropy).
+        normalize: L2-normalize the features first.
+        reduction: ``"mean"`` (over instances that count), ``"sum"`` or ``"none"`` ((N,), 0 for the
+            instances left out).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+
+    Returns the loss in fp32 (float64 for float64 inputs).
+    """
+    views = _check_common(features, mask, reduction)
+    _checks.check_choice("variant", variant, VARIANTS)
+    temperature = _checks.as_scalar("temperature", temperature, views, positive=True)
+    _no_process_group(process_group)
+    name = backends.resolve(backend, op="mv_infonce", tensors=[views])
+    if name == "reference":
+        return mv_infonce_reference(views, temperature, mask, variant=variant, normalize=normalize,
+                                    reduction=reduction)
+    return _fused_mv_infonce(views, temperature, mask, variant=variant, normalize=normalize, reduction=reduction,
+                             backend=name)
 
 
 def mv_dhel(features, temperature=0.2, *, mask=None, normalize=True, reduction="mean", backend="auto",
             process_group=None) -> Tensor:
-    raise NotImplementedError
+    r"""MV-DHEL over V ≥ 2 views: ℓ_i = −LSE_{l<l'} s(u_il,u_il') + Σ_l LSE_{j≠i} s(u_il,u_jl).
+
+    Arguments as :func:`mv_infonce` (no ``variant``).  Negatives come from the same view only; a
+    view term whose LSE set is empty (no other instance present in that view) is left out.
+    """
+    views = _check_common(features, mask, reduction)
+    temperature = _checks.as_scalar("temperature", temperature, views, positive=True)
+    _no_process_group(process_group)
+    name = backends.resolve(backend, op="mv_dhel", tensors=[views])
+    if name == "reference":
+        return mv_dhel_reference(views, temperature, mask, normalize=normalize, reduction=reduction)
+    return _fused_mv_dhel(views, temperature, mask, normalize=normalize, reduction=reduction, backend=name)

@@ -1,11 +1,125 @@
-"""Supervised contrastive loss (SupContrast L_out)."""
+r"""Supervised contrastive loss (SupContrast L_out, Khosla et al. 2020).
+
+Anchors a run over the V·N features, view-major (view 0's N instances first);
+``contrast_mode="one"`` keeps the N anchors of view 0.  The contrast set is
+always all V·N features.  With labels y (``None``: the instance ids)::
+
+    P(a) = {c ≠ a : y_c = y_a}
+    ℓ_a  = −(τ/τ_b) · (1/|P(a)|) Σ_{p∈P(a)} [ s_ap − LSE_{c≠a} s_ac ]
+         = −(τ/τ_b) · [ (1/|P(a)|) Σ_{p∈P(a)} s_ap − LSE_{c≠a} s_ac ]
+
+Positives are in the denominator; only self is left out.  Anchors with
+P(a) = ∅ leave the mean (``reduction="none"`` gives 0 for them); if none has a
+positive the loss is 0 and still in the graph.
+
+Fused composition: one core call for LSE_{c≠a} s_ac; the positive sum
+Σ_{p∈P(a)} s_ap = u_a·(Σ_{c: y_c=y_a} u_c − u_a)/τ uses per-label sums of the
+features (index_add over label groups), |P(a)| = V·#{i: y_i = y_a} − 1.
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
+from .. import _checks, backends, core
+from ..core import _masked_lse
+from .multiview import _as_t, _no_process_group, _unit
+
 Tensor = torch.Tensor
+CONTRAST_MODES = ("all", "one")
+
+
+def _label_groups(labels: Optional[Tensor], N: int, device) -> Tensor:
+    """Group id in [0, N) per instance: equal labels ⇔ equal ids (no data-dependent shapes)."""
+    if labels is None:
+        return torch.arange(N, device=device)
+    sorted_labels, perm = torch.sort(labels)
+    new = torch.ones(N, dtype=torch.long, device=device)
+    new[1:] = (sorted_labels[1:] != sorted_labels[:-1]).long()
+    gid = torch.empty(N, dtype=torch.long, device=device)
+    gid[perm] = torch.cumsum(new, 0) - 1
+    return gid
+
+
+def supcon_reference(views: Tensor, labels: Optional[Tensor], temperature, base_temperature, *,
+                     contrast_mode: str = "all", normalize: bool = True, reduction: str = "mean") -> Tensor:
+    """Exact dense SupCon on view-major ``views`` (V, N, D); stores A × V·N."""
+    V, N, D = views.shape
+    U = _unit(views, normalize)
+    t = _as_t(temperature, U)
+    factor = t / _as_t(base_temperature, U)
+    Z = U.reshape(V * N, D)
+    A = N if contrast_mode == "one" else V * N
+    S = (Z[:A] @ Z.T) / t
+    not_self = ~torch.eye(A, V * N, dtype=torch.bool, device=U.device)
+    lse = _masked_lse(S, not_self, 1)
+    y = (torch.arange(N, device=U.device) if labels is None else labels).repeat(V)
+    pos = (y[:A, None] == y[None, :]) & not_self
+    npos = pos.sum(1)
+    has = npos > 0
+    mean_pos = torch.where(pos, S, 0).sum(1) / npos.clamp_min(1)
+    values = -factor * (mean_pos - torch.where(has, lse, 0))
+    values = torch.where(has, values, 0)
+    return _checks.reduce(values, reduction, has.sum())
+
+
+def _fused_supcon(views: Tensor, labels: Optional[Tensor], temperature, base_temperature, *,
+                  contrast_mode: str = "all", normalize: bool = True, reduction: str = "mean",
+                  backend: str) -> Tensor:
+    """SupCon on the core: one similarity-LSE call, label sums in PyTorch; never builds A × V·N."""
+    V, N, D = views.shape
+    U = _unit(views, normalize)
+    t = _as_t(temperature, U)
+    factor = t / _as_t(base_temperature, U)
+    scale = 1.0 / t
+    Zc = U.to(views.dtype).reshape(V * N, D)
+    A = N if contrast_mode == "one" else V * N
+    rows = torch.arange(N, device=U.device) if contrast_mode == "one" else None
+    # Anchor a sits at column a of the contrast set: exclude it.
+    lse, _ = core.sim_lse(Zc, Zc, scale, row_index=rows, exclude=torch.arange(A, device=U.device),
+                          backend=backend)
+    gid = _label_groups(labels, N, U.device).repeat(V)  # (V·N,) view-major
+    Z = U.reshape(V * N, D)
+    group_sum = torch.zeros(N, D, dtype=U.dtype, device=U.device).index_add(0, gid, Z)
+    group_cnt = torch.zeros(N, dtype=torch.long, device=U.device).index_add(0, gid, torch.ones_like(gid))
+    ga, Za = gid[:A], Z[:A]
+    pos_sum = ((group_sum[ga] - Za) * Za).sum(-1) * scale  # Σ_{p∈P(a)} s_ap
+    npos = group_cnt[ga] - 1
+    has = npos > 0
+    mean_pos = pos_sum / npos.clamp_min(1)
+    values = -factor * (mean_pos - torch.where(has, lse, 0))
+    values = torch.where(has, values, 0)
+    return _checks.reduce(values, reduction, has.sum())
 
 
 def supcon_loss(features, labels=None, temperature=0.07, *, base_temperature=0.07, contrast_mode="all",
                 normalize=True, reduction="mean", backend="auto", process_group=None) -> Tensor:
-    raise NotImplementedError
+    r"""Supervised contrastive loss (SupContrast L_out).
+
+    Args:
+        features: (N, V, D), or (N, D) as a single view.
+        labels: optional (N,) integer tensor; ``None`` makes the other views of the same instance
+            the positives.
+        temperature: τ > 0 (float or 0-dim tensor); base_temperature: τ_b > 0.
+        contrast_mode: ``"all"`` (V·N anchors) or ``"one"`` (the N anchors of view 0).
+        normalize: L2-normalize the features first (SupContrast itself expects normalized input).
+        reduction: ``"mean"`` over anchors with a positive, ``"sum"``, or ``"none"``: (V·N,)
+            view-major for ``"all"``, (N,) for ``"one"``, 0 for anchors without a positive.
+
+    ℓ_a = −(τ/τ_b)·mean_{p∈P(a)}[s_ap − LSE_{c≠a} s_ac].  Returns fp32 (float64 for float64 inputs).
+    """
+    views = _checks.check_views("features", features, min_views=1, allow_single=True)
+    V, N, _ = views.shape
+    if labels is not None:
+        _checks.check_labels("labels", labels, N, views.device)
+    _checks.check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+    _checks.check_reduction(reduction)
+    temperature = _checks.as_scalar("temperature", temperature, views, positive=True)
+    base_temperature = _checks.as_scalar("base_temperature", base_temperature, views, positive=True)
+    _no_process_group(process_group)
+    name = backends.resolve(backend, op="supcon_loss", tensors=[views])
+    kw = dict(contrast_mode=contrast_mode, normalize=normalize, reduction=reduction)
+    if name == "reference":
+        return supcon_reference(views, labels, temperature, base_temperature, **kw)
+    return _fused_supcon(views, labels, temperature, base_temperature, backend=name, **kw)

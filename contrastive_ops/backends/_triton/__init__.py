@@ -1,0 +1,53 @@
+"""The ``"triton"`` kernel backend.
+
+Primitives: ``"sim_lse"`` (the tiled similarity-LSE core, :mod:`.core`) and
+``"siglip"`` (the SigLIP pair sum, :mod:`.siglip`).  Runs on CUDA tensors when
+Triton has an active GPU driver, and on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``, set before ``import triton``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Set, Tuple
+
+import torch
+
+_IMPORT_ERROR = None
+try:
+    import triton
+
+    from .core import SIM_LSE
+    from .siglip import SIGLIP
+
+    PRIMITIVES: Dict[str, object] = {"sim_lse": SIM_LSE, "siglip": SIGLIP}
+except Exception as e:  # noqa: BLE001 - reported by availability()
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+    PRIMITIVES = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def availability() -> Tuple[bool, str]:
+    """``(True, what runs)`` or ``(False, why not)``."""
+    if _IMPORT_ERROR is not None:
+        return False, f"triton kernels cannot be loaded: {_IMPORT_ERROR}"
+    if _interpreting():
+        return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1), CPU tensors"
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception as e:  # noqa: BLE001 - the reason is reported
+        return False, f"triton {triton.__version__} has no active GPU driver ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available():
+        return False, f"triton {triton.__version__} sees a {target.backend} GPU but torch.cuda is not available"
+    return True, f"triton {triton.__version__} on {target.backend} (arch {target.arch})"
+
+
+def devices() -> Set[str]:
+    """CPU tensors under the interpreter, CUDA tensors otherwise."""
+    return {"cpu"} if _interpreting() else {"cuda"}
+
+
+def dtypes() -> Set[torch.dtype]:
+    return {torch.float32, torch.float16, torch.bfloat16}

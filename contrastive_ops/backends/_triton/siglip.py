@@ -1,0 +1,236 @@
+r"""Triton kernels of the SigLIP pair sum (primitive ``"siglip"``).
+
+Maths (dense version: ``contrastive_ops.losses.siglip.siglip_sum_reference``)::
+
+    l_ij = scale · x_i·y_j + bias          z_ij = +1 if i == j else −1
+    L    = Σ_ij softplus(−z_ij · l_ij)     (= −Σ_ij log σ(z_ij · l_ij))
+
+Gradient, with upstream ``grad`` (a 0-dim tensor, read inside the kernels):
+d softplus(t)/dt = σ(t), so with t_ij = −z_ij·l_ij::
+
+    G_ij   = grad · (−z_ij) · σ(t_ij)
+    dx = scale · G Y,   dy = scale · Gᵀ X,   dscale = Σ_ij G_ij · x_i·y_j,   dbias = Σ_ij G_ij
+
+Tiles of l are rebuilt from X and Y exactly as S in :mod:`.core`; nothing of
+size B×M is stored.  Partial sums (one per row tile) are written, not added,
+and summed by torch: deterministic and safe to re-run while autotuning.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .core import (_BWD_GPU, _FWD_GPU, _INTERP_BLOCK, _MIN_BLOCK, _block_d, _block_do, _col_tile, _configs,
+                   _dot_flags, _empty, _s_tile)
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _softplus(t):
+    """log(1 + eᵗ) = max(t, 0) + log1p(e^{−|t|}), with an accurate log1p (u = 1 + e: log(u)·e/(u − 1))."""
+    e = tl.exp(-tl.abs(t))
+    u = 1.0 + e
+    log1p = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.maximum(t, 0.0) + log1p
+
+
+@triton.jit
+def _sigmoid(t):
+    e = tl.exp(-tl.abs(t))
+    return tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _tile_rows(t, B, BLOCK_M: tl.constexpr):
+    rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows, rows < B, rows.to(tl.int64)
+
+
+@triton.jit
+def _neg_z(rows, cols):
+    """−z_ij: −1 on the diagonal (positive pairs), +1 elsewhere."""
+    return tl.where(rows[:, None] == cols[None, :], -1.0, 1.0)
+
+
+# Forward: one program per row tile streams the column tiles and writes the
+# tile's Σ softplus(−z·l) over in-range pairs.
+@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N"), _FWD_GPU, _INTERP_BLOCK), key=["D"])
+@triton.jit
+def _siglip_fwd_kernel(X, Y, Scale, Bias, Part, B, M, D, stride_x, stride_y,
+                       UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    scale = tl.load(Scale)
+    bias = tl.load(Bias)
+    rows, row_mask, x_rows = _tile_rows(pid, B, BLOCK_M)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, M, BLOCK_N):
+        cols, col_mask, y_rows = _col_tile(n0, M, X, BLOCK_N, False)
+        xy = _s_tile(X, Y, x_rows, y_rows, row_mask, col_mask, D, stride_x, stride_y,
+                     BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
+        t = _neg_z(rows, cols) * (scale * xy + bias)
+        ok = row_mask[:, None] & col_mask[None, :]
+        total += tl.sum(tl.where(ok, _softplus(t), 0.0), 1)
+    tl.store(Part + pid, tl.sum(total, 0))
+
+
+@triton.jit
+def _siglip_g_tile(X, Y, x_rows, y_rows, rows, cols, row_mask, col_mask, D, stride_x, stride_y, scale, bias, grad,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """(G, x·y) tiles: G = grad·(−z)·σ(−z·l), zero outside the matrix."""
+    xy = _s_tile(X, Y, x_rows, y_rows, row_mask, col_mask, D, stride_x, stride_y,
+                 BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
+    nz = _neg_z(rows, cols)
+    g = grad * nz * _sigmoid(nz * (scale * xy + bias))
+    g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+    return g, xy
+
+
+# Row-stationary dx = scale·G Y per (row tile, output D-chunk); chunk 0 also
+# writes the tile's Σ G·x·y (dscale) and Σ G (dbias).
+@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N"), _BWD_GPU, _INTERP_BLOCK), key=["D"])
+@triton.jit
+def _siglip_bwd_dx_kernel(X, Y, Scale, Bias, Grad, DX, ScalePart, BiasPart, B, M, D, stride_x, stride_y, stride_dx,
+                          UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    scale = tl.load(Scale)
+    bias = tl.load(Bias)
+    grad = tl.load(Grad)
+    rows, row_mask, x_rows = _tile_rows(pid_m, B, BLOCK_M)
+    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    o_mask = offs_o < D
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+    d_scale = tl.zeros((BLOCK_M,), tl.float32)
+    d_bias = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, M, BLOCK_N):
+        cols, col_mask, y_rows = _col_tile(n0, M, X, BLOCK_N, False)
+        g, xy = _siglip_g_tile(X, Y, x_rows, y_rows, rows, cols, row_mask, col_mask, D, stride_x, stride_y,
+                               scale, bias, grad, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
+        d_scale += tl.sum(g * xy, 1)
+        d_bias += tl.sum(g, 1)
+        yt = tl.load(Y + y_rows[:, None] * stride_y + offs_o[None, :],
+                     mask=col_mask[:, None] & o_mask[None, :], other=0.0)
+        if UPCAST:
+            yt = yt.to(tl.float32)
+        acc = tl.dot(g.to(yt.dtype), yt, acc, input_precision=PREC)
+    acc = acc * scale
+    tl.store(DX + x_rows[:, None] * stride_dx + offs_o[None, :], acc.to(DX.dtype.element_ty),
+             mask=row_mask[:, None] & o_mask[None, :])
+    if pid_d == 0:
+        tl.store(ScalePart + pid_m, tl.sum(d_scale, 0))
+        tl.store(BiasPart + pid_m, tl.sum(d_bias, 0))
+
+
+# Column-stationary dy = scale·Gᵀ X per (column tile, output D-chunk).
+@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N"), _BWD_GPU, _INTERP_BLOCK), key=["D"])
+@triton.jit
+def _siglip_bwd_dy_kernel(X, Y, Scale, Bias, Grad, DY, B, M, D, stride_x, stride_y, stride_dy,
+                          UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    scale = tl.load(Scale)
+    bias = tl.load(Bias)
+    grad = tl.load(Grad)
+    cols, col_mask, y_rows = _col_tile(pid_n * BLOCK_N, M, X, BLOCK_N, False)
+    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    o_mask = offs_o < D
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
+    for t in range(0, tl.cdiv(B, BLOCK_M)):
+        rows, row_mask, x_rows = _tile_rows(t, B, BLOCK_M)
+        g, xy = _siglip_g_tile(X, Y, x_rows, y_rows, rows, cols, row_mask, col_mask, D, stride_x, stride_y,
+                               scale, bias, grad, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
+        xt = tl.load(X + x_rows[:, None] * stride_x + offs_o[None, :],
+                     mask=row_mask[:, None] & o_mask[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+        acc = tl.dot(tl.trans(g.to(xt.dtype)), xt, acc, input_precision=PREC)
+    acc = acc * scale
+    tl.store(DY + y_rows[:, None] * stride_dy + offs_o[None, :], acc.to(DY.dtype.element_ty),
+             mask=col_mask[:, None] & o_mask[None, :])
+
+
+@torch.library.triton_op("contrastive_ops_triton::siglip_fwd", mutates_args=())
+def _siglip_fwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    B, D = x.shape
+    M = y.shape[0]
+    part = torch.zeros((triton.cdiv(B, _MIN_BLOCK),), dtype=torch.float32, device=x.device)
+    if B > 0 and M > 0:
+        torch.library.wrap_triton(_siglip_fwd_kernel)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
+            x, y, scale, bias, part, B, M, D, x.stride(0), y.stride(0), BLOCK_D=_block_d(D), **_dot_flags(x.dtype),
+        )
+    return part.sum()
+
+
+@_siglip_fwd_op.register_fake
+def _(x, y, scale, bias):
+    return x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.triton_op("contrastive_ops_triton::siglip_bwd", mutates_args=())
+def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tensor
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, D = x.shape
+    M = y.shape[0]
+    launch = B > 0 and M > 0
+    dx = _empty(x.shape, x.dtype, x.device) if launch else torch.zeros_like(x)
+    dy = _empty(y.shape, y.dtype, y.device) if launch else torch.zeros_like(y)
+    n_part = triton.cdiv(B, _MIN_BLOCK)
+    scale_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
+    bias_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
+    block_d, block_do = _block_d(D), _block_do(D)
+    n_d = triton.cdiv(D, block_do)
+    flags = _dot_flags(x.dtype)
+    if launch:
+        torch.library.wrap_triton(_siglip_bwd_dx_kernel)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_d)](
+            x, y, scale, bias, grad, dx, scale_part, bias_part, B, M, D, x.stride(0), y.stride(0), dx.stride(0),
+            BLOCK_D=block_d, BLOCK_DO=block_do, **flags,
+        )
+        torch.library.wrap_triton(_siglip_bwd_dy_kernel)[lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), n_d)](
+            x, y, scale, bias, grad, dy, B, M, D, x.stride(0), y.stride(0), dy.stride(0),
+            BLOCK_D=block_d, BLOCK_DO=block_do, **flags,
+        )
+    return dx, dy, scale_part.sum(), bias_part.sum()
+
+
+@_siglip_bwd_op.register_fake
+def _(x, y, scale, bias, grad):
+    return (torch.empty_like(x), torch.empty_like(y), x.new_empty((), dtype=torch.float32),
+            x.new_empty((), dtype=torch.float32))
+
+
+def siglip_forward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """Σ_ij softplus(−z_ij·(scale·x_i·y_j + bias)) as a 0-dim fp32 tensor."""
+    return torch.ops.contrastive_ops_triton.siglip_fwd(x, y, scale, bias)
+
+
+def siglip_backward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tensor):
+    """``(dx like x, dy like y, dscale, dbias)`` (0-dim fp32) for upstream gradient ``grad``."""
+    return torch.ops.contrastive_ops_triton.siglip_bwd(x, y, scale, bias, grad)
+
+
+def _scalar(t: Tensor, device) -> Tensor:
+    return torch.as_tensor(t, device=device).to(torch.float32).reshape(()).contiguous()
+
+
+class _SigLIPPrimitive:
+    """The ``"siglip"`` primitive of the Triton backend."""
+
+    @staticmethod
+    def forward(x, y, scale, bias):
+        return siglip_forward(x.contiguous(), y.contiguous(), _scalar(scale, x.device), _scalar(bias, x.device))
+
+    @staticmethod
+    def backward(x, y, scale, bias, grad):
+        return siglip_backward(x.contiguous(), y.contiguous(), _scalar(scale, x.device), _scalar(bias, x.device),
+                               _scalar(grad, x.device))
+
+
+SIGLIP = _SigLIPPrimitive()

@@ -1,0 +1,30 @@
+// Launchers of the CUDA epilogue kernels (csrc/cuda/epilogues.cu), called by
+// the tiling in csrc/cuda/sim_lse_cuda.cpp on tiles G = Q_blk K_blkᵀ that live on
+// the current stream.  Scalars (scale, bias, grad, the LSE arrays) stay device
+// tensors: no host synchronization.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "../tiling.h"
+
+namespace contrastive_ops {
+namespace cuda {
+
+// Rows of the tile: S = scale·G masked in place (-inf where not allowed), then
+// online merge of the row max/sum into row_m/row_s.
+void lse_fwd_rows(Tensor& G, const Tensor& scale, int64_t r0, int64_t c0, const Masks& mk, Tensor& row_m,
+                  Tensor& row_s);
+// Columns of the (already masked) tile: merge of the column max/sum into col_m/col_s.
+void lse_fwd_cols(const Tensor& G, int64_t c0, Tensor& col_m, Tensor& col_s);
+// dS = g_row·exp(S - row_lse) + g_col·exp(S - col_lse) on allowed pairs, 0 elsewhere; dscale += Σ dS·G.
+void lse_bwd(const Tensor& G, Tensor& dS, const Tensor& scale, int64_t r0, int64_t c0, const Masks& mk,
+             const Tensor& rl, const Tensor& gr, const Tensor& cl, const Tensor& gc, bool has_col, Tensor& dscale);
+// total += Σ softplus(-z·(scale·G + bias)).
+void siglip_fwd(const Tensor& G, const Tensor& scale, const Tensor& bias, int64_t r0, int64_t c0, Tensor& total);
+// dL = grad·(σ(scale·G + bias) - [diagonal]); dscale += Σ dL·G, dbias += Σ dL.
+void siglip_bwd(const Tensor& G, Tensor& dL, const Tensor& scale, const Tensor& bias, const Tensor& grad, int64_t r0,
+                int64_t c0, Tensor& dscale, Tensor& dbias);
+
+}  // namespace cuda
+}  // namespace contrastive_ops

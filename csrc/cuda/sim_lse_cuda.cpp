@@ -1,0 +1,115 @@
+// CUDA kernels of the similarity-LSE core and the SigLIP pair sum: the tiling
+// of csrc/tiling.h with cuBLAS GEMMs on tiles (through ATen) and the epilogue
+// kernels of csrc/cuda/epilogues.cu.
+//
+// fp16/bf16 inputs stay in their dtype for the GEMMs (tensor cores) with fp32
+// outputs (aten::mm.dtype); the backward dS tile is rounded to the input dtype
+// before its GEMMs (as flash-attention does), everything else accumulates in
+// fp32.  fp32 and float64 run in their own dtype.  Tiles: 1024 rows × 8192
+// columns (32 MiB fp32) at most.
+//
+// Compiled and linked in CI on a machine without a GPU; exercised by the tests
+// marked `gpu` where a CUDA device exists.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../tiling.h"
+#include "epilogues.h"
+
+namespace contrastive_ops {
+namespace {
+
+struct CudaDev {
+  static at::ScalarType compute_dtype(at::ScalarType in) { return in; }
+  static at::ScalarType ds_dtype(at::ScalarType in) { return in; }
+  static int64_t row_block(int64_t, int64_t, int64_t) { return 1024; }
+  static int64_t col_block(int64_t, int64_t, int64_t) { return 8192; }
+
+  static void gemm_nt(Tensor& out, const Tensor& a, const Tensor& b) {
+    if (a.scalar_type() == out.scalar_type()) {
+      at::mm_out(out, a, b.t());
+    } else {
+      at::mm_out(out, a, b.t(), out.scalar_type());  // fp16/bf16 inputs, fp32 output
+    }
+  }
+  static void gemm_acc(Tensor& c, const Tensor& a, const Tensor& b) {
+    if (a.scalar_type() == c.scalar_type()) {
+      c.addmm_(a, b);
+    } else {
+      c.add_(at::mm(a, b, c.scalar_type()));
+    }
+  }
+  // Reading col_start/col_end would need a host synchronization: every tile is visited.
+  static std::pair<int64_t, int64_t> col_range(const Masks& mk, int64_t, int64_t) { return {0, mk.M}; }
+
+  static void lse_fwd_epilogue(Tensor& G, const Tensor& scale, int64_t r0, int64_t c0, const Masks& mk,
+                               Tensor& row_m, Tensor& row_s, Tensor& col_m, Tensor& col_s, bool want_col) {
+    cuda::lse_fwd_rows(G, scale, r0, c0, mk, row_m, row_s);
+    if (want_col) cuda::lse_fwd_cols(G, c0, col_m, col_s);
+  }
+  static void lse_bwd_epilogue(const Tensor& G, Tensor& dS, const Tensor& scale, int64_t r0, int64_t c0,
+                               const Masks& mk, const Tensor& rl, const Tensor& gr, const Tensor& cl,
+                               const Tensor& gc, bool has_col, Tensor& dscale) {
+    cuda::lse_bwd(G, dS, scale, r0, c0, mk, rl, gr, cl, gc, has_col, dscale);
+  }
+  static void siglip_fwd_epilogue(const Tensor& G, const Tensor& scale, const Tensor& bias, int64_t r0, int64_t c0,
+                                  Tensor& total) {
+    cuda::siglip_fwd(G, scale, bias, r0, c0, total);
+  }
+  static void siglip_bwd_epilogue(const Tensor& G, Tensor& dL, const Tensor& scale, const Tensor& bias,
+                                  const Tensor& grad, int64_t r0, int64_t c0, Tensor& dscale, Tensor& dbias) {
+    cuda::siglip_bwd(G, dL, scale, bias, grad, r0, c0, dscale, dbias);
+  }
+};
+
+void check_cuda(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "contrastive_ops (cuda kernels): ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+std::tuple<Tensor, Tensor> sim_lse_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& scale,
+                                            const OptTensor& row_index, const OptTensor& col_index,
+                                            const OptTensor& col_start, const OptTensor& col_end,
+                                            const OptTensor& exclude, bool want_col) {
+  check_cuda(q, "q");
+  check_cuda(k, "k");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return sim_lse_fwd_tiled<CudaDev>(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col);
+}
+
+std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& scale,
+                                                    const OptTensor& row_index, const OptTensor& col_index,
+                                                    const OptTensor& col_start, const OptTensor& col_end,
+                                                    const OptTensor& exclude, const Tensor& row_lse,
+                                                    const Tensor& col_lse, const Tensor& grad_row,
+                                                    const Tensor& grad_col) {
+  check_cuda(q, "q");
+  check_cuda(k, "k");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return sim_lse_bwd_tiled<CudaDev>(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse,
+                                    col_lse, grad_row, grad_col);
+}
+
+Tensor siglip_fwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale, const Tensor& bias) {
+  check_cuda(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return siglip_fwd_tiled<CudaDev>(x, y, scale, bias);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale,
+                                                           const Tensor& bias, const Tensor& grad) {
+  check_cuda(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return siglip_bwd_tiled<CudaDev>(x, y, scale, bias, grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(contrastive_ops, CUDA, m) {
+  m.impl("sim_lse_fwd", &sim_lse_fwd_cuda);
+  m.impl("sim_lse_bwd", &sim_lse_bwd_cuda);
+  m.impl("siglip_fwd", &siglip_fwd_cuda);
+  m.impl("siglip_bwd", &siglip_bwd_cuda);
+}
+
+}  // namespace contrastive_ops
