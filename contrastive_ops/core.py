@@ -200,5 +200,10 @@ def sim_lse(
     scale = scale.to(device=device, dtype=acc_dtype(q.dtype))
     if backend == "reference":
         return sim_lse_reference(q, k, scale, *args, want_col=want_col)
-    row, col = _SimLSE.apply(q.contiguous(), k.contiguous(), scale.reshape(()), *args, want_col, backend)
+    q, k = q.contiguous(), k.contiguous()
+    if k is q:
+        # One tensor in two inputs of an autograd.Function stops torch.compile
+        # (fullgraph); a view is a second tensor on the same memory.
+        k = q.view_as(q)
+    row, col = _SimLSE.apply(q, k, scale.reshape(()), *args, want_col, backend)
     return row, (col if want_col else None)

@@ -34,6 +34,32 @@ CASES += [
 ]
 BACKENDS = [pytest.param("reference", id="reference")] + backend_params()
 
+# mv_infonce's numerator holds both orders (l, l') and (l', l) of each view pair:
+# exact ties in the maths whose fp32 dot products round ~10 apart at these
+# logits, so the fp32 softmax over them is one-hot where float64's is 50/50.
+# The gradient is ill-conditioned there on every backend, the reference
+# included; only the loss is compared (gradients must still be finite).
+TIED_GRADIENTS = {"mv_infonce"}
+
+# Known bug, "cpu" backend (csrc/cpu/sim_lse.cpp): at logits ~1e8 the backward
+# recomputes S with a different GEMM blocking than the forward, the fp32
+# rounding differs by more than 1, and exp(S_bwd − row_lse) exceeds 1 (up to
+# e^88, i.e. inf): wrong or infinite gradients, while the loss is right.
+# core.sim_lse(q, k, 100) on CPU with rows of norm 1e3 gives inf dq/dk in fp32.
+CPU_LARGE_LOGIT_BUG = (
+    "cpu backend: backward recomputes S = scale·QKᵀ with other rounding than the forward; at logits ~1e8 "
+    "exp(S_bwd − row_lse) ≫ 1 gives wrong/inf gradients (csrc/cpu/sim_lse.cpp)")
+CPU_XFAIL_FP32 = {"info_nce", "nt_xent", "mv_dhel", "supcon_loss", "dcl_loss", "dhel_loss",
+                  "clip_loss-norm1e3-scale100", "clip_loss-unit-scale1e6", "similarity_lse-norm1e3-scale100"}
+CPU_XFAIL_FP16 = {"info_nce", "mv_infonce", "dhel_loss"}
+
+
+def _case_id(name, over):
+    for p in CASES:
+        if p.values[0] == name and p.values[1] is over:
+            return p.id
+    return name
+
 
 def _case(name, over):
     over = dict(over, N=13, D=21, seed=5)
@@ -71,8 +97,10 @@ def _assert_finite(res, case, backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,over", CASES)
-def test_large_logits_fp32_match_float64_or_raise(name, over, backend):
+def test_large_logits_fp32_match_float64_or_raise(name, over, backend, request):
     lc.require_implemented(name)
+    if backend == "cpu" and _case_id(name, over) in CPU_XFAIL_FP32:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=CPU_LARGE_LOGIT_BUG))
     case = _case(name, over)
     lc.require_backend(case, backend, torch.float32, DEVICE)
     res = _run_or_clear_error(case, backend, torch.float32)
@@ -85,12 +113,13 @@ def test_large_logits_fp32_match_float64_or_raise(name, over, backend):
     torch.testing.assert_close(res.out.double(), ref.out, atol=atol, rtol=1e-5,
                                msg=lambda m: f"{name} on {backend}, loss vs float64: {m}")
     for i, (g, gr) in enumerate(zip(res.grads, ref.grads)):
-        if gr is None:
+        if gr is None or name in TIED_GRADIENTS:
             continue
-        # A gradient entry is a difference of probability-weighted features, so
-        # the logits' rounding moves it by up to ~1e-6·√D·max|logit| relative to its largest entry.
+        # At these logits the softmax weights are one-hot (the gaps between
+        # logits are ~1e7, the fp32 rounding of a logit ~10), so an exact
+        # gradient is well defined: 1e-3 of its largest entry.
         big = float(gr.abs().max())
-        tol = max(1e-5, 1e-6 * math.sqrt(D) * _max_logit(case)) * big + 1e-12
+        tol = 1e-3 * big + 1e-12
         torch.testing.assert_close(g.double(), gr, atol=tol, rtol=1e-4,
                                    msg=lambda m: f"{name} on {backend}, gradient of input {i} vs float64: {m}")
 
@@ -100,11 +129,8 @@ def test_large_logits_fp32_match_float64_or_raise(name, over, backend):
 @pytest.mark.parametrize("name,over", CASES)
 def test_large_logits_half_finite_or_raise(name, over, backend, dtype, request):
     lc.require_implemented(name)
-    if (name, over.get("logit_scale"), dtype) == ("clip_loss", 1e6, torch.float16) and backend in ("cpu", "triton"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "fused clip_loss in fp16 at logit_scale 1e6 (beyond SPEC's τ ≥ 0.01): the kernel's dk (column-LSE part, "
-            "returned in fp16) rounds to ±inf and the positive-logit part to ∓inf, and their sum at the leaf is NaN; "
-            "the reference gives ±inf there. Fix: sum the two parts in fp32 before the cast to the input dtype.")))
+    if backend == "cpu" and dtype == torch.float16 and _case_id(name, over) in CPU_XFAIL_FP16:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=CPU_LARGE_LOGIT_BUG))
     case = _case(name, over)
     lc.require_backend(case, backend, dtype, DEVICE)
     res = _run_or_clear_error(case, backend, dtype)

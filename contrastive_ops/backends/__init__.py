@@ -98,9 +98,19 @@ def get_backend() -> str:
     return "auto"
 
 
+_loaded: Dict[str, object] = {}
+
+
 def backend_module(name: str):
-    """Import and return the module of a kernel backend (raises ImportError)."""
-    return importlib.import_module(_MODULES[name])
+    """Import and return the module of a kernel backend (raises ImportError).
+
+    Cached, so that code traced by torch.compile (the Functions that call a
+    primitive) reads a dict instead of calling importlib, which Dynamo refuses.
+    """
+    mod = _loaded.get(name)
+    if mod is None:
+        mod = _loaded[name] = importlib.import_module(_MODULES[name])
+    return mod
 
 
 def _availability(name: str) -> Tuple[bool, str]:
@@ -162,6 +172,15 @@ def resolve(backend: Optional[str], *, op: str, tensors: Sequence) -> str:
     """
     name = get_backend() if backend is None else _check_name(backend)
     device, dtype = _device_dtype(tensors)
+    return _resolve(name, op, device, dtype)
+
+
+# Under torch.compile the choice is made once, at trace time, from constants
+# (name, op, device, dtype): Dynamo must not trace the imports and
+# availability probes behind it (it refuses importlib.import_module, which
+# would break fullgraph=True for every kernel backend).
+@torch.compiler.assume_constant_result
+def _resolve(name: str, op: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
     if name != "auto":
         why = _why_not(name, op, device, dtype)
         if why is not None:
