@@ -139,12 +139,16 @@ def sim_lse_reference(
 
 
 class _SimLSE(torch.autograd.Function):
+    # ``k`` is None when the candidates are the anchors' own matrix (q is k):
+    # one autograd input, whose gradient is dq + dk.
     @staticmethod
     def forward(ctx, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, backend):
         prim = backends.primitive(backend, "sim_lse")
-        row_lse, col_lse = prim.forward(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col)
+        kk = q if k is None else k
+        row_lse, col_lse = prim.forward(q, kk, scale, row_index, col_index, col_start, col_end, exclude, want_col)
         ctx.prim = prim
         ctx.want_col = want_col
+        ctx.same = k is None
         ctx.save_for_backward(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse)
         if not want_col:
             ctx.mark_non_differentiable(col_lse)
@@ -158,9 +162,11 @@ class _SimLSE(torch.autograd.Function):
         if not ctx.want_col or g_col is None:
             g_col = torch.zeros_like(col_lse)
         dq, dk, dscale = ctx.prim.backward(
-            q, k, scale, row_index, col_index, col_start, col_end, exclude,
+            q, q if ctx.same else k, scale, row_index, col_index, col_start, col_end, exclude,
             row_lse, col_lse, g_row.contiguous(), g_col.contiguous(),
         )
+        if ctx.same:
+            dq, dk = dq + dk, None
         if not ctx.needs_input_grad[0]:
             dq = None
         if not ctx.needs_input_grad[1]:
@@ -200,10 +206,7 @@ def sim_lse(
     scale = scale.to(device=device, dtype=acc_dtype(q.dtype))
     if backend == "reference":
         return sim_lse_reference(q, k, scale, *args, want_col=want_col)
-    q, k = q.contiguous(), k.contiguous()
-    if k is q:
-        # One tensor in two inputs of an autograd.Function stops torch.compile
-        # (fullgraph); a view is a second tensor on the same memory.
-        k = q.view_as(q)
-    row, col = _SimLSE.apply(q, k, scale.reshape(()), *args, want_col, backend)
+    qc = q.contiguous()
+    kc = None if k is q else k.contiguous()
+    row, col = _SimLSE.apply(qc, kc, scale.reshape(()), *args, want_col, backend)
     return row, (col if want_col else None)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
 import warnings
 from typing import Dict, Iterable, Optional, Sequence, Tuple
@@ -98,19 +99,15 @@ def get_backend() -> str:
     return "auto"
 
 
-_loaded: Dict[str, object] = {}
-
-
 def backend_module(name: str):
     """Import and return the module of a kernel backend (raises ImportError).
 
-    Cached, so that code traced by torch.compile (the Functions that call a
-    primitive) reads a dict instead of calling importlib, which Dynamo refuses.
+    Once imported (``resolve`` does it), looking it up again is a read of
+    ``sys.modules``, which ``torch.compile`` traces without a graph break.
     """
-    mod = _loaded.get(name)
-    if mod is None:
-        mod = _loaded[name] = importlib.import_module(_MODULES[name])
-    return mod
+    path = _MODULES[name]
+    mod = sys.modules.get(path)
+    return mod if mod is not None else importlib.import_module(path)
 
 
 def _availability(name: str) -> Tuple[bool, str]:
@@ -170,17 +167,18 @@ def resolve(backend: Optional[str], *, op: str, tensors: Sequence) -> str:
     Raises ``RuntimeError`` naming the reason when an explicit backend cannot
     run ``op`` on the tensors' device.
     """
-    name = get_backend() if backend is None else _check_name(backend)
     device, dtype = _device_dtype(tensors)
-    return _resolve(name, op, device, dtype)
+    return _resolve(backend, op, device.type, dtype)
 
 
-# Under torch.compile the choice is made once, at trace time, from constants
-# (name, op, device, dtype): Dynamo must not trace the imports and
-# availability probes behind it (it refuses importlib.import_module, which
-# would break fullgraph=True for every kernel backend).
 @torch.compiler.assume_constant_result
-def _resolve(name: str, op: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
+def _resolve(backend: Optional[str], op: str, device_type: str, dtype: Optional[torch.dtype]) -> str:
+    # Depends only on constants (names, device type, dtype) and the process's
+    # backends: under torch.compile it runs once at trace time and its answer
+    # is a constant of the graph, so imports and availability probes never
+    # reach the tracer.
+    name = get_backend() if backend is None else _check_name(backend)
+    device = torch.device(device_type)
     if name != "auto":
         why = _why_not(name, op, device, dtype)
         if why is not None:
@@ -208,7 +206,7 @@ def _warn_once(op: str, device: torch.device, reasons) -> None:
         f"({'; '.join(reasons)}); using the plain-PyTorch reference, which stores the "
         "full similarity matrix. Pass backend='reference' to silence this.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 

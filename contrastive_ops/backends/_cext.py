@@ -14,6 +14,7 @@ This module adds, once the library is loaded:
 Primitive contracts (all tensors on one device):
 
 ``sim_lse``  see ``contrastive_ops.core``.
+``sinkhorn`` see ``backends._cext_sinkhorn`` and ``losses.swav``.
 ``siglip``   ``forward(x, y, scale, bias) -> 0-dim`` Σ_ij softplus(−z_ij·(scale·x_i·y_j + bias)), z = 2I − 1
              (``losses.siglip.siglip_sum_reference``), fp32 (float64 for float64);
              ``backward(x, y, scale, bias, grad) -> (dx like x, dy like y, dscale like scale, dbias like bias)``
@@ -27,6 +28,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
+from . import _cext_sinkhorn
 
 Tensor = torch.Tensor
 
@@ -140,6 +142,7 @@ def _register() -> None:
     torch.library.register_fake(lib + "siglip_bwd", _fake_siglip_bwd)
     torch.library.register_autograd(lib + "sim_lse_fwd", _sim_lse_backward, setup_context=_sim_lse_setup)
     torch.library.register_autograd(lib + "siglip_fwd", _siglip_backward, setup_context=_siglip_setup)
+    _cext_sinkhorn.register_fakes()
 
 
 # ---------------------------------------------------------------- primitives
@@ -175,4 +178,4 @@ class SigLIP:
         return torch.ops.contrastive_ops.siglip_bwd(x, y, scale, bias, grad)
 
 
-PRIMITIVES = {"sim_lse": SimLSE(), "siglip": SigLIP()}
+PRIMITIVES = {"sim_lse": SimLSE(), "siglip": SigLIP(), "sinkhorn": _cext_sinkhorn.SINKHORN}

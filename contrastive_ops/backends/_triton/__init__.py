@@ -1,7 +1,8 @@
 """The ``"triton"`` kernel backend.
 
-Primitives: ``"sim_lse"`` (the tiled similarity-LSE core, :mod:`.core`) and
-``"siglip"`` (the SigLIP pair sum, :mod:`.siglip`).  Runs on CUDA tensors when
+Primitives: ``"sim_lse"`` (the tiled similarity-LSE core, :mod:`.core`),
+``"siglip"`` (the SigLIP pair sum, :mod:`.siglip`) and ``"sinkhorn"`` (the
+log-domain Sinkhorn-Knopp scalings, :mod:`.sinkhorn`).  Runs on CUDA tensors when
 Triton has an active GPU driver, and on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before ``import triton``).
 """
@@ -18,8 +19,9 @@ try:
 
     from .core import SIM_LSE
     from .siglip import SIGLIP
+    from .sinkhorn import SINKHORN
 
-    PRIMITIVES: Dict[str, object] = {"sim_lse": SIM_LSE, "siglip": SIGLIP}
+    PRIMITIVES: Dict[str, object] = {"sim_lse": SIM_LSE, "siglip": SIGLIP, "sinkhorn": SINKHORN}
 except Exception as e:  # noqa: BLE001 - reported by availability()
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
     PRIMITIVES = {}

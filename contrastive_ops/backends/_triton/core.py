@@ -7,14 +7,67 @@ The maths is the contract of :mod:`contrastive_ops.core`::
 
 with *allowed* = ``col_start[i] <= j < col_end[i]`` minus the ``exclude[i, :]``
 entries.  No kernel stores B×M: S is rebuilt tile by tile from Q and K
-(``tl.dot`` over D in BLOCK_D chunks, fp32 accumulation, inputs in their own
-dtype; fp32 inputs use ``input_precision="ieee"``, never TF32).
+(``tl.dot`` over D, fp32 accumulation, inputs in their own dtype; fp32 inputs
+use ``input_precision="ieee"``, never TF32).  When D fits one chunk
+(``D <= BLOCK_D``, every D ≤ 128 on the GPU) the stationary tile (Q in the
+row-stationary kernels, K in the column-stationary one) is loaded once per
+program, not once per tile pair, and the streamed tile that built S is reused
+for the gradient product.
 
-Layers (Liger style): ``_sim_lse_fwd_kernel`` / ``_sim_lse_bwd_dq_kernel`` /
-``_sim_lse_bwd_dk_kernel`` → the custom ops ``contrastive_ops_triton::sim_lse_fwd``
-/ ``sim_lse_bwd`` (``torch.library.triton_op``, so ``torch.compile`` traces
-into the kernels) → the launchers ``sim_lse_forward`` / ``sim_lse_backward`` →
-the primitive object ``SIM_LSE`` used by ``contrastive_ops.core._SimLSE``.
+Paths and their cost
+--------------------
+One product of a (B, D) and a (D, M) operand, or of B×M by M×D, costs
+2·B·M·D FLOPs; below, costs are in units of B·M·D (multiply-adds counted as 2
+FLOPs) and "extra memory" is what a path allocates beyond its (B, D)/(M, D)
+gradients.  "CLIP" is the symmetric InfoNCE (row and column LSE, q ≠ k);
+"Gram" is q *is* k (same tensor, no index lists, no ranges, no column LSE:
+NT-Xent's Z·Zᵀ, MV-InfoNCE, SupCon "all", DCL), where M = B.
+
+===============================  ========  ==========================  =============================
+path                             FLOPs     extra memory                 deterministic
+===============================  ========  ==========================  =============================
+forward, general                 2         n_slots·M fp32 (col LSE)     yes (slots merged by torch)
+forward, Gram (pairs I ≤ J)      1         n_slots·B fp32 (row parts)   yes
+backward, general, two kernels   8         T_M fp32 (dscale parts)      yes            ← default
+  (S recomputed in dq and dk kernels; ×n_d S recomputes if D is split into n_d output chunks)
+backward, general, atomic        6         M·D fp32 (dK accumulator)    no (fp32 atomics), opt-in
+  (one S recompute; D ≤ 256)
+backward, Gram, mirror           4         T_B fp32                     yes            ← default
+  (all tiles (I, J), dZ_I += (dS_IJ + dS_JIᵀ)·Z_J; one kernel, no dK kernel)
+backward, Gram, atomic           3         B·D fp32 (dZ accumulator)    no, opt-in
+  (pairs I ≤ J once: dZ_I += A·Z_J, dZ_J += Aᵀ·Z_I with A = dS_IJ + dS_JIᵀ; D ≤ 256)
+===============================  ========  ==========================  =============================
+
+So symmetric CLIP costs 2 + 8 = 10·B·M·D by default and 2 + 6 = 8 with the
+atomic backward; a Gram loss costs 1 + 4 = 5·B²·D by default (it was 2 + 8)
+and 1 + 3 = 4 with the atomic backward.  (n_slots ≤ 2 × the SM count; T_B, T_M
+are the numbers of row / column tiles.)
+
+Which backward runs (``backward_path``): the deterministic kernels unless the
+atomic path is asked for with ``BACKWARD = "atomic"`` (module attribute, or the
+environment variable ``CONTRASTIVE_OPS_TRITON_BACKWARD=atomic`` at import) and
+``torch.are_deterministic_algorithms_enabled()`` is off.  The deterministic
+path is the default because the library promises the same numbers run after
+run (and its tests compare bit patterns), and because the atomic path trades
+2·B·M·D FLOPs for B/BLOCK_M·M·D fp32 atomic adds into L2, which on 16-bit
+tensor cores is not obviously faster: it must be measured on the GPU before it
+becomes the default.
+
+Layers (Liger style): the ``@triton.jit`` kernels → the custom ops
+``contrastive_ops_triton::sim_lse_fwd`` / ``sim_lse_bwd``
+(``torch.library.triton_op``, so ``torch.compile`` traces into the kernels) →
+the launchers ``sim_lse_forward`` / ``sim_lse_backward`` → the primitive object
+``SIM_LSE`` used by ``contrastive_ops.core._SimLSE``.
+
+The Gram case is detected by the primitive, not by the core: ``q is k`` (the
+same tensor object — ``_SimLSE`` passes ``q.contiguous()``/``k.contiguous()``,
+which is one object when the loss passed one contiguous tensor, and autograd's
+saved tensors keep that identity) selects the Gram backward, which returns the
+whole gradient in ``dq`` and zeros in ``dk`` (autograd sums both into the one
+tensor).  The forward also takes the Gram path for two different objects with
+the same data pointer, shape, strides and dtype (e.g. ``z`` and ``z.detach()``),
+whose backward stays on the general path because dq and dk then go to
+different places.  ``core.sim_lse``'s signature is unchanged.
 
 The ops live in their own namespace ``contrastive_ops_triton``: the C++
 extension owns ``TORCH_LIBRARY(contrastive_ops, m)``, and keeping the Triton
@@ -22,6 +75,7 @@ ops out of it means neither registration can depend on the other's load order.
 """
 from __future__ import annotations
 
+import collections
 import os
 from typing import List, Optional, Tuple
 
@@ -34,6 +88,13 @@ Tensor = torch.Tensor
 # Tests flip this to allocate every kernel output filled with NaN, so a tile a
 # kernel forgets to write shows up as NaN instead of as stale memory.
 POISON_OUTPUTS = False
+
+# "deterministic" (default) or "atomic": see the module docstring.
+BACKWARD = os.environ.get("CONTRASTIVE_OPS_TRITON_BACKWARD", "deterministic")
+_ATOMIC_MAX_D = 256  # the atomic kernels hold a BLOCK × next_pow2(D) fp32 accumulator
+
+# Kernel launches by name (the tests read it to see which path ran).
+LAUNCHES: collections.Counter = collections.Counter()
 
 
 def interpreting() -> bool:
@@ -61,7 +122,7 @@ def _dot_flags(dtype: torch.dtype) -> dict:
 
 
 def _block_d(D: int) -> int:
-    """Width of the D chunks S is accumulated over (a power of two, at least 16)."""
+    """Width of the D chunks of the SigLIP kernels (a power of two, at least 16)."""
     cap = 32 if interpreting() else 64
     return max(16, min(triton.next_power_of_2(D), cap))
 
@@ -78,19 +139,46 @@ def _block_do(D: int) -> int:
     return max(16, min(triton.next_power_of_2(D), 128))
 
 
+def _chunk_d(D: int) -> int:
+    """Width of the D chunks S is accumulated over in the sim_lse kernels.
+
+    On the GPU every D ≤ 128 is one chunk (``ONE_CHUNK``: the stationary tile is
+    loaded once per program); wider D streams 64-wide chunks.  Under the
+    interpreter the cap is 32, so the tests see both the one-chunk (D ≤ 32) and
+    the chunked layouts.
+    """
+    p2 = max(16, triton.next_power_of_2(D))
+    if interpreting():
+        return min(p2, 32)
+    return p2 if p2 <= 128 else 64
+
+
+def _d_pad(D: int) -> int:
+    """Full padded width of the atomic kernels' tiles (S in one ``tl.dot``, D ≤ 256)."""
+    return max(16, triton.next_power_of_2(D))
+
+
 _SM_COUNT: dict = {}
+
+
+def _slot_cap(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 3
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 2 * _SM_COUNT[idx]
 
 
 def n_slots(device: torch.device, n_rows: int, min_block_m: int) -> int:
     """Programs of a persistent forward grid: ≤ 2× the SM count on a GPU, 3 under the interpreter."""
-    if device.type != "cuda":
-        cap = 3
-    else:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        cap = 2 * _SM_COUNT[idx]
-    return max(1, min(cap, triton.cdiv(n_rows, min_block_m)))
+    return max(1, min(_slot_cap(device), triton.cdiv(n_rows, min_block_m)))
+
+
+def n_pair_slots(device: torch.device, n_rows: int, min_block: int) -> int:
+    """Programs of a persistent grid over the tile pairs I ≤ J of a Gram matrix."""
+    t = triton.cdiv(n_rows, min_block)
+    return max(1, min(_slot_cap(device), t * (t + 1) // 2))
 
 
 def _configs(block_names, gpu_choices, interp_choice) -> List[triton.Config]:
@@ -104,8 +192,10 @@ def _configs(block_names, gpu_choices, interp_choice) -> List[triton.Config]:
 
 
 # (BLOCK_M, BLOCK_N) tiles of S for H100: 128×128 / 128×64 / 64×128 with 4–8 warps
-# and 2–4 pipeline stages (BLOCK_D ≤ 64 keeps a stage of both tiles ≤ 32 KiB in
-# 16-bit, ≤ 64 KiB in fp32, inside the 228 KiB of shared memory).
+# and 2–4 pipeline stages.  With one D chunk up to 128 wide the stationary tile
+# stays in shared memory (≤ 32 KiB in 16-bit, 64 KiB in fp32) beside the
+# pipelined streamed tiles; configs that do not fit the 228 KiB are dropped by
+# the autotuner (OutOfResources counts as an infinite time).
 _FWD_GPU = [
     ((128, 128), 8, 3), ((128, 128), 8, 4), ((128, 64), 4, 3), ((128, 64), 8, 4),
     ((64, 128), 4, 3), ((64, 64), 4, 4), ((64, 64), 4, 2), ((128, 128), 4, 2),
@@ -114,13 +204,33 @@ _BWD_GPU = [
     ((128, 64), 8, 3), ((64, 128), 8, 3), ((64, 64), 4, 3), ((128, 128), 8, 2),
     ((64, 64), 4, 2), ((32, 128), 4, 3),
 ]
-_MIN_BLOCK = 32  # smallest BLOCK_M / BLOCK_N of every config list (grid sizing)
+# Atomic backward: full-width (≤ 256) tiles of Q and K, a BLOCK_M × D fp32 dQ
+# accumulator and a BLOCK_N × D dK product per step, so smaller tiles and few stages.
+_BWD_ATOMIC_GPU = [
+    ((64, 64), 4, 2), ((64, 64), 8, 2), ((128, 64), 8, 2), ((128, 32), 8, 2), ((64, 32), 4, 2),
+]
+# Square tiles (BLOCK) of the Gram kernels: tile I and tile J index the same rows.
+_SYM_FWD_GPU = [((128,), 8, 3), ((128,), 8, 2), ((128,), 4, 3), ((64,), 4, 3), ((64,), 4, 4)]
+_SYM_BWD_GPU = [((128,), 8, 2), ((64,), 4, 3), ((64,), 8, 2), ((64,), 4, 2), ((32,), 4, 3)]
+_SYM_ATOMIC_GPU = [((64,), 4, 2), ((64,), 8, 2), ((128,), 8, 1), ((32,), 4, 2)]
+_MIN_BLOCK = 32  # smallest BLOCK_M / BLOCK_N / BLOCK of every config list (grid sizing)
 _INTERP_BLOCK = (32, 32)
+_INTERP_SYM = (32,)
 
 
 # ---------------------------------------------------------------------------
 # Shared tile helpers
 # ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(X, x_rows, mask, offs_d, D, stride, UPCAST: tl.constexpr):
+    """Tile X[x_rows][:, offs_d] (zero outside the matrix and beyond D), upcast to fp32 if ``UPCAST``."""
+    x = tl.load(X + x_rows[:, None] * stride + offs_d[None, :], mask=mask[:, None] & (offs_d < D)[None, :],
+                other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -152,6 +262,18 @@ def _allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE: tl.constexpr, 
         ok = ok & (cols[None, :] != e0[:, None])
     if N_EXCLUDE >= 2:
         ok = ok & (cols[None, :] != e1[:, None])
+    return ok
+
+
+@triton.jit
+def _allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE: tl.constexpr):
+    """Gram matrices: (BLOCK_I, BLOCK_J) mask of the *transposed* pairs, True where column i is
+    allowed for row j (row j's own exclusions), laid out like the tile S_IJ."""
+    ok = mask_i[:, None] & mask_j[None, :]
+    if N_EXCLUDE >= 1:
+        ok = ok & (rows_i[:, None] != e0_j[None, :])
+    if N_EXCLUDE >= 2:
+        ok = ok & (rows_i[:, None] != e1_j[None, :])
     return ok
 
 
@@ -215,6 +337,27 @@ def _logaddexp(a, b):
     return mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
 
 
+@triton.jit
+def _pair_range(pid, nprog, T):
+    """Share of program ``pid`` of the T·(T+1)/2 tile pairs I ≤ J of a Gram matrix.
+
+    The pairs are numbered row-major over the upper triangle (row tile I holds
+    pairs off(I) .. off(I+1)−1 with off(I) = I·T − I·(I−1)/2); each program takes
+    one contiguous run [p0, p1) of equal length, so the work is balanced
+    whatever T (a row-tile-per-program split would give tile 0 T times the work
+    of tile T−1).  Returns p0, p1 and the first pair (I, J).
+    """
+    total = T * (T + 1) // 2
+    per = tl.cdiv(total, nprog)
+    p0 = tl.minimum(pid * per, total)
+    p1 = tl.minimum(p0 + per, total)
+    ti = pid * 0
+    while (ti < T - 1) & ((ti + 1) * T - ((ti + 1) * ti) // 2 <= p0):
+        ti += 1
+    tj = ti + p0 - (ti * T - (ti * (ti - 1)) // 2)
+    return p0, p1, ti, tj
+
+
 # ---------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------
@@ -241,12 +384,13 @@ def _sim_lse_fwd_kernel(
     B, M, D, stride_q, stride_k,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     scale = tl.load(Scale)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
     slot = ColPart + pid.to(tl.int64) * M
     if WANT_COL:
         for n0 in range(0, M, BLOCK_N):
@@ -256,12 +400,18 @@ def _sim_lse_fwd_kernel(
         rows, row_mask, q_rows, cs, ce, e0, e1 = _row_tile(
             t, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
         lo, hi = _col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
+        if ONE_CHUNK:  # the Q tile is loaded once per row tile
+            q_tile = _load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         for n0 in range(lo, hi, BLOCK_N):
             cols, col_mask, k_rows = _col_tile(n0, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
-            s = _s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k,
-                        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC) * scale
+            if ONE_CHUNK:
+                k_tile = _load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
+                s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC) * scale
+            else:
+                s = _s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k,
+                            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC) * scale
             ok = _allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -278,6 +428,82 @@ def _sim_lse_fwd_kernel(
                 tl.debug_barrier()
         lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
         tl.store(RowLse + rows, lse, mask=row_mask)
+
+
+# Gram forward (q is k, M = B, no index lists, no ranges, row LSE only).  S is
+# symmetric, so each tile pair I ≤ J is built once:
+#   * row tile I's statistics take S_IJ with row I's exclusions, online in
+#     registers as above;
+#   * for J > I, row tile J's statistics take S_JI = S_IJᵀ, i.e. the column
+#     reduction of S_IJ with row J's exclusions (``_allowed_t``), folded with
+#     logaddexp into the program's slot of RowPart (n_slots, B) — exactly the
+#     column-partial scheme of the general kernel;
+#   * when a program leaves row tile I (end of the row or of its run of pairs)
+#     it folds I's registers into the same slot.
+# row_lse = LSE over slots (torch).  Half the tile products of the general
+# kernel; deterministic (each slot has one writer, fixed order).
+@triton.autotune(configs=_configs(("BLOCK",), _SYM_FWD_GPU, _INTERP_SYM), key=["D", "N_EXCLUDE"])
+@triton.jit
+def _sim_lse_gram_fwd_kernel(
+    Z, Scale, Exclude, RowPart, B, D, stride_z,
+    N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    scale = tl.load(Scale)
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    slot = RowPart + pid.to(tl.int64) * B
+    for n0 in range(0, B, BLOCK):
+        tl.store(slot + n0 + offs, tl.full((BLOCK,), float("-inf"), tl.float32), mask=n0 + offs < B)
+    tl.debug_barrier()
+    T = tl.cdiv(B, BLOCK)
+    p0, p1, ti, tj = _pair_range(pid, nprog, T)
+    if ONE_CHUNK:
+        zi = _load_tile(Z, (ti * BLOCK + offs).to(tl.int64), ti * BLOCK + offs < B, offs_d, D, stride_z, UPCAST)
+    m_i = tl.full((BLOCK,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK,), tl.float32)
+    for p in range(p0, p1):
+        rows_i, mask_i, z_rows_i, cs, ce, e0_i, e1_i = _row_tile(
+            ti, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
+        rows_j, mask_j, z_rows_j, cs, ce, e0_j, e1_j = _row_tile(
+            tj, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
+        if ONE_CHUNK:
+            zj = _load_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST)
+            s = tl.dot(zi, tl.trans(zj), input_precision=PREC) * scale
+        else:
+            s = _s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z,
+                        BLOCK, BLOCK, BLOCK_D, UPCAST, PREC) * scale
+        # rows of I against columns J
+        s_r = tl.where(_allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s_r, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s_r - m_safe[:, None]), 1)
+        m_i = m_new
+        # rows of J against columns I (the mirrored tile; the diagonal tile is already complete)
+        if tj > ti:
+            s_c = tl.where(_allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE), s, float("-inf"))
+            c_max = tl.max(s_c, 0)
+            c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
+            c_lse = c_safe + tl.log(tl.sum(tl.exp(s_c - c_safe[None, :]), 0))
+            old = tl.load(slot + rows_j, mask=mask_j, other=float("-inf"))
+            tl.store(slot + rows_j, _logaddexp(old, c_lse), mask=mask_j)
+            tl.debug_barrier()
+        if (tj == T - 1) | (p == p1 - 1):  # leaving row tile I: fold its registers into the slot
+            lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+            old = tl.load(slot + rows_i, mask=mask_i, other=float("-inf"))
+            tl.store(slot + rows_i, _logaddexp(old, lse), mask=mask_i)
+            tl.debug_barrier()
+            m_i = tl.full((BLOCK,), float("-inf"), tl.float32)
+            l_i = tl.zeros((BLOCK,), tl.float32)
+        tj += 1
+        if tj == T:
+            ti += 1
+            tj = ti
+            if ONE_CHUNK:
+                zi = _load_tile(Z, (ti * BLOCK + offs).to(tl.int64), ti * BLOCK + offs < B, offs_d, D, stride_z,
+                                UPCAST)
 
 
 # ---------------------------------------------------------------------------
@@ -308,7 +534,9 @@ def _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT
 # Row-stationary: one program per (row tile, output D-chunk) streams the column
 # tiles, recomputing S over the full D, and accumulates dQ rows of its chunk
 # in fp32; the chunk-0 program also sums dS·(Q Kᵀ) for dscale (one partial per
-# row tile, summed by torch: deterministic).
+# row tile, summed by torch: deterministic).  ONE_CHUNK: the Q tile is loaded
+# once; REUSE (one chunk that is also the single output chunk): the K tile
+# that built S is the operand of dS·K.
 @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N"), _BWD_GPU, _INTERP_BLOCK),
                  key=["D", "HAS_ROW_INDEX", "HAS_COL_INDEX", "HAS_RANGE", "N_EXCLUDE", "WANT_COL"])
 @triton.jit
@@ -318,7 +546,8 @@ def _sim_lse_bwd_dq_kernel(
     B, M, D, stride_q, stride_k, stride_dq,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -328,21 +557,28 @@ def _sim_lse_bwd_dq_kernel(
     lo, hi = _col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
     lse_r = tl.load(RowLse + rows, mask=row_mask, other=float("-inf"))
     g_r = tl.load(GradRow + rows, mask=row_mask, other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_mask = offs_o < D
+    if ONE_CHUNK:
+        q_tile = _load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     dscale = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         cols, col_mask, k_rows = _col_tile(n0, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
-        s_raw = _s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k,
-                        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
+        if ONE_CHUNK:
+            k_tile = _load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
+            s_raw = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
+        else:
+            s_raw = _s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k,
+                            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
         ok = _allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
         ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
         dscale += tl.sum(ds * s_raw, 1)
-        kt = tl.load(K + k_rows[:, None] * stride_k + offs_o[None, :],
-                     mask=col_mask[:, None] & o_mask[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
+        if REUSE:
+            kt = k_tile
+        else:
+            kt = _load_tile(K, k_rows, col_mask, offs_o, D, stride_k, UPCAST)
         acc = tl.dot(ds.to(kt.dtype), kt, acc, input_precision=PREC)
     acc = acc * scale
     tl.store(DQ + q_rows[:, None] * stride_dq + offs_o[None, :], acc.to(DQ.dtype.element_ty),
@@ -354,7 +590,8 @@ def _sim_lse_bwd_dq_kernel(
 # Column-stationary: one program per (column tile, output D-chunk) streams the
 # row tiles (skipping those whose ranges miss its columns) and accumulates dK
 # = scale·dSᵀ Q for its chunk.  Recomputing S here instead of atomically adding
-# into dQ keeps both gradients deterministic.
+# into dK keeps both gradients deterministic.  ONE_CHUNK: the K tile is loaded
+# once; REUSE: the Q tile that built S is the operand of dSᵀ·Q.
 @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N"), _BWD_GPU, _INTERP_BLOCK),
                  key=["D", "HAS_ROW_INDEX", "HAS_COL_INDEX", "HAS_RANGE", "N_EXCLUDE", "WANT_COL"])
 @triton.jit
@@ -364,35 +601,234 @@ def _sim_lse_bwd_dk_kernel(
     B, M, D, stride_q, stride_k, stride_dk,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     scale = tl.load(Scale)
     n0 = pid_n * BLOCK_N
     cols, col_mask, k_rows = _col_tile(n0, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
+    offs_d = tl.arange(0, BLOCK_D)
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_mask = offs_o < D
+    if ONE_CHUNK:
+        k_tile = _load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     for t in range(0, tl.cdiv(B, BLOCK_M)):
         rows, row_mask, q_rows, cs, ce, e0, e1 = _row_tile(
             t, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
         lo, hi = _col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
         if (lo < n0 + BLOCK_N) & (hi > n0):
-            s_raw = _s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k,
-                            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
+            if ONE_CHUNK:
+                q_tile = _load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
+                s_raw = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
+            else:
+                s_raw = _s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k,
+                                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
             ok = _allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
             lse_r = tl.load(RowLse + rows, mask=row_mask, other=float("-inf"))
             g_r = tl.load(GradRow + rows, mask=row_mask, other=0.0)
             ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
-            qt = tl.load(Q + q_rows[:, None] * stride_q + offs_o[None, :],
-                         mask=row_mask[:, None] & o_mask[None, :], other=0.0)
-            if UPCAST:
-                qt = qt.to(tl.float32)
+            if REUSE:
+                qt = q_tile
+            else:
+                qt = _load_tile(Q, q_rows, row_mask, offs_o, D, stride_q, UPCAST)
             acc = tl.dot(tl.trans(ds.to(qt.dtype)), qt, acc, input_precision=PREC)
     acc = acc * scale
     tl.store(DK + k_rows[:, None] * stride_dk + offs_o[None, :], acc.to(DK.dtype.element_ty),
              mask=col_mask[:, None] & o_mask[None, :])
+
+
+# Single-recompute backward (opt-in, D ≤ 256): one row-stationary program per
+# row tile holds the whole padded width BLOCK_DP of Q and K tiles, builds S
+# with one ``tl.dot``, keeps dQ in a BLOCK_M × BLOCK_DP fp32 accumulator and
+# emits dK_J += scale·dS_IJᵀ·Q_I for every column tile it visits with fp32
+# atomics into DKAcc (k.shape, fp32, zeroed; cast by torch afterwards).
+# 6·B·M·D instead of 8 (S is built once, not once per gradient).
+#
+# Why atomics and not per-program slot buffers: every row tile contributes to
+# every column tile of dK, so a deterministic slot scheme needs one (M, D) fp32
+# buffer per concurrently running program — n_slots·M·D·4 bytes, e.g.
+# 264 · 65536 · 256 · 4 B = 17.7 GB on an H100 — against the O((B+M)·D) memory
+# promise.  The order of the fp32 atomic adds varies from run to run, so dK
+# is reproducible only to rounding: the path is never taken when
+# ``torch.are_deterministic_algorithms_enabled()``.
+@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N"), _BWD_ATOMIC_GPU, _INTERP_BLOCK),
+                 key=["D", "HAS_ROW_INDEX", "HAS_COL_INDEX", "HAS_RANGE", "N_EXCLUDE", "WANT_COL"],
+                 reset_to_zero=["DKAcc"])
+@triton.jit
+def _sim_lse_bwd_atomic_kernel(
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
+    DQ, DKAcc, DscalePart,
+    B, M, D, stride_q, stride_k, stride_dq, stride_acc,
+    HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
+    N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    scale = tl.load(Scale)
+    rows, row_mask, q_rows, cs, ce, e0, e1 = _row_tile(
+        pid_m, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
+    lo, hi = _col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
+    lse_r = tl.load(RowLse + rows, mask=row_mask, other=float("-inf"))
+    g_r = tl.load(GradRow + rows, mask=row_mask, other=0.0)
+    offs_d = tl.arange(0, BLOCK_DP)
+    d_mask = offs_d < D
+    q_tile = _load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
+    acc = tl.zeros((BLOCK_M, BLOCK_DP), tl.float32)
+    dscale = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols, col_mask, k_rows = _col_tile(n0, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
+        k_tile = _load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
+        s_raw = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
+        ok = _allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
+        ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
+        dscale += tl.sum(ds * s_raw, 1)
+        ds_lo = ds.to(k_tile.dtype)
+        acc = tl.dot(ds_lo, k_tile, acc, input_precision=PREC)
+        dk = tl.dot(tl.trans(ds_lo), q_tile, input_precision=PREC) * scale
+        tl.atomic_add(DKAcc + k_rows[:, None] * stride_acc + offs_d[None, :], dk,
+                      mask=col_mask[:, None] & d_mask[None, :])
+    acc = acc * scale
+    tl.store(DQ + q_rows[:, None] * stride_dq + offs_d[None, :], acc.to(DQ.dtype.element_ty),
+             mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(DscalePart + pid_m, tl.sum(dscale, 0))
+
+
+# Gram backward (q is k).  With only row LSEs, dS_ij = g_i·exp(S_ij − lse_i) on
+# pairs allowed for row i, and the gradient of the one feature tensor Z is
+#     dZ = scale·(dS + dSᵀ)·Z,   i.e.  dZ_I = scale·Σ_J A_IJ·Z_J,  A_IJ = dS_IJ + (dS_JI)ᵀ,
+# where both dS_IJ (row I's statistics and exclusions) and (dS_JI)ᵀ (row J's)
+# are read off the one tile S_IJ = S_JIᵀ.  dscale = Σ_ij dS_ij·(Z Zᵀ)_ij.
+
+
+@triton.jit
+def _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j):
+    """dS_IJ and (dS_JI)ᵀ, both laid out like the tile S_IJ (rows I, columns J)."""
+    s = s_raw * scale
+    lse_i = tl.where(lse_i == float("-inf"), float("inf"), lse_i)
+    lse_j = tl.where(lse_j == float("-inf"), float("inf"), lse_j)
+    ds = tl.where(ok, g_i[:, None] * tl.exp(tl.where(ok, s, float("-inf")) - lse_i[:, None]), 0.0)
+    ds_t = tl.where(ok_t, g_j[None, :] * tl.exp(tl.where(ok_t, s, float("-inf")) - lse_j[None, :]), 0.0)
+    return ds, ds_t
+
+
+# Deterministic Gram backward: row-stationary over ALL column tiles J (not
+# only J ≥ I), so dZ_I is complete in one program's registers and written
+# once, with no dK kernel: S once + one product = 4·B²·D (the general path
+# spends 8).  One program per (row tile, output D-chunk) as in the dq kernel.
+@triton.autotune(configs=_configs(("BLOCK",), _SYM_BWD_GPU, _INTERP_SYM), key=["D", "N_EXCLUDE"])
+@triton.jit
+def _sim_lse_gram_bwd_kernel(
+    Z, Scale, Exclude, RowLse, GradRow, DZ, DscalePart,
+    B, D, stride_z, stride_dz,
+    N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    scale = tl.load(Scale)
+    rows_i, mask_i, z_rows_i, cs, ce, e0_i, e1_i = _row_tile(
+        pid_m, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
+    lse_i = tl.load(RowLse + rows_i, mask=mask_i, other=float("-inf"))
+    g_i = tl.load(GradRow + rows_i, mask=mask_i, other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    o_mask = offs_o < D
+    if ONE_CHUNK:
+        zi = _load_tile(Z, z_rows_i, mask_i, offs_d, D, stride_z, UPCAST)
+    acc = tl.zeros((BLOCK, BLOCK_DO), tl.float32)
+    dscale = tl.zeros((BLOCK,), tl.float32)
+    for tj in range(0, tl.cdiv(B, BLOCK)):
+        rows_j, mask_j, z_rows_j, cs, ce, e0_j, e1_j = _row_tile(
+            tj, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
+        if ONE_CHUNK:
+            zj = _load_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST)
+            s_raw = tl.dot(zi, tl.trans(zj), input_precision=PREC)
+        else:
+            s_raw = _s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z,
+                            BLOCK, BLOCK, BLOCK_D, UPCAST, PREC)
+        ok = _allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
+        ok_t = _allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
+        lse_j = tl.load(RowLse + rows_j, mask=mask_j, other=float("-inf"))
+        g_j = tl.load(GradRow + rows_j, mask=mask_j, other=0.0)
+        ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
+        dscale += tl.sum(ds * s_raw, 1)
+        if REUSE:
+            zo = zj
+        else:
+            zo = _load_tile(Z, z_rows_j, mask_j, offs_o, D, stride_z, UPCAST)
+        acc = tl.dot((ds + ds_t).to(zo.dtype), zo, acc, input_precision=PREC)
+    acc = acc * scale
+    tl.store(DZ + z_rows_i[:, None] * stride_dz + offs_o[None, :], acc.to(DZ.dtype.element_ty),
+             mask=mask_i[:, None] & o_mask[None, :])
+    if pid_d == 0:
+        tl.store(DscalePart + pid_m, tl.sum(dscale, 0))
+
+
+# Atomic Gram backward (opt-in, D ≤ 256): each pair I ≤ J once (the balanced
+# pair runs of ``_pair_range``), S_IJ built once, then
+#     dZ_I += A_IJ·Z_J   (registers, flushed with one atomic add when leaving I)
+#     dZ_J += A_IJᵀ·Z_I  (J > I: fp32 atomics into DZAcc)
+# with A_IJ = dS_IJ + (dS_JI)ᵀ; on the diagonal tile A_II already holds both
+# directions, so only the first update applies.  3·B²·D; dscale sums dS_IJ
+# over the diagonal tile and A_IJ over the others (each pair of S counted once
+# per direction).  Not deterministic (atomic order): see the general atomic kernel.
+@triton.autotune(configs=_configs(("BLOCK",), _SYM_ATOMIC_GPU, _INTERP_SYM), key=["D", "N_EXCLUDE"],
+                 reset_to_zero=["DZAcc"])
+@triton.jit
+def _sim_lse_gram_bwd_atomic_kernel(
+    Z, Scale, Exclude, RowLse, GradRow, DZAcc, DscalePart,
+    B, D, stride_z, stride_acc,
+    N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_DP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    scale = tl.load(Scale)
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_DP)
+    d_mask = offs_d < D
+    T = tl.cdiv(B, BLOCK)
+    p0, p1, ti, tj = _pair_range(pid, nprog, T)
+    zi = _load_tile(Z, (ti * BLOCK + offs).to(tl.int64), ti * BLOCK + offs < B, offs_d, D, stride_z, UPCAST)
+    acc = tl.zeros((BLOCK, BLOCK_DP), tl.float32)
+    dscale = tl.zeros((BLOCK,), tl.float32)
+    for p in range(p0, p1):
+        rows_i, mask_i, z_rows_i, cs, ce, e0_i, e1_i = _row_tile(
+            ti, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
+        rows_j, mask_j, z_rows_j, cs, ce, e0_j, e1_j = _row_tile(
+            tj, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
+        zj = _load_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST)
+        s_raw = tl.dot(zi, tl.trans(zj), input_precision=PREC)
+        ok = _allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
+        ok_t = _allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
+        lse_i = tl.load(RowLse + rows_i, mask=mask_i, other=float("-inf"))
+        g_i = tl.load(GradRow + rows_i, mask=mask_i, other=0.0)
+        lse_j = tl.load(RowLse + rows_j, mask=mask_j, other=float("-inf"))
+        g_j = tl.load(GradRow + rows_j, mask=mask_j, other=0.0)
+        ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
+        a = ds + ds_t
+        dscale += tl.sum(tl.where(tj == ti, ds, a) * s_raw, 1)
+        a_lo = a.to(zj.dtype)
+        acc = tl.dot(a_lo, zj, acc, input_precision=PREC)
+        if tj > ti:
+            dzj = tl.dot(tl.trans(a_lo), zi, input_precision=PREC) * scale
+            tl.atomic_add(DZAcc + z_rows_j[:, None] * stride_acc + offs_d[None, :], dzj,
+                          mask=mask_j[:, None] & d_mask[None, :])
+        if (tj == T - 1) | (p == p1 - 1):  # leaving row tile I
+            tl.atomic_add(DZAcc + z_rows_i[:, None] * stride_acc + offs_d[None, :], acc * scale,
+                          mask=mask_i[:, None] & d_mask[None, :])
+            acc = tl.zeros((BLOCK, BLOCK_DP), tl.float32)
+        tj += 1
+        if tj == T:
+            ti += 1
+            tj = ti
+            zi = _load_tile(Z, (ti * BLOCK + offs).to(tl.int64), ti * BLOCK + offs < B, offs_d, D, stride_z,
+                            UPCAST)
+    tl.store(DscalePart + pid, tl.sum(dscale, 0))
 
 
 # ---------------------------------------------------------------------------
@@ -433,26 +869,73 @@ def _ptr(t: Optional[Tensor], fallback: Tensor) -> Tensor:
     return fallback if t is None else t
 
 
+def _launch(name: str, kernel, grid):
+    """``wrap_triton(kernel)[grid]``, counted in ``LAUNCHES``."""
+    LAUNCHES[name] += 1
+    return torch.library.wrap_triton(kernel)[grid]
+
+
+def _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col) -> bool:
+    """The Gram kernels cover q is k with no index lists, no ranges and no column LSE."""
+    return (bool(gram) and row_index is None and col_index is None and col_start is None
+            and col_end is None and not want_col and q.shape == k.shape)
+
+
+def same_values(q: Tensor, k: Tensor) -> bool:
+    """True when ``q`` and ``k`` hold the same values: the same tensor, or two views of one
+    storage with the same data pointer, shape, strides and dtype.  Fake tensors (tracing)
+    have no data pointer: there only ``q is k`` counts."""
+    if q is k:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        return (q.device == k.device and q.dtype == k.dtype and q.shape == k.shape
+                and q.stride() == k.stride() and q.data_ptr() == k.data_ptr())
+    except RuntimeError:
+        return False
+
+
+def backward_path(D: int) -> str:
+    """``"atomic"`` or ``"deterministic"``: which backward the launcher takes (module docstring)."""
+    if BACKWARD not in ("deterministic", "atomic"):
+        raise ValueError(f"contrastive_ops triton BACKWARD must be 'deterministic' or 'atomic', got {BACKWARD!r}")
+    if BACKWARD == "atomic" and D <= _ATOMIC_MAX_D and not torch.are_deterministic_algorithms_enabled():
+        return "atomic"
+    return "deterministic"
+
+
 @torch.library.triton_op("contrastive_ops_triton::sim_lse_fwd", mutates_args=())
 def _sim_lse_fwd_op(
     q: Tensor, k: Tensor, scale: Tensor,
     row_index: Optional[Tensor], col_index: Optional[Tensor],
     col_start: Optional[Tensor], col_end: Optional[Tensor], exclude: Optional[Tensor],
-    want_col: bool,
+    want_col: bool, gram: bool = False,
 ) -> Tuple[Tensor, Tensor]:
+    """``gram=True`` promises that ``k`` holds the same values as ``q`` (Gram kernel when it applies)."""
     B, M, D = _sizes(q, k, row_index, col_index)
     col_start, col_end = _ranges(q, B, M, col_start, col_end)
     flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col)
+    block_d = _chunk_d(D)
+    if _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col) and B > 0:
+        slots = n_pair_slots(q.device, B, _MIN_BLOCK)
+        row_part = _empty((slots, B), torch.float32, q.device)  # each program fills its slot first
+        _launch("gram_fwd", _sim_lse_gram_fwd_kernel, (slots,))(
+            q, scale, _ptr(exclude, scale), row_part, B, D, q.stride(0),
+            N_EXCLUDE=flags["N_EXCLUDE"], UPCAST=flags["UPCAST"], PREC=flags["PREC"],
+            BLOCK_D=block_d, ONE_CHUNK=D <= block_d,
+        )
+        return torch.logsumexp(row_part, 0), torch.empty((0,), dtype=torch.float32, device=q.device)
     row_lse = _empty((B,), torch.float32, q.device)
     slots = n_slots(q.device, B, _MIN_BLOCK)
     # Every slot is filled by its program before use, so no initialisation here.
     col_part = _empty((slots if want_col else 0, M), torch.float32, q.device)
     if B > 0:
-        torch.library.wrap_triton(_sim_lse_fwd_kernel)[(slots,)](
+        _launch("fwd", _sim_lse_fwd_kernel, (slots,))(
             q, k, scale, _ptr(row_index, scale), _ptr(col_index, scale), _ptr(col_start, scale),
             _ptr(col_end, scale), _ptr(exclude, scale), row_lse, _ptr(col_part if want_col else None, row_lse),
             B, M, D, q.stride(0), k.stride(0),
-            BLOCK_D=_block_d(D), **flags,
+            BLOCK_D=block_d, ONE_CHUNK=D <= block_d, **flags,
         )
     if want_col:
         col_lse = torch.logsumexp(col_part, 0) if B > 0 else torch.full((M,), float("-inf"), device=q.device)
@@ -462,7 +945,7 @@ def _sim_lse_fwd_op(
 
 
 @_sim_lse_fwd_op.register_fake
-def _(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
+def _(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, gram=False):
     B, M, _ = _sizes(q, k, row_index, col_index)
     return q.new_empty((B,), dtype=torch.float32), q.new_empty((M if want_col else 0,), dtype=torch.float32)
 
@@ -473,51 +956,109 @@ def _sim_lse_bwd_op(
     row_index: Optional[Tensor], col_index: Optional[Tensor],
     col_start: Optional[Tensor], col_end: Optional[Tensor], exclude: Optional[Tensor],
     row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor,
+    gram: bool = False, atomic: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``gram=True`` promises that q *is* k for autograd: where the Gram kernel applies, the whole
+    gradient of that one tensor is returned in dq and dk is zero.  ``atomic=True`` takes the
+    single-recompute kernels (non-deterministic; D ≤ 256, else ignored)."""
     want_col = col_lse.numel() > 0
     B, M, D = _sizes(q, k, row_index, col_index)
     col_start, col_end = _ranges(q, B, M, col_start, col_end)
     flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col)
     launch = B > 0 and M > 0
+    atomic = bool(atomic) and D <= _ATOMIC_MAX_D
+    block_d, block_do = _chunk_d(D), _block_do(D)
+    one_chunk = D <= block_d
+    n_d = triton.cdiv(D, block_do)
+    dot_flags = dict(UPCAST=flags["UPCAST"], PREC=flags["PREC"])
+
+    if _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col):
+        dk = torch.zeros_like(k)
+        if not launch:
+            return torch.zeros_like(q), dk, torch.zeros((), dtype=torch.float32, device=q.device)
+        if atomic:
+            slots = n_pair_slots(q.device, B, _MIN_BLOCK)
+            dz_acc = torch.zeros((B, D), dtype=torch.float32, device=q.device)
+            dscale_part = _empty((slots,), torch.float32, q.device)
+            _launch("gram_bwd_atomic", _sim_lse_gram_bwd_atomic_kernel, (slots,))(
+                q, scale, _ptr(exclude, scale), row_lse, grad_row, dz_acc, dscale_part,
+                B, D, q.stride(0), dz_acc.stride(0),
+                N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_DP=_d_pad(D), **dot_flags,
+            )
+            return dz_acc.to(q.dtype), dk, dscale_part.sum()
+        dz = _empty(q.shape, q.dtype, q.device)
+        dscale_part = torch.zeros((triton.cdiv(B, _MIN_BLOCK),), dtype=torch.float32, device=q.device)
+        _launch("gram_bwd", _sim_lse_gram_bwd_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK"]), n_d))(
+            q, scale, _ptr(exclude, scale), row_lse, grad_row, dz, dscale_part,
+            B, D, q.stride(0), dz.stride(0),
+            N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=block_d, BLOCK_DO=block_do, ONE_CHUNK=one_chunk,
+            REUSE=one_chunk and n_d == 1 and block_do == block_d, **dot_flags,
+        )
+        return dz, dk, dscale_part.sum()
+
     # Rows outside an index list get no gradient: those outputs start at zero.
     dq = _empty(q.shape, q.dtype, q.device) if row_index is None and launch else torch.zeros_like(q)
-    dk = _empty(k.shape, k.dtype, k.device) if col_index is None and launch else torch.zeros_like(k)
     dscale_part = torch.zeros((triton.cdiv(B, _MIN_BLOCK),), dtype=torch.float32, device=q.device)
-    block_d, block_do = _block_d(D), _block_do(D)
-    n_d = triton.cdiv(D, block_do)
     common = (q, k, scale, _ptr(row_index, scale), _ptr(col_index, scale), _ptr(col_start, scale),
               _ptr(col_end, scale), _ptr(exclude, scale), row_lse, _ptr(col_lse if want_col else None, row_lse),
               grad_row, _ptr(grad_col if want_col else None, grad_row))
+    if atomic:
+        dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        if launch:
+            _launch("bwd_atomic", _sim_lse_bwd_atomic_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),))(
+                *common, dq, dk_acc, dscale_part, B, M, D, q.stride(0), k.stride(0), dq.stride(0),
+                dk_acc.stride(0), BLOCK_DP=_d_pad(D), **flags,
+            )
+        return dq, dk_acc.to(k.dtype), dscale_part.sum()
+    dk = _empty(k.shape, k.dtype, k.device) if col_index is None and launch else torch.zeros_like(k)
+    reuse = one_chunk and n_d == 1 and block_do == block_d
     if launch:
-        torch.library.wrap_triton(_sim_lse_bwd_dq_kernel)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_d)](
+        _launch("bwd_dq", _sim_lse_bwd_dq_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_d))(
             *common, dq, dscale_part, B, M, D, q.stride(0), k.stride(0), dq.stride(0),
-            BLOCK_D=block_d, BLOCK_DO=block_do, **flags,
+            BLOCK_D=block_d, BLOCK_DO=block_do, ONE_CHUNK=one_chunk, REUSE=reuse, **flags,
         )
-        torch.library.wrap_triton(_sim_lse_bwd_dk_kernel)[lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), n_d)](
+        _launch("bwd_dk", _sim_lse_bwd_dk_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), n_d))(
             *common, dk, B, M, D, q.stride(0), k.stride(0), dk.stride(0),
-            BLOCK_D=block_d, BLOCK_DO=block_do, **flags,
+            BLOCK_D=block_d, BLOCK_DO=block_do, ONE_CHUNK=one_chunk, REUSE=reuse, **flags,
         )
     return dq, dk, dscale_part.sum()
 
 
 @_sim_lse_bwd_op.register_fake
-def _(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse, grad_row, grad_col):
+def _(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse, grad_row, grad_col,
+      gram=False, atomic=False):
     return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=torch.float32)
 
 
 def sim_lse_forward(q, k, scale, row_index=None, col_index=None, col_start=None, col_end=None,
-                    exclude=None, want_col=False) -> Tuple[Tensor, Tensor]:
-    """Row (B,) and column (M,) LSEs in fp32; the column one is 0-element unless ``want_col``."""
+                    exclude=None, want_col=False, *, gram: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
+    """Row (B,) and column (M,) LSEs in fp32; the column one is 0-element unless ``want_col``.
+
+    ``gram``: None detects it (``same_values(q, k)``); the Gram kernel runs when
+    it is true and there are no index lists, no ranges and no column LSE.
+    """
+    if gram is None:
+        gram = same_values(q, k)
     return torch.ops.contrastive_ops_triton.sim_lse_fwd(
-        q, k, scale, row_index, col_index, col_start, col_end, exclude, bool(want_col))
+        q, k, scale, row_index, col_index, col_start, col_end, exclude, bool(want_col), bool(gram))
 
 
 def sim_lse_backward(q, k, scale, row_index, col_index, col_start, col_end, exclude,
-                     row_lse, col_lse, grad_row, grad_col) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dq like q, dk like k, dscale 0-dim fp32)`` for upstream gradients ``grad_row``/``grad_col``."""
+                     row_lse, col_lse, grad_row, grad_col, *, gram: Optional[bool] = None,
+                     atomic: Optional[bool] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dq like q, dk like k, dscale 0-dim fp32)`` for upstream gradients ``grad_row``/``grad_col``.
+
+    ``gram``: None means ``q is k`` (then, where the Gram kernel applies, dq is the
+    whole gradient of the one tensor and dk is zero; their sum is the gradient
+    either way).  ``atomic``: None means ``backward_path(D) == "atomic"``.
+    """
+    if gram is None:
+        gram = q is k
+    if atomic is None:
+        atomic = backward_path(q.shape[1]) == "atomic"
     return torch.ops.contrastive_ops_triton.sim_lse_bwd(
         q, k, scale, row_index, col_index, col_start, col_end, exclude,
-        row_lse, col_lse, grad_row.float().contiguous(), grad_col.float().contiguous())
+        row_lse, col_lse, grad_row.float().contiguous(), grad_col.float().contiguous(), bool(gram), bool(atomic))
 
 
 class _SimLSEPrimitive:
@@ -525,15 +1066,17 @@ class _SimLSEPrimitive:
 
     @staticmethod
     def forward(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
+        gram = same_values(q, k)
         return sim_lse_forward(q.contiguous(), k.contiguous(), scale.float().reshape(()), row_index,
-                               col_index, col_start, col_end, exclude, want_col)
+                               col_index, col_start, col_end, exclude, want_col, gram=gram)
 
     @staticmethod
     def backward(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
                  grad_row, grad_col):
+        gram = q is k  # one tensor for autograd: dq + dk is what it receives
         dq, dk, dscale = sim_lse_backward(q.contiguous(), k.contiguous(), scale.float().reshape(()),
                                           row_index, col_index, col_start, col_end, exclude,
-                                          row_lse, col_lse, grad_row, grad_col)
+                                          row_lse, col_lse, grad_row, grad_col, gram=gram)
         return dq, dk, dscale.to(scale.dtype)
 
 

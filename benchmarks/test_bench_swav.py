@@ -1,0 +1,139 @@
+"""Sinkhorn-Knopp codes and the SwAV loss: every backend against SwAV's plain code and lightly.
+
+K = 3000 prototypes, 3 iterations, ε = 0.05, τ = 0.1; B from 256 up (CPU: to 8192, GPU: to 65536).
+Run:  pytest benchmarks/test_bench_swav.py --benchmark-only [--benchmark-json out.json]
+Providers that cannot run here are skipped with the reason.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import contrastive_ops as co
+
+K = 3000
+ITERS = 3
+EPS = 0.05
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SIZES = [256, 1024, 4096, 16384, 65536] if DEVICE.type == "cuda" else [256, 1024, 4096, 8192]
+
+
+@torch.no_grad()
+def swav_plain_sinkhorn(out, epsilon=EPS, iterations=ITERS):
+    """facebookresearch/swav ``distributed_sinkhorn`` at world size 1 (fp32, plain exp), the baseline users run."""
+    Q = torch.exp(out / epsilon).t()
+    B = Q.shape[1]
+    K_ = Q.shape[0]
+    Q /= torch.sum(Q)
+    for _ in range(iterations):
+        Q /= torch.sum(Q, dim=1, keepdim=True)
+        Q /= K_
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
+
+
+def swav_plain_loss(crops, temperature=0.1, crops_for_assign=(0, 1)):
+    loss = 0
+    for a in crops_for_assign:
+        q = swav_plain_sinkhorn(crops[a].detach().float())
+        sub = 0
+        for v in range(len(crops)):
+            if v != a:
+                sub = sub - torch.mean(torch.sum(q * F.log_softmax(crops[v].float() / temperature, dim=1), dim=1))
+        loss = loss + sub / (len(crops) - 1)
+    return loss / len(crops_for_assign)
+
+
+def _co_provider(name):
+    def check():
+        from contrastive_ops import backends
+
+        try:
+            avail = co.available_backends().get(name, (False, "unknown"))
+            mod = backends.backend_module(name) if avail[0] else None
+        except Exception as e:  # noqa: BLE001 - reported as the skip reason
+            avail, mod = (False, f"{type(e).__name__}: {e}"), None
+        if not avail[0]:
+            pytest.skip(f"{name}: {avail[1]}")
+        if DEVICE.type not in mod.devices() or "sinkhorn" not in mod.PRIMITIVES:
+            pytest.skip(f"{name} backend has no sinkhorn primitive on {DEVICE.type}")
+        if name == "triton" and DEVICE.type != "cuda":
+            pytest.skip("Triton timings need a GPU (the interpreter is not a measure)")
+
+    return check
+
+
+def _lightly():
+    mod = pytest.importorskip("lightly.loss.swav_loss")
+    return mod
+
+
+PROVIDERS = ["swav_plain", "lightly", "reference", "cpu", "cuda", "triton"]
+
+
+def _sinkhorn_fn(provider):
+    if provider == "swav_plain":
+        return lambda s: swav_plain_sinkhorn(s)
+    if provider == "lightly":
+        mod = _lightly()
+        return lambda s: mod.sinkhorn(s, iterations=ITERS, epsilon=EPS)
+    if provider != "reference":
+        _co_provider(provider)()
+    return lambda s: co.sinkhorn_knopp(s, EPS, ITERS, backend=provider)
+
+
+def _loss_fn(provider):
+    if provider == "swav_plain":
+        return swav_plain_loss
+    if provider == "lightly":
+        loss = _lightly().SwaVLoss(temperature=0.1, sinkhorn_iterations=ITERS, sinkhorn_epsilon=EPS)
+        return lambda crops: loss(crops[:2], crops[2:]).sum()
+    if provider != "reference":
+        _co_provider(provider)()
+    return lambda crops: co.swav_loss(crops, 0.1, epsilon=EPS, iterations=ITERS, backend=provider)
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _scores(B, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    z = F.normalize(torch.randn(B, 128, generator=g), dim=1)
+    c = F.normalize(torch.randn(K, 128, generator=g), dim=1)
+    return (z @ c.T).to(DEVICE)
+
+
+@pytest.mark.parametrize("B", SIZES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_bench_sinkhorn(benchmark, provider, B):
+    fn = _sinkhorn_fn(provider)
+    scores = _scores(B)
+    benchmark.group = f"sinkhorn K={K} B={B} {DEVICE.type}"
+
+    def run():
+        out = fn(scores)
+        _sync()
+        return out
+
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("B", SIZES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_bench_swav_loss(benchmark, provider, B):
+    """Forward + backward, two large crops (codes) and two small crops (predictions only)."""
+    fn = _loss_fn(provider)
+    base = [_scores(B, seed=s) for s in range(4)]
+    benchmark.group = f"swav_loss fwd+bwd K={K} B={B} 4 crops {DEVICE.type}"
+
+    def run():
+        crops = [b.clone().requires_grad_() for b in base]
+        fn(crops).backward()
+        _sync()
+
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)

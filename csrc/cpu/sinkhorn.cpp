@@ -1,0 +1,244 @@
+// Sinkhorn-Knopp codes (SwAV) in the log domain: schema and CPU kernels.
+//
+// Maths (see contrastive_ops/losses/swav.py): with L = S/ε and log-scalings
+// u (B,), v (K,), one iteration is
+//
+//     u[b] = −LSE_k(L[b,k] + v[k])      sample step
+//     v[k] = −LSE_b(L[b,k] + u[b])      prototype step
+//
+// and the codes are softmax_k(L[b,:] + v_T) (T ≥ 1), or B·exp(L − LSE_{b,k} L)
+// for T = 0.  Every exponent is ≤ 0 after its LSE, so the result is finite
+// for any finite input.
+//
+// sinkhorn_col_lse fuses one sample step with the next prototype step in one
+// pass: each thread owns a contiguous chunk of rows; for each row it computes
+// u[b] (the row is then in L1) and folds L[b,:] + u[b] into its own (K,)
+// running max / sum of exp, m' = max(m, x), s' = s·e^{m−m'} + e^{x−m'}.  The
+// per-thread partials (threads × K) are combined at the end.  No B×K buffer
+// besides the output of sinkhorn_codes.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+// The polynomial exp below is vectorized by GCC only when float compares may not trap (we never
+// read the floating-point exception flags).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+namespace contrastive_ops {
+namespace sinkhorn_cpu {
+
+namespace {
+
+void check_scores(const at::Tensor& scores, double epsilon, const char* op) {
+  TORCH_CHECK(scores.dim() == 2, op, ": scores must be 2-D (B, K), got shape ", scores.sizes());
+  TORCH_CHECK(scores.size(0) > 0 && scores.size(1) > 0, op, ": scores must be non-empty, got shape ",
+              scores.sizes());
+  TORCH_CHECK(at::isFloatingType(scores.scalar_type()), op, ": scores must be floating point, got ",
+              scores.scalar_type());
+  TORCH_CHECK(epsilon > 0 && std::isfinite(epsilon), op, ": epsilon must be a finite float > 0, got ", epsilon);
+}
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// exp(x) for x <= 88 in fp32 without a libm call, so that the loops below vectorize: x = n·ln2 + r,
+// |r| <= ln2/2 (Cody-Waite), e^r by a degree-7 polynomial (Cephes expf), 2^n built in the exponent bits.
+// Relative error < 2e-7; x < -87.3 gives at most 1.2e-38 (the terms it stands for are < 1e-37 too).
+inline float vexp(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return p * scale;
+}
+inline double vexp(double x) { return std::exp(x); }
+
+constexpr int64_t kLanes = 16;  // independent accumulators: the reductions vectorize without reassociation
+
+// buf[k] = row[k]·inv_eps, in the accumulation type.
+template <typename scalar_t, typename acc_t>
+void load_row(const scalar_t* row, int64_t K, acc_t inv_eps, acc_t* buf) {
+  for (int64_t k = 0; k < K; ++k) buf[k] = static_cast<acc_t>(row[k]) * inv_eps;
+}
+
+// LSE_k(x[k] + v[k]) (v may be null); `tmp` is scratch of K values.
+template <typename acc_t>
+acc_t lse_plus(const acc_t* x, const acc_t* v, int64_t K, acc_t* tmp) {
+  if (v) {
+    for (int64_t k = 0; k < K; ++k) tmp[k] = x[k] + v[k];
+  } else {
+    for (int64_t k = 0; k < K; ++k) tmp[k] = x[k];
+  }
+  acc_t lm[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) lm[j] = -std::numeric_limits<acc_t>::infinity();
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) lm[j] = tmp[k + j] > lm[j] ? tmp[k + j] : lm[j];
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < kLanes; ++j) m = std::max(m, lm[j]);
+  for (; k < K; ++k) m = std::max(m, tmp[k]);
+  acc_t ls[kLanes] = {};
+  k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) ls[j] += vexp(tmp[k + j] - m);
+  acc_t s = 0;
+  for (int64_t j = 0; j < kLanes; ++j) s += ls[j];
+  for (; k < K; ++k) s += vexp(tmp[k] - m);
+  return m + std::log(s);
+}
+
+// Fold x[k] + u into the running (m[k], s[k]) of Σ_b e^{x}: m' = max(m, x), s' = s·e^{m−m'} + e^{x−m'}.
+template <typename acc_t>
+void fold_column(const acc_t* x, acc_t u, acc_t* m, acc_t* s, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t y = x[k] + u;
+    const acc_t mn = y > m[k] ? y : m[k];
+    s[k] = s[k] * vexp(m[k] - mn) + vexp(y - mn);
+    m[k] = mn;
+  }
+}
+
+}  // namespace
+
+// (K,) in fp32 (float64 for float64 scores): LSE_b(L[b,k] + u[b]), u[b] = −LSE_k(L[b,k] + v[k]), u = 0 without v.
+at::Tensor sinkhorn_col_lse(const at::Tensor& scores_in, double epsilon, const c10::optional<at::Tensor>& v_in) {
+  check_scores(scores_in, epsilon, "sinkhorn_col_lse");
+  const at::Tensor scores = scores_in.contiguous();
+  const int64_t B = scores.size(0), K = scores.size(1);
+  const auto acc = acc_type(scores.scalar_type());
+  at::Tensor v;
+  if (v_in.has_value() && v_in->defined()) {
+    TORCH_CHECK(v_in->dim() == 1 && v_in->size(0) == K, "sinkhorn_col_lse: v must have shape (", K,
+                ",), got ", v_in->sizes());
+    v = v_in->to(scores.device(), acc).contiguous();
+  }
+  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
+  at::Tensor pm = at::empty({n_chunks, K}, scores.options().dtype(acc));
+  at::Tensor ps = at::empty({n_chunks, K}, scores.options().dtype(acc));
+  at::Tensor out = at::empty({K}, scores.options().dtype(acc));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "sinkhorn_col_lse", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* S = scores.data_ptr<scalar_t>();
+    const acc_t* vp = v.defined() ? v.data_ptr<acc_t>() : nullptr;
+    acc_t* PM = pm.data_ptr<acc_t>();
+    acc_t* PS = ps.data_ptr<acc_t>();
+    const acc_t inv_eps = acc_t(1.0 / epsilon);
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<acc_t> xbuf(K), tmp(K);
+      for (int64_t c = c0; c < c1; ++c) {
+        acc_t* m = PM + c * K;
+        acc_t* s = PS + c * K;
+        const int64_t r0 = B * c / n_chunks, r1 = B * (c + 1) / n_chunks;
+        for (int64_t b = r0; b < r1; ++b) {
+          load_row<scalar_t, acc_t>(S + b * K, K, inv_eps, xbuf.data());
+          const acc_t u = vp ? -lse_plus<acc_t>(xbuf.data(), vp, K, tmp.data()) : acc_t(0);  // sample step
+          if (b == r0) {                                                                        // prototype step
+            for (int64_t k = 0; k < K; ++k) {
+              m[k] = xbuf[k] + u;
+              s[k] = acc_t(1);
+            }
+          } else {
+            fold_column<acc_t>(xbuf.data(), u, m, s, K);
+          }
+        }
+      }
+    });
+    // Combine the chunks: every chunk holds ≥ 1 row, so each m is finite and each s ≥ 1.
+    acc_t* O = out.data_ptr<acc_t>();
+    at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        acc_t M = neg_inf;
+        for (int64_t c = 0; c < n_chunks; ++c) M = std::max(M, PM[c * K + k]);
+        acc_t tot = 0;
+        for (int64_t c = 0; c < n_chunks; ++c) tot += PS[c * K + k] * std::exp(PM[c * K + k] - M);
+        O[k] = M + std::log(tot);
+      }
+    });
+  });
+  return out;
+}
+
+// (B, K) fp32: exp(L + v − LSE_k(L + v)), or exp(L + v) when normalize is false.
+at::Tensor sinkhorn_codes(const at::Tensor& scores_in, double epsilon, const at::Tensor& v_in, bool normalize) {
+  check_scores(scores_in, epsilon, "sinkhorn_codes");
+  const at::Tensor scores = scores_in.contiguous();
+  const int64_t B = scores.size(0), K = scores.size(1);
+  TORCH_CHECK(v_in.dim() == 1 && v_in.size(0) == K, "sinkhorn_codes: v must have shape (", K, ",), got ",
+              v_in.sizes());
+  const auto acc = acc_type(scores.scalar_type());
+  const at::Tensor v = v_in.to(scores.device(), acc).contiguous();
+  at::Tensor out = at::empty({B, K}, scores.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "sinkhorn_codes", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* S = scores.data_ptr<scalar_t>();
+    const acc_t* vp = v.data_ptr<acc_t>();
+    float* O = out.data_ptr<float>();
+    const acc_t inv_eps = acc_t(1.0 / epsilon);
+    const int64_t grain = std::max<int64_t>(1, 16384 / K);
+    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> xbuf(K), tmp(K);
+      for (int64_t b = b0; b < b1; ++b) {
+        load_row<scalar_t, acc_t>(S + b * K, K, inv_eps, xbuf.data());
+        const acc_t lse = normalize ? lse_plus<acc_t>(xbuf.data(), vp, K, tmp.data()) : acc_t(0);
+        float* o = O + b * K;
+        for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(vexp(xbuf[k] + vp[k] - lse));
+      }
+    });
+  });
+  return out;
+}
+
+// The whole loop: `iterations` fused passes, then one pass writing the codes.
+at::Tensor sinkhorn(const at::Tensor& scores, double epsilon, int64_t iterations) {
+  check_scores(scores, epsilon, "sinkhorn");
+  TORCH_CHECK(iterations >= 0, "sinkhorn: iterations must be >= 0, got ", iterations);
+  const int64_t B = scores.size(0), K = scores.size(1);
+  if (iterations == 0) {
+    const at::Tensor total = at::logsumexp(sinkhorn_col_lse(scores, epsilon, c10::nullopt), {0});
+    const at::Tensor v = (std::log(static_cast<double>(B)) - total).expand({K});
+    return sinkhorn_codes(scores, epsilon, v, false);
+  }
+  c10::optional<at::Tensor> v;
+  for (int64_t t = 0; t < iterations; ++t) v = sinkhorn_col_lse(scores, epsilon, v).neg_();
+  return sinkhorn_codes(scores, epsilon, *v, true);
+}
+
+}  // namespace sinkhorn_cpu
+}  // namespace contrastive_ops
+
+TORCH_LIBRARY_FRAGMENT(contrastive_ops, m) {
+  m.def("sinkhorn(Tensor scores, float epsilon, int iterations) -> Tensor");
+  m.def("sinkhorn_col_lse(Tensor scores, float epsilon, Tensor? v) -> Tensor");
+  m.def("sinkhorn_codes(Tensor scores, float epsilon, Tensor v, bool normalize) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(contrastive_ops, CPU, m) {
+  m.impl("sinkhorn", &contrastive_ops::sinkhorn_cpu::sinkhorn);
+  m.impl("sinkhorn_col_lse", &contrastive_ops::sinkhorn_cpu::sinkhorn_col_lse);
+  m.impl("sinkhorn_codes", &contrastive_ops::sinkhorn_cpu::sinkhorn_codes);
+}

@@ -1,0 +1,348 @@
+"""The minimum-work paths of the Triton ``"sim_lse"`` core against the dense core.
+
+* Gram kernels (q is k, tile pairs I ≤ J once in the forward; the mirror
+  backward by default, the pair-once atomic backward on request), with
+  exclusions of 1 and 2 entries per row, ragged sizes, B = 1.
+* The single-recompute (atomic) backward of the general case, with index
+  lists, ranges, exclusions and the column LSE.
+* The one-chunk layout (D ≤ BLOCK_D: stationary tile loaded once, streamed tile
+  reused for the gradient product) next to the chunked one (D > BLOCK_D).
+* Which path runs (``tcore.LAUNCHES``), the fallbacks, the default backward
+  being bitwise reproducible, and ``torch.are_deterministic_algorithms_enabled``
+  overriding a request for the atomic path.
+
+Outputs are allocated full of NaN (``POISON_OUTPUTS``) so an unwritten tile
+fails.  On CPU these run under ``TRITON_INTERPRET=1`` (tests/conftest.py),
+where BLOCK_D is capped at 32: D ≤ 32 is one chunk, larger D is chunked.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import contrastive_ops as co
+from contrastive_ops.core import sim_lse, sim_lse_reference
+from helpers import DEVICE, assert_close
+from test_triton_kernels import _case, _check_lse, _finite, _full_kw, _i32, _reference_grads, tcore
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(tcore, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(tcore, "BACKWARD", "deterministic")
+
+
+def _launches(fn):
+    """Run ``fn`` and return ``(result, kernels launched by name)``."""
+    before = tcore.LAUNCHES.copy()
+    out = fn()
+    after = tcore.LAUNCHES.copy()
+    after.subtract(before)
+    return out, {k: v for k, v in after.items() if v}
+
+
+def _gram_case(name, dtype):
+    """``(Z, exclude or None)``: Z (B, D) is both q and k."""
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    if name == "self_d20":  # NT-Xent / MV-InfoNCE: self excluded; one D chunk
+        B, D, ex = 70, 20, "self"
+    elif name == "self_pos_d33":  # DCL: self and the positive excluded; chunked D, some -1 entries
+        B, D, ex = 70, 33, "self_pos"
+    elif name == "none_d24":  # no exclusion at all
+        B, D, ex = 45, 24, None
+    elif name == "b1_self":  # one row, its only column excluded: -inf, zero gradient
+        B, D, ex = 1, 40, "self"
+    elif name == "b1_none":
+        B, D, ex = 1, 17, None
+    elif name == "many_tiles":  # 5 row tiles: 15 pairs over 3 programs, runs start and end mid-row
+        B, D, ex = 150, 16, "self_pos"
+    else:
+        raise KeyError(name)
+    Z = torch.randn(B, D, generator=g).to(DEVICE, dtype)
+    i = torch.arange(B)
+    if ex is None:
+        exclude = None
+    elif ex == "self":
+        exclude = _i32(i[:, None])
+    else:
+        pos = (i + B // 2) % B
+        pos[::4] = -1  # excludes nothing
+        exclude = _i32(torch.stack([i, pos], 1))
+    return Z, exclude
+
+
+GRAM_CASES = ["self_d20", "self_pos_d33", "none_d24", "b1_self", "b1_none", "many_tiles"]
+
+
+def _check_grads(dq, dk, dscale, r_dq, r_ds, dtype, what):
+    for name, t in (("dq", dq), ("dk", dk), ("dscale", dscale)):
+        assert torch.isfinite(t).all(), f"{what}: {name} not finite (a tile left unwritten?)"
+    assert_close(dq.float() + dk.float(), r_dq, dtype, what=f"{what}: dq + dk")
+    assert_close(dscale, r_ds.float(), dtype, what=f"{what}: dscale")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GRAM_CASES)
+def test_gram_paths(case, dtype):
+    """Gram forward, then the mirror and the atomic Gram backward, against the dense core."""
+    Z, exclude = _gram_case(case, dtype)
+    B = Z.shape[0]
+    scale = torch.tensor(1.9, device=DEVICE)
+    (row, col), ran = _launches(lambda: tcore.sim_lse_forward(Z, Z, scale, exclude=exclude))
+    assert ran == {"gram_fwd": 1}
+    assert col.numel() == 0
+    g_row = torch.randn(B, device=DEVICE)
+    kw = {} if exclude is None else {"exclude": exclude}
+    r_row, _, r_dq, _, r_ds = _reference_grads(Z, Z, scale, kw, False, g_row, torch.empty(0))
+    _check_lse(row, r_row, dtype, "row_lse")
+    args = (Z, Z, scale, None, None, None, None, exclude, row, col, g_row, torch.empty(0, device=DEVICE))
+    for atomic, kernel in ((False, "gram_bwd"), (True, "gram_bwd_atomic")):
+        (dq, dk, ds), ran = _launches(lambda: tcore.sim_lse_backward(*args, atomic=atomic))
+        assert ran == {kernel: 1}
+        assert dq.dtype == dtype and dq.shape == Z.shape and (dk == 0).all()
+        _check_grads(dq, dk, ds, r_dq, r_ds, dtype, kernel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gram_autograd_through_core(dtype):
+    """``core.sim_lse(Z, Z)`` (one tensor object) takes both Gram kernels; gradients equal the
+    dense core's, with grad_output ≠ 1."""
+    Z0, exclude = _gram_case("self_pos_d33", dtype)
+    outs = {}
+    for backend, dt in (("triton", dtype), ("reference", torch.float32)):
+        Z = Z0.detach().to(dt).requires_grad_()
+        scale = torch.tensor(2.3).requires_grad_()
+
+        def run():
+            row, _ = sim_lse(Z, Z, scale, exclude=exclude, backend=backend)
+            w = torch.linspace(-1.5, 2.5, row.shape[0], device=DEVICE)
+            (w * _finite(row)).sum().backward()
+            return row
+
+        row, ran = _launches(run)
+        if backend == "triton":
+            assert ran == {"gram_fwd": 1, "gram_bwd": 1}
+        outs[backend] = (row.detach(), Z.grad, scale.grad)
+    (row, dz, ds), (r_row, r_dz, r_ds) = outs["triton"], outs["reference"]
+    _check_lse(row, r_row, dtype, "row_lse")
+    assert dz.dtype == dtype
+    assert_close(dz.float(), r_dz, dtype, what="dZ")
+    assert_close(ds, r_ds, dtype, what="dscale")
+
+
+def test_same_values_detached_key():
+    """(z, z.detach()): the forward is a Gram matrix, but the gradient goes to q only, so the
+    backward must stay general (dq = scale·dS·K, not the whole Gram gradient)."""
+    Z0, exclude = _gram_case("self_d20", torch.float32)
+    Z = Z0.clone().requires_grad_()
+    scale = torch.tensor(1.4)
+
+    def run():
+        row, _ = sim_lse(Z, Z.detach(), scale, exclude=exclude, backend="triton")
+        (_finite(row) * 0.7).sum().backward()
+        return row
+
+    row, ran = _launches(run)
+    assert ran == {"gram_fwd": 1, "bwd_dq": 1, "bwd_dk": 1}
+    Zr = Z0.clone().requires_grad_()
+    r_row, _ = sim_lse_reference(Zr, Zr.detach(), scale, exclude=exclude)
+    (_finite(r_row) * 0.7).sum().backward()
+    _check_lse(row.detach(), r_row.detach(), torch.float32, "row_lse")
+    assert_close(Z.grad, Zr.grad, torch.float32, what="dq (key detached)")
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "mv_infonce", "dcl"])
+def test_losses_take_the_gram_path(loss):
+    """The Gram compositions of the library reach the Gram kernels, and match their references."""
+    g = torch.Generator().manual_seed(3)
+    if loss == "nt_xent":
+        a, b = torch.randn(37, 20, generator=g), torch.randn(37, 20, generator=g)
+        fn, tensors = co.nt_xent, (a.requires_grad_(), b.requires_grad_())
+    elif loss == "mv_infonce":
+        fn, tensors = co.mv_infonce, (torch.randn(3, 21, 20, generator=g).requires_grad_(),)
+    else:
+        a, b = torch.randn(37, 20, generator=g), torch.randn(37, 20, generator=g)
+        fn, tensors = co.dcl_loss, (a.requires_grad_(), b.requires_grad_())
+    inputs = [t.detach().clone().requires_grad_() for t in tensors]
+    ref_inputs = [t.detach().clone().requires_grad_() for t in tensors]
+
+    def run():
+        out = fn(*inputs, backend="triton")
+        (out * 1.3).backward()
+        return out
+
+    out, ran = _launches(run)
+    assert ran.get("gram_fwd") == 1 and ran.get("gram_bwd") == 1, ran
+    ref = fn(*ref_inputs, backend="reference")
+    (ref * 1.3).backward()
+    assert_close(out.detach(), ref.detach(), torch.float32, what=loss)
+    for x, r in zip(inputs, ref_inputs):
+        assert_close(x.grad, r.grad, torch.float32, what=f"{loss} grad")
+
+
+def test_gram_fallbacks():
+    """Where the Gram kernels do not apply (column LSE, ranges, index lists) the general ones run."""
+    Z, exclude = _gram_case("self_d20", torch.float32)
+    scale = torch.tensor(1.0, device=DEVICE)
+    B = Z.shape[0]
+    start, end = _i32(torch.zeros(B, dtype=torch.long)), _i32(torch.full((B,), B // 2))
+    idx = _i32(torch.arange(0, B, 2))
+    for kw, want_col in (({}, True), (dict(col_start=start, col_end=end), False),
+                         (dict(row_index=idx, col_index=idx), False)):
+        fkw = _full_kw(kw)
+        (row, col), ran = _launches(lambda: tcore.sim_lse_forward(Z, Z, scale, want_col=want_col, **fkw))
+        assert ran == {"fwd": 1}
+        r_row, r_col = sim_lse_reference(Z, Z, scale, want_col=want_col, **kw)
+        _check_lse(row, r_row, torch.float32, "row_lse")
+        M = B if kw.get("col_index") is None else kw["col_index"].shape[0]
+        g_col = torch.randn(M, device=DEVICE) if want_col else torch.empty(0, device=DEVICE)
+        _, ran = _launches(lambda: tcore.sim_lse_backward(Z, Z, scale, *fkw.values(), row, col,
+                                                          torch.randn_like(row), g_col))
+        assert ran == {"bwd_dq": 1, "bwd_dk": 1}
+
+
+# General atomic backward: the cases of test_triton_kernels.py, with D from 16 (one chunk)
+# to 72 (padded to 128 in one tile), index lists, ranges, 1 and 2 exclusions.
+_ATOMIC_CASES = [("plain", True), ("b1", True), ("exclude1", True), ("index", True), ("range", False),
+                 ("range_exclude2", True), ("range_index_exclude2", True), ("q_is_k_index", True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case,want_col", _ATOMIC_CASES, ids=[c for c, _ in _ATOMIC_CASES])
+def test_atomic_backward(case, want_col, dtype):
+    if dtype != torch.float32 and case not in ("plain", "range_index_exclude2", "exclude1"):
+        pytest.skip("16-bit dtypes on three representative cases (interpreter time)")
+    q, k, kw = _case(case, dtype)
+    fkw = _full_kw(kw)
+    scale = torch.tensor(1.7, device=DEVICE)
+    row, col = tcore.sim_lse_forward(q, k, scale, want_col=want_col, **fkw)
+    B, M = row.shape[0], (k.shape[0] if kw.get("col_index") is None else kw["col_index"].shape[0])
+    g_row = torch.randn(B, device=DEVICE)
+    g_col = torch.randn(M, device=DEVICE) if want_col else torch.empty(0, device=DEVICE)
+    _, _, r_dq, r_dk, r_ds = _reference_grads(q, k, scale, kw, want_col, g_row, g_col)
+    (dq, dk, ds), ran = _launches(lambda: tcore.sim_lse_backward(q, k, scale, *fkw.values(), row, col, g_row,
+                                                                 g_col, atomic=True))
+    assert ran == {"bwd_atomic": 1}
+    assert dq.dtype == q.dtype and dk.dtype == k.dtype and dq.shape == q.shape and dk.shape == k.shape
+    for name, t in (("dq", dq), ("dk", dk), ("dscale", ds)):
+        assert torch.isfinite(t).all(), f"{name} not finite (a tile left unwritten?)"
+    if k is q:
+        assert_close(dq.float() + dk.float(), r_dq, dtype, what="dq + dk (q is k)")
+    else:
+        assert_close(dq.float(), r_dq, dtype, what="dq")
+        assert_close(dk.float(), r_dk, dtype, what="dk")
+    assert_close(ds, r_ds.float(), dtype, what="dscale")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_chunk_general(dtype):
+    """CLIP shape with D ≤ BLOCK_D: Q loaded once per row tile, K reused for dQ (and Q for dK)."""
+    assert 24 <= tcore._chunk_d(24) and tcore._block_do(24) == tcore._chunk_d(24)
+    _check_clip_d24(dtype)
+
+
+def _check_clip_d24(dtype):
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(70, 24, generator=g).to(DEVICE, dtype), torch.randn(41, 24, generator=g).to(DEVICE, dtype)
+    scale = torch.tensor(2.1, device=DEVICE)
+    row, col = tcore.sim_lse_forward(q, k, scale, want_col=True)
+    g_row, g_col = torch.randn(70, device=DEVICE), torch.randn(41, device=DEVICE)
+    r_row, r_col, r_dq, r_dk, r_ds = _reference_grads(q, k, scale, {}, True, g_row, g_col)
+    _check_lse(row, r_row, dtype, "row_lse")
+    _check_lse(col, r_col, dtype, "col_lse")
+    dq, dk, ds = tcore.sim_lse_backward(q, k, scale, None, None, None, None, None, row, col, g_row, g_col)
+    assert_close(dq.float(), r_dq, dtype, what="dq")
+    assert_close(dk.float(), r_dk, dtype, what="dk")
+    assert_close(ds, r_ds.float(), dtype, what="dscale")
+
+
+def test_chunked_input_with_wide_output_chunk(monkeypatch):
+    """One input chunk but a wider output chunk (no tile reuse), in the dq/dk and Gram kernels."""
+    monkeypatch.setattr(tcore, "_block_do", lambda D: 64)
+    _check_clip_d24(torch.float32)
+    test_gram_paths("self_d20", torch.float32)
+
+
+def test_backward_path_selection(monkeypatch):
+    assert tcore.backward_path(64) == "deterministic"  # the default
+    monkeypatch.setattr(tcore, "BACKWARD", "atomic")
+    assert tcore.backward_path(64) == "atomic"
+    assert tcore.backward_path(257) == "deterministic"  # accumulator too wide
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tcore.backward_path(64) == "deterministic"
+        q, k, _ = _case("plain", torch.float32)
+        scale = torch.tensor(1.0, device=DEVICE)
+        row, col = tcore.sim_lse_forward(q, k, scale, want_col=True)
+        _, ran = _launches(lambda: tcore.sim_lse_backward(q, k, scale, None, None, None, None, None, row, col,
+                                                          torch.ones_like(row), torch.ones_like(col)))
+        assert ran == {"bwd_dq": 1, "bwd_dk": 1}
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    # the atomic request is honoured once determinism is off, also through autograd
+    q, k, _ = _case("plain", torch.float32)
+    q.requires_grad_()
+    _, ran = _launches(lambda: sim_lse(q, k, torch.tensor(1.0), want_col=True, backend="triton")[1].sum().backward())
+    assert ran == {"fwd": 1, "bwd_atomic": 1}
+    monkeypatch.setattr(tcore, "BACKWARD", "fast")
+    with pytest.raises(ValueError, match="BACKWARD"):
+        tcore.backward_path(64)
+
+
+def test_atomic_falls_back_for_wide_d():
+    """D > 256: the atomic accumulator would not fit, the deterministic kernels run."""
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(5, 260, generator=g), torch.randn(7, 260, generator=g)
+    scale = torch.tensor(0.2, device=DEVICE)
+    row, col = tcore.sim_lse_forward(q, k, scale, want_col=True)
+    g_row, g_col = torch.randn(5), torch.randn(7)
+    (dq, dk, ds), ran = _launches(lambda: tcore.sim_lse_backward(q, k, scale, None, None, None, None, None,
+                                                                 row, col, g_row, g_col, atomic=True))
+    assert ran == {"bwd_dq": 1, "bwd_dk": 1}
+    _, _, r_dq, r_dk, r_ds = _reference_grads(q, k, scale, {}, True, g_row, g_col)
+    assert_close(dq, r_dq, torch.float32, what="dq")
+    assert_close(dk, r_dk, torch.float32, what="dk")
+
+
+@pytest.mark.parametrize("which", ["general", "gram"])
+def test_default_path_bitwise_deterministic(which):
+    """The default forward and backward give bit-identical results on two runs."""
+    if which == "gram":
+        q, exclude = _gram_case("many_tiles", torch.float16)
+        k, kw, want_col = q, {"exclude": exclude}, False
+    else:
+        q, k, kw = _case("range_exclude2", torch.float16)
+        want_col = True
+    fkw = _full_kw(kw)
+    scale = torch.tensor(1.3, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        row, col = tcore.sim_lse_forward(q, k, scale, want_col=want_col, **fkw)
+        g = torch.Generator().manual_seed(2)
+        g_row = torch.randn(row.shape, generator=g).to(DEVICE)
+        g_col = torch.randn(col.shape, generator=g).to(DEVICE)
+        runs.append((row, col, *tcore.sim_lse_backward(q, k, scale, *fkw.values(), row, col, g_row, g_col)))
+    for a, b in zip(*runs):
+        assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a.view(torch.int32),
+                           b.view(torch.uint8) if b.dtype != torch.float32 else b.view(torch.int32))
+
+
+def test_custom_ops_schema_with_flags():
+    """The ops keep their schemas and fake kernels with the gram / atomic flags set."""
+    Z, exclude = _gram_case("self_pos_d33", torch.float32)
+    scale = torch.tensor(1.1, device=DEVICE)
+    args = (Z, Z, scale, None, None, None, None, exclude, False, True)
+    torch.library.opcheck(torch.ops.contrastive_ops_triton.sim_lse_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    row, col = tcore.sim_lse_forward(Z, Z, scale, exclude=exclude)
+    for atomic in (False, True):
+        bargs = (Z, Z, scale, None, None, None, None, exclude, row, col, torch.randn_like(row), col, True, atomic)
+        torch.library.opcheck(torch.ops.contrastive_ops_triton.sim_lse_bwd.default, bargs,
+                              test_utils=("test_schema", "test_faketensor"))
