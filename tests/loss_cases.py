@@ -1,0 +1,552 @@
+"""Valid argument spaces of the 13 public functions, shared by the reliability tests
+(fuzz, half precision, compile, determinism, large values).
+
+Each public function has a *builder* ``build(d) -> Case``.  ``d`` is a drawer
+that names every choice it makes: the fuzz tests hand in a Hypothesis drawer
+(every choice is drawn and shrinks), the other tests a ``FixedDrawer`` that
+takes the builder's defaults and any overrides (``normalize=False``,
+``temperature=0.01``, ``norm=1e3``, ...).  A ``Case`` knows how to call its
+function on any backend and in any dtype, which inputs are differentiable, and
+how sharp its logits can get (the scale of low-precision errors).
+
+``run_case`` runs one case; ``compare_case`` runs it on a kernel backend and
+on the reference and checks values and gradients (the same contract as
+``helpers.compare_with_reference``, extended to scalar tensor arguments that
+stay in the accumulation dtype and receive their gradient).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Dict, List, Optional, Sequence
+
+import pytest
+import torch
+
+import contrastive_ops as co
+from contrastive_ops import backends
+from helpers import TOL
+
+Tensor = torch.Tensor
+
+# The 13 public functions, in SPEC order.
+LOSSES = (
+    "info_nce", "clip_loss", "siglip_loss", "nt_xent", "mv_infonce", "mv_dhel", "supcon_loss",
+    "dcl_loss", "dhel_loss", "sinkhorn_knopp", "swav_loss", "point_token_contrast", "similarity_lse",
+)
+# Functions with a ``normalize`` argument.
+NORMALIZING = ("info_nce", "nt_xent", "mv_infonce", "mv_dhel", "supcon_loss", "dcl_loss", "dhel_loss")
+HALF = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- drawers
+
+
+class FixedDrawer:
+    """Takes each choice's default unless ``overrides`` names it."""
+
+    def __init__(self, seed: int = 0, **overrides):
+        self._seed = seed
+        self.overrides = overrides
+
+    def int(self, name, lo, hi, default):
+        return self.overrides.get(name, default)
+
+    def float(self, name, lo, hi, default):
+        return self.overrides.get(name, default)
+
+    def pick(self, name, options, default=None):
+        return self.overrides.get(name, options[0] if default is None else default)
+
+    def seed(self):
+        return self.overrides.get("seed", self._seed)
+
+
+class HypothesisDrawer:
+    """Draws every choice with Hypothesis; ``limits`` caps integer ranges by name (e.g. ``N``)."""
+
+    def __init__(self, data, limits: Optional[Dict[str, int]] = None, fixed: Optional[dict] = None):
+        self.data = data
+        self.limits = limits or {}
+        self.fixed = fixed or {}
+
+    def int(self, name, lo, hi, default):
+        from hypothesis import strategies as st
+
+        if name in self.fixed:
+            return self.fixed[name]
+        hi = max(lo, min(hi, self.limits.get(name, hi)))
+        return self.data.draw(st.integers(lo, hi), label=name)
+
+    def float(self, name, lo, hi, default):
+        from hypothesis import strategies as st
+
+        if name in self.fixed:
+            return self.fixed[name]
+        # Log-uniform over [lo, hi]: small temperatures are as likely as large ones.
+        x = self.data.draw(st.floats(math.log(lo), math.log(hi)), label=f"log {name}")
+        return float(math.exp(x))
+
+    def pick(self, name, options, default=None):
+        from hypothesis import strategies as st
+
+        if name in self.fixed:
+            return self.fixed[name]
+        return self.data.draw(st.sampled_from(list(options)), label=name)
+
+    def seed(self):
+        from hypothesis import strategies as st
+
+        return self.data.draw(st.integers(0, 2**16), label="seed")
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclasses.dataclass
+class Case:
+    """One call of a public function.
+
+    ``fn(*tensors, backend=..., **scalars, **kwargs)``.  ``tensors`` are the
+    floating inputs (cast to the dtype under test; gradients compared for
+    those with ``requires_grad``); ``scalars`` are 0-dim floating tensors
+    (temperature, logit_scale, ...) that stay in the accumulation dtype;
+    ``kwargs`` everything else (masks, labels, options, Python floats).
+    """
+
+    name: str
+    fn: Callable
+    tensors: List[Tensor]
+    kwargs: dict
+    scalars: Dict[str, Tensor]
+    sharpness: float  # largest logit scale: 1/τ, logit_scale or 1/ε
+    normalize: Optional[bool] = None
+    feature_norm: Optional[float] = None  # row norm of the features when drawn at a set norm
+
+    @property
+    def op(self) -> str:
+        return self.name
+
+    def describe(self) -> str:
+        shapes = [tuple(t.shape) for t in self.tensors]
+        kw = {k: (tuple(v.shape) if isinstance(v, Tensor) else v) for k, v in self.kwargs.items()}
+        sc = {k: float(v) for k, v in self.scalars.items()}
+        return f"{self.name}{shapes} kwargs={kw} scalars={sc}"
+
+
+def _gen(d) -> torch.Generator:
+    return torch.Generator().manual_seed(d.seed())
+
+
+def feats(shape, g, *, unit=False, norm=None) -> Tensor:
+    """Gaussian features; ``unit`` rows of norm 1, ``norm`` rows of that norm, else norm about 1."""
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if unit or norm is not None:
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        if norm is not None:
+            x = x * norm
+    else:
+        x = x / math.sqrt(shape[-1])
+    return x.float()
+
+
+def _temperature(d, name="temperature", lo=0.05, hi=2.0, default=0.1):
+    """A temperature as a float or a 0-dim tensor; returns (kwargs part, scalars part, value)."""
+    t = d.float(name, lo, hi, default)
+    if d.pick(f"{name}_as", ("tensor", "float"), default="float") == "tensor":
+        return {}, {name: torch.tensor(t, dtype=torch.float64)}, t
+    return {name: t}, {}, t
+
+
+def _norm_opts(d):
+    """normalize flag and the feature norm: any norm when normalizing, about 1 otherwise."""
+    normalize = d.pick("normalize", (True, False), default=True)
+    norm = d.overrides.get("norm") if isinstance(d, FixedDrawer) else None
+    if norm is None and normalize:
+        # Unnormalized inputs of assorted norms: normalization must absorb them.
+        norm = d.pick("norm", (None, 0.05, 5.0, 30.0), default=None)
+    return normalize, norm
+
+
+def _mask(d, g, N, V):
+    """(N, V) bool mask or None; some instances keep fewer than 2 views, one keeps none."""
+    kind = d.pick("mask", (None, "random", "ragged"), default=None)
+    if kind is None:
+        return None
+    m = torch.rand(N, V, generator=g) < 0.7
+    if kind == "ragged":
+        m[0] = False
+        m[0, 0] = True  # one present view: leaves the mean, stays a negative
+        if N > 1:
+            m[1] = False  # no view at all
+        if N > 2:
+            m[2] = True
+    return m
+
+
+def _labels(d, g, N):
+    kind = d.pick("labels", (None, "classes", "singletons"), default="classes")
+    if kind is None:
+        return None
+    if kind == "singletons":
+        return torch.arange(N)[torch.randperm(N, generator=g)]  # every class of size 1
+    n_cls = max(1, N // 3)
+    lab = torch.randint(0, n_cls, (N,), generator=g)
+    lab[-1] = n_cls + 7  # at least one singleton class
+    return lab
+
+
+def build_info_nce(d) -> Case:
+    g = _gen(d)
+    B, D = d.int("N", 1, 40, 12), d.int("D", 1, 40, 19)
+    mode = d.pick("info_mode", ("plain", "targets", "symmetric"), default="plain")
+    M = B + d.int("extra_keys", 0, 9, 3) if mode == "plain" else (B if mode == "symmetric" else d.int("M", 1, 40, 7))
+    normalize, norm = _norm_opts(d)
+    tk, ts, t = _temperature(d, default=0.07)
+    kw = dict(normalize=normalize, reduction=d.pick("reduction", ("mean", "sum", "none"), default="mean"))
+    if mode == "targets":
+        kw["targets"] = torch.randint(0, M, (B,), generator=g)
+    if mode == "symmetric":
+        kw["symmetric"] = True
+    q, k = feats((B, D), g, norm=norm), feats((M, D), g, norm=norm)
+    return Case("info_nce", co.info_nce, [q, k], {**kw, **tk}, ts, 1 / t, normalize, feature_norm=norm)
+
+
+def build_clip_loss(d) -> Case:
+    g = _gen(d)
+    B, D = d.int("N", 1, 40, 12), d.int("D", 1, 40, 19)
+    s = d.float("logit_scale", 1.0, 100.0, 14.3)
+    norm = d.overrides.get("norm") if isinstance(d, FixedDrawer) else None
+    x, y = feats((B, D), g, unit=True, norm=norm), feats((B, D), g, unit=True, norm=norm)
+    if d.pick("logit_scale_as", ("tensor", "float"), default="float") == "tensor":
+        sc = {"logit_scale": torch.tensor(s, dtype=torch.float64)}
+        return Case("clip_loss", co.clip_loss, [x, y], {}, sc, s, feature_norm=norm)
+    return Case("clip_loss", co.clip_loss, [x, y], {"logit_scale": s}, {}, s, feature_norm=norm)
+
+
+def build_siglip_loss(d) -> Case:
+    g = _gen(d)
+    B, D = d.int("N", 1, 40, 12), d.int("D", 1, 40, 19)
+    s = d.float("logit_scale", 1.0, 30.0, 10.0)
+    b = -d.float("neg_logit_bias", 0.01, 10.0, 10.0)
+    norm = d.overrides.get("norm") if isinstance(d, FixedDrawer) else None
+    x, y = feats((B, D), g, unit=True, norm=norm), feats((B, D), g, unit=True, norm=norm)
+    if d.pick("logit_scale_as", ("tensor", "float"), default="float") == "tensor":
+        sc = {"logit_scale": torch.tensor(s, dtype=torch.float64), "logit_bias": torch.tensor(b, dtype=torch.float64)}
+        return Case("siglip_loss", co.siglip_loss, [x, y], {}, sc, s, feature_norm=norm)
+    return Case("siglip_loss", co.siglip_loss, [x, y], {"logit_scale": s, "logit_bias": b}, {}, s, feature_norm=norm)
+
+
+def build_nt_xent(d) -> Case:
+    g = _gen(d)
+    N, D = d.int("N", 1, 40, 12), d.int("D", 1, 40, 19)
+    normalize, norm = _norm_opts(d)
+    tk, ts, t = _temperature(d, default=0.5)
+    kw = dict(normalize=normalize, reduction=d.pick("reduction", ("mean", "sum", "none"), default="mean"), **tk)
+    return Case("nt_xent", co.nt_xent, [feats((N, D), g, norm=norm), feats((N, D), g, norm=norm)], kw, ts,
+                1 / t, normalize, feature_norm=norm)
+
+
+def _mv_views(d, g, N, V, D, norm):
+    """(N, V, D) tensor, or V separate (N, D) tensors (the sequence form)."""
+    form = d.pick("features_form", ("stacked", "sequence"), default="stacked")
+    if form == "stacked":
+        return [feats((N, V, D), g, norm=norm)], False
+    return [feats((N, D), g, norm=norm) for _ in range(V)], True
+
+
+def build_mv_infonce(d) -> Case:
+    g = _gen(d)
+    N, V, D = d.int("N", 1, 40, 9), d.int("V", 2, 5, 3), d.int("D", 1, 40, 19)
+    normalize, norm = _norm_opts(d)
+    tk, ts, t = _temperature(d, default=0.1)
+    tensors, seq = _mv_views(d, g, N, V, D, norm)
+    kw = dict(mask=_mask(d, g, N, V), variant=d.pick("variant", ("mv", "pairwise"), default="mv"),
+              normalize=normalize, reduction=d.pick("reduction", ("mean", "sum", "none"), default="mean"), **tk)
+    fn = (lambda *views, **k: co.mv_infonce(list(views), **k)) if seq else co.mv_infonce
+    return Case("mv_infonce", fn, tensors, kw, ts, 1 / t, normalize, feature_norm=norm)
+
+
+def build_mv_dhel(d) -> Case:
+    g = _gen(d)
+    N, V, D = d.int("N", 1, 40, 9), d.int("V", 2, 5, 3), d.int("D", 1, 40, 19)
+    normalize, norm = _norm_opts(d)
+    tk, ts, t = _temperature(d, default=0.2)
+    tensors, seq = _mv_views(d, g, N, V, D, norm)
+    kw = dict(mask=_mask(d, g, N, V), normalize=normalize,
+              reduction=d.pick("reduction", ("mean", "sum", "none"), default="mean"), **tk)
+    fn = (lambda *views, **k: co.mv_dhel(list(views), **k)) if seq else co.mv_dhel
+    return Case("mv_dhel", fn, tensors, kw, ts, 1 / t, normalize, feature_norm=norm)
+
+
+def build_supcon_loss(d) -> Case:
+    g = _gen(d)
+    N, D = d.int("N", 1, 40, 10), d.int("D", 1, 40, 19)
+    V = d.int("V", 1, 5, 2)
+    normalize, norm = _norm_opts(d)
+    tk, ts, t = _temperature(d, default=0.07)
+    x = feats((N, D) if V == 1 and d.pick("single_view_2d", (True, False), default=True) else (N, V, D), g, norm=norm)
+    tb = d.float("base_temperature", 0.05, 2.0, 0.07)
+    kw = dict(labels=_labels(d, g, N), base_temperature=tb,
+              contrast_mode=d.pick("contrast_mode", ("all", "one"), default="all"), normalize=normalize,
+              reduction=d.pick("reduction", ("mean", "sum", "none"), default="mean"), **tk)
+    return Case("supcon_loss", co.supcon_loss, [x], kw, ts, 1 / t, normalize, feature_norm=norm)
+
+
+def build_dcl_loss(d) -> Case:
+    g = _gen(d)
+    N, D = d.int("N", 1, 40, 12), d.int("D", 1, 40, 19)
+    normalize, norm = _norm_opts(d)
+    tk, ts, t = _temperature(d, default=0.1)
+    kw = dict(weighted=d.pick("weighted", (False, True), default=False), sigma=d.float("sigma", 0.1, 2.0, 0.5),
+              normalize=normalize, reduction=d.pick("reduction", ("mean", "sum", "none"), default="mean"), **tk)
+    return Case("dcl_loss", co.dcl_loss, [feats((N, D), g, norm=norm), feats((N, D), g, norm=norm)], kw, ts,
+                1 / t, normalize, feature_norm=norm)
+
+
+def build_dhel_loss(d) -> Case:
+    g = _gen(d)
+    N, D = d.int("N", 1, 40, 12), d.int("D", 1, 40, 19)
+    normalize, norm = _norm_opts(d)
+    tk, ts, t = _temperature(d, default=0.3)
+    kw = dict(include_augs=d.pick("include_augs", (True, False), default=True), normalize=normalize,
+              reduction=d.pick("reduction", ("mean", "sum", "none"), default="mean"), **tk)
+    return Case("dhel_loss", co.dhel_loss, [feats((N, D), g, norm=norm), feats((N, D), g, norm=norm)], kw, ts,
+                1 / t, normalize, feature_norm=norm)
+
+
+def _scores(d, g, B, K, D):
+    """SwAV scores z·Cᵀ of unit z and unit prototypes: values in [-1, 1] (scaled by ``score_scale``)."""
+    z, c = feats((B, D), g, unit=True), feats((K, D), g, unit=True)
+    return (z @ c.T) * d.float("score_scale", 1.0, 1.0, 1.0)
+
+
+def build_sinkhorn_knopp(d) -> Case:
+    g = _gen(d)
+    B, K, D = d.int("N", 1, 40, 12), d.int("K", 1, 40, 17), d.int("D", 1, 40, 19)
+    eps = d.float("epsilon", 0.02, 0.5, 0.05)
+    s = _scores(d, g, B, K, D)
+    kw = dict(epsilon=eps, iterations=d.int("iterations", 1, 5, 3))
+    return Case("sinkhorn_knopp", co.sinkhorn_knopp, [s.requires_grad_(False)], kw, {},
+                d.float("score_scale", 1.0, 1.0, 1.0) / eps)
+
+
+def build_swav_loss(d) -> Case:
+    g = _gen(d)
+    B, K, D = d.int("N", 1, 40, 8), d.int("K", 1, 40, 13), d.int("D", 1, 40, 19)
+    n = d.int("n_crops", 2, 5, 3)
+    assign = d.pick("crops_for_assign", ((0, 1), (0,), (1,), tuple(range(n))), default=(0, 1))
+    tk, ts, t = _temperature(d, default=0.1)
+    crops = [_scores(d, g, B, K, D) for _ in range(n)]
+    eps = d.float("epsilon", 0.02, 0.5, 0.05)
+    kw = dict(crops_for_assign=assign, epsilon=eps, iterations=d.int("iterations", 1, 5, 3), **tk)
+    fn = lambda *cs, **k: co.swav_loss(list(cs), **k)  # noqa: E731
+    return Case("swav_loss", fn, crops, kw, ts, max(1 / t, 1 / eps))
+
+
+def build_point_token_contrast(d) -> Case:
+    g = _gen(d)
+    B, G, D = d.int("B", 1, 6, 3), d.int("G", 1, 12, 7), d.int("D", 1, 40, 19)
+    mode = d.pick("mode", ("infonce", "cosine"), default="infonce")
+    kw = dict(mode=mode, pairing=d.pick("pairing", ("diag", "official"), default="diag"),
+              negatives=d.pick("negatives", ("cloud", "batch"), default="cloud"))
+    tk, ts, t = _temperature(d, default=0.1)
+    ratio = d.pick("mask_ratio", (0.6, 0.0, 1.0, 0.3), default=0.6)
+    m1 = torch.rand(B, G, generator=g) < ratio
+    m2 = torch.rand(B, G, generator=g) < ratio
+    norm = d.overrides.get("norm") if isinstance(d, FixedDrawer) else d.pick("norm", (None, 0.05, 30.0))
+    f1, f2 = feats((B, G, D), g, norm=norm), feats((B, G, D), g, norm=norm)
+    fn = lambda f1, f2, **k: co.point_token_contrast(f1, f2, k.pop("mask1"), k.pop("mask2"), **k)  # noqa: E731
+    return Case("point_token_contrast", fn, [f1, f2], dict(mask1=m1, mask2=m2, **kw, **tk), ts,
+                1 / t if mode == "infonce" else 1.0, True, feature_norm=norm)
+
+
+def build_similarity_lse(d) -> Case:
+    g = _gen(d)
+    B, M, D = d.int("N", 1, 40, 12), d.int("M", 1, 40, 9), d.int("D", 1, 40, 19)
+    s = d.float("scale", 0.5, 20.0, 5.0)
+    norm = d.overrides.get("norm") if isinstance(d, FixedDrawer) else None
+    q, k = feats((B, D), g, norm=norm), feats((M, D), g, norm=norm)
+    if d.pick("scale_as", ("tensor", "float"), default="float") == "tensor":
+        sc = {"scale": torch.tensor(s, dtype=torch.float64)}
+        return Case("similarity_lse", co.similarity_lse, [q, k], {}, sc, s, feature_norm=norm)
+    return Case("similarity_lse", co.similarity_lse, [q, k], {"scale": s}, {}, s, feature_norm=norm)
+
+
+BUILDERS: Dict[str, Callable] = {name: globals()[f"build_{name}"] for name in LOSSES}
+
+
+def example(name: str, seed: int = 0, **overrides) -> Case:
+    """The default case of ``name`` with ``overrides`` (FixedDrawer)."""
+    return BUILDERS[name](FixedDrawer(seed, **overrides))
+
+
+# ----------------------------------------------------------------------------- running
+
+
+_IMPLEMENTED: Dict[str, Optional[str]] = {}
+
+
+def require_implemented(name: str) -> None:
+    """Skip while ``co.<name>`` still raises NotImplementedError on its default case; any other error surfaces."""
+    if name not in _IMPLEMENTED:
+        case = example(name, N=3, B=2, G=3, D=4, K=3, M=3)
+        try:
+            run_case(case, "reference", torch.float32, grad=False)
+            _IMPLEMENTED[name] = None
+        except NotImplementedError as e:
+            _IMPLEMENTED[name] = f"co.{name} is not implemented yet (NotImplementedError: {e})"
+    if _IMPLEMENTED[name] is not None:
+        pytest.skip(_IMPLEMENTED[name])
+
+
+def require_backend(case: Case, backend: str, dtype: torch.dtype, device) -> None:
+    """Skip when ``backend`` cannot run ``case.op`` on this device/dtype (a primitive it lacks, say)."""
+    if backend == "reference":
+        return
+    probe = torch.empty(0, dtype=dtype, device=device)
+    why = backends._why_not(backend, case.op, torch.device(device), probe.dtype)
+    if why is not None:
+        pytest.skip(f"backend {backend!r} cannot run {case.op} ({dtype}, {torch.device(device).type}): {why}")
+
+
+def ref_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclasses.dataclass
+class Result:
+    out: Tensor
+    grads: List[Optional[Tensor]]  # per tensor input (None where not differentiable)
+    scalar_grads: Dict[str, Optional[Tensor]]
+    weight: Optional[Tensor] = None
+
+
+def run_case(case: Case, backend: str, dtype: torch.dtype, *, device=None, grad=True, weight=None,
+             scalar_dtype=None, fn=None) -> Result:
+    """Call ``case`` on ``backend`` with its tensors in ``dtype`` (scalars in the accumulation dtype).
+
+    With ``grad``, backpropagate ``(out * weight).sum()`` (``weight`` random for a
+    non-scalar output, 2.0 for a scalar one, unless given) and collect input gradients.
+    """
+    device = device or torch.device("cpu")
+    sdt = scalar_dtype or ref_dtype(dtype)
+    diff = grad and case.name != "sinkhorn_knopp"
+    ins = [t.detach().to(device=device, dtype=dtype).clone().requires_grad_(diff) for t in case.tensors]
+    scal = {k: v.detach().to(device=device, dtype=sdt).clone().requires_grad_(diff) for k, v in case.scalars.items()}
+    kw = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in case.kwargs.items()}
+    out = (fn or case.fn)(*ins, backend=backend, **scal, **kw)
+    res = Result(out, [None] * len(ins), {k: None for k in scal})
+    if diff and out.requires_grad:
+        if weight is None:
+            weight = (torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+                      if out.dim() > 0 else torch.tensor(2.0, dtype=torch.float64))
+        res.weight = weight
+        (out * weight.to(device=device, dtype=out.dtype)).sum().backward()
+        res.grads = [t.grad for t in ins]
+        res.scalar_grads = {k: v.grad for k, v in scal.items()}
+    return res
+
+
+def _check(actual: Tensor, expected: Tensor, dtype: torch.dtype, *, scale: float, slack: Optional[Tensor], what: str):
+    """|actual − expected| ≤ atol·scale + rtol·scale·|expected| + 2·slack, elementwise."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    tol = TOL[dtype]
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values {a}"
+    bound = tol["atol"] * scale + tol["rtol"] * scale * e.abs()
+    if slack is not None:
+        bound = bound + 2 * slack.detach().double().cpu()
+    err = (a - e).abs()
+    bad = err > bound
+    if bad.any():
+        i = int(err.sub(bound).flatten().argmax())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{a.numel()} elements out of tolerance; worst at flat index {i}: "
+            f"got {a.flatten()[i].item():.8g}, expected {e.flatten()[i].item():.8g} "
+            f"(|diff| {err.flatten()[i].item():.3g} > bound {bound.flatten()[i].item():.3g})"
+        )
+
+
+def tol_scale(case: Case, dtype: torch.dtype, weight: Optional[Tensor] = None) -> float:
+    """How much the per-dtype tolerance of ``helpers.TOL`` widens for this case.
+
+    fp32: only with the logit scale (1/τ past 20).  fp16/bf16: the kernels see
+    the normalized features rounded to the input dtype and return gradients in
+    it, so an error of one rounding (2⁻⁸ for bf16) lands on gradient terms of
+    size |upstream gradient|·sharpness, and normalization's backward divides
+    them by the feature norm: those terms may cancel to a much smaller exact
+    gradient (e.g. N=1, where MV-InfoNCE is identically 0).
+    """
+    if dtype not in HALF:
+        return max(1.0, case.sharpness / 20.0)
+    w = 1.0 if weight is None else max(1.0, float(weight.abs().max()))
+    inv_norm = 1.0 / min(1.0, case.feature_norm) if case.feature_norm else 1.0
+    return max(1.0, w * case.sharpness * inv_norm / 4.0)
+
+
+def compare_case(case: Case, backend: str, dtype: torch.dtype, *, device=None, what=""):
+    """``backend`` in ``dtype`` against the reference on the same values in fp32 (fp64 for fp64).
+
+    For fp16/bf16 the error budget also includes twice the error of the
+    reference itself run on the rounded inputs (flash-attention's rule).
+    """
+    rdt = ref_dtype(dtype)
+    k = run_case(case, backend, dtype, device=device)
+    r = run_case(case, "reference", rdt, device=device, weight=k.weight)
+    low = run_case(case, "reference", dtype, device=device, weight=k.weight) if dtype in HALF else None
+    scale = tol_scale(case, dtype, k.weight)
+    tag = f"{what} {backend} {dtype} {case.describe()}"
+    assert k.out.dtype == rdt, f"{tag}: loss dtype {k.out.dtype}, SPEC says {rdt}"
+    slack = None if low is None else (low.out - r.out).abs()
+    _check(k.out, r.out, dtype, scale=scale, slack=slack, what=f"loss [{tag}]")
+    for i, (gk, gr) in enumerate(zip(k.grads, r.grads)):
+        if gr is None:
+            assert gk is None or not gk.abs().sum(), f"input {i}: gradient on {backend} but not on the reference"
+            continue
+        assert gk is not None, f"{tag}: no gradient for input {i}"
+        assert gk.dtype == dtype, f"{tag}: gradient of input {i} is {gk.dtype}, SPEC says the input dtype {dtype}"
+        slack = None if low is None else (low.grads[i].double() - gr.double()).abs()
+        _check(gk, gr, dtype, scale=scale, slack=slack, what=f"grad of input {i} [{tag}]")
+    for name, gr in r.scalar_grads.items():
+        gk = k.scalar_grads[name]
+        if gr is None:
+            continue
+        assert gk is not None, f"{tag}: no gradient for {name}"
+        slack = None if low is None else (low.scalar_grads[name].double() - gr.double()).abs()
+        # d/dτ of s = c/τ is −c/τ²: an error δ in the rounded features' similarities
+        # becomes δ/τ² here, one factor of the sharpness more than in the values.
+        s_scale = scale * max(1.0, case.sharpness) if dtype in HALF else scale
+        _check(gk, gr, dtype, scale=s_scale, slack=slack, what=f"grad of {name} [{tag}]")
+    return k, r
+
+
+def backends_for(dtype: torch.dtype, device) -> List[str]:
+    """The reference plus every kernel backend that runs ``dtype`` on ``device`` here."""
+    out = ["reference"]
+    for name, (ok, _why) in co.available_backends().items():
+        if name == "reference" or not ok:
+            continue
+        mod = backends.backend_module(name)
+        if torch.device(device).type in mod.devices() and dtype in mod.dtypes():
+            out.append(name)
+    return out
+
+
+def all_backend_params(device) -> list:
+    """``pytest.param`` for the reference plus ``helpers.backend_params`` (missing kernels skip with reason)."""
+    from helpers import backend_params
+
+    return [pytest.param("reference", id="reference")] + backend_params(device)
+
+
+def flatten_outputs(res: Result) -> List[Tensor]:
+    """The loss and every gradient of a result, for bitwise comparisons."""
+    out = [res.out]
+    out += [g for g in res.grads if g is not None]
+    out += [g for g in res.scalar_grads.values() if g is not None]
+    return out
+
+
+def cases_for_dtypes(names: Sequence[str], dtypes: Sequence[torch.dtype]):
+    return [(n, dt) for n in names for dt in dtypes]
