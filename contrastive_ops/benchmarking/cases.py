@@ -359,7 +359,8 @@ def _lightly_swav(kw):
 
     loss = SwaVLoss(temperature=kw.get("temperature", 0.1), sinkhorn_iterations=3, sinkhorn_epsilon=0.05)
     # crops_for_assign=(0, 1): the first two crops are the high-resolution ones.
-    return lambda scores: loss(list(scores[:2]), list(scores[2:]))
+    # lightly returns shape (1,); the library's losses are 0-dim.
+    return lambda scores: loss(list(scores[:2]), list(scores[2:])).reshape(())
 
 
 def _pml_supcon(kw):
