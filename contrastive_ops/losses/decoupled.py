@@ -103,8 +103,9 @@ def _fused_dcl(z1: Tensor, z2: Tensor, temperature, *, weighted: bool = False, s
     if N >= 2:
         a = gb.anchor_index(2, u.device)  # global positions of the local rows of cat(u, v)
         exclude = torch.stack([a, (a + N) % (2 * N)], 1)  # self and the positive
-        lse, _ = core.sim_lse(torch.cat([u, v]).to(z1.dtype), torch.cat([Ug, Vg]).to(z1.dtype), scale,
-                              exclude=exclude, backend=backend)
+        Zl = torch.cat([u, v]).to(z1.dtype)
+        Zg = Zl if gb.group is None else torch.cat([Ug, Vg]).to(z1.dtype)  # one process: the same tensor
+        lse, _ = core.sim_lse(Zl, Zg, scale, exclude=exclude, backend=backend)
         values = values + 0.5 * (lse[:n] + lse[n:])
     return gb.reduce(values, reduction)
 

@@ -195,7 +195,8 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
     mask_g = None if mask is None else gb.gather_nograd(mask)
     zero = U.sum() * 0 + torch.zeros(n, dtype=U.dtype, device=U.device)
     if variant == "mv":
-        Z, Zg = Uc.reshape(V * n, D), Zc.reshape(V * N, D)
+        Z = Uc.reshape(V * n, D)
+        Zg = Z if gb.group is None else Zc.reshape(V * N, D)  # one process: the same tensor (Gram kernels)
         self_pos = gb.anchor_index(V, U.device)  # global position of each local anchor
         if mask is None:
             # Row (l, i): LSE over all V·N−1 others (self excluded, positives kept).

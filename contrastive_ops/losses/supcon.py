@@ -97,7 +97,10 @@ def _fused_supcon(views: Tensor, labels: Optional[Tensor], temperature, base_tem
     a = gb.anchor_index(groups, U.device)  # their positions in the contrast set
     Z = Ug.reshape(V * N, D)
     # Anchor a sits at column a of the contrast set: exclude it.
-    lse, _ = core.sim_lse(Za.to(views.dtype), Z.to(views.dtype), scale, exclude=a, backend=backend)
+    Zk = Z.to(views.dtype)
+    # One process and every view an anchor: anchors and candidates are the same tensor (Gram kernels).
+    Zak = Zk if (groups == V and gb.group is None) else Za.to(views.dtype)
+    lse, _ = core.sim_lse(Zak, Zk, scale, exclude=a, backend=backend)
     gid = _label_groups(labels, N, U.device).repeat(V)  # (V·N,) view-major
     group_sum = torch.zeros(N, D, dtype=U.dtype, device=U.device).index_add(0, gid, Z)
     group_cnt = torch.zeros(N, dtype=torch.long, device=U.device).index_add(0, gid, torch.ones_like(gid))
