@@ -183,7 +183,9 @@ def test_thread_count_and_determinism(problem):
     N, D = 1100, 32  # several row blocks / tile pairs per part
     norm = 7.0 if problem == "exact" else 1.0  # R = 49 > 40: exact epilogue
     z = torch.nn.functional.normalize(torch.randn(N, D, generator=gen), dim=-1) * norm
-    k = None if problem == "symmetric" else torch.nn.functional.normalize(torch.randn(N, D, generator=gen), dim=-1) * norm
+    k = None
+    if problem != "symmetric":
+        k = torch.nn.functional.normalize(torch.randn(N, D, generator=gen), dim=-1) * norm
     kw = {"exclude": torch.arange(N)[:, None]}
     scale = torch.tensor(1.0 if problem == "exact" else 10.0)
     g_row = torch.randn(N, generator=gen)

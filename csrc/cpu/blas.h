@@ -24,7 +24,8 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
-int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // the C interface (mkl_set_num_threads_local is a macro for it)
+// MKL's C interface (mkl_set_num_threads_local is a macro for it).
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 }
 
 namespace contrastive_ops {

@@ -1,8 +1,13 @@
-// CPU kernels of the similarity-LSE core and the SigLIP pair sum: the tiling of
-// csrc/tiling.h with BLAS GEMMs on tiles (ATen, multithreaded) and epilogues
-// that are vectorizable loops, parallel over the rows (or column chunks) of a
-// tile with at::parallel_for.  Tiles are fp32 (float64 for float64 inputs);
-// fp16/bf16 inputs are upcast once to fp32 copies of Q and K (O((B+M)·D)).
+// CPU kernels of the similarity-LSE core and the SigLIP pair sum.
+//
+// Core: row-block kernels (described below, "similarity-LSE core: row-block
+// kernels"): one part per thread, single-threaded BLAS on cache-sized tiles
+// (csrc/cpu/blas.h), fused epilogues, symmetric Gram when q is k.
+// SigLIP: the tiling of csrc/tiling.h with multithreaded ATen GEMMs on tiles
+// and epilogues parallel over the rows of a tile with at::parallel_for.
+// Tiles are fp32 (float64 for float64 inputs); fp16/bf16 inputs are upcast
+// once to fp32 copies of Q and K (O((B+M)·D)).  The loops are vectorizable
+// templates, compiled per ISA through the CO_MULTIVERSION wrappers.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -929,7 +934,9 @@ double bwd_symmetric(const T* Z, int64_t B, int64_t D, T scale, T R, const Masks
           const int64_t nh = holes(rr, gi, c0, l, h, hb.data());
           T dot_row = 0;
           for_segments(l, h, hb.data(), nh,
-                       [&](int64_t s0, int64_t s1) { dot_row += bwd_seg(gp + s0, s1 - s0, scale, R, a[gi], (T*)nullptr); });
+                       [&](int64_t s0, int64_t s1) {
+                         dot_row += bwd_seg(gp + s0, s1 - s0, scale, R, a[gi], (T*)nullptr);
+                       });
           for (int64_t x = 0; x < nh; ++x) gp[hb[x]] = 0;
           dot_total += dot_row;
         }
