@@ -10,7 +10,7 @@ The CPU core picks, per call (``csrc/cpu/sim_lse.cpp``):
 
 ``torch.ops.contrastive_ops._cpu_last_path`` reports the flags of the last call
 (1 shifted, 2 symmetric, 4 summed gradient), so every test here asserts the path it
-meant to exercise.  Also: results for 1 and 2 threads agree, and are bitwise
+meant to exercise.  Also: results for 1, 2 and 4 threads agree, and are bitwise
 equal from run to run for a fixed thread count.
 """
 from __future__ import annotations
@@ -180,7 +180,9 @@ def _with_threads(n, fn):
 def test_thread_count_and_determinism(problem):
     """1 vs 2 threads: equal within fp32 rounding; the same thread count twice: bitwise equal."""
     gen = torch.Generator().manual_seed(2)
-    N, D = 1100, 32  # several row blocks / tile pairs per part
+    # several row blocks / tile pairs per part; D = 160 caps the backward at 2 parts (its dK
+    # accumulators), so with 4 threads each part's GEMMs run on 2 BLAS threads
+    N, D = 1100, 160
     norm = 7.0 if problem == "exact" else 1.0  # R = 49 > 40: exact epilogue
     z = torch.nn.functional.normalize(torch.randn(N, D, generator=gen), dim=-1) * norm
     k = None
@@ -199,6 +201,8 @@ def test_thread_count_and_determinism(problem):
     one = _with_threads(1, run)
     two = _with_threads(2, run)
     again = _with_threads(2, run)
-    for a, b, c in zip(one, two, again):
+    four = _with_threads(4, run)
+    for a, b, c, d in zip(one, two, again, four):
         assert torch.equal(b, c), "not bitwise reproducible for a fixed thread count"
         assert_close(a, b, torch.float32, what=f"1 vs 2 threads ({problem})")
+        assert_close(a, d, torch.float32, what=f"1 vs 4 threads ({problem})")

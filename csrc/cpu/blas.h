@@ -4,7 +4,8 @@
 // thread, no barrier per tile), so each GEMM must run on the calling thread
 // alone.  The Fortran BLAS symbols sgemm_/dgemm_ that libtorch_cpu exports
 // (MKL or OpenBLAS) are called directly: inside an OpenMP parallel region MKL
-// is told to run sequentially (SingleThreaded), and there is no tensor or dispatcher overhead per tile.
+// is told how many threads to use (BlasThreads: one, normally), and there is
+// no tensor or dispatcher overhead per tile.
 // Where the symbols are missing (weak references resolved to null) the GEMMs
 // fall back to at::mm_out on from_blob views, which also runs on the calling
 // thread inside a parallel region.
@@ -15,6 +16,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 
 extern "C" {
@@ -31,15 +33,17 @@ int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 namespace contrastive_ops {
 namespace blas {
 
-// Keeps the BLAS of the calling thread single-threaded while alive.  MKL would
-// otherwise open a nested team of its own threads inside each part's thread
-// (measured 10x slower on 2 loaded cores); 0 restores the global setting.
-struct SingleThreaded {
+// Sets the number of BLAS threads of the calling thread while alive (1 in
+// the usual case of one part per thread).  MKL would otherwise open a nested
+// team of all its threads inside each part's thread (measured 10x slower on 2
+// loaded cores); n > 1 lets parts use the threads left over when there are
+// fewer parts than threads.  0 restores the global setting.
+struct BlasThreads {
   int prev = 0;
-  SingleThreaded() {
-    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
+  explicit BlasThreads(int64_t n) {
+    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(int(std::max<int64_t>(n, 1)));
   }
-  ~SingleThreaded() {
+  ~BlasThreads() {
     if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
   }
 };

@@ -542,10 +542,13 @@ inline int64_t num_parts(int64_t items, int64_t cap) {
 // Items [p·n/P, (p+1)·n/P) of part p.
 inline std::pair<int64_t, int64_t> part_range(int64_t p, int64_t P, int64_t n) { return {p * n / P, (p + 1) * n / P}; }
 
+// Runs f(p) for the P parts, one per thread; when P is below the thread count
+// (memory cap on the dK accumulators), each part's GEMMs get the spare threads.
 template <class F>
 void run_parts(int64_t P, const F& f) {
+  const int64_t blas_threads = std::max<int64_t>(1, int64_t(at::get_num_threads()) / P);
   at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
-    const blas::SingleThreaded single;
+    const blas::BlasThreads threads(blas_threads);
     for (int64_t p = b; p < e; ++p) f(p);
   });
 }
