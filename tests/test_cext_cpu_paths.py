@@ -206,3 +206,20 @@ def test_thread_count_and_determinism(problem):
         assert torch.equal(b, c), "not bitwise reproducible for a fixed thread count"
         assert_close(a, b, torch.float32, what=f"1 vs 2 threads ({problem})")
         assert_close(a, d, torch.float32, what=f"1 vs 4 threads ({problem})")
+
+
+def test_fast_paths_write_every_output():
+    """Uninitialized memory filled with NaN: the shifted and symmetric paths write every output they return."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.empty(4).isnan().all()  # the poison is active
+        test_symmetric_gram("ranges", 600, 1 / 0.07, 1.0, True)
+        test_symmetric_gram("index", 600, 1 / 0.07, 1.0, True)
+        for case in ("plain", "ranges_exclude", "index"):
+            test_general_paths(case, True, 1 / 0.07, 1.0, True)
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
