@@ -24,7 +24,10 @@ TORCH_LIBRARY(contrastive_ops, m) {
   m.def(
       "sim_lse_fwd(Tensor q, Tensor k, Tensor scale, Tensor? row_index, Tensor? col_index, "
       "Tensor? col_start, Tensor? col_end, Tensor? exclude, bool want_col) -> (Tensor, Tensor)");
-  // (dq like q, dk like k, dscale 0-dim like scale).
+  // (dq like q, dk like k, dscale 0-dim like scale).  When q and k are one
+  // tensor (the same TensorImpl, as autograd passes an input used twice) only
+  // dq + dk is meaningful: the CPU kernel may then return all of it in dq and
+  // zeros in dk (symmetric Gram, see csrc/cpu/sim_lse.cpp).
   m.def(
       "sim_lse_bwd(Tensor q, Tensor k, Tensor scale, Tensor? row_index, Tensor? col_index, "
       "Tensor? col_start, Tensor? col_end, Tensor? exclude, Tensor row_lse, Tensor col_lse, "

@@ -2,7 +2,7 @@
 
 Forward (row/column LSE, SigLIP sum) and every gradient (dq, dk, dscale,
 dbias) with random upstream gradients, ragged sizes around the tile sizes
-(CPU tiles are 512 rows × 2048 columns), D not a power of two, index lists
+(CPU tiles: up to 256 rows × 512 columns for the core, 512 × 2048 for SigLIP), D not a power of two, index lists
 with repeats, ranges with empty rows, one and two exclusions, q is k; float64
 gradcheck; ``torch.library.opcheck`` on every op; ``torch.compile``; the
 build-version check.  CUDA cases run only where a GPU is present.

@@ -13,7 +13,9 @@ This module adds, once the library is loaded:
 
 Primitive contracts (all tensors on one device):
 
-``sim_lse``  see ``contrastive_ops.core``.
+``sim_lse``  see ``contrastive_ops.core``.  When ``q`` and ``k`` are one tensor object, ``backward`` may
+             return the whole gradient of that tensor (dq + dk) in ``dq`` and zeros in ``dk`` (the CPU
+             kernel does, computing each pair of the symmetric Gram once); autograd sums the two anyway.
 ``sinkhorn`` see ``backends._cext_sinkhorn`` and ``losses.swav``.
 ``siglip``   ``forward(x, y, scale, bias) -> 0-dim`` Σ_ij softplus(−z_ij·(scale·x_i·y_j + bias)), z = 2I − 1
              (``losses.siglip.siglip_sum_reference``), fp32 (float64 for float64);

@@ -1,7 +1,10 @@
 """Backend ``"cpu"``: the C++ kernels of ``contrastive_ops._C`` on CPU tensors.
 
-Tiled GEMMs through ATen's BLAS plus vectorized, multithreaded epilogues
-(``csrc/cpu/sim_lse.cpp``); never stores the B×M similarity matrix.
+Similarity-LSE core: each thread owns row blocks (or tile pairs of the
+symmetric Gram when q is k), runs single-threaded BLAS GEMMs on cache-sized
+tiles with fused, vectorized epilogues and keeps its own column partials
+(``csrc/cpu/sim_lse.cpp``).  SigLIP: tiled GEMMs through ATen with
+multithreaded epilogues.  Never stores the B×M similarity matrix.
 """
 from __future__ import annotations
 

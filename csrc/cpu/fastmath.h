@@ -21,21 +21,30 @@
 #define CO_MULTIVERSION
 #endif
 
+// The loop bodies are templates called from the multiversioned functions: they
+// must be inlined into each clone to be compiled for its ISA (an outlined copy
+// is compiled once, for the baseline, and the clones would only jump to it).
+#if defined(__GNUC__)
+#define CO_INLINE inline __attribute__((always_inline))
+#else
+#define CO_INLINE inline
+#endif
+
 namespace contrastive_ops {
 namespace fastmath {
 
-inline float bits_to_float(int32_t i) {
+CO_INLINE float bits_to_float(int32_t i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
   return f;
 }
-inline int32_t float_to_bits(float f) {
+CO_INLINE int32_t float_to_bits(float f) {
   int32_t i;
   std::memcpy(&i, &f, sizeof i);
   return i;
 }
 
-inline float fast_exp(float x) {
+CO_INLINE float fast_exp(float x) {
   const float lo = -87.0f, hi = 88.7f;
   const bool under = x < lo;
   x = x < lo ? lo : (x > hi ? hi : x);
@@ -56,7 +65,7 @@ inline float fast_exp(float x) {
 }
 
 // log(1 + t) for t in [0, 1]: 2·atanh(w), w = t / (2 + t) <= 1/3, odd series to w^15.
-inline float log1p_unit(float t) {
+CO_INLINE float log1p_unit(float t) {
   const float w = t / (2.0f + t), w2 = w * w;
   float p = 1.0f / 15.0f;
   p = p * w2 + 1.0f / 13.0f;
@@ -70,13 +79,13 @@ inline float log1p_unit(float t) {
 }
 
 // softplus(v) = max(v, 0) + log1p(exp(-|v|)).
-inline float fast_softplus(float v) {
+CO_INLINE float fast_softplus(float v) {
   const float a = v < 0.0f ? -v : v;
   return (v > 0.0f ? v : 0.0f) + log1p_unit(fast_exp(-a));
 }
 
 // σ(v) without overflow: e = exp(-|v|); σ = 1/(1+e) for v >= 0, e/(1+e) otherwise.
-inline float fast_sigmoid(float v) {
+CO_INLINE float fast_sigmoid(float v) {
   const float a = v < 0.0f ? -v : v;
   const float e = fast_exp(-a);
   const float s = 1.0f / (1.0f + e);
