@@ -99,7 +99,10 @@ def extensions():
 
     include_dirs = [os.path.join(ROOT, "csrc")]
     nvidia_dirs = _nvidia_include_dirs() if with_cuda else []
-    extra = {"cxx": ["-O3"]}  # the C++ standard is the one torch asks for
+    # -ffp-contract=off: the backward recomputes S = scale·G and must round it exactly as the
+    # forward did (an FMA-contracted scale·G − lse differs by up to half an ulp of S, which at
+    # logits ~1e8 is exp(4) in the softmax weights).
+    extra = {"cxx": ["-O3", "-ffp-contract=off"]}  # the C++ standard is the one torch asks for
     if with_cuda:
         include_dirs += nvidia_dirs
         extra["nvcc"] = ["-O3", "-lineinfo"]
