@@ -36,6 +36,8 @@ backward, Gram, mirror           4         T_B fp32                     yes     
   (all tiles (I, J), dZ_I += (dS_IJ + dS_JIᵀ)·Z_J; one kernel, no dK kernel)
 backward, Gram, atomic           3         B·D fp32 (dZ accumulator)    no, opt-in
   (pairs I ≤ J once: dZ_I += A·Z_J, dZ_J += Aᵀ·Z_I with A = dS_IJ + dS_JIᵀ; D ≤ 256)
+backward, Gram, split            8         T_B fp32                     yes
+  (k holds q's values but is another tensor, e.g. z.detach(): the mirror kernel twice, dq then dk)
 ===============================  ========  ==========================  =============================
 
 So symmetric CLIP costs 2 + 8 = 10·B·M·D by default and 2 + 6 = 8 with the
@@ -53,6 +55,25 @@ run (and its tests compare bit patterns), and because the atomic path trades
 tensor cores is not obviously faster: it must be measured on the GPU before it
 becomes the default.
 
+Forward/backward consistency: the backward's P = exp(S − lse) is at most 1
+only if each S it reads is bitwise the value the forward put into that row's
+(column's) LSE — at logits ~1e8 one fp32 ulp is 8, so a different rounding
+gives P up to e^8 or worse.  Hence every kernel forms S with ``_scaled_s``
+(the same multiply, then a select, so the product is never contracted into an
+FMA with a later subtraction: in the sm_90 PTX every ``mul.f32`` by the scale
+feeds only ``selp.f32``); every backward sums D in the forward's chunks
+(``_chunk_d``), the atomic ones included; and in a Gram matrix pair {a, b} has
+the one value at (min, max) of the product with the lower-index tile on the
+left, whichever tile pair or kernel reads it (the forward never uses a
+diagonal tile's lower triangle; the backward transposes instead of
+recomputing).  The element (a, b) of a product is then the same sum over D
+whatever the tile shape: exactly so for fp32 (``ieee``: one FMA chain per
+element); for 16-bit operands the autotuned forward and backward tiles may
+differ, which relies on the tensor-core result of an element not depending on
+the tile shape.  Two tensors with the same values (``z``, ``z.detach()``) take
+the Gram forward, so their backward reads S the Gram way too (the Gram kernel
+with ``TERMS`` 1 for dq and 2 for dk).
+
 Layers (Liger style): the ``@triton.jit`` kernels → the custom ops
 ``contrastive_ops_triton::sim_lse_fwd`` / ``sim_lse_bwd``
 (``torch.library.triton_op``, so ``torch.compile`` traces into the kernels) →
@@ -66,8 +87,8 @@ saved tensors keep that identity) selects the Gram backward, which returns the
 whole gradient in ``dq`` and zeros in ``dk`` (autograd sums both into the one
 tensor).  The forward also takes the Gram path for two different objects with
 the same data pointer, shape, strides and dtype (e.g. ``z`` and ``z.detach()``),
-whose backward stays on the general path because dq and dk then go to
-different places.  ``core.sim_lse``'s signature is unchanged.
+whose backward takes the split Gram backward (dq and dk go to different places,
+but S must be read as the Gram forward built it).  ``core.sim_lse``'s signature is unchanged.
 
 The ops live in their own namespace ``contrastive_ops_triton``: the C++
 extension owns ``TORCH_LIBRARY(contrastive_ops, m)``, and keeping the Triton
