@@ -12,7 +12,6 @@ absolute tolerance is that times 1/τ (and the gradients get the same budget
 relative to their largest entry).
 """
 import math
-import os
 
 import pytest
 import torch
@@ -53,17 +52,6 @@ CPU_LARGE_LOGIT_BUG = (
 CPU_XFAIL_FP32 = {"info_nce", "nt_xent", "mv_dhel", "supcon_loss", "dcl_loss", "dhel_loss",
                   "clip_loss-norm1e3-scale100", "clip_loss-unit-scale1e6", "similarity_lse-norm1e3-scale100"}
 CPU_XFAIL_FP16 = {"info_nce", "mv_infonce", "dhel_loss"}
-
-# Known bug, "triton" backend Gram path (q is k: tiles I ≤ J computed once,
-# contrastive_ops/backends/_triton/core.py): the same forward/backward rounding
-# mismatch at logits ~1e8 gives one row a gradient off by ~1e5 (nt_xent,
-# supcon_loss, dcl_loss; fp16: inf).  Seen under the interpreter; strict there,
-# not strict on a GPU, whose rounding differs.
-TRITON_GRAM_BUG = (
-    "triton Gram path (q is k): backward recomputes S with other rounding than the forward; at logits ~1e8 "
-    "one row's exp(S_bwd − row_lse) ≫ 1 (contrastive_ops/backends/_triton/core.py)")
-TRITON_XFAIL = {"nt_xent", "supcon_loss", "dcl_loss"}
-TRITON_STRICT = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _case_id(name, over):
@@ -113,8 +101,6 @@ def test_large_logits_fp32_match_float64_or_raise(name, over, backend, request):
     lc.require_implemented(name)
     if backend == "cpu" and _case_id(name, over) in CPU_XFAIL_FP32:
         request.applymarker(pytest.mark.xfail(strict=True, reason=CPU_LARGE_LOGIT_BUG))
-    if backend == "triton" and _case_id(name, over) in TRITON_XFAIL:
-        request.applymarker(pytest.mark.xfail(strict=TRITON_STRICT, reason=TRITON_GRAM_BUG))
     case = _case(name, over)
     lc.require_backend(case, backend, torch.float32, DEVICE)
     res = _run_or_clear_error(case, backend, torch.float32)
@@ -145,8 +131,6 @@ def test_large_logits_half_finite_or_raise(name, over, backend, dtype, request):
     lc.require_implemented(name)
     if backend == "cpu" and dtype == torch.float16 and _case_id(name, over) in CPU_XFAIL_FP16:
         request.applymarker(pytest.mark.xfail(strict=True, reason=CPU_LARGE_LOGIT_BUG))
-    if backend == "triton" and dtype == torch.float16 and _case_id(name, over) in TRITON_XFAIL:
-        request.applymarker(pytest.mark.xfail(strict=TRITON_STRICT, reason=TRITON_GRAM_BUG))
     case = _case(name, over)
     lc.require_backend(case, backend, dtype, DEVICE)
     res = _run_or_clear_error(case, backend, dtype)

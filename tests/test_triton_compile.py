@@ -60,10 +60,13 @@ def _compile_all(mode: str) -> int:
                 (c._sim_lse_fwd_kernel, dict(gen, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_M=64, BLOCK_N=64)),
                 (c._sim_lse_bwd_dq_kernel, dict(gen, **bwd, BLOCK_M=64, BLOCK_N=64)),
                 (c._sim_lse_bwd_dk_kernel, dict(gen, **bwd, BLOCK_M=64, BLOCK_N=64)),
-                (c._sim_lse_bwd_atomic_kernel, dict(gen, BLOCK_DP=dp, BLOCK_M=64, BLOCK_N=64)),
+                (c._sim_lse_bwd_atomic_kernel, dict(gen, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_DP=dp, BLOCK_M=64,
+                                                    BLOCK_N=64)),
                 (c._sim_lse_gram_fwd_kernel, dict(base, N_EXCLUDE=2, BLOCK_D=bd, ONE_CHUNK=one, BLOCK=64)),
-                (c._sim_lse_gram_bwd_kernel, dict(base, N_EXCLUDE=1, **bwd, BLOCK=64)),
-                (c._sim_lse_gram_bwd_atomic_kernel, dict(base, N_EXCLUDE=2, BLOCK_DP=dp, BLOCK=64)),
+                (c._sim_lse_gram_bwd_kernel, dict(base, N_EXCLUDE=1, **bwd, TERMS=3, BLOCK=64)),
+                (c._sim_lse_gram_bwd_kernel, dict(base, N_EXCLUDE=2, **bwd, TERMS=1, BLOCK=64)),
+                (c._sim_lse_gram_bwd_atomic_kernel, dict(base, N_EXCLUDE=2, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_DP=dp,
+                                                         BLOCK=64)),
             ]
             for kern, consts in jobs:
                 name = kern.fn.__name__

@@ -36,6 +36,8 @@ backward, Gram, mirror           4         T_B fp32                     yes     
   (all tiles (I, J), dZ_I += (dS_IJ + dS_JIᵀ)·Z_J; one kernel, no dK kernel)
 backward, Gram, atomic           3         B·D fp32 (dZ accumulator)    no, opt-in
   (pairs I ≤ J once: dZ_I += A·Z_J, dZ_J += Aᵀ·Z_I with A = dS_IJ + dS_JIᵀ; D ≤ 256)
+backward, Gram, split            8         T_B fp32                     yes
+  (k holds q's values but is another tensor, e.g. z.detach(): the mirror kernel twice, dq then dk)
 ===============================  ========  ==========================  =============================
 
 So symmetric CLIP costs 2 + 8 = 10·B·M·D by default and 2 + 6 = 8 with the
@@ -53,6 +55,25 @@ run (and its tests compare bit patterns), and because the atomic path trades
 tensor cores is not obviously faster: it must be measured on the GPU before it
 becomes the default.
 
+Forward/backward consistency: the backward's P = exp(S − lse) is at most 1
+only if each S it reads is bitwise the value the forward put into that row's
+(column's) LSE — at logits ~1e8 one fp32 ulp is 8, so a different rounding
+gives P up to e^8 or worse.  Hence every kernel forms S with ``_scaled_s``
+(the same multiply, then a select, so the product is never contracted into an
+FMA with a later subtraction: in the sm_90 PTX every ``mul.f32`` by the scale
+feeds only ``selp.f32``); every backward sums D in the forward's chunks
+(``_chunk_d``), the atomic ones included; and in a Gram matrix pair {a, b} has
+the one value at (min, max) of the product with the lower-index tile on the
+left, whichever tile pair or kernel reads it (the forward never uses a
+diagonal tile's lower triangle; the backward transposes instead of
+recomputing).  The element (a, b) of a product is then the same sum over D
+whatever the tile shape: exactly so for fp32 (``ieee``: one FMA chain per
+element); for 16-bit operands the autotuned forward and backward tiles may
+differ, which relies on the tensor-core result of an element not depending on
+the tile shape.  Two tensors with the same values (``z``, ``z.detach()``) take
+the Gram forward, so their backward reads S the Gram way too (the Gram kernel
+with ``TERMS`` 1 for dq and 2 for dk).
+
 Layers (Liger style): the ``@triton.jit`` kernels → the custom ops
 ``contrastive_ops_triton::sim_lse_fwd`` / ``sim_lse_bwd``
 (``torch.library.triton_op``, so ``torch.compile`` traces into the kernels) →
@@ -66,8 +87,8 @@ saved tensors keep that identity) selects the Gram backward, which returns the
 whole gradient in ``dq`` and zeros in ``dk`` (autograd sums both into the one
 tensor).  The forward also takes the Gram path for two different objects with
 the same data pointer, shape, strides and dtype (e.g. ``z`` and ``z.detach()``),
-whose backward stays on the general path because dq and dk then go to
-different places.  ``core.sim_lse``'s signature is unchanged.
+whose backward takes the split Gram backward (dq and dk go to different places,
+but S must be read as the Gram forward built it).  ``core.sim_lse``'s signature is unchanged.
 
 The ops live in their own namespace ``contrastive_ops_triton``: the C++
 extension owns ``TORCH_LIBRARY(contrastive_ops, m)``, and keeping the Triton
@@ -253,6 +274,19 @@ def _s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k,
 
 
 @triton.jit
+def _scaled_s(s_raw, scale, ok):
+    """S = s_raw·scale on allowed pairs, −inf elsewhere: the ONE way every kernel forms S.
+
+    At huge logits (|S| ~ 1e8, fp32 ulp 8) the backward's P = exp(S − lse) is
+    only ≤ 1 if its S is bitwise the forward's, so forward and backward share
+    this helper (the same product, the same multiply; the select between the
+    multiply and any later subtraction also keeps the compiler from contracting
+    ``s_raw·scale − lse`` into an FMA in one kernel and not in another).
+    """
+    return tl.where(ok, s_raw * scale, float("-inf"))
+
+
+@triton.jit
 def _allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE: tl.constexpr, N_EXCLUDE: tl.constexpr):
     """(BLOCK_M, BLOCK_N) mask: inside the matrix, inside [col_start, col_end), not excluded."""
     ok = row_mask[:, None] & col_mask[None, :]
@@ -408,12 +442,12 @@ def _sim_lse_fwd_kernel(
             cols, col_mask, k_rows = _col_tile(n0, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
             if ONE_CHUNK:
                 k_tile = _load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
-                s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC) * scale
+                s_raw = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
             else:
-                s = _s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k,
-                            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC) * scale
+                s_raw = _s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k,
+                                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
             ok = _allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
-            s = tl.where(ok, s, float("-inf"))
+            s = _scaled_s(s_raw, scale, ok)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
@@ -431,13 +465,19 @@ def _sim_lse_fwd_kernel(
 
 
 # Gram forward (q is k, M = B, no index lists, no ranges, row LSE only).  S is
-# symmetric, so each tile pair I ≤ J is built once:
-#   * row tile I's statistics take S_IJ with row I's exclusions, online in
-#     registers as above;
-#   * for J > I, row tile J's statistics take S_JI = S_IJᵀ, i.e. the column
-#     reduction of S_IJ with row J's exclusions (``_allowed_t``), folded with
-#     logaddexp into the program's slot of RowPart (n_slots, B) — exactly the
-#     column-partial scheme of the general kernel;
+# symmetric, so each tile pair I ≤ J is built once, and each pair {a, b} of rows
+# has ONE value: entry (min, max) of the tile product Z_I·Z_Jᵀ with the
+# lower-index tile on the left (``_canonical``; the two fp32 roundings of
+# z_a·z_b and z_b·z_a may differ, by up to 8 at logits ~1e8, and the backward
+# must use for each row exactly the values its LSE was built from):
+#   * row tile I's statistics take S_IJ[a, b] for b ≥ a with row I's
+#     exclusions, online in registers as above;
+#   * row tile J's statistics take S_IJ[a, b] for a < b, i.e. the column
+#     reduction of the strict upper part of S_IJ with row J's exclusions
+#     (``_allowed_t``), folded with logaddexp into the program's slot of
+#     RowPart (n_slots, B) — exactly the column-partial scheme of the general
+#     kernel.  For J > I every entry has a < b; on the diagonal tile this is
+#     the strict upper triangle, so the lower triangle is never used;
 #   * when a program leaves row tile I (end of the row or of its run of pairs)
 #     it folds I's registers into the same slot.
 # row_lse = LSE over slots (torch).  Half the tile products of the general
@@ -471,25 +511,26 @@ def _sim_lse_gram_fwd_kernel(
             tj, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
         if ONE_CHUNK:
             zj = _load_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST)
-            s = tl.dot(zi, tl.trans(zj), input_precision=PREC) * scale
+            s_raw = tl.dot(zi, tl.trans(zj), input_precision=PREC)
         else:
-            s = _s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z,
-                        BLOCK, BLOCK, BLOCK_D, UPCAST, PREC) * scale
-        # rows of I against columns J
-        s_r = tl.where(_allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE), s, float("-inf"))
+            s_raw = _s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z,
+                            BLOCK, BLOCK, BLOCK_D, UPCAST, PREC)
+        # rows of I against columns J: entries b ≥ a (all of them when J > I)
+        ok_r = _allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
+        s_r = _scaled_s(s_raw, scale, ok_r & (rows_i[:, None] <= rows_j[None, :]))
         m_new = tl.maximum(m_i, tl.max(s_r, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s_r - m_safe[:, None]), 1)
         m_i = m_new
-        # rows of J against columns I (the mirrored tile; the diagonal tile is already complete)
-        if tj > ti:
-            s_c = tl.where(_allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE), s, float("-inf"))
-            c_max = tl.max(s_c, 0)
-            c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
-            c_lse = c_safe + tl.log(tl.sum(tl.exp(s_c - c_safe[None, :]), 0))
-            old = tl.load(slot + rows_j, mask=mask_j, other=float("-inf"))
-            tl.store(slot + rows_j, _logaddexp(old, c_lse), mask=mask_j)
-            tl.debug_barrier()
+        # rows of J against columns I: the mirrored entries a < b
+        ok_c = _allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
+        s_c = _scaled_s(s_raw, scale, ok_c & (rows_i[:, None] < rows_j[None, :]))
+        c_max = tl.max(s_c, 0)
+        c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
+        c_lse = c_safe + tl.log(tl.sum(tl.exp(s_c - c_safe[None, :]), 0))
+        old = tl.load(slot + rows_j, mask=mask_j, other=float("-inf"))
+        tl.store(slot + rows_j, _logaddexp(old, c_lse), mask=mask_j)
+        tl.debug_barrier()
         if (tj == T - 1) | (p == p1 - 1):  # leaving row tile I: fold its registers into the slot
             lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
             old = tl.load(slot + rows_i, mask=mask_i, other=float("-inf"))
@@ -520,7 +561,7 @@ def _sim_lse_gram_fwd_kernel(
 
 @triton.jit
 def _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL: tl.constexpr):
-    s = tl.where(ok, s_raw * scale, float("-inf"))
+    s = _scaled_s(s_raw, scale, ok)
     lse_r = tl.where(lse_r == float("-inf"), float("inf"), lse_r)
     ds = g_r[:, None] * tl.exp(s - lse_r[:, None])
     if WANT_COL:
@@ -642,7 +683,8 @@ def _sim_lse_bwd_dk_kernel(
 
 # Single-recompute backward (opt-in, D ≤ 256): one row-stationary program per
 # row tile holds the whole padded width BLOCK_DP of Q and K tiles, builds S
-# with one ``tl.dot``, keeps dQ in a BLOCK_M × BLOCK_DP fp32 accumulator and
+# exactly as the forward does (one ``tl.dot`` when D is one chunk, else the
+# forward's BLOCK_D chunks re-read from memory), keeps dQ in a BLOCK_M × BLOCK_DP fp32 accumulator and
 # emits dK_J += scale·dS_IJᵀ·Q_I for every column tile it visits with fp32
 # atomics into DKAcc (k.shape, fp32, zeroed; cast by torch afterwards).
 # 6·B·M·D instead of 8 (S is built once, not once per gradient).
@@ -664,6 +706,7 @@ def _sim_lse_bwd_atomic_kernel(
     B, M, D, stride_q, stride_k, stride_dq, stride_acc,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -681,7 +724,11 @@ def _sim_lse_bwd_atomic_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         cols, col_mask, k_rows = _col_tile(n0, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
         k_tile = _load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
-        s_raw = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
+        if ONE_CHUNK:  # BLOCK_DP == BLOCK_D: the forward's single product
+            s_raw = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
+        else:  # the forward's BLOCK_D chunks, in its order (one wide product rounds differently)
+            s_raw = _s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k,
+                            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
         ok = _allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
         ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
         dscale += tl.sum(ds * s_raw, 1)
@@ -701,16 +748,27 @@ def _sim_lse_bwd_atomic_kernel(
 #     dZ = scale·(dS + dSᵀ)·Z,   i.e.  dZ_I = scale·Σ_J A_IJ·Z_J,  A_IJ = dS_IJ + (dS_JI)ᵀ,
 # where both dS_IJ (row I's statistics and exclusions) and (dS_JI)ᵀ (row J's)
 # are read off the one tile S_IJ = S_JIᵀ.  dscale = Σ_ij dS_ij·(Z Zᵀ)_ij.
+#
+# Every S value is the forward's (see the Gram forward): pair {a, b} is entry
+# (min, max) of Z_I·Z_Jᵀ with I ≤ J.  So a kernel that needs the tile pair
+# with I > J builds Z_J·Z_Iᵀ and works in its transposed layout, and on a
+# diagonal tile the lower triangle is replaced by the transposed upper one
+# (``_canonical``), never recomputed as its own dot product.
+
+
+@triton.jit
+def _canonical(s_raw, rows_i, rows_j):
+    """Diagonal tile (rows_i == rows_j): entry (a, b) of the symmetric S taken from (min, max)."""
+    return tl.where(rows_i[:, None] <= rows_j[None, :], s_raw, tl.trans(s_raw))
 
 
 @triton.jit
 def _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j):
     """dS_IJ and (dS_JI)ᵀ, both laid out like the tile S_IJ (rows I, columns J)."""
-    s = s_raw * scale
     lse_i = tl.where(lse_i == float("-inf"), float("inf"), lse_i)
     lse_j = tl.where(lse_j == float("-inf"), float("inf"), lse_j)
-    ds = tl.where(ok, g_i[:, None] * tl.exp(tl.where(ok, s, float("-inf")) - lse_i[:, None]), 0.0)
-    ds_t = tl.where(ok_t, g_j[None, :] * tl.exp(tl.where(ok_t, s, float("-inf")) - lse_j[None, :]), 0.0)
+    ds = tl.where(ok, g_i[:, None] * tl.exp(_scaled_s(s_raw, scale, ok) - lse_i[:, None]), 0.0)
+    ds_t = tl.where(ok_t, g_j[None, :] * tl.exp(_scaled_s(s_raw, scale, ok_t) - lse_j[None, :]), 0.0)
     return ds, ds_t
 
 
@@ -718,20 +776,29 @@ def _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j):
 # only J ≥ I), so dZ_I is complete in one program's registers and written
 # once, with no dK kernel: S once + one product = 4·B²·D (the general path
 # spends 8).  One program per (row tile, output D-chunk) as in the dq kernel.
-@triton.autotune(configs=_configs(("BLOCK",), _SYM_BWD_GPU, _INTERP_SYM), key=["D", "N_EXCLUDE"])
+# For J < I the tile is built as Z_J·Z_Iᵀ (the forward's order) and used
+# transposed: A_IJ·Z_J = (A_JI)ᵀ·Z_J with A_JI laid out like that tile.
+#
+# TERMS selects the gradient: 3 (q is k) the whole A = dS_IJ + (dS_JI)ᵀ;
+# 1 only dS_IJ (dq = scale·dS·K of a key that holds the same values but is a
+# different tensor for autograd, e.g. z.detach()); 2 only (dS_JI)ᵀ (its dk =
+# scale·dSᵀ·Q).  The forward took the Gram path for those too, so their
+# backward must read the same canonical S.
+@triton.autotune(configs=_configs(("BLOCK",), _SYM_BWD_GPU, _INTERP_SYM), key=["D", "N_EXCLUDE", "TERMS"])
 @triton.jit
 def _sim_lse_gram_bwd_kernel(
     Z, Scale, Exclude, RowLse, GradRow, DZ, DscalePart,
     B, D, stride_z, stride_dz,
     N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    TERMS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     scale = tl.load(Scale)
+    ti = pid_m
     rows_i, mask_i, z_rows_i, cs, ce, e0_i, e1_i = _row_tile(
-        pid_m, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
+        ti, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
     lse_i = tl.load(RowLse + rows_i, mask=mask_i, other=float("-inf"))
     g_i = tl.load(GradRow + rows_i, mask=mask_i, other=0.0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -744,23 +811,50 @@ def _sim_lse_gram_bwd_kernel(
     for tj in range(0, tl.cdiv(B, BLOCK)):
         rows_j, mask_j, z_rows_j, cs, ce, e0_j, e1_j = _row_tile(
             tj, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
-        if ONE_CHUNK:
-            zj = _load_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST)
-            s_raw = tl.dot(zi, tl.trans(zj), input_precision=PREC)
-        else:
-            s_raw = _s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z,
-                            BLOCK, BLOCK, BLOCK_D, UPCAST, PREC)
-        ok = _allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
-        ok_t = _allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
         lse_j = tl.load(RowLse + rows_j, mask=mask_j, other=float("-inf"))
         g_j = tl.load(GradRow + rows_j, mask=mask_j, other=0.0)
-        ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
-        dscale += tl.sum(ds * s_raw, 1)
+        if ONE_CHUNK:
+            zj = _load_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST)
         if REUSE:
             zo = zj
         else:
             zo = _load_tile(Z, z_rows_j, mask_j, offs_o, D, stride_z, UPCAST)
-        acc = tl.dot((ds + ds_t).to(zo.dtype), zo, acc, input_precision=PREC)
+        if tj >= ti:  # the forward's tile Z_I·Z_Jᵀ, rows I
+            if ONE_CHUNK:
+                s_raw = tl.dot(zi, tl.trans(zj), input_precision=PREC)
+            else:
+                s_raw = _s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z,
+                                BLOCK, BLOCK, BLOCK_D, UPCAST, PREC)
+            if tj == ti:
+                s_raw = _canonical(s_raw, rows_i, rows_j)
+            ok = _allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
+            ok_t = _allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
+            ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
+            dscale += tl.sum(ds * s_raw, 1)
+            if TERMS == 3:
+                a = ds + ds_t
+            elif TERMS == 1:
+                a = ds
+            else:
+                a = ds_t
+            acc = tl.dot(a.to(zo.dtype), zo, acc, input_precision=PREC)
+        else:  # the forward's tile Z_J·Z_Iᵀ, rows J: every quantity below is laid out (J, I)
+            if ONE_CHUNK:
+                s_raw = tl.dot(zj, tl.trans(zi), input_precision=PREC)
+            else:
+                s_raw = _s_tile(Z, Z, z_rows_j, z_rows_i, mask_j, mask_i, D, stride_z, stride_z,
+                                BLOCK, BLOCK, BLOCK_D, UPCAST, PREC)
+            ok = _allowed(rows_i, mask_j, mask_i, cs, ce, e0_j, e1_j, False, N_EXCLUDE)
+            ok_t = _allowed_t(rows_j, mask_j, mask_i, e0_i, e1_i, N_EXCLUDE)
+            ds_j, ds_it = _gram_ds(s_raw, scale, ok, ok_t, lse_j, g_j, lse_i, g_i)  # dS_JI, (dS_IJ)ᵀ
+            dscale += tl.sum(ds_it * s_raw, 0)
+            if TERMS == 3:
+                a_t = ds_j + ds_it
+            elif TERMS == 1:
+                a_t = ds_it
+            else:
+                a_t = ds_j
+            acc = tl.dot(tl.trans(a_t.to(zo.dtype)), zo, acc, input_precision=PREC)
     acc = acc * scale
     tl.store(DZ + z_rows_i[:, None] * stride_dz + offs_o[None, :], acc.to(DZ.dtype.element_ty),
              mask=mask_i[:, None] & o_mask[None, :])
@@ -769,7 +863,9 @@ def _sim_lse_gram_bwd_kernel(
 
 
 # Atomic Gram backward (opt-in, D ≤ 256): each pair I ≤ J once (the balanced
-# pair runs of ``_pair_range``), S_IJ built once, then
+# pair runs of ``_pair_range``), S_IJ built once as the forward builds it
+# (its D chunks; on the diagonal tile the lower triangle is the transposed
+# upper one, ``_canonical``), then
 #     dZ_I += A_IJ·Z_J   (registers, flushed with one atomic add when leaving I)
 #     dZ_J += A_IJᵀ·Z_I  (J > I: fp32 atomics into DZAcc)
 # with A_IJ = dS_IJ + (dS_JI)ᵀ; on the diagonal tile A_II already holds both
@@ -783,6 +879,7 @@ def _sim_lse_gram_bwd_atomic_kernel(
     Z, Scale, Exclude, RowLse, GradRow, DZAcc, DscalePart,
     B, D, stride_z, stride_acc,
     N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_DP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -802,7 +899,13 @@ def _sim_lse_gram_bwd_atomic_kernel(
         rows_j, mask_j, z_rows_j, cs, ce, e0_j, e1_j = _row_tile(
             tj, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
         zj = _load_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST)
-        s_raw = tl.dot(zi, tl.trans(zj), input_precision=PREC)
+        if ONE_CHUNK:  # S_IJ as the Gram forward builds it (see the general atomic kernel)
+            s_raw = tl.dot(zi, tl.trans(zj), input_precision=PREC)
+        else:
+            s_raw = _s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z,
+                            BLOCK, BLOCK, BLOCK_D, UPCAST, PREC)
+        if tj == ti:
+            s_raw = _canonical(s_raw, rows_i, rows_j)
         ok = _allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
         ok_t = _allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
         lse_i = tl.load(RowLse + rows_i, mask=mask_i, other=float("-inf"))
@@ -956,11 +1059,13 @@ def _sim_lse_bwd_op(
     row_index: Optional[Tensor], col_index: Optional[Tensor],
     col_start: Optional[Tensor], col_end: Optional[Tensor], exclude: Optional[Tensor],
     row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor,
-    gram: bool = False, atomic: bool = False,
+    gram: bool = False, atomic: bool = False, same: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``gram=True`` promises that q *is* k for autograd: where the Gram kernel applies, the whole
-    gradient of that one tensor is returned in dq and dk is zero.  ``atomic=True`` takes the
-    single-recompute kernels (non-deterministic; D ≤ 256, else ignored)."""
+    gradient of that one tensor is returned in dq and dk is zero.  ``same=True`` promises only that
+    k holds q's values (the forward took the Gram kernel): where it applies, dq and dk come from
+    the Gram kernel's separate terms, so the backward reads the forward's S.  ``atomic=True`` takes
+    the single-recompute kernels (non-deterministic; D ≤ 256, else ignored)."""
     want_col = col_lse.numel() > 0
     B, M, D = _sizes(q, k, row_index, col_index)
     col_start, col_end = _ranges(q, B, M, col_start, col_end)
@@ -969,8 +1074,31 @@ def _sim_lse_bwd_op(
     atomic = bool(atomic) and D <= _ATOMIC_MAX_D
     block_d, block_do = _chunk_d(D), _block_do(D)
     one_chunk = D <= block_d
+    # The atomic kernels' full-width tiles are the forward's single chunk when D is one chunk.
+    assert not one_chunk or block_d == _d_pad(D)
     n_d = triton.cdiv(D, block_do)
     dot_flags = dict(UPCAST=flags["UPCAST"], PREC=flags["PREC"])
+
+    gram_kw = dict(N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=block_d, BLOCK_DO=block_do, ONE_CHUNK=one_chunk,
+                   REUSE=one_chunk and n_d == 1 and block_do == block_d, **dot_flags)
+
+    def gram_mirror(terms: int, name: str, dscale_part: Tensor) -> Tensor:
+        out = _empty(q.shape, q.dtype, q.device)
+        _launch(name, _sim_lse_gram_bwd_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK"]), n_d))(
+            q, scale, _ptr(exclude, scale), row_lse, grad_row, out, dscale_part,
+            B, D, q.stride(0), out.stride(0), TERMS=terms, **gram_kw,
+        )
+        return out
+
+    if not gram and same and _gram_applies(True, q, k, row_index, col_index, col_start, col_end, want_col):
+        # k holds q's values but is another tensor for autograd (e.g. z.detach()): dq = scale·dS·K
+        # and dk = scale·dSᵀ·Q from the Gram kernel's two terms (the forward's S, read the same way).
+        if not launch:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros((), dtype=torch.float32, device=q.device)
+        dscale_part = torch.zeros((triton.cdiv(B, _MIN_BLOCK),), dtype=torch.float32, device=q.device)
+        dq = gram_mirror(1, "gram_bwd_dq", dscale_part)
+        dk = gram_mirror(2, "gram_bwd_dk", torch.zeros_like(dscale_part))
+        return dq, dk, dscale_part.sum()
 
     if _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col):
         dk = torch.zeros_like(k)
@@ -983,17 +1111,12 @@ def _sim_lse_bwd_op(
             _launch("gram_bwd_atomic", _sim_lse_gram_bwd_atomic_kernel, (slots,))(
                 q, scale, _ptr(exclude, scale), row_lse, grad_row, dz_acc, dscale_part,
                 B, D, q.stride(0), dz_acc.stride(0),
-                N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_DP=_d_pad(D), **dot_flags,
+                N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=block_d, ONE_CHUNK=one_chunk, BLOCK_DP=_d_pad(D),
+                **dot_flags,
             )
             return dz_acc.to(q.dtype), dk, dscale_part.sum()
-        dz = _empty(q.shape, q.dtype, q.device)
         dscale_part = torch.zeros((triton.cdiv(B, _MIN_BLOCK),), dtype=torch.float32, device=q.device)
-        _launch("gram_bwd", _sim_lse_gram_bwd_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK"]), n_d))(
-            q, scale, _ptr(exclude, scale), row_lse, grad_row, dz, dscale_part,
-            B, D, q.stride(0), dz.stride(0),
-            N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=block_d, BLOCK_DO=block_do, ONE_CHUNK=one_chunk,
-            REUSE=one_chunk and n_d == 1 and block_do == block_d, **dot_flags,
-        )
+        dz = gram_mirror(3, "gram_bwd", dscale_part)
         return dz, dk, dscale_part.sum()
 
     # Rows outside an index list get no gradient: those outputs start at zero.
@@ -1007,7 +1130,7 @@ def _sim_lse_bwd_op(
         if launch:
             _launch("bwd_atomic", _sim_lse_bwd_atomic_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),))(
                 *common, dq, dk_acc, dscale_part, B, M, D, q.stride(0), k.stride(0), dq.stride(0),
-                dk_acc.stride(0), BLOCK_DP=_d_pad(D), **flags,
+                dk_acc.stride(0), BLOCK_D=block_d, ONE_CHUNK=one_chunk, BLOCK_DP=_d_pad(D), **flags,
             )
         return dq, dk_acc.to(k.dtype), dscale_part.sum()
     dk = _empty(k.shape, k.dtype, k.device) if col_index is None and launch else torch.zeros_like(k)
@@ -1026,7 +1149,7 @@ def _sim_lse_bwd_op(
 
 @_sim_lse_bwd_op.register_fake
 def _(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse, grad_row, grad_col,
-      gram=False, atomic=False):
+      gram=False, atomic=False, same=False):
     return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=torch.float32)
 
 
@@ -1045,20 +1168,27 @@ def sim_lse_forward(q, k, scale, row_index=None, col_index=None, col_start=None,
 
 def sim_lse_backward(q, k, scale, row_index, col_index, col_start, col_end, exclude,
                      row_lse, col_lse, grad_row, grad_col, *, gram: Optional[bool] = None,
-                     atomic: Optional[bool] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                     atomic: Optional[bool] = None, same: Optional[bool] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq like q, dk like k, dscale 0-dim fp32)`` for upstream gradients ``grad_row``/``grad_col``.
 
     ``gram``: None means ``q is k`` (then, where the Gram kernel applies, dq is the
     whole gradient of the one tensor and dk is zero; their sum is the gradient
-    either way).  ``atomic``: None means ``backward_path(D) == "atomic"``.
+    either way).  ``same``: None means ``same_values(q, k)``, the forward's
+    test: where the forward took the Gram kernel, the backward must read S the
+    way it did, so two tensors holding the same values (``z``, ``z.detach()``)
+    get dq and dk from the Gram kernel's separate terms.  ``atomic``: None
+    means ``backward_path(D) == "atomic"``.
     """
     if gram is None:
         gram = q is k
+    if same is None:
+        same = same_values(q, k)
     if atomic is None:
         atomic = backward_path(q.shape[1]) == "atomic"
     return torch.ops.contrastive_ops_triton.sim_lse_bwd(
         q, k, scale, row_index, col_index, col_start, col_end, exclude,
-        row_lse, col_lse, grad_row.float().contiguous(), grad_col.float().contiguous(), bool(gram), bool(atomic))
+        row_lse, col_lse, grad_row.float().contiguous(), grad_col.float().contiguous(), bool(gram), bool(atomic),
+        bool(gram or same))
 
 
 class _SimLSEPrimitive:
@@ -1074,9 +1204,10 @@ class _SimLSEPrimitive:
     def backward(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
                  grad_row, grad_col):
         gram = q is k  # one tensor for autograd: dq + dk is what it receives
+        same = same_values(q, k)  # the forward's test: it took the Gram kernel
         dq, dk, dscale = sim_lse_backward(q.contiguous(), k.contiguous(), scale.float().reshape(()),
                                           row_index, col_index, col_start, col_end, exclude,
-                                          row_lse, col_lse, grad_row, grad_col, gram=gram)
+                                          row_lse, col_lse, grad_row, grad_col, gram=gram, same=same)
         return dq, dk, dscale.to(scale.dtype)
 
 
