@@ -41,25 +41,6 @@ BACKENDS = [pytest.param("reference", id="reference")] + backend_params()
 # included; only the loss is compared (gradients must still be finite).
 TIED_GRADIENTS = {"mv_infonce"}
 
-# Known bug, "cpu" backend (csrc/cpu/sim_lse.cpp): at logits ~1e8 the backward
-# recomputes S with a different GEMM blocking than the forward, the fp32
-# rounding differs by more than 1, and exp(S_bwd − row_lse) exceeds 1 (up to
-# e^88, i.e. inf): wrong or infinite gradients, while the loss is right.
-# core.sim_lse(q, k, 100) on CPU with rows of norm 1e3 gives inf dq/dk in fp32.
-CPU_LARGE_LOGIT_BUG = (
-    "cpu backend: backward recomputes S = scale·QKᵀ with other rounding than the forward; at logits ~1e8 "
-    "exp(S_bwd − row_lse) ≫ 1 gives wrong/inf gradients (csrc/cpu/sim_lse.cpp)")
-CPU_XFAIL_FP32 = {"info_nce", "nt_xent", "mv_dhel", "supcon_loss", "dcl_loss", "dhel_loss",
-                  "clip_loss-norm1e3-scale100", "clip_loss-unit-scale1e6", "similarity_lse-norm1e3-scale100"}
-CPU_XFAIL_FP16 = {"info_nce", "mv_infonce", "dhel_loss"}
-
-
-def _case_id(name, over):
-    for p in CASES:
-        if p.values[0] == name and p.values[1] is over:
-            return p.id
-    return name
-
 
 def _case(name, over):
     over = dict(over, N=13, D=21, seed=5)
@@ -97,10 +78,8 @@ def _assert_finite(res, case, backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,over", CASES)
-def test_large_logits_fp32_match_float64_or_raise(name, over, backend, request):
+def test_large_logits_fp32_match_float64_or_raise(name, over, backend):
     lc.require_implemented(name)
-    if backend == "cpu" and _case_id(name, over) in CPU_XFAIL_FP32:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CPU_LARGE_LOGIT_BUG))
     case = _case(name, over)
     lc.require_backend(case, backend, torch.float32, DEVICE)
     res = _run_or_clear_error(case, backend, torch.float32)
@@ -127,10 +106,8 @@ def test_large_logits_fp32_match_float64_or_raise(name, over, backend, request):
 @pytest.mark.parametrize("dtype", lc.HALF, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,over", CASES)
-def test_large_logits_half_finite_or_raise(name, over, backend, dtype, request):
+def test_large_logits_half_finite_or_raise(name, over, backend, dtype):
     lc.require_implemented(name)
-    if backend == "cpu" and dtype == torch.float16 and _case_id(name, over) in CPU_XFAIL_FP16:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CPU_LARGE_LOGIT_BUG))
     case = _case(name, over)
     lc.require_backend(case, backend, dtype, DEVICE)
     res = _run_or_clear_error(case, backend, dtype)

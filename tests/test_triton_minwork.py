@@ -184,18 +184,6 @@ def test_gram_split_backward(case, dtype):
         assert_close(ds, r_ds.float(), dtype, what=f"{case}: dscale")
 
 
-# Since the process_group change these compositions hand the core two tensors
-# (candidates built apart from the anchors: a second torch.cat / a reshape that
-# copies) when there is no group, so neither ``q is k`` nor ``same_values``
-# holds and the general kernels run: right numbers, twice the work.  The fix
-# belongs in the compositions (pass the anchors' tensor as the candidates
-# when the group is None).
-_GRAM_LOST = {
-    "mv_infonce": "losses/multiview.py passes Z and Zg as two copies (different storage) without a process group",
-    "dcl": "losses/decoupled.py builds cat([u, v]) and cat([Ug, Vg]) apart without a process group",
-}
-
-
 @pytest.mark.parametrize("loss", ["nt_xent", "mv_infonce", "dcl"])
 def test_losses_take_the_gram_path(loss):
     """The Gram compositions of the library reach the Gram kernels, and match their references."""
@@ -222,8 +210,6 @@ def test_losses_take_the_gram_path(loss):
     assert_close(out.detach(), ref.detach(), torch.float32, what=loss)
     for x, r in zip(inputs, ref_inputs):
         assert_close(x.grad, r.grad, torch.float32, what=f"{loss} grad")
-    if loss in _GRAM_LOST:
-        pytest.xfail(_GRAM_LOST[loss])
     assert ran.get("gram_fwd") == 1 and ran.get("gram_bwd") == 1, ran
 
 
