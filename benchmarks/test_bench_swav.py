@@ -11,40 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import contrastive_ops as co
+from contrastive_ops.losses.swav import swav_released_loss, swav_released_sinkhorn
 
 K = 3000
 ITERS = 3
 EPS = 0.05
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = [256, 1024, 4096, 16384, 65536] if DEVICE.type == "cuda" else [256, 1024, 4096, 8192]
-
-
-@torch.no_grad()
-def swav_plain_sinkhorn(out, epsilon=EPS, iterations=ITERS):
-    """facebookresearch/swav ``distributed_sinkhorn`` at world size 1 (fp32, plain exp), the baseline users run."""
-    Q = torch.exp(out / epsilon).t()
-    B = Q.shape[1]
-    K_ = Q.shape[0]
-    Q /= torch.sum(Q)
-    for _ in range(iterations):
-        Q /= torch.sum(Q, dim=1, keepdim=True)
-        Q /= K_
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-    Q *= B
-    return Q.t()
-
-
-def swav_plain_loss(crops, temperature=0.1, crops_for_assign=(0, 1)):
-    loss = 0
-    for a in crops_for_assign:
-        q = swav_plain_sinkhorn(crops[a].detach().float())
-        sub = 0
-        for v in range(len(crops)):
-            if v != a:
-                sub = sub - torch.mean(torch.sum(q * F.log_softmax(crops[v].float() / temperature, dim=1), dim=1))
-        loss = loss + sub / (len(crops) - 1)
-    return loss / len(crops_for_assign)
 
 
 def _co_provider(name):
@@ -76,7 +49,7 @@ PROVIDERS = ["swav_plain", "lightly", "reference", "cpu", "cuda", "triton"]
 
 def _sinkhorn_fn(provider):
     if provider == "swav_plain":
-        return lambda s: swav_plain_sinkhorn(s)
+        return lambda s: swav_released_sinkhorn(s.float(), EPS, ITERS)
     if provider == "lightly":
         mod = _lightly()
         return lambda s: mod.sinkhorn(s, iterations=ITERS, epsilon=EPS)
@@ -87,7 +60,7 @@ def _sinkhorn_fn(provider):
 
 def _loss_fn(provider):
     if provider == "swav_plain":
-        return swav_plain_loss
+        return lambda crops: swav_released_loss([c.float() for c in crops], 0.1, (0, 1), EPS, ITERS)
     if provider == "lightly":
         loss = _lightly().SwaVLoss(temperature=0.1, sinkhorn_iterations=ITERS, sinkhorn_epsilon=EPS)
         return lambda crops: loss(crops[:2], crops[2:]).sum()

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 
 import contrastive_ops as co
 from contrastive_ops import backends
-from contrastive_ops.losses.swav import sinkhorn_reference, sinkhorn_steps
+from contrastive_ops.losses.swav import (
+    sinkhorn_reference,
+    sinkhorn_steps,
+    swav_released_loss,
+    swav_released_sinkhorn,
+)
 
 import helpers
 from helpers import TOL, compare_with_reference
@@ -20,21 +25,7 @@ LOW = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- independent oracles
-
-
-def swav_sinkhorn_f64(out, epsilon, iterations):
-    """facebookresearch/swav ``distributed_sinkhorn`` (world size 1), transcribed in float64."""
-    Q = torch.exp(out.double() / epsilon).t()
-    B = Q.shape[1]
-    K = Q.shape[0]
-    Q /= torch.sum(Q)
-    for _ in range(iterations):
-        Q /= torch.sum(Q, dim=1, keepdim=True)
-        Q /= K
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-    Q *= B
-    return Q.t()
+# SwAV's own code is the library's transcription (swav_released_sinkhorn / swav_released_loss), run in float64.
 
 
 def sinkhorn_log_f64(out, epsilon, iterations):
@@ -48,23 +39,6 @@ def sinkhorn_log_f64(out, epsilon, iterations):
         b = -math.log(K) - torch.logsumexp(L + a[:, None] + c, dim=0)
         a = -math.log(B) - torch.logsumexp(L + b[None, :] + c, dim=1)
     return torch.exp(L + a[:, None] + b[None, :] + c + math.log(B))
-
-
-def swav_loss_loop(crops, temperature, crops_for_assign, epsilon, iterations):
-    """SwAV's training-loop loss written with plain exp (float64), one crop pair at a time."""
-    n = len(crops)
-    loss = 0.0
-    for a in crops_for_assign:
-        with torch.no_grad():
-            q = swav_sinkhorn_f64(crops[a].detach(), epsilon, iterations)
-        sub = 0.0
-        for v in range(n):
-            if v != a:
-                x = crops[v].double() / temperature
-                logp = x - torch.logsumexp(x, dim=1, keepdim=True)
-                sub = sub - (q * logp).sum(1).mean()
-        loss = loss + sub / (n - 1)
-    return loss / len(crops_for_assign)
 
 
 def cosine_scores(B, K, dtype=torch.float32, seed=0):
@@ -119,7 +93,7 @@ def kernel_backend(request):
 @pytest.mark.parametrize("iterations", [0, 1, 3])
 def test_reference_matches_swav_float64(K, B, epsilon, iterations):
     scores = cosine_scores(B, K, seed=B * 7 + K)  # |score| <= 1: exp(1/0.02) is fine in float64
-    expected = swav_sinkhorn_f64(scores, epsilon, iterations)
+    expected = swav_released_sinkhorn(scores.double(), epsilon, iterations)
     got = co.sinkhorn_knopp(scores, epsilon, iterations, backend="reference")
     assert got.dtype == torch.float32 and got.shape == (B, K)
     torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=1e-7)
@@ -133,14 +107,15 @@ def test_oracles_agree():
     """The two float64 oracles (plain SwAV and the scaling form) agree where both are exact."""
     scores = cosine_scores(20, 9)
     for it in (0, 1, 3, 7):
-        torch.testing.assert_close(sinkhorn_log_f64(scores, 0.05, it), swav_sinkhorn_f64(scores, 0.05, it))
+        expected = swav_released_sinkhorn(scores.double(), 0.05, it)
+        torch.testing.assert_close(sinkhorn_log_f64(scores, 0.05, it), expected)
 
 
 def test_reference_keeps_float64():
     scores = cosine_scores(12, 5, dtype=torch.float64)
     got = co.sinkhorn_knopp(scores, 0.05, 3, backend="reference")
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), swav_sinkhorn_f64(scores, 0.05, 3), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(got.double(), swav_released_sinkhorn(scores.double(), 0.05, 3), rtol=1e-6, atol=1e-8)
 
 
 # --------------------------------------------------------------------------- large scores
@@ -303,7 +278,7 @@ def test_swav_loss_reference_matches_loop(n_crops, assign, iterations):
     crops = [cosine_scores(13, 11, seed=s).requires_grad_() for s in range(n_crops)]
     got = co.swav_loss(crops, 0.1, crops_for_assign=assign, iterations=iterations, backend="reference")
     crops64 = [c.detach().double().requires_grad_() for c in crops]
-    expected = swav_loss_loop(crops64, 0.1, assign, 0.05, iterations)
+    expected = swav_released_loss(crops64, 0.1, assign, 0.05, iterations)
     assert got.dim() == 0 and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     g = torch.autograd.grad(2.5 * got, crops, allow_unused=True, materialize_grads=True)

@@ -218,6 +218,51 @@ def swav_loss_reference(crops: Sequence[Tensor], temperature, crops_for_assign, 
     return loss / len(crops_for_assign) * _share_of_global_mean(crops[0], process_group)
 
 
+# --------------------------------------------------------------------------- released code (peer)
+
+
+@torch.no_grad()
+def swav_released_sinkhorn(out: Tensor, epsilon: float, iterations: int) -> Tensor:
+    """facebookresearch/swav ``distributed_sinkhorn`` at world size 1, transcribed (plain exp).
+
+    Computes in the dtype of ``out`` (tests pass float64, benchmarks fp32) and
+    overflows where SwAV's code does (S/ε > 88 in fp32).  Kept as a peer for
+    tests and a baseline for benchmarks; ``sinkhorn_reference`` is the
+    log-domain reference.
+    """
+    Q = torch.exp(out / epsilon).t()
+    B = Q.shape[1]
+    K = Q.shape[0]
+    Q /= torch.sum(Q)
+    for _ in range(iterations):
+        Q /= torch.sum(Q, dim=1, keepdim=True)
+        Q /= K
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
+
+
+def swav_released_loss(crops: Sequence[Tensor], temperature: float, crops_for_assign, epsilon: float,
+                       iterations: int) -> Tensor:
+    """SwAV's training-loop loss, transcribed: codes from ``swav_released_sinkhorn``, one crop pair at a time.
+
+    Computes in the dtype of ``crops``.  A peer for tests and a baseline for
+    benchmarks, like ``swav_released_sinkhorn``.
+    """
+    n = len(crops)
+    loss = 0
+    for a in crops_for_assign:
+        q = swav_released_sinkhorn(crops[a].detach(), epsilon, iterations)
+        subloss = 0
+        for v in range(n):
+            if v != a:
+                x = crops[v] / temperature
+                subloss = subloss - torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
+        loss = loss + subloss / (n - 1)
+    return loss / len(crops_for_assign)
+
+
 # --------------------------------------------------------------------------- fused composition
 
 
