@@ -85,6 +85,24 @@ def _not_eye(V: int, device) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _reference_inputs(views: Tensor, temperature, mask: Optional[Tensor], normalize: bool, process_group):
+    """The global batch of both references: ``(gb, U, scale, present, counted)``.
+
+    Views (and mask) gathered over the instance axis, ``U`` the (normalized)
+    views in the accumulation dtype, ``scale`` = 1/τ, ``present`` (V, N) and
+    ``counted`` (N,): instances with at least 2 present views.
+    """
+    gb = GlobalBatch(views.shape[1], process_group, views.device)
+    views = gb.gather(views, dim=1)
+    mask = None if mask is None else gb.gather_nograd(mask)
+    V, N, _ = views.shape
+    U = _unit(views, normalize)
+    scale = 1.0 / _as_t(temperature, U)
+    present = _present(mask, V, N, U.device)
+    counted = present.sum(0) >= 2
+    return gb, U, scale, present, counted
+
+
 def mv_infonce_reference(views: Tensor, temperature, mask: Optional[Tensor] = None, *, variant: str = "mv",
                          normalize: bool = True, reduction: str = "mean", process_group=None) -> Tensor:
     """Exact dense MV-InfoNCE on view-major ``views`` (V, N, D); stores (V·N)² (``"mv"``) or N² per pair.
@@ -95,14 +113,8 @@ def mv_infonce_reference(views: Tensor, temperature, mask: Optional[Tensor] = No
     instances that count): without a mask it is the mean over ordered view
     pairs of the instance's cross-entropy.
     """
-    gb = GlobalBatch(views.shape[1], process_group, views.device)
-    views = gb.gather(views, dim=1)
-    mask = None if mask is None else gb.gather_nograd(mask)
-    V, N, D = views.shape
-    U = _unit(views, normalize)
-    scale = 1.0 / _as_t(temperature, U)
-    present = _present(mask, V, N, U.device)
-    counted = present.sum(0) >= 2
+    gb, U, scale, present, counted = _reference_inputs(views, temperature, mask, normalize, process_group)
+    V, N, D = U.shape
     if variant == "mv":
         Z = U.reshape(V * N, D)
         S = (Z @ Z.T) * scale
@@ -135,14 +147,8 @@ def mv_infonce_reference(views: Tensor, temperature, mask: Optional[Tensor] = No
 def mv_dhel_reference(views: Tensor, temperature, mask: Optional[Tensor] = None, *, normalize: bool = True,
                       reduction: str = "mean", process_group=None) -> Tensor:
     """Exact dense MV-DHEL on view-major ``views`` (V, N, D); stores V·N²."""
-    gb = GlobalBatch(views.shape[1], process_group, views.device)
-    views = gb.gather(views, dim=1)
-    mask = None if mask is None else gb.gather_nograd(mask)
-    V, N, D = views.shape
-    U = _unit(views, normalize)
-    scale = 1.0 / _as_t(temperature, U)
-    present = _present(mask, V, N, U.device)
-    counted = present.sum(0) >= 2
+    gb, U, scale, present, counted = _reference_inputs(views, temperature, mask, normalize, process_group)
+    V, N, D = U.shape
     S = torch.einsum("lnd,lmd->lnm", U, U) * scale  # (V, N, N): one Gram block per view
     allowed = present[:, :, None] & present[:, None, :] & _not_eye(N, U.device)
     lse = _masked_lse(S, allowed, 2)  # (V, N), -inf where the view term's set is empty
