@@ -56,6 +56,9 @@ at::ScalarType acc_type(at::ScalarType t) {
 // exp(x) for x <= 88 in fp32 without a libm call, so that the loops below vectorize: x = n·ln2 + r,
 // |r| <= ln2/2 (Cody-Waite), e^r by a degree-7 polynomial (Cephes expf), 2^n built in the exponent bits.
 // Relative error < 2e-7; x < -87.3 gives at most 1.2e-38 (the terms it stands for are < 1e-37 too).
+// Same polynomial as fastmath::fast_exp and bit-identical to it for x >= -87, but without its select
+// to 0 below -87: that select is there for the -inf of masked entries, which scores never hold, and
+// costs the loops below about 8% (B=4096, K=3000, one thread).
 inline float vexp(float x) {
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.0f ? 88.0f : x;
