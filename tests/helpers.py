@@ -2,6 +2,7 @@
 checker that compares any backend with the reference, forward and gradients."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Dict, Sequence
 
@@ -112,3 +113,35 @@ def compare_with_reference(
                 assert_close(a.grad.float() if a.grad.dtype != torch.float64 else a.grad,
                              b.grad, dtype, scale=tol_scale, what=f"grad of input {i}")
     return k_out, r_out
+
+
+@contextlib.contextmanager
+def nan_filled_memory():
+    """Within the block, uninitialized tensors (``torch.empty``) are filled with NaN.
+
+    A kernel that leaves part of an output or tile buffer unwritten then
+    returns NaN there.  The previous settings are restored on exit.
+    """
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.empty(4).isnan().all()  # the poison is active
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+def serve_dense_primitive(monkeypatch, prim):
+    """Make ``backends.primitive("dense", ...)`` return ``prim`` for this test; other names resolve as usual.
+
+    ``prim`` is a plain-PyTorch stand-in for a kernel primitive, so the fused
+    compositions run through the kernel interface without a kernel.  Returns ``prim``.
+    """
+    from contrastive_ops import backends
+
+    real = backends.primitive
+    monkeypatch.setattr(backends, "primitive", lambda name, p: prim if name == "dense" else real(name, p))
+    return prim

@@ -18,7 +18,7 @@ import torch
 from contrastive_ops import _ext, core
 from contrastive_ops.backends import _cext
 from contrastive_ops.losses.siglip import siglip_sum_reference
-from helpers import TOL, assert_close
+from helpers import TOL, assert_close, nan_filled_memory
 
 _OK, _WHY = _cext.availability("cpu")
 if not _OK and os.environ.get("CI") != "true":  # CI must have the extension: there this fails below
@@ -191,18 +191,10 @@ def test_sim_lse_gradcheck_float64(case):
 
 def test_kernel_buffers_fully_written():
     """With uninitialized memory filled with NaN, every output and tile buffer must be written before use."""
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        assert torch.empty(4).isnan().all()  # the poison is active
+    with nan_filled_memory():
         for case in ("plain", "ranges", "exclude2", "index"):
             _compare("cpu", 600, 2100, 17, case, torch.float32, want_col=True)
         _siglip_compare("cpu", 600, 2100, 17, torch.float32)
-    finally:
-        torch.use_deterministic_algorithms(prev_det)
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
 
 
 # ---------------------------------------------------------------- SigLIP pair sum

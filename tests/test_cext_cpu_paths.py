@@ -20,7 +20,7 @@ import torch
 
 from contrastive_ops import core
 from contrastive_ops.backends import _cext
-from helpers import TOL, assert_close
+from helpers import TOL, assert_close, nan_filled_memory
 
 _OK, _WHY = _cext.availability("cpu")
 pytestmark = pytest.mark.skipif(not _OK, reason=f"cpu backend: {_WHY}")
@@ -210,16 +210,8 @@ def test_thread_count_and_determinism(problem):
 
 def test_fast_paths_write_every_output():
     """Uninitialized memory filled with NaN: the shifted and symmetric paths write every output they return."""
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        assert torch.empty(4).isnan().all()  # the poison is active
+    with nan_filled_memory():
         test_symmetric_gram("ranges", 600, 1 / 0.07, 1.0, True)
         test_symmetric_gram("index", 600, 1 / 0.07, 1.0, True)
         for case in ("plain", "ranges_exclude", "index"):
             test_general_paths(case, True, 1 / 0.07, 1.0, True)
-    finally:
-        torch.use_deterministic_algorithms(prev_det)
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
