@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 import contrastive_ops as co
-from contrastive_ops import backends
 from contrastive_ops.core import sim_lse_reference
 from contrastive_ops.losses.info_nce import (
     _fused_clip_loss,
@@ -21,7 +20,7 @@ from contrastive_ops.losses.info_nce import (
     similarity_lse_reference,
 )
 
-from helpers import DEVICE, assert_close, backend_params, compare_with_reference
+from helpers import DEVICE, assert_close, backend_params, compare_with_reference, serve_dense_primitive
 
 F64 = torch.float64
 REDUCTIONS = ("mean", "sum", "none")
@@ -277,10 +276,7 @@ class _DenseSimLSE:
 
 @pytest.fixture
 def dense_sim_lse(monkeypatch):
-    prim = _DenseSimLSE()
-    real = backends.primitive
-    monkeypatch.setattr(backends, "primitive", lambda name, p: prim if name == "dense" else real(name, p))
-    return prim
+    return serve_dense_primitive(monkeypatch, _DenseSimLSE())
 
 
 @pytest.mark.parametrize("variant", ["plain", "targets", "symmetric", "nt_xent", "clip", "lse"])

@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import contrastive_ops as co
-from contrastive_ops import backends
 from contrastive_ops.losses.siglip import _fused_siglip_loss, siglip_loss_reference, siglip_sum_reference
 
-from helpers import DEVICE, assert_close, backend_params, compare_with_reference
+from helpers import DEVICE, assert_close, backend_params, compare_with_reference, serve_dense_primitive
 
 F64 = torch.float64
 
@@ -115,10 +114,7 @@ class _DenseSigLIP:
 
 @pytest.fixture
 def dense_siglip(monkeypatch):
-    prim = _DenseSigLIP()
-    real = backends.primitive
-    monkeypatch.setattr(backends, "primitive", lambda name, p: prim if name == "dense" else real(name, p))
-    return prim
+    return serve_dense_primitive(monkeypatch, _DenseSigLIP())
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.float16], ids=str)
