@@ -142,13 +142,12 @@ def _full_kw(kw):
     return {n: kw.get(n) for n in ("row_index", "col_index", "col_start", "col_end", "exclude")}
 
 
-# Column LSE on every case; row-only (want_col=False) on a few.
-_PRIM_CASES = [(c, True) for c in CASES] + [(c, False) for c in ("plain", "range_exclude2", "q_is_k_index")]
+def _forward_case(case, dtype, want_col):
+    """A case's inputs, the kernel forward at scale 1.7 and random output gradients.
 
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case,want_col", _PRIM_CASES, ids=[f"{c}-{'col' if w else 'rowonly'}" for c, w in _PRIM_CASES])
-def test_sim_lse_primitive(case, dtype, want_col):
+    Returns ``(q, k, kw, fkw, scale, row, col, g_row, g_col)``; ``g_col`` is
+    empty when ``want_col`` is False.
+    """
     q, k, kw = _case(case, dtype)
     fkw = _full_kw(kw)
     scale = torch.tensor(1.7, device=DEVICE)
@@ -156,6 +155,17 @@ def test_sim_lse_primitive(case, dtype, want_col):
     B, M = row.shape[0], (k.shape[0] if kw.get("col_index") is None else kw["col_index"].shape[0])
     g_row = torch.randn(B, device=DEVICE)
     g_col = torch.randn(M, device=DEVICE) if want_col else torch.empty(0, device=DEVICE)
+    return q, k, kw, fkw, scale, row, col, g_row, g_col
+
+
+# Column LSE on every case; row-only (want_col=False) on a few.
+_PRIM_CASES = [(c, True) for c in CASES] + [(c, False) for c in ("plain", "range_exclude2", "q_is_k_index")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case,want_col", _PRIM_CASES, ids=[f"{c}-{'col' if w else 'rowonly'}" for c, w in _PRIM_CASES])
+def test_sim_lse_primitive(case, dtype, want_col):
+    q, k, kw, fkw, scale, row, col, g_row, g_col = _forward_case(case, dtype, want_col)
     r_row, r_col, r_dq, r_dk, r_ds = _reference_grads(q, k, scale, kw, want_col, g_row, g_col)
 
     _check_lse(row, r_row, dtype, "row_lse")

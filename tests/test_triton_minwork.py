@@ -25,7 +25,16 @@ import torch
 import contrastive_ops as co
 from contrastive_ops.core import sim_lse, sim_lse_reference
 from helpers import DEVICE, assert_close
-from test_triton_kernels import _case, _check_lse, _finite, _full_kw, _i32, _reference_grads, tcore
+from test_triton_kernels import (
+    _case,
+    _check_lse,
+    _finite,
+    _forward_case,
+    _full_kw,
+    _i32,
+    _reference_grads,
+    tcore,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 
@@ -245,13 +254,7 @@ _ATOMIC_CASES = [("plain", True), ("b1", True), ("exclude1", True), ("index", Tr
 def test_atomic_backward(case, want_col, dtype):
     if dtype != torch.float32 and case not in ("plain", "range_index_exclude2", "exclude1"):
         pytest.skip("16-bit dtypes on three representative cases (interpreter time)")
-    q, k, kw = _case(case, dtype)
-    fkw = _full_kw(kw)
-    scale = torch.tensor(1.7, device=DEVICE)
-    row, col = tcore.sim_lse_forward(q, k, scale, want_col=want_col, **fkw)
-    B, M = row.shape[0], (k.shape[0] if kw.get("col_index") is None else kw["col_index"].shape[0])
-    g_row = torch.randn(B, device=DEVICE)
-    g_col = torch.randn(M, device=DEVICE) if want_col else torch.empty(0, device=DEVICE)
+    q, k, kw, fkw, scale, row, col, g_row, g_col = _forward_case(case, dtype, want_col)
     _, _, r_dq, r_dk, r_ds = _reference_grads(q, k, scale, kw, want_col, g_row, g_col)
     (dq, dk, ds), ran = _launches(lambda: tcore.sim_lse_backward(q, k, scale, *fkw.values(), row, col, g_row,
                                                                  g_col, atomic=True))
