@@ -194,8 +194,12 @@ def _load_op_libraries():
 
 
 def registered_ops():
+    """Every op of the library's namespaces, except the private diagnostic ones (``_``-prefixed,
+    e.g. ``contrastive_ops::_cpu_last_path``, which reports the last CPU path taken, takes no
+    tensor and is never called by a loss)."""
     _load_op_libraries()
-    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.split("::")[0] in NAMESPACES)
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names()
+                   if n.split("::")[0] in NAMESPACES and not n.split("::")[1].startswith("_"))
     return names
 
 
