@@ -49,6 +49,33 @@ def _nvidia_include_dirs():
     return dirs
 
 
+def _has_headers(home):
+    return bool(home) and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _cuda_toolkit(ce):
+    """The CUDA toolkit to build with: torch's detection, if it holds the CUDA headers.
+
+    torch derives CUDA_HOME from ``which nvcc`` when the variable is unset; a
+    wrapper script such as /usr/local/bin/nvcc then yields /usr/local, which
+    has no headers.  In that case look in the usual places (/usr/local/cuda,
+    /usr/local/cuda-*) and use the first real toolkit found (printed in the
+    build configuration).
+    """
+    home = ce.CUDA_HOME
+    if home is None or _has_headers(home) or os.environ.get("CUDA_HOME"):
+        return home
+    candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for cand in candidates:
+        if _has_headers(cand) and os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            print(f"contrastive_ops build: {home} has no CUDA headers; using the toolkit at {cand}")
+            ce.CUDA_HOME = cand
+            os.environ["CUDA_HOME"] = cand
+            return cand
+    print(f"contrastive_ops build: {home} has no CUDA headers and no toolkit was found; set CUDA_HOME")
+    return None
+
+
 def _write_build_info(with_ext, with_cuda):
     import torch
 
@@ -79,7 +106,7 @@ def extensions():
 
     force_cuda = _flag("FORCE_CUDA")
     cpu_only = _flag("CONTRASTIVE_OPS_CPU_ONLY")
-    cuda_home = ce.CUDA_HOME
+    cuda_home = _cuda_toolkit(ce)
     nvcc = cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
     with_cuda = not cpu_only and torch.version.cuda is not None and (force_cuda or bool(nvcc))
     if force_cuda and not cpu_only and not nvcc:
