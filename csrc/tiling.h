@@ -101,6 +101,22 @@ inline std::pair<int64_t, int64_t> check_sim_lse_args(const Tensor& q, const Ten
   return {B, M};
 }
 
+// Shapes of a sim_lse backward call; returns (B, M, has_col).
+inline std::tuple<int64_t, int64_t, bool> check_sim_lse_bwd_args(
+    const Tensor& q, const Tensor& k, const Tensor& scale, const OptTensor& row_index, const OptTensor& col_index,
+    const OptTensor& col_start, const OptTensor& col_end, const OptTensor& exclude, const Tensor& row_lse,
+    const Tensor& col_lse, const Tensor& grad_row, const Tensor& grad_col) {
+  auto [B, M] = check_sim_lse_args(q, k, scale, row_index, col_index, col_start, col_end, exclude);
+  TORCH_CHECK(row_lse.numel() == B && grad_row.numel() == B, "contrastive_ops: row_lse/grad_row must have ", B,
+              " entries, got ", row_lse.sizes(), " and ", grad_row.sizes());
+  const bool has_col = col_lse.numel() > 0;
+  if (has_col) {
+    TORCH_CHECK(col_lse.numel() == M && grad_col.numel() == M, "contrastive_ops: col_lse/grad_col must have ", M,
+                " entries, got ", col_lse.sizes(), " and ", grad_col.sizes());
+  }
+  return {B, M, has_col};
+}
+
 inline Tensor gather_rows(const Tensor& x, const OptTensor& index, at::ScalarType dtype) {
   Tensor g = index.has_value() ? x.index_select(0, *index) : x;
   return g.to(dtype).contiguous();
@@ -169,16 +185,10 @@ std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_tiled(const Tensor& q, const Tens
                                                      const OptTensor& exclude, const Tensor& row_lse,
                                                      const Tensor& col_lse, const Tensor& grad_row,
                                                      const Tensor& grad_col) {
-  auto [B, M] = check_sim_lse_args(q, k, scale, row_index, col_index, col_start, col_end, exclude);
+  auto [B, M, has_col] = check_sim_lse_bwd_args(q, k, scale, row_index, col_index, col_start, col_end, exclude,
+                                                row_lse, col_lse, grad_row, grad_col);
   const auto acc = acc_dtype(q.scalar_type());
   const auto opts = q.options().dtype(acc);
-  TORCH_CHECK(row_lse.numel() == B && grad_row.numel() == B, "contrastive_ops: row_lse/grad_row must have ", B,
-              " entries, got ", row_lse.sizes(), " and ", grad_row.sizes());
-  const bool has_col = col_lse.numel() > 0;
-  if (has_col) {
-    TORCH_CHECK(col_lse.numel() == M && grad_col.numel() == M, "contrastive_ops: col_lse/grad_col must have ", M,
-                " entries, got ", col_lse.sizes(), " and ", grad_col.sizes());
-  }
   const Tensor Q = gather_rows(q, row_index, Dev::compute_dtype(q.scalar_type()));
   const Tensor K = gather_rows(k, col_index, Dev::compute_dtype(q.scalar_type()));
   const Tensor sc = scale.to(acc);

@@ -991,16 +991,10 @@ std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_rows(const Tensor& q, const Tenso
                                                     const OptTensor& exclude, const Tensor& row_lse,
                                                     const Tensor& col_lse, const Tensor& grad_row,
                                                     const Tensor& grad_col) {
-  auto [B, M] = check_sim_lse_args(q, k, scale, row_index, col_index, col_start, col_end, exclude);
+  auto [B, M, has_col] = check_sim_lse_bwd_args(q, k, scale, row_index, col_index, col_start, col_end, exclude,
+                                                row_lse, col_lse, grad_row, grad_col);
   const auto acc = acc_dtype(q.scalar_type());
   const auto opts = q.options().dtype(acc);
-  TORCH_CHECK(row_lse.numel() == B && grad_row.numel() == B, "contrastive_ops: row_lse/grad_row must have ", B,
-              " entries, got ", row_lse.sizes(), " and ", grad_row.sizes());
-  const bool has_col = col_lse.numel() > 0;
-  if (has_col) {
-    TORCH_CHECK(col_lse.numel() == M && grad_col.numel() == M, "contrastive_ops: col_lse/grad_col must have ", M,
-                " entries, got ", col_lse.sizes(), " and ", grad_col.sizes());
-  }
   const Tensor Q = gather_rows(q, row_index, acc);
   // One tensor as q and k: its gradient is dq + dk, computed once over the symmetric Gram.
   const bool sym = !has_col && q.is_same(k) && same_rows(q, k, row_index, col_index) &&
