@@ -39,6 +39,13 @@ def _default_jobs():
         return max(1, min(cores, 4))
 
 
+def _openmp_flags(torch):
+    """-fopenmp when torch's ATen parallel backend is OpenMP and the compiler is GCC-like."""
+    if os.name == "nt" or sys.platform == "darwin" or not torch.backends.openmp.is_available():
+        return []
+    return ["-fopenmp"]
+
+
 def _nvidia_include_dirs():
     """Headers shipped by torch's nvidia-* wheels (cuBLAS & co. that ATen/cuda headers include)."""
     dirs = []
@@ -130,9 +137,16 @@ def extensions():
     # forward did (an FMA-contracted scale·G − lse differs by up to half an ulp of S, which at
     # logits ~1e8 is exp(4) in the softmax weights).
     extra = {"cxx": ["-O3", "-ffp-contract=off"]}  # the C++ standard is the one torch asks for
+    # The CPU kernels split their work with at::parallel_for, an inline template
+    # whose OpenMP pragmas are only honoured when this extension is compiled with
+    # OpenMP too (otherwise every part runs on the calling thread).  At run time
+    # libgomp.so.1 resolves to the copy torch has already loaded.
+    openmp = _openmp_flags(torch)
+    extra["cxx"] += openmp
+    link_args = list(openmp)
     if with_cuda:
         include_dirs += nvidia_dirs
-        extra["nvcc"] = ["-O3", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-lineinfo"] + [f for o in openmp for f in ("-Xcompiler", o)]
         ext_cls = ce.CUDAExtension
         extra["cxx"].append("-DCONTRASTIVE_OPS_WITH_CUDA")
     else:
@@ -142,6 +156,7 @@ def extensions():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args=extra,
+        extra_link_args=link_args,
         py_limited_api=False,
     )
     _write_build_info(True, with_cuda)
@@ -152,6 +167,7 @@ def extensions():
     if with_cuda:
         print(f"  CUDA_HOME={cuda_home}  TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(local GPU)')}")
         print(f"  extra include dirs: {nvidia_dirs}")
+    print(f"  OpenMP: {' '.join(openmp) if openmp else 'off (the CPU kernels run on one thread)'}")
     print(f"  MAX_JOBS={os.environ['MAX_JOBS']}  sources={sources}")
 
     class BuildExt(ce.BuildExtension):

@@ -196,6 +196,8 @@ def test_thread_count_and_determinism(problem):
     def run():
         out = _core(z, k, scale, kw, g_row, g_col)
         assert _path(True) == {"general": FAST, "symmetric": FAST | SYM | SUMMED, "exact": 0}[problem]
+        # the parts really ran on that many threads (a build without OpenMP runs them all inline)
+        assert torch.ops.contrastive_ops._cpu_last_threads() == min(2, torch.get_num_threads())
         return out
 
     one = _with_threads(1, run)

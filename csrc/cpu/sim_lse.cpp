@@ -544,13 +544,21 @@ inline std::pair<int64_t, int64_t> part_range(int64_t p, int64_t P, int64_t n) {
 
 // Runs f(p) for the P parts, one per thread; when P is below the thread count
 // (memory cap on the dK accumulators), each part's GEMMs get the spare threads.
+// Records in g_last_threads how many distinct threads ran parts (1 when the
+// extension was built without OpenMP: at::parallel_for then runs inline).
+std::atomic<int64_t> g_last_threads{0};
+
 template <class F>
 void run_parts(int64_t P, const F& f) {
   const int64_t blas_threads = std::max<int64_t>(1, int64_t(at::get_num_threads()) / P);
+  std::vector<char> ran(std::max<int64_t>(P, int64_t(at::get_num_threads())), 0);
   at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
     const blas::BlasThreads threads(blas_threads);
+    const int64_t t = at::get_thread_num();
+    if (t >= 0 && t < int64_t(ran.size())) ran[t] = 1;
     for (int64_t p = b; p < e; ++p) f(p);
   });
+  g_last_threads = std::count(ran.begin(), ran.end(), char(1));
 }
 
 // Sorted positions (tile coordinates, in [lo, hi)) that row gi excludes; returns their count.
@@ -1088,9 +1096,11 @@ TORCH_LIBRARY_IMPL(contrastive_ops, CPU, m) {
 
 // Test hook: the epilogue flags (1 shifted exponentials, 2 symmetric Gram, 4 dq holds dq + dk)
 // of the last CPU sim_lse_fwd (backward=False) or sim_lse_bwd call; -1 before any.
+// _cpu_last_threads: how many threads ran the parts of the last row-block kernel call.
 TORCH_LIBRARY_FRAGMENT(contrastive_ops, m) {
   m.def("_cpu_last_path(bool backward) -> int",
         [](bool backward) -> int64_t { return backward ? g_last_bwd_path.load() : g_last_fwd_path.load(); });
+  m.def("_cpu_last_threads() -> int", []() -> int64_t { return g_last_threads.load(); });
 }
 
 }  // namespace contrastive_ops
