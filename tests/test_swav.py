@@ -175,9 +175,53 @@ def test_primitive_matches_reference(prim, dtype, B, K, iterations):
     ref = sinkhorn_reference(scores.float(), 0.05, iterations)
     tol = 64 * float(scores.float().abs().max()) / 0.05 * 2.0 ** -24 + 1e-6
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
-    # The step-wise path used under a process group gives the same codes.
+    # The step-wise path used under a process group gives the same codes (the CPU forward may take the
+    # scaling form instead of the log domain: two fp32 solvers, the same error budget).
     steps = sinkhorn_steps(prim.col_lse, prim.codes, scores, 0.05, iterations)
-    torch.testing.assert_close(steps, got, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(steps, got, rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------- CPU: scaling form and log domain
+
+
+def _cpu_sinkhorn(scores, epsilon, iterations):
+    from contrastive_ops.backends import _cext
+
+    ok, why = _cext.availability("cpu")
+    if not ok:
+        pytest.skip(f"cpu backend: {why}")
+    _cext.ensure_loaded()
+    with helpers.nan_filled_memory():  # an entry the kernel leaves unwritten reads NaN
+        out = torch.ops.contrastive_ops.sinkhorn(scores, epsilon, iterations)
+    return out, torch.ops.contrastive_ops._cpu_sinkhorn_last_path()
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("B,K", [(1, 1), (3, 1), (1, 7), (37, 50), (130, 3000), (517, 33)])
+@pytest.mark.parametrize("iterations", [1, 2, 3, 7])
+def test_cpu_scaling_form(dtype, B, K, iterations):
+    """SwAV-like scores (unit features, ε = 0.05): the CPU forward takes the scaling form (E = exp(L − colmax)
+    stored once, then one multiply-add pass per iteration) and matches the float64 log-domain solver."""
+    scores = cosine_scores(B, K, dtype, seed=B + K)
+    got, path = _cpu_sinkhorn(scores, 0.05, iterations)
+    assert path == 1
+    _close_to_log_answer(got, scores.float(), 0.05, iterations)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+@pytest.mark.parametrize("case", ["low_row", "wide_spread"])
+def test_cpu_falls_back_to_log_domain(case, iterations):
+    """A sample whose best prototype is far below that prototype's best sample (|ΔS|/ε = 60 > 23) leaves the
+    scaling form's range: the log-domain passes give the codes, still equal to the float64 answer."""
+    g = torch.Generator().manual_seed(3)
+    if case == "low_row":
+        scores = torch.randn(64, 300, generator=g) * 0.1
+        scores[5] -= 3.0
+    else:
+        scores = torch.randn(40, 70, generator=g) * 20.0
+    got, path = _cpu_sinkhorn(scores, 0.05, iterations)
+    assert path == 0
+    _close_to_log_answer(got, scores, 0.05, iterations)
 
 
 def test_primitive_strided_input(prim):

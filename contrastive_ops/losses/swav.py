@@ -36,7 +36,10 @@ Kernel backends implement the primitive ``"sinkhorn"`` as an object with::
     codes(scores, epsilon, v, normalize) -> (B, K) fp32: exp(S/ε + v[k] − (LSE_k(S/ε + v) if normalize))
 
 ``col_lse`` fuses one sample step with the next prototype step in one pass
-over S; ``forward`` is the loop of ``sinkhorn_steps`` inside the backend.
+over S; ``forward`` is the loop of ``sinkhorn_steps`` inside the backend.  The
+CPU ``forward`` runs the same iteration in scaling form when the scores' range
+allows it (E = exp(S/ε − column max) written once, then one multiply-add pass
+per iteration; see ``csrc/cpu/sinkhorn.cpp``), the log domain otherwise.
 ``scores`` may be fp32, fp16 or bf16 (read and upcast to fp32 in the kernel).
 
 SwAV loss

@@ -23,11 +23,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include "fastmath.h"
 
 // The polynomial exp below is vectorized by GCC only when float compares may not trap (we never
 // read the floating-point exception flags).
@@ -59,7 +63,7 @@ at::ScalarType acc_type(at::ScalarType t) {
 // Same polynomial as fastmath::fast_exp and bit-identical to it for x >= -87, but without its select
 // to 0 below -87: that select is there for the -inf of masked entries, which scores never hold, and
 // costs the loops below about 8% (B=4096, K=3000, one thread).
-inline float vexp(float x) {
+CO_INLINE float vexp(float x) {
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.0f ? 88.0f : x;
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
@@ -83,13 +87,13 @@ constexpr int64_t kLanes = 16;  // independent accumulators: the reductions vect
 
 // buf[k] = row[k]·inv_eps, in the accumulation type.
 template <typename scalar_t, typename acc_t>
-void load_row(const scalar_t* row, int64_t K, acc_t inv_eps, acc_t* buf) {
+CO_INLINE void load_row(const scalar_t* row, int64_t K, acc_t inv_eps, acc_t* buf) {
   for (int64_t k = 0; k < K; ++k) buf[k] = static_cast<acc_t>(row[k]) * inv_eps;
 }
 
 // LSE_k(x[k] + v[k]) (v may be null); `tmp` is scratch of K values.
 template <typename acc_t>
-acc_t lse_plus(const acc_t* x, const acc_t* v, int64_t K, acc_t* tmp) {
+CO_INLINE acc_t lse_plus_t(const acc_t* x, const acc_t* v, int64_t K, acc_t* tmp) {
   if (v) {
     for (int64_t k = 0; k < K; ++k) tmp[k] = x[k] + v[k];
   } else {
@@ -115,7 +119,7 @@ acc_t lse_plus(const acc_t* x, const acc_t* v, int64_t K, acc_t* tmp) {
 
 // Fold x[k] + u into the running (m[k], s[k]) of Σ_b e^{x}: m' = max(m, x), s' = s·e^{m−m'} + e^{x−m'}.
 template <typename acc_t>
-void fold_column(const acc_t* x, acc_t u, acc_t* m, acc_t* s, int64_t K) {
+CO_INLINE void fold_column_t(const acc_t* x, acc_t u, acc_t* m, acc_t* s, int64_t K) {
   for (int64_t k = 0; k < K; ++k) {
     const acc_t y = x[k] + u;
     const acc_t mn = y > m[k] ? y : m[k];
@@ -123,6 +127,183 @@ void fold_column(const acc_t* x, acc_t u, acc_t* m, acc_t* s, int64_t K) {
     m[k] = mn;
   }
 }
+
+// float: one clone per ISA (see fastmath.h); double: the templates.
+CO_MULTIVERSION float lse_plus(const float* x, const float* v, int64_t K, float* tmp) {
+  return lse_plus_t(x, v, K, tmp);
+}
+CO_MULTIVERSION void fold_column(const float* x, float u, float* m, float* s, int64_t K) {
+  fold_column_t(x, u, m, s, K);
+}
+inline double lse_plus(const double* x, const double* v, int64_t K, double* tmp) { return lse_plus_t(x, v, K, tmp); }
+inline void fold_column(const double* x, double u, double* m, double* s, int64_t K) { fold_column_t(x, u, m, s, K); }
+
+// ---- scaling form (fp32 accumulation, one process) ----
+//
+// With c[k] = max_b L[b,k] and E = exp(L − c) (every column of E peaks at exactly 1), the
+// log-scalings become factors: w[k] = exp(c[k] + v[k]), a[b] = exp(u[b]), and
+//
+//     w_1 = 1 / Σ_b E[b,:]          a_t = 1 / (E w_t)          w_{t+1} = 1 / (Eᵀ a_t)
+//     codes[b,k] = E[b,k]·w_T[k] / Σ_k' E[b,k']·w_T[k']
+//
+// (constant factors of w cancel in the last row normalization, so w is rescaled
+// to max 1 after each step).  E is written once into the output buffer; each
+// further iteration is one pass over it with two multiply-adds per entry (a row
+// dot product, then the row added into the next column sums), no exponential.
+//
+// Range.  Entries of E below fp32's range are flushed to 0.  The flushed terms
+// are negligible (relative < 1e-12) when every row of E peaks at ≥ kMinRowPeak
+// and every w_t lies within [kMinFactor, 1] after rescaling: then each row sum
+// holds a term ≥ kMinRowPeak·kMinFactor and no factor exceeds 1e18.  Otherwise
+// (scores whose spread |ΔS|/ε exceeds ~23 between a sample's best prototype
+// and that prototype's best sample) the log-domain passes run instead.
+constexpr float kMinRowPeak = 1e-10f;
+constexpr float kMinFactor = 1e-8f;
+
+// m[k] = max(m[k], x[k]).
+CO_MULTIVERSION void colmax_row(const float* x, float* m, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) m[k] = x[k] > m[k] ? x[k] : m[k];
+}
+
+// e[k] = exp(x[k]·inv_eps − c[k]), col[k] += e[k]; returns max_k e[k].
+CO_MULTIVERSION float exp_row(const float* x, const float* c, float inv_eps, float* e, float* col, int64_t K) {
+  float lm[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float y = fastmath::fast_exp(x[k + j] * inv_eps - c[k + j]);
+      e[k + j] = y;
+      col[k + j] += y;
+      lm[j] = y > lm[j] ? y : lm[j];
+    }
+  float m = 0;
+  for (; k < K; ++k) {
+    const float y = fastmath::fast_exp(x[k] * inv_eps - c[k]);
+    e[k] = y;
+    col[k] += y;
+    m = y > m ? y : m;
+  }
+  for (int64_t j = 0; j < kLanes; ++j) m = lm[j] > m ? lm[j] : m;
+  return m;
+}
+
+// Σ_k e[k]·w[k].
+CO_MULTIVERSION float dot_row(const float* e, const float* w, int64_t K) {
+  float acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += e[k + j] * w[k + j];
+  float s = 0;
+  for (; k < K; ++k) s += e[k] * w[k];
+  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// col[k] += a·e[k].
+CO_MULTIVERSION void axpy_row(float a, const float* e, float* col, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) col[k] += a * e[k];
+}
+
+// e[k] = e[k]·w[k]·a.
+CO_MULTIVERSION void scale_row(float* e, const float* w, float a, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) e[k] = e[k] * w[k] * a;
+}
+
+// Row chunks, one per thread; part p owns rows [B·p/P, B·(p+1)/P).
+struct RowParts {
+  int64_t B, P;
+  RowParts(int64_t B_) : B(B_), P(std::max<int64_t>(1, std::min<int64_t>(B_, at::get_num_threads()))) {}
+  template <class F>
+  void run(const F& f) const {
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) f(p, B * p / P, B * (p + 1) / P);
+    });
+  }
+};
+
+// w[k] = 1 / Σ_p part[p,k] (parts summed in order), rescaled to max 1; false if a factor leaves [kMinFactor, 1].
+bool column_factors(const std::vector<float>& part, int64_t P, int64_t K, float* w) {
+  float mx = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    float t = 0;
+    for (int64_t p = 0; p < P; ++p) t += part[p * K + k];
+    w[k] = 1.0f / t;
+    if (!(w[k] > 0 && w[k] <= std::numeric_limits<float>::max())) return false;
+    mx = std::max(mx, w[k]);
+  }
+  const float inv = 1.0f / mx;
+  bool ok = true;
+  for (int64_t k = 0; k < K; ++k) {
+    w[k] *= inv;
+    ok &= w[k] >= kMinFactor;
+  }
+  return ok;
+}
+
+// The codes of `iterations` ≥ 1 steps in the scaling form, written to out (B, K) fp32;
+// false (out then holds garbage) when the range conditions above fail.
+template <typename scalar_t>
+bool sinkhorn_scaled(const scalar_t* S, int64_t B, int64_t K, float inv_eps, int64_t iterations, float* out) {
+  const RowParts rows(B);
+  const int64_t P = rows.P;
+  std::vector<float> part(P * K);
+  auto row_of = [&](int64_t b, std::vector<float>& buf) -> const float* {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return S + b * K;
+    } else {
+      load_row<scalar_t, float>(S + b * K, K, 1.0f, buf.data());
+      return buf.data();
+    }
+  };
+  // column maxima of S (ε > 0: max_b S/ε = (max_b S)/ε, and the same products as below)
+  rows.run([&](int64_t p, int64_t r0, int64_t r1) {
+    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : K);
+    float* m = part.data() + p * K;
+    std::fill(m, m + K, -std::numeric_limits<float>::infinity());
+    for (int64_t b = r0; b < r1; ++b) colmax_row(row_of(b, buf), m, K);
+  });
+  std::vector<float> c(K);
+  for (int64_t k = 0; k < K; ++k) {
+    float m = part[k];
+    for (int64_t p = 1; p < P; ++p) m = std::max(m, part[p * K + k]);
+    c[k] = m * inv_eps;
+  }
+  // E and its column sums
+  std::vector<float> peak(P);
+  rows.run([&](int64_t p, int64_t r0, int64_t r1) {
+    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : K);
+    float* col = part.data() + p * K;
+    std::fill(col, col + K, 0.0f);
+    float low = 1.0f;
+    for (int64_t b = r0; b < r1; ++b) low = std::min(low, exp_row(row_of(b, buf), c.data(), inv_eps, out + b * K, col, K));
+    peak[p] = low;
+  });
+  if (*std::min_element(peak.begin(), peak.end()) < kMinRowPeak) return false;
+  std::vector<float> w(K);
+  if (!column_factors(part, P, K, w.data())) return false;
+  // iterations 2..T: a_t = 1/(E w_t), then w_{t+1} = 1/(Eᵀ a_t), one pass each
+  for (int64_t t = 1; t < iterations; ++t) {
+    rows.run([&](int64_t p, int64_t r0, int64_t r1) {
+      float* col = part.data() + p * K;
+      std::fill(col, col + K, 0.0f);
+      for (int64_t b = r0; b < r1; ++b) {
+        const float* e = out + b * K;
+        axpy_row(1.0f / dot_row(e, w.data(), K), e, col, K);
+      }
+    });
+    if (!column_factors(part, P, K, w.data())) return false;
+  }
+  rows.run([&](int64_t p, int64_t r0, int64_t r1) {
+    for (int64_t b = r0; b < r1; ++b) {
+      float* e = out + b * K;
+      scale_row(e, w.data(), 1.0f / dot_row(e, w.data(), K), K);
+    }
+  });
+  return true;
+}
+
+// Which path the last CPU `sinkhorn` call took: 1 scaling form, 0 log domain, -1 before any call.
+std::atomic<int64_t> g_last_path{-1};
 
 }  // namespace
 
@@ -159,14 +340,14 @@ at::Tensor sinkhorn_col_lse(const at::Tensor& scores_in, double epsilon, const c
         const int64_t r0 = B * c / n_chunks, r1 = B * (c + 1) / n_chunks;
         for (int64_t b = r0; b < r1; ++b) {
           load_row<scalar_t, acc_t>(S + b * K, K, inv_eps, xbuf.data());
-          const acc_t u = vp ? -lse_plus<acc_t>(xbuf.data(), vp, K, tmp.data()) : acc_t(0);  // sample step
+          const acc_t u = vp ? -lse_plus(xbuf.data(), vp, K, tmp.data()) : acc_t(0);  // sample step
           if (b == r0) {                                                                        // prototype step
             for (int64_t k = 0; k < K; ++k) {
               m[k] = xbuf[k] + u;
               s[k] = acc_t(1);
             }
           } else {
-            fold_column<acc_t>(xbuf.data(), u, m, s, K);
+            fold_column(xbuf.data(), u, m, s, K);
           }
         }
       }
@@ -207,7 +388,7 @@ at::Tensor sinkhorn_codes(const at::Tensor& scores_in, double epsilon, const at:
       std::vector<acc_t> xbuf(K), tmp(K);
       for (int64_t b = b0; b < b1; ++b) {
         load_row<scalar_t, acc_t>(S + b * K, K, inv_eps, xbuf.data());
-        const acc_t lse = normalize ? lse_plus<acc_t>(xbuf.data(), vp, K, tmp.data()) : acc_t(0);
+        const acc_t lse = normalize ? lse_plus(xbuf.data(), vp, K, tmp.data()) : acc_t(0);
         float* o = O + b * K;
         for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(vexp(xbuf[k] + vp[k] - lse));
       }
@@ -226,6 +407,19 @@ at::Tensor sinkhorn(const at::Tensor& scores, double epsilon, int64_t iterations
     const at::Tensor v = (std::log(static_cast<double>(B)) - total).expand({K});
     return sinkhorn_codes(scores, epsilon, v, false);
   }
+  if (scores.scalar_type() != at::kDouble) {
+    const at::Tensor sc = scores.contiguous();
+    at::Tensor out = at::empty({B, K}, sc.options().dtype(at::kFloat));
+    bool ok = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "sinkhorn", [&] {
+      ok = sinkhorn_scaled<scalar_t>(sc.data_ptr<scalar_t>(), B, K, float(1.0 / epsilon), iterations,
+                                     out.data_ptr<float>());
+    });
+    g_last_path = ok ? 1 : 0;
+    if (ok) return out;
+  } else {
+    g_last_path = 0;
+  }
   c10::optional<at::Tensor> v;
   for (int64_t t = 0; t < iterations; ++t) v = sinkhorn_col_lse(scores, epsilon, v).neg_();
   return sinkhorn_codes(scores, epsilon, *v, true);
@@ -238,6 +432,8 @@ TORCH_LIBRARY_FRAGMENT(contrastive_ops, m) {
   m.def("sinkhorn(Tensor scores, float epsilon, int iterations) -> Tensor");
   m.def("sinkhorn_col_lse(Tensor scores, float epsilon, Tensor? v) -> Tensor");
   m.def("sinkhorn_codes(Tensor scores, float epsilon, Tensor v, bool normalize) -> Tensor");
+  // Test hook: 1 if the last CPU sinkhorn call took the scaling form, 0 the log domain, -1 before any.
+  m.def("_cpu_sinkhorn_last_path() -> int", []() -> int64_t { return contrastive_ops::sinkhorn_cpu::g_last_path.load(); });
 }
 
 TORCH_LIBRARY_IMPL(contrastive_ops, CPU, m) {
