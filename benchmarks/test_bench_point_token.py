@@ -4,6 +4,9 @@ Providers, every one a library function:
 
 * ``reference``: the plain-PyTorch padded-and-masked loss (B×G×G similarities
   for "cloud" and the cosine modes, |S|×|S| for "batch").
+* ``padded``: for ``negatives="batch"``, the plain padded-and-masked form a
+  user writes without compaction: the (B·G)×(B·G) logits of all tokens, the
+  columns outside S masked to −inf, the rows outside S left out of the mean.
 * ``released``: the released Point-CMAE formulation (bmm F1·F2ᵀ, row mask), for
   ``mode="cosine", pairing="official"`` only.
 * ``linear``: the fused composition of the cosine modes (O(B·G·D), no core call;
@@ -46,7 +49,7 @@ CASES = [
     ("infonce", "diag", "cloud"),
     ("infonce", "diag", "batch"),
 ]
-PROVIDERS = ["reference", "released", "linear", "cpu", "triton", "cuda"]
+PROVIDERS = ["reference", "padded", "released", "linear", "cpu", "triton", "cuda"]
 # Skip a dense provider whose largest similarity buffer would exceed this.
 DENSE_LIMIT_BYTES = (16 << 30) if DEVICE.type == "cuda" else (1 << 30)
 
@@ -60,7 +63,27 @@ def _inputs(B, G, dtype=torch.float32):
     return f1, f2, m1, m2
 
 
+def padded_batch_infonce(f1, f2, m1, m2, temperature=0.1):
+    """Symmetric InfoNCE over all co-masked tokens of the batch, padded and masked (no compaction)."""
+    B, G, Dm = f1.shape
+    s = (m1 & m2).reshape(-1)
+    a = torch.nn.functional.normalize(f1.reshape(B * G, Dm), dim=-1)
+    b = torch.nn.functional.normalize(f2.reshape(B * G, Dm), dim=-1)
+    logits = (a @ b.T / temperature).masked_fill(~s[None, :], float("-inf"))
+    target = torch.arange(B * G, device=f1.device)
+    ce = torch.nn.functional.cross_entropy
+    rows = ce(logits, target, reduction="none") + ce(logits.T.masked_fill(~s[None, :], float("-inf")), target,
+                                                     reduction="none")
+    return torch.where(s, 0.5 * rows, 0).sum() / s.sum().clamp(min=1)
+
+
 def _why_skip(provider, mode, pairing, negatives, B, G):
+    if provider == "padded":
+        if (mode, negatives) != ("infonce", "batch"):
+            return "padded-and-masked form of negatives='batch' (the reference of the other cases is padded)"
+        if 4 * (B * G) ** 2 > DENSE_LIMIT_BYTES:
+            return f"dense buffer of {4 * (B * G) ** 2 / 2**30:.1f} GiB exceeds the benchmark limit"
+        return None
     if provider == "released":
         return None if (mode, pairing) == ("cosine", "official") else "released code is the cosine/official loss"
     if provider == "linear":
@@ -86,6 +109,8 @@ def _why_skip(provider, mode, pairing, negatives, B, G):
 
 def _loss_fn(provider, mode, pairing, negatives):
     kw = dict(mode=mode, pairing=pairing, negatives=negatives, temperature=0.1)
+    if provider == "padded":
+        return padded_batch_infonce
     if provider == "released":
         return lambda f1, f2, m1, m2: pt.point_cmae_released_loss(f1, f2, m1, m2)
     if provider == "linear":
@@ -121,6 +146,21 @@ def _peak_bytes(step) -> int:
     return peak
 
 
+def _check_against_reference(fn, f1, f2, m1, m2, mode, pairing, negatives, B, G):
+    """Once per case, untimed: the provider's loss and gradients equal the reference backend's."""
+    if _why_skip("reference", mode, pairing, negatives, B, G):
+        return
+    kw = dict(mode=mode, pairing=pairing, negatives=negatives, temperature=0.1)
+    out = []
+    for f in (fn, lambda *a: co.point_token_contrast(*a, backend="reference", **kw)):
+        x1, x2 = f1.detach().clone().requires_grad_(), f2.detach().clone().requires_grad_()
+        loss = f(x1, x2, m1, m2)
+        loss.backward()
+        out.append((loss.detach(), x1.grad, x2.grad))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("B,G", SHAPES, ids=[f"B{b}-G{g}" for b, g in SHAPES])
 @pytest.mark.parametrize("mode,pairing,negatives", CASES, ids=["-".join(c) for c in CASES])
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -137,6 +177,7 @@ def test_point_token_fwd_bwd(benchmark, provider, mode, pairing, negatives, B, G
         _sync()
 
     step()  # warm-up (kernel compilation, allocator)
+    _check_against_reference(fn, f1, f2, m1, m2, mode, pairing, negatives, B, G)
     peak = _peak_bytes(step)
     benchmark.group = f"point_token {mode}/{pairing if mode == 'cosine' else negatives} B={B} G={G} D={D}"
     benchmark.extra_info.update(provider=provider, device=str(DEVICE), B=B, G=G, D=D, mask_ratio=RATIO,
