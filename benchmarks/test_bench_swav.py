@@ -1,4 +1,5 @@
-"""Sinkhorn-Knopp codes and the SwAV loss: every backend against SwAV's plain code and lightly.
+"""Sinkhorn-Knopp codes and the SwAV loss: every backend against SwAV's plain code, lightly and
+flash-sinkhorn (CUDA only; codes only: it has no SwAV loss).
 
 K = 3000 prototypes, 3 iterations, ε = 0.05, τ = 0.1; B from 256 up (CPU: to 8192, GPU: to 65536).
 Run:  pytest benchmarks/test_bench_swav.py --benchmark-only [--benchmark-json out.json]
@@ -44,10 +45,35 @@ def _lightly():
     return mod
 
 
-PROVIDERS = ["swav_plain", "lightly", "reference", "cpu", "cuda", "triton"]
+def _flash_sinkhorn():
+    if DEVICE.type != "cuda":
+        pytest.skip("flash-sinkhorn runs on CUDA tensors only")
+    pytest.importorskip("flash_sinkhorn", reason="flash-sinkhorn is not installed (pip install flash-sinkhorn)")
+    from contrastive_ops.benchmarking import cases
+
+    return cases
+
+
+# flash_sinkhorn: from the scores, embedded as K+1-dim points (exact for any scores, see
+# cases.flash_sinkhorn_codes); flash_sinkhorn_points: from SwAV's unit-norm embeddings and
+# prototypes (128-dim), the way a SwAV model would call it; its time excludes the scores' GEMM.
+FLASH = ("flash_sinkhorn", "flash_sinkhorn_points")
+PROVIDERS = ["swav_plain", "lightly", "reference", "cpu", "cuda", "triton", *FLASH]
 
 
 def _sinkhorn_fn(provider):
+    """A callable of (scores, z, prototypes) returning the codes (B, K)."""
+    if provider == "flash_sinkhorn":
+        cases = _flash_sinkhorn()
+        return lambda s, z, c: cases.flash_sinkhorn_codes(s, EPS, ITERS)
+    if provider == "flash_sinkhorn_points":
+        cases = _flash_sinkhorn()
+        return lambda s, z, c: cases.flash_sinkhorn_codes_from_points(c, z, s, EPS, ITERS)
+    fn = _scores_sinkhorn_fn(provider)
+    return lambda s, z, c: fn(s)
+
+
+def _scores_sinkhorn_fn(provider):
     if provider == "swav_plain":
         return lambda s: swav_released_sinkhorn(s.float(), EPS, ITERS)
     if provider == "lightly":
@@ -59,6 +85,8 @@ def _sinkhorn_fn(provider):
 
 
 def _loss_fn(provider):
+    if provider in FLASH:
+        pytest.skip("flash-sinkhorn computes codes only (no SwAV loss)")
     if provider == "swav_plain":
         return lambda crops: swav_released_loss([c.float() for c in crops], 0.1, (0, 1), EPS, ITERS)
     if provider == "lightly":
@@ -74,10 +102,16 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _scores(B, seed=0):
+def _features(B, seed=0):
+    """SwAV's unit-norm embeddings z (B, 128) and prototypes (K, 128)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     z = F.normalize(torch.randn(B, 128, generator=g), dim=1)
     c = F.normalize(torch.randn(K, 128, generator=g), dim=1)
+    return z, c
+
+
+def _scores(B, seed=0):
+    z, c = _features(B, seed)
     return (z @ c.T).to(DEVICE)
 
 
@@ -85,11 +119,12 @@ def _scores(B, seed=0):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_bench_sinkhorn(benchmark, provider, B):
     fn = _sinkhorn_fn(provider)
-    scores = _scores(B)
+    z, c = (t.to(DEVICE) for t in _features(B))
+    scores = z @ c.T
     benchmark.group = f"sinkhorn K={K} B={B} {DEVICE.type}"
 
     def run():
-        out = fn(scores)
+        out = fn(scores, z, c)
         _sync()
         return out
 

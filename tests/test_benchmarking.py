@@ -4,6 +4,7 @@ timing/memory measurements see what they should, the sweep records failures."""
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -20,25 +21,91 @@ def _ref_or_skip(case, inp):
         pytest.skip(f"{case.name} is not implemented on this branch yet")
 
 
-PEER_CASES = [(name, p) for name, peers in C.PEERS.items() for p in peers if "cpu" in p.devices]
+PEER_CASES = [(name, p) for name, peers in C.PEERS.items() for p in peers]
 
 
-@pytest.mark.parametrize("name,peer", PEER_CASES, ids=[p.name for _, p in PEER_CASES])
+@pytest.mark.parametrize("name,peer", PEER_CASES, ids=[f"{name}-{p.name}" for name, p in PEER_CASES])
 def test_peer_adapter_computes_the_reference_loss(name, peer):
-    """A benchmark compares like with like only if every peer computes the same loss."""
+    """A benchmark compares like with like only if every peer computes the same loss.
+
+    Peers that run on CPU tensors are checked in float64 at 1e-6; CUDA-only peers (Triton kernels)
+    on a GPU in float32 at their ``check_tol``.
+    """
+    on_cpu = "cpu" in peer.devices
+    if not on_cpu and not torch.cuda.is_available():
+        pytest.skip(f"{peer.name} runs on {list(peer.devices)} tensors only and no GPU is here")
     if importlib.util.find_spec(peer.module) is None:
         pytest.skip(f"{peer.module} not installed")
     case = C.CASES[name]
     n = 24
-    ref_in = case.make(n, 16, torch.float64, small=True)
-    peer_in = C.cast_inputs(ref_in, torch.float64)
+    device, dtype = ("cpu", torch.float64) if on_cpu else ("cuda", torch.float32)
+    atol, rtol = (1e-6, 1e-6) if on_cpu else peer.check_tol
+    ref_in = case.make(n, 16, dtype, device, small=True)
+    peer_in = C.cast_inputs(ref_in, dtype)
     ref = _ref_or_skip(case, ref_in)
     got = peer.build(peer_in.kwargs)(*peer_in.args)
-    torch.testing.assert_close(got.to(ref.dtype), ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got.to(ref.dtype), ref, atol=atol, rtol=rtol)
+    if not ref_in.differentiable:
+        return
     ref_g = torch.autograd.grad(ref, ref_in.leaves())
     got_g = torch.autograd.grad(got, peer_in.leaves(), allow_unused=True)
     for a, b in zip(got_g, ref_g):
-        torch.testing.assert_close(a.to(b.dtype), b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a.to(b.dtype), b, atol=atol, rtol=rtol)
+
+
+def test_gpu_only_peers_are_listed_with_a_reason_off_gpu():
+    """siglip-kernel and flash-sinkhorn are benchmarked on CUDA only; elsewhere they say why not."""
+    names = {name: {p.name for p in peers} for name, peers in C.PEERS.items()}
+    assert "siglip_kernel" in names["siglip_loss"] and "flash_sinkhorn" in names["sinkhorn_knopp"]
+    for loss, peer in (("siglip_loss", "siglip_kernel"), ("sinkhorn_knopp", "flash_sinkhorn")):
+        case = C.CASES[loss]
+        impl = {i.name: i for i in C.implementations(case, case.make(8, 8, small=True), compile_reference=False)}[peer]
+        assert impl.run is None
+        assert impl.why_not in (f"{peer} is not installed", "runs on ['cuda'] tensors only"), impl.why_not
+
+
+def _flash_sinkhorn_dense(x, y, eps, iterations):
+    """flash-sinkhorn's alternating updates (GeomLoss convention, cost ½‖x − y‖², uniform weights,
+    f = g = 0 at the start, f then g in each iteration; it centres both clouds first), dense."""
+    mu = (x.mean(0) + y.mean(0)) / 2
+    cost = 0.5 * ((x - mu)[:, None, :] - (y - mu)[None, :, :]).pow(2).sum(-1)
+    n, m = cost.shape
+    f, g = x.new_zeros(n), x.new_zeros(m)
+    for _ in range(iterations):
+        f = -eps * torch.logsumexp((g[None, :] - cost) / eps - math.log(m), 1)
+        g = -eps * torch.logsumexp((f[:, None] - cost) / eps - math.log(n), 0)
+    return f, g
+
+
+@pytest.mark.parametrize("variant", C.CASES["sinkhorn_knopp"].variants)
+@pytest.mark.parametrize("small", [True, False])
+def test_flash_sinkhorn_bridge_gives_swav_codes(variant, small):
+    """The conversion of scores into flash-sinkhorn's point clouds and of its potentials into codes,
+    checked on CPU with the peer's update written densely (the peer's kernels need CUDA)."""
+    from contrastive_ops.losses.swav import swav_released_sinkhorn
+
+    scores = C.CASES["sinkhorn_knopp"].make(30, 16, torch.float64, variant=variant, small=small).args[0]
+    want = swav_released_sinkhorn(scores.clone(), 0.05, 3)
+    got = C.flash_sinkhorn_codes(scores, 0.05, 3, solve=_flash_sinkhorn_dense)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+    got_t1 = C.flash_sinkhorn_codes(scores, 0.1, 1, solve=_flash_sinkhorn_dense)
+    torch.testing.assert_close(got_t1, swav_released_sinkhorn(scores.clone(), 0.1, 1), atol=1e-10, rtol=1e-8)
+
+
+def test_flash_sinkhorn_bridge_from_points_needs_equal_sample_norms():
+    from contrastive_ops.losses.swav import swav_released_sinkhorn
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.nn.functional.normalize(torch.randn(40, 8, generator=g, dtype=torch.float64), dim=1)
+    protos = torch.randn(13, 8, generator=g, dtype=torch.float64)  # prototype norms may differ
+    s = z @ protos.T
+    got = C.flash_sinkhorn_codes_from_points(protos, z, s, 0.05, 3, solve=_flash_sinkhorn_dense)
+    torch.testing.assert_close(got, swav_released_sinkhorn(s.clone(), 0.05, 3), atol=1e-10, rtol=1e-8)
+    # Samples of unequal norms: the first prototype update sees a per-sample factor SwAV does not.
+    z2 = z * torch.linspace(0.5, 1.5, 40, dtype=torch.float64)[:, None]
+    s2 = z2 @ protos.T
+    off = C.flash_sinkhorn_codes_from_points(protos, z2, s2, 0.05, 3, solve=_flash_sinkhorn_dense)
+    assert (off - swav_released_sinkhorn(s2.clone(), 0.05, 3)).abs().max() > 1e-3
 
 
 def test_compiled_reference_is_the_reference():

@@ -11,7 +11,7 @@ from typing import Dict, List
 
 import torch
 
-PEER_MODULES = ("open_clip", "lightly", "pytorch_metric_learning", "inf_cl")
+PEER_MODULES = ("open_clip", "lightly", "pytorch_metric_learning", "inf_cl", "siglip_kernel", "flash_sinkhorn")
 
 
 def _version(mod: str):
@@ -29,7 +29,7 @@ def _peer_version(mod: str):
     if importlib.util.find_spec(mod) is None:
         return None
     dist = {"open_clip": "open_clip_torch", "pytorch_metric_learning": "pytorch-metric-learning",
-            "inf_cl": "inf_cl"}.get(mod, mod)
+            "inf_cl": "inf_cl", "siglip_kernel": "siglip-kernel", "flash_sinkhorn": "flash-sinkhorn"}.get(mod, mod)
     try:
         return md.version(dist)
     except md.PackageNotFoundError:
