@@ -1,11 +1,16 @@
 """Sinkhorn-Knopp codes and the SwAV loss: every backend against SwAV's plain code, lightly and
 flash-sinkhorn (CUDA only; codes only: it has no SwAV loss).
 
-K = 3000 prototypes, 3 iterations, ε = 0.05, τ = 0.1; B from 256 up (CPU: to 8192, GPU: to 65536).
+K = 3000 prototypes, 3 iterations, ε = 0.05, τ = 0.1; B from 256 up (CPU: to 8192, GPU: to 65536;
+``CONTRASTIVE_OPS_BENCH_SWAV_SIZES``, comma-separated, sets them).  The codes of every provider but
+flash-sinkhorn (checked in tests/test_benchmarking.py) are compared with the reference once per size,
+outside the timed loop.
 Run:  pytest benchmarks/test_bench_swav.py --benchmark-only [--benchmark-json out.json]
 Providers that cannot run here are skipped with the reason.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -18,7 +23,8 @@ K = 3000
 ITERS = 3
 EPS = 0.05
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-SIZES = [256, 1024, 4096, 16384, 65536] if DEVICE.type == "cuda" else [256, 1024, 4096, 8192]
+_default_sizes = "256,1024,4096,16384,65536" if DEVICE.type == "cuda" else "256,1024,4096,8192"
+SIZES = [int(s) for s in os.environ.get("CONTRASTIVE_OPS_BENCH_SWAV_SIZES", _default_sizes).split(",") if s.strip()]
 
 
 def _co_provider(name):
@@ -122,6 +128,11 @@ def test_bench_sinkhorn(benchmark, provider, B):
     z, c = (t.to(DEVICE) for t in _features(B))
     scores = z @ c.T
     benchmark.group = f"sinkhorn K={K} B={B} {DEVICE.type}"
+    if provider not in FLASH:
+        from contrastive_ops.losses.swav import sinkhorn_reference
+
+        torch.testing.assert_close(fn(scores, z, c).float(), sinkhorn_reference(scores.float(), EPS, ITERS),
+                                   rtol=1e-3, atol=1e-6)
 
     def run():
         out = fn(scores, z, c)
