@@ -8,7 +8,9 @@
 #      (the self-check of one loss per kernel primitive on the CUDA and Triton
 #      backends, N=37);
 #   4. the command line's self-check in float32/float16/bfloat16 (strict);
-#   5. the benchmark sweep (python -m contrastive_ops bench --out ...).
+#   5. the multi-view benchmark (pytest benchmarks/test_bench_multiview.py,
+#      JSON in multiview.json), short, skipped with MV_BENCH_TIMEOUT=0;
+#   6. the benchmark sweep (python -m contrastive_ops bench --out ...).
 #
 # Everything (logs, results.json, charts, summary) goes to
 # benchmarks/results/<device>-<date>/ and, when $OUT is set, to $OUT/ too.
@@ -24,6 +26,10 @@
 #   SANITIZER_LOSSES  losses for the sanitizers (comma-separated) (default info_nce,siglip_loss,sinkhorn_knopp)
 #   SANITIZER_PYTEST  extra pytest arguments also run under memcheck (default: none)
 #   CHECK_TIMEOUT     step 4                                      (default 45)
+#   MV_BENCH_TIMEOUT  step 5; 0 skips it                          (default 120; less if the
+#                     run deadline leaves less after the sweep's minimum; the benchmark starts
+#                     no case in the last 30s, so that its JSON is written)
+#   MV_BENCH_ARGS     extra pytest arguments of step 5            (default: none)
 #   SWEEP_BUDGET      sweep time budget passed to --budget        (default 100; less if the
 #                     run deadline leaves less, so that the JSON and charts are written)
 #   SWEEP_SIZES       comma-separated batch sizes                 (default 1024,4096,16384,65536)
@@ -128,6 +134,24 @@ else
 fi
 
 step selfcheck "${CHECK_TIMEOUT:-45}" $PY -m contrastive_ops --no-bench --no-progress --strict -v
+
+# Multi-view benchmark (its default CUDA grid, see the file's docstring), before the sweep.  Its limit is
+# the smaller of MV_BENCH_TIMEOUT and what the deadline leaves after the sweep's least (a 10s budget plus
+# its 60s margin), so that the sweep still runs; with under 30s left it is skipped (not a failure).  The
+# benchmark starts no case in the last 30s of its limit, so that pytest ends and writes the JSON.
+MVT=${MV_BENCH_TIMEOUT:-120}
+MVL=$(( $(remaining) - 70 ))
+[ "$MVT" -lt "$MVL" ] && MVL=$MVT
+if [ "$MVT" -le 0 ]; then
+    echo "multiview-bench: SKIPPED (MV_BENCH_TIMEOUT=0)" | tee -a "$SUMMARY"
+elif [ "$MVL" -lt 30 ]; then
+    echo "multiview-bench: SKIPPED (the run deadline leaves ${MVL}s before the sweep)" | tee -a "$SUMMARY"
+else
+    # shellcheck disable=SC2086
+    step multiview-bench "$MVL" env CONTRASTIVE_OPS_BENCH_DEADLINE_S=$(( MVL - 30 )) \
+        $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_multiview.py --benchmark-only \
+        --benchmark-json "$RES/multiview.json" ${MV_BENCH_ARGS:-}
+fi
 
 # The sweep's budget: what is asked, at most what the deadline leaves after a margin for the
 # first calls of the last points and the charts.

@@ -308,6 +308,58 @@ def _fused_mv_dhel(views: Tensor, temperature, mask: Optional[Tensor] = None, *,
 
 
 # ---------------------------------------------------------------------------------------------
+# Released code (peer): the official naive formulation, transcribed
+# ---------------------------------------------------------------------------------------------
+
+
+def mv_infonce_released(features: Tensor, temperature: float) -> Tensor:
+    """MV-InfoNCE as the official code computes it (loss-notes §1), transcribed; no mask, mean over N.
+
+    ``features`` (N, V, D).  View-major z (V·N, D), L2-normalized; the exp-Gram
+    exp(z·zᵀ/τ) with its diagonal removed ((V·N)×(V·N−1)); its row chunks of N
+    (one per view) laid side by side and summed, so instance i's denominator is
+    Σ_l Σ_{(j,m)≠(i,l)}; the numerator 2·Σ_{l<l'} exp(s(u_il, u_il')).  Plain
+    exp, no max shift: fine for |s| ≤ 1/τ in fp32 at τ ≥ 0.02.
+
+    Computes in the dtype it is given (tests pass float64; under
+    ``torch.autocast`` the Gram product runs in the autocast dtype and exp, sum
+    and log in fp32, as AMP training runs the official code).  Stores the
+    (V·N)² exp-Gram several times over: a peer for tests and the naive baseline
+    of benchmarks.
+    """
+    N, V, D = features.shape
+    z = F.normalize(features.transpose(0, 1).reshape(V * N, D), dim=1)
+    n = V * N
+    e = torch.exp(torch.mm(z, z.t()) / temperature)
+    e = e.masked_select(~torch.eye(n, dtype=torch.bool, device=z.device)).view(n, n - 1)
+    neg = torch.cat(torch.split(e, N), dim=1).sum(-1)  # (N,)
+    vs = z.view(V, N, D)
+    pos = sum(torch.exp((vs[l] * vs[m]).sum(-1) / temperature) for l in range(V) for m in range(l + 1, V))
+    return -(torch.log(2 * pos / neg)).mean()
+
+
+def mv_dhel_released(features: Tensor, temperature: float, *, product: bool = False) -> Tensor:
+    """MV-DHEL as the official code computes it (loss-notes §1), transcribed; no mask, mean over N.
+
+    ``features`` (N, V, D).  Per view an N×N exp-Gram without its diagonal,
+    summed over rows: neg_l (V, N); the numerator Σ_{l<l'} exp(s(u_il, u_il')).
+    ``product=True``: the ``MVDHEL`` class's −log(pos / Π_l neg_l), which
+    overflows in fp32 at large N·V (tests use it in float64);
+    ``product=False``: the ``CL_2`` form −log pos + Σ_l log neg_l, the same
+    value.  Computes in the dtype it is given (see :func:`mv_infonce_released`).
+    """
+    vs = F.normalize(features, dim=-1).transpose(0, 1)  # (V, N, D)
+    V, N, _ = vs.shape
+    off = ~torch.eye(N, dtype=torch.bool, device=vs.device)
+    negs = torch.stack([torch.exp(torch.mm(v, v.t()) / temperature).masked_select(off).view(N, N - 1).sum(-1)
+                        for v in vs])
+    pos = sum(torch.exp((vs[l] * vs[m]).sum(-1) / temperature) for l in range(V) for m in range(l + 1, V))
+    if product:
+        return -(torch.log(pos / torch.prod(negs, 0))).mean()
+    return (torch.log(negs).sum(0) - torch.log(pos)).mean()
+
+
+# ---------------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------------
 
