@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from .. import _checks, backends, core
 from ..core import _masked_lse, acc_dtype
 from ..distributed import GlobalBatch
-from ._present import present_list
+from ._present_first import present_list
 
 Tensor = torch.Tensor
 VARIANTS = ("mv", "pairwise")

@@ -38,7 +38,7 @@ The co-masked tokens are listed once, in (b, i) order, as indices into the
 flattened (B·G, D) features: ``idx``, followed by the other tokens, which
 get an empty candidate range (a list of static length: no host
 synchronization under ``torch.compile``; see
-``contrastive_ops.losses._present``).  Both LSE directions are the row and
+``contrastive_ops.losses._present_first``).  Both LSE directions are the row and
 the column LSE of the *same* similarity ``s(f̂1[idx], f̂2[idx])``, restricted
 to the block diagonal of clouds for "cloud" (anchor k of cloud b may see the
 compacted range ``[start_b, end_b)``) or to everything for "batch": one call
@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from .. import _checks, backends, core
 from ..distributed import GlobalBatch, reduce
-from ._present import present_list
+from ._present_first import present_list
 
 Tensor = torch.Tensor
 
@@ -198,8 +198,8 @@ def _fused_point_token_contrast(
 
     No host synchronization under ``torch.compile``: "infonce" lists every
     token, the co-masked ones first, in a list of static length B·G (see
-    ``contrastive_ops.losses._present``); in eager mode the list is cut after
-    the co-masked tokens (one read of |S|).  The cosine modes never
+    ``contrastive_ops.losses._present_first``); in eager mode the list is cut
+    after the co-masked tokens (one read of |S|).  The cosine modes never
     synchronize.
     """
     if process_group is not None:
@@ -223,7 +223,7 @@ def _fused_point_token_contrast(
     inv_t = inv_t.to(dt)
     pos = (u * v).sum(-1).reshape(B * G) * inv_t  # s(f1_bi, f2_bi) for every token
     Sf = S.reshape(B * G)
-    # Co-masked tokens first, in (b, i) order, then the others (static length; see _present).
+    # Co-masked tokens first, in (b, i) order, then the others (static length; see _present_first).
     idx, _, n = present_list(Sf)
     on = Sf[idx]
     if negatives == "cloud":
