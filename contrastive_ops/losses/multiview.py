@@ -27,7 +27,10 @@ official code's z of shape (V·N, D) = [all of view 0; all of view 1; ...].
 
 Fused compositions (``_fused_*``) call the similarity-LSE core once per loss
 (once per unordered view pair for ``"pairwise"``) on the view-major (V·N, D)
-features and keep everything else on O(V·N·D) and O(N·V²) tensors.
+features and keep everything else on O(V·N·D) and O(N·V²) tensors.  With a
+mask, the core's index lists hold the present views first and the absent ones
+after them with an empty candidate range (static length, no host sync under
+``torch.compile``; see ``contrastive_ops.losses._present_first``).
 
 Under ``process_group`` (``contrastive_ops.distributed``) the instances are
 all-gathered with gradient (the mask without); the anchors are this rank's
