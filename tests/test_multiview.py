@@ -8,10 +8,19 @@ import torch
 import torch.nn.functional as F
 
 import contrastive_ops as co
+from contrastive_ops.losses import _present_first as present_first
 from contrastive_ops.losses import multiview as mv
 from helpers import DEVICE, backend_params, compare_with_reference
 
 F64 = torch.float64
+
+
+@pytest.fixture(params=[False, True], ids=["eager_cut", "static"])
+def static_lists(request, monkeypatch):
+    """The fused compositions' index lists cut to the present entries (eager default) or whole
+    (static length, as under torch.compile, absent entries with empty ranges)."""
+    monkeypatch.setattr(present_first, "STATIC", request.param)
+    return request.param
 
 
 def _unit(x, normalize=True):
@@ -196,7 +205,7 @@ def test_mv_dhel_two_views_is_dhel():
 
 
 @pytest.mark.parametrize("fn", ["mv", "pairwise", "dhel"])
-def test_no_instance_counts_gives_zero_in_graph(fn):
+def test_no_instance_counts_gives_zero_in_graph(fn, static_lists):
     x = torch.randn(4, 3, 5, dtype=F64, requires_grad=True)
     mask = torch.zeros(4, 3, dtype=torch.bool)
     mask[:, 1] = True  # every instance has a single view
@@ -256,7 +265,7 @@ def _run(f, x, t, mask, reduction, **kw):
 @pytest.mark.parametrize("mask_kind", ["none", "random", "hard"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("variant", ["mv", "pairwise", "dhel"])
-def test_fused_with_dense_core_equals_reference(V, N, mask_kind, reduction, variant):
+def test_fused_with_dense_core_equals_reference(V, N, mask_kind, reduction, variant, static_lists):
     x = torch.randn(N, V, 6, dtype=F64)
     t = torch.tensor(0.25, dtype=F64)
     mask = _masks(N, V, mask_kind)
@@ -304,6 +313,23 @@ def test_kernel_backends_match_reference(backend, dtype, V, mask_kind, case):
     fn, kw = (_mvd, {}) if case == "dhel" else (_mvi, dict(variant=case))
     for reduction in ("mean", "none"):
         compare_with_reference(fn, [x, mask], backend=backend, dtype=dtype, temperature=0.2,
+                               reduction=reduction, **kw)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("V", [2, 3])
+@pytest.mark.parametrize("mask_kind", ["hard", "empty"])
+@pytest.mark.parametrize("case", ["mv", "pairwise", "dhel"])
+def test_kernel_backends_static_lists_match_reference(backend, V, mask_kind, case, monkeypatch):
+    """Whole static-length lists (as under torch.compile): absent anchors with empty ranges in the
+    kernels give the reference's values and zero gradients, also when no view is present."""
+    monkeypatch.setattr(present_first, "STATIC", True)
+    N = 37
+    x = torch.randn(N, V, 24, device=DEVICE, requires_grad=True)
+    mask = _masks(N, V, "hard") if mask_kind == "hard" else torch.zeros(N, V, dtype=torch.bool)
+    fn, kw = (_mvd, {}) if case == "dhel" else (_mvi, dict(variant=case))
+    for reduction in ("mean", "none"):
+        compare_with_reference(fn, [x, mask.to(DEVICE)], backend=backend, dtype=torch.float32, temperature=0.2,
                                reduction=reduction, **kw)
 
 

@@ -8,6 +8,7 @@ import torch
 
 import contrastive_ops as co
 from contrastive_ops import core
+from contrastive_ops.losses import _present_first as present_first
 from contrastive_ops.losses import point_token as pt
 from helpers import backend_params, compare_with_reference
 
@@ -19,7 +20,16 @@ COMBOS = [
 ]
 # pairing only matters for "cosine", negatives only for "infonce": the loop
 # test still runs the full cross product to show that.
+
 ALL_COMBOS = [(m, p, n) for m in pt.MODES for p in pt.PAIRINGS for n in pt.NEGATIVES]
+
+
+@pytest.fixture(params=[False, True], ids=["eager_cut", "static"])
+def static_lists(request, monkeypatch):
+    """The fused composition's token list cut to the co-masked tokens (eager default) or whole
+    (static length, as under torch.compile, the other tokens with empty ranges)."""
+    monkeypatch.setattr(present_first, "STATIC", request.param)
+    return request.param
 
 
 def _loop(f1, f2, m1, m2, mode, pairing, negatives, tau):
@@ -170,7 +180,7 @@ def _run(impl, f1, f2, m1, m2, tau, **kw):
 @pytest.mark.parametrize("mode,pairing,negatives", ALL_COMBOS)
 @pytest.mark.parametrize("kind,B,G,D", [("random", 3, 37, 12), ("ragged", 5, 64, 20), ("random", 2, 70, 7),
                                         ("single", 3, 6, 5), ("ragged", 3, 1, 3)])
-def test_fused_with_dense_core_matches_reference(mode, pairing, negatives, kind, B, G, D):
+def test_fused_with_dense_core_matches_reference(mode, pairing, negatives, kind, B, G, D, static_lists):
     f1, f2 = _features(B, G, D)
     m1, m2 = _masks(B, G, kind)
     kw = dict(mode=mode, pairing=pairing, negatives=negatives)
@@ -204,8 +214,10 @@ def test_fused_non_contiguous_inputs():
         torch.testing.assert_close(a, b)
 
 
-def test_fused_calls_core_once_on_compacted_lists(monkeypatch):
-    """InfoNCE: one core call, rows/columns = the co-masked tokens, per-cloud ranges; cosine: no call."""
+@pytest.mark.parametrize("static", [False, True], ids=["eager_cut", "static"])
+def test_fused_calls_core_once_on_present_first_lists(monkeypatch, static):
+    """InfoNCE: one core call; rows/columns list the co-masked tokens first (per-cloud ranges), then,
+    in a static-length list, the other tokens with empty ranges; cosine: no call."""
     calls = []
     real = core.sim_lse
 
@@ -214,27 +226,34 @@ def test_fused_calls_core_once_on_compacted_lists(monkeypatch):
         return real(q, k, scale, **kw)
 
     monkeypatch.setattr(core, "sim_lse", spy)
+    monkeypatch.setattr(present_first, "STATIC", static)
     B, G, D = 4, 10, 3
     f1, f2 = _features(B, G, D)
     m1, m2 = _masks(B, G, "ragged")
     S = m1 & m2
+    n = int(S.sum())
     tau = torch.tensor(0.1, dtype=torch.float64)
+    expect_idx = S.reshape(-1).nonzero().squeeze(1)
+    others = (~S).reshape(-1).nonzero().squeeze(1)
+    if static:
+        expect_idx = torch.cat([expect_idx, others])
+    on = torch.arange(expect_idx.numel()) < n
     _run("fused", f1, f2, m1, m2, tau, negatives="cloud")
     assert len(calls) == 1
     qshape, kshape, kw = calls[0]
     assert qshape == (B * G, D) and kshape == (B * G, D)  # flattened, not gathered
     assert kw["want_col"] is True
-    expect_idx = S.reshape(-1).nonzero().squeeze(1)
     assert torch.equal(kw["row_index"].long(), expect_idx)
     assert torch.equal(kw["col_index"].long(), expect_idx)
     counts = S.sum(1)
     ends = counts.cumsum(0)
     cloud = expect_idx // G
     assert torch.equal(kw["col_start"].long(), (ends - counts)[cloud])
-    assert torch.equal(kw["col_end"].long(), ends[cloud])
+    assert torch.equal(kw["col_end"].long(), torch.where(on, ends[cloud], (ends - counts)[cloud]))
     calls.clear()
     _run("fused", f1, f2, m1, m2, tau, negatives="batch")
-    assert len(calls) == 1 and calls[0][2]["col_start"] is None and calls[0][2]["col_end"] is None
+    assert len(calls) == 1 and calls[0][2]["col_start"] is None
+    assert torch.equal(calls[0][2]["col_end"].long(), torch.where(on, n, 0))
     calls.clear()
     for pairing in pt.PAIRINGS:
         _run("fused", f1, f2, m1, m2, tau, mode="cosine", pairing=pairing)
@@ -246,7 +265,7 @@ def test_fused_calls_core_once_on_compacted_lists(monkeypatch):
 
 @pytest.mark.parametrize("mode,pairing,negatives", ALL_COMBOS)
 @pytest.mark.parametrize("impl", ["reference", "fused"])
-def test_empty_comask_is_zero_in_graph(mode, pairing, negatives, impl):
+def test_empty_comask_is_zero_in_graph(mode, pairing, negatives, impl, static_lists):
     B, G, D = 3, 8, 5
     f1, f2 = _features(B, G, D)
     f1.requires_grad_(True)
@@ -277,6 +296,20 @@ def test_kernel_backend_matches_reference(backend, dtype, mode, pairing, negativ
     m1, m2 = _masks(B, G, kind)
     compare_with_reference(co.point_token_contrast, [f1, f2, m1, m2], backend=backend, dtype=dtype,
                            mode=mode, pairing=pairing, negatives=negatives, temperature=0.1)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("negatives", pt.NEGATIVES)
+@pytest.mark.parametrize("kind,B,G,D", [("ragged", 4, 70, 20), ("single", 2, 5, 8), ("empty", 2, 6, 5)])
+def test_kernel_backend_static_lists_match_reference(backend, negatives, kind, B, G, D, monkeypatch):
+    """Whole static-length token lists (as under torch.compile): the tokens outside S, with empty
+    ranges in the kernels, change no value and get no gradient."""
+    monkeypatch.setattr(present_first, "STATIC", True)
+    f1 = torch.randn(B, G, D).requires_grad_(True)
+    f2 = torch.randn(B, G, D).requires_grad_(True)
+    m1, m2 = _masks(B, G, kind)
+    compare_with_reference(co.point_token_contrast, [f1, f2, m1, m2], backend=backend, dtype=torch.float32,
+                           mode="infonce", negatives=negatives, temperature=0.1)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -27,7 +27,10 @@ official code's z of shape (V·N, D) = [all of view 0; all of view 1; ...].
 
 Fused compositions (``_fused_*``) call the similarity-LSE core once per loss
 (once per unordered view pair for ``"pairwise"``) on the view-major (V·N, D)
-features and keep everything else on O(V·N·D) and O(N·V²) tensors.
+features and keep everything else on O(V·N·D) and O(N·V²) tensors.  With a
+mask, the core's index lists hold the present views first and the absent ones
+after them with an empty candidate range (static length, no host sync under
+``torch.compile``; see ``contrastive_ops.losses._present_first``).
 
 Under ``process_group`` (``contrastive_ops.distributed``) the instances are
 all-gathered with gradient (the mask without); the anchors are this rank's
@@ -47,6 +50,7 @@ import torch.nn.functional as F
 from .. import _checks, backends, core
 from ..core import _masked_lse, acc_dtype
 from ..distributed import GlobalBatch
+from ._present_first import present_list
 
 Tensor = torch.Tensor
 VARIANTS = ("mv", "pairwise")
@@ -171,16 +175,6 @@ def _as_t(temperature, like: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _compact(mask: Tensor, V: int, N: int):
-    """Flat view-major positions (l·N + i) of the present views, in order, as int64 (P,)."""
-    return mask.T.reshape(-1).nonzero().squeeze(1)
-
-
-def _compact_position(mask: Tensor, V: int, N: int) -> Tensor:
-    """(V·N,) int64: position of each present flat view-major entry in ``_compact``'s list (junk elsewhere)."""
-    return torch.cumsum(mask.T.reshape(-1).long(), 0) - 1
-
-
 def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None, *, variant: str = "mv",
                       normalize: bool = True, reduction: str = "mean", backend: str,
                       process_group=None) -> Tensor:
@@ -209,15 +203,15 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
             row, _ = core.sim_lse(Z, Zg, scale, exclude=self_pos, backend=backend)
             den = torch.logsumexp(row.view(V, n), 0)
         else:
-            idx = _compact(mask_g, V, N)
-            if idx.numel() == 0:
-                return gb.reduce(zero, reduction, counted)
-            li = _compact(mask, V, n)  # this rank's present anchors (positions in the local stack)
-            row = torch.full((V * n,), float("-inf"), dtype=zero.dtype, device=U.device)
-            if li.numel() > 0:
-                excl = _compact_position(mask_g, V, N)[self_pos[li]]  # self, in the compacted candidates
-                row_c, _ = core.sim_lse(Z, Zg, scale, row_index=li, col_index=idx, exclude=excl, backend=backend)
-                row = row.to(row_c.dtype).index_put((li,), row_c)
+            # Present anchors first (rows), present candidates first (columns): positions below the
+            # present counts are the compacted lists.  Absent anchors get an empty range (-inf).
+            rows, _, _ = present_list(present.reshape(-1))
+            cols, cpos, n_cols = present_list(mask_g.T.reshape(-1))
+            end = torch.where(present.reshape(-1)[rows], n_cols, 0)
+            excl = cpos[self_pos[rows]]  # self, in the candidates' order (outside the range if absent)
+            row_c, _ = core.sim_lse(Z, Zg, scale, row_index=rows, col_index=cols, col_end=end, exclude=excl,
+                                    backend=backend)
+            row = torch.full((V * n,), float("-inf"), dtype=row_c.dtype, device=U.device).index_put((rows,), row_c)
             den = _masked_lse(row.view(V, n), present & counted[None, :], 0)
         ok = present.T[:, :, None] & present.T[:, None, :] & _not_eye(V, U.device)
         num = _pair_lse(U, scale, ok)
@@ -229,7 +223,7 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
     # group the columns of this rank's instances are the rows of its view-m
     # anchors against all view-l candidates: a second call.
     total = zero
-    n_pairs = 0
+    n_pairs = V * (V - 1) if mask is None else 0
     for l in range(V):
         for m in range(l + 1, V):
             pos = (U[l] * U[m]).sum(-1) * scale  # (n,)
@@ -241,21 +235,25 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
                     c, _ = core.sim_lse(Uc[m], Zc[l], scale, backend=backend)
                 total = total + (r + c - 2 * pos) / N
             else:
-                idx = (mask_g[:, l] & mask_g[:, m]).nonzero().squeeze(1)
-                if idx.numel() == 0:
-                    continue
-                li = (mask[:, l] & mask[:, m]).nonzero().squeeze(1)
-                if li.numel() > 0:
-                    if process_group is None:
-                        r, c = core.sim_lse(Uc[l], Uc[m], scale, row_index=idx, col_index=idx, want_col=True,
-                                            backend=backend)
-                    else:
-                        r, _ = core.sim_lse(Uc[l], Zc[m], scale, row_index=li, col_index=idx, backend=backend)
-                        c, _ = core.sim_lse(Uc[m], Zc[l], scale, row_index=li, col_index=idx, backend=backend)
-                    total = total.index_add(0, li, (r + c - 2 * pos[li]) / idx.numel())
-            n_pairs += 2
+                # Instances present in both views first; the other rows get an empty range (-inf).
+                both = mask[:, l] & mask[:, m]
+                cols, _, cnt = present_list(mask_g[:, l] & mask_g[:, m])
+                rows = cols if process_group is None else present_list(both)[0]
+                on = both[rows]
+                end = torch.where(on, cnt, 0)
+                if process_group is None:
+                    r, c = core.sim_lse(Uc[l], Uc[m], scale, row_index=rows, col_index=rows, col_end=end,
+                                        want_col=True, backend=backend)
+                else:
+                    r, _ = core.sim_lse(Uc[l], Zc[m], scale, row_index=rows, col_index=cols, col_end=end,
+                                        backend=backend)
+                    c, _ = core.sim_lse(Uc[m], Zc[l], scale, row_index=rows, col_index=cols, col_end=end,
+                                        backend=backend)
+                ce = torch.where(on, r + c - 2 * pos[rows], 0) / cnt.clamp_min(1)
+                total = total.index_add(0, rows, ce.to(total.dtype))
+                n_pairs = n_pairs + 2 * (cnt > 0)  # a pair with no common instance leaves the mean
     n_counted = N if mask_g is None else (mask_g.sum(1) >= 2).sum()  # global
-    values = total * n_counted / max(n_pairs, 1)
+    values = total * n_counted / (n_pairs if mask is None else n_pairs.clamp_min(1))
     return gb.reduce(values, reduction, counted)
 
 
@@ -285,22 +283,23 @@ def _fused_mv_dhel(views: Tensor, temperature, mask: Optional[Tensor] = None, *,
             unif = unif + row.view(V, n).sum(0)
     else:
         mask_g = gb.gather_nograd(mask)
-        idx = _compact(mask_g, V, N)
-        li = _compact(mask, V, n)
-        if idx.numel() > 0 and li.numel() > 0:
-            # In the compacted (view-major) list, view l's present entries form one block.
-            counts = mask_g.sum(0)  # (V,)
-            offsets = torch.cumsum(counts, 0) - counts
-            v_of = view_of[li]
-            start = offsets[v_of]
-            end = start + counts[v_of]
-            excl = _compact_position(mask_g, V, N)[self_pos[li]]  # self, in the compacted candidates
-            row_c, _ = core.sim_lse(Z, Zg, scale, row_index=li, col_index=idx, col_start=start, col_end=end,
-                                    exclude=excl, backend=backend)
-            term = counts[v_of] >= 2  # else the row's set is empty (-inf): left out
-            vals = torch.where(term, row_c, 0)
-            flat = torch.zeros(V * n, dtype=vals.dtype, device=vals.device).index_put((li,), vals)
-            unif = unif + flat.view(V, n).sum(0)
+        # Present entries first: in the candidates' order view l's present entries form the block
+        # [offsets[l], offsets[l] + counts[l]).  Absent anchors get an empty range (-inf).
+        rows, _, _ = present_list(present.reshape(-1))
+        cols, cpos, _ = present_list(mask_g.T.reshape(-1))
+        counts = mask_g.sum(0)  # (V,)
+        offsets = torch.cumsum(counts, 0) - counts
+        v_of = view_of[rows]
+        on = present.reshape(-1)[rows]
+        start = offsets[v_of]
+        end = torch.where(on, start + counts[v_of], start)
+        excl = cpos[self_pos[rows]]  # self, in the candidates' order
+        row_c, _ = core.sim_lse(Z, Zg, scale, row_index=rows, col_index=cols, col_start=start, col_end=end,
+                                exclude=excl, backend=backend)
+        term = on & (counts[v_of] >= 2)  # else the row's set is empty (-inf): left out
+        vals = torch.where(term, row_c, 0)
+        flat = torch.zeros(V * n, dtype=vals.dtype, device=vals.device).index_put((rows,), vals)
+        unif = unif + flat.view(V, n).sum(0)
     ok = present.T[:, :, None] & present.T[:, None, :] & torch.ones(V, V, dtype=torch.bool, device=U.device).triu(1)
     align = _pair_lse(U, scale, ok)
     values = torch.where(counted, unif, 0) - torch.where(counted, align, 0)

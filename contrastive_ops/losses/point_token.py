@@ -35,7 +35,10 @@ accumulate in fp32 (float64 for float64 inputs).
 Fused composition
 -----------------
 The co-masked tokens are listed once, in (b, i) order, as indices into the
-flattened (B·G, D) features: ``idx``.  Both LSE directions are the row and
+flattened (B·G, D) features: ``idx``, followed by the other tokens, which
+get an empty candidate range (a list of static length: no host
+synchronization under ``torch.compile``; see
+``contrastive_ops.losses._present_first``).  Both LSE directions are the row and
 the column LSE of the *same* similarity ``s(f̂1[idx], f̂2[idx])``, restricted
 to the block diagonal of clouds for "cloud" (anchor k of cloud b may see the
 compacted range ``[start_b, end_b)``) or to everything for "batch": one call
@@ -58,6 +61,7 @@ import torch.nn.functional as F
 
 from .. import _checks, backends, core
 from ..distributed import GlobalBatch, reduce
+from ._present_first import present_list
 
 Tensor = torch.Tensor
 
@@ -192,9 +196,11 @@ def _fused_point_token_contrast(
     composition without a kernel).  The cosine modes need no core and run the
     same code on every backend.
 
-    Host synchronization: "infonce" calls ``torch.nonzero`` once to list the
-    co-masked tokens, whose number fixes the size of the index lists.  The
-    cosine modes do not synchronize.
+    No host synchronization under ``torch.compile``: "infonce" lists every
+    token, the co-masked ones first, in a list of static length B·G (see
+    ``contrastive_ops.losses._present_first``); in eager mode the list is cut
+    after the co-masked tokens (one read of |S|).  The cosine modes never
+    synchronize.
     """
     if process_group is not None:
         return _fused_distributed(f1, f2, mask1, mask2, inv_t, mode=mode, pairing=pairing, negatives=negatives,
@@ -217,22 +223,21 @@ def _fused_point_token_contrast(
     inv_t = inv_t.to(dt)
     pos = (u * v).sum(-1).reshape(B * G) * inv_t  # s(f1_bi, f2_bi) for every token
     Sf = S.reshape(B * G)
-    idx = torch.nonzero(Sf).squeeze(1)  # the one host sync: |S| sizes the index lists
-    n = idx.shape[0]
-    if n == 0:
-        # 0, attached to f1, f2 and the temperature, with zero gradients.
-        return torch.where(Sf, pos, torch.zeros_like(pos)).sum()
-
+    # Co-masked tokens first, in (b, i) order, then the others (static length; see _present_first).
+    idx, _, n = present_list(Sf)
+    on = Sf[idx]
     if negatives == "cloud":
-        # idx lists tokens in (b, i) order, so cloud b's co-masked tokens are
-        # the contiguous compacted range [start_b, end_b).
+        # Cloud b's co-masked tokens are the contiguous range [start_b, end_b) of the list.
         per_cloud = S.sum(1)  # (B,)
         end = per_cloud.cumsum(0)
         start = end - per_cloud
         cloud = torch.div(idx, G, rounding_mode="floor")
-        col_start, col_end = start[cloud], end[cloud]
+        col_start = start[cloud]
+        col_end = torch.where(on, end[cloud], col_start)
     else:
-        col_start = col_end = None
+        col_start, col_end = None, torch.where(on, n, 0)
+    # Tokens outside S get an empty range: -inf row LSEs (dropped below); they are in no range,
+    # so their column LSEs are -inf too and they enter no other token's LSE.
 
     # Kernels take features in the input dtype; normalization stays in dt.
     q = u.to(f1.dtype).reshape(B * G, D)
@@ -244,7 +249,8 @@ def _fused_point_token_contrast(
     )
     # Row LSE: anchor f1_k over its candidates f2_j (f1 → f2); column LSE of
     # the same matrix: anchor f2_k over f1_i (f2 → f1).  Same positive.
-    per = 0.5 * (lse12.to(dt) + lse21.to(dt)) - pos[idx]
+    per = torch.where(on, 0.5 * (lse12.to(dt) + lse21.to(dt)) - pos[idx], 0)
+    # An empty S gives 0, attached to f1, f2 and the temperature, with zero gradients.
     return per.sum() / count
 
 
@@ -339,7 +345,9 @@ def point_token_contrast(
         S         ■ · · ■ ·      tokens 0 and 3 are contrasted
 
     The maths is in the module docstring of ``contrastive_ops.losses.point_token``.
-    The fused backends call ``torch.nonzero`` once (one host sync) for "infonce".
+    Compiles with ``torch.compile(fullgraph=True)`` on the kernel backends
+    (the index lists have a static length); in eager mode "infonce" reads |S|
+    once (one host sync) to cut them to the co-masked tokens.
     """
     _check_args(f1, f2, mask1, mask2, mode, pairing, negatives, backend)
     inv_t = _checks.inv_temperature(temperature, f1)
