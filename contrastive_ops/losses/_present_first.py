@@ -19,10 +19,13 @@ LSE.  The length (``present.numel()``) is static.
 
 Length kept (:func:`kept`).  Under ``torch.compile`` the whole list is passed
 to the core.  In eager mode the list is cut after its last present item (at
-least one entry): one host read of ``P``.  The absent tail changes no value,
-but the CPU kernels would still spend time on it (the row blocks are shared
-out between threads by count, not by work, and the symmetric Gram path visits
-every tile pair), so eager keeps the cost of the compacted list.  Setting
+least one entry): one host read of ``P``.  The absent tail changes no value
+and the CPU kernels skip its tiles (row blocks are shared out between threads
+by work, and the symmetric Gram path visits only tile pairs with an allowed
+entry), but gathering its rows and composing the loss over them still costs:
+measured on 2 cores, whole lists take 0–5 % longer for the masked multi-view
+losses (N = 2048, V = 4, a quarter of the views missing) and 25–30 % longer for
+point-token InfoNCE (B = 128, G = 64, 36 % co-masked).  Setting
 ``STATIC = True`` passes the whole list in eager mode too (tests use it to run
 the static lists through every kernel backend).
 """

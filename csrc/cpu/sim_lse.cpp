@@ -629,13 +629,44 @@ inline bool same_rows(const Tensor& q, const Tensor& k, const OptTensor& ri, con
   return ri ? is_identity(*ri, k.size(0)) : is_identity(*ci, q.size(0));
 }
 
-// Tile pairs (I, J), I <= J, of nb blocks in row-major order.
-inline std::vector<std::pair<int32_t, int32_t>> tile_pairs(int64_t nb) {
+// Tile pairs (I, J), I <= J, of the nb symmetric blocks, in row-major order, that hold an allowed
+// entry: the columns some row of I allows meet block J, or those of a row of J meet block I.  The
+// others contribute to no row (e.g. absent items listed last, with empty ranges, see
+// losses/_present_first.py), so the parts share only the live pairs.
+inline std::vector<std::pair<int32_t, int32_t>> tile_pairs(const Masks& mk, int64_t B, int64_t nb) {
+  std::vector<std::pair<int64_t, int64_t>> allowed(nb);
+  for (int64_t I = 0; I < nb; ++I) allowed[I] = block_col_range(mk, I * kSymBlock, std::min(kSymBlock, B - I * kSymBlock));
+  auto meets = [&](int64_t I, int64_t J) {
+    const int64_t c0 = J * kSymBlock, c1 = std::min(B, c0 + kSymBlock);
+    return allowed[I].first < c1 && c0 < allowed[I].second;
+  };
   std::vector<std::pair<int32_t, int32_t>> v;
   v.reserve(nb * (nb + 1) / 2);
   for (int64_t I = 0; I < nb; ++I)
-    for (int64_t J = I; J < nb; ++J) v.emplace_back(int32_t(I), int32_t(J));
+    for (int64_t J = I; J < nb; ++J)
+      if (meets(I, J) || meets(J, I)) v.emplace_back(int32_t(I), int32_t(J));
   return v;
+}
+
+// First row block of each of the P parts (P + 1 entries, the last nb), balanced by work: a block
+// costs its rows × the span of columns they allow, plus 1 (so empty blocks are spread too).  Rows
+// that allow no column cost nothing, so present-first lists with empty ranges for the absent rows
+// keep every thread busy.  Without masks this is the even split of the blocks.
+inline std::vector<int64_t> balanced_blocks(const Masks& mk, int64_t B, int64_t RB, int64_t nb, int64_t P) {
+  std::vector<double> cum(nb + 1, 0.0);
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t r0 = blk * RB, br = std::min(RB, B - r0);
+    const auto [lo, hi] = block_col_range(mk, r0, br);
+    cum[blk + 1] = cum[blk] + double(br) * double(hi - lo) + 1.0;
+  }
+  std::vector<int64_t> first(P + 1, nb);
+  first[0] = 0;
+  for (int64_t p = 1; p < P; ++p) {
+    const double target = cum[nb] * double(p) / double(P);
+    const int64_t i = int64_t(std::lower_bound(cum.begin(), cum.end(), target) - cum.begin());
+    first[p] = std::clamp<int64_t>(i, first[p - 1], nb);
+  }
+  return first;
 }
 
 // Column-view mask arrays of rows gj0 .. gj0+n-1 (see ColView).
@@ -690,6 +721,7 @@ void fwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T scal
   const int64_t Mc = want_col ? M : 0;
   std::vector<T> cm(P * Mc, fast ? R : neg_inf<T>()), cs(P * Mc, T(0));
   const RowRange rr(mk);
+  const auto first = balanced_blocks(mk, B, RB, nb, P);
   run_parts(P, [&](int64_t p) {
     std::vector<T> gbuf(std::min(B, RB) * std::min(M, kColBlock));
     std::vector<T> rm(RB), rs(RB);
@@ -697,8 +729,7 @@ void fwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T scal
     T* pcm = cm.data() + p * Mc;
     T* pcs = cs.data() + p * Mc;
     T* g = gbuf.data();
-    auto [b0, b1] = part_range(p, P, nb);
-    for (int64_t blk = b0; blk < b1; ++blk) {
+    for (int64_t blk = first[p]; blk < first[p + 1]; ++blk) {
       const int64_t r0 = blk * RB, br = std::min(RB, B - r0);
       auto [lo, hi] = block_col_range(mk, r0, br);
       std::fill(rm.begin(), rm.end(), fast ? R : neg_inf<T>());
@@ -767,7 +798,7 @@ void fwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T scal
 template <typename T>
 void fwd_symmetric(const T* Z, int64_t B, int64_t D, T scale, T R, const Masks& mk, T* row_lse) {
   const int64_t nb = (B + kSymBlock - 1) / kSymBlock;
-  const auto pairs = tile_pairs(nb);
+  const auto pairs = tile_pairs(mk, B, nb);
   const int64_t np = int64_t(pairs.size());
   const int64_t P = num_parts(np, std::numeric_limits<int64_t>::max());
   std::vector<T> rs(P * B, T(0));
@@ -860,14 +891,14 @@ double bwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T sc
   std::vector<T> dk_extra((P - 1) * M * D, T(0));
   std::vector<double> dsc(P, 0.0);
   const RowRange rr(mk);
+  const auto first = balanced_blocks(mk, B, RB, nb, P);
   run_parts(P, [&](int64_t p) {
     std::vector<T> gbuf(std::min(B, RB) * std::min(M, kColBlock));
     std::vector<int64_t> hb(std::max<int64_t>(rr.E, 1));
     T* g = gbuf.data();
     T* dKp = p == 0 ? dK : dk_extra.data() + (p - 1) * M * D;
     double dot_total = 0;
-    auto [b0, b1] = part_range(p, P, nb);
-    for (int64_t blk = b0; blk < b1; ++blk) {
+    for (int64_t blk = first[p]; blk < first[p + 1]; ++blk) {
       const int64_t r0 = blk * RB, br = std::min(RB, B - r0);
       auto [lo, hi] = block_col_range(mk, r0, br);
       for (int64_t c0 = lo; c0 < hi; c0 += kColBlock) {
@@ -916,7 +947,7 @@ double bwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T sc
 template <typename T>
 double bwd_symmetric(const T* Z, int64_t B, int64_t D, T scale, T R, const Masks& mk, const T* a, T* dZ) {
   const int64_t nb = (B + kSymBlock - 1) / kSymBlock;
-  const auto pairs = tile_pairs(nb);
+  const auto pairs = tile_pairs(mk, B, nb);
   const int64_t np = int64_t(pairs.size());
   const int64_t P = num_parts(np, std::max<int64_t>(2, B / std::max<int64_t>(8 * D, 1)));
   std::vector<T> dz_extra((P - 1) * B * D, T(0));
