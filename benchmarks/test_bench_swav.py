@@ -147,11 +147,12 @@ def test_bench_sinkhorn(benchmark, provider, B):
 def test_bench_swav_loss(benchmark, provider, B):
     """Forward + backward, two large crops (codes) and two small crops (predictions only)."""
     fn = _loss_fn(provider)
-    base = [_scores(B, seed=s) for s in range(4)]
+    crops = [_scores(B, seed=s).requires_grad_() for s in range(4)]
     benchmark.group = f"swav_loss fwd+bwd K={K} B={B} 4 crops {DEVICE.type}"
 
     def run():
-        crops = [b.clone().requires_grad_() for b in base]
+        for c in crops:
+            c.grad = None
         fn(crops).backward()
         _sync()
 

@@ -283,7 +283,29 @@ def _scores():
     return _f((6, 5), torch.float32, False, 6).clamp(-1, 1)
 
 
+def _swav_ce_fwd_samples(grad):
+    out = []
+    for dt, acc in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        x = _f((5, 7), dt, grad, 7)
+        t = torch.softmax(_f((5, 7), acc, False, 8), 1)
+        out.append((x, t, torch.tensor(10.0, dtype=acc, device=DEVICE).requires_grad_(grad)))
+    return out
+
+
+def _swav_ce_bwd_samples():
+    out = []
+    for x, t, s in _swav_ce_fwd_samples(False):
+        _, lse = torch.ops.contrastive_ops.swav_ce_fwd(x, t, s)
+        out.append((x, t, s, lse, torch.tensor(0.7, dtype=t.dtype, device=DEVICE)))
+    return out
+
+
+# Ops with kernels on CPU tensors only.
+CPU_ONLY = {"swav_ce_fwd", "swav_ce_bwd"}
+
 SAMPLES = {
+    "swav_ce_fwd": lambda q, grad: _swav_ce_fwd_samples(grad),
+    "swav_ce_bwd": lambda q, grad: _swav_ce_bwd_samples(),
     "sim_lse_fwd": lambda q, grad: _sim_lse_fwd_samples(grad),
     "sim_lse_bwd": lambda q, grad: _sim_lse_bwd_samples(q.replace("sim_lse_bwd", "sim_lse_fwd")),
     "siglip_fwd": lambda q, grad: _siglip_fwd_samples(grad),
@@ -295,7 +317,7 @@ SAMPLES = {
                                        (_scores(), 0.05, torch.randn(5, device=DEVICE), False)],
 }
 # Ops whose autograd formula is registered on the op itself (inputs may require grad).
-DIFFERENTIABLE = {"contrastive_ops::sim_lse_fwd", "contrastive_ops::siglip_fwd"}
+DIFFERENTIABLE = {"contrastive_ops::sim_lse_fwd", "contrastive_ops::siglip_fwd", "contrastive_ops::swav_ce_fwd"}
 
 
 def _opcheck_params():
@@ -313,6 +335,8 @@ def _opcheck_params():
 def test_opcheck(qualname):
     ns, name = qualname.split("::")
     assert name in SAMPLES, f"no opcheck sample inputs for {qualname}: add a builder to SAMPLES in {__file__}"
+    if name in CPU_ONLY and DEVICE.type != "cpu":
+        pytest.skip(f"{qualname} has CPU kernels only")
     if ns == "contrastive_ops_triton":
         if INTERPRETED and DEVICE.type == "cuda":
             pytest.skip("TRITON_INTERPRET with a GPU: the Triton ops run on CPU tensors here")

@@ -208,6 +208,61 @@ def test_cpu_scaling_form(dtype, B, K, iterations):
     _close_to_log_answer(got, scores.float(), 0.05, iterations)
 
 
+def _swav_ce_prim():
+    from contrastive_ops.backends import _cext
+
+    ok, why = _cext.availability("cpu")
+    if not ok:
+        pytest.skip(f"cpu backend: {why}")
+    return _cext.SWAV_CE
+
+
+@pytest.mark.parametrize("dtype", (torch.float64,) + LOW, ids=str)
+@pytest.mark.parametrize("B,K", [(1, 1), (3, 17), (37, 3000), (130, 50)])
+def test_cpu_swav_ce_matches_cross_entropy(dtype, B, K):
+    """The fused swapped-prediction cross-entropy (value, dx, dscale) against F.cross_entropy with soft targets."""
+    prim = _swav_ce_prim()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(B * K)
+    x = (torch.randn(B, K, generator=g) * 3).to(dtype).requires_grad_()
+    t = torch.softmax(torch.randn(B, K, generator=g, dtype=acc) * 2, 1) * 2  # two assigned crops: rows sum to 2
+    scale = torch.tensor(10.0, dtype=acc, requires_grad=True)
+    with helpers.nan_filled_memory():
+        out = prim.forward(x, t, scale)
+        dx, ds = torch.autograd.grad(out * 0.7, (x, scale))
+    xx = x.detach().to(acc).requires_grad_()
+    ss = scale.detach().clone().requires_grad_()
+    ref = F.cross_entropy(xx * ss, t, reduction="sum")
+    rdx, rds = torch.autograd.grad(ref * 0.7, (xx, ss))
+    tol = TOL[acc]
+    torch.testing.assert_close(out, ref.detach(), rtol=tol["rtol"], atol=tol["atol"] * B)
+    assert dx.dtype == dtype
+    torch.testing.assert_close(dx, rdx.to(dtype), **TOL[dtype])
+    torch.testing.assert_close(ds, rds, rtol=tol["rtol"], atol=tol["atol"] * B)
+
+
+def test_cpu_swav_ce_gradcheck():
+    prim = _swav_ce_prim()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.softmax(torch.randn(6, 9, generator=g, dtype=torch.float64), 1)
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, s: prim.forward(x, t, s), (x, s))
+
+
+def test_swav_loss_cpu_uses_the_fused_cross_entropy(monkeypatch):
+    """swav_loss on the cpu backend runs the fused cross-entropy, once per predicting crop."""
+    prim = _swav_ce_prim()
+    calls = []
+    real = prim.forward
+    monkeypatch.setattr(prim, "forward", lambda *a: calls.append(a) or real(*a))
+    crops = [cosine_scores(9, 11, seed=s).requires_grad_() for s in range(3)]
+    got = co.swav_loss(crops, 0.1, backend="cpu")
+    assert len(calls) == 3
+    ref = co.swav_loss([c.detach() for c in crops], 0.1, backend="reference")
+    torch.testing.assert_close(got, ref, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("iterations", [1, 3])
 @pytest.mark.parametrize("case", ["low_row", "wide_spread"])
 def test_cpu_falls_back_to_log_domain(case, iterations):

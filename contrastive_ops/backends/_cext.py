@@ -17,6 +17,8 @@ Primitive contracts (all tensors on one device):
              return the whole gradient of that tensor (dq + dk) in ``dq`` and zeros in ``dk`` (the CPU
              kernel does, computing each pair of the symmetric Gram once); autograd sums the two anyway.
 ``sinkhorn`` see ``backends._cext_sinkhorn`` and ``losses.swav``.
+``swav_ce``  (``cpu`` only) ``forward(x, t, scale) -> 0-dim`` Σ_b of F.cross_entropy(scale·x, t) with soft targets
+             t, differentiable in x and scale (``csrc/cpu/swav_ce.cpp``).
 ``siglip``   ``forward(x, y, scale, bias) -> 0-dim`` Σ_ij softplus(−z_ij·(scale·x_i·y_j + bias)), z = 2I − 1
              (``losses.siglip.siglip_sum_reference``), fp32 (float64 for float64);
              ``backward(x, y, scale, bias, grad) -> (dx like x, dy like y, dscale like scale, dbias like bias)``
@@ -107,6 +109,18 @@ def _fake_siglip_bwd(x, y, scale, bias, grad):
     return x.new_empty(x.shape), y.new_empty(y.shape), scale.new_empty(()), bias.new_empty(())
 
 
+def _fake_swav_ce_fwd(x, t, scale):
+    torch._check(x.dim() == 2, lambda: f"swav_ce_fwd: x must be 2-D, got {x.shape}")
+    torch._check(t.shape == x.shape, lambda: f"swav_ce_fwd: t {t.shape} must have the shape of x {x.shape}")
+    torch._check(scale.dim() == 0, lambda: "swav_ce_fwd: scale must be 0-dim")
+    return t.new_empty(()), t.new_empty((x.shape[0],))
+
+
+def _fake_swav_ce_bwd(x, t, scale, lse, grad):
+    torch._check(t.shape == x.shape, lambda: f"swav_ce_bwd: t {t.shape} must have the shape of x {x.shape}")
+    return x.new_empty(x.shape), t.new_empty(())
+
+
 # ---------------------------------------------------------------- autograd of the forward ops
 
 
@@ -136,6 +150,18 @@ def _siglip_backward(ctx, grad):
     return tuple(torch.ops.contrastive_ops.siglip_bwd(x, y, scale, bias, grad))
 
 
+def _swav_ce_setup(ctx, inputs, output):
+    x, t, scale = inputs
+    ctx.save_for_backward(x, t, scale, output[1])
+
+
+def _swav_ce_backward(ctx, grad, _grad_lse):
+    # lse is a by-product saved for this backward; it carries no gradient.
+    x, t, scale, lse = ctx.saved_tensors
+    dx, dscale = torch.ops.contrastive_ops.swav_ce_bwd(x, t, scale, lse, grad)
+    return dx, None, dscale
+
+
 def _register() -> None:
     lib = "contrastive_ops::"
     torch.library.register_fake(lib + "sim_lse_fwd", _fake_sim_lse_fwd)
@@ -144,6 +170,9 @@ def _register() -> None:
     torch.library.register_fake(lib + "siglip_bwd", _fake_siglip_bwd)
     torch.library.register_autograd(lib + "sim_lse_fwd", _sim_lse_backward, setup_context=_sim_lse_setup)
     torch.library.register_autograd(lib + "siglip_fwd", _siglip_backward, setup_context=_siglip_setup)
+    torch.library.register_fake(lib + "swav_ce_fwd", _fake_swav_ce_fwd)
+    torch.library.register_fake(lib + "swav_ce_bwd", _fake_swav_ce_bwd)
+    torch.library.register_autograd(lib + "swav_ce_fwd", _swav_ce_backward, setup_context=_swav_ce_setup)
     _cext_sinkhorn.register_fakes()
 
 
@@ -180,4 +209,18 @@ class SigLIP:
         return torch.ops.contrastive_ops.siglip_bwd(x, y, scale, bias, grad)
 
 
+class SwAVCE:
+    """Primitive ``"swav_ce"`` (CPU kernels only): Σ_b of the soft-target cross-entropy of scale·x against t.
+
+    ``forward(x, t, scale) -> 0-dim`` (t and scale in the accumulation dtype),
+    differentiable in x and scale; see ``csrc/cpu/swav_ce.cpp``.
+    """
+
+    @staticmethod
+    def forward(x, t, scale):
+        ensure_loaded()
+        return torch.ops.contrastive_ops.swav_ce_fwd(x, t, scale)[0]
+
+
 PRIMITIVES = {"sim_lse": SimLSE(), "siglip": SigLIP(), "sinkhorn": _cext_sinkhorn.SINKHORN}
+SWAV_CE = SwAVCE()

@@ -4,13 +4,15 @@ Similarity-LSE core: each thread owns row blocks (or tile pairs of the
 symmetric Gram when q is k), runs single-threaded BLAS GEMMs on cache-sized
 tiles with fused, vectorized epilogues and keeps its own column partials
 (``csrc/cpu/sim_lse.cpp``).  SigLIP: tiled GEMMs through ATen with
-multithreaded epilogues.  Never stores the B×M similarity matrix.
+multithreaded epilogues.  Never stores the B×M similarity matrix.  SwAV: the
+Sinkhorn codes and the swapped-prediction cross-entropy (``"swav_ce"``), each
+one pass per row.
 """
 from __future__ import annotations
 
 from . import _cext
 
-PRIMITIVES = _cext.PRIMITIVES
+PRIMITIVES = {**_cext.PRIMITIVES, "swav_ce": _cext.SWAV_CE}
 
 
 def availability():

@@ -301,6 +301,18 @@ def _sinkhorn(name: str, scores: Tensor, epsilon: float, iterations: int, proces
         return sinkhorn_steps(prim.col_lse, prim.codes, scores, epsilon, iterations, process_group)
 
 
+def _swapped_ce(name: str, tau: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """mean_b of the soft-target cross-entropy of crop/τ against t: the backend's fused ``"swav_ce"``
+    primitive where it has one (one pass per row, no log-softmax buffer), else ``F.cross_entropy``."""
+    try:
+        fused = backends.primitive(name, "swav_ce")
+    except KeyError:  # a backend without the primitive
+        fused = None
+    if fused is not None:
+        return lambda crop, t: fused.forward(crop.contiguous(), t.contiguous(), 1.0 / tau) / crop.shape[0]
+    return lambda crop, t: F.cross_entropy(crop.to(t.dtype) / tau, t, reduction="mean")
+
+
 # --------------------------------------------------------------------------- public functions
 
 
@@ -339,12 +351,19 @@ def swav_loss(scores, temperature=0.1, *, crops_for_assign=(0, 1), epsilon=0.05,
         return swav_loss_reference(crops, temperature, assign, eps, iters, process_group)
     dt = acc_dtype(crops[0].dtype)
     q = {a: _sinkhorn(name, crops[a], eps, iters, process_group) for a in assign}
-    # Σ_a Σ_{v≠a} CE(scores[v], q_a) = Σ_v CE(scores[v], Σ_{a≠v} q_a): one log_softmax per crop.
+    ce = _swapped_ce(name, tau)
+    # Σ_a Σ_{v≠a} CE(scores[v], q_a) = Σ_v CE(scores[v], Σ_{a≠v} q_a): one pass per crop; the crops
+    # outside crops_for_assign share one target, summed once.
     loss = torch.zeros((), dtype=dt, device=crops[0].device)
+    target_of = {}
     for v, crop in enumerate(crops):
-        targets = [q[a] for a in assign if a != v]
-        if not targets:
+        others = tuple(a for a in assign if a != v)
+        if not others:
             continue
-        target = targets[0] if len(targets) == 1 else torch.stack(targets).sum(0)
-        loss = loss + F.cross_entropy(crop.to(dt) / tau, target.to(dt), reduction="mean")
+        if others not in target_of:
+            target = q[others[0]].to(dt)
+            for a in others[1:]:
+                target = target + q[a]
+            target_of[others] = target
+        loss = loss + ce(crop, target_of[others])
     return loss / ((len(crops) - 1) * len(assign)) * _share_of_global_mean(crops[0], process_group)

@@ -1,0 +1,229 @@
+// The swapped-prediction cross-entropy of SwAV with soft targets, fused: CPU kernels.
+//
+// For predictions x (B, K) (any float dtype), targets t (B, K) and scale s = 1/τ
+// (t and s in the accumulation type: fp32, float64 for float64 x):
+//
+//     swav_ce_fwd:  loss = Σ_b [T_b·lse_b − s·Σ_k t_bk·x_bk],   T_b = Σ_k t_bk,
+//                   lse_b = LSE_k(s·x_bk)                        -> (loss 0-dim, lse (B,))
+//     swav_ce_bwd:  dx_bk = g·s·(T_b·exp(s·x_bk − lse_b) − t_bk)
+//                   ds    = g·Σ_b [T_b·Σ_k p_bk·x_bk − Σ_k t_bk·x_bk],  p_bk = exp(s·x_bk − lse_b)
+//
+// which is Σ_b of F.cross_entropy(s·x, t, reduction="none") (soft targets).
+// One pass per row and direction, the row in L1: the forward reads x and t
+// once (no log_softmax buffer), the backward reads them once more and writes
+// dx.  Rows are split into one chunk per thread; the 0-dim sums are reduced in
+// chunk order (bitwise reproducible for a fixed thread count).  lse is a
+// by-product saved for the backward and carries no gradient.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "fastmath.h"
+
+namespace contrastive_ops {
+namespace swav_ce_cpu {
+namespace {
+
+constexpr int64_t kLanes = 16;  // independent accumulators: vectorized reductions without reassociation
+
+// max_k s·x[k]; also Σ t[k] and Σ t[k]·x[k].
+template <typename T>
+CO_INLINE T row_stats_t(const T* x, const T* t, int64_t K, T s, T* tsum, T* txsum) {
+  T m[kLanes], a[kLanes] = {}, b[kLanes] = {};
+  for (int64_t j = 0; j < kLanes; ++j) m[j] = -std::numeric_limits<T>::infinity();
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const T y = s * x[k + j];
+      m[j] = y > m[j] ? y : m[j];
+      a[j] += t[k + j];
+      b[j] += t[k + j] * x[k + j];
+    }
+  T mx = -std::numeric_limits<T>::infinity(), ta = 0, tb = 0;
+  for (; k < K; ++k) {
+    const T y = s * x[k];
+    mx = y > mx ? y : mx;
+    ta += t[k];
+    tb += t[k] * x[k];
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    mx = m[j] > mx ? m[j] : mx;
+    ta += a[j];
+    tb += b[j];
+  }
+  *tsum = ta;
+  *txsum = tb;
+  return mx;
+}
+
+// Σ_k exp(s·x[k] − m).
+template <typename T>
+CO_INLINE T sum_exp_t(const T* x, int64_t K, T s, T m) {
+  T a[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) a[j] += fastmath::fast_exp(s * x[k + j] - m);
+  T r = 0;
+  for (; k < K; ++k) r += fastmath::fast_exp(s * x[k] - m);
+  for (int64_t j = 0; j < kLanes; ++j) r += a[j];
+  return r;
+}
+
+// dx[k] = c·(T·p[k] − t[k]), p[k] = exp(s·x[k] − lse); returns Σ p[k]·x[k].
+template <typename T>
+CO_INLINE T grad_row_t(const T* x, const T* t, T* dx, int64_t K, T s, T lse, T Tb, T c) {
+  T a[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const T p = fastmath::fast_exp(s * x[k + j] - lse);
+      dx[k + j] = c * (Tb * p - t[k + j]);
+      a[j] += p * x[k + j];
+    }
+  T r = 0;
+  for (; k < K; ++k) {
+    const T p = fastmath::fast_exp(s * x[k] - lse);
+    dx[k] = c * (Tb * p - t[k]);
+    r += p * x[k];
+  }
+  for (int64_t j = 0; j < kLanes; ++j) r += a[j];
+  return r;
+}
+
+// float: one clone per ISA (fastmath.h); double: the templates.
+CO_MULTIVERSION float row_stats(const float* x, const float* t, int64_t K, float s, float* ts, float* txs) {
+  return row_stats_t(x, t, K, s, ts, txs);
+}
+CO_MULTIVERSION float sum_exp(const float* x, int64_t K, float s, float m) { return sum_exp_t(x, K, s, m); }
+CO_MULTIVERSION float grad_row(const float* x, const float* t, float* dx, int64_t K, float s, float lse, float Tb,
+                               float c) {
+  return grad_row_t(x, t, dx, K, s, lse, Tb, c);
+}
+inline double row_stats(const double* x, const double* t, int64_t K, double s, double* ts, double* txs) {
+  return row_stats_t(x, t, K, s, ts, txs);
+}
+inline double sum_exp(const double* x, int64_t K, double s, double m) { return sum_exp_t(x, K, s, m); }
+inline double grad_row(const double* x, const double* t, double* dx, int64_t K, double s, double lse, double Tb,
+                       double c) {
+  return grad_row_t(x, t, dx, K, s, lse, Tb, c);
+}
+
+// Row chunks, one per thread (at least one row each): part p owns rows [B·p/P, B·(p+1)/P).
+template <class F>
+int64_t run_rows(int64_t B, const F& f) {
+  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) f(p, B * p / P, B * (p + 1) / P);
+  });
+  return P;
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_args(const at::Tensor& x, const at::Tensor& t, const at::Tensor& scale, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (B, K), got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) > 0, op, ": x must have K >= 1 columns, got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": t must have the shape of x ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc_type(x.scalar_type()), op, ": t must be ", acc_type(x.scalar_type()),
+              " for x of dtype ", x.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(scale.dim() == 0 && scale.scalar_type() == t.scalar_type(), op, ": scale must be a 0-dim ",
+              t.scalar_type(), " tensor, got shape ", scale.sizes(), " and dtype ", scale.scalar_type());
+}
+
+// x rows in the accumulation type: the tensor itself, or an upcast copy for fp16/bf16.
+at::Tensor acc_rows(const at::Tensor& x) { return x.contiguous().to(acc_type(x.scalar_type())); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> swav_ce_fwd(const at::Tensor& x_in, const at::Tensor& t_in,
+                                               const at::Tensor& scale) {
+  check_args(x_in, t_in, scale, "swav_ce_fwd");
+  const at::Tensor x = acc_rows(x_in), t = t_in.contiguous();
+  const int64_t B = x.size(0), K = x.size(1);
+  at::Tensor lse = at::empty({B}, t.options());
+  at::Tensor loss = at::empty({}, t.options());
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "swav_ce_fwd", [&] {
+    using T = scalar_t;
+    const T s = scale.item<T>();
+    const T* X = x.data_ptr<T>();
+    const T* Tt = t.data_ptr<T>();
+    T* L = lse.data_ptr<T>();
+    std::vector<double> part(std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads())), 0.0);
+    const int64_t P = run_rows(B, [&](int64_t p, int64_t r0, int64_t r1) {
+      double acc = 0;
+      for (int64_t b = r0; b < r1; ++b) {
+        T ts, txs;
+        const T m = row_stats(X + b * K, Tt + b * K, K, s, &ts, &txs);
+        const T l = std::isfinite(m) ? m + std::log(sum_exp(X + b * K, K, s, m)) : m;
+        L[b] = l;
+        acc += double(ts * l - s * txs);
+      }
+      part[p] = acc;
+    });
+    double total = 0;
+    for (int64_t p = 0; p < P; ++p) total += part[p];
+    loss.fill_(total);
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> swav_ce_bwd(const at::Tensor& x_in, const at::Tensor& t_in,
+                                               const at::Tensor& scale, const at::Tensor& lse_in,
+                                               const at::Tensor& grad) {
+  check_args(x_in, t_in, scale, "swav_ce_bwd");
+  TORCH_CHECK(lse_in.dim() == 1 && lse_in.size(0) == x_in.size(0), "swav_ce_bwd: lse must have shape (",
+              x_in.size(0), ",), got ", lse_in.sizes());
+  TORCH_CHECK(grad.dim() == 0, "swav_ce_bwd: grad must be 0-dim, got shape ", grad.sizes());
+  const at::Tensor x = acc_rows(x_in), t = t_in.contiguous();
+  const at::Tensor lse = lse_in.to(t.scalar_type()).contiguous();
+  const int64_t B = x.size(0), K = x.size(1);
+  at::Tensor dx = at::empty({B, K}, t.options());
+  at::Tensor dscale = at::empty({}, t.options());
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "swav_ce_bwd", [&] {
+    using T = scalar_t;
+    const T s = scale.item<T>(), g = grad.to(t.scalar_type()).item<T>();
+    const T* X = x.data_ptr<T>();
+    const T* Tt = t.data_ptr<T>();
+    const T* L = lse.data_ptr<T>();
+    T* DX = dx.data_ptr<T>();
+    std::vector<double> part(std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads())), 0.0);
+    const int64_t P = run_rows(B, [&](int64_t p, int64_t r0, int64_t r1) {
+      double acc = 0;
+      for (int64_t b = r0; b < r1; ++b) {
+        T ts, txs;
+        row_stats(X + b * K, Tt + b * K, K, s, &ts, &txs);
+        const T px = grad_row(X + b * K, Tt + b * K, DX + b * K, K, s, L[b], ts, g * s);
+        acc += double(ts * px - txs);
+      }
+      part[p] = acc;
+    });
+    double total = 0;
+    for (int64_t p = 0; p < P; ++p) total += part[p];
+    dscale.fill_(double(g) * total);
+  });
+  return {dx.to(x_in.scalar_type()), dscale};
+}
+
+}  // namespace swav_ce_cpu
+}  // namespace contrastive_ops
+
+TORCH_LIBRARY_FRAGMENT(contrastive_ops, m) {
+  // Σ_b of the soft-target cross-entropy of scale·x against t (see csrc/cpu/swav_ce.cpp): (0-dim, lse (B,)).
+  m.def("swav_ce_fwd(Tensor x, Tensor t, Tensor scale) -> (Tensor, Tensor)");
+  // (dx like x, dscale 0-dim) for the 0-dim gradient grad of the forward's loss.
+  m.def("swav_ce_bwd(Tensor x, Tensor t, Tensor scale, Tensor lse, Tensor grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(contrastive_ops, CPU, m) {
+  m.impl("swav_ce_fwd", &contrastive_ops::swav_ce_cpu::swav_ce_fwd);
+  m.impl("swav_ce_bwd", &contrastive_ops::swav_ce_cpu::swav_ce_bwd);
+}
