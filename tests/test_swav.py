@@ -208,59 +208,86 @@ def test_cpu_scaling_form(dtype, B, K, iterations):
     _close_to_log_answer(got, scores.float(), 0.05, iterations)
 
 
-def _swav_ce_prim():
+def _swav_ce_cext(device="cpu"):
     from contrastive_ops.backends import _cext
 
-    ok, why = _cext.availability("cpu")
+    ok, why = _cext.availability(device)
     if not ok:
-        pytest.skip(f"cpu backend: {why}")
+        pytest.skip(f"{device} backend: {why}")
     return _cext.SWAV_CE
+
+
+def _swav_ce_prims():
+    """(name, primitive getter, device) of every fused swapped-prediction cross-entropy."""
+    return [
+        pytest.param(("cpu", _swav_ce_cext, "cpu"), id="cpu"),
+        pytest.param(("cuda", lambda: _swav_ce_cext("cuda"), "cuda"), id="cuda"),
+        pytest.param(("triton", lambda: _triton_prim() and backends.primitive("triton", "swav_ce"), DEV),
+                     id="triton"),
+    ]
+
+
+@pytest.fixture(params=_swav_ce_prims())
+def swav_ce(request):
+    name, get, device = request.param
+    return name, get(), torch.device(device)
 
 
 @pytest.mark.parametrize("dtype", (torch.float64,) + LOW, ids=str)
 @pytest.mark.parametrize("B,K", [(1, 1), (3, 17), (37, 3000), (130, 50)])
-def test_cpu_swav_ce_matches_cross_entropy(dtype, B, K):
+def test_swav_ce_matches_cross_entropy(swav_ce, dtype, B, K):
     """The fused swapped-prediction cross-entropy (value, dx, dscale) against F.cross_entropy with soft targets."""
-    prim = _swav_ce_prim()
+    name, prim, device = swav_ce
+    if name == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take fp32/fp16/bf16")
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(B * K)
-    x = (torch.randn(B, K, generator=g) * 3).to(dtype).requires_grad_()
-    t = torch.softmax(torch.randn(B, K, generator=g, dtype=acc) * 2, 1) * 2  # two assigned crops: rows sum to 2
-    scale = torch.tensor(10.0, dtype=acc, requires_grad=True)
+    x = (torch.randn(B, K, generator=g) * 3).to(dtype).to(device)
+    t = (torch.softmax(torch.randn(B, K, generator=g, dtype=acc) * 2, 1) * 2).to(device)  # two crops: rows sum to 2
+    scale = torch.tensor(10.0, dtype=acc, device=device)
+    grad = torch.tensor(0.7, dtype=acc, device=device)
     with helpers.nan_filled_memory():
-        out = prim.forward(x, t, scale)
-        dx, ds = torch.autograd.grad(out * 0.7, (x, scale))
+        out, lse = prim.forward(x, t, scale)
+        dx, ds = prim.backward(x, t, scale, lse, grad)
     xx = x.detach().to(acc).requires_grad_()
     ss = scale.detach().clone().requires_grad_()
     ref = F.cross_entropy(xx * ss, t, reduction="sum")
-    rdx, rds = torch.autograd.grad(ref * 0.7, (xx, ss))
+    rdx, rds = torch.autograd.grad(ref * grad, (xx, ss))
     tol = TOL[acc]
     torch.testing.assert_close(out, ref.detach(), rtol=tol["rtol"], atol=tol["atol"] * B)
-    assert dx.dtype == dtype
+    torch.testing.assert_close(lse, torch.logsumexp(xx.detach() * scale, 1), **tol)
+    assert dx.dtype == dtype and dx.shape == x.shape
     torch.testing.assert_close(dx, rdx.to(dtype), **TOL[dtype])
     torch.testing.assert_close(ds, rds, rtol=tol["rtol"], atol=tol["atol"] * B)
 
 
 def test_cpu_swav_ce_gradcheck():
-    prim = _swav_ce_prim()
+    """The C++ ops' own autograd formula (registered on swav_ce_fwd), in float64."""
+    _swav_ce_cext()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 9, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.softmax(torch.randn(6, 9, generator=g, dtype=torch.float64), 1)
     s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, s: prim.forward(x, t, s), (x, s))
+    assert torch.autograd.gradcheck(lambda x, s: torch.ops.contrastive_ops.swav_ce_fwd(x, t, s)[0], (x, s))
 
 
-def test_swav_loss_cpu_uses_the_fused_cross_entropy(monkeypatch):
-    """swav_loss on the cpu backend runs the fused cross-entropy, once per predicting crop."""
-    prim = _swav_ce_prim()
+def test_swav_loss_uses_the_fused_cross_entropy(swav_ce, monkeypatch):
+    """swav_loss on a backend with the primitive runs it once per predicting crop, with the reference's
+    value and gradients (crops and a tensor temperature)."""
+    name, prim, device = swav_ce
     calls = []
     real = prim.forward
     monkeypatch.setattr(prim, "forward", lambda *a: calls.append(a) or real(*a))
-    crops = [cosine_scores(9, 11, seed=s).requires_grad_() for s in range(3)]
-    got = co.swav_loss(crops, 0.1, backend="cpu")
+    crops = [cosine_scores(9, 11, seed=s).to(device).requires_grad_() for s in range(3)]
+    tau = torch.tensor(0.1, device=device, requires_grad=True)
+    got = co.swav_loss(crops, tau, backend=name)
     assert len(calls) == 3
-    ref = co.swav_loss([c.detach() for c in crops], 0.1, backend="reference")
+    ref_crops = [c.detach().clone().requires_grad_() for c in crops]
+    ref_tau = tau.detach().clone().requires_grad_()
+    ref = co.swav_loss(ref_crops, ref_tau, backend="reference")
     torch.testing.assert_close(got, ref, **TOL[torch.float32])
+    for a, b in zip(torch.autograd.grad(got, crops + [tau]), torch.autograd.grad(ref, ref_crops + [ref_tau])):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("iterations", [1, 3])

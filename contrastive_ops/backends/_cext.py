@@ -17,8 +17,9 @@ Primitive contracts (all tensors on one device):
              return the whole gradient of that tensor (dq + dk) in ``dq`` and zeros in ``dk`` (the CPU
              kernel does, computing each pair of the symmetric Gram once); autograd sums the two anyway.
 ``sinkhorn`` see ``backends._cext_sinkhorn`` and ``losses.swav``.
-``swav_ce``  (``cpu`` only) ``forward(x, t, scale) -> 0-dim`` Σ_b of F.cross_entropy(scale·x, t) with soft targets
-             t, differentiable in x and scale (``csrc/cpu/swav_ce.cpp``).
+``swav_ce``  ``forward(x, t, scale) -> (0-dim, lse (B,))``: Σ_b of
+             F.cross_entropy(scale·x, t) with soft targets t; ``backward(x, t, scale, lse, grad) -> (dx, dscale)``
+             (``csrc/cpu/swav_ce.cpp``).
 ``siglip``   ``forward(x, y, scale, bias) -> 0-dim`` Σ_ij softplus(−z_ij·(scale·x_i·y_j + bias)), z = 2I − 1
              (``losses.siglip.siglip_sum_reference``), fp32 (float64 for float64);
              ``backward(x, y, scale, bias, grad) -> (dx like x, dy like y, dscale like scale, dbias like bias)``
@@ -210,17 +211,23 @@ class SigLIP:
 
 
 class SwAVCE:
-    """Primitive ``"swav_ce"`` (CPU kernels only): Σ_b of the soft-target cross-entropy of scale·x against t.
+    """Primitive ``"swav_ce"``: Σ_b of the soft-target cross-entropy of scale·x against t.
 
-    ``forward(x, t, scale) -> 0-dim`` (t and scale in the accumulation dtype),
-    differentiable in x and scale; see ``csrc/cpu/swav_ce.cpp``.
+    ``forward(x, t, scale) -> (loss 0-dim, lse (B,))`` and ``backward(x, t, scale, lse, grad) -> (dx like x,
+    dscale)``, t, scale and grad in the accumulation dtype; maths in ``csrc/cpu/swav_ce.cpp`` (CUDA kernels:
+    ``csrc/cuda/swav_ce.cu``).
     """
 
     @staticmethod
     def forward(x, t, scale):
         ensure_loaded()
-        return torch.ops.contrastive_ops.swav_ce_fwd(x, t, scale)[0]
+        return torch.ops.contrastive_ops.swav_ce_fwd(x, t, scale)
+
+    @staticmethod
+    def backward(x, t, scale, lse, grad):
+        ensure_loaded()
+        return torch.ops.contrastive_ops.swav_ce_bwd(x, t, scale, lse, grad)
 
 
-PRIMITIVES = {"sim_lse": SimLSE(), "siglip": SigLIP(), "sinkhorn": _cext_sinkhorn.SINKHORN}
 SWAV_CE = SwAVCE()
+PRIMITIVES = {"sim_lse": SimLSE(), "siglip": SigLIP(), "sinkhorn": _cext_sinkhorn.SINKHORN, "swav_ce": SWAV_CE}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from . import _cext
 
-PRIMITIVES = {**_cext.PRIMITIVES, "swav_ce": _cext.SWAV_CE}
+PRIMITIVES = _cext.PRIMITIVES
 
 
 def availability():

@@ -48,6 +48,12 @@ For each a in ``crops_for_assign``: q_a = codes(scores[a].detach()) and ::
 
     L_a  = Σ_{v≠a} mean_b[−Σ_k q_a[b,k]·log_softmax(scores[v]/τ)[b,k]] / (n_crops − 1)
     loss = mean_a L_a
+
+The fused composition sums the targets per predicting crop (Σ_{a≠v} q_a) and
+runs the kernel primitive ``"swav_ce"`` once per crop: Σ_b [T_b·LSE_k(x_bk/τ) −
+Σ_k t_bk·x_bk/τ] with T_b = Σ_k t_bk, one pass per row in each direction and no
+log-softmax buffer (``csrc/cpu/swav_ce.cpp``, ``csrc/cuda/swav_ce.cu``,
+``backends/_triton/swav_ce.py``).
 """
 from __future__ import annotations
 
@@ -301,15 +307,39 @@ def _sinkhorn(name: str, scores: Tensor, epsilon: float, iterations: int, proces
         return sinkhorn_steps(prim.col_lse, prim.codes, scores, epsilon, iterations, process_group)
 
 
+class _SwappedCE(torch.autograd.Function):
+    """Autograd wrapper of a backend's ``"swav_ce"`` primitive: Σ_b CE(scale·x_b, t_b) with soft targets."""
+
+    @staticmethod
+    def forward(ctx, x, t, scale, backend):
+        prim = backends.primitive(backend, "swav_ce")
+        loss, lse = prim.forward(x, t, scale)
+        ctx.prim = prim
+        ctx.save_for_backward(x, t, scale, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, t, scale, lse = ctx.saved_tensors
+        dx, dscale = ctx.prim.backward(x, t, scale, lse, grad.reshape(()).to(scale.dtype))
+        needs = ctx.needs_input_grad
+        return dx if needs[0] else None, None, dscale if needs[2] else None, None
+
+
+def _has_primitive(name: str, prim: str) -> bool:
+    try:
+        backends.primitive(name, prim)
+    except KeyError:  # a backend without the primitive
+        return False
+    return True
+
+
 def _swapped_ce(name: str, tau: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
     """mean_b of the soft-target cross-entropy of crop/τ against t: the backend's fused ``"swav_ce"``
-    primitive where it has one (one pass per row, no log-softmax buffer), else ``F.cross_entropy``."""
-    try:
-        fused = backends.primitive(name, "swav_ce")
-    except KeyError:  # a backend without the primitive
-        fused = None
-    if fused is not None:
-        return lambda crop, t: fused.forward(crop.contiguous(), t.contiguous(), 1.0 / tau) / crop.shape[0]
+    primitive where it has one (one pass per row and direction, no log-softmax buffer: ``cpu``, ``cuda``
+    and ``triton`` do), else ``F.cross_entropy``."""
+    if _has_primitive(name, "swav_ce"):
+        return lambda crop, t: _SwappedCE.apply(crop.contiguous(), t.contiguous(), 1.0 / tau, name) / crop.shape[0]
     return lambda crop, t: F.cross_entropy(crop.to(t.dtype) / tau, t, reduction="mean")
 
 

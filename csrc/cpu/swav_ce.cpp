@@ -26,6 +26,7 @@
 #include <limits>
 #include <vector>
 
+#include "../swav_ce.h"
 #include "fastmath.h"
 
 namespace contrastive_ops {
@@ -126,27 +127,14 @@ int64_t run_rows(int64_t B, const F& f) {
   return P;
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_args(const at::Tensor& x, const at::Tensor& t, const at::Tensor& scale, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (B, K), got shape ", x.sizes());
-  TORCH_CHECK(x.size(1) > 0, op, ": x must have K >= 1 columns, got shape ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": t must have the shape of x ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == acc_type(x.scalar_type()), op, ": t must be ", acc_type(x.scalar_type()),
-              " for x of dtype ", x.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(scale.dim() == 0 && scale.scalar_type() == t.scalar_type(), op, ": scale must be a 0-dim ",
-              t.scalar_type(), " tensor, got shape ", scale.sizes(), " and dtype ", scale.scalar_type());
-}
-
 // x rows in the accumulation type: the tensor itself, or an upcast copy for fp16/bf16.
-at::Tensor acc_rows(const at::Tensor& x) { return x.contiguous().to(acc_type(x.scalar_type())); }
+at::Tensor acc_rows(const at::Tensor& x) { return x.contiguous().to(swav_ce_acc_type(x.scalar_type())); }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> swav_ce_fwd(const at::Tensor& x_in, const at::Tensor& t_in,
                                                const at::Tensor& scale) {
-  check_args(x_in, t_in, scale, "swav_ce_fwd");
+  check_swav_ce_args(x_in, t_in, scale, "swav_ce_fwd");
   const at::Tensor x = acc_rows(x_in), t = t_in.contiguous();
   const int64_t B = x.size(0), K = x.size(1);
   at::Tensor lse = at::empty({B}, t.options());
@@ -179,10 +167,7 @@ std::tuple<at::Tensor, at::Tensor> swav_ce_fwd(const at::Tensor& x_in, const at:
 std::tuple<at::Tensor, at::Tensor> swav_ce_bwd(const at::Tensor& x_in, const at::Tensor& t_in,
                                                const at::Tensor& scale, const at::Tensor& lse_in,
                                                const at::Tensor& grad) {
-  check_args(x_in, t_in, scale, "swav_ce_bwd");
-  TORCH_CHECK(lse_in.dim() == 1 && lse_in.size(0) == x_in.size(0), "swav_ce_bwd: lse must have shape (",
-              x_in.size(0), ",), got ", lse_in.sizes());
-  TORCH_CHECK(grad.dim() == 0, "swav_ce_bwd: grad must be 0-dim, got shape ", grad.sizes());
+  check_swav_ce_bwd_args(x_in, t_in, scale, lse_in, grad);
   const at::Tensor x = acc_rows(x_in), t = t_in.contiguous();
   const at::Tensor lse = lse_in.to(t.scalar_type()).contiguous();
   const int64_t B = x.size(0), K = x.size(1);

@@ -25,6 +25,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "lse_math.cuh"
+
 #include <cmath>
 #include <limits>
 
@@ -36,34 +38,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-__device__ __forceinline__ float dexp(float x) { return expf(x); }
-__device__ __forceinline__ double dexp(double x) { return exp(x); }
-__device__ __forceinline__ float dlog(float x) { return logf(x); }
-__device__ __forceinline__ double dlog(double x) { return log(x); }
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t neg_inf() {
-  return -std::numeric_limits<acc_t>::infinity();
-}
-
-// Merge (m2, s2) into (m, s): both describe Σ e^x as s·e^m.
-template <typename acc_t>
-__device__ __forceinline__ void lse_merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
-  const acc_t mn = m > m2 ? m : m2;
-  if (mn == neg_inf<acc_t>()) return;  // both empty
-  s = s * dexp(m - mn) + s2 * dexp(m2 - mn);
-  m = mn;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ void lse_push(acc_t& m, acc_t& s, acc_t x) {
-  if (x > m) {
-    s = s * dexp(m - x) + acc_t(1);
-    m = x;
-  } else {
-    s += dexp(x - m);
-  }
-}
+using namespace lse_math;
 
 // LSE_k(row[k]·inv_eps + v[k]) by one warp; the result is valid in every lane.
 template <typename scalar_t, typename acc_t>
@@ -73,12 +48,7 @@ __device__ acc_t warp_row_lse(const scalar_t* __restrict__ row, int64_t K, acc_t
   for (int64_t k = lane; k < K; k += 32) {
     lse_push(m, s, static_cast<acc_t>(row[k]) * inv_eps + (v ? v[k] : acc_t(0)));
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const acc_t m2 = __shfl_xor_sync(0xffffffffu, m, off);
-    const acc_t s2 = __shfl_xor_sync(0xffffffffu, s, off);
-    lse_merge(m, s, m2, s2);
-  }
+  warp_lse_merge(m, s);
   return m + dlog(s);
 }
 

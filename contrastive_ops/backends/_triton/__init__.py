@@ -1,8 +1,9 @@
 """The ``"triton"`` kernel backend.
 
 Primitives: ``"sim_lse"`` (the tiled similarity-LSE core, :mod:`.core`),
-``"siglip"`` (the SigLIP pair sum, :mod:`.siglip`) and ``"sinkhorn"`` (the
-log-domain Sinkhorn-Knopp scalings, :mod:`.sinkhorn`).  Runs on CUDA tensors when
+``"siglip"`` (the SigLIP pair sum, :mod:`.siglip`), ``"sinkhorn"`` (the
+log-domain Sinkhorn-Knopp scalings, :mod:`.sinkhorn`) and ``"swav_ce"`` (SwAV's
+swapped-prediction cross-entropy, :mod:`.swav_ce`).  Runs on CUDA tensors when
 Triton has an active GPU driver, and on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before ``import triton``).
 """
@@ -20,8 +21,9 @@ try:
     from .core import SIM_LSE
     from .siglip import SIGLIP
     from .sinkhorn import SINKHORN
+    from .swav_ce import SWAV_CE
 
-    PRIMITIVES: Dict[str, object] = {"sim_lse": SIM_LSE, "siglip": SIGLIP, "sinkhorn": SINKHORN}
+    PRIMITIVES: Dict[str, object] = {"sim_lse": SIM_LSE, "siglip": SIGLIP, "sinkhorn": SINKHORN, "swav_ce": SWAV_CE}
 except Exception as e:  # noqa: BLE001 - reported by availability()
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
     PRIMITIVES = {}
