@@ -217,3 +217,31 @@ def test_fast_paths_write_every_output():
         test_symmetric_gram("index", 600, 1 / 0.07, 1.0, True)
         for case in ("plain", "ranges_exclude", "index"):
             test_general_paths(case, True, 1 / 0.07, 1.0, True)
+
+
+def _gram_losses():
+    import contrastive_ops as co
+
+    return {
+        "nt_xent": lambda z, z1, z2, y: co.nt_xent(z1, z2, backend="cpu"),
+        "mv_infonce": lambda z, z1, z2, y: co.mv_infonce(z, backend="cpu"),
+        "mv_dhel": lambda z, z1, z2, y: co.mv_dhel(z, backend="cpu"),
+        "supcon_loss": lambda z, z1, z2, y: co.supcon_loss(z, y, backend="cpu"),
+        "dcl_loss": lambda z, z1, z2, y: co.dcl_loss(z1, z2, backend="cpu"),
+        "dhel_loss": lambda z, z1, z2, y: co.dhel_loss(z1, z2, backend="cpu"),
+        "dhel_loss(include_augs=False)": lambda z, z1, z2, y: co.dhel_loss(z1, z2, include_augs=False, backend="cpu"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_gram_losses()))
+def test_gram_losses_take_the_symmetric_path(name):
+    """Losses whose anchors are their candidates hand the core one tensor in one process, so both
+    directions run the symmetric Gram (each tile pair once; dq holds the whole gradient)."""
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(40, 3, 24, generator=g, requires_grad=True)
+    z1 = torch.randn(40, 24, generator=g, requires_grad=True)
+    z2 = torch.randn(40, 24, generator=g, requires_grad=True)
+    y = torch.randint(0, 5, (40,), generator=g)
+    _gram_losses()[name](z, z1, z2, y).backward()
+    assert _path(False) == FAST | SYM
+    assert _path(True) == FAST | SYM | SUMMED

@@ -122,14 +122,17 @@ def _fused_dhel(z1: Tensor, z2: Tensor, temperature, *, include_augs: bool = Tru
     N = Ug.shape[0]
     if N >= 2:
         a = gb.anchor_index(2 if include_augs else 1, u.device)  # global positions of the local rows
+        # One process: anchors and candidates are the same tensor, so the kernels take the symmetric Gram.
         if include_augs:
-            Zc = torch.cat([Ug, gb.gather(v)]).to(z1.dtype)
+            Zl = torch.cat([u, v]).to(z1.dtype)
+            Zc = Zl if gb.group is None else torch.cat([Ug, gb.gather(v)]).to(z1.dtype)
             start = torch.arange(2, device=u.device).repeat_interleave(n) * N  # each row's own half
-            lse, _ = core.sim_lse(torch.cat([u, v]).to(z1.dtype), Zc, scale, col_start=start, col_end=start + N,
-                                  exclude=a, backend=backend)
+            lse, _ = core.sim_lse(Zl, Zc, scale, col_start=start, col_end=start + N, exclude=a, backend=backend)
             values = values + lse[:n] + lse[n:]
         else:
-            lse, _ = core.sim_lse(u.to(z1.dtype), Ug.to(z1.dtype), scale, exclude=a, backend=backend)
+            Zl = u.to(z1.dtype)
+            lse, _ = core.sim_lse(Zl, Zl if gb.group is None else Ug.to(z1.dtype), scale, exclude=a,
+                                  backend=backend)
             values = values + lse
     return gb.reduce(values, reduction)
 

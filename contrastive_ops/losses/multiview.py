@@ -268,7 +268,9 @@ def _fused_mv_dhel(views: Tensor, temperature, mask: Optional[Tensor] = None, *,
     U = _unit(views, normalize)
     Ug = gb.gather(U, dim=1)
     N = Ug.shape[1]
-    Z, Zg = U.to(views.dtype).reshape(V * n, D), Ug.to(views.dtype).reshape(V * N, D)
+    Z = U.to(views.dtype).reshape(V * n, D)
+    # One process: the same tensor as the candidates, so the kernels take the symmetric Gram both ways.
+    Zg = Z if gb.group is None else Ug.to(views.dtype).reshape(V * N, D)
     scale = 1.0 / _as_t(temperature, U)
     present = _present(mask, V, n, U.device)
     counted = present.sum(0) >= 2
