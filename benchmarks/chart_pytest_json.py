@@ -8,7 +8,7 @@ A function whose benchmarks differ by a numeric ``B`` parameter (besides the
 provider) gets a line chart: median time against B per provider, log axes,
 with the min-max spread as a band.  Any other function gets a horizontal bar
 chart: median time per provider within each ``benchmark.group``.  Providers
-are the ``provider`` parameter.
+are the ``provider`` (or ``prov``) parameter.
 """
 from __future__ import annotations
 
@@ -29,12 +29,16 @@ def _load(path):
     return by_fn, where
 
 
+def _provider(params):
+    return params.get("provider", params.get("prov"))
+
+
 def _line_chart(plt, name, rows, out, suffix):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = defaultdict(list)
     for b in rows:
         p = b["params"]
-        series[p["provider"]].append((p["B"], b["stats"]["median"], b["stats"]["min"], b["stats"]["max"]))
+        series[_provider(p)].append((p["B"], b["stats"]["median"], b["stats"]["min"], b["stats"]["max"]))
     for prov, pts in sorted(series.items()):
         pts.sort()
         xs = [p[0] for p in pts]
@@ -58,7 +62,7 @@ def _line_chart(plt, name, rows, out, suffix):
 def _bar_chart(plt, name, rows, out, suffix):
     groups = defaultdict(dict)
     for b in rows:
-        groups[b.get("group") or name][b["params"]["provider"]] = b["stats"]["median"]
+        groups[b.get("group") or name][_provider(b["params"])] = b["stats"]["median"]
     labels, values, colors = [], [], []
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     providers = sorted({p for g in groups.values() for p in g})
@@ -98,9 +102,9 @@ def main(argv=None):
     by_fn, _ = _load(args.json)
     for name, rows in sorted(by_fn.items()):
         params = [b.get("params") or {} for b in rows]
-        if not all("provider" in p for p in params):
+        if not all(_provider(p) is not None for p in params):
             continue
-        keys = {k for p in params for k in p} - {"provider"}
+        keys = {k for p in params for k in p} - {"provider", "prov"}
         numeric_b = keys == {"B"} and all(isinstance(p["B"], (int, float)) for p in params)
         draw = _line_chart if numeric_b else _bar_chart
         print("wrote", draw(plt, name, rows, args.out, args.title_suffix))
