@@ -87,13 +87,11 @@ def test_loss_fwd_bwd(benchmark, loss, impl_name, why, n):
     try:
         run()  # first call: compilation, autotuning
         peak = M.peak_memory(run, DEVICE)
-    except NotImplementedError as e:
-        pytest.skip(f"not implemented: {e}")
     except Exception as e:  # noqa: BLE001
-        if M.is_oom(e):
-            M.free_memory(DEVICE)
-            pytest.skip(f"out of memory at N={n}")
-        raise
+        why = M.unrunnable(e, DEVICE)
+        if why is None:
+            raise
+        pytest.skip(f"{why} at N={n}")
     benchmark.group = f"{loss} N={n} D={DIM} {str(DTYPE).replace('torch.', '')}"
     benchmark.extra_info.update(loss=loss, impl=impl_name, kind=impl.kind, device=str(DEVICE), dtype=str(DTYPE),
                                 shapes=inp.shapes, flops=inp.flops, peak_mem_bytes=int(peak),

@@ -304,13 +304,11 @@ def test_multiview_fwd_bwd(benchmark, loss, nv, v, d, dt, prov):
         if not benchmark.disabled:
             run()
             peak = M.peak_memory(run, DEVICE)
-    except NotImplementedError as e:
-        pytest.skip(f"not implemented: {e}")
     except Exception as e:  # noqa: BLE001
-        if M.is_oom(e):
-            M.free_memory(DEVICE)
-            pytest.skip(f"out of memory: {loss} NV={nv} V={v} D={d} {dt}")
-        raise
+        why = M.unrunnable(e, DEVICE)
+        if why is None:
+            raise
+        pytest.skip(f"{why}: {loss} NV={nv} V={v} D={d} {dt}")
     tol = TOL[dt]
     assert abs(value - expected) <= tol["atol"] + tol["rtol"] * abs(expected), (
         f"{prov} gives {loss} = {value!r}, {against} {expected!r} ({dt}, NV={nv}, V={v}, D={d})")
