@@ -309,6 +309,7 @@ inline int64_t row_block(int64_t B) {
   return std::clamp<int64_t>((per + 15) / 16 * 16, 16, kMaxRowBlock);
 }
 
+
 template <typename T>
 constexpr double kFastR = 40.0;
 template <>
@@ -599,6 +600,31 @@ inline std::pair<int64_t, int64_t> block_col_range(const Masks& mk, int64_t r0, 
   return lo < hi ? std::make_pair(lo, hi) : std::make_pair<int64_t, int64_t>(0, 0);
 }
 
+// Rows per block of a general problem: row_block(B), or fewer when the rows allow narrow column
+// ranges that move along the rows (block-diagonal problems such as point-token "cloud" negatives,
+// each row's range its own cloud): a block of RB rows then spans about RB + w columns for ranges of
+// width w, so most of a tall block's GEMM would fall outside every range.  Halves the block while
+// the GEMM entries per block row, span / RB, keep shrinking by more than a quarter.
+inline int64_t general_row_block(const Masks& mk, int64_t B) {
+  int64_t RB = row_block(B);
+  auto entries_per_row = [&](int64_t rb) {
+    double total = 0;
+    for (int64_t r0 = 0; r0 < B; r0 += rb) {
+      const auto [lo, hi] = block_col_range(mk, r0, std::min(rb, B - r0));
+      total += double(hi - lo) * double(std::min(rb, B - r0));
+    }
+    return total / double(std::max<int64_t>(B, 1));
+  };
+  double cur = entries_per_row(RB);
+  while (RB > 32) {
+    const double half = entries_per_row(RB / 2);
+    if (half > 0.75 * cur) break;
+    RB /= 2;
+    cur = half;
+  }
+  return RB;
+}
+
 // R = |scale|·max‖Q_i‖·max‖K_j‖ (slightly rounded up): an upper bound of |S|; +inf if not finite.
 inline double shift_bound(const Tensor& Q, const Tensor& K, double scale) {
   if (Q.size(0) == 0 || K.size(0) == 0) return 0.0;
@@ -716,7 +742,7 @@ T finish(T m, T s) {
 template <typename T>
 void fwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T scale, T R, bool fast, const Masks& mk,
                  bool want_col, T* row_lse, T* col_lse) {
-  const int64_t RB = row_block(B), nb = (B + RB - 1) / RB;
+  const int64_t RB = general_row_block(mk, B), nb = (B + RB - 1) / RB;
   const int64_t P = num_parts(nb, std::numeric_limits<int64_t>::max());
   const int64_t Mc = want_col ? M : 0;
   std::vector<T> cm(P * Mc, fast ? R : neg_inf<T>()), cs(P * Mc, T(0));
@@ -884,7 +910,7 @@ template <typename T>
 double bwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T scale, T R, bool fast, const Masks& mk,
                    const T* rl, const T* gr, const T* cl, const T* gc, bool has_col, const T* a, const T* b, T* dQ,
                    T* dK) {
-  const int64_t RB = row_block(B), nb = (B + RB - 1) / RB;
+  const int64_t RB = general_row_block(mk, B), nb = (B + RB - 1) / RB;
   // Each part beyond the first holds an M × D dK accumulator: cap them at B/(8D) parts
   // (≤ 1/8 of the B × M matrix a dense backward stores), two at least.
   const int64_t P = num_parts(nb, std::max<int64_t>(2, B / std::max<int64_t>(8 * D, 1)));
