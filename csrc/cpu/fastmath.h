@@ -44,10 +44,8 @@ CO_INLINE int32_t float_to_bits(float f) {
   return i;
 }
 
-CO_INLINE float fast_exp(float x) {
-  const float lo = -87.0f, hi = 88.7f;
-  const bool under = x < lo;
-  x = x < lo ? lo : (x > hi ? hi : x);
+// e^x for x already within [-87.3, 88.7] (the body of fast_exp, without its clamps).
+CO_INLINE float exp_in_range(float x) {
   // n = round(x / ln2) with the 1.5·2^23 trick (no floor instruction needed).
   const float magic = 12582912.0f;
   const float t = x * 1.44269504088896341f + magic;
@@ -60,7 +58,13 @@ CO_INLINE float fast_exp(float x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float y = (p * r * r + r + 1.0f) * bits_to_float((n + 127) << 23);
+  return (p * r * r + r + 1.0f) * bits_to_float((n + 127) << 23);
+}
+
+CO_INLINE float fast_exp(float x) {
+  const float lo = -87.0f, hi = 88.7f;
+  const bool under = x < lo;
+  const float y = exp_in_range(x < lo ? lo : (x > hi ? hi : x));
   return under ? 0.0f : y;
 }
 

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "fastmath.h"
+#include "row_chunks.h"
 
 // The polynomial exp below is vectorized by GCC only when float compares may not trap (we never
 // read the floating-point exception flags).
@@ -57,29 +58,15 @@ at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// exp(x) for x <= 88 in fp32 without a libm call, so that the loops below vectorize: x = n·ln2 + r,
-// |r| <= ln2/2 (Cody-Waite), e^r by a degree-7 polynomial (Cephes expf), 2^n built in the exponent bits.
-// Relative error < 2e-7; x < -87.3 gives at most 1.2e-38 (the terms it stands for are < 1e-37 too).
-// Same polynomial as fastmath::fast_exp and bit-identical to it for x >= -87, but without its select
-// to 0 below -87: that select is there for the -inf of masked entries, which scores never hold, and
-// costs the loops below about 8% (B=4096, K=3000, one thread).
+// exp(x) in fp32 without a libm call, so that the loops below vectorize: fastmath::exp_in_range
+// (Cody-Waite reduction, the Cephes polynomial; relative error < 2e-7) on x clamped to [-87.3, 88];
+// x < -87.3 gives 1.2e-38 (the terms it stands for are < 1e-37 too).  Bit-identical to
+// fastmath::fast_exp for x >= -87, but without its select to 0 below -87: that select is there for
+// the -inf of masked entries, which scores never hold, and costs the loops below about 8%
+// (B=4096, K=3000, one thread).
 CO_INLINE float vexp(float x) {
   x = x < -87.3f ? -87.3f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return p * scale;
+  return fastmath::exp_in_range(x > 88.0f ? 88.0f : x);
 }
 inline double vexp(double x) { return std::exp(x); }
 
@@ -209,18 +196,6 @@ CO_MULTIVERSION void scale_row(float* e, const float* w, float a, int64_t K) {
   for (int64_t k = 0; k < K; ++k) e[k] = e[k] * w[k] * a;
 }
 
-// Row chunks, one per thread; part p owns rows [B·p/P, B·(p+1)/P).
-struct RowParts {
-  int64_t B, P;
-  RowParts(int64_t B_) : B(B_), P(std::max<int64_t>(1, std::min<int64_t>(B_, at::get_num_threads()))) {}
-  template <class F>
-  void run(const F& f) const {
-    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) f(p, B * p / P, B * (p + 1) / P);
-    });
-  }
-};
-
 // w[k] = 1 / Σ_p part[p,k] (parts summed in order), rescaled to max 1; false if a factor leaves [kMinFactor, 1].
 bool column_factors(const std::vector<float>& part, int64_t P, int64_t K, float* w) {
   float mx = 0;
@@ -244,7 +219,7 @@ bool column_factors(const std::vector<float>& part, int64_t P, int64_t K, float*
 // false (out then holds garbage) when the range conditions above fail.
 template <typename scalar_t>
 bool sinkhorn_scaled(const scalar_t* S, int64_t B, int64_t K, float inv_eps, int64_t iterations, float* out) {
-  const RowParts rows(B);
+  const RowChunks rows(B);
   const int64_t P = rows.P;
   std::vector<float> part(P * K);
   auto row_of = [&](int64_t b, std::vector<float>& buf) -> const float* {
@@ -319,7 +294,8 @@ at::Tensor sinkhorn_col_lse(const at::Tensor& scores_in, double epsilon, const c
                 ",), got ", v_in->sizes());
     v = v_in->to(scores.device(), acc).contiguous();
   }
-  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
+  const RowChunks chunks(B);
+  const int64_t n_chunks = chunks.P;
   at::Tensor pm = at::empty({n_chunks, K}, scores.options().dtype(acc));
   at::Tensor ps = at::empty({n_chunks, K}, scores.options().dtype(acc));
   at::Tensor out = at::empty({K}, scores.options().dtype(acc));
@@ -332,23 +308,20 @@ at::Tensor sinkhorn_col_lse(const at::Tensor& scores_in, double epsilon, const c
     acc_t* PS = ps.data_ptr<acc_t>();
     const acc_t inv_eps = acc_t(1.0 / epsilon);
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    chunks.run([&](int64_t c, int64_t r0, int64_t r1) {
       std::vector<acc_t> xbuf(K), tmp(K);
-      for (int64_t c = c0; c < c1; ++c) {
-        acc_t* m = PM + c * K;
-        acc_t* s = PS + c * K;
-        const int64_t r0 = B * c / n_chunks, r1 = B * (c + 1) / n_chunks;
-        for (int64_t b = r0; b < r1; ++b) {
-          load_row<scalar_t, acc_t>(S + b * K, K, inv_eps, xbuf.data());
-          const acc_t u = vp ? -lse_plus(xbuf.data(), vp, K, tmp.data()) : acc_t(0);  // sample step
-          if (b == r0) {                                                                        // prototype step
-            for (int64_t k = 0; k < K; ++k) {
-              m[k] = xbuf[k] + u;
-              s[k] = acc_t(1);
-            }
-          } else {
-            fold_column(xbuf.data(), u, m, s, K);
+      acc_t* m = PM + c * K;
+      acc_t* s = PS + c * K;
+      for (int64_t b = r0; b < r1; ++b) {
+        load_row<scalar_t, acc_t>(S + b * K, K, inv_eps, xbuf.data());
+        const acc_t u = vp ? -lse_plus(xbuf.data(), vp, K, tmp.data()) : acc_t(0);  // sample step
+        if (b == r0) {                                                                        // prototype step
+          for (int64_t k = 0; k < K; ++k) {
+            m[k] = xbuf[k] + u;
+            s[k] = acc_t(1);
           }
+        } else {
+          fold_column(xbuf.data(), u, m, s, K);
         }
       }
     });

@@ -11,8 +11,8 @@
 // which is Σ_b of F.cross_entropy(s·x, t, reduction="none") (soft targets).
 // One pass per row and direction, the row in L1: the forward reads x and t
 // once (no log_softmax buffer), the backward reads them once more and writes
-// dx.  Rows are split into one chunk per thread; the 0-dim sums are reduced in
-// chunk order (bitwise reproducible for a fixed thread count).  lse is a
+// dx.  Rows are split into one chunk per thread (row_chunks.h); the 0-dim sums
+// are reduced in chunk order (bitwise reproducible for a fixed thread count).  lse is a
 // by-product saved for the backward and carries no gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,6 +28,7 @@
 
 #include "../swav_ce.h"
 #include "fastmath.h"
+#include "row_chunks.h"
 
 namespace contrastive_ops {
 namespace swav_ce_cpu {
@@ -117,16 +118,6 @@ inline double grad_row(const double* x, const double* t, double* dx, int64_t K, 
   return grad_row_t(x, t, dx, K, s, lse, Tb, c);
 }
 
-// Row chunks, one per thread (at least one row each): part p owns rows [B·p/P, B·(p+1)/P).
-template <class F>
-int64_t run_rows(int64_t B, const F& f) {
-  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) f(p, B * p / P, B * (p + 1) / P);
-  });
-  return P;
-}
-
 // x rows in the accumulation type: the tensor itself, or an upcast copy for fp16/bf16.
 at::Tensor acc_rows(const at::Tensor& x) { return x.contiguous().to(swav_ce_acc_type(x.scalar_type())); }
 
@@ -145,8 +136,7 @@ std::tuple<at::Tensor, at::Tensor> swav_ce_fwd(const at::Tensor& x_in, const at:
     const T* X = x.data_ptr<T>();
     const T* Tt = t.data_ptr<T>();
     T* L = lse.data_ptr<T>();
-    std::vector<double> part(std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads())), 0.0);
-    const int64_t P = run_rows(B, [&](int64_t p, int64_t r0, int64_t r1) {
+    loss.fill_(RowChunks(B).sum([&](int64_t r0, int64_t r1) {
       double acc = 0;
       for (int64_t b = r0; b < r1; ++b) {
         T ts, txs;
@@ -155,11 +145,8 @@ std::tuple<at::Tensor, at::Tensor> swav_ce_fwd(const at::Tensor& x_in, const at:
         L[b] = l;
         acc += double(ts * l - s * txs);
       }
-      part[p] = acc;
-    });
-    double total = 0;
-    for (int64_t p = 0; p < P; ++p) total += part[p];
-    loss.fill_(total);
+      return acc;
+    }));
   });
   return {loss, lse};
 }
@@ -180,8 +167,7 @@ std::tuple<at::Tensor, at::Tensor> swav_ce_bwd(const at::Tensor& x_in, const at:
     const T* Tt = t.data_ptr<T>();
     const T* L = lse.data_ptr<T>();
     T* DX = dx.data_ptr<T>();
-    std::vector<double> part(std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads())), 0.0);
-    const int64_t P = run_rows(B, [&](int64_t p, int64_t r0, int64_t r1) {
+    const double total = RowChunks(B).sum([&](int64_t r0, int64_t r1) {
       double acc = 0;
       for (int64_t b = r0; b < r1; ++b) {
         T ts, txs;
@@ -189,10 +175,8 @@ std::tuple<at::Tensor, at::Tensor> swav_ce_bwd(const at::Tensor& x_in, const at:
         const T px = grad_row(X + b * K, Tt + b * K, DX + b * K, K, s, L[b], ts, g * s);
         acc += double(ts * px - txs);
       }
-      part[p] = acc;
+      return acc;
     });
-    double total = 0;
-    for (int64_t p = 0; p < P; ++p) total += part[p];
     dscale.fill_(double(g) * total);
   });
   return {dx.to(x_in.scalar_type()), dscale};
