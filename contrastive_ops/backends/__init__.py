@@ -213,3 +213,8 @@ def _warn_once(op: str, device: torch.device, reasons) -> None:
 def primitive(name: str, prim: str):
     """The implementation of primitive ``prim`` in kernel backend ``name``."""
     return backend_module(name).PRIMITIVES[prim]
+
+
+def has_primitive(name: str, prim: str) -> bool:
+    """Whether kernel backend ``name`` implements primitive ``prim`` (a composition's optional fused step)."""
+    return name in _MODULES and prim in backend_module(name).PRIMITIVES

@@ -326,19 +326,11 @@ class _SwappedCE(torch.autograd.Function):
         return dx if needs[0] else None, None, dscale if needs[2] else None, None
 
 
-def _has_primitive(name: str, prim: str) -> bool:
-    try:
-        backends.primitive(name, prim)
-    except KeyError:  # a backend without the primitive
-        return False
-    return True
-
-
 def _swapped_ce(name: str, tau: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
     """mean_b of the soft-target cross-entropy of crop/τ against t: the backend's fused ``"swav_ce"``
     primitive where it has one (one pass per row and direction, no log-softmax buffer: ``cpu``, ``cuda``
     and ``triton`` do), else ``F.cross_entropy``."""
-    if _has_primitive(name, "swav_ce"):
+    if backends.has_primitive(name, "swav_ce"):
         return lambda crop, t: _SwappedCE.apply(crop.contiguous(), t.contiguous(), 1.0 / tau, name) / crop.shape[0]
     return lambda crop, t: F.cross_entropy(crop.to(t.dtype) / tau, t, reduction="mean")
 
