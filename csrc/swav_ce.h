@@ -4,9 +4,9 @@
 
 #include <ATen/ATen.h>
 
-namespace contrastive_ops {
+#include "acc_dtype.h"
 
-inline at::ScalarType swav_ce_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+namespace contrastive_ops {
 
 // x (B, K ≥ 1) floating; t like x in the accumulation type; scale 0-dim in the accumulation type.
 inline void check_swav_ce_args(const at::Tensor& x, const at::Tensor& t, const at::Tensor& scale, const char* op) {
@@ -14,7 +14,7 @@ inline void check_swav_ce_args(const at::Tensor& x, const at::Tensor& t, const a
   TORCH_CHECK(x.size(1) > 0, op, ": x must have K >= 1 columns, got shape ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
   TORCH_CHECK(t.sizes() == x.sizes(), op, ": t must have the shape of x ", x.sizes(), ", got ", t.sizes());
-  const auto acc = swav_ce_acc_type(x.scalar_type());
+  const auto acc = acc_dtype(x.scalar_type());
   TORCH_CHECK(t.scalar_type() == acc, op, ": t must be ", acc, " for x of dtype ", x.scalar_type(), ", got ",
               t.scalar_type());
   TORCH_CHECK(scale.dim() == 0 && scale.scalar_type() == acc, op, ": scale must be a 0-dim ", acc,

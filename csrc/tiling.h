@@ -31,6 +31,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include "acc_dtype.h"
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
@@ -53,10 +55,6 @@ struct Masks {
   int64_t M = 0;
   int64_t E() const { return exclude.has_value() ? exclude->size(1) : 0; }
 };
-
-inline at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 inline void check_float_input(const Tensor& t, const char* name) {
   auto st = t.scalar_type();

@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../sinkhorn.h"
 #include "fastmath.h"
 #include "row_chunks.h"
 
@@ -44,19 +45,6 @@ namespace contrastive_ops {
 namespace sinkhorn_cpu {
 
 namespace {
-
-void check_scores(const at::Tensor& scores, double epsilon, const char* op) {
-  TORCH_CHECK(scores.dim() == 2, op, ": scores must be 2-D (B, K), got shape ", scores.sizes());
-  TORCH_CHECK(scores.size(0) > 0 && scores.size(1) > 0, op, ": scores must be non-empty, got shape ",
-              scores.sizes());
-  TORCH_CHECK(at::isFloatingType(scores.scalar_type()), op, ": scores must be floating point, got ",
-              scores.scalar_type());
-  TORCH_CHECK(epsilon > 0 && std::isfinite(epsilon), op, ": epsilon must be a finite float > 0, got ", epsilon);
-}
-
-at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // exp(x) in fp32 without a libm call, so that the loops below vectorize: fastmath::exp_in_range
 // (Cody-Waite reduction, the Cephes polynomial; relative error < 2e-7) on x clamped to [-87.3, 88];
@@ -284,10 +272,10 @@ std::atomic<int64_t> g_last_path{-1};
 
 // (K,) in fp32 (float64 for float64 scores): LSE_b(L[b,k] + u[b]), u[b] = −LSE_k(L[b,k] + v[k]), u = 0 without v.
 at::Tensor sinkhorn_col_lse(const at::Tensor& scores_in, double epsilon, const c10::optional<at::Tensor>& v_in) {
-  check_scores(scores_in, epsilon, "sinkhorn_col_lse");
+  check_sinkhorn_scores(scores_in, epsilon, "sinkhorn_col_lse");
   const at::Tensor scores = scores_in.contiguous();
   const int64_t B = scores.size(0), K = scores.size(1);
-  const auto acc = acc_type(scores.scalar_type());
+  const auto acc = acc_dtype(scores.scalar_type());
   at::Tensor v;
   if (v_in.has_value() && v_in->defined()) {
     TORCH_CHECK(v_in->dim() == 1 && v_in->size(0) == K, "sinkhorn_col_lse: v must have shape (", K,
@@ -342,12 +330,12 @@ at::Tensor sinkhorn_col_lse(const at::Tensor& scores_in, double epsilon, const c
 
 // (B, K) fp32: exp(L + v − LSE_k(L + v)), or exp(L + v) when normalize is false.
 at::Tensor sinkhorn_codes(const at::Tensor& scores_in, double epsilon, const at::Tensor& v_in, bool normalize) {
-  check_scores(scores_in, epsilon, "sinkhorn_codes");
+  check_sinkhorn_scores(scores_in, epsilon, "sinkhorn_codes");
   const at::Tensor scores = scores_in.contiguous();
   const int64_t B = scores.size(0), K = scores.size(1);
   TORCH_CHECK(v_in.dim() == 1 && v_in.size(0) == K, "sinkhorn_codes: v must have shape (", K, ",), got ",
               v_in.sizes());
-  const auto acc = acc_type(scores.scalar_type());
+  const auto acc = acc_dtype(scores.scalar_type());
   const at::Tensor v = v_in.to(scores.device(), acc).contiguous();
   at::Tensor out = at::empty({B, K}, scores.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "sinkhorn_codes", [&] {
@@ -370,32 +358,28 @@ at::Tensor sinkhorn_codes(const at::Tensor& scores_in, double epsilon, const at:
   return out;
 }
 
-// The whole loop: `iterations` fused passes, then one pass writing the codes.
+// The whole loop: the scaling form where it applies, else the log-domain passes.
 at::Tensor sinkhorn(const at::Tensor& scores, double epsilon, int64_t iterations) {
-  check_scores(scores, epsilon, "sinkhorn");
+  check_sinkhorn_scores(scores, epsilon, "sinkhorn");
   TORCH_CHECK(iterations >= 0, "sinkhorn: iterations must be >= 0, got ", iterations);
   const int64_t B = scores.size(0), K = scores.size(1);
-  if (iterations == 0) {
-    const at::Tensor total = at::logsumexp(sinkhorn_col_lse(scores, epsilon, c10::nullopt), {0});
-    const at::Tensor v = (std::log(static_cast<double>(B)) - total).expand({K});
-    return sinkhorn_codes(scores, epsilon, v, false);
-  }
-  if (scores.scalar_type() != at::kDouble) {
-    const at::Tensor sc = scores.contiguous();
-    at::Tensor out = at::empty({B, K}, sc.options().dtype(at::kFloat));
+  if (iterations > 0) {
     bool ok = false;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "sinkhorn", [&] {
-      ok = sinkhorn_scaled<scalar_t>(sc.data_ptr<scalar_t>(), B, K, float(1.0 / epsilon), iterations,
-                                     out.data_ptr<float>());
-    });
+    at::Tensor out;
+    if (scores.scalar_type() != at::kDouble) {
+      const at::Tensor sc = scores.contiguous();
+      out = at::empty({B, K}, sc.options().dtype(at::kFloat));
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "sinkhorn", [&] {
+        ok = sinkhorn_scaled<scalar_t>(sc.data_ptr<scalar_t>(), B, K, float(1.0 / epsilon), iterations,
+                                       out.data_ptr<float>());
+      });
+    }
     g_last_path = ok ? 1 : 0;
     if (ok) return out;
-  } else {
-    g_last_path = 0;
   }
-  c10::optional<at::Tensor> v;
-  for (int64_t t = 0; t < iterations; ++t) v = sinkhorn_col_lse(scores, epsilon, v).neg_();
-  return sinkhorn_codes(scores, epsilon, *v, true);
+  return sinkhorn_log_domain(
+      B, K, iterations, [&](const c10::optional<at::Tensor>& v) { return sinkhorn_col_lse(scores, epsilon, v); },
+      [&](const at::Tensor& v, bool normalize) { return sinkhorn_codes(scores, epsilon, v, normalize); });
 }
 
 }  // namespace sinkhorn_cpu

@@ -119,7 +119,7 @@ inline double grad_row(const double* x, const double* t, double* dx, int64_t K, 
 }
 
 // x rows in the accumulation type: the tensor itself, or an upcast copy for fp16/bf16.
-at::Tensor acc_rows(const at::Tensor& x) { return x.contiguous().to(swav_ce_acc_type(x.scalar_type())); }
+at::Tensor acc_rows(const at::Tensor& x) { return x.contiguous().to(acc_dtype(x.scalar_type())); }
 
 }  // namespace
 

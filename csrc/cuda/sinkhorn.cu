@@ -25,6 +25,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../sinkhorn.h"
 #include "lse_math.cuh"
 
 #include <cmath>
@@ -137,15 +138,8 @@ __global__ void __launch_bounds__(kThreads) codes_kernel(const scalar_t* __restr
 
 void check_scores(const at::Tensor& scores, double epsilon, const char* op) {
   TORCH_CHECK(scores.is_cuda(), op, ": scores must be a CUDA tensor");
-  TORCH_CHECK(scores.dim() == 2, op, ": scores must be 2-D (B, K), got shape ", scores.sizes());
-  TORCH_CHECK(scores.size(0) > 0 && scores.size(1) > 0, op, ": scores must be non-empty, got shape ",
-              scores.sizes());
-  TORCH_CHECK(at::isFloatingType(scores.scalar_type()), op, ": scores must be floating point, got ",
-              scores.scalar_type());
-  TORCH_CHECK(epsilon > 0 && std::isfinite(epsilon), op, ": epsilon must be a finite float > 0, got ", epsilon);
+  check_sinkhorn_scores(scores, epsilon, op);
 }
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
 
@@ -154,7 +148,7 @@ at::Tensor sinkhorn_col_lse(const at::Tensor& scores_in, double epsilon, const c
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor scores = scores_in.contiguous();
   const int64_t B = scores.size(0), K = scores.size(1);
-  const auto acc = acc_type(scores.scalar_type());
+  const auto acc = acc_dtype(scores.scalar_type());
   at::Tensor v;
   if (v_in.has_value() && v_in->defined()) {
     TORCH_CHECK(v_in->dim() == 1 && v_in->size(0) == K, "sinkhorn_col_lse: v must have shape (", K,
@@ -200,7 +194,7 @@ at::Tensor sinkhorn_codes(const at::Tensor& scores_in, double epsilon, const at:
   const int64_t B = scores.size(0), K = scores.size(1);
   TORCH_CHECK(v_in.dim() == 1 && v_in.size(0) == K, "sinkhorn_codes: v must have shape (", K, ",), got ",
               v_in.sizes());
-  const auto acc = acc_type(scores.scalar_type());
+  const auto acc = acc_dtype(scores.scalar_type());
   const at::Tensor v = v_in.to(scores.device(), acc).contiguous();
   at::Tensor out = at::empty({B, K}, scores.options().dtype(at::kFloat));
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -217,15 +211,10 @@ at::Tensor sinkhorn_codes(const at::Tensor& scores_in, double epsilon, const at:
 at::Tensor sinkhorn(const at::Tensor& scores, double epsilon, int64_t iterations) {
   check_scores(scores, epsilon, "sinkhorn");
   TORCH_CHECK(iterations >= 0, "sinkhorn: iterations must be >= 0, got ", iterations);
-  const int64_t B = scores.size(0), K = scores.size(1);
-  if (iterations == 0) {
-    const at::Tensor total = at::logsumexp(sinkhorn_col_lse(scores, epsilon, c10::nullopt), {0});
-    const at::Tensor v = (std::log(static_cast<double>(B)) - total).expand({K});
-    return sinkhorn_codes(scores, epsilon, v, false);
-  }
-  c10::optional<at::Tensor> v;
-  for (int64_t t = 0; t < iterations; ++t) v = sinkhorn_col_lse(scores, epsilon, v).neg_();
-  return sinkhorn_codes(scores, epsilon, *v, true);
+  return sinkhorn_log_domain(
+      scores.size(0), scores.size(1), iterations,
+      [&](const c10::optional<at::Tensor>& v) { return sinkhorn_col_lse(scores, epsilon, v); },
+      [&](const at::Tensor& v, bool normalize) { return sinkhorn_codes(scores, epsilon, v, normalize); });
 }
 
 }  // namespace sinkhorn_cuda
