@@ -202,10 +202,19 @@ def n_pair_slots(device: torch.device, n_rows: int, min_block: int) -> int:
     return max(1, min(_slot_cap(device), t * (t + 1) // 2))
 
 
+# "tune" (default): autotune over each kernel's GPU list; "default": its first config only
+# (one compile per kernel and specialization, for test, sanitizer and smoke runs).
+CONFIGS = os.environ.get("CONTRASTIVE_OPS_TRITON_CONFIGS", "tune")
+
+
 def _configs(block_names, gpu_choices, interp_choice) -> List[triton.Config]:
     """Autotune configs: a Hopper-oriented sweep on the GPU, one small config under the interpreter."""
     if interpreting():
         return [triton.Config(dict(zip(block_names, interp_choice)), num_warps=1, num_stages=1)]
+    if CONFIGS not in ("tune", "default"):
+        raise ValueError(f"CONTRASTIVE_OPS_TRITON_CONFIGS must be 'tune' or 'default', got {CONFIGS!r}")
+    if CONFIGS == "default":
+        gpu_choices = gpu_choices[:1]
     out = []
     for blocks, warps, stages in gpu_choices:
         out.append(triton.Config(dict(zip(block_names, blocks)), num_warps=warps, num_stages=stages))
