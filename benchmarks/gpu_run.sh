@@ -35,6 +35,11 @@
 #   SWEEP_SIZES       comma-separated batch sizes                 (default 1024,4096,16384,65536)
 #   SWEEP_ARGS        extra arguments of "bench"                  (default: none)
 #   PYTEST_ARGS       extra arguments of step 2                   (default: none)
+#   STEPS             comma-separated steps to run, in this order: build,tests-priority,tests,
+#                     memcheck,racecheck,quick,selfcheck,mvbench,sweep (default: all)
+#   QUICK_ARGS        extra arguments of benchmarks/gpu_quick.py (step quick)
+#   QUICK_TIMEOUT     step quick                                  (default 150)
+#   PYTEST_WORKERS    pytest-xdist workers of the test steps      (default: nproc, none without xdist)
 #   SKIP_BUILD=1      use the extension already built in place
 #   RESULTS_DIR       output directory                            (default benchmarks/results/<device>-<date>)
 set -u
@@ -106,26 +111,61 @@ step() {
 } > "$RES/environment.txt" 2>&1
 cat "$RES/environment.txt" | head -n 3
 
-if [ "${SKIP_BUILD:-0}" != "1" ]; then
+STEPS=${STEPS:-build,tests-priority,tests,memcheck,racecheck,quick,selfcheck,mvbench,sweep}
+want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+# Test, sanitizer and self-check steps compile one Triton config per kernel (autotuning over the
+# full lists would spend the run in the compiler); a fresh cache counts what each step compiled.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$RES/triton-cache}
+mkdir -p "$TRITON_CACHE_DIR"
+compiled() { find "$TRITON_CACHE_DIR" -name '*.cubin' 2>/dev/null | wc -l; }
+note_compiles() { echo "    triton kernels compiled so far (one per kernel, config and specialization): $(compiled)" | tee -a "$SUMMARY"; }
+ONE_CONFIG=(env CONTRASTIVE_OPS_TRITON_CONFIGS=default)
+
+XDIST=()
+WORKERS=${PYTEST_WORKERS:-$(nproc)}
+if [ "$WORKERS" != "0" ] && $PY -c "import xdist" 2>/dev/null; then XDIST=(-n "$WORKERS"); fi
+HAS_TIMEOUT=()
+$PY -c "import pytest_timeout" 2>/dev/null && HAS_TIMEOUT=(--timeout 120)
+
+if want build && [ "${SKIP_BUILD:-0}" != "1" ]; then
     step build "${BUILD_TIMEOUT:-180}" $PY -m pip install --no-build-isolation --no-deps -v -e .
 fi
+$PY -c "import contrastive_ops as co; print('backends:', co.available_backends())" 2>&1 | tee -a "$SUMMARY"
 
-# shellcheck disable=SC2086
-step tests "${TEST_TIMEOUT:-120}" $PY -m pytest -q -p no:cacheprovider tests ${PYTEST_ARGS:-}
+# Priority tests first: large logits, run-to-run determinism, the extension's ops, a case larger than
+# one CUDA tile, the Triton kernels.  Then the rest of the suite (not slow).
+PRIORITY=(tests/test_large_values.py tests/test_determinism.py tests/test_cext.py tests/test_triton_kernels.py)
+for f in tests/test_cuda_tiling.py tests/test_triton_minwork.py; do [ -f "$f" ] && PRIORITY+=("$f"); done
+if want tests-priority; then
+    # shellcheck disable=SC2086
+    step tests-priority "${PRIORITY_TIMEOUT:-150}" "${ONE_CONFIG[@]}" $PY -m pytest -q -p no:cacheprovider -rfE \
+        "${XDIST[@]}" "${HAS_TIMEOUT[@]}" --junitxml "$RES/junit-priority.xml" "${PRIORITY[@]}" ${PYTEST_ARGS:-}
+    note_compiles
+fi
+if want tests; then
+    DESELECT=()
+    for f in "${PRIORITY[@]}"; do DESELECT+=(--ignore "$f"); done
+    # shellcheck disable=SC2086
+    step tests "${TEST_TIMEOUT:-240}" "${ONE_CONFIG[@]}" $PY -m pytest -q -p no:cacheprovider -rfE -m "not slow" \
+        "${XDIST[@]}" "${HAS_TIMEOUT[@]}" --junitxml "$RES/junit-tests.xml" tests "${DESELECT[@]}" ${PYTEST_ARGS:-}
+    note_compiles
+fi
 
 # One loss per kernel primitive: sim_lse, siglip, sinkhorn.
 SAN_LOSSES=${SANITIZER_LOSSES:-info_nce,siglip_loss,sinkhorn_knopp}
 if command -v compute-sanitizer >/dev/null 2>&1; then
     # The caching allocator hides out-of-bounds accesses inside its pooled blocks: turn it off.
     for tool in memcheck racecheck; do
-        step "sanitizer-$tool" "${SANITIZER_TIMEOUT:-45}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        want "$tool" || continue
+        step "sanitizer-$tool" "${SANITIZER_TIMEOUT:-45}" "${ONE_CONFIG[@]}" PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
             compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
             $PY -m contrastive_ops --quick --no-bench --no-progress --backends cuda,triton --dtype float32 \
             --losses "$SAN_LOSSES"
     done
-    if [ -n "${SANITIZER_PYTEST:-}" ]; then
+    if want memcheck && [ -n "${SANITIZER_PYTEST:-}" ]; then
         # shellcheck disable=SC2086
-        step sanitizer-memcheck-pytest "${SANITIZER_TIMEOUT:-45}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        step sanitizer-memcheck-pytest "${SANITIZER_TIMEOUT:-45}" "${ONE_CONFIG[@]}" PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
             compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
             $PY -m pytest -q -x -p no:cacheprovider $SANITIZER_PYTEST
     fi
@@ -133,7 +173,14 @@ else
     echo "sanitizers: SKIPPED (compute-sanitizer not found)" | tee -a "$SUMMARY"
 fi
 
-step selfcheck "${CHECK_TIMEOUT:-45}" $PY -m contrastive_ops --no-bench --no-progress --strict -v
+if want quick; then
+    # shellcheck disable=SC2086
+    step quick "${QUICK_TIMEOUT:-150}" $PY benchmarks/gpu_quick.py --json "$RES/quick.json" \
+        --budget $(( ${QUICK_TIMEOUT:-150} - 30 )) ${QUICK_ARGS:-}
+    cat "$RES/quick.log" >> "$SUMMARY"
+fi
+
+want selfcheck && step selfcheck "${CHECK_TIMEOUT:-45}" "${ONE_CONFIG[@]}" $PY -m contrastive_ops --no-bench --no-progress --strict -v
 
 # Multi-view benchmark (its default CUDA grid, see the file's docstring), before the sweep.  Its limit is
 # the smaller of MV_BENCH_TIMEOUT and what the deadline leaves after the sweep's least (a 10s budget plus
@@ -142,8 +189,8 @@ step selfcheck "${CHECK_TIMEOUT:-45}" $PY -m contrastive_ops --no-bench --no-pro
 MVT=${MV_BENCH_TIMEOUT:-120}
 MVL=$(( $(remaining) - 70 ))
 [ "$MVT" -lt "$MVL" ] && MVL=$MVT
-if [ "$MVT" -le 0 ]; then
-    echo "multiview-bench: SKIPPED (MV_BENCH_TIMEOUT=0)" | tee -a "$SUMMARY"
+if ! want mvbench || [ "$MVT" -le 0 ]; then
+    echo "multiview-bench: SKIPPED (not in STEPS, or MV_BENCH_TIMEOUT=0)" | tee -a "$SUMMARY"
 elif [ "$MVL" -lt 30 ]; then
     echo "multiview-bench: SKIPPED (the run deadline leaves ${MVL}s before the sweep)" | tee -a "$SUMMARY"
 else
@@ -153,21 +200,25 @@ else
         --benchmark-json "$RES/multiview.json" ${MV_BENCH_ARGS:-}
 fi
 
-# The sweep's budget: what is asked, at most what the deadline leaves after a margin for the
-# first calls of the last points and the charts.
-MARGIN=60
-SB=${SWEEP_BUDGET:-100}
-LEFT=$(( $(remaining) - MARGIN ))
-[ "$SB" -gt "$LEFT" ] && SB=$LEFT
-[ "$SB" -lt 10 ] && SB=10
-SWEEP=(bench --out "$RES/bench" --no-progress --budget "$SB" --sizes "${SWEEP_SIZES:-1024,4096,16384,65536}")
-# shellcheck disable=SC2086
-step sweep $(( SB + MARGIN )) $PY -m contrastive_ops "${SWEEP[@]}" ${SWEEP_ARGS:-}
+if want sweep; then
+    # The sweep's budget: what is asked, at most what the deadline leaves after a margin for the
+    # first calls of the last points and the charts.
+    MARGIN=60
+    SB=${SWEEP_BUDGET:-100}
+    LEFT=$(( $(remaining) - MARGIN ))
+    [ "$SB" -gt "$LEFT" ] && SB=$LEFT
+    [ "$SB" -lt 10 ] && SB=10
+    SWEEP=(bench --out "$RES/bench" --no-progress --budget "$SB" --sizes "${SWEEP_SIZES:-1024,4096,16384,65536}")
+    # shellcheck disable=SC2086
+    step sweep $(( SB + MARGIN )) $PY -m contrastive_ops "${SWEEP[@]}" ${SWEEP_ARGS:-}
+fi
 
 echo "total: $(( $(date +%s) - START ))s, $([ $FAILED -eq 0 ] && echo 'all steps passed' || echo 'some steps FAILED')" \
     | tee -a "$SUMMARY"
 if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT/$(basename "$RES")"
-    cp -r "$RES"/. "$OUT/$(basename "$RES")/"
+    # At most a few files come back from a lent machine: one archive of the results (without the
+    # Triton cache) and the summary beside it.
+    tar -czf "$OUT/$(basename "$RES").tgz" -C "$(dirname "$RES")" --exclude triton-cache "$(basename "$RES")"
+    cp "$SUMMARY" "$OUT/summary.txt"
 fi
 exit $FAILED

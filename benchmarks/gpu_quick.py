@@ -1,0 +1,180 @@
+"""Short GPU timing of the core losses: each kernel backend against plain PyTorch and the GEMM floor.
+
+    python benchmarks/gpu_quick.py [--sizes 16384,32768,65536] [--dims 512,1024] [--json out.json]
+
+For each (loss, B, D) in bf16: the median time of one forward + backward
+(CUDA events, after warm-up; fresh random inputs, never zeros), the peak extra
+memory, and the "GEMM floor": cuBLAS time of the products plain PyTorch does
+for the same step (S = Q·Kᵀ, dS·K, dSᵀ·Q; for a Gram loss Z·Zᵀ and dS·Z).
+Model FLOPs count those products (6·B·M·D for two-tensor losses, 4·B²·D for
+Gram losses, whose backward is one product); the fraction of peak is model
+FLOP/s over the dense bf16 peak (989.5 TFLOP/s, H100/H200 SXM datasheet) and
+over the measured cuBLAS rate.  Values are checked against the reference once
+per point (relative error of the loss).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+import contrastive_ops as co
+
+PEAK_BF16 = 989.5e12
+
+
+def _time(fn, warmup=2, reps=10, max_s=3.0):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    t_end = time.perf_counter() + max_s
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+        if time.perf_counter() > t_end and len(times) >= 3:
+            break
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _peak(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _gemm_rate(n=8192):
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t = _time(lambda: a @ b, warmup=3, reps=10)
+    return 2 * n ** 3 / t
+
+
+def _cases(B, D, dtype):
+    g = torch.Generator(device="cuda").manual_seed(B + D)
+
+    def feat(n):
+        x = torch.randn(n, D, device="cuda", dtype=torch.float32, generator=g)
+        return torch.nn.functional.normalize(x, dim=1).to(dtype).requires_grad_(True)
+
+    img, txt = feat(B), feat(B)
+    scale = torch.tensor(1 / 0.07, device="cuda", requires_grad=True)
+    z1, z2 = feat(B), feat(B)
+    bias = torch.tensor(-10.0, device="cuda", requires_grad=True)
+    return {
+        # loss name: (callable(backend), leaves, gram?, M)
+        "clip_loss": (lambda be: co.clip_loss(img, txt, scale, backend=be), [img, txt, scale], False, B),
+        "info_nce": (lambda be: co.info_nce(img, txt, 0.07, backend=be), [img, txt], False, B),
+        "siglip_loss": (lambda be: co.siglip_loss(img, txt, scale, bias, backend=be), [img, txt, scale, bias],
+                        False, B),
+        "nt_xent": (lambda be: co.nt_xent(z1, z2, 0.5, backend=be), [z1, z2], True, 2 * B),
+    }
+
+
+def _gemm_floor(B, M, D, gram, dtype):
+    q = torch.randn(B, D, device="cuda", dtype=dtype)
+    k = torch.randn(M, D, device="cuda", dtype=dtype)
+    s = torch.randn(B, M, device="cuda", dtype=dtype)
+
+    def two():
+        q @ k.T
+        s @ k
+        s.T @ q
+
+    def one():
+        q @ q.T
+        s @ q
+
+    if gram:
+        return _time(one, reps=5), 4 * B * B * D
+    return _time(two, reps=5), 6 * B * M * D
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="16384,32768,65536")
+    p.add_argument("--dims", default="512,1024")
+    p.add_argument("--losses", default="clip_loss,info_nce,siglip_loss,nt_xent")
+    p.add_argument("--backends", default="triton,cuda,reference")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--json", default=None)
+    p.add_argument("--budget", type=float, default=240.0, help="seconds; no new point starts after it")
+    a = p.parse_args(argv)
+    dtype = getattr(torch, a.dtype)
+    t0 = time.perf_counter()
+    rate = _gemm_rate()
+    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  cuBLAS bf16 8192^3: "
+          f"{rate / 1e12:.0f} TFLOP/s", flush=True)
+    rows = []
+    avail = co.available_backends()
+    backends = [b for b in a.backends.split(",") if avail.get(b, (False,))[0]]
+    print(f"backends: {backends}  (asked {a.backends}; availability {avail})", flush=True)
+    for D in [int(x) for x in a.dims.split(",")]:
+        for B in [int(x) for x in a.sizes.split(",")]:
+            cases = _cases(B, D, dtype)
+            for loss in a.losses.split(","):
+                fn, leaves, gram, M = cases[loss]
+                floor_t, model_flops = _gemm_floor(B if not gram else 2 * B, M, D, gram, dtype)
+                ref_val = None
+                for be in backends:
+                    if time.perf_counter() - t0 > a.budget:
+                        print("budget reached", flush=True)
+                        break
+                    row = dict(loss=loss, B=B, D=D, dtype=a.dtype, backend=be, gemm_floor_s=floor_t,
+                               model_flops=model_flops)
+
+                    def step():
+                        out = fn(be)
+                        torch.autograd.grad(out, leaves)
+
+                    try:
+                        val = fn(be).item()
+                        if be == "reference":
+                            ref_val = val
+                        row["loss_value"] = val
+                        row["time_s"] = _time(step)
+                        row["peak_bytes"] = _peak(step)
+                        row["model_tflops"] = model_flops / row["time_s"] / 1e12
+                        row["frac_peak"] = model_flops / row["time_s"] / PEAK_BF16
+                        row["frac_cublas"] = model_flops / row["time_s"] / rate
+                        row["x_gemm_floor"] = row["time_s"] / floor_t
+                        row["status"] = "ok"
+                    except torch.cuda.OutOfMemoryError as e:
+                        row["status"] = "oom"
+                        row["error"] = str(e).splitlines()[0]
+                    except Exception as e:  # recorded, not hidden: the table shows it
+                        row["status"] = "error"
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    torch.cuda.empty_cache()
+                    rows.append(row)
+                    msg = (f"{loss:12s} B={B:6d} D={D:5d} {be:9s} " +
+                           (f"{row['time_s'] * 1e3:9.2f} ms  {row['model_tflops']:6.0f} TFLOP/s "
+                            f"{100 * row['frac_peak']:5.1f}% peak  {row['x_gemm_floor']:5.2f}x GEMM floor  "
+                            f"mem {row['peak_bytes'] / 2**20:8.0f} MiB  loss {row['loss_value']:.6g}"
+                            if row["status"] == "ok" else f"{row['status']}: {row.get('error', '')}"))
+                    print(msg, flush=True)
+                for r in rows:
+                    if r["loss"] == loss and r["B"] == B and r["D"] == D and ref_val is not None and "loss_value" in r:
+                        r["rel_err_vs_reference"] = abs(r["loss_value"] - ref_val) / max(abs(ref_val), 1e-30)
+    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cublas_bf16_flops=rate,
+               peak_bf16_flops=PEAK_BF16, rows=rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
