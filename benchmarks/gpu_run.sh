@@ -111,6 +111,18 @@ step() {
 } > "$RES/environment.txt" 2>&1
 cat "$RES/environment.txt" | head -n 3
 
+# Peer libraries for the benchmarks (the GPU machine has no network): wheels carried in .whl/ are
+# installed into a private directory (see benchmarks/README.md for the download command).
+if [ -d "$ROOT/.whl" ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/co-peers \
+            "$ROOT"/.whl/*.whl >> "$RES/environment.txt" 2>&1; then
+        export PYTHONPATH="/tmp/co-peers${PYTHONPATH:+:$PYTHONPATH}"
+        echo "peers installed from .whl/: $(cd "$ROOT/.whl" && ls *.whl | tr '\n' ' ')" | tee -a "$SUMMARY"
+    else
+        echo "peers from .whl/: install FAILED (see environment.txt)" | tee -a "$SUMMARY"
+    fi
+fi
+
 STEPS=${STEPS:-build,tests-priority,tests,memcheck,racecheck,quick,selfcheck,mvbench,sweep}
 want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
