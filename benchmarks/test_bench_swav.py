@@ -129,7 +129,7 @@ def test_bench_sinkhorn(benchmark, provider, B):
     scores = z @ c.T
     benchmark.group = f"sinkhorn K={K} B={B} {DEVICE.type}"
     if provider not in FLASH:
-        from contrastive_ops.losses.swav import sinkhorn_reference
+        from contrastive_ops.primitives.sinkhorn import sinkhorn_reference
 
         torch.testing.assert_close(fn(scores, z, c).float(), sinkhorn_reference(scores.float(), EPS, ITERS),
                                    rtol=1e-3, atol=1e-6)
