@@ -48,7 +48,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks, backends
-from .._checks import as_scalar
 from .._numerics import masked_lse
 from ..distributed import GlobalBatch
 from ..primitives.sim_lse import sim_lse

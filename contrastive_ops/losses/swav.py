@@ -32,6 +32,7 @@ from .._numerics import acc_dtype
 from ..distributed import GlobalBatch
 from ..primitives.sinkhorn import sinkhorn, sinkhorn_reference
 from ..primitives.swav_ce import swav_ce
+from ._common import inv_temperature
 
 Tensor = torch.Tensor
 
@@ -221,13 +222,13 @@ def swav_loss(scores, temperature=0.1, *, crops_for_assign=(0, 1), epsilon=0.05,
     assign = _check_crops_for_assign(crops_for_assign, len(crops))
     eps = _check_epsilon(epsilon)
     iters = _check_iterations(iterations)
-    tau = as_scalar("temperature", temperature, crops[0], positive=True)
+    as_scalar("temperature", temperature, crops[0], positive=True)
     name = backends.resolve(backend, op="swav_loss", tensors=crops)
     if name == "reference":
         return swav_loss_reference(crops, temperature, assign, eps, iters, process_group)
     dt = acc_dtype(crops[0].dtype)
     q = {a: sinkhorn(crops[a], eps, iters, backend=name, process_group=process_group) for a in assign}
-    inv_tau = 1.0 / tau
+    inv_tau = inv_temperature(temperature, crops[0])
     # Σ_a Σ_{v≠a} CE(scores[v], q_a) = Σ_v CE(scores[v], Σ_{a≠v} q_a): one pass per crop; the crops
     # outside crops_for_assign share one target, summed once.
     loss = torch.zeros((), dtype=dt, device=crops[0].device)

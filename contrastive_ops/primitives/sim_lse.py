@@ -84,18 +84,9 @@ def allowed_mask(
     return allowed
 
 
-def sim_lse_reference(
-    q: Tensor,
-    k: Tensor,
-    scale: Tensor,
-    row_index: Optional[Tensor] = None,
-    col_index: Optional[Tensor] = None,
-    col_start: Optional[Tensor] = None,
-    col_end: Optional[Tensor] = None,
-    exclude: Optional[Tensor] = None,
-    want_col: bool = False,
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """Dense PyTorch implementation of the core (differentiable by autograd).
+def sim_lse_reference(q: Tensor, k: Tensor, scale: Tensor, row_index=None, col_index=None, col_start=None,
+                      col_end=None, exclude=None, want_col: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """Dense PyTorch implementation of the core (differentiable by autograd); arguments as ``sim_lse``.
 
     Materializes B×M: the oracle that kernel tests compare against, and the
     engine behind ``backend="reference"`` compositions in tests.

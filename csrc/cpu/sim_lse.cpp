@@ -473,6 +473,17 @@ std::tuple<Tensor, Tensor> sim_lse_fwd_cpu(const Tensor& q, const Tensor& k, con
 
 // ---- backward ----
 
+// Backward, tile row gi: zeroes the entries outside its allowed range [l, h) (set here) and lists
+// its excluded positions inside it in hb; returns their count.
+template <typename T>
+inline int64_t zero_outside(const RowRange& rr, int64_t gi, int64_t c0, int64_t bc, T* gp, int64_t* hb, int64_t& l,
+                            int64_t& h) {
+  rr.get(gi, c0, bc, l, h);
+  std::fill(gp, gp + l, T(0));
+  std::fill(gp + h, gp + bc, T(0));
+  return holes(rr, gi, c0, l, h, hb);
+}
+
 // Adds the gradient partials of parts 1 .. P-1 (``extra``, n entries each) into ``dst`` (part 0's),
 // in part order; returns the sum of the parts' dscale partials.
 template <typename T>
@@ -520,10 +531,7 @@ double bwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T sc
           const int64_t gi = r0 + i;
           T* gp = g + i * bc;
           int64_t l, h;
-          rr.get(gi, c0, bc, l, h);
-          std::fill(gp, gp + l, T(0));
-          std::fill(gp + h, gp + bc, T(0));
-          const int64_t nh = holes(rr, gi, c0, l, h, hb.data());
+          const int64_t nh = zero_outside(rr, gi, c0, bc, gp, hb.data(), l, h);
           T dot_row = 0;
           for_segments(l, h, hb.data(), nh, [&](int64_t s0, int64_t s1) {
             if (fast) {
@@ -572,10 +580,7 @@ double bwd_symmetric(const T* Z, int64_t B, int64_t D, T scale, T R, const Masks
           const int64_t gi = r0 + i;
           T* gp = g + i * bc;
           int64_t l, h;
-          rr.get(gi, c0, bc, l, h);
-          std::fill(gp, gp + l, T(0));
-          std::fill(gp + h, gp + bc, T(0));
-          const int64_t nh = holes(rr, gi, c0, l, h, hb.data());
+          const int64_t nh = zero_outside(rr, gi, c0, bc, gp, hb.data(), l, h);
           T dot_row = 0;
           for_segments(l, h, hb.data(), nh,
                        [&](int64_t s0, int64_t s1) {
