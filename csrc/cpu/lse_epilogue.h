@@ -111,7 +111,6 @@ T finish(T m, T s) {
   return s > 0 ? m + std::log(s) : neg_inf<T>();
 }
 
-
 // ---- fused loops (float versions multiversioned below) ----
 
 // Σ e over [0, n), e = exp(scale·g - R); col[j] += e when col is given.
