@@ -55,13 +55,13 @@ def _flash_sinkhorn():
     if DEVICE.type != "cuda":
         pytest.skip("flash-sinkhorn runs on CUDA tensors only")
     pytest.importorskip("flash_sinkhorn", reason="flash-sinkhorn is not installed (pip install flash-sinkhorn)")
-    from contrastive_ops.benchmarking import cases
+    from contrastive_ops.benchmarking import peers
 
-    return cases
+    return peers
 
 
 # flash_sinkhorn: from the scores, embedded as K+1-dim points (exact for any scores, see
-# cases.flash_sinkhorn_codes); flash_sinkhorn_points: from SwAV's unit-norm embeddings and
+# peers.flash_sinkhorn_codes); flash_sinkhorn_points: from SwAV's unit-norm embeddings and
 # prototypes (128-dim), the way a SwAV model would call it; its time excludes the scores' GEMM.
 FLASH = ("flash_sinkhorn", "flash_sinkhorn_points")
 PROVIDERS = ["swav_plain", "lightly", "reference", "cpu", "cuda", "triton", *FLASH]
@@ -70,11 +70,11 @@ PROVIDERS = ["swav_plain", "lightly", "reference", "cpu", "cuda", "triton", *FLA
 def _sinkhorn_fn(provider):
     """A callable of (scores, z, prototypes) returning the codes (B, K)."""
     if provider == "flash_sinkhorn":
-        cases = _flash_sinkhorn()
-        return lambda s, z, c: cases.flash_sinkhorn_codes(s, EPS, ITERS)
+        peers = _flash_sinkhorn()
+        return lambda s, z, c: peers.flash_sinkhorn_codes(s, EPS, ITERS)
     if provider == "flash_sinkhorn_points":
-        cases = _flash_sinkhorn()
-        return lambda s, z, c: cases.flash_sinkhorn_codes_from_points(c, z, s, EPS, ITERS)
+        peers = _flash_sinkhorn()
+        return lambda s, z, c: peers.flash_sinkhorn_codes_from_points(c, z, s, EPS, ITERS)
     fn = _scores_sinkhorn_fn(provider)
     return lambda s, z, c: fn(s)
 
@@ -129,7 +129,7 @@ def test_bench_sinkhorn(benchmark, provider, B):
     scores = z @ c.T
     benchmark.group = f"sinkhorn K={K} B={B} {DEVICE.type}"
     if provider not in FLASH:
-        from contrastive_ops.losses.swav import sinkhorn_reference
+        from contrastive_ops.primitives.sinkhorn import sinkhorn_reference
 
         torch.testing.assert_close(fn(scores, z, c).float(), sinkhorn_reference(scores.float(), EPS, ITERS),
                                    rtol=1e-3, atol=1e-6)

@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .core import acc_dtype
+from ._numerics import acc_dtype
 
 Tensor = torch.Tensor
 REDUCTIONS = ("mean", "sum", "none")
@@ -99,9 +99,15 @@ def as_scalar(name: str, value: Union[float, Tensor], like: Tensor, *, positive:
     return torch.tensor(v, dtype=dt, device=like.device)
 
 
-def inv_temperature(temperature, like: Tensor) -> Tensor:
-    """``1/temperature`` as a 0-dim tensor (differentiable in a tensor temperature)."""
-    return 1.0 / as_scalar("temperature", temperature, like, positive=True)
+def check_pair(a_name: str, a, b_name: str, b, *, same_rows: bool) -> None:
+    """Two feature matrices of one device and dtype: the same shape (``same_rows``) or the same feature size."""
+    check_features(a_name, a)
+    check_features(b_name, b)
+    check_same_device_dtype([(a_name, a), (b_name, b)])
+    if same_rows:
+        check_same_shape(a_name, a, b_name, b)
+    else:
+        check_same_dim(a_name, a, b_name, b)
 
 
 def check_labels(name: str, labels: Tensor, n: int, device) -> None:

@@ -160,6 +160,26 @@ def all_reduce_sum(t: Tensor, process_group) -> Tensor:
     return out
 
 
+def all_reduce_lse(lse: Tensor, process_group) -> Tensor:
+    """Element-wise LSE over the ranks of a local LSE tensor (no autograd); ``lse`` itself for ``None``."""
+    if process_group is None:
+        return lse
+    dist = _dist()
+    m = lse.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=process_group)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = torch.exp(lse - m)
+    dist.all_reduce(s, op=dist.ReduceOp.SUM, group=process_group)
+    return m + torch.log(s)
+
+
+def global_rows(n: int, process_group, device) -> int:
+    """The number of rows over the ranks, each passing ``n`` local ones (a host synchronization)."""
+    if process_group is None:
+        return n
+    return int(all_reduce_sum(torch.tensor([n], dtype=torch.int64, device=device), process_group).item())
+
+
 def reduce(values: Tensor, reduction: str, process_group, count: Optional[Tensor] = None) -> Tensor:
     """Reduce this rank's per-anchor ``values`` so that the mean over ranks is the global reduction.
 

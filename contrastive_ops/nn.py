@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch
 
-from . import losses as _losses  # noqa: F401  (keeps import order explicit)
 from .losses.decoupled import dcl_loss, dhel_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent
 from .losses.multiview import mv_dhel, mv_infonce

@@ -1,11 +1,11 @@
-// Operator schemas of contrastive_ops._C, declared once.  Device kernels are
-// registered with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*;
-// fake (meta) kernels for torch.compile live in Python
-// (contrastive_ops/backends/_cext.py).  Further ops can be added from other
-// files with TORCH_LIBRARY_FRAGMENT(contrastive_ops, m).
+// Operator schemas of contrastive_ops._C: every op is declared here, once.
+// Device kernels are registered with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and
+// csrc/cuda/*; fake (meta) kernels and autograd formulas for torch.compile
+// live in Python (contrastive_ops/backends/_cext.py).
 //
-// The maths of sim_lse_* is the docstring of contrastive_ops/core.py, that of
-// siglip_* is contrastive_ops.losses.siglip.siglip_sum_reference.
+// The maths of each op is the contract of its primitive in
+// contrastive_ops/primitives/: sim_lse_* in sim_lse.py, siglip_* in
+// siglip_pairs.py, sinkhorn* in sinkhorn.py, swav_ce_* in swav_ce.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -36,4 +36,24 @@ TORCH_LIBRARY(contrastive_ops, m) {
   m.def("siglip_fwd(Tensor x, Tensor y, Tensor scale, Tensor bias) -> Tensor");
   // (dx like x, dy like y, dscale like scale, dbias like bias).
   m.def("siglip_bwd(Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Sinkhorn-Knopp codes (B, K) fp32 after `iterations` log-domain steps.
+  m.def("sinkhorn(Tensor scores, float epsilon, int iterations) -> Tensor");
+  // (K,) LSE_b(S[b,k]/eps + u[b]), u[b] = -LSE_k(S[b,k]/eps + v[k]) (u = 0 without v).
+  m.def("sinkhorn_col_lse(Tensor scores, float epsilon, Tensor? v) -> Tensor");
+  // (B, K) fp32 exp(S/eps + v[k] - (LSE_k(S/eps + v) if normalize)).
+  m.def("sinkhorn_codes(Tensor scores, float epsilon, Tensor v, bool normalize) -> Tensor");
+  // Σ_b of the soft-target cross-entropy of scale·x against t: (0-dim, lse (B,)).
+  m.def("swav_ce_fwd(Tensor x, Tensor t, Tensor scale) -> (Tensor, Tensor)");
+  // (dx like x, dscale 0-dim) for the 0-dim gradient grad of the forward's loss.
+  m.def("swav_ce_bwd(Tensor x, Tensor t, Tensor scale, Tensor lse, Tensor grad) -> (Tensor, Tensor)");
+
+  // Test hooks of the CPU kernels (csrc/cpu/sim_lse.cpp, csrc/cpu/sinkhorn.cpp):
+  // the epilogue flags (1 shifted exponentials, 2 symmetric Gram, 4 dq holds
+  // dq + dk) of the last sim_lse_fwd (backward=False) or sim_lse_bwd call, -1
+  // before any; how many threads ran the parts of the last row-block kernel
+  // call; 1 if the last sinkhorn call took the scaling form, 0 the log domain,
+  // -1 before any.
+  m.def("_cpu_last_path(bool backward) -> int");
+  m.def("_cpu_last_threads() -> int");
+  m.def("_cpu_sinkhorn_last_path() -> int");
 }

@@ -1,6 +1,6 @@
 // Shared by the CPU and CUDA Sinkhorn-Knopp ops (csrc/cpu/sinkhorn.cpp, csrc/cuda/sinkhorn.cu):
 // the argument checks, and SwAV's loop in the log domain on a device's col_lse / codes steps
-// (maths in contrastive_ops/losses/swav.py).
+// (maths in contrastive_ops/primitives/sinkhorn.py).
 #pragma once
 
 #include <ATen/ATen.h>

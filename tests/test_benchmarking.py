@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from contrastive_ops.benchmarking import cases as C
+from contrastive_ops.benchmarking import peers as P
 from contrastive_ops.benchmarking import measure as M
 from contrastive_ops.benchmarking import sweep as W
 
@@ -21,7 +22,7 @@ def _ref_or_skip(case, inp):
         pytest.skip(f"{case.name} is not implemented on this branch yet")
 
 
-PEER_CASES = [(name, p) for name, peers in C.PEERS.items() for p in peers]
+PEER_CASES = [(name, p) for name, peers in P.PEERS.items() for p in peers]
 
 
 @pytest.mark.parametrize("name,peer", PEER_CASES, ids=[f"{name}-{p.name}" for name, p in PEER_CASES])
@@ -55,7 +56,7 @@ def test_peer_adapter_computes_the_reference_loss(name, peer):
 
 def test_gpu_only_peers_are_listed_with_a_reason_off_gpu():
     """siglip-kernel and flash-sinkhorn are benchmarked on CUDA only; elsewhere they say why not."""
-    names = {name: {p.name for p in peers} for name, peers in C.PEERS.items()}
+    names = {name: {p.name for p in peers} for name, peers in P.PEERS.items()}
     assert "siglip_kernel" in names["siglip_loss"] and "flash_sinkhorn" in names["sinkhorn_knopp"]
     for loss, peer in (("siglip_loss", "siglip_kernel"), ("sinkhorn_knopp", "flash_sinkhorn")):
         case = C.CASES[loss]
@@ -86,9 +87,9 @@ def test_flash_sinkhorn_bridge_gives_swav_codes(variant, small):
 
     scores = C.CASES["sinkhorn_knopp"].make(30, 16, torch.float64, variant=variant, small=small).args[0]
     want = swav_released_sinkhorn(scores.clone(), 0.05, 3)
-    got = C.flash_sinkhorn_codes(scores, 0.05, 3, solve=_flash_sinkhorn_dense)
+    got = P.flash_sinkhorn_codes(scores, 0.05, 3, solve=_flash_sinkhorn_dense)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
-    got_t1 = C.flash_sinkhorn_codes(scores, 0.1, 1, solve=_flash_sinkhorn_dense)
+    got_t1 = P.flash_sinkhorn_codes(scores, 0.1, 1, solve=_flash_sinkhorn_dense)
     torch.testing.assert_close(got_t1, swav_released_sinkhorn(scores.clone(), 0.1, 1), atol=1e-10, rtol=1e-8)
 
 
@@ -99,12 +100,12 @@ def test_flash_sinkhorn_bridge_from_points_needs_equal_sample_norms():
     z = torch.nn.functional.normalize(torch.randn(40, 8, generator=g, dtype=torch.float64), dim=1)
     protos = torch.randn(13, 8, generator=g, dtype=torch.float64)  # prototype norms may differ
     s = z @ protos.T
-    got = C.flash_sinkhorn_codes_from_points(protos, z, s, 0.05, 3, solve=_flash_sinkhorn_dense)
+    got = P.flash_sinkhorn_codes_from_points(protos, z, s, 0.05, 3, solve=_flash_sinkhorn_dense)
     torch.testing.assert_close(got, swav_released_sinkhorn(s.clone(), 0.05, 3), atol=1e-10, rtol=1e-8)
     # Samples of unequal norms: the first prototype update sees a per-sample factor SwAV does not.
     z2 = z * torch.linspace(0.5, 1.5, 40, dtype=torch.float64)[:, None]
     s2 = z2 @ protos.T
-    off = C.flash_sinkhorn_codes_from_points(protos, z2, s2, 0.05, 3, solve=_flash_sinkhorn_dense)
+    off = P.flash_sinkhorn_codes_from_points(protos, z2, s2, 0.05, 3, solve=_flash_sinkhorn_dense)
     assert (off - swav_released_sinkhorn(s2.clone(), 0.05, 3)).abs().max() > 1e-3
 
 

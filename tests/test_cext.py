@@ -15,9 +15,11 @@ import types
 import pytest
 import torch
 
-from contrastive_ops import _ext, core
+from contrastive_ops import _ext
+from contrastive_ops._numerics import acc_dtype
 from contrastive_ops.backends import _cext
-from contrastive_ops.losses.siglip import siglip_sum_reference
+from contrastive_ops.primitives.siglip_pairs import siglip_pairs_reference
+from contrastive_ops.primitives.sim_lse import sim_lse
 from helpers import TOL, assert_close, nan_filled_memory
 
 _OK, _WHY = _cext.availability("cpu")
@@ -83,12 +85,12 @@ def _problem(case, B, M, D, device, gen):
 
 def _run_core(q, k, scale, kw, want_col, g_row, g_col, backend, dtype):
     """Core forward + backward with upstream gradients (g_row, g_col); -inf entries get no gradient."""
-    acc = core.acc_dtype(dtype)
+    acc = acc_dtype(dtype)
     same = q is k
     qq = q.detach().to(dtype).requires_grad_()
     kk = qq if same else k.detach().to(dtype).requires_grad_()
     ss = scale.detach().to(acc).requires_grad_()
-    row, col = core.sim_lse(qq, kk, ss, want_col=want_col, backend=backend, **kw)
+    row, col = sim_lse(qq, kk, ss, want_col=want_col, backend=backend, **kw)
     loss = (torch.where(torch.isfinite(row), row, 0) * g_row.to(row.dtype)).sum()
     if want_col:
         loss = loss + (torch.where(torch.isfinite(col), col, 0) * g_col.to(col.dtype)).sum()
@@ -108,7 +110,7 @@ def _compare(device, B, M, D, case, dtype, want_col, scale_value=1.0, seed=0):
     ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     out = _run_core(q, k, scale, kw, want_col, g_row, g_col, BACKEND[device], dtype)
     ref = _run_core(q, k, scale, kw, want_col, g_row, g_col, "reference", ref_dtype)
-    acc = core.acc_dtype(dtype)
+    acc = acc_dtype(dtype)
     assert out[0].dtype == acc and out[0].shape == (B,)
     # -inf exactly where the reference has -inf (rows/columns with no allowed candidate)
     assert torch.equal(torch.isinf(out[0]), torch.isinf(ref[0]))
@@ -183,7 +185,7 @@ def test_sim_lse_gradcheck_float64(case):
     scale = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
 
     def fn(q_, k_, s_):
-        row, col = core.sim_lse(q_, q_ if case == "q_is_k" else k_, s_, want_col=True, backend="cpu", **kw)
+        row, col = sim_lse(q_, q_ if case == "q_is_k" else k_, s_, want_col=True, backend="cpu", **kw)
         return torch.where(torch.isfinite(row), row, 0), torch.where(torch.isfinite(col), col, 0)
 
     assert torch.autograd.gradcheck(fn, (q, k, scale), eps=1e-6, atol=1e-7)
@@ -204,7 +206,7 @@ def _siglip_compare(device, B, M, D, dtype, scale_value=10.0, bias_value=-10.0, 
     gen = torch.Generator().manual_seed(seed)
     x = torch.nn.functional.normalize(torch.randn(B, D, generator=gen), dim=-1).to(device=device, dtype=dtype)
     y = torch.nn.functional.normalize(torch.randn(M, D, generator=gen), dim=-1).to(device=device, dtype=dtype)
-    acc = core.acc_dtype(dtype)
+    acc = acc_dtype(dtype)
     scale = torch.tensor(scale_value, dtype=acc, device=device)
     bias = torch.tensor(bias_value, dtype=acc, device=device)
     grad = torch.tensor(-1.7, dtype=acc, device=device)
@@ -214,7 +216,7 @@ def _siglip_compare(device, B, M, D, dtype, scale_value=10.0, bias_value=-10.0, 
 
     ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (x, y, scale, bias)]
-    ref = siglip_sum_reference(*leaves)
+    ref = siglip_pairs_reference(*leaves)
     ref.backward(grad.to(ref_dtype))
     assert total.shape == () and total.dtype == acc
     assert dx.dtype == dtype and dy.dtype == dtype and dscale.shape == () and dbias.shape == ()

@@ -17,7 +17,7 @@ from contrastive_ops import backends, cli
 from contrastive_ops.benchmarking import cases as C
 from contrastive_ops.benchmarking import selfcheck as S
 from contrastive_ops.benchmarking.measure import ProgressBar
-from contrastive_ops.core import sim_lse_reference
+from contrastive_ops.primitives.sim_lse import sim_lse_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -221,11 +221,6 @@ def _op(qualname):
     return getattr(getattr(torch.ops, ns), name).default
 
 
-def _op_device(qualname):
-    """The device the op's samples live on: Triton ops on CPU only under the interpreter."""
-    return DEVICE
-
-
 def _f(shape, dtype, grad, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=DEVICE).requires_grad_(grad)
@@ -238,8 +233,6 @@ def _i32(values):
 def _sim_lse_fwd_samples(grad):
     out = []
     for dt in (torch.float32, torch.float64):
-        if dt == torch.float64 and not _supports_f64():
-            continue
         q, k = _f((5, 7), dt, grad, 1), _f((6, 7), dt, grad, 2)
         sc = torch.tensor(1.7, dtype=torch.float32 if dt != torch.float64 else dt, device=DEVICE)
         none = (None, None, None, None, None)
@@ -251,10 +244,6 @@ def _sim_lse_fwd_samples(grad):
         ex = _i32([[1, -1], [-1, -1], [0, 3]])
         out.append((q, k, sc, ri, ci, cs, ce, ex, True))
     return out
-
-
-def _supports_f64():
-    return True
 
 
 def _sim_lse_bwd_samples(fwd_qualname):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from contrastive_ops.core import sim_lse
+from contrastive_ops.primitives.sim_lse import sim_lse
 
 
 def _loop(q, k, scale, row_index, col_index, col_start, col_end, exclude):

@@ -440,7 +440,7 @@ class _DenseSimLSE:
     """
 
     def forward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
-        from contrastive_ops.core import sim_lse_reference
+        from contrastive_ops.primitives.sim_lse import sim_lse_reference
 
         with torch.no_grad():
             row, col = sim_lse_reference(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col)
@@ -448,7 +448,7 @@ class _DenseSimLSE:
 
     def backward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
                  grad_row, grad_col):
-        from contrastive_ops.core import sim_lse_reference
+        from contrastive_ops.primitives.sim_lse import sim_lse_reference
 
         want_col = col_lse.numel() > 0
         with torch.enable_grad():
@@ -462,17 +462,17 @@ class _DenseSigLIP:
     """The "siglip" pair-sum primitive with the kernel interface, computed densely."""
 
     def forward(self, x, y, scale, bias):
-        from contrastive_ops.losses.siglip import siglip_sum_reference
+        from contrastive_ops.primitives.siglip_pairs import siglip_pairs_reference
 
         with torch.no_grad():
-            return siglip_sum_reference(x, y, scale, bias)
+            return siglip_pairs_reference(x, y, scale, bias)
 
     def backward(self, x, y, scale, bias, grad):
-        from contrastive_ops.losses.siglip import siglip_sum_reference
+        from contrastive_ops.primitives.siglip_pairs import siglip_pairs_reference
 
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (x, y, scale, bias)]
-            return torch.autograd.grad(siglip_sum_reference(*leaves) * grad, leaves)
+            return torch.autograd.grad(siglip_pairs_reference(*leaves) * grad, leaves)
 
 
 class _DenseSinkhorn:
@@ -492,7 +492,7 @@ class _DenseSinkhorn:
         return torch.exp(X - torch.logsumexp(X, 1, keepdim=True) if normalize else X)
 
     def forward(self, scores, epsilon, iterations):
-        from contrastive_ops.losses.swav import sinkhorn_steps
+        from contrastive_ops.primitives.sinkhorn import sinkhorn_steps
 
         return sinkhorn_steps(self.col_lse, self.codes, scores, epsilon, iterations)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import contrastive_ops as co
-from contrastive_ops.core import sim_lse_reference
+from contrastive_ops.primitives.sim_lse import sim_lse_reference
 from contrastive_ops.losses.info_nce import (
     _fused_clip_loss,
     _fused_info_nce,
@@ -281,7 +281,7 @@ def dense_sim_lse(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["plain", "targets", "symmetric", "nt_xent", "clip", "lse"])
 def test_compositions_through_kernel_interface(dense_sim_lse, variant):
-    """Compositions through core._SimLSE (the kernel path) with a dense stand-in primitive."""
+    """Compositions through primitives.sim_lse.SimLSEFunction (the kernel path) with a dense stand-in primitive."""
     B, M = 7, (10 if variant == "targets" else 7)
     q0, k0, tau0 = _t(B, 5), _t(M, 5), _tau(0.4)
     q1, k1, tau1 = _clones(q0, k0, tau0)

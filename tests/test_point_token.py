@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import contrastive_ops as co
-from contrastive_ops import core
 from contrastive_ops.losses import _present_first as present_first
 from contrastive_ops.losses import point_token as pt
 from helpers import backend_params, compare_with_reference
@@ -219,13 +218,13 @@ def test_fused_calls_core_once_on_present_first_lists(monkeypatch, static):
     """InfoNCE: one core call; rows/columns list the co-masked tokens first (per-cloud ranges), then,
     in a static-length list, the other tokens with empty ranges; cosine: no call."""
     calls = []
-    real = core.sim_lse
+    real = pt.sim_lse
 
     def spy(q, k, scale, **kw):
         calls.append((q.shape, k.shape, kw))
         return real(q, k, scale, **kw)
 
-    monkeypatch.setattr(core, "sim_lse", spy)
+    monkeypatch.setattr(pt, "sim_lse", spy)
     monkeypatch.setattr(present_first, "STATIC", static)
     B, G, D = 4, 10, 3
     f1, f2 = _features(B, G, D)

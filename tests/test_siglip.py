@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import contrastive_ops as co
-from contrastive_ops.losses.siglip import _fused_siglip_loss, siglip_loss_reference, siglip_sum_reference
+from contrastive_ops.losses.siglip import _fused_siglip_loss, siglip_loss_reference
+from contrastive_ops.primitives.siglip_pairs import siglip_pairs_reference
 
 from helpers import DEVICE, assert_close, backend_params, compare_with_reference, serve_dense_primitive
 
@@ -33,9 +34,9 @@ def test_siglip_reference_gradcheck(B):
     assert torch.autograd.gradcheck(lambda x, y, s, b: co.siglip_loss(x, y, s, b, backend="reference"), args)
 
 
-def test_siglip_sum_reference_gradcheck():
+def test_siglip_pairs_reference_gradcheck():
     args = (_t(4, 3), _t(4, 3), _s(1.2), _s(0.3))
-    assert torch.autograd.gradcheck(siglip_sum_reference, args)
+    assert torch.autograd.gradcheck(siglip_pairs_reference, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -72,7 +73,7 @@ def test_siglip_float_scalars_and_loop():
 def test_siglip_sum_is_b_times_loss():
     x, y = torch.randn(7, 5, dtype=F64), torch.randn(7, 5, dtype=F64)
     s, b = torch.tensor(4.0, dtype=F64), torch.tensor(-3.0, dtype=F64)
-    torch.testing.assert_close(siglip_sum_reference(x, y, s, b), 7 * siglip_loss_reference(x, y, s, b))
+    torch.testing.assert_close(siglip_pairs_reference(x, y, s, b), 7 * siglip_loss_reference(x, y, s, b))
 
 
 def test_siglip_fp16_inputs_return_fp32():
@@ -94,7 +95,7 @@ def test_fused_siglip_on_dense_primitive_maths(B):
 
 
 class _DenseSigLIP:
-    """A "siglip" primitive with the kernel interface, computed densely (tests _SigLIPPairs)."""
+    """A "siglip" primitive with the kernel interface, computed densely (tests SigLIPPairsFunction)."""
 
     def __init__(self):
         self.calls = []
@@ -102,13 +103,13 @@ class _DenseSigLIP:
     def forward(self, x, y, scale, bias):
         self.calls.append(("forward", x.dtype, scale.dtype, scale.shape, bias.shape, x.is_contiguous()))
         with torch.no_grad():
-            return siglip_sum_reference(x, y, scale, bias)
+            return siglip_pairs_reference(x, y, scale, bias)
 
     def backward(self, x, y, scale, bias, grad):
         self.calls.append(("backward", grad.dtype, grad.shape, float(grad)))
         with torch.enable_grad():
             xs, ys, ss, bs = (t.detach().requires_grad_(True) for t in (x, y, scale, bias))
-            dx, dy, ds, db = torch.autograd.grad(siglip_sum_reference(xs, ys, ss, bs), (xs, ys, ss, bs), grad)
+            dx, dy, ds, db = torch.autograd.grad(siglip_pairs_reference(xs, ys, ss, bs), (xs, ys, ss, bs), grad)
         return dx.to(x.dtype), dy.to(y.dtype), ds, db
 
 

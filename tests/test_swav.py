@@ -11,12 +11,8 @@ import torch.nn.functional as F
 
 import contrastive_ops as co
 from contrastive_ops import backends
-from contrastive_ops.losses.swav import (
-    sinkhorn_reference,
-    sinkhorn_steps,
-    swav_released_loss,
-    swav_released_sinkhorn,
-)
+from contrastive_ops.losses.swav import swav_released_loss, swav_released_sinkhorn
+from contrastive_ops.primitives.sinkhorn import sinkhorn_reference, sinkhorn_steps
 
 import helpers
 from helpers import TOL, compare_with_reference
@@ -421,7 +417,7 @@ def test_swav_loss_fused_composition_matches_reference():
 
     crops = [torch.randn(21, 9, dtype=torch.float64, requires_grad=True) for _ in range(4)]
     with mock.patch.object(swav.backends, "resolve", lambda *a, **k: "fused"), \
-            mock.patch.object(swav, "_sinkhorn", lambda name, s, e, i, g: sinkhorn_reference(s, e, i, g)):
+            mock.patch.object(swav, "sinkhorn", lambda s, e, i, backend, process_group: sinkhorn_reference(s, e, i, process_group)):
         loss_k = co.swav_loss(crops, 0.1, crops_for_assign=(0, 2))
     loss_r = co.swav_loss(crops, 0.1, crops_for_assign=(0, 2), backend="reference")
     torch.testing.assert_close(loss_k, loss_r)

@@ -17,8 +17,8 @@ import torch
 
 import contrastive_ops as co
 from contrastive_ops import backends
-from contrastive_ops.core import sim_lse, sim_lse_reference
-from contrastive_ops.losses.siglip import siglip_sum_reference
+from contrastive_ops.primitives.sim_lse import sim_lse, sim_lse_reference
+from contrastive_ops.primitives.siglip_pairs import siglip_pairs_reference as siglip_sum_reference
 from helpers import DEVICE, TOL, assert_close
 
 _OK, _WHY = co.available_backends()["triton"]

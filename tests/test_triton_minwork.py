@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import contrastive_ops as co
-from contrastive_ops.core import sim_lse, sim_lse_reference
+from contrastive_ops.primitives.sim_lse import sim_lse, sim_lse_reference
 from helpers import DEVICE, assert_close
 from test_triton_kernels import (
     _case,

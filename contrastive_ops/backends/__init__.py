@@ -9,8 +9,10 @@ Backends
                  ``TRITON_INTERPRET=1``, which is how CI runs them).
 
 A kernel backend implements a handful of *primitives* (the tiled
-similarity-LSE core, the SigLIP pair sum, the Sinkhorn scalings); every loss is
-a short description on top of them (see ``contrastive_ops.core``).  Each
+similarity-LSE core, the SigLIP pair sum, the Sinkhorn scalings, the SwAV
+cross-entropy); every loss is a short description on top of them.  Each
+primitive's contract, dense reference and autograd Function are in
+``contrastive_ops.primitives``.  Each
 backend module exposes ``availability() -> (bool, reason)``,
 ``devices() -> set of device types``, ``dtypes() -> set of torch dtypes`` and
 ``PRIMITIVES: dict[str, object]``.
@@ -38,8 +40,7 @@ BACKENDS: Tuple[str, ...] = ("reference", "cpu", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "CONTRASTIVE_OPS_BACKEND"
 
-# Priority of "auto" per device type.  The order on CUDA follows the committed
-# GPU benchmarks under benchmarks/results/ (fastest first).
+# Priority of "auto" per device type: the first backend that can run an op wins.
 AUTO_PRIORITY: Dict[str, Tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpu", "reference"),

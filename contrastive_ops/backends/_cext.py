@@ -1,29 +1,19 @@
 """Shared part of the ``"cpu"`` and ``"cuda"`` backends: the ops of the extension ``contrastive_ops._C``.
 
-The C++ side declares the op schemas (``csrc/ops.cpp``) and registers CPU and
-CUDA kernels; dispatch to the right device is done by the PyTorch dispatcher.
-This module adds, once the library is loaded:
+The one Python module of extension glue.  The C++ side declares every op
+schema once (``csrc/ops.cpp``) and registers CPU and CUDA kernels; dispatch
+to the right device is done by the PyTorch dispatcher.  This module adds,
+once the library is loaded:
 
 * fake (meta) kernels, ``torch.library.register_fake``, so that
   ``torch.compile(fullgraph=True)`` can trace through the ops: shape logic and
   ``torch._check`` only, never reading data;
 * autograd formulas for the forward ops (``register_autograd``), so that the
-  ops are differentiable on their own as well as through ``core.sim_lse``;
-* the primitive objects the backends expose (``PRIMITIVES``).
-
-Primitive contracts (all tensors on one device):
-
-``sim_lse``  see ``contrastive_ops.core``.  When ``q`` and ``k`` are one tensor object, ``backward`` may
-             return the whole gradient of that tensor (dq + dk) in ``dq`` and zeros in ``dk`` (the CPU
-             kernel does, computing each pair of the symmetric Gram once); autograd sums the two anyway.
-``sinkhorn`` see ``backends._cext_sinkhorn`` and ``losses.swav``.
-``swav_ce``  ``forward(x, t, scale) -> (0-dim, lse (B,))``: Σ_b of
-             F.cross_entropy(scale·x, t) with soft targets t; ``backward(x, t, scale, lse, grad) -> (dx, dscale)``
-             (``csrc/cpu/swav_ce.cpp``).
-``siglip``   ``forward(x, y, scale, bias) -> 0-dim`` Σ_ij softplus(−z_ij·(scale·x_i·y_j + bias)), z = 2I − 1
-             (``losses.siglip.siglip_sum_reference``), fp32 (float64 for float64);
-             ``backward(x, y, scale, bias, grad) -> (dx like x, dy like y, dscale like scale, dbias like bias)``
-             with ``scale``, ``bias``, ``grad`` 0-dim in the accumulation dtype.
+  ops are differentiable on their own as well as through the primitives;
+* the primitive objects the backends expose (``PRIMITIVES``): one class per
+  primitive, whose contract is the docstring of its module in
+  ``contrastive_ops.primitives`` (``sim_lse``, ``siglip_pairs``, ``sinkhorn``,
+  ``swav_ce``).  All tensors on one device.
 """
 from __future__ import annotations
 
@@ -33,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
-from . import _cext_sinkhorn
+from .._numerics import acc_dtype
 
 Tensor = torch.Tensor
 
@@ -41,10 +31,6 @@ DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
 
 _lock = threading.Lock()
 _registered = False
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def ensure_loaded() -> None:
@@ -86,7 +72,7 @@ def _fake_sim_lse_fwd(q, k, scale, row_index, col_index, col_start, col_end, exc
     for name, t in (("col_start", col_start), ("col_end", col_end), ("exclude", exclude)):
         if t is not None:
             torch._check(t.shape[0] == B, lambda: f"{name} must have {B} rows, got {t.shape}")
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     return q.new_empty((B,), dtype=acc), q.new_empty((M if want_col else 0,), dtype=acc)
 
 
@@ -102,7 +88,7 @@ def _fake_siglip_fwd(x, y, scale, bias):
     torch._check(x.dim() == 2 and y.dim() == 2, lambda: f"x and y must be 2-D, got {x.shape} and {y.shape}")
     torch._check(x.shape[1] == y.shape[1], lambda: f"x {x.shape} and y {y.shape} have different feature sizes")
     torch._check(scale.dim() == 0 and bias.dim() == 0, lambda: "scale and bias must be 0-dim")
-    return x.new_empty((), dtype=_acc(x.dtype))
+    return x.new_empty((), dtype=acc_dtype(x.dtype))
 
 
 def _fake_siglip_bwd(x, y, scale, bias, grad):
@@ -120,6 +106,21 @@ def _fake_swav_ce_fwd(x, t, scale):
 def _fake_swav_ce_bwd(x, t, scale, lse, grad):
     torch._check(t.shape == x.shape, lambda: f"swav_ce_bwd: t {t.shape} must have the shape of x {x.shape}")
     return x.new_empty(x.shape), t.new_empty(())
+
+
+def _fake_sinkhorn(scores, epsilon, iterations):
+    torch._check(scores.dim() == 2, lambda: f"sinkhorn: scores must be 2-D, got {scores.dim()}-D")
+    return scores.new_empty(scores.shape, dtype=torch.float32)
+
+
+def _fake_sinkhorn_col_lse(scores, epsilon, v):
+    torch._check(scores.dim() == 2, lambda: f"sinkhorn_col_lse: scores must be 2-D, got {scores.dim()}-D")
+    return scores.new_empty((scores.shape[1],), dtype=acc_dtype(scores.dtype))
+
+
+def _fake_sinkhorn_codes(scores, epsilon, v, normalize):
+    torch._check(scores.dim() == 2, lambda: f"sinkhorn_codes: scores must be 2-D, got {scores.dim()}-D")
+    return scores.new_empty(scores.shape, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- autograd of the forward ops
@@ -163,25 +164,40 @@ def _swav_ce_backward(ctx, grad, _grad_lse):
     return dx, None, dscale
 
 
+_FAKES = {
+    "sim_lse_fwd": _fake_sim_lse_fwd,
+    "sim_lse_bwd": _fake_sim_lse_bwd,
+    "siglip_fwd": _fake_siglip_fwd,
+    "siglip_bwd": _fake_siglip_bwd,
+    "swav_ce_fwd": _fake_swav_ce_fwd,
+    "swav_ce_bwd": _fake_swav_ce_bwd,
+    "sinkhorn": _fake_sinkhorn,
+    "sinkhorn_col_lse": _fake_sinkhorn_col_lse,
+    "sinkhorn_codes": _fake_sinkhorn_codes,
+}
+_AUTOGRAD = {
+    "sim_lse_fwd": (_sim_lse_backward, _sim_lse_setup),
+    "siglip_fwd": (_siglip_backward, _siglip_setup),
+    "swav_ce_fwd": (_swav_ce_backward, _swav_ce_setup),
+}
+
+
 def _register() -> None:
-    lib = "contrastive_ops::"
-    torch.library.register_fake(lib + "sim_lse_fwd", _fake_sim_lse_fwd)
-    torch.library.register_fake(lib + "sim_lse_bwd", _fake_sim_lse_bwd)
-    torch.library.register_fake(lib + "siglip_fwd", _fake_siglip_fwd)
-    torch.library.register_fake(lib + "siglip_bwd", _fake_siglip_bwd)
-    torch.library.register_autograd(lib + "sim_lse_fwd", _sim_lse_backward, setup_context=_sim_lse_setup)
-    torch.library.register_autograd(lib + "siglip_fwd", _siglip_backward, setup_context=_siglip_setup)
-    torch.library.register_fake(lib + "swav_ce_fwd", _fake_swav_ce_fwd)
-    torch.library.register_fake(lib + "swav_ce_bwd", _fake_swav_ce_bwd)
-    torch.library.register_autograd(lib + "swav_ce_fwd", _swav_ce_backward, setup_context=_swav_ce_setup)
-    _cext_sinkhorn.register_fakes()
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"contrastive_ops::{name}", fake)
+    for name, (backward, setup) in _AUTOGRAD.items():
+        torch.library.register_autograd(f"contrastive_ops::{name}", backward, setup_context=setup)
 
 
 # ---------------------------------------------------------------- primitives
 
 
 class SimLSE:
-    """Primitive ``"sim_lse"``: the tiled similarity-LSE core (contract in ``contrastive_ops.core``)."""
+    """Primitive ``"sim_lse"`` (contract in ``contrastive_ops.primitives.sim_lse``).
+
+    When ``q`` and ``k`` are one tensor object, the CPU ``backward`` returns
+    the whole gradient of that tensor (dq + dk) in ``dq`` and zeros in ``dk``.
+    """
 
     @staticmethod
     def forward(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
@@ -197,7 +213,7 @@ class SimLSE:
 
 
 class SigLIP:
-    """Primitive ``"siglip"``: Σ_ij softplus(−z_ij·(scale·x_i·y_j + bias)), tiled (contract above)."""
+    """Primitive ``"siglip"`` (contract in ``contrastive_ops.primitives.siglip_pairs``)."""
 
     @staticmethod
     def forward(x, y, scale, bias):
@@ -211,12 +227,7 @@ class SigLIP:
 
 
 class SwAVCE:
-    """Primitive ``"swav_ce"``: Σ_b of the soft-target cross-entropy of scale·x against t.
-
-    ``forward(x, t, scale) -> (loss 0-dim, lse (B,))`` and ``backward(x, t, scale, lse, grad) -> (dx like x,
-    dscale)``, t, scale and grad in the accumulation dtype; maths in ``csrc/cpu/swav_ce.cpp`` (CUDA kernels:
-    ``csrc/cuda/swav_ce.cu``).
-    """
+    """Primitive ``"swav_ce"`` (contract in ``contrastive_ops.primitives.swav_ce``)."""
 
     @staticmethod
     def forward(x, t, scale):
@@ -229,5 +240,25 @@ class SwAVCE:
         return torch.ops.contrastive_ops.swav_ce_bwd(x, t, scale, lse, grad)
 
 
+class Sinkhorn:
+    """Primitive ``"sinkhorn"`` (contract in ``contrastive_ops.primitives.sinkhorn``)."""
+
+    @staticmethod
+    def forward(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
+        ensure_loaded()
+        return torch.ops.contrastive_ops.sinkhorn(scores, float(epsilon), int(iterations))
+
+    @staticmethod
+    def col_lse(scores: Tensor, epsilon: float, v: Optional[Tensor]) -> Tensor:
+        ensure_loaded()
+        return torch.ops.contrastive_ops.sinkhorn_col_lse(scores, float(epsilon), v)
+
+    @staticmethod
+    def codes(scores: Tensor, epsilon: float, v: Tensor, normalize: bool) -> Tensor:
+        ensure_loaded()
+        return torch.ops.contrastive_ops.sinkhorn_codes(scores, float(epsilon), v, bool(normalize))
+
+
 SWAV_CE = SwAVCE()
-PRIMITIVES = {"sim_lse": SimLSE(), "siglip": SigLIP(), "sinkhorn": _cext_sinkhorn.SINKHORN, "swav_ce": SWAV_CE}
+SINKHORN = Sinkhorn()
+PRIMITIVES = {"sim_lse": SimLSE(), "siglip": SigLIP(), "sinkhorn": SINKHORN, "swav_ce": SWAV_CE}

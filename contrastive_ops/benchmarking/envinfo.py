@@ -5,7 +5,6 @@ import datetime
 import importlib
 import os
 import platform
-import re
 import sys
 from typing import Dict, List
 
@@ -52,12 +51,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_model()} ({os.cpu_count()} cores)"
-
-
-def device_slug(device: torch.device) -> str:
-    """A file-name-safe device name, e.g. ``nvidia-h100-80gb-hbm3``."""
-    name = device_name(device) if torch.device(device).type == "cuda" else f"cpu-{cpu_model()}-{os.cpu_count()}cores"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def build_info() -> Dict:

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import _checks, backends, core
-from ..core import _masked_lse
+from .. import _checks, backends
+from .._checks import as_scalar
+from .._numerics import masked_lse
 from ..distributed import GlobalBatch
-from .multiview import _as_t, _unit
+from ..primitives.sim_lse import sim_lse
+from ._common import inv_temperature, unit
 
 Tensor = torch.Tensor
 
@@ -44,7 +46,7 @@ def _dcl_weights(u: Tensor, v: Tensor, sigma, weighted: bool) -> Tensor:
     if not weighted:
         return torch.ones((), dtype=u.dtype, device=u.device)
     N = u.shape[0]
-    sim = (u.detach() * v.detach()).sum(-1) / _as_t(sigma, u).detach()
+    sim = (u.detach() * v.detach()).sum(-1) / as_scalar("sigma", sigma, u).detach()
     return 2 - N * torch.softmax(sim, 0)
 
 
@@ -54,8 +56,8 @@ def dcl_reference(z1: Tensor, z2: Tensor, temperature, *, weighted: bool = False
     gb = GlobalBatch(z1.shape[0], process_group, z1.device)
     z1, z2 = gb.gather(z1), gb.gather(z2)
     N = z1.shape[0]
-    u, v = _unit(z1, normalize), _unit(z2, normalize)
-    scale = 1.0 / _as_t(temperature, u)
+    u, v = unit(z1, normalize), unit(z2, normalize)
+    scale = inv_temperature(temperature, u)
     w = _dcl_weights(u, v, sigma, weighted)
     Z = torch.cat([u, v])
     S = (Z @ Z.T) * scale
@@ -65,7 +67,7 @@ def dcl_reference(z1: Tensor, z2: Tensor, temperature, *, weighted: bool = False
     pos = S[i[:N], partner[:N]]
     values = -w * pos
     if N >= 2:
-        lse = _masked_lse(S, allowed, 1)
+        lse = masked_lse(S, allowed, 1)
         values = values + 0.5 * (lse[:N] + lse[N:])
     return gb.reduce(gb.local(values), reduction)
 
@@ -76,14 +78,14 @@ def dhel_reference(z1: Tensor, z2: Tensor, temperature, *, include_augs: bool = 
     gb = GlobalBatch(z1.shape[0], process_group, z1.device)
     z1, z2 = gb.gather(z1), gb.gather(z2)
     N = z1.shape[0]
-    u, v = _unit(z1, normalize), _unit(z2, normalize)
-    scale = 1.0 / _as_t(temperature, u)
+    u, v = unit(z1, normalize), unit(z2, normalize)
+    scale = inv_temperature(temperature, u)
     values = -(u * v).sum(-1) * scale
     if N >= 2:
         not_self = ~torch.eye(N, dtype=torch.bool, device=u.device)
-        values = values + _masked_lse((u @ u.T) * scale, not_self, 1)
+        values = values + masked_lse((u @ u.T) * scale, not_self, 1)
         if include_augs:
-            values = values + _masked_lse((v @ v.T) * scale, not_self, 1)
+            values = values + masked_lse((v @ v.T) * scale, not_self, 1)
     return gb.reduce(gb.local(values), reduction)
 
 
@@ -93,10 +95,10 @@ def _fused_dcl(z1: Tensor, z2: Tensor, temperature, *, weighted: bool = False, s
     self and the positive (``n`` local rows, ``N`` global)."""
     n = z1.shape[0]
     gb = GlobalBatch(n, process_group, z1.device)
-    u, v = _unit(z1, normalize), _unit(z2, normalize)
+    u, v = unit(z1, normalize), unit(z2, normalize)
     Ug, Vg = gb.gather(u), gb.gather(v)
     N = Ug.shape[0]
-    scale = 1.0 / _as_t(temperature, u)
+    scale = inv_temperature(temperature, u)
     w = _dcl_weights(Ug, Vg, sigma, weighted)  # over the global batch
     w = gb.local(w) if weighted else w
     values = -w * (u * v).sum(-1) * scale
@@ -105,7 +107,7 @@ def _fused_dcl(z1: Tensor, z2: Tensor, temperature, *, weighted: bool = False, s
         exclude = torch.stack([a, (a + N) % (2 * N)], 1)  # self and the positive
         Zl = torch.cat([u, v]).to(z1.dtype)
         Zg = Zl if gb.group is None else torch.cat([Ug, Vg]).to(z1.dtype)  # one process: the same tensor
-        lse, _ = core.sim_lse(Zl, Zg, scale, exclude=exclude, backend=backend)
+        lse, _ = sim_lse(Zl, Zg, scale, exclude=exclude, backend=backend)
         values = values + 0.5 * (lse[:n] + lse[n:])
     return gb.reduce(values, reduction)
 
@@ -115,8 +117,8 @@ def _fused_dhel(z1: Tensor, z2: Tensor, temperature, *, include_augs: bool = Tru
     """DHEL on the core: same-view LSE with self excluded, one call (``n`` local rows, ``N`` global)."""
     n = z1.shape[0]
     gb = GlobalBatch(n, process_group, z1.device)
-    u, v = _unit(z1, normalize), _unit(z2, normalize)
-    scale = 1.0 / _as_t(temperature, u)
+    u, v = unit(z1, normalize), unit(z2, normalize)
+    scale = inv_temperature(temperature, u)
     values = -(u * v).sum(-1) * scale
     Ug = gb.gather(u)
     N = Ug.shape[0]
@@ -127,22 +129,14 @@ def _fused_dhel(z1: Tensor, z2: Tensor, temperature, *, include_augs: bool = Tru
             Zl = torch.cat([u, v]).to(z1.dtype)
             Zc = Zl if gb.group is None else torch.cat([Ug, gb.gather(v)]).to(z1.dtype)
             start = torch.arange(2, device=u.device).repeat_interleave(n) * N  # each row's own half
-            lse, _ = core.sim_lse(Zl, Zc, scale, col_start=start, col_end=start + N, exclude=a, backend=backend)
+            lse, _ = sim_lse(Zl, Zc, scale, col_start=start, col_end=start + N, exclude=a, backend=backend)
             values = values + lse[:n] + lse[n:]
         else:
             Zl = u.to(z1.dtype)
-            lse, _ = core.sim_lse(Zl, Zl if gb.group is None else Ug.to(z1.dtype), scale, exclude=a,
+            lse, _ = sim_lse(Zl, Zl if gb.group is None else Ug.to(z1.dtype), scale, exclude=a,
                                   backend=backend)
             values = values + lse
     return gb.reduce(values, reduction)
-
-
-def _check_pair(z1, z2, reduction):
-    _checks.check_features("z1", z1)
-    _checks.check_features("z2", z2)
-    _checks.check_same_device_dtype([("z1", z1), ("z2", z2)])
-    _checks.check_same_shape("z1", z1, "z2", z2)
-    _checks.check_reduction(reduction)
 
 
 def dcl_loss(z1, z2, temperature=0.1, *, weighted=False, sigma=0.5, normalize=True, reduction="mean",
@@ -160,7 +154,8 @@ def dcl_loss(z1, z2, temperature=0.1, *, weighted=False, sigma=0.5, normalize=Tr
     The positive is in no denominator: each anchor's negatives are the 2N−2
     other features.  Returns fp32 (float64 for float64 inputs).
     """
-    _check_pair(z1, z2, reduction)
+    _checks.check_pair("z1", z1, "z2", z2, same_rows=True)
+    _checks.check_reduction(reduction)
     temperature = _checks.as_scalar("temperature", temperature, z1, positive=True)
     sigma = _checks.as_scalar("sigma", sigma, z1, positive=True)
     name = backends.resolve(backend, op="dcl_loss", tensors=[z1, z2])
@@ -178,7 +173,8 @@ def dhel_loss(z1, z2, temperature=0.3, *, include_augs=True, normalize=True, red
     Arguments as :func:`dcl_loss`.  Negatives come from the anchor's own view;
     the positive is in no denominator.
     """
-    _check_pair(z1, z2, reduction)
+    _checks.check_pair("z1", z1, "z2", z2, same_rows=True)
+    _checks.check_reduction(reduction)
     temperature = _checks.as_scalar("temperature", temperature, z1, positive=True)
     name = backends.resolve(backend, op="dhel_loss", tensors=[z1, z2])
     kw = dict(include_augs=bool(include_augs), normalize=normalize, reduction=reduction,

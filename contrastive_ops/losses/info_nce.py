@@ -22,7 +22,7 @@ Layout of each loss
 ``<loss>_reference``  the exact dense formula in plain PyTorch (fp32, float64 for
                       float64 inputs), written from the maths above and
                       independent of the core; this is ``backend="reference"``.
-``_fused_<loss>``     the composition on ``core.sim_lse``: normalization and
+``_fused_<loss>``     the composition on ``primitives.sim_lse``: normalization and
                       positive logits in PyTorch on O((B+M)·D) tensors, every
                       LSE from the core.  With ``backend="reference"`` the core
                       is its dense version, which is how tests check the
@@ -43,26 +43,15 @@ batch and keep this rank's anchors.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import backends, core
+from .. import backends
+from .._checks import _compiling, as_scalar, check_pair, check_reduction, shape_str
+from .._numerics import acc_dtype
 from ..distributed import GlobalBatch
-from .._checks import (
-    _compiling,
-    as_scalar,
-    check_features,
-    check_reduction,
-    check_same_device_dtype,
-    check_same_dim,
-    check_same_shape,
-    shape_str,
-)
-from ..core import acc_dtype
+from ..primitives.sim_lse import sim_lse
+from ._common import inv_temperature, rowdot, unit, unit_operands
 
 Tensor = torch.Tensor
-
-NORM_EPS = 1e-12
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -89,43 +78,6 @@ def _check_targets(targets, B: int, M: int, device) -> Tensor:
     return targets.long()
 
 
-def _check_pair(a_name: str, a, b_name: str, b, *, same_rows: bool) -> None:
-    check_features(a_name, a)
-    check_features(b_name, b)
-    check_same_device_dtype([(a_name, a), (b_name, b)])
-    if same_rows:
-        check_same_shape(a_name, a, b_name, b)
-    else:
-        check_same_dim(a_name, a, b_name, b)
-
-
-def _normalized_acc(x: Tensor, normalize: bool) -> Tensor:
-    """Reference path: ``x`` in the accumulation dtype, L2-normalized there if asked."""
-    x = x.to(acc_dtype(x.dtype))
-    return F.normalize(x, dim=1, eps=NORM_EPS) if normalize else x
-
-
-def _normalized_like(x: Tensor, normalize: bool):
-    """Fused path: normalize in the accumulation dtype; return ``(for the kernel, for PyTorch-side terms)``.
-
-    See ``core.kernel_operands``: the kernel reads the input dtype, the
-    positive logits use the same rounded values in fp32, and both gradients
-    are summed in fp32 before the final cast.
-    """
-    return core.kernel_operands(_normalized_acc(x, normalize), x.dtype)
-
-
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """Σ_d a_id·b_id in the accumulation dtype (the positive logits, O(B·D))."""
-    dt = acc_dtype(a.dtype)
-    return (a.to(dt) * b.to(dt)).sum(1)
-
-
-def _inv_tau(temperature, like: Tensor) -> Tensor:
-    """1/τ as a 0-dim tensor in the accumulation dtype (checked > 0 by the public function)."""
-    return 1.0 / as_scalar("temperature", temperature, like)
-
-
 # --------------------------------------------------------------------------- info_nce
 
 
@@ -136,9 +88,9 @@ def info_nce_reference(query, key, temperature=0.07, *, targets=None, symmetric=
     gk = GlobalBatch(key.shape[0], process_group, key.device)
     if targets is not None:  # local key indices -> positions in the gathered keys
         targets = gq.gather_nograd(targets.long() + gk.offset)
-    q = _normalized_acc(gq.gather(query), normalize)
-    k = _normalized_acc(gk.gather(key), normalize)
-    S = (q @ k.T) * _inv_tau(temperature, q)
+    q = unit(gq.gather(query), normalize)
+    k = unit(gk.gather(key), normalize)
+    S = (q @ k.T) * inv_temperature(temperature, q)
     B = S.shape[0]
     if symmetric:
         pos = S.diagonal()
@@ -152,27 +104,27 @@ def info_nce_reference(query, key, temperature=0.07, *, targets=None, symmetric=
 
 def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
                     reduction="mean", backend: str, process_group=None) -> Tensor:
-    """InfoNCE on ``core.sim_lse``: row (and column) LSEs from the core, positives in PyTorch.
+    """InfoNCE on ``sim_lse``: row (and column) LSEs from the core, positives in PyTorch.
 
     Under ``process_group``: local queries against the gathered keys (and,
     symmetric, local keys against the gathered queries).
     """
     gk = GlobalBatch(key.shape[0], process_group, key.device)
-    q, q32 = _normalized_like(query, normalize)
-    k, k32 = _normalized_like(key, normalize)
-    scale = _inv_tau(temperature, q)
+    q, q32 = unit_operands(query, normalize)
+    k, k32 = unit_operands(key, normalize)
+    scale = inv_temperature(temperature, q)
     if symmetric:
         if process_group is None:
-            row_lse, col_lse = core.sim_lse(q, k, scale, want_col=True, backend=backend)
+            row_lse, col_lse = sim_lse(q, k, scale, want_col=True, backend=backend)
         else:  # this rank's columns of the global S are the rows of its keys against all queries
-            row_lse, _ = core.sim_lse(q, gk.gather(k), scale, backend=backend)
-            col_lse, _ = core.sim_lse(k, gk.gather(q), scale, backend=backend)
-        pos = _rowdot(q32, k32) * scale
+            row_lse, _ = sim_lse(q, gk.gather(k), scale, backend=backend)
+            col_lse, _ = sim_lse(k, gk.gather(q), scale, backend=backend)
+        pos = rowdot(q32, k32) * scale
         loss = 0.5 * ((row_lse - pos) + (col_lse - pos))
     else:
-        row_lse, _ = core.sim_lse(q, gk.gather(k), scale, backend=backend)
+        row_lse, _ = sim_lse(q, gk.gather(k), scale, backend=backend)
         t = torch.arange(q.shape[0], device=q.device) if targets is None else targets.long()
-        pos = _rowdot(q32, k32.index_select(0, t)) * scale  # targets index the local keys
+        pos = rowdot(q32, k32.index_select(0, t)) * scale  # targets index the local keys
         loss = row_lse - pos
     return gk.reduce(loss, reduction)
 
@@ -197,7 +149,7 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
     Returns:
         fp32 loss (float64 for float64 inputs); gradients in the input dtype.
     """
-    _check_pair("query", query, "key", key, same_rows=False)
+    check_pair("query", query, "key", key, same_rows=False)
     check_reduction(reduction)
     B, M = query.shape[0], key.shape[0]
     if symmetric:
@@ -250,16 +202,16 @@ def _fused_clip_loss(image_features, text_features, logit_scale, *, backend: str
     Under ``process_group``: local images against all texts and local texts
     against all images (two core calls).
     """
-    img, img32 = _normalized_like(image_features, False)
-    txt, txt32 = _normalized_like(text_features, False)
+    img, img32 = unit_operands(image_features, False)
+    txt, txt32 = unit_operands(text_features, False)
     s = as_scalar("logit_scale", logit_scale, img)
-    pos = _rowdot(img32, txt32) * s
+    pos = rowdot(img32, txt32) * s
     if process_group is None:
-        row_lse, col_lse = core.sim_lse(img, txt, s, want_col=True, backend=backend)
+        row_lse, col_lse = sim_lse(img, txt, s, want_col=True, backend=backend)
         return 0.5 * ((row_lse - pos).mean() + (col_lse - pos).mean())
     gb = GlobalBatch(img.shape[0], process_group, img.device)
-    row_lse, _ = core.sim_lse(img, gb.gather(txt), s, backend=backend)
-    col_lse, _ = core.sim_lse(txt, gb.gather(img), s, backend=backend)
+    row_lse, _ = sim_lse(img, gb.gather(txt), s, backend=backend)
+    col_lse, _ = sim_lse(txt, gb.gather(img), s, backend=backend)
     return gb.reduce(0.5 * ((row_lse - pos) + (col_lse - pos)), "mean")
 
 
@@ -274,7 +226,7 @@ def clip_loss(image_features, text_features, logit_scale, *, backend="auto", pro
     Returns:
         0-dim fp32 loss (float64 for float64 inputs).
     """
-    _check_pair("image_features", image_features, "text_features", text_features, same_rows=True)
+    check_pair("image_features", image_features, "text_features", text_features, same_rows=True)
     as_scalar("logit_scale", logit_scale, image_features, positive=True)
     name = backends.resolve(backend, op="clip_loss", tensors=(image_features, text_features))
     if name == "reference":
@@ -288,10 +240,10 @@ def clip_loss(image_features, text_features, logit_scale, *, backend="auto", pro
 def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", process_group=None) -> Tensor:
     """Dense NT-Xent over the 2N anchors of Z = cat(z1, z2) (stores 2N×2N)."""
     gb = GlobalBatch(z1.shape[0], process_group, z1.device)
-    Z = torch.cat([_normalized_acc(gb.gather(z1), normalize), _normalized_acc(gb.gather(z2), normalize)], 0)
+    Z = torch.cat([unit(gb.gather(z1), normalize), unit(gb.gather(z2), normalize)], 0)
     n2 = Z.shape[0]
     N = n2 // 2
-    S = (Z @ Z.T) * _inv_tau(temperature, Z)
+    S = (Z @ Z.T) * inv_temperature(temperature, Z)
     self_pair = torch.eye(n2, dtype=torch.bool, device=S.device)
     denom = S.masked_fill(self_pair, float("-inf")).logsumexp(1)
     partner = (torch.arange(n2, device=S.device) + N) % n2
@@ -301,19 +253,19 @@ def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mea
 
 def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend: str,
                    process_group=None) -> Tensor:
-    """NT-Xent on ``core.sim_lse(Z, Z)`` with the self pair excluded; positives in PyTorch.
+    """NT-Xent on ``sim_lse(Z, Z)`` with the self pair excluded; positives in PyTorch.
 
     Under ``process_group`` the anchors are the 2n local rows and the
     candidates the 2N gathered ones; each anchor excludes its own global position.
     """
     gb = GlobalBatch(z1.shape[0], process_group, z1.device)
-    (a, a32), (b, b32) = _normalized_like(z1, normalize), _normalized_like(z2, normalize)
+    (a, a32), (b, b32) = unit_operands(z1, normalize), unit_operands(z2, normalize)
     Z = torch.cat([a, b], 0)  # local anchors, view 1 then view 2
-    scale = _inv_tau(temperature, Z)
+    scale = inv_temperature(temperature, Z)
     keys = Z if process_group is None else torch.cat([gb.gather(a), gb.gather(b)], 0)
     self_pos = gb.anchor_index(2, Z.device)  # arange(2N) in one process
-    row_lse, _ = core.sim_lse(Z, keys, scale, exclude=self_pos[:, None], backend=backend)
-    pos = _rowdot(torch.cat([a32, b32], 0), torch.cat([b32, a32], 0)) * scale
+    row_lse, _ = sim_lse(Z, keys, scale, exclude=self_pos[:, None], backend=backend)
+    pos = rowdot(torch.cat([a32, b32], 0), torch.cat([b32, a32], 0)) * scale
     return gb.reduce(row_lse - pos, reduction)
 
 
@@ -331,7 +283,7 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
         reduction: ``"mean"`` (over the 2N anchors), ``"sum"`` or ``"none"`` ((2N,), view-1 anchors then view-2).
         backend: see ``info_nce``.
     """
-    _check_pair("z1", z1, "z2", z2, same_rows=True)
+    check_pair("z1", z1, "z2", z2, same_rows=True)
     check_reduction(reduction)
     as_scalar("temperature", temperature, z1, positive=True)
     name = backends.resolve(backend, op="nt_xent", tensors=(z1, z2))
@@ -354,7 +306,7 @@ def similarity_lse_reference(query, key, scale, process_group=None) -> Tensor:
 
 def _fused_similarity_lse(query, key, scale, *, backend: str, process_group=None) -> Tensor:
     keys = GlobalBatch(key.shape[0], process_group, key.device).gather(key)
-    row_lse, _ = core.sim_lse(query, keys, as_scalar("scale", scale, query), backend=backend)
+    row_lse, _ = sim_lse(query, keys, as_scalar("scale", scale, query), backend=backend)
     return row_lse
 
 
@@ -368,7 +320,7 @@ def similarity_lse(query, key, scale, *, backend="auto", process_group=None) -> 
         scale: > 0, float or 0-dim tensor (a tensor requiring grad gets its gradient).
         backend: see ``info_nce``.
     """
-    _check_pair("query", query, "key", key, same_rows=False)
+    check_pair("query", query, "key", key, same_rows=False)
     as_scalar("scale", scale, query, positive=True)
     name = backends.resolve(backend, op="similarity_lse", tensors=(query, key))
     if name == "reference":

@@ -47,19 +47,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _checks, backends, core
-from ..core import _masked_lse, acc_dtype
+from .. import _checks, backends
+from .._numerics import masked_lse
 from ..distributed import GlobalBatch
+from ..primitives.sim_lse import sim_lse
+from ._common import inv_temperature, unit
 from ._present_first import present_list
 
 Tensor = torch.Tensor
 VARIANTS = ("mv", "pairwise")
-
-
-def _unit(x: Tensor, normalize: bool) -> Tensor:
-    """``x`` in the accumulation dtype, L2-normalized along the last dim (eps 1e-12) when ``normalize``."""
-    x = x.to(acc_dtype(x.dtype))
-    return F.normalize(x, dim=-1, eps=1e-12) if normalize else x
 
 
 def _present(mask: Optional[Tensor], V: int, N: int, device) -> Tensor:
@@ -77,7 +73,7 @@ def _pair_lse(U: Tensor, scale: Tensor, ok: Tensor) -> Tensor:
     """
     V, N, _ = U.shape
     P = torch.einsum("lnd,mnd->nlm", U, U) * scale
-    return _masked_lse(P.reshape(N, V * V), ok.reshape(N, V * V), 1)
+    return masked_lse(P.reshape(N, V * V), ok.reshape(N, V * V), 1)
 
 
 def _not_eye(V: int, device) -> Tensor:
@@ -100,8 +96,8 @@ def _reference_inputs(views: Tensor, temperature, mask: Optional[Tensor], normal
     views = gb.gather(views, dim=1)
     mask = None if mask is None else gb.gather_nograd(mask)
     V, N, _ = views.shape
-    U = _unit(views, normalize)
-    scale = 1.0 / _as_t(temperature, U)
+    U = unit(views, normalize)
+    scale = inv_temperature(temperature, U)
     present = _present(mask, V, N, U.device)
     counted = present.sum(0) >= 2
     return gb, U, scale, present, counted
@@ -123,8 +119,8 @@ def mv_infonce_reference(views: Tensor, temperature, mask: Optional[Tensor] = No
         Z = U.reshape(V * N, D)
         S = (Z @ Z.T) * scale
         allowed = present.reshape(1, -1) & _not_eye(V * N, U.device)
-        row = _masked_lse(S, allowed, 1).view(V, N)
-        den = _masked_lse(row, present & counted[None, :], 0)
+        row = masked_lse(S, allowed, 1).view(V, N)
+        den = masked_lse(row, present & counted[None, :], 0)
         ok = present.T[:, :, None] & present.T[:, None, :] & _not_eye(V, U.device)
         num = _pair_lse(U, scale, ok)
         values = torch.where(counted, den, 0) - torch.where(counted, num, 0)
@@ -139,7 +135,7 @@ def mv_infonce_reference(views: Tensor, temperature, mask: Optional[Tensor] = No
                 continue
             both = present[l] & present[m]
             S = (U[l] @ U[m].T) * scale
-            lse = _masked_lse(S, both[:, None] & both[None, :], 1)
+            lse = masked_lse(S, both[:, None] & both[None, :], 1)
             ce = torch.where(both, lse, 0) - torch.where(both, S[eye], 0)
             n = both.sum()
             total = total + ce / n.clamp_min(1)
@@ -155,19 +151,13 @@ def mv_dhel_reference(views: Tensor, temperature, mask: Optional[Tensor] = None,
     V, N, D = U.shape
     S = torch.einsum("lnd,lmd->lnm", U, U) * scale  # (V, N, N): one Gram block per view
     allowed = present[:, :, None] & present[:, None, :] & _not_eye(N, U.device)
-    lse = _masked_lse(S, allowed, 2)  # (V, N), -inf where the view term's set is empty
+    lse = masked_lse(S, allowed, 2)  # (V, N), -inf where the view term's set is empty
     term = allowed.any(2)
     unif = torch.where(term, lse, 0).sum(0)
     ok = present.T[:, :, None] & present.T[:, None, :] & torch.ones(V, V, dtype=torch.bool, device=U.device).triu(1)
     align = _pair_lse(U, scale, ok)
     values = torch.where(counted, unif, 0) - torch.where(counted, align, 0)
     return gb.reduce(gb.local(values), reduction, gb.local(counted))
-
-
-def _as_t(temperature, like: Tensor) -> Tensor:
-    if isinstance(temperature, Tensor):
-        return temperature.to(device=like.device, dtype=like.dtype)
-    return torch.tensor(float(temperature), dtype=like.dtype, device=like.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,11 +175,11 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
     """
     V, n, D = views.shape
     gb = GlobalBatch(n, process_group, views.device)
-    U = _unit(views, normalize)  # (V, n, D) accumulation dtype: positives
+    U = unit(views, normalize)  # (V, n, D) accumulation dtype: positives
     Ug = gb.gather(U, dim=1)  # (V, N, D)
     N = Ug.shape[1]
     Uc, Zc = U.to(views.dtype), Ug.to(views.dtype)  # core operands in the input dtype
-    scale = 1.0 / _as_t(temperature, U)
+    scale = inv_temperature(temperature, U)
     present = _present(mask, V, n, U.device)
     counted = present.sum(0) >= 2
     mask_g = None if mask is None else gb.gather_nograd(mask)
@@ -200,7 +190,7 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
         self_pos = gb.anchor_index(V, U.device)  # global position of each local anchor
         if mask is None:
             # Row (l, i): LSE over all V·N−1 others (self excluded, positives kept).
-            row, _ = core.sim_lse(Z, Zg, scale, exclude=self_pos, backend=backend)
+            row, _ = sim_lse(Z, Zg, scale, exclude=self_pos, backend=backend)
             den = torch.logsumexp(row.view(V, n), 0)
         else:
             # Present anchors first (rows), present candidates first (columns): positions below the
@@ -209,10 +199,10 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
             cols, cpos, n_cols = present_list(mask_g.T.reshape(-1))
             end = torch.where(present.reshape(-1)[rows], n_cols, 0)
             excl = cpos[self_pos[rows]]  # self, in the candidates' order (outside the range if absent)
-            row_c, _ = core.sim_lse(Z, Zg, scale, row_index=rows, col_index=cols, col_end=end, exclude=excl,
+            row_c, _ = sim_lse(Z, Zg, scale, row_index=rows, col_index=cols, col_end=end, exclude=excl,
                                     backend=backend)
             row = torch.full((V * n,), float("-inf"), dtype=row_c.dtype, device=U.device).index_put((rows,), row_c)
-            den = _masked_lse(row.view(V, n), present & counted[None, :], 0)
+            den = masked_lse(row.view(V, n), present & counted[None, :], 0)
         ok = present.T[:, :, None] & present.T[:, None, :] & _not_eye(V, U.device)
         num = _pair_lse(U, scale, ok)
         values = torch.where(counted, den, 0) - torch.where(counted, num, 0)
@@ -229,10 +219,10 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
             pos = (U[l] * U[m]).sum(-1) * scale  # (n,)
             if mask is None:
                 if process_group is None:
-                    r, c = core.sim_lse(Uc[l], Uc[m], scale, want_col=True, backend=backend)
+                    r, c = sim_lse(Uc[l], Uc[m], scale, want_col=True, backend=backend)
                 else:
-                    r, _ = core.sim_lse(Uc[l], Zc[m], scale, backend=backend)
-                    c, _ = core.sim_lse(Uc[m], Zc[l], scale, backend=backend)
+                    r, _ = sim_lse(Uc[l], Zc[m], scale, backend=backend)
+                    c, _ = sim_lse(Uc[m], Zc[l], scale, backend=backend)
                 total = total + (r + c - 2 * pos) / N
             else:
                 # Instances present in both views first; the other rows get an empty range (-inf).
@@ -242,12 +232,12 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
                 on = both[rows]
                 end = torch.where(on, cnt, 0)
                 if process_group is None:
-                    r, c = core.sim_lse(Uc[l], Uc[m], scale, row_index=rows, col_index=rows, col_end=end,
+                    r, c = sim_lse(Uc[l], Uc[m], scale, row_index=rows, col_index=rows, col_end=end,
                                         want_col=True, backend=backend)
                 else:
-                    r, _ = core.sim_lse(Uc[l], Zc[m], scale, row_index=rows, col_index=cols, col_end=end,
+                    r, _ = sim_lse(Uc[l], Zc[m], scale, row_index=rows, col_index=cols, col_end=end,
                                         backend=backend)
-                    c, _ = core.sim_lse(Uc[m], Zc[l], scale, row_index=rows, col_index=cols, col_end=end,
+                    c, _ = sim_lse(Uc[m], Zc[l], scale, row_index=rows, col_index=cols, col_end=end,
                                         backend=backend)
                 ce = torch.where(on, r + c - 2 * pos[rows], 0) / cnt.clamp_min(1)
                 total = total.index_add(0, rows, ce.to(total.dtype))
@@ -265,13 +255,13 @@ def _fused_mv_dhel(views: Tensor, temperature, mask: Optional[Tensor] = None, *,
     """
     V, n, D = views.shape
     gb = GlobalBatch(n, process_group, views.device)
-    U = _unit(views, normalize)
+    U = unit(views, normalize)
     Ug = gb.gather(U, dim=1)
     N = Ug.shape[1]
     Z = U.to(views.dtype).reshape(V * n, D)
     # One process: the same tensor as the candidates, so the kernels take the symmetric Gram both ways.
     Zg = Z if gb.group is None else Ug.to(views.dtype).reshape(V * N, D)
-    scale = 1.0 / _as_t(temperature, U)
+    scale = inv_temperature(temperature, U)
     present = _present(mask, V, n, U.device)
     counted = present.sum(0) >= 2
     self_pos = gb.anchor_index(V, U.device)  # global position of each local anchor
@@ -280,7 +270,7 @@ def _fused_mv_dhel(views: Tensor, temperature, mask: Optional[Tensor] = None, *,
     if mask is None:
         if N >= 2:  # with N = 1 every view term's set is empty and is left out
             start = view_of * N
-            row, _ = core.sim_lse(Z, Zg, scale, col_start=start, col_end=start + N, exclude=self_pos,
+            row, _ = sim_lse(Z, Zg, scale, col_start=start, col_end=start + N, exclude=self_pos,
                                   backend=backend)
             unif = unif + row.view(V, n).sum(0)
     else:
@@ -296,7 +286,7 @@ def _fused_mv_dhel(views: Tensor, temperature, mask: Optional[Tensor] = None, *,
         start = offsets[v_of]
         end = torch.where(on, start + counts[v_of], start)
         excl = cpos[self_pos[rows]]  # self, in the candidates' order
-        row_c, _ = core.sim_lse(Z, Zg, scale, row_index=rows, col_index=cols, col_start=start, col_end=end,
+        row_c, _ = sim_lse(Z, Zg, scale, row_index=rows, col_index=cols, col_start=start, col_end=end,
                                 exclude=excl, backend=backend)
         term = on & (counts[v_of] >= 2)  # else the row's set is empty (-inf): left out
         vals = torch.where(term, row_c, 0)

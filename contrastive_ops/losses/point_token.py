@@ -59,8 +59,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _checks, backends, core
+from .. import _checks, backends
+from .._numerics import acc_dtype, masked_lse
 from ..distributed import GlobalBatch, reduce
+from ..primitives.sim_lse import sim_lse
+from ._common import inv_temperature, unit
 from ._present_first import present_list
 
 Tensor = torch.Tensor
@@ -68,27 +71,9 @@ Tensor = torch.Tensor
 MODES = ("infonce", "cosine")
 PAIRINGS = ("diag", "official")
 NEGATIVES = ("cloud", "batch")
-_EPS = 1e-12
-
-
-def _normalize(x: Tensor) -> Tensor:
-    """x / max(‖x‖, 1e-12) along the last dim, in the accumulation dtype."""
-    return F.normalize(x.to(core.acc_dtype(x.dtype)), dim=-1, eps=_EPS)
 
 
 # ----------------------------------------------------------------------------- reference
-
-
-def _masked_logsumexp(x: Tensor, allowed: Tensor, dim: int) -> Tensor:
-    """LSE over allowed entries of ``x`` along ``dim``.
-
-    Slices with no allowed entry get a finite dummy value (callers drop them
-    with ``torch.where``), so no NaN reaches the backward pass.
-    """
-    x = torch.where(allowed, x, torch.full_like(x, float("-inf")))
-    empty = ~allowed.any(dim, keepdim=True)
-    x = torch.where(empty, torch.zeros_like(x), x)
-    return torch.logsumexp(x, dim)
 
 
 def point_token_contrast_reference(
@@ -116,9 +101,9 @@ def point_token_contrast_reference(
         return gb.reduce(gb.local(per).reshape(-1), "mean", gb.local(S).reshape(-1))
 
     B, G, D = f1.shape
-    dt = core.acc_dtype(f1.dtype)
-    u = _normalize(f1)
-    v = _normalize(f2)
+    dt = acc_dtype(f1.dtype)
+    u = unit(f1)
+    v = unit(f2)
     S = mask1 & mask2  # (B, G)
     count = S.sum().clamp_min(1).to(dt)
     zero = torch.zeros((), dtype=dt, device=f1.device)
@@ -135,8 +120,8 @@ def point_token_contrast_reference(
         L = torch.bmm(u, v.transpose(1, 2)) * inv_t  # (B, G, G): L[b, i, j] = s(f1_bi, f2_bj)
         allowed = S.unsqueeze(2) & S.unsqueeze(1)
         pos = torch.diagonal(L, dim1=1, dim2=2)  # (B, G)
-        lse12 = _masked_logsumexp(L, allowed, 2)  # anchor f1_bi over f2_bj
-        lse21 = _masked_logsumexp(L, allowed, 1)  # anchor f2_bj over f1_bi
+        lse12 = masked_lse(L, allowed, 2)  # anchor f1_bi over f2_bj
+        lse21 = masked_lse(L, allowed, 1)  # anchor f2_bj over f1_bi
         per = 0.5 * (lse12 + lse21) - pos
         return mean(torch.where(S, per, zero))
 
@@ -191,7 +176,7 @@ def _fused_point_token_contrast(
 ) -> Tensor:
     """The loss on O(B·G·D) tensors plus, for "infonce", one call of the core.
 
-    ``backend`` is a concrete backend name handed to ``core.sim_lse``
+    ``backend`` is a concrete backend name handed to ``sim_lse``
     (``"reference"`` runs the dense core, which tests use to check this
     composition without a kernel).  The cosine modes need no core and run the
     same code on every backend.
@@ -206,9 +191,9 @@ def _fused_point_token_contrast(
         return _fused_distributed(f1, f2, mask1, mask2, inv_t, mode=mode, pairing=pairing, negatives=negatives,
                                   backend=backend, process_group=process_group)
     B, G, D = f1.shape
-    dt = core.acc_dtype(f1.dtype)
-    u = _normalize(f1)  # (B, G, D) in dt
-    v = _normalize(f2)
+    dt = acc_dtype(f1.dtype)
+    u = unit(f1)  # (B, G, D) in dt
+    v = unit(f2)
     S = mask1 & mask2
     Sd = S.to(dt)
     count = S.sum().clamp_min(1).to(dt)
@@ -242,7 +227,7 @@ def _fused_point_token_contrast(
     # Kernels take features in the input dtype; normalization stays in dt.
     q = u.to(f1.dtype).reshape(B * G, D)
     k = v.to(f2.dtype).reshape(B * G, D)
-    lse12, lse21 = core.sim_lse(
+    lse12, lse21 = sim_lse(
         q, k, inv_t,
         row_index=idx, col_index=idx, col_start=col_start, col_end=col_end,
         want_col=True, backend=backend,
@@ -269,18 +254,18 @@ def _fused_distributed(f1, f2, mask1, mask2, inv_t, *, mode, pairing, negatives,
         n_local = S.sum()
         return reduce((local * n_local.clamp_min(1)).reshape(1), "mean", process_group, n_local)
     B, G, D = f1.shape
-    dt = core.acc_dtype(f1.dtype)
+    dt = acc_dtype(f1.dtype)
     Sf = S.reshape(B * G)
-    u = _normalize(f1).reshape(B * G, D)[Sf]  # this rank's co-masked tokens, (b, i) order
-    v = _normalize(f2).reshape(B * G, D)[Sf]
+    u = unit(f1).reshape(B * G, D)[Sf]  # this rank's co-masked tokens, (b, i) order
+    v = unit(f2).reshape(B * G, D)[Sf]
     gb = GlobalBatch(u.shape[0], process_group, f1.device)  # ranks hold different numbers of them
     Ug, Vg = gb.gather(u.to(f1.dtype)), gb.gather(v.to(f2.dtype))
     inv_t = inv_t.to(dt)
     pos = (u * v).sum(-1) * inv_t
     if gb.n == 0:  # no co-masked token here: 0, still attached to the graph
         return gb.reduce(pos, "mean", torch.zeros_like(pos, dtype=torch.bool))
-    lse12, _ = core.sim_lse(u.to(f1.dtype), Vg, inv_t, backend=backend)  # f1_k over every co-masked f2
-    lse21, _ = core.sim_lse(v.to(f2.dtype), Ug, inv_t, backend=backend)  # f2_k over every co-masked f1
+    lse12, _ = sim_lse(u.to(f1.dtype), Vg, inv_t, backend=backend)  # f1_k over every co-masked f2
+    lse21, _ = sim_lse(v.to(f2.dtype), Ug, inv_t, backend=backend)  # f2_k over every co-masked f1
     per = 0.5 * (lse12.to(dt) + lse21.to(dt)) - pos
     return gb.reduce(per, "mean", torch.ones_like(per, dtype=torch.bool))
 
@@ -350,7 +335,8 @@ def point_token_contrast(
     once (one host sync) to cut them to the co-masked tokens.
     """
     _check_args(f1, f2, mask1, mask2, mode, pairing, negatives, backend)
-    inv_t = _checks.inv_temperature(temperature, f1)
+    _checks.as_scalar("temperature", temperature, f1, positive=True)
+    inv_t = inv_temperature(temperature, f1)
     name = backends.resolve(backend, op="point_token_contrast", tensors=(f1, f2))
     kw = dict(mode=mode, pairing=pairing, negatives=negatives, process_group=process_group)
     if name == "reference":

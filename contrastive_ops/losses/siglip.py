@@ -15,23 +15,9 @@ inside: the features arrive as the model gives them.)  With
 
 (each times the upstream gradient / B).
 
-Kernel primitive ``"siglip"``
------------------------------
-A kernel backend implements the pair sum as an object in its ``PRIMITIVES``
-under the key ``"siglip"`` with::
-
-    forward(x, y, scale, bias) -> total                  0-dim, fp32 (float64 for float64 inputs)
-    backward(x, y, scale, bias, grad) -> (dx, dy, dscale, dbias)
-
-where ``x`` (B, D) and ``y`` (B, D) are contiguous, of one dtype (fp32, fp16,
-bf16), ``scale`` and ``bias`` are 0-dim tensors in the accumulation dtype
-(fp32, float64 for float64 inputs) on the features' device, ``total`` is
-``Σ_ij softplus(−z_ij·(scale·x_i·y_j + bias))`` (the maths of
-``siglip_sum_reference``), ``grad`` is the 0-dim upstream gradient of
-``total`` (accumulation dtype), ``dx``/``dy`` have the dtype and shape of
-``x``/``y``, and ``dscale``/``dbias`` are 0-dim in the accumulation dtype.
-The primitive never stores the B×B logits.  ``_SigLIPPairs`` wraps it in
-autograd; the loss divides by B in PyTorch.
+Fused composition: the pair sum Σ_ij softplus(−z_ij·L_ij) is the primitive
+``"siglip"`` (``contrastive_ops.primitives.siglip_pairs``: contract, dense
+reference, autograd Function); this module divides it by the global B.
 """
 from __future__ import annotations
 
@@ -39,23 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from .._checks import as_scalar
-from ..core import acc_dtype
+from .._checks import as_scalar, check_pair
+from .._numerics import acc_dtype
 from ..distributed import GlobalBatch
-from .info_nce import _check_pair
+from ..primitives.siglip_pairs import siglip_pairs
 
 Tensor = torch.Tensor
-
-
-def siglip_sum_reference(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
-    """Σ_ij softplus(−z_ij·(scale·x_i·y_j + bias)), z = 2I − 1: the kernel primitive ``"siglip"``'s maths.
-
-    Dense (stores B×B); accumulates in fp32 (float64 for float64 inputs).
-    """
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    logits = scale.to(dt) * (x.to(dt) @ y.to(dt).T) + bias.to(dt)
-    z = 2 * torch.eye(x.shape[0], y.shape[0], dtype=dt, device=x.device) - 1
-    return F.softplus(-z * logits).sum()
 
 
 def siglip_loss_reference(image_features, text_features, logit_scale, logit_bias, process_group=None) -> Tensor:
@@ -77,31 +52,6 @@ def siglip_loss_reference(image_features, text_features, logit_scale, logit_bias
     return gb.reduce(gb.local(-F.logsigmoid(labels * logits).sum(1)), "mean")
 
 
-class _SigLIPPairs(torch.autograd.Function):
-    """Autograd wrapper of a backend's ``"siglip"`` primitive (the pair sum, not yet divided by B)."""
-
-    @staticmethod
-    def forward(ctx, x, y, scale, bias, backend):
-        prim = backends.primitive(backend, "siglip")
-        total = prim.forward(x, y, scale, bias)
-        ctx.prim = prim
-        ctx.save_for_backward(x, y, scale, bias)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, y, scale, bias = ctx.saved_tensors
-        dx, dy, dscale, dbias = ctx.prim.backward(x, y, scale, bias, grad.reshape(()).to(scale.dtype))
-        needs = ctx.needs_input_grad
-        return (
-            dx if needs[0] else None,
-            dy if needs[1] else None,
-            dscale if needs[2] else None,
-            dbias if needs[3] else None,
-            None,
-        )
-
-
 def _fused_siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend: str,
                        process_group=None) -> Tensor:
     """SigLIP on the ``"siglip"`` primitive; ``backend="reference"`` runs its dense maths instead.
@@ -118,10 +68,7 @@ def _fused_siglip_loss(image_features, text_features, logit_scale, logit_bias, *
     if process_group is not None:
         Y = gb.gather(y)
         y = torch.cat([Y[gb.offset:], Y[:gb.offset]])
-    if backend == "reference":
-        total = siglip_sum_reference(x, y, s, b)
-    else:
-        total = _SigLIPPairs.apply(x.contiguous(), y.contiguous(), s, b, backend)
+    total = siglip_pairs(x, y, s, b, backend=backend)
     return gb.mean_from_sum(total)  # total / B, B the global batch size
 
 
@@ -138,7 +85,7 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
     Returns:
         0-dim fp32 loss (float64 for float64 inputs); gradients in the input dtype.
     """
-    _check_pair("image_features", image_features, "text_features", text_features, same_rows=True)
+    check_pair("image_features", image_features, "text_features", text_features, same_rows=True)
     as_scalar("logit_scale", logit_scale, image_features, positive=True)
     as_scalar("logit_bias", logit_bias, image_features)
     name = backends.resolve(backend, op="siglip_loss", tensors=(image_features, text_features))

@@ -27,10 +27,12 @@ from typing import Optional
 
 import torch
 
-from .. import _checks, backends, core
-from ..core import _masked_lse
+from .. import _checks, backends
+from .._checks import as_scalar
+from .._numerics import masked_lse
 from ..distributed import GlobalBatch
-from .multiview import _as_t, _unit
+from ..primitives.sim_lse import sim_lse
+from ._common import unit
 
 Tensor = torch.Tensor
 CONTRAST_MODES = ("all", "one")
@@ -56,14 +58,14 @@ def supcon_reference(views: Tensor, labels: Optional[Tensor], temperature, base_
     views = gb.gather(views, dim=1)
     labels = None if labels is None else gb.gather_nograd(labels)
     V, N, D = views.shape
-    U = _unit(views, normalize)
-    t = _as_t(temperature, U)
-    factor = t / _as_t(base_temperature, U)
+    U = unit(views, normalize)
+    t = as_scalar("temperature", temperature, U)
+    factor = t / as_scalar("base_temperature", base_temperature, U)
     Z = U.reshape(V * N, D)
     A = N if contrast_mode == "one" else V * N
     S = (Z[:A] @ Z.T) / t
     not_self = ~torch.eye(A, V * N, dtype=torch.bool, device=U.device)
-    lse = _masked_lse(S, not_self, 1)
+    lse = masked_lse(S, not_self, 1)
     y = (torch.arange(N, device=U.device) if labels is None else labels).repeat(V)
     pos = (y[:A, None] == y[None, :]) & not_self
     npos = pos.sum(1)
@@ -85,12 +87,12 @@ def _fused_supcon(views: Tensor, labels: Optional[Tensor], temperature, base_tem
     """
     V, n, D = views.shape
     gb = GlobalBatch(n, process_group, views.device)
-    U = _unit(views, normalize)
+    U = unit(views, normalize)
     Ug = gb.gather(U, dim=1)  # (V, N, D)
     N = Ug.shape[1]
     labels = None if labels is None else gb.gather_nograd(labels)
-    t = _as_t(temperature, U)
-    factor = t / _as_t(base_temperature, U)
+    t = as_scalar("temperature", temperature, U)
+    factor = t / as_scalar("base_temperature", base_temperature, U)
     scale = 1.0 / t
     groups = 1 if contrast_mode == "one" else V
     Za = U[:groups].reshape(groups * n, D)  # this rank's anchors, view-major
@@ -100,7 +102,7 @@ def _fused_supcon(views: Tensor, labels: Optional[Tensor], temperature, base_tem
     Zk = Z.to(views.dtype)
     # One process and every view an anchor: anchors and candidates are the same tensor (Gram kernels).
     Zak = Zk if (groups == V and gb.group is None) else Za.to(views.dtype)
-    lse, _ = core.sim_lse(Zak, Zk, scale, exclude=a, backend=backend)
+    lse, _ = sim_lse(Zak, Zk, scale, exclude=a, backend=backend)
     gid = _label_groups(labels, N, U.device).repeat(V)  # (V·N,) view-major
     group_sum = torch.zeros(N, D, dtype=U.dtype, device=U.device).index_add(0, gid, Z)
     group_cnt = torch.zeros(N, dtype=torch.long, device=U.device).index_add(0, gid, torch.ones_like(gid))

@@ -1,13 +1,11 @@
-// CPU kernels of the similarity-LSE core and the SigLIP pair sum.
+// CPU kernels of the similarity-LSE core (primitive "sim_lse"; maths in
+// contrastive_ops/primitives/sim_lse.py).
 //
-// Core: row-block kernels (described below, "similarity-LSE core: row-block
+// Row-block kernels (described below, "similarity-LSE core: row-block
 // kernels"): one part per thread, single-threaded BLAS on cache-sized tiles
-// (csrc/cpu/blas.h), fused epilogues, symmetric Gram when q is k.
-// SigLIP: the tiling of csrc/tiling.h with multithreaded ATen GEMMs on tiles
-// and epilogues parallel over the rows of a tile with at::parallel_for.
-// Tiles are fp32 (float64 for float64 inputs); fp16/bf16 inputs are upcast
-// once to fp32 copies of Q and K (O((B+M)·D)).  The loops are vectorizable
-// templates, compiled per ISA through the CO_MULTIVERSION wrappers.
+// (csrc/cpu/blas.h), fused epilogues (csrc/cpu/lse_epilogue.h), symmetric Gram
+// when q is k.  Tiles are fp32 (float64 for float64 inputs); fp16/bf16 inputs
+// are upcast once to fp32 copies of Q and K (O((B+M)·D)).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,150 +18,10 @@
 
 #include "../tiling.h"
 #include "blas.h"
-#include "fastmath.h"
+#include "lse_epilogue.h"
 
 namespace contrastive_ops {
 namespace {
-
-using fastmath::fast_exp;
-using fastmath::fast_sigmoid;
-using fastmath::fast_softplus;
-
-// Independent accumulators per reduction: lets the compiler vectorize a
-// reduction without reassociating floating-point sums (no -ffast-math).
-constexpr int64_t L = 16;
-
-template <typename T>
-constexpr T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
-
-// ---- row and column loops (templates; float versions are multiversioned below) ----
-
-// p[j] = scale·p[j] for j in [lo, hi), -inf for the other j in [0, n).
-template <typename T>
-CO_INLINE void scale_mask_t(T* p, int64_t n, int64_t lo, int64_t hi, T scale) {
-  for (int64_t j = 0; j < lo; ++j) p[j] = neg_inf<T>();
-  for (int64_t j = lo; j < hi; ++j) p[j] *= scale;
-  for (int64_t j = hi; j < n; ++j) p[j] = neg_inf<T>();
-}
-
-template <typename T>
-CO_INLINE T max_t(const T* p, int64_t n) {
-  T acc[L];
-  for (int64_t l = 0; l < L; ++l) acc[l] = neg_inf<T>();
-  int64_t j = 0;
-  for (; j + L <= n; j += L)
-    for (int64_t l = 0; l < L; ++l) acc[l] = p[j + l] > acc[l] ? p[j + l] : acc[l];
-  T m = neg_inf<T>();
-  for (; j < n; ++j) m = p[j] > m ? p[j] : m;
-  for (int64_t l = 0; l < L; ++l) m = acc[l] > m ? acc[l] : m;
-  return m;
-}
-
-// Σ_j exp(p[j] - m), m finite.
-template <typename T>
-CO_INLINE T sumexp_t(const T* p, int64_t n, T m) {
-  T acc[L] = {};
-  int64_t j = 0;
-  for (; j + L <= n; j += L)
-    for (int64_t l = 0; l < L; ++l) acc[l] += fast_exp(p[j + l] - m);
-  T s = 0;
-  for (; j < n; ++j) s += fast_exp(p[j] - m);
-  for (int64_t l = 0; l < L; ++l) s += acc[l];
-  return s;
-}
-
-// m[j] = max(m[j], p[j]).
-template <typename T>
-CO_INLINE void colmax_t(const T* p, T* m, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) m[j] = p[j] > m[j] ? p[j] : m[j];
-}
-
-// s[j] += exp(p[j] - m[j]) with m finite (callers pass 0 for columns still at -inf).
-template <typename T>
-CO_INLINE void colsumexp_t(const T* p, const T* m, T* s, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) s[j] += fast_exp(p[j] - m[j]);
-}
-
-// Σ_j softplus(scale·g[j] + bias).
-template <typename T>
-CO_INLINE T softplus_sum_t(const T* g, int64_t n, T scale, T bias) {
-  T acc[L] = {};
-  int64_t j = 0;
-  for (; j + L <= n; j += L)
-    for (int64_t l = 0; l < L; ++l) acc[l] += fast_softplus(scale * g[j + l] + bias);
-  T s = 0;
-  for (; j < n; ++j) s += fast_softplus(scale * g[j] + bias);
-  for (int64_t l = 0; l < L; ++l) s += acc[l];
-  return s;
-}
-
-// dl[j] = grad·σ(scale·g[j] + bias); sums[0] += Σ dl, sums[1] += Σ dl·g.
-template <typename T>
-CO_INLINE void sigmoid_row_t(const T* g, T* dl, int64_t n, T scale, T bias, T grad, T* sums) {
-  T a0[L] = {}, a1[L] = {};
-  int64_t j = 0;
-  for (; j + L <= n; j += L)
-    for (int64_t l = 0; l < L; ++l) {
-      const T d = grad * fast_sigmoid(scale * g[j + l] + bias);
-      dl[j + l] = d;
-      a0[l] += d;
-      a1[l] += d * g[j + l];
-    }
-  for (; j < n; ++j) {
-    const T d = grad * fast_sigmoid(scale * g[j] + bias);
-    dl[j] = d;
-    a0[0] += d;
-    a1[0] += d * g[j];
-  }
-  for (int64_t l = 0; l < L; ++l) {
-    sums[0] += a0[l];
-    sums[1] += a1[l];
-  }
-}
-
-// float: one clone per ISA; double: the templates directly.
-CO_MULTIVERSION void scale_mask(float* p, int64_t n, int64_t lo, int64_t hi, float scale) {
-  scale_mask_t(p, n, lo, hi, scale);
-}
-CO_MULTIVERSION float vmax(const float* p, int64_t n) { return max_t(p, n); }
-CO_MULTIVERSION float sumexp(const float* p, int64_t n, float m) { return sumexp_t(p, n, m); }
-CO_MULTIVERSION void colmax(const float* p, float* m, int64_t n) { colmax_t(p, m, n); }
-CO_MULTIVERSION void colsumexp(const float* p, const float* m, float* s, int64_t n) { colsumexp_t(p, m, s, n); }
-CO_MULTIVERSION float softplus_sum(const float* g, int64_t n, float scale, float bias) {
-  return softplus_sum_t(g, n, scale, bias);
-}
-CO_MULTIVERSION void sigmoid_row(const float* g, float* dl, int64_t n, float scale, float bias, float grad,
-                                 float* sums) {
-  sigmoid_row_t(g, dl, n, scale, bias, grad, sums);
-}
-inline void scale_mask(double* p, int64_t n, int64_t lo, int64_t hi, double scale) {
-  scale_mask_t(p, n, lo, hi, scale);
-}
-inline double vmax(const double* p, int64_t n) { return max_t(p, n); }
-inline double sumexp(const double* p, int64_t n, double m) { return sumexp_t(p, n, m); }
-inline void colmax(const double* p, double* m, int64_t n) { colmax_t(p, m, n); }
-inline void colsumexp(const double* p, const double* m, double* s, int64_t n) { colsumexp_t(p, m, s, n); }
-inline double softplus_sum(const double* g, int64_t n, double scale, double bias) {
-  return softplus_sum_t(g, n, scale, bias);
-}
-inline void sigmoid_row(const double* g, double* dl, int64_t n, double scale, double bias, double grad,
-                        double* sums) {
-  sigmoid_row_t(g, dl, n, scale, bias, grad, sums);
-}
-
-// Merge (m2, s2) into the running (m, s) of a log-sum-exp: s·e^m + s2·e^m2.
-template <typename T>
-inline void lse_merge(T& m, T& s, T m2, T s2) {
-  if (m2 == neg_inf<T>()) return;
-  if (m2 > m) {
-    s = s * fast_exp(m - m2) + s2;  // exp(-inf) == 0 when m was still -inf
-    m = m2;
-  } else {
-    s += s2 * fast_exp(m2 - m);
-  }
-}
 
 // Allowed column range [lo, hi) of tile row gi, in tile coordinates.
 struct RowRange {
@@ -182,83 +40,6 @@ struct RowRange {
     const int64_t e = ce ? std::min<int64_t>(ce[gi], M) : M;
     lo = std::clamp<int64_t>(s - c0, 0, bc);
     hi = std::clamp<int64_t>(e - c0, lo, bc);
-  }
-};
-
-constexpr int64_t kRowGrain = 8;  // rows per parallel task
-
-struct CpuDev {
-  static at::ScalarType compute_dtype(at::ScalarType in) { return acc_dtype(in); }
-  static at::ScalarType ds_dtype(at::ScalarType in) { return acc_dtype(in); }
-  // SigLIP pair sum only (the similarity-LSE core has its own row-block kernels
-  // below).  A 512 × 2048 fp32 tile is 4 MiB (8 MiB with the backward's dS
-  // tile): big enough for efficient multithreaded GEMMs, small enough to stay
-  // near the last-level cache.
-  static int64_t row_block(int64_t, int64_t, int64_t) { return 512; }
-  static int64_t col_block(int64_t, int64_t, int64_t) { return 2048; }
-
-  static void gemm_nt(Tensor& out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b.t()); }
-  static void gemm_acc(Tensor& c, const Tensor& a, const Tensor& b) { c.addmm_(a, b); }
-
-  // Row sums of softplus(-z·l); the diagonal (z = +1) is corrected separately:
-  // softplus(-l) = softplus(l) - l.
-  static void siglip_fwd_epilogue(const Tensor& G, const Tensor& scale, const Tensor& bias, int64_t r0, int64_t c0,
-                                  Tensor& total) {
-    AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "siglip_fwd_epilogue_cpu", [&] {
-      const int64_t br = G.size(0), bc = G.size(1);
-      const scalar_t* g = G.data_ptr<scalar_t>();
-      const scalar_t sc = scale.item<scalar_t>(), bi = bias.item<scalar_t>();
-      std::vector<double> part(br, 0.0);
-      at::parallel_for(0, br, kRowGrain, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          const scalar_t* gp = g + i * bc;
-          double acc = softplus_sum(gp, bc, sc, bi);
-          const int64_t j = r0 + i - c0;
-          if (j >= 0 && j < bc) {
-            const scalar_t l = sc * gp[j] + bi;
-            acc += double(fast_softplus(scalar_t(-l))) - double(fast_softplus(l));
-          }
-          part[i] = acc;
-        }
-      });
-      double s = 0;
-      for (double v : part) s += v;
-      total.add_(s);
-    });
-  }
-
-  static void siglip_bwd_epilogue(const Tensor& G, Tensor& dL, const Tensor& scale, const Tensor& bias,
-                                  const Tensor& grad, int64_t r0, int64_t c0, Tensor& dscale, Tensor& dbias) {
-    AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "siglip_bwd_epilogue_cpu", [&] {
-      const int64_t br = G.size(0), bc = G.size(1);
-      const scalar_t* g = G.data_ptr<scalar_t>();
-      scalar_t* dl = dL.data_ptr<scalar_t>();
-      const scalar_t sc = scale.item<scalar_t>(), bi = bias.item<scalar_t>(), gr = grad.item<scalar_t>();
-      std::vector<double> p0(br, 0.0), p1(br, 0.0);
-      at::parallel_for(0, br, kRowGrain, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          const scalar_t* gp = g + i * bc;
-          scalar_t* dp = dl + i * bc;
-          scalar_t sums[2] = {0, 0};
-          sigmoid_row(gp, dp, bc, sc, bi, gr, sums);
-          const int64_t j = r0 + i - c0;
-          if (j >= 0 && j < bc) {  // diagonal: d softplus(-l)/dl = σ(l) - 1
-            dp[j] -= gr;
-            sums[0] -= gr;
-            sums[1] -= gr * gp[j];
-          }
-          p0[i] = sums[0];
-          p1[i] = sums[1];
-        }
-      });
-      double s0 = 0, s1 = 0;
-      for (int64_t i = 0; i < br; ++i) {
-        s0 += p0[i];
-        s1 += p1[i];
-      }
-      dbias.add_(s0);
-      dscale.add_(s1);
-    });
   }
 };
 
@@ -318,220 +99,6 @@ constexpr double kFastR<double> = 300.0;
 // Which epilogue the last CPU call took (tests check that each path is exercised).
 enum PathFlags : int64_t { kPathFast = 1, kPathSymmetric = 2, kPathSummedGrad = 4 };
 std::atomic<int64_t> g_last_fwd_path{-1}, g_last_bwd_path{-1};
-
-// ---- fused loops (float versions multiversioned below) ----
-
-// Σ e over [0, n), e = exp(scale·g - R); col[j] += e when col is given.
-template <typename T>
-CO_INLINE T fwd_seg_t(const T* __restrict__ g, T* __restrict__ col, int64_t n, T scale, T R) {
-  T acc[L] = {};
-  int64_t j = 0;
-  if (col) {
-    for (; j + L <= n; j += L)
-      for (int64_t l = 0; l < L; ++l) {
-        const T e = fast_exp(scale * g[j + l] - R);
-        acc[l] += e;
-        col[j + l] += e;
-      }
-    for (; j < n; ++j) {
-      const T e = fast_exp(scale * g[j] - R);
-      acc[0] += e;
-      col[j] += e;
-    }
-  } else {
-    for (; j + L <= n; j += L)
-      for (int64_t l = 0; l < L; ++l) acc[l] += fast_exp(scale * g[j + l] - R);
-    for (; j < n; ++j) acc[0] += fast_exp(scale * g[j] - R);
-  }
-  T s = 0;
-  for (int64_t l = 0; l < L; ++l) s += acc[l];
-  return s;
-}
-
-// In place: g[j] <- dS = e·(a + b[j]) (b optional), e = exp(scale·g - R); returns Σ dS·g.
-template <typename T>
-CO_INLINE T bwd_seg_t(T* __restrict__ g, int64_t n, T scale, T R, T a, const T* __restrict__ b) {
-  T acc[L] = {};
-  int64_t j = 0;
-  if (b) {
-    for (; j + L <= n; j += L)
-      for (int64_t l = 0; l < L; ++l) {
-        const T x = g[j + l], e = fast_exp(scale * x - R), d = e * a + e * b[j + l];
-        acc[l] += d * x;
-        g[j + l] = d;
-      }
-    for (; j < n; ++j) {
-      const T x = g[j], e = fast_exp(scale * x - R), d = e * a + e * b[j];
-      acc[0] += d * x;
-      g[j] = d;
-    }
-  } else {
-    for (; j + L <= n; j += L)
-      for (int64_t l = 0; l < L; ++l) {
-        const T x = g[j + l], d = fast_exp(scale * x - R) * a;
-        acc[l] += d * x;
-        g[j + l] = d;
-      }
-    for (; j < n; ++j) {
-      const T x = g[j], d = fast_exp(scale * x - R) * a;
-      acc[0] += d * x;
-      g[j] = d;
-    }
-  }
-  T s = 0;
-  for (int64_t l = 0; l < L; ++l) s += acc[l];
-  return s;
-}
-
-// Exact epilogue of the backward, in place: g[j] <- gr·exp(s - rl) [+ gc[j]·exp(s - cl[j])], s = scale·g;
-// returns Σ dS·g.  rl / cl are +inf where the LSE was -inf (the term is then 0).
-template <typename T>
-CO_INLINE T bwd_exact_seg_t(T* __restrict__ g, int64_t n, T scale, T gr, T rl, const T* __restrict__ gc,
-                         const T* __restrict__ cl) {
-  T acc[L] = {};
-  int64_t j = 0;
-  if (gc) {
-    for (; j + L <= n; j += L)
-      for (int64_t l = 0; l < L; ++l) {
-        const T x = g[j + l], s = scale * x;
-        const T d = gr * fast_exp(s - rl) + gc[j + l] * fast_exp(s - cl[j + l]);
-        acc[l] += d * x;
-        g[j + l] = d;
-      }
-    for (; j < n; ++j) {
-      const T x = g[j], s = scale * x, d = gr * fast_exp(s - rl) + gc[j] * fast_exp(s - cl[j]);
-      acc[0] += d * x;
-      g[j] = d;
-    }
-  } else {
-    for (; j + L <= n; j += L)
-      for (int64_t l = 0; l < L; ++l) {
-        const T x = g[j + l], d = gr * fast_exp(scale * x - rl);
-        acc[l] += d * x;
-        g[j + l] = d;
-      }
-    for (; j < n; ++j) {
-      const T x = g[j], d = gr * fast_exp(scale * x - rl);
-      acc[0] += d * x;
-      g[j] = d;
-    }
-  }
-  T s = 0;
-  for (int64_t l = 0; l < L; ++l) s += acc[l];
-  return s;
-}
-
-// Column-view masks of an off-diagonal symmetric tile: column j (global row gj of the
-// other block) allows tile row gi iff cs[j] <= gi < ce[j] and gi ∉ {x0[j], x1[j]}.
-struct ColView {
-  const int32_t* cs;
-  const int32_t* ce;
-  const int32_t* x0;
-  const int32_t* x1;
-};
-
-// Off-diagonal symmetric tile, forward, one tile row gi: e = exp(scale·g - R);
-// returns Σ e over the row's allowed columns (tile coordinates lo <= j < hi, j ∉ {h0, h1})
-// and adds e to col[j] where column j allows row gi.
-template <typename T>
-CO_INLINE T sym_fwd_row_t(const T* __restrict__ g, T* __restrict__ col, int32_t n, T scale, T R, int32_t lo, int32_t hi,
-                       int32_t h0, int32_t h1, const int32_t* __restrict__ cs, const int32_t* __restrict__ ce,
-                       const int32_t* __restrict__ x0, const int32_t* __restrict__ x1, int32_t gi) {
-  T acc[L] = {};
-  int32_t j = 0;
-  for (; j + L <= n; j += L)
-    for (int32_t l = 0; l < L; ++l) {
-      const int32_t jj = j + l;
-      const T e = fast_exp(scale * g[jj] - R);
-      const bool ar = (jj >= lo) & (jj < hi) & (jj != h0) & (jj != h1);
-      const bool ac = (gi >= cs[jj]) & (gi < ce[jj]) & (gi != x0[jj]) & (gi != x1[jj]);
-      acc[l] += ar ? e : T(0);
-      col[jj] += ac ? e : T(0);
-    }
-  for (; j < n; ++j) {
-    const T e = fast_exp(scale * g[j] - R);
-    const bool ar = (j >= lo) & (j < hi) & (j != h0) & (j != h1);
-    const bool ac = (gi >= cs[j]) & (gi < ce[j]) & (gi != x0[j]) & (gi != x1[j]);
-    acc[0] += ar ? e : T(0);
-    col[j] += ac ? e : T(0);
-  }
-  T s = 0;
-  for (int32_t l = 0; l < L; ++l) s += acc[l];
-  return s;
-}
-
-// Off-diagonal symmetric tile, backward, one tile row gi, in place:
-// g[j] <- C = e·([row allows j]·a + [column j allows gi]·b[j]); returns Σ C·g.
-template <typename T>
-CO_INLINE T sym_bwd_row_t(T* __restrict__ g, int32_t n, T scale, T R, T a, const T* __restrict__ b, int32_t lo,
-                       int32_t hi, int32_t h0, int32_t h1, const int32_t* __restrict__ cs,
-                       const int32_t* __restrict__ ce, const int32_t* __restrict__ x0, const int32_t* __restrict__ x1,
-                       int32_t gi) {
-  T acc[L] = {};
-  int32_t j = 0;
-  for (; j + L <= n; j += L)
-    for (int32_t l = 0; l < L; ++l) {
-      const int32_t jj = j + l;
-      const T x = g[jj], e = fast_exp(scale * x - R);
-      const bool ar = (jj >= lo) & (jj < hi) & (jj != h0) & (jj != h1);
-      const bool ac = (gi >= cs[jj]) & (gi < ce[jj]) & (gi != x0[jj]) & (gi != x1[jj]);
-      const T d = (ar ? e * a : T(0)) + (ac ? e * b[jj] : T(0));
-      acc[l] += d * x;
-      g[jj] = d;
-    }
-  for (; j < n; ++j) {
-    const T x = g[j], e = fast_exp(scale * x - R);
-    const bool ar = (j >= lo) & (j < hi) & (j != h0) & (j != h1);
-    const bool ac = (gi >= cs[j]) & (gi < ce[j]) & (gi != x0[j]) & (gi != x1[j]);
-    const T d = (ar ? e * a : T(0)) + (ac ? e * b[j] : T(0));
-    acc[0] += d * x;
-    g[j] = d;
-  }
-  T s = 0;
-  for (int32_t l = 0; l < L; ++l) s += acc[l];
-  return s;
-}
-
-CO_MULTIVERSION float fwd_seg(const float* g, float* col, int64_t n, float scale, float R) {
-  return fwd_seg_t(g, col, n, scale, R);
-}
-CO_MULTIVERSION float bwd_seg(float* g, int64_t n, float scale, float R, float a, const float* b) {
-  return bwd_seg_t(g, n, scale, R, a, b);
-}
-CO_MULTIVERSION float bwd_exact_seg(float* g, int64_t n, float scale, float gr, float rl, const float* gc,
-                                    const float* cl) {
-  return bwd_exact_seg_t(g, n, scale, gr, rl, gc, cl);
-}
-CO_MULTIVERSION float sym_fwd_row(const float* g, float* col, int32_t n, float scale, float R, int32_t lo, int32_t hi,
-                                  int32_t h0, int32_t h1, const int32_t* cs, const int32_t* ce, const int32_t* x0,
-                                  const int32_t* x1, int32_t gi) {
-  return sym_fwd_row_t(g, col, n, scale, R, lo, hi, h0, h1, cs, ce, x0, x1, gi);
-}
-CO_MULTIVERSION float sym_bwd_row(float* g, int32_t n, float scale, float R, float a, const float* b, int32_t lo,
-                                  int32_t hi, int32_t h0, int32_t h1, const int32_t* cs, const int32_t* ce,
-                                  const int32_t* x0, const int32_t* x1, int32_t gi) {
-  return sym_bwd_row_t(g, n, scale, R, a, b, lo, hi, h0, h1, cs, ce, x0, x1, gi);
-}
-inline double fwd_seg(const double* g, double* col, int64_t n, double scale, double R) {
-  return fwd_seg_t(g, col, n, scale, R);
-}
-inline double bwd_seg(double* g, int64_t n, double scale, double R, double a, const double* b) {
-  return bwd_seg_t(g, n, scale, R, a, b);
-}
-inline double bwd_exact_seg(double* g, int64_t n, double scale, double gr, double rl, const double* gc,
-                            const double* cl) {
-  return bwd_exact_seg_t(g, n, scale, gr, rl, gc, cl);
-}
-inline double sym_fwd_row(const double* g, double* col, int32_t n, double scale, double R, int32_t lo, int32_t hi,
-                          int32_t h0, int32_t h1, const int32_t* cs, const int32_t* ce, const int32_t* x0,
-                          const int32_t* x1, int32_t gi) {
-  return sym_fwd_row_t(g, col, n, scale, R, lo, hi, h0, h1, cs, ce, x0, x1, gi);
-}
-inline double sym_bwd_row(double* g, int32_t n, double scale, double R, double a, const double* b, int32_t lo,
-                          int32_t hi, int32_t h0, int32_t h1, const int32_t* cs, const int32_t* ce, const int32_t* x0,
-                          const int32_t* x1, int32_t gi) {
-  return sym_bwd_row_t(g, n, scale, R, a, b, lo, hi, h0, h1, cs, ce, x0, x1, gi);
-}
 
 // ---- parts, masks, setup ----
 
@@ -732,11 +299,6 @@ inline void row_view(const RowRange& rr, int64_t gi, int64_t c0, int64_t bc, int
   }
 }
 
-template <typename T>
-T finish(T m, T s) {
-  return s > 0 ? m + std::log(s) : neg_inf<T>();
-}
-
 // ---- forward ----
 
 template <typename T>
@@ -872,10 +434,16 @@ void fwd_symmetric(const T* Z, int64_t B, int64_t D, T scale, T R, const Masks& 
   });
 }
 
-std::tuple<Tensor, Tensor> sim_lse_fwd_rows(const Tensor& q, const Tensor& k, const Tensor& scale,
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "contrastive_ops (cpu kernels): ", name, " must be a CPU tensor, got ", t.device());
+}
+
+std::tuple<Tensor, Tensor> sim_lse_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& scale,
                                             const OptTensor& row_index, const OptTensor& col_index,
                                             const OptTensor& col_start, const OptTensor& col_end,
                                             const OptTensor& exclude, bool want_col) {
+  check_cpu(q, "q");
+  check_cpu(k, "k");
   auto [B, M] = check_sim_lse_args(q, k, scale, row_index, col_index, col_start, col_end, exclude);
   const auto acc = acc_dtype(q.scalar_type());
   const auto opts = q.options().dtype(acc);
@@ -904,6 +472,35 @@ std::tuple<Tensor, Tensor> sim_lse_fwd_rows(const Tensor& q, const Tensor& k, co
 }
 
 // ---- backward ----
+
+// Backward, tile row gi: zeroes the entries outside its allowed range [l, h) (set here) and lists
+// its excluded positions inside it in hb; returns their count.
+template <typename T>
+inline int64_t zero_outside(const RowRange& rr, int64_t gi, int64_t c0, int64_t bc, T* gp, int64_t* hb, int64_t& l,
+                            int64_t& h) {
+  rr.get(gi, c0, bc, l, h);
+  std::fill(gp, gp + l, T(0));
+  std::fill(gp + h, gp + bc, T(0));
+  return holes(rr, gi, c0, l, h, hb);
+}
+
+// Adds the gradient partials of parts 1 .. P-1 (``extra``, n entries each) into ``dst`` (part 0's),
+// in part order; returns the sum of the parts' dscale partials.
+template <typename T>
+double reduce_parts(T* dst, const std::vector<T>& extra, int64_t n, const std::vector<double>& dsc) {
+  const int64_t P = int64_t(dsc.size());
+  if (P > 1) {
+    at::parallel_for(0, n, 4096, [&](int64_t s, int64_t e) {
+      for (int64_t p = 1; p < P; ++p) {
+        const T* src = extra.data() + (p - 1) * n;
+        for (int64_t x = s; x < e; ++x) dst[x] += src[x];
+      }
+    });
+  }
+  double total = 0;
+  for (double v : dsc) total += v;
+  return total;
+}
 
 // dQ (B × D) and dK (M × D) raw (not yet times scale); returns dscale.
 template <typename T>
@@ -934,10 +531,7 @@ double bwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T sc
           const int64_t gi = r0 + i;
           T* gp = g + i * bc;
           int64_t l, h;
-          rr.get(gi, c0, bc, l, h);
-          std::fill(gp, gp + l, T(0));
-          std::fill(gp + h, gp + bc, T(0));
-          const int64_t nh = holes(rr, gi, c0, l, h, hb.data());
+          const int64_t nh = zero_outside(rr, gi, c0, bc, gp, hb.data(), l, h);
           T dot_row = 0;
           for_segments(l, h, hb.data(), nh, [&](int64_t s0, int64_t s1) {
             if (fast) {
@@ -956,17 +550,7 @@ double bwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T sc
     }
     dsc[p] = dot_total;
   });
-  if (P > 1) {
-    at::parallel_for(0, M * D, 4096, [&](int64_t s, int64_t e) {
-      for (int64_t p = 1; p < P; ++p) {
-        const T* src = dk_extra.data() + (p - 1) * M * D;
-        for (int64_t x = s; x < e; ++x) dK[x] += src[x];
-      }
-    });
-  }
-  double total = 0;
-  for (double v : dsc) total += v;
-  return total;
+  return reduce_parts(dK, dk_extra, M * D, dsc);
 }
 
 // Symmetric Gram with q and k one tensor: dZ = dQ + dK (raw); fast epilogue, no column terms.
@@ -996,10 +580,7 @@ double bwd_symmetric(const T* Z, int64_t B, int64_t D, T scale, T R, const Masks
           const int64_t gi = r0 + i;
           T* gp = g + i * bc;
           int64_t l, h;
-          rr.get(gi, c0, bc, l, h);
-          std::fill(gp, gp + l, T(0));
-          std::fill(gp + h, gp + bc, T(0));
-          const int64_t nh = holes(rr, gi, c0, l, h, hb.data());
+          const int64_t nh = zero_outside(rr, gi, c0, bc, gp, hb.data(), l, h);
           T dot_row = 0;
           for_segments(l, h, hb.data(), nh,
                        [&](int64_t s0, int64_t s1) {
@@ -1025,17 +606,7 @@ double bwd_symmetric(const T* Z, int64_t B, int64_t D, T scale, T R, const Masks
     }
     dsc[p] = dot_total;
   });
-  if (P > 1) {
-    at::parallel_for(0, B * D, 4096, [&](int64_t s, int64_t e) {
-      for (int64_t p = 1; p < P; ++p) {
-        const T* src = dz_extra.data() + (p - 1) * B * D;
-        for (int64_t x = s; x < e; ++x) dZ[x] += src[x];
-      }
-    });
-  }
-  double total = 0;
-  for (double v : dsc) total += v;
-  return total;
+  return reduce_parts(dZ, dz_extra, B * D, dsc);
 }
 
 // a_i = gr_i·exp(R - lse_i) (0 where lse = +inf); false if any is not finite.
@@ -1050,12 +621,14 @@ bool shifted_weights(const T* lse, const T* g, int64_t n, double R, T* out) {
   return ok;
 }
 
-std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_rows(const Tensor& q, const Tensor& k, const Tensor& scale,
+std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& scale,
                                                     const OptTensor& row_index, const OptTensor& col_index,
                                                     const OptTensor& col_start, const OptTensor& col_end,
                                                     const OptTensor& exclude, const Tensor& row_lse,
                                                     const Tensor& col_lse, const Tensor& grad_row,
                                                     const Tensor& grad_col) {
+  check_cpu(q, "q");
+  check_cpu(k, "k");
   auto [B, M, has_col] = check_sim_lse_bwd_args(q, k, scale, row_index, col_index, col_start, col_end, exclude,
                                                 row_lse, col_lse, grad_row, grad_col);
   const auto acc = acc_dtype(q.scalar_type());
@@ -1106,58 +679,18 @@ std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_rows(const Tensor& q, const Tenso
   return {dq, dk, at::full({}, dscale, opts).to(scale.scalar_type())};
 }
 
-void check_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "contrastive_ops (cpu kernels): ", name, " must be a CPU tensor, got ", t.device());
-}
-
-std::tuple<Tensor, Tensor> sim_lse_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& scale,
-                                           const OptTensor& row_index, const OptTensor& col_index,
-                                           const OptTensor& col_start, const OptTensor& col_end,
-                                           const OptTensor& exclude, bool want_col) {
-  check_cpu(q, "q");
-  check_cpu(k, "k");
-  return sim_lse_fwd_rows(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col);
-}
-
-std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& scale,
-                                                   const OptTensor& row_index, const OptTensor& col_index,
-                                                   const OptTensor& col_start, const OptTensor& col_end,
-                                                   const OptTensor& exclude, const Tensor& row_lse,
-                                                   const Tensor& col_lse, const Tensor& grad_row,
-                                                   const Tensor& grad_col) {
-  check_cpu(q, "q");
-  check_cpu(k, "k");
-  return sim_lse_bwd_rows(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
-                                   grad_row, grad_col);
-}
-
-Tensor siglip_fwd_cpu(const Tensor& x, const Tensor& y, const Tensor& scale, const Tensor& bias) {
-  check_cpu(x, "x");
-  return siglip_fwd_tiled<CpuDev>(x, y, scale, bias);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_cpu(const Tensor& x, const Tensor& y, const Tensor& scale,
-                                                          const Tensor& bias, const Tensor& grad) {
-  check_cpu(x, "x");
-  return siglip_bwd_tiled<CpuDev>(x, y, scale, bias, grad);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(contrastive_ops, CPU, m) {
   m.impl("sim_lse_fwd", &sim_lse_fwd_cpu);
   m.impl("sim_lse_bwd", &sim_lse_bwd_cpu);
-  m.impl("siglip_fwd", &siglip_fwd_cpu);
-  m.impl("siglip_bwd", &siglip_bwd_cpu);
 }
 
-// Test hook: the epilogue flags (1 shifted exponentials, 2 symmetric Gram, 4 dq holds dq + dk)
-// of the last CPU sim_lse_fwd (backward=False) or sim_lse_bwd call; -1 before any.
-// _cpu_last_threads: how many threads ran the parts of the last row-block kernel call.
+// Test hooks (schemas in csrc/ops.cpp).
 TORCH_LIBRARY_FRAGMENT(contrastive_ops, m) {
-  m.def("_cpu_last_path(bool backward) -> int",
-        [](bool backward) -> int64_t { return backward ? g_last_bwd_path.load() : g_last_fwd_path.load(); });
-  m.def("_cpu_last_threads() -> int", []() -> int64_t { return g_last_threads.load(); });
+  m.impl("_cpu_last_path",
+         [](bool backward) -> int64_t { return backward ? g_last_bwd_path.load() : g_last_fwd_path.load(); });
+  m.impl("_cpu_last_threads", []() -> int64_t { return g_last_threads.load(); });
 }
 
 }  // namespace contrastive_ops

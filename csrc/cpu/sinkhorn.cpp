@@ -1,6 +1,6 @@
-// Sinkhorn-Knopp codes (SwAV) in the log domain: schema and CPU kernels.
+// Sinkhorn-Knopp codes (SwAV) in the log domain: CPU kernels (schemas in csrc/ops.cpp).
 //
-// Maths (see contrastive_ops/losses/swav.py): with L = S/ε and log-scalings
+// Maths (see contrastive_ops/primitives/sinkhorn.py): with L = S/ε and log-scalings
 // u (B,), v (K,), one iteration is
 //
 //     u[b] = −LSE_k(L[b,k] + v[k])      sample step
@@ -385,12 +385,9 @@ at::Tensor sinkhorn(const at::Tensor& scores, double epsilon, int64_t iterations
 }  // namespace sinkhorn_cpu
 }  // namespace contrastive_ops
 
+// Test hook (schema in csrc/ops.cpp): the path of the last CPU sinkhorn call.
 TORCH_LIBRARY_FRAGMENT(contrastive_ops, m) {
-  m.def("sinkhorn(Tensor scores, float epsilon, int iterations) -> Tensor");
-  m.def("sinkhorn_col_lse(Tensor scores, float epsilon, Tensor? v) -> Tensor");
-  m.def("sinkhorn_codes(Tensor scores, float epsilon, Tensor v, bool normalize) -> Tensor");
-  // Test hook: 1 if the last CPU sinkhorn call took the scaling form, 0 the log domain, -1 before any.
-  m.def("_cpu_sinkhorn_last_path() -> int", []() -> int64_t { return contrastive_ops::sinkhorn_cpu::g_last_path.load(); });
+  m.impl("_cpu_sinkhorn_last_path", []() -> int64_t { return contrastive_ops::sinkhorn_cpu::g_last_path.load(); });
 }
 
 TORCH_LIBRARY_IMPL(contrastive_ops, CPU, m) {

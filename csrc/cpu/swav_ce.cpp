@@ -185,13 +185,6 @@ std::tuple<at::Tensor, at::Tensor> swav_ce_bwd(const at::Tensor& x_in, const at:
 }  // namespace swav_ce_cpu
 }  // namespace contrastive_ops
 
-TORCH_LIBRARY_FRAGMENT(contrastive_ops, m) {
-  // Σ_b of the soft-target cross-entropy of scale·x against t (see csrc/cpu/swav_ce.cpp): (0-dim, lse (B,)).
-  m.def("swav_ce_fwd(Tensor x, Tensor t, Tensor scale) -> (Tensor, Tensor)");
-  // (dx like x, dscale 0-dim) for the 0-dim gradient grad of the forward's loss.
-  m.def("swav_ce_bwd(Tensor x, Tensor t, Tensor scale, Tensor lse, Tensor grad) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(contrastive_ops, CPU, m) {
   m.impl("swav_ce_fwd", &contrastive_ops::swav_ce_cpu::swav_ce_fwd);
   m.impl("swav_ce_bwd", &contrastive_ops::swav_ce_cpu::swav_ce_bwd);

@@ -1,4 +1,4 @@
-r"""The tiled similarity-LSE core that every fused loss is built on.
+r"""Primitive ``"sim_lse"``: the tiled similarity-LSE core that most fused losses are built on.
 
 Maths
 -----
@@ -39,7 +39,17 @@ Kernel backends implement the primitive ``"sim_lse"`` as an object with::
 
 with ``scale`` a 0-dim fp32 tensor, index tensors int32 and contiguous,
 ``exclude`` of shape (B, E), E in {1, 2}, and ``grad_col``/``col_lse`` empty
-when no column LSE was asked for.  ``q`` and ``k`` may be the same tensor.
+when no column LSE was asked for.  ``q`` and ``k`` may be the same tensor;
+when they are one tensor object, ``backward`` may return the whole gradient
+of that tensor (dq + dk) in ``dq`` and zeros in ``dk`` (the CPU kernel does,
+computing each pair of the symmetric Gram once).
+
+Kernels: ``csrc/cpu/sim_lse.cpp`` (loops in ``csrc/cpu/lse_epilogue.h``),
+``csrc/cuda/epilogues.cu`` with ``csrc/tiling.h``, ``backends/_triton``.
+
+This module holds, in order: the dense reference (``sim_lse_reference``),
+the autograd Function over ``backends.primitive(backend, "sim_lse")``
+(``SimLSEFunction``) and the entry the losses call (``sim_lse``).
 """
 from __future__ import annotations
 
@@ -47,37 +57,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import backends
+from .. import backends
+from .._numerics import acc_dtype, masked_lse
 
 Tensor = torch.Tensor
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the losses: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def kernel_operands(x_acc: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Split a feature tensor held in the accumulation dtype into what the core and PyTorch see.
-
-    Returns ``(x_kernel, x_rounded)``: ``x_kernel`` is ``x_acc`` in the input
-    dtype (what the kernel reads); ``x_rounded`` has the same rounded values in
-    the accumulation dtype, for the PyTorch-side terms (positive logits, label
-    sums), so both sides of a loss see identical logits.  Gradients of both
-    flow back into ``x_acc`` and are summed there in fp32 — with fp16/bf16
-    inputs the large, nearly cancelling terms (the softmax and the positive)
-    meet before the one final rounding, not after.
-    """
-    x_kernel = x_acc.to(dtype)
-    if x_kernel.dtype == x_acc.dtype:
-        return x_acc, x_acc
-    return x_kernel, x_acc + (x_kernel.to(x_acc.dtype) - x_acc).detach()
-
-
-def _as_index(t: Optional[Tensor], device) -> Optional[Tensor]:
-    if t is None:
-        return None
-    return t.to(device=device, dtype=torch.int32).contiguous()
 
 
 def allowed_mask(
@@ -101,29 +84,9 @@ def allowed_mask(
     return allowed
 
 
-def _masked_lse(S: Tensor, allowed: Tensor, dim: int) -> Tensor:
-    """LSE over allowed entries along ``dim``; -inf (with zero gradient) when none."""
-    neg_inf = torch.tensor(float("-inf"), dtype=S.dtype, device=S.device)
-    empty = ~allowed.any(dim)
-    Sm = torch.where(allowed, S, neg_inf)
-    # Give empty slices a harmless finite value so logsumexp's backward has no NaN.
-    Sm = torch.where(empty.unsqueeze(dim), torch.zeros_like(S), Sm)
-    out = torch.logsumexp(Sm, dim)
-    return torch.where(empty, neg_inf, out)
-
-
-def sim_lse_reference(
-    q: Tensor,
-    k: Tensor,
-    scale: Tensor,
-    row_index: Optional[Tensor] = None,
-    col_index: Optional[Tensor] = None,
-    col_start: Optional[Tensor] = None,
-    col_end: Optional[Tensor] = None,
-    exclude: Optional[Tensor] = None,
-    want_col: bool = False,
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """Dense PyTorch implementation of the core (differentiable by autograd).
+def sim_lse_reference(q: Tensor, k: Tensor, scale: Tensor, row_index=None, col_index=None, col_start=None,
+                      col_end=None, exclude=None, want_col: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """Dense PyTorch implementation of the core (differentiable by autograd); arguments as ``sim_lse``.
 
     Materializes B×M: the oracle that kernel tests compare against, and the
     engine behind ``backend="reference"`` compositions in tests.
@@ -133,12 +96,14 @@ def sim_lse_reference(
     K = k if col_index is None else k[col_index.long()]
     S = (Q.to(dt) @ K.to(dt).T) * scale.to(dt)
     allowed = allowed_mask(S.shape[0], S.shape[1], col_start, col_end, exclude, S.device)
-    row = _masked_lse(S, allowed, 1)
-    col = _masked_lse(S, allowed, 0) if want_col else None
+    row = masked_lse(S, allowed, 1)
+    col = masked_lse(S, allowed, 0) if want_col else None
     return row, col
 
 
-class _SimLSE(torch.autograd.Function):
+class SimLSEFunction(torch.autograd.Function):
+    """Autograd over a kernel backend's ``"sim_lse"`` primitive (contract in the module docstring)."""
+
     # ``k`` is None when the candidates are the anchors' own matrix (q is k):
     # one autograd input, whose gradient is dq + dk.
     @staticmethod
@@ -176,6 +141,12 @@ class _SimLSE(torch.autograd.Function):
         return dq, dk, dscale, None, None, None, None, None, None, None
 
 
+def _as_index(t: Optional[Tensor], device) -> Optional[Tensor]:
+    if t is None:
+        return None
+    return t.to(device=device, dtype=torch.int32).contiguous()
+
+
 def sim_lse(
     q: Tensor,
     k: Tensor,
@@ -208,5 +179,5 @@ def sim_lse(
         return sim_lse_reference(q, k, scale, *args, want_col=want_col)
     qc = q.contiguous()
     kc = None if k is q else k.contiguous()
-    row, col = _SimLSE.apply(qc, kc, scale.reshape(()), *args, want_col, backend)
+    row, col = SimLSEFunction.apply(qc, kc, scale.reshape(()), *args, want_col, backend)
     return row, (col if want_col else None)

@@ -1,0 +1,20 @@
+"""The primitives every fused loss is composed of: one module per primitive.
+
+Each module holds, in this order: the contract (shapes, dtypes, what is
+returned, the maths of forward and backward, and the object a kernel backend
+exposes as ``PRIMITIVES[<name>]``), the dense reference, the autograd
+Function over ``backends.primitive(backend, <name>)``, and the entry the
+losses call with a concrete backend name (``"reference"`` runs the dense
+version).
+
+=================  ====================  =========================================
+module             backend key           entry the losses call
+=================  ====================  =========================================
+``sim_lse``        ``"sim_lse"``         ``sim_lse(q, k, scale, ..., backend=)``
+``siglip_pairs``   ``"siglip"``          ``siglip_pairs(x, y, scale, bias, backend=)``
+``sinkhorn``       ``"sinkhorn"``        ``sinkhorn(scores, epsilon, iterations, backend=)``
+``swav_ce``        ``"swav_ce"``         ``swav_ce(x, t, scale, backend=)``
+=================  ====================  =========================================
+
+Imports go one way: losses → primitives → backends → the extension.
+"""
