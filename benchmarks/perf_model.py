@@ -26,7 +26,8 @@ declare neither) :func:`legacy_work` derives both from their own D-chunking
 
     python benchmarks/perf_model.py                  # the table, and the CLIP fraction-of-peak summary
     python benchmarks/perf_model.py --json out.json  # the same rows as JSON (a GPU run compares with them)
-    python benchmarks/perf_model.py --measured m.json  # predicted vs measured: {"<path> B=.. M=.. D=.. <dtype>": s}
+    python benchmarks/perf_model.py --measured m.json  # predicted vs measured: {"<path> B=.. M=.. D=.. <dtype>": s,
+                                                       #   "clip B=.. D=.. bf16": s (a whole fwd+bwd step)}
 """
 from __future__ import annotations
 
@@ -253,8 +254,12 @@ def main(argv=None) -> int:
     clip = [clip_step(B, D, "bf16", tables) for B in (16384, 32768, 65536) for D in (512, 1024)]
     print("\nSymmetric CLIP forward + backward, bf16 (fraction of the 989 TFLOP/s dense peak, minimal 8·B²·D FLOPs):")
     for c in clip:
-        print(f"  B={c['B']:>6} D={c['D']:>5}: {c['units']:.0f} units, {c['predicted_s'] * 1e3:8.2f} ms, "
-              f"{100 * c['fraction_of_peak']:5.1f}% of peak")
+        line = (f"  B={c['B']:>6} D={c['D']:>5}: {c['units']:.0f} units, {c['predicted_s'] * 1e3:8.2f} ms, "
+                f"{100 * c['fraction_of_peak']:5.1f}% of peak")
+        m = (measured or {}).get(f"clip B={c['B']} D={c['D']} bf16")
+        if m:
+            line += f"; measured {m * 1e3:.2f} ms ({m / c['predicted_s']:.2f}x the prediction)"
+        print(line)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(ceilings=dict(dense_bf16=DENSE_BF16_MEASURED, peak=DENSE_BF16_PEAK, hbm=HBM_BYTES_PER_S,
