@@ -380,7 +380,8 @@ def compile_spec(spec: dict) -> dict:
         raise RuntimeError("compile_spec needs TRITON_INTERPRET unset before triton is imported")
     fn = spec["fn"]
     sig = {n: ("constexpr" if n in spec["constexprs"] else spec["args"][n]) for n in fn.arg_names}
-    row = dict(key=spec["key"], id=spec["id"], module=spec["module"], name=spec["name"], dtype=spec["dtype"],
+    row = dict(key=spec["key"], id=spec["id"], module=spec["module"], name=spec["name"], fn_name=fn.__name__,
+               dtype=spec["dtype"],
                Ds=spec["Ds"], config=_config_str(spec), num_warps=spec["num_warps"], num_stages=spec["num_stages"],
                streaming_declared=spec.get("streaming"), error=None)
     t0 = time.perf_counter()
@@ -473,7 +474,8 @@ def run_gate(all_configs: bool = False, jobs: Optional[int] = None, cache: Optio
 
     specs = collect(all_configs)
     cache = cache or {}
-    rows = {s["key"]: dict(cache[s["key"]], id=s["id"], Ds=s["Ds"], cached=True) for s in specs if s["key"] in cache}
+    rows = {s["key"]: dict(cache[s["key"]], id=s["id"], Ds=s["Ds"], fn_name=s["fn"].__name__, cached=True)
+            for s in specs if s["key"] in cache}
     todo = [s["key"] for s in specs if s["key"] not in rows]
     if todo:
         jobs = jobs or int(os.environ.get("CONTRASTIVE_OPS_COMPILE_JOBS", 0)) or os.cpu_count() or 1
