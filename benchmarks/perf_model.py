@@ -142,7 +142,7 @@ def work_tables() -> Dict[str, Dict[str, Callable[[int], float]]]:
                 units[path], source[path] = _as_fn(v), name
         for path, v in (getattr(mod, "S_EVALS", None) or {}).items():
             evals.setdefault(path, _as_fn(v))
-    if any(p not in units for p in PATHS) and "core" in mods:
+    if any(p not in units for p in PATHS) and hasattr(mods.get("core"), "_block_do"):
         legacy = legacy_work(mods["core"])
         for p in PATHS:
             if p not in units:

@@ -144,10 +144,13 @@ def collect(all_configs: bool = False) -> List[dict]:
         if callable(fn):
             for s in fn():
                 raw.append(dict(s, module=mname))
-    if "core" in mods and not callable(getattr(mods["core"], "compile_specs", None)):
-        raw += [dict(s, module="core") for s in _legacy_sim_lse_specs(mods["core"], all_configs)]
-    if "siglip" in mods and not callable(getattr(mods["siglip"], "compile_specs", None)):
-        raw += [dict(s, module="siglip") for s in _legacy_siglip_specs(mods["siglip"], all_configs)]
+    # The legacy descriptions apply only to the modules as written today (their kernels present,
+    # no compile_specs of their own).
+    core, siglip = mods.get("core"), mods.get("siglip")
+    if core is not None and not hasattr(core, "compile_specs") and hasattr(core, "_sim_lse_fwd_kernel"):
+        raw += [dict(s, module="core") for s in _legacy_sim_lse_specs(core, all_configs)]
+    if siglip is not None and not hasattr(siglip, "compile_specs") and hasattr(siglip, "_siglip_fwd_kernel"):
+        raw += [dict(s, module="siglip") for s in _legacy_siglip_specs(siglip, all_configs)]
     out: Dict[str, dict] = {}
     for s in raw:
         _check_spec(s, f"backends/_triton/{s['module']}.py")
