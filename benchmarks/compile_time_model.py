@@ -59,13 +59,17 @@ def _key(fn, args, kwargs) -> str:
 
     names = list(fn.arg_names)
     parts = [fn.__name__]
+    # Arguments the kernel does not specialize (do_not_specialize; the interpreter keeps the
+    # decorator's keywords in .kwargs) compile once whatever their value.
+    fixed = set(getattr(fn, "do_not_specialize", None) or (getattr(fn, "kwargs", None) or {}).get(
+        "do_not_specialize", ()) or ())
     bound = dict(zip(names, args))
     bound.update(kwargs)
     for n in names:
         v = bound.get(n)
         if n in _AUTOTUNED:
             continue
-        if n in _D_DERIVED:
+        if n in _D_DERIVED or n in fixed:
             continue
         if isinstance(v, torch.Tensor):
             parts.append(f"{n}:{str(v.dtype).replace('torch.', '')}")

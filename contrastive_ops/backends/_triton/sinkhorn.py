@@ -70,7 +70,8 @@ def _row_lse(S, V, rows, rmask, offs_k, K, stride_b, inv_eps, HAS_V: tl.constexp
     return m + tl.log(s)
 
 
-@triton.jit
+# B and the row-block count only bound masks and loops: not specialized (one binary for every batch size).
+@triton.jit(do_not_specialize=["B"])
 def _sinkhorn_row_lse_kernel(
     S, V, U,                            # scores (B, K); v (K,) fp32; u (B,) fp32 (written)
     B, K, stride_b, inv_eps,
@@ -83,7 +84,7 @@ def _sinkhorn_row_lse_kernel(
     tl.store(U + rows, -lse, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "n_row_blocks"])
 def _sinkhorn_col_lse_kernel(
     S, U, PM, PS,                       # scores (B, K); u (B,) fp32; partial max / sum (G, K) fp32 (written)
     B, K, stride_b, inv_eps, n_row_blocks,
@@ -114,7 +115,7 @@ def _sinkhorn_col_lse_kernel(
     tl.store(PS + out, s, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _sinkhorn_codes_kernel(
     S, V, OUT,                          # scores (B, K); v (K,) fp32; codes (B, K) fp32
     B, K, stride_b, inv_eps,
