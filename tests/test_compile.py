@@ -304,6 +304,8 @@ SAMPLES = {
                                          (_scores(), 0.05, torch.randn(5, device=DEVICE))],
     "sinkhorn_codes": lambda q, grad: [(_scores(), 0.05, torch.randn(5, device=DEVICE), True),
                                        (_scores(), 0.05, torch.randn(5, device=DEVICE), False)],
+    "sinkhorn_codes_out": lambda q, grad: [(_scores(), 0.05, torch.randn(5, device=DEVICE), True,
+                                            torch.empty(6, 5, device=DEVICE))],
 }
 # Ops whose autograd formula is registered on the op itself (inputs may require grad).
 DIFFERENTIABLE = {"contrastive_ops::sim_lse_fwd", "contrastive_ops::siglip_fwd", "contrastive_ops::swav_ce_fwd"}

@@ -322,6 +322,55 @@ def test_triton_codes_write_every_entry():
         torch.testing.assert_close(out, sinkhorn_reference(scores, 0.05, 2), rtol=1e-5, atol=1e-6)
 
 
+def test_triton_col_lse_partials_every_row_block():
+    """Column LSE with more row blocks than row splits and ragged column blocks, every buffer NaN-poisoned:
+    each (split, column) partial must fold all of its row blocks and be written exactly once."""
+    _triton_prim()
+    from contrastive_ops.backends._triton import sinkhorn as tk
+
+    g = torch.Generator().manual_seed(3)
+    for B, K in [(300, 150), (33, 1), (1, 70), (257, 65)]:
+        scores = (torch.randn(B, K, generator=g, dtype=torch.float64) * 2).to(DEV)
+        v = torch.randn(K, generator=g, dtype=torch.float64).to(DEV)
+        L = scores / 0.05
+        u = -torch.logsumexp(L + v[None, :], dim=1)
+        for vv, uu in ((None, torch.zeros_like(u)), (v, u)):
+            with helpers.nan_filled_memory():
+                got = tk.sinkhorn_col_lse(scores.float(), 0.05, None if vv is None else vv.float())
+            ref = torch.logsumexp(L + uu[:, None], dim=0)
+            assert got.dtype == torch.float32 and got.shape == (K,)
+            tol = 16 * float(L.abs().max() + 1) * 2.0 ** -24
+            torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+def test_triton_fake_and_opcheck():
+    """The Triton Sinkhorn launches are custom ops with fake kernels, under opcheck like the sim_lse ops."""
+    _triton_prim()
+    from contrastive_ops.backends._triton import sinkhorn  # noqa: F401 - registers the ops
+
+    ops = torch.ops.contrastive_ops_triton
+    # Under the interpreter the kernels cannot run on fake tensors inside aot_dispatch (no data pointer,
+    # see BUILD-NOTES): there the schema, autograd-registration and fake-kernel checks; all of them on a GPU.
+    utils = None if DEV.type == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
+
+    def opcheck(op, args):
+        if utils is None:
+            torch.library.opcheck(op, args)
+        else:
+            torch.library.opcheck(op, args, test_utils=utils)
+
+    scores = torch.randn(37, 23, device=DEV)
+    v = torch.randn(23, device=DEV)
+    opcheck(ops.sinkhorn_col_lse.default, (scores, 0.05, None))
+    opcheck(ops.sinkhorn_col_lse.default, (scores.half(), 0.05, v))
+    opcheck(ops.sinkhorn_codes.default, (scores, 0.05, v, True))
+    opcheck(ops.sinkhorn_codes.default, (scores.bfloat16(), 0.05, v, False))
+    out = torch.empty(37, 23, device=DEV)
+    opcheck(ops.sinkhorn_codes_out.default, (scores, 0.05, v, True, out))
+    with pytest.raises(ValueError, match="out must be"):
+        ops.sinkhorn_codes_out(scores, 0.05, v, True, torch.empty(37, 24, device=DEV))
+
+
 def test_cext_fake_and_opcheck():
     _cext_prim()
     scores = torch.randn(19, 23)

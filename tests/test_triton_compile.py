@@ -1,83 +1,145 @@
-"""Compile the sim_lse kernels for an H100 (sm_90) on a machine without a GPU.
+"""The sm_90a compile gate: every Triton kernel variant the dispatcher launches, compiled for an H100/H200.
 
-Triton's interpreter runs code the compiler rejects (loop-carried values that
-change type, runtime ``if``/``while`` over tensors, shared-memory overflows), so
-the interpreter tests alone do not prove the kernels build for the GPU.  This
-compiles each kernel with Triton's bundled ptxas in a subprocess without
-``TRITON_INTERPRET`` (tests/conftest.py sets it for this process).  About 10 s a
-kernel, so opt-in: ``CONTRASTIVE_OPS_COMPILE_CHECK=1`` (``=all`` for every dtype
-and both D layouts: about 6 minutes on two cores).
+Triton's interpreter runs code the GPU compiler rejects or compiles badly, so
+the interpreter tests alone do not show that the kernels build, use the tensor
+cores, stay in registers and pipeline.  The variants come from each kernel
+module's ``compile_specs()`` (``contrastive_ops/backends/_triton/specs.py``);
+they are compiled for ``GPUTarget("cuda", 90, 32)`` with Triton's bundled ptxas
+in separate processes without ``TRITON_INTERPRET`` (``tests/conftest.py`` sets
+it for this one), in parallel, and each must have:
+
+* ``wgmma.mma_async`` wherever it has a ``tl.dot`` (fp32 included);
+* no register spills;
+* shared memory within the sm_90 limit (232448 B per block);
+* ``cp.async`` or TMA where it streams tiles through a loop (every dot kernel).
+
+Variants whose (kernel source hash, spec, Triton version) is in the committed
+cache ``benchmarks/results/triton-sm90-static.json`` are not compiled again: a
+CI run compiles only what changed.  Regenerate the cache and the table
+``benchmarks/results/triton-sm90-static.md`` with
+``python -m contrastive_ops.backends._triton.specs --write``.
+
+Cost on the 2-core development machine (shared, load ~8): every variant from
+scratch about 20 minutes, most of it the fp32 kernels of the legacy sim_lse
+(FMA products that spill: 1–7 minutes each for the Gram backward); 16-bit and
+Sinkhorn/SwAV variants 0.2–14 s each; with the committed cache about 5 s for
+the gate and 15–35 s for this file.  Known failures of the kernels as written
+today are ``xfail(strict=True)`` with their reasons (``specs.py``), so the gate
+turns red if they regress and asks for the mark to go when they are fixed.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-_MODE = os.environ.get("CONTRASTIVE_OPS_COMPILE_CHECK", "")
+from contrastive_ops.backends._triton.specs import SM90_SHARED_LIMIT, _check_spec, blocks_per_sm, problems
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MOD = "contrastive_ops.backends._triton.specs"
 
 
-@pytest.mark.skipif(not _MODE, reason="opt-in: CONTRASTIVE_OPS_COMPILE_CHECK=1 (compiles for sm_90, ~1-6 min)")
-def test_kernels_compile_for_sm90():
+def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), _MODE], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
 
-def _compile_all(mode: str) -> int:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from contrastive_ops.backends._triton import core as c
-
-    target = GPUTarget("cuda", 90, 32)
-    idx = ("RowIndex", "ColIndex", "ColStart", "ColEnd", "Exclude")
-    feats = ("Q", "K", "Z", "DQ", "DK", "DZ")
-
-    def compile_one(kern, dt, consts):
-        fn = kern.fn
-        sig = {n: "constexpr" if n in consts else dt if n in feats else "*i32" if n in idx
-               else "i32" if n in ("B", "M", "D") or n.startswith("stride") else "*fp32" for n in fn.arg_names}
-        return triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
-                              options=dict(num_warps=4, num_stages=2))
-
-    dtypes = (("*fp16", "tf32"), ("*bf16", "tf32"), ("*fp32", "ieee")) if mode == "all" else (("*fp16", "tf32"),)
-    layouts = ((128, True), (200, False)) if mode == "all" else ((128, True),)
-    failures = 0
-    for dt, prec in dtypes:
-        for D, one in layouts:
-            bd, dp = (128, 128) if one else (64, 256)
-            base = dict(UPCAST=False, PREC=prec)
-            gen = dict(base, HAS_ROW_INDEX=True, HAS_COL_INDEX=True, HAS_RANGE=True, N_EXCLUDE=2, WANT_COL=True)
-            bwd = dict(BLOCK_D=bd, BLOCK_DO=128, ONE_CHUNK=one, REUSE=one)
-            jobs = [
-                (c._sim_lse_fwd_kernel, dict(gen, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_M=64, BLOCK_N=64)),
-                (c._sim_lse_bwd_dq_kernel, dict(gen, **bwd, BLOCK_M=64, BLOCK_N=64)),
-                (c._sim_lse_bwd_dk_kernel, dict(gen, **bwd, BLOCK_M=64, BLOCK_N=64)),
-                (c._sim_lse_bwd_atomic_kernel, dict(gen, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_DP=dp, BLOCK_M=64,
-                                                    BLOCK_N=64)),
-                (c._sim_lse_gram_fwd_kernel, dict(base, N_EXCLUDE=2, BLOCK_D=bd, ONE_CHUNK=one, BLOCK=64)),
-                (c._sim_lse_gram_bwd_kernel, dict(base, N_EXCLUDE=1, **bwd, TERMS=3, BLOCK=64)),
-                (c._sim_lse_gram_bwd_kernel, dict(base, N_EXCLUDE=2, **bwd, TERMS=1, BLOCK=64)),
-                (c._sim_lse_gram_bwd_atomic_kernel, dict(base, N_EXCLUDE=2, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_DP=dp,
-                                                         BLOCK=64)),
-            ]
-            for kern, consts in jobs:
-                name = kern.fn.__name__
-                try:
-                    k = compile_one(kern, dt, consts)
-                    print(f"ok   {name} {dt} D={D} shared={k.metadata.shared}", flush=True)
-                except Exception as e:  # noqa: BLE001 - reported
-                    failures += 1
-                    print(f"FAIL {name} {dt} D={D}: {type(e).__name__}: {str(e)[:800]}", flush=True)
-    return failures
+def _list_specs():
+    proc = subprocess.run([sys.executable, "-m", _MOD, "--list"], env=_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        return None, proc.stderr[-4000:]
+    return json.loads(proc.stdout), None
 
 
-if __name__ == "__main__":
-    sys.exit(1 if _compile_all(sys.argv[1] if len(sys.argv) > 1 else "1") else 0)
+_SPECS, _LIST_ERROR = _list_specs()
+
+
+def _params():
+    if _SPECS is None:
+        return [pytest.param(None, id="collect")]
+    out = []
+    for s in _SPECS:
+        marks = [pytest.mark.xfail(strict=True, reason=s["expect_fail"])] if s["expect_fail"] else []
+        out.append(pytest.param(s, id=s["id"], marks=marks))
+    return out
+
+
+@pytest.fixture(scope="module")
+def gate_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gate") / "rows.json"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", _MOD, "--json", str(out)], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=3000)
+    if not out.exists():
+        pytest.fail(f"the compile gate did not run (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    data = json.loads(out.read_text())
+    print(f"\ncompile gate: {len(data['rows'])} variants, {data['compiled']} compiled "
+          f"(the rest from the committed cache), {time.perf_counter() - t0:.1f} s")
+    return {r["key"]: r for r in data["rows"]}
+
+
+@pytest.mark.parametrize("spec", _params())
+def test_kernel_meets_sm90a_gate(spec, gate_rows):
+    assert spec is not None, f"listing the compile specs failed:\n{_LIST_ERROR}"
+    row = gate_rows[spec["key"]]
+    assert not problems(row), f"{spec['id']}: " + "; ".join(problems(row))
+
+
+def test_every_primitive_has_specs():
+    """sim_lse (general and Gram, forward and backward), SigLIP, Sinkhorn and SwAV CE are all in the gate."""
+    assert _SPECS is not None, _LIST_ERROR
+    names = {(s["module"], s["name"]) for s in _SPECS}
+    text = " ".join(f"{m}.{n}" for m, n in names)
+    for needle in ("fwd", "bwd", "gram", "siglip", "sinkhorn", "swav_ce"):
+        assert needle in text, f"no compile spec matches {needle!r}: {sorted(names)}"
+    assert {s["dtype"] for s in _SPECS} == {"bf16", "fp16", "fp32"}
+    assert {d for s in _SPECS for d in s["Ds"] if d} >= {64, 128, 256, 512, 768, 1024}
+
+
+def test_gate_checks_catch_each_defect():
+    """Each check of the gate fails on a row that has its defect (a gate that cannot fail is no gate)."""
+    good = dict(error=None, has_dot=True, wgmma=4, mma_sync=0, kind="wgmma", spill_stores=0, spill_loads=0,
+                shared=65536, streaming_declared=None, cp_async=6, tma=0)
+    assert problems(good) == []
+    bad = [dict(good, wgmma=0, mma_sync=8, kind="mma.sync"), dict(good, wgmma=0, kind="fma"),
+           dict(good, spill_stores=8), dict(good, spill_loads=4), dict(good, shared=SM90_SHARED_LIMIT + 1),
+           dict(good, cp_async=0), dict(good, has_dot=False, wgmma=0, streaming_declared=True, cp_async=0),
+           dict(good, error="CompilationError: ...")]
+    for row in bad:
+        assert problems(row), row
+    assert problems(dict(good, has_dot=False, wgmma=0, kind="-", cp_async=0)) == []  # no dot, no stream: ok
+    assert problems(dict(good, cp_async=0, tma=2)) == []                               # TMA counts as async
+
+
+def test_blocks_per_sm():
+    assert blocks_per_sm(255, 0, 4) == 2            # 255 regs → 256/thread, 32K regs a 4-warp block
+    assert blocks_per_sm(128, 0, 4) == 4
+    assert blocks_per_sm(32, 100000, 4) == 2        # shared memory bound
+    assert blocks_per_sm(16, 0, 1) == 32            # block count bound
+
+
+def test_spec_interface_is_checked():
+    class Fn:
+        arg_names = ["X", "N", "BLOCK"]
+
+    ok = dict(name="k", fn=Fn(), args={"X": "*bf16", "N": "i32"}, constexprs={"BLOCK": 64}, num_warps=4,
+              num_stages=2, dtype="bf16", D=None)
+    _check_spec(ok, "t")
+    for broken, err in [(dict(ok, args={"X": "*bf16"}), ValueError), (dict(ok, args={"X": "bf16", "N": "i32"}),
+                                                                       ValueError),
+                        (dict(ok, dtype="float16"), ValueError), ({k: v for k, v in ok.items() if k != "D"}, ValueError),
+                        (dict(ok, args=dict(ok["args"], Y="*fp32")), ValueError)]:
+        with pytest.raises(err):
+            _check_spec(broken, "t")
+
+    class Tuner(Fn):
+        configs = []
+
+    with pytest.raises(TypeError, match="Autotuner"):
+        _check_spec(dict(ok, fn=Tuner()), "t")

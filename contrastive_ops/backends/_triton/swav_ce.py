@@ -145,3 +145,22 @@ class _SwAVCE:
 
 
 SWAV_CE = _SwAVCE()
+
+
+def compile_specs():
+    """The variants the launchers compile (see ``backends/_triton/specs.py``): forward and backward
+    in every input dtype, at the block of K = 3000 prototypes (SwAV's default) and of K = 128."""
+    out = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        t = "*" + dtype
+        for K in (3000, 128):
+            c = dict(BLOCK_K=_block_k(K))
+            out.append(dict(name="swav_ce_fwd", fn=_swav_ce_fwd_kernel,
+                            args=dict(X=t, T="*fp32", Scale="*fp32", Part="*fp32", LSE="*fp32", K="i32",
+                                      stride_x="i32", stride_t="i32"),
+                            constexprs=c, num_warps=4, num_stages=3, dtype=dtype, D=None))
+            out.append(dict(name="swav_ce_bwd", fn=_swav_ce_bwd_kernel,
+                            args=dict(X=t, T="*fp32", Scale="*fp32", LSE="*fp32", Grad="*fp32", DX=t, Part="*fp32",
+                                      K="i32", stride_x="i32", stride_t="i32", stride_dx="i32"),
+                            constexprs=c, num_warps=4, num_stages=3, dtype=dtype, D=None))
+    return out

@@ -1,0 +1,273 @@
+r"""Performance model of the Triton sim_lse / SigLIP kernels on an H200, from measured ceilings.
+
+For each path and shape: FLOPs, exponentials and memory bytes (HBM: what a
+step must read and write at least once; L2: the streamed operand re-read by
+every row tile), the work ratio to the minimal 8·B·M·D of a CLIP step
+(2 forward + 2 recompute + 4 for dQ and dK), and the predicted time
+
+    t = max(FLOPs / 790 TFLOP/s,  HBM bytes / 4.3 TB/s,  exps / (16 ex2/clk/SM · 132 SMs · 1.98 GHz))
+
+— the measured dense bf16 matmul rate on random data, the measured device
+copy bandwidth, and the MUFU rate (no overlap penalty: a lower bound the
+kernels can approach when they are compute-bound and pipelined).  L2 bytes
+are listed but not timed (no measured L2 ceiling yet).
+
+Paths (``PATHS``): ``general_fwd`` (row and column LSE of S = scale·Q·Kᵀ),
+``general_bwd`` (dQ and dK), ``gram_fwd`` / ``gram_bwd`` (q is k, M = B:
+NT-Xent, SupCon, MV-InfoNCE, DCL), ``siglip_fwd`` / ``siglip_bwd``.
+
+The work follows the kernels: a kernel module of ``backends/_triton`` may
+declare ``WORK_UNITS = {path: units or callable(D) -> units}`` (FLOPs in units
+of B·M·D, a multiply-add counted as 2) and ``S_EVALS = {path: evaluations of
+S per (i, j) pair, or callable(D)}``; the first module declaring a path wins.
+For the kernels of ``core.py`` / ``siglip.py`` as written today (which
+declare neither) :func:`legacy_work` derives both from their own D-chunking
+(``_block_do``): the backward recomputes S once per output D-chunk.
+
+    python benchmarks/perf_model.py                  # the table, and the CLIP fraction-of-peak summary
+    python benchmarks/perf_model.py --json out.json  # the same rows as JSON (a GPU run compares with them)
+    python benchmarks/perf_model.py --measured m.json  # predicted vs measured: {"<path> B=.. M=.. D=.. <dtype>": s,
+                                                       #   "clip B=.. D=.. bf16": s (a whole fwd+bwd step)}
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import math
+import os
+import pkgutil
+import sys
+from typing import Callable, Dict, List, Optional
+
+# Measured ceilings of the H200 (BUILD-NOTES: the GPU machine) and its dense bf16 peak.
+DENSE_BF16_MEASURED = 790e12     # FLOP/s, torch.matmul on random bf16 data
+DENSE_BF16_PEAK = 989.4e12       # FLOP/s, the datasheet dense bf16 peak the performance goal refers to
+HBM_BYTES_PER_S = 4.3e12         # device-to-device copy
+SMS = 132
+CLOCK_HZ = 1.98e9
+EX2_PER_CLK_PER_SM = 16
+EXP_PER_S = EX2_PER_CLK_PER_SM * SMS * CLOCK_HZ
+MINIMAL_UNITS = 8                # 2 forward + 2 recompute + 4 for dQ and dK, units of B·M·D
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# fp32 inputs: tf32x3 runs three tensor-core products per product at the dense tf32 rate (half of bf16).
+FLOP_RATE_FACTOR = {"bf16": 1.0, "fp16": 1.0, "fp32": 1.0 / 6.0}
+# The kernels of core.py / siglip.py as written today run fp32 products on the FMA units
+# (input_precision="ieee"): the datasheet FP32 rate, 67 TFLOP/s, not measured.
+LEGACY_FP32_FACTOR = 67e12 / DENSE_BF16_MEASURED
+
+PATHS = ("general_fwd", "general_bwd", "gram_fwd", "gram_bwd", "siglip_fwd", "siglip_bwd")
+# MUFU operations (ex2, lg2) per evaluated S element: the forward's row and column LSE need one
+# exponential each, the backward's P for the row and the column term one each; SigLIP's softplus
+# is one ex2 and one lg2 in the forward, its sigmoid one ex2 in the backward.
+MUFU_PER_EVAL = {"general_fwd": 2, "general_bwd": 2, "gram_fwd": 2, "gram_bwd": 2, "siglip_fwd": 2,
+                 "siglip_bwd": 1}
+TILE_M = 128                     # row-tile height assumed for the L2 re-reads
+
+
+# --------------------------------------------------------------------------- where the work comes from
+
+
+@contextlib.contextmanager
+def _gpu_dispatch():
+    """The modules' dispatch helpers answer for the GPU (not the interpreter) inside this block."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def _kernel_modules() -> Dict[str, object]:
+    import contrastive_ops.backends._triton as pkg
+
+    out = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("__") or info.name == "specs":
+            continue
+        try:
+            out[info.name] = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        except Exception:  # noqa: BLE001 - a module that does not import declares nothing
+            continue
+    return out
+
+
+def legacy_work(core) -> Dict[str, Dict[str, Callable[[int], float]]]:
+    """Units and S evaluations of the kernels of ``core.py`` / ``siglip.py`` as written today: every
+    backward kernel recomputes S once per output D-chunk of ``_block_do(D)`` columns."""
+
+    def n_d(D: int) -> int:
+        with _gpu_dispatch():
+            return -(-D // core._block_do(D))
+
+    return {
+        "units": {
+            "general_fwd": lambda D: 2,
+            "general_bwd": lambda D: 4 * (n_d(D) + 1),   # dq and dk kernels: n_d recomputes + 1 product each
+            "gram_fwd": lambda D: 1,                      # tile pairs I ≤ J
+            "gram_bwd": lambda D: 2 * n_d(D) + 2,         # all tiles (I, J), per D-chunk, + dZ product
+            "siglip_fwd": lambda D: 2,
+            "siglip_bwd": lambda D: 4 * (n_d(D) + 1),
+        },
+        "s_evals": {
+            "general_fwd": lambda D: 1,
+            "general_bwd": lambda D: 2 * n_d(D),
+            "gram_fwd": lambda D: 0.5,
+            "gram_bwd": lambda D: n_d(D),
+            "siglip_fwd": lambda D: 1,
+            "siglip_bwd": lambda D: 2 * n_d(D),
+        },
+    }
+
+
+def _as_fn(v) -> Callable[[int], float]:
+    return v if callable(v) else (lambda D, v=v: v)
+
+
+def work_tables() -> Dict[str, Dict[str, Callable[[int], float]]]:
+    """``{"units": {path: f(D)}, "s_evals": {path: f(D)}, "source": {path: module}}`` from the kernel
+    modules' ``WORK_UNITS`` / ``S_EVALS``, the legacy derivation for paths nobody declares."""
+    mods = _kernel_modules()
+    units, evals, source = {}, {}, {}
+    for name, mod in sorted(mods.items()):
+        for path, v in (getattr(mod, "WORK_UNITS", None) or {}).items():
+            if path not in PATHS:
+                raise ValueError(f"{name}.WORK_UNITS names an unknown path {path!r} (known: {PATHS})")
+            if path not in units:
+                units[path], source[path] = _as_fn(v), name
+        for path, v in (getattr(mod, "S_EVALS", None) or {}).items():
+            evals.setdefault(path, _as_fn(v))
+    if any(p not in units for p in PATHS) and hasattr(mods.get("core"), "_block_do"):
+        legacy = legacy_work(mods["core"])
+        for p in PATHS:
+            if p not in units:
+                mod = "siglip" if p.startswith("siglip") else "core"
+                units[p], source[p] = legacy["units"][p], f"{mod} (legacy: S recomputed per output D-chunk)"
+            evals.setdefault(p, legacy["s_evals"][p])
+    missing = [p for p in PATHS if p not in units]
+    if missing:
+        raise RuntimeError(f"no kernel module declares WORK_UNITS for {missing}")
+    for p in PATHS:  # a module that declares units but not evaluations: one S per 2 units of the forward
+        evals.setdefault(p, lambda D: 1)
+    return dict(units=units, s_evals=evals, source=source)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def predict(path: str, B: int, M: int, D: int, dtype: str = "bf16", tables=None) -> dict:
+    """Counts and predicted time of one path at one shape (M = B for the Gram paths)."""
+    tables = tables or work_tables()
+    if path.startswith("gram"):
+        M = B
+    units = float(tables["units"][path](D))
+    evals = float(tables["s_evals"][path](D))
+    pairs = B * M
+    flops = units * B * M * D
+    exps = MUFU_PER_EVAL[path] * evals * pairs
+    b = BYTES[dtype]
+    operands = (B + (0 if path.startswith("gram") else M)) * D * b
+    if path.endswith("fwd"):
+        hbm = operands + 4 * (B + M)                       # read Q, K; write row / column LSE (fp32)
+    else:
+        hbm = 2 * operands + 4 * 2 * (B + M)               # read Q, K, write dQ, dK; LSE and upstream grads
+    streamed = (M if not path.startswith("gram") else B) * D * b
+    l2 = math.ceil(B / TILE_M) * streamed * (max(evals, 1.0) if not path.endswith("fwd") else 1.0)
+    rate = FLOP_RATE_FACTOR[dtype]
+    if dtype == "fp32" and "legacy" in tables["source"][path]:
+        rate = LEGACY_FP32_FACTOR
+    t_flop = flops / (DENSE_BF16_MEASURED * rate)
+    t_hbm = hbm / HBM_BYTES_PER_S
+    t_exp = exps / EXP_PER_S
+    t = max(t_flop, t_hbm, t_exp)
+    bound = {t_flop: "tensor", t_hbm: "hbm", t_exp: "exp"}[t]
+    return dict(path=path, B=B, M=M, D=D, dtype=dtype, units=units, work_ratio=units / MINIMAL_UNITS,
+                flops=flops, exps=exps, hbm_bytes=hbm, l2_bytes=l2, t_flop_s=t_flop, t_hbm_s=t_hbm,
+                t_exp_s=t_exp, predicted_s=t, bound=bound, source=tables["source"][path])
+
+
+def clip_step(B: int, D: int, dtype: str = "bf16", tables=None) -> dict:
+    """Symmetric CLIP forward + backward (M = B): predicted time and fraction of the dense bf16 peak
+    (the minimal 8·B²·D FLOPs over the predicted time, against 989 TFLOP/s)."""
+    tables = tables or work_tables()
+    f = predict("general_fwd", B, B, D, dtype, tables)
+    g = predict("general_bwd", B, B, D, dtype, tables)
+    t = f["predicted_s"] + g["predicted_s"]
+    useful = MINIMAL_UNITS * B * B * D
+    return dict(B=B, D=D, dtype=dtype, units=f["units"] + g["units"], predicted_s=t,
+                fraction_of_peak=useful / t / DENSE_BF16_PEAK)
+
+
+def rows(shapes=None, dtypes=("bf16",), tables=None) -> List[dict]:
+    tables = tables or work_tables()
+    shapes = shapes or [(B, D) for B in (16384, 32768, 65536) for D in (128, 512, 1024)]
+    out = []
+    for dtype in dtypes:
+        for B, D in shapes:
+            for p in PATHS:
+                out.append(predict(p, B, B, D, dtype, tables))
+    return out
+
+
+def key(r: dict) -> str:
+    return f"{r['path']} B={r['B']} M={r['M']} D={r['D']} {r['dtype']}"
+
+
+def _fmt_table(rs: List[dict], measured: Optional[Dict[str, float]] = None) -> str:
+    head = (f"{'path':<12} {'B':>6} {'D':>5} {'dtype':<5} {'units':>6} {'ratio':>6} {'TFLOP':>8} {'Gexp':>7} "
+            f"{'HBM MB':>8} {'L2 GB':>7} {'pred ms':>8} {'bound':<6}")
+    if measured is not None:
+        head += f" {'meas ms':>8} {'meas/pred':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rs:
+        line = (f"{r['path']:<12} {r['B']:>6} {r['D']:>5} {r['dtype']:<5} {r['units']:>6.1f} {r['work_ratio']:>6.2f} "
+                f"{r['flops'] / 1e12:>8.2f} {r['exps'] / 1e9:>7.2f} {r['hbm_bytes'] / 1e6:>8.1f} "
+                f"{r['l2_bytes'] / 1e9:>7.2f} {r['predicted_s'] * 1e3:>8.3f} {r['bound']:<6}")
+        if measured is not None:
+            m = measured.get(key(r))
+            line += f" {m * 1e3:>8.3f} {m / r['predicted_s']:>9.2f}" if m else f" {'-':>8} {'-':>9}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="H200 performance model of the Triton sim_lse / SigLIP kernels")
+    p.add_argument("--json", help="write the rows and the CLIP summary to this file")
+    p.add_argument("--measured", help="JSON {\"<path> B=.. M=.. D=.. <dtype>\": seconds} to compare with")
+    p.add_argument("--dtypes", default="bf16", help="comma-separated (bf16,fp16,fp32)")
+    a = p.parse_args(argv)
+    tables = work_tables()
+    rs = rows(dtypes=tuple(a.dtypes.split(",")), tables=tables)
+    measured = None
+    if a.measured:
+        with open(a.measured) as f:
+            measured = {k: float(v) for k, v in json.load(f).items()}
+    print("Work per path (units of B·M·D) from:")
+    for k, v in tables["source"].items():
+        print(f"  {k:<12} {v}")
+    print(_fmt_table(rs, measured))
+    clip = [clip_step(B, D, "bf16", tables) for B in (16384, 32768, 65536) for D in (512, 1024)]
+    print("\nSymmetric CLIP forward + backward, bf16 (fraction of the 989 TFLOP/s dense peak, minimal 8·B²·D FLOPs):")
+    for c in clip:
+        line = (f"  B={c['B']:>6} D={c['D']:>5}: {c['units']:.0f} units, {c['predicted_s'] * 1e3:8.2f} ms, "
+                f"{100 * c['fraction_of_peak']:5.1f}% of peak")
+        m = (measured or {}).get(f"clip B={c['B']} D={c['D']} bf16")
+        if m:
+            line += f"; measured {m * 1e3:.2f} ms ({m / c['predicted_s']:.2f}x the prediction)"
+        print(line)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(ceilings=dict(dense_bf16=DENSE_BF16_MEASURED, peak=DENSE_BF16_PEAK, hbm=HBM_BYTES_PER_S,
+                                         exp_per_s=EXP_PER_S),
+                           rows={key(r): r for r in rs}, clip=clip), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())

@@ -1,0 +1,617 @@
+r"""The sm_90a compile gate's collector: every Triton kernel of the backend, compiled without a GPU.
+
+Interface of a kernel module: ``compile_specs() -> list[dict]``, one dict per
+compiled variant the dispatcher can launch::
+
+    name        str           the kernel's name in the gate's table
+    fn          JITFunction   the ``@triton.jit`` function (``.fn`` of an Autotuner)
+    args        dict          runtime argument name -> Triton type ("*bf16", "*fp16", "*fp32",
+                              "*i32", "*i64", "i32", "fp32")
+    constexprs  dict          constexpr name -> value (BLOCK sizes included)
+    num_warps   int
+    num_stages  int
+    dtype       str           "bf16" | "fp16" | "fp32": the dtype of the feature operands
+    D           int | None    the feature width the variant is for (None: no D)
+
+Optional keys: ``streaming`` (bool: the kernel streams its operands through a
+loop, so the gate requires ``cp.async`` or TMA; default: the kernel has a
+``tl.dot``), ``default`` (bool: the config ``CONTRASTIVE_OPS_TRITON_CONFIGS=
+default`` launches; the gate's quick mode keeps only these; default True) and
+``expect_fail`` (str: why this variant is known not to meet the gate; the test
+marks it ``xfail(strict=True)``).
+
+:func:`collect` imports every module of this package that defines
+``compile_specs``.  The kernels of ``core.py`` and ``siglip.py`` as written
+today have no ``compile_specs``; :func:`_legacy_sim_lse_specs` and
+:func:`_legacy_siglip_specs` describe them from the modules' own dispatch
+helpers and config lists, and are used only while those modules lack their own
+``compile_specs``.
+
+Compiling (:func:`compile_spec`) needs ``TRITON_INTERPRET`` unset *before*
+``import triton``; the gate runs it in separate processes:
+
+    python -m contrastive_ops.backends._triton.specs --write      # regenerate cache + table
+    python -m contrastive_ops.backends._triton.specs --list       # the variants, as JSON
+
+Results are cached by (kernel source hash, spec, Triton version) in
+``benchmarks/results/triton-sm90-static.json``: a variant whose key is in the
+cache is not compiled again.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import io
+import json
+import math
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+TARGET = ("cuda", 90, 32)
+SM90_SHARED_LIMIT = 232448          # bytes of shared memory one block may use on sm_90
+SM90_REGS = 65536                   # 32-bit registers per SM
+SM90_MAX_WARPS = 64
+SM90_MAX_BLOCKS = 32
+ARG_TYPES = {"*bf16", "*fp16", "*fp32", "*i32", "*i64", "i32", "fp32"}
+DTYPES = ("bf16", "fp16", "fp32")
+GATE_DS = (64, 128, 256, 512, 768, 1024)   # the feature widths the gate covers
+_REQUIRED = ("name", "fn", "args", "constexprs", "num_warps", "num_stages", "dtype", "D")
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+CACHE_PATH = os.path.join(_ROOT, "benchmarks", "results", "triton-sm90-static.json")
+TABLE_PATH = os.path.join(_ROOT, "benchmarks", "results", "triton-sm90-static.md")
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def _modules():
+    from . import __name__ as pkg_name
+    pkg = importlib.import_module(pkg_name)
+    out = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name == "specs" or info.name.startswith("__"):
+            continue
+        out[info.name] = importlib.import_module(f"{pkg_name}.{info.name}")
+    return out
+
+
+def _check_spec(spec: dict, where: str) -> None:
+    missing = [k for k in _REQUIRED if k not in spec]
+    if missing:
+        raise ValueError(f"{where}: compile spec lacks {missing}")
+    fn = spec["fn"]
+    if not hasattr(fn, "arg_names") or hasattr(fn, "configs"):
+        raise TypeError(f"{where}: 'fn' of {spec['name']} must be the @triton.jit function (an Autotuner's .fn)")
+    bad = {k: v for k, v in spec["args"].items() if v not in ARG_TYPES}
+    if bad:
+        raise ValueError(f"{where}: {spec['name']} has argument types outside {sorted(ARG_TYPES)}: {bad}")
+    if spec["dtype"] not in DTYPES:
+        raise ValueError(f"{where}: {spec['name']} dtype must be one of {DTYPES}, got {spec['dtype']!r}")
+    names = list(fn.arg_names)
+    unknown = set(spec["args"]) | set(spec["constexprs"])
+    unknown -= set(names)
+    if unknown:
+        raise ValueError(f"{where}: {spec['name']} names arguments the kernel does not have: {sorted(unknown)}")
+    absent = [n for n in names if n not in spec["args"] and n not in spec["constexprs"]]
+    if absent:
+        raise ValueError(f"{where}: {spec['name']} gives no type or value for {absent}")
+
+
+def _config_str(spec: dict) -> str:
+    blocks = ",".join(f"{k}={v}" for k, v in spec["constexprs"].items() if k.startswith("BLOCK"))
+    return f"{blocks} w{spec['num_warps']} s{spec['num_stages']}"
+
+
+def _spec_id(spec: dict) -> str:
+    flags = ",".join(f"{k}={_short(v)}" for k, v in spec["constexprs"].items() if not k.startswith("BLOCK"))
+    ds = spec["Ds"]
+    d = "-" if ds == [None] else "D" + "/".join(str(x) for x in ds)
+    return f"{spec['module']}.{spec['name']}[{spec['dtype']},{d},{_config_str(spec).replace(' ', ',')}" + \
+        (f",{flags}]" if flags else "]")
+
+
+def _short(v):
+    return {True: "T", False: "F"}.get(v, v) if isinstance(v, bool) else v
+
+
+def spec_key(spec: dict) -> str:
+    """Hash of what determines the compiled binary: kernel source (with the functions it calls),
+    argument types, constexprs, warps, stages, target and Triton version."""
+    import triton
+
+    ident = dict(module=spec["module"], name=spec["name"], src=spec["fn"].cache_key, args=spec["args"],
+                 constexprs={k: repr(v) for k, v in spec["constexprs"].items()}, num_warps=spec["num_warps"],
+                 num_stages=spec["num_stages"], target=list(TARGET), triton=triton.__version__)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def collect(all_configs: bool = False) -> List[dict]:
+    """Every compile spec of the package (deduplicated: one entry per distinct binary, with the
+    list of D it serves in ``Ds``), each with ``module``, ``id`` and ``key`` added."""
+    mods = _modules()
+    raw = []
+    for mname, mod in sorted(mods.items()):
+        fn = getattr(mod, "compile_specs", None)
+        if callable(fn):
+            for s in fn():
+                raw.append(dict(s, module=mname))
+    # The legacy descriptions apply only to the modules as written today (their kernels present,
+    # no compile_specs of their own).
+    core, siglip = mods.get("core"), mods.get("siglip")
+    if core is not None and not hasattr(core, "compile_specs") and hasattr(core, "_sim_lse_fwd_kernel"):
+        raw += [dict(s, module="core") for s in _legacy_sim_lse_specs(core, all_configs)]
+    if siglip is not None and not hasattr(siglip, "compile_specs") and hasattr(siglip, "_siglip_fwd_kernel"):
+        raw += [dict(s, module="siglip") for s in _legacy_siglip_specs(siglip, all_configs)]
+    out: Dict[str, dict] = {}
+    for s in raw:
+        _check_spec(s, f"backends/_triton/{s['module']}.py")
+        if not all_configs and not s.get("default", True):
+            continue
+        key = spec_key(s)
+        if key in out:
+            if s["D"] not in out[key]["Ds"]:
+                out[key]["Ds"].append(s["D"])
+            continue
+        out[key] = dict(s, key=key, Ds=[s["D"]])
+    specs = list(out.values())
+    for s in specs:
+        s["id"] = _spec_id(s)
+    return specs
+
+
+# --------------------------------------------------------------------------- legacy descriptions
+# The kernels of core.py / siglip.py as written today, described from their own dispatch
+# helpers (_chunk_d, _block_do, _d_pad, _dot_flags' rule) and autotune lists; used only while
+# those modules have no compile_specs of their own.
+
+_FP32_REASON = ("fp32 operands run tl.dot with input_precision='ieee' (FMA units, no wgmma) and spill; "
+                "tensor cores for fp32 (tf32x3) come with the rewritten sim_lse/SigLIP kernels")
+
+
+_ALL_D = set(GATE_DS)
+_CHUNKED = {256, 512, 768, 1024}
+# Defects of the 16-bit legacy kernels the gate finds (ptxas of Triton 3.8), each with its cause in
+# the kernel's structure: (dtype, D) pairs where the default config fails, and why.
+_LEGACY_16BIT_DEFECTS = {
+    "sim_lse_fwd": ({(t, d) for t in ("bf16", "fp16") for d in (64, 128)},
+                    "one-chunk layout: the column-LSE slot update and tl.debug_barrier() inside the column loop "
+                    "stop cp.async pipelining"),
+    "sim_lse_bwd_dk": ({(t, d) for t in ("bf16", "fp16") for d in (64, 128)},
+                       "one-chunk layout: the runtime branch around the dk kernel's dots stops cp.async pipelining"),
+    "sim_lse_bwd_atomic": ({("bf16", 256), ("fp16", 256)},
+                           "D=256: the BLOCK_M x 256 fp32 accumulators of the atomic backward spill"),
+    "gram_fwd": ({("bf16", d) for d in _ALL_D} | {("fp16", 64), ("fp16", 128)},
+                 "the Gram forward spills (slot folds, diagonal masks) and its per-tile-pair barrier stops "
+                 "pipelining in the one-chunk layout"),
+    "gram_bwd_t1": ({(t, d) for t in ("bf16", "fp16") for d in _ALL_D},
+                    "the Gram backward (dots inside branches, diagonal transpose) spills in every layout and is "
+                    "not pipelined in the one-chunk layout"),
+    "gram_bwd_t2": ({(t, d) for t in ("bf16", "fp16") for d in _ALL_D},
+                    "the Gram backward (dots inside branches, diagonal transpose) spills in every layout and is "
+                    "not pipelined in the one-chunk layout"),
+    "gram_bwd_t3": ({(t, d) for t in ("bf16", "fp16") for d in _ALL_D},
+                    "the Gram backward (dots inside branches, diagonal transpose) spills in every layout and is "
+                    "not pipelined in the one-chunk layout"),
+    "gram_bwd_atomic": ({("bf16", 256), ("fp16", 128), ("fp16", 256)},
+                        "the full-width fp32 accumulators of the Gram atomic backward spill"),
+}
+
+
+def _legacy_expectation(name: str, dtype: str, D: int) -> Optional[str]:
+    if dtype == "fp32":
+        return _FP32_REASON
+    where, why = _LEGACY_16BIT_DEFECTS.get(name, (set(), ""))
+    return why if (dtype, D) in where else None
+
+
+def _ptr_types(arg_names, constexprs, dtype, feature_ptrs, int_ptrs=(), fp32_ptrs_extra=()):
+    t = "*" + dtype
+    out = {}
+    for n in arg_names:
+        if n in constexprs:
+            continue
+        if n in feature_ptrs:
+            out[n] = t
+        elif n in int_ptrs:
+            out[n] = "*i32"
+        elif n in ("B", "M", "D", "K", "n_row_blocks") or n.startswith("stride"):
+            out[n] = "i32"
+        else:
+            out[n] = "*fp32"
+    return out
+
+
+def _legacy_sim_lse_specs(core, all_configs: bool) -> List[dict]:
+    feats = ("Q", "K", "Z", "DQ", "DK", "DZ")
+    idx = ("RowIndex", "ColIndex", "ColStart", "ColEnd", "Exclude")
+    # The symmetric-CLIP launch: no index lists, no ranges, no exclusions, column LSE wanted;
+    # the Gram kernels with the diagonal excluded (NT-Xent).
+    gen = dict(HAS_ROW_INDEX=False, HAS_COL_INDEX=False, HAS_RANGE=False, N_EXCLUDE=0, WANT_COL=True)
+    lists = dict(fwd=core._FWD_GPU, bwd=core._BWD_GPU, atomic=core._BWD_ATOMIC_GPU, sym_fwd=core._SYM_FWD_GPU,
+                 sym_bwd=core._SYM_BWD_GPU, sym_atomic=core._SYM_ATOMIC_GPU)
+    out = []
+    for dtype in DTYPES:
+        dot = dict(UPCAST=False, PREC="ieee" if dtype == "fp32" else "tf32")
+        for D in GATE_DS:
+            bd, bdo = core._chunk_d(D), core._block_do(D)
+            one = D <= bd
+            n_d = -(-D // bdo)
+            reuse = one and n_d == 1 and bdo == bd
+            jobs = [
+                ("sim_lse_fwd", core._sim_lse_fwd_kernel, "fwd", ("BLOCK_M", "BLOCK_N"),
+                 dict(gen, **dot, BLOCK_D=bd, ONE_CHUNK=one)),
+                ("sim_lse_bwd_dq", core._sim_lse_bwd_dq_kernel, "bwd", ("BLOCK_M", "BLOCK_N"),
+                 dict(gen, **dot, BLOCK_D=bd, BLOCK_DO=bdo, ONE_CHUNK=one, REUSE=reuse)),
+                ("sim_lse_bwd_dk", core._sim_lse_bwd_dk_kernel, "bwd", ("BLOCK_M", "BLOCK_N"),
+                 dict(gen, **dot, BLOCK_D=bd, BLOCK_DO=bdo, ONE_CHUNK=one, REUSE=reuse)),
+                ("gram_fwd", core._sim_lse_gram_fwd_kernel, "sym_fwd", ("BLOCK",),
+                 dict(N_EXCLUDE=1, **dot, BLOCK_D=bd, ONE_CHUNK=one)),
+            ] + [
+                (f"gram_bwd_t{terms}", core._sim_lse_gram_bwd_kernel, "sym_bwd", ("BLOCK",),
+                 dict(N_EXCLUDE=1, **dot, BLOCK_D=bd, BLOCK_DO=bdo, ONE_CHUNK=one, REUSE=reuse, TERMS=terms))
+                for terms in (3, 1, 2)
+            ]
+            if D <= core._ATOMIC_MAX_D:
+                dp = core._d_pad(D)
+                jobs += [
+                    ("sim_lse_bwd_atomic", core._sim_lse_bwd_atomic_kernel, "atomic", ("BLOCK_M", "BLOCK_N"),
+                     dict(gen, **dot, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_DP=dp)),
+                    ("gram_bwd_atomic", core._sim_lse_gram_bwd_atomic_kernel, "sym_atomic", ("BLOCK",),
+                     dict(N_EXCLUDE=1, **dot, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_DP=dp)),
+                ]
+            for name, kern, lst, block_names, consts in jobs:
+                fn = kern.fn
+                for i, (blocks, warps, stages) in enumerate(lists[lst]):
+                    c = dict(consts, **dict(zip(block_names, blocks)))
+                    spec = dict(name=name, fn=fn, args=_ptr_types(fn.arg_names, c, dtype, feats, idx), constexprs=c,
+                                num_warps=warps, num_stages=stages, dtype=dtype, D=D, default=i == 0)
+                    why = _legacy_expectation(name, dtype, D)
+                    if why and i == 0:  # measured for the default configs only
+                        spec["expect_fail"] = why
+                    out.append(spec)
+    return out
+
+
+def _legacy_siglip_specs(siglip, all_configs: bool) -> List[dict]:
+    core = importlib.import_module(siglip.__name__.rsplit(".", 1)[0] + ".core")
+    feats = ("X", "Y", "DX", "DY")
+    out = []
+    for dtype in DTYPES:
+        dot = dict(UPCAST=False, PREC="ieee" if dtype == "fp32" else "tf32")
+        for D in GATE_DS:
+            bd, bdo = siglip._block_d(D), siglip._block_do(D)
+            jobs = [("siglip_fwd", siglip._siglip_fwd_kernel, core._FWD_GPU, dict(dot, BLOCK_D=bd)),
+                    ("siglip_bwd_dx", siglip._siglip_bwd_dx_kernel, core._BWD_GPU, dict(dot, BLOCK_D=bd, BLOCK_DO=bdo)),
+                    ("siglip_bwd_dy", siglip._siglip_bwd_dy_kernel, core._BWD_GPU, dict(dot, BLOCK_D=bd, BLOCK_DO=bdo))]
+            for name, kern, lst, consts in jobs:
+                fn = kern.fn
+                for i, (blocks, warps, stages) in enumerate(lst):
+                    c = dict(consts, BLOCK_M=blocks[0], BLOCK_N=blocks[1])
+                    spec = dict(name=name, fn=fn, args=_ptr_types(fn.arg_names, c, dtype, feats), constexprs=c,
+                                num_warps=warps, num_stages=stages, dtype=dtype, D=D, default=i == 0)
+                    if dtype == "fp32" and i == 0:
+                        spec["expect_fail"] = _FP32_REASON
+                    out.append(spec)
+    return out
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+def _ast_source(fn, signature: dict, constexprs: dict, attrs: dict):
+    """``ASTSource`` across Triton versions: 3.2+ take ``constexprs`` (and string or tuple keys),
+    older ones ``constants`` keyed by argument index with constexprs left out of the signature."""
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    params = inspect.signature(ASTSource.__init__).parameters
+    names = list(fn.arg_names)
+    if "constexprs" in params:
+        consts = {(names.index(k),): v for k, v in constexprs.items()}
+        return ASTSource(fn, signature, constexprs=consts, attrs=attrs)
+    sig = {names.index(k): v for k, v in signature.items() if v != "constexpr"}
+    consts = {names.index(k): v for k, v in constexprs.items()}
+    return ASTSource(fn, sig, constants=consts)
+
+
+def _divisibility_attrs(fn, args: dict) -> dict:
+    """What Triton's launcher specializes for aligned tensors and widths: pointers, strides and D
+    divisible by 16 (so the compiled code is the one a launch with contiguous D%16==0 inputs gets)."""
+    try:
+        from triton.backends.compiler import BaseBackend
+
+        attr = BaseBackend.parse_attr("D")
+    except Exception:  # noqa: BLE001 - older Triton: no attribute form, compile without
+        return {}
+    names = list(fn.arg_names)
+    return {(names.index(n),): attr for n, t in args.items()
+            if t.startswith("*") or n.startswith("stride") or n == "D"}
+
+
+def _ptxas_numbers(log: str) -> Optional[dict]:
+    regs = re.findall(r"Used (\d+) registers", log)
+    if not regs:
+        return None
+    st = re.findall(r"(\d+) bytes spill stores", log)
+    ld = re.findall(r"(\d+) bytes spill loads", log)
+    stack = re.findall(r"(\d+) bytes stack frame", log)
+    return dict(registers=int(regs[-1]), spill_stores=int(st[-1]) if st else 0,
+                spill_loads=int(ld[-1]) if ld else 0, stack=int(stack[-1]) if stack else 0)
+
+
+def _run_ptxas(ptx: str) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        tool = get_ptxas(TARGET[1])
+    except TypeError:  # Triton versions whose get_ptxas takes no architecture
+        tool = get_ptxas()
+    path = tool.path if hasattr(tool, "path") else tool[0]
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([path, "-v", "--gpu-name=sm_90a", src, "-o", os.path.join(d, "k.o")],
+                           capture_output=True, text=True)
+    return r.stdout + r.stderr
+
+
+def blocks_per_sm(registers: int, shared: int, warps: int) -> int:
+    """Resident blocks per sm_90 SM from registers (allocated per warp in 256s), shared memory, warps."""
+    per_warp = int(math.ceil(max(registers, 1) * 32 / 256.0)) * 256
+    by_regs = SM90_REGS // (per_warp * warps)
+    by_smem = SM90_SHARED_LIMIT // shared if shared > 0 else SM90_MAX_BLOCKS
+    return max(0, min(by_regs, by_smem, SM90_MAX_WARPS // warps, SM90_MAX_BLOCKS))
+
+
+def compile_spec(spec: dict) -> dict:
+    """Compile one spec for sm_90a; return the numbers the gate checks (``error`` set on failure)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("compile_spec needs TRITON_INTERPRET unset before triton is imported")
+    fn = spec["fn"]
+    sig = {n: ("constexpr" if n in spec["constexprs"] else spec["args"][n]) for n in fn.arg_names}
+    row = dict(key=spec["key"], id=spec["id"], module=spec["module"], name=spec["name"], fn_name=fn.__name__,
+               dtype=spec["dtype"],
+               Ds=spec["Ds"], config=_config_str(spec), num_warps=spec["num_warps"], num_stages=spec["num_stages"],
+               streaming_declared=spec.get("streaming"), error=None)
+    t0 = time.perf_counter()
+    log = io.StringIO()
+    try:
+        knobs = getattr(triton, "knobs", None)
+        ctx = contextlib.nullcontext()
+        if knobs is not None and hasattr(knobs.nvidia, "dump_ptxas_log"):
+            ctx = knobs.nvidia.scope() if hasattr(knobs.nvidia, "scope") else contextlib.nullcontext()
+        with ctx, contextlib.redirect_stdout(log):
+            if knobs is not None and hasattr(knobs.nvidia, "dump_ptxas_log"):
+                knobs.nvidia.dump_ptxas_log = True
+            src = _ast_source(fn, sig, spec["constexprs"], _divisibility_attrs(fn, spec["args"]))
+            k = triton.compile(src, target=GPUTarget(*TARGET),
+                               options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
+    except Exception as e:  # noqa: BLE001 - a failed compile is a row of the table
+        row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        row["compile_s"] = round(time.perf_counter() - t0, 2)
+        return row
+    row["compile_s"] = round(time.perf_counter() - t0, 2)
+    ptx = k.asm["ptx"]
+    nums = _ptxas_numbers(log.getvalue())
+    if nums is None:  # this Triton does not print ptxas's log: run ptxas -v on the PTX
+        try:
+            nums = _ptxas_numbers(_run_ptxas(ptx))
+        except Exception as e:  # noqa: BLE001 - reported in the row
+            row["error"] = f"ptxas -v failed: {type(e).__name__}: {e}"
+            return row
+    if nums is None:
+        row["error"] = "no ptxas resource line"
+        return row
+    ttir = k.asm.get("ttir", "")
+    has_dot = " tt.dot " in ttir or "tt.dot_scaled" in ttir or re.search(r"\btt\.dot\b", ttir) is not None
+    shared = int(getattr(k.metadata, "shared", 0))
+    n_wgmma = len(re.findall(r"wgmma\.mma_async", ptx))
+    n_mma = len(re.findall(r"\bmma\.sync", ptx))
+    n_cp = len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx))
+    n_tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
+    kind = "wgmma" if n_wgmma else "mma.sync" if n_mma else ("fma" if has_dot else "-")
+    row.update(nums, shared=shared, has_dot=has_dot, wgmma=n_wgmma, mma_sync=n_mma, cp_async=n_cp, tma=n_tma,
+               kind=kind, blocks_per_sm=blocks_per_sm(nums["registers"], shared, spec["num_warps"]))
+    return row
+
+
+def problems(row: dict) -> List[str]:
+    """What a compiled variant violates: empty when it meets the gate."""
+    if row.get("error"):
+        return [f"does not compile: {row['error']}"]
+    out = []
+    if row["has_dot"] and not row["wgmma"]:
+        out.append(f"tl.dot compiles to {row['kind']}, not wgmma.mma_async")
+    if row["spill_stores"] or row["spill_loads"]:
+        out.append(f"spills {row['spill_stores']} B stored / {row['spill_loads']} B loaded")
+    if row["shared"] > SM90_SHARED_LIMIT:
+        out.append(f"shared memory {row['shared']} B > {SM90_SHARED_LIMIT} B")
+    streaming = row["streaming_declared"] if row.get("streaming_declared") is not None else row["has_dot"]
+    if streaming and not (row["cp_async"] or row["tma"]):
+        out.append("streaming loop without cp.async or TMA (not pipelined)")
+    return out
+
+
+# --------------------------------------------------------------------------- cache, pool, table
+
+
+def load_cache(path: str = CACHE_PATH) -> Dict[str, dict]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get("rows", {})
+
+
+_WORKER_SPECS: Dict[str, dict] = {}
+
+
+def _worker_init(all_configs: bool) -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+    for s in collect(all_configs):
+        _WORKER_SPECS[s["key"]] = s
+
+
+def _worker_compile(key: str) -> dict:
+    return compile_spec(_WORKER_SPECS[key])
+
+
+def run_gate(all_configs: bool = False, jobs: Optional[int] = None, cache: Optional[Dict[str, dict]] = None,
+             log=None) -> List[dict]:
+    """Rows for every spec: from ``cache`` where the key is there, compiled (in ``jobs`` processes) otherwise."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    specs = collect(all_configs)
+    cache = cache or {}
+    rows = {s["key"]: dict(cache[s["key"]], id=s["id"], Ds=s["Ds"], fn_name=s["fn"].__name__, cached=True)
+            for s in specs if s["key"] in cache}
+    todo = [s["key"] for s in specs if s["key"] not in rows]
+    if todo:
+        jobs = jobs or int(os.environ.get("CONTRASTIVE_OPS_COMPILE_JOBS", 0)) or os.cpu_count() or 1
+        jobs = max(1, min(jobs, len(todo)))
+        # A private Triton cache: an on-disk hit would skip ptxas and its resource report.
+        with tempfile.TemporaryDirectory() as tcache:
+            old = os.environ.get("TRITON_CACHE_DIR")
+            os.environ["TRITON_CACHE_DIR"] = tcache
+            try:
+                # Longest first (fp32, wide tiles) so the pool's tail is short.
+                order = sorted(todo, key=lambda k: -_cost_guess(next(s for s in specs if s["key"] == k)))
+                with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                         initargs=(all_configs,)) as pool:
+                    for row in pool.map(_worker_compile, order):
+                        row["cached"] = False
+                        rows[row["key"]] = row
+                        if log:
+                            print(f"{row.get('compile_s', 0):6.1f} s  {row['id']}  {'; '.join(problems(row)) or 'ok'}",
+                                  file=log, flush=True)
+            finally:
+                if old is None:
+                    os.environ.pop("TRITON_CACHE_DIR", None)
+                else:
+                    os.environ["TRITON_CACHE_DIR"] = old
+    return [dict(rows[s["key"]], expect_fail=s.get("expect_fail")) for s in specs]
+
+
+def _cost_guess(spec: dict) -> float:
+    c = spec["constexprs"]
+    area = 1
+    for k, v in c.items():
+        if k.startswith("BLOCK") and isinstance(v, int):
+            area *= v
+    return area * (8 if spec["dtype"] == "fp32" else 1)
+
+
+def write_cache(rows: List[dict], path: str = CACHE_PATH) -> None:
+    import triton
+
+    keep = {}
+    for r in rows:
+        r = {k: v for k, v in r.items() if k not in ("cached", "expect_fail", "id", "Ds")}
+        keep[r["key"]] = r
+    with open(path, "w") as f:
+        json.dump(dict(triton=triton.__version__, target=list(TARGET), rows=dict(sorted(keep.items()))), f, indent=1)
+        f.write("\n")
+
+
+def _ds(ds) -> str:
+    return "-" if ds == [None] else ",".join(str(d) for d in ds)
+
+
+def render_table(rows: List[dict]) -> str:
+    import triton
+
+    lines = [
+        "# Triton kernels compiled for sm_90a (H100/H200), without a GPU",
+        "",
+        f"Triton {triton.__version__}, target `GPUTarget(\"cuda\", 90, 32)`, ptxas from Triton's "
+        "`backends/nvidia/bin`. Written by the compile gate (`tests/test_triton_compile.py`); regenerate with",
+        "",
+        "    python -m contrastive_ops.backends._triton.specs --write            # default configs (CI)",
+        "    python -m contrastive_ops.backends._triton.specs --write --all-configs",
+        "",
+        "One row per distinct binary; `D` lists the feature widths that launch it (D is a runtime argument, "
+        "so the chunked layouts serve several). Registers per thread; spills = spill stores + loads (bytes); "
+        "shared = bytes of shared memory per block (limit 232448); blocks/SM from registers, shared memory "
+        "and warps; instr = the tensor-core instruction of the kernel's `tl.dot` (`fma`: none, `-`: no dot); "
+        "cp.async/TMA = asynchronous copies in the PTX; gate = the checks of `specs.problems` "
+        "(xfail: a known failure the gate expects, with its reason below the table).",
+        "",
+        "| kernel | dtype | D | config | regs | spills | shared | warps | blocks/SM | instr | cp.async/TMA "
+        "| compile s | gate |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---|",
+    ]
+    reasons = {}
+    for r in sorted(rows, key=lambda r: (r["module"], r["name"], DTYPES.index(r["dtype"]),
+                                         [d or 0 for d in r["Ds"]], r["config"])):
+        probs = problems(r)
+        verdict = "ok" if not probs else ("xfail" if r.get("expect_fail") else "FAIL") + ": " + "; ".join(probs)
+        if r.get("expect_fail") and probs:
+            reasons[r["expect_fail"]] = True
+        if r.get("error"):
+            lines.append(f"| {r['module']}.{r['name']} | {r['dtype']} | {_ds(r['Ds'])} | {r['config']} | | | | "
+                         f"{r['num_warps']} | | | | {r.get('compile_s', '')} | {verdict[:200]} |")
+            continue
+        lines.append(
+            f"| {r['module']}.{r['name']} | {r['dtype']} | {_ds(r['Ds'])} | {r['config']} | {r['registers']} | "
+            f"{r['spill_stores'] + r['spill_loads']} | {r['shared']} | {r['num_warps']} | {r['blocks_per_sm']} | "
+            f"{r['kind']} | {r['cp_async']}/{r['tma']} | {r.get('compile_s', '')} | {verdict} |")
+    n_ok = sum(1 for r in rows if not problems(r))
+    n_x = sum(1 for r in rows if problems(r) and r.get("expect_fail"))
+    n_f = len(rows) - n_ok - n_x
+    lines += ["", f"{len(rows)} binaries: {n_ok} ok, {n_x} expected failures, {n_f} failures."]
+    if reasons:
+        lines += ["", "Expected failures:", ""] + [f"- {r}" for r in reasons]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--list", action="store_true", help="print the specs as JSON and exit")
+    p.add_argument("--all-configs", action="store_true", help="every autotune config, not only the defaults")
+    p.add_argument("--jobs", type=int, default=None, help="compile processes (default: the CPU count)")
+    p.add_argument("--no-cache", action="store_true", help="compile everything, ignoring the committed cache")
+    p.add_argument("--write", action="store_true", help="update the committed cache and table")
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("unset TRITON_INTERPRET: the gate compiles for the GPU", file=sys.stderr)
+        return 2
+    if a.list:
+        json.dump([dict(id=s["id"], key=s["key"], module=s["module"], name=s["name"], dtype=s["dtype"], Ds=s["Ds"],
+                        expect_fail=s.get("expect_fail")) for s in collect(a.all_configs)], sys.stdout)
+        return 0
+    t0 = time.perf_counter()
+    cache = {} if a.no_cache else load_cache()
+    rows = run_gate(a.all_configs, a.jobs, cache, log=sys.stderr)
+    wall = time.perf_counter() - t0
+    n_new = sum(1 for r in rows if not r["cached"])
+    print(f"{len(rows)} specs, {n_new} compiled, {len(rows) - n_new} from the cache, {wall:.1f} s", file=sys.stderr)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(rows=rows, wall_s=wall, compiled=n_new), f)
+    if a.write:
+        merged = dict(load_cache())
+        merged.update({r["key"]: r for r in rows})
+        write_cache(list(merged.values()) if a.all_configs else rows)
+        with open(TABLE_PATH, "w") as f:
+            f.write(render_table(rows))
+    bad = [r for r in rows if problems(r) and not r.get("expect_fail")]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The H200 performance model (benchmarks/perf_model.py): counts, ceilings and where the work comes from."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import perf_model as pm  # noqa: E402
+
+
+def test_legacy_work_matches_the_kernel_structure():
+    """core.py as written recomputes S once per output D-chunk of 128: 4(n_d+1) for the backward."""
+    from contrastive_ops.backends._triton import core
+
+    w = pm.legacy_work(core)["units"]
+    assert [w["general_bwd"](D) for D in (64, 128, 512, 768, 1024)] == [8, 8, 20, 28, 36]
+    assert [w["gram_bwd"](D) for D in (128, 512)] == [4, 10]
+    assert w["siglip_bwd"](768) == 28
+    assert w["general_fwd"](512) == 2 and w["gram_fwd"](512) == 1
+
+
+def test_declared_work_units_win(monkeypatch):
+    """A kernel module's WORK_UNITS is what the model uses (so the model follows the code)."""
+    from contrastive_ops.backends._triton import sinkhorn
+
+    monkeypatch.setattr(sinkhorn, "WORK_UNITS", {"general_bwd": lambda D: 6, "gram_bwd": 3}, raising=False)
+    monkeypatch.setattr(sinkhorn, "S_EVALS", {"general_bwd": 1}, raising=False)
+    t = pm.work_tables()
+    assert t["units"]["general_bwd"](1024) == 6 and t["units"]["gram_bwd"](64) == 3
+    assert t["source"]["general_bwd"] == "sinkhorn"
+    r = pm.predict("general_bwd", 32768, 32768, 512, "bf16", t)
+    assert r["work_ratio"] == 6 / 8 and r["exps"] == 2 * 32768 ** 2
+    monkeypatch.setattr(sinkhorn, "WORK_UNITS", {"bogus": 1}, raising=False)
+    with pytest.raises(ValueError, match="unknown path"):
+        pm.work_tables()
+
+
+def test_prediction_is_the_binding_ceiling():
+    t = pm.work_tables()
+    r = pm.predict("general_fwd", 65536, 65536, 1024, "bf16", t)
+    assert r["flops"] == r["units"] * 65536 ** 2 * 1024
+    assert r["t_flop_s"] == pytest.approx(r["flops"] / 790e12)
+    assert r["predicted_s"] == max(r["t_flop_s"], r["t_hbm_s"], r["t_exp_s"]) and r["bound"] == "tensor"
+    # D = 128: two exponentials per S element cost more than the 2·D FLOPs on the tensor cores.
+    assert pm.predict("general_fwd", 32768, 32768, 128, "bf16", t)["bound"] == "exp"
+    # A tiny problem is bound by memory.
+    assert pm.predict("general_fwd", 64, 64, 1024, "bf16", t)["bound"] == "hbm"
+    c = pm.clip_step(32768, 512, "bf16", t)
+    units = t["units"]["general_fwd"](512) + t["units"]["general_bwd"](512)
+    assert c["fraction_of_peak"] <= 8 / units * 790 / 989.4 + 1e-9
+
+
+def test_script_prints_table_and_json(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "model.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "perf_model.py"), "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "fraction" in proc.stdout and "general_bwd" in proc.stdout
+    data = json.loads(out.read_text())
+    assert {(c["B"], c["D"]) for c in data["clip"]} == {(B, D) for B in (16384, 32768, 65536) for D in (512, 1024)}
+    k = next(iter(data["rows"]))
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps({k: 2 * data["rows"][k]["predicted_s"]}))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "perf_model.py"), "--measured",
+                           str(measured)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "2.00" in proc.stdout, proc.stdout[-2000:] + proc.stderr
