@@ -38,6 +38,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -93,6 +95,32 @@ class IeeeFp32Matmul {
  private:
   bool active_ = false, medium_ = false;
 };
+
+// Tile rows × columns of the CUDA backend.  Default: columns up to 16384 and rows up to 2048
+// (a 128 MiB fp32 tile; the backward adds a dS tile), never more than the problem: large tiles
+// keep cuBLAS near its peak (each GEMM is 2·rows·cols·D FLOPs) and the per-tile launches few.
+// CONTRASTIVE_OPS_CUDA_TILE=rows,cols overrides it (read at every call).
+inline std::pair<int64_t, int64_t> cuda_tile_shape(int64_t B, int64_t M, int64_t /*D*/) {
+  int64_t rows = 2048, cols = 16384;
+  if (const char* env = std::getenv("CONTRASTIVE_OPS_CUDA_TILE")) {
+    const std::string v(env);
+    const auto comma = v.find(',');
+    char* end1 = nullptr;
+    char* end2 = nullptr;
+    long long r = 0, c = 0;
+    if (comma != std::string::npos) {
+      r = std::strtoll(v.c_str(), &end1, 10);
+      c = std::strtoll(v.c_str() + comma + 1, &end2, 10);
+    }
+    TORCH_CHECK(comma != std::string::npos && end1 == v.c_str() + comma && end2 != nullptr && *end2 == '\0' &&
+                    end2 != v.c_str() + comma + 1 && r > 0 && c > 0,
+                "contrastive_ops: CONTRASTIVE_OPS_CUDA_TILE must be 'rows,cols' with positive integers, got '", v,
+                "'");
+    rows = r;
+    cols = c;
+  }
+  return {std::max<int64_t>(1, std::min(rows, B)), std::max<int64_t>(1, std::min(cols, M))};
+}
 
 inline void check_float_input(const Tensor& t, const char* name) {
   auto st = t.scalar_type();

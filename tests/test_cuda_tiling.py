@@ -192,3 +192,19 @@ def test_tiled_results_are_those_of_one_tile(tiled):
         outs.append((row, col))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+
+
+def test_cuda_tile_shape_default_and_override(monkeypatch):
+    """The CUDA tile: at most 2048 × 16384, never more than the problem; CONTRASTIVE_OPS_CUDA_TILE overrides it."""
+    _cext.ensure_loaded()
+    shape = torch.ops.contrastive_ops._cuda_tile_shape
+    monkeypatch.delenv("CONTRASTIVE_OPS_CUDA_TILE", raising=False)
+    assert list(shape(65536, 65536, 512)) == [2048, 16384]
+    assert list(shape(600, 2100, 17)) == [600, 2100]
+    monkeypatch.setenv("CONTRASTIVE_OPS_CUDA_TILE", "64,96")
+    assert list(shape(600, 2100, 17)) == [64, 96]
+    assert list(shape(10, 20, 17)) == [10, 20]
+    for bad in ["64x96", "64,", ",96", "0,96", "64,-1", "64,96,1", "a,b"]:
+        monkeypatch.setenv("CONTRASTIVE_OPS_CUDA_TILE", bad)
+        with pytest.raises(RuntimeError, match="CONTRASTIVE_OPS_CUDA_TILE"):
+            shape(600, 2100, 17)

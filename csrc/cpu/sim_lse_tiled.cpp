@@ -275,6 +275,11 @@ TORCH_LIBRARY_FRAGMENT(contrastive_ops, m) {
       "_sim_lse_tiled_bwd(Tensor q, Tensor k, Tensor scale, Tensor? row_index, Tensor? col_index, "
       "Tensor? col_start, Tensor? col_end, Tensor? exclude, Tensor row_lse, Tensor col_lse, "
       "Tensor grad_row, Tensor grad_col, int tile_rows=3, int tile_cols=5) -> (Tensor, Tensor, Tensor)");
+  // The CUDA backend's tile (rows, cols) for a problem, CONTRASTIVE_OPS_CUDA_TILE included.
+  m.def("_cuda_tile_shape(int B, int M, int D) -> int[]", [](int64_t B, int64_t M, int64_t D) {
+    const auto t = cuda_tile_shape(B, M, D);
+    return std::vector<int64_t>{t.first, t.second};
+  });
   m.def("_siglip_tiled_fwd(Tensor x, Tensor y, Tensor scale, Tensor bias, int tile_rows=3, int tile_cols=5) -> Tensor");
   m.def(
       "_siglip_tiled_bwd(Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor grad, int tile_rows=3, "

@@ -18,11 +18,10 @@ namespace cuda {
 // (max, sum) merged into col_m/col_s.
 void lse_fwd(const Tensor& G, const Tensor& scale, int64_t r0, int64_t c0, const Masks& mk, Tensor& row_m,
              Tensor& row_s, Tensor& col_m, Tensor& col_s, bool want_col);
-// dS·σ = σ·(g_row·exp(S - row_lse) + g_col·exp(S - col_lse)) on allowed pairs, 0 elsewhere;
-// dscale += Σ dS·G.
-void lse_bwd(const Tensor& G, Tensor& dS, const Tensor& scale, const Tensor& sigma, int64_t r0, int64_t c0,
-             const Masks& mk, const Tensor& rl, const Tensor& gr, const Tensor& cl, const Tensor& gc, bool has_col,
-             Tensor& dscale);
+// dS = g_row·exp(S - row_lse) + g_col·exp(S - col_lse) on allowed pairs, 0 elsewhere, in one read
+// of G; dscale += Σ dS·G.  (The tiling passes σ·g_row, σ·g_col for σ-scaled fp16 tiles.)
+void lse_bwd(const Tensor& G, Tensor& dS, const Tensor& scale, int64_t r0, int64_t c0, const Masks& mk,
+             const Tensor& rl, const Tensor& gr, const Tensor& cl, const Tensor& gc, bool has_col, Tensor& dscale);
 // total += Σ softplus(-z·(scale·G + bias)).
 void siglip_fwd(const Tensor& G, const Tensor& scale, const Tensor& bias, int64_t r0, int64_t c0, Tensor& total);
 // dL = grad·(σ(scale·G + bias) - [diagonal]); dscale += Σ dL·G, dbias += Σ dL.

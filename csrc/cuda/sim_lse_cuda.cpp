@@ -9,7 +9,7 @@
 // everything else accumulates in fp32.  fp32 and float64 run in their own
 // dtype, fp32 GEMMs in IEEE fp32 whatever the global TF32 switch.
 //
-// Tiles: chosen from (B, M) (see tile_shape), or CONTRASTIVE_OPS_CUDA_TILE=rows,cols.
+// Tiles: chosen from (B, M) (cuda_tile_shape in csrc/tiling.h), or CONTRASTIVE_OPS_CUDA_TILE=rows,cols.
 // Column tiles that no row of a row block may use (col_start/col_end) are skipped.
 //
 // Compiled and linked in CI on a machine without a GPU; exercised by the tests
@@ -19,44 +19,17 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
-
 #include "../tiling.h"
 #include "epilogues.h"
 
 namespace contrastive_ops {
 namespace {
 
-// Tile rows × columns.  Default: columns up to 16384 and rows up to 2048 (a 128 MiB fp32 tile;
-// the backward adds a dS tile), never more than the problem.  Large tiles keep cuBLAS near its
-// peak (each GEMM is 2·rows·cols·D FLOPs) and the per-tile launches few.
-std::pair<int64_t, int64_t> tile_shape(int64_t B, int64_t M, int64_t) {
-  int64_t rows = 2048, cols = 16384;
-  if (const char* env = std::getenv("CONTRASTIVE_OPS_CUDA_TILE")) {
-    const std::string v(env);
-    const auto comma = v.find(',');
-    char* end1 = nullptr;
-    char* end2 = nullptr;
-    long long r = 0, c = 0;
-    if (comma != std::string::npos) {
-      r = std::strtoll(v.c_str(), &end1, 10);
-      c = std::strtoll(v.c_str() + comma + 1, &end2, 10);
-    }
-    TORCH_CHECK(comma != std::string::npos && end1 == v.c_str() + comma && end2 && *end2 == '\0' && r > 0 && c > 0,
-                "contrastive_ops: CONTRASTIVE_OPS_CUDA_TILE must be 'rows,cols' with positive integers, got '", v,
-                "'");
-    rows = r;
-    cols = c;
-  }
-  return {std::max<int64_t>(1, std::min(rows, B)), std::max<int64_t>(1, std::min(cols, M))};
-}
-
 struct CudaDev {
   static at::ScalarType compute_dtype(at::ScalarType in) { return in; }
   static at::ScalarType ds_dtype(at::ScalarType in) { return in; }
-  static int64_t row_block(int64_t B, int64_t M, int64_t D) { return tile_shape(B, M, D).first; }
-  static int64_t col_block(int64_t B, int64_t M, int64_t D) { return tile_shape(B, M, D).second; }
+  static int64_t row_block(int64_t B, int64_t M, int64_t D) { return cuda_tile_shape(B, M, D).first; }
+  static int64_t col_block(int64_t B, int64_t M, int64_t D) { return cuda_tile_shape(B, M, D).second; }
 
   static void gemm_nt(Tensor& out, const Tensor& a, const Tensor& b) {
     if (a.scalar_type() == out.scalar_type()) {
