@@ -60,6 +60,11 @@ struct Masks {
   int64_t E() const { return exclude.has_value() ? exclude->size(1) : 0; }
 };
 
+// Everything below has internal linkage: this header is compiled by g++ (csrc/cpu/*.cpp,
+// csrc/cuda/*.cpp) and by nvcc (csrc/cuda/*.cu) with different flags, and a weak inline
+// definition from one compiler must never stand in for the other's at link time.
+namespace {
+
 inline tile_math::DevMasks dev_masks(const Masks& mk) {
   return {mk.col_start ? mk.col_start->data_ptr<int32_t>() : nullptr,
           mk.col_end ? mk.col_end->data_ptr<int32_t>() : nullptr,
@@ -429,5 +434,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_tiled(const Tensor& x, con
   return {dX.to(x.scalar_type()), dY.to(y.scalar_type()), dscale.to(scale.scalar_type()),
           dbias.to(bias.scalar_type())};
 }
+
+}  // namespace
 
 }  // namespace contrastive_ops

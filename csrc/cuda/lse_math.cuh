@@ -12,10 +12,12 @@
 #include <cmath>
 #include <limits>
 
+// static: internal linkage in every translation unit, so that a host copy compiled by nvcc never
+// stands in for the one g++ compiled (or the reverse) at link time.
 #if defined(__CUDACC__)
-#define CO_HD __host__ __device__ __forceinline__
+#define CO_HD static __host__ __device__ __forceinline__
 #else
-#define CO_HD inline
+#define CO_HD static inline
 #endif
 
 namespace contrastive_ops {
@@ -85,7 +87,7 @@ CO_HD void lse_push_masked(T& m, T& s, T x) {
 #if defined(__CUDACC__)
 // (m, s) of a warp merged over its 32 lanes (every lane gets the result).
 template <typename T>
-__device__ __forceinline__ void warp_lse_merge(T& m, T& s) {
+static __device__ __forceinline__ void warp_lse_merge(T& m, T& s) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     const T m2 = __shfl_xor_sync(0xffffffffu, m, off);
@@ -95,14 +97,14 @@ __device__ __forceinline__ void warp_lse_merge(T& m, T& s) {
 }
 
 template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
+static __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }
 
 template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
+static __device__ __forceinline__ T warp_max(T v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     const T o = __shfl_xor_sync(0xffffffffu, v, off);
