@@ -22,6 +22,12 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _cublas_deterministic_config(monkeypatch):
+    """nan_filled_memory switches deterministic algorithms on: cuBLAS then needs this setting."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 64 × 96 (rows × columns): the cases below span several tiles in both directions."""
