@@ -56,4 +56,23 @@ TORCH_LIBRARY(contrastive_ops, m) {
   m.def("_cpu_last_path(bool backward) -> int");
   m.def("_cpu_last_threads() -> int");
   m.def("_cpu_sinkhorn_last_path() -> int");
+
+  // Test ops of the CUDA host tiling instantiated on CPU (csrc/cpu/sim_lse_tiled.cpp):
+  // sim_lse and SigLIP through tiling.h with tile_rows × tile_cols tiles, so that
+  // every cross-tile merge of the CUDA backend's host code runs on CPU; and the
+  // tile (rows, cols) the CUDA backend picks for a problem
+  // (CONTRASTIVE_OPS_CUDA_TILE included).
+  m.def(
+      "_sim_lse_tiled_fwd(Tensor q, Tensor k, Tensor scale, Tensor? row_index, Tensor? col_index, "
+      "Tensor? col_start, Tensor? col_end, Tensor? exclude, bool want_col, int tile_rows=3, int tile_cols=5) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "_sim_lse_tiled_bwd(Tensor q, Tensor k, Tensor scale, Tensor? row_index, Tensor? col_index, "
+      "Tensor? col_start, Tensor? col_end, Tensor? exclude, Tensor row_lse, Tensor col_lse, "
+      "Tensor grad_row, Tensor grad_col, int tile_rows=3, int tile_cols=5) -> (Tensor, Tensor, Tensor)");
+  m.def("_siglip_tiled_fwd(Tensor x, Tensor y, Tensor scale, Tensor bias, int tile_rows=3, int tile_cols=5) -> Tensor");
+  m.def(
+      "_siglip_tiled_bwd(Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor grad, int tile_rows=3, "
+      "int tile_cols=5) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_cuda_tile_shape(int B, int M, int D) -> int[]");
 }

@@ -10,6 +10,8 @@
 #include <cmath>
 
 namespace contrastive_ops {
+// Internal linkage: compiled by g++ and by nvcc, a weak copy from one must not replace the other's.
+namespace {
 
 inline void check_sinkhorn_scores(const at::Tensor& scores, double epsilon, const char* op) {
   TORCH_CHECK(scores.dim() == 2, op, ": scores must be 2-D (B, K), got shape ", scores.sizes());
@@ -32,5 +34,7 @@ at::Tensor sinkhorn_log_domain(int64_t B, int64_t K, int64_t iterations, const C
   for (int64_t t = 0; t < iterations; ++t) v = col_lse(v).neg_();
   return codes(*v, true);
 }
+
+}  // namespace
 
 }  // namespace contrastive_ops

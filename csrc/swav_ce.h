@@ -7,6 +7,8 @@
 #include "acc_dtype.h"
 
 namespace contrastive_ops {
+// Internal linkage: compiled by g++ and by nvcc, a weak copy from one must not replace the other's.
+namespace {
 
 // x (B, K ≥ 1) floating; t like x in the accumulation type; scale 0-dim in the accumulation type.
 inline void check_swav_ce_args(const at::Tensor& x, const at::Tensor& t, const at::Tensor& scale, const char* op) {
@@ -28,5 +30,7 @@ inline void check_swav_ce_bwd_args(const at::Tensor& x, const at::Tensor& t, con
               ",), got ", lse.sizes());
   TORCH_CHECK(grad.dim() == 0, "swav_ce_bwd: grad must be 0-dim, got shape ", grad.sizes());
 }
+
+}  // namespace
 
 }  // namespace contrastive_ops

@@ -22,24 +22,28 @@
 //
 // Dev provides (see csrc/cpu/sim_lse.cpp and csrc/cuda/sim_lse_cuda.cpp):
 //   compute_dtype(in)    dtype of the Q/K copies fed to the GEMMs
-//   ds_dtype(in)         dtype of the dS tile fed to the backward GEMMs
+//   ds_dtype(in)         dtype of the dS tile fed to the backward GEMMs (fp16 tiles hold dS·σ,
+//                        see ds_scale: the epilogues get σ·grad and need not know)
 //   row_block, col_block tile sizes
 //   gemm_nt(out, a, b)   out = a bᵀ in the accumulation dtype
 //   gemm_acc(c, a, b)    c += a b (c in the accumulation dtype)
-//   col_range(...)       columns any row of a row block may use
 //   lse_fwd_epilogue, lse_bwd_epilogue, siglip_fwd_epilogue, siglip_bwd_epilogue
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include "acc_dtype.h"
+#include "cuda/tile_math.cuh"
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 namespace contrastive_ops {
 
@@ -55,6 +59,73 @@ struct Masks {
   int64_t M = 0;
   int64_t E() const { return exclude.has_value() ? exclude->size(1) : 0; }
 };
+
+// Everything below has internal linkage: this header is compiled by g++ (csrc/cpu/*.cpp,
+// csrc/cuda/*.cpp) and by nvcc (csrc/cuda/*.cu) with different flags, and a weak inline
+// definition from one compiler must never stand in for the other's at link time.
+namespace {
+
+inline tile_math::DevMasks dev_masks(const Masks& mk) {
+  return {mk.col_start ? mk.col_start->data_ptr<int32_t>() : nullptr,
+          mk.col_end ? mk.col_end->data_ptr<int32_t>() : nullptr,
+          mk.exclude ? mk.exclude->data_ptr<int32_t>() : nullptr, mk.E(), mk.M};
+}
+
+// fp32 GEMMs in IEEE fp32 for the lifetime of the guard, whatever the global TF32 switch
+// (torch.set_float32_matmul_precision("high") or torch.backends.cuda.matmul.allow_tf32):
+// logits with TF32's 10 mantissa bits would break the fp32 error budget the CPU and Triton
+// paths meet.  The switch is process-global: the previous setting (legacy "high" or
+// "medium", or the fp32_precision "tf32") is restored on exit.
+class IeeeFp32Matmul {
+ public:
+  IeeeFp32Matmul() {
+    auto& ctx = at::globalContext();
+    if (!ctx.allowTF32CuBLAS()) return;
+    try {
+      medium_ = ctx.float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
+    } catch (const c10::Error&) {
+    }
+    ctx.setAllowTF32CuBLAS(false);
+    active_ = true;
+  }
+  ~IeeeFp32Matmul() {
+    if (!active_) return;
+    auto& ctx = at::globalContext();
+    ctx.setAllowTF32CuBLAS(true);
+    if (medium_) ctx.setFloat32MatmulPrecision("medium");
+  }
+  IeeeFp32Matmul(const IeeeFp32Matmul&) = delete;
+  IeeeFp32Matmul& operator=(const IeeeFp32Matmul&) = delete;
+
+ private:
+  bool active_ = false, medium_ = false;
+};
+
+// Tile rows × columns of the CUDA backend.  Default: columns up to 16384 and rows up to 2048
+// (a 128 MiB fp32 tile; the backward adds a dS tile), never more than the problem: large tiles
+// keep cuBLAS near its peak (each GEMM is 2·rows·cols·D FLOPs) and the per-tile launches few.
+// CONTRASTIVE_OPS_CUDA_TILE=rows,cols overrides it (read at every call).
+inline std::pair<int64_t, int64_t> cuda_tile_shape(int64_t B, int64_t M, int64_t /*D*/) {
+  int64_t rows = 2048, cols = 16384;
+  if (const char* env = std::getenv("CONTRASTIVE_OPS_CUDA_TILE")) {
+    const std::string v(env);
+    const auto comma = v.find(',');
+    char* end1 = nullptr;
+    char* end2 = nullptr;
+    long long r = 0, c = 0;
+    if (comma != std::string::npos) {
+      r = std::strtoll(v.c_str(), &end1, 10);
+      c = std::strtoll(v.c_str() + comma + 1, &end2, 10);
+    }
+    TORCH_CHECK(comma != std::string::npos && end1 == v.c_str() + comma && end2 != nullptr && *end2 == '\0' &&
+                    end2 != v.c_str() + comma + 1 && r > 0 && c > 0,
+                "contrastive_ops: CONTRASTIVE_OPS_CUDA_TILE must be 'rows,cols' with positive integers, got '", v,
+                "'");
+    rows = r;
+    cols = c;
+  }
+  return {std::max<int64_t>(1, std::min(rows, B)), std::max<int64_t>(1, std::min(cols, M))};
+}
 
 inline void check_float_input(const Tensor& t, const char* name) {
   auto st = t.scalar_type();
@@ -72,6 +143,12 @@ inline void check_index(const OptTensor& t, const char* name, const Tensor& like
   if (n >= 0) {
     TORCH_CHECK(t->size(0) == n, "contrastive_ops: ", name, " must have ", n, " rows, got shape ", t->sizes());
   }
+}
+
+// The kernels read t's data on q's device: a tensor elsewhere is an error, not an illegal memory access.
+inline void check_same_device(const Tensor& t, const char* name, const Tensor& like) {
+  TORCH_CHECK(t.device() == like.device(), "contrastive_ops: ", name, " is on ", t.device(), " but the inputs are on ",
+              like.device());
 }
 
 // Shapes and dtypes of a sim_lse call; returns (B, M).
@@ -105,10 +182,14 @@ inline std::tuple<int64_t, int64_t, bool> check_sim_lse_bwd_args(
     const OptTensor& col_start, const OptTensor& col_end, const OptTensor& exclude, const Tensor& row_lse,
     const Tensor& col_lse, const Tensor& grad_row, const Tensor& grad_col) {
   auto [B, M] = check_sim_lse_args(q, k, scale, row_index, col_index, col_start, col_end, exclude);
+  check_same_device(row_lse, "row_lse", q);
+  check_same_device(grad_row, "grad_row", q);
   TORCH_CHECK(row_lse.numel() == B && grad_row.numel() == B, "contrastive_ops: row_lse/grad_row must have ", B,
               " entries, got ", row_lse.sizes(), " and ", grad_row.sizes());
   const bool has_col = col_lse.numel() > 0;
   if (has_col) {
+    check_same_device(col_lse, "col_lse", q);
+    check_same_device(grad_col, "grad_col", q);
     TORCH_CHECK(col_lse.numel() == M && grad_col.numel() == M, "contrastive_ops: col_lse/grad_col must have ", M,
                 " entries, got ", col_lse.sizes(), " and ", grad_col.sizes());
   }
@@ -142,6 +223,46 @@ inline Tensor safe_lse(const Tensor& lse) {
   return lse.masked_fill(at::isinf(lse) & (lse < 0), std::numeric_limits<double>::infinity()).contiguous();
 }
 
+// Columns [lo, hi) that some row of each row block [r0, r0 + BR) may use: the block's smallest
+// col_start and largest col_end over its non-empty rows ((0, 0) when every row is empty).
+// Computed on the masks' device and read back once per call (one host synchronization when
+// col_start/col_end exist, none otherwise).  Exclusions do not narrow the range.
+inline std::vector<std::pair<int64_t, int64_t>> block_col_ranges(const Masks& mk, int64_t B, int64_t BR) {
+  const int64_t nb = B > 0 ? (B + BR - 1) / BR : 0;
+  std::vector<std::pair<int64_t, int64_t>> out(nb, {0, mk.M});
+  if (nb == 0 || (!mk.col_start.has_value() && !mk.col_end.has_value())) return out;
+  const auto lopts = (mk.col_start.has_value() ? *mk.col_start : *mk.col_end).options().dtype(at::kLong);
+  Tensor s = mk.col_start.has_value() ? mk.col_start->to(at::kLong).clamp(0, mk.M) : at::zeros({B}, lopts);
+  Tensor e = mk.col_end.has_value() ? mk.col_end->to(at::kLong).clamp(0, mk.M) : at::full({B}, mk.M, lopts);
+  const Tensor empty = s >= e;  // rows that allow nothing do not widen their block's range
+  s = s.masked_fill(empty, mk.M);
+  e = e.masked_fill(empty, 0);
+  const int64_t pad = nb * BR - B;
+  s = at::constant_pad_nd(s, {0, pad}, double(mk.M)).view({nb, BR}).amin(1);
+  e = at::constant_pad_nd(e, {0, pad}, 0.0).view({nb, BR}).amax(1);
+  const Tensor se = at::stack({s, e}, 1).cpu().contiguous();
+  const int64_t* p = se.data_ptr<int64_t>();
+  for (int64_t b = 0; b < nb; ++b) {
+    out[b] = p[2 * b] < p[2 * b + 1] ? std::make_pair(p[2 * b], p[2 * b + 1]) : std::make_pair(int64_t(0), int64_t(0));
+  }
+  return out;
+}
+
+// Power-of-two factor σ by which a 16-bit dS tile is stored (dS·σ), and the accumulated
+// dQ, dK divided at the end; 1 for other tile dtypes.  |dS_ij| ≤ max|g_row| + max|g_col|
+// (softmax weights are ≤ 1), so σ·bound ≤ 2^14 never overflows fp16 (max 65504) while
+// gradients ~g/M at M = 32k with mean reduction (~1e-9, below fp16's smallest subnormal
+// 6e-8) keep ~11 bits.  A 0-dim tensor on the inputs' device: no host synchronization.
+inline Tensor ds_scale(const Tensor& gr, const Tensor& gc, bool has_col, at::ScalarType ds_dtype) {
+  const auto opts = gr.options();
+  if (ds_dtype != at::kHalf) return at::ones({}, opts);
+  Tensor bound = gr.numel() > 0 ? gr.abs().amax() : at::zeros({}, opts);
+  if (has_col && gc.numel() > 0) bound = bound + gc.abs().amax();
+  const Tensor k = at::floor(at::log2(at::full({}, 16384.0, opts) / bound)).clamp(-100, 100);
+  const Tensor sigma = at::exp2(k);
+  return at::where(at::isfinite(bound) & (bound > 0), sigma, at::ones({}, opts));
+}
+
 template <class Dev>
 std::tuple<Tensor, Tensor> sim_lse_fwd_tiled(const Tensor& q, const Tensor& k, const Tensor& scale,
                                              const OptTensor& row_index, const OptTensor& col_index,
@@ -160,9 +281,10 @@ std::tuple<Tensor, Tensor> sim_lse_fwd_tiled(const Tensor& q, const Tensor& k, c
   Tensor col_m = at::full({want_col ? M : 0}, -inf, opts), col_s = at::zeros({want_col ? M : 0}, opts);
   const int64_t BR = Dev::row_block(B, M, Q.size(1)), BC = Dev::col_block(B, M, Q.size(1));
   Tensor gbuf = at::empty({std::min(B, BR) * std::min(M, BC)}, opts);
+  const auto ranges = block_col_ranges(masks, B, BR);
   for (int64_t r0 = 0; r0 < B; r0 += BR) {
     const int64_t br = std::min(BR, B - r0);
-    auto [lo, hi] = Dev::col_range(masks, r0, br);
+    auto [lo, hi] = ranges[r0 / BR];
     const Tensor Qb = Q.narrow(0, r0, br);
     for (int64_t c0 = lo; c0 < hi; c0 += BC) {
       const int64_t bc = std::min(BC, hi - c0);
@@ -199,10 +321,15 @@ std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_tiled(const Tensor& q, const Tens
   Tensor dQ = at::zeros({B, D}, opts), dK = at::zeros({M, D}, opts), dscale = at::zeros({}, opts);
   const int64_t BR = Dev::row_block(B, M, D), BC = Dev::col_block(B, M, D);
   Tensor gbuf = at::empty({std::min(B, BR) * std::min(M, BC)}, opts);
-  Tensor dbuf = at::empty({std::min(B, BR) * std::min(M, BC)}, opts.dtype(Dev::ds_dtype(q.scalar_type())));
+  const auto dsd = Dev::ds_dtype(q.scalar_type());
+  Tensor dbuf = at::empty({std::min(B, BR) * std::min(M, BC)}, opts.dtype(dsd));
+  // The epilogue sees σ·g_row, σ·g_col (exact: σ is a power of two), so it writes σ·dS and sums σ·dscale.
+  const Tensor sigma = ds_scale(gr, gc, has_col, dsd);
+  const Tensor grs = gr * sigma, gcs = has_col ? gc * sigma : gc;
+  const auto ranges = block_col_ranges(masks, B, BR);
   for (int64_t r0 = 0; r0 < B; r0 += BR) {
     const int64_t br = std::min(BR, B - r0);
-    auto [lo, hi] = Dev::col_range(masks, r0, br);
+    auto [lo, hi] = ranges[r0 / BR];
     const Tensor Qb = Q.narrow(0, r0, br);
     Tensor dQb = dQ.narrow(0, r0, br);
     for (int64_t c0 = lo; c0 < hi; c0 += BC) {
@@ -210,14 +337,16 @@ std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_tiled(const Tensor& q, const Tens
       const Tensor Kb = K.narrow(0, c0, bc);
       Tensor G = tile_view(gbuf, br, bc), dS = tile_view(dbuf, br, bc);
       Dev::gemm_nt(G, Qb, Kb);
-      Dev::lse_bwd_epilogue(G, dS, sc, r0, c0, masks, rl, gr, cl, gc, has_col, dscale);
+      Dev::lse_bwd_epilogue(G, dS, sc, r0, c0, masks, rl, grs, cl, gcs, has_col, dscale);
       Dev::gemm_acc(dQb, dS, Kb);
       Tensor dKb = dK.narrow(0, c0, bc);
       Dev::gemm_acc(dKb, dS.t(), Qb);
     }
   }
-  dQ.mul_(sc);
-  dK.mul_(sc);
+  const Tensor f = sc / sigma;  // exact: σ is a power of two
+  dQ.mul_(f);
+  dK.mul_(f);
+  dscale.div_(sigma);
   return {scatter_rows(dQ, row_index, q), scatter_rows(dK, col_index, k), dscale.to(scale.scalar_type())};
 }
 
@@ -266,6 +395,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_tiled(const Tensor& x, con
                                                             const Tensor& bias, const Tensor& grad) {
   check_siglip_args(x, y, scale, bias);
   TORCH_CHECK(grad.numel() == 1, "contrastive_ops: grad must have one element, got ", grad.sizes());
+  check_same_device(grad, "grad", x);
   const int64_t B = x.size(0), M = y.size(0), D = x.size(1);
   const auto acc = acc_dtype(x.scalar_type());
   const auto opts = x.options().dtype(acc);
@@ -276,7 +406,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_tiled(const Tensor& x, con
   Tensor dscale = at::zeros({}, opts), dbias = at::zeros({}, opts);
   const int64_t BR = Dev::row_block(B, M, D), BC = Dev::col_block(B, M, D);
   Tensor gbuf = at::empty({std::min(B, BR) * std::min(M, BC)}, opts);
-  Tensor dbuf = at::empty({std::min(B, BR) * std::min(M, BC)}, opts.dtype(Dev::ds_dtype(x.scalar_type())));
+  const auto dsd = Dev::ds_dtype(x.scalar_type());
+  Tensor dbuf = at::empty({std::min(B, BR) * std::min(M, BC)}, opts.dtype(dsd));
+  // |dL| ≤ |grad|: the epilogue sees σ·grad and writes σ·dL (see ds_scale).
+  const Tensor sigma = ds_scale(g.reshape({1}), g, false, dsd);
+  const Tensor gs = g * sigma;
   for (int64_t r0 = 0; r0 < B; r0 += BR) {
     const int64_t br = std::min(BR, B - r0);
     const Tensor Xb = X.narrow(0, r0, br);
@@ -286,16 +420,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> siglip_bwd_tiled(const Tensor& x, con
       const Tensor Yb = Y.narrow(0, c0, bc);
       Tensor G = tile_view(gbuf, br, bc), dL = tile_view(dbuf, br, bc);
       Dev::gemm_nt(G, Xb, Yb);
-      Dev::siglip_bwd_epilogue(G, dL, sc, bi, g, r0, c0, dscale, dbias);
+      Dev::siglip_bwd_epilogue(G, dL, sc, bi, gs, r0, c0, dscale, dbias);
       Dev::gemm_acc(dXb, dL, Yb);
       Tensor dYb = dY.narrow(0, c0, bc);
       Dev::gemm_acc(dYb, dL.t(), Xb);
     }
   }
-  dX.mul_(sc);
-  dY.mul_(sc);
+  const Tensor f = sc / sigma;
+  dX.mul_(f);
+  dY.mul_(f);
+  dscale.div_(sigma);
+  dbias.div_(sigma);
   return {dX.to(x.scalar_type()), dY.to(y.scalar_type()), dscale.to(scale.scalar_type()),
           dbias.to(bias.scalar_type())};
 }
+
+}  // namespace
 
 }  // namespace contrastive_ops

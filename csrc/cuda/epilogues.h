@@ -1,7 +1,9 @@
 // Launchers of the CUDA epilogue kernels (csrc/cuda/epilogues.cu), called by
 // the tiling in csrc/cuda/sim_lse_cuda.cpp on tiles G = Q_blk K_blkᵀ that live on
-// the current stream.  Scalars (scale, bias, grad, the LSE arrays) stay device
-// tensors: no host synchronization.
+// the current stream.  Scalars (scale, bias, grad, σ, the LSE arrays) stay device
+// tensors: no host synchronization.  Every reduction goes through per-block
+// partials merged in a fixed order (csrc/cuda/tile_math.cuh): results are
+// bitwise reproducible run to run.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,13 +13,13 @@
 namespace contrastive_ops {
 namespace cuda {
 
-// Rows of the tile: S = scale·G masked in place (-inf where not allowed), then
-// online merge of the row max/sum into row_m/row_s.
-void lse_fwd_rows(Tensor& G, const Tensor& scale, int64_t r0, int64_t c0, const Masks& mk, Tensor& row_m,
-                  Tensor& row_s);
-// Columns of the (already masked) tile: merge of the column max/sum into col_m/col_s.
-void lse_fwd_cols(const Tensor& G, int64_t c0, Tensor& col_m, Tensor& col_s);
-// dS = g_row·exp(S - row_lse) + g_col·exp(S - col_lse) on allowed pairs, 0 elsewhere; dscale += Σ dS·G.
+// One read of the tile: S = scale·G under the masks (not written back); the
+// tile's row (max, sum) merged into row_m/row_s and, with want_col, its column
+// (max, sum) merged into col_m/col_s.
+void lse_fwd(const Tensor& G, const Tensor& scale, int64_t r0, int64_t c0, const Masks& mk, Tensor& row_m,
+             Tensor& row_s, Tensor& col_m, Tensor& col_s, bool want_col);
+// dS = g_row·exp(S - row_lse) + g_col·exp(S - col_lse) on allowed pairs, 0 elsewhere, in one read
+// of G; dscale += Σ dS·G.  (The tiling passes σ·g_row, σ·g_col for σ-scaled fp16 tiles.)
 void lse_bwd(const Tensor& G, Tensor& dS, const Tensor& scale, int64_t r0, int64_t c0, const Masks& mk,
              const Tensor& rl, const Tensor& gr, const Tensor& cl, const Tensor& gc, bool has_col, Tensor& dscale);
 // total += Σ softplus(-z·(scale·G + bias)).

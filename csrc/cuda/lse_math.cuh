@@ -1,36 +1,75 @@
-// Device helpers shared by the CUDA kernels that keep running log-sum-exps
-// (sinkhorn.cu, swav_ce.cu): exp / log overloads for fp32 and fp64, and the
-// online (max, sum of exp) updates.
+// Helpers shared by the kernels that keep running log-sum-exps (the sim_lse /
+// SigLIP tile epilogues, sinkhorn.cu, swav_ce.cu): exp / log overloads for fp32
+// and fp64, the online (max, sum of exp) updates and a multiply that is never
+// contracted into an FMA.
+//
+// The scalar helpers are __host__ __device__ under nvcc and plain inline
+// functions under a C++ compiler, so that the CPU instantiation of the tiling
+// (csrc/cpu/sim_lse_tiled.cpp) runs the same lines as the CUDA kernels.  The
+// warp-level helpers exist only under nvcc.
 #pragma once
 
 #include <cmath>
 #include <limits>
 
+// static: internal linkage in every translation unit, so that a host copy compiled by nvcc never
+// stands in for the one g++ compiled (or the reverse) at link time.
+#if defined(__CUDACC__)
+#define CO_HD static __host__ __device__ __forceinline__
+#else
+#define CO_HD static inline
+#endif
+
 namespace contrastive_ops {
 namespace lse_math {
 
-__device__ __forceinline__ float dexp(float x) { return expf(x); }
-__device__ __forceinline__ double dexp(double x) { return exp(x); }
-__device__ __forceinline__ float dlog(float x) { return logf(x); }
-__device__ __forceinline__ double dlog(double x) { return log(x); }
+CO_HD float dexp(float x) { return expf(x); }
+CO_HD double dexp(double x) { return exp(x); }
+CO_HD float dlog(float x) { return logf(x); }
+CO_HD double dlog(double x) { return log(x); }
+CO_HD float dlog1p(float x) { return log1pf(x); }
+CO_HD double dlog1p(double x) { return log1p(x); }
+CO_HD float dabs(float x) { return fabsf(x); }
+CO_HD double dabs(double x) { return fabs(x); }
+
+// a·b rounded to the dtype, never fused with a following add or subtract.  The
+// backward recomputes S = scale·G and subtracts the forward's LSE from it: the
+// product must be the one the forward rounded, or at logits ~1e8 the softmax
+// weights are off by up to exp(half an ulp of S).  Host code is compiled with
+// -ffp-contract=off; device code uses the round-to-nearest intrinsics, which
+// nvcc never contracts.
+CO_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+CO_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
 
 template <typename T>
-__device__ __forceinline__ T neg_inf() {
+CO_HD T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
 // Merge (m2, s2) into (m, s): both describe Σ e^x as s·e^m (s = 0, m = -inf when empty).
 template <typename T>
-__device__ __forceinline__ void lse_merge(T& m, T& s, T m2, T s2) {
+CO_HD void lse_merge(T& m, T& s, T m2, T s2) {
   const T mn = m > m2 ? m : m2;
   if (mn == neg_inf<T>()) return;  // both empty
   s = s * dexp(m - mn) + s2 * dexp(m2 - mn);
   m = mn;
 }
 
-// Add e^x to (m, s).
+// Add e^x to (m, s); x must not be -inf (use lse_push_masked where it can be).
 template <typename T>
-__device__ __forceinline__ void lse_push(T& m, T& s, T x) {
+CO_HD void lse_push(T& m, T& s, T x) {
   if (x > m) {
     s = s * dexp(m - x) + T(1);
     m = x;
@@ -39,9 +78,16 @@ __device__ __forceinline__ void lse_push(T& m, T& s, T x) {
   }
 }
 
+// lse_push that ignores x = -inf (a masked entry).
+template <typename T>
+CO_HD void lse_push_masked(T& m, T& s, T x) {
+  if (x != neg_inf<T>()) lse_push(m, s, x);
+}
+
+#if defined(__CUDACC__)
 // (m, s) of a warp merged over its 32 lanes (every lane gets the result).
 template <typename T>
-__device__ __forceinline__ void warp_lse_merge(T& m, T& s) {
+static __device__ __forceinline__ void warp_lse_merge(T& m, T& s) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     const T m2 = __shfl_xor_sync(0xffffffffu, m, off);
@@ -51,11 +97,22 @@ __device__ __forceinline__ void warp_lse_merge(T& m, T& s) {
 }
 
 template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
+static __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }
+
+template <typename T>
+static __device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const T o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+#endif
 
 }  // namespace lse_math
 }  // namespace contrastive_ops

@@ -168,9 +168,15 @@ at::Tensor sinkhorn_col_lse(const at::Tensor& scores_in, double epsilon, const c
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "sinkhorn_col_lse_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    // The per-block limits (48 KiB by default, sharedMemPerBlockOptin after the opt-in) count the
+    // kernel's static shared memory too: without it, K in [6141, 6144] (fp32) asked for
+    // 48 KiB of dynamic memory plus the static bytes, past the default limit, with no opt-in.
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, col_lse_kernel<scalar_t, acc_t>));
     const size_t smem = 2 * static_cast<size_t>(K) * sizeof(acc_t);
-    bool use_smem = smem <= static_cast<size_t>(prop->sharedMemPerBlockOptin) - kWarps * sizeof(acc_t) - 1024;
-    if (use_smem && smem > 48 * 1024) {
+    const size_t total = smem + attr.sharedSizeBytes;
+    bool use_smem = total <= static_cast<size_t>(prop->sharedMemPerBlockOptin);
+    if (use_smem && total > 48 * 1024) {
       use_smem = cudaFuncSetAttribute(col_lse_kernel<scalar_t, acc_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)) == cudaSuccess;
       if (!use_smem) (void)cudaGetLastError();

@@ -13,6 +13,7 @@
 #include "lse_math.cuh"
 
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <type_traits>
 
@@ -81,13 +82,21 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const scalar_t* __restric
   if (lane == 0) part[b] = g * (ts * pxs - txs);
 }
 
+// The kernels read every argument's data on x's device: anything elsewhere is an error here,
+// not an illegal memory access later.
+void check_on_device(const at::Tensor& x, std::initializer_list<const at::Tensor*> others, const char* what) {
+  bool ok = x.is_cuda();
+  for (const at::Tensor* t : others) ok = ok && t->device() == x.device();
+  TORCH_CHECK(ok, what, " must be CUDA tensors on one device (x is on ", x.device(), ")");
+}
+
 unsigned blocks(int64_t B) { return static_cast<unsigned>((B + kWarps - 1) / kWarps); }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> swav_ce_fwd(const at::Tensor& x_in, const at::Tensor& t_in,
                                                const at::Tensor& scale) {
-  TORCH_CHECK(x_in.is_cuda() && t_in.is_cuda() && scale.is_cuda(), "swav_ce_fwd: x, t and scale must be CUDA tensors");
+  check_on_device(x_in, {&t_in, &scale}, "swav_ce_fwd: x, t and scale");
   check_swav_ce_args(x_in, t_in, scale, "swav_ce_fwd");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), t = t_in.contiguous();
@@ -109,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> swav_ce_fwd(const at::Tensor& x_in, const at:
 std::tuple<at::Tensor, at::Tensor> swav_ce_bwd(const at::Tensor& x_in, const at::Tensor& t_in,
                                                const at::Tensor& scale, const at::Tensor& lse_in,
                                                const at::Tensor& grad) {
-  TORCH_CHECK(x_in.is_cuda() && t_in.is_cuda() && scale.is_cuda(), "swav_ce_bwd: x, t and scale must be CUDA tensors");
+  check_on_device(x_in, {&t_in, &scale, &lse_in, &grad}, "swav_ce_bwd: x, t, scale, lse and grad");
   check_swav_ce_bwd_args(x_in, t_in, scale, lse_in, grad);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), t = t_in.contiguous();
