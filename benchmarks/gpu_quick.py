@@ -10,7 +10,9 @@ Model FLOPs count those products (6·B·M·D for two-tensor losses, 4·B²·D fo
 Gram losses, whose backward is one product); the fraction of peak is model
 FLOP/s over the dense bf16 peak (989.5 TFLOP/s, H100/H200 SXM datasheet) and
 over the measured cuBLAS rate.  Values are checked against the reference once
-per point (relative error of the loss).
+per point (relative error of the loss).  ``--peers`` adds the other libraries'
+losses that import here (open_clip, Inf-CL, siglip-kernel: the adapters of
+``contrastive_ops.benchmarking.peers``) on the same inputs.
 """
 from __future__ import annotations
 
@@ -83,6 +85,28 @@ def _cases(B, D, dtype):
     }
 
 
+def _peer_runners(loss, cases, B):
+    """(name, zero-argument callable) for each peer of ``loss`` that imports here."""
+    import importlib
+
+    from contrastive_ops.benchmarking.peers import PEERS
+
+    _, leaves, _, _ = cases[loss]
+    args = {"clip_loss": lambda: leaves[:3], "siglip_loss": lambda: leaves[:4],
+            "info_nce": lambda: leaves[:2], "nt_xent": lambda: leaves[:2]}[loss]()
+    kw = {"temperature": 0.07 if loss == "info_nce" else 0.5}
+    out = []
+    for peer in PEERS.get(loss, ()):
+        try:
+            importlib.import_module(peer.module)
+            call = peer.build(kw)
+        except Exception as e:  # listed, not hidden
+            print(f"{loss:12s} B={B:6d} peer {peer.name}: not run ({type(e).__name__}: {e})", flush=True)
+            continue
+        out.append((f"peer:{peer.name}", (lambda call=call: call(*args))))
+    return out
+
+
 def _gemm_floor(B, M, D, gram, dtype):
     q = torch.randn(B, D, device="cuda", dtype=dtype)
     k = torch.randn(M, D, device="cuda", dtype=dtype)
@@ -109,6 +133,7 @@ def main(argv=None):
     p.add_argument("--losses", default="clip_loss,info_nce,siglip_loss,nt_xent")
     p.add_argument("--backends", default="triton,cuda,reference")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--peers", action="store_true", help="also time the peers of each loss that import here")
     p.add_argument("--json", default=None)
     p.add_argument("--budget", type=float, default=240.0, help="seconds; no new point starts after it")
     a = p.parse_args(argv)
@@ -128,7 +153,10 @@ def main(argv=None):
                 fn, leaves, gram, M = cases[loss]
                 floor_t, model_flops = _gemm_floor(B if not gram else 2 * B, M, D, gram, dtype)
                 ref_val = None
-                for be in backends:
+                runners = [(be, (lambda be=be: fn(be))) for be in backends]
+                if a.peers:
+                    runners += _peer_runners(loss, cases, B)
+                for be, run in runners:
                     if time.perf_counter() - t0 > a.budget:
                         print("budget reached", flush=True)
                         break
@@ -136,11 +164,11 @@ def main(argv=None):
                                model_flops=model_flops)
 
                     def step():
-                        out = fn(be)
+                        out = run()
                         torch.autograd.grad(out, leaves)
 
                     try:
-                        val = fn(be).item()
+                        val = run().item()
                         if be == "reference":
                             ref_val = val
                         row["loss_value"] = val
