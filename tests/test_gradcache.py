@@ -464,7 +464,33 @@ def _ddp_clip(rank: int, world: int):
             torch.testing.assert_close(p.grad, q.grad, **tol, msg=lambda m: f"rank {rank}: {name}: {m}")
 
 
-DDP_CASES = {"simclr_shared_encoder": _ddp_simclr, "clip_two_towers_process_group": _ddp_clip}
+def _ddp_dropout(rank: int, world: int):
+    """A DDP encoder with dropout: GradCache equals the plain chunked step with its gradients averaged over ranks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    lo, n = sum(SIZES[:rank]), SIZES[rank]
+    x1, x2 = _global(4)[lo:lo + n], _global(5)[lo:lo + n]
+    torch.manual_seed(2)
+    gc_m = Tower(dropout=0.3)
+    plain_m = copy.deepcopy(gc_m)
+    gc = DDP(gc_m)
+
+    def loss_fn(z1, z2):
+        return co.nt_xent(z1, z2, 0.5, process_group=dist.group.WORLD, backend="cpu")
+
+    torch.manual_seed(100 + rank)  # each rank draws its own dropout masks
+    lg = co.GradCache(gc, loss_fn, chunk_size=CHUNK)(x1, x2)
+    torch.manual_seed(100 + rank)
+    lp = plain_step(plain_m, loss_fn, [x1, x2], CHUNK)
+    tol = dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(lg, lp, **tol)
+    for (name, p), q in zip(gc_m.named_parameters(), plain_m.parameters()):
+        averaged = codist.all_reduce_sum(q.grad.clone(), dist.group.WORLD) / world
+        torch.testing.assert_close(p.grad, averaged, **tol, msg=lambda m: f"rank {rank}: {name}: {m}")
+
+
+DDP_CASES = {"simclr_shared_encoder": _ddp_simclr, "clip_two_towers_process_group": _ddp_clip,
+             "dropout_vs_plain_chunked_step": _ddp_dropout}
 
 
 def _worker(rank: int, world: int, port: int, outdir: str):
