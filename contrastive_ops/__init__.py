@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .backends import available_backends, get_backend, set_backend
+from .gradcache import GradCache
 from .losses.decoupled import dcl_loss, dhel_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent, similarity_lse
 from .losses.multiview import mv_dhel, mv_infonce
@@ -36,5 +37,6 @@ __all__ = [
     "swav_loss",
     "point_token_contrast",
     "similarity_lse",
+    "GradCache",
     "nn",
 ]
