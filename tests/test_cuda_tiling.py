@@ -17,7 +17,6 @@ import math
 import pytest
 import torch
 
-from contrastive_ops import core
 from contrastive_ops.backends import _cext
 from contrastive_ops.backends._cext_tiled import TiledSigLIP, TiledSimLSE
 from helpers import nan_filled_memory
