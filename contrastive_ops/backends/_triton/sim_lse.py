@@ -162,8 +162,9 @@ def _fwd_kernel(
     col_out = ColPart + pid_m.to(tl.int64) * M
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(a, b, BLOCK_N):
-        cols, col_mask, k_rows = col_tile(n0, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
+    n_tiles = tl.cdiv(tl.maximum(b - a, 0), BLOCK_N)
+    for i in range(0, n_tiles):
+        cols, col_mask, k_rows = col_tile(a + i * BLOCK_N, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
         if ONE_CHUNK:
             k_tile = load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
         else:
@@ -182,7 +183,7 @@ def _fwd_kernel(
         end = tl.minimum(a, s1)
         for n0 in range(s0, end, BLOCK_N):
             tl.store(col_out + n0 + offs_n, neg, mask=n0 + offs_n < end)
-        t_end = a + tl.cdiv(tl.maximum(b - a, 0), BLOCK_N) * BLOCK_N
+        t_end = a + n_tiles * BLOCK_N
         for n0 in range(t_end, s1, BLOCK_N):
             tl.store(col_out + n0 + offs_n, neg, mask=n0 + offs_n < s1)
 

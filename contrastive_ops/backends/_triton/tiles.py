@@ -433,9 +433,24 @@ def gpu_dot_flags(dtype_name: str) -> dict:
 
 
 def spec(name, jit_fn, dtype_name, D, constexprs, num_warps, num_stages) -> dict:
-    """One entry of a module's ``compile_specs()``."""
-    return dict(name=name, fn=jit_fn, args=spec_signature(jit_fn, dtype_name, constexprs),
-                constexprs=dict(constexprs), num_warps=num_warps, num_stages=num_stages, dtype=dtype_name, D=D)
+    """One entry of a module's ``compile_specs()``.
+
+    ``divisible_by_16``: the arguments Triton's launcher specializes as multiples
+    of 16 for contiguous (B, D) features with D a multiple of 16 (every pointer
+    from the caching allocator, every row stride, D itself); pass them to the compiler as
+    ``attrs={(index,): [["tt.divisibility", 16]]}`` to compile what runs — without
+    them the loads cannot be vectorized or pipelined (no ``cp.async``).
+    """
+    args = spec_signature(jit_fn, dtype_name, constexprs)
+    div16 = [n for n, t in args.items() if t.startswith("*") or n.startswith("stride") or n == "D"]
+    return dict(name=name, fn=jit_fn, args=args, constexprs=dict(constexprs), num_warps=num_warps,
+                num_stages=num_stages, dtype=dtype_name, D=D, divisible_by_16=div16)
+
+
+def spec_attrs(sp: dict) -> dict:
+    """``attrs`` of ``triton.compiler.ASTSource`` for a ``compile_specs`` entry."""
+    names = sp["fn"].arg_names
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in sp.get("divisible_by_16", ())}
 
 
 def gpu_chunk_d(D: int) -> int:
