@@ -211,7 +211,7 @@ def fwd_plan(B: int, M: int, device: torch.device) -> Tuple[int, int, int]:
 # ---------------------------------------------------------------------------
 # Forward, Gram: program p owns row tiles p and T−1−p, each over J ≥ I
 # ---------------------------------------------------------------------------
-@autotune(configs((), [((), w, s) for (_, w, s) in SYM_FWD_GPU], ()), key=["D", "B_LOG2", "BLOCK", "N_EXCLUDE", "PREC"])
+@autotune(configs((), SYM_FWD_GPU, ()), key=["D", "B_LOG2", "BLOCK", "N_EXCLUDE", "PREC"])
 @triton.jit
 def _gram_fwd_kernel(
     Z, Scale, Exclude, Part, B, D, stride_z, B_LOG2,
@@ -266,10 +266,9 @@ def _gram_fwd_kernel(
 
 
 def gram_block(B: int, device: torch.device) -> int:
-    """Square tile of the Gram forward: 128 while the pair-balanced grid fills the SMs, else 64."""
-    if interpreting():
-        return INTERP_SYM[0]
-    return 128 if triton.cdiv(triton.cdiv(B, 128), 2) >= sm_count(device) else 64
+    """Square tile of the Gram forward: 64 on the GPU (128 spills: two masked 128×128 fp32 copies of
+    S live at once, 136–1,184 B per thread on sm_90a)."""
+    return INTERP_SYM[0] if interpreting() else 64
 
 
 # ---------------------------------------------------------------------------
@@ -977,7 +976,7 @@ def compile_specs() -> List[dict]:
                 for (bn,), w, st in FWD_N_GPU:
                     c = dict(gen, **flags, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_M=block_m, BLOCK_N=bn)
                     out.append(spec("sim_lse_fwd", _fwd_kernel.fn, dname, D, c, w, st))
-            for block in (128, 64):
+            for block in (64,):
                 for _, w, st in SYM_FWD_GPU:
                     c = dict(N_EXCLUDE=1, **flags, BLOCK_D=bd, ONE_CHUNK=one, BLOCK=block)
                     out.append(spec("sim_lse_gram_fwd", _gram_fwd_kernel.fn, dname, D, c, w, st))

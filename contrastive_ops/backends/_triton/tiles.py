@@ -223,7 +223,7 @@ FWD_GPU = [((128, 128), 8, 3), ((128, 64), 4, 3), ((64, 128), 4, 3), ((64, 64), 
 # Atomic backward: full-width (≤ 256) tiles of Q and K.
 BWD_ATOMIC_GPU = [((64, 64), 4, 2), ((64, 64), 8, 2), ((128, 64), 8, 2)]
 # Square tiles (BLOCK) of the Gram kernels: tile I and tile J index the same rows.
-SYM_FWD_GPU = [((128,), 8, 3), ((128,), 8, 2), ((64,), 4, 3), ((64,), 4, 4)]
+SYM_FWD_GPU = [((), 8, 3), ((), 8, 2), ((), 4, 3), ((), 4, 4)]  # BLOCK from the shape (gram_block)
 SYM_BWD_GPU = [((64,), 8, 2), ((64,), 4, 2), ((128,), 8, 2)]
 SYM_ATOMIC_GPU = [((64,), 4, 2), ((64,), 8, 2), ((128,), 8, 1)]
 MIN_BLOCK = 64  # smallest BLOCK_M / BLOCK_N / BLOCK of every GPU list (grid and buffer sizing)
