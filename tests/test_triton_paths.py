@@ -140,13 +140,16 @@ def test_output_chunks(name, dtype):
 
 
 def test_block_do_gpu_widths(monkeypatch):
-    """S once per gradient up to D = 512 in 16-bit (256 in fp32); D = 768 and 1024 in two chunks."""
+    """S once per gradient up to D = 512 in 16-bit (256 in fp32, 256 in the Gram backward); D = 768 and
+    1024 in two chunks."""
     monkeypatch.setattr(ttiles, "interpreting", lambda: False)
     for D, bf16, f32 in [(64, 64, 64), (128, 128, 128), (200, 256, 256), (256, 256, 256), (512, 512, 256),
                          (768, 512, 256), (1024, 512, 256)]:
         assert ttiles.block_do(D, torch.bfloat16) == bf16, D
         assert ttiles.block_do(D, torch.float32) == f32, D
         assert ttiles.gpu_block_do(D, "bf16") == bf16 and ttiles.gpu_block_do(D, "fp32") == f32
+        gram = min(bf16, ttiles.GRAM_MAX_DO)  # the Gram backward's accumulator stops at 256
+        assert ttiles.block_do(D, torch.bfloat16, gram=True) == gram == ttiles.gpu_block_do(D, "bf16", gram=True)
 
 
 def _gram(B, D, dtype, exclude_self=True, seed=0):

@@ -553,7 +553,7 @@ def _gram_bwd_kernel(
     else:
         zi = 0
     acc = tl.zeros((BLOCK, BLOCK_DO), tl.float32)
-    dscale = tl.zeros((BLOCK,), tl.float32)
+    dscale_t = tl.zeros((BLOCK,), tl.float32)  # this loop's row sums come out along the tile's columns
     # J < I: the forward's tile Z_J·Z_Iᵀ (rows J); every quantity below is laid out (J, I)
     for tj in range(0, ti):
         rows_j, mask_j, z_rows_j, e0_j, e1_j, lse_j, g_j, zj, zo = _gram_j_tile(
@@ -564,7 +564,7 @@ def _gram_bwd_kernel(
         ok = allowed(rows_i, mask_j, mask_i, cs, ce, e0_j, e1_j, False, N_EXCLUDE)
         ok_t = allowed_t(rows_j, mask_j, mask_i, e0_i, e1_i, N_EXCLUDE)
         ds_j, ds_it = _gram_ds(s_raw, scale, ok, ok_t, lse_j, g_j, lse_i, g_i)  # dS_JI, (dS_IJ)ᵀ
-        dscale += tl.sum(ds_it * s_raw, 0)
+        dscale_t += tl.sum(ds_it * s_raw, 0)
         a_t = _gram_pick(ds_it, ds_j, TERMS)
         acc = tl.dot(tl.trans(a_t.to(zo.dtype)), zo, acc, input_precision=PREC)
     # J = I: the lower triangle is the transposed upper one
@@ -576,7 +576,7 @@ def _gram_bwd_kernel(
     ok = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
     ok_t = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
     ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
-    dscale += tl.sum(ds * s_raw, 1)
+    dscale = dscale_t + tl.sum(ds * s_raw, 1)
     acc = tl.dot(_gram_pick(ds, ds_t, TERMS).to(zo.dtype), zo, acc, input_precision=PREC)
     # J > I: the forward's tile Z_I·Z_Jᵀ
     for tj in range(ti + 1, T):
@@ -816,17 +816,18 @@ def _sim_lse_bwd_op(
     flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col)
     launch_any = B > 0 and M > 0
     atomic = bool(atomic) and D <= _ATOMIC_MAX_D
-    bd, bdo = chunk_d(D), block_do(D, q.dtype)
+    bd, bdo, gram_bdo = chunk_d(D), block_do(D, q.dtype), block_do(D, q.dtype, gram=True)
     one_chunk = D <= bd
-    n_d = triton.cdiv(D, bdo)
+    n_d, gram_n_d = triton.cdiv(D, bdo), triton.cdiv(D, gram_bdo)
     reuse = one_chunk and n_d == 1 and bdo == bd
     dot_kw = dict(UPCAST=flags["UPCAST"], PREC=flags["PREC"])
-    gram_kw = dict(N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=bd, BLOCK_DO=bdo, ONE_CHUNK=one_chunk, REUSE=reuse, **dot_kw)
+    gram_kw = dict(N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=bd, BLOCK_DO=gram_bdo, ONE_CHUNK=one_chunk,
+                   REUSE=one_chunk and gram_n_d == 1 and gram_bdo == bd, **dot_kw)
     n_parts = triton.cdiv(B, min_block())
 
     def gram_rows(terms: int, name: str, dscale_part: Tensor) -> Tensor:
         out = empty(q.shape, q.dtype, q.device)
-        launch(name, _gram_bwd_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK"]), n_d))(
+        launch(name, _gram_bwd_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK"]), gram_n_d))(
             q, scale, _ptr(exclude, scale), row_lse, grad_row, out, dscale_part,
             B, D, q.stride(0), out.stride(0), log2_bucket(B), TERMS=terms, **gram_kw,
         )
@@ -987,9 +988,11 @@ def compile_specs() -> List[dict]:
                     continue
                 out.append(spec("sim_lse_bwd_dq", _bwd_dq_kernel.fn, dname, D, c, w, st))
                 out.append(spec("sim_lse_bwd_dk", _bwd_dk_kernel.fn, dname, D, c, w, st))
+            gbdo = gpu_block_do(D, dname, gram=True)
+            gram_bwd = dict(BLOCK_D=bd, BLOCK_DO=gbdo, ONE_CHUNK=one, REUSE=one and D <= gbdo and gbdo == bd)
             for (blk,), w, st in SYM_BWD_GPU:
-                c = dict(N_EXCLUDE=1, **flags, **bwd, TERMS=3, BLOCK=blk)
-                if not acc_fits(c, w, bdo):
+                c = dict(N_EXCLUDE=1, **flags, **gram_bwd, TERMS=3, BLOCK=blk)
+                if not acc_fits(c, w, gbdo):
                     continue
                 out.append(spec("sim_lse_gram_bwd", _gram_bwd_kernel.fn, dname, D, c, w, st))
     return out

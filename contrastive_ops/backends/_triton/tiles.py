@@ -114,15 +114,21 @@ def max_do(dtype: torch.dtype) -> int:
     return 256 if dtype == torch.float32 else 512
 
 
-def block_do(D: int, dtype: torch.dtype = torch.bfloat16) -> int:
+GRAM_MAX_DO = 256  # the Gram backward's three accumulating loops spill beyond 64 × 256 (17 KB at 64 × 512)
+
+
+def block_do(D: int, dtype: torch.dtype = torch.bfloat16, gram: bool = False) -> int:
     """Width of the backward's output D-chunks: all of D (padded) up to ``max_do``, else equal chunks.
 
     One output chunk means S is recomputed once per gradient.  Beyond
     ``max_do`` the n_d = cdiv(D, max_do) chunks are made as narrow as a power
     of two allows (D = 768 in 16-bit: two chunks of 512; D = 1024: two of 512).
+    ``gram``: the Gram backward's cap is ``GRAM_MAX_DO`` (256) on the GPU.
     """
     p2 = max(16, triton.next_power_of_2(D))
     cap = max_do(dtype)
+    if gram and not interpreting():
+        cap = min(cap, GRAM_MAX_DO)
     if p2 <= cap:
         return p2
     n_d = triton.cdiv(D, cap)
@@ -459,10 +465,12 @@ def gpu_chunk_d(D: int) -> int:
     return p2 if p2 <= 128 else 64
 
 
-def gpu_block_do(D: int, dtype_name: str) -> int:
+def gpu_block_do(D: int, dtype_name: str, gram: bool = False) -> int:
     """``block_do`` as on the GPU."""
     p2 = max(16, triton.next_power_of_2(D))
     cap = 256 if dtype_name == "fp32" else 512
+    if gram:
+        cap = min(cap, GRAM_MAX_DO)
     if p2 <= cap:
         return p2
     n_d = triton.cdiv(D, cap)
