@@ -348,7 +348,7 @@ def test_sim_lse_compiles_fullgraph():
 
 def test_backward_one_wide_output_chunk(monkeypatch):
     """The GPU layout of the backward (one output chunk of width 128 ≠ BLOCK_D) on the same data."""
-    monkeypatch.setattr(tcore, "block_do", lambda D, dtype=None: 128)
-    monkeypatch.setattr(tsiglip, "block_do", lambda D, dtype=None: 128)
+    monkeypatch.setattr(tcore, "block_do", lambda D, dtype=None, gram=False: 128)
+    monkeypatch.setattr(tsiglip, "block_do", lambda D, dtype=None, gram=False: 128)
     test_sim_lse_primitive("range_index_exclude2", torch.float32, True)
     test_siglip_primitive((45, 38, 72), torch.float32)

@@ -295,7 +295,7 @@ def _check_clip_d24(dtype):
 
 def test_chunked_input_with_wide_output_chunk(monkeypatch):
     """One input chunk but a wider output chunk (no tile reuse), in the dq/dk and Gram kernels."""
-    monkeypatch.setattr(tcore, "block_do", lambda D, dtype=None: 64)
+    monkeypatch.setattr(tcore, "block_do", lambda D, dtype=None, gram=False: 64)
     _check_clip_d24(torch.float32)
     test_gram_paths("self_d20", torch.float32)
 

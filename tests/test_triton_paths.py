@@ -239,8 +239,8 @@ def test_dot_precision_per_dtype(monkeypatch):
 
 def test_autotune_lists_keys_and_pruning(monkeypatch):
     """≤ 4 configs per kernel on the GPU, tiles ≥ 64 rows and warps a multiple of 4 (wgmma), the
-    first config alone with CONTRASTIVE_OPS_TRITON_CONFIGS=default, B and M in the keys as log₂
-    buckets, and accumulators that would spill pruned."""
+    first fitting config alone with CONTRASTIVE_OPS_TRITON_CONFIGS=default, B and M in the keys as
+    log₂ buckets, and configs whose accumulator would spill or whose tiles overflow shared memory pruned."""
     lists = [ttiles.FWD_N_GPU, ttiles.BWD_GPU, ttiles.FWD_GPU, ttiles.BWD_ATOMIC_GPU, ttiles.SYM_FWD_GPU,
              ttiles.SYM_BWD_GPU, ttiles.SYM_ATOMIC_GPU]
     for lst in lists:
@@ -248,10 +248,24 @@ def test_autotune_lists_keys_and_pruning(monkeypatch):
         for blocks, warps, _ in lst:
             assert warps % 4 == 0 and all(b >= 64 for b in blocks), lst
     monkeypatch.setattr(ttiles, "interpreting", lambda: False)
-    assert len(ttiles.configs(("BLOCK_M", "BLOCK_N"), ttiles.BWD_GPU, None)) == len(ttiles.BWD_GPU)
-    monkeypatch.setattr(ttiles, "CONFIGS", "default")
-    one = ttiles.configs(("BLOCK_M", "BLOCK_N"), ttiles.BWD_GPU, None)
-    assert len(one) == 1 and one[0].kwargs == {"BLOCK_M": 64, "BLOCK_N": 64}
+    import triton
+
+    bwd = ttiles.configs(("BLOCK_M", "BLOCK_N"), ttiles.BWD_GPU, None)
+    assert len(bwd) == len(ttiles.BWD_GPU)
+    kept = ttiles._prune(bwd, {}, BLOCK_DO=512)  # 64 × 512 fp32 accumulators need 8 warps and 64-row tiles
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept] == [(64, 64, 8)]
+    assert ttiles._prune(bwd, {}, BLOCK_DO=128) == bwd
+    fwd = ttiles.configs(("BLOCK_N",), ttiles.FWD_N_GPU, None)
+    f32, b16 = dict(Q=torch.empty(0)), dict(Q=torch.empty(0, dtype=torch.bfloat16))
+    assert ttiles._prune(fwd, b16, BLOCK_D=128, BLOCK_M=128) == fwd
+    kept = ttiles._prune(fwd, f32, BLOCK_D=128, BLOCK_M=128)  # tf32x3 tiles: 128 × 128 × 3 stages is 384 KB
+    assert 1 <= len(kept) < len(fwd)
+    assert all(ttiles.fwd_smem(128, c.kwargs["BLOCK_N"], 128, c.num_stages, 4) <= ttiles.SMEM_LIMIT for c in kept)
+    assert ttiles.fwd_smem(128, 128, 128, 3, 4) == 393216 and ttiles.fwd_smem(128, 128, 128, 3, 2) == 131072
+    monkeypatch.setattr(ttiles, "CONFIGS", "default")  # the first config that fits, alone
+    assert ttiles._prune(bwd, {}, BLOCK_DO=128) == bwd[:1]
+    assert ttiles._prune(fwd, b16, BLOCK_D=128, BLOCK_M=128) == fwd[:1]
+    assert ttiles._prune(fwd, f32, BLOCK_D=128, BLOCK_M=128) == kept[:1]
     monkeypatch.setattr(ttiles, "CONFIGS", "fast")
     with pytest.raises(ValueError, match="CONTRASTIVE_OPS_TRITON_CONFIGS"):
         ttiles.configs(("BLOCK_M",), ttiles.BWD_GPU, None)
@@ -260,12 +274,7 @@ def test_autotune_lists_keys_and_pruning(monkeypatch):
     for kern in (tcore._gram_fwd_kernel, tcore._gram_bwd_kernel):
         assert "B_LOG2" in kern.keys
     assert [ttiles.log2_bucket(n) for n in (1, 2, 3, 8, 9, 4096, 4097)] == [0, 1, 2, 3, 4, 12, 13]
-    import triton
-    full = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-            for (bm, bn), w, s in ttiles.BWD_GPU]
-    kept = ttiles._prune_acc(full, {}, BLOCK_DO=512)
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept] == [(64, 64, 8)]
-    assert len(ttiles._prune_acc(full, {}, BLOCK_DO=128)) == len(full)
+    assert isinstance(triton.Config, type)
 
 
 def test_compile_specs():
@@ -290,6 +299,11 @@ def test_compile_specs():
             assert all(v >= 64 for n, v in s["constexprs"].items() if n in ("BLOCK_M", "BLOCK_N", "BLOCK"))
             if "BLOCK_DO" in s["constexprs"]:
                 assert ttiles.acc_fits(s["constexprs"], s["num_warps"], s["constexprs"]["BLOCK_DO"])
+            if s["name"] in ("sim_lse_fwd", "sim_lse_gram_fwd"):
+                c = s["constexprs"]
+                bm, bn = c.get("BLOCK_M", c.get("BLOCK")), c.get("BLOCK_N", c.get("BLOCK"))
+                elem = 4 if s["dtype"] == "fp32" else 2
+                assert ttiles.fwd_smem(bm, bn, c["BLOCK_D"], s["num_stages"], elem) <= ttiles.SMEM_LIMIT
         for name in names:
             got = {(s["dtype"], s["D"]) for s in specs if s["name"] == name}
             assert got == {(dt, D) for dt in ("bf16", "fp16", "fp32") for D in ttiles.SPEC_DS}, name

@@ -94,8 +94,7 @@ def _siglip_g_tile(X, Y, x_rows, y_rows, rows, cols, row_mask, col_mask, D, stri
 
 # Row-stationary dx = scale·G Y per (row tile, output D-chunk); chunk 0 also
 # writes the tile's Σ G·x·y (dscale) and Σ G (dbias).
-@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2", "PREC"],
-          prune_acc=True)
+@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2", "PREC"])
 @triton.jit
 def _siglip_bwd_dx_kernel(X, Y, Scale, Bias, Grad, DX, ScalePart, BiasPart, B, M, D, stride_x, stride_y, stride_dx,
                           B_LOG2, M_LOG2,
@@ -132,8 +131,7 @@ def _siglip_bwd_dx_kernel(X, Y, Scale, Bias, Grad, DX, ScalePart, BiasPart, B, M
 
 
 # Column-stationary dy = scale·Gᵀ X per (column tile, output D-chunk).
-@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2", "PREC"],
-          prune_acc=True)
+@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2", "PREC"])
 @triton.jit
 def _siglip_bwd_dy_kernel(X, Y, Scale, Bias, Grad, DY, B, M, D, stride_x, stride_y, stride_dy,
                           B_LOG2, M_LOG2,

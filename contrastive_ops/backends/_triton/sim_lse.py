@@ -113,7 +113,7 @@ import triton.language as tl
 
 from . import tiles
 from .tiles import (
-    BWD_ATOMIC_GPU, BWD_GPU, acc_fits, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SPEC_DS, SPEC_DTYPES,
+    BWD_ATOMIC_GPU, BWD_GPU, SMEM_LIMIT, acc_fits, fwd_smem, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SPEC_DS, SPEC_DTYPES,
     SYM_ATOMIC_GPU, SYM_BWD_GPU, SYM_FWD_GPU, allowed, allowed_t, autotune, block_do, chunk_d, col_bounds,
     col_lse, col_tile, configs, d_pad, dot_flags, empty, gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting,
     launch, load_tile, log2_bucket, logaddexp, lse_of, min_block, online_rows, row_tile, s_tile, scaled_s,
@@ -288,8 +288,7 @@ def _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT
     return tl.where(ok, ds, 0.0)
 
 
-@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS,
-          prune_acc=True)
+@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
@@ -371,8 +370,7 @@ def _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs
     return tl.dot(tl.trans(ds.to(qt.dtype)), qt, acc, input_precision=PREC)
 
 
-@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS,
-          prune_acc=True)
+@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
 @triton.jit
 def _bwd_dk_kernel(
     Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
@@ -428,8 +426,8 @@ def _bwd_dk_kernel(
 # and adds dK_J += scale·dS_IJᵀ·Q_I with fp32 atomics into DKAcc: 6 units.
 # A deterministic version would need one (M, D) fp32 buffer per concurrent
 # program, so the order of the atomic adds (run to run) is the price.
-@triton.autotune(configs=configs(("BLOCK_M", "BLOCK_N"), BWD_ATOMIC_GPU, INTERP_BLOCK),
-                 key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS, reset_to_zero=["DKAcc"])
+@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_ATOMIC_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS,
+          reset_to_zero=["DKAcc"])
 @triton.jit
 def _bwd_atomic_kernel(
     Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
@@ -526,8 +524,7 @@ def _gram_j_tile(tj, B, Exclude, RowLse, GradRow, Z, offs_d, offs_o, D, stride_z
     return rows_j, mask_j, z_rows_j, e0_j, e1_j, lse_j, g_j, zj, zo
 
 
-@autotune(configs(("BLOCK",), SYM_BWD_GPU, INTERP_SYM), key=["D", "B_LOG2", "N_EXCLUDE", "TERMS", "PREC"],
-          prune_acc=True)
+@autotune(configs(("BLOCK",), SYM_BWD_GPU, INTERP_SYM), key=["D", "B_LOG2", "N_EXCLUDE", "TERMS", "PREC"])
 @triton.jit
 def _gram_bwd_kernel(
     Z, Scale, Exclude, RowLse, GradRow, DZ, DscalePart,
@@ -615,8 +612,8 @@ def _pair_range(pid, nprog, T):
 # Atomic Gram backward (opt-in, D ≤ 256): each pair I ≤ J once, S_IJ built once
 # as the forward builds it, dZ_I += A_IJ·Z_J in registers (flushed with one
 # atomic add when leaving I), dZ_J += A_IJᵀ·Z_I (J > I) with fp32 atomics: 3 units.
-@triton.autotune(configs=configs(("BLOCK",), SYM_ATOMIC_GPU, INTERP_SYM), key=["D", "B_LOG2", "N_EXCLUDE", "PREC"],
-                 reset_to_zero=["DZAcc"])
+@autotune(configs(("BLOCK",), SYM_ATOMIC_GPU, INTERP_SYM), key=["D", "B_LOG2", "N_EXCLUDE", "PREC"],
+          reset_to_zero=["DZAcc"])
 @triton.jit
 def _gram_bwd_atomic_kernel(
     Z, Scale, Exclude, RowLse, GradRow, DZAcc, DscalePart,
@@ -973,13 +970,18 @@ def compile_specs() -> List[dict]:
             one = D <= bd
             n_d = triton.cdiv(D, bdo)
             reuse = one and n_d == 1 and bdo == bd
+            elem = 4 if dname == "fp32" else 2
             for block_m in (128, 64):
                 for (bn,), w, st in FWD_N_GPU:
                     c = dict(gen, **flags, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_M=block_m, BLOCK_N=bn)
+                    if fwd_smem(block_m, bn, bd, st, elem) > SMEM_LIMIT:
+                        continue
                     out.append(spec("sim_lse_fwd", _fwd_kernel.fn, dname, D, c, w, st))
             for block in (64,):
                 for _, w, st in SYM_FWD_GPU:
                     c = dict(N_EXCLUDE=1, **flags, BLOCK_D=bd, ONE_CHUNK=one, BLOCK=block)
+                    if fwd_smem(block, block, bd, st, elem) > SMEM_LIMIT:
+                        continue
                     out.append(spec("sim_lse_gram_fwd", _gram_fwd_kernel.fn, dname, D, c, w, st))
             bwd = dict(BLOCK_D=bd, BLOCK_DO=bdo, ONE_CHUNK=one, REUSE=reuse)
             for (bm, bn), w, st in BWD_GPU:

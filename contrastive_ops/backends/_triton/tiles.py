@@ -176,19 +176,23 @@ _AUTOTUNE_CACHES = "cache_results" in inspect.signature(triton.autotune).paramet
 
 
 def configs(block_names, gpu_choices, interp_choice) -> List[triton.Config]:
-    """Autotune configs: a short Hopper list on the GPU (≤ 4), one small config under the interpreter."""
+    """Autotune configs: a short Hopper list on the GPU (≤ 4), one small config under the interpreter.
+
+    With ``CONTRASTIVE_OPS_TRITON_CONFIGS=default`` the whole list is kept here
+    and the pruning (``_prune``) runs the first config that fits the shape
+    and dtype, alone (no benchmark, one compile per kernel and specialization).
+    """
     if interpreting():
         return [triton.Config(dict(zip(block_names, interp_choice)), num_warps=1, num_stages=1)]
     if CONFIGS not in ("tune", "default"):
         raise ValueError(f"CONTRASTIVE_OPS_TRITON_CONFIGS must be 'tune' or 'default', got {CONFIGS!r}")
     assert len(gpu_choices) <= MAX_GPU_CONFIGS, "a config list longer than the autotune budget"
-    if CONFIGS == "default":
-        gpu_choices = gpu_choices[:1]
     return [triton.Config(dict(zip(block_names, blocks)), num_warps=warps, num_stages=stages)
             for blocks, warps, stages in gpu_choices]
 
 
 MAX_ACC_PER_THREAD = 128  # fp32 accumulator registers per thread a backward config may hold
+SMEM_LIMIT = 232448  # bytes of shared memory one sm_90 program may use
 
 
 def acc_fits(cfg_kwargs: dict, num_warps: int, block_do_: int) -> bool:
@@ -202,26 +206,56 @@ def acc_fits(cfg_kwargs: dict, num_warps: int, block_do_: int) -> bool:
     return rows * block_do_ <= MAX_ACC_PER_THREAD * 32 * num_warps
 
 
-def _prune_acc(configs_list, named_args, **kwargs):
-    """Autotune pruning: drop configs whose accumulator would spill (``acc_fits``); never all of them."""
-    bdo = kwargs.get("BLOCK_DO", named_args.get("BLOCK_DO", 0))
-    kept = [c for c in configs_list if acc_fits(c.kwargs, c.num_warps, bdo)]
-    return kept or list(configs_list)[:1]
+def fwd_smem(block_m: int, block_n: int, block_d: int, num_stages: int, elem: int) -> int:
+    """Shared memory of a forward config (sm_90a, measured): the stationary tile and ``num_stages``
+    streamed tiles; fp32 (tf32x3) also keeps a split copy of each operand."""
+    if elem == 4:
+        return (2 * block_m + (num_stages + 1) * block_n) * block_d * 4
+    return (block_m + num_stages * block_n) * block_d * elem
 
 
-def autotune(configs_list, key, prune_acc: bool = False):
-    """``triton.autotune`` with on-disk result caching where the installed Triton has it, and for the
-    backward kernels (``prune_acc``) the configs whose BLOCK_DO-wide accumulator would spill removed."""
+def _elem_size(named_args) -> int:
+    for n in ("Q", "Z", "X"):
+        t = named_args.get(n)
+        if t is not None and hasattr(t, "element_size"):
+            return t.element_size()
+    return 2
+
+
+def _prune(configs_list, named_args, **kwargs):
+    """Autotune pruning of every kernel: drop backward configs whose accumulator would spill
+    (``acc_fits``) and forward configs whose tiles exceed the shared memory (``fwd_smem``); with
+    ``CONFIGS == "default"`` keep the first survivor alone.  Never returns an empty list."""
+    kept = list(configs_list)
+    bdo = kwargs.get("BLOCK_DO")
+    if bdo:
+        kept = [c for c in kept if acc_fits(c.kwargs, c.num_warps, bdo)]
+    elif "BLOCK_D" in kwargs and "TERMS" not in kwargs and "BLOCK_DP" not in kwargs:  # the forward kernels
+        elem = _elem_size(named_args)
+
+        def smem(c):
+            a = {**kwargs, **c.kwargs}
+            bm = a.get("BLOCK_M", a.get("BLOCK", 64))
+            bn = a.get("BLOCK_N", a.get("BLOCK", 64))
+            return fwd_smem(bm, bn, kwargs["BLOCK_D"], c.num_stages, elem)
+
+        kept = [c for c in kept if smem(c) <= SMEM_LIMIT] or [min(configs_list, key=smem)]
+    kept = kept or list(configs_list)[:1]
+    return kept[:1] if CONFIGS == "default" else kept
+
+
+def autotune(configs_list, key, reset_to_zero=None):
+    """``triton.autotune`` with the pruning of ``_prune`` and on-disk result caching where the
+    installed Triton has it."""
     extra = dict(cache_results=True) if _AUTOTUNE_CACHES and not interpreting() else {}
-    if prune_acc:
-        extra["prune_configs_by"] = dict(early_config_prune=_prune_acc)
-    return triton.autotune(configs=configs_list, key=key, **extra)
+    return triton.autotune(configs=configs_list, key=key, reset_to_zero=reset_to_zero,
+                           prune_configs_by=dict(early_config_prune=_prune), **extra)
 
 
 # Every list: tiles of at least 64 rows, warps a multiple of 4 (wgmma), first entry = the default.
 # Forward, general: BLOCK_M is chosen from the shape by the launcher (the split grid and its
 # partial buffers depend on it); the autotuner picks BLOCK_N, warps and stages.
-FWD_N_GPU = [((128,), 8, 3), ((64,), 4, 3), ((128,), 4, 2), ((64,), 8, 4)]
+FWD_N_GPU = [((128,), 8, 3), ((64,), 4, 3), ((128,), 4, 2), ((64,), 4, 2)]  # the last fits fp32 at D = 128
 # Backward (dq and dk kernels): BLOCK_M × BLOCK_N S tiles beside a BLOCK × BLOCK_DO accumulator.
 BWD_GPU = [((64, 64), 8, 2), ((64, 64), 4, 2), ((128, 64), 8, 2), ((64, 128), 8, 2)]
 # SigLIP keeps its own lists (same rules).
