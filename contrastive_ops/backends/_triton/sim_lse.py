@@ -17,26 +17,27 @@ Paths and their cost
 Costs in units of B·M·D (one product of a (B, D) by a (D, M) operand is 2
 units).  "CLIP" is the symmetric InfoNCE (row and column LSE, q ≠ k); "Gram"
 is q *is* k (no index lists, no ranges, no column LSE: NT-Xent, MV-InfoNCE,
-SupCon "all", DCL), where M = B.  n_d = cdiv(D, max_do) output chunks
-(``tiles.block_do``: 1 for D ≤ 512 in 16-bit, ≤ 256 in fp32; 2 for D = 768 and
-1024 in 16-bit).
+SupCon "all", DCL), where M = B.  n_d = cdiv(D, max width) output chunks of
+the backward accumulators (``tiles.block_do``: all of D up to 512 in 16-bit
+and 256 in fp32 for dq/dk, up to 256 for the Gram backward, whose three
+accumulating loops spill beyond 64 × 256 on sm_90a).
 
-==================================  =============  =================================  =============
-path                                units          extra memory                       deterministic
-==================================  =============  =================================  =============
-forward, general (split-M)          2              n_split·B + T_B·M fp32 partials    yes
-forward, Gram (rows J ≥ I)          1              T·B fp32 partials                  yes
-backward, general, dq + dk kernels  4 + 4 (n_d=1)  T_B fp32 (dscale parts)            yes  ← default
-                                    (2n_d+2)·2
-backward, general, atomic           6              M·D fp32 (dK accumulator)          no, opt-in
-backward, Gram, row-stationary      4 (n_d=1)      T fp32                             yes  ← default
-                                    2n_d + 2
-backward, Gram, atomic              3              B·D fp32 (dZ accumulator)          no, opt-in
-backward, Gram, split (z, z.detach) 8 (n_d=1)      T fp32                             yes
-==================================  =============  =================================  =============
+==================================  ==================  =============================  =============
+path                                units               extra memory                   deterministic
+==================================  ==================  =============================  =============
+forward, general (split-M)          2                   n_split·B + T_B·M fp32         yes
+forward, Gram (rows J ≥ I)          1                   T·B fp32                       yes
+backward, general, dq + dk kernels  2·(2n_d + 2)        T_B fp32 (dscale parts)        yes  ← default
+                                    = 8 for D ≤ 512 (16-bit), 12 for D = 768, 1024
+backward, general, atomic           6                   M·D fp32 (dK accumulator)      no, opt-in
+backward, Gram, row-stationary      2n_d + 2            T fp32                         yes  ← default
+                                    = 4 for D ≤ 256, 6 for D = 512, 10 for D = 1024
+backward, Gram, atomic              3                   B·D fp32 (dZ accumulator)      no, opt-in
+backward, Gram, split (z, z.detach) 2·(2n_d + 2)        T fp32                         yes
+==================================  ==================  =============================  =============
 
 So symmetric CLIP costs 2 + 8 = 10 units for D ≤ 512 (16-bit) and a Gram loss
-1 + 4 = 5.  T_B = cdiv(B, BLOCK_M), T = cdiv(B, BLOCK).
+1 + 4 = 5 for D ≤ 256.  T_B = cdiv(B, BLOCK_M), T = cdiv(B, BLOCK).
 
 Forward, general: a grid of (row tiles, column splits).  The number of
 splits is chosen from the shape (``fwd_plan``): one while the row tiles
