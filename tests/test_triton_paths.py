@@ -94,7 +94,8 @@ def _check_general(name, dtype, want_col):
     if want_col:
         _check_lse(col, r_col, dtype, "col_lse")
     (dq, dk, ds), ran = _launches(lambda: tcore.sim_lse_backward(q, k, scale, *fkw.values(), row, col, g_row, g_col))
-    assert ran == {"bwd_dq": 1, "bwd_dk": 1}
+    D = q.shape[1]
+    assert ran == {"bwd_dq": 1, "bwd_dk_wide" if tcore.dk_wide(D, dtype) else "bwd_dk": 1}
     assert_close(dq.float(), r_dq, dtype, what="dq")
     assert_close(dk.float(), r_dk, dtype, what="dk")
     assert_close(ds, r_ds.float(), dtype, what="dscale")
@@ -136,6 +137,8 @@ def test_output_chunks(name, dtype):
     if INTERP:
         assert (bdo, -(-D // bdo)) == {64: (64, 1), 100: (64, 2)}[D]
         assert tcore.chunk_d(D) == 32
+        # several dq chunks: 16-bit dK in one transposed 128-wide accumulator, fp32 in the dq chunks
+        assert tcore.dk_wide(D, dtype) == (D == 100 and dtype != torch.float32)
     _check_general(name, dtype, True)
 
 
@@ -285,7 +288,7 @@ def test_compile_specs():
     from contrastive_ops.backends._triton import siglip as tsiglip
 
     for mod, names in ((tcore, {"sim_lse_fwd", "sim_lse_gram_fwd", "sim_lse_bwd_dq", "sim_lse_bwd_dk",
-                                "sim_lse_gram_bwd"}),
+                                "sim_lse_bwd_dk_wide", "sim_lse_gram_bwd"}),
                        (tsiglip, {"siglip_fwd", "siglip_bwd_dx", "siglip_bwd_dy"})):
         specs = mod.compile_specs()
         assert {s["name"] for s in specs} == names
@@ -296,7 +299,9 @@ def test_compile_specs():
             assert set(s["args"]) | set(s["constexprs"]) == set(s["fn"].arg_names)
             assert s["dtype"] in ("bf16", "fp16", "fp32") and s["D"] in ttiles.SPEC_DS
             assert s["num_warps"] % 4 == 0
-            assert all(v >= 64 for n, v in s["constexprs"].items() if n in ("BLOCK_M", "BLOCK_N", "BLOCK"))
+            # S tiles of ≥ 64 rows (wgmma's M); the wide dk kernel's 32 columns are the N side of both products
+            assert all(v >= 64 for n, v in s["constexprs"].items() if n in ("BLOCK_M", "BLOCK_N", "BLOCK")
+                       if not (n == "BLOCK_N" and s["constexprs"].get("DK_T")))
             if "BLOCK_DO" in s["constexprs"]:
                 assert ttiles.acc_fits(s["constexprs"], s["num_warps"], s["constexprs"]["BLOCK_DO"])
             if s["name"] in ("sim_lse_fwd", "sim_lse_gram_fwd"):
@@ -306,4 +311,10 @@ def test_compile_specs():
                 assert ttiles.fwd_smem(bm, bn, c["BLOCK_D"], s["num_stages"], elem) <= ttiles.SMEM_LIMIT
         for name in names:
             got = {(s["dtype"], s["D"]) for s in specs if s["name"] == name}
-            assert got == {(dt, D) for dt in ("bf16", "fp16", "fp32") for D in ttiles.SPEC_DS}, name
+            if name == "sim_lse_bwd_dk_wide":  # 16-bit D wider than one dq chunk
+                assert got == {(dt, D) for dt in ("bf16", "fp16") for D in (768, 1024)}
+                continue
+            want = {(dt, D) for dt in ("bf16", "fp16", "fp32") for D in ttiles.SPEC_DS}
+            if name == "sim_lse_bwd_dk":
+                want -= {(dt, D) for dt in ("bf16", "fp16") for D in (768, 1024)}
+            assert got == want, name

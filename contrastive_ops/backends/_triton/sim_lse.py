@@ -28,7 +28,8 @@ path                                units               extra memory            
 forward, general (split-M)          2                   n_split·B + T_B·M fp32         yes
 forward, Gram (rows J ≥ I)          1                   T·B fp32                       yes
 backward, general, dq + dk kernels  2·(2n_d + 2)        T_B fp32 (dscale parts)        yes  ← default
-                                    = 8 for D ≤ 512 (16-bit), 12 for D = 768, 1024
+                                    = 8 for D ≤ 512 (16-bit); for D = 768, 1024 (16-bit)
+                                    dq 6 + wide dk 4 = 10 (dKᵀ = Qᵀ·dS over all of D)
 backward, general, atomic           6                   M·D fp32 (dK accumulator)      no, opt-in
 backward, Gram, row-stationary      2n_d + 2            T fp32                         yes  ← default
                                     = 4 for D ≤ 256, 6 for D = 512, 10 for D = 1024
@@ -114,7 +115,7 @@ import triton.language as tl
 
 from . import tiles
 from .tiles import (
-    BWD_ATOMIC_GPU, BWD_GPU, SMEM_LIMIT, acc_fits, fwd_smem, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SPEC_DS, SPEC_DTYPES,
+    BWD_ATOMIC_GPU, BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, SMEM_LIMIT, acc_fits, fwd_smem, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SPEC_DS, SPEC_DTYPES,
     SYM_ATOMIC_GPU, SYM_BWD_GPU, SYM_FWD_GPU, allowed, allowed_t, autotune, block_do, chunk_d, col_bounds,
     col_lse, col_tile, configs, d_pad, dot_flags, empty, gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting,
     launch, load_tile, log2_bucket, logaddexp, lse_of, min_block, online_rows, row_tile, s_tile, scaled_s,
@@ -350,8 +351,9 @@ def _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs
              RowIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol, stride_q, stride_k,
              HAS_ROW_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr, N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr,
              UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-             REUSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc += dS_tᵀ · Q_t[:, offs_o] for row tile t against the held column tile."""
+             REUSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_T: tl.constexpr):
+    """acc += dS_tᵀ · Q_t[:, offs_o] for row tile t against the held column tile (``DK_T``: the
+    transposed accumulator, accᵀ += Q_t[:, offs_o]ᵀ · dS_t, D as the product's M dimension)."""
     rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
         t, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
     if ONE_CHUNK:
@@ -368,7 +370,11 @@ def _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs
         qt = q_tile
     else:
         qt = load_tile(Q, q_rows, row_mask, offs_o, D, stride_q, UPCAST)
-    return tl.dot(tl.trans(ds.to(qt.dtype)), qt, acc, input_precision=PREC)
+    if DK_T:
+        out = tl.dot(tl.trans(qt), ds.to(qt.dtype), acc, input_precision=PREC)
+    else:
+        out = tl.dot(tl.trans(ds.to(qt.dtype)), qt, acc, input_precision=PREC)
+    return out
 
 
 @autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
@@ -380,7 +386,7 @@ def _bwd_dk_kernel(
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Column-stationary: program (column tile, output chunk) holds its K tile and a BLOCK_N × BLOCK_DO
     dK accumulator and streams the row tiles; S (as Q·Kᵀ) once per tile.  With ranges, row tiles
@@ -396,7 +402,10 @@ def _bwd_dk_kernel(
         k_tile = load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
     else:
         k_tile = 0
-    acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
+    if DK_T:  # dKᵀ: BLOCK_DO (up to 1024) is the product's M dimension, BLOCK_N (32) its N
+        acc = tl.zeros((BLOCK_DO, BLOCK_N), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     for t in range(0, tl.cdiv(B, BLOCK_M)):
         if HAS_RANGE:
             rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -408,15 +417,32 @@ def _bwd_dk_kernel(
                 acc = _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs_o, scale,
                                RowIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol, stride_q,
                                stride_k, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC, BLOCK_D,
-                               ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N)
+                               ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N, DK_T)
         else:
             acc = _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs_o, scale,
                            RowIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol, stride_q,
                            stride_k, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC, BLOCK_D,
-                           ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N)
+                           ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N, DK_T)
     acc = acc * scale
-    tl.store(DK + k_rows[:, None] * stride_dk + offs_o[None, :], acc.to(DK.dtype.element_ty),
-             mask=col_mask[:, None] & (offs_o < D)[None, :])
+    if DK_T:
+        tl.store(DK + k_rows[None, :] * stride_dk + offs_o[:, None], acc.to(DK.dtype.element_ty),
+                 mask=col_mask[None, :] & (offs_o < D)[:, None])
+    else:
+        tl.store(DK + k_rows[:, None] * stride_dk + offs_o[None, :], acc.to(DK.dtype.element_ty),
+                 mask=col_mask[:, None] & (offs_o < D)[None, :])
+
+
+# The same kernel with the transposed dK accumulator (``DK_T``), for 16-bit D wider than one
+# output chunk of the dq kernel: D = 768 and 1024 in one chunk, S once (4 units instead of 6).
+_bwd_dk_wide_kernel = autotune(configs(("BLOCK_M", "BLOCK_N"), DK_WIDE_GPU, INTERP_BLOCK),
+                               key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)(_bwd_dk_kernel.fn)
+
+
+def dk_wide(D: int, dtype: torch.dtype) -> bool:
+    """Whether the dk kernel takes the transposed accumulator over all of D: 16-bit inputs (fp32's
+    tf32x3 has no transposed operand on wgmma) whose D needs several dq chunks, up to 1024."""
+    n_d = triton.cdiv(D, block_do(D, dtype))
+    return n_d > 1 and d_pad(D) <= DK_WIDE_MAX_D and dtype != torch.float32
 
 
 # ---------------------------------------------------------------------------
@@ -880,10 +906,16 @@ def _sim_lse_bwd_op(
             *common, dq, dscale_part, B, M, D, q.stride(0), k.stride(0), dq.stride(0), *buckets,
             BLOCK_D=bd, BLOCK_DO=bdo, ONE_CHUNK=one_chunk, REUSE=reuse, **flags,
         )
-        launch("bwd_dk", _bwd_dk_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), n_d))(
-            *common, dk, B, M, D, q.stride(0), k.stride(0), dk.stride(0), *buckets,
-            BLOCK_D=bd, BLOCK_DO=bdo, ONE_CHUNK=one_chunk, REUSE=reuse, **flags,
-        )
+        if dk_wide(D, q.dtype):
+            launch("bwd_dk_wide", _bwd_dk_wide_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), 1))(
+                *common, dk, B, M, D, q.stride(0), k.stride(0), dk.stride(0), *buckets,
+                BLOCK_D=bd, BLOCK_DO=d_pad(D), ONE_CHUNK=one_chunk, REUSE=False, DK_T=True, **flags,
+            )
+        else:
+            launch("bwd_dk", _bwd_dk_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), n_d))(
+                *common, dk, B, M, D, q.stride(0), k.stride(0), dk.stride(0), *buckets,
+                BLOCK_D=bd, BLOCK_DO=bdo, ONE_CHUNK=one_chunk, REUSE=reuse, DK_T=False, **flags,
+            )
     return dq, dk, dscale_part.sum()
 
 
@@ -985,12 +1017,19 @@ def compile_specs() -> List[dict]:
                         continue
                     out.append(spec("sim_lse_gram_fwd", _gram_fwd_kernel.fn, dname, D, c, w, st))
             bwd = dict(BLOCK_D=bd, BLOCK_DO=bdo, ONE_CHUNK=one, REUSE=reuse)
+            wide = triton.cdiv(D, bdo) > 1 and D <= DK_WIDE_MAX_D and dname != "fp32"
             for (bm, bn), w, st in BWD_GPU:
                 c = dict(gen, **flags, **bwd, BLOCK_M=bm, BLOCK_N=bn)
                 if not acc_fits(c, w, bdo):
                     continue
                 out.append(spec("sim_lse_bwd_dq", _bwd_dq_kernel.fn, dname, D, c, w, st))
-                out.append(spec("sim_lse_bwd_dk", _bwd_dk_kernel.fn, dname, D, c, w, st))
+                if not wide:
+                    out.append(spec("sim_lse_bwd_dk", _bwd_dk_kernel.fn, dname, D, dict(c, DK_T=False), w, st))
+            if wide:
+                for (bm, bn), w, st in DK_WIDE_GPU:
+                    c = dict(gen, **flags, BLOCK_D=bd, BLOCK_DO=triton.next_power_of_2(D), ONE_CHUNK=one,
+                             REUSE=False, DK_T=True, BLOCK_M=bm, BLOCK_N=bn)
+                    out.append(spec("sim_lse_bwd_dk_wide", _bwd_dk_kernel.fn, dname, D, c, w, st))
             gbdo = gpu_block_do(D, dname, gram=True)
             gram_bwd = dict(BLOCK_D=bd, BLOCK_DO=gbdo, ONE_CHUNK=one, REUSE=one and D <= gbdo and gbdo == bd)
             for (blk,), w, st in SYM_BWD_GPU:

@@ -202,7 +202,10 @@ def acc_fits(cfg_kwargs: dict, num_warps: int, block_do_: int) -> bool:
     accumulator takes rows·BLOCK_DO/(32·warps) registers per thread, kept ≤ 128
     so the S tile, dS and addresses fit beside it in 255 without spilling.
     """
-    rows = max(cfg_kwargs.get(n, 0) for n in ("BLOCK_M", "BLOCK_N", "BLOCK"))
+    if cfg_kwargs.get("DK_T"):  # the transposed dK accumulator: BLOCK_DO × BLOCK_N
+        rows = cfg_kwargs["BLOCK_N"]
+    else:
+        rows = max(cfg_kwargs.get(n, 0) for n in ("BLOCK_M", "BLOCK_N", "BLOCK"))
     return rows * block_do_ <= MAX_ACC_PER_THREAD * 32 * num_warps
 
 
@@ -229,7 +232,7 @@ def _prune(configs_list, named_args, **kwargs):
     kept = list(configs_list)
     bdo = kwargs.get("BLOCK_DO")
     if bdo:
-        kept = [c for c in kept if acc_fits(c.kwargs, c.num_warps, bdo)]
+        kept = [c for c in kept if acc_fits({**kwargs, **c.kwargs}, c.num_warps, bdo)]
     elif "BLOCK_D" in kwargs and "TERMS" not in kwargs and "BLOCK_DP" not in kwargs:  # the forward kernels
         elem = _elem_size(named_args)
 
@@ -260,6 +263,10 @@ FWD_N_GPU = [((128,), 8, 3), ((64,), 4, 3), ((128,), 4, 2), ((64,), 8, 2)]  # th
 BWD_GPU = [((64, 64), 8, 2), ((64, 64), 4, 2), ((128, 64), 8, 2), ((64, 128), 8, 2)]
 # SigLIP keeps its own lists (same rules).
 FWD_GPU = [((128, 128), 8, 3), ((128, 64), 4, 3), ((64, 128), 4, 3), ((64, 64), 4, 4)]
+# The dk kernel with the transposed accumulator (16-bit, D = 768 and 1024): dKᵀ (≤ 1024 × 32) += Qᵀ·dS,
+# so the whole of D is one output chunk (128 accumulator registers per thread on 8 warps).
+DK_WIDE_GPU = [((64, 32), 8, 2)]
+DK_WIDE_MAX_D = 1024
 # Atomic backward: full-width (≤ 256) tiles of Q and K.
 BWD_ATOMIC_GPU = [((64, 64), 4, 2), ((64, 64), 8, 2), ((128, 64), 8, 2)]
 # Square tiles (BLOCK) of the Gram kernels: tile I and tile J index the same rows.
