@@ -143,16 +143,18 @@ def test_output_chunks(name, dtype):
 
 
 def test_block_do_gpu_widths(monkeypatch):
-    """S once per gradient up to D = 512 in 16-bit (256 in fp32, 256 in the Gram backward); D = 768 and
-    1024 in two chunks."""
+    """S once per gradient up to D = 512 in 16-bit (128 in fp32, 256 in the Gram backward); D = 768 and
+    1024 in two chunks.  S chunks: 16-bit one chunk up to 128 then 64 wide, fp32 32 wide."""
     monkeypatch.setattr(ttiles, "interpreting", lambda: False)
-    for D, bf16, f32 in [(64, 64, 64), (128, 128, 128), (200, 256, 256), (256, 256, 256), (512, 512, 256),
-                         (768, 512, 256), (1024, 512, 256)]:
+    for D, bf16, f32 in [(64, 64, 64), (128, 128, 128), (200, 256, 128), (256, 256, 128), (512, 512, 128),
+                         (768, 512, 128), (1024, 512, 128)]:
         assert ttiles.block_do(D, torch.bfloat16) == bf16, D
         assert ttiles.block_do(D, torch.float32) == f32, D
         assert ttiles.gpu_block_do(D, "bf16") == bf16 and ttiles.gpu_block_do(D, "fp32") == f32
         gram = min(bf16, ttiles.GRAM_MAX_DO)  # the Gram backward's accumulator stops at 256
         assert ttiles.block_do(D, torch.bfloat16, gram=True) == gram == ttiles.gpu_block_do(D, "bf16", gram=True)
+        assert ttiles.chunk_d(D, torch.bfloat16) == (max(64, D) if D <= 128 else 64) == ttiles.gpu_chunk_d(D)
+        assert ttiles.chunk_d(D, torch.float32) == 32 == ttiles.gpu_chunk_d(D, "fp32")
 
 
 def _gram(B, D, dtype, exclude_self=True, seed=0):

@@ -19,7 +19,7 @@ units).  "CLIP" is the symmetric InfoNCE (row and column LSE, q ≠ k); "Gram"
 is q *is* k (no index lists, no ranges, no column LSE: NT-Xent, MV-InfoNCE,
 SupCon "all", DCL), where M = B.  n_d = cdiv(D, max width) output chunks of
 the backward accumulators (``tiles.block_do``: all of D up to 512 in 16-bit
-and 256 in fp32 for dq/dk, up to 256 for the Gram backward, whose three
+and 128 in fp32 for dq/dk, up to 256 for the Gram backward, whose three
 accumulating loops spill beyond 64 × 256 on sm_90a).
 
 ==================================  ==================  =============================  =============
@@ -783,7 +783,7 @@ def _sim_lse_fwd_op(
     B, M, D = _sizes(q, k, row_index, col_index)
     col_start, col_end = _ranges(q, B, M, col_start, col_end)
     flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col)
-    bd = chunk_d(D)
+    bd = chunk_d(D, q.dtype)
     if _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col) and B > 0:
         block = gram_block(B, q.device)
         T = triton.cdiv(B, block)
@@ -840,7 +840,7 @@ def _sim_lse_bwd_op(
     flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col)
     launch_any = B > 0 and M > 0
     atomic = bool(atomic) and D <= _ATOMIC_MAX_D
-    bd, bdo, gram_bdo = chunk_d(D), block_do(D, q.dtype), block_do(D, q.dtype, gram=True)
+    bd, bdo, gram_bdo = chunk_d(D, q.dtype), block_do(D, q.dtype), block_do(D, q.dtype, gram=True)
     one_chunk = D <= bd
     n_d, gram_n_d = triton.cdiv(D, bdo), triton.cdiv(D, gram_bdo)
     reuse = one_chunk and n_d == 1 and bdo == bd
@@ -999,7 +999,7 @@ def compile_specs() -> List[dict]:
     for dname in SPEC_DTYPES:
         flags = gpu_dot_flags(dname)
         for D in SPEC_DS:
-            bd, bdo = gpu_chunk_d(D), gpu_block_do(D, dname)
+            bd, bdo = gpu_chunk_d(D, dname), gpu_block_do(D, dname)
             one = D <= bd
             n_d = triton.cdiv(D, bdo)
             reuse = one and n_d == 1 and bdo == bd

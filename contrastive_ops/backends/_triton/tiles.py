@@ -12,10 +12,10 @@ Block-size rules (GPU):
   so that sm_90a runs every S product and every gradient product on ``wgmma``
   in forward and backward alike (32-row tiles compile to ``mma.sync``, whose
   fp32 sums may round differently).
-* D ≤ 128 is one chunk (the stationary tile is loaded once per program);
-  wider D streams 64-wide chunks.
+* 16-bit D ≤ 128 is one chunk (the stationary tile is loaded once per program);
+  wider D streams 64-wide chunks; fp32 streams 32-wide chunks.
 * The backward's gradient accumulators hold up to ``max_do(dtype)`` columns of
-  D (512 in 16-bit, 256 in fp32), so S is recomputed once per gradient for
+  D (512 in 16-bit, 128 in fp32), so S is recomputed once per gradient for
   every D up to that width.
 
 Autotuning (``configs``): at most 4 configs per kernel on the GPU, keyed on D,
@@ -89,29 +89,33 @@ def dot_flags(dtype: torch.dtype) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def chunk_d(D: int) -> int:
-    """Width of the D chunks every S tile is accumulated over.
+def chunk_d(D: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Width of the D chunks every S tile is accumulated over (forward and backward alike: it
+    depends only on D and the dtype).
 
-    On the GPU every D ≤ 128 is one chunk (the stationary tile is loaded once per
-    program); wider D streams 64-wide chunks.  Under the interpreter the cap is
-    32, so the tests see both the one-chunk (D ≤ 32) and the chunked layouts.
+    On the GPU every 16-bit D ≤ 128 is one chunk (the stationary tile is loaded
+    once per program); wider D streams 64-wide chunks.  fp32 (tf32x3 splits each
+    operand in registers) streams 32-wide chunks: 128-wide ones spill 1.6–2.5 KB
+    per thread in the backward on sm_90a, 32-wide ones about 70 B.  Under the
+    interpreter the cap is 32, so the tests see both the one-chunk (D ≤ 32) and
+    the chunked layouts.
     """
-    p2 = max(16, triton.next_power_of_2(D))
     if interpreting():
-        return min(p2, 32)
-    return p2 if p2 <= 128 else 64
+        return min(max(16, triton.next_power_of_2(D)), 32)
+    return gpu_chunk_d(D, "fp32" if dtype == torch.float32 else "bf16")
 
 
 def max_do(dtype: torch.dtype) -> int:
     """Widest output D-chunk of a backward accumulator (BLOCK_M × max_do fp32 in registers).
 
-    512 for 16-bit inputs, 256 for fp32 (its gradient operand tile takes twice
-    the shared memory); 64 under the interpreter, so small tests cover both a
-    full-D accumulator (D ≤ 64) and several output chunks (D > 64).
+    512 for 16-bit inputs, 128 for fp32 (tf32x3 keeps split copies of the
+    operands in registers: a 64 × 256 accumulator spills 1.4 KB per thread on
+    sm_90a, 64 × 128 about 70 B); 64 under the interpreter, so small tests
+    cover both a full-D accumulator (D ≤ 64) and several output chunks (D > 64).
     """
     if interpreting():
         return 64
-    return 256 if dtype == torch.float32 else 512
+    return 128 if dtype == torch.float32 else 512
 
 
 GRAM_MAX_DO = 256  # the Gram backward's three accumulating loops spill beyond 64 × 256 (17 KB at 64 × 512)
@@ -500,16 +504,18 @@ def spec_attrs(sp: dict) -> dict:
     return {(names.index(n),): [["tt.divisibility", 16]] for n in sp.get("divisible_by_16", ())}
 
 
-def gpu_chunk_d(D: int) -> int:
+def gpu_chunk_d(D: int, dtype_name: str = "bf16") -> int:
     """``chunk_d`` as on the GPU (for the compile specs, whatever mode this process is in)."""
     p2 = max(16, triton.next_power_of_2(D))
+    if dtype_name == "fp32":
+        return min(p2, 32)
     return p2 if p2 <= 128 else 64
 
 
 def gpu_block_do(D: int, dtype_name: str, gram: bool = False) -> int:
     """``block_do`` as on the GPU."""
     p2 = max(16, triton.next_power_of_2(D))
-    cap = 256 if dtype_name == "fp32" else 512
+    cap = 128 if dtype_name == "fp32" else 512
     if gram:
         cap = min(cap, GRAM_MAX_DO)
     if p2 <= cap:
