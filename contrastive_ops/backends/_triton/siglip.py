@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (BWD_GPU, acc_fits, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, autotune, block_d, block_do, col_tile,
-                    configs, dot_flags, empty, gpu_block_do, gpu_dot_flags, launch, log2_bucket, min_block, s_tile,
-                    spec)
+from .tiles import (BWD_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
+                    col_tile, configs, dot_flags, empty, gpu_block_do, gpu_dot_flags, launch, log2_bucket, min_block,
+                    s_tile, spec)
 
 Tensor = torch.Tensor
 

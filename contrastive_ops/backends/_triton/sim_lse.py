@@ -113,13 +113,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tiles
 from .tiles import (
-    BWD_ATOMIC_GPU, BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, SMEM_LIMIT, acc_fits, fwd_smem, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SPEC_DS, SPEC_DTYPES,
-    SYM_ATOMIC_GPU, SYM_BWD_GPU, SYM_FWD_GPU, allowed, allowed_t, autotune, block_do, chunk_d, col_bounds,
-    col_lse, col_tile, configs, d_pad, dot_flags, empty, gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting,
-    launch, load_tile, log2_bucket, logaddexp, lse_of, min_block, online_rows, row_tile, s_tile, scaled_s,
-    sm_count, spec,
+    BWD_ATOMIC_GPU, BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES,
+    SMEM_LIMIT, SPEC_DS, SPEC_DTYPES, SYM_ATOMIC_GPU, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, allowed, allowed_t,
+    autotune, block_do, chunk_d, col_bounds, col_lse, col_tile, configs, d_pad, dot_flags, empty, fwd_smem,
+    gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch, load_tile, log2_bucket, logaddexp, lse_of,
+    min_block, online_rows, row_tile, s_tile, scaled_s, sm_count, spec,
 )
 
 Tensor = torch.Tensor
