@@ -320,3 +320,14 @@ def test_compile_specs():
             if name == "sim_lse_bwd_dk":
                 want -= {(dt, D) for dt in ("bf16", "fp16") for D in (768, 1024)}
             assert got == want, name
+
+
+def test_poison_switch_on_the_kernel_module(monkeypatch):
+    """``POISON_OUTPUTS`` on the sim_lse module (the former ``core``) still poisons its outputs."""
+    monkeypatch.setattr(ttiles, "POISON_OUTPUTS", False)
+    monkeypatch.setattr(tcore, "POISON_OUTPUTS", True)
+    from contrastive_ops.backends._triton import core
+
+    assert core is tcore
+    out = tcore._empty((3,), torch.float32, torch.device("cpu"))
+    assert torch.isnan(out).all()

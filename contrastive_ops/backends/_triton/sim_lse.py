@@ -123,8 +123,17 @@ from .tiles import (
 
 Tensor = torch.Tensor
 
-__all__ = ["SIM_LSE", "LAUNCHES", "BACKWARD", "interpreting", "sim_lse_forward", "sim_lse_backward",
+__all__ = ["SIM_LSE", "LAUNCHES", "POISON_OUTPUTS", "BACKWARD", "interpreting", "sim_lse_forward", "sim_lse_backward",
            "same_values", "backward_path", "compile_specs"]
+
+# Tests flip this (or ``tiles.POISON_OUTPUTS``, which covers every Triton primitive) to allocate
+# every sim_lse kernel output filled with NaN, so a tile a kernel forgets to write shows up.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, dtype, device) -> Tensor:
+    return empty(shape, dtype, device, poison=POISON_OUTPUTS)
+
 
 # "deterministic" (default) or "atomic": see the module docstring.
 BACKWARD = os.environ.get("CONTRASTIVE_OPS_TRITON_BACKWARD", "deterministic")
@@ -786,7 +795,7 @@ def _sim_lse_fwd_op(
     if _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col) and B > 0:
         block = gram_block(B, q.device)
         T = triton.cdiv(B, block)
-        part = empty((T, B), torch.float32, q.device)  # every entry written once
+        part = _empty((T, B), torch.float32, q.device)  # every entry written once
         launch("gram_fwd", _gram_fwd_kernel, (triton.cdiv(T, 2),))(
             q, scale, _ptr(exclude, scale), part, B, D, q.stride(0), log2_bucket(B),
             N_EXCLUDE=flags["N_EXCLUDE"], UPCAST=flags["UPCAST"], PREC=flags["PREC"],
@@ -798,8 +807,8 @@ def _sim_lse_fwd_op(
         return torch.empty((0,), dtype=torch.float32, device=q.device), col_lse
     block_m, n_split, cps = fwd_plan(B, M, q.device)
     t_b = triton.cdiv(B, block_m)
-    row_part = empty((n_split, B), torch.float32, q.device)
-    col_part = empty((t_b if want_col else 0, M), torch.float32, q.device)  # every entry written once
+    row_part = _empty((n_split, B), torch.float32, q.device)
+    col_part = _empty((t_b if want_col else 0, M), torch.float32, q.device)  # every entry written once
     launch("fwd", _fwd_kernel, (t_b, n_split))(
         q, k, scale, _ptr(row_index, scale), _ptr(col_index, scale), _ptr(col_start, scale),
         _ptr(col_end, scale), _ptr(exclude, scale), row_part, _ptr(col_part if want_col else None, row_part),
@@ -849,7 +858,7 @@ def _sim_lse_bwd_op(
     n_parts = triton.cdiv(B, min_block())
 
     def gram_rows(terms: int, name: str, dscale_part: Tensor) -> Tensor:
-        out = empty(q.shape, q.dtype, q.device)
+        out = _empty(q.shape, q.dtype, q.device)
         launch(name, _gram_bwd_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK"]), gram_n_d))(
             q, scale, _ptr(exclude, scale), row_lse, grad_row, out, dscale_part,
             B, D, q.stride(0), out.stride(0), log2_bucket(B), TERMS=terms, **gram_kw,
@@ -873,7 +882,7 @@ def _sim_lse_bwd_op(
         if atomic:
             slots = _pair_slots(q.device, B)
             dz_acc = torch.zeros((B, D), dtype=torch.float32, device=q.device)
-            dscale_part = empty((slots,), torch.float32, q.device)
+            dscale_part = _empty((slots,), torch.float32, q.device)
             launch("gram_bwd_atomic", _gram_bwd_atomic_kernel, (slots,))(
                 q, scale, _ptr(exclude, scale), row_lse, grad_row, dz_acc, dscale_part,
                 B, D, q.stride(0), dz_acc.stride(0), log2_bucket(B),
@@ -885,7 +894,7 @@ def _sim_lse_bwd_op(
         return dz, dk, dscale_part.sum()
 
     # Rows outside an index list get no gradient: those outputs start at zero.
-    dq = empty(q.shape, q.dtype, q.device) if row_index is None and launch_any else torch.zeros_like(q)
+    dq = _empty(q.shape, q.dtype, q.device) if row_index is None and launch_any else torch.zeros_like(q)
     dscale_part = torch.zeros((n_parts,), dtype=torch.float32, device=q.device)
     common = (q, k, scale, _ptr(row_index, scale), _ptr(col_index, scale), _ptr(col_start, scale),
               _ptr(col_end, scale), _ptr(exclude, scale), row_lse, _ptr(col_lse if want_col else None, row_lse),
@@ -899,7 +908,7 @@ def _sim_lse_bwd_op(
                 dk_acc.stride(0), *buckets, BLOCK_D=bd, ONE_CHUNK=one_chunk, BLOCK_DP=d_pad(D), **flags,
             )
         return dq, dk_acc.to(k.dtype), dscale_part.sum()
-    dk = empty(k.shape, k.dtype, k.device) if col_index is None and launch_any else torch.zeros_like(k)
+    dk = _empty(k.shape, k.dtype, k.device) if col_index is None and launch_any else torch.zeros_like(k)
     if launch_any:
         launch("bwd_dq", _bwd_dq_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_d))(
             *common, dq, dscale_part, B, M, D, q.stride(0), k.stride(0), dq.stride(0), *buckets,

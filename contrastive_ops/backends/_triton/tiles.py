@@ -50,9 +50,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def empty(shape, dtype, device) -> Tensor:
-    """An output buffer: uninitialised, or NaN-filled when ``POISON_OUTPUTS``."""
-    if POISON_OUTPUTS and dtype.is_floating_point:
+def empty(shape, dtype, device, poison: bool = False) -> Tensor:
+    """An output buffer: uninitialised, or NaN-filled when ``POISON_OUTPUTS`` (or ``poison``)."""
+    if (POISON_OUTPUTS or poison) and dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
