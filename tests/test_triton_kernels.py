@@ -26,7 +26,8 @@ _RUNS_HERE = _OK and DEVICE.type in backends.backend_module("triton").devices()
 if not _RUNS_HERE and not (os.environ.get("CI") == "true" and DEVICE.type == "cpu"):
     pytest.skip(f"triton backend not usable here: {_WHY}", allow_module_level=True)
 
-from contrastive_ops.backends._triton import core as tcore  # noqa: E402
+from contrastive_ops.backends._triton import sim_lse as tcore  # noqa: E402
+from contrastive_ops.backends._triton import tiles as ttiles  # noqa: E402
 from contrastive_ops.backends._triton import siglip as tsiglip  # noqa: E402
 
 # log(0) = -inf for empty sets is intended; numpy (the interpreter) warns about it.
@@ -37,7 +38,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(tcore, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(ttiles, "POISON_OUTPUTS", True)
 
 
 def _i32(t):
@@ -347,7 +348,7 @@ def test_sim_lse_compiles_fullgraph():
 
 def test_backward_one_wide_output_chunk(monkeypatch):
     """The GPU layout of the backward (one output chunk of width 128 ≠ BLOCK_D) on the same data."""
-    monkeypatch.setattr(tcore, "_block_do", lambda D: 128)
-    monkeypatch.setattr(tsiglip, "_block_do", lambda D: 128)
+    monkeypatch.setattr(tcore, "block_do", lambda D, dtype=None, gram=False: 128)
+    monkeypatch.setattr(tsiglip, "block_do", lambda D, dtype=None, gram=False: 128)
     test_sim_lse_primitive("range_index_exclude2", torch.float32, True)
     test_siglip_primitive((45, 38, 72), torch.float32)

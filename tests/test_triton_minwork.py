@@ -34,6 +34,7 @@ from test_triton_kernels import (
     _i32,
     _reference_grads,
     tcore,
+    ttiles,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
@@ -43,7 +44,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(tcore, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(ttiles, "POISON_OUTPUTS", True)
     monkeypatch.setattr(tcore, "BACKWARD", "deterministic")
 
 
@@ -273,7 +274,7 @@ def test_atomic_backward(case, want_col, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_one_chunk_general(dtype):
     """CLIP shape with D ≤ BLOCK_D: Q loaded once per row tile, K reused for dQ (and Q for dK)."""
-    assert 24 <= tcore._chunk_d(24) and tcore._block_do(24) == tcore._chunk_d(24)
+    assert 24 <= tcore.chunk_d(24) and tcore.block_do(24, dtype) == tcore.chunk_d(24)
     _check_clip_d24(dtype)
 
 
@@ -294,7 +295,7 @@ def _check_clip_d24(dtype):
 
 def test_chunked_input_with_wide_output_chunk(monkeypatch):
     """One input chunk but a wider output chunk (no tile reuse), in the dq/dk and Gram kernels."""
-    monkeypatch.setattr(tcore, "_block_do", lambda D: 64)
+    monkeypatch.setattr(tcore, "block_do", lambda D, dtype=None, gram=False: 64)
     _check_clip_d24(torch.float32)
     test_gram_paths("self_d20", torch.float32)
 

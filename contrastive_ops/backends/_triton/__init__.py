@@ -1,6 +1,6 @@
 """The ``"triton"`` kernel backend.
 
-Primitives: ``"sim_lse"`` (the tiled similarity-LSE core, :mod:`.core`),
+Primitives: ``"sim_lse"`` (the tiled similarity-LSE core, :mod:`.sim_lse`, on the tile library :mod:`.tiles`),
 ``"siglip"`` (the SigLIP pair sum, :mod:`.siglip`), ``"sinkhorn"`` (the
 log-domain Sinkhorn-Knopp scalings, :mod:`.sinkhorn`) and ``"swav_ce"`` (SwAV's
 swapped-prediction cross-entropy, :mod:`.swav_ce`).  Runs on CUDA tensors when
@@ -18,7 +18,7 @@ _IMPORT_ERROR = None
 try:
     import triton
 
-    from .core import SIM_LSE
+    from .sim_lse import SIM_LSE
     from .siglip import SIGLIP
     from .sinkhorn import SINKHORN
     from .swav_ce import SWAV_CE

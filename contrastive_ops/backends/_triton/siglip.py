@@ -11,7 +11,7 @@ d softplus(t)/dt = σ(t), so with t_ij = −z_ij·l_ij::
     G_ij   = grad · (−z_ij) · σ(t_ij)
     dx = scale · G Y,   dy = scale · Gᵀ X,   dscale = Σ_ij G_ij · x_i·y_j,   dbias = Σ_ij G_ij
 
-Tiles of l are rebuilt from X and Y exactly as S in :mod:`.core`; nothing of
+Tiles of l are rebuilt from X and Y with :func:`.tiles.s_tile`, as S in :mod:`.sim_lse`; nothing of
 size B×M is stored.  Partial sums (one per row tile) are written, not added,
 and summed by torch: deterministic and safe to re-run while autotuning.
 """
@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .core import (_BWD_GPU, _FWD_GPU, _INTERP_BLOCK, _MIN_BLOCK, _block_d, _block_do, _col_tile, _configs,
-                   _dot_flags, _empty, _s_tile)
+from .tiles import (BWD_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
+                    col_tile, configs, dot_flags, empty, gpu_block_do, gpu_dot_flags, launch, log2_bucket, min_block,
+                    s_tile, spec)
 
 Tensor = torch.Tensor
 
@@ -58,9 +59,9 @@ def _neg_z(rows, cols):
 
 # Forward: one program per row tile streams the column tiles and writes the
 # tile's Σ softplus(−z·l) over in-range pairs.
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N"), _FWD_GPU, _INTERP_BLOCK), key=["D"])
+@autotune(configs(("BLOCK_M", "BLOCK_N"), FWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2", "PREC"])
 @triton.jit
-def _siglip_fwd_kernel(X, Y, Scale, Bias, Part, B, M, D, stride_x, stride_y,
+def _siglip_fwd_kernel(X, Y, Scale, Bias, Part, B, M, D, stride_x, stride_y, B_LOG2, M_LOG2,
                        UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
@@ -69,9 +70,9 @@ def _siglip_fwd_kernel(X, Y, Scale, Bias, Part, B, M, D, stride_x, stride_y,
     rows, row_mask, x_rows = _tile_rows(pid, B, BLOCK_M)
     total = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, M, BLOCK_N):
-        cols, col_mask, y_rows = _col_tile(n0, M, X, BLOCK_N, False)
-        xy = _s_tile(X, Y, x_rows, y_rows, row_mask, col_mask, D, stride_x, stride_y,
-                     BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
+        cols, col_mask, y_rows = col_tile(n0, M, X, BLOCK_N, False)
+        xy = s_tile(X, Y, x_rows, y_rows, row_mask, col_mask, D, stride_x, stride_y, 0, 0,
+                    BLOCK_M, BLOCK_N, BLOCK_D, False, UPCAST, PREC)
         t = _neg_z(rows, cols) * (scale * xy + bias)
         ok = row_mask[:, None] & col_mask[None, :]
         total += tl.sum(tl.where(ok, _softplus(t), 0.0), 1)
@@ -83,8 +84,8 @@ def _siglip_g_tile(X, Y, x_rows, y_rows, rows, cols, row_mask, col_mask, D, stri
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    UPCAST: tl.constexpr, PREC: tl.constexpr):
     """(G, x·y) tiles: G = grad·(−z)·σ(−z·l), zero outside the matrix."""
-    xy = _s_tile(X, Y, x_rows, y_rows, row_mask, col_mask, D, stride_x, stride_y,
-                 BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
+    xy = s_tile(X, Y, x_rows, y_rows, row_mask, col_mask, D, stride_x, stride_y, 0, 0,
+                BLOCK_M, BLOCK_N, BLOCK_D, False, UPCAST, PREC)
     nz = _neg_z(rows, cols)
     g = grad * nz * _sigmoid(nz * (scale * xy + bias))
     g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
@@ -93,9 +94,10 @@ def _siglip_g_tile(X, Y, x_rows, y_rows, rows, cols, row_mask, col_mask, D, stri
 
 # Row-stationary dx = scale·G Y per (row tile, output D-chunk); chunk 0 also
 # writes the tile's Σ G·x·y (dscale) and Σ G (dbias).
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N"), _BWD_GPU, _INTERP_BLOCK), key=["D"])
+@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2", "PREC"])
 @triton.jit
 def _siglip_bwd_dx_kernel(X, Y, Scale, Bias, Grad, DX, ScalePart, BiasPart, B, M, D, stride_x, stride_y, stride_dx,
+                          B_LOG2, M_LOG2,
                           UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -110,7 +112,7 @@ def _siglip_bwd_dx_kernel(X, Y, Scale, Bias, Grad, DX, ScalePart, BiasPart, B, M
     d_scale = tl.zeros((BLOCK_M,), tl.float32)
     d_bias = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, M, BLOCK_N):
-        cols, col_mask, y_rows = _col_tile(n0, M, X, BLOCK_N, False)
+        cols, col_mask, y_rows = col_tile(n0, M, X, BLOCK_N, False)
         g, xy = _siglip_g_tile(X, Y, x_rows, y_rows, rows, cols, row_mask, col_mask, D, stride_x, stride_y,
                                scale, bias, grad, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
         d_scale += tl.sum(g * xy, 1)
@@ -129,9 +131,10 @@ def _siglip_bwd_dx_kernel(X, Y, Scale, Bias, Grad, DX, ScalePart, BiasPart, B, M
 
 
 # Column-stationary dy = scale·Gᵀ X per (column tile, output D-chunk).
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N"), _BWD_GPU, _INTERP_BLOCK), key=["D"])
+@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2", "PREC"])
 @triton.jit
 def _siglip_bwd_dy_kernel(X, Y, Scale, Bias, Grad, DY, B, M, D, stride_x, stride_y, stride_dy,
+                          B_LOG2, M_LOG2,
                           UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -139,7 +142,7 @@ def _siglip_bwd_dy_kernel(X, Y, Scale, Bias, Grad, DY, B, M, D, stride_x, stride
     scale = tl.load(Scale)
     bias = tl.load(Bias)
     grad = tl.load(Grad)
-    cols, col_mask, y_rows = _col_tile(pid_n * BLOCK_N, M, X, BLOCK_N, False)
+    cols, col_mask, y_rows = col_tile(pid_n * BLOCK_N, M, X, BLOCK_N, False)
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     o_mask = offs_o < D
     acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
@@ -161,10 +164,11 @@ def _siglip_bwd_dy_kernel(X, Y, Scale, Bias, Grad, DY, B, M, D, stride_x, stride
 def _siglip_fwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
     B, D = x.shape
     M = y.shape[0]
-    part = torch.zeros((triton.cdiv(B, _MIN_BLOCK),), dtype=torch.float32, device=x.device)
+    part = torch.zeros((triton.cdiv(B, min_block()),), dtype=torch.float32, device=x.device)
     if B > 0 and M > 0:
-        torch.library.wrap_triton(_siglip_fwd_kernel)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),)](
-            x, y, scale, bias, part, B, M, D, x.stride(0), y.stride(0), BLOCK_D=_block_d(D), **_dot_flags(x.dtype),
+        launch("siglip_fwd", _siglip_fwd_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),))(
+            x, y, scale, bias, part, B, M, D, x.stride(0), y.stride(0), log2_bucket(B), log2_bucket(M),
+            BLOCK_D=block_d(D), **dot_flags(x.dtype),
         )
     return part.sum()
 
@@ -179,23 +183,24 @@ def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tens
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     B, D = x.shape
     M = y.shape[0]
-    launch = B > 0 and M > 0
-    dx = _empty(x.shape, x.dtype, x.device) if launch else torch.zeros_like(x)
-    dy = _empty(y.shape, y.dtype, y.device) if launch else torch.zeros_like(y)
-    n_part = triton.cdiv(B, _MIN_BLOCK)
+    run = B > 0 and M > 0
+    dx = empty(x.shape, x.dtype, x.device) if run else torch.zeros_like(x)
+    dy = empty(y.shape, y.dtype, y.device) if run else torch.zeros_like(y)
+    n_part = triton.cdiv(B, min_block())
     scale_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
     bias_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
-    block_d, block_do = _block_d(D), _block_do(D)
-    n_d = triton.cdiv(D, block_do)
-    flags = _dot_flags(x.dtype)
-    if launch:
-        torch.library.wrap_triton(_siglip_bwd_dx_kernel)[lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_d)](
+    bd, bdo = block_d(D), block_do(D, x.dtype)
+    n_d = triton.cdiv(D, bdo)
+    flags = dot_flags(x.dtype)
+    buckets = (log2_bucket(B), log2_bucket(M))
+    if run:
+        launch("siglip_bwd_dx", _siglip_bwd_dx_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_d))(
             x, y, scale, bias, grad, dx, scale_part, bias_part, B, M, D, x.stride(0), y.stride(0), dx.stride(0),
-            BLOCK_D=block_d, BLOCK_DO=block_do, **flags,
+            *buckets, BLOCK_D=bd, BLOCK_DO=bdo, **flags,
         )
-        torch.library.wrap_triton(_siglip_bwd_dy_kernel)[lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), n_d)](
+        launch("siglip_bwd_dy", _siglip_bwd_dy_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), n_d))(
             x, y, scale, bias, grad, dy, B, M, D, x.stride(0), y.stride(0), dy.stride(0),
-            BLOCK_D=block_d, BLOCK_DO=block_do, **flags,
+            *buckets, BLOCK_D=bd, BLOCK_DO=bdo, **flags,
         )
     return dx, dy, scale_part.sum(), bias_part.sum()
 
@@ -234,3 +239,23 @@ class _SigLIPPrimitive:
 
 
 SIGLIP = _SigLIPPrimitive()
+
+
+def compile_specs() -> list:
+    """Every (kernel, config, dtype, D) the GPU dispatcher can pick (see ``sim_lse.compile_specs``)."""
+    out = []
+    for dname in SPEC_DTYPES:
+        flags = gpu_dot_flags(dname)
+        for D in SPEC_DS:
+            bd = max(16, min(triton.next_power_of_2(D), 64))
+            bdo = gpu_block_do(D, dname)
+            for (bm, bn), w, st in FWD_GPU:
+                out.append(spec("siglip_fwd", _siglip_fwd_kernel.fn, dname, D,
+                                dict(**flags, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn), w, st))
+            for (bm, bn), w, st in BWD_GPU:
+                c = dict(**flags, BLOCK_D=bd, BLOCK_DO=bdo, BLOCK_M=bm, BLOCK_N=bn)
+                if not acc_fits(c, w, bdo):
+                    continue
+                out.append(spec("siglip_bwd_dx", _siglip_bwd_dx_kernel.fn, dname, D, c, w, st))
+                out.append(spec("siglip_bwd_dy", _siglip_bwd_dy_kernel.fn, dname, D, c, w, st))
+    return out

@@ -1,0 +1,524 @@
+r"""Tile library of the Triton kernels: the one S-tile product, masks, row/column
+tiles, block sizes and autotune configs, shared by :mod:`.sim_lse` and :mod:`.siglip`.
+
+Every kernel that needs a tile of S = Q·Kᵀ (unscaled, fp32 accumulation) gets
+it from :func:`s_tile`: the same D chunking (``chunk_d``), the same orientation
+Q·Kᵀ, the same ``input_precision``.  That is what makes the backward's S
+bitwise the forward's (see :mod:`.sim_lse`), so no kernel may build S another way.
+
+Block-size rules (GPU):
+
+* S tiles are at least 64 rows (``BLOCK_M`` ≥ 64) with a multiple of 4 warps,
+  so that sm_90a runs every S product and every gradient product on ``wgmma``
+  in forward and backward alike (32-row tiles compile to ``mma.sync``, whose
+  fp32 sums may round differently).
+* 16-bit D ≤ 128 is one chunk (the stationary tile is loaded once per program);
+  wider D streams 64-wide chunks; fp32 streams 32-wide chunks.
+* The backward's gradient accumulators hold up to ``max_do(dtype)`` columns of
+  D (512 in 16-bit, 128 in fp32), so S is recomputed once per gradient for
+  every D up to that width.
+
+Autotuning (``configs``): at most 4 configs per kernel on the GPU, keyed on D,
+the flags and log₂ buckets of B and M (``log2_bucket``), with results cached on
+disk where the installed Triton supports it.  ``CONTRASTIVE_OPS_TRITON_CONFIGS=
+default`` keeps the first config of every list (one compile per kernel and
+specialization).  Under the interpreter one small config.
+"""
+from __future__ import annotations
+
+import collections
+import inspect
+import os
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+# Tests flip this to allocate every kernel output filled with NaN, so a tile a
+# kernel forgets to write shows up as NaN instead of as stale memory.
+POISON_OUTPUTS = False
+
+# Kernel launches by name (the tests read it to see which path ran).
+LAUNCHES: collections.Counter = collections.Counter()
+
+
+def interpreting() -> bool:
+    """True under Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def empty(shape, dtype, device, poison: bool = False) -> Tensor:
+    """An output buffer: uninitialised, or NaN-filled when ``POISON_OUTPUTS`` (or ``poison``)."""
+    if (POISON_OUTPUTS or poison) and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def launch(name: str, kernel, grid):
+    """``wrap_triton(kernel)[grid]``, counted in ``LAUNCHES``."""
+    LAUNCHES[name] += 1
+    return torch.library.wrap_triton(kernel)[grid]
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """Constexpr flags of ``tl.dot`` for inputs of ``dtype``.
+
+    ``UPCAST``: bf16 ``tl.dot`` is wrong in Triton's interpreter, so there (and
+    only there) bf16 tiles are upcast to fp32 before the product.
+    ``PREC``: 16-bit operands run on tensor cores whatever the value.  fp32
+    operands run on tensor cores too, as ``tf32x3`` (three TF32 products,
+    about fp32 accuracy), or as plain ``tf32`` only when the user enabled TF32
+    matmuls globally (``torch.backends.cuda.matmul.allow_tf32``).  Under the
+    interpreter fp32 stays exact (``ieee``).
+    """
+    upcast = interpreting() and dtype == torch.bfloat16
+    if interpreting():
+        prec = "ieee" if (dtype == torch.float32 or upcast) else "tf32"
+    elif dtype == torch.float32:
+        prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    else:
+        prec = "tf32"  # ignored for 16-bit operands
+    return dict(UPCAST=upcast, PREC=prec)
+
+
+# ---------------------------------------------------------------------------
+# Block sizes
+# ---------------------------------------------------------------------------
+
+
+def chunk_d(D: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Width of the D chunks every S tile is accumulated over (forward and backward alike: it
+    depends only on D and the dtype).
+
+    On the GPU every 16-bit D ≤ 128 is one chunk (the stationary tile is loaded
+    once per program); wider D streams 64-wide chunks.  fp32 (tf32x3 splits each
+    operand in registers) streams 32-wide chunks: 128-wide ones spill 1.6–2.5 KB
+    per thread in the backward on sm_90a, 32-wide ones about 70 B.  Under the
+    interpreter the cap is 32, so the tests see both the one-chunk (D ≤ 32) and
+    the chunked layouts.
+    """
+    if interpreting():
+        return min(max(16, triton.next_power_of_2(D)), 32)
+    return gpu_chunk_d(D, "fp32" if dtype == torch.float32 else "bf16")
+
+
+def max_do(dtype: torch.dtype) -> int:
+    """Widest output D-chunk of a backward accumulator (BLOCK_M × max_do fp32 in registers).
+
+    512 for 16-bit inputs, 128 for fp32 (tf32x3 keeps split copies of the
+    operands in registers: a 64 × 256 accumulator spills 1.4 KB per thread on
+    sm_90a, 64 × 128 about 70 B); 64 under the interpreter, so small tests
+    cover both a full-D accumulator (D ≤ 64) and several output chunks (D > 64).
+    """
+    if interpreting():
+        return 64
+    return 128 if dtype == torch.float32 else 512
+
+
+GRAM_MAX_DO = 256  # the Gram backward's three accumulating loops spill beyond 64 × 256 (17 KB at 64 × 512)
+
+
+def block_do(D: int, dtype: torch.dtype = torch.bfloat16, gram: bool = False) -> int:
+    """Width of the backward's output D-chunks: all of D (padded) up to ``max_do``, else equal chunks.
+
+    One output chunk means S is recomputed once per gradient.  Beyond
+    ``max_do`` the n_d = cdiv(D, max_do) chunks are made as narrow as a power
+    of two allows (D = 768 in 16-bit: two chunks of 512; D = 1024: two of 512).
+    ``gram``: the Gram backward's cap is ``GRAM_MAX_DO`` (256) on the GPU.
+    """
+    p2 = max(16, triton.next_power_of_2(D))
+    cap = max_do(dtype)
+    if gram and not interpreting():
+        cap = min(cap, GRAM_MAX_DO)
+    if p2 <= cap:
+        return p2
+    n_d = triton.cdiv(D, cap)
+    return max(16, triton.next_power_of_2(triton.cdiv(D, n_d)))
+
+
+def block_d(D: int) -> int:
+    """Width of the D chunks of the SigLIP kernels (a power of two, at least 16)."""
+    cap = 32 if interpreting() else 64
+    return max(16, min(triton.next_power_of_2(D), cap))
+
+
+def d_pad(D: int) -> int:
+    """Full padded width of a tile that holds all of D."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def log2_bucket(n: int) -> int:
+    """Autotune key bucket of a size: ⌈log₂ n⌉ (a warm-up at B = 8 does not fix the config for B = 65536)."""
+    return max(0, int(n - 1).bit_length())
+
+
+_SM_COUNT: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; 4 under the interpreter (so small tests split grids)."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+# ---------------------------------------------------------------------------
+# Autotune configs
+# ---------------------------------------------------------------------------
+
+# "tune" (default): autotune over each kernel's GPU list; "default": its first config only
+# (one compile per kernel and specialization, for test, sanitizer and smoke runs).
+CONFIGS = os.environ.get("CONTRASTIVE_OPS_TRITON_CONFIGS", "tune")
+MAX_GPU_CONFIGS = 4
+_AUTOTUNE_CACHES = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def configs(block_names, gpu_choices, interp_choice) -> List[triton.Config]:
+    """Autotune configs: a short Hopper list on the GPU (≤ 4), one small config under the interpreter.
+
+    With ``CONTRASTIVE_OPS_TRITON_CONFIGS=default`` the whole list is kept here
+    and the pruning (``_prune``) runs the first config that fits the shape
+    and dtype, alone (no benchmark, one compile per kernel and specialization).
+    """
+    if interpreting():
+        return [triton.Config(dict(zip(block_names, interp_choice)), num_warps=1, num_stages=1)]
+    if CONFIGS not in ("tune", "default"):
+        raise ValueError(f"CONTRASTIVE_OPS_TRITON_CONFIGS must be 'tune' or 'default', got {CONFIGS!r}")
+    assert len(gpu_choices) <= MAX_GPU_CONFIGS, "a config list longer than the autotune budget"
+    return [triton.Config(dict(zip(block_names, blocks)), num_warps=warps, num_stages=stages)
+            for blocks, warps, stages in gpu_choices]
+
+
+MAX_ACC_PER_THREAD = 128  # fp32 accumulator registers per thread a backward config may hold
+SMEM_LIMIT = 232448  # bytes of shared memory one sm_90 program may use
+
+
+def acc_fits(cfg_kwargs: dict, num_warps: int, block_do_: int) -> bool:
+    """Whether a backward config's BLOCK × BLOCK_DO fp32 accumulator fits the register budget.
+
+    The stationary block is at most max(BLOCK_M, BLOCK_N) (or BLOCK) rows; its
+    accumulator takes rows·BLOCK_DO/(32·warps) registers per thread, kept ≤ 128
+    so the S tile, dS and addresses fit beside it in 255 without spilling.
+    """
+    if cfg_kwargs.get("DK_T"):  # the transposed dK accumulator: BLOCK_DO × BLOCK_N
+        rows = cfg_kwargs["BLOCK_N"]
+    else:
+        rows = max(cfg_kwargs.get(n, 0) for n in ("BLOCK_M", "BLOCK_N", "BLOCK"))
+    return rows * block_do_ <= MAX_ACC_PER_THREAD * 32 * num_warps
+
+
+def fwd_smem(block_m: int, block_n: int, block_d: int, num_stages: int, elem: int) -> int:
+    """Shared memory of a forward config (sm_90a, measured): the stationary tile and ``num_stages``
+    streamed tiles; fp32 (tf32x3) also keeps a split copy of each operand."""
+    if elem == 4:
+        return (2 * block_m + (num_stages + 1) * block_n) * block_d * 4
+    return (block_m + num_stages * block_n) * block_d * elem
+
+
+def _elem_size(named_args) -> int:
+    for n in ("Q", "Z", "X"):
+        t = named_args.get(n)
+        if t is not None and hasattr(t, "element_size"):
+            return t.element_size()
+    return 2
+
+
+def _prune(configs_list, named_args, **kwargs):
+    """Autotune pruning of every kernel: drop backward configs whose accumulator would spill
+    (``acc_fits``) and forward configs whose tiles exceed the shared memory (``fwd_smem``); with
+    ``CONFIGS == "default"`` keep the first survivor alone.  Never returns an empty list."""
+    kept = list(configs_list)
+    bdo = kwargs.get("BLOCK_DO")
+    if bdo:
+        kept = [c for c in kept if acc_fits({**kwargs, **c.kwargs}, c.num_warps, bdo)]
+    elif "BLOCK_D" in kwargs and "TERMS" not in kwargs and "BLOCK_DP" not in kwargs:  # the forward kernels
+        elem = _elem_size(named_args)
+
+        def smem(c):
+            a = {**kwargs, **c.kwargs}
+            bm = a.get("BLOCK_M", a.get("BLOCK", 64))
+            bn = a.get("BLOCK_N", a.get("BLOCK", 64))
+            return fwd_smem(bm, bn, kwargs["BLOCK_D"], c.num_stages, elem)
+
+        kept = [c for c in kept if smem(c) <= SMEM_LIMIT] or [min(configs_list, key=smem)]
+    kept = kept or list(configs_list)[:1]
+    return kept[:1] if CONFIGS == "default" else kept
+
+
+def autotune(configs_list, key, reset_to_zero=None):
+    """``triton.autotune`` with the pruning of ``_prune`` and on-disk result caching where the
+    installed Triton has it."""
+    extra = dict(cache_results=True) if _AUTOTUNE_CACHES and not interpreting() else {}
+    return triton.autotune(configs=configs_list, key=key, reset_to_zero=reset_to_zero,
+                           prune_configs_by=dict(early_config_prune=_prune), **extra)
+
+
+# Every list: tiles of at least 64 rows, warps a multiple of 4 (wgmma), first entry = the default.
+# Forward, general: BLOCK_M is chosen from the shape by the launcher (the split grid and its
+# partial buffers depend on it); the autotuner picks BLOCK_N, warps and stages.
+FWD_N_GPU = [((128,), 8, 3), ((64,), 4, 3), ((128,), 4, 2), ((64,), 8, 2)]  # the last fits fp32 at D = 128
+# Backward (dq and dk kernels): BLOCK_M × BLOCK_N S tiles beside a BLOCK × BLOCK_DO accumulator.
+BWD_GPU = [((64, 64), 8, 2), ((64, 64), 4, 2), ((128, 64), 8, 2), ((64, 128), 8, 2)]
+# SigLIP keeps its own lists (same rules).
+FWD_GPU = [((128, 128), 8, 3), ((128, 64), 4, 3), ((64, 128), 4, 3), ((64, 64), 4, 4)]
+# The dk kernel with the transposed accumulator (16-bit, D = 768 and 1024): dKᵀ (≤ 1024 × 32) += Qᵀ·dS,
+# so the whole of D is one output chunk (128 accumulator registers per thread on 8 warps).
+DK_WIDE_GPU = [((64, 32), 8, 2)]
+DK_WIDE_MAX_D = 1024
+# Atomic backward: full-width (≤ 256) tiles of Q and K.
+BWD_ATOMIC_GPU = [((64, 64), 4, 2), ((64, 64), 8, 2), ((128, 64), 8, 2)]
+# Square tiles (BLOCK) of the Gram kernels: tile I and tile J index the same rows.
+SYM_FWD_GPU = [((), 8, 3), ((), 8, 2), ((), 4, 3), ((), 4, 4)]  # BLOCK from the shape (gram_block)
+SYM_BWD_GPU = [((64,), 8, 2), ((64,), 4, 2), ((128,), 8, 2)]
+SYM_ATOMIC_GPU = [((64,), 4, 2), ((64,), 8, 2), ((128,), 8, 1)]
+MIN_BLOCK = 64  # smallest BLOCK_M / BLOCK_N / BLOCK of every GPU list (grid and buffer sizing)
+INTERP_BLOCK = (32, 32)
+INTERP_SYM = (32,)
+INTERP_N = (32,)
+
+
+def min_block() -> int:
+    """Smallest tile of any config in this mode (buffers of per-tile partials are sized with it)."""
+    return INTERP_BLOCK[0] if interpreting() else MIN_BLOCK
+
+
+# ---------------------------------------------------------------------------
+# Jitted tile helpers
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def load_tile(X, x_rows, mask, offs_d, D, stride, UPCAST: tl.constexpr):
+    """Tile X[x_rows][:, offs_d] (zero outside the matrix and beyond D), upcast to fp32 if ``UPCAST``."""
+    x = tl.load(X + x_rows[:, None] * stride + offs_d[None, :], mask=mask[:, None] & (offs_d < D)[None, :],
+                other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def s_tile(Q, K, q_rows, k_rows, q_mask, k_mask, D, stride_q, stride_k, q_tile, k_tile,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HELD: tl.constexpr,
+           UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Unscaled tile Q[q_rows] · K[k_rows]ᵀ (BLOCK_M, BLOCK_N) in fp32: THE way every kernel forms S.
+
+    ``HELD`` (D ≤ BLOCK_D, one chunk): the caller passes both one-chunk tiles
+    ``q_tile`` (BLOCK_M, BLOCK_D) and ``k_tile`` (BLOCK_N, BLOCK_D) it already
+    holds (a stationary tile loaded once per program, a streamed one reused for
+    the gradient product).  Otherwise D is summed in BLOCK_D chunks read from
+    memory, in increasing order, and ``q_tile``/``k_tile`` are not read.
+    """
+    if HELD:
+        acc = tl.dot(q_tile, tl.trans(k_tile), input_precision=PREC)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        offs_d = tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            a = load_tile(Q, q_rows, q_mask, d0 + offs_d, D, stride_q, UPCAST)
+            b = load_tile(K, k_rows, k_mask, d0 + offs_d, D, stride_k, UPCAST)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def scaled_s(s_raw, scale, ok):
+    """S = s_raw·scale on allowed pairs, −inf elsewhere: the ONE way every kernel scales S.
+
+    At huge logits (|S| ~ 1e8, fp32 ulp 8) the backward's P = exp(S − lse) is
+    only ≤ 1 if its S is bitwise the forward's, so forward and backward share
+    this helper (the same product, the same multiply; the select between the
+    multiply and any later subtraction also keeps the compiler from contracting
+    ``s_raw·scale − lse`` into an FMA in one kernel and not in another).
+    """
+    return tl.where(ok, s_raw * scale, float("-inf"))
+
+
+@triton.jit
+def allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE: tl.constexpr, N_EXCLUDE: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask: inside the matrix, inside [col_start, col_end), not excluded."""
+    ok = row_mask[:, None] & col_mask[None, :]
+    if HAS_RANGE:
+        ok = ok & (cols[None, :] >= cs[:, None]) & (cols[None, :] < ce[:, None])
+    if N_EXCLUDE >= 1:
+        ok = ok & (cols[None, :] != e0[:, None])
+    if N_EXCLUDE >= 2:
+        ok = ok & (cols[None, :] != e1[:, None])
+    return ok
+
+
+@triton.jit
+def allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE: tl.constexpr):
+    """Gram matrices: (BLOCK_I, BLOCK_J) mask of the *transposed* pairs, True where column i is
+    allowed for row j (row j's own exclusions), laid out like the tile S_IJ."""
+    ok = mask_i[:, None] & mask_j[None, :]
+    if N_EXCLUDE >= 1:
+        ok = ok & (rows_i[:, None] != e0_j[None, :])
+    if N_EXCLUDE >= 2:
+        ok = ok & (rows_i[:, None] != e1_j[None, :])
+    return ok
+
+
+@triton.jit
+def row_tile(t, B, RowIndex, ColStart, ColEnd, Exclude,
+             BLOCK_M: tl.constexpr, HAS_ROW_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
+             N_EXCLUDE: tl.constexpr):
+    """Rows of row tile ``t``: positions, mask, rows of q (int64), range bounds, exclusions."""
+    rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < B
+    if HAS_ROW_INDEX:
+        q_rows = tl.load(RowIndex + rows, mask=row_mask, other=0).to(tl.int64)
+    else:
+        q_rows = rows.to(tl.int64)
+    if HAS_RANGE:
+        cs = tl.load(ColStart + rows, mask=row_mask, other=0)
+        ce = tl.load(ColEnd + rows, mask=row_mask, other=0)
+    else:
+        cs = rows
+        ce = rows
+    if N_EXCLUDE >= 1:
+        e0 = tl.load(Exclude + rows * N_EXCLUDE, mask=row_mask, other=-1)
+    else:
+        e0 = rows
+    if N_EXCLUDE >= 2:
+        e1 = tl.load(Exclude + rows * N_EXCLUDE + 1, mask=row_mask, other=-1)
+    else:
+        e1 = e0
+    return rows, row_mask, q_rows, cs, ce, e0, e1
+
+
+@triton.jit
+def col_tile(n0, M, ColIndex, BLOCK_N: tl.constexpr, HAS_COL_INDEX: tl.constexpr):
+    """Columns of the column tile starting at ``n0``: positions, mask, rows of k (int64)."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_mask = cols < M
+    if HAS_COL_INDEX:
+        k_rows = tl.load(ColIndex + cols, mask=col_mask, other=0).to(tl.int64)
+    else:
+        k_rows = cols.to(tl.int64)
+    return cols, col_mask, k_rows
+
+
+@triton.jit
+def col_bounds(row_mask, cs, ce, M, BLOCK_N: tl.constexpr, HAS_RANGE: tl.constexpr):
+    """Column tiles a row tile must visit: from its rows' smallest start (tile-aligned) to their largest end."""
+    if HAS_RANGE:
+        nonempty = row_mask & (ce > cs)
+        lo = tl.maximum(tl.min(tl.where(nonempty, cs, M), 0), 0)
+        hi = tl.minimum(tl.max(tl.where(nonempty, ce, 0), 0), M)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+        hi = M
+    return lo, hi
+
+
+@triton.jit
+def lse_of(m, l):
+    """m + log l of an online (max, sum) pair; −inf where nothing was summed."""
+    return tl.where(l > 0, m + tl.log(l), float("-inf"))
+
+
+@triton.jit
+def online_rows(s, m_i, l_i):
+    """Fold the rows of a tile S (−inf = not allowed) into the running (max, sum) pairs of its rows."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_new = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+    return m_new, l_new
+
+
+@triton.jit
+def col_lse(s):
+    """LSE of each column of a tile S (−inf for a column with nothing allowed)."""
+    c_max = tl.max(s, 0)
+    c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
+    return c_safe + tl.log(tl.sum(tl.exp(s - c_safe[None, :]), 0))
+
+
+@triton.jit
+def logaddexp(a, b):
+    """log(eᵃ + eᵇ), −inf when both are −inf."""
+    mx = tl.maximum(a, b)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+
+
+# ---------------------------------------------------------------------------
+# Compile specifications (sm_90a static checks)
+# ---------------------------------------------------------------------------
+
+SPEC_DS = (64, 128, 256, 512, 768, 1024)
+SPEC_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_FEATURE_ARGS = ("Q", "K", "Z", "X", "Y", "DQ", "DK", "DZ", "DX", "DY")
+_INDEX_ARGS = ("RowIndex", "ColIndex", "ColStart", "ColEnd", "Exclude")
+_INT_ARGS = ("B", "M", "D", "cols_per_split", "B_LOG2", "M_LOG2")
+
+
+def spec_signature(jit_fn, dtype_name: str, constexprs: dict) -> dict:
+    """Triton argument types of a kernel: features in ``dtype_name``, indices i32, sizes i32, the rest fp32."""
+    out = {}
+    for n in jit_fn.arg_names:
+        if n in constexprs:
+            continue
+        if n in _FEATURE_ARGS:
+            out[n] = "*" + dtype_name
+        elif n in _INDEX_ARGS:
+            out[n] = "*i32"
+        elif n in _INT_ARGS or n.startswith("stride"):
+            out[n] = "i32"
+        else:
+            out[n] = "*fp32"
+    return out
+
+
+def gpu_dot_flags(dtype_name: str) -> dict:
+    """``dot_flags`` as the GPU dispatcher sets them (TF32 off: fp32 is ``tf32x3``)."""
+    return dict(UPCAST=False, PREC="tf32x3" if dtype_name == "fp32" else "tf32")
+
+
+def spec(name, jit_fn, dtype_name, D, constexprs, num_warps, num_stages) -> dict:
+    """One entry of a module's ``compile_specs()``.
+
+    ``divisible_by_16``: the arguments Triton's launcher specializes as multiples
+    of 16 for contiguous (B, D) features with D a multiple of 16 (every pointer
+    from the caching allocator, every row stride, D itself); pass them to the compiler as
+    ``attrs={(index,): [["tt.divisibility", 16]]}`` to compile what runs — without
+    them the loads cannot be vectorized or pipelined (no ``cp.async``).
+    """
+    args = spec_signature(jit_fn, dtype_name, constexprs)
+    div16 = [n for n, t in args.items() if t.startswith("*") or n.startswith("stride") or n == "D"]
+    return dict(name=name, fn=jit_fn, args=args, constexprs=dict(constexprs), num_warps=num_warps,
+                num_stages=num_stages, dtype=dtype_name, D=D, divisible_by_16=div16)
+
+
+def spec_attrs(sp: dict) -> dict:
+    """``attrs`` of ``triton.compiler.ASTSource`` for a ``compile_specs`` entry."""
+    names = sp["fn"].arg_names
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in sp.get("divisible_by_16", ())}
+
+
+def gpu_chunk_d(D: int, dtype_name: str = "bf16") -> int:
+    """``chunk_d`` as on the GPU (for the compile specs, whatever mode this process is in)."""
+    p2 = max(16, triton.next_power_of_2(D))
+    if dtype_name == "fp32":
+        return min(p2, 32)
+    return p2 if p2 <= 128 else 64
+
+
+def gpu_block_do(D: int, dtype_name: str, gram: bool = False) -> int:
+    """``block_do`` as on the GPU."""
+    p2 = max(16, triton.next_power_of_2(D))
+    cap = 128 if dtype_name == "fp32" else 512
+    if gram:
+        cap = min(cap, GRAM_MAX_DO)
+    if p2 <= cap:
+        return p2
+    n_d = triton.cdiv(D, cap)
+    return max(16, triton.next_power_of_2(triton.cdiv(D, n_d)))
