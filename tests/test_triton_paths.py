@@ -21,7 +21,7 @@ import zlib
 import pytest
 import torch
 
-from contrastive_ops.core import sim_lse_reference
+from contrastive_ops.primitives.sim_lse import sim_lse_reference
 from helpers import DEVICE, assert_close
 from test_triton_kernels import _check_lse, _finite, _full_kw, _i32, _reference_grads, tcore, ttiles
 
