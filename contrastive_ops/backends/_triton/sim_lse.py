@@ -114,13 +114,12 @@ import triton
 
 from .sim_lse_bwd import (  # noqa: F401 - the kernels, re-exported (tests, the compile gate)
     _bwd_atomic_kernel, _bwd_dk_kernel, _bwd_dk_wide_kernel, _bwd_dq_kernel, _gram_bwd_atomic_kernel, _gram_bwd_kernel,
-    _pair_slots, dk_wide,
 )
-from .sim_lse_fwd import _fwd_kernel, _gram_fwd_kernel, fwd_plan, gram_block
+from .sim_lse_fwd import _fwd_kernel, _gram_fwd_kernel
 from .tiles import (
-    BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, FWD_N_GPU, LAUNCHES, SMEM_LIMIT, SPEC_DS, SPEC_DTYPES, SYM_BWD_GPU,
-    SYM_FWD_GPU, acc_fits, block_do, chunk_d, col_lse, d_pad, dot_flags, empty, fwd_smem, gpu_block_do, gpu_chunk_d,
-    gpu_dot_flags, interpreting, launch, log2_bucket, min_block, spec,
+    BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SMEM_LIMIT, SPEC_DS,
+    SPEC_DTYPES, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, chunk_d, col_lse, d_pad, dot_flags, empty, fwd_smem,
+    gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch, log2_bucket, min_block, sm_count, spec,
 )
 
 Tensor = torch.Tensor
@@ -140,6 +139,62 @@ def _empty(shape, dtype, device) -> Tensor:
 # "deterministic" (default) or "atomic": see the module docstring.
 BACKWARD = os.environ.get("CONTRASTIVE_OPS_TRITON_BACKWARD", "deterministic")
 _ATOMIC_MAX_D = 256  # the atomic kernels hold a BLOCK × next_pow2(D) fp32 accumulator
+
+
+# ---------------------------------------------------------------------------
+# Grid shapes and output chunks (the launchers', the performance model's)
+# ---------------------------------------------------------------------------
+
+
+def fwd_plan(B: int, M: int, device: torch.device) -> Tuple[int, int, int]:
+    """``(BLOCK_M, n_split, cols_per_split)`` of the general forward, from the shape.
+
+    128-row tiles while they fill the SMs, else 64; then, while the row tiles
+    are fewer than about two per SM, the columns are split into chunks of at
+    least ``min_cols`` (a multiple of every BLOCK_N) so the grid fills the GPU.
+    """
+    sms = sm_count(device)
+    if interpreting():
+        block_m, align, min_cols = INTERP_BLOCK[0], INTERP_N[0], INTERP_N[0]
+    else:
+        block_m = 128 if triton.cdiv(B, 128) >= sms else 64
+        align, min_cols = 128, 1024
+    t_b = triton.cdiv(B, block_m)
+    want = max(1, triton.cdiv(2 * sms, max(t_b, 1)))
+    n_split = max(1, min(want, M // min_cols))
+    cps = triton.cdiv(triton.cdiv(max(M, 1), n_split), align) * align
+    return block_m, triton.cdiv(max(M, 1), cps), cps
+
+
+def gram_block(B: int, device: torch.device) -> int:
+    """Square tile of the Gram forward: 64 on the GPU (128 spills: two masked 128×128 fp32 copies of
+    S live at once, 136–1,184 B per thread on sm_90a)."""
+    return INTERP_SYM[0] if interpreting() else 64
+
+
+# ---------------------------------------------------------------------------
+
+
+def dk_wide(D: int, dtype: torch.dtype) -> bool:
+    """Whether the dk kernel takes the transposed accumulator over all of D: 16-bit inputs (fp32's
+    tf32x3 has no transposed operand on wgmma) whose D needs several dq chunks, up to 1024."""
+    n_d = triton.cdiv(D, block_do(D, dtype))
+    return n_d > 1 and d_pad(D) <= DK_WIDE_MAX_D and dtype != torch.float32
+
+
+def _pair_slots(device: torch.device, B: int) -> int:
+    t = triton.cdiv(B, min_block())
+    cap = 3 if device.type != "cuda" else 2 * sm_count(device)
+    return max(1, min(cap, t * (t + 1) // 2))
+
+
+def out_chunks(D: int, dtype: torch.dtype = torch.bfloat16, gram: bool = False) -> int:
+    """n_d: the backward's output D-chunks (``cdiv(D, block_do)``), each recomputing S once.
+
+    The backward launcher sizes its grids with it and ``WORK_UNITS`` counts the work with it
+    (``benchmarks/perf_model.py``), so the model follows the code.
+    """
+    return triton.cdiv(D, block_do(D, dtype, gram))
 
 
 # ---------------------------------------------------------------------------
@@ -280,7 +335,7 @@ def _sim_lse_bwd_op(
     atomic = bool(atomic) and D <= _ATOMIC_MAX_D
     bd, bdo, gram_bdo = chunk_d(D, q.dtype), block_do(D, q.dtype), block_do(D, q.dtype, gram=True)
     one_chunk = D <= bd
-    n_d, gram_n_d = triton.cdiv(D, bdo), triton.cdiv(D, gram_bdo)
+    n_d, gram_n_d = out_chunks(D, q.dtype), out_chunks(D, q.dtype, gram=True)
     reuse = one_chunk and n_d == 1 and bdo == bd
     dot_kw = dict(UPCAST=flags["UPCAST"], PREC=flags["PREC"])
     gram_kw = dict(N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=bd, BLOCK_DO=gram_bdo, ONE_CHUNK=one_chunk,
@@ -420,6 +475,66 @@ class _SimLSEPrimitive:
 
 
 SIM_LSE = _SimLSEPrimitive()
+
+
+# ---------------------------------------------------------------------------
+# Work per path (read by benchmarks/perf_model.py), from the launchers' own chunking
+# ---------------------------------------------------------------------------
+
+
+def bwd_work(D: int, dtype: torch.dtype = torch.bfloat16, gram: bool = False) -> Tuple[int, float]:
+    """``(units, S evaluations per pair)`` of the deterministic backward on the GPU: units of
+    B·M·D FLOPs (a multiply-add is 2), from ``out_chunks`` and ``dk_wide`` as the launcher runs them.
+
+    Each program of a row-stationary (dq, Gram) or column-stationary (dk) kernel recomputes
+    S (2 units) per output chunk and adds its chunk's share of the gradient product (2 units
+    over all chunks): 2·n_d + 2 per kernel; the wide dk kernel takes all of D in one chunk (4).
+    General: dq + dk = 8 for 16-bit D ≤ 512, 6 + 4 = 10 at D = 768 and 1024 (n_d = 2, wide
+    dk); fp32: n_d = cdiv(D, 128) for both.  Gram: 2·n_d + 2 with the Gram cap of 256 (4 for
+    D ≤ 256, 6 at 512, 10 at 1024).
+    """
+    if gram:
+        n = out_chunks(D, dtype, gram=True)
+        return 2 * n + 2, n
+    n = out_chunks(D, dtype)
+    wide = dk_wide(D, dtype)
+    return (2 * n + 2) + (4 if wide else 2 * n + 2), n + (1 if wide else n)
+
+
+def _gpu_work(dtype_name: str, D: int, gram: bool, i: int) -> float:
+    with _gpu_dispatch():
+        return bwd_work(D, SPEC_DTYPES[dtype_name], gram)[i]
+
+
+class _gpu_dispatch:
+    """``block_do`` / ``dk_wide`` answer for the GPU (not the interpreter) inside this block."""
+
+    def __enter__(self):
+        self.old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "0"
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = self.old
+
+
+# Units of B·M·D per path, and S evaluations per (i, j) pair: the forward evaluates S once
+# (2 units: QKᵀ; the row and column LSE read the same tile), the Gram forward once per pair
+# {a, b} (tiles J ≥ I: half of S, 1 unit).  Callables take (D, dtype name).
+WORK_UNITS = {
+    "general_fwd": 2,
+    "gram_fwd": 1,
+    "general_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, False, 0),
+    "gram_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, True, 0),
+}
+S_EVALS = {
+    "general_fwd": 1,
+    "gram_fwd": 0.5,
+    "general_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, False, 1),
+    "gram_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, True, 1),
+}
 
 
 # ---------------------------------------------------------------------------

@@ -6,15 +6,13 @@ launches these kernels and re-exports their names).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from .sim_lse_fwd import _FLAG_KEYS
 from .tiles import (
-    BWD_ATOMIC_GPU, BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, INTERP_BLOCK, INTERP_SYM, SYM_ATOMIC_GPU, SYM_BWD_GPU, allowed,
-    allowed_t, autotune, block_do, col_bounds, col_tile, configs, d_pad, load_tile, min_block, row_tile, s_tile,
-    scaled_s, sm_count,
+    BWD_ATOMIC_GPU, BWD_GPU, DK_WIDE_GPU, INTERP_BLOCK, INTERP_SYM, SYM_ATOMIC_GPU, SYM_BWD_GPU, allowed, allowed_t,
+    autotune, col_bounds, col_tile, configs, load_tile, row_tile, s_tile, scaled_s,
 )
 
 
@@ -181,13 +179,6 @@ def _bwd_dk_kernel(
 # output chunk of the dq kernel: D = 768 and 1024 in one chunk, S once (4 units instead of 6).
 _bwd_dk_wide_kernel = autotune(configs(("BLOCK_M", "BLOCK_N"), DK_WIDE_GPU, INTERP_BLOCK),
                                key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)(_bwd_dk_kernel.fn)
-
-
-def dk_wide(D: int, dtype: torch.dtype) -> bool:
-    """Whether the dk kernel takes the transposed accumulator over all of D: 16-bit inputs (fp32's
-    tf32x3 has no transposed operand on wgmma) whose D needs several dq chunks, up to 1024."""
-    n_d = triton.cdiv(D, block_do(D, dtype))
-    return n_d > 1 and d_pad(D) <= DK_WIDE_MAX_D and dtype != torch.float32
 
 
 # ---------------------------------------------------------------------------
@@ -441,9 +432,3 @@ def _gram_bwd_atomic_kernel(
             zi = load_tile(Z, (ti * BLOCK + offs).to(tl.int64), ti * BLOCK + offs < B, offs_d, D, stride_z,
                            UPCAST)
     tl.store(DscalePart + pid, tl.sum(dscale, 0))
-
-
-def _pair_slots(device: torch.device, B: int) -> int:
-    t = triton.cdiv(B, min_block())
-    cap = 3 if device.type != "cuda" else 2 * sm_count(device)
-    return max(1, min(cap, t * (t + 1) // 2))

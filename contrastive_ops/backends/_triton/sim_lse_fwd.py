@@ -5,15 +5,12 @@ launches these kernels and re-exports their names).
 """
 from __future__ import annotations
 
-from typing import Tuple
-
-import torch
 import triton
 import triton.language as tl
 
 from .tiles import (
-    FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, SYM_FWD_GPU, allowed, allowed_t, autotune, col_bounds, col_lse,
-    col_tile, configs, interpreting, load_tile, logaddexp, lse_of, online_rows, row_tile, s_tile, scaled_s, sm_count,
+    FWD_N_GPU, INTERP_N, SYM_FWD_GPU, allowed, allowed_t, autotune, col_bounds, col_lse, col_tile, configs, load_tile,
+    logaddexp, lse_of, online_rows, row_tile, s_tile, scaled_s,
 )
 
 # The launch flags every general kernel is autotuned on (see ``sim_lse._flags``).
@@ -76,26 +73,6 @@ def _fwd_kernel(
             tl.store(col_out + n0 + offs_n, neg, mask=n0 + offs_n < s1)
 
 
-def fwd_plan(B: int, M: int, device: torch.device) -> Tuple[int, int, int]:
-    """``(BLOCK_M, n_split, cols_per_split)`` of the general forward, from the shape.
-
-    128-row tiles while they fill the SMs, else 64; then, while the row tiles
-    are fewer than about two per SM, the columns are split into chunks of at
-    least ``min_cols`` (a multiple of every BLOCK_N) so the grid fills the GPU.
-    """
-    sms = sm_count(device)
-    if interpreting():
-        block_m, align, min_cols = INTERP_BLOCK[0], INTERP_N[0], INTERP_N[0]
-    else:
-        block_m = 128 if triton.cdiv(B, 128) >= sms else 64
-        align, min_cols = 128, 1024
-    t_b = triton.cdiv(B, block_m)
-    want = max(1, triton.cdiv(2 * sms, max(t_b, 1)))
-    n_split = max(1, min(want, M // min_cols))
-    cps = triton.cdiv(triton.cdiv(max(M, 1), n_split), align) * align
-    return block_m, triton.cdiv(max(M, 1), cps), cps
-
-
 # ---------------------------------------------------------------------------
 # Forward, Gram: program p owns row tiles p and T−1−p, each over J ≥ I
 # ---------------------------------------------------------------------------
@@ -151,12 +128,3 @@ def _gram_fwd_kernel(
             ok_c = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
             tl.store(part + rows_j, col_lse(scaled_s(s_raw, scale, ok_c)), mask=mask_j)
         tl.store(part + rows_i, logaddexp(lse_of(m_i, l_i), diag_col), mask=mask_i)
-
-
-def gram_block(B: int, device: torch.device) -> int:
-    """Square tile of the Gram forward: 64 on the GPU (128 spills: two masked 128×128 fp32 copies of
-    S live at once, 136–1,184 B per thread on sm_90a)."""
-    return INTERP_SYM[0] if interpreting() else 64
-
-
-# ---------------------------------------------------------------------------
