@@ -160,6 +160,11 @@ def _siglip_bwd_dy_kernel(X, Y, Scale, Bias, Grad, DY, B, M, D, stride_x, stride
              mask=col_mask[:, None] & o_mask[None, :])
 
 
+def out_chunks(D: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """n_d: the backward's output D-chunks; the launcher's grids and ``WORK_UNITS`` both use it."""
+    return triton.cdiv(D, block_do(D, dtype))
+
+
 @torch.library.triton_op("contrastive_ops_triton::siglip_fwd", mutates_args=())
 def _siglip_fwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
     B, D = x.shape
@@ -190,7 +195,7 @@ def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tens
     scale_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
     bias_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
     bd, bdo = block_d(D), block_do(D, x.dtype)
-    n_d = triton.cdiv(D, bdo)
+    n_d = out_chunks(D, x.dtype)
     flags = dot_flags(x.dtype)
     buckets = (log2_bucket(B), log2_bucket(M))
     if run:
@@ -259,3 +264,23 @@ def compile_specs() -> list:
                 out.append(spec("siglip_bwd_dx", _siglip_bwd_dx_kernel.fn, dname, D, c, w, st))
                 out.append(spec("siglip_bwd_dy", _siglip_bwd_dy_kernel.fn, dname, D, c, w, st))
     return out
+
+
+def bwd_work(D: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:
+    """``(units, S evaluations per pair)`` of the SigLIP backward on the GPU: the dx (row-stationary)
+    and dy (column-stationary) kernels each recompute S per output chunk (``out_chunks``, as the
+    launcher) and add their gradient product: 2·(2·n_d + 2), 8 for 16-bit D ≤ 512."""
+    n = out_chunks(D, dtype)
+    return 2 * (2 * n + 2), 2 * n
+
+
+def _gpu_work(D: int, dtype_name: str, i: int) -> float:
+    from .sim_lse import _gpu_dispatch
+
+    with _gpu_dispatch():
+        return bwd_work(D, SPEC_DTYPES[dtype_name])[i]
+
+
+# Units of B·M·D and S evaluations per pair (benchmarks/perf_model.py); callables take (D, dtype name).
+WORK_UNITS = {"siglip_fwd": 2, "siglip_bwd": lambda D, dtype="bf16": _gpu_work(D, dtype, 0)}
+S_EVALS = {"siglip_fwd": 1, "siglip_bwd": lambda D, dtype="bf16": _gpu_work(D, dtype, 1)}
