@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .tiles import (BWD_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
                     col_tile, configs, dot_flags, empty, gpu_block_do, gpu_dot_flags, launch, log2_bucket, min_block,
-                    s_tile, spec)
+                    mark_known_faults, s_tile, spec)
 
 Tensor = torch.Tensor
 
@@ -246,6 +246,43 @@ class _SigLIPPrimitive:
 SIGLIP = _SigLIPPrimitive()
 
 
+# Variants the sm_90a compile gate measures failing (ptxas of Triton 3.8; ``python -m
+# contrastive_ops.backends._triton.specs --write`` re-measures them): (kernel, dtype, the D that
+# share the binary, config as ``tiles.spec_config``) -> the measured fault.  compile_specs marks
+# them ``expect_fail``: the gate's rows are xfail(strict=True), red again once a kernel is fixed.
+_GATE_FAULTS = {
+    ("siglip_bwd_dx", "bf16", (256,), "128x64 w8 s2"): "spills 72 B stored / 56 B loaded",
+    ("siglip_bwd_dx", "bf16", (256,), "64x64 w4 s2"): "spills 80 B stored / 64 B loaded",
+    ("siglip_bwd_dx", "fp16", (256,), "128x64 w8 s2"): "spills 72 B stored / 56 B loaded",
+    ("siglip_bwd_dx", "fp16", (256,), "64x64 w4 s2"): "spills 148 B stored / 128 B loaded",
+    ("siglip_bwd_dx", "fp16", (512, 768, 1024), "64x64 w8 s2"): "spills 40 B stored / 24 B loaded",
+    ("siglip_bwd_dx", "fp32", (64,), "128x64 w8 s2"): "spills 296 B stored / 264 B loaded",
+    ("siglip_bwd_dx", "fp32", (64,), "64x128 w8 s2"): "spills 872 B stored / 772 B loaded",
+    ("siglip_bwd_dx", "fp32", (64,), "64x64 w4 s2"): "spills 272 B stored / 244 B loaded",
+    ("siglip_bwd_dx", "fp32", (64,), "64x64 w8 s2"): "spills 272 B stored / 228 B loaded",
+    ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 616 B stored / 480 B loaded",
+    ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 852 B stored / 680 B loaded",
+    ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 604 B stored / 472 B loaded",
+    ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 248 B stored / 220 B loaded",
+    ("siglip_bwd_dy", "bf16", (256,), "64x128 w8 s2"): "spills 48 B stored / 32 B loaded",
+    ("siglip_bwd_dy", "bf16", (256,), "64x64 w4 s2"): "spills 56 B stored / 40 B loaded",
+    ("siglip_bwd_dy", "fp16", (256,), "64x128 w8 s2"): "spills 48 B stored / 32 B loaded",
+    ("siglip_bwd_dy", "fp16", (256,), "64x64 w4 s2"): "spills 56 B stored / 40 B loaded",
+    ("siglip_bwd_dy", "fp32", (64,), "128x64 w8 s2"): "spills 288 B stored / 272 B loaded",
+    ("siglip_bwd_dy", "fp32", (64,), "64x128 w8 s2"): "spills 468 B stored / 336 B loaded",
+    ("siglip_bwd_dy", "fp32", (64,), "64x64 w4 s2"): "spills 120 B stored / 108 B loaded",
+    ("siglip_bwd_dy", "fp32", (64,), "64x64 w8 s2"): "spills 288 B stored / 244 B loaded",
+    ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 624 B stored / 600 B loaded",
+    ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 604 B stored / 424 B loaded",
+    ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 400 B stored / 312 B loaded",
+    ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 200 B stored / 180 B loaded",
+    ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x128 w8 s3"): "spills 32 B stored / 32 B loaded",
+    ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x64 w4 s3"): "spills 324 B stored / 436 B loaded",
+    ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "64x128 w4 s3"): "spills 132 B stored / 172 B loaded",
+    ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "64x64 w4 s4"): "spills 12 B stored / 12 B loaded",
+}
+
+
 def compile_specs() -> list:
     """Every (kernel, config, dtype, D) the GPU dispatcher can pick (see ``sim_lse.compile_specs``)."""
     out = []
@@ -263,7 +300,7 @@ def compile_specs() -> list:
                     continue
                 out.append(spec("siglip_bwd_dx", _siglip_bwd_dx_kernel.fn, dname, D, c, w, st))
                 out.append(spec("siglip_bwd_dy", _siglip_bwd_dy_kernel.fn, dname, D, c, w, st))
-    return out
+    return mark_known_faults(out, _GATE_FAULTS, "backends/_triton/siglip.py")
 
 
 def bwd_work(D: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:

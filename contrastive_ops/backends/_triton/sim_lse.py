@@ -93,7 +93,8 @@ atomic path is asked for with ``BACKWARD = "atomic"`` (module attribute, or
 ``CONTRASTIVE_OPS_TRITON_BACKWARD=atomic`` at import) and
 ``torch.are_deterministic_algorithms_enabled()`` is off.
 
-Layers: the ``@triton.jit`` kernels → the custom ops
+Layers: the ``@triton.jit`` kernels (:mod:`.sim_lse_fwd`, :mod:`.sim_lse_bwd`; their names are
+re-exported here) → the custom ops
 ``contrastive_ops_triton::sim_lse_fwd`` / ``sim_lse_bwd``
 (``torch.library.triton_op``, so ``torch.compile`` traces into the kernels) →
 ``sim_lse_forward`` / ``sim_lse_backward`` → the primitive ``SIM_LSE`` used by
@@ -119,7 +120,8 @@ from .sim_lse_fwd import _fwd_kernel, _gram_fwd_kernel
 from .tiles import (
     BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SMEM_LIMIT, SPEC_DS,
     SPEC_DTYPES, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, chunk_d, col_lse, d_pad, dot_flags, empty, fwd_smem,
-    gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch, log2_bucket, min_block, sm_count, spec,
+    gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch, log2_bucket, mark_known_faults, min_block, sm_count,
+    spec,
 )
 
 Tensor = torch.Tensor
@@ -542,6 +544,66 @@ S_EVALS = {
 # ---------------------------------------------------------------------------
 
 
+# Variants the sm_90a compile gate measures failing (ptxas of Triton 3.8; ``python -m
+# contrastive_ops.backends._triton.specs --write`` re-measures them): (kernel, dtype, the D that
+# share the binary, config as ``tiles.spec_config``) -> the measured fault.  compile_specs marks
+# them ``expect_fail``: the gate's rows are xfail(strict=True), red again once a kernel is fixed.
+_GATE_FAULTS = {
+    ("sim_lse_bwd_dk", "bf16", (128,), "64x128 w8 s2"): "spills 8 B stored / 8 B loaded",
+    ("sim_lse_bwd_dk", "bf16", (256,), "64x128 w8 s2"): "spills 56 B stored / 40 B loaded",
+    ("sim_lse_bwd_dk", "bf16", (256,), "64x64 w4 s2"): "spills 88 B stored / 72 B loaded",
+    ("sim_lse_bwd_dk", "bf16", (512,), "64x64 w8 s2"): "spills 36 B stored / 24 B loaded",
+    ("sim_lse_bwd_dk", "fp16", (128,), "64x128 w8 s2"): "spills 8 B stored / 8 B loaded",
+    ("sim_lse_bwd_dk", "fp16", (256,), "64x128 w8 s2"): "spills 56 B stored / 40 B loaded",
+    ("sim_lse_bwd_dk", "fp16", (256,), "64x64 w4 s2"): "spills 88 B stored / 72 B loaded",
+    ("sim_lse_bwd_dk", "fp16", (512,), "64x64 w8 s2"): "spills 36 B stored / 24 B loaded",
+    ("sim_lse_bwd_dk", "fp32", (64,), "64x128 w8 s2"): "spills 164 B stored / 140 B loaded",
+    ("sim_lse_bwd_dk", "fp32", (64,), "64x64 w4 s2"): "spills 24 B stored / 12 B loaded",
+    ("sim_lse_bwd_dk", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 24 B stored / 12 B loaded",
+    ("sim_lse_bwd_dk", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 300 B stored / 260 B loaded",
+    ("sim_lse_bwd_dk", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 60 B stored / 36 B loaded",
+    ("sim_lse_bwd_dk", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 40 B stored / 24 B loaded",
+    ("sim_lse_bwd_dk_wide", "bf16", (768, 1024), "64x32 w8 s2"): "spills 24 B stored / 12 B loaded",
+    ("sim_lse_bwd_dk_wide", "fp16", (768, 1024), "64x32 w8 s2"): "spills 24 B stored / 12 B loaded",
+    ("sim_lse_bwd_dq", "bf16", (256,), "128x64 w8 s2"): "spills 52 B stored / 36 B loaded",
+    ("sim_lse_bwd_dq", "bf16", (256,), "64x64 w4 s2"): "spills 100 B stored / 76 B loaded",
+    ("sim_lse_bwd_dq", "fp16", (256,), "128x64 w8 s2"): "spills 36 B stored / 20 B loaded",
+    ("sim_lse_bwd_dq", "fp16", (256,), "64x64 w4 s2"): "spills 136 B stored / 112 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (64,), "128x64 w8 s2"): "spills 144 B stored / 140 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (64,), "64x128 w8 s2"): "spills 448 B stored / 420 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (64,), "64x64 w4 s2"): "spills 184 B stored / 168 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 604 B stored / 448 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 628 B stored / 600 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 444 B stored / 296 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 48 B stored / 24 B loaded",
+    ("sim_lse_fwd", "bf16", (256, 512, 768, 1024), "128x128 w4 s2"): "spills 12 B stored / 12 B loaded",
+    ("sim_lse_fwd", "fp16", (128,), "128x128 w4 s2"): "spills 8 B stored / 12 B loaded",
+    ("sim_lse_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x128 w4 s2"): "spills 1092 B stored / 844 B loaded",
+    ("sim_lse_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x64 w4 s3"): "spills 16 B stored / 16 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (64,), "128 w8 s2"): "spills 1484 B stored / 1844 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (64,), "64 w4 s2"): "spills 24 B stored / 20 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (128,), "128 w8 s2"): "spills 2012 B stored / 2332 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (128,), "64 w4 s2"): "spills 152 B stored / 144 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (128,), "64 w8 s2"): "spills 156 B stored / 148 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "128 w8 s2"): "spills 4956 B stored / 5600 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "64 w4 s2"): "spills 780 B stored / 964 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (64,), "128 w8 s2"): "spills 1304 B stored / 1604 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (64,), "64 w4 s2"): "spills 192 B stored / 304 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (128,), "128 w8 s2"): "spills 1960 B stored / 2344 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (128,), "64 w4 s2"): "spills 48 B stored / 40 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (128,), "64 w8 s2"): "spills 240 B stored / 300 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "128 w8 s2"): "spills 4344 B stored / 4988 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "64 w4 s2"): "spills 1144 B stored / 1328 B loaded",
+    ("sim_lse_gram_bwd", "fp32", (64,), "128 w8 s2"): "spills 3396 B stored / 3524 B loaded",
+    ("sim_lse_gram_bwd", "fp32", (64,), "64 w4 s2"): "spills 692 B stored / 604 B loaded",
+    ("sim_lse_gram_bwd", "fp32", (64,), "64 w8 s2"): "spills 188 B stored / 196 B loaded",
+    ("sim_lse_gram_bwd", "fp32", (128, 256, 512, 768, 1024), "128 w8 s2"):
+        "spills 4696 B stored / 4896 B loaded; shared memory 262144 B > 232448 B",
+    ("sim_lse_gram_bwd", "fp32", (128, 256, 512, 768, 1024), "64 w4 s2"): "spills 1664 B stored / 1432 B loaded",
+    ("sim_lse_gram_bwd", "fp32", (128, 256, 512, 768, 1024), "64 w8 s2"): "spills 416 B stored / 452 B loaded",
+}
+
+
 def compile_specs() -> List[dict]:
     """One entry per (kernel, config, dtype, D) the GPU dispatcher can pick, for D in
     ``tiles.SPEC_DS`` and bf16/fp16/fp32, with the CLIP flags (no index lists, no
@@ -590,4 +652,4 @@ def compile_specs() -> List[dict]:
                 if not acc_fits(c, w, gbdo):
                     continue
                 out.append(spec("sim_lse_gram_bwd", _gram_bwd_kernel.fn, dname, D, c, w, st))
-    return out
+    return mark_known_faults(out, _GATE_FAULTS, "backends/_triton/sim_lse.py")

@@ -12,13 +12,27 @@ import triton.language as tl
 from .sim_lse_fwd import _FLAG_KEYS
 from .tiles import (
     BWD_ATOMIC_GPU, BWD_GPU, DK_WIDE_GPU, INTERP_BLOCK, INTERP_SYM, SYM_ATOMIC_GPU, SYM_BWD_GPU, allowed, allowed_t,
-    autotune, col_bounds, col_tile, configs, load_tile, row_tile, s_tile, scaled_s,
+    autotune, col_bounds, col_tile, configs, held_tile, load_tile, row_span, row_tile, s_tile, scaled_s,
 )
 
 
 # ---------------------------------------------------------------------------
 # Backward, general (deterministic): dq (row-stationary) and dk (column-stationary)
 # ---------------------------------------------------------------------------
+@triton.jit
+def _row_stats(RowLse, GradRow, rows, mask):
+    """The forward's LSE and the upstream gradient of rows ``rows`` (−inf and 0 outside ``mask``)."""
+    return (tl.load(RowLse + rows, mask=mask, other=float("-inf")),
+            tl.load(GradRow + rows, mask=mask, other=0.0))
+
+
+@triton.jit
+def _store_rows(Out, out_rows, mask, stride, offs_o, D, acc, scale):
+    """Out[out_rows][:, offs_o] = scale·acc (rows outside ``mask`` and columns ≥ D not written)."""
+    tl.store(Out + out_rows[:, None] * stride + offs_o[None, :], (acc * scale).to(Out.dtype.element_ty),
+             mask=mask[:, None] & (offs_o < D)[None, :])
+
+
 @triton.jit
 def _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL: tl.constexpr):
     """dS of a tile from the recomputed S and the saved LSEs (an LSE of −inf counts as +inf: P = 0)."""
@@ -53,25 +67,17 @@ def _bwd_dq_kernel(
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     scale = tl.load(Scale)
-    rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
-        pid_m, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
-    lo, hi = col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
-    lse_r = tl.load(RowLse + rows, mask=row_mask, other=float("-inf"))
-    g_r = tl.load(GradRow + rows, mask=row_mask, other=0.0)
+    rows, row_mask, q_rows, cs, ce, e0, e1, lo, hi = row_span(
+        pid_m, B, M, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, BLOCK_N, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
+    lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)
     offs_d = tl.arange(0, BLOCK_D)
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    if ONE_CHUNK:
-        q_tile = load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
-    else:
-        q_tile = 0
+    q_tile = held_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST, ONE_CHUNK)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     dscale = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         cols, col_mask, k_rows = col_tile(n0, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
-        if ONE_CHUNK:
-            k_tile = load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
-        else:
-            k_tile = 0
+        k_tile = held_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST, ONE_CHUNK)
         s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                        BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
         ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
@@ -82,9 +88,7 @@ def _bwd_dq_kernel(
         else:
             kt = load_tile(K, k_rows, col_mask, offs_o, D, stride_k, UPCAST)
         acc = tl.dot(ds.to(kt.dtype), kt, acc, input_precision=PREC)
-    acc = acc * scale
-    tl.store(DQ + q_rows[:, None] * stride_dq + offs_o[None, :], acc.to(DQ.dtype.element_ty),
-             mask=row_mask[:, None] & (offs_o < D)[None, :])
+    _store_rows(DQ, q_rows, row_mask, stride_dq, offs_o, D, acc, scale)
     if pid_d == 0:
         tl.store(DscalePart + pid_m, tl.sum(dscale, 0))
 
@@ -99,15 +103,11 @@ def _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs
     transposed accumulator, accᵀ += Q_t[:, offs_o]ᵀ · dS_t, D as the product's M dimension)."""
     rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
         t, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
-    if ONE_CHUNK:
-        q_tile = load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
-    else:
-        q_tile = 0
+    q_tile = held_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST, ONE_CHUNK)
     s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                    BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
     ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
-    lse_r = tl.load(RowLse + rows, mask=row_mask, other=float("-inf"))
-    g_r = tl.load(GradRow + rows, mask=row_mask, other=0.0)
+    lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)
     ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
     if REUSE:
         qt = q_tile
@@ -141,10 +141,7 @@ def _bwd_dk_kernel(
     cols, col_mask, k_rows = col_tile(n0, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
     offs_d = tl.arange(0, BLOCK_D)
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    if ONE_CHUNK:
-        k_tile = load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
-    else:
-        k_tile = 0
+    k_tile = held_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST, ONE_CHUNK)
     if DK_T:  # dKᵀ: BLOCK_DO (up to 1024) is the product's M dimension, BLOCK_N (32) its N
         acc = tl.zeros((BLOCK_DO, BLOCK_N), tl.float32)
     else:
@@ -203,11 +200,9 @@ def _bwd_atomic_kernel(
 ):
     pid_m = tl.program_id(0)
     scale = tl.load(Scale)
-    rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
-        pid_m, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
-    lo, hi = col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
-    lse_r = tl.load(RowLse + rows, mask=row_mask, other=float("-inf"))
-    g_r = tl.load(GradRow + rows, mask=row_mask, other=0.0)
+    rows, row_mask, q_rows, cs, ce, e0, e1, lo, hi = row_span(
+        pid_m, B, M, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, BLOCK_N, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
+    lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)
     offs_d = tl.arange(0, BLOCK_DP)
     d_mask = offs_d < D
     q_tile = load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
@@ -227,9 +222,7 @@ def _bwd_atomic_kernel(
         dk = tl.dot(tl.trans(ds_lo), q_tile, input_precision=PREC) * scale
         tl.atomic_add(DKAcc + k_rows[:, None] * stride_acc + offs_d[None, :], dk,
                       mask=col_mask[:, None] & d_mask[None, :])
-    acc = acc * scale
-    tl.store(DQ + q_rows[:, None] * stride_dq + offs_d[None, :], acc.to(DQ.dtype.element_ty),
-             mask=row_mask[:, None] & d_mask[None, :])
+    _store_rows(DQ, q_rows, row_mask, stride_dq, offs_d, D, acc, scale)
     tl.store(DscalePart + pid_m, tl.sum(dscale, 0))
 
 
@@ -274,12 +267,8 @@ def _gram_j_tile(tj, B, Exclude, RowLse, GradRow, Z, offs_d, offs_o, D, stride_z
     """Rows, exclusions, saved statistics and tiles of column tile J."""
     rows_j, mask_j, z_rows_j, cs, ce, e0_j, e1_j = row_tile(
         tj, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
-    lse_j = tl.load(RowLse + rows_j, mask=mask_j, other=float("-inf"))
-    g_j = tl.load(GradRow + rows_j, mask=mask_j, other=0.0)
-    if ONE_CHUNK:
-        zj = load_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST)
-    else:
-        zj = 0
+    lse_j, g_j = _row_stats(RowLse, GradRow, rows_j, mask_j)
+    zj = held_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST, ONE_CHUNK)
     if REUSE:
         zo = zj
     else:
@@ -304,14 +293,10 @@ def _gram_bwd_kernel(
     T = tl.cdiv(B, BLOCK)
     rows_i, mask_i, z_rows_i, cs, ce, e0_i, e1_i = row_tile(
         ti, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
-    lse_i = tl.load(RowLse + rows_i, mask=mask_i, other=float("-inf"))
-    g_i = tl.load(GradRow + rows_i, mask=mask_i, other=0.0)
+    lse_i, g_i = _row_stats(RowLse, GradRow, rows_i, mask_i)
     offs_d = tl.arange(0, BLOCK_D)
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    if ONE_CHUNK:
-        zi = load_tile(Z, z_rows_i, mask_i, offs_d, D, stride_z, UPCAST)
-    else:
-        zi = 0
+    zi = held_tile(Z, z_rows_i, mask_i, offs_d, D, stride_z, UPCAST, ONE_CHUNK)
     acc = tl.zeros((BLOCK, BLOCK_DO), tl.float32)
     dscale_t = tl.zeros((BLOCK,), tl.float32)  # this loop's row sums come out along the tile's columns
     # J < I: the forward's tile Z_J·Z_Iᵀ (rows J); every quantity below is laid out (J, I)
@@ -350,9 +335,7 @@ def _gram_bwd_kernel(
         ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
         dscale += tl.sum(ds * s_raw, 1)
         acc = tl.dot(_gram_pick(ds, ds_t, TERMS).to(zo.dtype), zo, acc, input_precision=PREC)
-    acc = acc * scale
-    tl.store(DZ + z_rows_i[:, None] * stride_dz + offs_o[None, :], acc.to(DZ.dtype.element_ty),
-             mask=mask_i[:, None] & (offs_o < D)[None, :])
+    _store_rows(DZ, z_rows_i, mask_i, stride_dz, offs_o, D, acc, scale)
     if pid_d == 0:
         tl.store(DscalePart + ti, tl.sum(dscale, 0))
 
@@ -408,10 +391,8 @@ def _gram_bwd_atomic_kernel(
             s_raw = tl.where(rows_i[:, None] <= rows_j[None, :], s_raw, tl.trans(s_raw))
         ok = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
         ok_t = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
-        lse_i = tl.load(RowLse + rows_i, mask=mask_i, other=float("-inf"))
-        g_i = tl.load(GradRow + rows_i, mask=mask_i, other=0.0)
-        lse_j = tl.load(RowLse + rows_j, mask=mask_j, other=float("-inf"))
-        g_j = tl.load(GradRow + rows_j, mask=mask_j, other=0.0)
+        lse_i, g_i = _row_stats(RowLse, GradRow, rows_i, mask_i)
+        lse_j, g_j = _row_stats(RowLse, GradRow, rows_j, mask_j)
         ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
         a = ds + ds_t
         dscale += tl.sum(tl.where(tj == ti, ds, a) * s_raw, 1)

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    FWD_N_GPU, INTERP_N, SYM_FWD_GPU, allowed, allowed_t, autotune, col_bounds, col_lse, col_tile, configs, load_tile,
-    logaddexp, lse_of, online_rows, row_tile, s_tile, scaled_s,
+    FWD_N_GPU, INTERP_N, SYM_FWD_GPU, allowed, allowed_t, autotune, col_lse, col_tile, configs, held_tile, load_tile,
+    logaddexp, lse_of, online_rows, row_span, row_tile, s_tile, scaled_s,
 )
 
 # The launch flags every general kernel is autotuned on (see ``sim_lse._flags``).
@@ -32,28 +32,21 @@ def _fwd_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     scale = tl.load(Scale)
-    rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
-        pid_m, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
-    lo, hi = col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
+    rows, row_mask, q_rows, cs, ce, e0, e1, lo, hi = row_span(
+        pid_m, B, M, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, BLOCK_N, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
     s0 = pid_s * cols_per_split  # a multiple of every BLOCK_N
     s1 = tl.minimum(s0 + cols_per_split, M)
     a = tl.maximum(lo, s0)  # tile-aligned
     b = tl.minimum(hi, s1)
     offs_d = tl.arange(0, BLOCK_D)
-    if ONE_CHUNK:  # the Q tile is loaded once
-        q_tile = load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
-    else:
-        q_tile = 0
+    q_tile = held_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST, ONE_CHUNK)  # the Q tile is loaded once
     col_out = ColPart + pid_m.to(tl.int64) * M
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     n_tiles = tl.cdiv(tl.maximum(b - a, 0), BLOCK_N)
     for i in range(0, n_tiles):
         cols, col_mask, k_rows = col_tile(a + i * BLOCK_N, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
-        if ONE_CHUNK:
-            k_tile = load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
-        else:
-            k_tile = 0
+        k_tile = held_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST, ONE_CHUNK)
         s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                        BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
         ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
@@ -117,10 +110,7 @@ def _gram_fwd_kernel(
         for tj in range(ti + 1, T):
             rows_j, mask_j, z_rows_j, cs, ce, e0_j, e1_j = row_tile(
                 tj, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
-            if ONE_CHUNK:
-                zj = load_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST)
-            else:
-                zj = 0
+            zj = held_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST, ONE_CHUNK)
             s_raw = s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z, zi, zj,
                            BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
             ok_r = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
