@@ -42,16 +42,13 @@ def _int_class(v: int) -> str:
     return "1" if v == 1 else "16" if v % 16 == 0 else "x"
 
 
-def _gpu_layout(D: int) -> str:
-    """The GPU's D layout of the sim_lse / SigLIP kernels, from the modules' own helpers."""
-    from contrastive_ops.backends._triton import core
+def _gpu_layout(D: int, dtype: str) -> str:
+    """The GPU's D layout of the sim_lse / SigLIP kernels for feature dtype ``dtype`` ("bf16", "fp16",
+    "fp32"), from the tile library's GPU helpers (the ones the compile specs use)."""
+    from contrastive_ops.backends._triton import sim_lse, tiles
 
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        return f"D:{core._chunk_d(D)}/{core._block_do(D)}/{core._d_pad(D) if D <= core._ATOMIC_MAX_D else 0}"
-    finally:
-        os.environ["TRITON_INTERPRET"] = old if old is not None else "1"
+    dp = tiles.d_pad(D) if D <= sim_lse._ATOMIC_MAX_D else 0
+    return f"D:{tiles.gpu_chunk_d(D, dtype)}/{tiles.gpu_block_do(D, dtype)}/{dp}"
 
 
 def _key(fn, args, kwargs) -> str:
@@ -65,6 +62,9 @@ def _key(fn, args, kwargs) -> str:
         "do_not_specialize", ()) or ())
     bound = dict(zip(names, args))
     bound.update(kwargs)
+    # The feature dtype: the first 16-bit tensor argument, else fp32 (as in _dtype_of).
+    dts = {str(v.dtype).replace("torch.", "") for v in bound.values() if isinstance(v, torch.Tensor)}
+    feat = "bf16" if "bfloat16" in dts else "fp16" if "float16" in dts else "fp32"
     for n in names:
         v = bound.get(n)
         if n in _AUTOTUNED:
@@ -76,7 +76,7 @@ def _key(fn, args, kwargs) -> str:
         elif isinstance(v, bool) or not isinstance(v, int):
             parts.append(f"{n}={v}")
         elif n == "D":
-            parts.append(_gpu_layout(v))
+            parts.append(_gpu_layout(v, feat))
         elif n == "K":
             parts.append(f"K:{min(1 << max(v - 1, 0).bit_length(), 1024)}/{_int_class(v)}")
         else:
@@ -133,13 +133,13 @@ def _dtype_of(key: str) -> str:
 
 def _n_configs(kernel: str) -> int:
     """Configs per autotune key with CONTRASTIVE_OPS_TRITON_CONFIGS=tune (the kernels' GPU lists)."""
-    from contrastive_ops.backends._triton import core
+    from contrastive_ops.backends._triton import tiles as t
 
-    lists = {"_sim_lse_fwd_kernel": core._FWD_GPU, "_sim_lse_bwd_dq_kernel": core._BWD_GPU,
-             "_sim_lse_bwd_dk_kernel": core._BWD_GPU, "_sim_lse_bwd_atomic_kernel": core._BWD_ATOMIC_GPU,
-             "_sim_lse_gram_fwd_kernel": core._SYM_FWD_GPU, "_sim_lse_gram_bwd_kernel": core._SYM_BWD_GPU,
-             "_sim_lse_gram_bwd_atomic_kernel": core._SYM_ATOMIC_GPU, "_siglip_fwd_kernel": core._FWD_GPU,
-             "_siglip_bwd_dx_kernel": core._BWD_GPU, "_siglip_bwd_dy_kernel": core._BWD_GPU}
+    # The dk kernel's wide form (_bwd_dk_wide_kernel) is the same function with DK_WIDE_GPU.
+    lists = {"_fwd_kernel": t.FWD_N_GPU, "_bwd_dq_kernel": t.BWD_GPU, "_bwd_dk_kernel": t.BWD_GPU,
+             "_bwd_atomic_kernel": t.BWD_ATOMIC_GPU, "_gram_fwd_kernel": t.SYM_FWD_GPU,
+             "_gram_bwd_kernel": t.SYM_BWD_GPU, "_gram_bwd_atomic_kernel": t.SYM_ATOMIC_GPU,
+             "_siglip_fwd_kernel": t.FWD_GPU, "_siglip_bwd_dx_kernel": t.BWD_GPU, "_siglip_bwd_dy_kernel": t.BWD_GPU}
     return len(lists.get(kernel, [None]))
 
 

@@ -16,24 +16,25 @@ Paths (``PATHS``): ``general_fwd`` (row and column LSE of S = scale·Q·Kᵀ),
 ``general_bwd`` (dQ and dK), ``gram_fwd`` / ``gram_bwd`` (q is k, M = B:
 NT-Xent, SupCon, MV-InfoNCE, DCL), ``siglip_fwd`` / ``siglip_bwd``.
 
-The work follows the kernels: a kernel module of ``backends/_triton`` may
-declare ``WORK_UNITS = {path: units or callable(D) -> units}`` (FLOPs in units
-of B·M·D, a multiply-add counted as 2) and ``S_EVALS = {path: evaluations of
-S per (i, j) pair, or callable(D)}``; the first module declaring a path wins.
-For the kernels of ``core.py`` / ``siglip.py`` as written today (which
-declare neither) :func:`legacy_work` derives both from their own D-chunking
-(``_block_do``): the backward recomputes S once per output D-chunk.
+The work follows the kernels: each kernel module of ``backends/_triton``
+declares ``WORK_UNITS = {path: units or callable(D[, dtype]) -> units}`` (FLOPs
+in units of B·M·D, a multiply-add counted as 2; dtype "bf16" | "fp16" | "fp32")
+and ``S_EVALS = {path: evaluations of S per (i, j) pair, or a callable}``;
+``sim_lse.py`` and ``siglip.py`` compute them with the launchers' own output
+chunking (``tiles.out_chunks``, ``sim_lse.dk_wide``).  A path declared by two
+modules, or by none, is an error.
 
     python benchmarks/perf_model.py                  # the table, and the CLIP fraction-of-peak summary
     python benchmarks/perf_model.py --json out.json  # the same rows as JSON (a GPU run compares with them)
+    python benchmarks/perf_model.py --markdown benchmarks/results/perf-model-h200.md   # the committed CLIP table
     python benchmarks/perf_model.py --measured m.json  # predicted vs measured: {"<path> B=.. M=.. D=.. <dtype>": s,
                                                        #   "clip B=.. D=.. bf16": s (a whole fwd+bwd step)}
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -53,9 +54,6 @@ MINIMAL_UNITS = 8                # 2 forward + 2 recompute + 4 for dQ and dK, un
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # fp32 inputs: tf32x3 runs three tensor-core products per product at the dense tf32 rate (half of bf16).
 FLOP_RATE_FACTOR = {"bf16": 1.0, "fp16": 1.0, "fp32": 1.0 / 6.0}
-# The kernels of core.py / siglip.py as written today run fp32 products on the FMA units
-# (input_precision="ieee"): the datasheet FP32 rate, 67 TFLOP/s, not measured.
-LEGACY_FP32_FACTOR = 67e12 / DENSE_BF16_MEASURED
 
 PATHS = ("general_fwd", "general_bwd", "gram_fwd", "gram_bwd", "siglip_fwd", "siglip_bwd")
 # MUFU operations (ex2, lg2) per evaluated S element: the forward's row and column LSE need one
@@ -67,20 +65,6 @@ TILE_M = 128                     # row-tile height assumed for the L2 re-reads
 
 
 # --------------------------------------------------------------------------- where the work comes from
-
-
-@contextlib.contextmanager
-def _gpu_dispatch():
-    """The modules' dispatch helpers answer for the GPU (not the interpreter) inside this block."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
 
 
 def _kernel_modules() -> Dict[str, object]:
@@ -97,63 +81,37 @@ def _kernel_modules() -> Dict[str, object]:
     return out
 
 
-def legacy_work(core) -> Dict[str, Dict[str, Callable[[int], float]]]:
-    """Units and S evaluations of the kernels of ``core.py`` / ``siglip.py`` as written today: every
-    backward kernel recomputes S once per output D-chunk of ``_block_do(D)`` columns."""
-
-    def n_d(D: int) -> int:
-        with _gpu_dispatch():
-            return -(-D // core._block_do(D))
-
-    return {
-        "units": {
-            "general_fwd": lambda D: 2,
-            "general_bwd": lambda D: 4 * (n_d(D) + 1),   # dq and dk kernels: n_d recomputes + 1 product each
-            "gram_fwd": lambda D: 1,                      # tile pairs I ≤ J
-            "gram_bwd": lambda D: 2 * n_d(D) + 2,         # all tiles (I, J), per D-chunk, + dZ product
-            "siglip_fwd": lambda D: 2,
-            "siglip_bwd": lambda D: 4 * (n_d(D) + 1),
-        },
-        "s_evals": {
-            "general_fwd": lambda D: 1,
-            "general_bwd": lambda D: 2 * n_d(D),
-            "gram_fwd": lambda D: 0.5,
-            "gram_bwd": lambda D: n_d(D),
-            "siglip_fwd": lambda D: 1,
-            "siglip_bwd": lambda D: 2 * n_d(D),
-        },
-    }
+def _as_fn(v) -> Callable[..., float]:
+    """``f(D, dtype="bf16")`` from a number, a callable of D, or a callable of (D, dtype)."""
+    if not callable(v):
+        return lambda D, dtype="bf16", v=v: v
+    try:
+        two = len(inspect.signature(v).parameters) >= 2
+    except (TypeError, ValueError):
+        two = False
+    return (lambda D, dtype="bf16": v(D, dtype)) if two else (lambda D, dtype="bf16": v(D))
 
 
-def _as_fn(v) -> Callable[[int], float]:
-    return v if callable(v) else (lambda D, v=v: v)
-
-
-def work_tables() -> Dict[str, Dict[str, Callable[[int], float]]]:
-    """``{"units": {path: f(D)}, "s_evals": {path: f(D)}, "source": {path: module}}`` from the kernel
-    modules' ``WORK_UNITS`` / ``S_EVALS``, the legacy derivation for paths nobody declares."""
-    mods = _kernel_modules()
+def work_tables() -> Dict[str, Dict[str, Callable[..., float]]]:
+    """``{"units": {path: f(D, dtype)}, "s_evals": {path: f(D, dtype)}, "source": {path: module}}``
+    from the kernel modules' ``WORK_UNITS`` / ``S_EVALS``."""
     units, evals, source = {}, {}, {}
-    for name, mod in sorted(mods.items()):
-        for path, v in (getattr(mod, "WORK_UNITS", None) or {}).items():
-            if path not in PATHS:
-                raise ValueError(f"{name}.WORK_UNITS names an unknown path {path!r} (known: {PATHS})")
-            if path not in units:
-                units[path], source[path] = _as_fn(v), name
-        for path, v in (getattr(mod, "S_EVALS", None) or {}).items():
-            evals.setdefault(path, _as_fn(v))
-    if any(p not in units for p in PATHS) and hasattr(mods.get("core"), "_block_do"):
-        legacy = legacy_work(mods["core"])
-        for p in PATHS:
-            if p not in units:
-                mod = "siglip" if p.startswith("siglip") else "core"
-                units[p], source[p] = legacy["units"][p], f"{mod} (legacy: S recomputed per output D-chunk)"
-            evals.setdefault(p, legacy["s_evals"][p])
+    for name, mod in sorted(_kernel_modules().items()):
+        for table, out in (("WORK_UNITS", units), ("S_EVALS", evals)):
+            for path, v in (getattr(mod, table, None) or {}).items():
+                if path not in PATHS:
+                    raise ValueError(f"{name}.{table} names an unknown path {path!r} (known: {PATHS})")
+                if path in out:
+                    where = source.get(path) if table == "WORK_UNITS" else "another module"
+                    raise ValueError(f"{table}[{path!r}] is declared by both {where} and {name}")
+                out[path] = _as_fn(v)
+                if table == "WORK_UNITS":
+                    source[path] = name
     missing = [p for p in PATHS if p not in units]
     if missing:
         raise RuntimeError(f"no kernel module declares WORK_UNITS for {missing}")
-    for p in PATHS:  # a module that declares units but not evaluations: one S per 2 units of the forward
-        evals.setdefault(p, lambda D: 1)
+    for p in PATHS:  # a module that declares units but not evaluations: one S per pair
+        evals.setdefault(p, lambda D, dtype="bf16": 1)
     return dict(units=units, s_evals=evals, source=source)
 
 
@@ -165,8 +123,8 @@ def predict(path: str, B: int, M: int, D: int, dtype: str = "bf16", tables=None)
     tables = tables or work_tables()
     if path.startswith("gram"):
         M = B
-    units = float(tables["units"][path](D))
-    evals = float(tables["s_evals"][path](D))
+    units = float(tables["units"][path](D, dtype))
+    evals = float(tables["s_evals"][path](D, dtype))
     pairs = B * M
     flops = units * B * M * D
     exps = MUFU_PER_EVAL[path] * evals * pairs
@@ -179,8 +137,6 @@ def predict(path: str, B: int, M: int, D: int, dtype: str = "bf16", tables=None)
     streamed = (M if not path.startswith("gram") else B) * D * b
     l2 = math.ceil(B / TILE_M) * streamed * (max(evals, 1.0) if not path.endswith("fwd") else 1.0)
     rate = FLOP_RATE_FACTOR[dtype]
-    if dtype == "fp32" and "legacy" in tables["source"][path]:
-        rate = LEGACY_FP32_FACTOR
     t_flop = flops / (DENSE_BF16_MEASURED * rate)
     t_hbm = hbm / HBM_BYTES_PER_S
     t_exp = exps / EXP_PER_S
@@ -235,11 +191,42 @@ def _fmt_table(rs: List[dict], measured: Optional[Dict[str, float]] = None) -> s
     return "\n".join(lines)
 
 
+def clip_markdown(clip: List[dict], tables) -> str:
+    """The symmetric CLIP table of ``benchmarks/results/perf-model-h200.md``."""
+    lines = [
+        "# Performance model: symmetric CLIP forward + backward on an H200 (Triton kernels, bf16)",
+        "",
+        "Written by `benchmarks/perf_model.py`; regenerate with",
+        "",
+        "    python benchmarks/perf_model.py --markdown benchmarks/results/perf-model-h200.md",
+        "",
+        f"A model, not a measurement: t = max(FLOPs / {DENSE_BF16_MEASURED / 1e12:.0f} TFLOP/s (measured dense bf16 "
+        f"matmul), HBM bytes / {HBM_BYTES_PER_S / 1e12:.1f} TB/s, exponentials / {EXP_PER_S / 1e12:.2f} T/s (MUFU)) "
+        "per kernel path, summed over the forward and the backward, with no overlap penalty (a lower bound). "
+        "Work in units of B·M·D FLOPs (a multiply-add is 2) from the kernel modules' `WORK_UNITS` "
+        f"({', '.join(sorted(set(tables['source'][p] for p in ('general_fwd', 'general_bwd'))))}: the launchers' "
+        "own output D-chunking); the minimal step is 8 units (2 forward + 2 recompute + 4 for dQ and dK). "
+        f"Fraction of peak = 8·B²·D / predicted time / {DENSE_BF16_PEAK / 1e12:.1f} TFLOP/s (dense bf16 datasheet).",
+        "",
+        "| B | D | units (fwd + bwd) | predicted fwd ms | predicted bwd ms | predicted step ms | bound | "
+        "fraction of peak |",
+        "|---:|---:|---|---:|---:|---:|---|---:|",
+    ]
+    for c in clip:
+        f = predict("general_fwd", c["B"], c["B"], c["D"], c["dtype"], tables)
+        g = predict("general_bwd", c["B"], c["B"], c["D"], c["dtype"], tables)
+        lines.append(f"| {c['B']} | {c['D']} | {f['units']:.0f} + {g['units']:.0f} | {f['predicted_s'] * 1e3:.2f} | "
+                     f"{g['predicted_s'] * 1e3:.2f} | {c['predicted_s'] * 1e3:.2f} | {f['bound']} / {g['bound']} | "
+                     f"{100 * c['fraction_of_peak']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="H200 performance model of the Triton sim_lse / SigLIP kernels")
     p.add_argument("--json", help="write the rows and the CLIP summary to this file")
     p.add_argument("--measured", help="JSON {\"<path> B=.. M=.. D=.. <dtype>\": seconds} to compare with")
     p.add_argument("--dtypes", default="bf16", help="comma-separated (bf16,fp16,fp32)")
+    p.add_argument("--markdown", help="write the symmetric CLIP table (bf16) as Markdown to this file")
     a = p.parse_args(argv)
     tables = work_tables()
     rs = rows(dtypes=tuple(a.dtypes.split(",")), tables=tables)
@@ -260,6 +247,9 @@ def main(argv=None) -> int:
         if m:
             line += f"; measured {m * 1e3:.2f} ms ({m / c['predicted_s']:.2f}x the prediction)"
         print(line)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(clip_markdown(clip, tables))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(ceilings=dict(dense_bf16=DENSE_BF16_MEASURED, peak=DENSE_BF16_PEAK, hbm=HBM_BYTES_PER_S,

@@ -14,28 +14,46 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import perf_model as pm  # noqa: E402
 
 
-def test_legacy_work_matches_the_kernel_structure():
-    """core.py as written recomputes S once per output D-chunk of 128: 4(n_d+1) for the backward."""
-    from contrastive_ops.backends._triton import core
+def test_declared_work_matches_the_kernel_structure():
+    """The units sim_lse / siglip declare, from the launchers' own output chunking (GPU layout)."""
+    t = pm.work_tables()
+    u, e = t["units"], t["s_evals"]
+    assert t["source"]["general_bwd"] == "sim_lse" and t["source"]["siglip_bwd"] == "siglip"
+    assert u["general_fwd"](512) == 2 and u["gram_fwd"](512) == 1
+    # dq + dk: 4 + 4 for 16-bit D <= 512; dq 6 (two output chunks) + wide dk 4 at D = 768, 1024.
+    assert [u["general_bwd"](D, "bf16") for D in (64, 128, 256, 512, 768, 1024)] == [8, 8, 8, 8, 10, 10]
+    assert [e["general_bwd"](D, "bf16") for D in (512, 1024)] == [2, 3]
+    # Gram backward: 2·n_d + 2 with 256-wide output chunks.
+    assert [u["gram_bwd"](D, "bf16") for D in (128, 256, 512, 1024)] == [4, 4, 6, 10]
+    assert [u["siglip_bwd"](D, "fp16") for D in (128, 512, 1024)] == [8, 8, 12]
+    # fp32: n_d = cdiv(D, 128) output chunks in dq and dk (no wide dk).
+    assert [u["general_bwd"](D, "fp32") for D in (128, 512, 1024)] == [8, 20, 36]
+    assert u["general_bwd"](512) == u["general_bwd"](512, "bf16")  # bf16 when no dtype is given
 
-    w = pm.legacy_work(core)["units"]
-    assert [w["general_bwd"](D) for D in (64, 128, 512, 768, 1024)] == [8, 8, 20, 28, 36]
-    assert [w["gram_bwd"](D) for D in (128, 512)] == [4, 10]
-    assert w["siglip_bwd"](768) == 28
-    assert w["general_fwd"](512) == 2 and w["gram_fwd"](512) == 1
+
+def test_work_follows_the_launchers_chunking(monkeypatch):
+    """The declared work is computed from tiles.out_chunks, the function the launchers use."""
+    from contrastive_ops.backends._triton import sim_lse
+
+    monkeypatch.setattr(sim_lse, "out_chunks", lambda D, dtype=None, gram=False: 3)
+    t = pm.work_tables()
+    assert t["units"]["general_bwd"](64, "bf16") == 8 + 8 and t["units"]["gram_bwd"](64, "bf16") == 8
 
 
 def test_declared_work_units_win(monkeypatch):
     """A kernel module's WORK_UNITS is what the model uses (so the model follows the code)."""
-    from contrastive_ops.backends._triton import sinkhorn
+    from contrastive_ops.backends._triton import sim_lse, sinkhorn
 
-    monkeypatch.setattr(sinkhorn, "WORK_UNITS", {"general_bwd": lambda D: 6, "gram_bwd": 3}, raising=False)
-    monkeypatch.setattr(sinkhorn, "S_EVALS", {"general_bwd": 1}, raising=False)
+    monkeypatch.setattr(sim_lse, "WORK_UNITS", dict(sim_lse.WORK_UNITS, general_bwd=lambda D: 6, gram_bwd=3))
+    monkeypatch.setattr(sim_lse, "S_EVALS", dict(sim_lse.S_EVALS, general_bwd=1))
     t = pm.work_tables()
     assert t["units"]["general_bwd"](1024) == 6 and t["units"]["gram_bwd"](64) == 3
-    assert t["source"]["general_bwd"] == "sinkhorn"
+    assert t["source"]["general_bwd"] == "sim_lse"
     r = pm.predict("general_bwd", 32768, 32768, 512, "bf16", t)
     assert r["work_ratio"] == 6 / 8 and r["exps"] == 2 * 32768 ** 2
+    monkeypatch.setattr(sinkhorn, "WORK_UNITS", {"general_bwd": 1}, raising=False)
+    with pytest.raises(ValueError, match="declared by both"):
+        pm.work_tables()
     monkeypatch.setattr(sinkhorn, "WORK_UNITS", {"bogus": 1}, raising=False)
     with pytest.raises(ValueError, match="unknown path"):
         pm.work_tables()

@@ -19,13 +19,15 @@ CI run compiles only what changed.  Regenerate the cache and the table
 ``benchmarks/results/triton-sm90-static.md`` with
 ``python -m contrastive_ops.backends._triton.specs --write``.
 
-Cost on the 2-core development machine (shared, load ~8): every variant from
-scratch about 20 minutes, most of it the fp32 kernels of the legacy sim_lse
-(FMA products that spill: 1–7 minutes each for the Gram backward); 16-bit and
-Sinkhorn/SwAV variants 0.2–14 s each; with the committed cache about 5 s for
-the gate and 15–35 s for this file.  Known failures of the kernels as written
-today are ``xfail(strict=True)`` with their reasons (``specs.py``), so the gate
-turns red if they regress and asks for the mark to go when they are fixed.
+Each variant is compiled with the ``tt.divisibility`` attrs of its spec's
+``divisible_by_16`` (``tiles.spec_attrs``), as Triton's launcher specializes a
+contiguous launch; without them the loads are not vectorized (no ``cp.async``).
+Cost on the 2-core development machine: every variant from scratch about 4
+minutes (0.3–19 s each); with the committed cache a few seconds.  Known
+failures are ``xfail(strict=True)`` with the measured fault as the reason
+(``expect_fail``, set in each kernel module's ``compile_specs`` from its
+``_GATE_FAULTS`` table), so the gate turns red if a kernel regresses and asks
+for the entry to go when one is fixed.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ import time
 
 import pytest
 
-from contrastive_ops.backends._triton.specs import SM90_SHARED_LIMIT, _check_spec, blocks_per_sm, problems
+from contrastive_ops.backends._triton.specs import (SM90_SHARED_LIMIT, _check_spec, blocks_per_sm, problems,
+                                                    spec_attrs, spec_key)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MOD = "contrastive_ops.backends._triton.specs"
@@ -138,8 +141,37 @@ def test_spec_interface_is_checked():
         with pytest.raises(err):
             _check_spec(broken, "t")
 
+    with pytest.raises(ValueError, match="divisible_by_16"):
+        _check_spec(dict(ok, divisible_by_16=["BLOCK"]), "t")   # a constexpr has no runtime alignment
+
     class Tuner(Fn):
         configs = []
 
     with pytest.raises(TypeError, match="Autotuner"):
         _check_spec(dict(ok, fn=Tuner()), "t")
+
+
+def test_divisibility_is_compiled_and_keyed():
+    """The divisible_by_16 arguments become tt.divisibility attrs and part of the cache key (an
+    unaligned compile is another binary: no vectorized loads, no cp.async)."""
+    class Fn:
+        arg_names = ["X", "stride_x", "N", "BLOCK"]
+        cache_key = "src"
+
+    sp = dict(module="m", name="k", fn=Fn(), args={"X": "*bf16", "stride_x": "i32", "N": "i32"},
+              constexprs={"BLOCK": 64}, num_warps=4, num_stages=2, dtype="bf16", D=None,
+              divisible_by_16=["X", "stride_x"])
+    assert spec_attrs(sp) == {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+    assert spec_key(sp) != spec_key(dict(sp, divisible_by_16=["X"]))
+
+
+def test_known_faults_must_match_a_spec():
+    """A fault entry that names no variant (a renamed kernel, a dropped config) is an error, not a silent no-op."""
+    from contrastive_ops.backends._triton.tiles import mark_known_faults, spec_config
+
+    sp = dict(name="k", dtype="bf16", D=128, constexprs={"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+    assert spec_config(sp) == "64x32 w4 s2"
+    out = mark_known_faults([dict(sp)], {("k", "bf16", (128,), "64x32 w4 s2"): "spills 8 B"}, "t")
+    assert out[0]["expect_fail"].startswith("k bf16 D=128 64x32 w4 s2: spills 8 B")
+    with pytest.raises(ValueError, match="match no spec"):
+        mark_known_faults([dict(sp)], {("k", "bf16", (256,), "64x32 w4 s2"): "spills 8 B"}, "t")

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .tiles import (BWD_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
                     col_tile, configs, dot_flags, empty, gpu_block_do, gpu_dot_flags, launch, log2_bucket, min_block,
-                    s_tile, spec)
+                    mark_known_faults, s_tile, spec)
 
 Tensor = torch.Tensor
 
@@ -160,6 +160,11 @@ def _siglip_bwd_dy_kernel(X, Y, Scale, Bias, Grad, DY, B, M, D, stride_x, stride
              mask=col_mask[:, None] & o_mask[None, :])
 
 
+def out_chunks(D: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """n_d: the backward's output D-chunks; the launcher's grids and ``WORK_UNITS`` both use it."""
+    return triton.cdiv(D, block_do(D, dtype))
+
+
 @torch.library.triton_op("contrastive_ops_triton::siglip_fwd", mutates_args=())
 def _siglip_fwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
     B, D = x.shape
@@ -190,7 +195,7 @@ def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tens
     scale_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
     bias_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
     bd, bdo = block_d(D), block_do(D, x.dtype)
-    n_d = triton.cdiv(D, bdo)
+    n_d = out_chunks(D, x.dtype)
     flags = dot_flags(x.dtype)
     buckets = (log2_bucket(B), log2_bucket(M))
     if run:
@@ -241,6 +246,43 @@ class _SigLIPPrimitive:
 SIGLIP = _SigLIPPrimitive()
 
 
+# Variants the sm_90a compile gate measures failing (ptxas of Triton 3.8; ``python -m
+# contrastive_ops.backends._triton.specs --write`` re-measures them): (kernel, dtype, the D that
+# share the binary, config as ``tiles.spec_config``) -> the measured fault.  compile_specs marks
+# them ``expect_fail``: the gate's rows are xfail(strict=True), red again once a kernel is fixed.
+_GATE_FAULTS = {
+    ("siglip_bwd_dx", "bf16", (256,), "128x64 w8 s2"): "spills 72 B stored / 56 B loaded",
+    ("siglip_bwd_dx", "bf16", (256,), "64x64 w4 s2"): "spills 80 B stored / 64 B loaded",
+    ("siglip_bwd_dx", "fp16", (256,), "128x64 w8 s2"): "spills 72 B stored / 56 B loaded",
+    ("siglip_bwd_dx", "fp16", (256,), "64x64 w4 s2"): "spills 148 B stored / 128 B loaded",
+    ("siglip_bwd_dx", "fp16", (512, 768, 1024), "64x64 w8 s2"): "spills 40 B stored / 24 B loaded",
+    ("siglip_bwd_dx", "fp32", (64,), "128x64 w8 s2"): "spills 296 B stored / 264 B loaded",
+    ("siglip_bwd_dx", "fp32", (64,), "64x128 w8 s2"): "spills 872 B stored / 772 B loaded",
+    ("siglip_bwd_dx", "fp32", (64,), "64x64 w4 s2"): "spills 272 B stored / 244 B loaded",
+    ("siglip_bwd_dx", "fp32", (64,), "64x64 w8 s2"): "spills 272 B stored / 228 B loaded",
+    ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 616 B stored / 480 B loaded",
+    ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 852 B stored / 680 B loaded",
+    ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 604 B stored / 472 B loaded",
+    ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 248 B stored / 220 B loaded",
+    ("siglip_bwd_dy", "bf16", (256,), "64x128 w8 s2"): "spills 48 B stored / 32 B loaded",
+    ("siglip_bwd_dy", "bf16", (256,), "64x64 w4 s2"): "spills 56 B stored / 40 B loaded",
+    ("siglip_bwd_dy", "fp16", (256,), "64x128 w8 s2"): "spills 48 B stored / 32 B loaded",
+    ("siglip_bwd_dy", "fp16", (256,), "64x64 w4 s2"): "spills 56 B stored / 40 B loaded",
+    ("siglip_bwd_dy", "fp32", (64,), "128x64 w8 s2"): "spills 288 B stored / 272 B loaded",
+    ("siglip_bwd_dy", "fp32", (64,), "64x128 w8 s2"): "spills 468 B stored / 336 B loaded",
+    ("siglip_bwd_dy", "fp32", (64,), "64x64 w4 s2"): "spills 120 B stored / 108 B loaded",
+    ("siglip_bwd_dy", "fp32", (64,), "64x64 w8 s2"): "spills 288 B stored / 244 B loaded",
+    ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 624 B stored / 600 B loaded",
+    ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 604 B stored / 424 B loaded",
+    ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 400 B stored / 312 B loaded",
+    ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 200 B stored / 180 B loaded",
+    ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x128 w8 s3"): "spills 32 B stored / 32 B loaded",
+    ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x64 w4 s3"): "spills 324 B stored / 436 B loaded",
+    ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "64x128 w4 s3"): "spills 132 B stored / 172 B loaded",
+    ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "64x64 w4 s4"): "spills 12 B stored / 12 B loaded",
+}
+
+
 def compile_specs() -> list:
     """Every (kernel, config, dtype, D) the GPU dispatcher can pick (see ``sim_lse.compile_specs``)."""
     out = []
@@ -258,4 +300,24 @@ def compile_specs() -> list:
                     continue
                 out.append(spec("siglip_bwd_dx", _siglip_bwd_dx_kernel.fn, dname, D, c, w, st))
                 out.append(spec("siglip_bwd_dy", _siglip_bwd_dy_kernel.fn, dname, D, c, w, st))
-    return out
+    return mark_known_faults(out, _GATE_FAULTS, "backends/_triton/siglip.py")
+
+
+def bwd_work(D: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[int, int]:
+    """``(units, S evaluations per pair)`` of the SigLIP backward on the GPU: the dx (row-stationary)
+    and dy (column-stationary) kernels each recompute S per output chunk (``out_chunks``, as the
+    launcher) and add their gradient product: 2·(2·n_d + 2), 8 for 16-bit D ≤ 512."""
+    n = out_chunks(D, dtype)
+    return 2 * (2 * n + 2), 2 * n
+
+
+def _gpu_work(D: int, dtype_name: str, i: int) -> float:
+    from .sim_lse import _gpu_dispatch
+
+    with _gpu_dispatch():
+        return bwd_work(D, SPEC_DTYPES[dtype_name])[i]
+
+
+# Units of B·M·D and S evaluations per pair (benchmarks/perf_model.py); callables take (D, dtype name).
+WORK_UNITS = {"siglip_fwd": 2, "siglip_bwd": lambda D, dtype="bf16": _gpu_work(D, dtype, 0)}
+S_EVALS = {"siglip_fwd": 1, "siglip_bwd": lambda D, dtype="bf16": _gpu_work(D, dtype, 1)}

@@ -1,6 +1,6 @@
 r"""Triton kernels of the similarity-LSE core (primitive ``"sim_lse"``).
 
-The maths is the contract of :mod:`contrastive_ops.core`::
+The maths is the contract of :mod:`contrastive_ops.primitives.sim_lse`::
 
     Q = q[row_index] (B, D)     K = k[col_index] (M, D)     S = scale · Q Kᵀ  (B, M)
     row_lse[i] = LSE_{j allowed for i} S[i, j]      col_lse[j] = LSE_{i : j allowed for i} S[i, j]
@@ -93,11 +93,12 @@ atomic path is asked for with ``BACKWARD = "atomic"`` (module attribute, or
 ``CONTRASTIVE_OPS_TRITON_BACKWARD=atomic`` at import) and
 ``torch.are_deterministic_algorithms_enabled()`` is off.
 
-Layers: the ``@triton.jit`` kernels → the custom ops
+Layers: the ``@triton.jit`` kernels (:mod:`.sim_lse_fwd`, :mod:`.sim_lse_bwd`; their names are
+re-exported here) → the custom ops
 ``contrastive_ops_triton::sim_lse_fwd`` / ``sim_lse_bwd``
 (``torch.library.triton_op``, so ``torch.compile`` traces into the kernels) →
 ``sim_lse_forward`` / ``sim_lse_backward`` → the primitive ``SIM_LSE`` used by
-``contrastive_ops.core._SimLSE``.  The Gram case is detected by the
+``contrastive_ops.primitives.sim_lse.SimLSEFunction``.  The Gram case is detected by the
 primitive: ``q is k`` selects the Gram backward (the whole gradient in dq,
 zeros in dk); two objects with the same data pointer, shape, strides and
 dtype (``z``, ``z.detach()``) take the Gram forward and the split Gram
@@ -111,14 +112,16 @@ from typing import List, Optional, Tuple
 
 import torch
 import triton
-import triton.language as tl
 
+from .sim_lse_bwd import (  # noqa: F401 - the kernels, re-exported (tests, the compile gate)
+    _bwd_atomic_kernel, _bwd_dk_kernel, _bwd_dk_wide_kernel, _bwd_dq_kernel, _gram_bwd_atomic_kernel, _gram_bwd_kernel,
+)
+from .sim_lse_fwd import _fwd_kernel, _gram_fwd_kernel
 from .tiles import (
-    BWD_ATOMIC_GPU, BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES,
-    SMEM_LIMIT, SPEC_DS, SPEC_DTYPES, SYM_ATOMIC_GPU, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, allowed, allowed_t,
-    autotune, block_do, chunk_d, col_bounds, col_lse, col_tile, configs, d_pad, dot_flags, empty, fwd_smem,
-    gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch, load_tile, log2_bucket, logaddexp, lse_of,
-    min_block, online_rows, row_tile, s_tile, scaled_s, sm_count, spec,
+    BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SMEM_LIMIT, SPEC_DS,
+    SPEC_DTYPES, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, chunk_d, col_lse, d_pad, dot_flags, empty, fwd_smem,
+    gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch, log2_bucket, mark_known_faults, min_block, sm_count,
+    spec,
 )
 
 Tensor = torch.Tensor
@@ -139,63 +142,10 @@ def _empty(shape, dtype, device) -> Tensor:
 BACKWARD = os.environ.get("CONTRASTIVE_OPS_TRITON_BACKWARD", "deterministic")
 _ATOMIC_MAX_D = 256  # the atomic kernels hold a BLOCK × next_pow2(D) fp32 accumulator
 
-_FLAG_KEYS = ["HAS_ROW_INDEX", "HAS_COL_INDEX", "HAS_RANGE", "N_EXCLUDE", "WANT_COL", "PREC"]
-
 
 # ---------------------------------------------------------------------------
-# Forward, general: grid (row tiles, column splits)
+# Grid shapes and output chunks (the launchers', the performance model's)
 # ---------------------------------------------------------------------------
-@autotune(configs(("BLOCK_N",), FWD_N_GPU, INTERP_N), key=["D", "B_LOG2", "M_LOG2", "BLOCK_M"] + _FLAG_KEYS)
-@triton.jit
-def _fwd_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowPart, ColPart,
-    B, M, D, stride_q, stride_k, cols_per_split, B_LOG2, M_LOG2,
-    HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
-    N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    scale = tl.load(Scale)
-    rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
-        pid_m, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
-    lo, hi = col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
-    s0 = pid_s * cols_per_split  # a multiple of every BLOCK_N
-    s1 = tl.minimum(s0 + cols_per_split, M)
-    a = tl.maximum(lo, s0)  # tile-aligned
-    b = tl.minimum(hi, s1)
-    offs_d = tl.arange(0, BLOCK_D)
-    if ONE_CHUNK:  # the Q tile is loaded once
-        q_tile = load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
-    else:
-        q_tile = 0
-    col_out = ColPart + pid_m.to(tl.int64) * M
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    n_tiles = tl.cdiv(tl.maximum(b - a, 0), BLOCK_N)
-    for i in range(0, n_tiles):
-        cols, col_mask, k_rows = col_tile(a + i * BLOCK_N, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
-        if ONE_CHUNK:
-            k_tile = load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
-        else:
-            k_tile = 0
-        s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
-                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-        ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
-        s = scaled_s(s_raw, scale, ok)
-        m_i, l_i = online_rows(s, m_i, l_i)
-        if WANT_COL:
-            tl.store(col_out + cols, col_lse(s), mask=col_mask)
-    tl.store(RowPart + pid_s.to(tl.int64) * B + rows, lse_of(m_i, l_i), mask=row_mask)
-    if WANT_COL:  # the split's columns no row of this tile may reach: partial −inf
-        offs_n = tl.arange(0, BLOCK_N)
-        neg = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-        end = tl.minimum(a, s1)
-        for n0 in range(s0, end, BLOCK_N):
-            tl.store(col_out + n0 + offs_n, neg, mask=n0 + offs_n < end)
-        t_end = a + n_tiles * BLOCK_N
-        for n0 in range(t_end, s1, BLOCK_N):
-            tl.store(col_out + n0 + offs_n, neg, mask=n0 + offs_n < s1)
 
 
 def fwd_plan(B: int, M: int, device: torch.device) -> Tuple[int, int, int]:
@@ -218,63 +168,6 @@ def fwd_plan(B: int, M: int, device: torch.device) -> Tuple[int, int, int]:
     return block_m, triton.cdiv(max(M, 1), cps), cps
 
 
-# ---------------------------------------------------------------------------
-# Forward, Gram: program p owns row tiles p and T−1−p, each over J ≥ I
-# ---------------------------------------------------------------------------
-@autotune(configs((), SYM_FWD_GPU, ()), key=["D", "B_LOG2", "BLOCK", "N_EXCLUDE", "PREC"])
-@triton.jit
-def _gram_fwd_kernel(
-    Z, Scale, Exclude, Part, B, D, stride_z, B_LOG2,
-    N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    scale = tl.load(Scale)
-    offs = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
-    T = tl.cdiv(B, BLOCK)
-    neg = tl.full((BLOCK,), float("-inf"), tl.float32)
-    n_own = 2 - (2 * pid + 1 == T).to(tl.int32)
-    for r in range(0, n_own):
-        ti = pid + r * (T - 1 - 2 * pid)
-        rows_i, mask_i, z_rows_i, cs, ce, e0_i, e1_i = row_tile(
-            ti, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
-        part = Part + ti.to(tl.int64) * B
-        for n0 in range(0, ti * BLOCK, BLOCK):  # entries before the diagonal live in other rows of Part
-            tl.store(part + n0 + offs, neg)
-        if ONE_CHUNK:
-            zi = load_tile(Z, z_rows_i, mask_i, offs_d, D, stride_z, UPCAST)
-            # a second copy as the right operand: the interpreter's numpy computes Z·Zᵀ of one
-            # array with a symmetric product that rounds differently from the other tiles' products
-            zd = load_tile(Z, z_rows_i, mask_i, offs_d, D, stride_z, UPCAST)
-        else:
-            zi = 0
-            zd = 0
-        # the diagonal tile: rows I take b ≥ a, the mirrored a < b go to the column part
-        s_raw = s_tile(Z, Z, z_rows_i, z_rows_i, mask_i, mask_i, D, stride_z, stride_z, zi, zd,
-                       BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-        upper = rows_i[:, None] <= rows_i[None, :]
-        ok_r = allowed(rows_i, mask_i, mask_i, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
-        ok_c = allowed_t(rows_i, mask_i, mask_i, e0_i, e1_i, N_EXCLUDE)
-        m_i, l_i = online_rows(scaled_s(s_raw, scale, ok_r & upper),
-                               tl.full((BLOCK,), float("-inf"), tl.float32), tl.zeros((BLOCK,), tl.float32))
-        diag_col = col_lse(scaled_s(s_raw, scale, ok_c & (rows_i[:, None] < rows_i[None, :])))
-        for tj in range(ti + 1, T):
-            rows_j, mask_j, z_rows_j, cs, ce, e0_j, e1_j = row_tile(
-                tj, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
-            if ONE_CHUNK:
-                zj = load_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST)
-            else:
-                zj = 0
-            s_raw = s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z, zi, zj,
-                           BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-            ok_r = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
-            m_i, l_i = online_rows(scaled_s(s_raw, scale, ok_r), m_i, l_i)
-            ok_c = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
-            tl.store(part + rows_j, col_lse(scaled_s(s_raw, scale, ok_c)), mask=mask_j)
-        tl.store(part + rows_i, logaddexp(lse_of(m_i, l_i), diag_col), mask=mask_i)
-
-
 def gram_block(B: int, device: torch.device) -> int:
     """Square tile of the Gram forward: 64 on the GPU (128 spills: two masked 128×128 fp32 copies of
     S live at once, 136–1,184 B per thread on sm_90a)."""
@@ -282,168 +175,6 @@ def gram_block(B: int, device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Backward, general (deterministic): dq (row-stationary) and dk (column-stationary)
-# ---------------------------------------------------------------------------
-@triton.jit
-def _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL: tl.constexpr):
-    """dS of a tile from the recomputed S and the saved LSEs (an LSE of −inf counts as +inf: P = 0)."""
-    s = scaled_s(s_raw, scale, ok)
-    lse_r = tl.where(lse_r == float("-inf"), float("inf"), lse_r)
-    ds = g_r[:, None] * tl.exp(s - lse_r[:, None])
-    if WANT_COL:
-        lse_c = tl.load(ColLse + cols, mask=col_mask, other=float("-inf"))
-        lse_c = tl.where(lse_c == float("-inf"), float("inf"), lse_c)
-        g_c = tl.load(GradCol + cols, mask=col_mask, other=0.0)
-        ds += g_c[None, :] * tl.exp(s - lse_c[None, :])
-    return tl.where(ok, ds, 0.0)
-
-
-@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
-@triton.jit
-def _bwd_dq_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
-    DQ, DscalePart,
-    B, M, D, stride_q, stride_k, stride_dq, B_LOG2, M_LOG2,
-    HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
-    N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Row-stationary: program (row tile, output chunk) streams the column tiles; S once per tile.
-
-    ``REUSE`` (one S chunk that is also the whole output width): the K tile
-    that built S is the operand of dS·K; otherwise the BLOCK_DO-wide K tile is
-    loaded beside it.  dscale: one partial per row tile (chunk-0 programs).
-    """
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    scale = tl.load(Scale)
-    rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
-        pid_m, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
-    lo, hi = col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
-    lse_r = tl.load(RowLse + rows, mask=row_mask, other=float("-inf"))
-    g_r = tl.load(GradRow + rows, mask=row_mask, other=0.0)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    if ONE_CHUNK:
-        q_tile = load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
-    else:
-        q_tile = 0
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
-    dscale = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        cols, col_mask, k_rows = col_tile(n0, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
-        if ONE_CHUNK:
-            k_tile = load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
-        else:
-            k_tile = 0
-        s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
-                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-        ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
-        ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
-        dscale += tl.sum(ds * s_raw, 1)
-        if REUSE:
-            kt = k_tile
-        else:
-            kt = load_tile(K, k_rows, col_mask, offs_o, D, stride_k, UPCAST)
-        acc = tl.dot(ds.to(kt.dtype), kt, acc, input_precision=PREC)
-    acc = acc * scale
-    tl.store(DQ + q_rows[:, None] * stride_dq + offs_o[None, :], acc.to(DQ.dtype.element_ty),
-             mask=row_mask[:, None] & (offs_o < D)[None, :])
-    if pid_d == 0:
-        tl.store(DscalePart + pid_m, tl.sum(dscale, 0))
-
-
-@triton.jit
-def _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs_o, scale,
-             RowIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol, stride_q, stride_k,
-             HAS_ROW_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr, N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr,
-             UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-             REUSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_T: tl.constexpr):
-    """acc += dS_tᵀ · Q_t[:, offs_o] for row tile t against the held column tile (``DK_T``: the
-    transposed accumulator, accᵀ += Q_t[:, offs_o]ᵀ · dS_t, D as the product's M dimension)."""
-    rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
-        t, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
-    if ONE_CHUNK:
-        q_tile = load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
-    else:
-        q_tile = 0
-    s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
-                   BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-    ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
-    lse_r = tl.load(RowLse + rows, mask=row_mask, other=float("-inf"))
-    g_r = tl.load(GradRow + rows, mask=row_mask, other=0.0)
-    ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
-    if REUSE:
-        qt = q_tile
-    else:
-        qt = load_tile(Q, q_rows, row_mask, offs_o, D, stride_q, UPCAST)
-    if DK_T:
-        out = tl.dot(tl.trans(qt), ds.to(qt.dtype), acc, input_precision=PREC)
-    else:
-        out = tl.dot(tl.trans(ds.to(qt.dtype)), qt, acc, input_precision=PREC)
-    return out
-
-
-@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
-@triton.jit
-def _bwd_dk_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
-    DK,
-    B, M, D, stride_q, stride_k, stride_dk, B_LOG2, M_LOG2,
-    HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
-    N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
-    DK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Column-stationary: program (column tile, output chunk) holds its K tile and a BLOCK_N × BLOCK_DO
-    dK accumulator and streams the row tiles; S (as Q·Kᵀ) once per tile.  With ranges, row tiles
-    whose columns miss this tile are skipped (the only runtime branch, under ``HAS_RANGE``)."""
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    scale = tl.load(Scale)
-    n0 = pid_n * BLOCK_N
-    cols, col_mask, k_rows = col_tile(n0, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    if ONE_CHUNK:
-        k_tile = load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
-    else:
-        k_tile = 0
-    if DK_T:  # dKᵀ: BLOCK_DO (up to 1024) is the product's M dimension, BLOCK_N (32) its N
-        acc = tl.zeros((BLOCK_DO, BLOCK_N), tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
-    for t in range(0, tl.cdiv(B, BLOCK_M)):
-        if HAS_RANGE:
-            rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_mask = rows < B
-            cs = tl.load(ColStart + rows, mask=row_mask, other=0)
-            ce = tl.load(ColEnd + rows, mask=row_mask, other=0)
-            lo, hi = col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
-            if (lo < n0 + BLOCK_N) & (hi > n0):
-                acc = _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs_o, scale,
-                               RowIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol, stride_q,
-                               stride_k, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC, BLOCK_D,
-                               ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N, DK_T)
-        else:
-            acc = _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs_o, scale,
-                           RowIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol, stride_q,
-                           stride_k, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC, BLOCK_D,
-                           ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N, DK_T)
-    acc = acc * scale
-    if DK_T:
-        tl.store(DK + k_rows[None, :] * stride_dk + offs_o[:, None], acc.to(DK.dtype.element_ty),
-                 mask=col_mask[None, :] & (offs_o < D)[:, None])
-    else:
-        tl.store(DK + k_rows[:, None] * stride_dk + offs_o[None, :], acc.to(DK.dtype.element_ty),
-                 mask=col_mask[:, None] & (offs_o < D)[None, :])
-
-
-# The same kernel with the transposed dK accumulator (``DK_T``), for 16-bit D wider than one
-# output chunk of the dq kernel: D = 768 and 1024 in one chunk, S once (4 units instead of 6).
-_bwd_dk_wide_kernel = autotune(configs(("BLOCK_M", "BLOCK_N"), DK_WIDE_GPU, INTERP_BLOCK),
-                               key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)(_bwd_dk_kernel.fn)
 
 
 def dk_wide(D: int, dtype: torch.dtype) -> bool:
@@ -453,263 +184,19 @@ def dk_wide(D: int, dtype: torch.dtype) -> bool:
     return n_d > 1 and d_pad(D) <= DK_WIDE_MAX_D and dtype != torch.float32
 
 
-# ---------------------------------------------------------------------------
-# Backward, general, atomic (opt-in, D ≤ 256, not deterministic)
-# ---------------------------------------------------------------------------
-# One row-stationary program per row tile holds the padded width BLOCK_DP of
-# Q and K tiles, builds S once (the forward's chunks), keeps dQ in registers
-# and adds dK_J += scale·dS_IJᵀ·Q_I with fp32 atomics into DKAcc: 6 units.
-# A deterministic version would need one (M, D) fp32 buffer per concurrent
-# program, so the order of the atomic adds (run to run) is the price.
-@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_ATOMIC_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS,
-          reset_to_zero=["DKAcc"])
-@triton.jit
-def _bwd_atomic_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
-    DQ, DKAcc, DscalePart,
-    B, M, D, stride_q, stride_k, stride_dq, stride_acc, B_LOG2, M_LOG2,
-    HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
-    N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    BLOCK_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    scale = tl.load(Scale)
-    rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
-        pid_m, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
-    lo, hi = col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
-    lse_r = tl.load(RowLse + rows, mask=row_mask, other=float("-inf"))
-    g_r = tl.load(GradRow + rows, mask=row_mask, other=0.0)
-    offs_d = tl.arange(0, BLOCK_DP)
-    d_mask = offs_d < D
-    q_tile = load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
-    acc = tl.zeros((BLOCK_M, BLOCK_DP), tl.float32)
-    dscale = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        cols, col_mask, k_rows = col_tile(n0, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
-        k_tile = load_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST)
-        # ONE_CHUNK: BLOCK_DP == BLOCK_D, the held tiles are the forward's chunk
-        s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
-                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-        ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
-        ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
-        dscale += tl.sum(ds * s_raw, 1)
-        ds_lo = ds.to(k_tile.dtype)
-        acc = tl.dot(ds_lo, k_tile, acc, input_precision=PREC)
-        dk = tl.dot(tl.trans(ds_lo), q_tile, input_precision=PREC) * scale
-        tl.atomic_add(DKAcc + k_rows[:, None] * stride_acc + offs_d[None, :], dk,
-                      mask=col_mask[:, None] & d_mask[None, :])
-    acc = acc * scale
-    tl.store(DQ + q_rows[:, None] * stride_dq + offs_d[None, :], acc.to(DQ.dtype.element_ty),
-             mask=row_mask[:, None] & d_mask[None, :])
-    tl.store(DscalePart + pid_m, tl.sum(dscale, 0))
-
-
-# ---------------------------------------------------------------------------
-# Backward, Gram
-# ---------------------------------------------------------------------------
-# With only row LSEs, dS_ij = g_i·exp(S_ij − lse_i) on pairs allowed for row i,
-# and the gradient of the one tensor Z is dZ = scale·(dS + dSᵀ)·Z, i.e.
-# dZ_I = scale·Σ_J A_IJ·Z_J with A_IJ = dS_IJ + (dS_JI)ᵀ, both read off the one
-# tile the forward used for the pair (I, J): Z_I·Z_Jᵀ for I ≤ J, Z_J·Z_Iᵀ
-# (used transposed) for J < I; on the diagonal tile the lower triangle is the
-# transposed upper one.  TERMS: 3 the whole A (q is k); 1 only dS_IJ (dq of a
-# key that holds the same values but is another tensor, e.g. z.detach());
-# 2 only (dS_JI)ᵀ (its dk).
-
-
-@triton.jit
-def _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j):
-    """dS_IJ and (dS_JI)ᵀ, both laid out like the tile S_IJ (rows I, columns J)."""
-    lse_i = tl.where(lse_i == float("-inf"), float("inf"), lse_i)
-    lse_j = tl.where(lse_j == float("-inf"), float("inf"), lse_j)
-    ds = tl.where(ok, g_i[:, None] * tl.exp(scaled_s(s_raw, scale, ok) - lse_i[:, None]), 0.0)
-    ds_t = tl.where(ok_t, g_j[None, :] * tl.exp(scaled_s(s_raw, scale, ok_t) - lse_j[None, :]), 0.0)
-    return ds, ds_t
-
-
-@triton.jit
-def _gram_pick(ds, ds_t, TERMS: tl.constexpr):
-    if TERMS == 3:
-        a = ds + ds_t
-    elif TERMS == 1:
-        a = ds
-    else:
-        a = ds_t
-    return a
-
-
-@triton.jit
-def _gram_j_tile(tj, B, Exclude, RowLse, GradRow, Z, offs_d, offs_o, D, stride_z,
-                 N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """Rows, exclusions, saved statistics and tiles of column tile J."""
-    rows_j, mask_j, z_rows_j, cs, ce, e0_j, e1_j = row_tile(
-        tj, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
-    lse_j = tl.load(RowLse + rows_j, mask=mask_j, other=float("-inf"))
-    g_j = tl.load(GradRow + rows_j, mask=mask_j, other=0.0)
-    if ONE_CHUNK:
-        zj = load_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST)
-    else:
-        zj = 0
-    if REUSE:
-        zo = zj
-    else:
-        zo = load_tile(Z, z_rows_j, mask_j, offs_o, D, stride_z, UPCAST)
-    return rows_j, mask_j, z_rows_j, e0_j, e1_j, lse_j, g_j, zj, zo
-
-
-@autotune(configs(("BLOCK",), SYM_BWD_GPU, INTERP_SYM), key=["D", "B_LOG2", "N_EXCLUDE", "TERMS", "PREC"])
-@triton.jit
-def _gram_bwd_kernel(
-    Z, Scale, Exclude, RowLse, GradRow, DZ, DscalePart,
-    B, D, stride_z, stride_dz, B_LOG2,
-    N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
-    TERMS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Row-stationary over all column tiles J in three loops (J < I, J = I, J > I); one program per
-    (row tile, output chunk) holds dZ_I in registers and writes it once: 4 units for one chunk."""
-    ti = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    scale = tl.load(Scale)
-    T = tl.cdiv(B, BLOCK)
-    rows_i, mask_i, z_rows_i, cs, ce, e0_i, e1_i = row_tile(
-        ti, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
-    lse_i = tl.load(RowLse + rows_i, mask=mask_i, other=float("-inf"))
-    g_i = tl.load(GradRow + rows_i, mask=mask_i, other=0.0)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    if ONE_CHUNK:
-        zi = load_tile(Z, z_rows_i, mask_i, offs_d, D, stride_z, UPCAST)
-    else:
-        zi = 0
-    acc = tl.zeros((BLOCK, BLOCK_DO), tl.float32)
-    dscale_t = tl.zeros((BLOCK,), tl.float32)  # this loop's row sums come out along the tile's columns
-    # J < I: the forward's tile Z_J·Z_Iᵀ (rows J); every quantity below is laid out (J, I)
-    for tj in range(0, ti):
-        rows_j, mask_j, z_rows_j, e0_j, e1_j, lse_j, g_j, zj, zo = _gram_j_tile(
-            tj, B, Exclude, RowLse, GradRow, Z, offs_d, offs_o, D, stride_z, N_EXCLUDE, UPCAST, ONE_CHUNK, REUSE,
-            BLOCK)
-        s_raw = s_tile(Z, Z, z_rows_j, z_rows_i, mask_j, mask_i, D, stride_z, stride_z, zj, zi,
-                       BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-        ok = allowed(rows_i, mask_j, mask_i, cs, ce, e0_j, e1_j, False, N_EXCLUDE)
-        ok_t = allowed_t(rows_j, mask_j, mask_i, e0_i, e1_i, N_EXCLUDE)
-        ds_j, ds_it = _gram_ds(s_raw, scale, ok, ok_t, lse_j, g_j, lse_i, g_i)  # dS_JI, (dS_IJ)ᵀ
-        dscale_t += tl.sum(ds_it * s_raw, 0)
-        a_t = _gram_pick(ds_it, ds_j, TERMS)
-        acc = tl.dot(tl.trans(a_t.to(zo.dtype)), zo, acc, input_precision=PREC)
-    # J = I: the lower triangle is the transposed upper one
-    rows_j, mask_j, z_rows_j, e0_j, e1_j, lse_j, g_j, zj, zo = _gram_j_tile(
-        ti, B, Exclude, RowLse, GradRow, Z, offs_d, offs_o, D, stride_z, N_EXCLUDE, UPCAST, ONE_CHUNK, REUSE, BLOCK)
-    s_raw = s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z, zi, zj,
-                   BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-    s_raw = tl.where(rows_i[:, None] <= rows_j[None, :], s_raw, tl.trans(s_raw))
-    ok = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
-    ok_t = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
-    ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
-    dscale = dscale_t + tl.sum(ds * s_raw, 1)
-    acc = tl.dot(_gram_pick(ds, ds_t, TERMS).to(zo.dtype), zo, acc, input_precision=PREC)
-    # J > I: the forward's tile Z_I·Z_Jᵀ
-    for tj in range(ti + 1, T):
-        rows_j, mask_j, z_rows_j, e0_j, e1_j, lse_j, g_j, zj, zo = _gram_j_tile(
-            tj, B, Exclude, RowLse, GradRow, Z, offs_d, offs_o, D, stride_z, N_EXCLUDE, UPCAST, ONE_CHUNK, REUSE,
-            BLOCK)
-        s_raw = s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z, zi, zj,
-                       BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-        ok = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
-        ok_t = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
-        ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
-        dscale += tl.sum(ds * s_raw, 1)
-        acc = tl.dot(_gram_pick(ds, ds_t, TERMS).to(zo.dtype), zo, acc, input_precision=PREC)
-    acc = acc * scale
-    tl.store(DZ + z_rows_i[:, None] * stride_dz + offs_o[None, :], acc.to(DZ.dtype.element_ty),
-             mask=mask_i[:, None] & (offs_o < D)[None, :])
-    if pid_d == 0:
-        tl.store(DscalePart + ti, tl.sum(dscale, 0))
-
-
-@triton.jit
-def _pair_range(pid, nprog, T):
-    """Share of program ``pid`` of the T·(T+1)/2 tile pairs I ≤ J (row-major over the upper
-    triangle, equal contiguous runs).  Returns p0, p1 and the first pair (I, J)."""
-    total = T * (T + 1) // 2
-    per = tl.cdiv(total, nprog)
-    p0 = tl.minimum(pid * per, total)
-    p1 = tl.minimum(p0 + per, total)
-    ti = pid * 0
-    while (ti < T - 1) & ((ti + 1) * T - ((ti + 1) * ti) // 2 <= p0):
-        ti += 1
-    tj = ti + p0 - (ti * T - (ti * (ti - 1)) // 2)
-    return p0, p1, ti, tj
-
-
-# Atomic Gram backward (opt-in, D ≤ 256): each pair I ≤ J once, S_IJ built once
-# as the forward builds it, dZ_I += A_IJ·Z_J in registers (flushed with one
-# atomic add when leaving I), dZ_J += A_IJᵀ·Z_I (J > I) with fp32 atomics: 3 units.
-@autotune(configs(("BLOCK",), SYM_ATOMIC_GPU, INTERP_SYM), key=["D", "B_LOG2", "N_EXCLUDE", "PREC"],
-          reset_to_zero=["DZAcc"])
-@triton.jit
-def _gram_bwd_atomic_kernel(
-    Z, Scale, Exclude, RowLse, GradRow, DZAcc, DscalePart,
-    B, D, stride_z, stride_acc, B_LOG2,
-    N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    BLOCK_DP: tl.constexpr, BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    scale = tl.load(Scale)
-    offs = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_DP)
-    d_mask = offs_d < D
-    T = tl.cdiv(B, BLOCK)
-    p0, p1, ti, tj = _pair_range(pid, nprog, T)
-    zi = load_tile(Z, (ti * BLOCK + offs).to(tl.int64), ti * BLOCK + offs < B, offs_d, D, stride_z, UPCAST)
-    acc = tl.zeros((BLOCK, BLOCK_DP), tl.float32)
-    dscale = tl.zeros((BLOCK,), tl.float32)
-    for p in range(p0, p1):
-        rows_i, mask_i, z_rows_i, cs, ce, e0_i, e1_i = row_tile(
-            ti, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
-        rows_j, mask_j, z_rows_j, cs, ce, e0_j, e1_j = row_tile(
-            tj, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
-        zj = load_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST)
-        s_raw = s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z, zi, zj,
-                       BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-        if tj == ti:
-            s_raw = tl.where(rows_i[:, None] <= rows_j[None, :], s_raw, tl.trans(s_raw))
-        ok = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
-        ok_t = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
-        lse_i = tl.load(RowLse + rows_i, mask=mask_i, other=float("-inf"))
-        g_i = tl.load(GradRow + rows_i, mask=mask_i, other=0.0)
-        lse_j = tl.load(RowLse + rows_j, mask=mask_j, other=float("-inf"))
-        g_j = tl.load(GradRow + rows_j, mask=mask_j, other=0.0)
-        ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
-        a = ds + ds_t
-        dscale += tl.sum(tl.where(tj == ti, ds, a) * s_raw, 1)
-        a_lo = a.to(zj.dtype)
-        acc = tl.dot(a_lo, zj, acc, input_precision=PREC)
-        if tj > ti:
-            dzj = tl.dot(tl.trans(a_lo), zi, input_precision=PREC) * scale
-            tl.atomic_add(DZAcc + z_rows_j[:, None] * stride_acc + offs_d[None, :], dzj,
-                          mask=mask_j[:, None] & d_mask[None, :])
-        if (tj == T - 1) | (p == p1 - 1):  # leaving row tile I
-            tl.atomic_add(DZAcc + z_rows_i[:, None] * stride_acc + offs_d[None, :], acc * scale,
-                          mask=mask_i[:, None] & d_mask[None, :])
-            acc = tl.zeros((BLOCK, BLOCK_DP), tl.float32)
-        tj += 1
-        if tj == T:
-            ti += 1
-            tj = ti
-            zi = load_tile(Z, (ti * BLOCK + offs).to(tl.int64), ti * BLOCK + offs < B, offs_d, D, stride_z,
-                           UPCAST)
-    tl.store(DscalePart + pid, tl.sum(dscale, 0))
-
-
 def _pair_slots(device: torch.device, B: int) -> int:
     t = triton.cdiv(B, min_block())
     cap = 3 if device.type != "cuda" else 2 * sm_count(device)
     return max(1, min(cap, t * (t + 1) // 2))
+
+
+def out_chunks(D: int, dtype: torch.dtype = torch.bfloat16, gram: bool = False) -> int:
+    """n_d: the backward's output D-chunks (``cdiv(D, block_do)``), each recomputing S once.
+
+    The backward launcher sizes its grids with it and ``WORK_UNITS`` counts the work with it
+    (``benchmarks/perf_model.py``), so the model follows the code.
+    """
+    return triton.cdiv(D, block_do(D, dtype, gram))
 
 
 # ---------------------------------------------------------------------------
@@ -850,7 +337,7 @@ def _sim_lse_bwd_op(
     atomic = bool(atomic) and D <= _ATOMIC_MAX_D
     bd, bdo, gram_bdo = chunk_d(D, q.dtype), block_do(D, q.dtype), block_do(D, q.dtype, gram=True)
     one_chunk = D <= bd
-    n_d, gram_n_d = triton.cdiv(D, bdo), triton.cdiv(D, gram_bdo)
+    n_d, gram_n_d = out_chunks(D, q.dtype), out_chunks(D, q.dtype, gram=True)
     reuse = one_chunk and n_d == 1 and bdo == bd
     dot_kw = dict(UPCAST=flags["UPCAST"], PREC=flags["PREC"])
     gram_kw = dict(N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=bd, BLOCK_DO=gram_bdo, ONE_CHUNK=one_chunk,
@@ -970,7 +457,7 @@ def sim_lse_backward(q, k, scale, row_index, col_index, col_start, col_end, excl
 
 
 class _SimLSEPrimitive:
-    """The ``"sim_lse"`` primitive of the Triton backend (see ``contrastive_ops.core``)."""
+    """The ``"sim_lse"`` primitive of the Triton backend (see ``contrastive_ops.primitives.sim_lse``)."""
 
     @staticmethod
     def forward(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
@@ -993,8 +480,128 @@ SIM_LSE = _SimLSEPrimitive()
 
 
 # ---------------------------------------------------------------------------
+# Work per path (read by benchmarks/perf_model.py), from the launchers' own chunking
+# ---------------------------------------------------------------------------
+
+
+def bwd_work(D: int, dtype: torch.dtype = torch.bfloat16, gram: bool = False) -> Tuple[int, float]:
+    """``(units, S evaluations per pair)`` of the deterministic backward on the GPU: units of
+    B·M·D FLOPs (a multiply-add is 2), from ``out_chunks`` and ``dk_wide`` as the launcher runs them.
+
+    Each program of a row-stationary (dq, Gram) or column-stationary (dk) kernel recomputes
+    S (2 units) per output chunk and adds its chunk's share of the gradient product (2 units
+    over all chunks): 2·n_d + 2 per kernel; the wide dk kernel takes all of D in one chunk (4).
+    General: dq + dk = 8 for 16-bit D ≤ 512, 6 + 4 = 10 at D = 768 and 1024 (n_d = 2, wide
+    dk); fp32: n_d = cdiv(D, 128) for both.  Gram: 2·n_d + 2 with the Gram cap of 256 (4 for
+    D ≤ 256, 6 at 512, 10 at 1024).
+    """
+    if gram:
+        n = out_chunks(D, dtype, gram=True)
+        return 2 * n + 2, n
+    n = out_chunks(D, dtype)
+    wide = dk_wide(D, dtype)
+    return (2 * n + 2) + (4 if wide else 2 * n + 2), n + (1 if wide else n)
+
+
+def _gpu_work(dtype_name: str, D: int, gram: bool, i: int) -> float:
+    with _gpu_dispatch():
+        return bwd_work(D, SPEC_DTYPES[dtype_name], gram)[i]
+
+
+class _gpu_dispatch:
+    """``block_do`` / ``dk_wide`` answer for the GPU (not the interpreter) inside this block."""
+
+    def __enter__(self):
+        self.old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "0"
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = self.old
+
+
+# Units of B·M·D per path, and S evaluations per (i, j) pair: the forward evaluates S once
+# (2 units: QKᵀ; the row and column LSE read the same tile), the Gram forward once per pair
+# {a, b} (tiles J ≥ I: half of S, 1 unit).  Callables take (D, dtype name).
+WORK_UNITS = {
+    "general_fwd": 2,
+    "gram_fwd": 1,
+    "general_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, False, 0),
+    "gram_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, True, 0),
+}
+S_EVALS = {
+    "general_fwd": 1,
+    "gram_fwd": 0.5,
+    "general_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, False, 1),
+    "gram_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, True, 1),
+}
+
+
+# ---------------------------------------------------------------------------
 # Compile specifications: every (kernel, config) the dispatcher can pick on sm_90a
 # ---------------------------------------------------------------------------
+
+
+# Variants the sm_90a compile gate measures failing (ptxas of Triton 3.8; ``python -m
+# contrastive_ops.backends._triton.specs --write`` re-measures them): (kernel, dtype, the D that
+# share the binary, config as ``tiles.spec_config``) -> the measured fault.  compile_specs marks
+# them ``expect_fail``: the gate's rows are xfail(strict=True), red again once a kernel is fixed.
+_GATE_FAULTS = {
+    ("sim_lse_bwd_dk", "bf16", (128,), "64x128 w8 s2"): "spills 8 B stored / 8 B loaded",
+    ("sim_lse_bwd_dk", "bf16", (256,), "64x128 w8 s2"): "spills 56 B stored / 40 B loaded",
+    ("sim_lse_bwd_dk", "bf16", (256,), "64x64 w4 s2"): "spills 88 B stored / 72 B loaded",
+    ("sim_lse_bwd_dk", "bf16", (512,), "64x64 w8 s2"): "spills 36 B stored / 24 B loaded",
+    ("sim_lse_bwd_dk", "fp16", (128,), "64x128 w8 s2"): "spills 8 B stored / 8 B loaded",
+    ("sim_lse_bwd_dk", "fp16", (256,), "64x128 w8 s2"): "spills 56 B stored / 40 B loaded",
+    ("sim_lse_bwd_dk", "fp16", (256,), "64x64 w4 s2"): "spills 88 B stored / 72 B loaded",
+    ("sim_lse_bwd_dk", "fp16", (512,), "64x64 w8 s2"): "spills 36 B stored / 24 B loaded",
+    ("sim_lse_bwd_dk", "fp32", (64,), "64x128 w8 s2"): "spills 164 B stored / 140 B loaded",
+    ("sim_lse_bwd_dk", "fp32", (64,), "64x64 w4 s2"): "spills 24 B stored / 12 B loaded",
+    ("sim_lse_bwd_dk", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 24 B stored / 12 B loaded",
+    ("sim_lse_bwd_dk", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 300 B stored / 260 B loaded",
+    ("sim_lse_bwd_dk", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 60 B stored / 36 B loaded",
+    ("sim_lse_bwd_dk", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 40 B stored / 24 B loaded",
+    ("sim_lse_bwd_dk_wide", "bf16", (768, 1024), "64x32 w8 s2"): "spills 24 B stored / 12 B loaded",
+    ("sim_lse_bwd_dk_wide", "fp16", (768, 1024), "64x32 w8 s2"): "spills 24 B stored / 12 B loaded",
+    ("sim_lse_bwd_dq", "bf16", (256,), "128x64 w8 s2"): "spills 52 B stored / 36 B loaded",
+    ("sim_lse_bwd_dq", "bf16", (256,), "64x64 w4 s2"): "spills 100 B stored / 76 B loaded",
+    ("sim_lse_bwd_dq", "fp16", (256,), "128x64 w8 s2"): "spills 36 B stored / 20 B loaded",
+    ("sim_lse_bwd_dq", "fp16", (256,), "64x64 w4 s2"): "spills 136 B stored / 112 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (64,), "128x64 w8 s2"): "spills 144 B stored / 140 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (64,), "64x128 w8 s2"): "spills 448 B stored / 420 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (64,), "64x64 w4 s2"): "spills 184 B stored / 168 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 604 B stored / 448 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 628 B stored / 600 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 444 B stored / 296 B loaded",
+    ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 48 B stored / 24 B loaded",
+    ("sim_lse_fwd", "bf16", (256, 512, 768, 1024), "128x128 w4 s2"): "spills 12 B stored / 12 B loaded",
+    ("sim_lse_fwd", "fp16", (128,), "128x128 w4 s2"): "spills 8 B stored / 12 B loaded",
+    ("sim_lse_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x128 w4 s2"): "spills 1092 B stored / 844 B loaded",
+    ("sim_lse_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x64 w4 s3"): "spills 16 B stored / 16 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (64,), "128 w8 s2"): "spills 1484 B stored / 1844 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (64,), "64 w4 s2"): "spills 24 B stored / 20 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (128,), "128 w8 s2"): "spills 2012 B stored / 2332 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (128,), "64 w4 s2"): "spills 152 B stored / 144 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (128,), "64 w8 s2"): "spills 156 B stored / 148 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "128 w8 s2"): "spills 4956 B stored / 5600 B loaded",
+    ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "64 w4 s2"): "spills 780 B stored / 964 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (64,), "128 w8 s2"): "spills 1304 B stored / 1604 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (64,), "64 w4 s2"): "spills 192 B stored / 304 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (128,), "128 w8 s2"): "spills 1960 B stored / 2344 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (128,), "64 w4 s2"): "spills 48 B stored / 40 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (128,), "64 w8 s2"): "spills 240 B stored / 300 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "128 w8 s2"): "spills 4344 B stored / 4988 B loaded",
+    ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "64 w4 s2"): "spills 1144 B stored / 1328 B loaded",
+    ("sim_lse_gram_bwd", "fp32", (64,), "128 w8 s2"): "spills 3396 B stored / 3524 B loaded",
+    ("sim_lse_gram_bwd", "fp32", (64,), "64 w4 s2"): "spills 692 B stored / 604 B loaded",
+    ("sim_lse_gram_bwd", "fp32", (64,), "64 w8 s2"): "spills 188 B stored / 196 B loaded",
+    ("sim_lse_gram_bwd", "fp32", (128, 256, 512, 768, 1024), "128 w8 s2"):
+        "spills 4696 B stored / 4896 B loaded; shared memory 262144 B > 232448 B",
+    ("sim_lse_gram_bwd", "fp32", (128, 256, 512, 768, 1024), "64 w4 s2"): "spills 1664 B stored / 1432 B loaded",
+    ("sim_lse_gram_bwd", "fp32", (128, 256, 512, 768, 1024), "64 w8 s2"): "spills 416 B stored / 452 B loaded",
+}
 
 
 def compile_specs() -> List[dict]:
@@ -1045,4 +652,4 @@ def compile_specs() -> List[dict]:
                 if not acc_fits(c, w, gbdo):
                     continue
                 out.append(spec("sim_lse_gram_bwd", _gram_bwd_kernel.fn, dname, D, c, w, st))
-    return out
+    return mark_known_faults(out, _GATE_FAULTS, "backends/_triton/sim_lse.py")

@@ -18,13 +18,14 @@ loop, so the gate requires ``cp.async`` or TMA; default: the kernel has a
 ``tl.dot``), ``default`` (bool: the config ``CONTRASTIVE_OPS_TRITON_CONFIGS=
 default`` launches; the gate's quick mode keeps only these; default True) and
 ``expect_fail`` (str: why this variant is known not to meet the gate; the test
-marks it ``xfail(strict=True)``).
+marks it ``xfail(strict=True)``) and ``divisible_by_16`` (list of argument names
+Triton's launcher specializes as multiples of 16 for contiguous, aligned inputs;
+``tiles.spec`` fills it; default: every pointer, every ``stride*`` and ``D``).
+The gate compiles with them as ``tt.divisibility`` attrs (``tiles.spec_attrs``):
+without them the compiler cannot vectorize the loads (no ``cp.async``) and the
+registers and spills are not those of the binary that runs.
 
 :func:`collect` imports every module of this package that defines
-``compile_specs``.  The kernels of ``core.py`` and ``siglip.py`` as written
-today have no ``compile_specs``; :func:`_legacy_sim_lse_specs` and
-:func:`_legacy_siglip_specs` describe them from the modules' own dispatch
-helpers and config lists, and are used only while those modules lack their own
 ``compile_specs``.
 
 Compiling (:func:`compile_spec`) needs ``TRITON_INTERPRET`` unset *before*
@@ -33,7 +34,7 @@ Compiling (:func:`compile_spec`) needs ``TRITON_INTERPRET`` unset *before*
     python -m contrastive_ops.backends._triton.specs --write      # regenerate cache + table
     python -m contrastive_ops.backends._triton.specs --list       # the variants, as JSON
 
-Results are cached by (kernel source hash, spec, Triton version) in
+Results are cached by (kernel source hash, spec with its divisibility attrs, Triton version) in
 ``benchmarks/results/triton-sm90-static.json``: a variant whose key is in the
 cache is not compiled again.
 """
@@ -101,9 +102,16 @@ def _check_spec(spec: dict, where: str) -> None:
     unknown -= set(names)
     if unknown:
         raise ValueError(f"{where}: {spec['name']} names arguments the kernel does not have: {sorted(unknown)}")
+    not_args = [n for n in spec.get("divisible_by_16", ()) if n not in spec["args"]]
+    if not_args:
+        raise ValueError(f"{where}: {spec['name']} divisible_by_16 names non-runtime arguments {not_args}")
     absent = [n for n in names if n not in spec["args"] and n not in spec["constexprs"]]
     if absent:
         raise ValueError(f"{where}: {spec['name']} gives no type or value for {absent}")
+
+
+def _default_div16(args: dict) -> List[str]:
+    return [n for n, t in args.items() if t.startswith("*") or n.startswith("stride") or n == "D"]
 
 
 def _config_str(spec: dict) -> str:
@@ -125,10 +133,11 @@ def _short(v):
 
 def spec_key(spec: dict) -> str:
     """Hash of what determines the compiled binary: kernel source (with the functions it calls),
-    argument types, constexprs, warps, stages, target and Triton version."""
+    argument types and their divisibility, constexprs, warps, stages, target and Triton version."""
     import triton
 
     ident = dict(module=spec["module"], name=spec["name"], src=spec["fn"].cache_key, args=spec["args"],
+                 div16=sorted(spec["divisible_by_16"]),
                  constexprs={k: repr(v) for k, v in spec["constexprs"].items()}, num_warps=spec["num_warps"],
                  num_stages=spec["num_stages"], target=list(TARGET), triton=triton.__version__)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
@@ -137,20 +146,13 @@ def spec_key(spec: dict) -> str:
 def collect(all_configs: bool = False) -> List[dict]:
     """Every compile spec of the package (deduplicated: one entry per distinct binary, with the
     list of D it serves in ``Ds``), each with ``module``, ``id`` and ``key`` added."""
-    mods = _modules()
     raw = []
-    for mname, mod in sorted(mods.items()):
+    for mname, mod in sorted(_modules().items()):
         fn = getattr(mod, "compile_specs", None)
         if callable(fn):
             for s in fn():
                 raw.append(dict(s, module=mname))
-    # The legacy descriptions apply only to the modules as written today (their kernels present,
-    # no compile_specs of their own).
-    core, siglip = mods.get("core"), mods.get("siglip")
-    if core is not None and not hasattr(core, "compile_specs") and hasattr(core, "_sim_lse_fwd_kernel"):
-        raw += [dict(s, module="core") for s in _legacy_sim_lse_specs(core, all_configs)]
-    if siglip is not None and not hasattr(siglip, "compile_specs") and hasattr(siglip, "_siglip_fwd_kernel"):
-        raw += [dict(s, module="siglip") for s in _legacy_siglip_specs(siglip, all_configs)]
+                raw[-1].setdefault("divisible_by_16", _default_div16(s.get("args", {})))
     out: Dict[str, dict] = {}
     for s in raw:
         _check_spec(s, f"backends/_triton/{s['module']}.py")
@@ -168,174 +170,33 @@ def collect(all_configs: bool = False) -> List[dict]:
     return specs
 
 
-# --------------------------------------------------------------------------- legacy descriptions
-# The kernels of core.py / siglip.py as written today, described from their own dispatch
-# helpers (_chunk_d, _block_do, _d_pad, _dot_flags' rule) and autotune lists; used only while
-# those modules have no compile_specs of their own.
-
-_FP32_REASON = ("fp32 operands run tl.dot with input_precision='ieee' (FMA units, no wgmma) and spill; "
-                "tensor cores for fp32 (tf32x3) come with the rewritten sim_lse/SigLIP kernels")
-
-
-_ALL_D = set(GATE_DS)
-_CHUNKED = {256, 512, 768, 1024}
-# Defects of the 16-bit legacy kernels the gate finds (ptxas of Triton 3.8), each with its cause in
-# the kernel's structure: (dtype, D) pairs where the default config fails, and why.
-_LEGACY_16BIT_DEFECTS = {
-    "sim_lse_fwd": ({(t, d) for t in ("bf16", "fp16") for d in (64, 128)},
-                    "one-chunk layout: the column-LSE slot update and tl.debug_barrier() inside the column loop "
-                    "stop cp.async pipelining"),
-    "sim_lse_bwd_dk": ({(t, d) for t in ("bf16", "fp16") for d in (64, 128)},
-                       "one-chunk layout: the runtime branch around the dk kernel's dots stops cp.async pipelining"),
-    "sim_lse_bwd_atomic": ({("bf16", 256), ("fp16", 256)},
-                           "D=256: the BLOCK_M x 256 fp32 accumulators of the atomic backward spill"),
-    "gram_fwd": ({("bf16", d) for d in _ALL_D} | {("fp16", 64), ("fp16", 128)},
-                 "the Gram forward spills (slot folds, diagonal masks) and its per-tile-pair barrier stops "
-                 "pipelining in the one-chunk layout"),
-    "gram_bwd_t1": ({(t, d) for t in ("bf16", "fp16") for d in _ALL_D},
-                    "the Gram backward (dots inside branches, diagonal transpose) spills in every layout and is "
-                    "not pipelined in the one-chunk layout"),
-    "gram_bwd_t2": ({(t, d) for t in ("bf16", "fp16") for d in _ALL_D},
-                    "the Gram backward (dots inside branches, diagonal transpose) spills in every layout and is "
-                    "not pipelined in the one-chunk layout"),
-    "gram_bwd_t3": ({(t, d) for t in ("bf16", "fp16") for d in _ALL_D},
-                    "the Gram backward (dots inside branches, diagonal transpose) spills in every layout and is "
-                    "not pipelined in the one-chunk layout"),
-    "gram_bwd_atomic": ({("bf16", 256), ("fp16", 128), ("fp16", 256)},
-                        "the full-width fp32 accumulators of the Gram atomic backward spill"),
-}
-
-
-def _legacy_expectation(name: str, dtype: str, D: int) -> Optional[str]:
-    if dtype == "fp32":
-        return _FP32_REASON
-    where, why = _LEGACY_16BIT_DEFECTS.get(name, (set(), ""))
-    return why if (dtype, D) in where else None
-
-
-def _ptr_types(arg_names, constexprs, dtype, feature_ptrs, int_ptrs=(), fp32_ptrs_extra=()):
-    t = "*" + dtype
-    out = {}
-    for n in arg_names:
-        if n in constexprs:
-            continue
-        if n in feature_ptrs:
-            out[n] = t
-        elif n in int_ptrs:
-            out[n] = "*i32"
-        elif n in ("B", "M", "D", "K", "n_row_blocks") or n.startswith("stride"):
-            out[n] = "i32"
-        else:
-            out[n] = "*fp32"
-    return out
-
-
-def _legacy_sim_lse_specs(core, all_configs: bool) -> List[dict]:
-    feats = ("Q", "K", "Z", "DQ", "DK", "DZ")
-    idx = ("RowIndex", "ColIndex", "ColStart", "ColEnd", "Exclude")
-    # The symmetric-CLIP launch: no index lists, no ranges, no exclusions, column LSE wanted;
-    # the Gram kernels with the diagonal excluded (NT-Xent).
-    gen = dict(HAS_ROW_INDEX=False, HAS_COL_INDEX=False, HAS_RANGE=False, N_EXCLUDE=0, WANT_COL=True)
-    lists = dict(fwd=core._FWD_GPU, bwd=core._BWD_GPU, atomic=core._BWD_ATOMIC_GPU, sym_fwd=core._SYM_FWD_GPU,
-                 sym_bwd=core._SYM_BWD_GPU, sym_atomic=core._SYM_ATOMIC_GPU)
-    out = []
-    for dtype in DTYPES:
-        dot = dict(UPCAST=False, PREC="ieee" if dtype == "fp32" else "tf32")
-        for D in GATE_DS:
-            bd, bdo = core._chunk_d(D), core._block_do(D)
-            one = D <= bd
-            n_d = -(-D // bdo)
-            reuse = one and n_d == 1 and bdo == bd
-            jobs = [
-                ("sim_lse_fwd", core._sim_lse_fwd_kernel, "fwd", ("BLOCK_M", "BLOCK_N"),
-                 dict(gen, **dot, BLOCK_D=bd, ONE_CHUNK=one)),
-                ("sim_lse_bwd_dq", core._sim_lse_bwd_dq_kernel, "bwd", ("BLOCK_M", "BLOCK_N"),
-                 dict(gen, **dot, BLOCK_D=bd, BLOCK_DO=bdo, ONE_CHUNK=one, REUSE=reuse)),
-                ("sim_lse_bwd_dk", core._sim_lse_bwd_dk_kernel, "bwd", ("BLOCK_M", "BLOCK_N"),
-                 dict(gen, **dot, BLOCK_D=bd, BLOCK_DO=bdo, ONE_CHUNK=one, REUSE=reuse)),
-                ("gram_fwd", core._sim_lse_gram_fwd_kernel, "sym_fwd", ("BLOCK",),
-                 dict(N_EXCLUDE=1, **dot, BLOCK_D=bd, ONE_CHUNK=one)),
-            ] + [
-                (f"gram_bwd_t{terms}", core._sim_lse_gram_bwd_kernel, "sym_bwd", ("BLOCK",),
-                 dict(N_EXCLUDE=1, **dot, BLOCK_D=bd, BLOCK_DO=bdo, ONE_CHUNK=one, REUSE=reuse, TERMS=terms))
-                for terms in (3, 1, 2)
-            ]
-            if D <= core._ATOMIC_MAX_D:
-                dp = core._d_pad(D)
-                jobs += [
-                    ("sim_lse_bwd_atomic", core._sim_lse_bwd_atomic_kernel, "atomic", ("BLOCK_M", "BLOCK_N"),
-                     dict(gen, **dot, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_DP=dp)),
-                    ("gram_bwd_atomic", core._sim_lse_gram_bwd_atomic_kernel, "sym_atomic", ("BLOCK",),
-                     dict(N_EXCLUDE=1, **dot, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_DP=dp)),
-                ]
-            for name, kern, lst, block_names, consts in jobs:
-                fn = kern.fn
-                for i, (blocks, warps, stages) in enumerate(lists[lst]):
-                    c = dict(consts, **dict(zip(block_names, blocks)))
-                    spec = dict(name=name, fn=fn, args=_ptr_types(fn.arg_names, c, dtype, feats, idx), constexprs=c,
-                                num_warps=warps, num_stages=stages, dtype=dtype, D=D, default=i == 0)
-                    why = _legacy_expectation(name, dtype, D)
-                    if why and i == 0:  # measured for the default configs only
-                        spec["expect_fail"] = why
-                    out.append(spec)
-    return out
-
-
-def _legacy_siglip_specs(siglip, all_configs: bool) -> List[dict]:
-    core = importlib.import_module(siglip.__name__.rsplit(".", 1)[0] + ".core")
-    feats = ("X", "Y", "DX", "DY")
-    out = []
-    for dtype in DTYPES:
-        dot = dict(UPCAST=False, PREC="ieee" if dtype == "fp32" else "tf32")
-        for D in GATE_DS:
-            bd, bdo = siglip._block_d(D), siglip._block_do(D)
-            jobs = [("siglip_fwd", siglip._siglip_fwd_kernel, core._FWD_GPU, dict(dot, BLOCK_D=bd)),
-                    ("siglip_bwd_dx", siglip._siglip_bwd_dx_kernel, core._BWD_GPU, dict(dot, BLOCK_D=bd, BLOCK_DO=bdo)),
-                    ("siglip_bwd_dy", siglip._siglip_bwd_dy_kernel, core._BWD_GPU, dict(dot, BLOCK_D=bd, BLOCK_DO=bdo))]
-            for name, kern, lst, consts in jobs:
-                fn = kern.fn
-                for i, (blocks, warps, stages) in enumerate(lst):
-                    c = dict(consts, BLOCK_M=blocks[0], BLOCK_N=blocks[1])
-                    spec = dict(name=name, fn=fn, args=_ptr_types(fn.arg_names, c, dtype, feats), constexprs=c,
-                                num_warps=warps, num_stages=stages, dtype=dtype, D=D, default=i == 0)
-                    if dtype == "fp32" and i == 0:
-                        spec["expect_fail"] = _FP32_REASON
-                    out.append(spec)
-    return out
-
-
 # --------------------------------------------------------------------------- compiling
 
 
 def _ast_source(fn, signature: dict, constexprs: dict, attrs: dict):
-    """``ASTSource`` across Triton versions: 3.2+ take ``constexprs`` (and string or tuple keys),
-    older ones ``constants`` keyed by argument index with constexprs left out of the signature."""
+    """``ASTSource`` of Triton 3.2+ (3.6 and 3.8 included): ``constexprs`` and ``attrs`` keyed by
+    argument-path tuples, ``attrs`` values ``[["tt.divisibility", 16]]``."""
     import inspect
 
     from triton.compiler import ASTSource
 
     params = inspect.signature(ASTSource.__init__).parameters
+    if "constexprs" not in params or "attrs" not in params:
+        import triton
+
+        raise RuntimeError(f"the compile gate needs Triton >= 3.2 (ASTSource with constexprs/attrs), "
+                           f"not {triton.__version__}")
     names = list(fn.arg_names)
-    if "constexprs" in params:
-        consts = {(names.index(k),): v for k, v in constexprs.items()}
-        return ASTSource(fn, signature, constexprs=consts, attrs=attrs)
-    sig = {names.index(k): v for k, v in signature.items() if v != "constexpr"}
-    consts = {names.index(k): v for k, v in constexprs.items()}
-    return ASTSource(fn, sig, constants=consts)
+    consts = {(names.index(k),): v for k, v in constexprs.items()}
+    return ASTSource(fn, signature, constexprs=consts, attrs=attrs)
 
 
-def _divisibility_attrs(fn, args: dict) -> dict:
-    """What Triton's launcher specializes for aligned tensors and widths: pointers, strides and D
-    divisible by 16 (so the compiled code is the one a launch with contiguous D%16==0 inputs gets)."""
-    try:
-        from triton.backends.compiler import BaseBackend
+def spec_attrs(spec: dict) -> dict:
+    """``attrs`` of the compile: ``tiles.spec_attrs`` (``tt.divisibility`` 16 on every argument of
+    the spec's ``divisible_by_16``), what Triton's launcher specializes for a contiguous launch."""
+    from .tiles import spec_attrs as _attrs
 
-        attr = BaseBackend.parse_attr("D")
-    except Exception:  # noqa: BLE001 - older Triton: no attribute form, compile without
-        return {}
-    names = list(fn.arg_names)
-    return {(names.index(n),): attr for n, t in args.items()
-            if t.startswith("*") or n.startswith("stride") or n == "D"}
+    return _attrs(spec)
 
 
 def _ptxas_numbers(log: str) -> Optional[dict]:
@@ -397,7 +258,7 @@ def compile_spec(spec: dict) -> dict:
         with ctx, contextlib.redirect_stdout(log):
             if knobs is not None and hasattr(knobs.nvidia, "dump_ptxas_log"):
                 knobs.nvidia.dump_ptxas_log = True
-            src = _ast_source(fn, sig, spec["constexprs"], _divisibility_attrs(fn, spec["args"]))
+            src = _ast_source(fn, sig, spec["constexprs"], spec_attrs(spec))
             k = triton.compile(src, target=GPUTarget(*TARGET),
                                options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
     except Exception as e:  # noqa: BLE001 - a failed compile is a row of the table

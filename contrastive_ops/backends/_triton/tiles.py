@@ -522,3 +522,53 @@ def gpu_block_do(D: int, dtype_name: str, gram: bool = False) -> int:
         return p2
     n_d = triton.cdiv(D, cap)
     return max(16, triton.next_power_of_2(triton.cdiv(D, n_d)))
+
+
+def spec_config(sp: dict) -> str:
+    """A spec's tile config as the fault tables name it: "128x64 w8 s2" (BLOCK_M x BLOCK_N, or BLOCK)."""
+    c = sp["constexprs"]
+    blocks = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK") if k in c)
+    return f"{blocks} w{sp['num_warps']} s{sp['num_stages']}"
+
+
+def mark_known_faults(specs: List[dict], faults: dict, where: str) -> List[dict]:
+    """Set ``expect_fail`` on the specs the sm_90a compile gate measured failing.
+
+    ``faults``: ``(name, dtype, Ds, config) -> measured fault`` with ``Ds`` the feature widths
+    that share the binary (D is a runtime argument) and ``config`` as ``spec_config``.  The gate
+    marks those rows ``xfail(strict=True)``: a fixed kernel turns the row red until its entry
+    goes.  An entry that matches no spec is stale and raises.
+    """
+    index = {(n, dt, d, cfg): (ds, why) for (n, dt, ds, cfg), why in faults.items() for d in ds}
+    used = set()
+    for sp in specs:
+        k = (sp["name"], sp["dtype"], sp["D"], spec_config(sp))
+        if k in index:
+            ds, why = index[k]
+            used.add(k[:2] + (ds, k[3]))
+            sp["expect_fail"] = f"{k[0]} {k[1]} D={'/'.join(map(str, ds))} {k[3]}: {why} (Triton 3.8 ptxas, sm_90a)"
+    stale = [k for k in faults if k not in used]
+    if stale:
+        raise ValueError(f"{where}: compile-gate fault entries that match no spec: {stale}")
+    return specs
+
+
+@triton.jit
+def held_tile(X, x_rows, mask, offs_d, D, stride, UPCAST: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    """The tile X[x_rows][:, :BLOCK_D] a program holds across its loop in the one-chunk layout
+    (``ONE_CHUNK``: D fits one chunk); 0 otherwise, and ``s_tile`` streams the D-chunks itself."""
+    if ONE_CHUNK:
+        tile = load_tile(X, x_rows, mask, offs_d, D, stride, UPCAST)
+    else:
+        tile = 0
+    return tile
+
+
+@triton.jit
+def row_span(t, B, M, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             HAS_ROW_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr, N_EXCLUDE: tl.constexpr):
+    """``row_tile`` of row tile ``t`` and the tile-aligned column span ``[lo, hi)`` its ranges reach."""
+    rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
+        t, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
+    lo, hi = col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
+    return rows, row_mask, q_rows, cs, ce, e0, e1, lo, hi
