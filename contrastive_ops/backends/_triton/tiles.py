@@ -129,10 +129,16 @@ def block_do(D: int, dtype: torch.dtype = torch.bfloat16, gram: bool = False) ->
     of two allows (D = 768 in 16-bit: two chunks of 512; D = 1024: two of 512).
     ``gram``: the Gram backward's cap is ``GRAM_MAX_DO`` (256) on the GPU.
     """
-    p2 = max(16, triton.next_power_of_2(D))
     cap = max_do(dtype)
     if gram and not interpreting():
         cap = min(cap, GRAM_MAX_DO)
+    return _chunk_width(D, cap)
+
+
+def _chunk_width(D: int, cap: int) -> int:
+    """All of D (padded to a power of two) if that is ≤ ``cap``, else the narrowest power of two
+    that covers D in cdiv(D, cap) equal chunks."""
+    p2 = max(16, triton.next_power_of_2(D))
     if p2 <= cap:
         return p2
     n_d = triton.cdiv(D, cap)
@@ -514,14 +520,10 @@ def gpu_chunk_d(D: int, dtype_name: str = "bf16") -> int:
 
 def gpu_block_do(D: int, dtype_name: str, gram: bool = False) -> int:
     """``block_do`` as on the GPU."""
-    p2 = max(16, triton.next_power_of_2(D))
     cap = 128 if dtype_name == "fp32" else 512
     if gram:
         cap = min(cap, GRAM_MAX_DO)
-    if p2 <= cap:
-        return p2
-    n_d = triton.cdiv(D, cap)
-    return max(16, triton.next_power_of_2(triton.cdiv(D, n_d)))
+    return _chunk_width(D, cap)
 
 
 def spec_config(sp: dict) -> str:
