@@ -25,7 +25,7 @@ import torch
 
 import contrastive_ops as co
 from contrastive_ops import backends
-from helpers import TOL
+from contrastive_ops.testing import HALF, assert_close
 
 Tensor = torch.Tensor
 
@@ -36,7 +36,6 @@ LOSSES = (
 )
 # Functions with a ``normalize`` argument.
 NORMALIZING = ("info_nce", "nt_xent", "mv_infonce", "mv_dhel", "supcon_loss", "dcl_loss", "dhel_loss")
-HALF = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- drawers
@@ -448,76 +447,56 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, *, device=None, grad=
     return res
 
 
-def _check(actual: Tensor, expected: Tensor, dtype: torch.dtype, *, scale: float, slack: Optional[Tensor], what: str):
-    """|actual − expected| ≤ atol·scale + rtol·scale·|expected| + 2·slack, elementwise."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    tol = TOL[dtype]
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert torch.isfinite(a).all(), f"{what}: non-finite values {a}"
-    bound = tol["atol"] * scale + tol["rtol"] * scale * e.abs()
-    if slack is not None:
-        bound = bound + 2 * slack.detach().double().cpu()
-    err = (a - e).abs()
-    bad = err > bound
-    if bad.any():
-        i = int(err.sub(bound).flatten().argmax())
-        raise AssertionError(
-            f"{what}: {int(bad.sum())}/{a.numel()} elements out of tolerance; worst at flat index {i}: "
-            f"got {a.flatten()[i].item():.8g}, expected {e.flatten()[i].item():.8g} "
-            f"(|diff| {err.flatten()[i].item():.3g} > bound {bound.flatten()[i].item():.3g})"
-        )
+def tol_scale(case: Case) -> float:
+    """fp32/fp64: how much the elementwise tolerance of ``TOL`` widens (with the logit scale past 20)."""
+    return max(1.0, case.sharpness / 20.0)
 
 
-def tol_scale(case: Case, dtype: torch.dtype, weight: Optional[Tensor] = None) -> float:
-    """How much the per-dtype tolerance of ``helpers.TOL`` widens for this case.
+def _half_terms(case: Case, weight: Optional[Tensor], normalized_input: bool):
+    """``unit`` and ``inv_norm`` of the half-precision rule (``contrastive_ops.testing``) for one output.
 
-    fp32: only with the logit scale (1/τ past 20).  fp16/bf16: the kernels see
-    the normalized features rounded to the input dtype and return gradients in
-    it, so an error of one rounding (2⁻⁸ for bf16) lands on gradient terms of
-    size |upstream gradient|·sharpness, and normalization's backward divides
-    them by the feature norm: those terms may cancel to a much smaller exact
-    gradient (e.g. N=1, where MV-InfoNCE is identically 0).
+    ``unit`` = |upstream gradient| · logit scale: the size of a gradient term
+    before it cancels.  ``inv_norm`` = 1/‖x‖ only for the gradient of an input
+    the loss normalizes (the backward of x ↦ x/‖x‖ divides by ‖x‖), else 0.
     """
-    if dtype not in HALF:
-        return max(1.0, case.sharpness / 20.0)
+    if not normalized_input:
+        return 0.0, 0.0
     w = 1.0 if weight is None else max(1.0, float(weight.abs().max()))
-    inv_norm = 1.0 / min(1.0, case.feature_norm) if case.feature_norm else 1.0
-    return max(1.0, w * case.sharpness * inv_norm / 4.0)
+    return w * case.sharpness, 1.0 / (case.feature_norm or 1.0)
 
 
 def compare_case(case: Case, backend: str, dtype: torch.dtype, *, device=None, what=""):
     """``backend`` in ``dtype`` against the reference on the same values in fp32 (fp64 for fp64).
 
-    For fp16/bf16 the error budget also includes twice the error of the
-    reference itself run on the rounded inputs (flash-attention's rule).
+    fp16/bf16: the half-precision rule of ``contrastive_ops.testing`` (the
+    kernel's error at most ``HALF_C`` times the error of the reference run in
+    the same dtype, plus a small atol), per output.
     """
     rdt = ref_dtype(dtype)
     k = run_case(case, backend, dtype, device=device)
     r = run_case(case, "reference", rdt, device=device, weight=k.weight)
     low = run_case(case, "reference", dtype, device=device, weight=k.weight) if dtype in HALF else None
-    scale = tol_scale(case, dtype, k.weight)
+    scale = tol_scale(case)
     tag = f"{what} {backend} {dtype} {case.describe()}"
     assert k.out.dtype == rdt, f"{tag}: loss dtype {k.out.dtype}, SPEC says {rdt}"
-    slack = None if low is None else (low.out - r.out).abs()
-    _check(k.out, r.out, dtype, scale=scale, slack=slack, what=f"loss [{tag}]")
+    assert_close(k.out, r.out, dtype, low=None if low is None else low.out, scale=scale, what=f"loss [{tag}]")
+    normalized = bool(case.normalize) and case.feature_norm is not None
     for i, (gk, gr) in enumerate(zip(k.grads, r.grads)):
         if gr is None:
             assert gk is None or not gk.abs().sum(), f"input {i}: gradient on {backend} but not on the reference"
             continue
         assert gk is not None, f"{tag}: no gradient for input {i}"
         assert gk.dtype == dtype, f"{tag}: gradient of input {i} is {gk.dtype}, SPEC says the input dtype {dtype}"
-        slack = None if low is None else (low.grads[i].double() - gr.double()).abs()
-        _check(gk, gr, dtype, scale=scale, slack=slack, what=f"grad of input {i} [{tag}]")
+        unit, inv_norm = _half_terms(case, k.weight, normalized)
+        assert_close(gk, gr, dtype, low=None if low is None else low.grads[i], scale=scale, unit=unit,
+                     inv_norm=inv_norm, what=f"grad of input {i} [{tag}]")
     for name, gr in r.scalar_grads.items():
         gk = k.scalar_grads[name]
         if gr is None:
             continue
         assert gk is not None, f"{tag}: no gradient for {name}"
-        slack = None if low is None else (low.scalar_grads[name].double() - gr.double()).abs()
-        # d/dτ of s = c/τ is −c/τ²: an error δ in the rounded features' similarities
-        # becomes δ/τ² here, one factor of the sharpness more than in the values.
-        s_scale = scale * max(1.0, case.sharpness) if dtype in HALF else scale
-        _check(gk, gr, dtype, scale=s_scale, slack=slack, what=f"grad of {name} [{tag}]")
+        assert_close(gk, gr, dtype, low=None if low is None else low.scalar_grads[name], scale=scale,
+                     what=f"grad of {name} [{tag}]")
     return k, r
 
 
