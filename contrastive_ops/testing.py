@@ -22,10 +22,15 @@ float16 / bfloat16 (flash-attention's rule)
     not met exactly) plus a few units of the dtype's rounding of the output's
     own size.  ``unit``
     is the size a gradient term has before it cancels
-    (|upstream gradient| · logit scale · |features|, given by the caller);
-    ``inv_norm`` is 1/‖x‖ for the gradient of an input that the loss
-    normalizes (the backward of x ↦ x/‖x‖ divides by ‖x‖) and 0 elsewhere,
-    so no budget grows with the logit scale unless the output can cancel.
+    (|upstream gradient of one anchor| · logit scale · |features|, given by
+    the caller);
+    the terms are rounded to the half dtype before autograd sums them, and an
+    exact gradient of 0 (a loss with one pair is constant) is their
+    cancellation; ``inv_norm`` is 1/‖x‖ for the gradient of an input that the
+    loss normalizes (the backward of x ↦ x/‖x‖ divides by ‖x‖), 1 for an
+    input used as it is.  For the loss, ``unit`` is the size of the logits
+    (an LSE minus a positive logit cancels to 0 for a single pair) and there
+    is no 1/‖x‖.  ``unit`` = 0 (the default) drops the term.
     A gradient off by 1.5× (error ½·max|exact|) is far outside it.
 
     Without a half-precision run of the reference (a primitive compared on

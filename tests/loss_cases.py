@@ -383,20 +383,36 @@ def example(name: str, seed: int = 0, **overrides) -> Case:
 # ----------------------------------------------------------------------------- running
 
 
-_IMPLEMENTED: Dict[str, Optional[str]] = {}
+def counted_anchors(case: Case) -> int:
+    """The number of anchors that count in ``reduction="mean"`` (SPEC, Reductions): ``"mean"`` = ``"sum"`` / this.
 
-
-def require_implemented(name: str) -> None:
-    """Skip while ``co.<name>`` still raises NotImplementedError on its default case; any other error surfaces."""
-    if name not in _IMPLEMENTED:
-        case = example(name, N=3, B=2, G=3, D=4, K=3, M=3)
-        try:
-            run_case(case, "reference", torch.float32, grad=False)
-            _IMPLEMENTED[name] = None
-        except NotImplementedError as e:
-            _IMPLEMENTED[name] = f"co.{name} is not implemented yet (NotImplementedError: {e})"
-    if _IMPLEMENTED[name] is not None:
-        pytest.skip(_IMPLEMENTED[name])
+    info_nce: B; nt_xent: 2N; dcl_loss, dhel_loss: N; mv_infonce, mv_dhel: the
+    instances with at least two views present; supcon_loss: the anchors
+    (all V·N, or view 0's N with ``contrast_mode="one"``) with at least one positive.
+    """
+    x = case.tensors[0]
+    if case.name == "info_nce":
+        return x.shape[0]
+    if case.name == "nt_xent":
+        return 2 * x.shape[0]
+    if case.name in ("dcl_loss", "dhel_loss"):
+        return x.shape[0]
+    if case.name in ("mv_infonce", "mv_dhel"):
+        mask = case.kwargs.get("mask")
+        N = x.shape[0]
+        return N if mask is None else int((mask.sum(1) >= 2).sum())
+    if case.name == "supcon_loss":
+        N = x.shape[0]
+        V = 1 if x.dim() == 2 else x.shape[1]
+        labels = case.kwargs.get("labels")
+        inst = torch.arange(N) if labels is None else labels.cpu()
+        same = inst[:, None] == inst[None, :]  # (N, N) instances sharing a label
+        # anchor (v, i) has a positive if another sample (v', j) != (v, i) shares its label
+        per_instance = same.sum(1) * V - 1  # same-label samples other than the anchor itself
+        has_pos = per_instance > 0
+        anchors_per_instance = V if case.kwargs.get("contrast_mode", "all") == "all" else 1
+        return int(has_pos.sum()) * anchors_per_instance
+    raise ValueError(f"{case.name} has no reduction")
 
 
 def require_backend(case: Case, backend: str, dtype: torch.dtype, device) -> None:
@@ -452,17 +468,35 @@ def tol_scale(case: Case) -> float:
     return max(1.0, case.sharpness / 20.0)
 
 
-def _half_terms(case: Case, weight: Optional[Tensor], normalized_input: bool):
-    """``unit`` and ``inv_norm`` of the half-precision rule (``contrastive_ops.testing``) for one output.
+def _mean_count(case: Case) -> int:
+    """What the upstream gradient of each anchor is divided by: the anchors a ``"mean"`` counts (1 otherwise)."""
+    red = case.kwargs.get("reduction", "mean")
+    if case.name in ("similarity_lse", "sinkhorn_knopp") or red != "mean":
+        return 1
+    if case.name in ("clip_loss", "siglip_loss", "swav_loss"):
+        return case.tensors[0].shape[0]
+    if case.name == "point_token_contrast":
+        return int((case.kwargs["mask1"] & case.kwargs["mask2"]).sum())
+    return counted_anchors(case)
 
-    ``unit`` = |upstream gradient| · logit scale: the size of a gradient term
-    before it cancels.  ``inv_norm`` = 1/‖x‖ only for the gradient of an input
-    the loss normalizes (the backward of x ↦ x/‖x‖ divides by ‖x‖), else 0.
+
+def _half_terms(case: Case, i: int, weight: Optional[Tensor]):
+    """``unit`` and ``inv_norm`` of the half-precision rule (``contrastive_ops.testing``) for input ``i``'s gradient.
+
+    ``unit`` = |upstream gradient of one anchor| · logit scale · |features|:
+    the size of the terms of a gradient entry, which are rounded to the input
+    dtype before autograd sums them and may cancel to an exact 0 (a loss with
+    one pair is constant).  ``inv_norm`` = 1/‖x‖ (the smallest row norm) for
+    the gradient of an input the loss normalizes, since the backward of
+    x ↦ x/‖x‖ divides by ‖x‖; 1 for an input used as it is.
     """
-    if not normalized_input:
-        return 0.0, 0.0
-    w = 1.0 if weight is None else max(1.0, float(weight.abs().max()))
-    return w * case.sharpness, 1.0 / (case.feature_norm or 1.0)
+    w = 1.0 if weight is None else float(weight.abs().max())
+    feat = 1.0 if case.normalize else max(float(t.norm(dim=-1).max()) for t in case.tensors)
+    unit = w * case.sharpness * feat / max(1, _mean_count(case))
+    inv_norm = 1.0
+    if case.normalize:
+        inv_norm = 1.0 / float(case.tensors[i].norm(dim=-1).min().clamp_min(1e-12))
+    return unit, inv_norm
 
 
 def compare_case(case: Case, backend: str, dtype: torch.dtype, *, device=None, what=""):
@@ -479,15 +513,17 @@ def compare_case(case: Case, backend: str, dtype: torch.dtype, *, device=None, w
     scale = tol_scale(case)
     tag = f"{what} {backend} {dtype} {case.describe()}"
     assert k.out.dtype == rdt, f"{tag}: loss dtype {k.out.dtype}, SPEC says {rdt}"
-    assert_close(k.out, r.out, dtype, low=None if low is None else low.out, scale=scale, what=f"loss [{tag}]")
-    normalized = bool(case.normalize) and case.feature_norm is not None
+    # the loss: an LSE minus a positive logit, each of size sharpness·|features|², may cancel to 0
+    feat = 1.0 if case.normalize else max(float(t.norm(dim=-1).max()) for t in case.tensors)
+    assert_close(k.out, r.out, dtype, low=None if low is None else low.out, scale=scale,
+                 unit=case.sharpness * feat * feat, inv_norm=1.0, what=f"loss [{tag}]")
     for i, (gk, gr) in enumerate(zip(k.grads, r.grads)):
         if gr is None:
             assert gk is None or not gk.abs().sum(), f"input {i}: gradient on {backend} but not on the reference"
             continue
         assert gk is not None, f"{tag}: no gradient for input {i}"
         assert gk.dtype == dtype, f"{tag}: gradient of input {i} is {gk.dtype}, SPEC says the input dtype {dtype}"
-        unit, inv_norm = _half_terms(case, k.weight, normalized)
+        unit, inv_norm = _half_terms(case, i, k.weight)
         assert_close(gk, gr, dtype, low=None if low is None else low.grads[i], scale=scale, unit=unit,
                      inv_norm=inv_norm, what=f"grad of input {i} [{tag}]")
     for name, gr in r.scalar_grads.items():

@@ -54,7 +54,6 @@ def _limits(backend):
 
 
 def _fuzz(name, backend, dtype, data):
-    lc.require_implemented(name)
     case = lc.BUILDERS[name](lc.HypothesisDrawer(data, _limits(backend)))
     lc.require_backend(case, backend, dtype, DEVICE)
     lc.compare_case(case, backend, dtype, device=DEVICE, what="fuzz")
@@ -90,8 +89,7 @@ def _reduction_variant(case, reduction):
 @given(data=st.data())
 def test_fuzz_reference_invariants(name, data):
     """On the reference (no kernel needed): finite values and gradients, inputs untouched,
-    ``"sum"`` = Σ ``"none"``, and a 0-dim tensor argument gives the value of the same float."""
-    lc.require_implemented(name)
+    ``"sum"`` = Σ ``"none"``, ``"mean"`` = ``"sum"`` / the counted anchors, and a 0-dim tensor argument gives the value of the same float."""
     case = lc.BUILDERS[name](lc.HypothesisDrawer(data))
     before = [t.clone() for t in case.tensors]
     res = lc.run_case(case, "reference", torch.float32, device=DEVICE)
@@ -109,6 +107,11 @@ def test_fuzz_reference_invariants(name, data):
         torch.testing.assert_close(none.sum(), total, atol=1e-5, rtol=1e-5)
         mean = lc.run_case(_reduction_variant(case, "mean"), "reference", torch.float32, grad=False).out
         assert mean.dim() == 0 and torch.isfinite(mean)
+        # "mean" = "sum" / the number of anchors that count (0 when none counts)
+        count = lc.counted_anchors(case)
+        expected = total / count if count else torch.zeros_like(total)
+        torch.testing.assert_close(mean, expected, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"mean != sum / {count} counted anchors for {case.describe()}: {m}")
 
     if case.scalars:  # the same numbers passed as Python floats
         as_float = lc.Case(case.name, case.fn, case.tensors,
