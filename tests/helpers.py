@@ -29,11 +29,18 @@ def kernel_backends(device: torch.device = DEVICE) -> list:
     return out
 
 
+# Backends this machine must have (``.ci/run`` sets cpu,triton,cuda): a missing
+# one fails ``tests/test_required_backends.py`` and its tests instead of skipping.
+REQUIRED_BACKENDS = tuple(x.strip() for x in os.environ.get("CONTRASTIVE_OPS_REQUIRE_BACKENDS", "").split(",")
+                          if x.strip())
+
+
 def backend_params(device: torch.device = DEVICE):
     """``pytest.param`` per kernel backend; a missing backend is skipped with its reason.
 
-    Under CI (``CI=true``) the CPU machine must have the ``cpu`` and ``triton``
-    backends: there a missing one fails instead of skipping.
+    A backend named in ``$CONTRASTIVE_OPS_REQUIRE_BACKENDS`` that can run on
+    ``device`` here (``cuda`` needs a GPU) is not skipped: its tests fail.
+    ``CI=true`` requires ``cpu`` and ``triton`` on a CPU machine as before.
     """
     avail = co.available_backends()
     params = []
@@ -45,7 +52,8 @@ def backend_params(device: torch.device = DEVICE):
         if runs_here:
             params.append(pytest.param(name, id=name))
         else:
-            required = os.environ.get("CI") == "true" and device.type == "cpu" and name in ("cpu", "triton")
+            required = ((name in REQUIRED_BACKENDS and (name != "cuda" or torch.cuda.is_available()))
+                        or (os.environ.get("CI") == "true" and device.type == "cpu" and name in ("cpu", "triton")))
             marks = [] if required else [pytest.mark.skip(reason=f"{name} backend not usable here: {why}")]
             params.append(pytest.param(name, id=name, marks=marks))
     return params

@@ -531,8 +531,11 @@ def compare_case(case: Case, backend: str, dtype: torch.dtype, *, device=None, w
         if gr is None:
             continue
         assert gk is not None, f"{tag}: no gradient for {name}"
+        # terms of d/dτ of x/τ are x/τ² (sharpness² · |features|²); of d/ds of s·x, x; of d/db, 1
+        w = 1.0 if k.weight is None else float(k.weight.abs().max())
+        unit = w * feat * feat * (case.sharpness ** 2 if name == "temperature" else 1.0)
         assert_close(gk, gr, dtype, low=None if low is None else low.scalar_grads[name], scale=scale,
-                     what=f"grad of {name} [{tag}]")
+                     unit=unit, inv_norm=1.0, what=f"grad of {name} [{tag}]")
     return k, r
 
 
