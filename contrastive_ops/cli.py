@@ -85,11 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _prepare_triton_env() -> None:
+def _prepare_triton_env(argv: Sequence[str]) -> None:
+    """Without a CUDA device, switch Triton's interpreter on so that the Triton backend is checked on CPU.
+
+    Triton reads ``TRITON_INTERPRET`` when it is imported, and importing
+    contrastive_ops has already imported it (through ``torch._dynamo``): the
+    flag then takes effect only in a fresh interpreter, so the command runs
+    again in one (once: the flag is set there).  An explicit
+    ``TRITON_INTERPRET`` is left as it is.
+    """
     import torch
 
-    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "triton" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "contrastive_ops", *argv])
 
 
 def _device(args):
@@ -330,8 +343,9 @@ def _print_env(device, out=None, busy=None):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    _prepare_triton_env()
+    _prepare_triton_env(argv)
     import torch
 
     device = _device(args)

@@ -44,6 +44,24 @@ def test_cli_quick_end_to_end():
         assert f"{name}: not implemented" not in p.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the Triton backend runs without the interpreter")
+def test_cli_checks_triton_under_the_interpreter_on_cpu():
+    """Without TRITON_INTERPRET in the environment, the CLI still checks the Triton backend on CPU tensors."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-m", "contrastive_ops", "--quick", "--no-bench", "--no-progress",
+                        "--losses", "similarity_lse"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "triton/cpu/float32" in p.stdout, p.stdout
+    row = next(line for line in p.stdout.splitlines() if line.strip().startswith("similarity_lse"))
+    assert row.count("PASS") == 2, p.stdout  # cpu and triton
+
+
 def test_cli_bench_quick_writes_json_and_png(tmp_path):
     out_dir = tmp_path / "res"
     p = _run("bench", "--out", str(out_dir), "--quick", "--losses", "clip_loss,similarity_lse,swav_loss",
