@@ -290,9 +290,14 @@ def test_bad_arguments_are_refused():
 
 
 def test_selfcheck_tolerances_are_the_test_suites():
-    from helpers import TOL
+    """One table and one comparison, in the library: the self-check and the tests use the same objects."""
+    import helpers
+    import loss_cases
+    from contrastive_ops import testing
 
-    assert S.TOL == TOL
+    assert S.TOL is testing.TOL and helpers.TOL is testing.TOL
+    assert S.compare is testing.compare
+    assert helpers.assert_close is testing.assert_close and loss_cases.assert_close is testing.assert_close
 
 
 def test_options_before_or_after_bench_both_count():
