@@ -6,10 +6,11 @@ file has changed so that it no longer does, the runner reports the mutant as
 ``stale`` (to be rewritten), never as killed.
 
 ``csrc/cpu/*`` and ``csrc/tiling.h`` mutants need a CPU rebuild of the copy
-(the device-generic tiling in ``csrc/tiling.h`` is shared by the CPU and CUDA
-kernels: the CPU-run tests kill its mutants for both).  ``csrc/cuda/*``
-mutants compile only into the CUDA kernels and are reported ``needs a GPU``
-on a machine without one.
+(the device-generic tiling in ``csrc/tiling.h``: its SigLIP forward is shared
+by the CPU and CUDA kernels, and the CPU-run tests kill its mutants for both;
+its sim_lse loops are called by the CUDA kernels only).  ``csrc/cuda/*``
+mutants and those marked ``gpu_only`` reach only the CUDA kernels and are
+reported ``needs a GPU`` on a machine without one.
 """
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ class Mutant:
     new: str
     tests: Tuple[str, ...]  # pytest arguments, run from the copy's root
     what: str
+    gpu_only: bool = False  # code that only the CUDA kernels compile or call
 
     @property
     def kind(self) -> str:
-        if self.file.startswith("csrc/cuda/"):
+        if self.file.startswith("csrc/cuda/") or self.gpu_only:
             return "cuda"
         if self.file.startswith("csrc/"):
             return "cpp"
@@ -70,16 +72,17 @@ MUTANTS = (
            ("tests/test_swav.py", "-k", "triton and sinkhorn"),
            "Sinkhorn row LSE counts padded columns as exp(0)"),
     # ------------------------------------------------------------------ C++ (CPU build; tiling.h is shared with CUDA)
-    Mutant("tiling-dq-x1.5-half", "csrc/tiling.h",
-           "  dQ.mul_(sc);\n",
+    Mutant("cpu-dq-x1.5-half", "csrc/cpu/sim_lse.cpp",
+           "  const Tensor sc = scale.to(acc);\n  dQ.mul_(sc);\n",
+           "  const Tensor sc = scale.to(acc);\n"
            "  dQ.mul_(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ? sc : sc * 1.5);\n",
-           ("tests/test_fuzz.py", "tests/test_tolerance.py", "tests/test_info_nce.py", "-k", "cpu"),
-           "device-generic tiling (CPU and CUDA): dQ scaled by 1.5 for fp16/bf16 inputs only"),
-    Mutant("tiling-col-range-off-by-one", "csrc/tiling.h",
-           "      const int64_t bc = std::min(BC, hi - c0);\n      Tensor G = tile_view(gbuf, br, bc);\n",
-           "      const int64_t bc = std::min(BC, hi - c0 - 1);\n      Tensor G = tile_view(gbuf, br, bc);\n",
-           ("tests/test_cext.py", "tests/test_info_nce.py", "-k", "cpu"),
-           "device-generic tiling (CPU and CUDA): forward column range one short per column block"),
+           ("tests/test_fuzz.py", "tests/test_tolerance.py", "-k", "cpu"),
+           "CPU sim_lse backward: dQ scaled by 1.5 for fp16/bf16 inputs only"),
+    Mutant("tiling-siglip-col-range-off-by-one", "csrc/tiling.h",
+           "      const int64_t bc = std::min(BC, M - c0);\n      Tensor G = tile_view(gbuf, br, bc);\n",
+           "      const int64_t bc = std::min(BC, M - c0 - 1);\n      Tensor G = tile_view(gbuf, br, bc);\n",
+           ("tests/test_siglip.py", "tests/test_cext.py", "-k", "cpu"),
+           "device-generic tiling (CPU and CUDA): SigLIP forward column range one short per column block"),
     Mutant("cpu-col-lse-term-dropped", "csrc/cpu/sim_lse.cpp",
            "        const T d = gr * fast_exp(s - rl) + gc[j + l] * fast_exp(s - cl[j + l]);\n",
            "        const T d = gr * fast_exp(s - rl);\n",
@@ -91,6 +94,17 @@ MUTANTS = (
            ("tests/test_swav.py", "-k", "cpu"),
            "CPU SwAV CE backward skips the last column of a row's scalar tail"),
     # ------------------------------------------------------------------ CUDA only
+    Mutant("tiling-sim-lse-dq-x1.5-half", "csrc/tiling.h",
+           "  dQ.mul_(sc);\n  dK.mul_(sc);\n",
+           "  dQ.mul_(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ? sc : sc * 1.5);\n"
+           "  dK.mul_(sc);\n",
+           ("tests/test_fuzz.py", "tests/test_tolerance.py", "-k", "cuda"),
+           "tiled sim_lse backward (CUDA): dQ scaled by 1.5 for fp16/bf16 inputs only", gpu_only=True),
+    Mutant("tiling-sim-lse-col-range-off-by-one", "csrc/tiling.h",
+           "      const int64_t bc = std::min(BC, hi - c0);\n      Tensor G = tile_view(gbuf, br, bc);\n",
+           "      const int64_t bc = std::min(BC, hi - c0 - 1);\n      Tensor G = tile_view(gbuf, br, bc);\n",
+           ("tests/test_cext.py", "tests/test_info_nce.py", "-k", "cuda"),
+           "tiled sim_lse forward (CUDA): column range one short per column block", gpu_only=True),
     Mutant("cuda-col-lse-term-dropped", "csrc/cuda/epilogues.cu",
            "      if (has_col) d += gc[gj] * dexp(s - cl[gj]);\n", "",
            ("tests/test_cext.py", "tests/test_info_nce.py", "-k", "cuda"),
