@@ -5,7 +5,9 @@ Hypothesis draws the whole valid argument space of each function (see
 of two), V from 2 to 5, masks that leave instances with fewer than 2 views,
 labels with singleton classes, temperatures 0.05..2 as floats or 0-dim tensors
 (which then receive a gradient), every reduction and option, fp32 always and
-fp16/bf16 with budgets that grow with the logit scale.  Values and gradients
+fp16/bf16 under the half-precision rule of ``contrastive_ops.testing`` (at
+most twice the error of the reference run in the same dtype, plus a small
+atol).  Values and gradients
 (upstream gradient 2, or random weights for ``reduction="none"``) are
 compared with the reference.
 
