@@ -70,7 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", type=_csv, help="kernel backends to check and time (default: all available)")
     p.add_argument("--no-check", action="store_true", help="skip the self-check")
     p.add_argument("--no-bench", action="store_true", help="skip the timing table")
-    p.add_argument("--strict", action="store_true", help="a loss that raises NotImplementedError is a failure")
     p.add_argument("--verbose", "-v", action="store_true", help="print tracebacks of failures")
     sub = p.add_subparsers(dest="command")
     b = sub.add_parser("bench", help="full sweep with peers; writes results.json and PNG charts",
@@ -86,11 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _prepare_triton_env() -> None:
+def _prepare_triton_env(argv: Sequence[str]) -> None:
+    """Without a CUDA device, switch Triton's interpreter on so that the Triton backend is checked on CPU.
+
+    Triton reads ``TRITON_INTERPRET`` when it is imported, and importing
+    contrastive_ops has already imported it (through ``torch._dynamo``): the
+    flag then takes effect only in a fresh interpreter, so the command runs
+    again in one (once: the flag is set there).  An explicit
+    ``TRITON_INTERPRET`` is left as it is.
+    """
     import torch
 
-    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "triton" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "contrastive_ops", *argv])
 
 
 def _device(args):
@@ -164,15 +176,13 @@ def _aggregate(results) -> str:
     parts = []
     if S.PASS in st:
         parts.append(f"PASS ({st.count(S.PASS)})")
-    if S.NOT_IMPLEMENTED in st:
-        parts.append("not implemented")
     if S.UNAVAILABLE in st:
         parts.append("n/a")
     return ", ".join(parts)
 
 
 def run_selfcheck(args, out=None) -> dict:
-    """Print the PASS/FAIL table; return counts of failures and not-implemented entries."""
+    """Print the PASS/FAIL table; return the number of failures and the results."""
     out = sys.stdout if out is None else out
     import torch
 
@@ -219,19 +229,16 @@ def run_selfcheck(args, out=None) -> dict:
     for r in rows:
         print("  " + "".join(x.ljust(w) for x, w in zip(r, widths)), file=out)
     fails = [r for r in results if r.status == S.FAIL]
-    ni = [r for r in results if r.status == S.NOT_IMPLEMENTED]
     na = {(r.backend, r.device, r.detail) for r in results if r.status == S.UNAVAILABLE}
     for r in fails:
         print(f"  FAIL {r.loss}[{r.variant}] on {r.backend}/{r.device}/{r.dtype}: {r.detail}", file=out)
         if args.verbose and r.traceback:
             print("    " + r.traceback.rstrip().replace("\n", "\n    "), file=out)
-    if ni:
-        print(f"  not implemented: {', '.join(sorted({r.loss for r in ni}))}", file=out)
     for b, d, why in sorted(na):
         print(f"  n/a on {b}/{d}: {why}", file=out)
-    print(f"  {sum(r.status == S.PASS for r in results)} passed, {len(fails)} failed, {len(ni)} not implemented, "
+    print(f"  {sum(r.status == S.PASS for r in results)} passed, {len(fails)} failed, "
           f"{sum(r.status == S.UNAVAILABLE for r in results)} not applicable", file=out)
-    return {"fail": len(fails), "not_implemented": len(ni), "results": results}
+    return {"fail": len(fails), "results": results}
 
 
 # ---------------------------------------------------------------------------
@@ -336,8 +343,9 @@ def _print_env(device, out=None, busy=None):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    _prepare_triton_env()
+    _prepare_triton_env(argv)
     import torch
 
     device = _device(args)
@@ -350,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed = False
     if not args.no_check:
         res = run_selfcheck(args)
-        failed |= res["fail"] > 0 or (args.strict and res["not_implemented"] > 0)
+        failed |= res["fail"] > 0
     if not args.no_bench:
         from .benchmarking.sweep import backend_errors
 
@@ -358,8 +366,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         doc = run_timing(args, device, dtype, full=False)
         errs = backend_errors(doc)
         failed |= bool(errs)
-        if args.strict:
-            failed |= any(r["status"] == "not_implemented" and r["kind"] == "backend" for r in doc["results"])
     print(f"\n{'FAILED' if failed else 'OK'} in {time.perf_counter() - t0:.0f} s")
     return 1 if failed else 0
 

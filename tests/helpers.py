@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Dict, Sequence
+from typing import Callable, Sequence
 
 import pytest
 import torch
 
 import contrastive_ops as co
+# The one tolerance table and comparison rule (fp32 elementwise; fp16/bf16
+# relative to the reference run in the same dtype) live in the library.
+from contrastive_ops.testing import HALF, TOL, assert_close  # noqa: F401  (re-exported for the tests)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-# Absolute/relative tolerances of a kernel backend against the fp32/fp64 reference.
-TOL: Dict[torch.dtype, dict] = {
-    torch.float64: dict(atol=1e-10, rtol=1e-8),
-    torch.float32: dict(atol=2e-5, rtol=2e-4),
-    torch.float16: dict(atol=2e-2, rtol=2e-2),
-    torch.bfloat16: dict(atol=6e-2, rtol=6e-2),
-}
-
 
 def kernel_backends(device: torch.device = DEVICE) -> list:
     """Kernel backends that run on ``device`` here (the reference excluded)."""
@@ -35,11 +29,18 @@ def kernel_backends(device: torch.device = DEVICE) -> list:
     return out
 
 
+# Backends this machine must have (``.ci/run`` sets cpu,triton,cuda): a missing
+# one fails ``tests/test_required_backends.py`` and its tests instead of skipping.
+REQUIRED_BACKENDS = tuple(x.strip() for x in os.environ.get("CONTRASTIVE_OPS_REQUIRE_BACKENDS", "").split(",")
+                          if x.strip())
+
+
 def backend_params(device: torch.device = DEVICE):
     """``pytest.param`` per kernel backend; a missing backend is skipped with its reason.
 
-    Under CI (``CI=true``) the CPU machine must have the ``cpu`` and ``triton``
-    backends: there a missing one fails instead of skipping.
+    A backend named in ``$CONTRASTIVE_OPS_REQUIRE_BACKENDS`` that can run on
+    ``device`` here (``cuda`` needs a GPU) is not skipped: its tests fail.
+    ``CI=true`` requires ``cpu`` and ``triton`` on a CPU machine as before.
     """
     avail = co.available_backends()
     params = []
@@ -51,18 +52,11 @@ def backend_params(device: torch.device = DEVICE):
         if runs_here:
             params.append(pytest.param(name, id=name))
         else:
-            required = os.environ.get("CI") == "true" and device.type == "cpu" and name in ("cpu", "triton")
+            required = ((name in REQUIRED_BACKENDS and (name != "cuda" or torch.cuda.is_available()))
+                        or (os.environ.get("CI") == "true" and device.type == "cpu" and name in ("cpu", "triton")))
             marks = [] if required else [pytest.mark.skip(reason=f"{name} backend not usable here: {why}")]
             params.append(pytest.param(name, id=name, marks=marks))
     return params
-
-
-def assert_close(actual, expected, dtype, *, scale=1.0, what=""):
-    tol = TOL[dtype]
-    torch.testing.assert_close(
-        actual.to(expected.dtype), expected, atol=tol["atol"] * scale, rtol=tol["rtol"] * scale,
-        msg=lambda m: f"{what}: {m}",
-    )
 
 
 def compare_with_reference(
@@ -72,7 +66,8 @@ def compare_with_reference(
     backend: str,
     dtype: torch.dtype,
     grad_output_scale: float = 2.0,
-    tol_scale: float = 1.0,
+    sharpness: float = 0.0,
+    normalized: bool = False,
     **kwargs,
 ):
     """Run ``fn(*tensors, backend=..., **kwargs)`` on ``backend`` and on the reference.
@@ -80,9 +75,17 @@ def compare_with_reference(
     Floating tensors marked ``requires_grad`` get their gradients compared.
     The kernel backend gets inputs in ``dtype``; the reference gets the same
     values upcast to float32 (float64 stays float64), so the comparison
-    measures the kernel's error against the exact loss.  The loss is
+    measures the kernel's error against the exact loss.  For fp16/bf16 the
+    reference also runs in ``dtype``, and the kernel's error may be at most
+    ``HALF_C`` times that run's (``contrastive_ops.testing``).  The loss is
     multiplied by ``grad_output_scale`` (and by a random vector for
     ``reduction="none"``) so that a non-unit upstream gradient is exercised.
+
+    ``sharpness`` (the logit scale, 1/τ) sizes the gradient terms that can
+    cancel (each rounded to ``dtype`` before they are summed: a loss that is
+    constant, e.g. one pair, has an exact gradient of 0); ``normalized`` says
+    that ``fn`` normalizes its feature inputs, whose gradients are then divided
+    by their row norms.  Both only enter the small atol of the half-precision rule.
     """
     ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -96,22 +99,32 @@ def compare_with_reference(
             out.append(c)
         return out
 
-    k_in = clone(tensors, dtype)
-    r_in = clone(tensors, ref_dtype)
-    k_out = fn(*k_in, backend=backend, **kwargs)
-    r_out = fn(*r_in, backend="reference", **kwargs)
+    runs = {"kernel": (backend, dtype), "exact": ("reference", ref_dtype)}
+    if dtype in HALF:
+        runs["low"] = ("reference", dtype)
+    ins = {key: clone(tensors, dt) for key, (_b, dt) in runs.items()}
+    outs = {key: fn(*ins[key], backend=b, **kwargs) for key, (b, _dt) in runs.items()}
+    k_out, r_out = outs["kernel"], outs["exact"]
+    low = outs.get("low")
     assert torch.isfinite(k_out).all(), f"{backend} produced a non-finite loss: {k_out}"
-    assert_close(k_out, r_out.detach(), dtype, scale=tol_scale, what="loss")
+    # an LSE minus a positive logit (each about ``sharpness`` in size) cancels to 0 for a single pair
+    assert_close(k_out, r_out, dtype, low=low, unit=sharpness, inv_norm=1.0, what="loss")
     w = torch.randn_like(r_out) if r_out.dim() > 0 else torch.tensor(grad_output_scale, dtype=r_out.dtype)
-    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in k_in):
-        (k_out * w.to(k_out.dtype)).sum().backward()
-        (r_out * w).sum().backward()
-        for i, (a, b) in enumerate(zip(k_in, r_in)):
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in ins["kernel"]):
+        for key, out in outs.items():
+            (out * w.to(out.dtype)).sum().backward()
+        # the upstream gradient of one anchor: a scalar loss is a mean over the rows of the first input
+        rows = tensors[0].shape[0] if r_out.dim() == 0 and tensors[0].dim() > 0 else 1
+        unit = float(w.abs().max()) * sharpness / max(1, rows)
+        for i, (a, b) in enumerate(zip(ins["kernel"], ins["exact"])):
             if isinstance(a, torch.Tensor) and a.requires_grad:
                 assert a.grad is not None, f"no gradient for input {i} on {backend}"
                 assert torch.isfinite(a.grad).all(), f"non-finite gradient for input {i} on {backend}"
-                assert_close(a.grad.float() if a.grad.dtype != torch.float64 else a.grad,
-                             b.grad, dtype, scale=tol_scale, what=f"grad of input {i}")
+                inv_norm = 1.0
+                if normalized and a.dim() > 0:
+                    inv_norm = 1.0 / float(b.detach().norm(dim=-1).min().clamp_min(1e-12))
+                assert_close(a.grad, b.grad, dtype, low=None if low is None else ins["low"][i].grad,
+                             unit=unit, inv_norm=inv_norm, what=f"grad of input {i}")
     return k_out, r_out
 
 

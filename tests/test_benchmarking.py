@@ -15,13 +15,6 @@ from contrastive_ops.benchmarking import measure as M
 from contrastive_ops.benchmarking import sweep as W
 
 
-def _ref_or_skip(case, inp):
-    try:
-        return case.call("reference", inp)
-    except NotImplementedError:
-        pytest.skip(f"{case.name} is not implemented on this branch yet")
-
-
 PEER_CASES = [(name, p) for name, peers in P.PEERS.items() for p in peers]
 
 
@@ -43,7 +36,7 @@ def test_peer_adapter_computes_the_reference_loss(name, peer):
     atol, rtol = (1e-6, 1e-6) if on_cpu else peer.check_tol
     ref_in = case.make(n, 16, dtype, device, small=True)
     peer_in = C.cast_inputs(ref_in, dtype)
-    ref = _ref_or_skip(case, ref_in)
+    ref = case.call("reference", ref_in)
     got = peer.build(peer_in.kwargs)(*peer_in.args)
     torch.testing.assert_close(got.to(ref.dtype), ref, atol=atol, rtol=rtol)
     if not ref_in.differentiable:
@@ -112,7 +105,7 @@ def test_flash_sinkhorn_bridge_from_points_needs_equal_sample_norms():
 def test_compiled_reference_is_the_reference():
     case = C.CASES["info_nce"]
     inp = case.make(16, 8)
-    ref = _ref_or_skip(case, inp)
+    ref = case.call("reference", inp)
     impl = {i.name: i for i in C.implementations(case, inp, peers=False)}["torch.compile(reference)"]
     torch.testing.assert_close(impl.run(inp), ref)
 
@@ -177,7 +170,7 @@ def test_cpu_peak_memory_sees_a_transient_buffer():
 def test_memory_of_the_reference_grows_quadratically_and_a_kernel_backend_would_not_store_it():
     case = C.CASES["similarity_lse"]
     inp = case.make(64, 16)
-    _ref_or_skip(case, inp)
+    case.call("reference", inp)
     impl = C.Impl("reference", "backend", lambda i: case.call("reference", i))
     small = M.peak_memory(M.make_step(impl, case.make(256, 16)), "cpu")
     big = M.peak_memory(M.make_step(impl, case.make(512, 16)), "cpu")
@@ -191,7 +184,7 @@ def _fake_impl(name, fn):
 def test_sweep_records_oom_errors_and_slowness_and_continues(monkeypatch):
     case = C.CASES["similarity_lse"]
     inp = case.make(8, 8)
-    _ref_or_skip(case, inp)
+    case.call("reference", inp)
 
     def oom(i):
         if i.tensors()[0].shape[0] >= 64:
@@ -235,7 +228,7 @@ def test_sweep_records_oom_errors_and_slowness_and_continues(monkeypatch):
 
 def test_sweep_stops_at_the_time_budget(monkeypatch):
     case = C.CASES["similarity_lse"]
-    _ref_or_skip(case, case.make(8, 8))
+    case.call("reference", case.make(8, 8))
     cfg = W.SweepConfig(sizes=[16, 32], losses=["similarity_lse"], dim=8, budget_s=0.0, peers=False,
                         compile_reference=False, min_repeats=1, min_time=0.0, memory=False)
     doc = W.run_sweep(cfg)

@@ -28,15 +28,6 @@ def _run(*args, timeout=420):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _implemented(name: str) -> bool:
-    case = C.CASES[name]
-    try:
-        case.call("reference", case.make(4, 3, small=True))
-    except NotImplementedError:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------------------
 # End to end (subprocess)
 # ---------------------------------------------------------------------------
@@ -50,9 +41,25 @@ def test_cli_quick_end_to_end():
     assert "Timing forward+backward" in p.stdout
     for name in ("info_nce", "siglip_loss", "sinkhorn_knopp"):
         assert name in p.stdout
-        if _implemented(name):
-            # an implemented loss is timed: its table has a row per size
-            assert f"{name}: not implemented" not in p.stdout
+        assert f"{name}: not implemented" not in p.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the Triton backend runs without the interpreter")
+def test_cli_checks_triton_under_the_interpreter_on_cpu():
+    """Without TRITON_INTERPRET in the environment, the CLI still checks the Triton backend on CPU tensors."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-m", "contrastive_ops", "--quick", "--no-bench", "--no-progress",
+                        "--losses", "similarity_lse"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "triton/cpu/float32" in p.stdout, p.stdout
+    row = next(line for line in p.stdout.splitlines() if line.strip().startswith("similarity_lse"))
+    assert row.count("PASS") == 2, p.stdout  # cpu and triton
 
 
 def test_cli_bench_quick_writes_json_and_png(tmp_path):
@@ -223,9 +230,7 @@ def test_forced_mismatch_in_a_loss_exits_non_zero(monkeypatch, capsys, fake_cpu_
 
 
 def test_forced_mismatch_in_the_backend_primitive_exits_non_zero(capsys, fake_cpu_backend):
-    names = [n for n in ("info_nce", "clip_loss", "nt_xent", "similarity_lse") if _implemented(n)]
-    if not names:
-        pytest.skip("no loss on the similarity-LSE core is implemented on this branch yet")
+    names = ["info_nce", "clip_loss", "nt_xent", "similarity_lse"]
     losses = ",".join(names)
     rc, out = _check(capsys, "--losses", losses)
     assert rc == 0, out  # the dense core as a backend passes
@@ -248,15 +253,20 @@ def test_a_backend_exception_is_a_failure_with_its_message(monkeypatch, capsys, 
     assert "IndexError: kernel wrote out of bounds" in out
 
 
-def test_not_implemented_is_reported_and_fails_only_when_strict(monkeypatch, capsys, fake_cpu_backend):
-    def missing(*a, **k):
-        raise NotImplementedError("similarity_lse is not there yet")
+def test_not_implemented_error_is_a_failure(monkeypatch, capsys, fake_cpu_backend):
+    """A kernel that raises NotImplementedError fails the self-check like any other error."""
+    real = co.similarity_lse
+
+    def missing(query, key, scale, *, backend="auto", process_group=None):
+        if backends.resolve(backend, op="similarity_lse", tensors=[query, key]) != "reference":
+            raise NotImplementedError("similarity_lse is not there")
+        return real(query, key, scale, backend="reference")
 
     monkeypatch.setattr(co, "similarity_lse", missing)
     rc, out = _check(capsys, "--losses", "similarity_lse")
-    assert rc == 0 and "not implemented: similarity_lse" in out
-    rc, out = _check(capsys, "--losses", "similarity_lse", "--strict")
-    assert rc == 1
+    assert rc == 1 and "NotImplementedError: similarity_lse is not there" in out
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--strict"])
 
 
 def test_timing_table_compares_backend_with_reference(monkeypatch, capsys, fake_cpu_backend):
@@ -280,9 +290,14 @@ def test_bad_arguments_are_refused():
 
 
 def test_selfcheck_tolerances_are_the_test_suites():
-    from helpers import TOL
+    """One table and one comparison, in the library: the self-check and the tests use the same objects."""
+    import helpers
+    import loss_cases
+    from contrastive_ops import testing
 
-    assert S.TOL == TOL
+    assert S.TOL is testing.TOL and helpers.TOL is testing.TOL
+    assert S.compare is testing.compare
+    assert helpers.assert_close is testing.assert_close and loss_cases.assert_close is testing.assert_close
 
 
 def test_options_before_or_after_bench_both_count():

@@ -359,7 +359,7 @@ def test_info_nce_variants_backend_vs_reference(backend, B, D, dtype, variant):
     else:
         kw["normalize"] = False
     compare_with_reference(_fused_as_backend(_fused_info_nce, co.info_nce), (q, k, tau), backend=backend,
-                           dtype=dtype, **kw)
+                           dtype=dtype, sharpness=1 / 0.2, normalized=variant != "unnormalized", **kw)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -370,7 +370,7 @@ def test_clip_loss_backend_vs_reference(backend, B, D, dtype):
     y = F.normalize(torch.randn(B, D, device=DEVICE), dim=1).requires_grad_(True)
     s = torch.tensor(10.0, device=DEVICE, requires_grad=True)
     compare_with_reference(_fused_as_backend(_fused_clip_loss, co.clip_loss), (x, y, s), backend=backend,
-                           dtype=dtype)
+                           dtype=dtype, sharpness=10.0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -381,7 +381,7 @@ def test_nt_xent_backend_vs_reference(backend, B, D, dtype, reduction):
     a = torch.randn(B, D, device=DEVICE, requires_grad=True)
     b = torch.randn(B, D, device=DEVICE, requires_grad=True)
     compare_with_reference(_fused_as_backend(_fused_nt_xent, co.nt_xent), (a, b), backend=backend, dtype=dtype,
-                           temperature=0.1, reduction=reduction)
+                           sharpness=1 / 0.1, normalized=True, temperature=0.1, reduction=reduction)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)

@@ -2,9 +2,11 @@
 
 Logits reach ‖a‖·‖b‖/τ = 1e8.  Every function with a ``normalize`` argument,
 and clip_loss / siglip_loss / similarity_lse at a large logit scale, must give
-either a finite answer equal to the float64 reference (the library's reference
-backend on float64 copies of the inputs) or a clear error (ValueError /
-RuntimeError / OverflowError with a message) — never a silent NaN or inf.
+a finite answer equal to the float64 reference (the library's reference
+backend on float64 copies of the inputs) in fp32, and finite values in
+fp16/bf16.  No error is accepted: the library raises none on purpose for
+large logits (its argument checks concern shapes, dtypes and the sign of the
+temperature), so any exception here is a kernel failing.
 
 The fp32 comparison allows the rounding of the logits themselves: an fp32
 dot product of norm-1e3 vectors is off by about 1e-7·‖a‖·‖b‖·√D, so the
@@ -21,7 +23,6 @@ from helpers import DEVICE, backend_params
 
 NORM = 1e3
 TAU = 0.01
-CLEAR_ERRORS = (ValueError, RuntimeError, OverflowError)
 
 CASES = [pytest.param(n, dict(temperature=TAU, normalize=False, norm=NORM), id=n) for n in lc.NORMALIZING]
 CASES += [
@@ -54,21 +55,10 @@ def _max_logit(case):
     return case.sharpness * norm * norm
 
 
-def _run_or_clear_error(case, backend, dtype):
-    """The result, or None after checking that the error is a clear one."""
-    try:
-        return lc.run_case(case, backend, dtype, device=DEVICE)
-    except NotImplementedError:
-        raise
-    except CLEAR_ERRORS as e:
-        assert str(e).strip(), f"{case.name} on {backend}: {type(e).__name__} without a message"
-        return None
-
-
 def _assert_finite(res, case, backend, dtype):
     assert torch.isfinite(res.out).all(), (
         f"{case.name} on {backend} ({dtype}): silent non-finite loss {res.out} at logits up to "
-        f"{_max_logit(case):.3g} (raise a clear error instead, or compute it)")
+        f"{_max_logit(case):.3g}")
     for i, g in enumerate(res.grads):
         assert g is None or torch.isfinite(g).all(), (
             f"{case.name} on {backend} ({dtype}): silent non-finite gradient of input {i}")
@@ -78,13 +68,10 @@ def _assert_finite(res, case, backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,over", CASES)
-def test_large_logits_fp32_match_float64_or_raise(name, over, backend):
-    lc.require_implemented(name)
+def test_large_logits_fp32_match_float64(name, over, backend):
     case = _case(name, over)
     lc.require_backend(case, backend, torch.float32, DEVICE)
-    res = _run_or_clear_error(case, backend, torch.float32)
-    if res is None:
-        return
+    res = lc.run_case(case, backend, torch.float32, device=DEVICE)
     _assert_finite(res, case, backend, torch.float32)
     ref = lc.run_case(case, "reference", torch.float64, device=DEVICE, weight=res.weight)
     D = case.tensors[0].shape[-1]
@@ -106,13 +93,10 @@ def test_large_logits_fp32_match_float64_or_raise(name, over, backend):
 @pytest.mark.parametrize("dtype", lc.HALF, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,over", CASES)
-def test_large_logits_half_finite_or_raise(name, over, backend, dtype):
-    lc.require_implemented(name)
+def test_large_logits_half_finite(name, over, backend, dtype):
     case = _case(name, over)
     lc.require_backend(case, backend, dtype, DEVICE)
-    res = _run_or_clear_error(case, backend, dtype)
-    if res is None:
-        return
+    res = lc.run_case(case, backend, dtype, device=DEVICE)
     assert torch.isfinite(res.out).all(), (
         f"{name} on {backend} ({dtype}): silent non-finite loss {res.out} at logits up to {_max_logit(case):.3g}")
     # Gradients come back in the input dtype: where the exact gradient exceeds

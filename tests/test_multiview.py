@@ -311,9 +311,14 @@ def test_kernel_backends_match_reference(backend, dtype, V, mask_kind, case):
     mask = _masks(N, V, mask_kind)
     mask = None if mask is None else mask.to(DEVICE)
     fn, kw = (_mvd, {}) if case == "dhel" else (_mvi, dict(variant=case))
+    # "pairwise" sums 2(V-1) cross-entropies into each gradient entry, each rounded to the input dtype first
+    terms = 2 * (V - 1) if case == "pairwise" else 1
+    # the mean is over the instances with two views or more: each one's upstream gradient is 1/count, not 1/N
+    counted = N if mask is None else max(1, int((mask.sum(1) >= 2).sum()))
+    terms *= N / counted
     for reduction in ("mean", "none"):
         compare_with_reference(fn, [x, mask], backend=backend, dtype=dtype, temperature=0.2,
-                               reduction=reduction, **kw)
+                               sharpness=terms / 0.2, normalized=True, reduction=reduction, **kw)
 
 
 @pytest.mark.parametrize("backend", backend_params())

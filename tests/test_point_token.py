@@ -294,6 +294,7 @@ def test_kernel_backend_matches_reference(backend, dtype, mode, pairing, negativ
     f2 = torch.randn(B, G, D).requires_grad_(True)
     m1, m2 = _masks(B, G, kind)
     compare_with_reference(co.point_token_contrast, [f1, f2, m1, m2], backend=backend, dtype=dtype,
+                           sharpness=1 / 0.1 if mode == "infonce" else 1.0, normalized=True,
                            mode=mode, pairing=pairing, negatives=negatives, temperature=0.1)
 
 

@@ -3,7 +3,7 @@
 ``"sim_lse"`` is checked against ``core.sim_lse_reference`` (forward row and
 column LSEs, dq, dk, dscale) both through the launchers directly and through
 ``core.sim_lse(..., backend="triton")`` with autograd; ``"siglip"`` against
-``losses.siglip.siglip_sum_reference``.  Every kernel output is allocated full
+``primitives.siglip_pairs.siglip_pairs_reference``.  Every kernel output is allocated full
 of NaN (``POISON_OUTPUTS``), so a tile a kernel forgets to write fails.  On
 CPU these run under ``TRITON_INTERPRET=1`` (tests/conftest.py).
 """

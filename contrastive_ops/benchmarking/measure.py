@@ -196,10 +196,8 @@ def free_memory(device) -> None:
 
 
 def unrunnable(exc: BaseException, device) -> "str | None":
-    """Why ``exc`` means a benchmark point cannot run here (not implemented, out of memory), or None
+    """Why ``exc`` means a benchmark point cannot run here (out of memory), or None
     when it is a real failure to report.  Frees cached memory after an out-of-memory."""
-    if isinstance(exc, NotImplementedError):
-        return f"not implemented: {exc}"
     if is_oom(exc):
         free_memory(device)
         return "out of memory"

@@ -1,6 +1,6 @@
 r"""Triton kernels of the SigLIP pair sum (primitive ``"siglip"``).
 
-Maths (dense version: ``contrastive_ops.losses.siglip.siglip_sum_reference``)::
+Maths (dense version: ``contrastive_ops.primitives.siglip_pairs.siglip_pairs_reference``)::
 
     l_ij = scale · x_i·y_j + bias          z_ij = +1 if i == j else −1
     L    = Σ_ij softplus(−z_ij · l_ij)     (= −Σ_ij log σ(z_ij · l_ij))
