@@ -22,6 +22,15 @@ inline void check_sinkhorn_scores(const at::Tensor& scores, double epsilon, cons
   TORCH_CHECK(epsilon > 0 && std::isfinite(epsilon), op, ": epsilon must be a finite float > 0, got ", epsilon);
 }
 
+// The column potentials v of a (B, K) problem as the kernels read them: (K,), contiguous, in the
+// accumulation dtype on the scores' device; undefined when absent (col_lse without v).
+inline at::Tensor sinkhorn_potentials(const c10::optional<at::Tensor>& v_in, const at::Tensor& scores, int64_t K,
+                                      at::ScalarType acc, const char* op) {
+  if (!v_in.has_value() || !v_in->defined()) return at::Tensor();
+  TORCH_CHECK(v_in->dim() == 1 && v_in->size(0) == K, op, ": v must have shape (", K, ",), got ", v_in->sizes());
+  return v_in->to(scores.device(), acc).contiguous();
+}
+
 // col_lse(v) -> (K,) LSE_b(L[b,k] + u[b]) (u from v, 0 without v); codes(v, normalize) -> (B, K).
 // `iterations` fused passes, then one pass writing the codes; for 0 iterations B·exp(L − LSE_{b,k} L).
 template <class ColLse, class Codes>

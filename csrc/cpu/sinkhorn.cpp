@@ -276,12 +276,7 @@ at::Tensor sinkhorn_col_lse(const at::Tensor& scores_in, double epsilon, const c
   const at::Tensor scores = scores_in.contiguous();
   const int64_t B = scores.size(0), K = scores.size(1);
   const auto acc = acc_dtype(scores.scalar_type());
-  at::Tensor v;
-  if (v_in.has_value() && v_in->defined()) {
-    TORCH_CHECK(v_in->dim() == 1 && v_in->size(0) == K, "sinkhorn_col_lse: v must have shape (", K,
-                ",), got ", v_in->sizes());
-    v = v_in->to(scores.device(), acc).contiguous();
-  }
+  const at::Tensor v = sinkhorn_potentials(v_in, scores, K, acc, "sinkhorn_col_lse");
   const RowChunks chunks(B);
   const int64_t n_chunks = chunks.P;
   at::Tensor pm = at::empty({n_chunks, K}, scores.options().dtype(acc));
