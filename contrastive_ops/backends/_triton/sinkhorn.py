@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import wrap
+
 Tensor = torch.Tensor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -193,7 +195,7 @@ def _sinkhorn_col_lse_op(scores: Tensor, epsilon: float, v: Optional[Tensor]) ->
     if has_u:
         BLOCK_B, BLOCK_K, num_warps = _blocks(K)
         u = torch.empty((B,), dtype=torch.float32, device=scores.device)
-        torch.library.wrap_triton(_sinkhorn_row_lse_kernel)[(triton.cdiv(B, BLOCK_B),)](
+        wrap(_sinkhorn_row_lse_kernel)[(triton.cdiv(B, BLOCK_B),)](
             scores, _v32(v, K), u, B, K, scores.stride(0), inv_eps,
             BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, num_warps=num_warps,
         )
@@ -202,7 +204,7 @@ def _sinkhorn_col_lse_op(scores: Tensor, epsilon: float, v: Optional[Tensor]) ->
     G = _n_row_splits(n_rb, n_kb, scores.device)
     pm = torch.empty((G, K), dtype=torch.float32, device=scores.device)  # every entry written once
     ps = torch.empty((G, K), dtype=torch.float32, device=scores.device)
-    torch.library.wrap_triton(_sinkhorn_col_lse_kernel)[(n_kb, G)](
+    wrap(_sinkhorn_col_lse_kernel)[(n_kb, G)](
         scores, u if has_u else pm, pm, ps, B, K, scores.stride(0), inv_eps, n_rb,
         HAS_U=has_u, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, num_warps=num_warps,
     )
@@ -220,7 +222,7 @@ def _codes_launch(scores: Tensor, epsilon: float, v: Tensor, normalize: bool, ou
     if B == 0 or K == 0:
         return
     BLOCK_B, BLOCK_K, num_warps = _blocks(K)
-    torch.library.wrap_triton(_sinkhorn_codes_kernel)[(triton.cdiv(B, BLOCK_B),)](
+    wrap(_sinkhorn_codes_kernel)[(triton.cdiv(B, BLOCK_B),)](
         scores, _v32(v, K), out, B, K, scores.stride(0), 1.0 / epsilon,
         NORMALIZE=bool(normalize), BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, num_warps=num_warps,
     )

@@ -14,12 +14,13 @@ sums are added by ``torch.sum`` (deterministic).
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .tiles import wrap
 
 Tensor = torch.Tensor
 
@@ -83,23 +84,6 @@ def _swav_ce_bwd_kernel(X, T, Scale, LSE, Grad, DX, Part, K, stride_x, stride_t,
     tl.store(Part + row, g * (tb * tl.sum(px_sum, axis=0) - tl.sum(tx_sum, axis=0)))
 
 
-def _wrap(kernel):
-    """``wrap_triton(kernel)``, or under the interpreter, where torch < 2.13 refuses it, the kernel itself.
-
-    ``TRITON_INTERPRET=1`` makes ``@triton.jit`` return an interpreted
-    function, which torch 2.11's ``wrap_triton`` rejects (it accepts only
-    ``JITFunction`` / ``Autotuner``).  The interpreter runs on CPU tensors,
-    where nothing traces a Triton kernel (``torch.compile`` of the Triton
-    backend is a GPU matter), so a direct launch is the same call.
-    """
-    try:
-        return torch.library.wrap_triton(kernel)
-    except RuntimeError:
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return kernel
-        raise
-
-
 def _block_k(K: int) -> int:
     return min(triton.next_power_of_2(max(K, 1)), 1024)
 
@@ -110,7 +94,7 @@ def _swav_ce_fwd_op(x: Tensor, t: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor
     part = torch.empty((B,), dtype=torch.float32, device=x.device)
     lse = torch.empty((B,), dtype=torch.float32, device=x.device)
     if B > 0:
-        _wrap(_swav_ce_fwd_kernel)[(B,)](
+        wrap(_swav_ce_fwd_kernel)[(B,)](
             x, t, scale, part, lse, K, x.stride(0), t.stride(0), BLOCK_K=_block_k(K))
     return part.sum(), lse
 
@@ -126,7 +110,7 @@ def _swav_ce_bwd_op(x: Tensor, t: Tensor, scale: Tensor, lse: Tensor, grad: Tens
     dx = torch.empty_like(x)
     part = torch.empty((B,), dtype=torch.float32, device=x.device)
     if B > 0:
-        _wrap(_swav_ce_bwd_kernel)[(B,)](
+        wrap(_swav_ce_bwd_kernel)[(B,)](
             x, t, scale, lse, grad, dx, part, K, x.stride(0), t.stride(0), dx.stride(0), BLOCK_K=_block_k(K))
     return dx, part.sum()
 

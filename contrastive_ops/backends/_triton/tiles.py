@@ -57,10 +57,27 @@ def empty(shape, dtype, device, poison: bool = False) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def wrap(kernel):
+    """``wrap_triton(kernel)``, or under the interpreter, where torch < 2.13 refuses it, the kernel itself.
+
+    ``TRITON_INTERPRET=1`` makes ``@triton.jit`` return an interpreted
+    function, which torch 2.11's ``wrap_triton`` rejects (it accepts only
+    ``JITFunction`` / ``Autotuner``).  The interpreter runs on CPU tensors,
+    where nothing traces a Triton kernel (``torch.compile`` of the Triton
+    backend is a GPU matter), so a direct launch is the same call.
+    """
+    try:
+        return torch.library.wrap_triton(kernel)
+    except RuntimeError:
+        if interpreting():
+            return kernel
+        raise
+
+
 def launch(name: str, kernel, grid):
-    """``wrap_triton(kernel)[grid]``, counted in ``LAUNCHES``."""
+    """``wrap(kernel)[grid]``, counted in ``LAUNCHES``."""
     LAUNCHES[name] += 1
-    return torch.library.wrap_triton(kernel)[grid]
+    return wrap(kernel)[grid]
 
 
 def dot_flags(dtype: torch.dtype) -> dict:
