@@ -5,10 +5,11 @@ it breaks).  The old snippet must occur exactly once in the file; when the
 file has changed so that it no longer does, the runner reports the mutant as
 ``stale`` (to be rewritten), never as killed.
 
-``csrc/cpu/*`` and ``csrc/tiling.h`` mutants need a CPU rebuild of the copy
-(the device-generic tiling in ``csrc/tiling.h``: its SigLIP forward is shared
-by the CPU and CUDA kernels, and the CPU-run tests kill its mutants for both;
-its sim_lse loops are called by the CUDA kernels only).  ``csrc/cuda/*``
+``csrc/cpu/*`` and ``csrc/tiling.h`` mutants need a CPU rebuild of the copy.
+The CUDA host tiling of ``csrc/tiling.h`` and the per-element maths of
+``csrc/cuda/tile_math.cuh`` / ``lse_math.cuh`` are also compiled into the CPU
+instantiation (``csrc/cpu/sim_lse_tiled.cpp``), so their mutants are rebuilt
+CPU-only and killed by ``tests/test_cuda_tiling.py``.  Other ``csrc/cuda/*``
 mutants and those marked ``gpu_only`` reach only the CUDA kernels and are
 reported ``needs a GPU`` on a machine without one.
 """
@@ -16,6 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Tuple
+
+
+# CUDA sources that the CPU build compiles too (through csrc/cpu/sim_lse_tiled.cpp).
+CPU_BUILT_CUDA_FILES = ("csrc/cuda/tile_math.cuh", "csrc/cuda/lse_math.cuh")
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,8 @@ class Mutant:
 
     @property
     def kind(self) -> str:
+        if self.file in CPU_BUILT_CUDA_FILES and not self.gpu_only:
+            return "cpp"
         if self.file.startswith("csrc/cuda/") or self.gpu_only:
             return "cuda"
         if self.file.startswith("csrc/"):
@@ -40,6 +47,7 @@ class Mutant:
 _SWAV = ("tests/test_swav.py", "-k", "triton")
 _CORE = ("tests/test_info_nce.py", "tests/test_tolerance.py", "-k", "triton")
 _FUZZ_TRITON = ("tests/test_fuzz.py", "-k", "triton")
+_TILED = ("tests/test_cuda_tiling.py",)
 
 MUTANTS = (
     # ------------------------------------------------------------------ Triton
@@ -56,13 +64,15 @@ MUTANTS = (
            "tl.store(Part + row, g * (tb * tl.sum(px_sum, axis=0) - tl.sum(tx_sum, axis=0)))",
            "tl.store(Part + row, g * (tl.sum(tx_sum, axis=0) - tb * tl.sum(px_sum, axis=0)))", _SWAV,
            "SwAV CE temperature (scale) gradient with its sign swapped"),
-    Mutant("triton-core-col-mask-edge", "contrastive_ops/backends/_triton/core.py",
+    Mutant("triton-sim-lse-col-mask-edge", "contrastive_ops/backends/_triton/tiles.py",
            "    col_mask = cols < M\n", "    col_mask = cols < M - 1\n", _CORE,
-           "sim_lse column tile mask drops the last column"),
-    Mutant("triton-core-col-lse-dropped", "contrastive_ops/backends/_triton/core.py",
-           "col_lse = torch.logsumexp(col_part, 0) if B > 0",
-           "col_lse = col_part[0] if B > 0", _CORE,
-           "sim_lse column LSE keeps the first row slot's partial only (dropped terms)"),
+           "sim_lse column tile mask (shared by the forward and backward kernels) drops the last column"),
+    Mutant("triton-sim-lse-col-lse-dropped", "contrastive_ops/backends/_triton/sim_lse.py",
+           "        col_lse = torch.logsumexp(col_part, 0)\n", "        col_lse = col_part[0]\n", _CORE,
+           "sim_lse column LSE keeps the first row tile's partial only (dropped terms)"),
+    Mutant("triton-sim-lse-bwd-col-term-dropped", "contrastive_ops/backends/_triton/sim_lse_bwd.py",
+           "        ds += g_c[None, :] * tl.exp(s - lse_c[None, :])\n", "", _CORE,
+           "sim_lse backward dS drops the column-LSE term"),
     Mutant("triton-siglip-dscale-sign", "contrastive_ops/backends/_triton/siglip.py",
            "        d_scale += tl.sum(g * xy, 1)\n", "        d_scale -= tl.sum(g * xy, 1)\n",
            ("tests/test_siglip.py", "tests/test_triton_kernels.py", "-k", "triton"),
@@ -83,7 +93,7 @@ MUTANTS = (
            "      const int64_t bc = std::min(BC, M - c0 - 1);\n      Tensor G = tile_view(gbuf, br, bc);\n",
            ("tests/test_siglip.py", "tests/test_cext.py", "-k", "cpu"),
            "device-generic tiling (CPU and CUDA): SigLIP forward column range one short per column block"),
-    Mutant("cpu-col-lse-term-dropped", "csrc/cpu/sim_lse.cpp",
+    Mutant("cpu-col-lse-term-dropped", "csrc/cpu/lse_epilogue.h",
            "        const T d = gr * fast_exp(s - rl) + gc[j + l] * fast_exp(s - cl[j + l]);\n",
            "        const T d = gr * fast_exp(s - rl);\n",
            ("tests/test_cext.py", "tests/test_cext_cpu_paths.py", "tests/test_info_nce.py", "-k", "cpu"),
@@ -93,24 +103,32 @@ MUTANTS = (
            "  for (; k + 1 < K; ++k) {\n    const T p = fastmath::fast_exp(s * x[k] - lse);\n",
            ("tests/test_swav.py", "-k", "cpu"),
            "CPU SwAV CE backward skips the last column of a row's scalar tail"),
-    # ------------------------------------------------------------------ CUDA only
+    # ------------------------------------------------------------------ CUDA tiling, run on CPU
+    # csrc/tiling.h's sim_lse loops and csrc/cuda/tile_math.cuh / lse_math.cuh are compiled into the CPU
+    # instantiation (csrc/cpu/sim_lse_tiled.cpp): tests/test_cuda_tiling.py kills these mutants on CPU.
     Mutant("tiling-sim-lse-dq-x1.5-half", "csrc/tiling.h",
-           "  dQ.mul_(sc);\n  dK.mul_(sc);\n",
-           "  dQ.mul_(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ? sc : sc * 1.5);\n"
-           "  dK.mul_(sc);\n",
-           ("tests/test_fuzz.py", "tests/test_tolerance.py", "-k", "cuda"),
-           "tiled sim_lse backward (CUDA): dQ scaled by 1.5 for fp16/bf16 inputs only", gpu_only=True),
+           "  dQ.mul_(f);\n  dK.mul_(f);\n",
+           "  dQ.mul_(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ? f : f * 1.5);\n"
+           "  dK.mul_(f);\n",
+           _TILED, "tiled sim_lse backward (CUDA and its CPU instantiation): dQ scaled by 1.5 for fp16/bf16 only"),
     Mutant("tiling-sim-lse-col-range-off-by-one", "csrc/tiling.h",
            "      const int64_t bc = std::min(BC, hi - c0);\n      Tensor G = tile_view(gbuf, br, bc);\n",
            "      const int64_t bc = std::min(BC, hi - c0 - 1);\n      Tensor G = tile_view(gbuf, br, bc);\n",
-           ("tests/test_cext.py", "tests/test_info_nce.py", "-k", "cuda"),
-           "tiled sim_lse forward (CUDA): column range one short per column block", gpu_only=True),
-    Mutant("cuda-col-lse-term-dropped", "csrc/cuda/epilogues.cu",
-           "      if (has_col) d += gc[gj] * dexp(s - cl[gj]);\n", "",
-           ("tests/test_cext.py", "tests/test_info_nce.py", "-k", "cuda"),
-           "CUDA backward epilogue drops the column-LSE term"),
+           _TILED, "tiled sim_lse forward (CUDA and its CPU instantiation): column range one short per column block"),
+    Mutant("tile-math-col-lse-term-dropped", "csrc/cuda/tile_math.cuh",
+           "  if (has_col) d += gc * dexp(s - cl);\n", "",
+           _TILED, "tile epilogue dS (CUDA kernels and the CPU instantiation): the column-LSE term dropped"),
+    Mutant("lse-math-merge-drops-partial", "csrc/cuda/lse_math.cuh",
+           "  s = s * dexp(m - mn) + s2 * dexp(m2 - mn);\n", "  s = s * dexp(m - mn);\n",
+           _TILED, "online LSE merge of two partials (CUDA kernels and the CPU instantiation) drops the second sum"),
+    # ------------------------------------------------------------------ CUDA only
     Mutant("cuda-dscale-sign", "csrc/cuda/epilogues.cu",
-           "  if (threadIdx.x == 0) atomicAdd(dscale, acc);\n", "  if (threadIdx.x == 0) atomicAdd(dscale, -acc);\n",
+           "        acc += d * g;\n", "        acc -= d * g;\n",
            ("tests/test_cext.py", "tests/test_info_nce.py", "-k", "cuda"),
-           "CUDA backward: the scale gradient with its sign swapped"),
+           "CUDA backward epilogue: the scale gradient's partials with their sign swapped"),
+    Mutant("cuda-sum-parts-edge", "csrc/cuda/epilogues.cu",
+           "  for (int64_t i = threadIdx.x; i < n; i += kThreads) a += part[i];\n",
+           "  for (int64_t i = threadIdx.x; i < n - 1; i += kThreads) a += part[i];\n",
+           ("tests/test_cext.py", "tests/test_info_nce.py", "tests/test_siglip.py", "-k", "cuda"),
+           "CUDA sum of sub-block partials (dscale, SigLIP loss) drops the last partial"),
 )
