@@ -18,43 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 
 import torch
 
 import contrastive_ops as co
+from contrastive_ops.benchmarking.measure import peak_memory, time_step
 
 PEAK_BF16 = 989.5e12
 
 
 def _time(fn, warmup=2, reps=10, max_s=3.0):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    t_end = time.perf_counter() + max_s
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-        if time.perf_counter() > t_end and len(times) >= 3:
-            break
-    times.sort()
-    return times[len(times) // 2]
-
-
-def _peak(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    """Median seconds per call (CUDA events, after warm-up): the library's timing loop."""
+    return time_step(fn, "cuda", warmup=warmup, min_repeats=min(3, reps), max_repeats=reps,
+                     min_time=max_s, max_time=max_s).median
 
 
 def _gemm_rate(n=8192):
@@ -173,7 +151,7 @@ def main(argv=None):
                             ref_val = val
                         row["loss_value"] = val
                         row["time_s"] = _time(step)
-                        row["peak_bytes"] = _peak(step)
+                        row["peak_bytes"] = peak_memory(step, "cuda")
                         row["model_tflops"] = model_flops / row["time_s"] / 1e12
                         row["frac_peak"] = model_flops / row["time_s"] / PEAK_BF16
                         row["frac_cublas"] = model_flops / row["time_s"] / rate
