@@ -132,7 +132,7 @@ def max_do(dtype: torch.dtype) -> int:
     """
     if interpreting():
         return 64
-    return 128 if dtype == torch.float32 else 512
+    return gpu_max_do("fp32" if dtype == torch.float32 else "bf16")
 
 
 GRAM_MAX_DO = 256  # the Gram backward's three accumulating loops spill beyond 64 × 256 (17 KB at 64 × 512)
@@ -535,9 +535,14 @@ def gpu_chunk_d(D: int, dtype_name: str = "bf16") -> int:
     return p2 if p2 <= 128 else 64
 
 
+def gpu_max_do(dtype_name: str) -> int:
+    """``max_do`` as on the GPU."""
+    return 128 if dtype_name == "fp32" else 512
+
+
 def gpu_block_do(D: int, dtype_name: str, gram: bool = False) -> int:
     """``block_do`` as on the GPU."""
-    cap = 128 if dtype_name == "fp32" else 512
+    cap = gpu_max_do(dtype_name)
     if gram:
         cap = min(cap, GRAM_MAX_DO)
     return _chunk_width(D, cap)
