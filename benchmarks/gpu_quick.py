@@ -7,7 +7,8 @@ For each (loss, B, D) in bf16: the median time of one forward + backward
 memory, and the "GEMM floor": cuBLAS time of the products plain PyTorch does
 for the same step (S = Q·Kᵀ, dS·K, dSᵀ·Q; for a Gram loss Z·Zᵀ and dS·Z).
 Model FLOPs count those products (6·B·M·D for two-tensor losses, 4·B²·D for
-Gram losses, whose backward is one product); the fraction of peak is model
+Gram losses, whose backward is one product; ``mv_infonce`` is a Gram loss
+over B rows, B/4 instances of 4 views); the fraction of peak is model
 FLOP/s over the dense bf16 peak (989.5 TFLOP/s, H100/H200 SXM datasheet) and
 over the measured cuBLAS rate.  Values are checked against the reference once
 per point (relative error of the loss).  ``--peers`` adds the other libraries'
@@ -29,8 +30,12 @@ from contrastive_ops.benchmarking.measure import peak_memory, time_step
 PEAK_BF16 = 989.5e12
 
 
-def _time(fn, warmup=2, reps=10, max_s=3.0):
+TIME_PER_POINT = 1.0  # seconds of timed calls per measurement (--time-per-point)
+
+
+def _time(fn, warmup=2, reps=10, max_s=None):
     """Median seconds per call (CUDA events, after warm-up): the library's timing loop."""
+    max_s = TIME_PER_POINT if max_s is None else max_s
     return time_step(fn, "cuda", warmup=warmup, min_repeats=min(3, reps), max_repeats=reps,
                      min_time=max_s, max_time=max_s).median
 
@@ -53,13 +58,15 @@ def _cases(B, D, dtype):
     scale = torch.tensor(1 / 0.07, device="cuda", requires_grad=True)
     z1, z2 = feat(B), feat(B)
     bias = torch.tensor(-10.0, device="cuda", requires_grad=True)
+    mv = feat(B).detach().view(B // 4, 4, D).requires_grad_(True)  # B rows in all: B/4 instances, 4 views
     return {
-        # loss name: (callable(backend), leaves, gram?, M)
+        # loss name: (callable(backend), leaves, gram?, M): a Gram loss has M rows and columns
         "clip_loss": (lambda be: co.clip_loss(img, txt, scale, backend=be), [img, txt, scale], False, B),
         "info_nce": (lambda be: co.info_nce(img, txt, 0.07, backend=be), [img, txt], False, B),
         "siglip_loss": (lambda be: co.siglip_loss(img, txt, scale, bias, backend=be), [img, txt, scale, bias],
                         False, B),
         "nt_xent": (lambda be: co.nt_xent(z1, z2, 0.5, backend=be), [z1, z2], True, 2 * B),
+        "mv_infonce": (lambda be: co.mv_infonce(mv, 0.1, backend=be), [mv], True, B),
     }
 
 
@@ -71,7 +78,7 @@ def _peer_runners(loss, cases, B):
 
     _, leaves, _, _ = cases[loss]
     args = {"clip_loss": lambda: leaves[:3], "siglip_loss": lambda: leaves[:4],
-            "info_nce": lambda: leaves[:2], "nt_xent": lambda: leaves[:2]}[loss]()
+            "info_nce": lambda: leaves[:2], "nt_xent": lambda: leaves[:2], "mv_infonce": lambda: leaves}[loss]()
     kw = {"temperature": 0.07 if loss == "info_nce" else 0.5}
     out = []
     for peer in PEERS.get(loss, ()):
@@ -114,7 +121,10 @@ def main(argv=None):
     p.add_argument("--peers", action="store_true", help="also time the peers of each loss that import here")
     p.add_argument("--json", default=None)
     p.add_argument("--budget", type=float, default=240.0, help="seconds; no new point starts after it")
+    p.add_argument("--time-per-point", type=float, default=TIME_PER_POINT,
+                   help="seconds of timed calls per measurement (after warm-up)")
     a = p.parse_args(argv)
+    globals()["TIME_PER_POINT"] = a.time_per_point
     dtype = getattr(torch, a.dtype)
     t0 = time.perf_counter()
     rate = _gemm_rate()
@@ -129,7 +139,7 @@ def main(argv=None):
             cases = _cases(B, D, dtype)
             for loss in a.losses.split(","):
                 fn, leaves, gram, M = cases[loss]
-                floor_t, model_flops = _gemm_floor(B if not gram else 2 * B, M, D, gram, dtype)
+                floor_t, model_flops = _gemm_floor(M if gram else B, M, D, gram, dtype)
                 ref_val = None
                 runners = [(be, (lambda be=be: fn(be))) for be in backends]
                 if a.peers:
@@ -151,6 +161,9 @@ def main(argv=None):
                             ref_val = val
                         row["loss_value"] = val
                         row["time_s"] = _time(step)
+                        if not be.startswith("peer:"):  # where the time goes: the forward alone
+                            with torch.no_grad():
+                                row["fwd_time_s"] = _time(run, reps=5, max_s=TIME_PER_POINT / 2)
                         row["peak_bytes"] = peak_memory(step, "cuda")
                         row["model_tflops"] = model_flops / row["time_s"] / 1e12
                         row["frac_peak"] = model_flops / row["time_s"] / PEAK_BF16
@@ -168,7 +181,8 @@ def main(argv=None):
                     msg = (f"{loss:12s} B={B:6d} D={D:5d} {be:9s} " +
                            (f"{row['time_s'] * 1e3:9.2f} ms  {row['model_tflops']:6.0f} TFLOP/s "
                             f"{100 * row['frac_peak']:5.1f}% peak  {row['x_gemm_floor']:5.2f}x GEMM floor  "
-                            f"mem {row['peak_bytes'] / 2**20:8.0f} MiB  loss {row['loss_value']:.6g}"
+                            f"mem {row['peak_bytes'] / 2**20:8.0f} MiB  loss {row['loss_value']:.6g}" +
+                            (f"  fwd {row['fwd_time_s'] * 1e3:.2f} ms" if "fwd_time_s" in row else "")
                             if row["status"] == "ok" else f"{row['status']}: {row.get('error', '')}"))
                     print(msg, flush=True)
                 for r in rows:

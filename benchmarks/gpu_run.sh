@@ -35,10 +35,12 @@
 #   SWEEP_SIZES       comma-separated batch sizes                 (default 1024,4096,16384,65536)
 #   SWEEP_ARGS        extra arguments of "bench"                  (default: none)
 #   PYTEST_ARGS       extra arguments of step 2                   (default: none)
-#   STEPS             comma-separated steps to run, in this order: build,tests-priority,tests,
-#                     memcheck,racecheck,quick,selfcheck,mvbench,sweep (default: all)
+#   STEPS             comma-separated steps, run in the order given, from build,tests-priority,
+#                     tests,memcheck,racecheck,quick,selfcheck,mvbench,sweep (default: all, in that
+#                     order)
 #   QUICK_ARGS        extra arguments of benchmarks/gpu_quick.py (step quick)
 #   QUICK_TIMEOUT     step quick                                  (default 150)
+#   QUICK_TUNE=1      autotune in step quick (default: each kernel's default config)
 #   PYTEST_WORKERS    pytest-xdist workers of the test steps      (default: nproc, none without xdist)
 #   SKIP_BUILD=1      use the extension already built in place
 #   RESULTS_DIR       output directory                            (default benchmarks/results/<device>-<date>)
@@ -124,7 +126,6 @@ if [ -d "$ROOT/.whl" ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
 fi
 
 STEPS=${STEPS:-build,tests-priority,tests,memcheck,racecheck,quick,selfcheck,mvbench,sweep}
-want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 # Test, sanitizer and self-check steps compile one Triton config per kernel (autotuning over the
 # full lists would spend the run in the compiler); a fresh cache counts what each step compiled.
@@ -140,79 +141,87 @@ if [ "$WORKERS" != "0" ] && $PY -c "import xdist" 2>/dev/null; then XDIST=(-n "$
 HAS_TIMEOUT=()
 $PY -c "import pytest_timeout" 2>/dev/null && HAS_TIMEOUT=(--timeout 120)
 
-if want build && [ "${SKIP_BUILD:-0}" != "1" ]; then
-    step build "${BUILD_TIMEOUT:-180}" $PY -m pip install --no-build-isolation --no-deps -v -e .
-fi
-$PY -c "import contrastive_ops as co; print('backends:', co.available_backends())" 2>&1 | tee -a "$SUMMARY"
+do_build() {
+    [ "${SKIP_BUILD:-0}" = "1" ] || step build "${BUILD_TIMEOUT:-180}" $PY -m pip install --no-build-isolation --no-deps -v -e .
+    $PY -c "import contrastive_ops as co; print('backends:', co.available_backends())" 2>&1 | tee -a "$SUMMARY"
+}
 
 # Priority tests first: large logits, run-to-run determinism, the extension's ops, a case larger than
 # one CUDA tile, the Triton kernels.  Then the rest of the suite (not slow).
 PRIORITY=(tests/test_large_values.py tests/test_determinism.py tests/test_cext.py tests/test_triton_kernels.py)
 for f in tests/test_cuda_tiling.py tests/test_triton_minwork.py; do [ -f "$f" ] && PRIORITY+=("$f"); done
-if want tests-priority; then
+do_tests_priority() {
     # shellcheck disable=SC2086
     step tests-priority "${PRIORITY_TIMEOUT:-150}" "${ONE_CONFIG[@]}" $PY -m pytest -q -p no:cacheprovider -rfE \
         "${XDIST[@]}" "${HAS_TIMEOUT[@]}" --junitxml "$RES/junit-priority.xml" "${PRIORITY[@]}" ${PYTEST_ARGS:-}
     note_compiles
-fi
-if want tests; then
-    DESELECT=()
+}
+do_tests() {
+    local DESELECT=()
     for f in "${PRIORITY[@]}"; do DESELECT+=(--ignore "$f"); done
     # shellcheck disable=SC2086
     step tests "${TEST_TIMEOUT:-240}" "${ONE_CONFIG[@]}" $PY -m pytest -q -p no:cacheprovider -rfE -m "not slow" \
         "${XDIST[@]}" "${HAS_TIMEOUT[@]}" --junitxml "$RES/junit-tests.xml" tests "${DESELECT[@]}" ${PYTEST_ARGS:-}
     note_compiles
-fi
+}
 
 # One loss per kernel primitive: sim_lse, siglip, sinkhorn.
 SAN_LOSSES=${SANITIZER_LOSSES:-info_nce,siglip_loss,sinkhorn_knopp}
-if command -v compute-sanitizer >/dev/null 2>&1; then
-    # The caching allocator hides out-of-bounds accesses inside its pooled blocks: turn it off.
-    for tool in memcheck racecheck; do
-        want "$tool" || continue
-        step "sanitizer-$tool" "${SANITIZER_TIMEOUT:-45}" "${ONE_CONFIG[@]}" PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+# The caching allocator hides out-of-bounds accesses inside its pooled blocks: turn it off.
+do_sanitizer() {
+    local tool=$1
+    if ! command -v compute-sanitizer >/dev/null 2>&1; then
+        echo "sanitizer-$tool: SKIPPED (compute-sanitizer not found)" | tee -a "$SUMMARY"
+        return
+    fi
+    step "sanitizer-$tool" "${SANITIZER_TIMEOUT:-45}" "${ONE_CONFIG[@]}" PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
             compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
             $PY -m contrastive_ops --quick --no-bench --no-progress --backends cuda,triton --dtype float32 \
             --losses "$SAN_LOSSES"
-    done
-    if want memcheck && [ -n "${SANITIZER_PYTEST:-}" ]; then
+    if [ "$tool" = memcheck ] && [ -n "${SANITIZER_PYTEST:-}" ]; then
         # shellcheck disable=SC2086
         step sanitizer-memcheck-pytest "${SANITIZER_TIMEOUT:-45}" "${ONE_CONFIG[@]}" PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
             compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
             $PY -m pytest -q -x -p no:cacheprovider $SANITIZER_PYTEST
     fi
-else
-    echo "sanitizers: SKIPPED (compute-sanitizer not found)" | tee -a "$SUMMARY"
-fi
+}
 
-if want quick; then
+do_quick() {
+    # The default config of each kernel unless QUICK_TUNE=1: autotuning compiles every config in turn
+    # (seconds each), which a short run cannot afford at four losses and two widths.
+    local cfg=("${ONE_CONFIG[@]}")
+    [ "${QUICK_TUNE:-0}" = "1" ] && cfg=()
     # shellcheck disable=SC2086
-    step quick "${QUICK_TIMEOUT:-150}" $PY benchmarks/gpu_quick.py --json "$RES/quick.json" \
+    step quick "${QUICK_TIMEOUT:-150}" "${cfg[@]}" $PY benchmarks/gpu_quick.py --json "$RES/quick.json" \
         --budget $(( ${QUICK_TIMEOUT:-150} - 30 )) ${QUICK_ARGS:-}
     cat "$RES/quick.log" >> "$SUMMARY"
-fi
+}
 
-want selfcheck && step selfcheck "${CHECK_TIMEOUT:-45}" "${ONE_CONFIG[@]}" $PY -m contrastive_ops --no-bench --no-progress -v
+do_selfcheck() {
+    step selfcheck "${CHECK_TIMEOUT:-45}" "${ONE_CONFIG[@]}" $PY -m contrastive_ops --no-bench --no-progress -v
+}
 
 # Multi-view benchmark (its default CUDA grid, see the file's docstring), before the sweep.  Its limit is
 # the smaller of MV_BENCH_TIMEOUT and what the deadline leaves after the sweep's least (a 10s budget plus
 # its 60s margin), so that the sweep still runs; with under 30s left it is skipped (not a failure).  The
 # benchmark starts no case in the last 30s of its limit, so that pytest ends and writes the JSON.
-MVT=${MV_BENCH_TIMEOUT:-120}
-MVL=$(( $(remaining) - 70 ))
-[ "$MVT" -lt "$MVL" ] && MVL=$MVT
-if ! want mvbench || [ "$MVT" -le 0 ]; then
-    echo "multiview-bench: SKIPPED (not in STEPS, or MV_BENCH_TIMEOUT=0)" | tee -a "$SUMMARY"
-elif [ "$MVL" -lt 30 ]; then
-    echo "multiview-bench: SKIPPED (the run deadline leaves ${MVL}s before the sweep)" | tee -a "$SUMMARY"
-else
-    # shellcheck disable=SC2086
-    step multiview-bench "$MVL" env CONTRASTIVE_OPS_BENCH_DEADLINE_S=$(( MVL - 30 )) \
-        $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_multiview.py --benchmark-only \
-        --benchmark-json "$RES/multiview.json" ${MV_BENCH_ARGS:-}
-fi
+do_mvbench() {
+    local MVT=${MV_BENCH_TIMEOUT:-120}
+    local MVL=$(( $(remaining) - 70 ))
+    [ "$MVT" -lt "$MVL" ] && MVL=$MVT
+    if [ "$MVT" -le 0 ]; then
+        echo "multiview-bench: SKIPPED (MV_BENCH_TIMEOUT=0)" | tee -a "$SUMMARY"
+    elif [ "$MVL" -lt 30 ]; then
+        echo "multiview-bench: SKIPPED (the run deadline leaves ${MVL}s before the sweep)" | tee -a "$SUMMARY"
+    else
+        # shellcheck disable=SC2086
+        step multiview-bench "$MVL" env CONTRASTIVE_OPS_BENCH_DEADLINE_S=$(( MVL - 30 )) \
+            $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_multiview.py --benchmark-only \
+            --benchmark-json "$RES/multiview.json" ${MV_BENCH_ARGS:-}
+    fi
+}
 
-if want sweep; then
+do_sweep() {
     # The sweep's budget: what is asked, at most what the deadline leaves after a margin for the
     # first calls of the last points and the charts.
     MARGIN=60
@@ -223,7 +232,22 @@ if want sweep; then
     SWEEP=(bench --out "$RES/bench" --no-progress --budget "$SB" --sizes "${SWEEP_SIZES:-1024,4096,16384,65536}")
     # shellcheck disable=SC2086
     step sweep $(( SB + MARGIN )) $PY -m contrastive_ops "${SWEEP[@]}" ${SWEEP_ARGS:-}
-fi
+}
+
+# The steps, in the order STEPS names them.
+for s in ${STEPS//,/ }; do
+    case $s in
+        build) do_build ;;
+        tests-priority) do_tests_priority ;;
+        tests) do_tests ;;
+        memcheck|racecheck) do_sanitizer "$s" ;;
+        quick) do_quick ;;
+        selfcheck) do_selfcheck ;;
+        mvbench) do_mvbench ;;
+        sweep) do_sweep ;;
+        *) echo "unknown step: $s" | tee -a "$SUMMARY"; FAILED=1 ;;
+    esac
+done
 
 echo "total: $(( $(date +%s) - START ))s, $([ $FAILED -eq 0 ] && echo 'all steps passed' || echo 'some steps FAILED')" \
     | tee -a "$SUMMARY"
