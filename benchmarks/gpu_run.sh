@@ -36,11 +36,15 @@
 #   SWEEP_ARGS        extra arguments of "bench"                  (default: none)
 #   PYTEST_ARGS       extra arguments of step 2                   (default: none)
 #   STEPS             comma-separated steps, run in the order given, from build,tests-priority,
-#                     tests,memcheck,racecheck,quick,selfcheck,mvbench,sweep (default: all, in that
-#                     order)
+#                     tests,memcheck,racecheck,quick,profile,selfcheck,mvbench,sweep (default: all
+#                     but profile, in that order)
 #   QUICK_ARGS        extra arguments of benchmarks/gpu_quick.py (step quick)
 #   QUICK_TIMEOUT     step quick                                  (default 150)
 #   QUICK_TUNE=1      autotune in step quick (default: each kernel's default config)
+#   PROFILE_TIMEOUT   each run of step profile                    (default 90)
+#   PROFILE_ARGS      extra arguments of benchmarks/gpu_profile.py (step profile)
+#   PROFILE_TUNE_CASES  cases (loss:B:D,...) profiled again with autotuning (default: none)
+#   TEST_FILES        the files or node ids of step tests         (default: tests, less the priority files)
 #   PYTEST_WORKERS    pytest-xdist workers of the test steps      (default: nproc, none without xdist)
 #   SKIP_BUILD=1      use the extension already built in place
 #   RESULTS_DIR       output directory                            (default benchmarks/results/<device>-<date>)
@@ -161,7 +165,8 @@ do_tests() {
     for f in "${PRIORITY[@]}"; do DESELECT+=(--ignore "$f"); done
     # shellcheck disable=SC2086
     step tests "${TEST_TIMEOUT:-240}" "${ONE_CONFIG[@]}" $PY -m pytest -q -p no:cacheprovider -rfE -m "not slow" \
-        "${XDIST[@]}" "${HAS_TIMEOUT[@]}" --junitxml "$RES/junit-tests.xml" tests "${DESELECT[@]}" ${PYTEST_ARGS:-}
+        "${XDIST[@]}" "${HAS_TIMEOUT[@]}" --junitxml "$RES/junit-tests.xml" ${TEST_FILES:-tests "${DESELECT[@]}"} \
+        ${PYTEST_ARGS:-}
     note_compiles
 }
 
@@ -195,6 +200,19 @@ do_quick() {
     step quick "${QUICK_TIMEOUT:-150}" "${cfg[@]}" $PY benchmarks/gpu_quick.py --json "$RES/quick.json" \
         --budget $(( ${QUICK_TIMEOUT:-150} - 30 )) ${QUICK_ARGS:-}
     cat "$RES/quick.log" >> "$SUMMARY"
+}
+
+# Per-kernel device time of a few steps and what the compiler made of each kernel (PROFILE_ARGS: the
+# cases and backends of benchmarks/gpu_profile.py); one run with each kernel's default config, and with
+# PROFILE_TUNE_CASES set, one more that autotunes those cases.
+do_profile() {
+    # shellcheck disable=SC2086
+    step profile "${PROFILE_TIMEOUT:-90}" "${ONE_CONFIG[@]}" $PY benchmarks/gpu_profile.py --json "$RES/profile.json" \
+        ${PROFILE_ARGS:-}
+    if [ -n "${PROFILE_TUNE_CASES:-}" ]; then
+        step profile-tuned "${PROFILE_TIMEOUT:-90}" $PY benchmarks/gpu_profile.py --json "$RES/profile-tuned.json" \
+            --backends triton --cases "$PROFILE_TUNE_CASES"
+    fi
 }
 
 do_selfcheck() {
@@ -242,6 +260,7 @@ for s in ${STEPS//,/ }; do
         tests) do_tests ;;
         memcheck|racecheck) do_sanitizer "$s" ;;
         quick) do_quick ;;
+        profile) do_profile ;;
         selfcheck) do_selfcheck ;;
         mvbench) do_mvbench ;;
         sweep) do_sweep ;;
