@@ -9,6 +9,7 @@ adapters that turn SwAV scores into point clouds (exact for any scores).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
@@ -84,8 +85,25 @@ def _inf_cl_head_dim(d):
     raise ValueError(f"Inf-CL needs D divisible by 16, got {d}")
 
 
+def _one_process_group() -> None:
+    """Inf-CL's loss reads the default process group even on one GPU: make a one-process one
+    (NCCL on CUDA, else gloo; a file store in a temporary directory, no port) unless one exists.
+    contrastive_ops itself is unaffected: its losses gather only with an explicit process_group."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    store = os.path.join(tempfile.mkdtemp(prefix="co-peers-"), "store")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"file://{store}",
+                            world_size=1, rank=0)
+
+
 def _inf_cl_clip(kw):
     from inf_cl import cal_inf_loss
+
+    _one_process_group()
 
     def call(img, txt, scale):
         h = _inf_cl_head_dim(img.shape[1])
@@ -96,6 +114,8 @@ def _inf_cl_clip(kw):
 
 def _inf_cl_info_nce(kw):
     from inf_cl import cal_inf_loss
+
+    _one_process_group()
 
     tau = kw["temperature"]
 
