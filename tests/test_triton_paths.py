@@ -328,3 +328,20 @@ def test_poison_switch_on_the_kernel_module(monkeypatch):
     monkeypatch.setattr(tcore, "POISON_OUTPUTS", True)
     out = tcore._empty((3,), torch.float32, torch.device("cpu"))
     assert torch.isnan(out).all()
+
+
+def test_fp32_gram_routing_on_gpus(monkeypatch):
+    """On a GPU fp32 Gram inputs take the general kernels (forward and backward alike); 16-bit ones
+    and every dtype under the interpreter keep the Gram kernels."""
+    import contrastive_ops.backends._triton.sim_lse as sl
+
+    z32 = torch.zeros(8, 4)
+    z16 = z32.to(torch.bfloat16)
+    args = (None, None, None, None, False)
+    assert sl._gram_applies(True, z32, z32, *args)  # the interpreter: fp32 too
+    monkeypatch.setattr(sl, "interpreting", lambda: False)
+    assert not sl.gram_kernels_take(torch.float32) and sl.gram_kernels_take(torch.bfloat16)
+    assert not sl._gram_applies(True, z32, z32, *args)
+    assert sl._gram_applies(True, z16, z16, *args)
+    monkeypatch.setattr(sl, "GRAM_FP32_ON_GPU", True)
+    assert sl._gram_applies(True, z32, z32, *args)

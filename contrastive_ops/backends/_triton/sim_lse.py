@@ -127,7 +127,7 @@ from .tiles import (
 Tensor = torch.Tensor
 
 __all__ = ["SIM_LSE", "LAUNCHES", "POISON_OUTPUTS", "BACKWARD", "interpreting", "sim_lse_forward", "sim_lse_backward",
-           "same_values", "backward_path", "compile_specs"]
+           "same_values", "backward_path", "gram_kernels_take", "compile_specs"]
 
 # Tests flip this (or ``tiles.POISON_OUTPUTS``, which covers every Triton primitive) to allocate
 # every sim_lse kernel output filled with NaN, so a tile a kernel forgets to write shows up.
@@ -237,10 +237,25 @@ def _ptr(t: Optional[Tensor], fallback: Tensor) -> Tensor:
     return fallback if t is None else t
 
 
+# fp32 inputs on a GPU do not take the Gram kernels: compute-sanitizer found an out-of-bounds
+# shared-memory read in _gram_bwd_kernel for fp32 (tf32x3) inputs with several row tiles, under
+# Triton 3.6 on sm_90 (benchmarks/results/nvidia-h200-2026-12-04-diag/sanitizer-memcheck-pytest.log),
+# and its fp32 variants spill 368-1,860 B.  There fp32 Gram losses run the general kernels, forward
+# and backward alike (so the backward still reads the forward's S): 2 forward units instead of 1.
+# Under the interpreter (CPU) every dtype keeps the Gram kernels, which the tests cover.
+GRAM_FP32_ON_GPU = False
+
+
+def gram_kernels_take(dtype: torch.dtype) -> bool:
+    """Whether inputs of ``dtype`` may take the Gram kernels here (see ``GRAM_FP32_ON_GPU``)."""
+    return dtype != torch.float32 or GRAM_FP32_ON_GPU or interpreting()
+
+
 def _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col) -> bool:
-    """The Gram kernels cover q is k with no index lists, no ranges and no column LSE."""
+    """The Gram kernels cover q is k with no index lists, no ranges and no column LSE (and, on a
+    GPU, 16-bit inputs: ``gram_kernels_take``)."""
     return (bool(gram) and row_index is None and col_index is None and col_start is None
-            and col_end is None and not want_col and q.shape == k.shape)
+            and col_end is None and not want_col and q.shape == k.shape and gram_kernels_take(q.dtype))
 
 
 def same_values(q: Tensor, k: Tensor) -> bool:
