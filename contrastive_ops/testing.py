@@ -5,7 +5,11 @@ Used by the self-check (``python -m contrastive_ops``) and by the test suite.
 float64 / float32
     Elementwise ``|kernel − exact| ≤ atol + rtol·|exact|`` with the atol/rtol
     of :data:`TOL` (times a ``scale`` the caller derives from the logit scale
-    in fp32, where the rounding of a logit grows with it).
+    in fp32, where the rounding of a logit grows with it).  A kernel whose fp32
+    products are not IEEE (``products``, see :func:`fp32_products`: the Triton
+    kernels on a GPU run them on tensor cores as ``tf32x3``) is held to the fp32
+    tolerance times the ratio of its product rounding to fp32's
+    (:data:`PRODUCTS_SCALE`).
 
 float16 / bfloat16 (flash-attention's rule)
     The kernel reads inputs rounded to the half dtype and returns gradients in
@@ -55,6 +59,22 @@ TOL: Dict[torch.dtype, dict] = {
     torch.bfloat16: dict(atol=6e-2, rtol=6e-2, half_atol=1.6e-2),
 }
 
+# fp32 products other than IEEE, and the factor on the fp32 tolerance: tf32x3 splits each fp32
+# operand into a TF32 high part and a TF32 low part and drops the low·low term, so a product keeps
+# about 22 of fp32's 24 significand bits (relative error up to 2^-21, 8 units of fp32's 2^-24):
+# 8×.  Plain tf32 products keep fp16's 11 bits: the fp16 elementwise tolerance, 100× fp32's.
+# Accumulation stays fp32 in both.
+PRODUCTS_SCALE: Dict[str, float] = {"ieee": 1.0, "tf32x3": 8.0, "tf32": 100.0}
+
+
+def fp32_products(backend: str, device) -> str:
+    """How ``backend`` multiplies fp32 inputs on ``device``: ``"ieee"``, ``"tf32x3"`` or ``"tf32"``
+    (the Triton kernels on a GPU: tf32x3, or tf32 where TF32 matmuls are enabled globally)."""
+    if backend == "triton" and torch.device(device).type == "cuda":
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return "ieee"
+
+
 # c of the half-precision rule: the kernel may be this many times as far from
 # the exact answer as the reference run in the same dtype.
 HALF_C = 2.0
@@ -69,7 +89,7 @@ def _worst(err: Tensor, bound: Tensor, a: Tensor, e: Tensor) -> str:
 
 
 def compare(what: str, actual: Tensor, exact: Tensor, dtype: torch.dtype, *, low: Optional[Tensor] = None,
-            scale: float = 1.0, unit: float = 0.0, inv_norm: float = 0.0) -> Optional[str]:
+            scale: float = 1.0, unit: float = 0.0, inv_norm: float = 0.0, products: str = "ieee") -> Optional[str]:
     """``None`` if ``actual`` (a kernel's output for inputs in ``dtype``) is close enough to ``exact``.
 
     ``exact``: the reference on the same (rounded) values in fp32 (fp64 for
@@ -77,9 +97,14 @@ def compare(what: str, actual: Tensor, exact: Tensor, dtype: torch.dtype, *, low
     the half-precision rule of this module applies, otherwise the elementwise
     :data:`TOL`.  ``scale`` widens the elementwise tolerance (fp32 at large
     logit scales); ``unit`` and ``inv_norm`` enter the half-precision atol
-    (see the module docstring).  Otherwise a one-line description of the
-    worst element.
+    (see the module docstring); ``products`` (fp32 only) is how the kernel
+    multiplied (:func:`fp32_products`).  Otherwise a one-line description of
+    the worst element.
     """
+    if products not in PRODUCTS_SCALE:
+        raise ValueError(f"products must be one of {sorted(PRODUCTS_SCALE)}, got {products!r}")
+    if dtype == torch.float32:
+        scale = scale * PRODUCTS_SCALE[products]
     if actual.shape != exact.shape:
         return f"{what}: shape {tuple(actual.shape)} != reference {tuple(exact.shape)}"
     a = actual.detach().double().cpu()
@@ -114,8 +139,10 @@ def compare(what: str, actual: Tensor, exact: Tensor, dtype: torch.dtype, *, low
 
 
 def assert_close(actual: Tensor, exact: Tensor, dtype: torch.dtype, *, low: Optional[Tensor] = None,
-                 scale: float = 1.0, unit: float = 0.0, inv_norm: float = 0.0, what: str = "") -> None:
+                 scale: float = 1.0, unit: float = 0.0, inv_norm: float = 0.0, what: str = "",
+                 products: str = "ieee") -> None:
     """:func:`compare`, raising ``AssertionError`` with its description."""
-    problem = compare(what or "value", actual, exact, dtype, low=low, scale=scale, unit=unit, inv_norm=inv_norm)
+    problem = compare(what or "value", actual, exact, dtype, low=low, scale=scale, unit=unit, inv_norm=inv_norm,
+                      products=products)
     if problem is not None:
         raise AssertionError(problem)

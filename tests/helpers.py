@@ -12,7 +12,7 @@ import torch
 import contrastive_ops as co
 # The one tolerance table and comparison rule (fp32 elementwise; fp16/bf16
 # relative to the reference run in the same dtype) live in the library.
-from contrastive_ops.testing import HALF, TOL, assert_close  # noqa: F401  (re-exported for the tests)
+from contrastive_ops.testing import HALF, TOL, assert_close, fp32_products  # noqa: F401  (re-exported for the tests)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -108,7 +108,9 @@ def compare_with_reference(
     low = outs.get("low")
     assert torch.isfinite(k_out).all(), f"{backend} produced a non-finite loss: {k_out}"
     # an LSE minus a positive logit (each about ``sharpness`` in size) cancels to 0 for a single pair
-    assert_close(k_out, r_out, dtype, low=low, unit=sharpness, inv_norm=1.0, what="loss")
+    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    products = fp32_products(backend, device)
+    assert_close(k_out, r_out, dtype, low=low, unit=sharpness, inv_norm=1.0, what="loss", products=products)
     w = torch.randn_like(r_out) if r_out.dim() > 0 else torch.tensor(grad_output_scale, dtype=r_out.dtype)
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in ins["kernel"]):
         for key, out in outs.items():
@@ -124,7 +126,7 @@ def compare_with_reference(
                 if normalized and a.dim() > 0:
                     inv_norm = 1.0 / float(b.detach().norm(dim=-1).min().clamp_min(1e-12))
                 assert_close(a.grad, b.grad, dtype, low=None if low is None else ins["low"][i].grad,
-                             unit=unit, inv_norm=inv_norm, what=f"grad of input {i}")
+                             unit=unit, inv_norm=inv_norm, what=f"grad of input {i}", products=products)
     return k_out, r_out
 
 

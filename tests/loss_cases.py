@@ -25,7 +25,7 @@ import torch
 
 import contrastive_ops as co
 from contrastive_ops import backends
-from contrastive_ops.testing import HALF, assert_close
+from contrastive_ops.testing import HALF, assert_close, fp32_products
 
 Tensor = torch.Tensor
 
@@ -511,12 +511,13 @@ def compare_case(case: Case, backend: str, dtype: torch.dtype, *, device=None, w
     r = run_case(case, "reference", rdt, device=device, weight=k.weight)
     low = run_case(case, "reference", dtype, device=device, weight=k.weight) if dtype in HALF else None
     scale = tol_scale(case)
+    products = fp32_products(backend, k.out.device)
     tag = f"{what} {backend} {dtype} {case.describe()}"
     assert k.out.dtype == rdt, f"{tag}: loss dtype {k.out.dtype}, SPEC says {rdt}"
     # the loss: an LSE minus a positive logit, each of size sharpness·|features|², may cancel to 0
     feat = 1.0 if case.normalize else max(float(t.norm(dim=-1).max()) for t in case.tensors)
     assert_close(k.out, r.out, dtype, low=None if low is None else low.out, scale=scale,
-                 unit=case.sharpness * feat * feat, inv_norm=1.0, what=f"loss [{tag}]")
+                 unit=case.sharpness * feat * feat, inv_norm=1.0, what=f"loss [{tag}]", products=products)
     for i, (gk, gr) in enumerate(zip(k.grads, r.grads)):
         if gr is None:
             assert gk is None or not gk.abs().sum(), f"input {i}: gradient on {backend} but not on the reference"
@@ -525,7 +526,7 @@ def compare_case(case: Case, backend: str, dtype: torch.dtype, *, device=None, w
         assert gk.dtype == dtype, f"{tag}: gradient of input {i} is {gk.dtype}, SPEC says the input dtype {dtype}"
         unit, inv_norm = _half_terms(case, i, k.weight)
         assert_close(gk, gr, dtype, low=None if low is None else low.grads[i], scale=scale, unit=unit,
-                     inv_norm=inv_norm, what=f"grad of input {i} [{tag}]")
+                     inv_norm=inv_norm, what=f"grad of input {i} [{tag}]", products=products)
     for name, gr in r.scalar_grads.items():
         gk = k.scalar_grads[name]
         if gr is None:
@@ -535,7 +536,7 @@ def compare_case(case: Case, backend: str, dtype: torch.dtype, *, device=None, w
         w = 1.0 if k.weight is None else float(k.weight.abs().max())
         unit = w * feat * feat * (case.sharpness ** 2 if name == "temperature" else 1.0)
         assert_close(gk, gr, dtype, low=None if low is None else low.scalar_grads[name], scale=scale,
-                     unit=unit, inv_norm=1.0, what=f"grad of {name} [{tag}]")
+                     unit=unit, inv_norm=1.0, what=f"grad of {name} [{tag}]", products=products)
     return k, r
 
 

@@ -72,3 +72,34 @@ def test_rule_on_plain_tensors(dtype):
     # the 1/norm term enters only where the caller says the input is normalized
     assert testing.compare("g", (exact * 1.5).to(dtype), exact, dtype, low=low, unit=1.0, inv_norm=0.0) is not None
     assert testing.HALF_C <= 3
+
+
+def test_fp32_products_scale_the_fp32_tolerance():
+    """tf32x3 results get 8× the fp32 tolerance, plain tf32 the fp16 one (100×); a 1.5× error fails."""
+    exact = torch.linspace(-1, 1, 101, dtype=torch.float64)
+    tol = testing.TOL[torch.float32]
+    off = exact + 4 * (tol["atol"] + tol["rtol"] * exact.abs())  # 4 fp32 tolerances away
+    assert testing.compare("x", off, exact, torch.float32) is not None
+    assert testing.compare("x", off, exact, torch.float32, products="tf32x3") is None
+    assert testing.compare("x", 2 * exact, exact, torch.float32, products="tf32x3") is not None
+    assert testing.compare("x", 1.5 * exact, exact, torch.float32, products="tf32") is not None
+    with pytest.raises(ValueError, match="products"):
+        testing.compare("x", exact, exact, torch.float32, products="fp16")
+    # the products scale only fp32: a half-precision comparison ignores them
+    h = exact.to(torch.bfloat16)
+    assert testing.compare("x", h + 1, exact, torch.bfloat16, products="tf32") is not None
+
+
+def test_fp32_products_rule():
+    """Only the Triton kernels on a GPU multiply fp32 on tensor cores."""
+    assert testing.fp32_products("triton", "cpu") == "ieee"
+    assert testing.fp32_products("cuda", "cuda") == "ieee"
+    assert testing.fp32_products("cpu", torch.device("cpu")) == "ieee"
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert testing.fp32_products("triton", "cuda") == "tf32x3"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert testing.fp32_products("triton", "cuda") == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import torch
 
-from ..testing import HALF, TOL, compare  # noqa: F401  (TOL: the one tolerance table, shared with the tests)
+from ..testing import HALF, TOL, compare, fp32_products  # noqa: F401  (TOL: the one tolerance table, shared with the tests)
 from .cases import LossCase, backend_why_not, cast_inputs
 
 PASS, FAIL, UNAVAILABLE = "PASS", "FAIL", "n/a"
@@ -69,7 +69,8 @@ def check_case(case: LossCase, backend: str, device, dtype: torch.dtype, variant
         k_out = case.call(backend, k_in)
         problems = []
         l_out = case.call("reference", l_in) if l_in is not None else None
-        p = compare("loss", k_out, r_out, dtype, low=l_out)
+        products = fp32_products(backend, device)
+        p = compare("loss", k_out, r_out, dtype, low=l_out, products=products)
         if p:
             problems.append(p)
         if base.differentiable and torch.isfinite(k_out).all():
@@ -92,7 +93,7 @@ def check_case(case: LossCase, backend: str, device, dtype: torch.dtype, variant
                     b = torch.zeros_like(leaf)
                 if l_out is not None and lo is None:
                     lo = torch.zeros_like(leaf)
-                p = compare(name, a, b, dtype, low=lo)
+                p = compare(name, a, b, dtype, low=lo, products=products)
                 if p:
                     problems.append(p)
     except Exception as e:  # noqa: BLE001 - a kernel failure is a FAIL, shown with its error
