@@ -18,6 +18,7 @@ losses that import here (open_clip, Inf-CL, siglip-kernel: the adapters of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -92,6 +93,25 @@ def _peer_runners(loss, cases, B):
     return out
 
 
+@contextlib.contextmanager
+def _backward_path(backend):
+    """``triton:<path>``: the Triton backend with that backward path (``BACKWARD`` of sim_lse and siglip) for the
+    whole measurement (forward and backward); any other name: nothing changes."""
+    _, _, path = backend.partition(":")
+    if not path or backend.startswith("peer:"):
+        yield
+        return
+    from contrastive_ops.backends._triton import siglip as tsiglip
+    from contrastive_ops.backends._triton import sim_lse as tcore
+
+    before = tcore.BACKWARD, tsiglip.BACKWARD
+    tcore.BACKWARD = tsiglip.BACKWARD = path
+    try:
+        yield
+    finally:
+        tcore.BACKWARD, tsiglip.BACKWARD = before
+
+
 def _gemm_floor(B, M, D, gram, dtype):
     q = torch.randn(B, D, device="cuda", dtype=dtype)
     k = torch.randn(M, D, device="cuda", dtype=dtype)
@@ -116,7 +136,8 @@ def main(argv=None):
     p.add_argument("--sizes", default="16384,32768,65536")
     p.add_argument("--dims", default="512,1024")
     p.add_argument("--losses", default="clip_loss,info_nce,siglip_loss,nt_xent")
-    p.add_argument("--backends", default="triton,cuda,reference")
+    p.add_argument("--backends", default="triton,triton:gemm,cuda,reference",
+                   help="backends; triton:gemm is the Triton backend with its GEMM backward")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--peers", action="store_true", help="also time the peers of each loss that import here")
     p.add_argument("--json", default=None)
@@ -132,7 +153,7 @@ def main(argv=None):
           f"{rate / 1e12:.0f} TFLOP/s", flush=True)
     rows = []
     avail = co.available_backends()
-    backends = [b for b in a.backends.split(",") if avail.get(b, (False,))[0]]
+    backends = [b for b in a.backends.split(",") if avail.get(b.split(":")[0], (False,))[0]]
     print(f"backends: {backends}  (asked {a.backends}; availability {avail})", flush=True)
     for D in [int(x) for x in a.dims.split(",")]:
         for B in [int(x) for x in a.sizes.split(",")]:
@@ -141,7 +162,7 @@ def main(argv=None):
                 fn, leaves, gram, M = cases[loss]
                 floor_t, model_flops = _gemm_floor(M if gram else B, M, D, gram, dtype)
                 ref_val = None
-                runners = [(be, (lambda be=be: fn(be))) for be in backends]
+                runners = [(be, (lambda be=be: fn(be.split(":")[0]))) for be in backends]
                 if a.peers:
                     runners += _peer_runners(loss, cases, B)
                 for be, run in runners:
@@ -156,15 +177,16 @@ def main(argv=None):
                         torch.autograd.grad(out, leaves)
 
                     try:
-                        val = run().item()
-                        if be == "reference":
-                            ref_val = val
-                        row["loss_value"] = val
-                        row["time_s"] = _time(step)
-                        if not be.startswith("peer:"):  # where the time goes: the forward alone
-                            with torch.no_grad():
-                                row["fwd_time_s"] = _time(run, reps=5, max_s=TIME_PER_POINT / 2)
-                        row["peak_bytes"] = peak_memory(step, "cuda")
+                        with _backward_path(be):
+                            val = run().item()
+                            if be == "reference":
+                                ref_val = val
+                            row["loss_value"] = val
+                            row["time_s"] = _time(step)
+                            if not be.startswith("peer:"):  # where the time goes: the forward alone
+                                with torch.no_grad():
+                                    row["fwd_time_s"] = _time(run, reps=5, max_s=TIME_PER_POINT / 2)
+                            row["peak_bytes"] = peak_memory(step, "cuda")
                         row["model_tflops"] = model_flops / row["time_s"] / 1e12
                         row["frac_peak"] = model_flops / row["time_s"] / PEAK_BF16
                         row["frac_cublas"] = model_flops / row["time_s"] / rate

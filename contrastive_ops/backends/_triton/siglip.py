@@ -17,17 +17,24 @@ and summed by torch: deterministic and safe to re-run while autotuning.
 """
 from __future__ import annotations
 
+import os
 from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .tiles import (BWD_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
+from .tiles import (BWD_GPU, DS_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
                     col_tile, configs, dot_flags, empty, gpu_block_do, gpu_dot_flags, launch, log2_bucket, min_block,
                     mark_known_faults, s_tile, spec)
 
 Tensor = torch.Tensor
+
+# "deterministic" (default: the dx/dy kernels) or "gemm" (G blocks to memory, the products in
+# cuBLAS: ``_gemm_backward``); read at import from CONTRASTIVE_OPS_TRITON_BACKWARD like sim_lse's.
+BACKWARD = os.environ.get("CONTRASTIVE_OPS_TRITON_BACKWARD", "deterministic")
+# The GEMM backward's G buffer: blocks of rows × all M columns, at most this many bytes.
+GEMM_G_BYTES = 1 << 30
 
 
 @triton.jit
@@ -183,6 +190,70 @@ def _(x, y, scale, bias):
     return x.new_empty((), dtype=torch.float32)
 
 
+# GEMM backward: G of a block of rows [R0, R1) to memory (rounded to the input dtype, as the dx/dy
+# kernels round it before their products), with per-tile partials of dscale and dbias.
+@autotune(configs(("BLOCK_M", "BLOCK_N"), DS_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2", "PREC"])
+@triton.jit
+def _siglip_bwd_g_kernel(X, Y, Scale, Bias, Grad, G, ScalePart, BiasPart, R0, R1, M, D, stride_x, stride_y,
+                         stride_g, B_LOG2, M_LOG2,
+                         UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    scale = tl.load(Scale)
+    bias = tl.load(Bias)
+    grad = tl.load(Grad)
+    rows = R0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < R1
+    cols, col_mask, y_rows = col_tile(pid_n * BLOCK_N, M, X, BLOCK_N, False)
+    g, xy = _siglip_g_tile(X, Y, rows.to(tl.int64), y_rows, rows, cols, row_mask, col_mask, D, stride_x, stride_y,
+                           scale, bias, grad, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
+    tl.store(G + (rows - R0).to(tl.int64)[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+    part = pid_m * tl.num_programs(1) + pid_n
+    tl.store(ScalePart + part, tl.sum(tl.sum(g * xy, 1), 0))
+    tl.store(BiasPart + part, tl.sum(tl.sum(g, 1), 0))
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a·b with an fp32 result (16-bit operands on tensor cores with fp32 accumulation on CUDA)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _gemm_backward(x, y, scale, bias, grad):
+    """SigLIP's GEMM backward (``BACKWARD = "gemm"``): per block of rows, ``_siglip_bwd_g_kernel``
+    recomputes the logits once and stores G; cuBLAS does dx = scale·G·Y and accumulates
+    dy += Gᵀ·X in fp32 — the dx/dy kernels' 8 units become 2 of recompute plus the two products at
+    GEMM speed.  Extra memory: the G block (≤ ``GEMM_G_BYTES``) and an M × D fp32 accumulator."""
+    B, D = x.shape
+    M = y.shape[0]
+    unit = min_block()
+    rows_per = min(B, max(unit, GEMM_G_BYTES // max(1, M * x.element_size()) // unit * unit))
+    dx = empty(x.shape, x.dtype, x.device)
+    dy_acc = torch.zeros((M, D), dtype=torch.float32, device=x.device)
+    gbuf = empty((rows_per, M), x.dtype, x.device)
+    flags = dot_flags(x.dtype)
+    s_parts, b_parts = [], []
+    for r0 in range(0, B, rows_per):
+        r1 = min(B, r0 + rows_per)
+        g = gbuf[: r1 - r0]
+        n_part = triton.cdiv(r1 - r0, unit) * triton.cdiv(M, unit)
+        sp = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
+        bp = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
+        launch("siglip_bwd_g", _siglip_bwd_g_kernel,
+               lambda meta, n=r1 - r0: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_N"])))(
+            x, y, scale, bias, grad, g, sp, bp, r0, r1, M, D, x.stride(0), y.stride(0), g.stride(0),
+            log2_bucket(B), log2_bucket(M), BLOCK_D=block_d(D), **flags,
+        )
+        dx[r0:r1] = (_mm_f32(g, y) * scale).to(x.dtype)
+        dy_acc += _mm_f32(g.t(), x[r0:r1])
+        s_parts.append(sp.sum())
+        b_parts.append(bp.sum())
+    return dx, (dy_acc * scale).to(y.dtype), torch.stack(s_parts).sum(), torch.stack(b_parts).sum()
+
+
 @torch.library.triton_op("contrastive_ops_triton::siglip_bwd", mutates_args=())
 def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tensor
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -198,6 +269,10 @@ def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tens
     n_d = out_chunks(D, x.dtype)
     flags = dot_flags(x.dtype)
     buckets = (log2_bucket(B), log2_bucket(M))
+    if BACKWARD not in ("deterministic", "gemm"):
+        raise ValueError(f"contrastive_ops triton siglip BACKWARD must be 'deterministic' or 'gemm', got {BACKWARD!r}")
+    if run and BACKWARD == "gemm":
+        return _gemm_backward(x, y, scale, bias, grad)
     if run:
         launch("siglip_bwd_dx", _siglip_bwd_dx_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_d))(
             x, y, scale, bias, grad, dx, scale_part, bias_part, B, M, D, x.stride(0), y.stride(0), dx.stride(0),
@@ -300,6 +375,9 @@ def compile_specs() -> list:
                     continue
                 out.append(spec("siglip_bwd_dx", _siglip_bwd_dx_kernel.fn, dname, D, c, w, st))
                 out.append(spec("siglip_bwd_dy", _siglip_bwd_dy_kernel.fn, dname, D, c, w, st))
+            for (bm, bn), w, st in DS_GPU:
+                out.append(spec("siglip_bwd_g", _siglip_bwd_g_kernel.fn, dname, D,
+                                dict(**flags, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn), w, st))
     return mark_known_faults(out, _GATE_FAULTS, "backends/_triton/siglip.py")
 
 

@@ -31,6 +31,7 @@ backward, general, dq + dk kernels  2·(2n_d + 2)        T_B fp32 (dscale parts)
                                     = 8 for D ≤ 512 (16-bit); for D = 768, 1024 (16-bit)
                                     dq 6 + wide dk 4 = 10 (dKᵀ = Qᵀ·dS over all of D)
 backward, general, atomic           6                   M·D fp32 (dK accumulator)      no, opt-in
+backward, GEMM (dS blocks + cuBLAS) 2 + 4 (4 in cuBLAS) dS block ≤ 1 GiB + M·D fp32    yes, opt-in
 backward, Gram, row-stationary      2n_d + 2            T fp32                         yes  ← default
                                     = 4 for D ≤ 256, 6 for D = 512, 10 for D = 1024
 backward, Gram, atomic              3                   B·D fp32 (dZ accumulator)      no, opt-in
@@ -91,7 +92,21 @@ of them run ``wgmma`` with the same K-order of the sum.
 Which backward runs (``backward_path``): the deterministic kernels unless the
 atomic path is asked for with ``BACKWARD = "atomic"`` (module attribute, or
 ``CONTRASTIVE_OPS_TRITON_BACKWARD=atomic`` at import) and
-``torch.are_deterministic_algorithms_enabled()`` is off.
+``torch.are_deterministic_algorithms_enabled()`` is off, or the GEMM backward
+with ``BACKWARD = "gemm"``.
+
+GEMM backward (opt-in, ``_gemm_backward``): on an H200 the dq/dk kernels ran
+at 75–150 TFLOP/s (4.2 + 3.7 ms of a 10.6 ms CLIP step at B = 16384, D = 512,
+bf16) while the forward tile loop ran at 240 and cuBLAS at 760.  This backward
+keeps the forward's strength and hands the products to cuBLAS: per block of
+rows, ``_bwd_ds_kernel`` (a forward-shaped 2-D grid of S tiles, no
+accumulator) recomputes S once and stores dS rounded to the input dtype (as
+the dq/dk kernels round it before their products); then dQ = scale·dS·K and
+dK += dSᵀ·Q (fp32 accumulation across blocks).  Only where there are no index
+lists and no column ranges (those keep the dq/dk kernels); under it the Gram
+losses take the general forward too, so the backward reads the S the forward
+summed.  Its GPU speed is not yet measured: ``benchmarks/gpu_quick.py``
+times it beside the default (backend ``triton:gemm``).
 
 Layers: the ``@triton.jit`` kernels (:mod:`.sim_lse_fwd`, :mod:`.sim_lse_bwd`; their names are
 re-exported here) → the custom ops
@@ -114,11 +129,12 @@ import torch
 import triton
 
 from .sim_lse_bwd import (  # noqa: F401 - the kernels, re-exported (tests, the compile gate)
-    _bwd_atomic_kernel, _bwd_dk_kernel, _bwd_dk_wide_kernel, _bwd_dq_kernel, _gram_bwd_atomic_kernel, _gram_bwd_kernel,
+    _bwd_atomic_kernel, _bwd_dk_kernel, _bwd_dk_wide_kernel, _bwd_dq_kernel, _bwd_ds_kernel, _gram_bwd_atomic_kernel,
+    _gram_bwd_kernel,
 )
 from .sim_lse_fwd import _fwd_kernel, _gram_fwd_kernel
 from .tiles import (
-    BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SMEM_LIMIT, SPEC_DS,
+    BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, DS_GPU, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SMEM_LIMIT, SPEC_DS,
     SPEC_DTYPES, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, chunk_d, col_lse, d_pad, dot_flags, empty, fwd_smem,
     gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch, log2_bucket, mark_known_faults, min_block, sm_count,
     spec,
@@ -138,7 +154,7 @@ def _empty(shape, dtype, device) -> Tensor:
     return empty(shape, dtype, device, poison=POISON_OUTPUTS)
 
 
-# "deterministic" (default) or "atomic": see the module docstring.
+# "deterministic" (default), "atomic" or "gemm": see the module docstring.
 BACKWARD = os.environ.get("CONTRASTIVE_OPS_TRITON_BACKWARD", "deterministic")
 _ATOMIC_MAX_D = 256  # the atomic kernels hold a BLOCK × next_pow2(D) fp32 accumulator
 
@@ -255,7 +271,54 @@ def _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col
     """The Gram kernels cover q is k with no index lists, no ranges and no column LSE (and, on a
     GPU, 16-bit inputs: ``gram_kernels_take``)."""
     return (bool(gram) and row_index is None and col_index is None and col_start is None
-            and col_end is None and not want_col and q.shape == k.shape and gram_kernels_take(q.dtype))
+            and col_end is None and not want_col and q.shape == k.shape and gram_kernels_take(q.dtype)
+            and BACKWARD != "gemm")
+
+
+# The GEMM backward's dS buffer: blocks of rows × all M columns, at most this many bytes.
+GEMM_DS_BYTES = 1 << 30
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a·b with an fp32 result: 16-bit operands on tensor cores with fp32 accumulation (CUDA), the
+    same products in fp32 elsewhere; fp32 operands as torch multiplies them (IEEE unless TF32 is on)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _gemm_backward(q, k, scale, exclude, row_lse, col_lse, grad_row, grad_col, flags, bd, one_chunk):
+    """The GEMM backward (``BACKWARD = "gemm"``; no index lists, no column ranges): for each block
+    of rows, the dS kernel recomputes S once and stores dS (rounded to the input dtype, as the dq/dk
+    kernels round it before their products), then cuBLAS does dQ = scale·dS·K and accumulates
+    dK += dSᵀ·Q in fp32: 2 units of recompute on the Triton side and the two products at GEMM speed,
+    against 8 units in the dq/dk kernels.  Extra memory: the dS block (≤ ``GEMM_DS_BYTES``) and an
+    M × D fp32 accumulator.  Deterministic: every sum has a fixed order."""
+    B, D = q.shape
+    M = k.shape[0]
+    unit = min_block()
+    rows_per = max(unit, GEMM_DS_BYTES // max(1, M * q.element_size()) // unit * unit)
+    rows_per = min(rows_per, B)
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk_acc = torch.zeros((M, D), dtype=torch.float32, device=q.device)
+    ds = _empty((rows_per, M), q.dtype, q.device)
+    parts = []
+    for r0 in range(0, B, rows_per):
+        r1 = min(B, r0 + rows_per)
+        qc, dsc = q[r0:r1], ds[: r1 - r0]
+        part = torch.zeros((triton.cdiv(r1 - r0, unit) * triton.cdiv(M, unit),), dtype=torch.float32,
+                           device=q.device)
+        launch("bwd_ds", _bwd_ds_kernel,
+               lambda meta, n=r1 - r0: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_N"])))(
+            qc, k, scale, scale, scale, scale, scale, _ptr(None if exclude is None else exclude[r0:r1], scale),
+            row_lse[r0:r1], _ptr(col_lse, row_lse), grad_row[r0:r1], _ptr(grad_col, grad_row), dsc, part,
+            r1 - r0, M, D, q.stride(0), k.stride(0), dsc.stride(0), log2_bucket(B), log2_bucket(M),
+            BLOCK_D=bd, ONE_CHUNK=one_chunk, **flags,
+        )
+        dq[r0:r1] = (_mm_f32(dsc, k) * scale).to(q.dtype)
+        dk_acc += _mm_f32(dsc.t(), qc)
+        parts.append(part.sum())
+    return dq, (dk_acc * scale).to(k.dtype), torch.stack(parts).sum()
 
 
 def same_values(q: Tensor, k: Tensor) -> bool:
@@ -274,9 +337,13 @@ def same_values(q: Tensor, k: Tensor) -> bool:
 
 
 def backward_path(D: int) -> str:
-    """``"atomic"`` or ``"deterministic"``: which backward the launcher takes (module docstring)."""
-    if BACKWARD not in ("deterministic", "atomic"):
-        raise ValueError(f"contrastive_ops triton BACKWARD must be 'deterministic' or 'atomic', got {BACKWARD!r}")
+    """``"atomic"``, ``"gemm"`` or ``"deterministic"``: which backward the launcher takes (module
+    docstring; ``"gemm"`` where the shape allows it, see ``_gemm_applies``)."""
+    if BACKWARD not in ("deterministic", "atomic", "gemm"):
+        raise ValueError(f"contrastive_ops triton BACKWARD must be 'deterministic', 'atomic' or 'gemm', "
+                         f"got {BACKWARD!r}")
+    if BACKWARD == "gemm":
+        return "gemm"
     if BACKWARD == "atomic" and D <= _ATOMIC_MAX_D and not torch.are_deterministic_algorithms_enabled():
         return "atomic"
     return "deterministic"
@@ -394,6 +461,11 @@ def _sim_lse_bwd_op(
         dscale_part = torch.zeros((n_parts,), dtype=torch.float32, device=q.device)
         dz = gram_rows(3, "gram_bwd", dscale_part)
         return dz, dk, dscale_part.sum()
+
+    if (backward_path(D) == "gemm" and launch_any and not flags["HAS_ROW_INDEX"] and not flags["HAS_COL_INDEX"]
+            and not flags["HAS_RANGE"]):
+        return _gemm_backward(q, k, scale, exclude, row_lse, col_lse if want_col else None, grad_row,
+                              grad_col if want_col else None, flags, bd, one_chunk)
 
     # Rows outside an index list get no gradient: those outputs start at zero.
     dq = _empty(q.shape, q.dtype, q.device) if row_index is None and launch_any else torch.zeros_like(q)
@@ -628,6 +700,7 @@ def compile_specs() -> List[dict]:
     gen = dict(HAS_ROW_INDEX=False, HAS_COL_INDEX=False, HAS_RANGE=False, N_EXCLUDE=0, WANT_COL=True)
     for dname in SPEC_DTYPES:
         flags = gpu_dot_flags(dname)
+        elem = 4 if dname == "fp32" else 2
         for D in SPEC_DS:
             bd, bdo = gpu_chunk_d(D, dname), gpu_block_do(D, dname)
             one = D <= bd
@@ -660,6 +733,11 @@ def compile_specs() -> List[dict]:
                     c = dict(gen, **flags, BLOCK_D=bd, BLOCK_DO=triton.next_power_of_2(D), ONE_CHUNK=one,
                              REUSE=False, DK_T=True, BLOCK_M=bm, BLOCK_N=bn)
                     out.append(spec("sim_lse_bwd_dk_wide", _bwd_dk_kernel.fn, dname, D, c, w, st))
+            for (bm, bn), w, st in DS_GPU:
+                c = dict(gen, **flags, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_M=bm, BLOCK_N=bn)
+                if fwd_smem(bm, bn, bd, st, elem) > SMEM_LIMIT:
+                    continue
+                out.append(spec("sim_lse_bwd_ds", _bwd_ds_kernel.fn, dname, D, c, w, st))
             gbdo = gpu_block_do(D, dname, gram=True)
             gram_bwd = dict(BLOCK_D=bd, BLOCK_DO=gbdo, ONE_CHUNK=one, REUSE=one and D <= gbdo and gbdo == bd)
             for (blk,), w, st in SYM_BWD_GPU:

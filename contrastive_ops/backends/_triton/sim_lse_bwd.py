@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .sim_lse_fwd import _FLAG_KEYS
 from .tiles import (
-    BWD_ATOMIC_GPU, BWD_GPU, DK_WIDE_GPU, INTERP_BLOCK, INTERP_SYM, SYM_ATOMIC_GPU, SYM_BWD_GPU, allowed, allowed_t,
+    BWD_ATOMIC_GPU, BWD_GPU, DK_WIDE_GPU, DS_GPU, INTERP_BLOCK, INTERP_SYM, SYM_ATOMIC_GPU, SYM_BWD_GPU, allowed, allowed_t,
     autotune, col_bounds, col_tile, configs, held_tile, load_tile, row_span, row_tile, s_tile, scaled_s,
 )
 
@@ -413,3 +413,38 @@ def _gram_bwd_atomic_kernel(
             zi = load_tile(Z, (ti * BLOCK + offs).to(tl.int64), ti * BLOCK + offs < B, offs_d, D, stride_z,
                            UPCAST)
     tl.store(DscalePart + pid, tl.sum(dscale, 0))
+
+
+# ---------------------------------------------------------------------------
+# Backward, GEMM: dS of a block of rows to memory; the products dS·K and dSᵀ·Q are cuBLAS's
+# ---------------------------------------------------------------------------
+@autotune(configs(("BLOCK_M", "BLOCK_N"), DS_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
+@triton.jit
+def _bwd_ds_kernel(
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
+    DS, DscalePart,
+    B, M, D, stride_q, stride_k, stride_ds, B_LOG2, M_LOG2,
+    HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
+    N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (row tile, column tile): S recomputed once, dS (unscaled, rounded to DS's dtype
+    exactly as the dq/dk kernels round it before their products) stored, and the tile's partial
+    of dscale = Σ dS ⊙ (Q Kᵀ) written to DscalePart[row tile, column tile] (no atomics)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    scale = tl.load(Scale)
+    rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
+        pid_m, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
+    cols, col_mask, k_rows = col_tile(pid_n * BLOCK_N, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_tile = held_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST, ONE_CHUNK)
+    k_tile = held_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST, ONE_CHUNK)
+    s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
+                   BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
+    ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
+    lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)
+    ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
+    tl.store(DS + rows.to(tl.int64)[:, None] * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(DscalePart + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(ds * s_raw, 1), 0))

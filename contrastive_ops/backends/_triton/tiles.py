@@ -293,6 +293,9 @@ FWD_GPU = [((128, 128), 8, 3), ((128, 64), 4, 3), ((64, 128), 4, 3), ((64, 64), 
 # The dk kernel with the transposed accumulator (16-bit, D = 768 and 1024): dKᵀ (≤ 1024 × 32) += Qᵀ·dS,
 # so the whole of D is one output chunk (128 accumulator registers per thread on 8 warps).
 DK_WIDE_GPU = [((64, 32), 8, 2)]
+# The dS kernel of the GEMM backward: an S tile and an elementwise epilogue stored to memory, the
+# shape of a forward tile (SigLIP's forward list).
+DS_GPU = [((128, 128), 8, 3), ((128, 64), 4, 3), ((64, 128), 4, 3), ((64, 64), 4, 4)]
 DK_WIDE_MAX_D = 1024
 # Atomic backward: full-width (≤ 256) tiles of Q and K.
 BWD_ATOMIC_GPU = [((64, 64), 4, 2), ((64, 64), 8, 2), ((128, 64), 8, 2)]

@@ -1,0 +1,154 @@
+"""The GEMM backward of the Triton sim_lse core (``BACKWARD = "gemm"``).
+
+dS is written block by block by ``_bwd_ds_kernel`` and the two products are
+torch's; compared with the float64 reference over the cases of
+test_triton_kernels.py (ragged sizes, D not a power of two, B = 1, exclusions,
+q is k), with several row blocks, with outputs filled with NaN, and at logits
+of 1e5 (where the backward must read exactly the S the forward summed).  Cases
+with index lists or column ranges keep the dq/dk kernels.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import contrastive_ops as co
+from contrastive_ops.primitives.sim_lse import sim_lse_reference
+from contrastive_ops.testing import fp32_products
+from helpers import DEVICE, assert_close
+from contrastive_ops.backends._triton import siglip as tsiglip
+from contrastive_ops.backends._triton import tiles as ttiles
+from contrastive_ops.primitives.siglip_pairs import siglip_pairs_reference
+from test_triton_kernels import _forward_case, _i32, _ref_dtype, _reference_grads, _siglip_inputs, tcore
+from test_triton_minwork import _launches
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PRODUCTS = fp32_products("triton", DEVICE)
+
+
+@pytest.fixture
+def gemm(monkeypatch):
+    monkeypatch.setattr(tcore, "BACKWARD", "gemm")
+    monkeypatch.setattr(tcore, "POISON_OUTPUTS", True)  # a dS tile or dq row left unwritten is NaN
+    return monkeypatch
+
+
+_CASES = [("plain", True), ("plain", False), ("b1", True), ("exclude1", True), ("q_is_k_exclude_self", False)]
+
+
+@pytest.mark.parametrize("blocks", ["one", "many"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case,want_col", _CASES, ids=[f"{c}-{'col' if w else 'row'}" for c, w in _CASES])
+def test_gemm_backward_matches_reference(gemm, case, want_col, dtype, blocks):
+    if dtype != torch.float32 and case not in ("plain", "exclude1"):
+        pytest.skip("16-bit dtypes on two representative cases (interpreter time)")
+    if blocks == "many":  # one smallest tile of rows per block
+        gemm.setattr(tcore, "GEMM_DS_BYTES", 1)
+    q, k, kw, fkw, scale, row, col, g_row, g_col = _forward_case(case, dtype, want_col)
+    _, _, r_dq, r_dk, r_ds = _reference_grads(q, k, scale, kw, want_col, g_row, g_col)
+    (dq, dk, ds), ran = _launches(lambda: tcore.sim_lse_backward(q, k, scale, *fkw.values(), row, col, g_row,
+                                                                 g_col))
+    n_blocks = -(-q.shape[0] // tcore.min_block()) if blocks == "many" else 1
+    assert ran == {"bwd_ds": n_blocks}, ran
+    assert dq.dtype == q.dtype and dk.dtype == k.dtype and dq.shape == q.shape and dk.shape == k.shape
+    if k is q:
+        assert_close(dq.float() + dk.float(), r_dq, dtype, what="dq + dk (q is k)", products=PRODUCTS)
+    else:
+        assert_close(dq.float(), r_dq, dtype, what="dq", products=PRODUCTS)
+        assert_close(dk.float(), r_dk, dtype, what="dk", products=PRODUCTS)
+    assert_close(ds, r_ds.float(), dtype, what="dscale", products=PRODUCTS)
+
+
+@pytest.mark.parametrize("case", ["index", "range", "range_index_exclude2"])
+def test_index_lists_and_ranges_keep_the_kernels(gemm, case):
+    """The products of the GEMM backward need whole rows and columns: index lists and column
+    ranges take the dq/dk kernels (listed in ``backward_path``'s docstring)."""
+    q, k, kw, fkw, scale, row, col, g_row, g_col = _forward_case(case, torch.float32, False)
+    _, ran = _launches(lambda: tcore.sim_lse_backward(q, k, scale, *fkw.values(), row, col, g_row, g_col))
+    assert "bwd_ds" not in ran and ran.get("bwd_dq") == 1, ran
+
+
+def test_gemm_backward_is_deterministic(gemm):
+    gemm.setattr(tcore, "GEMM_DS_BYTES", 1)
+    q, k, kw, fkw, scale, row, col, g_row, g_col = _forward_case("plain", torch.float32, True)
+    a = tcore.sim_lse_backward(q, k, scale, *fkw.values(), row, col, g_row, g_col)
+    b = tcore.sim_lse_backward(q, k, scale, *fkw.values(), row, col, g_row, g_col)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("loss", ["clip_loss", "nt_xent"])
+def test_losses_on_the_gemm_backward(gemm, loss):
+    """A two-tensor loss and a Gram loss (which takes the general forward under this backward)."""
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(45, 24, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    args = (a, b, torch.tensor(7.0, device=DEVICE)) if loss == "clip_loss" else (a, b, 0.3)
+    ref = [t.detach().double().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
+    fn = getattr(co, loss)
+    out, ran = _launches(lambda: fn(*args, backend="triton"))
+    out.backward()
+    assert ran.get("fwd") == 1 and "gram_fwd" not in ran, ran
+    r = fn(*ref, backend="reference")
+    r.backward()
+    assert_close(out, r, torch.float32, what=loss, products=PRODUCTS)
+    for x, y in zip(args[:2], ref[:2]):
+        assert_close(x.grad, y.grad, torch.float32, what=f"{loss} grad", products=PRODUCTS)
+
+
+def test_gemm_backward_reads_the_forwards_s(gemm):
+    """Logits of 1e5 (features of norm 1e3 at scale 100, q is k with the self pair excluded): one
+    ulp of S is 2^-7, so a backward that rebuilt S differently from the forward would give softmax
+    weights far from the forward's normalisation; the gradient equals float64's to 1e-3 of its
+    largest entry (the budget of tests/test_large_values.py)."""
+    gemm.setattr(tcore, "GEMM_DS_BYTES", 1)
+    B, D = 70, 45
+    g = torch.Generator().manual_seed(3)
+    Z = torch.randn(B, D, generator=g, dtype=torch.float64)
+    Z = (Z / Z.norm(dim=1, keepdim=True) * 1e3).float().to(DEVICE)
+    exclude = _i32(torch.arange(B)[:, None])
+    scale = torch.tensor(100.0, device=DEVICE)
+    row, col = tcore.sim_lse_forward(Z, Z, scale, exclude=exclude)
+    g_row = torch.linspace(-1.5, 2.0, B, device=DEVICE)
+    dq, dk, _ = tcore.sim_lse_backward(Z, Z, scale, None, None, None, None, exclude, row, col, g_row,
+                                       torch.empty(0, device=DEVICE))
+    Zr = Z.detach().double().requires_grad_()
+    r_row, _ = sim_lse_reference(Zr, Zr, scale.double(), exclude=exclude)
+    (g_row.double() * r_row).sum().backward()
+    got = dq.double() + dk.double()
+    assert torch.isfinite(got).all()
+    tol = 1e-3 * float(Zr.grad.abs().max())
+    torch.testing.assert_close(got, Zr.grad, atol=tol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("blocks", ["one", "many"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(70, 70, 33), (1, 1, 72), (45, 38, 40)], ids=["70x70x33", "1x1x72", "45x38x40"])
+def test_siglip_gemm_backward(monkeypatch, shape, dtype, blocks):
+    monkeypatch.setattr(tsiglip, "BACKWARD", "gemm")
+    monkeypatch.setattr(ttiles, "POISON_OUTPUTS", True)
+    if blocks == "many":
+        monkeypatch.setattr(tsiglip, "GEMM_G_BYTES", 1)
+    x, y, scale, bias = _siglip_inputs(*shape, dtype)
+    grad = torch.tensor(0.37, device=DEVICE)
+    (dx, dy, dscale, dbias), ran = _launches(lambda: tsiglip.siglip_backward(x, y, scale, bias, grad))
+    n_blocks = -(-shape[0] // tcore.min_block()) if blocks == "many" else 1
+    assert ran == {"siglip_bwd_g": n_blocks}, ran
+    rd = _ref_dtype(dtype)
+    xr, yr = x.to(rd).requires_grad_(), y.to(rd).requires_grad_()
+    sr, br = scale.to(rd).requires_grad_(), bias.to(rd).requires_grad_()
+    ref = siglip_pairs_reference(xr, yr, sr, br)
+    r_dx, r_dy, r_ds, r_db = torch.autograd.grad(ref * grad.to(rd), (xr, yr, sr, br))
+    assert dx.dtype == dtype and dy.dtype == dtype
+    for got, want, what in ((dx.float(), r_dx, "dx"), (dy.float(), r_dy, "dy"), (dscale, r_ds.float(), "dscale"),
+                            (dbias, r_db.float(), "dbias")):
+        assert_close(got, want, dtype, what=what, products=PRODUCTS)
+
+
+def test_backward_setting_is_checked(monkeypatch):
+    monkeypatch.setattr(tcore, "BACKWARD", "fast")
+    with pytest.raises(ValueError, match="'deterministic', 'atomic' or 'gemm'"):
+        tcore.backward_path(64)
+    monkeypatch.setattr(tsiglip, "BACKWARD", "fast")
+    x, y, scale, bias = _siglip_inputs(4, 4, 8, torch.float32)
+    with pytest.raises(ValueError, match="'deterministic' or 'gemm'"):
+        tsiglip.siglip_backward(x, y, scale, bias, torch.tensor(1.0, device=DEVICE))
