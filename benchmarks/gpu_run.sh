@@ -19,9 +19,10 @@
 # 0 if every step passed, 1 otherwise.
 #
 # Knobs (environment variables, seconds unless said otherwise):
-#   TOTAL_BUDGET      whole run deadline                          (default 540)
+#   TOTAL_BUDGET      whole run deadline                          (default 570)
 #   BUILD_TIMEOUT     step 1                                      (default 180)
-#   TEST_TIMEOUT      step 2                                      (default 120)
+#   TEST_TIMEOUT      step tests                                  (default 240)
+#   PRIORITY_TIMEOUT  step tests-priority                         (default 120)
 #   SANITIZER_TIMEOUT each of memcheck and racecheck              (default 45)
 #   SANITIZER_LOSSES  losses for the sanitizers (comma-separated) (default info_nce,siglip_loss,sinkhorn_knopp)
 #   SANITIZER_PYTEST  extra pytest arguments also run under memcheck (default: none)
@@ -36,9 +37,11 @@
 #   SWEEP_ARGS        extra arguments of "bench"                  (default: none)
 #   PYTEST_ARGS       extra arguments of step 2                   (default: none)
 #   STEPS             comma-separated steps, run in the order given, from build,tests-priority,
-#                     tests,memcheck,racecheck,quick,profile,selfcheck,mvbench,sweep (default: all
-#                     but profile, in that order)
-#   QUICK_ARGS        extra arguments of benchmarks/gpu_quick.py (step quick)
+#                     tests,memcheck,racecheck,quick,profile,selfcheck,mvbench,sweep (default:
+#                     build,quick,tests-priority,memcheck,racecheck,tests,profile,selfcheck,mvbench,
+#                     sweep: timings first, then the tests (verbose: a cut run still names each
+#                     result); what the deadline leaves out is listed as SKIPPED)
+#   QUICK_ARGS        arguments of benchmarks/gpu_quick.py (step quick; default --sizes 16384,65536 --peers)
 #   QUICK_TIMEOUT     step quick                                  (default 150)
 #   QUICK_TUNE=1      autotune in step quick (default: each kernel's default config)
 #   PROFILE_TIMEOUT   each run of step profile                    (default 90)
@@ -52,7 +55,7 @@ set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 START=$(date +%s)
-TOTAL_BUDGET=${TOTAL_BUDGET:-540}
+TOTAL_BUDGET=${TOTAL_BUDGET:-570}
 PY=${PYTHON:-python}
 
 device_name() {
@@ -129,7 +132,7 @@ if [ -d "$ROOT/.whl" ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
     fi
 fi
 
-STEPS=${STEPS:-build,tests-priority,tests,memcheck,racecheck,quick,selfcheck,mvbench,sweep}
+STEPS=${STEPS:-build,quick,tests-priority,memcheck,racecheck,tests,profile,selfcheck,mvbench,sweep}
 
 # Test, sanitizer and self-check steps compile one Triton config per kernel (autotuning over the
 # full lists would spend the run in the compiler); a fresh cache counts what each step compiled.
@@ -156,7 +159,7 @@ PRIORITY=(tests/test_large_values.py tests/test_determinism.py tests/test_cext.p
 for f in tests/test_cuda_tiling.py tests/test_triton_minwork.py; do [ -f "$f" ] && PRIORITY+=("$f"); done
 do_tests_priority() {
     # shellcheck disable=SC2086
-    step tests-priority "${PRIORITY_TIMEOUT:-150}" "${ONE_CONFIG[@]}" $PY -m pytest -q -p no:cacheprovider -rfE \
+    step tests-priority "${PRIORITY_TIMEOUT:-120}" "${ONE_CONFIG[@]}" $PY -m pytest -v -p no:cacheprovider -rfE \
         "${XDIST[@]}" "${HAS_TIMEOUT[@]}" --junitxml "$RES/junit-priority.xml" "${PRIORITY[@]}" ${PYTEST_ARGS:-}
     note_compiles
 }
@@ -164,7 +167,7 @@ do_tests() {
     local DESELECT=()
     for f in "${PRIORITY[@]}"; do DESELECT+=(--ignore "$f"); done
     # shellcheck disable=SC2086
-    step tests "${TEST_TIMEOUT:-240}" "${ONE_CONFIG[@]}" $PY -m pytest -q -p no:cacheprovider -rfE -m "not slow" \
+    step tests "${TEST_TIMEOUT:-240}" "${ONE_CONFIG[@]}" $PY -m pytest -v -p no:cacheprovider -rfE -m "not slow" \
         "${XDIST[@]}" "${HAS_TIMEOUT[@]}" --junitxml "$RES/junit-tests.xml" ${TEST_FILES:-tests "${DESELECT[@]}"} \
         ${PYTEST_ARGS:-}
     note_compiles
@@ -198,7 +201,7 @@ do_quick() {
     [ "${QUICK_TUNE:-0}" = "1" ] && cfg=()
     # shellcheck disable=SC2086
     step quick "${QUICK_TIMEOUT:-150}" "${cfg[@]}" $PY benchmarks/gpu_quick.py --json "$RES/quick.json" \
-        --budget $(( ${QUICK_TIMEOUT:-150} - 30 )) ${QUICK_ARGS:-}
+        --budget $(( ${QUICK_TIMEOUT:-150} - 30 )) ${QUICK_ARGS:---sizes 16384,65536 --peers}
     cat "$RES/quick.log" >> "$SUMMARY"
 }
 
