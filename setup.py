@@ -60,8 +60,9 @@ def _libstdcxx_link_flags():
 
     The extension runs in a process where torch has already loaded
     libstdc++.so.6.  A toolchain that links libstdc++ statically (an explicit
-    -static-libstdc++ in LDFLAGS, or a compiler built with it as its default)
-    puts a second copy of the runtime into _C.so.  The two copies do not stay
+    -static-libstdc++ in LDFLAGS, a compiler built with it as its default, or
+    one whose library directory holds only libstdc++.a) puts a second copy of
+    the runtime into _C.so.  The two copies do not stay
     apart: the std::locale facet ids are STB_GNU_UNIQUE symbols that the loader
     merges process-wide, and Python's -Wl,-Bsymbolic-functions binds our calls to
     the private functions, so the private locale code indexes its tables with the
@@ -73,16 +74,19 @@ def _libstdcxx_link_flags():
     but leave two C++ runtimes, with their own exception handling and
     std::terminate, under torch's exceptions that cross our frames; dropping
     -Bsymbolic-functions does not help either (the merged facet ids remain).
-    So: put "-Wl,-Bdynamic -lstdc++" after the objects.  The linker resolves every
-    runtime symbol they use against libstdc++.so, which is recorded as NEEDED;
-    a libstdc++.a the driver appends after it then supplies nothing.  The built
-    library is checked afterwards (BuildExt.run): a toolchain with no
-    libstdc++.so at all fails the build with an error instead of producing an
-    extension that crashes.
+    So: name the libstdc++.so.6 that torch runs on (the file this process has
+    loaded) on the link line after the objects, behind -Wl,-Bdynamic
+    (_linkcheck.link_args).  The linker resolves every runtime symbol of our
+    objects against it and records it as NEEDED; a libstdc++.a that the driver
+    appends after it then supplies nothing.  A plain -lstdc++ would not do: a
+    toolchain whose library directory holds only libstdc++.a resolves it to the
+    archive.  The built library is checked afterwards (BuildExt.run): one that
+    still defines C++ runtime symbols fails the build with an error instead of
+    being installed and crashing.
     """
     if os.name == "nt" or sys.platform == "darwin":
         return []
-    return list(_linkcheck().LINK_ARGS)
+    return _linkcheck().link_args()
 
 
 def _nvidia_include_dirs():

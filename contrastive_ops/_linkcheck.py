@@ -11,23 +11,47 @@ the other copy.  Printing an integer into a stream then fails: the message of
 every ``TORCH_CHECK`` that formats a number comes out truncated (the stream
 goes bad) or the process crashes inside ``std::ostream::_M_insert<long>``.
 
-``setup.py`` links ``-lstdc++`` dynamically (``LINK_ARGS``) and calls
+``setup.py`` links the shared libstdc++ explicitly (``link_args``) and calls
 ``check_extension`` on the built library; ``tests/test_linkage.py`` checks the
 library the tests load.  Both read the ELF symbol tables here rather than run
 ``nm``, which a machine that only runs the library may lack.
 """
 from __future__ import annotations
 
+import os
 import struct
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
-# Appended to the extension's link line (after the objects and torch's libraries; the
-# compiler driver adds its own "-lstdc++" after these).  "-Bdynamic" first, so that no
-# "-Bstatic" earlier on the line applies to it: every C++ runtime symbol our objects
-# use is then resolved against libstdc++.so, and a libstdc++.a that the driver may
-# append afterwards (-static-libstdc++, as a flag or a spec default) has nothing left
-# to contribute, so no archive member of it is linked in.
-LINK_ARGS = ["-Wl,-Bdynamic", "-lstdc++"]
+def loaded_libstdcxx() -> Optional[str]:
+    """The file of the libstdc++ shared library mapped into this process (Linux; after ``import torch``), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(maxsplit=5)
+                if len(fields) == 6 and os.path.basename(fields[5]).startswith("libstdc++.so"):
+                    return fields[5]
+    except OSError:
+        pass
+    return None
+
+
+def link_args() -> List[str]:
+    """Arguments that link the extension against the shared libstdc++ that torch runs on.
+
+    Appended to the link line (after the objects and torch's libraries; the compiler
+    driver adds its own libstdc++ after these).  The runtime is named by the file
+    this process has loaded, not by ``-lstdc++``: a toolchain whose library directory
+    holds only ``libstdc++.a`` would resolve ``-lstdc++`` to the archive.  With the
+    shared library first on the line, every C++ runtime symbol of our objects is
+    resolved against it (recorded as DT_NEEDED ``libstdc++.so.6``), and an archive
+    that the driver appends afterwards (``-static-libstdc++``, as a flag or as the
+    compiler's default) has nothing left to contribute.  ``-Bdynamic`` first, so that
+    no ``-Bstatic`` earlier on the line applies.  Without a loaded libstdc++ (not
+    Linux, or a torch that does not use it): ``-lstdc++``.
+    """
+    lib = loaded_libstdcxx()
+    return ["-Wl,-Bdynamic", lib if lib else "-lstdc++"]
+
 
 # Functions and data that only the C++ runtime itself defines: explicit instantiations
 # that the headers declare ``extern template`` and non-template runtime entry points.
@@ -126,6 +150,7 @@ def check_extension(path: str) -> None:
             f"{path} defines C++ runtime symbols ({', '.join(found)}): libstdc++ was linked into it "
             "statically (-static-libstdc++ in LDFLAGS, or the compiler's default). Next to the "
             "libstdc++.so.6 that torch loads, that copy fails to format numbers in error messages "
-            "or crashes. Link against the shared libstdc++: remove -static-libstdc++ from the flags, "
-            "or build with a compiler whose libstdc++.so is installed (e.g. CXX=g++ of the system)."
+            "or crashes. Link against the shared libstdc++.so.6 that torch uses (setup.py passes it "
+            "after the objects; check that the link line ends with it and that nothing after it "
+            "brings libstdc++.a), or build with the system compiler (CXX=g++)."
         )

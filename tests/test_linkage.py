@@ -4,7 +4,7 @@ A ``contrastive_ops._C`` linked with its own copy of libstdc++ (``-static-libstd
 or a compiler that does so by default) shares the process with the
 ``libstdc++.so.6`` that torch loads; the two copies' locale data get mixed and
 every ``TORCH_CHECK`` message that prints a number is cut short or crashes the
-process.  ``setup.py`` links the shared libstdc++ (``_linkcheck.LINK_ARGS``) and
+process.  ``setup.py`` links the shared libstdc++ (``_linkcheck.link_args()``) and
 checks the result; these tests check the library the tests load, the checker
 itself (on small libraries built here with and without a static libstdc++), and
 the messages.
@@ -92,46 +92,60 @@ _SOURCE = textwrap.dedent("""\
 
 @pytest.fixture(scope="module")
 def small_libraries(tmp_path_factory):
-    """A small C++ library that formats an integer, linked as setup.py links and with -static-libstdc++ alone.
+    """A small C++ library that formats an integer, linked in the ways that put libstdc++ inside, and fixed.
 
-    Both links carry ``-Wl,-Bsymbolic-functions -static-libstdc++`` in front, as the failing
-    toolchain's link line did; the first adds ``_linkcheck.LINK_ARGS`` after the object.
+    ``static``: ``-Wl,-Bsymbolic-functions -static-libstdc++``, as with a compiler that links
+    libstdc++ statically by default; ``archive_only``: a library directory holding only
+    ``libstdc++.a`` ahead of the system's.  The ``+link_args`` variants add
+    ``_linkcheck.link_args()`` after the object, as ``setup.py`` does.
     """
     if not sys.platform.startswith("linux"):
         pytest.skip("ELF shared libraries only")
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler")
+    archive = subprocess.run([cxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(archive):
+        pytest.skip("this compiler has no libstdc++.a")
     d = tmp_path_factory.mktemp("linkage")
-    src, obj = d / "fmt.cpp", d / "fmt.o"
+    src, obj, only_a = d / "fmt.cpp", d / "fmt.o", d / "archive_only"
     src.write_text(_SOURCE)
+    only_a.mkdir()
+    os.symlink(archive, only_a / "libstdc++.a")
     subprocess.run([cxx, "-O2", "-fPIC", "-c", str(src), "-o", str(obj)], check=True)
-    head = [cxx, "-shared", "-Wl,-Bsymbolic-functions", "-static-libstdc++", str(obj)]
-    fixed, static = d / "fixed.so", d / "static.so"
-    subprocess.run(head + ["-o", str(fixed)] + _linkcheck.LINK_ARGS, check=True)
-    r = subprocess.run(head + ["-o", str(static)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"this compiler cannot link libstdc++ statically: {r.stderr.strip()[-300:]}")
-    return str(fixed), str(static)
+    heads = {
+        "static": [cxx, "-shared", "-Wl,-Bsymbolic-functions", "-static-libstdc++", str(obj)],
+        "archive_only": [cxx, "-shared", "-Wl,-Bsymbolic-functions", f"-L{only_a}", str(obj)],
+    }
+    libs = {}
+    for name, head in heads.items():
+        for suffix, tail in (("", []), ("+link_args", _linkcheck.link_args())):
+            out = d / f"{name}{suffix}.so"
+            subprocess.run(head + ["-o", str(out)] + tail, check=True)
+            libs[name + suffix] = str(out)
+    return libs
 
 
-def test_checker_flags_a_static_libstdcxx(small_libraries):
-    fixed, static = small_libraries
-    found = _linkcheck.private_libstdcxx_symbols(static)
+@pytest.mark.parametrize("name", ["static", "archive_only"])
+def test_checker_flags_a_private_libstdcxx(small_libraries, name):
+    path = small_libraries[name]
+    found = _linkcheck.private_libstdcxx_symbols(path)
     assert "std::ostream::_M_insert<long>(long)" in found and "std::locale::classic()" in found, found
     with pytest.raises(_linkcheck.LinkageError, match="linked into it statically"):
-        _linkcheck.check_extension(static)
+        _linkcheck.check_extension(path)
 
 
-def test_link_args_keep_the_shared_libstdcxx(small_libraries):
-    """setup.py's link arguments win over -static-libstdc++: no copy inside, libstdc++.so needed, integers format."""
-    fixed, _ = small_libraries
-    assert _linkcheck.private_libstdcxx_symbols(fixed) == []
-    assert any(n.startswith("libstdc++.so") for n in _linkcheck.elf_symbols(fixed)[1])
+@pytest.mark.parametrize("name", ["static", "archive_only"])
+def test_link_args_keep_the_shared_libstdcxx(small_libraries, name):
+    """setup.py's link arguments win: no copy inside, libstdc++.so needed, integers format next to torch."""
+    path = small_libraries[name + "+link_args"]
+    assert _linkcheck.private_libstdcxx_symbols(path) == []
+    _linkcheck.check_extension(path)
+    assert any(n.startswith("libstdc++.so") for n in _linkcheck.elf_symbols(path)[1])
     # In a process where torch has loaded libstdc++.so.6 (a subprocess: a broken library may crash).
     code = textwrap.dedent(f"""\
         import ctypes, torch
-        lib = ctypes.CDLL({fixed!r})
+        lib = ctypes.CDLL({path!r})
         buf = ctypes.create_string_buffer(64)
         ok = lib.format_long(42, buf, 64)
         print(ok, buf.value.decode())
@@ -146,7 +160,7 @@ def test_checker_agrees_with_nm(small_libraries):
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("no nm")
-    paths = list(small_libraries)
+    paths = list(small_libraries.values())
     if _OK and sys.platform.startswith("linux"):
         paths.append(_extension_path())
     for path in paths:
