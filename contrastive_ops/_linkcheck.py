@@ -18,6 +18,7 @@ library the tests load.  Both read the ELF symbol tables here rather than run
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from typing import Dict, List, Optional, Set, Tuple
@@ -87,9 +88,13 @@ def elf_symbols(path: str) -> Tuple[Set[str], List[str]]:
     Raises ``ValueError`` if ``path`` is not an ELF file.
     """
     with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != b"\x7fELF":
-        raise ValueError(f"{path} is not an ELF file")
+        if os.fstat(f.fileno()).st_size < 64 or f.read(4) != b"\x7fELF":
+            raise ValueError(f"{path} is not an ELF file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:  # CUDA libraries can be large
+            return _read_symbols(data)
+
+
+def _read_symbols(data) -> Tuple[Set[str], List[str]]:
     is64 = data[4] == 2
     end = "<" if data[5] == 1 else ">"
     if is64:
