@@ -14,6 +14,7 @@ with CUDA, every ``csrc/**/*.cu``.  Recommended install, against the torch
 already installed: ``pip install --no-build-isolation .``
 """
 import glob
+import importlib.util
 import os
 import sys
 
@@ -44,6 +45,48 @@ def _openmp_flags(torch):
     if os.name == "nt" or sys.platform == "darwin" or not torch.backends.openmp.is_available():
         return []
     return ["-fopenmp"]
+
+
+def _linkcheck():
+    """``contrastive_ops/_linkcheck.py``, loaded from its file (the package itself imports torch & co.)."""
+    spec = importlib.util.spec_from_file_location("_contrastive_ops_linkcheck", os.path.join(ROOT, PKG, "_linkcheck.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _libstdcxx_link_flags():
+    """Link the C++ runtime as the shared libstdc++.so, never as a private static copy (ELF platforms).
+
+    The extension runs in a process where torch has already loaded
+    libstdc++.so.6.  A toolchain that links libstdc++ statically (an explicit
+    -static-libstdc++ in LDFLAGS, a compiler built with it as its default, or
+    one whose library directory holds only libstdc++.a) puts a second copy of
+    the runtime into _C.so.  The two copies do not stay
+    apart: the std::locale facet ids are STB_GNU_UNIQUE symbols that the loader
+    merges process-wide, and Python's -Wl,-Bsymbolic-functions binds our calls to
+    the private functions, so the private locale code indexes its tables with the
+    other copy's ids.  Formatting an integer into a stream then fails: every
+    TORCH_CHECK message with a number in it is cut short, or the process crashes
+    in std::ostream::_M_insert<long> (seen with a GCC 13 toolchain on Ubuntu 24.04).
+
+    Hiding the copy instead (-Wl,--exclude-libs) would keep it self-consistent
+    but leave two C++ runtimes, with their own exception handling and
+    std::terminate, under torch's exceptions that cross our frames; dropping
+    -Bsymbolic-functions does not help either (the merged facet ids remain).
+    So: name the libstdc++.so.6 that torch runs on (the file this process has
+    loaded) on the link line after the objects, behind -Wl,-Bdynamic
+    (_linkcheck.link_args).  The linker resolves every runtime symbol of our
+    objects against it and records it as NEEDED; a libstdc++.a that the driver
+    appends after it then supplies nothing.  A plain -lstdc++ would not do: a
+    toolchain whose library directory holds only libstdc++.a resolves it to the
+    archive.  The built library is checked afterwards (BuildExt.run): one that
+    still defines C++ runtime symbols fails the build with an error instead of
+    being installed and crashing.
+    """
+    if os.name == "nt" or sys.platform == "darwin":
+        return []
+    return _linkcheck().link_args()
 
 
 def _nvidia_include_dirs():
@@ -143,7 +186,7 @@ def extensions():
     # libgomp.so.1 resolves to the copy torch has already loaded.
     openmp = _openmp_flags(torch)
     extra["cxx"] += openmp
-    link_args = list(openmp)
+    link_args = list(openmp) + _libstdcxx_link_flags()
     if with_cuda:
         include_dirs += nvidia_dirs
         extra["nvcc"] = ["-O3", "-lineinfo"] + [f for o in openmp for f in ("-Xcompiler", o)]
@@ -168,11 +211,21 @@ def extensions():
         print(f"  CUDA_HOME={cuda_home}  TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(local GPU)')}")
         print(f"  extra include dirs: {nvidia_dirs}")
     print(f"  OpenMP: {' '.join(openmp) if openmp else 'off (the CPU kernels run on one thread)'}")
+    print(f"  extra link args: {' '.join(link_args) if link_args else '(none)'}")
     print(f"  MAX_JOBS={os.environ['MAX_JOBS']}  sources={sources}")
 
     class BuildExt(ce.BuildExtension):
         def run(self):
             super().run()
+            if sys.platform.startswith("linux"):
+                check = _linkcheck()
+                for e in self.extensions:
+                    path = self.get_ext_fullpath(e.name)
+                    try:
+                        check.check_extension(path)
+                    except check.LinkageError:
+                        os.remove(path)  # leave no library behind that would crash when imported
+                        raise
             # build_py may already have copied the package: make sure the
             # installed copy carries the build info of this build.
             src = os.path.join(ROOT, PKG, "_build_info.py")
