@@ -11,8 +11,8 @@ constexprs that follow D (``BLOCK_D``, ``BLOCK_DO``, ``ONE_CHUNK``, ``REUSE``,
 and the autotuned block sizes are dropped (one config per key with
 ``default``).  The count times the per-config compile time measured by the
 sm_90a compile gate (the medians per dtype in
-``benchmarks/results/triton-sm90-static.json``, on this 2-core machine) is the
-model of the test step's compile time.
+``benchmarks/results/triton-sm90-static-<minor>.json`` of the installed
+Triton, on this 2-core machine) is the model of the test step's compile time.
 
     python benchmarks/compile_time_model.py tests/test_triton_kernels.py tests/test_swav.py -x -q
     python benchmarks/compile_time_model.py --from-keys keys.json     # reuse a recorded run
@@ -33,7 +33,6 @@ from collections import Counter
 from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.path.join(ROOT, "benchmarks", "results", "triton-sm90-static.json")
 _D_DERIVED = ("BLOCK_D", "BLOCK_DO", "ONE_CHUNK", "REUSE", "BLOCK_DP", "BLOCK_K", "BLOCK_B")
 _AUTOTUNED = ("BLOCK_M", "BLOCK_N", "BLOCK")
 
@@ -107,8 +106,11 @@ class Recorder:
 
 
 def _compile_seconds() -> Dict[tuple, float]:
-    """Median compile time of one config per (kernel, dtype) and per dtype, from the compile gate's cache."""
-    with open(CACHE) as f:
+    """Median compile time of one config per (kernel, dtype) and per dtype, from the compile gate's cache of
+    the installed Triton's minor version."""
+    from contrastive_ops.backends._triton.specs import cache_path
+
+    with open(cache_path()) as f:
         rows = [r for r in json.load(f)["rows"].values() if r.get("compile_s")]
     out = {}
     for dt in ("bf16", "fp16", "fp32"):

@@ -14,10 +14,12 @@ it for this one), in parallel, and each must have:
 * ``cp.async`` or TMA where it streams tiles through a loop (every dot kernel).
 
 Variants whose (kernel source hash, spec, Triton version) is in the committed
-cache ``benchmarks/results/triton-sm90-static.json`` are not compiled again: a
-CI run compiles only what changed.  Regenerate the cache and the table
-``benchmarks/results/triton-sm90-static.md`` with
-``python -m contrastive_ops.backends._triton.specs --write``.
+cache ``benchmarks/results/triton-sm90-static-<minor>.json`` of the installed
+Triton (3.6, 3.8: each bundles its own ptxas) are not compiled again: a CI run
+compiles only what changed.  Regenerate the cache and the table
+``benchmarks/results/triton-sm90-static-<minor>.md`` with
+``python -m contrastive_ops.backends._triton.specs --write`` under each Triton
+(3.6: the venv of ``.ci/oldest``, which runs this gate too).
 
 Each variant is compiled with the ``tt.divisibility`` attrs of its spec's
 ``divisible_by_16`` (``tiles.spec_attrs``), as Triton's launcher specializes a
@@ -25,9 +27,10 @@ contiguous launch; without them the loads are not vectorized (no ``cp.async``).
 Cost on the 2-core development machine: every variant from scratch about 4
 minutes (0.3–19 s each); with the committed cache a few seconds.  Known
 failures are ``xfail(strict=True)`` with the measured fault as the reason
-(``expect_fail``, set in each kernel module's ``compile_specs`` from its
-``_GATE_FAULTS`` table), so the gate turns red if a kernel regresses and asks
-for the entry to go when one is fixed.
+(``expect_fail``, set in each kernel module's ``compile_specs`` from the
+installed Triton's table in its ``_GATE_FAULTS``), so the gate turns red if a
+kernel regresses and asks for the entry to go when one is fixed, under each
+Triton it has a table for.
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ _MOD = "contrastive_ops.backends._triton.specs"
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # no TRITON_INTERPRET (the gate compiles), no measuring mode (the fault tables apply)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CONTRASTIVE_OPS_GATE_MEASURE")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -166,12 +170,48 @@ def test_divisibility_is_compiled_and_keyed():
 
 
 def test_known_faults_must_match_a_spec():
-    """A fault entry that names no variant (a renamed kernel, a dropped config) is an error, not a silent no-op."""
+    """A fault entry that names no variant (a renamed kernel, a dropped config) is an error, not a silent no-op,
+    in the table of any Triton version."""
     from contrastive_ops.backends._triton.tiles import mark_known_faults, spec_config
 
     sp = dict(name="k", dtype="bf16", D=128, constexprs={"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
     assert spec_config(sp) == "64x32 w4 s2"
-    out = mark_known_faults([dict(sp)], {("k", "bf16", (128,), "64x32 w4 s2"): "spills 8 B"}, "t")
-    assert out[0]["expect_fail"].startswith("k bf16 D=128 64x32 w4 s2: spills 8 B")
+    fault = {("k", "bf16", (128,), "64x32 w4 s2"): "spills 8 B"}
+    stale = {("k", "bf16", (256,), "64x32 w4 s2"): "spills 8 B"}
+    out = mark_known_faults([dict(sp)], {"3.6": fault, "3.8": {}}, "t", version="3.6.0")
+    assert out[0]["expect_fail"].startswith("k bf16 D=128 64x32 w4 s2: spills 8 B (Triton 3.6 ")
     with pytest.raises(ValueError, match="match no spec"):
-        mark_known_faults([dict(sp)], {("k", "bf16", (256,), "64x32 w4 s2"): "spills 8 B"}, "t")
+        mark_known_faults([dict(sp)], {"3.6": stale, "3.8": {}}, "t", version="3.6")
+    with pytest.raises(ValueError, match="match no spec"):       # stale under the other version
+        mark_known_faults([dict(sp)], {"3.6": fault, "3.8": stale}, "t", version="3.6")
+
+
+def test_known_faults_are_per_triton_version(monkeypatch):
+    """Each Triton minor version has its own table (its own ptxas): a variant that spills only under 3.6 is
+    expected to fail there and to pass under 3.8; an unmeasured Triton or an unversioned table raises."""
+    from contrastive_ops.backends._triton import siglip, sim_lse
+    from contrastive_ops.backends._triton.tiles import mark_known_faults, triton_minor
+
+    monkeypatch.delenv("CONTRASTIVE_OPS_GATE_MEASURE", raising=False)
+    assert [triton_minor(v) for v in ("3.6.0", "3.8.0+git1a2b3c4", "3.10.1")] == ["3.6", "3.8", "3.10"]
+    with pytest.raises(ValueError, match="minor version"):
+        triton_minor("nightly")
+    sp = dict(name="k", dtype="bf16", D=128, constexprs={"BLOCK": 64}, num_warps=4, num_stages=2)
+    faults = {"3.6": {("k", "bf16", (128,), "64 w4 s2"): "spills 8 B"}, "3.8": {}}
+    assert "expect_fail" in mark_known_faults([dict(sp)], faults, "t", version="3.6")[0]
+    assert "expect_fail" not in mark_known_faults([dict(sp)], faults, "t", version="3.8")[0]
+    with pytest.raises(ValueError, match="no compile-gate fault table for Triton 3.7"):
+        mark_known_faults([dict(sp)], faults, "t", version="3.7.1")
+    monkeypatch.setenv("CONTRASTIVE_OPS_GATE_MEASURE", "1")     # specs --faults measuring a new Triton
+    assert "expect_fail" not in mark_known_faults([dict(sp)], faults, "t", version="3.7.1")[0]
+    with pytest.raises(ValueError, match="keyed by Triton minor version"):
+        mark_known_faults([dict(sp)], faults["3.6"], "t", version="3.6")
+    # the kernel modules' tables: the same versions, each with its committed cache and table
+    versions = set(sim_lse._GATE_FAULTS)
+    assert set(siglip._GATE_FAULTS) == versions and {"3.6", "3.8"} <= versions
+    from contrastive_ops.backends._triton.specs import cache_path, table_path
+
+    for v in sorted(versions):
+        assert os.path.exists(table_path(v)), table_path(v)
+        with open(cache_path(v)) as f:
+            assert triton_minor(json.load(f)["triton"]) == v, cache_path(v)

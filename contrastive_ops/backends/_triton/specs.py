@@ -32,11 +32,19 @@ Compiling (:func:`compile_spec`) needs ``TRITON_INTERPRET`` unset *before*
 ``import triton``; the gate runs it in separate processes:
 
     python -m contrastive_ops.backends._triton.specs --write      # regenerate cache + table
+    python -m contrastive_ops.backends._triton.specs --faults     # the fault tables' entries
     python -m contrastive_ops.backends._triton.specs --list       # the variants, as JSON
 
-Results are cached by (kernel source hash, spec with its divisibility attrs, Triton version) in
-``benchmarks/results/triton-sm90-static.json``: a variant whose key is in the
-cache is not compiled again.
+Each Triton minor version compiles with its own ptxas and allocates registers
+differently (a variant that spills under one may not under another), so the
+gate keeps one of everything per minor version: the expected faults
+(``_GATE_FAULTS[version]`` of the kernel modules, ``tiles.mark_known_faults``),
+the cache ``benchmarks/results/triton-sm90-static-<version>.json`` and the
+table ``benchmarks/results/triton-sm90-static-<version>.md``.  ``--write`` and
+``--faults`` measure the installed Triton; run them under each supported one
+(3.6: the venv of ``.ci/oldest``).  Results are cached by (kernel source hash,
+spec with its divisibility attrs, Triton version): a variant whose key is in
+the cache is not compiled again.
 """
 from __future__ import annotations
 
@@ -67,8 +75,21 @@ GATE_DS = (64, 128, 256, 512, 768, 1024)   # the feature widths the gate covers
 _REQUIRED = ("name", "fn", "args", "constexprs", "num_warps", "num_stages", "dtype", "D")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-CACHE_PATH = os.path.join(_ROOT, "benchmarks", "results", "triton-sm90-static.json")
-TABLE_PATH = os.path.join(_ROOT, "benchmarks", "results", "triton-sm90-static.md")
+_RESULTS = os.path.join(_ROOT, "benchmarks", "results")
+
+
+def cache_path(version: Optional[str] = None) -> str:
+    """The committed result cache of a Triton minor version (default: the installed one)."""
+    from .tiles import triton_minor
+
+    return os.path.join(_RESULTS, f"triton-sm90-static-{triton_minor(version)}.json")
+
+
+def table_path(version: Optional[str] = None) -> str:
+    """The gate's table (``render_table``) of a Triton minor version (default: the installed one)."""
+    from .tiles import triton_minor
+
+    return os.path.join(_RESULTS, f"triton-sm90-static-{triton_minor(version)}.md")
 
 
 # --------------------------------------------------------------------------- collection
@@ -310,7 +331,9 @@ def problems(row: dict) -> List[str]:
 # --------------------------------------------------------------------------- cache, pool, table
 
 
-def load_cache(path: str = CACHE_PATH) -> Dict[str, dict]:
+def load_cache(path: Optional[str] = None) -> Dict[str, dict]:
+    """The rows of a result cache (default: the installed Triton's ``cache_path``), by key."""
+    path = path or cache_path()
     if not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -335,6 +358,8 @@ def run_gate(all_configs: bool = False, jobs: Optional[int] = None, cache: Optio
     """Rows for every spec: from ``cache`` where the key is there, compiled (in ``jobs`` processes) otherwise."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
+
+    from .tiles import spec_config
 
     specs = collect(all_configs)
     cache = cache or {}
@@ -364,7 +389,7 @@ def run_gate(all_configs: bool = False, jobs: Optional[int] = None, cache: Optio
                     os.environ.pop("TRITON_CACHE_DIR", None)
                 else:
                     os.environ["TRITON_CACHE_DIR"] = old
-    return [dict(rows[s["key"]], expect_fail=s.get("expect_fail")) for s in specs]
+    return [dict(rows[s["key"]], expect_fail=s.get("expect_fail"), table_config=spec_config(s)) for s in specs]
 
 
 def _cost_guess(spec: dict) -> float:
@@ -376,12 +401,13 @@ def _cost_guess(spec: dict) -> float:
     return area * (8 if spec["dtype"] == "fp32" else 1)
 
 
-def write_cache(rows: List[dict], path: str = CACHE_PATH) -> None:
+def write_cache(rows: List[dict], path: Optional[str] = None) -> None:
     import triton
 
+    path = path or cache_path()
     keep = {}
     for r in rows:
-        r = {k: v for k, v in r.items() if k not in ("cached", "expect_fail", "id", "Ds")}
+        r = {k: v for k, v in r.items() if k not in ("cached", "expect_fail", "id", "Ds", "table_config")}
         keep[r["key"]] = r
     with open(path, "w") as f:
         json.dump(dict(triton=triton.__version__, target=list(TARGET), rows=dict(sorted(keep.items()))), f, indent=1)
@@ -439,18 +465,46 @@ def render_table(rows: List[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_faults(rows: List[dict]) -> str:
+    """The ``_GATE_FAULTS`` table of each kernel module for the installed Triton, from the gate's rows
+    (``run_gate``): every variant that fails a check, keyed as ``tiles.mark_known_faults`` reads it."""
+    from .tiles import triton_minor
+
+    by_module: Dict[str, List[str]] = {}
+    for r in sorted(rows, key=lambda r: (r["module"], r["name"], DTYPES.index(r["dtype"]),
+                                         [d or 0 for d in r["Ds"]], r["table_config"])):
+        probs = problems(r)
+        if probs:
+            ds = "(" + ", ".join(str(d) for d in r["Ds"]) + ("," if len(r["Ds"]) == 1 else "") + ")"
+            key, why = f'("{r["name"]}", "{r["dtype"]}", {ds}, "{r["table_config"]}"):', f'"{"; ".join(probs)}",'
+            line = f"        {key} {why}"
+            if len(line) > 120:
+                line = f"        {key}\n            {why}"
+            by_module.setdefault(r["module"], []).append(line)
+    v = triton_minor()
+    out = []
+    for module, lines in by_module.items():
+        out += [f"# backends/_triton/{module}.py, _GATE_FAULTS", f'    "{v}": {{'] + lines + ["    },", ""]
+    return "\n".join(out) if out else f"# no variant fails the gate under Triton {v}\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--list", action="store_true", help="print the specs as JSON and exit")
     p.add_argument("--all-configs", action="store_true", help="every autotune config, not only the defaults")
     p.add_argument("--jobs", type=int, default=None, help="compile processes (default: the CPU count)")
     p.add_argument("--no-cache", action="store_true", help="compile everything, ignoring the committed cache")
-    p.add_argument("--write", action="store_true", help="update the committed cache and table")
+    p.add_argument("--write", action="store_true",
+                   help="update the committed cache and table of the installed Triton's minor version")
+    p.add_argument("--faults", action="store_true",
+                   help="print the _GATE_FAULTS entries of the installed Triton's minor version")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the gate compiles for the GPU", file=sys.stderr)
         return 2
+    if a.faults:  # measuring: a Triton without a fault table yet expects every variant to pass
+        os.environ["CONTRASTIVE_OPS_GATE_MEASURE"] = "1"
     if a.list:
         json.dump([dict(id=s["id"], key=s["key"], module=s["module"], name=s["name"], dtype=s["dtype"], Ds=s["Ds"],
                         expect_fail=s.get("expect_fail")) for s in collect(a.all_configs)], sys.stdout)
@@ -468,8 +522,10 @@ def main(argv=None) -> int:
         merged = dict(load_cache())
         merged.update({r["key"]: r for r in rows})
         write_cache(list(merged.values()) if a.all_configs else rows)
-        with open(TABLE_PATH, "w") as f:
+        with open(table_path(), "w") as f:
             f.write(render_table(rows))
+    if a.faults:
+        print(render_faults(rows))
     bad = [r for r in rows if problems(r) and not r.get("expect_fail")]
     return 1 if bad else 0
 

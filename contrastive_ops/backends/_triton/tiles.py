@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import inspect
 import os
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
@@ -558,28 +558,6 @@ def spec_config(sp: dict) -> str:
     return f"{blocks} w{sp['num_warps']} s{sp['num_stages']}"
 
 
-def mark_known_faults(specs: List[dict], faults: dict, where: str) -> List[dict]:
-    """Set ``expect_fail`` on the specs the sm_90a compile gate measured failing.
-
-    ``faults``: ``(name, dtype, Ds, config) -> measured fault`` with ``Ds`` the feature widths
-    that share the binary (D is a runtime argument) and ``config`` as ``spec_config``.  The gate
-    marks those rows ``xfail(strict=True)``: a fixed kernel turns the row red until its entry
-    goes.  An entry that matches no spec is stale and raises.
-    """
-    index = {(n, dt, d, cfg): (ds, why) for (n, dt, ds, cfg), why in faults.items() for d in ds}
-    used = set()
-    for sp in specs:
-        k = (sp["name"], sp["dtype"], sp["D"], spec_config(sp))
-        if k in index:
-            ds, why = index[k]
-            used.add(k[:2] + (ds, k[3]))
-            sp["expect_fail"] = f"{k[0]} {k[1]} D={'/'.join(map(str, ds))} {k[3]}: {why} (Triton 3.8 ptxas, sm_90a)"
-    stale = [k for k in faults if k not in used]
-    if stale:
-        raise ValueError(f"{where}: compile-gate fault entries that match no spec: {stale}")
-    return specs
-
-
 @triton.jit
 def held_tile(X, x_rows, mask, offs_d, D, stride, UPCAST: tl.constexpr, ONE_CHUNK: tl.constexpr):
     """The tile X[x_rows][:, :BLOCK_D] a program holds across its loop in the one-chunk layout
@@ -599,3 +577,56 @@ def row_span(t, B, M, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M: tl.constexpr
         t, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
     lo, hi = col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
     return rows, row_mask, q_rows, cs, ce, e0, e1, lo, hi
+
+
+# The compile gate's fault tables.  Below the last @triton.jit on purpose: a kernel's cache key (and
+# so the gate's result cache) includes the line its source starts at, and edits here move none.
+
+
+def triton_minor(version: Optional[str] = None) -> str:
+    """The Triton minor version ("3.6" of "3.6.0", "3.8" of "3.8.0+git1a2b") of ``version``, default
+    the installed one: the compile gate keeps one fault table and one result cache per minor version
+    (each bundles its own ptxas, and the register allocation differs between them)."""
+    v = triton.__version__ if version is None else version
+    parts = v.split(".")
+    if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        raise ValueError(f"cannot read a Triton minor version from {v!r}")
+    return f"{parts[0]}.{parts[1]}"
+
+
+def mark_known_faults(specs: List[dict], faults: dict, where: str, version: Optional[str] = None) -> List[dict]:
+    """Set ``expect_fail`` on the specs the sm_90a compile gate measured failing.
+
+    ``faults``: Triton minor version ("3.6", as ``triton_minor``) -> ``{(name, dtype, Ds, config):
+    measured fault}``, one table per Triton the gate was measured with, since each compiles with its
+    own ptxas; ``Ds`` lists the feature widths that share the binary (D is a runtime argument) and
+    ``config`` is ``spec_config``.  The table of ``version`` (default: the installed Triton) marks
+    its rows ``xfail(strict=True)`` in the gate: a spill that appears fails, one that goes turns
+    the row red until its entry goes.  An entry of any version's table that matches no spec is
+    stale and raises; so does a Triton no table was measured for (the gate cannot be strict there),
+    unless ``CONTRASTIVE_OPS_GATE_MEASURE=1`` (``specs --faults`` sets it to measure that Triton's
+    table: every variant is then expected to pass).
+    """
+    version = triton_minor(version)
+    bad = [v for v in faults if not isinstance(v, str) or triton_minor(v) != v]
+    if bad:
+        raise ValueError(f"{where}: compile-gate fault tables must be keyed by Triton minor version "
+                         f"(\"3.6\"), not {bad[:3]}")
+    if version not in faults and os.environ.get("CONTRASTIVE_OPS_GATE_MEASURE") != "1":
+        raise ValueError(
+            f"{where}: no compile-gate fault table for Triton {version} (measured: {', '.join(sorted(faults))}); "
+            f"run `python -m contrastive_ops.backends._triton.specs --write --faults` under Triton {version} "
+            f"and add the table it prints")
+    present = {(sp["name"], sp["dtype"], sp["D"], spec_config(sp)) for sp in specs}
+    stale = [(v, k) for v, table in sorted(faults.items()) for k in table
+             if any((k[0], k[1], d, k[3]) not in present for d in k[2])]
+    if stale:
+        raise ValueError(f"{where}: compile-gate fault entries that match no spec: {stale}")
+    index = {(n, dt, d, cfg): (ds, why) for (n, dt, ds, cfg), why in faults.get(version, {}).items() for d in ds}
+    for sp in specs:
+        k = (sp["name"], sp["dtype"], sp["D"], spec_config(sp))
+        if k in index:
+            ds, why = index[k]
+            sp["expect_fail"] = (f"{k[0]} {k[1]} D={'/'.join(map(str, ds))} {k[3]}: {why} "
+                                 f"(Triton {version} ptxas, sm_90a)")
+    return specs
