@@ -9,7 +9,7 @@ import torch
 import contrastive_ops as co
 from contrastive_ops.losses import _present_first as present_first
 from contrastive_ops.losses import point_token as pt
-from helpers import backend_params, compare_with_reference
+from helpers import DEVICE, backend_params, compare_with_reference
 
 COMBOS = [
     ("cosine", "diag", "cloud"),
@@ -290,9 +290,9 @@ def test_empty_comask_is_zero_in_graph(mode, pairing, negatives, impl, static_li
 @pytest.mark.parametrize("mode,pairing,negatives", COMBOS)
 @pytest.mark.parametrize("kind,B,G,D", [("random", 6, 37, 24), ("ragged", 4, 70, 20), ("single", 2, 5, 8)])
 def test_kernel_backend_matches_reference(backend, dtype, mode, pairing, negatives, kind, B, G, D):
-    f1 = torch.randn(B, G, D).requires_grad_(True)
-    f2 = torch.randn(B, G, D).requires_grad_(True)
-    m1, m2 = _masks(B, G, kind)
+    f1 = torch.randn(B, G, D, device=DEVICE).requires_grad_(True)
+    f2 = torch.randn(B, G, D, device=DEVICE).requires_grad_(True)
+    m1, m2 = _masks(B, G, kind, device=DEVICE)
     compare_with_reference(co.point_token_contrast, [f1, f2, m1, m2], backend=backend, dtype=dtype,
                            sharpness=1 / 0.1 if mode == "infonce" else 1.0, normalized=True,
                            mode=mode, pairing=pairing, negatives=negatives, temperature=0.1)
@@ -305,9 +305,9 @@ def test_kernel_backend_static_lists_match_reference(backend, negatives, kind, B
     """Whole static-length token lists (as under torch.compile): the tokens outside S, with empty
     ranges in the kernels, change no value and get no gradient."""
     monkeypatch.setattr(present_first, "STATIC", True)
-    f1 = torch.randn(B, G, D).requires_grad_(True)
-    f2 = torch.randn(B, G, D).requires_grad_(True)
-    m1, m2 = _masks(B, G, kind)
+    f1 = torch.randn(B, G, D, device=DEVICE).requires_grad_(True)
+    f2 = torch.randn(B, G, D, device=DEVICE).requires_grad_(True)
+    m1, m2 = _masks(B, G, kind, device=DEVICE)
     compare_with_reference(co.point_token_contrast, [f1, f2, m1, m2], backend=backend, dtype=torch.float32,
                            mode="infonce", negatives=negatives, temperature=0.1)
 

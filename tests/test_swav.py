@@ -432,6 +432,8 @@ def test_swav_loss_backend_tensor_temperature(kernel_backend):
     crops = [torch.randn(16, 40, device=DEV, requires_grad=True) for _ in range(3)]
     grads = []
     for backend in (kernel_backend, "reference"):
+        # a 0-dim temperature on the host next to crops on DEV, as PyTorch scalars go: the
+        # library moves it (``_checks.as_scalar``), and its gradient comes back to it
         t = torch.tensor(0.2, requires_grad=True)
         loss = co.swav_loss(crops, t, backend=backend)
         gs = torch.autograd.grad(3.0 * loss, crops + [t])

@@ -278,8 +278,42 @@ def test_siglip_extreme_logits():
     loss = tsiglip.siglip_forward(x, y, scale, bias)
     ref = siglip_sum_reference(x.double(), y.double(), scale.double(), bias.double())
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-3)
-    dx, dy, ds, db = tsiglip.siglip_backward(x, y, scale, bias, torch.tensor(1.0))
+    dx, dy, ds, db = tsiglip.siglip_backward(x, y, scale, bias, torch.tensor(1.0, device=DEVICE))
     assert all(torch.isfinite(t).all() for t in (dx, dy, ds, db))
+
+
+
+def test_scalar_arguments_on_the_host():
+    """A 0-dim CPU tensor (scale, bias, upstream gradient) next to the inputs is taken as a scalar, as
+    PyTorch's own ops take it, and gives what the same value on the inputs' device gives; any other
+    tensor on another device is a clear error, not a Triton launch failure."""
+    from contrastive_ops.backends._triton.args import same_device, scalar_on
+    from contrastive_ops.backends._triton import swav_ce as tswav
+
+    x, y, scale, bias = _siglip_inputs(9, 7, 16, torch.float32)
+    grad = torch.tensor(0.5, device=DEVICE)
+    want = tsiglip.siglip_backward(x, y, scale, bias, grad)
+    got = tsiglip.siglip_backward(x, y, scale.cpu(), bias.cpu(), grad.cpu())
+    for w, g in zip(want, got):
+        assert g.device == w.device and torch.equal(g, w)
+    assert torch.equal(tsiglip.siglip_forward(x, y, scale.cpu(), bias.cpu()), tsiglip.siglip_forward(x, y, scale, bias))
+    t = torch.softmax(torch.randn(9, 7, device=DEVICE), 1)
+    loss, lse = tswav.SWAV_CE.forward(x[:, :7].contiguous(), t, scale)
+    dx, ds = tswav.SWAV_CE.backward(x[:, :7].contiguous(), t, scale, lse, grad)
+    dx_h, ds_h = torch.ops.contrastive_ops_triton.swav_ce_bwd(x[:, :7].contiguous(), t, scale.cpu(), lse, grad.cpu())
+    assert torch.equal(dx_h, dx) and torch.equal(ds_h, ds)
+    # The rules themselves, with "meta" standing in for another device:
+    meta = torch.device("meta")
+    assert scalar_on("op", "grad", torch.tensor(2.0), meta).device == meta
+    with pytest.raises(ValueError, match="op: grad is on meta"):
+        scalar_on("op", "grad", torch.tensor(2.0, device=meta), torch.device("cpu"))
+    with pytest.raises(ValueError, match="op: grad must be a 0-dim tensor"):
+        scalar_on("op", "grad", torch.ones(2), torch.device("cpu"))
+    with pytest.raises(ValueError, match="op: v is on meta"):
+        same_device("op", torch.device("cpu"), v=torch.ones(3, device=meta))
+    if DEVICE.type == "cuda":  # a vector on the host next to CUDA inputs
+        with pytest.raises(ValueError, match="swav_ce_bwd: lse is on cpu"):
+            torch.ops.contrastive_ops_triton.swav_ce_bwd(x[:, :7].contiguous(), t, scale, lse.cpu(), grad)
 
 
 def test_siglip_tiny_terms_kept():
@@ -326,7 +360,7 @@ def test_custom_ops_fake_and_schema():
     x, y, s, b = _siglip_inputs(20, 20, 16, torch.float32)
     torch.library.opcheck(torch.ops.contrastive_ops_triton.siglip_fwd.default, (x, y, s, b),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.contrastive_ops_triton.siglip_bwd.default, (x, y, s, b, torch.tensor(0.5)),
+    torch.library.opcheck(torch.ops.contrastive_ops_triton.siglip_bwd.default, (x, y, s, b, torch.tensor(0.5, device=DEVICE)),
                           test_utils=("test_schema", "test_faketensor"))
 
 

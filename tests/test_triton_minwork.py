@@ -199,15 +199,14 @@ def test_losses_take_the_gram_path(loss):
     """The Gram compositions of the library reach the Gram kernels, and match their references."""
     g = torch.Generator().manual_seed(3)
     if loss == "nt_xent":
-        a, b = torch.randn(37, 20, generator=g), torch.randn(37, 20, generator=g)
-        fn, tensors = co.nt_xent, (a.requires_grad_(), b.requires_grad_())
+        fn, tensors = co.nt_xent, (torch.randn(37, 20, generator=g), torch.randn(37, 20, generator=g))
     elif loss == "mv_infonce":
-        fn, tensors = co.mv_infonce, (torch.randn(3, 21, 20, generator=g).requires_grad_(),)
+        fn, tensors = co.mv_infonce, (torch.randn(3, 21, 20, generator=g),)
     else:
-        a, b = torch.randn(37, 20, generator=g), torch.randn(37, 20, generator=g)
-        fn, tensors = co.dcl_loss, (a.requires_grad_(), b.requires_grad_())
-    inputs = [t.detach().clone().requires_grad_() for t in tensors]
-    ref_inputs = [t.detach().clone().requires_grad_() for t in tensors]
+        fn, tensors = co.dcl_loss, (torch.randn(37, 20, generator=g), torch.randn(37, 20, generator=g))
+    # drawn on the CPU (the same values whatever the device), run where the backend runs
+    inputs = [t.to(DEVICE).requires_grad_() for t in tensors]
+    ref_inputs = [t.to(DEVICE).requires_grad_() for t in tensors]
 
     def run():
         out = fn(*inputs, backend="triton")

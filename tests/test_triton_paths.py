@@ -203,9 +203,9 @@ def test_fp32_accuracy_against_float64(gram):
         qq = qq.detach().requires_grad_()
         kk = qq if same else kk.detach().requires_grad_()
         row, col = sim_lse_reference(qq, kk, ss, want_col=want_col, exclude=exclude)
-        loss = (g_row.to(qq.dtype) * _finite(row)).sum()
+        loss = (g_row.to(qq) * _finite(row)).sum()  # qq's dtype and device (float64 on the host, fp32 on DEVICE)
         if want_col:
-            loss = loss + (g_col.to(qq.dtype) * _finite(col)).sum()
+            loss = loss + (g_col.to(qq) * _finite(col)).sum()
         grads = torch.autograd.grad(loss, (qq,) if same else (qq, kk))
         return [row, col, *grads]
 

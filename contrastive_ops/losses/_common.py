@@ -60,3 +60,72 @@ def rowdot(a: Tensor, b: Tensor) -> Tensor:
     """Σ_d a_id·b_id in the accumulation dtype (positive logits, O(B·D))."""
     dt = acc_dtype(a.dtype)
     return (a.to(dt) * b.to(dt)).sum(-1)
+
+
+# ----------------------------------------------------------------------------- deterministic row sums
+#
+# ``x[index]`` and ``x.index_select(0, index)`` backpropagate with an
+# accumulating scatter (``index_put(accumulate=True)`` / ``index_add``), and
+# ``index_add`` sums with atomics: on CUDA the order of the additions, hence
+# the rounding, changes from run to run.  ``take_rows`` and ``index_sum`` are
+# the same maps with a fixed order: the rows are sorted by index (a stable
+# sort), each run of equal indices is summed by a segmented scan (log2(n)
+# elementwise steps), and the totals are read back with gathers.  Each is the
+# other's adjoint, so either backward (and the double backward) is the other.
+
+
+def _segment_totals(values: Tensor, index: Tensor, size: int) -> Tensor:
+    """``out[j] = Σ_{i: index_i = j} values[i]`` for j in [0, size), in an order fixed by the data."""
+    n = index.numel()
+    out_shape = (size,) + tuple(values.shape[1:])
+    if n == 0 or size == 0:
+        return values.new_zeros(out_shape)
+    key, perm = torch.sort(index, stable=True)
+    run = values.index_select(0, perm)
+    trail = (1,) * (values.dim() - 1)
+    step = 1
+    while step < n:  # Hillis–Steele: run[i] = Σ of its segment's entries in (i − 2·step, i]
+        same = (key[step:] == key[:-step]).view((-1,) + trail)
+        run = torch.cat([run[:step], run[step:] + torch.where(same, run[:-step], torch.zeros_like(run[:-step]))])
+        step *= 2
+    # The last entry of index j's segment holds its total; indices that never occur get 0.
+    j = torch.arange(size, device=index.device, dtype=key.dtype)
+    last = torch.searchsorted(key, j, right=True) - 1
+    found = (last >= 0) & (key[last.clamp_min(0)] == j)
+    picked = run.index_select(0, last.clamp_min(0))
+    return torch.where(found.view((-1,) + trail), picked, torch.zeros_like(picked))
+
+
+class _TakeRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.size = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return _IndexSum.apply(grad, index, ctx.size), None
+
+
+class _IndexSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, index, size):
+        ctx.save_for_backward(index)
+        return _segment_totals(values, index, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return _TakeRows.apply(grad, index), None, None
+
+
+def take_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]`` along dim 0 (``index`` int64, repeats allowed) with a run-to-run deterministic backward."""
+    return _TakeRows.apply(x, index.long())
+
+
+def index_sum(values: Tensor, index: Tensor, size: int) -> Tensor:
+    """``zeros(size, ...).index_add(0, index, values)`` summed in a fixed order (deterministic on CUDA)."""
+    return _IndexSum.apply(values, index.long(), size)

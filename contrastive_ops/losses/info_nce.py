@@ -49,7 +49,7 @@ from .._checks import _compiling, as_scalar, check_pair, check_reduction, shape_
 from .._numerics import acc_dtype
 from ..distributed import GlobalBatch
 from ..primitives.sim_lse import sim_lse
-from ._common import inv_temperature, rowdot, unit, unit_operands
+from ._common import inv_temperature, rowdot, take_rows, unit, unit_operands
 
 Tensor = torch.Tensor
 
@@ -124,7 +124,8 @@ def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=Fal
     else:
         row_lse, _ = sim_lse(q, gk.gather(k), scale, backend=backend)
         t = torch.arange(q.shape[0], device=q.device) if targets is None else targets.long()
-        pos = rowdot(q32, k32.index_select(0, t)) * scale  # targets index the local keys
+        # targets index the local keys (repeats allowed); take_rows: a backward without atomics
+        pos = rowdot(q32, take_rows(k32, t)) * scale
         loss = row_lse - pos
     return gk.reduce(loss, reduction)
 

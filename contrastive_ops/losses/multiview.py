@@ -51,7 +51,7 @@ from .. import _checks, backends
 from .._numerics import masked_lse
 from ..distributed import GlobalBatch
 from ..primitives.sim_lse import sim_lse
-from ._common import inv_temperature, unit
+from ._common import index_sum, inv_temperature, take_rows, unit
 from ._present_first import present_list
 
 Tensor = torch.Tensor
@@ -239,8 +239,8 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
                                         backend=backend)
                     c, _ = sim_lse(Uc[m], Zc[l], scale, row_index=rows, col_index=cols, col_end=end,
                                         backend=backend)
-                ce = torch.where(on, r + c - 2 * pos[rows], 0) / cnt.clamp_min(1)
-                total = total.index_add(0, rows, ce.to(total.dtype))
+                ce = torch.where(on, r + c - 2 * take_rows(pos, rows), 0) / cnt.clamp_min(1)
+                total = total + index_sum(ce.to(total.dtype), rows, n)  # no atomics: deterministic
                 n_pairs = n_pairs + 2 * (cnt > 0)  # a pair with no common instance leaves the mean
     n_counted = N if mask_g is None else (mask_g.sum(1) >= 2).sum()  # global
     values = total * n_counted / (n_pairs if mask is None else n_pairs.clamp_min(1))

@@ -63,7 +63,7 @@ from .. import _checks, backends
 from .._numerics import acc_dtype, masked_lse
 from ..distributed import GlobalBatch, reduce
 from ..primitives.sim_lse import sim_lse
-from ._common import inv_temperature, unit
+from ._common import inv_temperature, take_rows, unit
 from ._present_first import present_list
 
 Tensor = torch.Tensor
@@ -234,7 +234,7 @@ def _fused_point_token_contrast(
     )
     # Row LSE: anchor f1_k over its candidates f2_j (f1 → f2); column LSE of
     # the same matrix: anchor f2_k over f1_i (f2 → f1).  Same positive.
-    per = torch.where(on, 0.5 * (lse12.to(dt) + lse21.to(dt)) - pos[idx], 0)
+    per = torch.where(on, 0.5 * (lse12.to(dt) + lse21.to(dt)) - take_rows(pos, idx), 0)
     # An empty S gives 0, attached to f1, f2 and the temperature, with zero gradients.
     return per.sum() / count
 

@@ -14,7 +14,9 @@ positive the loss is 0 and still in the graph.
 
 Fused composition: one core call for LSE_{c≠a} s_ac; the positive sum
 Σ_{p∈P(a)} s_ap = u_a·(Σ_{c: y_c=y_a} u_c − u_a)/τ uses per-label sums of the
-features (index_add over label groups), |P(a)| = V·#{i: y_i = y_a} − 1.
+features, |P(a)| = V·#{i: y_i = y_a} − 1.  The label sums are summed in an
+order fixed by the data (``_common.index_sum``, not ``index_add``, whose CUDA
+atomics and indexing backward change the rounding from run to run).
 
 Under ``process_group`` the features and labels (instance ids without labels)
 are all-gathered, the anchors are this rank's instances (in each view), the
@@ -32,7 +34,7 @@ from .._checks import as_scalar
 from .._numerics import masked_lse
 from ..distributed import GlobalBatch
 from ..primitives.sim_lse import sim_lse
-from ._common import unit
+from ._common import index_sum, take_rows, unit
 
 Tensor = torch.Tensor
 CONTRAST_MODES = ("all", "one")
@@ -103,12 +105,20 @@ def _fused_supcon(views: Tensor, labels: Optional[Tensor], temperature, base_tem
     # One process and every view an anchor: anchors and candidates are the same tensor (Gram kernels).
     Zak = Zk if (groups == V and gb.group is None) else Za.to(views.dtype)
     lse, _ = sim_lse(Zak, Zk, scale, exclude=a, backend=backend)
-    gid = _label_groups(labels, N, U.device).repeat(V)  # (V·N,) view-major
-    group_sum = torch.zeros(N, D, dtype=U.dtype, device=U.device).index_add(0, gid, Z)
-    group_cnt = torch.zeros(N, dtype=torch.long, device=U.device).index_add(0, gid, torch.ones_like(gid))
-    ga = gid[a]
-    pos_sum = ((group_sum[ga] - Za) * Za).sum(-1) * scale  # Σ_{p∈P(a)} s_ap
-    npos = group_cnt[ga] - 1
+    # W_i = Σ_{j: y_j = y_i} Σ_v u_vj: the features of instance i's label, all views (N, D).
+    inst_sum = Ug.sum(0)
+    inst_cnt = torch.full((N,), V, dtype=torch.long, device=U.device)
+    if labels is None:
+        W, cnt = inst_sum, inst_cnt
+    else:
+        gid = _label_groups(labels, N, U.device)
+        W = take_rows(index_sum(inst_sum, gid, N), gid)
+        cnt = take_rows(index_sum(inst_cnt, gid, N), gid)
+    # Anchor (v, i) of this rank: positives are the other V·|y_i| − 1 features of its label.
+    Wl = gb.local(W)[None]  # (1, n, D), broadcast over the anchor views
+    Za3 = U[:groups]  # (groups, n, D)
+    pos_sum = ((Wl - Za3) * Za3).sum(-1).reshape(groups * n) * scale  # Σ_{p∈P(a)} s_ap
+    npos = (gb.local(cnt) - 1).repeat(groups)
     has = npos > 0
     mean_pos = pos_sum / npos.clamp_min(1)
     values = -factor * (mean_pos - torch.where(has, lse, 0))

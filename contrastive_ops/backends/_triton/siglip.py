@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .args import same_device, scalar_on
 from .tiles import (BWD_GPU, DS_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
                     col_tile, configs, dot_flags, empty, gpu_block_do, gpu_dot_flags, launch, log2_bucket, min_block,
                     mark_known_faults, s_tile, spec)
@@ -174,6 +175,8 @@ def out_chunks(D: int, dtype: torch.dtype = torch.bfloat16) -> int:
 
 @torch.library.triton_op("contrastive_ops_triton::siglip_fwd", mutates_args=())
 def _siglip_fwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    same_device("siglip_fwd", x.device, y=y)
+    scale, bias = scalar_on("siglip_fwd", "scale", scale, x.device), scalar_on("siglip_fwd", "bias", bias, x.device)
     B, D = x.shape
     M = y.shape[0]
     part = torch.zeros((triton.cdiv(B, min_block()),), dtype=torch.float32, device=x.device)
@@ -257,6 +260,9 @@ def _gemm_backward(x, y, scale, bias, grad):
 @torch.library.triton_op("contrastive_ops_triton::siglip_bwd", mutates_args=())
 def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tensor
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    same_device("siglip_bwd", x.device, y=y)
+    scale, bias = scalar_on("siglip_bwd", "scale", scale, x.device), scalar_on("siglip_bwd", "bias", bias, x.device)
+    grad = scalar_on("siglip_bwd", "grad", grad, x.device)
     B, D = x.shape
     M = y.shape[0]
     run = B > 0 and M > 0

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .args import same_device
 from .tiles import wrap
 
 Tensor = torch.Tensor
@@ -178,7 +179,8 @@ def _prep(scores: Tensor) -> Tensor:
     return scores
 
 
-def _v32(v: Tensor, K: int) -> Tensor:
+def _v32(v: Tensor, K: int, device: torch.device) -> Tensor:
+    same_device("sinkhorn", device, v=v)
     if v.shape != (K,):
         raise ValueError(f"sinkhorn: v must have shape ({K},), got {tuple(v.shape)}")
     return v.to(torch.float32).contiguous()
@@ -196,7 +198,7 @@ def _sinkhorn_col_lse_op(scores: Tensor, epsilon: float, v: Optional[Tensor]) ->
         BLOCK_B, BLOCK_K, num_warps = _blocks(K)
         u = torch.empty((B,), dtype=torch.float32, device=scores.device)
         wrap(_sinkhorn_row_lse_kernel)[(triton.cdiv(B, BLOCK_B),)](
-            scores, _v32(v, K), u, B, K, scores.stride(0), inv_eps,
+            scores, _v32(v, K, scores.device), u, B, K, scores.stride(0), inv_eps,
             BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, num_warps=num_warps,
         )
     BLOCK_B, BLOCK_K, num_warps = _col_blocks(K)
@@ -223,7 +225,7 @@ def _codes_launch(scores: Tensor, epsilon: float, v: Tensor, normalize: bool, ou
         return
     BLOCK_B, BLOCK_K, num_warps = _blocks(K)
     wrap(_sinkhorn_codes_kernel)[(triton.cdiv(B, BLOCK_B),)](
-        scores, _v32(v, K), out, B, K, scores.stride(0), 1.0 / epsilon,
+        scores, _v32(v, K, scores.device), out, B, K, scores.stride(0), 1.0 / epsilon,
         NORMALIZE=bool(normalize), BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, num_warps=num_warps,
     )
 
@@ -244,6 +246,7 @@ def _(scores, epsilon, v, normalize):
 @torch.library.triton_op("contrastive_ops_triton::sinkhorn_codes_out", mutates_args={"out"})
 def _sinkhorn_codes_out_op(scores: Tensor, epsilon: float, v: Tensor, normalize: bool, out: Tensor) -> None:
     scores = _prep(scores)
+    same_device("sinkhorn_codes_out", scores.device, out=out)
     if out.shape != scores.shape or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"sinkhorn: out must be a contiguous float32 tensor of shape {tuple(scores.shape)}, "
                          f"got {out.dtype} {tuple(out.shape)} strides {out.stride()}")

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .args import same_device, scalar_on
 from .tiles import wrap
 
 Tensor = torch.Tensor
@@ -90,6 +91,8 @@ def _block_k(K: int) -> int:
 
 @torch.library.triton_op("contrastive_ops_triton::swav_ce_fwd", mutates_args=())
 def _swav_ce_fwd_op(x: Tensor, t: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
+    same_device("swav_ce_fwd", x.device, t=t)
+    scale = scalar_on("swav_ce_fwd", "scale", scale, x.device)
     B, K = x.shape
     part = torch.empty((B,), dtype=torch.float32, device=x.device)
     lse = torch.empty((B,), dtype=torch.float32, device=x.device)
@@ -106,6 +109,9 @@ def _(x, t, scale):
 
 @torch.library.triton_op("contrastive_ops_triton::swav_ce_bwd", mutates_args=())
 def _swav_ce_bwd_op(x: Tensor, t: Tensor, scale: Tensor, lse: Tensor, grad: Tensor) -> Tuple[Tensor, Tensor]:
+    same_device("swav_ce_bwd", x.device, t=t, lse=lse)
+    scale = scalar_on("swav_ce_bwd", "scale", scale, x.device)
+    grad = scalar_on("swav_ce_bwd", "grad", grad, x.device)
     B, K = x.shape
     dx = torch.empty_like(x)
     part = torch.empty((B,), dtype=torch.float32, device=x.device)
