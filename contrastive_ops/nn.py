@@ -60,10 +60,12 @@ class MemoryBank(torch.nn.Module):
 
     A ring buffer kept as module buffers (``memory``, ``memory_labels``,
     ``head``, ``filled``: saved in ``state_dict``, moved by ``.to()``).
-    ``enqueue(x)`` makes ``features`` equal to ``cat([x, features])[:size]``:
-    the newest batch first, each batch's rows in their order, the oldest entries
-    dropped once ``size`` are filled (a batch larger than ``size`` keeps its
-    first ``size`` rows).  ``len(bank)`` is the number of filled entries.
+    ``enqueue(x)`` stores the rows of ``x`` as if one at a time, in order (row
+    0 first), and drops the oldest entries once ``size`` are filled (a batch
+    larger than ``size`` leaves its last ``size`` rows), as MoCo's and
+    pytorch-metric-learning's ring buffers do.  ``features`` lists the entries
+    newest first: after ``enqueue(x)`` it is ``cat([x.flip(0), features])[:size]``.
+    ``len(bank)`` is the number of filled entries.
 
     Under a ``process_group`` every rank's batch is all-gathered first, in rank
     order, so the bank is identical on every rank (pass it to a loss as an
@@ -128,10 +130,11 @@ class MemoryBank(torch.nn.Module):
             if labels is not None:
                 labels = _dist.all_gather_nograd(labels, process_group, sizes)
         n = min(features.shape[0], self.size)
+        # Reading runs from the new head forward, newest first: the last row goes to the new head.
         pos = (self.head - n + torch.arange(n, device=self.memory.device)) % self.size
-        self.memory.index_copy_(0, pos, features[:n].detach().to(self.memory.dtype))
+        self.memory.index_copy_(0, pos, features[-n:].detach().flip(0).to(self.memory.dtype))
         if labels is not None:
-            self.memory_labels.index_copy_(0, pos, labels[:n].long())
+            self.memory_labels.index_copy_(0, pos, labels[-n:].flip(0).long())
         self.head.copy_((self.head - n) % self.size)
         self.filled.copy_((self.filled + n).clamp_max(self.size))
 

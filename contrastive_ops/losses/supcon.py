@@ -176,7 +176,7 @@ def supcon_loss(features, labels=None, temperature=0.07, *, base_temperature=0.0
     if labels is not None:
         _checks.check_labels("labels", labels, N, views.device)
     if queue is not None:
-        _checks.check_queue(queue, "features", views)
+        _checks.check_queue(queue, "features", features if isinstance(features, torch.Tensor) else views)
     _checks.check_queue_labels(queue_labels, queue)
     if queue_labels is not None and labels is None:
         raise ValueError(
