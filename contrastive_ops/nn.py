@@ -189,11 +189,14 @@ class _MemoryLossModule(_LossModule):
             return q, (torch.zeros(0, dtype=torch.long, device=like.device) if with_labels else None)
         return self.memory.features.to(like.dtype), self.memory.labels
 
-    def _enqueue(self, features: torch.Tensor, labels: Optional[torch.Tensor], process_group) -> None:
+    def _enqueue(self, views, labels: Optional[torch.Tensor], process_group) -> None:
+        """Enqueue each (n, D) tensor of ``views`` in turn (with ``labels`` each): view by view, so that under a
+        process group the memory holds the same rows in the same order as one process fed the global batch."""
         if self.memory is None:
-            self.memory = MemoryBank(self.memory_size, features.shape[-1], with_labels=labels is not None,
-                                     dtype=acc_dtype(features.dtype)).to(features.device)
-        self.memory.enqueue(features, labels, process_group=process_group)
+            self.memory = MemoryBank(self.memory_size, views[0].shape[-1], with_labels=labels is not None,
+                                     dtype=acc_dtype(views[0].dtype)).to(views[0].device)
+        for v in views:
+            self.memory.enqueue(v, labels, process_group=process_group)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -246,7 +249,7 @@ class InfoNCELoss(_MemoryLossModule):
         queue = self._queue(key, False)[0] if self.memory_size else None
         loss = info_nce(query, key, t, targets=targets, process_group=group, queue=queue, **self.kwargs)
         if self.memory_size:
-            self._enqueue(key, None, group)
+            self._enqueue([key], None, group)
         return loss
 
 
@@ -286,7 +289,7 @@ class NTXentLoss(_MemoryLossModule):
             return self._call(z1, z2)
         group = _group(self.gather_distributed)
         loss = nt_xent(z1, z2, queue=self._queue(z1, False)[0], process_group=group, **self.kwargs)
-        self._enqueue(torch.cat([z1, z2], 0), None, group)
+        self._enqueue([z1, z2], None, group)
         return loss
 
 
@@ -364,14 +367,13 @@ class SupConLoss(_MemoryLossModule):
             return self._call(features, labels)
         group = _group(self.gather_distributed)
         views = _checks.check_views("features", features, min_views=1, allow_single=True)  # (V, N, D)
-        V, N, D = views.shape
         if self.memory is not None and self.memory.with_labels != (labels is not None):
             raise ValueError(f"labels must be {'given' if self.memory.with_labels else 'None'} on every call: "
                              f"the memory was filled {'with' if self.memory.with_labels else 'without'} labels")
         queue, queue_labels = self._queue(views, labels is not None)
         loss = supcon_loss(features, labels, queue=queue, queue_labels=queue_labels, process_group=group,
                            **self.kwargs)
-        self._enqueue(views.reshape(V * N, D), None if labels is None else labels.repeat(V), group)
+        self._enqueue(views.unbind(0), labels, group)
         return loss
 
 
