@@ -613,3 +613,32 @@ def test_inputs_not_modified():
     co.supcon_loss(q, torch.arange(4), queue=Q, queue_labels=torch.arange(5))
     assert all(torch.equal(a, b) for a, b in zip((q, k, Q), snap))
     assert not math.isnan(float(co.info_nce(q, k, queue=Q, in_batch_negatives=False)))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    not co.available_backends()["cpu"][0], reason="cpu backend not built"))])
+@pytest.mark.parametrize("loss", ["info_nce", "moco", "nt_xent", "supcon"])
+def test_queue_compiles_fullgraph(loss, backend):
+    """The queue path has no host sync or data-dependent shape: one graph under torch.compile(fullgraph=True)."""
+    torch._dynamo.reset()
+    B, K, D = 6, 5, 8
+    lin = torch.nn.Linear(D, D)
+    x1, x2, Q = torch.randn(B, D), torch.randn(B, D), torch.randn(K, D)
+    y, yq = torch.tensor([0, 1, 0, 2, 1, 3]), torch.tensor([1, 0, 5, 2, 2])
+
+    def step(x1, x2, Q):
+        a, b = lin(x1), lin(x2)
+        if loss == "info_nce":
+            return co.info_nce(a, b, 0.2, queue=Q, backend=backend)
+        if loss == "moco":
+            return co.info_nce(a, b, 0.2, queue=Q, in_batch_negatives=False, backend=backend)
+        if loss == "nt_xent":
+            return co.nt_xent(a, b, 0.5, queue=Q, backend=backend)
+        return co.supcon_loss(torch.stack([a, b], 1), y, 0.1, queue=Q, queue_labels=yq, backend=backend)
+
+    eager = step(x1, x2, Q)
+    ge = torch.autograd.grad(eager, lin.weight)[0]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x1, x2, Q)
+    gc = torch.autograd.grad(compiled, lin.weight)[0]
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(gc, ge)

@@ -97,7 +97,16 @@ def _has_rows(queue) -> bool:
 
 
 def _queue_lse(anchors: Tensor, queue, scale: Tensor, normalize: bool, backend: str) -> Tensor:
-    """LSE_m s(anchor_i, Q_m) over the K queue entries (B,), from a second core call (no B×K buffer)."""
+    """LSE_m s(anchor_i, Q_m) over the K queue entries (B,), from a second core call (no B×K buffer).
+
+    Why a second call rather than more columns of the first: the core's
+    ``col_index`` / ``col_start`` / ``col_end`` select rows of its one
+    candidate tensor, so taking the queue there would need a (M+K)×D
+    concatenation of keys and queue.  Two calls merged with ``logaddexp`` are
+    exact in value and gradient: its backward hands each call's row LSE the
+    upstream gradient times that block's share of the softmax mass, which is
+    what each block's P = exp(S − row_lse) needs.
+    """
     Qk, _ = unit_operands(queue, normalize)
     lse, _ = sim_lse(anchors, Qk, scale, backend=backend)
     return lse
