@@ -9,7 +9,7 @@ requires grad, and of a tensor temperature.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict
 
 import pytest
 import torch
@@ -87,7 +87,10 @@ def bf_nt_xent(z1, z2, temperature, queue=None, *, normalize=True, reduction="me
 
 def bf_supcon(features, labels, temperature, queue=None, queue_labels=None, *, base_temperature=0.07,
               contrast_mode="all", normalize=True, reduction="mean"):
-    """features (N, V, D) or (N, D).  ℓ_a = −(τ/τ_b)·mean_{p∈P(a)}[s_ap − log Σ_{c≠a, c in batch ∪ queue} e^{s_ac}]."""
+    """features (N, V, D) or (N, D).
+
+    ℓ_a = −(τ/τ_b)·mean_{p∈P(a)}[s_ap − log Σ_{c≠a, c in batch ∪ queue} e^{s_ac}], one anchor at a time.
+    """
     x, tau, Q = features, temperature, queue
     if x.dim() == 2:
         x = x[:, None]
