@@ -121,6 +121,38 @@ def check_labels(name: str, labels: Tensor, n: int, device) -> None:
         raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
 
 
+def check_queue(queue, like_name: str, like: Tensor) -> None:
+    """A (K, D) floating queue of extra candidates (K may be 0) on ``like``'s device, in its dtype and width."""
+    if not isinstance(queue, Tensor):
+        raise ValueError(f"queue must be a (K, {like.shape[-1]}) tensor, got {type(queue).__name__}")
+    if queue.dim() != 2:
+        raise ValueError(f"queue must be 2-D (K, {like.shape[-1]}), got shape {shape_str(queue)}")
+    if queue.shape[1] != like.shape[-1]:
+        raise ValueError(
+            f"queue must have the feature width of {like_name}, got queue {shape_str(queue)} and "
+            f"{like_name} {shape_str(like)}"
+        )
+    if queue.dtype != like.dtype:
+        raise ValueError(
+            f"queue has dtype {queue.dtype} but {like_name} has dtype {like.dtype} "
+            f"(shapes {shape_str(queue)}, {shape_str(like)})"
+        )
+    if queue.device != like.device:
+        raise ValueError(
+            f"queue is on {queue.device} but {like_name} is on {like.device} "
+            f"(shapes {shape_str(queue)}, {shape_str(like)})"
+        )
+
+
+def check_queue_labels(queue_labels, queue: Optional[Tensor]) -> None:
+    """Integer labels (K,) of the queue's entries, on its device; only together with a queue."""
+    if queue_labels is None:
+        return
+    if queue is None:
+        raise ValueError(f"queue_labels (shape {shape_str(queue_labels)}) was given without a queue")
+    check_labels("queue_labels", queue_labels, queue.shape[0], queue.device)
+
+
 def check_mask(name: str, mask: Optional[Tensor], shape: Tuple[int, ...], device) -> None:
     if mask is None:
         return

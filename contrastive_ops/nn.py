@@ -5,6 +5,10 @@ Constructors take the hyperparameters (the keyword arguments of the function,
 tensors.  ``gather_distributed=True`` passes the default process group
 (``torch.distributed.group.WORLD``) to the function, which then computes the
 loss of this rank's anchors against the global batch.
+
+``MemoryBank`` is a FIFO queue of detached features (and labels) kept as
+buffers; ``InfoNCELoss``, ``NTXentLoss`` and ``SupConLoss`` own one when
+built with ``memory_size > 0`` and pass it to the function as ``queue``.
 """
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ from typing import Optional
 
 import torch
 
+from . import _checks
+from . import distributed as _dist
+from ._numerics import acc_dtype
 from .losses.decoupled import dcl_loss, dhel_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent
 from .losses.multiview import mv_dhel, mv_infonce
@@ -22,6 +29,7 @@ from .losses.supcon import supcon_loss
 from .losses.swav import sinkhorn_knopp, swav_loss
 
 __all__ = [
+    "MemoryBank",
     "InfoNCELoss",
     "ClipLoss",
     "SigLIPLoss",
@@ -47,6 +55,100 @@ def _group(gather_distributed: bool):
     return dist.group.WORLD
 
 
+class MemoryBank(torch.nn.Module):
+    """A FIFO queue of ``size`` detached (``dim``,) features, and integer labels with ``with_labels``.
+
+    A ring buffer kept as module buffers (``memory``, ``memory_labels``,
+    ``head``, ``filled``: saved in ``state_dict``, moved by ``.to()``).
+    ``enqueue(x)`` stores the rows of ``x`` as if one at a time, in order (row
+    0 first), and drops the oldest entries once ``size`` are filled (a batch
+    larger than ``size`` leaves its last ``size`` rows), as MoCo's and
+    pytorch-metric-learning's ring buffers do.  ``features`` lists the entries
+    newest first: after ``enqueue(x)`` it is ``cat([x.flip(0), features])[:size]``.
+    ``len(bank)`` is the number of filled entries.
+
+    Under a ``process_group`` every rank's batch is all-gathered first, in rank
+    order, so the bank is identical on every rank (pass it to a loss as an
+    ungathered ``queue``).  Features are stored in ``dtype`` (on the bank's
+    device); a loss needs them in its features' dtype: ``bank.features.to(x.dtype)``.
+    """
+
+    def __init__(self, size: int, dim: int, *, with_labels: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        for name, v in (("size", size), ("dim", dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        self.size, self.dim, self.with_labels = size, dim, bool(with_labels)
+        self.register_buffer("memory", torch.zeros(size, dim, dtype=dtype))
+        self.register_buffer("memory_labels", torch.zeros(size, dtype=torch.long) if with_labels else None)
+        # ring position of the newest entry (entries run from there, wrapping) and the count filled
+        self.register_buffer("head", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def __len__(self) -> int:
+        return int(self.filled)
+
+    def _order(self) -> torch.Tensor:
+        """Ring positions of the filled entries, newest first."""
+        return (self.head + torch.arange(len(self), device=self.memory.device)) % self.size
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The filled entries (len(bank), dim), newest first (a copy)."""
+        return self.memory.index_select(0, self._order())
+
+    @property
+    def labels(self) -> Optional[torch.Tensor]:
+        """Their labels (len(bank),) int64, newest first; None for a bank without labels."""
+        if self.memory_labels is None:
+            return None
+        return self.memory_labels.index_select(0, self._order())
+
+    @torch.no_grad()
+    def enqueue(self, features: torch.Tensor, labels: Optional[torch.Tensor] = None, process_group=None) -> None:
+        """Store ``features`` (n, dim) detached, with ``labels`` (n,) when the bank keeps labels."""
+        _checks.check_features("features", features)
+        if features.shape[1] != self.dim:
+            raise ValueError(f"features must have shape (n, {self.dim}) for this bank, got "
+                             f"{_checks.shape_str(features)}")
+        if features.device != self.memory.device:
+            raise ValueError(f"features is on {features.device} but the bank is on {self.memory.device} "
+                             f"(move the bank with .to())")
+        if self.with_labels:
+            if labels is None:
+                raise ValueError("labels is required: this bank was built with with_labels=True")
+            _checks.check_labels("labels", labels, features.shape[0], features.device)
+        elif labels is not None:
+            raise ValueError(f"labels (shape {_checks.shape_str(labels)}) given to a bank built with "
+                             f"with_labels=False")
+        if process_group is not None:
+            _dist.check_group(process_group)
+            sizes = _dist.gather_sizes(features.shape[0], process_group, features.device)
+            features = _dist.all_gather_nograd(features.detach(), process_group, sizes)
+            if labels is not None:
+                labels = _dist.all_gather_nograd(labels, process_group, sizes)
+        n = min(features.shape[0], self.size)
+        # Reading runs from the new head forward, newest first: the last row goes to the new head.
+        pos = (self.head - n + torch.arange(n, device=self.memory.device)) % self.size
+        self.memory.index_copy_(0, pos, features[-n:].detach().flip(0).to(self.memory.dtype))
+        if labels is not None:
+            self.memory_labels.index_copy_(0, pos, labels[-n:].flip(0).long())
+        self.head.copy_((self.head - n) % self.size)
+        self.filled.copy_((self.filled + n).clamp_max(self.size))
+
+    def extra_repr(self) -> str:
+        return (f"size={self.size}, dim={self.dim}, with_labels={self.with_labels}, dtype={self.memory.dtype}, "
+                f"filled={len(self)}")
+
+
+def _check_memory_size(memory_size) -> int:
+    if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 0:
+        raise ValueError(f"memory_size must be an integer >= 0, got {memory_size!r}")
+    return memory_size
+
+
 class _LossModule(torch.nn.Module):
     """Stores keyword hyperparameters and forwards them to ``_fn``."""
 
@@ -62,19 +164,77 @@ class _LossModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         items = dict(self.kwargs, gather_distributed=self.gather_distributed)
+        if getattr(self, "memory_size", 0):
+            items["memory_size"] = self.memory_size
         return ", ".join(f"{k}={v!r}" for k, v in items.items())
 
 
-class InfoNCELoss(_LossModule):
-    """``info_nce`` as a module; ``learnable_temperature=True`` owns ``log_temperature``."""
+class _MemoryLossModule(_LossModule):
+    """A loss module that may own a ``MemoryBank`` of ``memory_size`` entries (``memory_size=0``: none).
+
+    The bank (``self.memory``) is created at the first forward, when the
+    feature width is known, on the features' device and in their accumulation
+    dtype (fp32; float64 for float64 features); loading a ``state_dict`` that
+    holds one creates it first.
+    """
+
+    def _init_memory(self, memory_size) -> None:
+        self.memory_size = _check_memory_size(memory_size)
+        self.register_module("memory", None)
+
+    def _queue(self, like: torch.Tensor, with_labels: bool):
+        """(queue, queue_labels) to pass to the function: the bank's contents in ``like``'s dtype."""
+        if self.memory is None:
+            q = like.new_zeros((0, like.shape[-1]))
+            return q, (torch.zeros(0, dtype=torch.long, device=like.device) if with_labels else None)
+        return self.memory.features.to(like.dtype), self.memory.labels
+
+    def _enqueue(self, views, labels: Optional[torch.Tensor], process_group) -> None:
+        """Enqueue each (n, D) tensor of ``views`` in turn (with ``labels`` each): view by view, so that under a
+        process group the memory holds the same rows in the same order as one process fed the global batch."""
+        if self.memory is None:
+            self.memory = MemoryBank(self.memory_size, views[0].shape[-1], with_labels=labels is not None,
+                                     dtype=acc_dtype(views[0].dtype)).to(views[0].device)
+        for v in views:
+            self.memory.enqueue(v, labels, process_group=process_group)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "memory.memory"
+        if self.memory_size and key in state_dict:
+            if self.memory is None:
+                saved = state_dict[key]
+                self.memory = MemoryBank(self.memory_size, saved.shape[-1],
+                                         with_labels=prefix + "memory.memory_labels" in state_dict,
+                                         dtype=saved.dtype).to(saved.device)
+        elif self.memory is not None:  # saved before any forward: an empty memory
+            self.memory = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class InfoNCELoss(_MemoryLossModule):
+    """``info_nce`` as a module; ``learnable_temperature=True`` owns ``log_temperature``.
+
+    ``memory_size=K > 0``: a ``MemoryBank`` of the last K keys is every query's
+    extra negatives (``queue``); the keys are enqueued after the loss.  With
+    ``in_batch_negatives=False`` this is MoCo v2 (the first step, with an
+    empty memory, has only the positive in the denominator: loss 0).
+    """
 
     _fn = staticmethod(info_nce)
 
     def __init__(self, temperature: float = 0.07, *, symmetric: bool = False, normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", learnable_temperature: bool = False,
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, in_batch_negatives: bool = True, memory_size: int = 0):
         super().__init__(symmetric=symmetric, normalize=normalize, reduction=reduction, backend=backend,
-                         gather_distributed=gather_distributed)
+                         gather_distributed=gather_distributed, in_batch_negatives=in_batch_negatives)
+        self._init_memory(memory_size)
+        if not in_batch_negatives and not memory_size:
+            raise ValueError("in_batch_negatives=False needs negatives from a memory: set memory_size > 0")
+        if memory_size and symmetric:
+            raise ValueError(f"memory_size={memory_size} adds negatives to the query rows only and cannot be "
+                             f"used with symmetric=True")
         if not float(temperature) > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.learnable_temperature = learnable_temperature
@@ -85,8 +245,12 @@ class InfoNCELoss(_LossModule):
 
     def forward(self, query, key, targets=None):
         t = self.log_temperature.exp() if self.learnable_temperature else self.temperature
-        return info_nce(query, key, t, targets=targets, process_group=_group(self.gather_distributed),
-                        **self.kwargs)
+        group = _group(self.gather_distributed)
+        queue = self._queue(key, False)[0] if self.memory_size else None
+        loss = info_nce(query, key, t, targets=targets, process_group=group, queue=queue, **self.kwargs)
+        if self.memory_size:
+            self._enqueue([key], None, group)
+        return loss
 
 
 class ClipLoss(_LossModule):
@@ -109,16 +273,24 @@ class SigLIPLoss(_LossModule):
         return self._call(image_features, text_features, logit_scale, logit_bias)
 
 
-class NTXentLoss(_LossModule):
+class NTXentLoss(_MemoryLossModule):
+    """``nt_xent`` as a module; ``memory_size=K > 0`` adds the last K embeddings of both views as negatives."""
+
     _fn = staticmethod(nt_xent)
 
     def __init__(self, temperature: float = 0.5, *, normalize: bool = True, reduction: str = "mean",
-                 backend: str = "auto", gather_distributed: bool = False):
+                 backend: str = "auto", gather_distributed: bool = False, memory_size: int = 0):
         super().__init__(temperature=temperature, normalize=normalize, reduction=reduction, backend=backend,
                          gather_distributed=gather_distributed)
+        self._init_memory(memory_size)
 
     def forward(self, z1, z2):
-        return self._call(z1, z2)
+        if not self.memory_size:
+            return self._call(z1, z2)
+        group = _group(self.gather_distributed)
+        loss = nt_xent(z1, z2, queue=self._queue(z1, False)[0], process_group=group, **self.kwargs)
+        self._enqueue([z1, z2], None, group)
+        return loss
 
 
 class DCLLoss(_LossModule):
@@ -170,18 +342,39 @@ class MVDHELLoss(_LossModule):
         return type(self)._fn(features, mask=mask, process_group=_group(self.gather_distributed), **self.kwargs)
 
 
-class SupConLoss(_LossModule):
+class SupConLoss(_MemoryLossModule):
+    """``supcon_loss`` as a module.
+
+    ``memory_size=K > 0``: a ``MemoryBank`` of the last K features (all views,
+    view-major) and their labels joins the contrast set (``queue``,
+    ``queue_labels``): with labels, entries of the anchor's class are positives
+    (pytorch-metric-learning ``CrossBatchMemory(SupConLoss)`` with a memory of
+    K plus the batch); without labels, negatives only.
+    """
+
     _fn = staticmethod(supcon_loss)
 
     def __init__(self, temperature: float = 0.07, *, base_temperature: float = 0.07, contrast_mode: str = "all",
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, memory_size: int = 0):
         super().__init__(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
                          normalize=normalize, reduction=reduction, backend=backend,
                          gather_distributed=gather_distributed)
+        self._init_memory(memory_size)
 
     def forward(self, features, labels: Optional[torch.Tensor] = None):
-        return self._call(features, labels)
+        if not self.memory_size:
+            return self._call(features, labels)
+        group = _group(self.gather_distributed)
+        views = _checks.check_views("features", features, min_views=1, allow_single=True)  # (V, N, D)
+        if self.memory is not None and self.memory.with_labels != (labels is not None):
+            raise ValueError(f"labels must be {'given' if self.memory.with_labels else 'None'} on every call: "
+                             f"the memory was filled {'with' if self.memory.with_labels else 'without'} labels")
+        queue, queue_labels = self._queue(views, labels is not None)
+        loss = supcon_loss(features, labels, queue=queue, queue_labels=queue_labels, process_group=group,
+                           **self.kwargs)
+        self._enqueue(views.unbind(0), labels, group)
+        return loss
 
 
 class SwAVLoss(_LossModule):

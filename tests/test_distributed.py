@@ -331,6 +331,71 @@ def _(c: Ctx):
     c.check(lambda f, **kw: co.supcon_loss(f, None, 0.2, **kw), [B(c.randn(c.N, 3, 5))], reduction="none", rows=rows)
 
 
+# Queues: the same (K, D) queue on every rank (a MemoryBank is identical everywhere), not gathered; a
+# queue that requires grad is checked like a shared scalar (mean over ranks of its gradient).
+
+
+@case("info_nce_queue")
+def _(c: Ctx):
+    c.check(lambda q, k, Q, tau, **kw: co.info_nce(q, k, tau, queue=Q, **kw),
+            [B(c.randn(c.N, 7)), B(c.randn(c.N, 7, seed=1)), S(c.randn(5, 7, seed=2)), S(c.scalar(0.2))])
+
+
+@case("info_nce_queue_moco_none")
+def _(c: Ctx):
+    c.check(lambda q, k, Q, **kw: co.info_nce(q, k, 0.2, queue=Q, in_batch_negatives=False, **kw),
+            [B(c.randn(c.N, 7)), B(c.randn(c.N, 7, seed=1)), S(c.randn(5, 7, seed=2, requires_grad=False))],
+            reduction="none")
+
+
+@case("nt_xent_queue")
+def _(c: Ctx):
+    c.check(lambda a, b, Q, tau, **kw: co.nt_xent(a, b, tau, queue=Q, **kw),
+            [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), S(c.randn(4, 6, seed=2)), S(c.scalar(0.5))])
+
+
+@case("supcon_queue_labels")
+def _(c: Ctx):
+    yq = c.randint(3, 5, seed=3)
+    c.check(lambda f, y, Q, tau, **kw: co.supcon_loss(f, y, tau, queue=Q, queue_labels=yq, **kw),
+            [B(c.randn(c.N, 2, 5)), B(c.randint(3, c.N)), S(c.randn(5, 5, seed=4)), S(c.scalar(0.1))])
+
+
+@case("memory_bank_enqueue")
+def _(c: Ctx):
+    """enqueue under a process group gathers in rank order: every rank's bank equals one process's bank
+    fed the global batches; a loss module with memory_size and gather_distributed equals one process."""
+    bank, single = co.nn.MemoryBank(5, 3, with_labels=True), co.nn.MemoryBank(5, 3, with_labels=True)
+    for step in range(3):
+        x, y = c.randn(c.N, 3, seed=10 + step, requires_grad=False), c.randint(9, c.N, seed=step)
+        bank.enqueue(x[c.offset:c.offset + c.n], y[c.offset:c.offset + c.n], process_group=c.group)
+        single.enqueue(x, y)
+        assert len(bank) == len(single), f"rank {c.rank}: {len(bank)} entries, one process {len(single)}"
+        c.close(bank.features, single.features.to(bank.features.dtype), f"step {step}: bank features")
+        assert torch.equal(bank.labels, single.labels), f"rank {c.rank}: step {step}: bank labels"
+    for make in (lambda **kw: co.nn.InfoNCELoss(0.2, memory_size=5, **kw),
+                 lambda **kw: co.nn.InfoNCELoss(0.2, memory_size=5, in_batch_negatives=False, **kw),
+                 lambda **kw: co.nn.NTXentLoss(0.5, memory_size=6, **kw),
+                 lambda **kw: co.nn.SupConLoss(0.1, memory_size=7, **kw)):
+        dmod, smod = make(gather_distributed=True, backend=c.backend), make(backend=c.backend)
+        for step in range(3):
+            q, k = c.randn(c.N, 4, seed=20 + step), c.randn(c.N, 4, seed=30 + step)
+            y = c.randint(3, c.N, seed=40 + step)
+            ql = q.detach()[c.offset:c.offset + c.n].requires_grad_(True)
+            kl = k.detach()[c.offset:c.offset + c.n].requires_grad_(True)
+            if isinstance(smod, co.nn.SupConLoss):
+                dl = dmod(torch.stack([ql, kl], 1), y[c.offset:c.offset + c.n])
+                sl = smod(torch.stack([q, k], 1), y)
+            else:
+                dl, sl = dmod(ql, kl), smod(q, k)
+            what = f"{type(smod).__name__} step {step}"
+            c.close(codist.all_reduce_sum(dl.detach(), c.group) / c.world, sl.detach(), f"{what}: loss")
+            dl.backward()
+            sl.backward()
+            c.close(ql.grad / c.world, q.grad[c.offset:c.offset + c.n], f"{what}: query gradient")
+            c.close(dmod.memory.features, smod.memory.features, f"{what}: memory")
+
+
 @case("dcl")
 def _(c: Ctx):
     c.check(co.dcl_loss, [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), S(c.scalar(0.2))])

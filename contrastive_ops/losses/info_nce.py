@@ -14,6 +14,20 @@ With ``s(a, b) = â·b̂ / τ`` (``normalize=True``, ``û = u/max(‖u‖, 1e-12
                  view-1 anchors first; the positive stays in the denominator
     similarity_lse  LSE_j (scale · q_i·k_j)                             (B,)
 
+Queues (``queue`` Q (K, D), normalized like the keys): K extra candidates in
+every anchor's denominator, never anchors or positives::
+
+    info_nce     ℓ_i = −S[i, t_i] + log(Σ_j e^{S[i, j]} + Σ_m e^{s(q_i, Q_m)})
+      in_batch_negatives=False (MoCo v2): the keys' sum is e^{S[i, t_i]} alone
+    nt_xent      ℓ_a = −S[a, a±N] + log(Σ_{b≠a} e^{S[a, b]} + Σ_m e^{s(z_a, Q_m)})
+
+The fused compositions take the queue's LSE from a second core call
+(anchors against Q) and merge it with ``logaddexp``: exact gradients for the
+anchors, Q (when it requires grad) and τ, and never a B×K or (B+K)×D buffer.
+The queue is not gathered under ``process_group`` (a ``MemoryBank`` is
+identical on every rank); a queue that requires grad gets ∂L_r/∂Q on rank r,
+whose mean over ranks is the single-process gradient, as for a shared τ.
+
 Gradients (what the core's backward gives the LSE terms, PyTorch gives the
 positive terms): ∂ℓ_i/∂S[i, j] = P[i, j] − [j = t_i], P = softmax_j S[i, ·].
 
@@ -45,7 +59,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from .._checks import _compiling, as_scalar, check_pair, check_reduction, shape_str
+from .._checks import _compiling, as_scalar, check_pair, check_queue, check_reduction, shape_str
 from .._numerics import acc_dtype
 from ..distributed import GlobalBatch
 from ..primitives.sim_lse import sim_lse
@@ -78,12 +92,37 @@ def _check_targets(targets, B: int, M: int, device) -> Tensor:
     return targets.long()
 
 
+def _has_rows(queue) -> bool:
+    return queue is not None and queue.shape[0] > 0
+
+
+def _queue_lse(anchors: Tensor, queue, scale: Tensor, normalize: bool, backend: str) -> Tensor:
+    """LSE_m s(anchor_i, Q_m) over the K queue entries (B,), from a second core call (no B×K buffer).
+
+    Why a second call rather than more columns of the first: the core's
+    ``col_index`` / ``col_start`` / ``col_end`` select rows of its one
+    candidate tensor, so taking the queue there would need a (M+K)×D
+    concatenation of keys and queue.  Two calls merged with ``logaddexp`` are
+    exact in value and gradient: its backward hands each call's row LSE the
+    upstream gradient times that block's share of the softmax mass, which is
+    what each block's P = exp(S − row_lse) needs.
+    """
+    Qk, _ = unit_operands(queue, normalize)
+    lse, _ = sim_lse(anchors, Qk, scale, backend=backend)
+    return lse
+
+
+def _queue_logits(anchors_acc: Tensor, queue, scale: Tensor, normalize: bool) -> Tensor:
+    """Dense s(anchor_i, Q_m) (B, K) in the accumulation dtype (the references only)."""
+    return (anchors_acc @ unit(queue, normalize).T) * scale
+
+
 # --------------------------------------------------------------------------- info_nce
 
 
 def info_nce_reference(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
-                       reduction="mean", process_group=None) -> Tensor:
-    """Dense InfoNCE: ℓ_i = −S[i, t_i] + LSE_j S[i, j] (stores B×M)."""
+                       reduction="mean", process_group=None, queue=None, in_batch_negatives=True) -> Tensor:
+    """Dense InfoNCE: ℓ_i = −S[i, t_i] + LSE_j S[i, j] (stores B×M), the queue's logits as extra columns."""
     gq = GlobalBatch(query.shape[0], process_group, query.device)
     gk = GlobalBatch(key.shape[0], process_group, key.device)
     if targets is not None:  # local key indices -> positions in the gathered keys
@@ -98,16 +137,23 @@ def info_nce_reference(query, key, temperature=0.07, *, targets=None, symmetric=
     else:
         t = torch.arange(B, device=S.device) if targets is None else targets.long()
         pos = S.gather(1, t[:, None]).squeeze(1)
-        loss = S.logsumexp(1) - pos
+        cand = S if in_batch_negatives else pos[:, None]
+        if queue is not None:
+            cand = torch.cat([cand, _queue_logits(q, queue, inv_temperature(temperature, q), normalize)], 1)
+        loss = cand.logsumexp(1) - pos
     return gq.reduce(gq.local(loss), reduction)
 
 
 def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
-                    reduction="mean", backend: str, process_group=None) -> Tensor:
+                    reduction="mean", backend: str, process_group=None, queue=None,
+                    in_batch_negatives=True) -> Tensor:
     """InfoNCE on ``sim_lse``: row (and column) LSEs from the core, positives in PyTorch.
 
     Under ``process_group``: local queries against the gathered keys (and,
-    symmetric, local keys against the gathered queries).
+    symmetric, local keys against the gathered queries).  A queue adds one
+    core call of the queries against it, merged into the row LSE with
+    ``logaddexp``; with ``in_batch_negatives=False`` the keys enter only
+    through the positive logit (no key core call, no gather).
     """
     gk = GlobalBatch(key.shape[0], process_group, key.device)
     q, q32 = unit_operands(query, normalize)
@@ -122,16 +168,21 @@ def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=Fal
         pos = rowdot(q32, k32) * scale
         loss = 0.5 * ((row_lse - pos) + (col_lse - pos))
     else:
-        row_lse, _ = sim_lse(q, gk.gather(k), scale, backend=backend)
         t = torch.arange(q.shape[0], device=q.device) if targets is None else targets.long()
         # targets index the local keys (repeats allowed); take_rows: a backward without atomics
         pos = rowdot(q32, take_rows(k32, t)) * scale
+        if in_batch_negatives:
+            row_lse, _ = sim_lse(q, gk.gather(k), scale, backend=backend)
+        else:  # MoCo v2: the only key in the denominator is the positive itself
+            row_lse = pos
+        if _has_rows(queue):
+            row_lse = torch.logaddexp(row_lse, _queue_lse(q, queue, scale, normalize, backend))
         loss = row_lse - pos
     return gk.reduce(loss, reduction)
 
 
 def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
-             reduction="mean", backend="auto", process_group=None) -> Tensor:
+             reduction="mean", backend="auto", process_group=None, queue=None, in_batch_negatives=True) -> Tensor:
     r"""InfoNCE of queries against keys.
 
     ``ℓ_i = −s(q_i, k_{t_i}) + LSE_j s(q_i, k_j)`` with ``s(a,b) = â·b̂/τ``
@@ -146,6 +197,11 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
         normalize: L2-normalize query and key rows first (eps 1e-12, in fp32).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` ((B,) per-query values).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+        queue: optional (K, D) extra candidates (a MoCo queue, a ``MemoryBank``'s ``features``) in every
+            query's denominator, same dtype and device as ``query``, normalized like the keys; they get
+            gradient only if they require it.  K = 0 adds nothing.
+        in_batch_negatives: ``True``: candidates = all keys ∪ queue.  ``False`` (needs a queue): candidates
+            = the query's own target key ∪ queue (MoCo v2).
 
     Returns:
         fp32 loss (float64 for float64 inputs); gradients in the input dtype.
@@ -153,6 +209,20 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
     check_pair("query", query, "key", key, same_rows=False)
     check_reduction(reduction)
     B, M = query.shape[0], key.shape[0]
+    if queue is not None:
+        check_queue(queue, "query", query)
+        if symmetric:
+            raise ValueError(
+                f"queue adds candidates to the query rows only, so it cannot be used with symmetric=True "
+                f"(got queue {shape_str(queue)}, query {shape_str(query)}, key {shape_str(key)})"
+            )
+    if not isinstance(in_batch_negatives, bool):
+        raise ValueError(f"in_batch_negatives must be True or False, got {in_batch_negatives!r}")
+    if not in_batch_negatives and queue is None:
+        raise ValueError(
+            "in_batch_negatives=False keeps only the positive key in the denominator and needs a queue of "
+            f"negatives; got queue=None (query {shape_str(query)}, key {shape_str(key)})"
+        )
     if symmetric:
         if targets is not None:
             raise ValueError(
@@ -173,7 +243,7 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
     as_scalar("temperature", temperature, query, positive=True)
     name = backends.resolve(backend, op="info_nce", tensors=(query, key))
     kw = dict(targets=targets, symmetric=symmetric, normalize=normalize, reduction=reduction,
-              process_group=process_group)
+              process_group=process_group, queue=queue, in_batch_negatives=in_batch_negatives)
     if name == "reference":
         return info_nce_reference(query, key, temperature, **kw)
     return _fused_info_nce(query, key, temperature, backend=name, **kw)
@@ -238,26 +308,31 @@ def clip_loss(image_features, text_features, logit_scale, *, backend="auto", pro
 # --------------------------------------------------------------------------- nt_xent
 
 
-def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", process_group=None) -> Tensor:
-    """Dense NT-Xent over the 2N anchors of Z = cat(z1, z2) (stores 2N×2N)."""
+def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", process_group=None,
+                      queue=None) -> Tensor:
+    """Dense NT-Xent over the 2N anchors of Z = cat(z1, z2) (stores 2N×2N), the queue's logits as extra columns."""
     gb = GlobalBatch(z1.shape[0], process_group, z1.device)
     Z = torch.cat([unit(gb.gather(z1), normalize), unit(gb.gather(z2), normalize)], 0)
     n2 = Z.shape[0]
     N = n2 // 2
     S = (Z @ Z.T) * inv_temperature(temperature, Z)
     self_pair = torch.eye(n2, dtype=torch.bool, device=S.device)
-    denom = S.masked_fill(self_pair, float("-inf")).logsumexp(1)
+    cand = S.masked_fill(self_pair, float("-inf"))
+    if queue is not None:
+        cand = torch.cat([cand, _queue_logits(Z, queue, inv_temperature(temperature, Z), normalize)], 1)
+    denom = cand.logsumexp(1)
     partner = (torch.arange(n2, device=S.device) + N) % n2
     pos = S.gather(1, partner[:, None]).squeeze(1)
     return gb.reduce(gb.local_anchors(denom - pos, 2), reduction)
 
 
 def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend: str,
-                   process_group=None) -> Tensor:
+                   process_group=None, queue=None) -> Tensor:
     """NT-Xent on ``sim_lse(Z, Z)`` with the self pair excluded; positives in PyTorch.
 
     Under ``process_group`` the anchors are the 2n local rows and the
     candidates the 2N gathered ones; each anchor excludes its own global position.
+    A queue adds one core call of the 2n anchors against it, merged with ``logaddexp``.
     """
     gb = GlobalBatch(z1.shape[0], process_group, z1.device)
     (a, a32), (b, b32) = unit_operands(z1, normalize), unit_operands(z2, normalize)
@@ -266,12 +341,14 @@ def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean",
     keys = Z if process_group is None else torch.cat([gb.gather(a), gb.gather(b)], 0)
     self_pos = gb.anchor_index(2, Z.device)  # arange(2N) in one process
     row_lse, _ = sim_lse(Z, keys, scale, exclude=self_pos[:, None], backend=backend)
+    if _has_rows(queue):
+        row_lse = torch.logaddexp(row_lse, _queue_lse(Z, queue, scale, normalize, backend))
     pos = rowdot(torch.cat([a32, b32], 0), torch.cat([b32, a32], 0)) * scale
     return gb.reduce(row_lse - pos, reduction)
 
 
 def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend="auto",
-            process_group=None) -> Tensor:
+            process_group=None, queue=None) -> Tensor:
     r"""SimCLR NT-Xent (lightly ``NTXentLoss``) over the 2N anchors of two views.
 
     Each anchor's positive is its other view; the denominator holds all 2N−1
@@ -283,12 +360,15 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
         normalize: L2-normalize first (eps 1e-12, in fp32).
         reduction: ``"mean"`` (over the 2N anchors), ``"sum"`` or ``"none"`` ((2N,), view-1 anchors then view-2).
         backend: see ``info_nce``.
+        queue: optional (K, D) extra negatives of every anchor (see ``info_nce``).
     """
     check_pair("z1", z1, "z2", z2, same_rows=True)
+    if queue is not None:
+        check_queue(queue, "z1", z1)
     check_reduction(reduction)
     as_scalar("temperature", temperature, z1, positive=True)
     name = backends.resolve(backend, op="nt_xent", tensors=(z1, z2))
-    kw = dict(normalize=normalize, reduction=reduction, process_group=process_group)
+    kw = dict(normalize=normalize, reduction=reduction, process_group=process_group, queue=queue)
     if name == "reference":
         return nt_xent_reference(z1, z2, temperature, **kw)
     return _fused_nt_xent(z1, z2, temperature, backend=name, **kw)

@@ -18,6 +18,16 @@ features, |P(a)| = V·#{i: y_i = y_a} − 1.  The label sums are summed in an
 order fixed by the data (``_common.index_sum``, not ``index_add``, whose CUDA
 atomics and indexing backward change the rounding from run to run).
 
+Queue (``queue`` Q (K, D), ``queue_labels`` y_Q (K,)): K extra contrast
+candidates, never anchors, normalized like the features.  They join every
+anchor's denominator; with ``queue_labels`` those with y_Q = y_a join P(a)
+(pytorch-metric-learning ``CrossBatchMemory`` + ``SupConLoss``); without,
+they are negatives only.  Fused: the queue's LSE comes from a second core
+call (anchors against Q) merged with ``logaddexp``, its positive sums from
+per-label sums of Q over the joint label groups of batch and queue; no A×K
+buffer.  The queue is not gathered under ``process_group`` (it is the same on
+every rank).
+
 Under ``process_group`` the features and labels (instance ids without labels)
 are all-gathered, the anchors are this rank's instances (in each view), the
 contrast set and the label groups are global; the reference keeps this rank's
@@ -41,7 +51,7 @@ CONTRAST_MODES = ("all", "one")
 
 
 def _label_groups(labels: Optional[Tensor], N: int, device) -> Tensor:
-    """Group id in [0, N) per instance: equal labels ⇔ equal ids (no data-dependent shapes)."""
+    """Group id in [0, N) per entry of ``labels`` (N,): equal labels ⇔ equal ids (no data-dependent shapes)."""
     if labels is None:
         return torch.arange(N, device=device)
     sorted_labels, perm = torch.sort(labels)
@@ -54,8 +64,9 @@ def _label_groups(labels: Optional[Tensor], N: int, device) -> Tensor:
 
 def supcon_reference(views: Tensor, labels: Optional[Tensor], temperature, base_temperature, *,
                      contrast_mode: str = "all", normalize: bool = True, reduction: str = "mean",
-                     process_group=None) -> Tensor:
-    """Exact dense SupCon on view-major ``views`` (V, N, D); stores A × V·N."""
+                     process_group=None, queue: Optional[Tensor] = None,
+                     queue_labels: Optional[Tensor] = None) -> Tensor:
+    """Exact dense SupCon on view-major ``views`` (V, N, D); stores A × (V·N + K)."""
     gb = GlobalBatch(views.shape[1], process_group, views.device)
     views = gb.gather(views, dim=1)
     labels = None if labels is None else gb.gather_nograd(labels)
@@ -65,11 +76,18 @@ def supcon_reference(views: Tensor, labels: Optional[Tensor], temperature, base_
     factor = t / as_scalar("base_temperature", base_temperature, U)
     Z = U.reshape(V * N, D)
     A = N if contrast_mode == "one" else V * N
-    S = (Z[:A] @ Z.T) / t
-    not_self = ~torch.eye(A, V * N, dtype=torch.bool, device=U.device)
+    K = 0 if queue is None else queue.shape[0]
+    C = Z if queue is None else torch.cat([Z, unit(queue, normalize)], 0)  # contrast set: batch, then queue
+    S = (Z[:A] @ C.T) / t
+    not_self = ~torch.eye(A, V * N + K, dtype=torch.bool, device=U.device)
     lse = masked_lse(S, not_self, 1)
     y = (torch.arange(N, device=U.device) if labels is None else labels).repeat(V)
-    pos = (y[:A, None] == y[None, :]) & not_self
+    pos = (y[:A, None] == y[None, :])
+    if K:
+        q_pos = (y[:A, None] == queue_labels[None, :]) if queue_labels is not None \
+            else torch.zeros(A, K, dtype=torch.bool, device=U.device)
+        pos = torch.cat([pos, q_pos], 1)
+    pos = pos & not_self
     npos = pos.sum(1)
     has = npos > 0
     mean_pos = torch.where(pos, S, 0).sum(1) / npos.clamp_min(1)
@@ -81,7 +99,8 @@ def supcon_reference(views: Tensor, labels: Optional[Tensor], temperature, base_
 
 def _fused_supcon(views: Tensor, labels: Optional[Tensor], temperature, base_temperature, *,
                   contrast_mode: str = "all", normalize: bool = True, reduction: str = "mean",
-                  backend: str, process_group=None) -> Tensor:
+                  backend: str, process_group=None, queue: Optional[Tensor] = None,
+                  queue_labels: Optional[Tensor] = None) -> Tensor:
     """SupCon on the core: one similarity-LSE call, label sums in PyTorch; never builds A × V·N.
 
     Anchors are this rank's (``n`` instances per view), the contrast set the
@@ -105,20 +124,35 @@ def _fused_supcon(views: Tensor, labels: Optional[Tensor], temperature, base_tem
     # One process and every view an anchor: anchors and candidates are the same tensor (Gram kernels).
     Zak = Zk if (groups == V and gb.group is None) else Za.to(views.dtype)
     lse, _ = sim_lse(Zak, Zk, scale, exclude=a, backend=backend)
+    K = 0 if queue is None else queue.shape[0]
+    labelled_queue = K > 0 and queue_labels is not None
     # W_i = Σ_{j: y_j = y_i} Σ_v u_vj: the features of instance i's label, all views (N, D).
     inst_sum = Ug.sum(0)
     inst_cnt = torch.full((N,), V, dtype=torch.long, device=U.device)
     if labels is None:
         W, cnt = inst_sum, inst_cnt
     else:
-        gid = _label_groups(labels, N, U.device)
-        W = take_rows(index_sum(inst_sum, gid, N), gid)
-        cnt = take_rows(index_sum(inst_cnt, gid, N), gid)
+        if labelled_queue:  # one grouping of batch and queue labels, so equal labels share an id
+            gid_all = _label_groups(torch.cat([labels.long(), queue_labels.long()]), N + K, U.device)
+            gid, qgid, G = gid_all[:N], gid_all[N:], N + K
+        else:
+            gid, G = _label_groups(labels, N, U.device), N
+        W = take_rows(index_sum(inst_sum, gid, G), gid)
+        cnt = take_rows(index_sum(inst_cnt, gid, G), gid)
     # Anchor (v, i) of this rank: positives are the other V·|y_i| − 1 features of its label.
     Wl = gb.local(W)[None]  # (1, n, D), broadcast over the anchor views
     Za3 = U[:groups]  # (groups, n, D)
-    pos_sum = ((Wl - Za3) * Za3).sum(-1).reshape(groups * n) * scale  # Σ_{p∈P(a)} s_ap
+    pos_sum = ((Wl - Za3) * Za3).sum(-1).reshape(groups * n) * scale  # Σ_{p∈P(a)} s_ap over the batch
     npos = (gb.local(cnt) - 1).repeat(groups)
+    if K > 0:
+        Qu = unit(queue, normalize)
+        q_lse, _ = sim_lse(Zak, Qu.to(views.dtype), scale, backend=backend)
+        lse = torch.logaddexp(lse, q_lse)
+    if labelled_queue:  # queue entries with the anchor's label are positives too
+        QW = take_rows(index_sum(Qu, qgid, G), gid)  # (N, D): the queue features of instance i's label
+        q_cnt = take_rows(index_sum(torch.ones_like(qgid), qgid, G), gid)
+        pos_sum = pos_sum + (gb.local(QW)[None] * Za3).sum(-1).reshape(groups * n) * scale
+        npos = npos + gb.local(q_cnt).repeat(groups)
     has = npos > 0
     mean_pos = pos_sum / npos.clamp_min(1)
     values = -factor * (mean_pos - torch.where(has, lse, 0))
@@ -127,7 +161,8 @@ def _fused_supcon(views: Tensor, labels: Optional[Tensor], temperature, base_tem
 
 
 def supcon_loss(features, labels=None, temperature=0.07, *, base_temperature=0.07, contrast_mode="all",
-                normalize=True, reduction="mean", backend="auto", process_group=None) -> Tensor:
+                normalize=True, reduction="mean", backend="auto", process_group=None, queue=None,
+                queue_labels=None) -> Tensor:
     r"""Supervised contrastive loss (SupContrast L_out).
 
     Args:
@@ -139,6 +174,10 @@ def supcon_loss(features, labels=None, temperature=0.07, *, base_temperature=0.0
         normalize: L2-normalize the features first (SupContrast itself expects normalized input).
         reduction: ``"mean"`` over anchors with a positive, ``"sum"``, or ``"none"``: (V·N,)
             view-major for ``"all"``, (N,) for ``"one"``, 0 for anchors without a positive.
+        queue: optional (K, D) extra contrast candidates (never anchors), same dtype and device as the
+            features, normalized like them; they get gradient only if they require it.
+        queue_labels: optional (K,) integer labels of the queue entries (needs ``labels``): entries with
+            the anchor's label are positives too.  Without them the queue holds negatives only.
 
     ℓ_a = −(τ/τ_b)·mean_{p∈P(a)}[s_ap − LSE_{c≠a} s_ac].  Returns fp32 (float64 for float64 inputs).
     """
@@ -146,12 +185,21 @@ def supcon_loss(features, labels=None, temperature=0.07, *, base_temperature=0.0
     V, N, _ = views.shape
     if labels is not None:
         _checks.check_labels("labels", labels, N, views.device)
+    if queue is not None:
+        _checks.check_queue(queue, "features", features if isinstance(features, torch.Tensor) else views)
+    _checks.check_queue_labels(queue_labels, queue)
+    if queue_labels is not None and labels is None:
+        raise ValueError(
+            f"queue_labels (shape {_checks.shape_str(queue_labels)}) needs labels: without labels the "
+            f"positives are instance ids, which queue entries cannot share"
+        )
     _checks.check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
     _checks.check_reduction(reduction)
     temperature = _checks.as_scalar("temperature", temperature, views, positive=True)
     base_temperature = _checks.as_scalar("base_temperature", base_temperature, views, positive=True)
     name = backends.resolve(backend, op="supcon_loss", tensors=[views])
-    kw = dict(contrast_mode=contrast_mode, normalize=normalize, reduction=reduction, process_group=process_group)
+    kw = dict(contrast_mode=contrast_mode, normalize=normalize, reduction=reduction, process_group=process_group,
+              queue=queue, queue_labels=queue_labels)
     if name == "reference":
         return supcon_reference(views, labels, temperature, base_temperature, **kw)
     return _fused_supcon(views, labels, temperature, base_temperature, backend=name, **kw)
