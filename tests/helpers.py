@@ -160,3 +160,10 @@ def serve_dense_primitive(monkeypatch, prim):
     real = backends.primitive
     monkeypatch.setattr(backends, "primitive", lambda name, p: prim if name == "dense" else real(name, p))
     return prim
+
+
+def triton_assert_close(*args, **kwargs) -> None:
+    """``assert_close`` for results of the Triton kernels on ``DEVICE``: their fp32 products are tf32x3
+    on a GPU (``contrastive_ops.testing.fp32_products``), IEEE under the interpreter."""
+    kwargs.setdefault("products", fp32_products("triton", DEVICE))
+    assert_close(*args, **kwargs)

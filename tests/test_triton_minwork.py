@@ -24,7 +24,8 @@ import torch
 
 import contrastive_ops as co
 from contrastive_ops.primitives.sim_lse import sim_lse, sim_lse_reference
-from helpers import DEVICE, assert_close
+from helpers import DEVICE
+from helpers import triton_assert_close as assert_close
 from test_triton_kernels import (
     _case,
     _check_lse,
@@ -46,6 +47,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def _poison(monkeypatch):
     monkeypatch.setattr(ttiles, "POISON_OUTPUTS", True)
     monkeypatch.setattr(tcore, "BACKWARD", "deterministic")
+
+
+def _skip_unused_fp32_gram(dtype):
+    """The Gram kernels are not launched for fp32 inputs on a GPU (``sim_lse.gram_kernels_take``:
+    an out-of-bounds shared-memory read under Triton 3.6); their tests run where they are used."""
+    if not tcore.gram_kernels_take(dtype):
+        pytest.skip("fp32 Gram inputs take the general kernels on GPUs (test_fp32_gram_routing_on_gpus)")
 
 
 def _launches(fn):
@@ -101,6 +109,7 @@ def _check_grads(dq, dk, dscale, r_dq, r_ds, dtype, what):
 @pytest.mark.parametrize("case", GRAM_CASES)
 def test_gram_paths(case, dtype):
     """Gram forward, then the mirror and the atomic Gram backward, against the dense core."""
+    _skip_unused_fp32_gram(dtype)
     Z, exclude = _gram_case(case, dtype)
     B = Z.shape[0]
     scale = torch.tensor(1.9, device=DEVICE)
@@ -123,6 +132,7 @@ def test_gram_paths(case, dtype):
 def test_gram_autograd_through_core(dtype):
     """``core.sim_lse(Z, Z)`` (one tensor object) takes both Gram kernels; gradients equal the
     dense core's, with grad_output ≠ 1."""
+    _skip_unused_fp32_gram(dtype)
     Z0, exclude = _gram_case("self_pos_d33", dtype)
     outs = {}
     for backend, dt in (("triton", dtype), ("reference", torch.float32)):
@@ -150,6 +160,7 @@ def test_same_values_detached_key():
     """(z, z.detach()): the forward is a Gram matrix, but the gradient goes to q only, so the
     backward returns dq = scale·dS·K alone (not the whole Gram gradient), from the Gram kernel's
     row terms: the forward's S read the same way."""
+    _skip_unused_fp32_gram(torch.float32)
     Z0, exclude = _gram_case("self_d20", torch.float32)
     Z = Z0.clone().requires_grad_()
     scale = torch.tensor(1.4)
@@ -173,6 +184,7 @@ def test_same_values_detached_key():
 def test_gram_split_backward(case, dtype):
     """Two tensors with the same values (the forward takes the Gram kernel): dq and dk each
     against the dense core's gradients of two separate leaves."""
+    _skip_unused_fp32_gram(dtype)
     Z, exclude = _gram_case(case, dtype)
     Zk = Z.as_strided(Z.shape, Z.stride())  # another tensor object, same data pointer and strides
     assert Zk is not Z and tcore.same_values(Z, Zk)
@@ -219,7 +231,10 @@ def test_losses_take_the_gram_path(loss):
     assert_close(out.detach(), ref.detach(), torch.float32, what=loss)
     for x, r in zip(inputs, ref_inputs):
         assert_close(x.grad, r.grad, torch.float32, what=f"{loss} grad")
-    assert ran.get("gram_fwd") == 1 and ran.get("gram_bwd") == 1, ran
+    if tcore.gram_kernels_take(torch.float32):
+        assert ran.get("gram_fwd") == 1 and ran.get("gram_bwd") == 1, ran
+    else:  # fp32 on a GPU: the general kernels (test_fp32_gram_routing_on_gpus)
+        assert ran.get("fwd") == 1 and "gram_fwd" not in ran and "gram_bwd" not in ran, ran
 
 
 def test_gram_fallbacks():
