@@ -27,7 +27,7 @@ import triton.language as tl
 from .args import same_device, scalar_on
 from .tiles import (BWD_GPU, DS_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
                     col_tile, configs, dot_flags, empty, gpu_block_do, gpu_dot_flags, launch, log2_bucket, min_block,
-                    mark_known_faults, s_tile, spec)
+                    mark_known_faults, mm_f32, s_tile, spec)
 
 Tensor = torch.Tensor
 
@@ -218,13 +218,6 @@ def _siglip_bwd_g_kernel(X, Y, Scale, Bias, Grad, G, ScalePart, BiasPart, R0, R1
     tl.store(BiasPart + part, tl.sum(tl.sum(g, 1), 0))
 
 
-def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
-    """a·b with an fp32 result (16-bit operands on tensor cores with fp32 accumulation on CUDA)."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
-
-
 def _gemm_backward(x, y, scale, bias, grad):
     """SigLIP's GEMM backward (``BACKWARD = "gemm"``): per block of rows, ``_siglip_bwd_g_kernel``
     recomputes the logits once and stores G; cuBLAS does dx = scale·G·Y and accumulates
@@ -250,8 +243,8 @@ def _gemm_backward(x, y, scale, bias, grad):
             x, y, scale, bias, grad, g, sp, bp, r0, r1, M, D, x.stride(0), y.stride(0), g.stride(0),
             log2_bucket(B), log2_bucket(M), BLOCK_D=block_d(D), **flags,
         )
-        dx[r0:r1] = (_mm_f32(g, y) * scale).to(x.dtype)
-        dy_acc += _mm_f32(g.t(), x[r0:r1])
+        dx[r0:r1] = (mm_f32(g, y) * scale).to(x.dtype)
+        dy_acc += mm_f32(g.t(), x[r0:r1])
         s_parts.append(sp.sum())
         b_parts.append(bp.sum())
     return dx, (dy_acc * scale).to(y.dtype), torch.stack(s_parts).sum(), torch.stack(b_parts).sum()

@@ -134,10 +134,10 @@ from .sim_lse_bwd import (  # noqa: F401 - the kernels, re-exported (tests, the 
 )
 from .sim_lse_fwd import _fwd_kernel, _gram_fwd_kernel
 from .tiles import (
-    BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, DS_GPU, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SMEM_LIMIT, SPEC_DS,
-    SPEC_DTYPES, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, chunk_d, col_lse, d_pad, dot_flags, empty, fwd_smem,
-    gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch, log2_bucket, mark_known_faults, min_block, sm_count,
-    spec,
+    BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, DS_GPU, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SMEM_LIMIT,
+    SPEC_DS, SPEC_DTYPES, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, chunk_d, col_lse, d_pad, dot_flags, empty,
+    fwd_smem, gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch, log2_bucket, mark_known_faults,
+    min_block, mm_f32, sm_count, spec,
 )
 
 Tensor = torch.Tensor
@@ -279,14 +279,6 @@ def _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col
 GEMM_DS_BYTES = 1 << 30
 
 
-def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
-    """a·b with an fp32 result: 16-bit operands on tensor cores with fp32 accumulation (CUDA), the
-    same products in fp32 elsewhere; fp32 operands as torch multiplies them (IEEE unless TF32 is on)."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
-
-
 def _gemm_backward(q, k, scale, exclude, row_lse, col_lse, grad_row, grad_col, flags, bd, one_chunk):
     """The GEMM backward (``BACKWARD = "gemm"``; no index lists, no column ranges): for each block
     of rows, the dS kernel recomputes S once and stores dS (rounded to the input dtype, as the dq/dk
@@ -315,8 +307,8 @@ def _gemm_backward(q, k, scale, exclude, row_lse, col_lse, grad_row, grad_col, f
             r1 - r0, M, D, q.stride(0), k.stride(0), dsc.stride(0), log2_bucket(B), log2_bucket(M),
             BLOCK_D=bd, ONE_CHUNK=one_chunk, **flags,
         )
-        dq[r0:r1] = (_mm_f32(dsc, k) * scale).to(q.dtype)
-        dk_acc += _mm_f32(dsc.t(), qc)
+        dq[r0:r1] = (mm_f32(dsc, k) * scale).to(q.dtype)
+        dk_acc += mm_f32(dsc.t(), qc)
         parts.append(part.sum())
     return dq, (dk_acc * scale).to(k.dtype), torch.stack(parts).sum()
 

@@ -630,3 +630,12 @@ def mark_known_faults(specs: List[dict], faults: dict, where: str, version: Opti
             sp["expect_fail"] = (f"{k[0]} {k[1]} D={'/'.join(map(str, ds))} {k[3]}: {why} "
                                  f"(Triton {version} ptxas, sm_90a)")
     return specs
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b with an fp32 result, as the GEMM backwards need it: 16-bit operands on tensor cores with
+    fp32 accumulation (CUDA), the same products in fp32 elsewhere; fp32 operands as torch multiplies
+    them (IEEE unless TF32 matmuls are enabled globally)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
