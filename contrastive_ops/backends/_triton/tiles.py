@@ -482,9 +482,9 @@ def logaddexp(a, b):
 
 SPEC_DS = (64, 128, 256, 512, 768, 1024)
 SPEC_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_FEATURE_ARGS = ("Q", "K", "Z", "X", "Y", "DQ", "DK", "DZ", "DX", "DY")
+_FEATURE_ARGS = ("Q", "K", "Z", "X", "Y", "DQ", "DK", "DZ", "DX", "DY", "DS", "G")  # DS, G: the GEMM backwards
 _INDEX_ARGS = ("RowIndex", "ColIndex", "ColStart", "ColEnd", "Exclude")
-_INT_ARGS = ("B", "M", "D", "cols_per_split", "B_LOG2", "M_LOG2")
+_INT_ARGS = ("B", "M", "D", "cols_per_split", "B_LOG2", "M_LOG2", "R0", "R1")
 
 
 def spec_signature(jit_fn, dtype_name: str, constexprs: dict) -> dict:
