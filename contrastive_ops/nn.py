@@ -17,6 +17,7 @@ from .losses.decoupled import dcl_loss, dhel_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent
 from .losses.multiview import mv_dhel, mv_infonce
 from .losses.point_token import point_token_contrast
+from .losses.selfcon import selfcon_loss
 from .losses.siglip import siglip_loss
 from .losses.supcon import supcon_loss
 from .losses.swav import sinkhorn_knopp, swav_loss
@@ -34,6 +35,7 @@ __all__ = [
     "SwAVLoss",
     "SinkhornKnopp",
     "PointTokenContrastLoss",
+    "SelfConLoss",
 ]
 
 
@@ -177,6 +179,22 @@ class SupConLoss(_LossModule):
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
                  gather_distributed: bool = False):
         super().__init__(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
+                         normalize=normalize, reduction=reduction, backend=backend,
+                         gather_distributed=gather_distributed)
+
+    def forward(self, features, labels: Optional[torch.Tensor] = None):
+        return self._call(features, labels)
+
+
+class SelfConLoss(_LossModule):
+    """``selfcon_loss`` as a module: ``forward(features, labels=None)``, features (N, V, D) backbone last."""
+
+    _fn = staticmethod(selfcon_loss)
+
+    def __init__(self, temperature: float = 0.07, *, base_temperature: float = 0.07, alpha: float = 0.0,
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 gather_distributed: bool = False):
+        super().__init__(temperature=temperature, base_temperature=base_temperature, alpha=alpha,
                          normalize=normalize, reduction=reduction, backend=backend,
                          gather_distributed=gather_distributed)
 

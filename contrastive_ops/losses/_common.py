@@ -7,7 +7,7 @@ them too, and the argument checks (pair checks included) in
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,3 +60,19 @@ def rowdot(a: Tensor, b: Tensor) -> Tensor:
     """Σ_d a_id·b_id in the accumulation dtype (positive logits, O(B·D))."""
     dt = acc_dtype(a.dtype)
     return (a.to(dt) * b.to(dt)).sum(-1)
+
+
+def label_groups(labels: Optional[Tensor], N: int, device) -> Tensor:
+    """Group id in [0, N) per instance: equal labels ⇔ equal ids (``None``: the instance ids).
+
+    No data-dependent shapes, so compositions that sum features per label
+    (``index_add`` into N slots) trace under ``torch.compile``.
+    """
+    if labels is None:
+        return torch.arange(N, device=device)
+    sorted_labels, perm = torch.sort(labels)
+    new = torch.ones(N, dtype=torch.long, device=device)
+    new[1:] = (sorted_labels[1:] != sorted_labels[:-1]).long()
+    gid = torch.empty(N, dtype=torch.long, device=device)
+    gid[perm] = torch.cumsum(new, 0) - 1
+    return gid
