@@ -17,6 +17,7 @@ from .losses.point_token import point_token_contrast
 from .losses.selfcon import selfcon_loss
 from .losses.siglip import siglip_loss
 from .losses.supcon import supcon_loss
+from .losses.supremix import supremix_loss
 from .losses.swav import sinkhorn_knopp, swav_loss
 from . import nn  # noqa: E402  (modules wrap the functions above)
 
@@ -39,6 +40,7 @@ __all__ = [
     "point_token_contrast",
     "similarity_lse",
     "selfcon_loss",
+    "supremix_loss",
     "GradCache",
     "nn",
 ]

@@ -20,6 +20,7 @@ from .losses.point_token import point_token_contrast
 from .losses.selfcon import selfcon_loss
 from .losses.siglip import siglip_loss
 from .losses.supcon import supcon_loss
+from .losses.supremix import supremix_loss
 from .losses.swav import sinkhorn_knopp, swav_loss
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "SinkhornKnopp",
     "PointTokenContrastLoss",
     "SelfConLoss",
+    "SupReMixLoss",
 ]
 
 
@@ -200,6 +202,25 @@ class SelfConLoss(_LossModule):
 
     def forward(self, features, labels: Optional[torch.Tensor] = None):
         return self._call(features, labels)
+
+
+class SupReMixLoss(_LossModule):
+    """``supremix_loss`` as a module: ``forward(features, labels, mix_lambda=None)``."""
+
+    _fn = staticmethod(supremix_loss)
+
+    def __init__(self, temperature: float = 0.5, *, base_temperature: Optional[float] = None, window: float = 5,
+                 beta=(2.0, 8.0), mix_neg: bool = True, mix_pos: bool = True, use_weight: bool = True,
+                 distance: str = "L1_inv", normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 gather_distributed: bool = False):
+        super().__init__(temperature=temperature, base_temperature=base_temperature, window=window,
+                         beta=tuple(beta), mix_neg=mix_neg, mix_pos=mix_pos, use_weight=use_weight,
+                         distance=distance, normalize=normalize, reduction=reduction, backend=backend,
+                         gather_distributed=gather_distributed)
+
+    def forward(self, features, labels: torch.Tensor, mix_lambda=None):
+        return type(self)._fn(features, labels, mix_lambda=mix_lambda, process_group=_group(self.gather_distributed),
+                              **self.kwargs)
 
 
 class SwAVLoss(_LossModule):
