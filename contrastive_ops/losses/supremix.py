@@ -76,6 +76,11 @@ kernel backend raises):
 
 The reference stores A × M Gram blocks and streams the hard positives over
 anchor blocks (at most 2²² logits at a time).
+
+Under ``process_group`` the features and labels are all-gathered: the anchors
+are this rank's samples (view-major), the real candidates, the mixtures'
+components and the label groups global; the rows of a (A,) or (A, M)
+``mix_lambda`` are this rank's anchors.
 """
 from __future__ import annotations
 
@@ -180,7 +185,7 @@ def supremix_reference(views: Tensor, labels: Tensor, temperature, base_temperat
     return gb.reduce(torch.where(has, values, 0), reduction, has)
 
 
-def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, process_group) -> Optional[str]:
+def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda) -> Optional[str]:
     """Why the fused composition cannot compute this configuration (None: it can)."""
     if use_weight:
         return ("use_weight=True needs a per-pair log-weight log w(|y_i - y_a|) in the LSE, which the sim_lse "
@@ -191,8 +196,6 @@ def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, process_group) -
     if mix_neg and (mix_lambda is None or mix_lambda.dim() == 2):
         return ("mix_neg with a lambda per pair (mix_lambda None or (A, M)) needs a per-pair scale, which the "
                 "sim_lse primitive lacks; pass a float or one lambda per anchor")
-    if process_group is not None and mix_neg:
-        return "mix_neg under process_group has no fused composition yet"
     return None
 
 
@@ -316,8 +319,7 @@ def supremix_loss(features, labels, temperature=0.5, *, base_temperature=None, w
     kw = dict(mix_neg=bool(mix_neg), mix_lambda=lam, normalize=normalize, reduction=reduction,
               process_group=process_group)
     if name != "reference":
-        why = kernel_why_not(mix_pos=mix_pos, use_weight=use_weight, mix_neg=mix_neg, mix_lambda=lam,
-                             process_group=process_group)
+        why = kernel_why_not(mix_pos=mix_pos, use_weight=use_weight, mix_neg=mix_neg, mix_lambda=lam)
         if why is not None and requested != "auto":
             raise RuntimeError(f"backend {name!r} cannot run supremix_loss with these arguments: {why}")
         if why is None:
