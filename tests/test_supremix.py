@@ -21,12 +21,13 @@ def _w(d, distance):
 
 
 def loop_supremix(x, labels, tau, base_tau=None, *, window=5, lam=None, mix_neg=True, mix_pos=True,
-                  use_weight=True, distance="L1_inv", normalize=True, code_shift=False):
+                  use_weight=True, distance="L1_inv", normalize=True, code_shift=False, code_l2_inv=False):
     """Per anchor, literally: candidates (real samples, hard-negative and hard-positive mixtures built as
     vectors and detached), their weights and logits, then −(τ/τ_b)·mean_{p∈P}[s_p − log Σ_c w_c e^{s_c}].
 
     ``lam`` (M, M): the hard-negative λ_ik.  ``code_shift``: the official code's maths instead — real
     logits shifted by their max (self included), mixture logits by theirs (the M² slots, empty ones 0).
+    ``code_l2_inv``: the code's ``L2_inv`` weight of a mixture, (y_i − ỹ + 1)² + 1.
     Returns (per-anchor values (M,), mean over anchors with a positive).
     """
     N, V, _ = x.shape
@@ -50,7 +51,8 @@ def loop_supremix(x, labels, tau, base_tau=None, *, window=5, lam=None, mix_neg=
                     m = (lam[i, k] * z[i] + (1 - lam[i, k]) * z[k]).detach()
                     ym = float(lam[i, k]) * y[i] + (1 - float(lam[i, k])) * y[k]
                     s = z[i] @ m / tau
-                    mix.append((s, _w(abs(y[i] - ym), distance) if use_weight else 1.0, False))
+                    w = (y[i] - ym + 1) ** 2 + 1 if code_l2_inv else _w(abs(y[i] - ym), distance)
+                    mix.append((s, w if use_weight else 1.0, False))
                     slots[i * M + k] = s
         if mix_pos:
             for j, k in itertools.product(range(M), range(M)):
@@ -58,7 +60,7 @@ def loop_supremix(x, labels, tau, base_tau=None, *, window=5, lam=None, mix_neg=
                     lp = (y[k] - y[i]) / (y[k] - y[j])
                     m = (lp * z[j] + (1 - lp) * z[k]).detach()
                     s = z[i] @ m / tau
-                    mix.append((s, 1.0, True))
+                    mix.append((s, 2.0 if code_l2_inv and use_weight else 1.0, True))
                     slots[j * M + k] = s
         if code_shift:
             m_r = max(float(z[i] @ z[a] / tau) for a in range(M))
@@ -131,7 +133,10 @@ def official_supremix(x, labels, tau, *, window, lam, mix_neg, mix_pos, use_weig
     if use_weight:
         y2 = lab.repeat(2, 1).squeeze(1)
         weights = _w(torch.abs(y2.view(-1, 1) - y2.view(1, -1)), distance)
-        if mix_neg or mix_pos:
+        if (mix_neg or mix_pos) and distance == "L2_inv":
+            weights = torch.cat([weights, torch.pow((y2.unsqueeze(1).expand_as(myop_label) - myop_label + 1), 2)
+                                 + 1], dim=1)
+        elif mix_neg or mix_pos:
             weights = torch.cat([weights, _w(torch.abs(y2.unsqueeze(1).expand_as(myop_label) - myop_label),
                                              distance)], dim=1)
         exp_logits = torch.exp(logits) * logits_mask * weights
@@ -207,6 +212,20 @@ def test_official_code_shifts_mixtures_separately(use_weight, seed):
     no_mix = dict(kw, mix_neg=False, mix_pos=False)
     torch.testing.assert_close(co.supremix_loss(x, LABELS, 0.5, backend="reference", **no_mix),
                                official_supremix(x, LABELS, 0.5, lam=lam, **no_mix))
+
+
+def test_official_code_l2_inv_weight_of_mixtures():
+    """``distance="L2_inv"``: the code weighs a mixture by (y_i − ỹ + 1)² + 1 (2 for a hard positive), a real
+    pair by (y_i − y_a)² + 1; here (y_i − ỹ)² + 1 for both, so a hard positive weighs 1 like a real one."""
+    x = torch.randn(6, 2, 4, dtype=F64)
+    lam = _lam(12, 2)
+    kw = dict(window=3, mix_neg=True, mix_pos=True, use_weight=True, distance="L2_inv")
+    code = official_supremix(x, LABELS, 0.5, lam=lam, **kw)
+    torch.testing.assert_close(code, loop_supremix(x, LABELS, 0.5, lam=lam, code_shift=True, code_l2_inv=True,
+                                                   **kw)[1])
+    assert (code - loop_supremix(x, LABELS, 0.5, lam=lam, code_shift=True, **kw)[1]).abs() > 1e-3
+    ours = co.supremix_loss(x, LABELS, 0.5, mix_lambda=lam, backend="reference", **kw)
+    torch.testing.assert_close(ours, loop_supremix(x, LABELS, 0.5, lam=lam, **kw)[1])
 
 
 def test_lambda_drawn_per_pair_from_beta():

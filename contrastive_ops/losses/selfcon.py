@@ -32,14 +32,18 @@ mean)::
 ``alpha > 0`` without labels, no term.  ``"sum"`` sums that vector; ``"mean"``
 is the formula above (each mean over its anchors that count, 0 if none does).
 
-Code and paper.  The paper writes SelfCon as an expectation over the exits;
-the released code computes the SupCon ``ConLoss`` as above, max-shifted with a
-0/1 self mask (the same value up to rounding).  The code is followed.  It
-does not normalize inside the loss (the network does); ``normalize=True``
-normalizes here.  Not provided: the official multi-view ``selfcon_m_FG``
-branch (two augmented views, ``alpha > 0``) and the memory queue; for
-``alpha = 0`` the multi-view variant is this function on the (2N, V, D)
-stack with the labels repeated, as the official code calls it.
+Code and paper.  The paper's SelfCon loss is the ``alpha = 0`` form: every
+exit's output is an anchor and contrasts the outputs of all exits of the
+batch.  ``alpha > 0`` is an option of the released code (``--alpha``), given
+here as that code computes it.  The code's ``ConLoss`` subtracts a detached
+row max (self included) and masks self with 0/1, which leaves the value
+above unchanged up to rounding; unlike SupContrast it adds no ε inside the
+log.  The code is followed throughout.  It does not normalize inside the
+loss (the network does); ``normalize=True`` normalizes here.  Not provided:
+the official multi-view ``selfcon_m_FG`` branch (two augmented views,
+``alpha > 0``) and the memory queue; for ``alpha = 0`` the multi-view
+variant is this function on the (2N, V, D) stack with the labels repeated,
+as the official code calls it.
 
 Fused composition: one ``sim_lse`` call per term (all anchors against all
 samples; the backbone view against itself), positive sums from per-label

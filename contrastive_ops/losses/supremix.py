@@ -53,8 +53,9 @@ Where code and paper differ (the paper is followed):
 
 ``mix_lambda`` fixes the hard-negative λ (reproducible tests): a float or
 0-dim tensor, one value per anchor (A,), or one per pair (A, M) (A = the
-anchors, this rank's V·n under ``process_group``); ``None`` draws λ_ik ~
-Beta(``beta``) per pair from torch's global RNG, as the code does.
+anchors, this rank's V·n under ``process_group``), in [0, 1], receiving no
+gradient; ``None`` draws λ_ik ~ Beta(``beta``) per pair from torch's global
+RNG, as the code does.
 
 Fused composition (kernel backends) on ``sim_lse``: the real-pair LSE is one
 call with the anchor excluded; the hard-negative LSE is two calls over the
