@@ -384,6 +384,13 @@ def _(c: Ctx):
             [B(c.randn(c.N, 2, 5)), B(_ages(c)), PerRank(lam, local)], reduction="none", rows=_view_major_rows(2))
 
 
+@case("supremix_fused_hard_positives")
+def _(c: Ctx):
+    # integer labels: the hard positives are composed on the kernels too
+    c.check(lambda f, y, tau, **kw: co.supremix_loss(f, y, tau, use_weight=False, mix_lambda=0.3, window=3, **kw),
+            [B(c.randn(c.N, 2, 5)), B(20 + c.randint(4, c.N, seed=1)), S(c.scalar(0.2))])
+
+
 @case("supremix_full_reference")
 def _(c: Ctx):
     # weights and hard positives: the reference only (kernel backends raise "cannot run": skipped)

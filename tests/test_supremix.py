@@ -247,18 +247,21 @@ def _fusable(lam_kind, M):
 @pytest.mark.parametrize("lam_kind", ["float", "anchor"])
 @pytest.mark.parametrize("V", [1, 2])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_kernel_backends_match_loop(backend, mix_neg, lam_kind, V, normalize):
+@pytest.mark.parametrize("mix_pos", [False, True])
+def test_kernel_backends_match_loop(backend, mix_neg, lam_kind, V, normalize, mix_pos):
+    """Hard positives are composed for integer labels (one λ per offset class, ``window=3``: 4 classes)."""
     N = LABELS.numel()
     M = V * N
     lam = _fusable(lam_kind, M)
     lam_mat = (torch.full((M, M), lam, dtype=F64) if lam_kind == "float" else lam[:, None].expand(M, M))
     x64 = torch.randn(N, V, 5, dtype=F64) * (1 if normalize else 0.5)
-    kw = dict(mix_neg=mix_neg, mix_pos=False, use_weight=False, normalize=normalize)
+    kw = dict(mix_neg=mix_neg, mix_pos=mix_pos, use_weight=False, normalize=normalize, window=3)
+    labels = LABELS.long() if mix_pos else LABELS
     x_loop = x64.clone().requires_grad_(True)
-    vals, mean = loop_supremix(x_loop, LABELS, 0.2, lam=lam_mat, **kw)
+    vals, mean = loop_supremix(x_loop, labels, 0.2, lam=lam_mat, **kw)
     x = x64.float().to(DEVICE).requires_grad_(True)
     lam_d = lam if lam_kind == "float" else lam.float().to(DEVICE)
-    y = LABELS.to(DEVICE)
+    y = labels.to(DEVICE)
     out = co.supremix_loss(x, y, 0.2, mix_lambda=lam_d, reduction="none", backend=backend, **kw)
     torch.testing.assert_close(out.double().cpu(), vals.detach(), rtol=1e-5, atol=1e-5)
     out = co.supremix_loss(x, y, 0.2, mix_lambda=lam_d, backend=backend, **kw)
@@ -277,19 +280,19 @@ def _sup(x, labels, *, backend, **kw):
 def test_kernel_backends_match_reference(backend, dtype):
     N = 21
     x = torch.randn(N, 2, 16, device=DEVICE).requires_grad_(True)
-    y = torch.randint(18, 30, (N,)).float().to(DEVICE)
+    y = torch.randint(18, 30, (N,)).to(DEVICE)
     lam = torch.rand(2 * N, device=DEVICE)
     for reduction in ("mean", "none"):
-        for mix_neg in (True, False):
-            compare_with_reference(_sup, [x, y], backend=backend, dtype=dtype, temperature=0.2, mix_lambda=lam,
-                                   mix_neg=mix_neg, mix_pos=False, use_weight=False, reduction=reduction,
+        for mix_neg, mix_pos, labels in ((True, False, y.float()), (False, False, y.float()), (True, True, y)):
+            compare_with_reference(_sup, [x, labels], backend=backend, dtype=dtype, temperature=0.2, mix_lambda=lam,
+                                   mix_neg=mix_neg, mix_pos=mix_pos, use_weight=False, reduction=reduction,
                                    sharpness=5.0, normalized=True)
 
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("kw, missing", [
     (dict(mix_lambda=0.3), "use_weight=True needs a per-pair log-weight"),
-    (dict(use_weight=False, mix_lambda=0.3), "mix_pos=True needs an LSE over pairs"),
+    (dict(use_weight=False, mix_lambda=0.3), "mix_pos=True with floating-point labels needs an LSE over pairs"),
     (dict(use_weight=False, mix_pos=False), "per-pair scale"),
     (dict(use_weight=False, mix_pos=False, mix_lambda=torch.full((12, 12), 0.3)), "per-pair scale"),
 ])

@@ -57,23 +57,30 @@ anchors, this rank's V·n under ``process_group``), in [0, 1], receiving no
 gradient; ``None`` draws λ_ik ~ Beta(``beta``) per pair from torch's global
 RNG, as the code does.
 
-Fused composition (kernel backends) on ``sim_lse``: the real-pair LSE is one
-call with the anchor excluded; the hard-negative LSE is two calls over the
-candidates sorted by label (the columns before and after the anchor's label
-range, ``col_end`` / ``col_start``) with the anchor rows scaled by (1−λ_i)
-against detached candidates, plus λ_i·z_i·sg(z_i)/τ; the real positives are
-per-label feature sums.  What the primitive lacks, so these configurations
-run on the reference only (``"auto"`` takes it with a warning; an explicit
-kernel backend raises):
+Fused composition (kernel backends) on ``sim_lse``, the samples sorted by
+label so that each label value is a column range:
+
+* real pairs: one call with the anchor excluded; real positives from
+  per-label feature sums;
+* hard negatives: two calls (the columns before and after the anchor's label
+  range, ``col_end`` / ``col_start``) with the anchor rows scaled by (1−λ_i)
+  against detached samples, plus λ_i·z_i·sg(z_i)/τ;
+* hard positives, integer labels: y_j = y_i − d_j, y_k = y_i + d_k with
+  1 <= d < n, so λ = d_k/(d_j + d_k) is one number per offset class
+  (d_j, d_k), and Σ_{j,k} e^{λ s_ij + (1−λ) s_ik} factorizes into
+  e^{LSE_j λ s_ij}·e^{LSE_k (1−λ) s_ik}: two label-range calls per class,
+  2·(⌈n⌉−1)² calls (32 for n = 5); their positive logits from prefix sums of
+  the sorted samples.
+
+What the primitive lacks, so these configurations run on the reference only
+(``"auto"`` takes it with a warning; an explicit kernel backend raises):
 
 * a per-pair additive log-weight (log w(|y_i − y_a|), from a label per row and
-  per column) — ``use_weight=True``;
-* a per-pair scale — λ_ik drawn per pair (``mix_lambda=None`` or (A, M));
-* candidates that are pairs (j, k) of rows — the hard positives are
-  O(M³) logits λ_ijk G_ij + (1−λ_ijk) G_ik (``mix_pos=True``).  With integer
-  labels λ takes at most (n−1)² values and each (d_j, d_k) class factorizes
-  into two label-range LSEs, which a composition of 2·(n−1)² calls could use;
-  not done.
+  per column) — ``use_weight=True`` (the official default);
+* a per-pair scale — λ_ik drawn per pair (``mix_lambda=None``, the official
+  sampling, or (A, M));
+* candidates that are pairs (j, k) of rows with a λ per pair — hard positives
+  with floating-point labels (O(M³) logits λ_ijk G_ij + (1−λ_ijk) G_ik).
 
 The reference stores A × M Gram blocks and streams the hard positives over
 anchor blocks (at most 2²² logits at a time).
@@ -85,6 +92,7 @@ components and the label groups global; the rows of a (A,) or (A, M)
 """
 from __future__ import annotations
 
+import math
 import warnings
 from numbers import Real
 from typing import Optional, Tuple
@@ -186,24 +194,24 @@ def supremix_reference(views: Tensor, labels: Tensor, temperature, base_temperat
     return gb.reduce(torch.where(has, values, 0), reduction, has)
 
 
-def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda) -> Optional[str]:
+def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, labels) -> Optional[str]:
     """Why the fused composition cannot compute this configuration (None: it can)."""
     if use_weight:
         return ("use_weight=True needs a per-pair log-weight log w(|y_i - y_a|) in the LSE, which the sim_lse "
                 "primitive lacks")
-    if mix_pos:
-        return ("mix_pos=True needs an LSE over pairs (j, k) of candidates (O(M^3) logits), which the sim_lse "
-                "primitive lacks")
+    if mix_pos and labels.is_floating_point():
+        return ("mix_pos=True with floating-point labels needs an LSE over pairs (j, k) of candidates with a "
+                "lambda per pair (O(M^3) logits), which the sim_lse primitive lacks; integer labels are composed")
     if mix_neg and (mix_lambda is None or mix_lambda.dim() == 2):
         return ("mix_neg with a lambda per pair (mix_lambda None or (A, M)) needs a per-pair scale, which the "
                 "sim_lse primitive lacks; pass a float or one lambda per anchor")
     return None
 
 
-def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature, *, mix_neg=True,
-                    mix_lambda: Optional[Tensor] = None, normalize=True, reduction="mean", backend: str,
-                    process_group=None, **_unused) -> Tensor:
-    """SupReMix without weights and hard positives on the core: three ``sim_lse`` calls, no A × M buffer."""
+def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature, *, window=5, mix_neg=True,
+                    mix_pos=False, mix_lambda: Optional[Tensor] = None, normalize=True, reduction="mean",
+                    backend: str, process_group=None, **_unused) -> Tensor:
+    """SupReMix without weights on the core (hard positives for integer labels): no A × M buffer."""
     V, n, D = views.shape
     gb = GlobalBatch(n, process_group, views.device)
     U = unit(views, normalize)
@@ -226,19 +234,47 @@ def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature
     ga = gid[a]
     pos_sum = ((group_sum[ga] - Za) * Za).sum(-1) * scale
     pos_cnt = group_cnt[ga] - 1
+    y = yl.repeat(V)
+    ys, perm = torch.sort(y)  # the samples sorted by label: each label value is a column range
+    ya = y[a]
+    Zs = Z.detach()[perm]
+    Kd = Zs.to(views.dtype)
     if mix_neg:
         lam = mix_lambda.to(device=U.device, dtype=U.dtype)  # 0-dim or (A,)
-        y = yl.repeat(V)
-        ys, perm = torch.sort(y)
-        ya = y[a]
         lo = torch.searchsorted(ys, ya, right=False)  # candidates before the anchor's label range
         hi = torch.searchsorted(ys, ya, right=True)  # and after it
-        Kd = Z.detach()[perm].to(views.dtype)
         Q = ((1 - lam).reshape(-1, 1) * Za).to(views.dtype)  # (1−λ_i)·z_i against sg(z_k)
         before = sim_lse(Q, Kd, scale, col_end=lo, backend=backend)[0]
         after = sim_lse(Q, Kd, scale, col_start=hi, backend=backend)[0]
         self_d = (Za * Za.detach()).sum(1) * scale
         parts.append(lam * self_d + _lse_parts([before, after]))
+    if mix_pos:
+        # Integer labels: y_j = y_i − d_j, y_k = y_i + d_k with 1 <= d < window, λ = d_k/(d_j + d_k) is one
+        # number per offset class (d_j, d_k), where Σ_{j,k} e^{λ s_ij + (1−λ) s_ik} factorizes into
+        # e^{LSE_j λ s_ij} · e^{LSE_k (1−λ) s_ik}: two label-range LSEs per class.  The positive logits sum
+        # to λ·|k's|·z_i·Σ_j sg(z_j)/τ + (1−λ)·|j's|·z_i·Σ_k sg(z_k)/τ, from prefix sums of the sorted samples.
+        prefix = torch.cat([Zs.new_zeros(1, D), torch.cumsum(Zs, 0)])
+        offsets = range(1, math.ceil(window))
+        Zak_rows = Za.to(views.dtype)
+
+        def label_range(d):
+            return torch.searchsorted(ys, ya + d, right=False), torch.searchsorted(ys, ya + d, right=True)
+
+        below = {d: label_range(-d) for d in offsets}
+        above = {d: label_range(d) for d in offsets}
+        for dj in offsets:
+            lo_j, hi_j = below[dj]
+            sum_j = ((prefix[hi_j] - prefix[lo_j]) * Za).sum(1) * scale
+            for dk in offsets:
+                lo_k, hi_k = above[dk]
+                lp = dk / (dj + dk)
+                lse_j = sim_lse(Zak_rows, Kd, scale * lp, col_start=lo_j, col_end=hi_j, backend=backend)[0]
+                lse_k = sim_lse(Zak_rows, Kd, scale * (1 - lp), col_start=lo_k, col_end=hi_k, backend=backend)[0]
+                parts.append(lse_j + lse_k)
+                sum_k = ((prefix[hi_k] - prefix[lo_k]) * Za).sum(1) * scale
+                n_j, n_k = hi_j - lo_j, hi_k - lo_k
+                pos_sum = pos_sum + lp * n_k * sum_j + (1 - lp) * n_j * sum_k
+                pos_cnt = pos_cnt + n_j * n_k
     lse = _lse_parts(parts)
     has = pos_cnt > 0
     values = -factor * (pos_sum / pos_cnt.clamp_min(1) - torch.where(has, lse, 0))
@@ -286,8 +322,9 @@ def supremix_loss(features, labels, temperature=0.5, *, base_temperature=None, w
         normalize: L2-normalize the features first (the official network does).
         reduction: ``"mean"`` over anchors with a positive, ``"sum"``, or ``"none"`` ((V·N,) view-major).
 
-    Kernel backends compute ``use_weight=False, mix_pos=False`` with a float or per-anchor
-    ``mix_lambda`` (or ``mix_neg=False``); see the module docstring for what the primitive lacks.
+    Kernel backends compute ``use_weight=False`` with a float or per-anchor ``mix_lambda`` (or
+    ``mix_neg=False``), and ``mix_pos=True`` for integer labels; see the module docstring for what
+    the primitive lacks.
     Returns fp32 (float64 for float64 inputs).
     """
     views = _checks.check_views("features", features, min_views=1, allow_single=True)
@@ -320,11 +357,12 @@ def supremix_loss(features, labels, temperature=0.5, *, base_temperature=None, w
     kw = dict(mix_neg=bool(mix_neg), mix_lambda=lam, normalize=normalize, reduction=reduction,
               process_group=process_group)
     if name != "reference":
-        why = kernel_why_not(mix_pos=mix_pos, use_weight=use_weight, mix_neg=mix_neg, mix_lambda=lam)
+        why = kernel_why_not(mix_pos=mix_pos, use_weight=use_weight, mix_neg=mix_neg, mix_lambda=lam, labels=labels)
         if why is not None and requested != "auto":
             raise RuntimeError(f"backend {name!r} cannot run supremix_loss with these arguments: {why}")
         if why is None:
-            return _fused_supremix(views, labels, temperature, base_temperature, backend=name, **kw)
+            return _fused_supremix(views, labels, temperature, base_temperature, window=window,
+                                   mix_pos=bool(mix_pos), backend=name, **kw)
         if why not in _WARNED:
             _WARNED.add(why)
             warnings.warn(f"contrastive_ops: supremix_loss runs on the plain-PyTorch reference ({why}); "
