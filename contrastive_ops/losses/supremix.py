@@ -210,7 +210,7 @@ def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, labels) -> Optio
 
 def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature, *, window=5, mix_neg=True,
                     mix_pos=False, mix_lambda: Optional[Tensor] = None, normalize=True, reduction="mean",
-                    backend: str, process_group=None, **_unused) -> Tensor:
+                    backend: str, process_group=None) -> Tensor:
     """SupReMix without weights on the core (hard positives for integer labels): no A × M buffer."""
     V, n, D = views.shape
     gb = GlobalBatch(n, process_group, views.device)
