@@ -14,8 +14,10 @@ from .losses.decoupled import dcl_loss, dhel_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent, similarity_lse
 from .losses.multiview import mv_dhel, mv_infonce
 from .losses.point_token import point_token_contrast
+from .losses.selfcon import selfcon_loss
 from .losses.siglip import siglip_loss
 from .losses.supcon import supcon_loss
+from .losses.supremix import supremix_loss
 from .losses.swav import sinkhorn_knopp, swav_loss
 from . import nn  # noqa: E402  (modules wrap the functions above)
 
@@ -37,6 +39,8 @@ __all__ = [
     "swav_loss",
     "point_token_contrast",
     "similarity_lse",
+    "selfcon_loss",
+    "supremix_loss",
     "GradCache",
     "nn",
 ]

@@ -24,8 +24,10 @@ from .losses.decoupled import dcl_loss, dhel_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent
 from .losses.multiview import mv_dhel, mv_infonce
 from .losses.point_token import point_token_contrast
+from .losses.selfcon import selfcon_loss
 from .losses.siglip import siglip_loss
 from .losses.supcon import supcon_loss
+from .losses.supremix import supremix_loss
 from .losses.swav import sinkhorn_knopp, swav_loss
 
 __all__ = [
@@ -42,6 +44,8 @@ __all__ = [
     "SwAVLoss",
     "SinkhornKnopp",
     "PointTokenContrastLoss",
+    "SelfConLoss",
+    "SupReMixLoss",
 ]
 
 
@@ -375,6 +379,41 @@ class SupConLoss(_MemoryLossModule):
                            **self.kwargs)
         self._enqueue(views.unbind(0), labels, group)
         return loss
+
+
+class SelfConLoss(_LossModule):
+    """``selfcon_loss`` as a module: ``forward(features, labels=None)``, features (N, V, D) backbone last."""
+
+    _fn = staticmethod(selfcon_loss)
+
+    def __init__(self, temperature: float = 0.07, *, base_temperature: float = 0.07, alpha: float = 0.0,
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 gather_distributed: bool = False):
+        super().__init__(temperature=temperature, base_temperature=base_temperature, alpha=alpha,
+                         normalize=normalize, reduction=reduction, backend=backend,
+                         gather_distributed=gather_distributed)
+
+    def forward(self, features, labels: Optional[torch.Tensor] = None):
+        return self._call(features, labels)
+
+
+class SupReMixLoss(_LossModule):
+    """``supremix_loss`` as a module: ``forward(features, labels, mix_lambda=None)``."""
+
+    _fn = staticmethod(supremix_loss)
+
+    def __init__(self, temperature: float = 0.5, *, base_temperature: Optional[float] = None, window: float = 5,
+                 beta=(2.0, 8.0), mix_neg: bool = True, mix_pos: bool = True, use_weight: bool = True,
+                 distance: str = "L1_inv", normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 gather_distributed: bool = False):
+        super().__init__(temperature=temperature, base_temperature=base_temperature, window=window,
+                         beta=tuple(beta), mix_neg=mix_neg, mix_pos=mix_pos, use_weight=use_weight,
+                         distance=distance, normalize=normalize, reduction=reduction, backend=backend,
+                         gather_distributed=gather_distributed)
+
+    def forward(self, features, labels: torch.Tensor, mix_lambda=None):
+        return type(self)._fn(features, labels, mix_lambda=mix_lambda, process_group=_group(self.gather_distributed),
+                              **self.kwargs)
 
 
 class SwAVLoss(_LossModule):

@@ -29,13 +29,15 @@ from contrastive_ops.testing import HALF, assert_close, fp32_products
 
 Tensor = torch.Tensor
 
-# The 13 public functions, in SPEC order.
+# The public functions, in SPEC order.
 LOSSES = (
     "info_nce", "clip_loss", "siglip_loss", "nt_xent", "mv_infonce", "mv_dhel", "supcon_loss",
     "dcl_loss", "dhel_loss", "sinkhorn_knopp", "swav_loss", "point_token_contrast", "similarity_lse",
+    "supremix_loss", "selfcon_loss",
 )
 # Functions with a ``normalize`` argument.
-NORMALIZING = ("info_nce", "nt_xent", "mv_infonce", "mv_dhel", "supcon_loss", "dcl_loss", "dhel_loss")
+NORMALIZING = ("info_nce", "nt_xent", "mv_infonce", "mv_dhel", "supcon_loss", "dcl_loss", "dhel_loss",
+               "supremix_loss", "selfcon_loss")
 
 
 # ----------------------------------------------------------------------------- drawers
@@ -292,6 +294,49 @@ def build_supcon_loss(d) -> Case:
     return Case("supcon_loss", co.supcon_loss, [x], kw, ts, 1 / t, normalize, feature_norm=norm)
 
 
+def build_selfcon_loss(d) -> Case:
+    g = _gen(d)
+    N, V, D = d.int("N", 1, 40, 10), d.int("V", 2, 5, 3), d.int("D", 1, 40, 19)
+    normalize, norm = _norm_opts(d)
+    tk, ts, t = _temperature(d, default=0.07)
+    tensors, seq = _mv_views(d, g, N, V, D, norm)
+    kw = dict(labels=_labels(d, g, N), base_temperature=d.float("base_temperature", 0.05, 2.0, 0.07),
+              alpha=d.pick("alpha", (0.0, 0.5), default=0.0), normalize=normalize,
+              reduction=d.pick("reduction", ("mean", "sum", "none"), default="mean"), **tk)
+    fn = (lambda *views, **k: co.selfcon_loss(list(views), **k)) if seq else co.selfcon_loss
+    return Case("selfcon_loss", fn, tensors, kw, ts, 1 / t, normalize, feature_norm=norm)
+
+
+def build_supremix_loss(d) -> Case:
+    """The configurations the kernel backends compute (no weights, a float or per-anchor λ, hard positives
+    with integer labels); the others run on the reference only and are tested in ``test_supremix.py``."""
+    g = _gen(d)
+    N, D = d.int("N", 1, 40, 10), d.int("D", 1, 40, 19)
+    V = d.int("V", 1, 3, 2)
+    normalize, norm = _norm_opts(d)
+    if D == 1 and normalize:
+        # A 1-D feature normalizes to ±1: each gradient entry is exactly 0, a cancellation of terms of size
+        # |upstream|/|x| that leaves about one ulp of them, past the fixed fp32 atol for rows of norm
+        # ~0.005 (seen at N = 19, V = 3) in any summation order but the reference's own.  Unit rows.
+        norm = 1.0
+    tk, ts, t = _temperature(d, default=0.5)
+    x = feats((N, D) if V == 1 and d.pick("single_view_2d", (True, False), default=True) else (N, V, D), g, norm=norm)
+    # regression labels with repeats: integer ages (hard positives composed), or a half-year grid (not)
+    ages = torch.randint(0, max(2, N // 2), (N,), generator=g)
+    integer = d.pick("integer_labels", (True, False), default=True)
+    labels = 18 + ages if integer else 18 + 0.5 * ages.float()
+    lam = (torch.rand(V * N, generator=g) if d.pick("mix_lambda_as", ("float", "anchor"), default="float") == "anchor"
+           else d.float("mix_lambda", 0.01, 1.0, 0.3))
+    kw = dict(labels=labels, mix_neg=d.pick("mix_neg", (True, False), default=True),
+              mix_pos=integer and d.pick("mix_pos", (True, False), default=True), window=d.int("window", 1, 4, 3),
+              use_weight=False, mix_lambda=lam, normalize=normalize,
+              reduction=d.pick("reduction", ("mean", "sum", "none"), default="mean"), **tk)
+    if d.pick("base_temperature_as", ("none", "float"), default="none") == "float":
+        kw["base_temperature"] = d.float("base_temperature", 0.05, 2.0, 0.5)
+    fn = lambda x, **k: co.supremix_loss(x, k.pop("labels"), **k)  # noqa: E731
+    return Case("supremix_loss", fn, [x], kw, ts, 1 / t, normalize, feature_norm=norm)
+
+
 def build_dcl_loss(d) -> Case:
     g = _gen(d)
     N, D = d.int("N", 1, 40, 12), d.int("D", 1, 40, 19)
@@ -383,12 +428,24 @@ def example(name: str, seed: int = 0, **overrides) -> Case:
 # ----------------------------------------------------------------------------- running
 
 
-def counted_anchors(case: Case) -> int:
+def _supcon_counted(labels, N: int, V: int, anchors_per_instance: int) -> int:
+    """Anchors (``anchors_per_instance`` of each instance) with another of the V·N samples sharing their label."""
+    inst = torch.arange(N) if labels is None else labels.cpu()
+    same = inst[:, None] == inst[None, :]  # (N, N) instances sharing a label
+    # anchor (v, i) has a positive if another sample (v', j) != (v, i) shares its label
+    per_instance = same.sum(1) * V - 1  # same-label samples other than the anchor itself
+    return int((per_instance > 0).sum()) * anchors_per_instance
+
+
+def counted_anchors(case: Case) -> Optional[int]:
     """The number of anchors that count in ``reduction="mean"`` (SPEC, Reductions): ``"mean"`` = ``"sum"`` / this.
 
     info_nce: B; nt_xent: 2N; dcl_loss, dhel_loss: N; mv_infonce, mv_dhel: the
     instances with at least two views present; supcon_loss: the anchors
-    (all V·N, or view 0's N with ``contrast_mode="one"``) with at least one positive.
+    (all V·N, or view 0's N with ``contrast_mode="one"``) with at least one positive;
+    supremix_loss: likewise over all V·N anchors, plus those with a hard positive; selfcon_loss: as
+    supcon_loss for ``alpha=0``, None for ``alpha > 0`` (its mean is the backbone term's mean plus
+    α times the sub-exit anchors' mean, not one sum over one count).
     """
     x = case.tensors[0]
     if case.name == "info_nce":
@@ -404,14 +461,24 @@ def counted_anchors(case: Case) -> int:
     if case.name == "supcon_loss":
         N = x.shape[0]
         V = 1 if x.dim() == 2 else x.shape[1]
-        labels = case.kwargs.get("labels")
-        inst = torch.arange(N) if labels is None else labels.cpu()
-        same = inst[:, None] == inst[None, :]  # (N, N) instances sharing a label
-        # anchor (v, i) has a positive if another sample (v', j) != (v, i) shares its label
-        per_instance = same.sum(1) * V - 1  # same-label samples other than the anchor itself
-        has_pos = per_instance > 0
         anchors_per_instance = V if case.kwargs.get("contrast_mode", "all") == "all" else 1
-        return int(has_pos.sum()) * anchors_per_instance
+        return _supcon_counted(case.kwargs.get("labels"), N, V, anchors_per_instance)
+    if case.name == "supremix_loss":
+        N = x.shape[0]
+        V = 1 if x.dim() == 2 else x.shape[1]
+        y = case.kwargs["labels"].cpu().double()
+        real = (y[:, None] == y[None, :]).sum(1) * V - 1 > 0
+        if case.kwargs.get("mix_pos", True):
+            n = case.kwargs.get("window", 5)
+            lower = ((y[None, :] < y[:, None]) & (y[:, None] - y[None, :] < n)).any(1)
+            upper = ((y[None, :] > y[:, None]) & (y[None, :] - y[:, None] < n)).any(1)
+            real = real | (lower & upper)
+        return int(real.sum()) * V
+    if case.name == "selfcon_loss":
+        N, V = x.shape[0], (len(case.tensors) if x.dim() == 2 else x.shape[1])
+        if case.kwargs.get("alpha", 0.0) > 0:
+            return None
+        return _supcon_counted(case.kwargs.get("labels"), N, V, V)
     raise ValueError(f"{case.name} has no reduction")
 
 
@@ -477,6 +544,10 @@ def _mean_count(case: Case) -> int:
         return case.tensors[0].shape[0]
     if case.name == "point_token_contrast":
         return int((case.kwargs["mask1"] & case.kwargs["mask2"]).sum())
+    if case.name == "selfcon_loss" and case.kwargs.get("alpha", 0.0) > 0:
+        x = case.tensors[0]
+        V = len(case.tensors) if x.dim() == 2 else x.shape[1]
+        return (V - 1) * x.shape[0]  # the sub-exit anchors of the α term
     return counted_anchors(case)
 
 

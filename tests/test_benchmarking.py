@@ -132,6 +132,8 @@ def test_inputs_are_deterministic_and_device_independent():
     ("dcl_loss", 2 * 6 * 100 * 200 * 32),
     ("dhel_loss", 2 * 6 * 100 * 100 * 32),
     ("similarity_lse", 6 * 100 * 100 * 32),
+    ("selfcon_loss", 6 * (C.SELFCON_EXITS * 100) ** 2 * 32),
+    ("supremix_loss", 6 * 200 * 200 * 32 + 4 * 200 * 200 * 32),
     ("sinkhorn_knopp", None),
     ("swav_loss", None),
 ])

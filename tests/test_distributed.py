@@ -396,6 +396,73 @@ def _(c: Ctx):
             c.close(dmod.memory.features, smod.memory.features, f"{what}: memory")
 
 
+def _view_major_rows(views):
+    def rows(c):
+        local = torch.arange(c.offset, c.offset + c.n)
+        return torch.cat([local + v * c.N for v in range(views)])
+
+    return rows
+
+
+@case("selfcon_labels")
+def _(c: Ctx):
+    c.check(lambda f, y, tau, **kw: co.selfcon_loss(f, y, tau, **kw),
+            [B(c.randn(c.N, 3, 5)), B(c.randint(3, c.N)), S(c.scalar(0.1))])
+
+
+@case("selfcon_alpha_labels")
+def _(c: Ctx):
+    c.check(lambda f, y, tau, **kw: co.selfcon_loss(f, y, tau, alpha=0.5, **kw),
+            [B(c.randn(c.N, 3, 5)), B(c.randint(3, c.N)), S(c.scalar(0.1))])
+
+
+@case("selfcon_alpha_none")
+def _(c: Ctx):
+    y = torch.arange(c.N) // 2  # singletons on the backbone view: its anchors without a positive give 0
+    c.check(lambda f, y, **kw: co.selfcon_loss(f, y, 0.2, alpha=0.5, **kw), [B(c.randn(c.N, 3, 5)), B(y)],
+            reduction="none", rows=_view_major_rows(3))
+
+
+@case("selfcon_alpha_unsupervised_sum")
+def _(c: Ctx):
+    c.check(lambda f, **kw: co.selfcon_loss(f, None, 0.2, alpha=0.5, **kw), [B(c.randn(c.N, 3, 5))],
+            reduction="sum")
+
+
+def _ages(c: Ctx):
+    return 20.0 + c.randint(4, c.N, seed=1).double()
+
+
+@case("supremix_fused")
+def _(c: Ctx):
+    c.check(lambda f, y, tau, **kw: co.supremix_loss(f, y, tau, mix_pos=False, use_weight=False, mix_lambda=0.3,
+                                                     **kw),
+            [B(c.randn(c.N, 2, 5)), B(_ages(c)), S(c.scalar(0.2))])
+
+
+@case("supremix_fused_lambda_per_anchor_none")
+def _(c: Ctx):
+    lam = c.rand(2 * c.N).double()
+    local = torch.cat([lam[v * c.N + c.offset: v * c.N + c.offset + c.n] for v in range(2)])
+    c.check(lambda f, y, lam, **kw: co.supremix_loss(f, y, 0.2, mix_pos=False, use_weight=False, mix_lambda=lam,
+                                                     **kw),
+            [B(c.randn(c.N, 2, 5)), B(_ages(c)), PerRank(lam, local)], reduction="none", rows=_view_major_rows(2))
+
+
+@case("supremix_fused_hard_positives")
+def _(c: Ctx):
+    # integer labels: the hard positives are composed on the kernels too
+    c.check(lambda f, y, tau, **kw: co.supremix_loss(f, y, tau, use_weight=False, mix_lambda=0.3, window=3, **kw),
+            [B(c.randn(c.N, 2, 5)), B(20 + c.randint(4, c.N, seed=1)), S(c.scalar(0.2))])
+
+
+@case("supremix_full_reference")
+def _(c: Ctx):
+    # weights and hard positives: the reference only (kernel backends raise "cannot run": skipped)
+    c.check(lambda f, y, tau, **kw: co.supremix_loss(f, y, tau, mix_lambda=0.3, window=3, **kw),
+            [B(c.randn(c.N, 2, 5)), B(_ages(c)), S(c.scalar(0.5))])
+
+
 @case("dcl")
 def _(c: Ctx):
     c.check(co.dcl_loss, [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), S(c.scalar(0.2))])

@@ -64,6 +64,8 @@ OP_PRIMITIVES: Dict[str, Tuple[str, ...]] = {
     "sinkhorn_knopp": ("sinkhorn",),
     "swav_loss": ("sinkhorn",),
     "point_token_contrast": ("sim_lse",),
+    "selfcon_loss": ("sim_lse",),
+    "supremix_loss": ("sim_lse",),
 }
 
 _MODULES = {

@@ -62,6 +62,7 @@ Tensor = torch.Tensor
 # of the point-token case (Point-CMAE: 64 groups).
 VIEWS = 4
 SUPCON_VIEWS = 2
+SELFCON_EXITS = 3  # two sub-network exits and the backbone
 PROTOTYPES = 3000
 SWAV_CROPS = 4
 TOKENS = 64
@@ -244,6 +245,31 @@ def _make_supcon(n, d, dt, dev, seed, variant, small):
     return Inputs((feats, labels), kw, shapes, 3 * _mm(anchors, v * n, d))
 
 
+def _make_selfcon(n, d, dt, dev, seed, variant, small):
+    r = _Draw(dev, dt, seed)
+    v = SELFCON_EXITS
+    feats = r.feat(n, v, d)
+    labels = None if variant == "unlabeled" else r.randint(max(2, n // 8), n)
+    kw = dict(temperature=0.07)
+    flops = 3 * _mm(v * n, v * n, d)
+    if variant == "alpha":  # sub-exit anchors against all exits, and the backbone view against itself
+        kw["alpha"] = 0.5
+        flops = 3 * _mm((v - 1) * n, v * n, d) + 3 * _mm(n, n, d)
+    shapes = {"features": [n, v, d]} if labels is None else {"features": [n, v, d], "labels": [n]}
+    return Inputs((feats, labels), kw, shapes, flops)
+
+
+def _make_supremix(n, d, dt, dev, seed, variant, small):
+    """The configuration the kernels compute: no weights, no hard positives, one λ."""
+    r = _Draw(dev, dt, seed)
+    feats = r.feat(n, 2, d)
+    labels = 18.0 + r.randint(max(2, n // 8), n).float()
+    kw = dict(temperature=0.5, mix_pos=False, use_weight=False, mix_lambda=0.3, mix_neg=variant != "no_mix")
+    # real pairs: S, dQ, dK; hard negatives against detached samples: S, dQ
+    flops = 3 * _mm(2 * n, 2 * n, d) + (2 * _mm(2 * n, 2 * n, d) if kw["mix_neg"] else 0)
+    return Inputs((feats, labels), kw, {"features": [n, 2, d], "labels": [n]}, flops)
+
+
 def _make_dcl(n, d, dt, dev, seed, variant, small):
     r = _Draw(dev, dt, seed)
     kw = dict(temperature=0.1)
@@ -365,6 +391,10 @@ CASES: Dict[str, LossCase] = {c.name: c for c in [
     _case("point_token_contrast", _make_point_token, ("default", "batch", "cosine", "official"),
           f"8·Σ_clouds |co-masked|²·D, G={TOKENS} tokens per cloud, N tokens in all"),
     _case("similarity_lse", _make_similarity_lse, ("default", "rect"), "6·N·N·D"),
+    _case("supremix_loss", _make_supremix, ("default", "no_mix"),
+          "6·(2N)·(2N)·D + 4·(2N)·(2N)·D (hard negatives; no weights, no hard positives)"),
+    _case("selfcon_loss", _make_selfcon, ("default", "alpha", "unlabeled"),
+          f"6·(VN)·(VN)·D, V={SELFCON_EXITS} exits (alpha: 6·((V−1)N)·(VN)·D + 6·N·N·D)"),
 ]}
 
 

@@ -7,7 +7,7 @@ them too, and the argument checks (pair checks included) in
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -129,3 +129,19 @@ def take_rows(x: Tensor, index: Tensor) -> Tensor:
 def index_sum(values: Tensor, index: Tensor, size: int) -> Tensor:
     """``zeros(size, ...).index_add(0, index, values)`` summed in a fixed order (deterministic on CUDA)."""
     return _IndexSum.apply(values, index.long(), size)
+
+
+def label_groups(labels: Optional[Tensor], N: int, device) -> Tensor:
+    """Group id in [0, N) per instance: equal labels ⇔ equal ids (``None``: the instance ids).
+
+    No data-dependent shapes, so compositions that sum features per label
+    (``index_add`` into N slots) trace under ``torch.compile``.
+    """
+    if labels is None:
+        return torch.arange(N, device=device)
+    sorted_labels, perm = torch.sort(labels)
+    new = torch.ones(N, dtype=torch.long, device=device)
+    new[1:] = (sorted_labels[1:] != sorted_labels[:-1]).long()
+    gid = torch.empty(N, dtype=torch.long, device=device)
+    gid[perm] = torch.cumsum(new, 0) - 1
+    return gid

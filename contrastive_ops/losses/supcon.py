@@ -44,22 +44,10 @@ from .._checks import as_scalar
 from .._numerics import masked_lse
 from ..distributed import GlobalBatch
 from ..primitives.sim_lse import sim_lse
-from ._common import index_sum, take_rows, unit
+from ._common import index_sum, label_groups as _label_groups, take_rows, unit
 
 Tensor = torch.Tensor
 CONTRAST_MODES = ("all", "one")
-
-
-def _label_groups(labels: Optional[Tensor], N: int, device) -> Tensor:
-    """Group id in [0, N) per entry of ``labels`` (N,): equal labels ⇔ equal ids (no data-dependent shapes)."""
-    if labels is None:
-        return torch.arange(N, device=device)
-    sorted_labels, perm = torch.sort(labels)
-    new = torch.ones(N, dtype=torch.long, device=device)
-    new[1:] = (sorted_labels[1:] != sorted_labels[:-1]).long()
-    gid = torch.empty(N, dtype=torch.long, device=device)
-    gid[perm] = torch.cumsum(new, 0) - 1
-    return gid
 
 
 def supcon_reference(views: Tensor, labels: Optional[Tensor], temperature, base_temperature, *,

@@ -1,0 +1,371 @@
+r"""SupReMix: supervised contrastive regression with mixtures (Wu et al. 2023, arXiv 2309.16633).
+
+Official code: github.com/Dingyijiang1/Mixup-Your-Own-Pairs, ``agedb-dir/``
+(``supremix_loss.py`` ``SupConLoss_v2``, ``train_supremix.py`` ``mixing_func``,
+``utils.py`` ``calculate_alpha_vectorized``).
+
+Samples a, b, c run over the M = V·N features, view-major, each with the
+regression label y of its instance; z = û when ``normalize`` (the official
+network normalizes), G_ab = z_a·z_b/τ.  For an anchor i:
+
+* real pairs a ≠ i: logit G_ia (gradient into both sides);
+* hard negatives (``mix_neg``), one per k with y_k ≠ y_i:
+  m = λ_ik z_i + (1−λ_ik) z_k, λ_ik ~ Beta(2, 8), label λ_ik y_i + (1−λ_ik) y_k;
+* hard positives (``mix_pos``), one per (j, k) with y_j < y_i < y_k,
+  y_i − y_j < n, y_k − y_i < n (n = ``window``):
+  m = λ z_j + (1−λ) z_k, λ = (y_k − y_i)/(y_k − y_j), label exactly y_i.
+
+Mixtures are detached and not re-normalized, so their logits are the Gram
+trick on the anchor's row (no (M, M², D) mixture tensor)::
+
+    s(z_i, m) = λ·z_i·sg(z_j)/τ + (1−λ)·z_i·sg(z_k)/τ      (hard negatives: j = i)
+
+The loss (the paper's, one LSE over all candidates)::
+
+    P(i)   = {a ≠ i : y_a = y_i} ∪ {hard positives of i}
+    LSE_i  = log[ Σ_{a≠i} w(|y_i−y_a|) e^{G_ia} + Σ_k w(|y_i−ỹ_ik|) e^{s(z_i,m_ik)} + Σ_{(j,k)} e^{s(z_i,m_ijk)} ]
+    ℓ_i    = −(τ/τ_b) · [ (1/|P(i)|) Σ_{p∈P(i)} s_ip − LSE_i ]
+
+with the "distance magnifying" weight w(d) = d + 1 (``distance="L1_inv"``,
+``use_weight=True``, the official defaults; ``"L2_inv"``: d² + 1, ``"L1"``:
+1/(d + 1), ``"L2"``: 1/(d² + 1)); w = 1 for every positive, and the
+numerator is unweighted.  τ_b defaults to τ (the training script passes
+``base_temperature=temperature``; τ = 0.5 on AgeDB).  Anchors with P(i) = ∅
+leave the mean; ``reduction="none"`` gives (V·N,) view-major, 0 for them.
+
+Where code and paper differ (the paper is followed):
+
+* the code max-shifts the real block and the mixture block **separately**
+  (``logits_max`` includes the self-similarity; the mixture max includes the
+  zero logits of the empty mixture slots), then sums both blocks in one
+  denominator: the mixtures come out weighted by e^{max_real − max_mix} and
+  the mixture positives' log-probabilities shifted by max_real − max_mix.
+  That is a bug (the loss depends on the shift); here one joint LSE.
+* ``distance="L2_inv"`` squares (y_i − ỹ + 1) for the mixtures in the code,
+  (y_i − y_a) for real pairs; here (y_i − ỹ) for both.
+* ``compress_mixtures`` sorts the mixture labels apart from the mixtures, so
+  weights and mixtures end up misaligned; it only drops empty slots
+  otherwise, and is not reproduced.
+* the ``--beta`` help text lists the Beta distributions in another order than
+  the code, whose default is Beta(2, 8), used here.
+* the training script splits the batch into ``--pool`` sub-batches (one loss
+  each): call this function per sub-batch for that.
+
+``mix_lambda`` fixes the hard-negative λ (reproducible tests): a float or
+0-dim tensor, one value per anchor (A,), or one per pair (A, M) (A = the
+anchors, this rank's V·n under ``process_group``), in [0, 1], receiving no
+gradient; ``None`` draws λ_ik ~ Beta(``beta``) per pair from torch's global
+RNG, as the code does.
+
+Fused composition (kernel backends) on ``sim_lse``, the samples sorted by
+label so that each label value is a column range:
+
+* real pairs: one call with the anchor excluded; real positives from
+  per-label feature sums;
+* hard negatives: two calls (the columns before and after the anchor's label
+  range, ``col_end`` / ``col_start``) with the anchor rows scaled by (1−λ_i)
+  against detached samples, plus λ_i·z_i·sg(z_i)/τ;
+* hard positives, integer labels: y_j = y_i − d_j, y_k = y_i + d_k with
+  1 <= d < n, so λ = d_k/(d_j + d_k) is one number per offset class
+  (d_j, d_k), and Σ_{j,k} e^{λ s_ij + (1−λ) s_ik} factorizes into
+  e^{LSE_j λ s_ij}·e^{LSE_k (1−λ) s_ik}: two label-range calls per class,
+  2·(⌈n⌉−1)² calls (32 for n = 5); their positive logits from prefix sums of
+  the sorted samples.
+
+What the primitive lacks, so these configurations run on the reference only
+(``"auto"`` takes it with a warning; an explicit kernel backend raises):
+
+* a per-pair additive log-weight (log w(|y_i − y_a|), from a label per row and
+  per column) — ``use_weight=True`` (the official default);
+* a per-pair scale — λ_ik drawn per pair (``mix_lambda=None``, the official
+  sampling, or (A, M));
+* candidates that are pairs (j, k) of rows with a λ per pair — hard positives
+  with floating-point labels (O(M³) logits λ_ijk G_ij + (1−λ_ijk) G_ik).
+
+The reference stores A × M Gram blocks and streams the hard positives over
+anchor blocks (at most 2²² logits at a time).
+
+Under ``process_group`` the features and labels are all-gathered: the anchors
+are this rank's samples (view-major), the real candidates, the mixtures'
+components and the label groups global; the rows of a (A,) or (A, M)
+``mix_lambda`` are this rank's anchors.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from numbers import Real
+from typing import Optional, Tuple
+
+import torch
+
+from .. import _checks, backends
+from .._checks import as_scalar, shape_str
+from .._numerics import acc_dtype, masked_lse
+from ..distributed import GlobalBatch
+from ..primitives.sim_lse import sim_lse
+from ._common import label_groups, unit
+
+Tensor = torch.Tensor
+DISTANCES = ("L1_inv", "L2_inv", "L1", "L2")
+_BLOCK = 1 << 22  # hard-positive logits held at once by the reference
+_WARNED: set = set()  # reasons already given for taking the reference under "auto"
+
+
+def _log_weight(d: Tensor, distance: str) -> Tensor:
+    """log w(d) for a label distance d >= 0."""
+    if distance == "L1_inv":
+        return torch.log1p(d)
+    if distance == "L2_inv":
+        return torch.log1p(d * d)
+    if distance == "L1":
+        return -torch.log1p(d)
+    return -torch.log1p(d * d)
+
+
+def _lse_parts(parts) -> Tensor:
+    """Joint LSE of per-anchor partial LSEs (each -inf where empty), -inf where all are."""
+    P = torch.stack(parts, 1)
+    return masked_lse(P, torch.isfinite(P), 1)
+
+
+def _lambda_rows(lam: Optional[Tensor], A: int, M: int, beta, like: Tensor) -> Tensor:
+    """λ as an (A, M) (or broadcastable (A, 1) / 0-dim) tensor in the accumulation dtype."""
+    if lam is None:
+        b0 = torch.tensor(float(beta[0]), dtype=like.dtype, device=like.device)
+        b1 = torch.tensor(float(beta[1]), dtype=like.dtype, device=like.device)
+        return torch.distributions.Beta(b0, b1).sample((A, M))
+    lam = lam.to(device=like.device, dtype=like.dtype)
+    return lam[:, None] if lam.dim() == 1 else lam
+
+
+def supremix_reference(views: Tensor, labels: Tensor, temperature, base_temperature, *, window=5,
+                       beta=(2.0, 8.0), mix_neg=True, mix_pos=True, use_weight=True, distance="L1_inv",
+                       mix_lambda: Optional[Tensor] = None, normalize=True, reduction="mean",
+                       process_group=None) -> Tensor:
+    """Exact SupReMix (the paper's joint LSE) on view-major ``views`` (V, n, D); Gram blocks A × M."""
+    V, n, D = views.shape
+    gb = GlobalBatch(n, process_group, views.device)
+    U = unit(views, normalize)
+    Z = gb.gather(U, dim=1).reshape(-1, D)  # (M, D) global samples, view-major
+    N = Z.shape[0] // V
+    M = V * N
+    y = gb.gather_nograd(labels).to(U.dtype).repeat(V)  # (M,)
+    a = gb.anchor_index(V, U.device)  # (A,) this rank's anchors
+    A = a.numel()
+    t = as_scalar("temperature", temperature, U)
+    factor = 1.0 if base_temperature is None else t / as_scalar("base_temperature", base_temperature, U)
+    Za, ya = Z[a], y[a]
+    G = Za @ Z.T / t  # real logits, gradient into both sides
+    Gd = Za @ Z.detach().T / t  # logits against detached samples: mixtures reach the anchor only
+    not_self = a[:, None] != torch.arange(M, device=U.device)[None, :]
+    dist = (ya[:, None] - y[None, :]).abs()
+    w = _log_weight(dist, distance) if use_weight else torch.zeros_like(dist)
+    parts = [masked_lse(G + w, not_self, 1)]
+    pos_real = (dist == 0) & not_self
+    pos_sum = torch.where(pos_real, G, 0).sum(1)
+    pos_cnt = pos_real.sum(1).to(U.dtype)
+    if mix_neg:
+        lam = _lambda_rows(mix_lambda, A, M, beta, Gd)
+        self_d = (Za * Za.detach()).sum(1, keepdim=True) / t  # z_i·sg(z_i)/τ
+        logit = lam * self_d + (1 - lam) * Gd
+        wn = _log_weight((1 - lam) * dist, distance) if use_weight else 0
+        parts.append(masked_lse(logit + wn, dist != 0, 1))
+    if mix_pos:
+        lse_p, sum_p, cnt_p = [], [], []
+        step = max(1, _BLOCK // (M * M))
+        for s in range(0, A, step):
+            yi = ya[s:s + step, None, None]
+            yj, yk = y[None, :, None], y[None, None, :]
+            ok = (yj < yi) & (yi < yk) & (yi - yj < window) & (yk - yi < window)
+            lp = ((yk - yi) / (yk - yj).clamp_min(1e-9)).clamp(0, 1)
+            g = Gd[s:s + step]
+            logit = lp * g[:, :, None] + (1 - lp) * g[:, None, :]  # (b, M, M): s(z_i, m_ijk)
+            b = logit.shape[0]
+            lse_p.append(masked_lse(logit.reshape(b, M * M), ok.reshape(b, M * M), 1))
+            sum_p.append(torch.where(ok, logit, 0).sum((1, 2)))
+            cnt_p.append(ok.sum((1, 2)).to(U.dtype))
+        parts.append(torch.cat(lse_p))
+        pos_sum = pos_sum + torch.cat(sum_p)
+        pos_cnt = pos_cnt + torch.cat(cnt_p)
+    lse = _lse_parts(parts)
+    has = pos_cnt > 0
+    values = -factor * (pos_sum / pos_cnt.clamp_min(1) - torch.where(has, lse, 0))
+    return gb.reduce(torch.where(has, values, 0), reduction, has)
+
+
+def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, labels) -> Optional[str]:
+    """Why the fused composition cannot compute this configuration (None: it can)."""
+    if use_weight:
+        return ("use_weight=True needs a per-pair log-weight log w(|y_i - y_a|) in the LSE, which the sim_lse "
+                "primitive lacks")
+    if mix_pos and labels.is_floating_point():
+        return ("mix_pos=True with floating-point labels needs an LSE over pairs (j, k) of candidates with a "
+                "lambda per pair (O(M^3) logits), which the sim_lse primitive lacks; integer labels are composed")
+    if mix_neg and (mix_lambda is None or mix_lambda.dim() == 2):
+        return ("mix_neg with a lambda per pair (mix_lambda None or (A, M)) needs a per-pair scale, which the "
+                "sim_lse primitive lacks; pass a float or one lambda per anchor")
+    return None
+
+
+def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature, *, window=5, mix_neg=True,
+                    mix_pos=False, mix_lambda: Optional[Tensor] = None, normalize=True, reduction="mean",
+                    backend: str, process_group=None) -> Tensor:
+    """SupReMix without weights on the core (hard positives for integer labels): no A × M buffer."""
+    V, n, D = views.shape
+    gb = GlobalBatch(n, process_group, views.device)
+    U = unit(views, normalize)
+    Ug = gb.gather(U, dim=1)
+    N = Ug.shape[1]
+    Z = Ug.reshape(V * N, D)
+    yl = gb.gather_nograd(labels)
+    a = gb.anchor_index(V, U.device)
+    Za = U.reshape(V * n, D)
+    t = as_scalar("temperature", temperature, U)
+    factor = 1.0 if base_temperature is None else t / as_scalar("base_temperature", base_temperature, U)
+    scale = 1.0 / t
+    Zk = Z.to(views.dtype)
+    Zak = Zk if gb.group is None else Za.to(views.dtype)
+    parts = [sim_lse(Zak, Zk, scale, exclude=a, backend=backend)[0]]
+    # real positives: per-label sums of the samples (one label group per instance label, repeated per view)
+    gid = label_groups(yl, N, U.device).repeat(V)
+    group_sum = torch.zeros(V * N, D, dtype=Z.dtype, device=Z.device).index_add(0, gid, Z)
+    group_cnt = torch.zeros(V * N, dtype=torch.long, device=Z.device).index_add(0, gid, torch.ones_like(gid))
+    ga = gid[a]
+    pos_sum = ((group_sum[ga] - Za) * Za).sum(-1) * scale
+    pos_cnt = group_cnt[ga] - 1
+    y = yl.repeat(V)
+    ys, perm = torch.sort(y)  # the samples sorted by label: each label value is a column range
+    ya = y[a]
+    Zs = Z.detach()[perm]
+    Kd = Zs.to(views.dtype)
+    if mix_neg:
+        lam = mix_lambda.to(device=U.device, dtype=U.dtype)  # 0-dim or (A,)
+        lo = torch.searchsorted(ys, ya, right=False)  # candidates before the anchor's label range
+        hi = torch.searchsorted(ys, ya, right=True)  # and after it
+        Q = ((1 - lam).reshape(-1, 1) * Za).to(views.dtype)  # (1−λ_i)·z_i against sg(z_k)
+        before = sim_lse(Q, Kd, scale, col_end=lo, backend=backend)[0]
+        after = sim_lse(Q, Kd, scale, col_start=hi, backend=backend)[0]
+        self_d = (Za * Za.detach()).sum(1) * scale
+        parts.append(lam * self_d + _lse_parts([before, after]))
+    if mix_pos:
+        # Integer labels: y_j = y_i − d_j, y_k = y_i + d_k with 1 <= d < window, λ = d_k/(d_j + d_k) is one
+        # number per offset class (d_j, d_k), where Σ_{j,k} e^{λ s_ij + (1−λ) s_ik} factorizes into
+        # e^{LSE_j λ s_ij} · e^{LSE_k (1−λ) s_ik}: two label-range LSEs per class.  The positive logits sum
+        # to λ·|k's|·z_i·Σ_j sg(z_j)/τ + (1−λ)·|j's|·z_i·Σ_k sg(z_k)/τ, from prefix sums of the sorted samples.
+        prefix = torch.cat([Zs.new_zeros(1, D), torch.cumsum(Zs, 0)])
+        offsets = range(1, math.ceil(window))
+        Zak_rows = Za.to(views.dtype)
+
+        def label_range(d):
+            return torch.searchsorted(ys, ya + d, right=False), torch.searchsorted(ys, ya + d, right=True)
+
+        below = {d: label_range(-d) for d in offsets}
+        above = {d: label_range(d) for d in offsets}
+        for dj in offsets:
+            lo_j, hi_j = below[dj]
+            sum_j = ((prefix[hi_j] - prefix[lo_j]) * Za).sum(1) * scale
+            for dk in offsets:
+                lo_k, hi_k = above[dk]
+                lp = dk / (dj + dk)
+                lse_j = sim_lse(Zak_rows, Kd, scale * lp, col_start=lo_j, col_end=hi_j, backend=backend)[0]
+                lse_k = sim_lse(Zak_rows, Kd, scale * (1 - lp), col_start=lo_k, col_end=hi_k, backend=backend)[0]
+                parts.append(lse_j + lse_k)
+                sum_k = ((prefix[hi_k] - prefix[lo_k]) * Za).sum(1) * scale
+                n_j, n_k = hi_j - lo_j, hi_k - lo_k
+                pos_sum = pos_sum + lp * n_k * sum_j + (1 - lp) * n_j * sum_k
+                pos_cnt = pos_cnt + n_j * n_k
+    lse = _lse_parts(parts)
+    has = pos_cnt > 0
+    values = -factor * (pos_sum / pos_cnt.clamp_min(1) - torch.where(has, lse, 0))
+    return gb.reduce(torch.where(has, values, 0), reduction, has)
+
+
+def _check_lambda(mix_lambda, A: int, M: int, like: Tensor) -> Optional[Tensor]:
+    if mix_lambda is None:
+        return None
+    if isinstance(mix_lambda, Tensor):
+        if mix_lambda.is_complex() or mix_lambda.dtype == torch.bool:
+            raise ValueError(f"mix_lambda must be real, got dtype {mix_lambda.dtype}")
+        if tuple(mix_lambda.shape) not in ((), (A,), (A, M)):
+            raise ValueError(f"mix_lambda must be a float, a 0-dim tensor, ({A},) or ({A}, {M}) for {A} anchors "
+                             f"and {M} samples, got shape {shape_str(mix_lambda)}")
+        if mix_lambda.device != like.device:
+            raise ValueError(f"mix_lambda is on {mix_lambda.device} but the features are on {like.device}")
+        lam = mix_lambda.detach().to(acc_dtype(like.dtype))
+    elif isinstance(mix_lambda, Real) and not isinstance(mix_lambda, bool):
+        lam = torch.tensor(float(mix_lambda), dtype=acc_dtype(like.dtype), device=like.device)
+    else:
+        raise ValueError(f"mix_lambda must be a float or a tensor, got {type(mix_lambda).__name__}")
+    if not torch.compiler.is_compiling() and not bool(((lam >= 0) & (lam <= 1)).all()):
+        raise ValueError(f"mix_lambda must lie in [0, 1], got values in [{float(lam.min())}, {float(lam.max())}] "
+                         f"(shape {shape_str(lam)})")
+    return lam
+
+
+def supremix_loss(features, labels, temperature=0.5, *, base_temperature=None, window=5, beta=(2.0, 8.0),
+                  mix_neg=True, mix_pos=True, use_weight=True, distance="L1_inv", mix_lambda=None, normalize=True,
+                  reduction="mean", backend="auto", process_group=None) -> Tensor:
+    r"""SupReMix (supervised contrastive regression with hard mixtures), the paper's joint LSE.
+
+    Args:
+        features: (N, V, D) (the official code: V = 2 views), (N, D) as one view, or a sequence of V
+            (N, D) tensors.
+        labels: (N,) regression targets (float or integer), finite.
+        temperature: τ > 0; base_temperature: τ_b > 0, ``None`` (default) = τ as the training script.
+        window: n > 0, the label window of the hard positives (``--n``).
+        beta: the Beta(a, b) of the hard-negative λ (default Beta(2, 8), the code's default).
+        mix_neg, mix_pos: add the hard negatives / hard positives (both: ``--contrastive_method supremix``).
+        use_weight, distance: the "distance magnifying" denominator weight w (``"L1_inv"``: |Δy| + 1).
+        mix_lambda: fixes the hard-negative λ: float, 0-dim, (A,) per anchor or (A, M) per pair; ``None``
+            draws it per pair from Beta(``beta``).
+        normalize: L2-normalize the features first (the official network does).
+        reduction: ``"mean"`` over anchors with a positive, ``"sum"``, or ``"none"`` ((V·N,) view-major).
+
+    Kernel backends compute ``use_weight=False`` with a float or per-anchor ``mix_lambda`` (or
+    ``mix_neg=False``), and ``mix_pos=True`` for integer labels; see the module docstring for what
+    the primitive lacks.
+    Returns fp32 (float64 for float64 inputs).
+    """
+    views = _checks.check_views("features", features, min_views=1, allow_single=True)
+    V, N, D = views.shape
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"labels must be a tensor of shape ({N},), got {type(labels).__name__}")
+    if labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be real, got dtype {labels.dtype} with shape {shape_str(labels)}")
+    if labels.shape != (N,):
+        raise ValueError(f"labels must have shape ({N},) for features of {V} views of shape ({N}, {D}), "
+                         f"got {shape_str(labels)}")
+    if labels.device != views.device:
+        raise ValueError(f"labels is on {labels.device} but the features are on {views.device}")
+    if labels.is_floating_point() and not torch.compiler.is_compiling() and not bool(torch.isfinite(labels).all()):
+        raise ValueError(f"labels must be finite (shape {shape_str(labels)})")
+    _checks.check_reduction(reduction)
+    _checks.check_choice("distance", distance, DISTANCES)
+    if isinstance(window, bool) or not isinstance(window, Real) or not window > 0:
+        raise ValueError(f"window must be a number > 0, got {window!r}")
+    if (not isinstance(beta, (tuple, list)) or len(beta) != 2
+            or not all(isinstance(b, Real) and not isinstance(b, bool) and b > 0 for b in beta)):
+        raise ValueError(f"beta must be a pair (a, b) of numbers > 0, got {beta!r}")
+    temperature = _checks.as_scalar("temperature", temperature, views, positive=True)
+    if base_temperature is not None:
+        base_temperature = _checks.as_scalar("base_temperature", base_temperature, views, positive=True)
+    gb_n = GlobalBatch(N, process_group, views.device).total if process_group is not None else N
+    lam = _check_lambda(mix_lambda, V * N, V * gb_n, views)
+    requested = backends.get_backend() if backend is None else backend
+    name = backends.resolve(backend, op="supremix_loss", tensors=[views])
+    kw = dict(mix_neg=bool(mix_neg), mix_lambda=lam, normalize=normalize, reduction=reduction,
+              process_group=process_group)
+    if name != "reference":
+        why = kernel_why_not(mix_pos=mix_pos, use_weight=use_weight, mix_neg=mix_neg, mix_lambda=lam, labels=labels)
+        if why is not None and requested != "auto":
+            raise RuntimeError(f"backend {name!r} cannot run supremix_loss with these arguments: {why}")
+        if why is None:
+            return _fused_supremix(views, labels, temperature, base_temperature, window=window,
+                                   mix_pos=bool(mix_pos), backend=name, **kw)
+        if why not in _WARNED:
+            _WARNED.add(why)
+            warnings.warn(f"contrastive_ops: supremix_loss runs on the plain-PyTorch reference ({why}); "
+                          "pass backend='reference' to silence this.", RuntimeWarning, stacklevel=2)
+    return supremix_reference(views, labels, temperature, base_temperature, window=window, beta=beta,
+                              mix_pos=bool(mix_pos), use_weight=bool(use_weight), distance=distance, **kw)
