@@ -62,7 +62,7 @@ from .._checks import as_scalar
 from .._numerics import masked_lse
 from ..distributed import GlobalBatch
 from ..primitives.sim_lse import sim_lse
-from ._common import label_groups, unit
+from ._common import index_sum, label_groups, take_rows, unit
 
 Tensor = torch.Tensor
 
@@ -122,11 +122,12 @@ def _fused_term(Za: Tensor, a: Tensor, Z: Tensor, Zk: Tensor, Zak: Tensor, gid: 
     """ℓ_a over all rows of ``Z`` (kernel copy ``Zk``) for anchors ``Za`` at rows ``a`` (kernel copy ``Zak``)."""
     lse, _ = sim_lse(Zak, Zk, scale, exclude=a, backend=backend)
     C, D = Z.shape
-    group_sum = torch.zeros(C, D, dtype=Z.dtype, device=Z.device).index_add(0, gid, Z)
-    group_cnt = torch.zeros(C, dtype=torch.long, device=Z.device).index_add(0, gid, torch.ones_like(gid))
+    # label sums in an order fixed by the data (index_sum / take_rows: no atomics on CUDA)
+    group_sum = index_sum(Z, gid, C)
+    group_cnt = index_sum(torch.ones_like(gid), gid, C)
     ga = gid[a]
-    pos_sum = ((group_sum[ga] - Za) * Za).sum(-1) * scale  # Σ_{p∈P(a)} s_ap
-    npos = group_cnt[ga] - 1
+    pos_sum = ((take_rows(group_sum, ga) - Za) * Za).sum(-1) * scale  # Σ_{p∈P(a)} s_ap
+    npos = take_rows(group_cnt, ga) - 1
     has = npos > 0
     values = -factor * (pos_sum / npos.clamp_min(1) - torch.where(has, lse, 0))
     return torch.where(has, values, 0), has

@@ -69,8 +69,8 @@ label so that each label value is a column range:
   1 <= d < n, so λ = d_k/(d_j + d_k) is one number per offset class
   (d_j, d_k), and Σ_{j,k} e^{λ s_ij + (1−λ) s_ik} factorizes into
   e^{LSE_j λ s_ij}·e^{LSE_k (1−λ) s_ik}: two label-range calls per class,
-  2·(⌈n⌉−1)² calls (32 for n = 5); their positive logits from prefix sums of
-  the sorted samples.
+  2·(⌈n⌉−1)² calls (32 for n = 5); their positive logits from the per-label
+  sums of the samples (summed in a fixed order, no atomics).
 
 What the primitive lacks, so these configurations run on the reference only
 (``"auto"`` takes it with a warning; an explicit kernel backend raises):
@@ -104,7 +104,7 @@ from .._checks import as_scalar, shape_str
 from .._numerics import acc_dtype, masked_lse
 from ..distributed import GlobalBatch
 from ..primitives.sim_lse import sim_lse
-from ._common import label_groups, unit
+from ._common import index_sum, label_groups, take_rows, unit
 
 Tensor = torch.Tensor
 DISTANCES = ("L1_inv", "L2_inv", "L1", "L2")
@@ -229,11 +229,12 @@ def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature
     parts = [sim_lse(Zak, Zk, scale, exclude=a, backend=backend)[0]]
     # real positives: per-label sums of the samples (one label group per instance label, repeated per view)
     gid = label_groups(yl, N, U.device).repeat(V)
-    group_sum = torch.zeros(V * N, D, dtype=Z.dtype, device=Z.device).index_add(0, gid, Z)
-    group_cnt = torch.zeros(V * N, dtype=torch.long, device=Z.device).index_add(0, gid, torch.ones_like(gid))
+    # label sums in an order fixed by the data (index_sum / take_rows: no atomics on CUDA)
+    group_sum = index_sum(Z, gid, V * N)
+    group_cnt = index_sum(torch.ones_like(gid), gid, V * N)
     ga = gid[a]
-    pos_sum = ((group_sum[ga] - Za) * Za).sum(-1) * scale
-    pos_cnt = group_cnt[ga] - 1
+    pos_sum = ((take_rows(group_sum, ga) - Za) * Za).sum(-1) * scale
+    pos_cnt = take_rows(group_cnt, ga) - 1
     y = yl.repeat(V)
     ys, perm = torch.sort(y)  # the samples sorted by label: each label value is a column range
     ya = y[a]
@@ -252,8 +253,14 @@ def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature
         # Integer labels: y_j = y_i − d_j, y_k = y_i + d_k with 1 <= d < window, λ = d_k/(d_j + d_k) is one
         # number per offset class (d_j, d_k), where Σ_{j,k} e^{λ s_ij + (1−λ) s_ik} factorizes into
         # e^{LSE_j λ s_ij} · e^{LSE_k (1−λ) s_ik}: two label-range LSEs per class.  The positive logits sum
-        # to λ·|k's|·z_i·Σ_j sg(z_j)/τ + (1−λ)·|j's|·z_i·Σ_k sg(z_k)/τ, from prefix sums of the sorted samples.
-        prefix = torch.cat([Zs.new_zeros(1, D), torch.cumsum(Zs, 0)])
+        # to λ·|k's|·z_i·Σ_j sg(z_j)/τ + (1−λ)·|j's|·z_i·Σ_k sg(z_k)/τ, from the label-group sums of the samples.
+        # Σ of the detached samples of one label value: its group's sum (a label absent from the batch: 0).
+        gsum_d = group_sum.detach()
+        gid_sorted = gid[perm]
+
+        def range_sum(lo, hi):
+            first = take_rows(gid_sorted, lo.clamp(max=ys.numel() - 1))
+            return torch.where((hi > lo)[:, None], take_rows(gsum_d, first), 0)
         offsets = range(1, math.ceil(window))
         Zak_rows = Za.to(views.dtype)
 
@@ -264,14 +271,14 @@ def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature
         above = {d: label_range(d) for d in offsets}
         for dj in offsets:
             lo_j, hi_j = below[dj]
-            sum_j = ((prefix[hi_j] - prefix[lo_j]) * Za).sum(1) * scale
+            sum_j = (range_sum(lo_j, hi_j) * Za).sum(1) * scale
             for dk in offsets:
                 lo_k, hi_k = above[dk]
                 lp = dk / (dj + dk)
                 lse_j = sim_lse(Zak_rows, Kd, scale * lp, col_start=lo_j, col_end=hi_j, backend=backend)[0]
                 lse_k = sim_lse(Zak_rows, Kd, scale * (1 - lp), col_start=lo_k, col_end=hi_k, backend=backend)[0]
                 parts.append(lse_j + lse_k)
-                sum_k = ((prefix[hi_k] - prefix[lo_k]) * Za).sum(1) * scale
+                sum_k = (range_sum(lo_k, hi_k) * Za).sum(1) * scale
                 n_j, n_k = hi_j - lo_j, hi_k - lo_k
                 pos_sum = pos_sum + lp * n_k * sum_j + (1 - lp) * n_j * sum_k
                 pos_cnt = pos_cnt + n_j * n_k
