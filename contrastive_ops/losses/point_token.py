@@ -42,8 +42,11 @@ synchronization under ``torch.compile``; see
 the column LSE of the *same* similarity ``s(f̂1[idx], f̂2[idx])``, restricted
 to the block diagonal of clouds for "cloud" (anchor k of cloud b may see the
 compacted range ``[start_b, end_b)``) or to everything for "batch": one call
-of the core with ``want_col=True``.  No B×G×G padding, no gathered copies of
-the features; positives and the cosine modes are O(B·G·D).
+of the core with ``want_col=True``.  The listed tokens are gathered
+(``take_rows``: a backward without atomics) and normalized after the gather,
+so in eager mode only the |S| co-masked tokens of the B·G are normalized and
+the core gets them compacted, without index lists.  No B×G×G padding;
+positives and the cosine modes are O(B·G·D).
 
 Distributed (``process_group``): each rank passes its own clouds; the mean is
 over the global |S| (all-reduced).  "cosine" and "cloud" need nothing else
@@ -192,13 +195,13 @@ def _fused_point_token_contrast(
                                   backend=backend, process_group=process_group)
     B, G, D = f1.shape
     dt = acc_dtype(f1.dtype)
-    u = unit(f1)  # (B, G, D) in dt
-    v = unit(f2)
     S = mask1 & mask2
     Sd = S.to(dt)
     count = S.sum().clamp_min(1).to(dt)
 
     if mode == "cosine":
+        u = unit(f1)  # (B, G, D) in dt
+        v = unit(f2)
         if pairing == "official":
             # Σ_j (1 − û1_bi·û2_bj) / G = 1 − û1_bi · v̄_b,  v̄_b = mean_j û2_bj
             v = v.mean(1, keepdim=True)
@@ -206,7 +209,6 @@ def _fused_point_token_contrast(
         return (Sd * per).sum() / count
 
     inv_t = inv_t.to(dt)
-    pos = (u * v).sum(-1).reshape(B * G) * inv_t  # s(f1_bi, f2_bi) for every token
     Sf = S.reshape(B * G)
     # Co-masked tokens first, in (b, i) order, then the others (static length; see _present_first).
     idx, _, n = present_list(Sf)
@@ -224,17 +226,19 @@ def _fused_point_token_contrast(
     # Tokens outside S get an empty range: -inf row LSEs (dropped below); they are in no range,
     # so their column LSEs are -inf too and they enter no other token's LSE.
 
+    # Only the listed tokens are normalized (in eager mode the co-masked ones: |S| of the B·G), and
+    # the core sees them compacted, in list order: no index lists, positions are list positions.
+    u = unit(take_rows(f1.reshape(B * G, D), idx))  # (len(idx), D) in dt
+    v = unit(take_rows(f2.reshape(B * G, D), idx))
+    pos = (u * v).sum(-1) * inv_t  # s(f1_bi, f2_bi) of each listed token
     # Kernels take features in the input dtype; normalization stays in dt.
-    q = u.to(f1.dtype).reshape(B * G, D)
-    k = v.to(f2.dtype).reshape(B * G, D)
     lse12, lse21 = sim_lse(
-        q, k, inv_t,
-        row_index=idx, col_index=idx, col_start=col_start, col_end=col_end,
-        want_col=True, backend=backend,
+        u.to(f1.dtype), v.to(f2.dtype), inv_t,
+        col_start=col_start, col_end=col_end, want_col=True, backend=backend,
     )
     # Row LSE: anchor f1_k over its candidates f2_j (f1 → f2); column LSE of
     # the same matrix: anchor f2_k over f1_i (f2 → f1).  Same positive.
-    per = torch.where(on, 0.5 * (lse12.to(dt) + lse21.to(dt)) - take_rows(pos, idx), 0)
+    per = torch.where(on, 0.5 * (lse12.to(dt) + lse21.to(dt)) - pos, 0)
     # An empty S gives 0, attached to f1, f2 and the temperature, with zero gradients.
     return per.sum() / count
 
