@@ -256,3 +256,20 @@ def test_take_rows_and_index_sum_match_indexing(size, index):
         assert torch.autograd.gradcheck(lambda t: index_sum(t, idx, size), (v,))
         assert torch.autograd.gradgradcheck(lambda t: take_rows(t, idx) ** 2, (x,))
         assert torch.autograd.gradgradcheck(lambda t: index_sum(t, idx, size) ** 2, (v,))
+
+
+def test_take_distinct_rows():
+    """``take_rows(distinct=True)`` (an index without repeats): ``x[index]``, its backward one write per
+    row (gradcheck, gradgradcheck), and no accumulating op in either direction."""
+    from contrastive_ops.losses._common import take_rows
+
+    idx = torch.tensor([4, 0, 2], dtype=torch.long, device=DEVICE)
+    x = torch.randn(6, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.equal(take_rows(x, idx, distinct=True), x[idx])
+    assert torch.autograd.gradcheck(lambda t: take_rows(t, idx, distinct=True), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: take_rows(t, idx, distinct=True) ** 2, (x,))
+    g = torch.randn(3, 3, dtype=torch.float64, device=DEVICE)
+    (gx,) = torch.autograd.grad(take_rows(x, idx, distinct=True), x, g)
+    want = torch.zeros_like(x).detach()
+    want[idx] = g
+    assert torch.equal(gx, want)

@@ -121,8 +121,29 @@ class _IndexSum(torch.autograd.Function):
         return _TakeRows.apply(grad, index), None, None
 
 
-def take_rows(x: Tensor, index: Tensor) -> Tensor:
-    """``x[index]`` along dim 0 (``index`` int64, repeats allowed) with a run-to-run deterministic backward."""
+class _TakeDistinctRows(torch.autograd.Function):
+    """``x[index]`` for an index without repeats: the backward writes each row once (no sum)."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.size = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.size,) + tuple(grad.shape[1:]))
+        return out.index_copy(0, index, grad), None
+
+
+def take_rows(x: Tensor, index: Tensor, *, distinct: bool = False) -> Tensor:
+    """``x[index]`` along dim 0 (``index`` int64) with a run-to-run deterministic backward.
+
+    ``distinct=True`` promises that ``index`` has no repeats (e.g. a prefix of a permutation): then
+    the backward is one write per row instead of the fixed-order segmented sum that repeats need."""
+    if distinct:
+        return _TakeDistinctRows.apply(x, index.long())
     return _TakeRows.apply(x, index.long())
 
 

@@ -228,8 +228,8 @@ def _fused_point_token_contrast(
 
     # Only the listed tokens are normalized (in eager mode the co-masked ones: |S| of the B·G), and
     # the core sees them compacted, in list order: no index lists, positions are list positions.
-    u = unit(take_rows(f1.reshape(B * G, D), idx))  # (len(idx), D) in dt
-    v = unit(take_rows(f2.reshape(B * G, D), idx))
+    u = unit(take_rows(f1.reshape(B * G, D), idx, distinct=True))  # (len(idx), D) in dt
+    v = unit(take_rows(f2.reshape(B * G, D), idx, distinct=True))
     pos = (u * v).sum(-1) * inv_t  # s(f1_bi, f2_bi) of each listed token
     # Kernels take features in the input dtype; normalization stays in dt.
     lse12, lse21 = sim_lse(
