@@ -303,6 +303,15 @@ def test_scalar_arguments_on_the_host():
     dx, ds = tswav.SWAV_CE.backward(x[:, :7].contiguous(), t, scale, lse, grad)
     dx_h, ds_h = torch.ops.contrastive_ops_triton.swav_ce_bwd(x[:, :7].contiguous(), t, scale.cpu(), lse, grad.cpu())
     assert torch.equal(dx_h, dx) and torch.equal(ds_h, ds)
+    q, k = x[:, :8].contiguous(), y[:, :8].contiguous()
+    row, col = tcore.sim_lse_forward(q, k, scale, want_col=True)
+    row_h, col_h = tcore.sim_lse_forward(q, k, scale.cpu(), want_col=True)
+    assert torch.equal(row_h, row) and torch.equal(col_h, col)
+    g_row, g_col = torch.randn_like(row), torch.randn_like(col)
+    bwd = tcore.sim_lse_backward(q, k, scale, None, None, None, None, None, row, col, g_row, g_col)
+    bwd_h = tcore.sim_lse_backward(q, k, scale.cpu(), None, None, None, None, None, row, col, g_row, g_col)
+    for w, g in zip(bwd, bwd_h):
+        assert torch.equal(g, w)
     # The rules themselves, with "meta" standing in for another device:
     meta = torch.device("meta")
     assert scalar_on("op", "grad", torch.tensor(2.0), meta).device == meta
@@ -315,6 +324,8 @@ def test_scalar_arguments_on_the_host():
     if DEVICE.type == "cuda":  # a vector on the host next to CUDA inputs
         with pytest.raises(ValueError, match="swav_ce_bwd: lse is on cpu"):
             torch.ops.contrastive_ops_triton.swav_ce_bwd(x[:, :7].contiguous(), t, scale, lse.cpu(), grad)
+        with pytest.raises(ValueError, match="sim_lse_bwd: row_lse is on cpu"):
+            tcore.sim_lse_backward(q, k, scale, None, None, None, None, None, row.cpu(), col, g_row, g_col)
 
 
 def test_siglip_tiny_terms_kept():

@@ -132,6 +132,7 @@ from .sim_lse_bwd import (  # noqa: F401 - the kernels, re-exported (tests, the 
     _bwd_atomic_kernel, _bwd_dk_kernel, _bwd_dk_wide_kernel, _bwd_dq_kernel, _bwd_ds_kernel, _gram_bwd_atomic_kernel,
     _gram_bwd_kernel,
 )
+from .args import same_device, scalar_on
 from .sim_lse_fwd import _fwd_kernel, _gram_fwd_kernel
 from .tiles import (
     BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, DS_GPU, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SMEM_LIMIT,
@@ -349,6 +350,9 @@ def _sim_lse_fwd_op(
     want_col: bool, gram: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """``gram=True`` promises that ``k`` holds the same values as ``q`` (Gram kernel when it applies)."""
+    same_device("sim_lse_fwd", q.device, k=k, row_index=row_index, col_index=col_index, col_start=col_start,
+                col_end=col_end, exclude=exclude)
+    scale = scalar_on("sim_lse_fwd", "scale", scale, q.device)
     B, M, D = _sizes(q, k, row_index, col_index)
     col_start, col_end = _ranges(q, B, M, col_start, col_end)
     flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col)
@@ -403,6 +407,10 @@ def _sim_lse_bwd_op(
     k holds q's values (the forward took the Gram kernel): where it applies, dq and dk come from
     the Gram kernel's separate terms, so the backward reads the forward's S.  ``atomic=True`` takes
     the single-recompute kernels (non-deterministic; D ≤ 256, else ignored)."""
+    same_device("sim_lse_bwd", q.device, k=k, row_index=row_index, col_index=col_index, col_start=col_start,
+                col_end=col_end, exclude=exclude, row_lse=row_lse, col_lse=col_lse, grad_row=grad_row,
+                grad_col=grad_col)
+    scale = scalar_on("sim_lse_bwd", "scale", scale, q.device)
     want_col = col_lse.numel() > 0
     B, M, D = _sizes(q, k, row_index, col_index)
     col_start, col_end = _ranges(q, B, M, col_start, col_end)
