@@ -19,7 +19,7 @@ import contrastive_ops as co
 from contrastive_ops.losses import info_nce as inm
 from contrastive_ops.testing import assert_close
 from test_queue import BACKENDS, _RecordingDenseSimLSE, _rand, bf_info_nce, bf_nt_xent, check_against_brute_force
-from helpers import serve_dense_primitive
+from helpers import compare_with_reference, serve_dense_primitive
 
 F64 = torch.float64
 
@@ -362,3 +362,44 @@ def test_large_logits_stay_finite():
             assert torch.isfinite(out).all(), (backend, out)
             assert_close(out, exact, torch.float32, what=f"{backend} at tau=0.01")
     assert math.isfinite(float(co.info_nce(q.float(), k.float(), 0.01, hard_negative_beta=3.0, backend="reference")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] not in ("reference", "composition")])
+@pytest.mark.parametrize("fn", ["info_nce", "nt_xent"])
+def test_half_precision_against_reference(fn, backend, dtype):
+    """fp16/bf16 inputs at τ = 0.05 on the kernels: loss and gradients within the half-precision rule of
+    ``compare_with_reference`` (the kernel's error against the exact loss at most a few times the
+    reference's own error in the same dtype), and fp32 losses."""
+    from contrastive_ops import backends
+
+    if dtype not in backends.backend_module(backend).dtypes():
+        pytest.skip(f"{backend} does not take {dtype}")
+    q = _rand(6, 16, seed=1)
+    k = _aligned_keys(q, 2)
+    Q = _rand(5, 16, seed=3)
+    tensors = [q.float().requires_grad_(), k.float().requires_grad_(), Q.float()]
+    kw = dict(hard_negative_beta=1.0, debias_tau_plus=0.1, reduction="none")
+    call = (lambda a, b, c, **kw_: co.info_nce(a, b, 0.05, queue=c, **kw_)) if fn == "info_nce" else \
+        (lambda a, b, c, **kw_: co.nt_xent(a, b, 0.05, queue=c, **kw_))
+    out, _ = compare_with_reference(call, tensors, backend=backend, dtype=dtype, sharpness=20.0, normalized=True, **kw)
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+def test_shaped_losses_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) (aot_eager) of the shaped compositions: no graph break, same values and
+    gradients as eager."""
+    q, k, Q = (_rand(6, 8, seed=s).float() for s in (1, 2, 3))
+    kw = dict(hard_negative_beta=1.0, debias_tau_plus=0.1, backend=backend, reduction="none")
+    fns = [lambda a, b: co.nt_xent(a, b, 0.2, queue=Q, **kw),
+           lambda a, b: co.info_nce(a, b, 0.2, symmetric=True, **kw),
+           lambda a, b: co.info_nce(a, b, 0.2, queue=Q, in_batch_negatives=False, **kw)]
+    for f in fns:
+        torch._dynamo.reset()
+        ins = [t.clone().requires_grad_() for t in (q, k)]
+        eager = [t.clone().requires_grad_() for t in (q, k)]
+        got, want = torch.compile(f, fullgraph=True, backend="aot_eager")(*ins), f(*eager)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(torch.autograd.grad(got.sum(), ins), torch.autograd.grad(want.sum(), eager)):
+            torch.testing.assert_close(a, b)
