@@ -318,9 +318,10 @@ def _shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normali
                 c, _ = sim_lse(k, gk.gather(q), sc, exclude=own, backend=backend)
             rows.append(r)
             cols.append(c)
-        lo = (lambda x: x[1] if beta > 0 else None)
-        return 0.5 * (_shaped_from_lse(pos, rows[0], lo(rows), n_neg, beta, tau_plus, scale)
-                      + _shaped_from_lse(pos, cols[0], lo(cols), n_neg, beta, tau_plus, scale))
+        rows.append(None)  # β = 0: no β/τ call, that LSE is log M
+        cols.append(None)
+        return 0.5 * (_shaped_from_lse(pos, rows[0], rows[1], n_neg, beta, tau_plus, scale)
+                      + _shaped_from_lse(pos, cols[0], cols[1], n_neg, beta, tau_plus, scale))
     t = torch.arange(B, device=q.device) if targets is None else targets.long()
     pos = rowdot(q32, take_rows(k32, t)) * scale
     blocks, n_neg = [], 0
