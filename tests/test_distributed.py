@@ -354,6 +354,29 @@ def _(c: Ctx):
             [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), S(c.randn(4, 6, seed=2)), S(c.scalar(0.5))])
 
 
+# Negative shaping (HCL / debiased CL): the negatives of an anchor are the global candidates but its positive.
+
+
+@case("info_nce_shaped")
+def _(c: Ctx):
+    c.check(lambda q, k, tau, **kw: co.info_nce(q, k, tau, hard_negative_beta=1.0, debias_tau_plus=0.1, **kw),
+            [B(c.randn(c.N, 7)), B(c.randn(c.N, 7, seed=1)), S(c.scalar(0.3))])
+
+
+@case("info_nce_shaped_symmetric_none")
+def _(c: Ctx):
+    c.check(lambda q, k, tau, **kw: co.info_nce(q, k, tau, symmetric=True, hard_negative_beta=0.5,
+                                                debias_tau_plus=0.2, **kw),
+            [B(c.randn(c.N, 7)), B(c.randn(c.N, 7, seed=1)), S(c.scalar(0.3))], reduction="none")
+
+
+@case("nt_xent_shaped_queue")
+def _(c: Ctx):
+    c.check(lambda a, b, Q, tau, **kw: co.nt_xent(a, b, tau, queue=Q, hard_negative_beta=1.0, debias_tau_plus=0.1,
+                                                  **kw),
+            [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), S(c.randn(4, 6, seed=2)), S(c.scalar(0.5))])
+
+
 @case("supcon_queue_labels")
 def _(c: Ctx):
     yq = c.randint(3, 5, seed=3)

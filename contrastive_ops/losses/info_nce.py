@@ -21,6 +21,27 @@ every anchor's denominator, never anchors or positives::
       in_batch_negatives=False (MoCo v2): the keys' sum is e^{S[i, t_i]} alone
     nt_xent      ℓ_a = −S[a, a±N] + log(Σ_{b≠a} e^{S[a, b]} + Σ_m e^{s(z_a, Q_m)})
 
+Negative shaping (HCL, Robinson et al. 2021, joshr17/HCL; debiased CL, Chuang
+et al. 2020), ``hard_negative_beta`` β ≥ 0 and ``debias_tau_plus`` τ⁺ ∈ [0, 1):
+with the M_i negatives j of anchor i (its candidates other than its positive,
+queue included) and p_i = e^{x_i}, x_i its positive logit::
+
+    reweighted_i = M_i · Σ_j e^{(1+β)s_ij} / Σ_j e^{β s_ij}
+    Ng_i         = max((reweighted_i − τ⁺·M_i·p_i) / (1 − τ⁺),  M_i·e^{−1/τ})
+    ℓ_i          = −log(p_i / (p_i + Ng_i))
+
+The weights e^{β s_ij} are not detached.  β = τ⁺ = 0 (the defaults) is the
+plain loss, computed by the plain path.  ``symmetric=True`` shapes both the row
+and the column terms (the column anchor is key i, its negatives the other
+queries).  The fused compositions need two LSEs over the negatives only,
+``LSE_j (1+β)s_ij`` and ``LSE_j β s_ij``: two core calls at the scales (1+β)/τ
+and β/τ with the positive excluded (the β/τ call is skipped at β = 0, where
+that LSE is log M_i), then O(B) maths in the log domain::
+
+    r_i = LSE_j (1+β)s_ij − LSE_j β s_ij                 (log of reweighted_i / M_i)
+    log Ng_i = log M_i + max(r_i + log(1 − τ⁺ e^{x_i − r_i}) − log(1 − τ⁺),  −1/τ)
+    ℓ_i = logaddexp(x_i, log Ng_i) − x_i
+
 The fused compositions take the queue's LSE from a second core call
 (anchors against Q) and merge it with ``logaddexp``: exact gradients for the
 anchors, Q (when it requires grad) and τ, and never a B×K or (B+K)×D buffer.
@@ -55,6 +76,9 @@ local rows.  The references compute the dense loss of the gathered global
 batch and keep this rank's anchors.
 """
 from __future__ import annotations
+
+import math
+from numbers import Real
 
 import torch
 
@@ -117,48 +141,142 @@ def _queue_logits(anchors_acc: Tensor, queue, scale: Tensor, normalize: bool) ->
     return (anchors_acc @ unit(queue, normalize).T) * scale
 
 
+# --------------------------------------------------------------------------- negative shaping
+
+
+def _check_shaping(hard_negative_beta, debias_tau_plus) -> tuple:
+    """(β, τ⁺) as floats: β finite and >= 0, τ⁺ in [0, 1)."""
+    for name, v in (("hard_negative_beta", hard_negative_beta), ("debias_tau_plus", debias_tau_plus)):
+        if isinstance(v, bool) or not isinstance(v, Real):
+            raise ValueError(f"{name} must be a float, got {type(v).__name__}")
+    beta, tau_plus = float(hard_negative_beta), float(debias_tau_plus)
+    if not (0.0 <= beta < math.inf):
+        raise ValueError(f"hard_negative_beta must be a finite float >= 0, got {beta}")
+    if not (0.0 <= tau_plus < 1.0):
+        raise ValueError(f"debias_tau_plus must lie in [0, 1), got {tau_plus}")
+    return beta, tau_plus
+
+
+def _shaped_dense(S: Tensor, neg: Tensor, pos: Tensor, beta: float, tau_plus: float, scale: Tensor) -> Tensor:
+    """HCL / debiased loss per anchor from dense logits (the references only).
+
+    ``S`` (B, C) candidate logits, ``neg`` (B, C) bool marks anchor i's
+    negatives, ``pos`` (B,) positive logits, ``scale`` = 1/τ.  The formula as
+    written (importance weights e^{β s}, their weighted sum of e^{s}, the
+    debias and the clamp), with each row shifted by its largest negative logit
+    and the last step by the largest of its terms, so nothing overflows.
+    """
+    count = neg.sum(1)
+    empty = count == 0
+    M = torch.where(empty, torch.ones_like(count), count).to(S.dtype)
+    m = S.masked_fill(~neg, float("-inf")).amax(1, keepdim=True)
+    m = torch.where(empty[:, None], torch.zeros_like(m), m).detach()
+    d = torch.where(neg, S - m, torch.zeros_like(S))  # <= 0 on the negatives
+    zero = torch.zeros_like(S)
+    w = torch.where(neg, torch.exp(beta * d), zero)  # importance weights e^{β s_ij}, shifted by e^{−β m}
+    e = torch.where(neg, torch.exp(d), zero)  # e^{s_ij}, shifted by e^{−m}
+    w_sum = torch.where(empty, torch.ones_like(M), w.sum(1))
+    we_sum = torch.where(empty, torch.ones_like(M), (w * e).sum(1))
+    log_rw = torch.log(M) + m.squeeze(1) + torch.log(we_sum / w_sum)  # log(M Σ w e^{s} / Σ w)
+    c = torch.maximum(torch.maximum(pos, log_rw), torch.log(M) - scale).detach()
+    p = torch.exp(pos - c)
+    Ng = torch.maximum((torch.exp(log_rw - c) - tau_plus * M * p) / (1.0 - tau_plus), M * torch.exp(-scale - c))
+    loss = torch.log(p + Ng) + c - pos
+    return torch.where(empty, pos - pos, loss)
+
+
+def _shaped_from_lse(pos: Tensor, lse_hi: Tensor, lse_lo, n_neg: int, beta: float, tau_plus: float,
+                     scale: Tensor) -> Tensor:
+    """HCL / debiased loss per anchor from ``lse_hi`` = LSE_j (1+β)s_ij and ``lse_lo`` = LSE_j β s_ij over
+    its ``n_neg`` negatives (``lse_lo`` None at β = 0: it is log n_neg), in the log domain (O(B))."""
+    if n_neg == 0:
+        return pos - pos
+    log_m = math.log(n_neg)
+    r = lse_hi - (log_m if lse_lo is None else lse_lo)  # log(reweighted / M)
+    if tau_plus > 0:
+        # log(e^r − τ⁺e^x) = r + log(1 − e^u), u = x − r + log τ⁺; u >= 0: the clamp bound wins
+        u = (pos - r + math.log(tau_plus)).clamp_max(0.0)
+        d = -torch.expm1(u)
+        ok = d > 0
+        inner = torch.where(ok, r + torch.log(torch.where(ok, d, torch.ones_like(d))) - math.log1p(-tau_plus),
+                            torch.full_like(r, float("-inf")))
+    else:
+        inner = r
+    log_ng = log_m + torch.maximum(inner, -scale)
+    return torch.logaddexp(pos, log_ng) - pos
+
+
+def _negatives_lse(anchors: Tensor, blocks, scale: Tensor, backend: str, want_col: bool = False):
+    """LSE of ``scale``·(anchor · candidate) over the candidate ``blocks`` [(tensor, exclude or None)], merged."""
+    out, col = None, None
+    for cand, exclude in blocks:
+        lse, col = sim_lse(anchors, cand, scale, exclude=exclude, want_col=want_col, backend=backend)
+        out = lse if out is None else torch.logaddexp(out, lse)
+    return out, col
+
+
 # --------------------------------------------------------------------------- info_nce
 
 
 def info_nce_reference(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
-                       reduction="mean", process_group=None, queue=None, in_batch_negatives=True) -> Tensor:
-    """Dense InfoNCE: ℓ_i = −S[i, t_i] + LSE_j S[i, j] (stores B×M), the queue's logits as extra columns."""
+                       reduction="mean", process_group=None, queue=None, in_batch_negatives=True,
+                       hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
+    """Dense InfoNCE: ℓ_i = −S[i, t_i] + LSE_j S[i, j] (stores B×M), the queue's logits as extra columns;
+    with β or τ⁺ > 0 the HCL / debiased form over the negatives (every candidate but the positive)."""
+    beta, tau_plus = float(hard_negative_beta), float(debias_tau_plus)
+    shaped = beta > 0 or tau_plus > 0
     gq = GlobalBatch(query.shape[0], process_group, query.device)
     gk = GlobalBatch(key.shape[0], process_group, key.device)
     if targets is not None:  # local key indices -> positions in the gathered keys
         targets = gq.gather_nograd(targets.long() + gk.offset)
     q = unit(gq.gather(query), normalize)
     k = unit(gk.gather(key), normalize)
-    S = (q @ k.T) * inv_temperature(temperature, q)
+    scale = inv_temperature(temperature, q)
+    S = (q @ k.T) * scale
     B = S.shape[0]
     if symmetric:
         pos = S.diagonal()
-        loss = 0.5 * ((S.logsumexp(1) - pos) + (S.logsumexp(0) - pos))
+        if shaped:
+            off = ~torch.eye(B, dtype=torch.bool, device=S.device)
+            loss = 0.5 * (_shaped_dense(S, off, pos, beta, tau_plus, scale)
+                          + _shaped_dense(S.T, off, pos, beta, tau_plus, scale))
+        else:
+            loss = 0.5 * ((S.logsumexp(1) - pos) + (S.logsumexp(0) - pos))
     else:
         t = torch.arange(B, device=S.device) if targets is None else targets.long()
         pos = S.gather(1, t[:, None]).squeeze(1)
         cand = S if in_batch_negatives else pos[:, None]
+        neg = torch.ones_like(cand, dtype=torch.bool)
+        neg[torch.arange(B, device=S.device), t if in_batch_negatives else 0] = False
         if queue is not None:
-            cand = torch.cat([cand, _queue_logits(q, queue, inv_temperature(temperature, q), normalize)], 1)
-        loss = cand.logsumexp(1) - pos
+            Sq = _queue_logits(q, queue, scale, normalize)
+            cand = torch.cat([cand, Sq], 1)
+            neg = torch.cat([neg, torch.ones_like(Sq, dtype=torch.bool)], 1)
+        loss = _shaped_dense(cand, neg, pos, beta, tau_plus, scale) if shaped else cand.logsumexp(1) - pos
     return gq.reduce(gq.local(loss), reduction)
 
 
 def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
                     reduction="mean", backend: str, process_group=None, queue=None,
-                    in_batch_negatives=True) -> Tensor:
+                    in_batch_negatives=True, hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
     """InfoNCE on ``sim_lse``: row (and column) LSEs from the core, positives in PyTorch.
 
     Under ``process_group``: local queries against the gathered keys (and,
     symmetric, local keys against the gathered queries).  A queue adds one
     core call of the queries against it, merged into the row LSE with
     ``logaddexp``; with ``in_batch_negatives=False`` the keys enter only
-    through the positive logit (no key core call, no gather).
+    through the positive logit (no key core call, no gather).  With β or
+    τ⁺ > 0 each block is taken at the scales (1+β)/τ and β/τ instead of 1/τ,
+    the positive excluded (``_shaped_from_lse``).
     """
     gk = GlobalBatch(key.shape[0], process_group, key.device)
     q, q32 = unit_operands(query, normalize)
     k, k32 = unit_operands(key, normalize)
     scale = inv_temperature(temperature, q)
+    beta, tau_plus = float(hard_negative_beta), float(debias_tau_plus)
+    if beta > 0 or tau_plus > 0:
+        return gk.reduce(_shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normalize, backend,
+                                               queue, in_batch_negatives, beta, tau_plus), reduction)
     if symmetric:
         if process_group is None:
             row_lse, col_lse = sim_lse(q, k, scale, want_col=True, backend=backend)
@@ -181,8 +299,47 @@ def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=Fal
     return gk.reduce(loss, reduction)
 
 
+def _shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normalize, backend, queue,
+                          in_batch_negatives, beta, tau_plus) -> Tensor:
+    """Per-query HCL / debiased InfoNCE on ``sim_lse``: every block's LSE over the negatives at (1+β)/τ and
+    (β > 0) β/τ, the positive excluded by index; symmetric: the column terms from the same calls."""
+    B = q.shape[0]
+    scales = [(1.0 + beta) * scale] + ([beta * scale] if beta > 0 else [])
+    if symmetric:
+        n_neg = gk.total - 1
+        own = (torch.arange(B, device=q.device) + gk.offset)[:, None]  # global position of query i's key
+        pos = rowdot(q32, k32) * scale
+        rows, cols = [], []
+        for sc in scales:
+            if gk.group is None:
+                r, c = sim_lse(q, k, sc, exclude=own, want_col=True, backend=backend)
+            else:
+                r, _ = sim_lse(q, gk.gather(k), sc, exclude=own, backend=backend)
+                c, _ = sim_lse(k, gk.gather(q), sc, exclude=own, backend=backend)
+            rows.append(r)
+            cols.append(c)
+        rows.append(None)  # β = 0: no β/τ call, that LSE is log M
+        cols.append(None)
+        return 0.5 * (_shaped_from_lse(pos, rows[0], rows[1], n_neg, beta, tau_plus, scale)
+                      + _shaped_from_lse(pos, cols[0], cols[1], n_neg, beta, tau_plus, scale))
+    t = torch.arange(B, device=q.device) if targets is None else targets.long()
+    pos = rowdot(q32, take_rows(k32, t)) * scale
+    blocks, n_neg = [], 0
+    if in_batch_negatives:
+        blocks.append((gk.gather(k), (t + gk.offset)[:, None]))
+        n_neg += gk.total - 1
+    if _has_rows(queue):
+        blocks.append((unit_operands(queue, normalize)[0], None))
+        n_neg += queue.shape[0]
+    if n_neg == 0:
+        return pos - pos
+    lses = [_negatives_lse(q, blocks, sc, backend)[0] for sc in scales]
+    return _shaped_from_lse(pos, lses[0], lses[1] if beta > 0 else None, n_neg, beta, tau_plus, scale)
+
+
 def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
-             reduction="mean", backend="auto", process_group=None, queue=None, in_batch_negatives=True) -> Tensor:
+             reduction="mean", backend="auto", process_group=None, queue=None, in_batch_negatives=True,
+             hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
     r"""InfoNCE of queries against keys.
 
     ``ℓ_i = −s(q_i, k_{t_i}) + LSE_j s(q_i, k_j)`` with ``s(a,b) = â·b̂/τ``
@@ -202,6 +359,9 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
             gradient only if they require it.  K = 0 adds nothing.
         in_batch_negatives: ``True``: candidates = all keys ∪ queue.  ``False`` (needs a queue): candidates
             = the query's own target key ∪ queue (MoCo v2).
+        hard_negative_beta: β >= 0, HCL hard-negative weighting (weights e^{β·s} of the negatives, not detached).
+        debias_tau_plus: τ⁺ in [0, 1), debiased CL's class prior; with β the HCL estimator (see the module
+            docstring for the formula).  β = τ⁺ = 0 is the plain loss.
 
     Returns:
         fp32 loss (float64 for float64 inputs); gradients in the input dtype.
@@ -241,9 +401,11 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
             f"got query {shape_str(query)} and key {shape_str(key)}"
         )
     as_scalar("temperature", temperature, query, positive=True)
+    beta, tau_plus = _check_shaping(hard_negative_beta, debias_tau_plus)
     name = backends.resolve(backend, op="info_nce", tensors=(query, key))
     kw = dict(targets=targets, symmetric=symmetric, normalize=normalize, reduction=reduction,
-              process_group=process_group, queue=queue, in_batch_negatives=in_batch_negatives)
+              process_group=process_group, queue=queue, in_batch_negatives=in_batch_negatives,
+              hard_negative_beta=beta, debias_tau_plus=tau_plus)
     if name == "reference":
         return info_nce_reference(query, key, temperature, **kw)
     return _fused_info_nce(query, key, temperature, backend=name, **kw)
@@ -309,30 +471,45 @@ def clip_loss(image_features, text_features, logit_scale, *, backend="auto", pro
 
 
 def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", process_group=None,
-                      queue=None) -> Tensor:
-    """Dense NT-Xent over the 2N anchors of Z = cat(z1, z2) (stores 2N×2N), the queue's logits as extra columns."""
+                      queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
+    """Dense NT-Xent over the 2N anchors of Z = cat(z1, z2) (stores 2N×2N), the queue's logits as extra columns;
+    with β or τ⁺ > 0 the HCL / debiased form over the negatives (all but the anchor and its other view)."""
+    beta, tau_plus = float(hard_negative_beta), float(debias_tau_plus)
     gb = GlobalBatch(z1.shape[0], process_group, z1.device)
     Z = torch.cat([unit(gb.gather(z1), normalize), unit(gb.gather(z2), normalize)], 0)
     n2 = Z.shape[0]
     N = n2 // 2
-    S = (Z @ Z.T) * inv_temperature(temperature, Z)
+    scale = inv_temperature(temperature, Z)
+    S = (Z @ Z.T) * scale
     self_pair = torch.eye(n2, dtype=torch.bool, device=S.device)
-    cand = S.masked_fill(self_pair, float("-inf"))
-    if queue is not None:
-        cand = torch.cat([cand, _queue_logits(Z, queue, inv_temperature(temperature, Z), normalize)], 1)
-    denom = cand.logsumexp(1)
     partner = (torch.arange(n2, device=S.device) + N) % n2
     pos = S.gather(1, partner[:, None]).squeeze(1)
+    if beta > 0 or tau_plus > 0:
+        neg = ~self_pair
+        neg[torch.arange(n2, device=S.device), partner] = False
+        cand = S
+        if queue is not None:
+            Sq = _queue_logits(Z, queue, scale, normalize)
+            cand = torch.cat([cand, Sq], 1)
+            neg = torch.cat([neg, torch.ones_like(Sq, dtype=torch.bool)], 1)
+        loss = _shaped_dense(cand, neg, pos, beta, tau_plus, scale)
+        return gb.reduce(gb.local_anchors(loss, 2), reduction)
+    cand = S.masked_fill(self_pair, float("-inf"))
+    if queue is not None:
+        cand = torch.cat([cand, _queue_logits(Z, queue, scale, normalize)], 1)
+    denom = cand.logsumexp(1)
     return gb.reduce(gb.local_anchors(denom - pos, 2), reduction)
 
 
 def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend: str,
-                   process_group=None, queue=None) -> Tensor:
+                   process_group=None, queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
     """NT-Xent on ``sim_lse(Z, Z)`` with the self pair excluded; positives in PyTorch.
 
     Under ``process_group`` the anchors are the 2n local rows and the
     candidates the 2N gathered ones; each anchor excludes its own global position.
     A queue adds one core call of the 2n anchors against it, merged with ``logaddexp``.
+    With β or τ⁺ > 0 every block is taken at (1+β)/τ and (β > 0) β/τ, the anchor's
+    other view excluded as well (``_shaped_from_lse``).
     """
     gb = GlobalBatch(z1.shape[0], process_group, z1.device)
     (a, a32), (b, b32) = unit_operands(z1, normalize), unit_operands(z2, normalize)
@@ -340,6 +517,20 @@ def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean",
     scale = inv_temperature(temperature, Z)
     keys = Z if process_group is None else torch.cat([gb.gather(a), gb.gather(b)], 0)
     self_pos = gb.anchor_index(2, Z.device)  # arange(2N) in one process
+    beta, tau_plus = float(hard_negative_beta), float(debias_tau_plus)
+    if beta > 0 or tau_plus > 0:
+        pos = rowdot(torch.cat([a32, b32], 0), torch.cat([b32, a32], 0)) * scale
+        partner = torch.where(self_pos < gb.total, self_pos + gb.total, self_pos - gb.total)
+        blocks = [(keys, torch.stack([self_pos, partner], 1))]
+        n_neg = 2 * gb.total - 2
+        if _has_rows(queue):
+            blocks.append((unit_operands(queue, normalize)[0], None))
+            n_neg += queue.shape[0]
+        if n_neg == 0:
+            return gb.reduce(pos - pos, reduction)
+        hi, _ = _negatives_lse(Z, blocks, (1.0 + beta) * scale, backend)
+        lo = _negatives_lse(Z, blocks, beta * scale, backend)[0] if beta > 0 else None
+        return gb.reduce(_shaped_from_lse(pos, hi, lo, n_neg, beta, tau_plus, scale), reduction)
     row_lse, _ = sim_lse(Z, keys, scale, exclude=self_pos[:, None], backend=backend)
     if _has_rows(queue):
         row_lse = torch.logaddexp(row_lse, _queue_lse(Z, queue, scale, normalize, backend))
@@ -348,7 +539,7 @@ def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean",
 
 
 def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend="auto",
-            process_group=None, queue=None) -> Tensor:
+            process_group=None, queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
     r"""SimCLR NT-Xent (lightly ``NTXentLoss``) over the 2N anchors of two views.
 
     Each anchor's positive is its other view; the denominator holds all 2N−1
@@ -361,14 +552,18 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
         reduction: ``"mean"`` (over the 2N anchors), ``"sum"`` or ``"none"`` ((2N,), view-1 anchors then view-2).
         backend: see ``info_nce``.
         queue: optional (K, D) extra negatives of every anchor (see ``info_nce``).
+        hard_negative_beta, debias_tau_plus: HCL / debiased CL over each anchor's 2N−2 (+K) negatives
+            (see ``info_nce``); ``hard_negative_beta=β, debias_tau_plus=τ⁺`` is the joshr17/HCL criterion.
     """
     check_pair("z1", z1, "z2", z2, same_rows=True)
     if queue is not None:
         check_queue(queue, "z1", z1)
     check_reduction(reduction)
     as_scalar("temperature", temperature, z1, positive=True)
+    beta, tau_plus = _check_shaping(hard_negative_beta, debias_tau_plus)
     name = backends.resolve(backend, op="nt_xent", tensors=(z1, z2))
-    kw = dict(normalize=normalize, reduction=reduction, process_group=process_group, queue=queue)
+    kw = dict(normalize=normalize, reduction=reduction, process_group=process_group, queue=queue,
+              hard_negative_beta=beta, debias_tau_plus=tau_plus)
     if name == "reference":
         return nt_xent_reference(z1, z2, temperature, **kw)
     return _fused_nt_xent(z1, z2, temperature, backend=name, **kw)

@@ -1,4 +1,4 @@
-"""Deliberate kernel bugs that the test suite must catch.
+"""Deliberate kernel bugs (and a few in the Python compositions) that the test suite must catch.
 
 Each mutant is (id, file, exact old snippet, new snippet, tests to run, what
 it breaks).  The old snippet must occur exactly once in the file; when the
@@ -48,6 +48,7 @@ _SWAV = ("tests/test_swav.py", "-k", "triton")
 _CORE = ("tests/test_info_nce.py", "tests/test_tolerance.py", "-k", "triton")
 _FUZZ_TRITON = ("tests/test_fuzz.py", "-k", "triton")
 _TILED = ("tests/test_cuda_tiling.py",)
+_SHAPING = ("tests/test_negative_shaping.py",)
 
 MUTANTS = (
     # ------------------------------------------------------------------ Triton
@@ -141,4 +142,17 @@ MUTANTS = (
            "  for (int64_t i = threadIdx.x; i < n - 1; i += kThreads) a += part[i];\n",
            ("tests/test_cext.py", "tests/test_info_nce.py", "tests/test_siglip.py", "-k", "cuda"),
            "CUDA sum of sub-block partials (dscale, SigLIP loss) drops the last partial"),
+    # ------------------------------------------------------------------ negative shaping (Python compositions)
+    Mutant("shaping-drop-beta-scale", "contrastive_ops/losses/info_nce.py",
+           "scales = [(1.0 + beta) * scale]", "scales = [scale]",
+           _SHAPING, "HCL info_nce: the hard-negative LSE taken at 1/tau instead of (1+beta)/tau"),
+    Mutant("shaping-debias-sign", "contrastive_ops/losses/info_nce.py",
+           "d = -torch.expm1(u)", "d = 2 + torch.expm1(u)",
+           _SHAPING, "debiased composition adds tau+·M·p instead of subtracting it"),
+    Mutant("shaping-reference-debias-sign", "contrastive_ops/losses/info_nce.py",
+           "- tau_plus * M * p) / (1.0 - tau_plus)", "+ tau_plus * M * p) / (1.0 - tau_plus)",
+           _SHAPING, "debiased reference adds tau+·M·p instead of subtracting it"),
+    Mutant("shaping-positive-among-negatives", "contrastive_ops/losses/info_nce.py",
+           "blocks = [(keys, torch.stack([self_pos, partner], 1))]", "blocks = [(keys, self_pos[:, None])]",
+           _SHAPING, "HCL nt_xent: the positive left among the reweighted negatives"),
 )
