@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .._checks import as_scalar
 from .._numerics import acc_dtype
+from ..distributed import GlobalBatch
 
 Tensor = torch.Tensor
 
@@ -121,14 +122,8 @@ class _IndexSum(torch.autograd.Function):
         return _TakeRows.apply(grad, index), None, None
 
 
-class _TakeDistinctRows(torch.autograd.Function):
+class _TakeDistinctRows(_TakeRows):
     """``x[index]`` for an index without repeats: the backward writes each row once (no sum)."""
-
-    @staticmethod
-    def forward(ctx, x, index):
-        ctx.save_for_backward(index)
-        ctx.size = x.shape[0]
-        return x.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad):
@@ -166,3 +161,17 @@ def label_groups(labels: Optional[Tensor], N: int, device) -> Tensor:
     gid = torch.empty(N, dtype=torch.long, device=device)
     gid[perm] = torch.cumsum(new, 0) - 1
     return gid
+
+
+def supcon_setup(views: Tensor, labels: Optional[Tensor], temperature, base_temperature, normalize: bool,
+                 process_group):
+    """The common start of the SupCon-family compositions on view-major ``views`` (V, n, D): this
+    rank's unit features ``U``, the gathered ones ``Ug`` (V, N, D), the gathered labels, and the
+    factor τ/τ_b and scale 1/τ.  Returns ``(gb, U, Ug, labels, factor, scale)``."""
+    gb = GlobalBatch(views.shape[1], process_group, views.device)
+    U = unit(views, normalize)
+    Ug = gb.gather(U, dim=1)  # (V, N, D)
+    labels = None if labels is None else gb.gather_nograd(labels)
+    t = as_scalar("temperature", temperature, U)
+    factor = t / as_scalar("base_temperature", base_temperature, U)
+    return gb, U, Ug, labels, factor, 1.0 / t

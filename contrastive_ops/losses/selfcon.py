@@ -62,7 +62,7 @@ from .._checks import as_scalar
 from .._numerics import masked_lse
 from ..distributed import GlobalBatch
 from ..primitives.sim_lse import sim_lse
-from ._common import index_sum, label_groups, take_rows, unit
+from ._common import index_sum, label_groups, supcon_setup, take_rows, unit
 
 Tensor = torch.Tensor
 
@@ -138,14 +138,9 @@ def _fused_selfcon(views: Tensor, labels: Optional[Tensor], temperature, base_te
                    process_group=None) -> Tensor:
     """SelfCon on the ``sim_lse`` core: one call per term, label sums in PyTorch; never builds anchors × V·N."""
     V, n, D = views.shape
-    gb = GlobalBatch(n, process_group, views.device)
-    U = unit(views, normalize)
-    Ug = gb.gather(U, dim=1)  # (V, N, D)
+    gb, U, Ug, labels, factor, scale = supcon_setup(views, labels, temperature, base_temperature, normalize,
+                                                    process_group)
     N = Ug.shape[1]
-    labels = None if labels is None else gb.gather_nograd(labels)
-    t = as_scalar("temperature", temperature, U)
-    factor = t / as_scalar("base_temperature", base_temperature, U)
-    scale = 1.0 / t
     gid = label_groups(labels, N, U.device)
     one = gb.group is None
     if alpha == 0:

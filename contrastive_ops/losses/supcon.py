@@ -44,7 +44,7 @@ from .._checks import as_scalar
 from .._numerics import masked_lse
 from ..distributed import GlobalBatch
 from ..primitives.sim_lse import sim_lse
-from ._common import index_sum, label_groups as _label_groups, take_rows, unit
+from ._common import index_sum, label_groups as _label_groups, supcon_setup, take_rows, unit
 
 Tensor = torch.Tensor
 CONTRAST_MODES = ("all", "one")
@@ -95,14 +95,9 @@ def _fused_supcon(views: Tensor, labels: Optional[Tensor], temperature, base_tem
     gathered V·N features (``N`` = ``n`` in one process).
     """
     V, n, D = views.shape
-    gb = GlobalBatch(n, process_group, views.device)
-    U = unit(views, normalize)
-    Ug = gb.gather(U, dim=1)  # (V, N, D)
+    gb, U, Ug, labels, factor, scale = supcon_setup(views, labels, temperature, base_temperature, normalize,
+                                                    process_group)
     N = Ug.shape[1]
-    labels = None if labels is None else gb.gather_nograd(labels)
-    t = as_scalar("temperature", temperature, U)
-    factor = t / as_scalar("base_temperature", base_temperature, U)
-    scale = 1.0 / t
     groups = 1 if contrast_mode == "one" else V
     Za = U[:groups].reshape(groups * n, D)  # this rank's anchors, view-major
     a = gb.anchor_index(groups, U.device)  # their positions in the contrast set
