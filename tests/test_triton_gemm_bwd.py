@@ -150,5 +150,9 @@ def test_backward_setting_is_checked(monkeypatch):
         tcore.backward_path(64)
     monkeypatch.setattr(tsiglip, "BACKWARD", "fast")
     x, y, scale, bias = _siglip_inputs(4, 4, 8, torch.float32)
-    with pytest.raises(ValueError, match="'deterministic' or 'gemm'"):
+    with pytest.raises(ValueError, match="'deterministic', 'atomic' or 'gemm'"):
         tsiglip.siglip_backward(x, y, scale, bias, torch.tensor(1.0, device=DEVICE))
+    # One setting serves both primitives: "atomic" (sim_lse's opt-in) runs SigLIP's default kernels.
+    monkeypatch.setattr(tsiglip, "BACKWARD", "atomic")
+    _, ran = _launches(lambda: tsiglip.siglip_backward(x, y, scale, bias, torch.tensor(1.0, device=DEVICE)))
+    assert ran == {"siglip_bwd_dx": 1, "siglip_bwd_dy": 1}, ran

@@ -26,13 +26,13 @@ import triton.language as tl
 
 from .args import same_device, scalar_on
 from .tiles import (BWD_GPU, DS_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
-                    col_tile, configs, dot_flags, empty, gpu_block_do, gpu_dot_flags, launch, log2_bucket, min_block,
-                    mark_known_faults, mm_f32, s_tile, spec)
+                    checked_backward, col_tile, configs, dot_flags, empty, gemm_block_rows, gpu_block_do, gpu_dot_flags,
+                    launch, log2_bucket, min_block, mark_known_faults, mm_f32, s_tile, spec)
 
 Tensor = torch.Tensor
 
-# "deterministic" (default: the dx/dy kernels) or "gemm" (G blocks to memory, the products in
-# cuBLAS: ``_gemm_backward``); read at import from CONTRASTIVE_OPS_TRITON_BACKWARD like sim_lse's.
+# "gemm": G blocks to memory, the products in cuBLAS (``_gemm_backward``); otherwise the dx/dy kernels
+# (``tiles.BACKWARD_PATHS``: read at import from CONTRASTIVE_OPS_TRITON_BACKWARD like sim_lse's).
 BACKWARD = os.environ.get("CONTRASTIVE_OPS_TRITON_BACKWARD", "deterministic")
 # The GEMM backward's G buffer: blocks of rows × all M columns, at most this many bytes.
 GEMM_G_BYTES = 1 << 30
@@ -226,7 +226,7 @@ def _gemm_backward(x, y, scale, bias, grad):
     B, D = x.shape
     M = y.shape[0]
     unit = min_block()
-    rows_per = min(B, max(unit, GEMM_G_BYTES // max(1, M * x.element_size()) // unit * unit))
+    rows_per = gemm_block_rows(B, M, x.element_size(), GEMM_G_BYTES)
     dx = empty(x.shape, x.dtype, x.device)
     dy_acc = torch.zeros((M, D), dtype=torch.float32, device=x.device)
     gbuf = empty((rows_per, M), x.dtype, x.device)
@@ -268,9 +268,7 @@ def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tens
     n_d = out_chunks(D, x.dtype)
     flags = dot_flags(x.dtype)
     buckets = (log2_bucket(B), log2_bucket(M))
-    if BACKWARD not in ("deterministic", "gemm"):
-        raise ValueError(f"contrastive_ops triton siglip BACKWARD must be 'deterministic' or 'gemm', got {BACKWARD!r}")
-    if run and BACKWARD == "gemm":
+    if checked_backward(BACKWARD) == "gemm" and run:
         return _gemm_backward(x, y, scale, bias, grad)
     if run:
         launch("siglip_bwd_dx", _siglip_bwd_dx_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_d))(

@@ -136,9 +136,9 @@ from .args import same_device, scalar_on
 from .sim_lse_fwd import _fwd_kernel, _gram_fwd_kernel
 from .tiles import (
     BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, DS_GPU, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SMEM_LIMIT,
-    SPEC_DS, SPEC_DTYPES, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, chunk_d, col_lse, d_pad, dot_flags, empty,
-    fwd_smem, gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch, log2_bucket, mark_known_faults,
-    min_block, mm_f32, sm_count, spec,
+    SPEC_DS, SPEC_DTYPES, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, checked_backward, chunk_d, col_lse, d_pad,
+    dot_flags, empty, fwd_smem, gemm_block_rows, gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch,
+    log2_bucket, mark_known_faults, min_block, mm_f32, sm_count, spec,
 )
 
 Tensor = torch.Tensor
@@ -290,8 +290,7 @@ def _gemm_backward(q, k, scale, exclude, row_lse, col_lse, grad_row, grad_col, f
     B, D = q.shape
     M = k.shape[0]
     unit = min_block()
-    rows_per = max(unit, GEMM_DS_BYTES // max(1, M * q.element_size()) // unit * unit)
-    rows_per = min(rows_per, B)
+    rows_per = gemm_block_rows(B, M, q.element_size(), GEMM_DS_BYTES)
     dq = _empty(q.shape, q.dtype, q.device)
     dk_acc = torch.zeros((M, D), dtype=torch.float32, device=q.device)
     ds = _empty((rows_per, M), q.dtype, q.device)
@@ -331,11 +330,8 @@ def same_values(q: Tensor, k: Tensor) -> bool:
 
 def backward_path(D: int) -> str:
     """``"atomic"``, ``"gemm"`` or ``"deterministic"``: which backward the launcher takes (module
-    docstring; ``"gemm"`` where the shape allows it, see ``_gemm_applies``)."""
-    if BACKWARD not in ("deterministic", "atomic", "gemm"):
-        raise ValueError(f"contrastive_ops triton BACKWARD must be 'deterministic', 'atomic' or 'gemm', "
-                         f"got {BACKWARD!r}")
-    if BACKWARD == "gemm":
+    docstring; the launcher takes "gemm" where there are no index lists and no column ranges)."""
+    if checked_backward(BACKWARD) == "gemm":
         return "gemm"
     if BACKWARD == "atomic" and D <= _ATOMIC_MAX_D and not torch.are_deterministic_algorithms_enabled():
         return "atomic"

@@ -639,3 +639,23 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda and a.dtype != torch.float32:
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
+
+
+# The backward paths of the Triton primitives (``BACKWARD`` of sim_lse and siglip, both read from
+# CONTRASTIVE_OPS_TRITON_BACKWARD at import); SigLIP has no atomic kernels and runs its default
+# ones under "atomic".
+BACKWARD_PATHS = ("deterministic", "atomic", "gemm")
+
+
+def checked_backward(value: str) -> str:
+    """``value`` if it names a backward path, else ValueError."""
+    if value not in BACKWARD_PATHS:
+        raise ValueError(f"contrastive_ops triton BACKWARD must be 'deterministic', 'atomic' or 'gemm', got {value!r}")
+    return value
+
+
+def gemm_block_rows(B: int, M: int, elem_size: int, budget: int) -> int:
+    """Rows per block of the GEMM backwards' (rows, M) buffer: at most ``budget`` bytes, a multiple of
+    the smallest tile (at least one tile), at most B."""
+    unit = min_block()
+    return min(B, max(unit, budget // max(1, M * elem_size) // unit * unit))
