@@ -8,7 +8,8 @@ memory, and the "GEMM floor": cuBLAS time of the products plain PyTorch does
 for the same step (S = Q·Kᵀ, dS·K, dSᵀ·Q; for a Gram loss Z·Zᵀ and dS·Z).
 Model FLOPs count those products (6·B·M·D for two-tensor losses, 4·B²·D for
 Gram losses, whose backward is one product; ``mv_infonce`` is a Gram loss
-over B rows, B/4 instances of 4 views); the fraction of peak is model
+over B rows, B/4 instances of 4 views; ``info_nce_queue`` is MoCo v2, B
+queries against their key and a detached 65,536-entry queue, 4·B·K·D); the fraction of peak is model
 FLOP/s over the dense bf16 peak (989.5 TFLOP/s, H100/H200 SXM datasheet) and
 over the measured cuBLAS rate.  Values are checked against the reference once
 per point (relative error of the loss).  ``--peers`` adds the other libraries'
@@ -31,6 +32,7 @@ from contrastive_ops.benchmarking.measure import peak_memory, time_step
 PEAK_BF16 = 989.5e12
 
 
+QUEUE = 65536  # queue entries of the info_nce_queue case
 TIME_PER_POINT = 1.0  # seconds of timed calls per measurement (--time-per-point)
 
 
@@ -60,6 +62,7 @@ def _cases(B, D, dtype):
     z1, z2 = feat(B), feat(B)
     bias = torch.tensor(-10.0, device="cuda", requires_grad=True)
     mv = feat(B).detach().view(B // 4, 4, D).requires_grad_(True)  # B rows in all: B/4 instances, 4 views
+    queue = feat(QUEUE).detach()  # a MoCo queue: unit rows, no gradient
     return {
         # loss name: (callable(backend), leaves, gram?, M): a Gram loss has M rows and columns
         "clip_loss": (lambda be: co.clip_loss(img, txt, scale, backend=be), [img, txt, scale], False, B),
@@ -68,6 +71,9 @@ def _cases(B, D, dtype):
                         False, B),
         "nt_xent": (lambda be: co.nt_xent(z1, z2, 0.5, backend=be), [z1, z2], True, 2 * B),
         "mv_infonce": (lambda be: co.mv_infonce(mv, 0.1, backend=be), [mv], True, B),
+        # MoCo v2: B queries against their own key and the queue; M = K, no gradient for the queue
+        "info_nce_queue": (lambda be: co.info_nce(img, txt, 0.2, queue=queue, in_batch_negatives=False, backend=be),
+                           [img, txt], False, QUEUE),
     }
 
 
@@ -79,7 +85,8 @@ def _peer_runners(loss, cases, B):
 
     _, leaves, _, _ = cases[loss]
     args = {"clip_loss": lambda: leaves[:3], "siglip_loss": lambda: leaves[:4],
-            "info_nce": lambda: leaves[:2], "nt_xent": lambda: leaves[:2], "mv_infonce": lambda: leaves}[loss]()
+            "info_nce": lambda: leaves[:2], "nt_xent": lambda: leaves[:2], "mv_infonce": lambda: leaves,
+            "info_nce_queue": lambda: leaves}[loss]()
     kw = {"temperature": 0.07 if loss == "info_nce" else 0.5}
     out = []
     for peer in PEERS.get(loss, ()):
@@ -112,7 +119,9 @@ def _backward_path(backend):
         tcore.BACKWARD, tsiglip.BACKWARD = before
 
 
-def _gemm_floor(B, M, D, gram, dtype):
+def _gemm_floor(B, M, D, gram, dtype, products=3):
+    """cuBLAS time of the step's products and their FLOPs: a Gram loss Z·Zᵀ and dS·Z; otherwise Q·Kᵀ, dS·K and,
+    when ``products`` is 3, dSᵀ·Q (2 for candidates without gradient, e.g. a queue)."""
     q = torch.randn(B, D, device="cuda", dtype=dtype)
     k = torch.randn(M, D, device="cuda", dtype=dtype)
     s = torch.randn(B, M, device="cuda", dtype=dtype)
@@ -120,7 +129,8 @@ def _gemm_floor(B, M, D, gram, dtype):
     def two():
         q @ k.T
         s @ k
-        s.T @ q
+        if products == 3:
+            s.T @ q
 
     def one():
         q @ q.T
@@ -128,14 +138,14 @@ def _gemm_floor(B, M, D, gram, dtype):
 
     if gram:
         return _time(one, reps=5), 4 * B * B * D
-    return _time(two, reps=5), 6 * B * M * D
+    return _time(two, reps=5), 2 * products * B * M * D
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="16384,32768,65536")
     p.add_argument("--dims", default="512,1024")
-    p.add_argument("--losses", default="clip_loss,info_nce,siglip_loss,nt_xent")
+    p.add_argument("--losses", default="clip_loss,info_nce,siglip_loss,nt_xent,info_nce_queue")
     p.add_argument("--backends", default="triton,triton:gemm,cuda,reference",
                    help="backends; triton:gemm is the Triton backend with its GEMM backward")
     p.add_argument("--dtype", default="bfloat16")
@@ -160,7 +170,8 @@ def main(argv=None):
             cases = _cases(B, D, dtype)
             for loss in a.losses.split(","):
                 fn, leaves, gram, M = cases[loss]
-                floor_t, model_flops = _gemm_floor(M if gram else B, M, D, gram, dtype)
+                floor_t, model_flops = _gemm_floor(M if gram else B, M, D, gram, dtype,
+                                                   products=2 if loss == "info_nce_queue" else 3)
                 ref_val = None
                 runners = [(be, (lambda be=be: fn(be.split(":")[0]))) for be in backends]
                 if a.peers:
