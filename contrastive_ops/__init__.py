@@ -15,6 +15,7 @@ from .losses.info_nce import clip_loss, info_nce, nt_xent, similarity_lse
 from .losses.multiview import mv_dhel, mv_infonce
 from .losses.point_token import point_token_contrast
 from .losses.selfcon import selfcon_loss
+from .losses.sepclr import sepclr_loss
 from .losses.siglip import siglip_loss
 from .losses.supcon import supcon_loss
 from .losses.supremix import supremix_loss
@@ -41,6 +42,7 @@ __all__ = [
     "similarity_lse",
     "selfcon_loss",
     "supremix_loss",
+    "sepclr_loss",
     "GradCache",
     "nn",
 ]

@@ -452,6 +452,16 @@ def _(c: Ctx):
             reduction="sum")
 
 
+@case("sepclr")
+def _(c: Ctx):
+    y = c.randint(2, c.N, seed=4)
+    y[0], y[-1] = 0, 1
+    c.check(lambda c1, c2, s1, s2, y, tau, **kw: co.sepclr_loss(c1, c2, s1, s2, y, tau=tau, salient_term_beta=3.0,
+                                                             salient_reg_beta=2.0, jem_lambda=1.5, **kw),
+            [B(c.randn(c.N, 5, seed=1)), B(c.randn(c.N, 5, seed=2)), B(c.randn(c.N, 4, seed=3)),
+             B(c.randn(c.N, 4, seed=5)), B(y), S(c.scalar(0.4))])
+
+
 def _ages(c: Ctx):
     return 20.0 + c.randint(4, c.N, seed=1).double()
 
