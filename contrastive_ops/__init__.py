@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._version import __version__
 from .backends import available_backends, get_backend, set_backend
 from .gradcache import GradCache
+from .losses.cacr import cacr_loss
 from .losses.decoupled import dcl_loss, dhel_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent, similarity_lse
 from .losses.multiview import mv_dhel, mv_infonce
@@ -43,6 +44,7 @@ __all__ = [
     "selfcon_loss",
     "supremix_loss",
     "sepclr_loss",
+    "cacr_loss",
     "GradCache",
     "nn",
 ]

@@ -67,6 +67,7 @@ OP_PRIMITIVES: Dict[str, Tuple[str, ...]] = {
     "selfcon_loss": ("sim_lse",),
     "supremix_loss": ("sim_lse",),
     "sepclr_loss": ("sim_lse",),
+    "cacr_loss": ("sim_expect",),
 }
 
 _MODULES = {
