@@ -74,7 +74,7 @@ def _attraction(U: Tensor, alpha: float, tau_pos: Tensor, uniform: bool) -> Tens
 
 def _repulsion_dense(a: Tensor, Bg: Tensor, self_idx: Tensor, beta: float, tau_neg: Tensor, uniform: bool) -> Tensor:
     """R_i (n,) for rows a (n, D) against the global rows Bg (N, D), j ≠ self_idx[i]; stores n × N."""
-    d = ((a[:, None, :] - Bg[None, :, :]) ** 2).sum(-1)
+    d = torch.cdist(a, Bg, compute_mode="donot_use_mm_for_euclid_dist").pow(2)  # explicit differences
     allowed = self_idx[:, None] != torch.arange(Bg.shape[0], device=a.device)[None, :]
     logits = torch.zeros_like(d) if uniform else -tau_neg * d
     w = torch.softmax(logits.masked_fill(~allowed, float("-inf")), 1)

@@ -98,7 +98,8 @@ class _Terms:
         n = x.shape[0]
         self_idx = gb.offset + torch.arange(n, device=x.device)
         if self.backend == "reference":
-            d2 = ((x[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+            # explicit differences (not the ‖x‖² + ‖y‖² − 2x·y expansion), without an N×N×D buffer
+            d2 = torch.cdist(x, X, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
             logits = -d2 / (2 * tau)
             if exclude_self:
                 logits = logits.masked_fill(self_idx[:, None] == torch.arange(X.shape[0], device=x.device)[None, :],
@@ -150,7 +151,7 @@ def _sepclr(c1, c2, s1, s2, labels, tau, salient_term_beta, salient_reg_beta, je
 
 def sepclr_reference(common_1, common_2, salient_1, salient_2, labels, tau, *, salient_term_beta=1000.0,
                      salient_reg_beta=1000.0, jem_lambda=10.0, process_group=None) -> Tensor:
-    """Exact SepCLR with explicit pairwise differences (stores N × N × D)."""
+    """Exact SepCLR with explicit pairwise differences (``torch.cdist`` without the matmul expansion; stores N × N)."""
     return _sepclr(common_1, common_2, salient_1, salient_2, labels, tau, salient_term_beta, salient_reg_beta,
                    jem_lambda, "reference", process_group, common_1.dtype)
 
