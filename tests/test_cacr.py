@@ -298,8 +298,8 @@ def test_reductions_and_module(backend):
     torch.testing.assert_close(co.cacr_loss(x, backend=backend, reduction="sum"), none.sum())
     mod = co.nn.CACRLoss(0.5, 2.0, tau_neg=0.3, backend=backend)
     assert "tau_neg=0.3" in repr(mod)
-    torch.testing.assert_close(mod(list(x.unbind(1))), co.cacr_loss(x, alpha=0.5, beta=2.0, tau_neg=0.3,
-                                                                     backend=backend))
+    expected = co.cacr_loss(x, alpha=0.5, beta=2.0, tau_neg=0.3, backend=backend)
+    torch.testing.assert_close(mod(list(x.unbind(1))), expected)
 
 
 def test_errors_name_arguments_and_shapes():

@@ -456,8 +456,12 @@ def _(c: Ctx):
 def _(c: Ctx):
     y = c.randint(2, c.N, seed=4)
     y[0], y[-1] = 0, 1
-    c.check(lambda c1, c2, s1, s2, y, tau, **kw: co.sepclr_loss(c1, c2, s1, s2, y, tau=tau, salient_term_beta=3.0,
-                                                             salient_reg_beta=2.0, jem_lambda=1.5, **kw),
+
+    def fn(c1, c2, s1, s2, y, tau, **kw):
+        return co.sepclr_loss(c1, c2, s1, s2, y, tau=tau, salient_term_beta=3.0, salient_reg_beta=2.0,
+                              jem_lambda=1.5, **kw)
+
+    c.check(fn,
             [B(c.randn(c.N, 5, seed=1)), B(c.randn(c.N, 5, seed=2)), B(c.randn(c.N, 4, seed=3)),
              B(c.randn(c.N, 4, seed=5)), B(y), S(c.scalar(0.4))])
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import contrastive_ops as co
 from contrastive_ops.primitives.sim_lse import sim_lse
-from helpers import DEVICE, backend_params, compare_with_reference
+from helpers import backend_params, compare_with_reference
 
 F64 = torch.float64
 ALL = ["reference"] + backend_params()
@@ -53,7 +53,8 @@ def loop_sepclr(c1, c2, s1, s2, labels, tau, wt=1000.0, wr=1000.0, wj=10.0):
     L_s = (align([s1[i] for i in range(N) if tgt[i]], [s2[i] for i in range(N) if tgt[i]])
            + 2 * (unif(z2) + unif(z1)) / 2)
     bg = [i for i in range(N) if not tgt[i]]
-    reg = (align([s1[i] * 0 for i in bg], [s1[i] for i in bg]) + align([s2[i] * 0 for i in bg], [s2[i] for i in bg])) / 2
+    reg = (align([s1[i] * 0 for i in bg], [s1[i] for i in bg])
+           + align([s2[i] * 0 for i in bg], [s2[i] for i in bg])) / 2
     J = (jem(list(u1), z1) + jem(list(u2), z2)) / 2
     return L_c + wt * L_s + wr * reg + wj * J
 
@@ -149,8 +150,10 @@ def test_kernel_backends_match_reference(backend, dtype):
     with torch.no_grad():
         xs[2].mul_(0.5)
         xs[3].mul_(0.5)
-    fn = lambda a, b, c, d, **kw: co.sepclr_loss(a, b, c, d, y, tau=0.5, salient_term_beta=3.0,  # noqa: E731
-                                                  salient_reg_beta=2.0, jem_lambda=1.5, **kw)
+
+    def fn(a, b, c, d, **kw):
+        return co.sepclr_loss(a, b, c, d, y, tau=0.5, salient_term_beta=3.0, salient_reg_beta=2.0, jem_lambda=1.5,
+                              **kw)
     compare_with_reference(fn, xs, backend=backend, dtype=dtype, sharpness=2.0, normalized=False)
 
 

@@ -54,13 +54,10 @@ gradients, summed over ranks, are W times the single-process ones.
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 
 from .. import _checks, backends
 from .._checks import as_scalar, shape_str
-from .._numerics import acc_dtype
 from ..distributed import GlobalBatch, all_reduce_lse
 from ..primitives.sim_lse import sim_lse
 from ._common import kernel_operands, unit
@@ -89,8 +86,8 @@ def _log_global_sum(lse_local: Tensor, gb: GlobalBatch) -> Tensor:
 class _Terms:
     """The pairwise terms of SepCLR on either engine: dense (reference) or the ``sim_lse`` core."""
 
-    def __init__(self, gb: GlobalBatch, tau: Tensor, backend: str):
-        self.gb, self.tau, self.backend = gb, tau, backend
+    def __init__(self, gb: GlobalBatch, tau: Tensor, backend: str, dtype: torch.dtype):
+        self.gb, self.tau, self.backend, self.dtype = gb, tau, backend, dtype  # dtype: what the kernel reads
 
     def row_lse(self, x: Tensor, X: Tensor, exclude_self: bool) -> Tensor:
         """LSE_j −‖x_i − X_j‖²/2τ over the global rows X (without j = i when ``exclude_self``)."""
@@ -131,8 +128,7 @@ def _sepclr(c1, c2, s1, s2, labels, tau, salient_term_beta, salient_reg_beta, je
             dtype):
     n = c1.shape[0]
     gb = GlobalBatch(n, process_group, c1.device)
-    T = _Terms(gb, tau, backend)
-    T.dtype = dtype
+    T = _Terms(gb, tau, backend, dtype)
     u1, u2 = unit(c1, True), unit(c2, True)
     t1, t2 = unit(s1, False), unit(s2, False)
     target = labels == 1
@@ -188,8 +184,9 @@ def sepclr_loss(common_1, common_2, salient_1, salient_2, labels, *, tau=0.5, sa
         raise ValueError(f"common and salient heads must have the same number of rows, got common_1 "
                          f"{shape_str(common_1)} and salient_1 {shape_str(salient_1)}")
     if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex():
+        got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels must be an integer or bool tensor of shape ({N},) with values 0 (background) "
-                         f"and 1 (target), got {type(labels).__name__ if not isinstance(labels, Tensor) else labels.dtype}")
+                         f"and 1 (target), got {got}")
     if labels.shape != (N,):
         raise ValueError(f"labels must have shape ({N},) for heads of {N} rows, got {shape_str(labels)}")
     if labels.device != common_1.device:
@@ -203,6 +200,6 @@ def sepclr_loss(common_1, common_2, salient_1, salient_2, labels, *, tau=0.5, sa
                          f"{shape_str(common_1)}")
     tau = as_scalar("tau", tau, common_1, positive=True)
     w = [_check_weight(nm, v) for nm, v in (("salient_term_beta", salient_term_beta),
-                                           ("salient_reg_beta", salient_reg_beta), ("jem_lambda", jem_lambda))]
+                                            ("salient_reg_beta", salient_reg_beta), ("jem_lambda", jem_lambda))]
     name = backends.resolve(backend, op="sepclr_loss", tensors=[common_1])
     return _sepclr(common_1, common_2, salient_1, salient_2, labels, tau, *w, name, process_group, common_1.dtype)

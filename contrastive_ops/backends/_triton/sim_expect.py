@@ -51,7 +51,7 @@ def _sim_expect_fwd_kernel(Q, K, Scale, Excl, LSE, MEAN, B, M, D, stride_q, stri
     else:
         ex = tl.full([BLOCK_M], -1, tl.int32)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    acc_l = tl.zeros([BLOCK_M], tl.float32)
     t = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
@@ -64,11 +64,11 @@ def _sim_expect_fwd_kernel(Q, K, Scale, Excl, LSE, MEAN, B, M, D, stride_q, stri
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no candidate yet
         corr = tl.exp(m - shift)
         p = tl.exp(z - shift[:, None])
-        l = l * corr + tl.sum(p, 1)
+        acc_l = acc_l * corr + tl.sum(p, 1)
         t = t * corr + tl.sum(p * tl.where(ok, g, 0.0), 1)
         m = m_new
-    has = l > 0
-    l_safe = tl.where(has, l, 1.0)
+    has = acc_l > 0
+    l_safe = tl.where(has, acc_l, 1.0)
     tl.store(LSE + rows, tl.where(has, m + tl.log(l_safe), float("-inf")), mask=rmask)
     tl.store(MEAN + rows, tl.where(has, t / l_safe, 0.0), mask=rmask)
 
