@@ -20,7 +20,7 @@ def _has_sim_expect(name):
     return backends.has_primitive(name, "sim_expect")
 
 
-FUSED = [p for p in backend_params() if p.values[0] == "triton"]
+FUSED = [p for p in backend_params() if p.values[0] in ("cpu", "triton")]
 ALL = ["reference"] + FUSED
 
 
@@ -173,6 +173,16 @@ def test_sim_expect_kernel_matches_reference(backend, dtype, shape, scale):
     compare_with_reference(fn, [q, k, s], backend=backend, dtype=dtype, sharpness=max(scale, 1.0))
 
 
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] == "cpu"])
+def test_sim_expect_cpu_float64_gradcheck(backend):
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 3, generator=g, dtype=F64, requires_grad=True)
+    k = torch.randn(4, 3, generator=g, dtype=F64, requires_grad=True)
+    s = torch.tensor(0.9, dtype=F64, requires_grad=True)
+    ex = torch.tensor([0, -1, 3, 1, 2])
+    torch.autograd.gradcheck(lambda q, k, s: sim_expect(q, k, s, exclude=ex, backend=backend), (q, k, s))
+
+
 def test_sim_expect_poisoned_outputs_are_all_written():
     pytest.importorskip("triton")
     if not any(p.values[0] == "triton" and not p.marks for p in FUSED):
@@ -269,22 +279,28 @@ def test_fused_matches_reference(backend, dtype, normalize, reduction):
     compare_with_reference(fn, [x, tn], backend=backend, dtype=dtype, sharpness=4.0, normalized=normalize)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda"])
-def test_backends_without_the_primitive_raise(backend):
-    x = _views(N=4, V=2, D=3, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match=r"does not implement \['sim_expect'\]|cannot run cacr_loss"):
-        co.cacr_loss(x, backend=backend)
+def test_cuda_backend_has_no_sim_expect():
+    """The CUDA kernels do not implement the primitive: asking for them raises (never a fallback)."""
+    from contrastive_ops.backends import _cext
+
+    assert "sim_expect" not in _cext.PRIMITIVES  # the table the "cuda" backend exposes
+    if co.available_backends()["cuda"][0] and torch.cuda.is_available():
+        x = _views(N=4, V=2, D=3, dtype=torch.float32).detach().cuda()
+        with pytest.raises(RuntimeError, match=r"does not implement \['sim_expect'\]"):
+            co.cacr_loss(x, backend="cuda")
+    else:
+        x = _views(N=4, V=2, D=3, dtype=torch.float32)
+        with pytest.raises(RuntimeError, match="cannot run cacr_loss"):
+            co.cacr_loss(x, backend="cuda")
 
 
-def test_auto_on_cpu_tensors_takes_the_reference_loudly():
-    if _has_sim_expect("cpu"):
-        pytest.skip("the cpu backend implements sim_expect")
+def test_auto_on_cpu_tensors_takes_the_cpu_kernels():
+    if not (co.available_backends()["cpu"][0] and _has_sim_expect("cpu")):
+        pytest.skip("the cpu backend is not usable here")
     x = _views(N=4, V=2, D=3, dtype=torch.float32)
-    backends._warned.discard(("cacr_loss", "cpu"))
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "using the plain-PyTorch reference" warning
         out = co.cacr_loss(x, backend="auto")
-    assert any("sim_expect" in str(w.message) for w in rec)
     torch.testing.assert_close(out, co.cacr_loss(x, backend="reference"))
 
 

@@ -33,9 +33,9 @@ softmax: with a = z^x_i, b = z^y_j unit vectors, d = 2 − 2·a·b, so
 ``sim_expect`` primitive (row mean of q·kᵀ under softmax(scale·q·kᵀ), scale =
 2τ⁻, candidate j = i excluded), one call per view pair, no N×N buffer.
 Without normalization d = ‖a‖² − 2·(a·b − ‖b‖²/2), and the call runs on [a, 1]
-and [b, −‖b‖²/2].  ``sim_expect`` has Triton kernels only: the ``"cpu"`` and
-``"cuda"`` backends raise for this loss, and ``"auto"`` takes Triton on CUDA
-tensors, the reference on CPU tensors.
+and [b, −‖b‖²/2].  ``sim_expect`` has Triton and C++ CPU kernels, no CUDA
+kernels: the ``"cuda"`` backend raises for this loss, and ``"auto"`` takes
+Triton on CUDA tensors.
 
 Under ``process_group`` the views are all-gathered: each rank's rows are its
 instances, the repulsion's candidates j the global batch.

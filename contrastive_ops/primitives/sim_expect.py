@@ -33,10 +33,10 @@ Kernel backends implement ``"sim_expect"`` as an object with::
     backward(q, k, scale, exclude, lse, mean, grad_lse, grad_mean) -> (dq like q, dk like k, dscale 0-dim fp32)
 
 with ``scale`` a 0-dim fp32 tensor and ``exclude`` None or (B,) int32.
-Kernels: ``backends/_triton/sim_expect.py`` only.  The ``"cpu"`` and
-``"cuda"`` backends do not implement it: a loss that needs it raises there
-("does not implement ['sim_expect']"), and ``"auto"`` takes Triton on CUDA
-tensors and the reference on CPU tensors.
+Kernels: ``backends/_triton/sim_expect.py`` and ``csrc/cpu/sim_expect.cpp``
+(row blocks of one GEMM each).  The ``"cuda"`` backend does not implement it:
+a loss that needs it raises there ("does not implement ['sim_expect']"), and
+``"auto"`` takes Triton on CUDA tensors.
 """
 from __future__ import annotations
 
