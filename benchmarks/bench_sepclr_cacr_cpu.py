@@ -8,9 +8,9 @@
 * CACR (``small_scale_experiments``, CIFAR-10): Ns = 128 instances, Ny + 1 = 5 views, 128-d
   features, α = β = τ⁺ = τ⁻ = 1; also at 512 instances (the official code holds an N×N×D
   difference tensor per view pair for the backward: 1.3 GB at 512).  Providers: ``official``
-  (``tests/test_cacr.py``) and ``reference``.  The fused repulsion (primitive ``sim_expect``) has
-  Triton kernels only, which on CPU run in Triton's interpreter: not a measure, not timed; on CPU
-  tensors ``backend="auto"`` takes the reference.
+  (``tests/test_cacr.py``), ``reference``, ``cpu`` (the fused repulsion on the C++ kernels of the
+  ``sim_expect`` primitive).  The Triton kernels run on CPU only in Triton's interpreter: not a
+  measure, not timed.
 
 The official transcriptions live in the tests (the code they come from is not in the package);
 this script imports them from there.  Every provider's loss is checked against the reference
@@ -71,6 +71,7 @@ def _cacr_providers():
     return {
         "official": lambda xs, _: _cacr_official(xs),
         "reference": lambda xs, _: co.cacr_loss(xs, backend="reference"),
+        "cpu": lambda xs, _: co.cacr_loss(xs, backend="cpu"),
     }
 
 
