@@ -54,6 +54,7 @@ gradients, summed over ranks, are W times the single-process ones.
 from __future__ import annotations
 
 import math
+
 import torch
 
 from .. import _checks, backends
