@@ -10,11 +10,13 @@ from __future__ import annotations
 from ._version import __version__
 from .backends import available_backends, get_backend, set_backend
 from .gradcache import GradCache
+from .losses.cacr import cacr_loss
 from .losses.decoupled import dcl_loss, dhel_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent, similarity_lse
 from .losses.multiview import mv_dhel, mv_infonce
 from .losses.point_token import point_token_contrast
 from .losses.selfcon import selfcon_loss
+from .losses.sepclr import sepclr_loss
 from .losses.siglip import siglip_loss
 from .losses.supcon import supcon_loss
 from .losses.supremix import supremix_loss
@@ -41,6 +43,8 @@ __all__ = [
     "similarity_lse",
     "selfcon_loss",
     "supremix_loss",
+    "sepclr_loss",
+    "cacr_loss",
     "GradCache",
     "nn",
 ]

@@ -20,11 +20,13 @@ import torch
 from . import _checks
 from . import distributed as _dist
 from ._numerics import acc_dtype
+from .losses.cacr import cacr_loss
 from .losses.decoupled import dcl_loss, dhel_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent
 from .losses.multiview import mv_dhel, mv_infonce
 from .losses.point_token import point_token_contrast
 from .losses.selfcon import selfcon_loss
+from .losses.sepclr import sepclr_loss
 from .losses.siglip import siglip_loss
 from .losses.supcon import supcon_loss
 from .losses.supremix import supremix_loss
@@ -46,6 +48,8 @@ __all__ = [
     "PointTokenContrastLoss",
     "SelfConLoss",
     "SupReMixLoss",
+    "SepCLRLoss",
+    "CACRLoss",
 ]
 
 
@@ -454,3 +458,33 @@ class PointTokenContrastLoss(_LossModule):
 
     def forward(self, f1, f2, mask1, mask2):
         return self._call(f1, f2, mask1, mask2)
+
+
+class SepCLRLoss(_LossModule):
+    """``sepclr_loss`` as a module: ``forward(common_1, common_2, salient_1, salient_2, labels)``."""
+
+    _fn = staticmethod(sepclr_loss)
+
+    def __init__(self, tau: float = 0.5, *, salient_term_beta: float = 1000.0, salient_reg_beta: float = 1000.0,
+                 jem_lambda: float = 10.0, backend: str = "auto", gather_distributed: bool = False):
+        super().__init__(tau=tau, salient_term_beta=salient_term_beta, salient_reg_beta=salient_reg_beta,
+                         jem_lambda=jem_lambda, backend=backend, gather_distributed=gather_distributed)
+
+    def forward(self, common_1, common_2, salient_1, salient_2, labels):
+        return self._call(common_1, common_2, salient_1, salient_2, labels)
+
+
+class CACRLoss(_LossModule):
+    """``cacr_loss`` as a module: ``forward(features)``, (N, V, D) or a sequence of V (N, D) tensors."""
+
+    _fn = staticmethod(cacr_loss)
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, tau_pos: float = 1.0, tau_neg: float = 1.0, *,
+                 choice: str = "full", with_debiased: bool = False, tau_plus: float = 0.1, normalize: bool = True,
+                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False):
+        super().__init__(alpha=alpha, beta=beta, tau_pos=tau_pos, tau_neg=tau_neg, choice=choice,
+                         with_debiased=with_debiased, tau_plus=tau_plus, normalize=normalize, reduction=reduction,
+                         backend=backend, gather_distributed=gather_distributed)
+
+    def forward(self, features):
+        return self._call(features)

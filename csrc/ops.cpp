@@ -5,7 +5,8 @@
 //
 // The maths of each op is the contract of its primitive in
 // contrastive_ops/primitives/: sim_lse_* in sim_lse.py, siglip_* in
-// siglip_pairs.py, sinkhorn* in sinkhorn.py, swav_ce_* in swav_ce.py.
+// siglip_pairs.py, sinkhorn* in sinkhorn.py, swav_ce_* in swav_ce.py, sim_expect_* in
+// sim_expect.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -46,6 +47,13 @@ TORCH_LIBRARY(contrastive_ops, m) {
   m.def("swav_ce_fwd(Tensor x, Tensor t, Tensor scale) -> (Tensor, Tensor)");
   // (dx like x, dscale 0-dim) for the 0-dim gradient grad of the forward's loss.
   m.def("swav_ce_bwd(Tensor x, Tensor t, Tensor scale, Tensor lse, Tensor grad) -> (Tensor, Tensor)");
+  // Row LSE of scale·q·kᵀ and the row's softmax-weighted mean of q·kᵀ (one excluded candidate per row at
+  // most): (lse (B,), mean (B,)) in the accumulation dtype.  CPU kernels only (csrc/cpu/sim_expect.cpp).
+  m.def("sim_expect_fwd(Tensor q, Tensor k, Tensor scale, Tensor? exclude) -> (Tensor, Tensor)");
+  // (dq like q, dk like k, dscale 0-dim) for upstream gradients of lse and mean.
+  m.def(
+      "sim_expect_bwd(Tensor q, Tensor k, Tensor scale, Tensor? exclude, Tensor lse, Tensor mean, Tensor grad_lse, "
+      "Tensor grad_mean) -> (Tensor, Tensor, Tensor)");
 
   // Test hooks of the CPU kernels (csrc/cpu/sim_lse.cpp, csrc/cpu/sinkhorn.cpp):
   // the epilogue flags (1 shifted exponentials, 2 symmetric Gram, 4 dq holds

@@ -291,7 +291,28 @@ def _swav_ce_bwd_samples(fwd_qualname):
     return out
 
 
+def _sim_expect_fwd_samples():
+    out = []
+    for dt in (torch.float32, torch.bfloat16):
+        q, k = _f((6, 5), dt, False, 9), _f((7, 5), dt, False, 10)
+        s = torch.tensor(0.8, dtype=torch.float32, device=DEVICE)
+        out.append((q, k, s, None))
+        out.append((q, k, s, torch.tensor([0, 6, -1, 2, 3, 1], dtype=torch.int32, device=DEVICE)))
+    return out
+
+
+def _sim_expect_bwd_samples(fwd_qualname):
+    fwd = _op(fwd_qualname)
+    out = []
+    for q, k, s, ex in _sim_expect_fwd_samples():
+        lse, mean = fwd(q, k, s, ex)
+        out.append((q, k, s, ex, lse, mean, torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)))
+    return out
+
+
 SAMPLES = {
+    "sim_expect_fwd": lambda q, grad: _sim_expect_fwd_samples(),
+    "sim_expect_bwd": lambda q, grad: _sim_expect_bwd_samples(q.replace("sim_expect_bwd", "sim_expect_fwd")),
     "swav_ce_fwd": lambda q, grad: _swav_ce_fwd_samples(grad),
     "swav_ce_bwd": lambda q, grad: _swav_ce_bwd_samples(q.replace("swav_ce_bwd", "swav_ce_fwd")),
     "sim_lse_fwd": lambda q, grad: _sim_lse_fwd_samples(grad),

@@ -452,6 +452,32 @@ def _(c: Ctx):
             reduction="sum")
 
 
+@case("sepclr")
+def _(c: Ctx):
+    y = c.randint(2, c.N, seed=4)
+    y[0], y[-1] = 0, 1
+
+    def fn(c1, c2, s1, s2, y, tau, **kw):
+        return co.sepclr_loss(c1, c2, s1, s2, y, tau=tau, salient_term_beta=3.0, salient_reg_beta=2.0,
+                              jem_lambda=1.5, **kw)
+
+    c.check(fn,
+            [B(c.randn(c.N, 5, seed=1)), B(c.randn(c.N, 5, seed=2)), B(c.randn(c.N, 4, seed=3)),
+             B(c.randn(c.N, 4, seed=5)), B(y), S(c.scalar(0.4))])
+
+
+@case("cacr")
+def _(c: Ctx):
+    c.check(lambda f, tp, tn, **kw: co.cacr_loss(f, alpha=0.5, beta=2.0, tau_pos=tp, tau_neg=tn, **kw),
+            [B(c.randn(c.N, 3, 5)), S(c.scalar(0.7)), S(c.scalar(1.5))])
+
+
+@case("cacr_unnormalized_debiased_none")
+def _(c: Ctx):
+    c.check(lambda f, **kw: co.cacr_loss(f, with_debiased=True, normalize=False, **kw),
+            [B(c.randn(c.N, 3, 4))], reduction="none")
+
+
 def _ages(c: Ctx):
     return 20.0 + c.randint(4, c.N, seed=1).double()
 
@@ -652,7 +678,26 @@ class _DenseSinkhorn:
         return sinkhorn_steps(self.col_lse, self.codes, scores, epsilon, iterations)
 
 
-_DENSE_PRIMITIVES = {"sim_lse": _DenseSimLSE(), "siglip": _DenseSigLIP(), "sinkhorn": _DenseSinkhorn()}
+class _DenseSimExpect:
+    """The "sim_expect" primitive with the kernel interface, computed densely."""
+
+    def forward(self, q, k, scale, exclude):
+        from contrastive_ops.primitives.sim_expect import sim_expect_reference
+
+        with torch.no_grad():
+            return sim_expect_reference(q, k, scale, exclude)
+
+    def backward(self, q, k, scale, exclude, lse, mean, grad_lse, grad_mean):
+        from contrastive_ops.primitives.sim_expect import sim_expect_reference
+
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, scale)]
+            lse2, mean2 = sim_expect_reference(*leaves, exclude)
+            return torch.autograd.grad((lse2 * grad_lse).sum() + (mean2 * grad_mean).sum(), leaves)
+
+
+_DENSE_PRIMITIVES = {"sim_lse": _DenseSimLSE(), "siglip": _DenseSigLIP(), "sinkhorn": _DenseSinkhorn(),
+                     "sim_expect": _DenseSimExpect()}
 # Ops whose composition needs a primitive the dense stand-in lacks keep the reference.
 _DENSE_OPS = {op for op, prims in __import__("contrastive_ops.backends", fromlist=["x"]).OP_PRIMITIVES.items()
               if all(p in _DENSE_PRIMITIVES for p in prims)}

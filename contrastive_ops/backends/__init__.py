@@ -66,6 +66,8 @@ OP_PRIMITIVES: Dict[str, Tuple[str, ...]] = {
     "point_token_contrast": ("sim_lse",),
     "selfcon_loss": ("sim_lse",),
     "supremix_loss": ("sim_lse",),
+    "sepclr_loss": ("sim_lse",),
+    "cacr_loss": ("sim_expect",),
 }
 
 _MODULES = {

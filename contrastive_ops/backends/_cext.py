@@ -164,6 +164,20 @@ def _swav_ce_backward(ctx, grad, _grad_lse):
     return dx, None, dscale
 
 
+def _fake_sim_expect_fwd(q, k, scale, exclude):
+    torch._check(q.dim() == 2 and k.dim() == 2 and q.shape[1] == k.shape[1],
+                 lambda: f"sim_expect_fwd: q and k must be 2-D with one feature size, got {q.shape} and {k.shape}")
+    torch._check(scale.dim() == 0, lambda: "sim_expect_fwd: scale must be 0-dim")
+    acc = acc_dtype(q.dtype)
+    return q.new_empty((q.shape[0],), dtype=acc), q.new_empty((q.shape[0],), dtype=acc)
+
+
+def _fake_sim_expect_bwd(q, k, scale, exclude, lse, mean, grad_lse, grad_mean):
+    torch._check(q.dim() == 2 and k.dim() == 2 and q.shape[1] == k.shape[1],
+                 lambda: f"sim_expect_bwd: q and k must be 2-D with one feature size, got {q.shape} and {k.shape}")
+    return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=acc_dtype(q.dtype))
+
+
 _FAKES = {
     "sim_lse_fwd": _fake_sim_lse_fwd,
     "sim_lse_bwd": _fake_sim_lse_bwd,
@@ -174,6 +188,8 @@ _FAKES = {
     "sinkhorn": _fake_sinkhorn,
     "sinkhorn_col_lse": _fake_sinkhorn_col_lse,
     "sinkhorn_codes": _fake_sinkhorn_codes,
+    "sim_expect_fwd": _fake_sim_expect_fwd,
+    "sim_expect_bwd": _fake_sim_expect_bwd,
 }
 _AUTOGRAD = {
     "sim_lse_fwd": (_sim_lse_backward, _sim_lse_setup),
@@ -259,6 +275,22 @@ class Sinkhorn:
         return torch.ops.contrastive_ops.sinkhorn_codes(scores, float(epsilon), v, bool(normalize))
 
 
+class SimExpect:
+    """Primitive ``"sim_expect"`` (contract in ``contrastive_ops.primitives.sim_expect``): CPU kernels only."""
+
+    @staticmethod
+    def forward(q, k, scale, exclude):
+        ensure_loaded()
+        return torch.ops.contrastive_ops.sim_expect_fwd(q, k, scale, exclude)
+
+    @staticmethod
+    def backward(q, k, scale, exclude, lse, mean, grad_lse, grad_mean):
+        ensure_loaded()
+        return torch.ops.contrastive_ops.sim_expect_bwd(q, k, scale, exclude, lse, mean, grad_lse, grad_mean)
+
+
 SWAV_CE = SwAVCE()
 SINKHORN = Sinkhorn()
 PRIMITIVES = {"sim_lse": SimLSE(), "siglip": SigLIP(), "sinkhorn": SINKHORN, "swav_ce": SWAV_CE}
+# Primitives with CPU kernels and no CUDA kernels: the "cpu" backend only.
+CPU_ONLY_PRIMITIVES = {"sim_expect": SimExpect()}

@@ -7,13 +7,14 @@ tiles with fused, vectorized epilogues and keeps its own column partials
 through ATen with multithreaded epilogues.  Never stores the B×M similarity
 matrix.  SwAV: the
 Sinkhorn codes and the swapped-prediction cross-entropy (``"swav_ce"``), each
-one pass per row.
+one pass per row.  ``"sim_expect"`` (CACR's repulsion, ``csrc/cpu/sim_expect.cpp``): row blocks
+of one GEMM each and their row statistics; CPU only.
 """
 from __future__ import annotations
 
 from . import _cext
 
-PRIMITIVES = _cext.PRIMITIVES
+PRIMITIVES = {**_cext.PRIMITIVES, **_cext.CPU_ONLY_PRIMITIVES}
 
 
 def availability():

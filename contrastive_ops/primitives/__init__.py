@@ -14,6 +14,7 @@ module             backend key           entry the losses call
 ``siglip_pairs``   ``"siglip"``          ``siglip_pairs(x, y, scale, bias, backend=)``
 ``sinkhorn``       ``"sinkhorn"``        ``sinkhorn(scores, epsilon, iterations, backend=)``
 ``swav_ce``        ``"swav_ce"``         ``swav_ce(x, t, scale, backend=)``
+``sim_expect``     ``"sim_expect"``      ``sim_expect(q, k, scale, exclude=, backend=)``
 =================  ====================  =========================================
 
 Imports go one way: losses → primitives → backends → the extension.

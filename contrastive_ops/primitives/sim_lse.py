@@ -25,7 +25,19 @@ Backward, with upstream gradients g_row (B,), g_col (M,)::
     dQ = scale · dS K,   dK = scale · dSᵀ Q,   dscale = Σ_ij dS[i,j]·S[i,j] / scale
 
 (rows with ``row_lse = -inf`` and columns with ``col_lse = -inf`` contribute
-nothing).  ``dQ``/``dK`` are scattered back to the rows of ``q``/``k`` named by
+nothing).
+
+Per-row and per-column bias terms (``sim_lse(..., row_bias=r, col_bias=c)``)::
+
+    S[i, j] = scale · Q_i·K_j + r_i + c_j
+
+e.g. a Gaussian kernel e^{−‖x−y‖²/2τ} = e^{x·y/τ} · e^{−‖x‖²/2τ} · e^{−‖y‖²/2τ}.
+Every backend runs them without a kernel of its own: the entry appends one
+column to each operand, [Q, 1] and [K, c/scale], so that scale·[Q,1]·[K,c/scale]ᵀ
+= scale·Q·Kᵀ + c (gradients of c, hence of what c is made of, flow through
+autograd into the extra column); ``r`` is added to ``row_lse`` outside the
+kernel, or, when column LSEs are asked for, enters the same way ([Q, r/scale],
+[K, 1]).  The reference adds them to its dense S.  ``scale`` must then be > 0.  ``dQ``/``dK`` are scattered back to the rows of ``q``/``k`` named by
 the index lists.  Positive logits, label sums and reductions stay in PyTorch on
 O((B+M)·D) tensors; only this core touches B×M.
 
@@ -85,7 +97,8 @@ def allowed_mask(
 
 
 def sim_lse_reference(q: Tensor, k: Tensor, scale: Tensor, row_index=None, col_index=None, col_start=None,
-                      col_end=None, exclude=None, want_col: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+                      col_end=None, exclude=None, want_col: bool = False, row_bias: Optional[Tensor] = None,
+                      col_bias: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Dense PyTorch implementation of the core (differentiable by autograd); arguments as ``sim_lse``.
 
     Materializes B×M: the oracle that kernel tests compare against, and the
@@ -95,6 +108,10 @@ def sim_lse_reference(q: Tensor, k: Tensor, scale: Tensor, row_index=None, col_i
     Q = q if row_index is None else q[row_index.long()]
     K = k if col_index is None else k[col_index.long()]
     S = (Q.to(dt) @ K.to(dt).T) * scale.to(dt)
+    if row_bias is not None:
+        S = S + row_bias.to(dt)[:, None]
+    if col_bias is not None:
+        S = S + col_bias.to(dt)[None, :]
     allowed = allowed_mask(S.shape[0], S.shape[1], col_start, col_end, exclude, S.device)
     row = masked_lse(S, allowed, 1)
     col = masked_lse(S, allowed, 0) if want_col else None
@@ -158,14 +175,28 @@ def sim_lse(
     col_end: Optional[Tensor] = None,
     exclude: Optional[Tensor] = None,
     want_col: bool = False,
+    row_bias: Optional[Tensor] = None,
+    col_bias: Optional[Tensor] = None,
     backend: str,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Row (and column) log-sum-exp of ``scale · q[row_index] · k[col_index]ᵀ`` over allowed pairs.
+    """Row (and column) log-sum-exp of ``scale · q[row_index] · k[col_index]ᵀ (+ row_bias_i + col_bias_j)``
+    over allowed pairs.
 
     ``backend`` is a concrete backend name.  ``"reference"`` runs the dense
     PyTorch version (same maths, stores B×M); kernel backends never store B×M.
+    ``row_bias`` (B,) / ``col_bias`` (M,): bias terms per anchor / candidate (after the index lists),
+    differentiable; with either, ``scale`` must be > 0 on kernel backends (module docstring).
     Returns ``(row_lse, col_lse)`` with ``col_lse`` None unless ``want_col``.
     """
+    if row_bias is not None or col_bias is not None:
+        if backend == "reference":
+            return sim_lse_reference(
+                q, k, scale.to(device=q.device, dtype=acc_dtype(q.dtype)), _as_index(row_index, q.device),
+                _as_index(col_index, q.device), _as_index(col_start, q.device), _as_index(col_end, q.device),
+                None if exclude is None else _as_index(exclude.reshape(exclude.shape[0], -1), q.device),
+                want_col=want_col, row_bias=row_bias, col_bias=col_bias)
+        return _biased(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_bias,
+                       col_bias, backend)
     device = q.device
     args = (
         _as_index(row_index, device),
@@ -181,3 +212,29 @@ def sim_lse(
     kc = None if k is q else k.contiguous()
     row, col = SimLSEFunction.apply(qc, kc, scale.reshape(()), *args, want_col, backend)
     return row, (col if want_col else None)
+
+
+def _biased(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_bias, col_bias,
+            backend):
+    """``sim_lse`` with bias terms on a kernel backend: one extra column per bias in each operand."""
+    dt = acc_dtype(q.dtype)
+    scale = torch.as_tensor(scale, device=q.device).to(dt).reshape(())
+    Q = q if row_index is None else q[row_index.long()]
+    K = k if col_index is None else k[col_index.long()]
+    B, M = Q.shape[0], K.shape[0]
+    for name, t, n in (("row_bias", row_bias, B), ("col_bias", col_bias, M)):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"sim_lse: {name} must have shape ({n},), got {tuple(t.shape)}")
+    qa, ka = [Q], [K]
+    if col_bias is not None:
+        qa.append(Q.new_ones(B, 1))
+        ka.append((col_bias.to(dt) / scale).to(K.dtype)[:, None])
+    inside_row = row_bias is not None and want_col
+    if inside_row:
+        qa.append((row_bias.to(dt) / scale).to(Q.dtype)[:, None])
+        ka.append(K.new_ones(M, 1))
+    row, col = sim_lse(torch.cat(qa, 1), torch.cat(ka, 1), scale, col_start=col_start, col_end=col_end,
+                       exclude=exclude, want_col=want_col, backend=backend)
+    if row_bias is not None and not inside_row:
+        row = row + row_bias.to(row.dtype)
+    return row, col

@@ -1,6 +1,7 @@
 """The ``"triton"`` kernel backend.
 
 Primitives: ``"sim_lse"`` (the tiled similarity-LSE core, :mod:`.sim_lse`, on the tile library :mod:`.tiles`),
+``"sim_expect"`` (the softmax-weighted row mean of the similarities, :mod:`.sim_expect`),
 ``"siglip"`` (the SigLIP pair sum, :mod:`.siglip`), ``"sinkhorn"`` (the
 log-domain Sinkhorn-Knopp scalings, :mod:`.sinkhorn`) and ``"swav_ce"`` (SwAV's
 swapped-prediction cross-entropy, :mod:`.swav_ce`).  Runs on CUDA tensors when
@@ -18,12 +19,14 @@ _IMPORT_ERROR = None
 try:
     import triton
 
+    from .sim_expect import SIM_EXPECT
     from .sim_lse import SIM_LSE
     from .siglip import SIGLIP
     from .sinkhorn import SINKHORN
     from .swav_ce import SWAV_CE
 
     PRIMITIVES: Dict[str, object] = {"sim_lse": SIM_LSE, "siglip": SIGLIP, "sinkhorn": SINKHORN, "swav_ce": SWAV_CE}
+    PRIMITIVES["sim_expect"] = SIM_EXPECT
 except Exception as e:  # noqa: BLE001 - reported by availability()
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
     PRIMITIVES = {}
