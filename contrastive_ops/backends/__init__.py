@@ -66,6 +66,8 @@ OP_PRIMITIVES: Dict[str, Tuple[str, ...]] = {
     "point_token_contrast": ("sim_lse",),
     "selfcon_loss": ("sim_lse",),
     "supremix_loss": ("sim_lse",),
+    "pixpro_loss": ("pix_pos_sum",),
+    "pixcontrast_loss": ("pix_pos_lse",),
 }
 
 _MODULES = {

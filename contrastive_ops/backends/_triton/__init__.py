@@ -3,7 +3,8 @@
 Primitives: ``"sim_lse"`` (the tiled similarity-LSE core, :mod:`.sim_lse`, on the tile library :mod:`.tiles`),
 ``"siglip"`` (the SigLIP pair sum, :mod:`.siglip`), ``"sinkhorn"`` (the
 log-domain Sinkhorn-Knopp scalings, :mod:`.sinkhorn`) and ``"swav_ce"`` (SwAV's
-swapped-prediction cross-entropy, :mod:`.swav_ce`).  Runs on CUDA tensors when
+swapped-prediction cross-entropy, :mod:`.swav_ce`), ``"pix_pos_sum"`` and ``"pix_pos_lse"``
+(PixPro / PixContrast pixel pairs with positives from crop coordinates, :mod:`.pix_pos`).  Runs on CUDA tensors when
 Triton has an active GPU driver, and on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before ``import triton``).
 """
@@ -24,6 +25,11 @@ try:
     from .swav_ce import SWAV_CE
 
     PRIMITIVES: Dict[str, object] = {"sim_lse": SIM_LSE, "siglip": SIGLIP, "sinkhorn": SINKHORN, "swav_ce": SWAV_CE}
+
+    # The pixel-pair primitives of PixPro / PixContrast (positives from crop coordinates).
+    from .pix_pos import PIX_POS_LSE, PIX_POS_SUM
+
+    PRIMITIVES.update({"pix_pos_sum": PIX_POS_SUM, "pix_pos_lse": PIX_POS_LSE})
 except Exception as e:  # noqa: BLE001 - reported by availability()
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
     PRIMITIVES = {}
