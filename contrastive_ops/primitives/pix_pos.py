@@ -46,13 +46,15 @@ one float dtype (fp32 or float64), ``ratio`` a 0-dim tensor of that dtype.
 
 ``"pix_pos_lse"`` (PixContrast)
 -------------------------------
-With anchors q (B, P, D), candidates k (B, P, D) and 0-dim ``scale``,
+With anchors q (B, P, D), candidates k (B_k, P, D), an integer ``offset``
+(anchor image b is image b + offset of k: 0 in one process, the rank's
+offset when k holds the gathered global batch) and 0-dim ``scale``,
 ``S[(b,i), (c,j)] = scale · q[b,i]·k[c,j]``; candidate (c, j) of anchor
-(b, i) is *allowed* when c = b (``batch_negatives=False``: the other view of
-the same image) or always (``batch_negatives=True``: every pixel of the
-batch's other views), and *positive* when c = b and pos_ij::
+(b, i) is *allowed* when c = b + offset (``batch_negatives=False``: the other
+view of the same image) or always (``batch_negatives=True``: every pixel of
+the batch's other views), and *positive* when c = b + offset and pos_ij::
 
-    lse_pos[b, i] = LSE_{j : pos_ij} S[(b,i), (b,j)]          (B, P)   −inf if no positive
+    lse_pos[b, i] = LSE_{j : pos_ij} S[(b,i), (b+offset,j)]   (B, P)   −inf if no positive
     lse_all[b, i] = LSE_{(c,j) allowed} S[(b,i), (c,j)]        (B, P)
 
 Backward, with upstream gradients g_pos, g_all (B, P) and
@@ -65,8 +67,8 @@ get no gradient: in PixContrast they are the momentum encoder's keys, which
 the loss detaches (the entry below refuses a k that requires grad).  A kernel
 backend implements it as an object with::
 
-    forward(q, k, scale, dx_tab, dy_tab, diag, ratio, H, W, batch_negatives) -> (lse_pos, lse_all)
-    backward(q, k, scale, dx_tab, dy_tab, diag, ratio, H, W, batch_negatives,
+    forward(q, k, scale, dx_tab, dy_tab, diag, ratio, H, W, batch_negatives, offset) -> (lse_pos, lse_all)
+    backward(q, k, scale, dx_tab, dy_tab, diag, ratio, H, W, batch_negatives, offset,
              lse_pos, lse_all, g_pos, g_all) -> (dq like q, dscale 0-dim fp32)
 
 Kernels: ``backends/_triton/pix_pos.py``.  The C++ ``cpu`` and the ``cuda``
@@ -144,16 +146,18 @@ def pix_pos_sum_reference(x: Tensor, dx: Tensor, dy: Tensor, diag: Tensor, ratio
 
 
 def pix_pos_lse_reference(q: Tensor, k: Tensor, scale: Tensor, dx: Tensor, dy: Tensor, diag: Tensor,
-                          ratio: Tensor, H: int, W: int, batch_negatives: bool) -> Tuple[Tensor, Tensor]:
-    """Dense ``(lse_pos, lse_all)`` (stores (B, P, P), or (B·P)² with ``batch_negatives``)."""
+                          ratio: Tensor, H: int, W: int, batch_negatives: bool,
+                          offset: int = 0) -> Tuple[Tensor, Tensor]:
+    """Dense ``(lse_pos, lse_all)`` (stores (B, P, P), or B·P × B_k·P with ``batch_negatives``)."""
     dt = acc_dtype(q.dtype)
     B, P, _ = q.shape
     pos = pos_mask(dx, dy, diag, ratio, H, W)
-    S_img = torch.bmm(q.to(dt), k.to(dt).transpose(1, 2)) * scale.to(dt)  # (B, P, P)
+    own = k[offset:offset + B]
+    S_img = torch.bmm(q.to(dt), own.to(dt).transpose(1, 2)) * scale.to(dt)  # (B, P, P)
     lse_pos = masked_lse(S_img, pos, 2)
     if not batch_negatives:
         return lse_pos, torch.logsumexp(S_img, 2)
-    S = (q.reshape(B * P, -1).to(dt) @ k.reshape(B * P, -1).to(dt).T) * scale.to(dt)  # (B·P, B·P)
+    S = (q.reshape(B * P, -1).to(dt) @ k.reshape(-1, k.shape[-1]).to(dt).T) * scale.to(dt)  # (B·P, B_k·P)
     return lse_pos, torch.logsumexp(S, 1).reshape(B, P)
 
 
@@ -187,10 +191,10 @@ class PixPosLSEFunction(torch.autograd.Function):
     """Autograd over a kernel backend's ``"pix_pos_lse"`` (gradients of q and scale)."""
 
     @staticmethod
-    def forward(ctx, q, k, scale, dx, dy, diag, ratio, H, W, batch_negatives, backend):
+    def forward(ctx, q, k, scale, dx, dy, diag, ratio, H, W, batch_negatives, offset, backend):
         prim = backends.primitive(backend, "pix_pos_lse")
-        lse_pos, lse_all = prim.forward(q, k, scale, dx, dy, diag, ratio, H, W, batch_negatives)
-        ctx.prim, ctx.H, ctx.W, ctx.bn = prim, H, W, batch_negatives
+        lse_pos, lse_all = prim.forward(q, k, scale, dx, dy, diag, ratio, H, W, batch_negatives, offset)
+        ctx.prim, ctx.H, ctx.W, ctx.bn, ctx.offset = prim, H, W, batch_negatives, offset
         ctx.save_for_backward(q, k, scale, dx, dy, diag, ratio, lse_pos, lse_all)
         return lse_pos, lse_all
 
@@ -199,10 +203,10 @@ class PixPosLSEFunction(torch.autograd.Function):
         q, k, scale, dx, dy, diag, ratio, lse_pos, lse_all = ctx.saved_tensors
         g_pos = torch.zeros_like(lse_pos) if g_pos is None else g_pos.contiguous()
         g_all = torch.zeros_like(lse_all) if g_all is None else g_all.contiguous()
-        dq, dscale = ctx.prim.backward(q, k, scale, dx, dy, diag, ratio, ctx.H, ctx.W, ctx.bn,
+        dq, dscale = ctx.prim.backward(q, k, scale, dx, dy, diag, ratio, ctx.H, ctx.W, ctx.bn, ctx.offset,
                                        lse_pos, lse_all, g_pos, g_all)
         return (dq if ctx.needs_input_grad[0] else None, None,
-                dscale if ctx.needs_input_grad[2] else None) + (None,) * 8
+                dscale if ctx.needs_input_grad[2] else None) + (None,) * 9
 
 
 # ----------------------------------------------------------------------------- entries
@@ -230,19 +234,20 @@ def pix_pos_sum(x: Tensor, dx: Tensor, dy: Tensor, diag: Tensor, ratio: Tensor, 
 
 
 def pix_pos_lse(q: Tensor, k: Tensor, scale: Tensor, dx: Tensor, dy: Tensor, diag: Tensor, ratio: Tensor,
-                H: int, W: int, *, batch_negatives: bool, backend: str) -> Tuple[Tensor, Tensor]:
+                H: int, W: int, *, batch_negatives: bool, offset: int = 0, backend: str) -> Tuple[Tensor, Tensor]:
     """``(lse_pos, lse_all)`` of the module docstring; ``backend`` is a concrete backend name.
 
     ``k`` gets no gradient (a ``k`` that requires grad is refused).
     """
     _check_geometry(q, dx, dy, diag, H, W)
-    if k.shape != q.shape:
-        raise ValueError(f"pix_pos_lse: k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.dim() != 3 or k.shape[1:] != q.shape[1:] or not 0 <= offset <= k.shape[0] - q.shape[0]:
+        raise ValueError(f"pix_pos_lse: k must be (B_k, P, D) with P, D of q {tuple(q.shape)} and hold images "
+                         f"offset .. offset + B - 1 (offset {offset}), got {tuple(k.shape)}")
     if k.requires_grad:
         raise ValueError("pix_pos_lse gives no gradient to k (the momentum encoder's keys): pass k.detach()")
     ratio = ratio.to(dx.dtype).reshape(())
     scale = scale.to(device=q.device, dtype=acc_dtype(q.dtype)).reshape(())
     if backend == "reference":
-        return pix_pos_lse_reference(q, k, scale, dx, dy, diag, ratio, H, W, batch_negatives)
+        return pix_pos_lse_reference(q, k, scale, dx, dy, diag, ratio, H, W, batch_negatives, offset)
     return PixPosLSEFunction.apply(q.contiguous(), k.contiguous(), scale, dx.contiguous(), dy.contiguous(),
-                                   diag.contiguous(), ratio, H, W, bool(batch_negatives), backend)
+                                   diag.contiguous(), ratio, H, W, bool(batch_negatives), int(offset), backend)

@@ -22,10 +22,10 @@ The 0/1 tile is exact in any dtype, so the product runs in the input dtype
 on the upstream gradient with the transposed tables.
 
 ``_pix_pos_lse_fwd_kernel`` — grid (B, row tiles), all of D in one block:
-the anchors' tile Q_I stays in registers; for each candidate image c (c = b
-only, or every image with ``BATCH``) and column tile J, S = scale·Q_I·K_cJᵀ,
+the anchors' tile Q_I stays in registers; for each candidate image c (the
+anchors' own image b + C0 only, or every one of the BK images with ``BATCH``) and column tile J, S = scale·Q_I·K_cJᵀ,
 and two online log-sum-exps run at once, over the positives (c = b and
-pos) and over every allowed candidate.
+pos) and over every allowed candidate (positives: c = b + C0 and pos).
 
 ``_pix_pos_lse_bwd_kernel`` — same grid; recomputes each S tile::
 
@@ -111,7 +111,7 @@ def _lse_step(m, s, x):
 
 
 @triton.jit
-def _pix_pos_lse_fwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, B, P, D, H, W,
+def _pix_pos_lse_fwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, BK, C0, P, D, H, W,
                             BATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr, GEO64: tl.constexpr, UPCAST: tl.constexpr,
                             PREC: tl.constexpr):
@@ -132,12 +132,13 @@ def _pix_pos_lse_fwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, 
     sp = tl.zeros([BLOCK_M], tl.float32)
     ma = tl.full([BLOCK_M], float("-inf"), tl.float32)
     sa = tl.zeros([BLOCK_M], tl.float32)
+    own = b + C0  # the anchors' own image among the BK candidate images
     if BATCH:
         c_lo = 0
-        c_hi = B
+        c_hi = BK
     else:
-        c_lo = b
-        c_hi = b + 1
+        c_lo = own
+        c_hi = own + 1
     for c in range(c_lo, c_hi):
         for n0 in range(0, P, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -148,7 +149,7 @@ def _pix_pos_lse_fwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, 
                 k = k.to(tl.float32)
             S = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             ok = m_ok[:, None] & n_ok[None, :]
-            pos = _pos_tile(DXT, DYT, b, offs_m, offs_n, m_ok, n_ok, P, H, W, diag, ratio, GEO64) & (c == b)
+            pos = _pos_tile(DXT, DYT, b, offs_m, offs_n, m_ok, n_ok, P, H, W, diag, ratio, GEO64) & (c == own)
             mp, sp = _lse_step(mp, sp, tl.where(pos, S, float("-inf")))
             ma, sa = _lse_step(ma, sa, tl.where(ok, S, float("-inf")))
     tl.store(LsePos + rows, mp + tl.log(sp), mask=m_ok)
@@ -157,7 +158,7 @@ def _pix_pos_lse_fwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, 
 
 @triton.jit
 def _pix_pos_lse_bwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, GPos, GAll, DQ, Part,
-                            B, P, D, H, W,
+                            BK, C0, P, D, H, W,
                             BATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr, GEO64: tl.constexpr, UPCAST: tl.constexpr,
                             PREC: tl.constexpr):
@@ -184,12 +185,13 @@ def _pix_pos_lse_bwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, 
     la = tl.where(la == float("-inf"), float("inf"), la)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     ds = tl.zeros([BLOCK_M], tl.float32)
+    own = b + C0  # the anchors' own image among the BK candidate images
     if BATCH:
         c_lo = 0
-        c_hi = B
+        c_hi = BK
     else:
-        c_lo = b
-        c_hi = b + 1
+        c_lo = own
+        c_hi = own + 1
     for c in range(c_lo, c_hi):
         for n0 in range(0, P, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -201,7 +203,7 @@ def _pix_pos_lse_bwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, 
             dot = tl.dot(q, tl.trans(k), input_precision=PREC)
             S = dot * scale
             ok = m_ok[:, None] & n_ok[None, :]
-            pos = _pos_tile(DXT, DYT, b, offs_m, offs_n, m_ok, n_ok, P, H, W, diag, ratio, GEO64) & (c == b)
+            pos = _pos_tile(DXT, DYT, b, offs_m, offs_n, m_ok, n_ok, P, H, W, diag, ratio, GEO64) & (c == own)
             w_pos = tl.where(pos, tl.exp(S - lp[:, None]), 0.0) * gp[:, None]
             w_all = tl.where(ok, tl.exp(S - la[:, None]), 0.0) * ga[:, None]
             w = w_pos + w_all
@@ -250,7 +252,7 @@ def _(x, dxt, dyt, diag, ratio, H, W):
 
 @torch.library.triton_op("contrastive_ops_triton::pix_pos_lse_fwd", mutates_args=())
 def _pix_pos_lse_fwd_op(q: Tensor, k: Tensor, scale: Tensor, dxt: Tensor, dyt: Tensor, diag: Tensor,
-                        ratio: Tensor, H: int, W: int, batch_negatives: bool) -> Tuple[Tensor, Tensor]:
+                        ratio: Tensor, H: int, W: int, batch_negatives: bool, offset: int) -> Tuple[Tensor, Tensor]:
     same_device("pix_pos_lse", q.device, k=k, dxt=dxt, dyt=dyt, diag=diag, ratio=ratio)
     scale = scalar_on("pix_pos_lse", "scale", scale, q.device)
     B, P, D = q.shape
@@ -258,21 +260,22 @@ def _pix_pos_lse_fwd_op(q: Tensor, k: Tensor, scale: Tensor, dxt: Tensor, dyt: T
     lse_all = empty((B, P), torch.float32, q.device)
     if B * P > 0:
         launch("pix_pos_lse_fwd", _pix_pos_lse_fwd_kernel, (B, triton.cdiv(P, BLOCK_M)))(
-            q, k, scale, dxt, dyt, diag, ratio, lse_pos, lse_all, B, P, D, H, W,
+            q, k, scale, dxt, dyt, diag, ratio, lse_pos, lse_all, k.shape[0], offset, P, D, H, W,
             BATCH=bool(batch_negatives), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
             **_geo_flags(q, dxt))
     return lse_pos, lse_all
 
 
 @_pix_pos_lse_fwd_op.register_fake
-def _(q, k, scale, dxt, dyt, diag, ratio, H, W, batch_negatives):
+def _(q, k, scale, dxt, dyt, diag, ratio, H, W, batch_negatives, offset):
     B, P, _ = q.shape
     return q.new_empty((B, P), dtype=torch.float32), q.new_empty((B, P), dtype=torch.float32)
 
 
 @torch.library.triton_op("contrastive_ops_triton::pix_pos_lse_bwd", mutates_args=())
 def _pix_pos_lse_bwd_op(q: Tensor, k: Tensor, scale: Tensor, dxt: Tensor, dyt: Tensor, diag: Tensor,
-                        ratio: Tensor, H: int, W: int, batch_negatives: bool, lse_pos: Tensor, lse_all: Tensor,
+                        ratio: Tensor, H: int, W: int, batch_negatives: bool, offset: int, lse_pos: Tensor,
+                        lse_all: Tensor,
                         g_pos: Tensor, g_all: Tensor) -> Tuple[Tensor, Tensor]:
     same_device("pix_pos_lse", q.device, k=k, dxt=dxt, dyt=dyt, diag=diag, ratio=ratio, lse_pos=lse_pos,
                 lse_all=lse_all, g_pos=g_pos, g_all=g_all)
@@ -282,14 +285,15 @@ def _pix_pos_lse_bwd_op(q: Tensor, k: Tensor, scale: Tensor, dxt: Tensor, dyt: T
     part = empty((B, P), torch.float32, q.device)
     if B * P > 0:
         launch("pix_pos_lse_bwd", _pix_pos_lse_bwd_kernel, (B, triton.cdiv(P, BLOCK_M)))(
-            q, k, scale, dxt, dyt, diag, ratio, lse_pos, lse_all, g_pos, g_all, dq, part, B, P, D, H, W,
+            q, k, scale, dxt, dyt, diag, ratio, lse_pos, lse_all, g_pos, g_all, dq, part, k.shape[0], offset, P, D,
+            H, W,
             BATCH=bool(batch_negatives), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
             **_geo_flags(q, dxt))
     return dq, part.sum()
 
 
 @_pix_pos_lse_bwd_op.register_fake
-def _(q, k, scale, dxt, dyt, diag, ratio, H, W, batch_negatives, lse_pos, lse_all, g_pos, g_all):
+def _(q, k, scale, dxt, dyt, diag, ratio, H, W, batch_negatives, offset, lse_pos, lse_all, g_pos, g_all):
     return torch.empty_like(q), q.new_empty((), dtype=torch.float32)
 
 
@@ -315,16 +319,18 @@ class _PixPosLSE:
     """The ``"pix_pos_lse"`` primitive of the Triton backend (contract in ``primitives.pix_pos``)."""
 
     @staticmethod
-    def forward(q, k, scale, dxt, dyt, diag, ratio, H, W, batch_negatives):
+    def forward(q, k, scale, dxt, dyt, diag, ratio, H, W, batch_negatives, offset):
         _check_d(q.shape[-1])
         return torch.ops.contrastive_ops_triton.pix_pos_lse_fwd(q.contiguous(), k.contiguous(), _f32(scale, q),
-                                                                dxt, dyt, diag, ratio, H, W, batch_negatives)
+                                                                dxt, dyt, diag, ratio, H, W, batch_negatives,
+                                                                offset)
 
     @staticmethod
-    def backward(q, k, scale, dxt, dyt, diag, ratio, H, W, batch_negatives, lse_pos, lse_all, g_pos, g_all):
+    def backward(q, k, scale, dxt, dyt, diag, ratio, H, W, batch_negatives, offset, lse_pos, lse_all, g_pos,
+                 g_all):
         _check_d(q.shape[-1])
         return torch.ops.contrastive_ops_triton.pix_pos_lse_bwd(
-            q.contiguous(), k.contiguous(), _f32(scale, q), dxt, dyt, diag, ratio, H, W, batch_negatives,
+            q.contiguous(), k.contiguous(), _f32(scale, q), dxt, dyt, diag, ratio, H, W, batch_negatives, offset,
             lse_pos.contiguous(), lse_all.contiguous(), g_pos.float().contiguous(), g_all.float().contiguous())
 
 
@@ -347,12 +353,13 @@ def compile_specs():
         for batch in (False, True):
             c = dict(BATCH=batch, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=D, **flags)
             out.append(dict(name="pix_pos_lse_fwd", fn=_pix_pos_lse_fwd_kernel,
-                            args=dict(Q=t, K=t, Scale="*fp32", **geo, LsePos="*fp32", LseAll="*fp32", B="i32",
-                                      P="i32", D="i32", H="i32", W="i32"),
+                            args=dict(Q=t, K=t, Scale="*fp32", **geo, LsePos="*fp32", LseAll="*fp32", BK="i32",
+                                      C0="i32", P="i32", D="i32", H="i32", W="i32"),
                             constexprs=c, num_warps=4, num_stages=2, dtype=dtype, D=D))
             out.append(dict(name="pix_pos_lse_bwd", fn=_pix_pos_lse_bwd_kernel,
                             args=dict(Q=t, K=t, Scale="*fp32", **geo, LsePos="*fp32", LseAll="*fp32",
-                                      GPos="*fp32", GAll="*fp32", DQ=t, Part="*fp32", B="i32", P="i32", D="i32",
+                                      GPos="*fp32", GAll="*fp32", DQ=t, Part="*fp32", BK="i32", C0="i32", P="i32",
+                                      D="i32",
                                       H="i32", W="i32"),
                             constexprs=c, num_warps=4, num_stages=2, dtype=dtype, D=D))
     return out
