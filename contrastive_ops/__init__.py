@@ -19,6 +19,7 @@ from .losses.siglip import siglip_loss
 from .losses.supcon import supcon_loss
 from .losses.supremix import supremix_loss
 from .losses.swav import sinkhorn_knopp, swav_loss
+from .losses.pixpro import pixcontrast_loss, pixpro_loss
 from . import nn  # noqa: E402  (modules wrap the functions above)
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "similarity_lse",
     "selfcon_loss",
     "supremix_loss",
+    "pixpro_loss",
+    "pixcontrast_loss",
     "GradCache",
     "nn",
 ]

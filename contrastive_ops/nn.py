@@ -29,6 +29,7 @@ from .losses.siglip import siglip_loss
 from .losses.supcon import supcon_loss
 from .losses.supremix import supremix_loss
 from .losses.swav import sinkhorn_knopp, swav_loss
+from .losses.pixpro import pixcontrast_loss, pixpro_loss
 
 __all__ = [
     "MemoryBank",
@@ -46,6 +47,8 @@ __all__ = [
     "PointTokenContrastLoss",
     "SelfConLoss",
     "SupReMixLoss",
+    "PixProLoss",
+    "PixContrastLoss",
 ]
 
 
@@ -454,3 +457,32 @@ class PointTokenContrastLoss(_LossModule):
 
     def forward(self, f1, f2, mask1, mask2):
         return self._call(f1, f2, mask1, mask2)
+
+
+class PixProLoss(_LossModule):
+    """``pixpro_loss`` as a module: ``forward(pred_1, pred_2, proj_1_ng, proj_2_ng, coord1, coord2)``."""
+
+    _fn = staticmethod(pixpro_loss)
+
+    def __init__(self, *, pos_ratio: float = 0.7, normalize: bool = True, reduction: str = "mean",
+                 backend: str = "auto", gather_distributed: bool = False):
+        super().__init__(pos_ratio=pos_ratio, normalize=normalize, reduction=reduction, backend=backend,
+                         gather_distributed=gather_distributed)
+
+    def forward(self, pred_1, pred_2, proj_1_ng, proj_2_ng, coord1, coord2):
+        return self._call(pred_1, pred_2, proj_1_ng, proj_2_ng, coord1, coord2)
+
+
+class PixContrastLoss(_LossModule):
+    """``pixcontrast_loss`` as a module: ``forward(proj_1, proj_2, proj_1_ng, proj_2_ng, coord1, coord2)``."""
+
+    _fn = staticmethod(pixcontrast_loss)
+
+    def __init__(self, temperature: float = 0.3, *, pos_ratio: float = 0.7, negatives: str = "image",
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 gather_distributed: bool = False):
+        super().__init__(temperature=temperature, pos_ratio=pos_ratio, negatives=negatives, normalize=normalize,
+                         reduction=reduction, backend=backend, gather_distributed=gather_distributed)
+
+    def forward(self, proj_1, proj_2, proj_1_ng, proj_2_ng, coord1, coord2):
+        return self._call(proj_1, proj_2, proj_1_ng, proj_2_ng, coord1, coord2)
