@@ -12,7 +12,7 @@ from contrastive_ops.backends._triton import tiles as ttiles
 from contrastive_ops.losses import pixpro as px
 from contrastive_ops.primitives import pix_pos
 from helpers import DEVICE, backend_params, compare_with_reference
-from pix_cases import SHAPES, crops, maps, pixels, positive
+from pix_cases import SHAPES, assert_positives, crops, maps, pixels, positive
 
 RATIO = 0.7
 
@@ -119,6 +119,7 @@ def test_against_loop_float64(N, H, W, fused):
 @pytest.mark.parametrize("ratio", [0.7, 0.5, 1.3])
 def test_equals_released_code_float64(N, H, W, ratio):
     c1, c2 = crops(N, seed=N + H, dtype=torch.float64)
+    assert_positives(c1, c2, H, W)
     f = maps(N, H, W, dtype=torch.float64)
     ours = co.pixpro_loss(*f, c1, c2, pos_ratio=ratio, backend="reference")
     f2 = [t.detach().clone().requires_grad_(t.requires_grad) for t in f]
@@ -168,6 +169,7 @@ def _kernel_backends():
 def test_backend_matches_reference(backend, N, H, W, dtype, reduction, monkeypatch):
     monkeypatch.setattr(ttiles, "POISON_OUTPUTS", True)  # an output tile left unwritten is NaN
     c1, c2 = crops(N, seed=H * W, far=1)
+    assert_positives(c1, c2, H, W, far=1)
     c1, c2 = c1.to(DEVICE), c2.to(DEVICE)
     f = [t.to(DEVICE).detach().requires_grad_(t.requires_grad) for t in maps(N, H, W)]
 
@@ -185,6 +187,7 @@ def test_primitive_against_dense(backend, N, H, W, geo, monkeypatch):
     the backward (the same kernel on the transposed tables) equals the dense mask's transpose."""
     monkeypatch.setattr(ttiles, "POISON_OUTPUTS", True)
     c1, c2 = crops(N, seed=7, far=1, dtype=geo)
+    assert_positives(c1, c2, H, W, far=1)
     dx, dy, dg = pix_pos.geometry(c1.to(DEVICE), c2.to(DEVICE), H, W)
     ratio = torch.tensor(RATIO, dtype=geo, device=DEVICE)
     x = torch.randn(N, H * W, 40, device=DEVICE, requires_grad=True)  # D = 40: two ragged D chunks? one of 64
