@@ -14,6 +14,8 @@ module             backend key           entry the losses call
 ``siglip_pairs``   ``"siglip"``          ``siglip_pairs(x, y, scale, bias, backend=)``
 ``sinkhorn``       ``"sinkhorn"``        ``sinkhorn(scores, epsilon, iterations, backend=)``
 ``swav_ce``        ``"swav_ce"``         ``swav_ce(x, t, scale, backend=)``
+``pix_pos``        ``"pix_pos_sum"``     ``pix_pos_sum(x, dx, dy, diag, ratio, H, W, backend=)``
+``pix_pos``        ``"pix_pos_lse"``     ``pix_pos_lse(q, k, scale, dx, dy, diag, ratio, H, W, ...)``
 =================  ====================  =========================================
 
 Imports go one way: losses → primitives → backends → the extension.
