@@ -5,7 +5,8 @@
 //
 // The maths of each op is the contract of its primitive in
 // contrastive_ops/primitives/: sim_lse_* in sim_lse.py, siglip_* in
-// siglip_pairs.py, sinkhorn* in sinkhorn.py, swav_ce_* in swav_ce.py.
+// siglip_pairs.py, sinkhorn* in sinkhorn.py, swav_ce_* in swav_ce.py, pix_pos_sum in
+// pix_pos.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -46,6 +47,9 @@ TORCH_LIBRARY(contrastive_ops, m) {
   m.def("swav_ce_fwd(Tensor x, Tensor t, Tensor scale) -> (Tensor, Tensor)");
   // (dx like x, dscale 0-dim) for the 0-dim gradient grad of the forward's loss.
   m.def("swav_ce_bwd(Tensor x, Tensor t, Tensor scale, Tensor lse, Tensor grad) -> (Tensor, Tensor)");
+  // PixPro's masked pixel sum (Z (B, P, D), cnt (B, P)), positives from the per-axis bin-centre tables;
+  // CPU only (primitives/pix_pos.py).
+  m.def("pix_pos_sum(Tensor x, Tensor dxt, Tensor dyt, Tensor diag, Tensor ratio, int H, int W) -> (Tensor, Tensor)");
 
   // Test hooks of the CPU kernels (csrc/cpu/sim_lse.cpp, csrc/cpu/sinkhorn.cpp):
   // the epilogue flags (1 shifted exponentials, 2 symmetric Gram, 4 dq holds

@@ -108,6 +108,12 @@ def _fake_swav_ce_bwd(x, t, scale, lse, grad):
     return x.new_empty(x.shape), t.new_empty(())
 
 
+def _fake_pix_pos_sum(x, dxt, dyt, diag, ratio, H, W):
+    torch._check(x.dim() == 3, lambda: f"pix_pos_sum: x must be (B, H·W, D), got {x.shape}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape, dtype=acc), x.new_empty(x.shape[:2], dtype=acc)
+
+
 def _fake_sinkhorn(scores, epsilon, iterations):
     torch._check(scores.dim() == 2, lambda: f"sinkhorn: scores must be 2-D, got {scores.dim()}-D")
     return scores.new_empty(scores.shape, dtype=torch.float32)
@@ -171,6 +177,7 @@ _FAKES = {
     "siglip_bwd": _fake_siglip_bwd,
     "swav_ce_fwd": _fake_swav_ce_fwd,
     "swav_ce_bwd": _fake_swav_ce_bwd,
+    "pix_pos_sum": _fake_pix_pos_sum,
     "sinkhorn": _fake_sinkhorn,
     "sinkhorn_col_lse": _fake_sinkhorn_col_lse,
     "sinkhorn_codes": _fake_sinkhorn_codes,
@@ -259,6 +266,17 @@ class Sinkhorn:
         return torch.ops.contrastive_ops.sinkhorn_codes(scores, float(epsilon), v, bool(normalize))
 
 
+class PixPosSum:
+    """Primitive ``"pix_pos_sum"`` (contract in ``contrastive_ops.primitives.pix_pos``); CPU kernel only."""
+
+    @staticmethod
+    def forward(x, dxt, dyt, diag, ratio, H, W):
+        ensure_loaded()
+        return torch.ops.contrastive_ops.pix_pos_sum(x.contiguous(), dxt, dyt, diag, ratio, int(H), int(W))
+
+
 SWAV_CE = SwAVCE()
 SINKHORN = Sinkhorn()
 PRIMITIVES = {"sim_lse": SimLSE(), "siglip": SigLIP(), "sinkhorn": SINKHORN, "swav_ce": SWAV_CE}
+# Primitives with a CPU kernel and no CUDA one (the "cuda" backend does not list them).
+CPU_ONLY_PRIMITIVES = {"pix_pos_sum": PixPosSum()}

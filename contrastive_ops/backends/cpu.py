@@ -7,13 +7,15 @@ tiles with fused, vectorized epilogues and keeps its own column partials
 through ATen with multithreaded epilogues.  Never stores the B×M similarity
 matrix.  SwAV: the
 Sinkhorn codes and the swapped-prediction cross-entropy (``"swav_ce"``), each
-one pass per row.
+one pass per row.  PixPro's masked pixel sum (``"pix_pos_sum"``,
+``csrc/cpu/pix_pos.cpp``): the positive predicate per pair, only positive
+pairs accumulated.
 """
 from __future__ import annotations
 
 from . import _cext
 
-PRIMITIVES = _cext.PRIMITIVES
+PRIMITIVES = dict(_cext.PRIMITIVES, **_cext.CPU_ONLY_PRIMITIVES)
 
 
 def availability():

@@ -209,6 +209,59 @@ def pixpro_loss(
     return reduce(per, reduction, process_group)
 
 
+def released_pos_mask(coord_q: Tensor, coord_k: Tensor, H: int, W: int, pos_ratio: float,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """The released code's positive mask (N, HW, HW), transcribed operation by operation (same order).
+
+    zdaxie/PixPro, contrast/models/PixPro.py, ``regression_loss``, commit
+    6689c383d559f507b429fc73fb08388139916f2e.  The code casts the mask with
+    ``.float()``; ``dtype`` lets a float64 run stay in float64 (the fp32 mask
+    makes the code's ``count + 1e-6`` an fp32 sum).  Kept as a peer for tests
+    and benchmarks (it stores several (N, HW, HW) tensors).
+    """
+    dev, dt = coord_q.device, coord_q.dtype
+    cols = torch.arange(0.0, float(W), dtype=dt, device=dev).view(1, 1, -1).repeat(1, H, 1)
+    rows = torch.arange(0.0, float(H), dtype=dt, device=dev).view(1, -1, 1).repeat(1, 1, W)
+
+    def box(c):
+        bw = ((c[:, 2] - c[:, 0]) / W).view(-1, 1, 1)
+        bh = ((c[:, 3] - c[:, 1]) / H).view(-1, 1, 1)
+        diag = torch.sqrt(bw ** 2 + bh ** 2)
+        cx = (cols + 0.5) * bw + c[:, 0].view(-1, 1, 1)
+        cy = (rows + 0.5) * bh + c[:, 1].view(-1, 1, 1)
+        return cx, cy, diag
+
+    qx, qy, qd = box(coord_q)
+    kx, ky, kd = box(coord_k)
+    dist = torch.sqrt((qx.view(-1, H * W, 1) - kx.view(-1, 1, H * W)) ** 2
+                      + (qy.view(-1, H * W, 1) - ky.view(-1, 1, H * W)) ** 2) / torch.max(qd, kd)
+    return (dist < pos_ratio).to(dtype).detach()
+
+
+def released_regression_loss(q: Tensor, k: Tensor, coord_q: Tensor, coord_k: Tensor, pos_ratio: float = 0.5) -> Tensor:
+    """The released loss of one direction (same source): q, k (N, C, H, W) already normalized over C;
+    the (N, HW, HW) logits and mask, per image the sum over positive pairs / (their count + 1e-6),
+    −2 · the batch mean."""
+    N, C, H, W = q.shape
+    qf, kf = q.view(N, C, -1), k.view(N, C, -1)
+    mask = released_pos_mask(coord_q, coord_k, H, W, pos_ratio, q.dtype)
+    logit = torch.bmm(qf.transpose(1, 2), kf)
+    loss = (logit * mask).sum(-1).sum(-1) / (mask.sum(-1).sum(-1) + 1e-6)
+    return -2 * loss.mean()
+
+
+def pixpro_released_loss(pred_1: Tensor, pred_2: Tensor, proj_1_ng: Tensor, proj_2_ng: Tensor, coord1: Tensor,
+                         coord2: Tensor, pos_ratio: float = 0.7) -> Tensor:
+    """``PixPro.forward``'s pixel loss as released: maps normalized over C, keys without gradient, both
+    directions added (a peer for tests and benchmarks; stores (N, HW, HW) tensors)."""
+    n = torch.nn.functional.normalize
+    p1, p2 = n(pred_1, dim=1), n(pred_2, dim=1)
+    with torch.no_grad():
+        k1, k2 = n(proj_1_ng, dim=1), n(proj_2_ng, dim=1)
+    return (released_regression_loss(p1, k2, coord1, coord2, pos_ratio)
+            + released_regression_loss(p2, k1, coord2, coord1, pos_ratio))
+
+
 # ----------------------------------------------------------------------------- PixContrast
 
 
