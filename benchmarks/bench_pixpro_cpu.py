@@ -103,7 +103,10 @@ def main() -> None:
         for impl in IMPLS:
             cmd = [sys.executable, __file__, "--cap-gib", str(args.cap_gib), "--one", impl, str(N), str(H), str(W),
                    str(C), str(reps)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's package first
+            env = dict(os.environ, OMP_NUM_THREADS="1",
+                       PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             try:
                 res = json.loads(out.stdout.strip().splitlines()[-1])
             except (IndexError, json.JSONDecodeError):
