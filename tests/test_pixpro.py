@@ -260,3 +260,36 @@ def test_fused_path_never_builds_the_dense_mask(backend, monkeypatch):
     out = co.pixpro_loss(*f, c1.to(DEVICE), c2.to(DEVICE), backend=backend)
     out.backward()
     assert math.isfinite(float(out.detach()))
+
+
+def _cpu_kernel_or_skip():
+    ok, why = co.available_backends()["cpu"]
+    if not ok or "pix_pos_sum" not in co.backends.backend_module("cpu").PRIMITIVES:
+        pytest.skip(f"cpu backend without pix_pos_sum: {why}")
+
+
+def test_cpu_op_opcheck():
+    """Schema, fake kernel and AOT dispatch of the C++ op (the Triton ops' fake mode is a GPU matter)."""
+    _cpu_kernel_or_skip()
+    N, H, W = 3, 5, 7
+    c1, c2 = crops(N, far=1)
+    dx, dy, dg = pix_pos.geometry(c1, c2, H, W)
+    for x in (torch.randn(N, H * W, 8), torch.randn(N, H * W, 8, dtype=torch.bfloat16)):
+        torch.library.opcheck(torch.ops.contrastive_ops.pix_pos_sum.default, (x, dx, dy, dg, torch.tensor(0.7), H, W),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_compile_fullgraph_cpu():
+    _cpu_kernel_or_skip()
+    N, H, W = 3, 5, 7
+    c1, c2 = crops(N, far=1)
+    f = maps(N, H, W)
+    g = [t.detach().clone().requires_grad_(t.requires_grad) for t in f]
+    fn = torch.compile(lambda *a: co.pixpro_loss(*a, backend="cpu"), fullgraph=True)
+    out = fn(*f, c1, c2)
+    ref = co.pixpro_loss(*g, c1, c2, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
+    (2 * out).backward()
+    (2 * ref).backward()
+    for a, b in zip(f[:2], g[:2]):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-4, atol=2e-6)
