@@ -33,6 +33,13 @@ pos) and over every allowed candidate (positives: c = b + C0 and pos).
     dQ_I = scale · Σ_J W·K_J,     dscale part_I = Σ_J Σ_j W ⊙ (Q Kᵀ)
 
 one program per row tile, no atomics; torch sums the dscale parts.
+
+Tiles are 16 × 16 on the GPU as under the interpreter.  Measured for sm_90a with Triton 3.8
+(compiled without a GPU, ``specs.compile_spec``; never run on one): every variant compiles; 16-row
+tiles are below wgmma's 64, so the products are ``mma.sync``, and the fp32 LSE kernels (all of
+D = 256 in registers, tf32x3) spill 20–540 B.  64 × 64 tiles reach wgmma but spill 40–5600 B and
+the fp32 LSE kernels then exceed the shared memory of an SM, so they are not used.  Tuning these
+kernels needs a GPU.
 """
 from __future__ import annotations
 
