@@ -7,9 +7,9 @@ tiles with fused, vectorized epilogues and keeps its own column partials
 through ATen with multithreaded epilogues.  Never stores the B×M similarity
 matrix.  SwAV: the
 Sinkhorn codes and the swapped-prediction cross-entropy (``"swav_ce"``), each
-one pass per row.  PixPro's masked pixel sum (``"pix_pos_sum"``,
-``csrc/cpu/pix_pos.cpp``): the positive predicate per pair, only positive
-pairs accumulated.
+one pass per row.  PixPro's masked pixel sum (``"pix_pos_sum"``) and
+PixContrast's two LSEs (``"pix_pos_lse"``), ``csrc/cpu/pix_pos.cpp``: the
+positive predicate evaluated per pair from the crop geometry.
 """
 from __future__ import annotations
 

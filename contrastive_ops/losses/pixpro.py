@@ -344,8 +344,8 @@ def pixcontrast_loss(
         normalize: L2-normalize every pixel feature over C (cosine similarity, as the paper).
         reduction: ``"mean"`` over the anchors with a positive, ``"sum"``, or ``"none"`` ((2·N·H·W,):
             view-1 anchors then view-2 anchors, 0 for anchors without positive).
-        backend: ``"auto"``, ``"reference"`` or ``"triton"`` (``"cpu"``/``"cuda"`` do not implement
-            the ``"pix_pos_lse"`` primitive and raise).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"`` (``"cuda"`` does not implement
+            the ``"pix_pos_lse"`` primitive and raises).
 
     Maths, the choice of negatives and the symmetrization: module docstring of
     ``contrastive_ops.losses.pixpro``.  Under ``process_group`` each rank's

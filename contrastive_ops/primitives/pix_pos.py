@@ -71,10 +71,9 @@ backend implements it as an object with::
     backward(q, k, scale, dx_tab, dy_tab, diag, ratio, H, W, batch_negatives, offset,
              lse_pos, lse_all, g_pos, g_all) -> (dq like q, dscale 0-dim fp32)
 
-Kernels: ``backends/_triton/pix_pos.py`` (both primitives) and
-``csrc/cpu/pix_pos.cpp`` (``"pix_pos_sum"`` only).  The ``cpu`` backend does
-not implement ``"pix_pos_lse"`` and the ``cuda`` backend neither primitive:
-dispatch raises, naming the missing primitive.
+Kernels: ``backends/_triton/pix_pos.py`` and ``csrc/cpu/pix_pos.cpp`` (both
+primitives).  The ``cuda`` backend implements neither: dispatch raises,
+naming the missing primitive.
 
 This module holds, in order: the geometry, the dense references (they build
 the (B, P, P) mask: the oracle), the autograd Functions and the entries the
