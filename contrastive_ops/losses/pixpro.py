@@ -62,7 +62,10 @@ PixPro is linear in x̂': Σ_{i,j} pos_ij ŷ_i·x̂'_j = Σ_i ŷ_i·Z_i with
 Z_i = Σ_j pos_ij x̂'_j.  The primitive ``"pix_pos_sum"`` returns Z (N, HW, C)
 and the per-pixel positive counts, evaluating pos per tile; the rest is
 O(N·HW·C) PyTorch, and autograd of ŷ_i·Z_i gives the exact gradient
-Z_i/(Σpos + 1e-6) (x' is stop-grad, so no backward kernel runs).
+Z_i/(Σpos + 1e-6) (x' is stop-grad, so no backward kernel runs).  No exp is
+involved, and the C++ kernel accumulates only the positive pairs (a few per
+pixel): (HW)² predicate evaluations plus #pos·C multiply-adds per image,
+instead of the (HW)²·C of the dense logits.
 PixContrast: one call of ``"pix_pos_lse"`` per direction returns both LSEs
 per anchor (two online LSEs over the same tiles); the backward kernel gives
 the anchors' and the temperature's gradients.
@@ -181,8 +184,8 @@ def pixpro_loss(
         pos_ratio: positive when the bin-centre distance / the larger bin diagonal < pos_ratio.
         normalize: L2-normalize every pixel feature over C (the code passes normalized maps).
         reduction: ``"mean"`` (the code's value), ``"sum"`` or ``"none"`` ((N,) per image).
-        backend: ``"auto"``, ``"reference"`` or ``"triton"`` (``"cpu"``/``"cuda"`` do not implement
-            the ``"pix_pos_sum"`` primitive and raise).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"`` (``"cuda"`` does not implement
+            the ``"pix_pos_sum"`` primitive and raises).
 
     Returns:
         The loss in fp32 (float64 for float64 inputs)::
