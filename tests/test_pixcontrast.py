@@ -228,3 +228,42 @@ def test_bad_input():
         co.pixcontrast_loss(*f, c1, c2[:2])
     with pytest.raises(ValueError, match="coord1 is on"):
         co.pixcontrast_loss(*f, c1.to("meta"), c2)
+
+
+def _cpu_kernel_or_skip():
+    ok, why = co.available_backends()["cpu"]
+    if not ok or "pix_pos_lse" not in co.backends.backend_module("cpu").PRIMITIVES:
+        pytest.skip(f"cpu backend without pix_pos_lse: {why}")
+
+
+def test_cpu_ops_opcheck():
+    """Schema, fake kernels and AOT dispatch of the C++ ops (the Triton ops' fake mode is a GPU matter)."""
+    _cpu_kernel_or_skip()
+    N, H, W = 3, 5, 7
+    c1, c2 = crops(N, far=1)
+    dx, dy, dg = pix_pos.geometry(c1, c2, H, W)
+    q, k = torch.randn(N, H * W, 8), torch.randn(N + 2, H * W, 8)
+    geo = (dx, dy, dg, torch.tensor(0.7), H, W)
+    for batch, offset in ((False, 1), (True, 2)):
+        args = (q, k, torch.tensor(2.0)) + geo + (batch, offset)
+        utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+        torch.library.opcheck(torch.ops.contrastive_ops.pix_pos_lse_fwd.default, args, test_utils=utils)
+        lp, la = torch.ops.contrastive_ops.pix_pos_lse_fwd(*args)
+        torch.library.opcheck(torch.ops.contrastive_ops.pix_pos_lse_bwd.default,
+                              args + (lp, la, torch.randn(N, H * W), torch.randn(N, H * W)), test_utils=utils)
+
+
+def test_compile_fullgraph_cpu():
+    _cpu_kernel_or_skip()
+    N, H, W = 3, 5, 7
+    c1, c2 = crops(N, far=1)
+    f = maps(N, H, W)
+    g = [t.detach().clone().requires_grad_(t.requires_grad) for t in f]
+    fn = torch.compile(lambda *a: co.pixcontrast_loss(*a, negatives="batch", backend="cpu"), fullgraph=True)
+    out = fn(*f, c1, c2)
+    ref = co.pixcontrast_loss(*g, c1, c2, negatives="batch", backend="reference")
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
+    (2 * out).backward()
+    (2 * ref).backward()
+    for a, b in zip(f[:2], g[:2]):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-4, atol=2e-6)
