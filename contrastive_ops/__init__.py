@@ -14,6 +14,7 @@ from .losses.cacr import cacr_loss
 from .losses.decoupled import dcl_loss, dhel_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent, similarity_lse
 from .losses.multiview import mv_dhel, mv_infonce
+from .losses.pixpro import pixcontrast_loss, pixpro_loss
 from .losses.point_token import point_token_contrast
 from .losses.selfcon import selfcon_loss
 from .losses.sepclr import sepclr_loss
@@ -45,6 +46,8 @@ __all__ = [
     "supremix_loss",
     "sepclr_loss",
     "cacr_loss",
+    "pixpro_loss",
+    "pixcontrast_loss",
     "GradCache",
     "nn",
 ]

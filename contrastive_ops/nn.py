@@ -24,6 +24,7 @@ from .losses.cacr import cacr_loss
 from .losses.decoupled import dcl_loss, dhel_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent
 from .losses.multiview import mv_dhel, mv_infonce
+from .losses.pixpro import pixcontrast_loss, pixpro_loss
 from .losses.point_token import point_token_contrast
 from .losses.selfcon import selfcon_loss
 from .losses.sepclr import sepclr_loss
@@ -50,6 +51,8 @@ __all__ = [
     "SupReMixLoss",
     "SepCLRLoss",
     "CACRLoss",
+    "PixProLoss",
+    "PixContrastLoss",
 ]
 
 
@@ -488,3 +491,30 @@ class CACRLoss(_LossModule):
 
     def forward(self, features):
         return self._call(features)
+class PixProLoss(_LossModule):
+    """``pixpro_loss`` as a module: ``forward(pred_1, pred_2, proj_1_ng, proj_2_ng, coord1, coord2)``."""
+
+    _fn = staticmethod(pixpro_loss)
+
+    def __init__(self, *, pos_ratio: float = 0.7, normalize: bool = True, reduction: str = "mean",
+                 backend: str = "auto", gather_distributed: bool = False):
+        super().__init__(pos_ratio=pos_ratio, normalize=normalize, reduction=reduction, backend=backend,
+                         gather_distributed=gather_distributed)
+
+    def forward(self, pred_1, pred_2, proj_1_ng, proj_2_ng, coord1, coord2):
+        return self._call(pred_1, pred_2, proj_1_ng, proj_2_ng, coord1, coord2)
+
+
+class PixContrastLoss(_LossModule):
+    """``pixcontrast_loss`` as a module: ``forward(proj_1, proj_2, proj_1_ng, proj_2_ng, coord1, coord2)``."""
+
+    _fn = staticmethod(pixcontrast_loss)
+
+    def __init__(self, temperature: float = 0.3, *, pos_ratio: float = 0.7, negatives: str = "image",
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 gather_distributed: bool = False):
+        super().__init__(temperature=temperature, pos_ratio=pos_ratio, negatives=negatives, normalize=normalize,
+                         reduction=reduction, backend=backend, gather_distributed=gather_distributed)
+
+    def forward(self, proj_1, proj_2, proj_1_ng, proj_2_ng, coord1, coord2):
+        return self._call(proj_1, proj_2, proj_1_ng, proj_2_ng, coord1, coord2)

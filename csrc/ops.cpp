@@ -6,7 +6,7 @@
 // The maths of each op is the contract of its primitive in
 // contrastive_ops/primitives/: sim_lse_* in sim_lse.py, siglip_* in
 // siglip_pairs.py, sinkhorn* in sinkhorn.py, swav_ce_* in swav_ce.py, sim_expect_* in
-// sim_expect.py.
+// sim_expect.py, pix_pos_* in pix_pos.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -54,6 +54,17 @@ TORCH_LIBRARY(contrastive_ops, m) {
   m.def(
       "sim_expect_bwd(Tensor q, Tensor k, Tensor scale, Tensor? exclude, Tensor lse, Tensor mean, Tensor grad_lse, "
       "Tensor grad_mean) -> (Tensor, Tensor, Tensor)");
+  // PixPro's masked pixel sum (Z (B, P, D), cnt (B, P)), positives from the per-axis bin-centre tables;
+  // CPU only (primitives/pix_pos.py).
+  m.def("pix_pos_sum(Tensor x, Tensor dxt, Tensor dyt, Tensor diag, Tensor ratio, int H, int W) -> (Tensor, Tensor)");
+  // PixContrast's (lse_pos, lse_all) (B, P) and their backward (dq, dscale); CPU only (primitives/pix_pos.py).
+  m.def(
+      "pix_pos_lse_fwd(Tensor q, Tensor k, Tensor scale, Tensor dxt, Tensor dyt, Tensor diag, Tensor ratio, "
+      "int H, int W, bool batch_negatives, int offset) -> (Tensor, Tensor)");
+  m.def(
+      "pix_pos_lse_bwd(Tensor q, Tensor k, Tensor scale, Tensor dxt, Tensor dyt, Tensor diag, Tensor ratio, "
+      "int H, int W, bool batch_negatives, int offset, Tensor lse_pos, Tensor lse_all, Tensor g_pos, "
+      "Tensor g_all) -> (Tensor, Tensor)");
 
   // Test hooks of the CPU kernels (csrc/cpu/sim_lse.cpp, csrc/cpu/sinkhorn.cpp):
   // the epilogue flags (1 shifted exponentials, 2 symmetric Gram, 4 dq holds

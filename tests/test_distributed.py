@@ -610,6 +610,58 @@ def _(c: Ctx):
             c.close(p.grad, q.grad, f"{loss_cls.__name__}: DDP gradient of {name}")
 
 
+# PixPro / PixContrast: images are independent except for PixContrast's batch negatives (gathered keys,
+# no gradient).  The momentum keys are detached by the losses, so they are passed without grad.
+
+
+def _pix_inputs(c: Ctx, C: int = 6, H: int = 5, W: int = 7):
+    g = torch.Generator().manual_seed(4000)
+    w = 0.4 + 0.5 * torch.rand(2, c.N, generator=g, dtype=torch.float64)
+    x0 = (1 - w) * torch.rand(2, c.N, generator=g, dtype=torch.float64)
+    coords = [torch.stack([x0[v], x0[v] * 0.5, x0[v] + w[v], x0[v] * 0.5 + w[v]], 1) for v in range(2)]
+    maps = [c.randn(c.N, C, H, W, seed=40 + i, requires_grad=i < 2) for i in range(4)]
+    return [B(m) for m in maps] + [B(coords[0]), B(coords[1])], H * W
+
+
+def _pix_rows(P: int):
+    """Global positions of this rank's (2·n·P,) per-anchor PixContrast values (view-major, image-major)."""
+    def rows(c: Ctx):
+        return torch.cat([torch.arange(v * c.N * P + c.offset * P, v * c.N * P + (c.offset + c.n) * P)
+                          for v in range(2)])
+    return rows
+
+
+@case("pixpro")
+def _(c: Ctx):
+    args, _ = _pix_inputs(c)
+    c.check(lambda *a, **kw: co.pixpro_loss(*a, **kw), args)
+
+
+@case("pixpro_none")
+def _(c: Ctx):
+    args, _ = _pix_inputs(c)
+    c.check(lambda *a, **kw: co.pixpro_loss(*a, **kw), args, reduction="none")
+
+
+@case("pixcontrast_image")
+def _(c: Ctx):
+    args, _ = _pix_inputs(c)
+    c.check(lambda *a, **kw: co.pixcontrast_loss(*a, **kw), args + [S(c.scalar(0.3))])
+
+
+@case("pixcontrast_batch")
+def _(c: Ctx):
+    args, _ = _pix_inputs(c)
+    c.check(lambda *a, **kw: co.pixcontrast_loss(*a, **kw), args + [S(c.scalar(0.3))], negatives="batch")
+
+
+@case("pixcontrast_batch_none")
+def _(c: Ctx):
+    args, P = _pix_inputs(c)
+    c.check(lambda *a, **kw: co.pixcontrast_loss(*a, 0.3, **kw), args, negatives="batch", reduction="none",
+            rows=_pix_rows(P))
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -637,6 +689,36 @@ class _DenseSimLSE:
             row, col = sim_lse_reference(qq, kk, ss, row_index, col_index, col_start, col_end, exclude, want_col)
             total = (row * grad_row).sum() + ((col * grad_col).sum() if want_col else 0)
             return torch.autograd.grad(total, (qq, kk, ss))
+
+
+class _DensePixPosSum:
+    """The "pix_pos_sum" primitive with the kernel interface, computed with the dense mask."""
+
+    def forward(self, x, dx, dy, diag, ratio, H, W):
+        from contrastive_ops.primitives.pix_pos import pix_pos_sum_reference
+
+        with torch.no_grad():
+            return pix_pos_sum_reference(x, dx, dy, diag, ratio, H, W)
+
+
+class _DensePixPosLSE:
+    """The "pix_pos_lse" primitive with the kernel interface, computed densely."""
+
+    def forward(self, q, k, scale, dx, dy, diag, ratio, H, W, batch_negatives, offset):
+        from contrastive_ops.primitives.pix_pos import pix_pos_lse_reference
+
+        with torch.no_grad():
+            return pix_pos_lse_reference(q, k, scale, dx, dy, diag, ratio, H, W, batch_negatives, offset)
+
+    def backward(self, q, k, scale, dx, dy, diag, ratio, H, W, batch_negatives, offset, lse_pos, lse_all, g_pos,
+                 g_all):
+        from contrastive_ops.primitives.pix_pos import pix_pos_lse_reference
+
+        with torch.enable_grad():
+            qq, ss = q.detach().requires_grad_(True), scale.detach().requires_grad_(True)
+            lp, la = pix_pos_lse_reference(qq, k, ss, dx, dy, diag, ratio, H, W, batch_negatives, offset)
+            total = torch.where(torch.isfinite(lp), lp * g_pos, 0).sum() + (la * g_all).sum()
+            return torch.autograd.grad(total, (qq, ss))
 
 
 class _DenseSigLIP:
@@ -698,6 +780,7 @@ class _DenseSimExpect:
 
 _DENSE_PRIMITIVES = {"sim_lse": _DenseSimLSE(), "siglip": _DenseSigLIP(), "sinkhorn": _DenseSinkhorn(),
                      "sim_expect": _DenseSimExpect()}
+_DENSE_PRIMITIVES.update({"pix_pos_sum": _DensePixPosSum(), "pix_pos_lse": _DensePixPosLSE()})
 # Ops whose composition needs a primitive the dense stand-in lacks keep the reference.
 _DENSE_OPS = {op for op, prims in __import__("contrastive_ops.backends", fromlist=["x"]).OP_PRIMITIVES.items()
               if all(p in _DENSE_PRIMITIVES for p in prims)}

@@ -68,6 +68,8 @@ OP_PRIMITIVES: Dict[str, Tuple[str, ...]] = {
     "supremix_loss": ("sim_lse",),
     "sepclr_loss": ("sim_lse",),
     "cacr_loss": ("sim_expect",),
+    "pixpro_loss": ("pix_pos_sum",),
+    "pixcontrast_loss": ("pix_pos_lse",),
 }
 
 _MODULES = {

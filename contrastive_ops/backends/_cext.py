@@ -108,6 +108,24 @@ def _fake_swav_ce_bwd(x, t, scale, lse, grad):
     return x.new_empty(x.shape), t.new_empty(())
 
 
+def _fake_pix_pos_sum(x, dxt, dyt, diag, ratio, H, W):
+    torch._check(x.dim() == 3, lambda: f"pix_pos_sum: x must be (B, H·W, D), got {x.shape}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape, dtype=acc), x.new_empty(x.shape[:2], dtype=acc)
+
+
+def _fake_pix_pos_lse_fwd(q, k, scale, dxt, dyt, diag, ratio, H, W, batch_negatives, offset):
+    torch._check(q.dim() == 3, lambda: f"pix_pos_lse_fwd: q must be (B, H·W, D), got {q.shape}")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape[:2], dtype=acc), q.new_empty(q.shape[:2], dtype=acc)
+
+
+def _fake_pix_pos_lse_bwd(q, k, scale, dxt, dyt, diag, ratio, H, W, batch_negatives, offset, lse_pos, lse_all,
+                          g_pos, g_all):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q), q.new_empty((), dtype=acc)
+
+
 def _fake_sinkhorn(scores, epsilon, iterations):
     torch._check(scores.dim() == 2, lambda: f"sinkhorn: scores must be 2-D, got {scores.dim()}-D")
     return scores.new_empty(scores.shape, dtype=torch.float32)
@@ -185,6 +203,9 @@ _FAKES = {
     "siglip_bwd": _fake_siglip_bwd,
     "swav_ce_fwd": _fake_swav_ce_fwd,
     "swav_ce_bwd": _fake_swav_ce_bwd,
+    "pix_pos_sum": _fake_pix_pos_sum,
+    "pix_pos_lse_fwd": _fake_pix_pos_lse_fwd,
+    "pix_pos_lse_bwd": _fake_pix_pos_lse_bwd,
     "sinkhorn": _fake_sinkhorn,
     "sinkhorn_col_lse": _fake_sinkhorn_col_lse,
     "sinkhorn_codes": _fake_sinkhorn_codes,
@@ -287,10 +308,34 @@ class SimExpect:
     def backward(q, k, scale, exclude, lse, mean, grad_lse, grad_mean):
         ensure_loaded()
         return torch.ops.contrastive_ops.sim_expect_bwd(q, k, scale, exclude, lse, mean, grad_lse, grad_mean)
+class PixPosSum:
+    """Primitive ``"pix_pos_sum"`` (contract in ``contrastive_ops.primitives.pix_pos``); CPU kernel only."""
+
+    @staticmethod
+    def forward(x, dxt, dyt, diag, ratio, H, W):
+        ensure_loaded()
+        return torch.ops.contrastive_ops.pix_pos_sum(x.contiguous(), dxt, dyt, diag, ratio, int(H), int(W))
+
+
+class PixPosLSE:
+    """Primitive ``"pix_pos_lse"`` (contract in ``contrastive_ops.primitives.pix_pos``); CPU kernel only."""
+
+    @staticmethod
+    def forward(q, k, scale, dxt, dyt, diag, ratio, H, W, batch_negatives, offset):
+        ensure_loaded()
+        return torch.ops.contrastive_ops.pix_pos_lse_fwd(q, k, scale, dxt, dyt, diag, ratio, int(H), int(W),
+                                                         bool(batch_negatives), int(offset))
+
+    @staticmethod
+    def backward(q, k, scale, dxt, dyt, diag, ratio, H, W, batch_negatives, offset, lse_pos, lse_all, g_pos, g_all):
+        ensure_loaded()
+        return torch.ops.contrastive_ops.pix_pos_lse_bwd(q, k, scale, dxt, dyt, diag, ratio, int(H), int(W),
+                                                         bool(batch_negatives), int(offset), lse_pos, lse_all,
+                                                         g_pos, g_all)
 
 
 SWAV_CE = SwAVCE()
 SINKHORN = Sinkhorn()
 PRIMITIVES = {"sim_lse": SimLSE(), "siglip": SigLIP(), "sinkhorn": SINKHORN, "swav_ce": SWAV_CE}
-# Primitives with CPU kernels and no CUDA kernels: the "cpu" backend only.
-CPU_ONLY_PRIMITIVES = {"sim_expect": SimExpect()}
+# Primitives with a CPU kernel and no CUDA one (the "cuda" backend does not list them).
+CPU_ONLY_PRIMITIVES = {"sim_expect": SimExpect(), "pix_pos_sum": PixPosSum(), "pix_pos_lse": PixPosLSE()}

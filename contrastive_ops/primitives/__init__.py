@@ -15,6 +15,8 @@ module             backend key           entry the losses call
 ``sinkhorn``       ``"sinkhorn"``        ``sinkhorn(scores, epsilon, iterations, backend=)``
 ``swav_ce``        ``"swav_ce"``         ``swav_ce(x, t, scale, backend=)``
 ``sim_expect``     ``"sim_expect"``      ``sim_expect(q, k, scale, exclude=, backend=)``
+``pix_pos``        ``"pix_pos_sum"``     ``pix_pos_sum(x, dx, dy, diag, ratio, H, W, backend=)``
+``pix_pos``        ``"pix_pos_lse"``     ``pix_pos_lse(q, k, scale, dx, dy, diag, ratio, H, W, ...)``
 =================  ====================  =========================================
 
 Imports go one way: losses → primitives → backends → the extension.
