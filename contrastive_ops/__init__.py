@@ -11,6 +11,7 @@ from ._version import __version__
 from .backends import available_backends, get_backend, set_backend
 from .gradcache import GradCache
 from .losses.decoupled import dcl_loss, dhel_loss
+from .losses.hydra import hydra_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent, similarity_lse
 from .losses.multiview import mv_dhel, mv_infonce
 from .losses.point_token import point_token_contrast
@@ -41,6 +42,7 @@ __all__ = [
     "similarity_lse",
     "selfcon_loss",
     "supremix_loss",
+    "hydra_loss",
     "GradCache",
     "nn",
 ]

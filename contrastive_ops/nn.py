@@ -21,6 +21,7 @@ from . import _checks
 from . import distributed as _dist
 from ._numerics import acc_dtype
 from .losses.decoupled import dcl_loss, dhel_loss
+from .losses.hydra import hydra_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent
 from .losses.multiview import mv_dhel, mv_infonce
 from .losses.point_token import point_token_contrast
@@ -46,6 +47,7 @@ __all__ = [
     "PointTokenContrastLoss",
     "SelfConLoss",
     "SupReMixLoss",
+    "HydraLoss",
 ]
 
 
@@ -454,3 +456,17 @@ class PointTokenContrastLoss(_LossModule):
 
     def forward(self, f1, f2, mask1, mask2):
         return self._call(f1, f2, mask1, mask2)
+
+
+class HydraLoss(_LossModule):
+    """``hydra_loss`` as a module: ``forward(z1, k2, gate, y1, posy)``; the gate network stays in the model."""
+
+    _fn = staticmethod(hydra_loss)
+
+    def __init__(self, temperature: float = 0.1, *, positives: str = "c2", gating: str = "filter",
+                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False):
+        super().__init__(temperature=temperature, positives=positives, gating=gating, reduction=reduction,
+                         backend=backend, gather_distributed=gather_distributed)
+
+    def forward(self, z1, k2, gate, y1, posy):
+        return self._call(z1, k2, gate, y1, posy)

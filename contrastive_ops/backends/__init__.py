@@ -66,6 +66,7 @@ OP_PRIMITIVES: Dict[str, Tuple[str, ...]] = {
     "point_token_contrast": ("sim_lse",),
     "selfcon_loss": ("sim_lse",),
     "supremix_loss": ("sim_lse",),
+    "hydra_loss": ("sim_lse",),
 }
 
 _MODULES = {
