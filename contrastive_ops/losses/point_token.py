@@ -66,7 +66,7 @@ from .. import _checks, backends
 from .._numerics import acc_dtype, masked_lse
 from ..distributed import GlobalBatch, reduce
 from ..primitives.sim_lse import sim_lse
-from ._common import inv_temperature, take_rows, unit
+from ._common import inv_temperature, unit, unit_row_pairs
 from ._present_first import present_list
 
 Tensor = torch.Tensor
@@ -228,9 +228,9 @@ def _fused_point_token_contrast(
 
     # Only the listed tokens are normalized (in eager mode the co-masked ones: |S| of the B·G), and
     # the core sees them compacted, in list order: no index lists, positions are list positions.
-    u = unit(take_rows(f1.reshape(B * G, D), idx, distinct=True))  # (len(idx), D) in dt
-    v = unit(take_rows(f2.reshape(B * G, D), idx, distinct=True))
-    pos = (u * v).sum(-1) * inv_t  # s(f1_bi, f2_bi) of each listed token
+    # (len(idx), D) in dt, and s(f1_bi, f2_bi)·τ of each listed token
+    u, v, dot = unit_row_pairs(f1.reshape(B * G, D), f2.reshape(B * G, D), idx)
+    pos = dot * inv_t
     # Kernels take features in the input dtype; normalization stays in dt.
     lse12, lse21 = sim_lse(
         u.to(f1.dtype), v.to(f2.dtype), inv_t,
