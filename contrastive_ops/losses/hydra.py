@@ -62,9 +62,14 @@ with Q = ẑ ⊙ g² and the keys k̂ sorted by class (each class a column range
 the negatives of anchor i are the columns outside its two class ranges
 [a_lo, a_hi) ≤ [b_lo, b_hi): the arcs [b_hi, M + a_lo) and [a_hi, b_lo) of the
 sorted keys repeated twice, so N_i is two row LSEs with a column range each
-(no B × M mask, no log-subtraction).  The positive logits are computed per
-positive pair from the rows (O(P·D) for P positive pairs, B·M/C for C
-balanced classes), their rows and columns read from the class ranges.
+(no B × M mask, no log-subtraction).  The anchors reach the core ordered by
+(a_lo, b_lo) (``row_index``), so a kernel's row block spans about the columns
+its rows need.  The P positive logits (B·M/C for C balanced classes) come
+from one product per class, the anchors paired with that class against its
+column range of the sorted keys: O(P) memory, a host synchronization for the
+class runs and a Python loop over the classes.  (Gathering the two rows of
+every pair instead costs O(P·D) memory and, for a deterministic backward, a
+segmented sum over P rows: slower at every class count tried, 10 to 1000.)
 
 ``gating="filter"`` needs, per tile, the second product Σ_d g_id² k_jd² for the
 per-pair key norm, which the sim_lse primitive lacks: it runs on the reference
@@ -129,15 +134,6 @@ def _class_ranges(sorted_labels: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor
             torch.searchsorted(sorted_labels, labels, right=True))
 
 
-def _range_pairs(lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
-    """All (row i, column j) with lo_i <= j < hi_i, row-major (a host synchronization for their number)."""
-    cnt = hi - lo
-    rows = torch.repeat_interleave(torch.arange(lo.numel(), device=lo.device), cnt)
-    start = torch.cumsum(cnt, 0) - cnt  # first pair of each row
-    cols = lo[rows] + torch.arange(rows.numel(), device=lo.device) - start[rows]
-    return rows, cols
-
-
 def _fused_hydra(z1: Tensor, k2: Tensor, gate: Tensor, y1: Tensor, posy: Tensor, temperature, *,
                  positives: str = "c2", reduction: str = "mean", backend: str, process_group=None) -> Tensor:
     """``gating="simlap"`` on the core: two column-range row LSEs for the negatives, pair logits for the
@@ -161,23 +157,47 @@ def _fused_hydra(z1: Tensor, k2: Tensor, gate: Tensor, y1: Tensor, posy: Tensor,
     # Negatives: outside [a_lo, a_hi) ∪ [b_lo, b_hi).  On the sorted keys repeated twice the two arcs
     # [b_hi, M + a_lo) and [a_hi, b_lo) are contiguous (both ranges equal when y1_i = posy_i: the middle
     # arc is then empty).
+    # The anchors go to the core ordered by their two ranges, so that the rows of a kernel's row block
+    # share their column ranges (a block computes the union of its rows' ranges).
+    order = torch.sort(a_lo * (M + 1) + b_lo, stable=True)[1]
+    back = torch.empty_like(order)
+    back[order] = torch.arange(B, device=order.device)
     K2 = torch.cat([Ks, Ks], 0)
-    outer, _ = sim_lse(Qk, K2, scale, col_start=b_hi, col_end=a_lo + M, backend=backend)
-    inner, _ = sim_lse(Qk, K2, scale, col_start=a_hi, col_end=torch.maximum(b_lo, a_hi), backend=backend)
-    both = torch.stack([outer, inner], 1)
+    outer, _ = sim_lse(Qk, K2, scale, row_index=order, col_start=b_hi[order], col_end=(a_lo + M)[order],
+                       backend=backend)
+    inner, _ = sim_lse(Qk, K2, scale, row_index=order, col_start=a_hi[order],
+                       col_end=torch.maximum(b_lo, a_hi)[order], backend=backend)
+    both = take_rows(torch.stack([outer, inner], 1), back, distinct=True)  # back in anchor order
     neg_lse = masked_lse(both, torch.isfinite(both), 1)  # N_i
-    # Positive pairs from the class ranges of the sorted keys.
-    rows, cols = _range_pairs(lo2, hi2)
+    # Positive pairs: the anchors listed by positive class c (posy, or for "class" also y1 ≠ posy)
+    # against the keys of c, a column range of the sorted keys.  Never B × M.
+    anchors, labels = torch.arange(B, device=z1.device), posy
     if positives == "class":  # y1's class too, where it is another class than posy's
         other = y1 != posy
-        r1, c1 = _range_pairs(lo1, torch.where(other, hi1, lo1))
-        rows, cols = torch.cat([rows, r1]), torch.cat([cols, c1])
+        anchors, labels = torch.cat([anchors, anchors[other]]), torch.cat([posy, y1[other]])
+    labels, by_class = torch.sort(labels, stable=True)
+    anchors = anchors[by_class]
+    classes, runs = torch.unique_consecutive(labels, return_counts=True)
+    key_classes, key_runs = torch.unique_consecutive(ys, return_counts=True)
+    at = torch.searchsorted(key_classes, classes).clamp(max=key_classes.numel() - 1)
+    found = key_classes[at] == classes
     Ksr = take_rows(Kr, perm, distinct=True)
-    logit = (take_rows(Qr, rows) * take_rows(Ksr, cols)).sum(-1) * scale
-    term = torch.logaddexp(take_rows(neg_lse, rows), logit) - logit
-    values = index_sum(term, rows, B)
-    count = torch.tensor(rows.numel(), device=z1.device)
-    return gb.reduce(values, reduction, count=count)
+    Qa = take_rows(Qr, anchors, distinct=positives == "c2")
+    Na = take_rows(neg_lse, anchors, distinct=positives == "c2")
+    # One product per class block, O(P) logits.  Split (not sliced): the backward of a split is one
+    # concatenation, a slice's a full-size zero tensor per class.
+    K_by_class = Ksr.split(key_runs.tolist())  # a host synchronization
+    parts, P = [], 0
+    for Qc, Nc, c, ok in zip(Qa.split(runs.tolist()), Na.split(runs.tolist()), at.tolist(), found.tolist()):
+        if ok:
+            L = (Qc @ K_by_class[c].T) * scale
+            parts.append((torch.logaddexp(Nc[:, None], L) - L).sum(1))
+            P += L.numel()
+        else:  # no key of this class: no positive pair
+            parts.append(0 * Qc[:, 0])
+    per = torch.cat(parts)
+    values = index_sum(per, anchors, B)
+    return gb.reduce(values, reduction, count=torch.tensor(P, device=z1.device))
 
 
 def kernel_why_not(gating: str) -> Optional[str]:
