@@ -42,10 +42,12 @@ synchronization under ``torch.compile``; see
 the column LSE of the *same* similarity ``s(f̂1[idx], f̂2[idx])``, restricted
 to the block diagonal of clouds for "cloud" (anchor k of cloud b may see the
 compacted range ``[start_b, end_b)``) or to everything for "batch": one call
-of the core with ``want_col=True``.  The listed tokens are gathered
-(``take_rows``: a backward without atomics) and normalized after the gather,
-so in eager mode only the |S| co-masked tokens of the B·G are normalized and
-the core gets them compacted, without index lists.  No B×G×G padding;
+of the core with ``want_col=True``.  The listed tokens are gathered,
+normalized and their positive dots taken in one autograd node
+(``_common.unit_row_pairs``: a backward of a few passes over the listed rows
+and one scatter per input, no atomics), so in eager mode only the |S|
+co-masked tokens of the B·G are normalized and the core gets them compacted,
+without index lists.  No B×G×G padding;
 positives and the cosine modes are O(B·G·D).
 
 Distributed (``process_group``): each rank passes its own clouds; the mean is
