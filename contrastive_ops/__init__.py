@@ -12,6 +12,7 @@ from .backends import available_backends, get_backend, set_backend
 from .gradcache import GradCache
 from .losses.cacr import cacr_loss
 from .losses.decoupled import dcl_loss, dhel_loss
+from .losses.hydra import hydra_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent, similarity_lse
 from .losses.multiview import mv_dhel, mv_infonce
 from .losses.pixpro import pixcontrast_loss, pixpro_loss
@@ -48,6 +49,7 @@ __all__ = [
     "cacr_loss",
     "pixpro_loss",
     "pixcontrast_loss",
+    "hydra_loss",
     "GradCache",
     "nn",
 ]

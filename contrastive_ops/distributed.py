@@ -277,17 +277,22 @@ class GlobalBatch:
         base = torch.arange(groups, device=device)[:, None] * self.total + self.offset
         return (base + torch.arange(self.n, device=device)[None, :]).reshape(-1)
 
-    def reduce(self, values: Tensor, reduction: str, counted: Optional[Tensor] = None) -> Tensor:
+    def reduce(self, values: Tensor, reduction: str, counted: Optional[Tensor] = None, *,
+               count: Optional[Tensor] = None) -> Tensor:
         """:func:`reduce` of this rank's per-anchor ``values``.
 
         ``counted`` (bool, like ``values``) marks the anchors that count for
         the mean; by default all do, and the global count (``groups·total``
-        for ``groups·n`` local values) needs no collective.
+        for ``groups·n`` local values) needs no collective.  ``count`` (a
+        0-dim tensor, instead of ``counted``) is this rank's share of the
+        mean's denominator when it is not a number of anchors (e.g. pairs).
         """
+        if count is None and counted is not None:
+            count = counted.sum()
         if self.group is None:
-            return reduce(values, reduction, None, None if counted is None else counted.sum())
-        if counted is not None or reduction != "mean":
-            out = reduce(values, reduction, self.group, None if counted is None else counted.sum())
+            return reduce(values, reduction, None, count)
+        if count is not None or reduction != "mean":
+            out = reduce(values, reduction, self.group, count)
         else:
             n_global = values.numel() * self.total // self.n
             out = values.sum() * (self.world_size / n_global)

@@ -22,6 +22,7 @@ from . import distributed as _dist
 from ._numerics import acc_dtype
 from .losses.cacr import cacr_loss
 from .losses.decoupled import dcl_loss, dhel_loss
+from .losses.hydra import hydra_loss
 from .losses.info_nce import clip_loss, info_nce, nt_xent
 from .losses.multiview import mv_dhel, mv_infonce
 from .losses.pixpro import pixcontrast_loss, pixpro_loss
@@ -53,6 +54,7 @@ __all__ = [
     "CACRLoss",
     "PixProLoss",
     "PixContrastLoss",
+    "HydraLoss",
 ]
 
 
@@ -518,3 +520,15 @@ class PixContrastLoss(_LossModule):
 
     def forward(self, proj_1, proj_2, proj_1_ng, proj_2_ng, coord1, coord2):
         return self._call(proj_1, proj_2, proj_1_ng, proj_2_ng, coord1, coord2)
+class HydraLoss(_LossModule):
+    """``hydra_loss`` as a module: ``forward(z1, k2, gate, y1, posy)``; the gate network stays in the model."""
+
+    _fn = staticmethod(hydra_loss)
+
+    def __init__(self, temperature: float = 0.1, *, positives: str = "c2", gating: str = "filter",
+                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False):
+        super().__init__(temperature=temperature, positives=positives, gating=gating, reduction=reduction,
+                         backend=backend, gather_distributed=gather_distributed)
+
+    def forward(self, z1, k2, gate, y1, posy):
+        return self._call(z1, k2, gate, y1, posy)

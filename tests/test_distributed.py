@@ -505,6 +505,28 @@ def _(c: Ctx):
             [B(c.randn(c.N, 2, 5)), B(20 + c.randint(4, c.N, seed=1)), S(c.scalar(0.2))])
 
 
+def _hydra_args(c: Ctx):
+    y1 = c.randint(3, c.N, seed=1)
+    posy = y1[torch.randperm(c.N, generator=torch.Generator().manual_seed(5))]
+    gate = (c.rand(c.N, 5, seed=2).double() * 0.9 + 0.05).to(c.dtype).requires_grad_(True)
+    return [B(c.randn(c.N, 5)), B(c.randn(c.N, 5, seed=1)), B(gate), B(y1), B(posy), S(c.scalar(0.2))]
+
+
+@case("hydra_filter")
+def _(c: Ctx):
+    c.check(co.hydra_loss, _hydra_args(c))  # the reference only: kernel backends cannot run it
+
+
+@case("hydra_simlap")
+def _(c: Ctx):
+    c.check(co.hydra_loss, _hydra_args(c), gating="simlap")
+
+
+@case("hydra_simlap_class_none")
+def _(c: Ctx):
+    c.check(co.hydra_loss, _hydra_args(c), gating="simlap", positives="class", reduction="none")
+
+
 @case("supremix_full_reference")
 def _(c: Ctx):
     # weights and hard positives: the reference only (kernel backends raise "cannot run": skipped)

@@ -70,6 +70,7 @@ OP_PRIMITIVES: Dict[str, Tuple[str, ...]] = {
     "cacr_loss": ("sim_expect",),
     "pixpro_loss": ("pix_pos_sum",),
     "pixcontrast_loss": ("pix_pos_lse",),
+    "hydra_loss": ("sim_lse",),
 }
 
 _MODULES = {

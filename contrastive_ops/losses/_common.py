@@ -142,6 +142,59 @@ def take_rows(x: Tensor, index: Tensor, *, distinct: bool = False) -> Tensor:
     return _TakeRows.apply(x, index.long())
 
 
+def _unit_rows_fwd(x: Tensor, index: Tensor):
+    """``unit(x[index])`` (in place on the gathered copy: the values of ``F.normalize``), its denominators
+    max(‖x_i‖, eps) and where the norm is above eps."""
+    rows = x.index_select(0, index).to(acc_dtype(x.dtype))
+    norm = rows.norm(2, 1, keepdim=True)
+    denom = norm.clamp_min(NORM_EPS)
+    return rows.div_(denom), denom, norm > NORM_EPS
+
+
+def _unit_rows_bwd(grad: Tensor, u: Tensor, denom: Tensor, live: Tensor, index: Tensor, size: int, dtype) -> Tensor:
+    """dx_i = (g_i − [‖x_i‖ > eps]·û_i (û_i·g_i)) / max(‖x_i‖, eps) (``grad`` is overwritten), written into
+    zeros at the rows ``index`` (one write per row, no atomics)."""
+    along = torch.bmm(u.unsqueeze(1), grad.unsqueeze(2)).view(-1, 1).mul_(live)  # û_i·g_i, one pass (bmm)
+    dx = grad.addcmul_(u, along, value=-1).div_(denom).to(dtype)
+    out = dx.new_zeros((size,) + tuple(dx.shape[1:]))
+    return out.index_copy_(0, index, dx)
+
+
+class _UnitRowPairs(torch.autograd.Function):
+    """``u = unit(x1[index])``, ``v = unit(x2[index])`` and the row dots ``u·v`` in one autograd node.
+
+    The same maths as ``unit(take_rows(x, index, distinct=True))`` and ``(u * v).sum(-1)``, in fewer
+    passes over the rows: the dots' gradient is added into the incoming ``du``/``dv`` in place (no
+    separate products and accumulations), then the normalization's backward and one scatter per input.
+    """
+
+    @staticmethod
+    def forward(ctx, x1, x2, index):
+        u, den1, live1 = _unit_rows_fwd(x1, index)
+        v, den2, live2 = _unit_rows_fwd(x2, index)
+        ctx.save_for_backward(index, u, den1, live1, v, den2, live2)
+        ctx.sizes, ctx.dtypes = (x1.shape[0], x2.shape[0]), (x1.dtype, x2.dtype)
+        return u, v, torch.linalg.vecdot(u, v, dim=1)
+
+    @staticmethod
+    def backward(ctx, gu, gv, gdot):
+        index, u, den1, live1, v, den2, live2 = ctx.saved_tensors
+        # fresh tensors that the normalization's backward may overwrite: du + gdot·v, dv + gdot·u
+        gdot = torch.zeros_like(den1) if gdot is None else gdot.unsqueeze(1)
+        gu = v * gdot if gu is None else torch.addcmul(gu, v, gdot)
+        gv = u * gdot if gv is None else torch.addcmul(gv, u, gdot)
+        dx1 = _unit_rows_bwd(gu, u, den1, live1, index, ctx.sizes[0], ctx.dtypes[0])
+        dx2 = _unit_rows_bwd(gv, v, den2, live2, index, ctx.sizes[1], ctx.dtypes[1])
+        return dx1, dx2, None
+
+
+def unit_row_pairs(x1: Tensor, x2: Tensor, index: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(u, v, (u * v).sum(-1))`` with ``u = unit(x1[index])``, ``v = unit(x2[index])`` (2-D inputs,
+    ``index`` without repeats) in one autograd node: only the listed rows are normalized, the backward
+    is a few passes over them plus one scatter per input.  Not twice differentiable."""
+    return _UnitRowPairs.apply(x1, x2, index.long())
+
+
 def index_sum(values: Tensor, index: Tensor, size: int) -> Tensor:
     """``zeros(size, ...).index_add(0, index, values)`` summed in a fixed order (deterministic on CUDA)."""
     return _IndexSum.apply(values, index.long(), size)

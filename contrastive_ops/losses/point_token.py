@@ -42,10 +42,12 @@ synchronization under ``torch.compile``; see
 the column LSE of the *same* similarity ``s(f̂1[idx], f̂2[idx])``, restricted
 to the block diagonal of clouds for "cloud" (anchor k of cloud b may see the
 compacted range ``[start_b, end_b)``) or to everything for "batch": one call
-of the core with ``want_col=True``.  The listed tokens are gathered
-(``take_rows``: a backward without atomics) and normalized after the gather,
-so in eager mode only the |S| co-masked tokens of the B·G are normalized and
-the core gets them compacted, without index lists.  No B×G×G padding;
+of the core with ``want_col=True``.  The listed tokens are gathered,
+normalized and their positive dots taken in one autograd node
+(``_common.unit_row_pairs``: a backward of a few passes over the listed rows
+and one scatter per input, no atomics), so in eager mode only the |S|
+co-masked tokens of the B·G are normalized and the core gets them compacted,
+without index lists.  No B×G×G padding;
 positives and the cosine modes are O(B·G·D).
 
 Distributed (``process_group``): each rank passes its own clouds; the mean is
@@ -66,7 +68,7 @@ from .. import _checks, backends
 from .._numerics import acc_dtype, masked_lse
 from ..distributed import GlobalBatch, reduce
 from ..primitives.sim_lse import sim_lse
-from ._common import inv_temperature, take_rows, unit
+from ._common import inv_temperature, unit, unit_row_pairs
 from ._present_first import present_list
 
 Tensor = torch.Tensor
@@ -228,9 +230,9 @@ def _fused_point_token_contrast(
 
     # Only the listed tokens are normalized (in eager mode the co-masked ones: |S| of the B·G), and
     # the core sees them compacted, in list order: no index lists, positions are list positions.
-    u = unit(take_rows(f1.reshape(B * G, D), idx, distinct=True))  # (len(idx), D) in dt
-    v = unit(take_rows(f2.reshape(B * G, D), idx, distinct=True))
-    pos = (u * v).sum(-1) * inv_t  # s(f1_bi, f2_bi) of each listed token
+    # (len(idx), D) in dt, and s(f1_bi, f2_bi)·τ of each listed token
+    u, v, dot = unit_row_pairs(f1.reshape(B * G, D), f2.reshape(B * G, D), idx)
+    pos = dot * inv_t
     # Kernels take features in the input dtype; normalization stays in dt.
     lse12, lse21 = sim_lse(
         u.to(f1.dtype), v.to(f2.dtype), inv_t,

@@ -1,0 +1,260 @@
+r"""Hydra: contrast of class-gated features, each positive against the negatives only.
+
+Wu et al., "Rethinking positive pairs in contrastive learning" (arXiv 2410.18200).
+Official code: github.com/erow/hydra ``moco/builder.py`` (``MoCo.disparate_loss``,
+``multipos_ce_loss``) with ``moco/filter.py`` (``Filter``, ``BasicGate``), and
+github.com/erow/vitookit ``simlap.py`` (``SimLAP.disparate_loss``).
+
+Inputs: this rank's anchors ``z1`` (B, D) with their gates ``gate`` (B, D)
+(in the code ``g = σ(MLP((E[y1] + E[posy])/2))``, a network of the model, so
+the loss takes its output), the keys ``k2`` (B, D) of the same samples, the
+class ``y1`` (B,) of each sample and the class ``posy`` (B,) paired with each
+anchor.  Keys (and their classes ``y1``) are all-gathered under a
+``process_group``: M keys in all.  With s = 1/τ, for anchor i and key j:
+
+``gating="filter"`` (hydra ``Filter``: the keys gated with the anchor's gate)::
+
+    l_ij = s · n(z_i ⊙ g_i) · n(k_j ⊙ g_i),       n(x) = x / max(‖x‖, 1e-12)
+         = s · Σ_d z_id g_id² k_jd / (‖z_i ⊙ g_i‖ · ‖k_j ⊙ g_i‖)
+
+  with ‖k_j ⊙ g_i‖² = Σ_d g_id² k_jd²: a norm per pair (i, j).
+
+``gating="simlap"`` (vitookit ``SimLAP``: ``contrast(z1*gate*gate, k2)`` on
+normalized features, not normalized again)::
+
+    l_ij = s · (ẑ_i ⊙ g_i ⊙ g_i) · k̂_j
+
+Classes of the pair: c1_ij = [y1_j = y1_i], c2_ij = [y1_j = posy_i].  The
+negatives of i are the keys of neither class, neg(i) = {j : ¬c1_ij ∧ ¬c2_ij};
+the positives are ``positives="c2"``: {j : c2_ij} (``c2_mask``, simlap and the
+current builder) or ``"class"``: {j : c1_ij ∨ c2_ij} (``class_mask``, an
+earlier builder revision).  Each positive pair is contrasted with the
+negatives only (the other positives are in no denominator)::
+
+    N_i    = LSE_{k ∈ neg(i)} l_ik                   (−∞ when neg(i) = ∅)
+    t_ij   = log(e^{l_ij} + e^{N_i}) − l_ij = softplus(N_i − l_ij)
+    loss   = Σ_i Σ_{j ∈ pos(i)} t_ij / |pos|         (|pos|: all positive pairs)
+
+``reduction="none"`` gives per anchor Σ_{j∈pos(i)} t_ij (B,), ``"sum"`` their
+sum, ``"mean"`` the sum over the number of positive pairs (the code's
+``/pos_mask.sum()``); no positive pair at all gives 0, in the graph.
+
+Where this differs from the code:
+
+* ``multipos_ce_loss`` subtracts the row mean of the logits and then
+  exponentiates: the loss is the same (the shift cancels in t_ij), but
+  e^{l − mean} overflows once a row spreads over ~88 (fp32) around its mean,
+  and the division by ``pos_mask.sum()`` is NaN without positives.  Here N_i
+  is an LSE and t_ij a logaddexp: finite for finite inputs.
+* the builder's ``concat_all_gather`` carries no gradient (its keys come from
+  the momentum encoder); simlap gathers with gradient, as here (SPEC
+  "Distributed"): pass detached keys for the builder's setting.
+* the temperature: simlap ``s = 1/temperature`` (``temperature=0.1``, the
+  default here); the builder scales by a learnable ``scale_logit.exp()``
+  (initialized to 20): pass ``temperature = 1/scale`` as a 0-dim tensor, it
+  receives its gradient.
+* the paper describes gating both sides with the pair's gate and normalizing,
+  the ``"filter"`` gating; simlap's variant (``"simlap"``) drops the second
+  normalization.
+
+Fused composition (``gating="simlap"``, every kernel backend) on ``sim_lse``:
+with Q = ẑ ⊙ g² and the keys k̂ sorted by class (each class a column range),
+the negatives of anchor i are the columns outside its two class ranges
+[a_lo, a_hi) ≤ [b_lo, b_hi): the arcs [b_hi, M + a_lo) and [a_hi, b_lo) of the
+sorted keys repeated twice, so N_i is two row LSEs with a column range each
+(no B × M mask, no log-subtraction).  The anchors reach the core ordered by
+(a_lo, b_lo) (``row_index``), so a kernel's row block spans about the columns
+its rows need.  The P positive logits (B·M/C for C balanced classes) come
+from one product per class, the anchors paired with that class against its
+column range of the sorted keys: O(P) memory, a host synchronization for the
+class runs and a Python loop over the classes.  (Gathering the two rows of
+every pair instead costs O(P·D) memory and, for a deterministic backward, a
+segmented sum over P rows: slower at every class count tried, 10 to 1000.)
+
+``gating="filter"`` needs, per tile, the second product Σ_d g_id² k_jd² for the
+per-pair key norm, which the sim_lse primitive lacks: it runs on the reference
+(``"auto"`` takes it with a warning; an explicit kernel backend raises).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks, backends
+from .._checks import as_scalar, shape_str
+from .._numerics import acc_dtype, masked_lse
+from ..distributed import GlobalBatch
+from ..primitives.sim_lse import sim_lse
+from ._common import NORM_EPS, index_sum, kernel_operands, take_rows, unit
+
+Tensor = torch.Tensor
+POSITIVES = ("c2", "class")
+GATINGS = ("filter", "simlap")
+_WARNED: set = set()  # reasons already given for taking the reference under "auto"
+
+
+def gated_logits(z1: Tensor, keys: Tensor, gate: Tensor, scale: Tensor, gating: str) -> Tensor:
+    """Dense (B, M) logits l_ij of the module docstring, in the accumulation dtype (reference only)."""
+    dt = acc_dtype(z1.dtype)
+    z, k, g = z1.to(dt), keys.to(dt), gate.to(dt)
+    if gating == "simlap":
+        return (unit(z) * g * g) @ unit(k).T * scale
+    # n(z_i ⊙ g_i) ⊙ g_i against the raw keys, divided by ‖k_j ⊙ g_i‖ (clamped like F.normalize; the clamp
+    # on the squared norm keeps the gradient finite where a gate closes a key's support)
+    a = F.normalize(z * g, dim=-1, eps=NORM_EPS) * g
+    kn2 = (g * g) @ (k * k).T
+    return (a @ k.T) * kn2.clamp_min(NORM_EPS * NORM_EPS).rsqrt() * scale
+
+
+def hydra_reference(z1: Tensor, k2: Tensor, gate: Tensor, y1: Tensor, posy: Tensor, temperature, *,
+                    positives: str = "c2", gating: str = "filter", reduction: str = "mean",
+                    process_group=None) -> Tensor:
+    """Exact dense Hydra loss: (B, M) logits and class masks of this rank's anchors against the gathered keys."""
+    gb = GlobalBatch(z1.shape[0], process_group, z1.device)
+    keys = gb.gather(k2)
+    yk = gb.gather_nograd(y1)
+    dt = acc_dtype(z1.dtype)
+    scale = 1.0 / as_scalar("temperature", temperature, z1.to(dt))
+    L = gated_logits(z1, keys, gate, scale, gating)
+    c1 = y1[:, None] == yk[None, :]
+    c2 = posy[:, None] == yk[None, :]
+    pos = c2 if positives == "c2" else (c1 | c2)
+    neg_lse = masked_lse(L, ~(c1 | c2), 1)  # N_i
+    term = torch.logaddexp(neg_lse[:, None], L) - L
+    values = torch.where(pos, term, 0).sum(1)
+    return gb.reduce(values, reduction, count=pos.sum())
+
+
+def _class_ranges(sorted_labels: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+    """[lo, hi) of each label's run in ``sorted_labels`` (empty where absent)."""
+    return (torch.searchsorted(sorted_labels, labels, right=False),
+            torch.searchsorted(sorted_labels, labels, right=True))
+
+
+def _fused_hydra(z1: Tensor, k2: Tensor, gate: Tensor, y1: Tensor, posy: Tensor, temperature, *,
+                 positives: str = "c2", reduction: str = "mean", backend: str, process_group=None) -> Tensor:
+    """``gating="simlap"`` on the core: two column-range row LSEs for the negatives, pair logits for the
+    positives; never builds B × M."""
+    B = z1.shape[0]
+    gb = GlobalBatch(B, process_group, z1.device)
+    dt = acc_dtype(z1.dtype)
+    scale = 1.0 / as_scalar("temperature", temperature, z1.to(dt))
+    Qk, Qr = kernel_operands(unit(z1) * gate.to(dt) * gate.to(dt), z1.dtype)  # ẑ ⊙ g²
+    Kk, Kr = kernel_operands(unit(gb.gather(k2)), k2.dtype)  # k̂, all ranks
+    yk = gb.gather_nograd(y1)
+    M = yk.numel()
+    ys, perm = torch.sort(yk)
+    perm = perm.long()
+    Ks = take_rows(Kk, perm, distinct=True)  # keys sorted by class: one column range per class
+    lo1, hi1 = _class_ranges(ys, y1)
+    lo2, hi2 = _class_ranges(ys, posy)
+    first = lo1 <= lo2
+    a_lo, a_hi = torch.where(first, lo1, lo2), torch.where(first, hi1, hi2)
+    b_lo, b_hi = torch.where(first, lo2, lo1), torch.where(first, hi2, hi1)
+    # Negatives: outside [a_lo, a_hi) ∪ [b_lo, b_hi).  On the sorted keys repeated twice the two arcs
+    # [b_hi, M + a_lo) and [a_hi, b_lo) are contiguous (both ranges equal when y1_i = posy_i: the middle
+    # arc is then empty).
+    # The anchors go to the core ordered by their two ranges, so that the rows of a kernel's row block
+    # share their column ranges (a block computes the union of its rows' ranges).
+    order = torch.sort(a_lo * (M + 1) + b_lo, stable=True)[1]
+    back = torch.empty_like(order)
+    back[order] = torch.arange(B, device=order.device)
+    K2 = torch.cat([Ks, Ks], 0)
+    outer, _ = sim_lse(Qk, K2, scale, row_index=order, col_start=b_hi[order], col_end=(a_lo + M)[order],
+                       backend=backend)
+    inner, _ = sim_lse(Qk, K2, scale, row_index=order, col_start=a_hi[order],
+                       col_end=torch.maximum(b_lo, a_hi)[order], backend=backend)
+    both = take_rows(torch.stack([outer, inner], 1), back, distinct=True)  # back in anchor order
+    neg_lse = masked_lse(both, torch.isfinite(both), 1)  # N_i
+    # Positive pairs: the anchors listed by positive class c (posy, or for "class" also y1 ≠ posy)
+    # against the keys of c, a column range of the sorted keys.  Never B × M.
+    anchors, labels = torch.arange(B, device=z1.device), posy
+    if positives == "class":  # y1's class too, where it is another class than posy's
+        other = y1 != posy
+        anchors, labels = torch.cat([anchors, anchors[other]]), torch.cat([posy, y1[other]])
+    labels, by_class = torch.sort(labels, stable=True)
+    anchors = anchors[by_class]
+    classes, runs = torch.unique_consecutive(labels, return_counts=True)
+    key_classes, key_runs = torch.unique_consecutive(ys, return_counts=True)
+    at = torch.searchsorted(key_classes, classes).clamp(max=key_classes.numel() - 1)
+    found = key_classes[at] == classes
+    Ksr = take_rows(Kr, perm, distinct=True)
+    Qa = take_rows(Qr, anchors, distinct=positives == "c2")
+    Na = take_rows(neg_lse, anchors, distinct=positives == "c2")
+    # One product per class block, O(P) logits.  Split (not sliced): the backward of a split is one
+    # concatenation, a slice's a full-size zero tensor per class.
+    K_by_class = Ksr.split(key_runs.tolist())  # a host synchronization
+    parts, P = [], 0
+    for Qc, Nc, c, ok in zip(Qa.split(runs.tolist()), Na.split(runs.tolist()), at.tolist(), found.tolist()):
+        if ok:
+            L = (Qc @ K_by_class[c].T) * scale
+            parts.append((torch.logaddexp(Nc[:, None], L) - L).sum(1))
+            P += L.numel()
+        else:  # no key of this class: no positive pair
+            parts.append(0 * Qc[:, 0])
+    per = torch.cat(parts)
+    values = index_sum(per, anchors, B)
+    return gb.reduce(values, reduction, count=torch.tensor(P, device=z1.device))
+
+
+def kernel_why_not(gating: str) -> Optional[str]:
+    """Why the fused composition cannot compute this configuration (None: it can)."""
+    if gating == "filter":
+        return ("gating='filter' normalizes each key with the anchor's gate, a per-pair norm "
+                "sum_d g_id^2 k_jd^2 (a second product per tile), which the sim_lse primitive lacks")
+    return None
+
+
+def hydra_loss(z1, k2, gate, y1, posy, temperature=0.1, *, positives="c2", gating="filter", reduction="mean",
+               backend="auto", process_group=None) -> Tensor:
+    r"""Hydra / SimLAP disparate contrast: class-gated features, each positive against the negatives only.
+
+    Args:
+        z1: (B, D) anchor features (the official code: predictor outputs, not normalized).
+        k2: (B, D) key features of the same samples (momentum-encoder outputs in the builder), same
+            dtype and device; all-gathered with gradient under ``process_group``.
+        gate: (B, D) the anchors' gates g = σ(MLP((E[y1] + E[posy])/2)) (the model's gate network),
+            floating point; receives its gradient.
+        y1: (B,) integer class of each sample (anchor and key).
+        posy: (B,) integer class paired with each anchor (``y1`` shuffled in the code).
+        temperature: τ > 0, float or 0-dim tensor (simlap: 0.1; the builder's learnable scale: 1/scale).
+        positives: ``"c2"`` (keys of class ``posy``; simlap and the current builder) or ``"class"``
+            (keys of class ``y1`` or ``posy``; an earlier builder revision).  Negatives: keys of neither.
+        gating: ``"filter"`` (hydra ``Filter``: each key gated with the anchor's gate and normalized per
+            pair) or ``"simlap"`` (normalized features, anchor times g², no second normalization).
+        reduction: ``"mean"`` over all positive pairs, ``"sum"``, or ``"none"``: (B,) per-anchor sums.
+
+    Kernel backends run ``gating="simlap"``; ``"filter"`` runs on the reference (see the module
+    docstring).  The fused path reads the class runs on the host (a synchronization; a graph break
+    under ``torch.compile``).  Returns fp32 (float64 for float64 inputs).
+    """
+    _checks.check_pair("z1", z1, "k2", k2, same_rows=True)
+    B, D = z1.shape
+    _checks.check_features("gate", gate)
+    if gate.shape != z1.shape:
+        raise ValueError(f"gate must have the shape of z1 {shape_str(z1)}, got {shape_str(gate)}")
+    if gate.device != z1.device:
+        raise ValueError(f"gate is on {gate.device} but z1 is on {z1.device}")
+    _checks.check_labels("y1", y1, B, z1.device)
+    _checks.check_labels("posy", posy, B, z1.device)
+    _checks.check_choice("positives", positives, POSITIVES)
+    _checks.check_choice("gating", gating, GATINGS)
+    _checks.check_reduction(reduction)
+    temperature = _checks.as_scalar("temperature", temperature, z1, positive=True)
+    requested = backends.get_backend() if backend is None else backend
+    name = backends.resolve(backend, op="hydra_loss", tensors=[z1])
+    kw = dict(positives=positives, reduction=reduction, process_group=process_group)
+    if name != "reference":
+        why = kernel_why_not(gating)
+        if why is not None and requested != "auto":
+            raise RuntimeError(f"backend {name!r} cannot run hydra_loss with these arguments: {why}")
+        if why is None:
+            return _fused_hydra(z1, k2, gate, y1, posy, temperature, backend=name, **kw)
+        if why not in _WARNED:
+            _WARNED.add(why)
+            warnings.warn(f"contrastive_ops: hydra_loss runs on the plain-PyTorch reference ({why}); "
+                          "pass backend='reference' to silence this.", RuntimeWarning, stacklevel=2)
+    return hydra_reference(z1, k2, gate, y1, posy, temperature, gating=gating, **kw)

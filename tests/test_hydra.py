@@ -1,0 +1,336 @@
+"""hydra_loss: a float64 loop over anchors, positives and negatives (values and gradients of features,
+gates and temperature), the official code re-typed (its row-mean centring: same loss, overflows), the
+fused composition (``gating="simlap"``) on every kernel backend, the per-pair gating the primitive
+lacks, the module, bad input."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import contrastive_ops as co
+from contrastive_ops.losses import hydra as hy
+from helpers import DEVICE, backend_params, compare_with_reference
+
+F64 = torch.float64
+
+
+def _batch(B=10, D=6, classes=4, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, D, generator=g, dtype=F64)
+    k = torch.randn(B, D, generator=g, dtype=F64)
+    gate = torch.rand(B, D, generator=g, dtype=F64) * 0.9 + 0.05
+    y1 = torch.randint(0, classes, (B,), generator=g)
+    posy = y1[torch.randperm(B, generator=g)]
+    return [t.to(dtype) for t in (z, k, gate)] + [y1, posy]
+
+
+def loop_hydra(z, k, gate, y1, posy, tau, *, positives="c2", gating="filter"):
+    """Per anchor i and key j, literally: the gated, normalized pair, its logit, the classes; for each
+    positive j: log(e^{l_ij} + Σ_{neg} e^{l_ik}) − l_ij.  Returns (per-anchor sums (B,), sum / #pairs)."""
+    B, M = z.shape[0], k.shape[0]
+
+    def logit(i, j):
+        if gating == "filter":
+            a = F.normalize(z[i] * gate[i], dim=0)
+            b = F.normalize(k[j] * gate[i], dim=0)
+            return a @ b / tau
+        return (F.normalize(z[i], dim=0) * gate[i] * gate[i]) @ F.normalize(k[j], dim=0) / tau
+
+    vals, npairs = [], 0
+    for i in range(B):
+        c1 = [int(y1[j]) == int(y1[i]) for j in range(M)]
+        c2 = [int(y1[j]) == int(posy[i]) for j in range(M)]
+        l = [logit(i, j) for j in range(M)]
+        neg = [l[j] for j in range(M) if not (c1[j] or c2[j])]
+        pos = [j for j in range(M) if (c2[j] if positives == "c2" else (c1[j] or c2[j]))]
+        v = z.new_zeros(())
+        for j in pos:
+            v = v + torch.log(torch.exp(l[j]) + sum(torch.exp(x) for x in neg)) - l[j]
+        npairs += len(pos)
+        vals.append(v)
+    vals = torch.stack(vals)
+    return vals, vals.sum() / max(npairs, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# The official code, re-typed line by line (float64 here).
+#   erow/hydra moco/builder.py @ d3cdb34a7e575fff29f191ca8153e5c9f1ef8ee5: MoCo.disparate_loss,
+#     multipos_ce_loss; an earlier revision of the same file: multipos_ce_loss(logits, class_mask, class_mask)
+#   erow/hydra moco/filter.py @ 1b2d26ed7e5c9c200c543e99a7803b083605111f: Filter.forward, Filter.contrast
+#   erow/vitookit simlap.py @ f6a80579c478a19e69625ed9e9a1887701ddff68: SimLAP.disparate_loss,
+#     multipos_ce_loss(logits, pos_mask, neg_mask), contrast
+# (one process: concat_all_gather is the identity; the gate network's output is passed in.)
+# ------------------------------------------------------------------------------------------
+
+
+def builder_multipos_ce_loss(logits, pos_mask, exclude_mask=None):
+    if exclude_mask is None:
+        exclude_mask = pos_mask
+    logits = logits - logits.mean(1, keepdim=True)
+    similarity = logits.exp()
+    neg = (similarity * (~exclude_mask)).sum(1, keepdim=True)
+    loss = torch.sum(pos_mask * (torch.log(similarity + neg) - logits)) / pos_mask.sum()
+    return loss.mean()
+
+
+def filter_forward(x1, x2, gate):
+    x1 = torch.einsum("bk,bk->bk", x1, gate)
+    x2 = torch.einsum("nk,bk->bnk", x2, gate)
+    x1 = F.normalize(x1, p=2, dim=-1)
+    x2 = F.normalize(x2, p=2, dim=-1)
+    return x1, x2
+
+
+def filter_contrast(x1, x2):
+    return torch.einsum("bj,bnj->bn", x1, x2)
+
+
+def builder_disparate_loss(z1, k2, gate, y1, posy, scale, *, union=False):
+    fz1, fz2 = filter_forward(z1, k2, gate)
+    logits = scale * filter_contrast(fz1, fz2)
+    c1_mask = (y1.unsqueeze(1) == y1.unsqueeze(0))  # exclude samples from y1
+    c2_mask = (posy.unsqueeze(1) == y1.unsqueeze(0))  # exclude samples from y2
+    class_mask = c1_mask | c2_mask
+    if union:  # the earlier revision
+        return builder_multipos_ce_loss(logits, class_mask, class_mask)
+    return builder_multipos_ce_loss(logits, c2_mask, class_mask)
+
+
+def simlap_multipos_ce_loss(logits, pos_mask, neg_mask=None):
+    if neg_mask is None:
+        neg_mask = ~pos_mask
+    logits = logits - logits.mean(1, keepdim=True)
+    similarity = logits.exp()
+    neg = (similarity * neg_mask).sum(1, keepdim=True)
+    loss = torch.sum(pos_mask * (torch.log(similarity + neg) - logits)) / pos_mask.sum()
+    return loss.mean()
+
+
+def simlap_disparate_loss(z1, k2, gate, y1, posy, s):
+    z1 = F.normalize(z1, p=2, dim=-1)
+    k2 = F.normalize(k2, p=2, dim=-1)
+    logits = (z1 * gate * gate) @ k2.t() * s
+    c1_mask = (y1.unsqueeze(1) == y1.unsqueeze(0))
+    c2_mask = (posy.unsqueeze(1) == y1.unsqueeze(0))
+    class_mask = c1_mask | c2_mask
+    neg_mask = ~class_mask
+    return simlap_multipos_ce_loss(logits, c2_mask, neg_mask)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gating", ["filter", "simlap"])
+@pytest.mark.parametrize("positives", ["c2", "class"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reference_matches_loop(gating, positives, seed):
+    z, k, g, y1, posy = _batch(seed=seed)
+    z, k, g = (t.requires_grad_(True) for t in (z, k, g))
+    tau = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    vals, mean = loop_hydra(z, k, g, y1, posy, tau, positives=positives, gating=gating)
+    ours = lambda red: co.hydra_loss(z, k, g, y1, posy, tau, positives=positives, gating=gating,  # noqa: E731
+                                     reduction=red, backend="reference")
+    torch.testing.assert_close(ours("none"), vals.detach())
+    torch.testing.assert_close(ours("sum"), vals.sum().detach())
+    out = ours("mean")
+    torch.testing.assert_close(out, mean.detach())
+    for a, b in zip(torch.autograd.grad(2 * out, (z, k, g, tau)), torch.autograd.grad(2 * mean, (z, k, g, tau))):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradcheck_reference_filter():
+    z, k, g, y1, posy = _batch(B=6, D=3, classes=3, seed=4)
+    inputs = tuple(t.requires_grad_(True) for t in (z, k, g))
+    assert torch.autograd.gradcheck(lambda a, b, c: co.hydra_loss(a, b, c, y1, posy, 0.5, backend="reference"),
+                                    inputs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_official_code(seed):
+    """Builder (filter gating; c2 positives, and the earlier revision's class positives) and simlap equal
+    the reference; the code's learnable scale is a temperature tensor 1/scale."""
+    z, k, g, y1, posy = _batch(B=12, seed=seed)
+    scale = torch.tensor(20.0, dtype=F64)
+    tau = 1 / scale
+    torch.testing.assert_close(co.hydra_loss(z, k, g, y1, posy, tau, backend="reference"),
+                               builder_disparate_loss(z, k, g, y1, posy, scale))
+    torch.testing.assert_close(co.hydra_loss(z, k, g, y1, posy, tau, positives="class", backend="reference"),
+                               builder_disparate_loss(z, k, g, y1, posy, scale, union=True))
+    torch.testing.assert_close(co.hydra_loss(z, k, g, y1, posy, 0.1, gating="simlap", backend="reference"),
+                               simlap_disparate_loss(z, k, g, y1, posy, 1 / 0.1))
+    # the two gatings are different losses
+    assert (co.hydra_loss(z, k, g, y1, posy, 0.1, backend="reference")
+            - co.hydra_loss(z, k, g, y1, posy, 0.1, gating="simlap", backend="reference")).abs() > 1e-3
+
+
+def test_official_code_overflows_where_the_lse_does_not():
+    """Row-mean centring then exp: in fp32 a row spread over ~90 around its mean overflows (inf/nan);
+    the LSE form stays finite and equals the float64 loss."""
+    z, k, g, y1, posy = _batch(B=12, seed=3)
+    g = torch.ones_like(g)
+    tau = 0.005
+    code = simlap_disparate_loss(z.float(), k.float(), g.float(), y1, posy, 1 / tau)
+    assert not torch.isfinite(code)
+    exact = co.hydra_loss(z, k, g, y1, posy, tau, gating="simlap", backend="reference")
+    for backend in ["reference"] + [p.values[0] for p in backend_params() if not p.marks]:
+        out = co.hydra_loss(z.float().to(DEVICE), k.float().to(DEVICE), g.float().to(DEVICE), y1.to(DEVICE),
+                            posy.to(DEVICE), tau, gating="simlap", backend=backend)
+        assert torch.isfinite(out), backend
+        torch.testing.assert_close(out.double().cpu(), exact, rtol=1e-5, atol=1e-4)
+
+
+def _edge_labels():
+    """Anchors whose posy equals y1, a posy absent from the keys (no positive), rows without negatives."""
+    y1 = torch.tensor([0, 0, 1, 1, 2, 3, 3, 0])
+    posy = torch.tensor([0, 1, 1, 3, 7, 0, 2, 3])
+    return y1, posy
+
+
+@pytest.mark.parametrize("positives", ["c2", "class"])
+@pytest.mark.parametrize("labels", ["random", "edge"])
+def test_reference_edge_labels(positives, labels):
+    z, k, g, y1, posy = _batch(B=8, seed=5)
+    if labels == "edge":
+        y1, posy = _edge_labels()
+    z.requires_grad_(True)
+    vals, mean = loop_hydra(z, k, g, y1, posy, 0.2, positives=positives, gating="simlap")
+    out = co.hydra_loss(z, k, g, y1, posy, 0.2, positives=positives, gating="simlap", backend="reference")
+    torch.testing.assert_close(out, mean.detach())
+    torch.testing.assert_close(torch.autograd.grad(out, z)[0], torch.autograd.grad(mean, z)[0])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("positives", ["c2", "class"])
+@pytest.mark.parametrize("labels", ["random", "edge", "one_class"])
+def test_kernel_backends_match_loop(backend, positives, labels):
+    B = 8 if labels == "edge" else 13
+    z, k, g, y1, posy = _batch(B=B, D=5, classes=4, seed=6)
+    if labels == "edge":
+        y1, posy = _edge_labels()
+    elif labels == "one_class":  # every key is a positive: no negatives anywhere
+        y1 = posy = torch.zeros(B, dtype=torch.long)
+    z64, k64, g64 = (t.clone().requires_grad_(True) for t in (z, k, g))
+    vals, mean = loop_hydra(z64, k64, g64, y1, posy, 0.2, positives=positives, gating="simlap")
+    dev = [t.float().to(DEVICE).requires_grad_(True) for t in (z, k, g)]
+    yd, pd = y1.to(DEVICE), posy.to(DEVICE)
+    kw = dict(positives=positives, gating="simlap", backend=backend)
+    out = co.hydra_loss(*dev, yd, pd, 0.2, reduction="none", **kw)
+    torch.testing.assert_close(out.double().cpu(), vals.detach(), rtol=1e-5, atol=1e-5)
+    out = co.hydra_loss(*dev, yd, pd, 0.2, **kw)
+    torch.testing.assert_close(out.double().cpu(), mean.detach(), rtol=1e-5, atol=1e-5)
+    (2 * out).backward()
+    (2 * mean).backward()
+    for a, b in zip(dev, (z64, k64, g64)):
+        torch.testing.assert_close(a.grad.double().cpu(), b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_no_positive_pair_gives_zero_in_the_graph():
+    z, k, g, _, _ = _batch(B=4)
+    z.requires_grad_(True)
+    y1, posy = torch.tensor([0, 1, 2, 3]), torch.tensor([9, 9, 9, 9])
+    for backend in ["reference"] + [p.values[0] for p in backend_params() if not p.marks]:
+        out = co.hydra_loss(z.float(), k.float(), g.float(), y1, posy, gating="simlap", backend=backend)
+        assert out.item() == 0.0 and out.requires_grad
+
+
+def _hydra(z, k, g, y1, posy, *, backend, **kw):
+    return co.hydra_loss(z, k, g, y1, posy, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_backends_match_reference(backend, dtype):
+    B = 37
+    z, k, g, y1, posy = _batch(B=B, D=16, classes=6, seed=7, dtype=torch.float32)
+    ts = [t.to(DEVICE).requires_grad_(True) for t in (z, k, g)] + [y1.to(DEVICE), posy.to(DEVICE)]
+    for reduction in ("mean", "none"):
+        for positives in ("c2", "class"):
+            compare_with_reference(_hydra, ts, backend=backend, dtype=dtype, temperature=0.1, gating="simlap",
+                                   positives=positives, reduction=reduction, sharpness=10.0, normalized=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_kernel_backend_names_what_the_primitive_lacks(backend):
+    z, k, g, y1, posy = _batch(B=6, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="per-pair norm"):
+        co.hydra_loss(z.to(DEVICE), k.to(DEVICE), g.to(DEVICE), y1.to(DEVICE), posy.to(DEVICE), backend=backend)
+
+
+def test_auto_takes_the_reference_for_the_filter_gating(monkeypatch):
+    from contrastive_ops import backends
+
+    if backends.resolve("auto", op="hydra_loss", tensors=[torch.zeros(1, device=DEVICE)]) == "reference":
+        pytest.skip("no kernel backend here")
+    monkeypatch.setattr(hy, "_WARNED", set())
+    ts = [t.to(DEVICE) for t in _batch(B=6, dtype=torch.float32)]
+    with pytest.warns(RuntimeWarning, match="gating='filter'"):
+        out = co.hydra_loss(*ts, backend="auto")
+    torch.testing.assert_close(out, co.hydra_loss(*ts, backend="reference"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        co.hydra_loss(*ts, backend="auto")  # said once
+        co.hydra_loss(*ts, gating="simlap", backend="auto")  # composed: no warning
+
+
+def test_module():
+    ts = _batch(B=8, dtype=torch.float32)
+    m = co.nn.HydraLoss(0.2, positives="class", gating="simlap", backend="reference")
+    torch.testing.assert_close(m(*ts), co.hydra_loss(*ts, 0.2, positives="class", gating="simlap",
+                                                     backend="reference"))
+    assert "gating='simlap'" in repr(m)
+
+
+def test_inputs_not_modified():
+    z, k, g, y1, posy = _batch(B=8, dtype=torch.float32)
+    z.requires_grad_(True)
+    before = [t.detach().clone() for t in (z, k, g, y1, posy)]
+    for backend in ["reference"] + [p.values[0] for p in backend_params() if not p.marks]:
+        co.hydra_loss(z, k, g, y1, posy, gating="simlap", backend=backend).backward()
+    for a, b in zip(before, (z, k, g, y1, posy)):
+        assert torch.equal(a, b.detach())
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------
+
+
+def test_bad_features():
+    z, k, g, y1, posy = _batch(B=6, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"z1.*\(6,\)"):
+        co.hydra_loss(z[:, 0], k, g, y1, posy)
+    with pytest.raises(ValueError, match=r"\(6, 6\).*\(5, 6\)"):
+        co.hydra_loss(z, k[:5], g, y1, posy)
+    with pytest.raises(ValueError, match="dtype"):
+        co.hydra_loss(z, k.double(), g, y1, posy)
+    with pytest.raises(TypeError, match="floating"):
+        co.hydra_loss(z.long(), k.long(), g, y1, posy)
+    with pytest.raises(ValueError, match=r"gate must have the shape of z1 \(6, 6\), got \(6, 5\)"):
+        co.hydra_loss(z, k, g[:, :5], y1, posy)
+    with pytest.raises(TypeError, match="gate must be a floating-point"):
+        co.hydra_loss(z, k, (g > 0.5).long(), y1, posy)
+
+
+@pytest.mark.parametrize("which", ["y1", "posy"])
+@pytest.mark.parametrize("bad, match", [
+    (torch.zeros(5, dtype=torch.long), r"must have shape \(6,\), got \(5,\)"),
+    (torch.zeros(6), "must be an integer tensor"),
+])
+def test_bad_labels(which, bad, match):
+    z, k, g, y1, posy = _batch(B=6, dtype=torch.float32)
+    args = dict(dict(y1=y1, posy=posy), **{which: bad})
+    with pytest.raises(ValueError, match=f"{which} {match}"):
+        co.hydra_loss(z, k, g, args["y1"], args["posy"])
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(temperature=0.0), "temperature"),
+    (dict(positives="y2"), "positives"),
+    (dict(gating="none"), "gating"),
+    (dict(reduction="avg"), "reduction"),
+    (dict(backend="gpu"), "backend"),
+])
+def test_bad_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        co.hydra_loss(*_batch(B=6, dtype=torch.float32), **kw)
