@@ -12,7 +12,8 @@ import triton.language as tl
 from .sim_lse_fwd import _FLAG_KEYS
 from .tiles import (
     BWD_ATOMIC_GPU, BWD_GPU, DK_WIDE_GPU, DS_GPU, INTERP_BLOCK, INTERP_SYM, SYM_ATOMIC_GPU, SYM_BWD_GPU, allowed, allowed_t,
-    autotune, col_bounds, col_tile, configs, held_tile, load_tile, row_span, row_tile, s_tile, scaled_s,
+    autotune, col_bounds, col_tile, configs, held_tile, load_tile, row_max_of, row_span, row_tile, s_tile, scaled_s,
+    under_row_max,
 )
 
 
@@ -50,13 +51,13 @@ def _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT
 @autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
     DQ, DscalePart,
     B, M, D, stride_q, stride_k, stride_dq, B_LOG2, M_LOG2,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROW_MAX: tl.constexpr,
 ):
     """Row-stationary: program (row tile, output chunk) streams the column tiles; S once per tile.
 
@@ -70,6 +71,7 @@ def _bwd_dq_kernel(
     rows, row_mask, q_rows, cs, ce, e0, e1, lo, hi = row_span(
         pid_m, B, M, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, BLOCK_N, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
     lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)
+    rmax = row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX)
     offs_d = tl.arange(0, BLOCK_D)
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     q_tile = held_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST, ONE_CHUNK)
@@ -81,6 +83,7 @@ def _bwd_dq_kernel(
         s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                        BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
         ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
+        ok = under_row_max(ok, s_raw, scale, rmax, HAS_ROW_MAX)
         ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
         dscale += tl.sum(ds * s_raw, 1)
         if REUSE:
@@ -95,10 +98,11 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs_o, scale,
-             RowIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol, stride_q, stride_k,
+             RowIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol, stride_q, stride_k,
              HAS_ROW_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr, N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr,
              UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-             REUSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_T: tl.constexpr):
+             REUSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_T: tl.constexpr,
+             HAS_ROW_MAX: tl.constexpr):
     """acc += dS_tᵀ · Q_t[:, offs_o] for row tile t against the held column tile (``DK_T``: the
     transposed accumulator, accᵀ += Q_t[:, offs_o]ᵀ · dS_t, D as the product's M dimension)."""
     rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
@@ -107,6 +111,7 @@ def _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs
     s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                    BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
     ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
+    ok = under_row_max(ok, s_raw, scale, row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX), HAS_ROW_MAX)
     lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)
     ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
     if REUSE:
@@ -123,13 +128,13 @@ def _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs
 @autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
 @triton.jit
 def _bwd_dk_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
     DK,
     B, M, D, stride_q, stride_k, stride_dk, B_LOG2, M_LOG2,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
-    DK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROW_MAX: tl.constexpr,
 ):
     """Column-stationary: program (column tile, output chunk) holds its K tile and a BLOCK_N × BLOCK_DO
     dK accumulator and streams the row tiles; S (as Q·Kᵀ) once per tile.  With ranges, row tiles
@@ -155,14 +160,14 @@ def _bwd_dk_kernel(
             lo, hi = col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
             if (lo < n0 + BLOCK_N) & (hi > n0):
                 acc = _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs_o, scale,
-                               RowIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol, stride_q,
-                               stride_k, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC, BLOCK_D,
-                               ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N, DK_T)
+                               RowIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
+                               stride_q, stride_k, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC,
+                               BLOCK_D, ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N, DK_T, HAS_ROW_MAX)
         else:
             acc = _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs_o, scale,
-                           RowIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol, stride_q,
-                           stride_k, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC, BLOCK_D,
-                           ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N, DK_T)
+                           RowIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
+                           stride_q, stride_k, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC,
+                           BLOCK_D, ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N, DK_T, HAS_ROW_MAX)
     acc = acc * scale
     if DK_T:
         tl.store(DK + k_rows[None, :] * stride_dk + offs_o[:, None], acc.to(DK.dtype.element_ty),
@@ -190,19 +195,20 @@ _bwd_dk_wide_kernel = autotune(configs(("BLOCK_M", "BLOCK_N"), DK_WIDE_GPU, INTE
           reset_to_zero=["DKAcc"])
 @triton.jit
 def _bwd_atomic_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
     DQ, DKAcc, DscalePart,
     B, M, D, stride_q, stride_k, stride_dq, stride_acc, B_LOG2, M_LOG2,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    BLOCK_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROW_MAX: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     scale = tl.load(Scale)
     rows, row_mask, q_rows, cs, ce, e0, e1, lo, hi = row_span(
         pid_m, B, M, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, BLOCK_N, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
     lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)
+    rmax = row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX)
     offs_d = tl.arange(0, BLOCK_DP)
     d_mask = offs_d < D
     q_tile = load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
@@ -215,6 +221,7 @@ def _bwd_atomic_kernel(
         s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                        BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
         ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
+        ok = under_row_max(ok, s_raw, scale, rmax, HAS_ROW_MAX)
         ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
         dscale += tl.sum(ds * s_raw, 1)
         ds_lo = ds.to(k_tile.dtype)
@@ -421,12 +428,13 @@ def _gram_bwd_atomic_kernel(
 @autotune(configs(("BLOCK_M", "BLOCK_N"), DS_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
 @triton.jit
 def _bwd_ds_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
     DS, DscalePart,
     B, M, D, stride_q, stride_k, stride_ds, B_LOG2, M_LOG2,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ROW_MAX: tl.constexpr,
 ):
     """Program (row tile, column tile): S recomputed once, dS (unscaled, rounded to DS's dtype
     exactly as the dq/dk kernels round it before their products) stored, and the tile's partial
@@ -443,6 +451,7 @@ def _bwd_ds_kernel(
     s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                    BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
     ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
+    ok = under_row_max(ok, s_raw, scale, row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX), HAS_ROW_MAX)
     lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)
     ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
     tl.store(DS + rows.to(tl.int64)[:, None] * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty),

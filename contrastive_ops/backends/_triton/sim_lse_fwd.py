@@ -10,11 +10,11 @@ import triton.language as tl
 
 from .tiles import (
     FWD_N_GPU, INTERP_N, SYM_FWD_GPU, allowed, allowed_t, autotune, col_lse, col_tile, configs, held_tile, load_tile,
-    logaddexp, lse_of, online_rows, row_span, row_tile, s_tile, scaled_s,
+    logaddexp, lse_of, online_rows, row_max_of, row_span, row_tile, s_tile, scaled_s, under_row_max,
 )
 
 # The launch flags every general kernel is autotuned on (see ``sim_lse._flags``).
-_FLAG_KEYS = ["HAS_ROW_INDEX", "HAS_COL_INDEX", "HAS_RANGE", "N_EXCLUDE", "WANT_COL", "PREC"]
+_FLAG_KEYS = ["HAS_ROW_INDEX", "HAS_COL_INDEX", "HAS_RANGE", "N_EXCLUDE", "WANT_COL", "PREC", "HAS_ROW_MAX"]
 
 
 # ---------------------------------------------------------------------------
@@ -23,17 +23,19 @@ _FLAG_KEYS = ["HAS_ROW_INDEX", "HAS_COL_INDEX", "HAS_RANGE", "N_EXCLUDE", "WANT_
 @autotune(configs(("BLOCK_N",), FWD_N_GPU, INTERP_N), key=["D", "B_LOG2", "M_LOG2", "BLOCK_M"] + _FLAG_KEYS)
 @triton.jit
 def _fwd_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowPart, ColPart,
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowPart, ColPart,
     B, M, D, stride_q, stride_k, cols_per_split, B_LOG2, M_LOG2,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ROW_MAX: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     scale = tl.load(Scale)
     rows, row_mask, q_rows, cs, ce, e0, e1, lo, hi = row_span(
         pid_m, B, M, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, BLOCK_N, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
+    rmax = row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX)
     s0 = pid_s * cols_per_split  # a multiple of every BLOCK_N
     s1 = tl.minimum(s0 + cols_per_split, M)
     a = tl.maximum(lo, s0)  # tile-aligned
@@ -50,6 +52,7 @@ def _fwd_kernel(
         s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                        BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
         ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
+        ok = under_row_max(ok, s_raw, scale, rmax, HAS_ROW_MAX)
         s = scaled_s(s_raw, scale, ok)
         m_i, l_i = online_rows(s, m_i, l_i)
         if WANT_COL:
