@@ -257,12 +257,24 @@ def _prim_case(seed, gram):
     return q, k, scale, row_max
 
 
-@pytest.mark.parametrize("backend", backend_params(torch.device("cpu")))
+TILED = pytest.param("tiled", id="cuda-tiling-on-cpu")  # the CUDA backend's host tiling and epilogue maths
+
+
+@pytest.mark.parametrize("backend", backend_params(torch.device("cpu")) + [TILED])
 @pytest.mark.parametrize("gram,want_col,masks", [(False, True, False), (False, False, True), (True, False, True),
                                                  (True, False, False)])
-def test_sim_lse_row_max_matches_reference(backend, gram, want_col, masks):
+def test_sim_lse_row_max_matches_reference(backend, gram, want_col, masks, monkeypatch):
     """row_max on the primitive vs ``sim_lse_reference``: row and column LSE and every gradient, for q and k
-    distinct, and for q *is* k (the Gram path), with and without ranges and exclusions."""
+    distinct, and for q *is* k (the Gram path), with and without ranges and exclusions.  "tiled": the CUDA
+    backend's tiling with the per-element maths of its epilogues, run on CPU with 3 × 5 tiles."""
+    if backend == "tiled":
+        from contrastive_ops.backends import _cext
+        from contrastive_ops.backends._cext_tiled import TiledSimLSE
+
+        if not co.available_backends()["cpu"][0]:
+            pytest.skip("the C++ extension is not built")
+        monkeypatch.setitem(_cext.PRIMITIVES, "sim_lse", TiledSimLSE(3, 5))
+        backend = "cpu"
     q64, k64, s64, row_max = _prim_case(3, gram)
     Bp, Mp = q64.shape[0], k64.shape[0]
     kw = {}
