@@ -258,9 +258,13 @@ def _prim_case(seed, gram):
 
 
 TILED = pytest.param("tiled", id="cuda-tiling-on-cpu")  # the CUDA backend's host tiling and epilogue maths
+# The Triton backend's opt-in backwards (single-recompute atomic kernels, dS blocks + GEMMs)
+TRITON_PATHS = [pytest.param(f"triton:{p}", id=f"triton-{p}", marks=m)
+                for p in ("atomic", "gemm") for m in [p_.marks for p_ in backend_params(torch.device("cpu"))
+                                                      if p_.values[0] == "triton"]]
 
 
-@pytest.mark.parametrize("backend", backend_params(torch.device("cpu")) + [TILED])
+@pytest.mark.parametrize("backend", backend_params(torch.device("cpu")) + [TILED] + TRITON_PATHS)
 @pytest.mark.parametrize("gram,want_col,masks", [(False, True, False), (False, False, True), (True, False, True),
                                                  (True, False, False)])
 def test_sim_lse_row_max_matches_reference(backend, gram, want_col, masks, monkeypatch):
@@ -275,6 +279,15 @@ def test_sim_lse_row_max_matches_reference(backend, gram, want_col, masks, monke
             pytest.skip("the C++ extension is not built")
         monkeypatch.setitem(_cext.PRIMITIVES, "sim_lse", TiledSimLSE(3, 5))
         backend = "cpu"
+    path = None
+    if backend.startswith("triton"):
+        from contrastive_ops.backends._triton import sim_lse as tcore, tiles as ttiles
+
+        backend, _, path = backend.partition(":")
+        monkeypatch.setattr(ttiles, "POISON_OUTPUTS", True)  # every Triton output buffer starts as NaN
+        if path:
+            monkeypatch.setattr(tcore, "BACKWARD", path)
+        before = dict(tcore.LAUNCHES)
     q64, k64, s64, row_max = _prim_case(3, gram)
     Bp, Mp = q64.shape[0], k64.shape[0]
     kw = {}
@@ -287,8 +300,11 @@ def test_sim_lse_row_max_matches_reference(backend, gram, want_col, masks, monke
     q = q64.to(dt).requires_grad_()
     k = q if gram else k64.to(dt).requires_grad_()
     s = s64.to(dt).requires_grad_()
-    with nan_filled_memory():
+    if path == "atomic":  # atomic kernels run only with deterministic algorithms off (nan_filled_memory sets them)
         row, col = sim_lse(q, k, s, row_max=row_max, want_col=want_col, backend=backend, **kw)
+    else:
+        with nan_filled_memory():
+            row, col = sim_lse(q, k, s, row_max=row_max, want_col=want_col, backend=backend, **kw)
     qe = q.detach().double().requires_grad_()
     ke = qe if gram else k.detach().double().requires_grad_()
     se = s64.clone().requires_grad_()
@@ -306,9 +322,26 @@ def test_sim_lse_row_max_matches_reference(backend, gram, want_col, masks, monke
         loss, loss_e = loss + (col * g_col.to(dt)).sum(), loss_e + (col_e * g_col).sum()
     leaves = [q, s] if gram else [q, k, s]
     leaves_e = [qe, se] if gram else [qe, ke, se]
-    for name, g, e in zip(("q", "k", "scale") if not gram else ("q", "scale"), torch.autograd.grad(loss, leaves),
+    if path == "atomic":
+        grads = torch.autograd.grad(loss, leaves)
+    else:
+        with nan_filled_memory():
+            grads = torch.autograd.grad(loss, leaves)
+    for name, g, e in zip(("q", "k", "scale") if not gram else ("q", "scale"), grads,
                           torch.autograd.grad(loss_e, leaves_e)):
         assert_close(g, e, dt, what=f"grad of {name} on {backend}")
+    if backend == "triton":  # the kernels the case is meant to cover really ran
+        ran = {n for n, c in tcore.LAUNCHES.items() if c > before.get(n, 0)}
+        fwd = "gram_fwd" if gram and not masks_need_general(kw) and path != "gemm" else "fwd"
+        bwd = {None: "gram_bwd" if fwd == "gram_fwd" else "bwd_dq",
+               "atomic": "gram_bwd_atomic" if fwd == "gram_fwd" else "bwd_atomic",
+               "gemm": "bwd_ds" if not masks_need_general(kw) else "bwd_dq"}[path or None]
+        assert {fwd, bwd} <= ran, f"expected {fwd} and {bwd} to run, ran {sorted(ran)}"
+
+
+def masks_need_general(kw) -> bool:
+    """Ranges keep the general kernels (the Gram kernels take exclusions only)."""
+    return "col_start" in kw
 
 
 def test_sim_lse_row_max_bad_shape():

@@ -164,6 +164,9 @@ MUTANTS = (
            "    lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)\n"
            "    ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)\n    if REUSE:",
            _MARGIN + ("-k", "triton"), "Triton dk kernel ignores the row threshold (the forward applies it)"),
+    Mutant("triton-gram-row-max-t-dropped", "contrastive_ops/backends/_triton/sim_lse_bwd.py",
+           "            under_row_max_t(ok_t, s_raw, scale, rmax_c, HAS_ROW_MAX))", "            ok_t)",
+           _MARGIN + ("-k", "triton"), "Triton Gram backwards: the columns' view ignores its rows' thresholds"),
     Mutant("cpu-row-max-bwd-dropped", "csrc/cpu/lse_epilogue.h",
            "        const T x = g[j + l], d = capped_exp(scale * x, R, thr) * a;\n",
            "        const T x = g[j + l], d = fast_exp(scale * x - R) * a;\n",

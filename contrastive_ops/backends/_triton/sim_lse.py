@@ -89,6 +89,13 @@ index on the left.  For 16-bit inputs the forward and backward tiles may
 differ in shape; every config is ≥ 64 rows with a multiple of 4 warps, so all
 of them run ``wgmma`` with the same K-order of the sum.
 
+Row threshold (``row_max``, optional, the ``HAS_ROW_MAX`` flag of every kernel): a pair is left out
+when S > row_max[i], compared in ``tiles.under_row_max`` on the very product ``scaled_s``
+exponentiates, so the forward and every backward drop the same pairs (ties within the rounding of
+S, ``tf32x3`` for fp32 on the GPU, are decided on that S).  The Gram kernels compare each view of
+an entry (a, b) with its own row's threshold (``under_row_max_t`` for the columns' view), on the
+one value read from the tile with the lower index on the left.
+
 Which backward runs (``backward_path``): the deterministic kernels unless the
 atomic path is asked for with ``BACKWARD = "atomic"`` (module attribute, or
 ``CONTRASTIVE_OPS_TRITON_BACKWARD=atomic`` at import) and
@@ -278,18 +285,15 @@ def gram_kernels_take(dtype: torch.dtype) -> bool:
     return dtype != torch.float32 or GRAM_FP32_ON_GPU or interpreting()
 
 
-def _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col, row_max=None) -> bool:
-    """The Gram kernels cover q is k with no index lists, no ranges, no column LSE and no row
-    threshold (and, on a GPU, 16-bit inputs: ``gram_kernels_take``).
-
-    With ``row_max`` the general kernels run, forward and backward alike (the same decision on the
-    same arguments), so the backward reads the S the forward compared with the threshold: the Gram
-    kernels read entry (a, b) of row b from the tile of the lower index, which would need the
-    column view's threshold in every one of their loops.
+def _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col) -> bool:
+    """The Gram kernels cover q is k with no index lists, no ranges and no column LSE (and, on a
+    GPU, 16-bit inputs: ``gram_kernels_take``).  A row threshold ``row_max`` is applied there too:
+    each view of an entry (a, b) — row a's and row b's — is compared with its own row's threshold
+    on the one value read from the tile with the lower index on the left, forward and backward alike.
     """
     return (bool(gram) and row_index is None and col_index is None and col_start is None
-            and col_end is None and not want_col and row_max is None and q.shape == k.shape
-            and gram_kernels_take(q.dtype) and BACKWARD != "gemm")
+            and col_end is None and not want_col and q.shape == k.shape and gram_kernels_take(q.dtype)
+            and BACKWARD != "gemm")
 
 
 # The GEMM backward's dS buffer: blocks of rows × all M columns, at most this many bytes.
@@ -319,7 +323,8 @@ def _gemm_backward(q, k, scale, exclude, row_lse, col_lse, grad_row, grad_col, f
         launch("bwd_ds", _bwd_ds_kernel,
                lambda meta, n=r1 - r0: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_N"])))(
             qc, k, scale, scale, scale, scale, scale, _ptr(None if exclude is None else exclude[r0:r1], scale),
-            _ptr(None if row_max is None else row_max[r0:r1], scale), row_lse[r0:r1], _ptr(col_lse, row_lse), grad_row[r0:r1], _ptr(grad_col, grad_row), dsc, part,
+            _ptr(None if row_max is None else row_max[r0:r1], scale),
+            row_lse[r0:r1], _ptr(col_lse, row_lse), grad_row[r0:r1], _ptr(grad_col, grad_row), dsc, part,
             r1 - r0, M, D, q.stride(0), k.stride(0), dsc.stride(0), log2_bucket(B), log2_bucket(M),
             BLOCK_D=bd, ONE_CHUNK=one_chunk, **flags,
         )
@@ -370,14 +375,14 @@ def _sim_lse_fwd_op(
     col_start, col_end = _ranges(q, B, M, col_start, col_end)
     flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col, row_max)
     bd = chunk_d(D, q.dtype)
-    if _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col, row_max) and B > 0:
+    if _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col) and B > 0:
         block = gram_block(B, q.device)
         T = triton.cdiv(B, block)
         part = _empty((T, B), torch.float32, q.device)  # every entry written once
         launch("gram_fwd", _gram_fwd_kernel, (triton.cdiv(T, 2),))(
-            q, scale, _ptr(exclude, scale), part, B, D, q.stride(0), log2_bucket(B),
+            q, scale, _ptr(exclude, scale), _ptr(row_max, scale), part, B, D, q.stride(0), log2_bucket(B),
             N_EXCLUDE=flags["N_EXCLUDE"], UPCAST=flags["UPCAST"], PREC=flags["PREC"],
-            BLOCK_D=bd, ONE_CHUNK=D <= bd, BLOCK=block,
+            BLOCK_D=bd, ONE_CHUNK=D <= bd, BLOCK=block, HAS_ROW_MAX=flags["HAS_ROW_MAX"],
         )
         return torch.logsumexp(part, 0), torch.empty((0,), dtype=torch.float32, device=q.device)
     if B == 0:
@@ -438,18 +443,18 @@ def _sim_lse_bwd_op(
     reuse = one_chunk and n_d == 1 and bdo == bd
     dot_kw = dict(UPCAST=flags["UPCAST"], PREC=flags["PREC"])
     gram_kw = dict(N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=bd, BLOCK_DO=gram_bdo, ONE_CHUNK=one_chunk,
-                   REUSE=one_chunk and gram_n_d == 1 and gram_bdo == bd, **dot_kw)
+                   REUSE=one_chunk and gram_n_d == 1 and gram_bdo == bd, HAS_ROW_MAX=flags["HAS_ROW_MAX"], **dot_kw)
     n_parts = triton.cdiv(B, min_block())
 
     def gram_rows(terms: int, name: str, dscale_part: Tensor) -> Tensor:
         out = _empty(q.shape, q.dtype, q.device)
         launch(name, _gram_bwd_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK"]), gram_n_d))(
-            q, scale, _ptr(exclude, scale), row_lse, grad_row, out, dscale_part,
+            q, scale, _ptr(exclude, scale), _ptr(row_max, scale), row_lse, grad_row, out, dscale_part,
             B, D, q.stride(0), out.stride(0), log2_bucket(B), TERMS=terms, **gram_kw,
         )
         return out
 
-    if not gram and same and _gram_applies(True, q, k, row_index, col_index, col_start, col_end, want_col, row_max):
+    if not gram and same and _gram_applies(True, q, k, row_index, col_index, col_start, col_end, want_col):
         # k holds q's values but is another tensor for autograd (e.g. z.detach()): dq = scale·dS·K
         # and dk = scale·dSᵀ·Q from the Gram kernel's two terms (the forward's S, read the same way).
         if not launch_any:
@@ -459,7 +464,7 @@ def _sim_lse_bwd_op(
         dk = gram_rows(2, "gram_bwd_dk", torch.zeros_like(dscale_part))
         return dq, dk, dscale_part.sum()
 
-    if _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col, row_max):
+    if _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col):
         dk = torch.zeros_like(k)
         if not launch_any:
             return torch.zeros_like(q), dk, torch.zeros((), dtype=torch.float32, device=q.device)
@@ -468,9 +473,10 @@ def _sim_lse_bwd_op(
             dz_acc = torch.zeros((B, D), dtype=torch.float32, device=q.device)
             dscale_part = _empty((slots,), torch.float32, q.device)
             launch("gram_bwd_atomic", _gram_bwd_atomic_kernel, (slots,))(
-                q, scale, _ptr(exclude, scale), row_lse, grad_row, dz_acc, dscale_part,
+                q, scale, _ptr(exclude, scale), _ptr(row_max, scale), row_lse, grad_row, dz_acc, dscale_part,
                 B, D, q.stride(0), dz_acc.stride(0), log2_bucket(B),
-                N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=bd, ONE_CHUNK=one_chunk, BLOCK_DP=d_pad(D), **dot_kw,
+                N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=bd, ONE_CHUNK=one_chunk, BLOCK_DP=d_pad(D),
+                HAS_ROW_MAX=flags["HAS_ROW_MAX"], **dot_kw,
             )
             return dz_acc.to(q.dtype), dk, dscale_part.sum()
         dscale_part = torch.zeros((n_parts,), dtype=torch.float32, device=q.device)
@@ -798,7 +804,7 @@ def compile_specs() -> List[dict]:
                     out.append(spec("sim_lse_fwd", _fwd_kernel.fn, dname, D, c, w, st))
             for block in (64,):
                 for _, w, st in SYM_FWD_GPU:
-                    c = dict(N_EXCLUDE=1, **flags, BLOCK_D=bd, ONE_CHUNK=one, BLOCK=block)
+                    c = dict(N_EXCLUDE=1, **flags, BLOCK_D=bd, ONE_CHUNK=one, BLOCK=block, HAS_ROW_MAX=False)
                     if fwd_smem(block, block, bd, st, elem) > SMEM_LIMIT:
                         continue
                     out.append(spec("sim_lse_gram_fwd", _gram_fwd_kernel.fn, dname, D, c, w, st))
@@ -825,7 +831,7 @@ def compile_specs() -> List[dict]:
             gbdo = gpu_block_do(D, dname, gram=True)
             gram_bwd = dict(BLOCK_D=bd, BLOCK_DO=gbdo, ONE_CHUNK=one, REUSE=one and D <= gbdo and gbdo == bd)
             for (blk,), w, st in SYM_BWD_GPU:
-                c = dict(N_EXCLUDE=1, **flags, **gram_bwd, TERMS=3, BLOCK=blk)
+                c = dict(N_EXCLUDE=1, **flags, **gram_bwd, TERMS=3, BLOCK=blk, HAS_ROW_MAX=False)
                 if not acc_fits(c, w, gbdo):
                     continue
                 out.append(spec("sim_lse_gram_bwd", _gram_bwd_kernel.fn, dname, D, c, w, st))

@@ -13,7 +13,7 @@ from .sim_lse_fwd import _FLAG_KEYS
 from .tiles import (
     BWD_ATOMIC_GPU, BWD_GPU, DK_WIDE_GPU, DS_GPU, INTERP_BLOCK, INTERP_SYM, SYM_ATOMIC_GPU, SYM_BWD_GPU, allowed, allowed_t,
     autotune, col_bounds, col_tile, configs, held_tile, load_tile, row_max_of, row_span, row_tile, s_tile, scaled_s,
-    under_row_max,
+    under_row_max, under_row_max_t,
 )
 
 
@@ -268,6 +268,14 @@ def _gram_pick(ds, ds_t, TERMS: tl.constexpr):
 
 
 @triton.jit
+def _gram_oks(s_raw, scale, ok, ok_t, rmax_r, rmax_c, HAS_ROW_MAX: tl.constexpr):
+    """``ok`` (the tile rows' view) and ``ok_t`` (the columns' view) under the row thresholds of the tile's
+    rows ``rmax_r`` and of its columns ``rmax_c``, on the tile's own entries (as the Gram forward)."""
+    return (under_row_max(ok, s_raw, scale, rmax_r, HAS_ROW_MAX),
+            under_row_max_t(ok_t, s_raw, scale, rmax_c, HAS_ROW_MAX))
+
+
+@triton.jit
 def _gram_j_tile(tj, B, Exclude, RowLse, GradRow, Z, offs_d, offs_o, D, stride_z,
                  N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
                  BLOCK: tl.constexpr):
@@ -283,14 +291,15 @@ def _gram_j_tile(tj, B, Exclude, RowLse, GradRow, Z, offs_d, offs_o, D, stride_z
     return rows_j, mask_j, z_rows_j, e0_j, e1_j, lse_j, g_j, zj, zo
 
 
-@autotune(configs(("BLOCK",), SYM_BWD_GPU, INTERP_SYM), key=["D", "B_LOG2", "N_EXCLUDE", "TERMS", "PREC"])
+@autotune(configs(("BLOCK",), SYM_BWD_GPU, INTERP_SYM),
+          key=["D", "B_LOG2", "N_EXCLUDE", "TERMS", "PREC", "HAS_ROW_MAX"])
 @triton.jit
 def _gram_bwd_kernel(
-    Z, Scale, Exclude, RowLse, GradRow, DZ, DscalePart,
+    Z, Scale, Exclude, RowMax, RowLse, GradRow, DZ, DscalePart,
     B, D, stride_z, stride_dz, B_LOG2,
     N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
-    TERMS: tl.constexpr, BLOCK: tl.constexpr,
+    TERMS: tl.constexpr, BLOCK: tl.constexpr, HAS_ROW_MAX: tl.constexpr,
 ):
     """Row-stationary over all column tiles J in three loops (J < I, J = I, J > I); one program per
     (row tile, output chunk) holds dZ_I in registers and writes it once: 4 units for one chunk."""
@@ -301,6 +310,7 @@ def _gram_bwd_kernel(
     rows_i, mask_i, z_rows_i, cs, ce, e0_i, e1_i = row_tile(
         ti, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
     lse_i, g_i = _row_stats(RowLse, GradRow, rows_i, mask_i)
+    rmax_i = row_max_of(RowMax, rows_i, mask_i, HAS_ROW_MAX)
     offs_d = tl.arange(0, BLOCK_D)
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     zi = held_tile(Z, z_rows_i, mask_i, offs_d, D, stride_z, UPCAST, ONE_CHUNK)
@@ -315,6 +325,8 @@ def _gram_bwd_kernel(
                        BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
         ok = allowed(rows_i, mask_j, mask_i, cs, ce, e0_j, e1_j, False, N_EXCLUDE)
         ok_t = allowed_t(rows_j, mask_j, mask_i, e0_i, e1_i, N_EXCLUDE)
+        ok, ok_t = _gram_oks(s_raw, scale, ok, ok_t, row_max_of(RowMax, rows_j, mask_j, HAS_ROW_MAX), rmax_i,
+                             HAS_ROW_MAX)
         ds_j, ds_it = _gram_ds(s_raw, scale, ok, ok_t, lse_j, g_j, lse_i, g_i)  # dS_JI, (dS_IJ)ᵀ
         dscale_t += tl.sum(ds_it * s_raw, 0)
         a_t = _gram_pick(ds_it, ds_j, TERMS)
@@ -327,6 +339,7 @@ def _gram_bwd_kernel(
     s_raw = tl.where(rows_i[:, None] <= rows_j[None, :], s_raw, tl.trans(s_raw))
     ok = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
     ok_t = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
+    ok, ok_t = _gram_oks(s_raw, scale, ok, ok_t, rmax_i, rmax_i, HAS_ROW_MAX)  # J = I: the same rows
     ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
     dscale = dscale_t + tl.sum(ds * s_raw, 1)
     acc = tl.dot(_gram_pick(ds, ds_t, TERMS).to(zo.dtype), zo, acc, input_precision=PREC)
@@ -339,6 +352,8 @@ def _gram_bwd_kernel(
                        BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
         ok = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
         ok_t = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
+        ok, ok_t = _gram_oks(s_raw, scale, ok, ok_t, rmax_i, row_max_of(RowMax, rows_j, mask_j, HAS_ROW_MAX),
+                             HAS_ROW_MAX)
         ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
         dscale += tl.sum(ds * s_raw, 1)
         acc = tl.dot(_gram_pick(ds, ds_t, TERMS).to(zo.dtype), zo, acc, input_precision=PREC)
@@ -365,15 +380,15 @@ def _pair_range(pid, nprog, T):
 # Atomic Gram backward (opt-in, D ≤ 256): each pair I ≤ J once, S_IJ built once
 # as the forward builds it, dZ_I += A_IJ·Z_J in registers (flushed with one
 # atomic add when leaving I), dZ_J += A_IJᵀ·Z_I (J > I) with fp32 atomics: 3 units.
-@autotune(configs(("BLOCK",), SYM_ATOMIC_GPU, INTERP_SYM), key=["D", "B_LOG2", "N_EXCLUDE", "PREC"],
+@autotune(configs(("BLOCK",), SYM_ATOMIC_GPU, INTERP_SYM), key=["D", "B_LOG2", "N_EXCLUDE", "PREC", "HAS_ROW_MAX"],
           reset_to_zero=["DZAcc"])
 @triton.jit
 def _gram_bwd_atomic_kernel(
-    Z, Scale, Exclude, RowLse, GradRow, DZAcc, DscalePart,
+    Z, Scale, Exclude, RowMax, RowLse, GradRow, DZAcc, DscalePart,
     B, D, stride_z, stride_acc, B_LOG2,
     N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    BLOCK_DP: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_DP: tl.constexpr, BLOCK: tl.constexpr, HAS_ROW_MAX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -398,6 +413,8 @@ def _gram_bwd_atomic_kernel(
             s_raw = tl.where(rows_i[:, None] <= rows_j[None, :], s_raw, tl.trans(s_raw))
         ok = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
         ok_t = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
+        ok, ok_t = _gram_oks(s_raw, scale, ok, ok_t, row_max_of(RowMax, rows_i, mask_i, HAS_ROW_MAX),
+                             row_max_of(RowMax, rows_j, mask_j, HAS_ROW_MAX), HAS_ROW_MAX)
         lse_i, g_i = _row_stats(RowLse, GradRow, rows_i, mask_i)
         lse_j, g_j = _row_stats(RowLse, GradRow, rows_j, mask_j)
         ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)

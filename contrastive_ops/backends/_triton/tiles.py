@@ -494,6 +494,15 @@ def under_row_max(ok, s_raw, scale, rmax, HAS_ROW_MAX: tl.constexpr):
 
 
 @triton.jit
+def under_row_max_t(ok_t, s_raw, scale, rmax_cols, HAS_ROW_MAX: tl.constexpr):
+    """Gram matrices: ``under_row_max`` of the *transposed* pairs (``allowed_t``'s layout), each column's
+    own row threshold ``rmax_cols`` against the same entry of the tile."""
+    if HAS_ROW_MAX:
+        ok_t = ok_t & ~(s_raw * scale > rmax_cols[None, :])
+    return ok_t
+
+
+@triton.jit
 def logaddexp(a, b):
     """log(eᵃ + eᵇ), −inf when both are −inf."""
     mx = tl.maximum(a, b)
