@@ -387,3 +387,52 @@ def test_modules_take_the_margin():
     got = co.nn.NTXentLoss(temperature=0.2, false_negative_margin=0.0, backend="reference")(q, k)
     want = co.nt_xent(q, k, 0.2, false_negative_margin=0.0, backend="reference")
     torch.testing.assert_close(got, want)
+
+
+# --------------------------------------------------------------------------- the kernel ops' row_max argument
+
+
+def test_cext_ops_take_row_max():
+    """The C++ ops: opcheck (schema, fake kernel, autograd registration) with a row threshold, and clear
+    errors for a row_max of the wrong shape or dtype."""
+    if not co.available_backends()["cpu"][0]:
+        pytest.skip("the C++ extension is not built")
+    ops = torch.ops.contrastive_ops
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(9, 6, generator=g), torch.randn(11, 6, generator=g)
+    s = torch.tensor(0.5)
+    row_max = torch.full((9,), 0.3)
+    for want_col in (False, True):
+        args = (q, k, s, None, None, None, None, None, want_col, row_max)
+        torch.library.opcheck(ops.sim_lse_fwd.default, args)
+        qq, kk, ss = (t.clone().requires_grad_() for t in (q, k, s))
+        torch.library.opcheck(ops.sim_lse_fwd.default, (qq, kk, ss, *args[3:]))
+        row, col = ops.sim_lse_fwd(*args)
+        torch.library.opcheck(ops.sim_lse_bwd.default, (q, k, s, None, None, None, None, None, row, col,
+                                                        torch.ones_like(row), torch.ones_like(col), row_max))
+    with pytest.raises(RuntimeError, match="row_max must have shape"):
+        ops.sim_lse_fwd(q, k, s, None, None, None, None, None, False, torch.zeros(8))
+    with pytest.raises(RuntimeError, match="row_max must be float32 or float64"):
+        ops.sim_lse_fwd(q, k, s, None, None, None, None, None, False, torch.zeros(9, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="row_max must have shape"):
+        ops._sim_lse_tiled_fwd(q, k, s, None, None, None, None, None, False, 3, 5, torch.zeros(8))
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params(torch.device("cpu")) if p.values[0] == "triton"])
+def test_triton_ops_take_row_max(backend):
+    """The Triton custom ops: schema and fake kernels with a row threshold; a wrong shape is a ValueError."""
+    from contrastive_ops.backends._triton import sim_lse as tcore
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(9, 16, generator=g), torch.randn(11, 16, generator=g)
+    s, row_max = torch.tensor(0.5), torch.full((9,), 0.3)
+    ops = torch.ops.contrastive_ops_triton
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.sim_lse_fwd.default, (q, k, s, None, None, None, None, None, True, False, row_max),
+                          test_utils=utils)
+    row, col = tcore.sim_lse_forward(q, k, s, want_col=True, row_max=row_max)
+    torch.library.opcheck(ops.sim_lse_bwd.default, (q, k, s, None, None, None, None, None, row, col,
+                                                    torch.ones_like(row), torch.ones_like(col), False, False, False,
+                                                    row_max), test_utils=utils)
+    with pytest.raises(ValueError, match=r"row_max must have shape \(9,\)"):
+        tcore.sim_lse_forward(q, k, s, row_max=torch.zeros(4))
