@@ -240,10 +240,12 @@ class InfoNCELoss(_MemoryLossModule):
     def __init__(self, temperature: float = 0.07, *, symmetric: bool = False, normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", learnable_temperature: bool = False,
                  gather_distributed: bool = False, in_batch_negatives: bool = True, memory_size: int = 0,
-                 hard_negative_beta: float = 0.0, debias_tau_plus: float = 0.0):
+                 hard_negative_beta: float = 0.0, debias_tau_plus: float = 0.0,
+                 false_negative_margin: Optional[float] = None):
         super().__init__(symmetric=symmetric, normalize=normalize, reduction=reduction, backend=backend,
                          gather_distributed=gather_distributed, in_batch_negatives=in_batch_negatives,
-                         hard_negative_beta=hard_negative_beta, debias_tau_plus=debias_tau_plus)
+                         hard_negative_beta=hard_negative_beta, debias_tau_plus=debias_tau_plus,
+                         false_negative_margin=false_negative_margin)
         self._init_memory(memory_size)
         if not in_batch_negatives and not memory_size:
             raise ValueError("in_batch_negatives=False needs negatives from a memory: set memory_size > 0")
@@ -295,10 +297,11 @@ class NTXentLoss(_MemoryLossModule):
 
     def __init__(self, temperature: float = 0.5, *, normalize: bool = True, reduction: str = "mean",
                  backend: str = "auto", gather_distributed: bool = False, memory_size: int = 0,
-                 hard_negative_beta: float = 0.0, debias_tau_plus: float = 0.0):
+                 hard_negative_beta: float = 0.0, debias_tau_plus: float = 0.0,
+                 false_negative_margin: Optional[float] = None):
         super().__init__(temperature=temperature, normalize=normalize, reduction=reduction, backend=backend,
                          gather_distributed=gather_distributed, hard_negative_beta=hard_negative_beta,
-                         debias_tau_plus=debias_tau_plus)
+                         debias_tau_plus=debias_tau_plus, false_negative_margin=false_negative_margin)
         self._init_memory(memory_size)
 
     def forward(self, z1, z2):

@@ -22,9 +22,11 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(contrastive_ops, m) {
   // row_lse (B,), col_lse (M,) or (0,) without want_col; fp32 (float64 for float64 inputs).
+  // row_max (B,) fp32/float64 or None: pair (i, j) also needs !(S[i, j] > row_max[i]) (forward and
+  // backward compare the same S; see contrastive_ops/primitives/sim_lse.py).
   m.def(
       "sim_lse_fwd(Tensor q, Tensor k, Tensor scale, Tensor? row_index, Tensor? col_index, "
-      "Tensor? col_start, Tensor? col_end, Tensor? exclude, bool want_col) -> (Tensor, Tensor)");
+      "Tensor? col_start, Tensor? col_end, Tensor? exclude, bool want_col, Tensor? row_max=None) -> (Tensor, Tensor)");
   // (dq like q, dk like k, dscale 0-dim like scale).  When q and k are one
   // tensor (the same TensorImpl, as autograd passes an input used twice) only
   // dq + dk is meaningful: the CPU kernel may then return all of it in dq and
@@ -32,7 +34,7 @@ TORCH_LIBRARY(contrastive_ops, m) {
   m.def(
       "sim_lse_bwd(Tensor q, Tensor k, Tensor scale, Tensor? row_index, Tensor? col_index, "
       "Tensor? col_start, Tensor? col_end, Tensor? exclude, Tensor row_lse, Tensor col_lse, "
-      "Tensor grad_row, Tensor grad_col) -> (Tensor, Tensor, Tensor)");
+      "Tensor grad_row, Tensor grad_col, Tensor? row_max=None) -> (Tensor, Tensor, Tensor)");
   // 0-dim sum of softplus(-z_ij (scale x_i.y_j + bias)), z = 2I - 1.
   m.def("siglip_fwd(Tensor x, Tensor y, Tensor scale, Tensor bias) -> Tensor");
   // (dx like x, dy like y, dscale like scale, dbias like bias).
@@ -83,12 +85,13 @@ TORCH_LIBRARY(contrastive_ops, m) {
   // (CONTRASTIVE_OPS_CUDA_TILE included).
   m.def(
       "_sim_lse_tiled_fwd(Tensor q, Tensor k, Tensor scale, Tensor? row_index, Tensor? col_index, "
-      "Tensor? col_start, Tensor? col_end, Tensor? exclude, bool want_col, int tile_rows=3, int tile_cols=5) "
-      "-> (Tensor, Tensor)");
+      "Tensor? col_start, Tensor? col_end, Tensor? exclude, bool want_col, int tile_rows=3, int tile_cols=5, "
+      "Tensor? row_max=None) -> (Tensor, Tensor)");
   m.def(
       "_sim_lse_tiled_bwd(Tensor q, Tensor k, Tensor scale, Tensor? row_index, Tensor? col_index, "
       "Tensor? col_start, Tensor? col_end, Tensor? exclude, Tensor row_lse, Tensor col_lse, "
-      "Tensor grad_row, Tensor grad_col, int tile_rows=3, int tile_cols=5) -> (Tensor, Tensor, Tensor)");
+      "Tensor grad_row, Tensor grad_col, int tile_rows=3, int tile_cols=5, Tensor? row_max=None) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("_siglip_tiled_fwd(Tensor x, Tensor y, Tensor scale, Tensor bias, int tile_rows=3, int tile_cols=5) -> Tensor");
   m.def(
       "_siglip_tiled_bwd(Tensor x, Tensor y, Tensor scale, Tensor bias, Tensor grad, int tile_rows=3, "

@@ -57,6 +57,10 @@ struct Masks {
   OptTensor col_end;    // (B,) or none (M)
   OptTensor exclude;    // (B, E) or none; entries < 0 exclude nothing
   int64_t M = 0;
+  // (B,) in the accumulation dtype, contiguous, or none: pair (i, j) is allowed only if
+  // !(S[i, j] > row_max[i]), compared on the S the epilogue exponentiates (+inf keeps every
+  // pair, and so does a NaN S: a threshold never hides a NaN).
+  OptTensor row_max;
   int64_t E() const { return exclude.has_value() ? exclude->size(1) : 0; }
 };
 
@@ -68,7 +72,14 @@ namespace {
 inline tile_math::DevMasks dev_masks(const Masks& mk) {
   return {mk.col_start ? mk.col_start->data_ptr<int32_t>() : nullptr,
           mk.col_end ? mk.col_end->data_ptr<int32_t>() : nullptr,
-          mk.exclude ? mk.exclude->data_ptr<int32_t>() : nullptr, mk.E(), mk.M};
+          mk.exclude ? mk.exclude->data_ptr<int32_t>() : nullptr, mk.E(), mk.M,
+          mk.row_max ? mk.row_max->data_ptr() : nullptr};
+}
+
+// row_max in the accumulation dtype of the tiles, contiguous (none stays none).
+inline OptTensor acc_row_max(const OptTensor& row_max, at::ScalarType acc) {
+  if (!row_max.has_value()) return c10::nullopt;
+  return row_max->to(acc).contiguous();
 }
 
 // fp32 GEMMs in IEEE fp32 for the lifetime of the guard, whatever the global TF32 switch
@@ -155,7 +166,8 @@ inline void check_same_device(const Tensor& t, const char* name, const Tensor& l
 inline std::pair<int64_t, int64_t> check_sim_lse_args(const Tensor& q, const Tensor& k, const Tensor& scale,
                                                       const OptTensor& row_index, const OptTensor& col_index,
                                                       const OptTensor& col_start, const OptTensor& col_end,
-                                                      const OptTensor& exclude) {
+                                                      const OptTensor& exclude,
+                                                      const OptTensor& row_max = c10::nullopt) {
   check_float_input(q, "q");
   check_float_input(k, "k");
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "contrastive_ops: q and k dtypes differ: ", q.scalar_type(),
@@ -173,6 +185,13 @@ inline std::pair<int64_t, int64_t> check_sim_lse_args(const Tensor& q, const Ten
   check_index(col_start, "col_start", q, B, 1);
   check_index(col_end, "col_end", q, B, 1);
   check_index(exclude, "exclude", q, B, 2);
+  if (row_max.has_value()) {
+    const auto st = row_max->scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble, "contrastive_ops: row_max must be float32 or float64, got ", st);
+    check_same_device(*row_max, "row_max", q);
+    TORCH_CHECK(row_max->dim() == 1 && row_max->size(0) == B, "contrastive_ops: row_max must have shape (", B,
+                "), got ", row_max->sizes());
+  }
   return {B, M};
 }
 
@@ -180,8 +199,8 @@ inline std::pair<int64_t, int64_t> check_sim_lse_args(const Tensor& q, const Ten
 inline std::tuple<int64_t, int64_t, bool> check_sim_lse_bwd_args(
     const Tensor& q, const Tensor& k, const Tensor& scale, const OptTensor& row_index, const OptTensor& col_index,
     const OptTensor& col_start, const OptTensor& col_end, const OptTensor& exclude, const Tensor& row_lse,
-    const Tensor& col_lse, const Tensor& grad_row, const Tensor& grad_col) {
-  auto [B, M] = check_sim_lse_args(q, k, scale, row_index, col_index, col_start, col_end, exclude);
+    const Tensor& col_lse, const Tensor& grad_row, const Tensor& grad_col, const OptTensor& row_max = c10::nullopt) {
+  auto [B, M] = check_sim_lse_args(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_max);
   check_same_device(row_lse, "row_lse", q);
   check_same_device(grad_row, "grad_row", q);
   TORCH_CHECK(row_lse.numel() == B && grad_row.numel() == B, "contrastive_ops: row_lse/grad_row must have ", B,
@@ -267,14 +286,14 @@ template <class Dev>
 std::tuple<Tensor, Tensor> sim_lse_fwd_tiled(const Tensor& q, const Tensor& k, const Tensor& scale,
                                              const OptTensor& row_index, const OptTensor& col_index,
                                              const OptTensor& col_start, const OptTensor& col_end,
-                                             const OptTensor& exclude, bool want_col) {
-  auto [B, M] = check_sim_lse_args(q, k, scale, row_index, col_index, col_start, col_end, exclude);
+                                             const OptTensor& exclude, bool want_col, const OptTensor& row_max) {
+  auto [B, M] = check_sim_lse_args(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_max);
   const auto acc = acc_dtype(q.scalar_type());
   const auto opts = q.options().dtype(acc);
   const Tensor Q = gather_rows(q, row_index, Dev::compute_dtype(q.scalar_type()));
   const Tensor K = gather_rows(k, col_index, Dev::compute_dtype(q.scalar_type()));
   const Tensor sc = scale.to(acc);
-  const Masks masks{col_start, col_end, exclude, M};
+  const Masks masks{col_start, col_end, exclude, M, acc_row_max(row_max, acc)};
   const double inf = std::numeric_limits<double>::infinity();
 
   Tensor row_m = at::full({B}, -inf, opts), row_s = at::zeros({B}, opts);
@@ -304,15 +323,16 @@ std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_tiled(const Tensor& q, const Tens
                                                      const OptTensor& col_start, const OptTensor& col_end,
                                                      const OptTensor& exclude, const Tensor& row_lse,
                                                      const Tensor& col_lse, const Tensor& grad_row,
-                                                     const Tensor& grad_col) {
+                                                     const Tensor& grad_col, const OptTensor& row_max) {
   auto [B, M, has_col] = check_sim_lse_bwd_args(q, k, scale, row_index, col_index, col_start, col_end, exclude,
-                                                row_lse, col_lse, grad_row, grad_col);
+                                                row_lse, col_lse, grad_row, grad_col, row_max);
   const auto acc = acc_dtype(q.scalar_type());
   const auto opts = q.options().dtype(acc);
   const Tensor Q = gather_rows(q, row_index, Dev::compute_dtype(q.scalar_type()));
   const Tensor K = gather_rows(k, col_index, Dev::compute_dtype(q.scalar_type()));
   const Tensor sc = scale.to(acc);
-  const Masks masks{col_start, col_end, exclude, M};
+  // The same Masks as the forward: the threshold is compared on the recomputed S of the same tile.
+  const Masks masks{col_start, col_end, exclude, M, acc_row_max(row_max, acc)};
   const Tensor rl = safe_lse(row_lse.to(acc)), gr = grad_row.to(acc).contiguous();
   const Tensor cl = has_col ? safe_lse(col_lse.to(acc)) : col_lse.to(acc);
   const Tensor gc = has_col ? grad_col.to(acc).contiguous() : grad_col.to(acc);

@@ -171,14 +171,14 @@ class _DenseSimLSE:
     def __init__(self, offset=0.0):
         self.offset = offset
 
-    def forward(self, q, k, scale, ri, ci, cs, ce, ex, want_col):
-        row, col = sim_lse_reference(q, k, scale, ri, ci, cs, ce, ex, want_col)
+    def forward(self, q, k, scale, ri, ci, cs, ce, ex, want_col, row_max=None):
+        row, col = sim_lse_reference(q, k, scale, ri, ci, cs, ce, ex, want_col, row_max=row_max)
         return row + self.offset, (col if col is not None else q.new_empty(0, dtype=row.dtype))
 
-    def backward(self, q, k, scale, ri, ci, cs, ce, ex, row_lse, col_lse, g_row, g_col):
+    def backward(self, q, k, scale, ri, ci, cs, ce, ex, row_lse, col_lse, g_row, g_col, row_max=None):
         with torch.enable_grad():
             q2, k2, s2 = (t.detach().requires_grad_() for t in (q, k, scale))
-            row, col = sim_lse_reference(q2, k2, s2, ri, ci, cs, ce, ex, col_lse.numel() > 0)
+            row, col = sim_lse_reference(q2, k2, s2, ri, ci, cs, ce, ex, col_lse.numel() > 0, row_max=row_max)
             total = (row * g_row).sum() + ((col * g_col).sum() if col is not None else 0)
             dq, dk, ds = torch.autograd.grad(total, (q2, k2, s2))
         return dq.to(q.dtype), dk.to(k.dtype), ds

@@ -33,13 +33,13 @@ class _Counting:
     def __init__(self, prim):
         self.prim, self.calls = prim, 0
 
-    def forward(self, *a):
+    def forward(self, *a, **kw):
         self.calls += 1
-        return self.prim.forward(*a)
+        return self.prim.forward(*a, **kw)
 
-    def backward(self, *a):
+    def backward(self, *a, **kw):
         self.calls += 1
-        return self.prim.backward(*a)
+        return self.prim.backward(*a, **kw)
 
 
 @pytest.fixture

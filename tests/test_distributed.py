@@ -377,6 +377,29 @@ def _(c: Ctx):
             [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), S(c.randn(4, 6, seed=2)), S(c.scalar(0.5))])
 
 
+# False-negative filter: each local anchor's threshold from its own positive, against the global candidates.
+
+
+@case("info_nce_margin_queue")
+def _(c: Ctx):
+    c.check(lambda q, k, Q, tau, **kw: co.info_nce(q, k, tau, queue=Q, false_negative_margin=0.0, **kw),
+            [B(c.randn(c.N, 7)), B(c.randn(c.N, 7, seed=1)), S(c.randn(5, 7, seed=2)), S(c.scalar(0.3))])
+
+
+@case("info_nce_margin_symmetric_shaped_none")
+def _(c: Ctx):
+    c.check(lambda q, k, tau, **kw: co.info_nce(q, k, tau, symmetric=True, hard_negative_beta=0.5,
+                                                false_negative_margin=0.05, **kw),
+            [B(c.randn(c.N, 7)), B(c.randn(c.N, 7, seed=1)), S(c.scalar(0.3))], reduction="none")
+
+
+@case("nt_xent_margin_shaped_queue")
+def _(c: Ctx):
+    c.check(lambda a, b, Q, tau, **kw: co.nt_xent(a, b, tau, queue=Q, debias_tau_plus=0.1, false_negative_margin=0.0,
+                                                  **kw),
+            [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), S(c.randn(4, 6, seed=2)), S(c.scalar(0.5))])
+
+
 @case("supcon_queue_labels")
 def _(c: Ctx):
     yq = c.randint(3, 5, seed=3)
@@ -694,21 +717,23 @@ class _DenseSimLSE:
     process group on any machine, with or without compiled kernels.
     """
 
-    def forward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
+    def forward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_max=None):
         from contrastive_ops.primitives.sim_lse import sim_lse_reference
 
         with torch.no_grad():
-            row, col = sim_lse_reference(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col)
+            row, col = sim_lse_reference(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col,
+                                         row_max=row_max)
         return row, (col if want_col else row.new_empty(0))
 
     def backward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
-                 grad_row, grad_col):
+                 grad_row, grad_col, row_max=None):
         from contrastive_ops.primitives.sim_lse import sim_lse_reference
 
         want_col = col_lse.numel() > 0
         with torch.enable_grad():
             qq, kk, ss = (t.detach().requires_grad_(True) for t in (q, k, scale))
-            row, col = sim_lse_reference(qq, kk, ss, row_index, col_index, col_start, col_end, exclude, want_col)
+            row, col = sim_lse_reference(qq, kk, ss, row_index, col_index, col_start, col_end, exclude, want_col,
+                                         row_max=row_max)
             total = (row * grad_row).sum() + ((col * grad_col).sum() if want_col else 0)
             return torch.autograd.grad(total, (qq, kk, ss))
 

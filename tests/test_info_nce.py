@@ -255,19 +255,21 @@ class _DenseSimLSE:
     def __init__(self):
         self.calls = []
 
-    def forward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
+    def forward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_max=None):
         self.calls.append(("forward", q.dtype, scale.dtype, exclude is not None, want_col))
         with torch.no_grad():
-            row, col = sim_lse_reference(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col)
+            row, col = sim_lse_reference(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col,
+                                         row_max=row_max)
         return row, (col if want_col else row.new_empty(0))
 
     def backward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
-                 grad_row, grad_col):
+                 grad_row, grad_col, row_max=None):
         self.calls.append(("backward",))
         want_col = col_lse.numel() > 0
         with torch.enable_grad():
             qq, kk, ss = (t.detach().requires_grad_(True) for t in (q, k, scale))
-            row, col = sim_lse_reference(qq, kk, ss, row_index, col_index, col_start, col_end, exclude, want_col)
+            row, col = sim_lse_reference(qq, kk, ss, row_index, col_index, col_start, col_end, exclude, want_col,
+                                         row_max=row_max)
             total = (row * grad_row).sum() + ((col * grad_col).sum() if want_col else 0)
             # q and k may be the same tensor: both gradients come back in full, the core adds nothing up.
             dq, dk, ds = torch.autograd.grad(total, (qq, kk, ss))

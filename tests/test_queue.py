@@ -298,17 +298,19 @@ class _RecordingDenseSimLSE:
     def __init__(self):
         self.candidates = []
 
-    def forward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
+    def forward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_max=None):
         self.candidates.append(tuple(k.shape))
         with torch.no_grad():
-            row, col = sim_lse_reference(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col)
+            row, col = sim_lse_reference(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col,
+                                         row_max=row_max)
         return row, (col if want_col else row.new_empty(0))
 
     def backward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
-                 grad_row, grad_col):
+                 grad_row, grad_col, row_max=None):
         with torch.enable_grad():
             qq, kk, ss = (t.detach().requires_grad_(True) for t in (q, k, scale))
-            row, _ = sim_lse_reference(qq, kk, ss, row_index, col_index, col_start, col_end, exclude, False)
+            row, _ = sim_lse_reference(qq, kk, ss, row_index, col_index, col_start, col_end, exclude, False,
+                                       row_max=row_max)
             return torch.autograd.grad((row * grad_row).sum(), (qq, kk, ss))
 
 

@@ -62,14 +62,14 @@ def availability(device_type: str) -> Tuple[bool, str]:
 # ---------------------------------------------------------------- fake kernels
 
 
-def _fake_sim_lse_fwd(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
+def _fake_sim_lse_fwd(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_max=None):
     torch._check(q.dim() == 2 and k.dim() == 2, lambda: f"q and k must be 2-D, got {q.shape} and {k.shape}")
     torch._check(q.shape[1] == k.shape[1], lambda: f"q {q.shape} and k {k.shape} have different feature sizes")
     torch._check(q.dtype == k.dtype, lambda: f"q and k dtypes differ: {q.dtype} vs {k.dtype}")
     torch._check(scale.dim() == 0, lambda: f"scale must be 0-dim, got {scale.shape}")
     B = q.shape[0] if row_index is None else row_index.shape[0]
     M = k.shape[0] if col_index is None else col_index.shape[0]
-    for name, t in (("col_start", col_start), ("col_end", col_end), ("exclude", exclude)):
+    for name, t in (("col_start", col_start), ("col_end", col_end), ("exclude", exclude), ("row_max", row_max)):
         if t is not None:
             torch._check(t.shape[0] == B, lambda: f"{name} must have {B} rows, got {t.shape}")
     acc = acc_dtype(q.dtype)
@@ -77,7 +77,7 @@ def _fake_sim_lse_fwd(q, k, scale, row_index, col_index, col_start, col_end, exc
 
 
 def _fake_sim_lse_bwd(q, k, scale, row_index, col_index, col_start, col_end, exclude,
-                      row_lse, col_lse, grad_row, grad_col):
+                      row_lse, col_lse, grad_row, grad_col, row_max=None):
     torch._check(q.dim() == 2 and k.dim() == 2, lambda: f"q and k must be 2-D, got {q.shape} and {k.shape}")
     B = q.shape[0] if row_index is None else row_index.shape[0]
     torch._check(row_lse.shape[0] == B and grad_row.shape[0] == B, lambda: f"row_lse/grad_row must have {B} entries")
@@ -145,20 +145,21 @@ def _fake_sinkhorn_codes(scores, epsilon, v, normalize):
 
 
 def _sim_lse_setup(ctx, inputs, output):
-    q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col = inputs
-    ctx.save_for_backward(q, k, scale, row_index, col_index, col_start, col_end, exclude, *output)
+    q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col = inputs[:9]
+    row_max = inputs[9] if len(inputs) > 9 else None
+    ctx.save_for_backward(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_max, *output)
     ctx.want_col = want_col
 
 
 def _sim_lse_backward(ctx, g_row, g_col):
-    q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse = ctx.saved_tensors
+    q, k, scale, row_index, col_index, col_start, col_end, exclude, row_max, row_lse, col_lse = ctx.saved_tensors
     if not ctx.want_col:
         g_col = torch.zeros_like(col_lse)
     dq, dk, dscale = torch.ops.contrastive_ops.sim_lse_bwd(
         q, k, scale, row_index, col_index, col_start, col_end, exclude,
-        row_lse, col_lse, g_row.contiguous(), g_col.contiguous(),
+        row_lse, col_lse, g_row.contiguous(), g_col.contiguous(), row_max,
     )
-    return dq, dk, dscale, None, None, None, None, None, None
+    return dq, dk, dscale, None, None, None, None, None, None, None
 
 
 def _siglip_setup(ctx, inputs, output):
@@ -237,16 +238,18 @@ class SimLSE:
     """
 
     @staticmethod
-    def forward(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
+    def forward(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_max=None):
         ensure_loaded()
         return torch.ops.contrastive_ops.sim_lse_fwd(
-            q, k, scale, row_index, col_index, col_start, col_end, exclude, bool(want_col))
+            q, k, scale, row_index, col_index, col_start, col_end, exclude, bool(want_col), row_max)
 
     @staticmethod
-    def backward(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse, grad_row, grad_col):
+    def backward(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse, grad_row, grad_col,
+                 row_max=None):
         ensure_loaded()
         return torch.ops.contrastive_ops.sim_lse_bwd(
-            q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse, grad_row, grad_col)
+            q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse, grad_row, grad_col,
+            row_max)
 
 
 class SigLIP:

@@ -25,17 +25,18 @@ class TiledSimLSE:
     def __init__(self, rows: int = 3, cols: int = 5):
         self.rows, self.cols = int(rows), int(cols)
 
-    def forward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
+    def forward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_max=None):
         _cext.ensure_loaded()
         return torch.ops.contrastive_ops._sim_lse_tiled_fwd(
-            q, k, scale, row_index, col_index, col_start, col_end, exclude, bool(want_col), self.rows, self.cols)
+            q, k, scale, row_index, col_index, col_start, col_end, exclude, bool(want_col), self.rows, self.cols,
+            row_max)
 
     def backward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
-                 grad_row, grad_col):
+                 grad_row, grad_col, row_max=None):
         _cext.ensure_loaded()
         return torch.ops.contrastive_ops._sim_lse_tiled_bwd(
             q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse, grad_row, grad_col,
-            self.rows, self.cols)
+            self.rows, self.cols, row_max)
 
 
 class TiledSigLIP:

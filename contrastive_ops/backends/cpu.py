@@ -3,8 +3,10 @@
 Similarity-LSE core: each thread owns row blocks (or tile pairs of the
 symmetric Gram when q is k), runs single-threaded BLAS GEMMs on cache-sized
 tiles with fused, vectorized epilogues and keeps its own column partials
-(``csrc/cpu/sim_lse.cpp``).  SigLIP (``csrc/cpu/siglip.cpp``): tiled GEMMs
-through ATen with multithreaded epilogues.  Never stores the B×M similarity
+(``csrc/cpu/sim_lse.cpp``); with a row threshold (``row_max``) the general
+row-block kernels run, forward and backward alike, instead of the symmetric
+Gram.  SigLIP (``csrc/cpu/siglip.cpp``): tiled GEMMs through ATen with
+multithreaded epilogues.  Never stores the B×M similarity
 matrix.  SwAV: the
 Sinkhorn codes and the swapped-prediction cross-entropy (``"swav_ce"``), each
 one pass per row.  ``"sim_expect"`` (CACR's repulsion, ``csrc/cpu/sim_expect.cpp``): row blocks

@@ -42,6 +42,24 @@ that LSE is log M_i), then O(B) maths in the log domain::
     log Ng_i = log M_i + max(r_i + log(1 − τ⁺ e^{x_i − r_i}) − log(1 − τ⁺),  −1/τ)
     ℓ_i = logaddexp(x_i, log Ng_i) − x_i
 
+False-negative filter (``false_negative_margin`` m, as in the Qwen3-Embedding
+training loss; needs ``normalize=True``): a negative j of anchor i is left out
+of the denominator when cos(a_i, c_j) > cos(a_i, c_pos) + m, on detached
+cosines (the threshold carries no gradient).  It applies to every negative
+(keys, queue, the other view's rows) and never to the positive.  With β or τ⁺,
+M_i counts the kept negatives only.  ``symmetric=True``: each direction filters
+its own anchor's negatives — the row term drops key j when cos(q_i, k_j) >
+cos(q_i, k_i) + m, the column term (anchor key i, positive query i) drops query
+j when cos(k_i, q_j) > cos(k_i, q_i) + m.  The fused compositions hand the core
+the per-row threshold row_max_i = σ·(cos_i,pos + m) at each call's scale σ and
+exclude the positive from the call; the positive logit is added back with
+``logaddexp`` (so it counts whatever m, even m < 0, and whatever the rounding).
+The kernels compare their own S with row_max, so a candidate within rounding of
+the threshold (a tie) may fall either way.  M_i for β or τ⁺ comes from one more
+forward-only core call at the scale 2⁻²⁴ (every term e^{2⁻²⁴·cos} is 1 to
+within 6·10⁻⁸, so the LSE is log M_i; exact after rounding up to about 10⁵
+kept negatives per anchor).
+
 The fused compositions take the queue's LSE from a second core call
 (anchors against Q) and merge it with ``logaddexp``: exact gradients for the
 anchors, Q (when it requires grad) and τ, and never a B×K or (B+K)×D buffer.
@@ -185,13 +203,22 @@ def _shaped_dense(S: Tensor, neg: Tensor, pos: Tensor, beta: float, tau_plus: fl
     return torch.where(empty, pos - pos, loss)
 
 
-def _shaped_from_lse(pos: Tensor, lse_hi: Tensor, lse_lo, n_neg: int, beta: float, tau_plus: float,
+def _shaped_from_lse(pos: Tensor, lse_hi: Tensor, lse_lo, n_neg, beta: float, tau_plus: float,
                      scale: Tensor) -> Tensor:
     """HCL / debiased loss per anchor from ``lse_hi`` = LSE_j (1+β)s_ij and ``lse_lo`` = LSE_j β s_ij over
-    its ``n_neg`` negatives (``lse_lo`` None at β = 0: it is log n_neg), in the log domain (O(B))."""
-    if n_neg == 0:
-        return pos - pos
-    log_m = math.log(n_neg)
+    its ``n_neg`` negatives (``lse_lo`` None at β = 0: it is log n_neg), in the log domain (O(B)).
+    ``n_neg``: an int, or a (B,) tensor of per-anchor counts (the false-negative filter); an anchor with
+    no negative has loss 0."""
+    if isinstance(n_neg, Tensor):
+        none = n_neg == 0
+        log_m = torch.log(n_neg.clamp_min(1))
+        # rows without negatives have LSEs of -inf: replace them so no -inf - -inf reaches autograd
+        lse_hi = torch.where(none, torch.zeros_like(lse_hi), lse_hi)
+        lse_lo = None if lse_lo is None else torch.where(none, torch.zeros_like(lse_lo), lse_lo)
+    else:
+        if n_neg == 0:
+            return pos - pos
+        none, log_m = None, math.log(n_neg)
     r = lse_hi - (log_m if lse_lo is None else lse_lo)  # log(reweighted / M)
     if tau_plus > 0:
         # log(e^r − τ⁺e^x) = r + log(1 − e^u), u = x − r + log τ⁺; u >= 0: the clamp bound wins
@@ -203,16 +230,68 @@ def _shaped_from_lse(pos: Tensor, lse_hi: Tensor, lse_lo, n_neg: int, beta: floa
     else:
         inner = r
     log_ng = log_m + torch.maximum(inner, -scale)
-    return torch.logaddexp(pos, log_ng) - pos
+    loss = torch.logaddexp(pos, log_ng) - pos
+    return loss if none is None else torch.where(none, pos - pos, loss)
 
 
-def _negatives_lse(anchors: Tensor, blocks, scale: Tensor, backend: str, want_col: bool = False):
-    """LSE of ``scale``·(anchor · candidate) over the candidate ``blocks`` [(tensor, exclude or None)], merged."""
+def _negatives_lse(anchors: Tensor, blocks, scale: Tensor, backend: str, want_col: bool = False, cut=None):
+    """LSE of ``scale``·(anchor · candidate) over the candidate ``blocks`` [(tensor, exclude or None)], merged;
+    ``cut`` (B,): the false-negative threshold on the cosine (``_fn_cut``), None for none."""
     out, col = None, None
+    row_max = None if cut is None else _row_max(scale, cut)
     for cand, exclude in blocks:
-        lse, col = sim_lse(anchors, cand, scale, exclude=exclude, want_col=want_col, backend=backend)
+        lse, col = sim_lse(anchors, cand, scale, exclude=exclude, want_col=want_col, row_max=row_max,
+                           backend=backend)
         out = lse if out is None else torch.logaddexp(out, lse)
     return out, col
+
+
+# --------------------------------------------------------------------------- false-negative filter
+
+
+def _check_margin(false_negative_margin, normalize) -> "float | None":
+    """The margin m as a float (None: no filter); it compares cosines, so it needs normalize=True."""
+    if false_negative_margin is None:
+        return None
+    if isinstance(false_negative_margin, bool) or not isinstance(false_negative_margin, Real):
+        raise ValueError(f"false_negative_margin must be None or a finite float, got "
+                         f"{type(false_negative_margin).__name__}")
+    m = float(false_negative_margin)
+    if not math.isfinite(m):
+        raise ValueError(f"false_negative_margin must be a finite float, got {m}")
+    if not normalize:
+        raise ValueError("false_negative_margin compares cosines of the normalized features and needs "
+                         "normalize=True (got normalize=False)")
+    return m
+
+
+def _fn_cut(cos_pos: Tensor, margin: float) -> Tensor:
+    """Per-anchor cosine threshold cos(a_i, c_pos) + m, detached: negatives above it are dropped."""
+    return cos_pos.detach() + margin
+
+
+def _row_max(scale: Tensor, cut: Tensor) -> Tensor:
+    """``cut`` in the logit domain of a core call at ``scale`` (the primitive's ``row_max``)."""
+    return (scale.detach() * cut).detach()
+
+
+_COUNT_SCALE = 2.0 ** -24  # |logit| <= 2^-24 for unit features: e^logit is 1 to within 6e-8
+
+
+def _kept_count(anchors: Tensor, blocks, cut: Tensor, backend: str) -> Tensor:
+    """M_i: how many negatives of each anchor the threshold keeps, from a forward-only core call at the scale
+    2⁻²⁴ over the same blocks (LSE = log M_i + O(2⁻²⁴)); rounded, in the accumulation dtype."""
+    sc = torch.tensor(_COUNT_SCALE, dtype=acc_dtype(anchors.dtype), device=anchors.device)
+    with torch.no_grad():
+        lse, _ = _negatives_lse(anchors.detach(), [(c.detach(), ex) for c, ex in blocks], sc, backend, cut=cut)
+    return torch.round(torch.exp(lse.double())).to(lse.dtype)
+
+
+def _dense_keep(cos: Tensor, cos_pos: Tensor, margin) -> Tensor:
+    """(B, C) bool: candidate kept by the filter (the references only; cosines of unit features)."""
+    if margin is None:
+        return torch.ones_like(cos, dtype=torch.bool)
+    return ~(cos.detach() > (cos_pos.detach() + margin)[:, None])
 
 
 # --------------------------------------------------------------------------- info_nce
@@ -220,9 +299,11 @@ def _negatives_lse(anchors: Tensor, blocks, scale: Tensor, backend: str, want_co
 
 def info_nce_reference(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
                        reduction="mean", process_group=None, queue=None, in_batch_negatives=True,
-                       hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
+                       hard_negative_beta=0.0, debias_tau_plus=0.0, false_negative_margin=None) -> Tensor:
     """Dense InfoNCE: ℓ_i = −S[i, t_i] + LSE_j S[i, j] (stores B×M), the queue's logits as extra columns;
-    with β or τ⁺ > 0 the HCL / debiased form over the negatives (every candidate but the positive)."""
+    with β or τ⁺ > 0 the HCL / debiased form over the negatives (every candidate but the positive);
+    ``false_negative_margin`` m drops the negatives whose cosine exceeds the positive's by more than m."""
+    margin = false_negative_margin
     beta, tau_plus = float(hard_negative_beta), float(debias_tau_plus)
     shaped = beta > 0 or tau_plus > 0
     gq = GlobalBatch(query.shape[0], process_group, query.device)
@@ -234,9 +315,20 @@ def info_nce_reference(query, key, temperature=0.07, *, targets=None, symmetric=
     scale = inv_temperature(temperature, q)
     S = (q @ k.T) * scale
     B = S.shape[0]
+    cos = None if margin is None else (q @ k.T).detach()  # unit features: cosines
     if symmetric:
         pos = S.diagonal()
-        if shaped:
+        if margin is not None:  # each direction filters its own anchor's negatives
+            eye = torch.eye(B, dtype=torch.bool, device=S.device)
+            neg_r = ~eye & _dense_keep(cos, cos.diagonal(), margin)
+            neg_c = ~eye & _dense_keep(cos.T, cos.diagonal(), margin)
+            if shaped:
+                loss = 0.5 * (_shaped_dense(S, neg_r, pos, beta, tau_plus, scale)
+                              + _shaped_dense(S.T, neg_c, pos, beta, tau_plus, scale))
+            else:
+                loss = 0.5 * ((S.masked_fill(~(neg_r | eye), float("-inf")).logsumexp(1) - pos)
+                              + (S.T.masked_fill(~(neg_c | eye), float("-inf")).logsumexp(1) - pos))
+        elif shaped:
             off = ~torch.eye(B, dtype=torch.bool, device=S.device)
             loss = 0.5 * (_shaped_dense(S, off, pos, beta, tau_plus, scale)
                           + _shaped_dense(S.T, off, pos, beta, tau_plus, scale))
@@ -252,13 +344,23 @@ def info_nce_reference(query, key, temperature=0.07, *, targets=None, symmetric=
             Sq = _queue_logits(q, queue, scale, normalize)
             cand = torch.cat([cand, Sq], 1)
             neg = torch.cat([neg, torch.ones_like(Sq, dtype=torch.bool)], 1)
+        if margin is not None:
+            cos_pos = cos.gather(1, t[:, None]).squeeze(1)
+            cos_cand = cos if in_batch_negatives else cos_pos[:, None]
+            if queue is not None:
+                cos_cand = torch.cat([cos_cand, (q @ unit(queue, normalize).T).detach()], 1)
+            positive = ~neg
+            neg = neg & _dense_keep(cos_cand, cos_pos, margin)
+            if not shaped:
+                cand = cand.masked_fill(~(neg | positive), float("-inf"))
         loss = _shaped_dense(cand, neg, pos, beta, tau_plus, scale) if shaped else cand.logsumexp(1) - pos
     return gq.reduce(gq.local(loss), reduction)
 
 
 def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
                     reduction="mean", backend: str, process_group=None, queue=None,
-                    in_batch_negatives=True, hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
+                    in_batch_negatives=True, hard_negative_beta=0.0, debias_tau_plus=0.0,
+                    false_negative_margin=None) -> Tensor:
     """InfoNCE on ``sim_lse``: row (and column) LSEs from the core, positives in PyTorch.
 
     Under ``process_group``: local queries against the gathered keys (and,
@@ -274,9 +376,13 @@ def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=Fal
     k, k32 = unit_operands(key, normalize)
     scale = inv_temperature(temperature, q)
     beta, tau_plus = float(hard_negative_beta), float(debias_tau_plus)
+    margin = false_negative_margin
     if beta > 0 or tau_plus > 0:
         return gk.reduce(_shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normalize, backend,
-                                               queue, in_batch_negatives, beta, tau_plus), reduction)
+                                               queue, in_batch_negatives, beta, tau_plus, margin), reduction)
+    if margin is not None:
+        return gk.reduce(_filtered_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normalize, backend,
+                                                 queue, in_batch_negatives, margin), reduction)
     if symmetric:
         if process_group is None:
             row_lse, col_lse = sim_lse(q, k, scale, want_col=True, backend=backend)
@@ -299,16 +405,55 @@ def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=Fal
     return gk.reduce(loss, reduction)
 
 
+def _filtered_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normalize, backend, queue,
+                            in_batch_negatives, margin) -> Tensor:
+    """Per-query InfoNCE with the false-negative filter: the negatives' LSE from the core with the positive
+    excluded and the threshold row_max = (cos_pos + m)/τ, the positive added back with ``logaddexp``
+    (it is never dropped, whatever m); symmetric: the column terms are the keys' rows against the
+    queries, each key with its own threshold."""
+    B = q.shape[0]
+    if symmetric:
+        own = (torch.arange(B, device=q.device) + gk.offset)[:, None]  # global position of query i's key
+        cos_pos = rowdot(q32, k32)
+        pos, cut = cos_pos * scale, _fn_cut(cos_pos, margin)
+        row, _ = _negatives_lse(q, [(gk.gather(k), own)], scale, backend, cut=cut)
+        col, _ = _negatives_lse(k, [(gk.gather(q), own)], scale, backend, cut=cut)
+        return 0.5 * ((torch.logaddexp(pos, row) - pos) + (torch.logaddexp(pos, col) - pos))
+    t = torch.arange(B, device=q.device) if targets is None else targets.long()
+    cos_pos = rowdot(q32, take_rows(k32, t))
+    pos, cut = cos_pos * scale, _fn_cut(cos_pos, margin)
+    blocks = []
+    if in_batch_negatives:
+        blocks.append((gk.gather(k), (t + gk.offset)[:, None]))
+    if _has_rows(queue):
+        blocks.append((unit_operands(queue, normalize)[0], None))
+    if not blocks:
+        return pos - pos
+    neg, _ = _negatives_lse(q, blocks, scale, backend, cut=cut)
+    return torch.logaddexp(pos, neg) - pos
+
+
 def _shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normalize, backend, queue,
-                          in_batch_negatives, beta, tau_plus) -> Tensor:
+                          in_batch_negatives, beta, tau_plus, margin=None) -> Tensor:
     """Per-query HCL / debiased InfoNCE on ``sim_lse``: every block's LSE over the negatives at (1+β)/τ and
-    (β > 0) β/τ, the positive excluded by index; symmetric: the column terms from the same calls."""
+    (β > 0) β/τ, the positive excluded by index; symmetric: the column terms from the same calls.  With the
+    false-negative ``margin`` each call gets the threshold at its own scale, the column terms come from the
+    keys' rows against the queries, and M_i is the per-anchor count of kept negatives (``_kept_count``)."""
     B = q.shape[0]
     scales = [(1.0 + beta) * scale] + ([beta * scale] if beta > 0 else [])
     if symmetric:
         n_neg = gk.total - 1
         own = (torch.arange(B, device=q.device) + gk.offset)[:, None]  # global position of query i's key
-        pos = rowdot(q32, k32) * scale
+        cos_pos = rowdot(q32, k32)
+        pos = cos_pos * scale
+        if margin is not None:
+            cut = _fn_cut(cos_pos, margin)
+            rb, cb = [(gk.gather(k), own)], [(gk.gather(q), own)]
+            rows = [_negatives_lse(q, rb, sc, backend, cut=cut)[0] for sc in scales] + [None]
+            cols = [_negatives_lse(k, cb, sc, backend, cut=cut)[0] for sc in scales] + [None]
+            n_row, n_col = _kept_count(q, rb, cut, backend), _kept_count(k, cb, cut, backend)
+            return 0.5 * (_shaped_from_lse(pos, rows[0], rows[1], n_row, beta, tau_plus, scale)
+                          + _shaped_from_lse(pos, cols[0], cols[1], n_col, beta, tau_plus, scale))
         rows, cols = [], []
         for sc in scales:
             if gk.group is None:
@@ -323,7 +468,9 @@ def _shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normali
         return 0.5 * (_shaped_from_lse(pos, rows[0], rows[1], n_neg, beta, tau_plus, scale)
                       + _shaped_from_lse(pos, cols[0], cols[1], n_neg, beta, tau_plus, scale))
     t = torch.arange(B, device=q.device) if targets is None else targets.long()
-    pos = rowdot(q32, take_rows(k32, t)) * scale
+    cos_pos = rowdot(q32, take_rows(k32, t))
+    pos = cos_pos * scale
+    cut = None if margin is None else _fn_cut(cos_pos, margin)
     blocks, n_neg = [], 0
     if in_batch_negatives:
         blocks.append((gk.gather(k), (t + gk.offset)[:, None]))
@@ -333,13 +480,15 @@ def _shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normali
         n_neg += queue.shape[0]
     if n_neg == 0:
         return pos - pos
-    lses = [_negatives_lse(q, blocks, sc, backend)[0] for sc in scales]
+    lses = [_negatives_lse(q, blocks, sc, backend, cut=cut)[0] for sc in scales]
+    if cut is not None:
+        n_neg = _kept_count(q, blocks, cut, backend)
     return _shaped_from_lse(pos, lses[0], lses[1] if beta > 0 else None, n_neg, beta, tau_plus, scale)
 
 
 def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
              reduction="mean", backend="auto", process_group=None, queue=None, in_batch_negatives=True,
-             hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
+             hard_negative_beta=0.0, debias_tau_plus=0.0, false_negative_margin=None) -> Tensor:
     r"""InfoNCE of queries against keys.
 
     ``ℓ_i = −s(q_i, k_{t_i}) + LSE_j s(q_i, k_j)`` with ``s(a,b) = â·b̂/τ``
@@ -362,6 +511,12 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
         hard_negative_beta: β >= 0, HCL hard-negative weighting (weights e^{β·s} of the negatives, not detached).
         debias_tau_plus: τ⁺ in [0, 1), debiased CL's class prior; with β the HCL estimator (see the module
             docstring for the formula).  β = τ⁺ = 0 is the plain loss.
+        false_negative_margin: None, or a float m (needs ``normalize=True``): a negative j of query i (key or
+            queue entry) is left out of the denominator when cos(q_i, k_j) > cos(q_i, k_{t_i}) + m, compared on
+            detached cosines (Qwen3-Embedding); the positive always stays.  With β or τ⁺, M_i counts the kept
+            negatives.  ``symmetric=True``: each direction filters its own anchor's negatives (the column term,
+            anchor key i with positive query i, drops query j when cos(k_i, q_j) > cos(k_i, q_i) + m).  A
+            candidate within rounding of the threshold may fall either way (the kernels compare their own S).
 
     Returns:
         fp32 loss (float64 for float64 inputs); gradients in the input dtype.
@@ -402,10 +557,11 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
         )
     as_scalar("temperature", temperature, query, positive=True)
     beta, tau_plus = _check_shaping(hard_negative_beta, debias_tau_plus)
+    margin = _check_margin(false_negative_margin, normalize)
     name = backends.resolve(backend, op="info_nce", tensors=(query, key))
     kw = dict(targets=targets, symmetric=symmetric, normalize=normalize, reduction=reduction,
               process_group=process_group, queue=queue, in_batch_negatives=in_batch_negatives,
-              hard_negative_beta=beta, debias_tau_plus=tau_plus)
+              hard_negative_beta=beta, debias_tau_plus=tau_plus, false_negative_margin=margin)
     if name == "reference":
         return info_nce_reference(query, key, temperature, **kw)
     return _fused_info_nce(query, key, temperature, backend=name, **kw)
@@ -471,10 +627,12 @@ def clip_loss(image_features, text_features, logit_scale, *, backend="auto", pro
 
 
 def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", process_group=None,
-                      queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
+                      queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0, false_negative_margin=None) -> Tensor:
     """Dense NT-Xent over the 2N anchors of Z = cat(z1, z2) (stores 2N×2N), the queue's logits as extra columns;
-    with β or τ⁺ > 0 the HCL / debiased form over the negatives (all but the anchor and its other view)."""
+    with β or τ⁺ > 0 the HCL / debiased form over the negatives (all but the anchor and its other view);
+    ``false_negative_margin`` m drops the negatives whose cosine exceeds the positive's by more than m."""
     beta, tau_plus = float(hard_negative_beta), float(debias_tau_plus)
+    margin = false_negative_margin
     gb = GlobalBatch(z1.shape[0], process_group, z1.device)
     Z = torch.cat([unit(gb.gather(z1), normalize), unit(gb.gather(z2), normalize)], 0)
     n2 = Z.shape[0]
@@ -484,6 +642,25 @@ def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mea
     self_pair = torch.eye(n2, dtype=torch.bool, device=S.device)
     partner = (torch.arange(n2, device=S.device) + N) % n2
     pos = S.gather(1, partner[:, None]).squeeze(1)
+    if margin is not None:
+        cos = (Z @ Z.T).detach()
+        cos_pos = cos.gather(1, partner[:, None]).squeeze(1)
+        neg = ~self_pair
+        neg[torch.arange(n2, device=S.device), partner] = False
+        cand = S
+        if queue is not None:
+            Sq = _queue_logits(Z, queue, scale, normalize)
+            cand = torch.cat([cand, Sq], 1)
+            neg = torch.cat([neg, torch.ones_like(Sq, dtype=torch.bool)], 1)
+            cos = torch.cat([cos, (Z @ unit(queue, normalize).T).detach()], 1)
+        neg = neg & _dense_keep(cos, cos_pos, margin)
+        if beta > 0 or tau_plus > 0:
+            loss = _shaped_dense(cand, neg, pos, beta, tau_plus, scale)
+        else:
+            positive = torch.zeros_like(neg)
+            positive[torch.arange(n2, device=S.device), partner] = True
+            loss = cand.masked_fill(~(neg | positive), float("-inf")).logsumexp(1) - pos
+        return gb.reduce(gb.local_anchors(loss, 2), reduction)
     if beta > 0 or tau_plus > 0:
         neg = ~self_pair
         neg[torch.arange(n2, device=S.device), partner] = False
@@ -502,14 +679,17 @@ def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mea
 
 
 def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend: str,
-                   process_group=None, queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
+                   process_group=None, queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0,
+                   false_negative_margin=None) -> Tensor:
     """NT-Xent on ``sim_lse(Z, Z)`` with the self pair excluded; positives in PyTorch.
 
     Under ``process_group`` the anchors are the 2n local rows and the
     candidates the 2N gathered ones; each anchor excludes its own global position.
     A queue adds one core call of the 2n anchors against it, merged with ``logaddexp``.
     With β or τ⁺ > 0 every block is taken at (1+β)/τ and (β > 0) β/τ, the anchor's
-    other view excluded as well (``_shaped_from_lse``).
+    other view excluded as well (``_shaped_from_lse``).  With the false-negative margin the other view is
+    excluded from every call and added back with ``logaddexp`` (plain) or counted as the positive (shaped),
+    every call gets the threshold at its scale, and M_i counts the kept negatives (``_kept_count``).
     """
     gb = GlobalBatch(z1.shape[0], process_group, z1.device)
     (a, a32), (b, b32) = unit_operands(z1, normalize), unit_operands(z2, normalize)
@@ -518,8 +698,11 @@ def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean",
     keys = Z if process_group is None else torch.cat([gb.gather(a), gb.gather(b)], 0)
     self_pos = gb.anchor_index(2, Z.device)  # arange(2N) in one process
     beta, tau_plus = float(hard_negative_beta), float(debias_tau_plus)
-    if beta > 0 or tau_plus > 0:
-        pos = rowdot(torch.cat([a32, b32], 0), torch.cat([b32, a32], 0)) * scale
+    margin = false_negative_margin
+    if beta > 0 or tau_plus > 0 or margin is not None:
+        cos_pos = rowdot(torch.cat([a32, b32], 0), torch.cat([b32, a32], 0))
+        pos = cos_pos * scale
+        cut = None if margin is None else _fn_cut(cos_pos, margin)
         partner = torch.where(self_pos < gb.total, self_pos + gb.total, self_pos - gb.total)
         blocks = [(keys, torch.stack([self_pos, partner], 1))]
         n_neg = 2 * gb.total - 2
@@ -528,8 +711,13 @@ def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean",
             n_neg += queue.shape[0]
         if n_neg == 0:
             return gb.reduce(pos - pos, reduction)
-        hi, _ = _negatives_lse(Z, blocks, (1.0 + beta) * scale, backend)
-        lo = _negatives_lse(Z, blocks, beta * scale, backend)[0] if beta > 0 else None
+        if not (beta > 0 or tau_plus > 0):  # plain loss with the filter: the positive added back
+            neg, _ = _negatives_lse(Z, blocks, scale, backend, cut=cut)
+            return gb.reduce(torch.logaddexp(pos, neg) - pos, reduction)
+        hi, _ = _negatives_lse(Z, blocks, (1.0 + beta) * scale, backend, cut=cut)
+        lo = _negatives_lse(Z, blocks, beta * scale, backend, cut=cut)[0] if beta > 0 else None
+        if cut is not None:
+            n_neg = _kept_count(Z, blocks, cut, backend)
         return gb.reduce(_shaped_from_lse(pos, hi, lo, n_neg, beta, tau_plus, scale), reduction)
     row_lse, _ = sim_lse(Z, keys, scale, exclude=self_pos[:, None], backend=backend)
     if _has_rows(queue):
@@ -539,7 +727,8 @@ def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean",
 
 
 def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend="auto",
-            process_group=None, queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
+            process_group=None, queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0,
+            false_negative_margin=None) -> Tensor:
     r"""SimCLR NT-Xent (lightly ``NTXentLoss``) over the 2N anchors of two views.
 
     Each anchor's positive is its other view; the denominator holds all 2N−1
@@ -554,6 +743,9 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
         queue: optional (K, D) extra negatives of every anchor (see ``info_nce``).
         hard_negative_beta, debias_tau_plus: HCL / debiased CL over each anchor's 2N−2 (+K) negatives
             (see ``info_nce``); ``hard_negative_beta=β, debias_tau_plus=τ⁺`` is the joshr17/HCL criterion.
+        false_negative_margin: None, or a float m (needs ``normalize=True``): a negative b of anchor a (another
+            embedding or a queue entry) is left out when cos(z_a, z_b) > cos(z_a, z_partner) + m, on detached
+            cosines; the other view (the positive) always stays (see ``info_nce``).
     """
     check_pair("z1", z1, "z2", z2, same_rows=True)
     if queue is not None:
@@ -561,9 +753,10 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
     check_reduction(reduction)
     as_scalar("temperature", temperature, z1, positive=True)
     beta, tau_plus = _check_shaping(hard_negative_beta, debias_tau_plus)
+    margin = _check_margin(false_negative_margin, normalize)
     name = backends.resolve(backend, op="nt_xent", tensors=(z1, z2))
     kw = dict(normalize=normalize, reduction=reduction, process_group=process_group, queue=queue,
-              hard_negative_beta=beta, debias_tau_plus=tau_plus)
+              hard_negative_beta=beta, debias_tau_plus=tau_plus, false_negative_margin=margin)
     if name == "reference":
         return nt_xent_reference(z1, z2, temperature, **kw)
     return _fused_nt_xent(z1, z2, temperature, backend=name, **kw)

@@ -12,6 +12,17 @@ Candidate ``j`` is *allowed* for anchor ``i`` when::
 
     col_start[i] <= j < col_end[i]       (default: all of 0..M-1)
     j not in exclude[i, :]                (entries < 0 exclude nothing)
+    not S[i, j] > row_max[i]              (default: no threshold; +inf keeps every pair)
+
+``row_max`` (B,) fp32 (float64 for float64 inputs) is a per-row threshold in
+the logit domain, a constant of the maths (it gets no gradient): candidates
+whose logit exceeds it are left out (a false-negative filter; see
+``losses/info_nce.py``).  Backends compare the S value their kernel
+exponentiates, in forward and backward alike, so the backward drops exactly
+the pairs the forward dropped; a pair within rounding of the threshold is
+decided on the kernel's rounding of S (fp16/bf16 products, fp32 as ``tf32x3``
+in the Triton GPU kernels), which callers must treat as a tie.  A NaN S is
+never dropped (the test is ``not S > row_max``).
 
 The core returns, in fp32 (float64 for float64 inputs)::
 
@@ -43,11 +54,14 @@ O((B+M)·D) tensors; only this core touches B×M.
 
 Kernel backends implement the primitive ``"sim_lse"`` as an object with::
 
-    forward(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col)
+    forward(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_max=None)
         -> (row_lse (B,) fp32, col_lse (M,) fp32 or a 0-element tensor)
     backward(q, k, scale, row_index, col_index, col_start, col_end, exclude,
-             row_lse, col_lse, grad_row, grad_col)
+             row_lse, col_lse, grad_row, grad_col, row_max=None)
         -> (dq like q, dk like k, dscale 0-dim fp32)
+
+(``row_max`` is passed by keyword, and only when a threshold is given, so a
+primitive without it fails loudly instead of ignoring one.)
 
 with ``scale`` a 0-dim fp32 tensor, index tensors int32 and contiguous,
 ``exclude`` of shape (B, E), E in {1, 2}, and ``grad_col``/``col_lse`` empty
@@ -82,8 +96,11 @@ def allowed_mask(
     col_end: Optional[Tensor],
     exclude: Optional[Tensor],
     device,
+    S: Optional[Tensor] = None,
+    row_max: Optional[Tensor] = None,
 ) -> Tensor:
-    """Dense (B, M) bool mask of allowed pairs (reference and tests only)."""
+    """Dense (B, M) bool mask of allowed pairs (reference and tests only); with ``row_max`` the
+    logits ``S`` are needed too."""
     j = torch.arange(M, device=device)
     allowed = torch.ones(B, M, dtype=torch.bool, device=device)
     if col_start is not None:
@@ -93,12 +110,15 @@ def allowed_mask(
     if exclude is not None:
         for e in exclude.to(device).long().unbind(1):
             allowed &= j[None, :] != e[:, None]
+    if row_max is not None:
+        allowed &= ~(S.detach() > row_max.to(device=device, dtype=S.dtype)[:, None])
     return allowed
 
 
 def sim_lse_reference(q: Tensor, k: Tensor, scale: Tensor, row_index=None, col_index=None, col_start=None,
                       col_end=None, exclude=None, want_col: bool = False, row_bias: Optional[Tensor] = None,
-                      col_bias: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+                      col_bias: Optional[Tensor] = None,
+                      row_max: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Dense PyTorch implementation of the core (differentiable by autograd); arguments as ``sim_lse``.
 
     Materializes B×M: the oracle that kernel tests compare against, and the
@@ -112,7 +132,7 @@ def sim_lse_reference(q: Tensor, k: Tensor, scale: Tensor, row_index=None, col_i
         S = S + row_bias.to(dt)[:, None]
     if col_bias is not None:
         S = S + col_bias.to(dt)[None, :]
-    allowed = allowed_mask(S.shape[0], S.shape[1], col_start, col_end, exclude, S.device)
+    allowed = allowed_mask(S.shape[0], S.shape[1], col_start, col_end, exclude, S.device, S, row_max)
     row = masked_lse(S, allowed, 1)
     col = masked_lse(S, allowed, 0) if want_col else None
     return row, col
@@ -124,21 +144,25 @@ class SimLSEFunction(torch.autograd.Function):
     # ``k`` is None when the candidates are the anchors' own matrix (q is k):
     # one autograd input, whose gradient is dq + dk.
     @staticmethod
-    def forward(ctx, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, backend):
+    def forward(ctx, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, backend,
+                row_max=None):
         prim = backends.primitive(backend, "sim_lse")
         kk = q if k is None else k
-        row_lse, col_lse = prim.forward(q, kk, scale, row_index, col_index, col_start, col_end, exclude, want_col)
+        kw = {} if row_max is None else {"row_max": row_max}
+        row_lse, col_lse = prim.forward(q, kk, scale, row_index, col_index, col_start, col_end, exclude, want_col,
+                                        **kw)
         ctx.prim = prim
         ctx.want_col = want_col
         ctx.same = k is None
-        ctx.save_for_backward(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse)
+        ctx.save_for_backward(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
+                              row_max)
         if not want_col:
             ctx.mark_non_differentiable(col_lse)
         return row_lse, col_lse
 
     @staticmethod
     def backward(ctx, g_row, g_col):
-        q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse = ctx.saved_tensors
+        q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse, row_max = ctx.saved_tensors
         if g_row is None:
             g_row = torch.zeros_like(row_lse)
         if not ctx.want_col or g_col is None:
@@ -146,6 +170,7 @@ class SimLSEFunction(torch.autograd.Function):
         dq, dk, dscale = ctx.prim.backward(
             q, q if ctx.same else k, scale, row_index, col_index, col_start, col_end, exclude,
             row_lse, col_lse, g_row.contiguous(), g_col.contiguous(),
+            **({} if row_max is None else {"row_max": row_max}),
         )
         if ctx.same:
             dq, dk = dq + dk, None
@@ -155,7 +180,7 @@ class SimLSEFunction(torch.autograd.Function):
             dk = None
         if not ctx.needs_input_grad[2]:
             dscale = None
-        return dq, dk, dscale, None, None, None, None, None, None, None
+        return dq, dk, dscale, None, None, None, None, None, None, None, None
 
 
 def _as_index(t: Optional[Tensor], device) -> Optional[Tensor]:
@@ -177,6 +202,7 @@ def sim_lse(
     want_col: bool = False,
     row_bias: Optional[Tensor] = None,
     col_bias: Optional[Tensor] = None,
+    row_max: Optional[Tensor] = None,
     backend: str,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Row (and column) log-sum-exp of ``scale · q[row_index] · k[col_index]ᵀ (+ row_bias_i + col_bias_j)``
@@ -187,8 +213,11 @@ def sim_lse(
     ``row_bias`` (B,) / ``col_bias`` (M,): bias terms per anchor / candidate (after the index lists),
     differentiable; with either, ``scale`` must be > 0 on kernel backends (module docstring).
     Returns ``(row_lse, col_lse)`` with ``col_lse`` None unless ``want_col``.
+    ``row_max`` (B,): the per-row logit threshold of the module docstring (detached here).
     """
     if row_bias is not None or col_bias is not None:
+        if row_max is not None:
+            raise ValueError("sim_lse: row_max and bias terms together are not supported (got both)")
         if backend == "reference":
             return sim_lse_reference(
                 q, k, scale.to(device=q.device, dtype=acc_dtype(q.dtype)), _as_index(row_index, q.device),
@@ -206,11 +235,16 @@ def sim_lse(
         None if exclude is None else _as_index(exclude.reshape(exclude.shape[0], -1), device),
     )
     scale = scale.to(device=device, dtype=acc_dtype(q.dtype))
+    if row_max is not None:
+        B = q.shape[0] if row_index is None else row_index.shape[0]
+        if tuple(row_max.shape) != (B,):
+            raise ValueError(f"row_max must have shape ({B},) (one per anchor), got {tuple(row_max.shape)}")
+        row_max = row_max.detach().to(device=device, dtype=acc_dtype(q.dtype)).contiguous()
     if backend == "reference":
-        return sim_lse_reference(q, k, scale, *args, want_col=want_col)
+        return sim_lse_reference(q, k, scale, *args, want_col=want_col, row_max=row_max)
     qc = q.contiguous()
     kc = None if k is q else k.contiguous()
-    row, col = SimLSEFunction.apply(qc, kc, scale.reshape(()), *args, want_col, backend)
+    row, col = SimLSEFunction.apply(qc, kc, scale.reshape(()), *args, want_col, backend, row_max)
     return row, (col if want_col else None)
 
 

@@ -31,11 +31,14 @@ constexpr T neg_inf() {
 
 // ---- row and column loops (templates; float versions are multiversioned below) ----
 
-// p[j] = scale·p[j] for j in [lo, hi), -inf for the other j in [0, n).
+// p[j] = scale·p[j] for j in [lo, hi) (-inf where that product is > thr), -inf for the other j in [0, n).
 template <typename T>
-CO_INLINE void scale_mask_t(T* p, int64_t n, int64_t lo, int64_t hi, T scale) {
+CO_INLINE void scale_mask_t(T* p, int64_t n, int64_t lo, int64_t hi, T scale, T thr) {
   for (int64_t j = 0; j < lo; ++j) p[j] = neg_inf<T>();
-  for (int64_t j = lo; j < hi; ++j) p[j] *= scale;
+  for (int64_t j = lo; j < hi; ++j) {
+    const T s = p[j] * scale;
+    p[j] = s > thr ? neg_inf<T>() : s;
+  }
   for (int64_t j = hi; j < n; ++j) p[j] = neg_inf<T>();
 }
 
@@ -78,15 +81,15 @@ CO_INLINE void colsumexp_t(const T* p, const T* m, T* s, int64_t n) {
 }
 
 // float: one clone per ISA; double: the templates directly.
-CO_MULTIVERSION void scale_mask(float* p, int64_t n, int64_t lo, int64_t hi, float scale) {
-  scale_mask_t(p, n, lo, hi, scale);
+CO_MULTIVERSION void scale_mask(float* p, int64_t n, int64_t lo, int64_t hi, float scale, float thr) {
+  scale_mask_t(p, n, lo, hi, scale, thr);
 }
 CO_MULTIVERSION float vmax(const float* p, int64_t n) { return max_t(p, n); }
 CO_MULTIVERSION float sumexp(const float* p, int64_t n, float m) { return sumexp_t(p, n, m); }
 CO_MULTIVERSION void colmax(const float* p, float* m, int64_t n) { colmax_t(p, m, n); }
 CO_MULTIVERSION void colsumexp(const float* p, const float* m, float* s, int64_t n) { colsumexp_t(p, m, s, n); }
-inline void scale_mask(double* p, int64_t n, int64_t lo, int64_t hi, double scale) {
-  scale_mask_t(p, n, lo, hi, scale);
+inline void scale_mask(double* p, int64_t n, int64_t lo, int64_t hi, double scale, double thr) {
+  scale_mask_t(p, n, lo, hi, scale, thr);
 }
 inline double vmax(const double* p, int64_t n) { return max_t(p, n); }
 inline double sumexp(const double* p, int64_t n, double m) { return sumexp_t(p, n, m); }
@@ -113,59 +116,68 @@ T finish(T m, T s) {
 
 // ---- fused loops (float versions multiversioned below) ----
 
-// Σ e over [0, n), e = exp(scale·g - R); col[j] += e when col is given.
+// exp(s - R) of a logit s = scale·g, or 0 where s > thr (the row threshold; +inf: none).  Every
+// loop below compares the rounded product s it exponentiates, so the forward and the backward
+// drop the same pairs of the same tile.
 template <typename T>
-CO_INLINE T fwd_seg_t(const T* __restrict__ g, T* __restrict__ col, int64_t n, T scale, T R) {
+CO_INLINE T capped_exp(T s, T R, T thr) {
+  return s > thr ? T(0) : fast_exp(s - R);
+}
+
+// Σ e over [0, n), e = exp(scale·g - R) (0 where scale·g > thr); col[j] += e when col is given.
+template <typename T>
+CO_INLINE T fwd_seg_t(const T* __restrict__ g, T* __restrict__ col, int64_t n, T scale, T R, T thr) {
   T acc[L] = {};
   int64_t j = 0;
   if (col) {
     for (; j + L <= n; j += L)
       for (int64_t l = 0; l < L; ++l) {
-        const T e = fast_exp(scale * g[j + l] - R);
+        const T e = capped_exp(scale * g[j + l], R, thr);
         acc[l] += e;
         col[j + l] += e;
       }
     for (; j < n; ++j) {
-      const T e = fast_exp(scale * g[j] - R);
+      const T e = capped_exp(scale * g[j], R, thr);
       acc[0] += e;
       col[j] += e;
     }
   } else {
     for (; j + L <= n; j += L)
-      for (int64_t l = 0; l < L; ++l) acc[l] += fast_exp(scale * g[j + l] - R);
-    for (; j < n; ++j) acc[0] += fast_exp(scale * g[j] - R);
+      for (int64_t l = 0; l < L; ++l) acc[l] += capped_exp(scale * g[j + l], R, thr);
+    for (; j < n; ++j) acc[0] += capped_exp(scale * g[j], R, thr);
   }
   T s = 0;
   for (int64_t l = 0; l < L; ++l) s += acc[l];
   return s;
 }
 
-// In place: g[j] <- dS = e·(a + b[j]) (b optional), e = exp(scale·g - R); returns Σ dS·g.
+// In place: g[j] <- dS = e·(a + b[j]) (b optional), e = exp(scale·g - R) (0 where scale·g > thr);
+// returns Σ dS·g.
 template <typename T>
-CO_INLINE T bwd_seg_t(T* __restrict__ g, int64_t n, T scale, T R, T a, const T* __restrict__ b) {
+CO_INLINE T bwd_seg_t(T* __restrict__ g, int64_t n, T scale, T R, T a, const T* __restrict__ b, T thr) {
   T acc[L] = {};
   int64_t j = 0;
   if (b) {
     for (; j + L <= n; j += L)
       for (int64_t l = 0; l < L; ++l) {
-        const T x = g[j + l], e = fast_exp(scale * x - R), d = e * a + e * b[j + l];
+        const T x = g[j + l], e = capped_exp(scale * x, R, thr), d = e * a + e * b[j + l];
         acc[l] += d * x;
         g[j + l] = d;
       }
     for (; j < n; ++j) {
-      const T x = g[j], e = fast_exp(scale * x - R), d = e * a + e * b[j];
+      const T x = g[j], e = capped_exp(scale * x, R, thr), d = e * a + e * b[j];
       acc[0] += d * x;
       g[j] = d;
     }
   } else {
     for (; j + L <= n; j += L)
       for (int64_t l = 0; l < L; ++l) {
-        const T x = g[j + l], d = fast_exp(scale * x - R) * a;
+        const T x = g[j + l], d = capped_exp(scale * x, R, thr) * a;
         acc[l] += d * x;
         g[j + l] = d;
       }
     for (; j < n; ++j) {
-      const T x = g[j], d = fast_exp(scale * x - R) * a;
+      const T x = g[j], d = capped_exp(scale * x, R, thr) * a;
       acc[0] += d * x;
       g[j] = d;
     }
@@ -175,35 +187,35 @@ CO_INLINE T bwd_seg_t(T* __restrict__ g, int64_t n, T scale, T R, T a, const T* 
   return s;
 }
 
-// Exact epilogue of the backward, in place: g[j] <- gr·exp(s - rl) [+ gc[j]·exp(s - cl[j])], s = scale·g;
-// returns Σ dS·g.  rl / cl are +inf where the LSE was -inf (the term is then 0).
+// Exact epilogue of the backward, in place: g[j] <- gr·exp(s - rl) [+ gc[j]·exp(s - cl[j])], s = scale·g
+// (0 where s > thr); returns Σ dS·g.  rl / cl are +inf where the LSE was -inf (the term is then 0).
 template <typename T>
 CO_INLINE T bwd_exact_seg_t(T* __restrict__ g, int64_t n, T scale, T gr, T rl, const T* __restrict__ gc,
-                         const T* __restrict__ cl) {
+                         const T* __restrict__ cl, T thr) {
   T acc[L] = {};
   int64_t j = 0;
   if (gc) {
     for (; j + L <= n; j += L)
       for (int64_t l = 0; l < L; ++l) {
         const T x = g[j + l], s = scale * x;
-        const T d = gr * fast_exp(s - rl) + gc[j + l] * fast_exp(s - cl[j + l]);
+        const T d = s > thr ? T(0) : gr * fast_exp(s - rl) + gc[j + l] * fast_exp(s - cl[j + l]);
         acc[l] += d * x;
         g[j + l] = d;
       }
     for (; j < n; ++j) {
-      const T x = g[j], s = scale * x, d = gr * fast_exp(s - rl) + gc[j] * fast_exp(s - cl[j]);
+      const T x = g[j], s = scale * x, d = s > thr ? T(0) : gr * fast_exp(s - rl) + gc[j] * fast_exp(s - cl[j]);
       acc[0] += d * x;
       g[j] = d;
     }
   } else {
     for (; j + L <= n; j += L)
       for (int64_t l = 0; l < L; ++l) {
-        const T x = g[j + l], d = gr * fast_exp(scale * x - rl);
+        const T x = g[j + l], s = scale * x, d = s > thr ? T(0) : gr * fast_exp(s - rl);
         acc[l] += d * x;
         g[j + l] = d;
       }
     for (; j < n; ++j) {
-      const T x = g[j], d = gr * fast_exp(scale * x - rl);
+      const T x = g[j], s = scale * x, d = s > thr ? T(0) : gr * fast_exp(s - rl);
       acc[0] += d * x;
       g[j] = d;
     }
@@ -284,15 +296,15 @@ CO_INLINE T sym_bwd_row_t(T* __restrict__ g, int32_t n, T scale, T R, T a, const
   return s;
 }
 
-CO_MULTIVERSION float fwd_seg(const float* g, float* col, int64_t n, float scale, float R) {
-  return fwd_seg_t(g, col, n, scale, R);
+CO_MULTIVERSION float fwd_seg(const float* g, float* col, int64_t n, float scale, float R, float thr) {
+  return fwd_seg_t(g, col, n, scale, R, thr);
 }
-CO_MULTIVERSION float bwd_seg(float* g, int64_t n, float scale, float R, float a, const float* b) {
-  return bwd_seg_t(g, n, scale, R, a, b);
+CO_MULTIVERSION float bwd_seg(float* g, int64_t n, float scale, float R, float a, const float* b, float thr) {
+  return bwd_seg_t(g, n, scale, R, a, b, thr);
 }
 CO_MULTIVERSION float bwd_exact_seg(float* g, int64_t n, float scale, float gr, float rl, const float* gc,
-                                    const float* cl) {
-  return bwd_exact_seg_t(g, n, scale, gr, rl, gc, cl);
+                                    const float* cl, float thr) {
+  return bwd_exact_seg_t(g, n, scale, gr, rl, gc, cl, thr);
 }
 CO_MULTIVERSION float sym_fwd_row(const float* g, float* col, int32_t n, float scale, float R, int32_t lo, int32_t hi,
                                   int32_t h0, int32_t h1, const int32_t* cs, const int32_t* ce, const int32_t* x0,
@@ -304,15 +316,15 @@ CO_MULTIVERSION float sym_bwd_row(float* g, int32_t n, float scale, float R, flo
                                   const int32_t* x0, const int32_t* x1, int32_t gi) {
   return sym_bwd_row_t(g, n, scale, R, a, b, lo, hi, h0, h1, cs, ce, x0, x1, gi);
 }
-inline double fwd_seg(const double* g, double* col, int64_t n, double scale, double R) {
-  return fwd_seg_t(g, col, n, scale, R);
+inline double fwd_seg(const double* g, double* col, int64_t n, double scale, double R, double thr) {
+  return fwd_seg_t(g, col, n, scale, R, thr);
 }
-inline double bwd_seg(double* g, int64_t n, double scale, double R, double a, const double* b) {
-  return bwd_seg_t(g, n, scale, R, a, b);
+inline double bwd_seg(double* g, int64_t n, double scale, double R, double a, const double* b, double thr) {
+  return bwd_seg_t(g, n, scale, R, a, b, thr);
 }
 inline double bwd_exact_seg(double* g, int64_t n, double scale, double gr, double rl, const double* gc,
-                            const double* cl) {
-  return bwd_exact_seg_t(g, n, scale, gr, rl, gc, cl);
+                            const double* cl, double thr) {
+  return bwd_exact_seg_t(g, n, scale, gr, rl, gc, cl, thr);
 }
 inline double sym_fwd_row(const double* g, double* col, int32_t n, double scale, double R, int32_t lo, int32_t hi,
                           int32_t h0, int32_t h1, const int32_t* cs, const int32_t* ce, const int32_t* x0,

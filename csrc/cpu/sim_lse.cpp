@@ -67,6 +67,14 @@ struct RowRange {
 // |scale|·norms, e.g. temperature 0.01 on unit vectors) rows keep an online
 // max/sum and columns a per-tile max then sum, merged with lse_merge.
 //
+// Row threshold (row_max, see csrc/tiling.h Masks): every epilogue compares the rounded product
+// s = scale·g it exponentiates with thr_i = row_max[i] and drops the pair when s > thr_i.  The
+// forward and the backward of the general path form each tile with the same GEMM call (the same
+// row blocks, column blocks and operands), so they drop the same pairs.  With a threshold the
+// symmetric Gram below is not used: there entry (j, i) of row j is read from tile (I, J), and the
+// backward may take the general path (it does when its shifted weights are not finite), which
+// would read it from tile (J, I) and could decide a tie at the threshold the other way.
+//
 // Symmetric Gram.  When Q and K are the same rows (q and k one tensor, the same
 // or no index lists) and no column LSE is asked for, S is symmetric: each tile
 // pair I ≤ J is computed once and serves row block I (tile rows) and row block
@@ -301,9 +309,15 @@ inline void row_view(const RowRange& rr, int64_t gi, int64_t c0, int64_t bc, int
 
 // ---- forward ----
 
+// thr_i = row_max[i] (+inf without a threshold).
+template <typename T>
+inline T row_thr(const T* thr, int64_t gi) {
+  return thr ? thr[gi] : std::numeric_limits<T>::infinity();
+}
+
 template <typename T>
 void fwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T scale, T R, bool fast, const Masks& mk,
-                 bool want_col, T* row_lse, T* col_lse) {
+                 const T* thr, bool want_col, T* row_lse, T* col_lse) {
   const int64_t RB = general_row_block(mk, B), nb = (B + RB - 1) / RB;
   const int64_t P = num_parts(nb, std::numeric_limits<int64_t>::max());
   const int64_t Mc = want_col ? M : 0;
@@ -334,11 +348,11 @@ void fwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T scal
           if (fast) {
             T sum = 0;
             for_segments(l, h, hb.data(), nh, [&](int64_t a, int64_t b) {
-              sum += fwd_seg(gp + a, want_col ? pcs + c0 + a : nullptr, b - a, scale, R);
+              sum += fwd_seg(gp + a, want_col ? pcs + c0 + a : nullptr, b - a, scale, R, row_thr(thr, gi));
             });
             rs[i] += sum;
           } else {
-            scale_mask(gp, bc, l, h, scale);
+            scale_mask(gp, bc, l, h, scale, row_thr(thr, gi));
             for (int64_t x = 0; x < nh; ++x) gp[hb[x]] = neg_inf<T>();
             if (l >= h) continue;
             const T m = vmax(gp + l, h - l);
@@ -410,7 +424,9 @@ void fwd_symmetric(const T* Z, int64_t B, int64_t D, T scale, T R, const Masks& 
           const int64_t nh = holes(rr, gi, c0, l, h, hb.data());
           T sum = 0;
           for_segments(l, h, hb.data(), nh,
-                       [&](int64_t a, int64_t b) { sum += fwd_seg(g + i * bc + a, (T*)nullptr, b - a, scale, R); });
+                       [&](int64_t a, int64_t b) {
+                         sum += fwd_seg(g + i * bc + a, (T*)nullptr, b - a, scale, R, std::numeric_limits<T>::infinity());
+                       });
           prs[gi] += sum;
         }
       } else {
@@ -441,16 +457,17 @@ void check_cpu(const Tensor& t, const char* name) {
 std::tuple<Tensor, Tensor> sim_lse_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& scale,
                                             const OptTensor& row_index, const OptTensor& col_index,
                                             const OptTensor& col_start, const OptTensor& col_end,
-                                            const OptTensor& exclude, bool want_col) {
+                                            const OptTensor& exclude, bool want_col, const OptTensor& row_max) {
   check_cpu(q, "q");
   check_cpu(k, "k");
-  auto [B, M] = check_sim_lse_args(q, k, scale, row_index, col_index, col_start, col_end, exclude);
+  auto [B, M] = check_sim_lse_args(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_max);
   const auto acc = acc_dtype(q.scalar_type());
   const auto opts = q.options().dtype(acc);
   const Tensor Q = gather_rows(q, row_index, acc);
-  const bool sym = !want_col && same_rows(q, k, row_index, col_index) && (!exclude || exclude->size(1) <= 2);
+  const bool sym = !want_col && !row_max && same_rows(q, k, row_index, col_index) &&
+                   (!exclude || exclude->size(1) <= 2);
   const Tensor K = sym ? Q : gather_rows(k, col_index, acc);
-  const Masks masks{col_start, col_end, exclude, M};
+  const Masks masks{col_start, col_end, exclude, M, acc_row_max(row_max, acc)};
   const int64_t D = Q.size(1);
   Tensor row_lse = at::empty({B}, opts);
   Tensor col_lse = at::empty({want_col ? M : 0}, opts);
@@ -464,8 +481,9 @@ std::tuple<Tensor, Tensor> sim_lse_fwd_cpu(const Tensor& q, const Tensor& k, con
     if (use_sym) {
       fwd_symmetric<T>(Q.data_ptr<T>(), B, D, T(sc), T(R), masks, row_lse.data_ptr<T>());
     } else {
-      fwd_general<T>(Q.data_ptr<T>(), K.data_ptr<T>(), B, M, D, T(sc), T(R), fast, masks, want_col,
-                     row_lse.data_ptr<T>(), col_lse.data_ptr<T>());
+      fwd_general<T>(Q.data_ptr<T>(), K.data_ptr<T>(), B, M, D, T(sc), T(R), fast, masks,
+                     masks.row_max ? masks.row_max->data_ptr<T>() : nullptr, want_col, row_lse.data_ptr<T>(),
+                     col_lse.data_ptr<T>());
     }
   });
   return {row_lse, col_lse};
@@ -505,7 +523,7 @@ double reduce_parts(T* dst, const std::vector<T>& extra, int64_t n, const std::v
 // dQ (B × D) and dK (M × D) raw (not yet times scale); returns dscale.
 template <typename T>
 double bwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T scale, T R, bool fast, const Masks& mk,
-                   const T* rl, const T* gr, const T* cl, const T* gc, bool has_col, const T* a, const T* b, T* dQ,
+                   const T* thr, const T* rl, const T* gr, const T* cl, const T* gc, bool has_col, const T* a, const T* b, T* dQ,
                    T* dK) {
   const int64_t RB = general_row_block(mk, B), nb = (B + RB - 1) / RB;
   // Each part beyond the first holds an M × D dK accumulator: cap them at B/(8D) parts
@@ -535,10 +553,11 @@ double bwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T sc
           T dot_row = 0;
           for_segments(l, h, hb.data(), nh, [&](int64_t s0, int64_t s1) {
             if (fast) {
-              dot_row += bwd_seg(gp + s0, s1 - s0, scale, R, a[gi], has_col ? b + c0 + s0 : nullptr);
+              dot_row += bwd_seg(gp + s0, s1 - s0, scale, R, a[gi], has_col ? b + c0 + s0 : nullptr,
+                                 row_thr(thr, gi));
             } else {
               dot_row += bwd_exact_seg(gp + s0, s1 - s0, scale, gr[gi], rl[gi], has_col ? gc + c0 + s0 : nullptr,
-                                       has_col ? cl + c0 + s0 : nullptr);
+                                       has_col ? cl + c0 + s0 : nullptr, row_thr(thr, gi));
             }
           });
           for (int64_t x = 0; x < nh; ++x) gp[hb[x]] = 0;
@@ -584,7 +603,7 @@ double bwd_symmetric(const T* Z, int64_t B, int64_t D, T scale, T R, const Masks
           T dot_row = 0;
           for_segments(l, h, hb.data(), nh,
                        [&](int64_t s0, int64_t s1) {
-                         dot_row += bwd_seg(gp + s0, s1 - s0, scale, R, a[gi], (T*)nullptr);
+                         dot_row += bwd_seg(gp + s0, s1 - s0, scale, R, a[gi], (T*)nullptr, std::numeric_limits<T>::infinity());
                        });
           for (int64_t x = 0; x < nh; ++x) gp[hb[x]] = 0;
           dot_total += dot_row;
@@ -626,19 +645,19 @@ std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_cpu(const Tensor& q, const Tensor
                                                     const OptTensor& col_start, const OptTensor& col_end,
                                                     const OptTensor& exclude, const Tensor& row_lse,
                                                     const Tensor& col_lse, const Tensor& grad_row,
-                                                    const Tensor& grad_col) {
+                                                    const Tensor& grad_col, const OptTensor& row_max) {
   check_cpu(q, "q");
   check_cpu(k, "k");
   auto [B, M, has_col] = check_sim_lse_bwd_args(q, k, scale, row_index, col_index, col_start, col_end, exclude,
-                                                row_lse, col_lse, grad_row, grad_col);
+                                                row_lse, col_lse, grad_row, grad_col, row_max);
   const auto acc = acc_dtype(q.scalar_type());
   const auto opts = q.options().dtype(acc);
   const Tensor Q = gather_rows(q, row_index, acc);
   // One tensor as q and k: its gradient is dq + dk, computed once over the symmetric Gram.
-  const bool sym = !has_col && q.is_same(k) && same_rows(q, k, row_index, col_index) &&
+  const bool sym = !has_col && !row_max && q.is_same(k) && same_rows(q, k, row_index, col_index) &&
                    (!exclude || exclude->size(1) <= 2);
   const Tensor K = sym ? Q : gather_rows(k, col_index, acc);
-  const Masks masks{col_start, col_end, exclude, M};
+  const Masks masks{col_start, col_end, exclude, M, acc_row_max(row_max, acc)};
   const Tensor rl = safe_lse(row_lse.to(acc)), gr = grad_row.to(acc).contiguous();
   const Tensor cl = has_col ? safe_lse(col_lse.to(acc)) : col_lse.to(acc);
   const Tensor gc = has_col ? grad_col.to(acc).contiguous() : grad_col.to(acc);
@@ -661,7 +680,7 @@ std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_cpu(const Tensor& q, const Tensor
     } else {
       if (!dK.defined()) dK = at::zeros({M, D}, opts);
       dscale = bwd_general<T>(Q.data_ptr<T>(), K.data_ptr<T>(), B, M, D, T(sc), T(R), fast, masks,
-                              rl.data_ptr<T>(), gr.data_ptr<T>(), has_col ? cl.data_ptr<T>() : nullptr,
+                              masks.row_max ? masks.row_max->data_ptr<T>() : nullptr, rl.data_ptr<T>(), gr.data_ptr<T>(), has_col ? cl.data_ptr<T>() : nullptr,
                               has_col ? gc.data_ptr<T>() : nullptr, has_col, a.data(), b.data(), dQ.data_ptr<T>(),
                               dK.data_ptr<T>());
     }

@@ -133,8 +133,9 @@ struct CpuTiledDev {
               const int64_t gi = r0 + i;
               const T gv = g[i * bc + j];
               T d = 0;
-              if (allowed(mk, gi, gj)) {
-                d = lse_grad(mul_rn(sc, gv), rlp[gi], grp[gi], has_col, clj, gcj);
+              const T s = mul_rn(sc, gv);
+              if (allowed(mk, gi, gj) && under_row_max(mk, s, gi)) {
+                d = lse_grad(s, rlp[gi], grp[gi], has_col, clj, gcj);
                 acc += d * gv;
               }
               ds[i * bc + j] = static_cast<O>(d);
@@ -224,12 +225,14 @@ void check_cpu(const Tensor& t, const char* name) {
 std::tuple<Tensor, Tensor> sim_lse_tiled_fwd(const Tensor& q, const Tensor& k, const Tensor& scale,
                                              const OptTensor& row_index, const OptTensor& col_index,
                                              const OptTensor& col_start, const OptTensor& col_end,
-                                             const OptTensor& exclude, bool want_col, int64_t rows, int64_t cols) {
+                                             const OptTensor& exclude, bool want_col, int64_t rows, int64_t cols,
+                                             const OptTensor& row_max) {
   check_cpu(q, "q");
   check_cpu(k, "k");
   const TileScope tiles(rows, cols);
   const IeeeFp32Matmul ieee;
-  return sim_lse_fwd_tiled<CpuTiledDev>(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col);
+  return sim_lse_fwd_tiled<CpuTiledDev>(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col,
+                                        row_max);
 }
 
 std::tuple<Tensor, Tensor, Tensor> sim_lse_tiled_bwd(const Tensor& q, const Tensor& k, const Tensor& scale,
@@ -237,13 +240,14 @@ std::tuple<Tensor, Tensor, Tensor> sim_lse_tiled_bwd(const Tensor& q, const Tens
                                                      const OptTensor& col_start, const OptTensor& col_end,
                                                      const OptTensor& exclude, const Tensor& row_lse,
                                                      const Tensor& col_lse, const Tensor& grad_row,
-                                                     const Tensor& grad_col, int64_t rows, int64_t cols) {
+                                                     const Tensor& grad_col, int64_t rows, int64_t cols,
+                                                     const OptTensor& row_max) {
   check_cpu(q, "q");
   check_cpu(k, "k");
   const TileScope tiles(rows, cols);
   const IeeeFp32Matmul ieee;
   return sim_lse_bwd_tiled<CpuTiledDev>(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse,
-                                        col_lse, grad_row, grad_col);
+                                        col_lse, grad_row, grad_col, row_max);
 }
 
 Tensor siglip_tiled_fwd(const Tensor& x, const Tensor& y, const Tensor& scale, const Tensor& bias, int64_t rows,

@@ -137,8 +137,9 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = i0 + r, gi = r0 + i;
       const T g = G[i * bc + j];
       T d = 0;
-      if (allowed(mk, gi, gj)) {
-        d = lse_grad(mul_rn(sc, g), rl[gi], gr[gi], has_col, clj, gcj);
+      const T s = mul_rn(sc, g);
+      if (allowed(mk, gi, gj) && under_row_max(mk, s, gi)) {
+        d = lse_grad(s, rl[gi], gr[gi], has_col, clj, gcj);
         acc += d * g;
       }
       dS[i * bc + j] = static_cast<O>(d);

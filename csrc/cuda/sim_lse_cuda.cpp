@@ -72,12 +72,13 @@ void check_cuda(const Tensor& t, const char* name) {
 std::tuple<Tensor, Tensor> sim_lse_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& scale,
                                             const OptTensor& row_index, const OptTensor& col_index,
                                             const OptTensor& col_start, const OptTensor& col_end,
-                                            const OptTensor& exclude, bool want_col) {
+                                            const OptTensor& exclude, bool want_col, const OptTensor& row_max) {
   check_cuda(q, "q");
   check_cuda(k, "k");
   const c10::cuda::CUDAGuard guard(q.device());
   const IeeeFp32Matmul ieee;
-  return sim_lse_fwd_tiled<CudaDev>(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col);
+  return sim_lse_fwd_tiled<CudaDev>(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col,
+                                    row_max);
 }
 
 std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& scale,
@@ -85,13 +86,13 @@ std::tuple<Tensor, Tensor, Tensor> sim_lse_bwd_cuda(const Tensor& q, const Tenso
                                                     const OptTensor& col_start, const OptTensor& col_end,
                                                     const OptTensor& exclude, const Tensor& row_lse,
                                                     const Tensor& col_lse, const Tensor& grad_row,
-                                                    const Tensor& grad_col) {
+                                                    const Tensor& grad_col, const OptTensor& row_max) {
   check_cuda(q, "q");
   check_cuda(k, "k");
   const c10::cuda::CUDAGuard guard(q.device());
   const IeeeFp32Matmul ieee;
   return sim_lse_bwd_tiled<CudaDev>(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse,
-                                    col_lse, grad_row, grad_col);
+                                    col_lse, grad_row, grad_col, row_max);
 }
 
 Tensor siglip_fwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale, const Tensor& bias) {

@@ -29,6 +29,7 @@ struct DevMasks {
   const int32_t* ce;
   const int32_t* ex;
   int64_t E, M;
+  const void* rmax;  // row_max (B,) in the accumulation dtype T of the tile, or nullptr
 };
 
 // Is candidate gj (a position in K) allowed for anchor gi?
@@ -40,10 +41,19 @@ CO_HD bool allowed(const DevMasks& mk, int64_t gi, int64_t gj) {
   return true;
 }
 
-// S = scale·G, rounded once, or -inf where the pair is not allowed.
+// The row threshold of anchor gi on its logit s (the value the epilogue exponentiates, forward and
+// backward alike): kept unless s > row_max[gi]; a NaN s is kept (a threshold never hides a NaN).
+template <typename T>
+CO_HD bool under_row_max(const DevMasks& mk, T s, int64_t gi) {
+  return mk.rmax == nullptr || !(s > static_cast<const T*>(mk.rmax)[gi]);
+}
+
+// S = scale·G, rounded once, or -inf where the pair is not allowed (masks and row threshold).
 template <typename T>
 CO_HD T masked_logit(const DevMasks& mk, T sc, T g, int64_t gi, int64_t gj) {
-  return allowed(mk, gi, gj) ? mul_rn(sc, g) : neg_inf<T>();
+  if (!allowed(mk, gi, gj)) return neg_inf<T>();
+  const T s = mul_rn(sc, g);
+  return under_row_max(mk, s, gi) ? s : neg_inf<T>();
 }
 
 // dS of an allowed pair from its recomputed logit s: g_row·exp(s - row_lse) + g_col·exp(s - col_lse).

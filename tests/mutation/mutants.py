@@ -49,6 +49,7 @@ _CORE = ("tests/test_info_nce.py", "tests/test_tolerance.py", "-k", "triton")
 _FUZZ_TRITON = ("tests/test_fuzz.py", "-k", "triton")
 _TILED = ("tests/test_cuda_tiling.py",)
 _SHAPING = ("tests/test_negative_shaping.py",)
+_MARGIN = ("tests/test_false_negative_margin.py",)
 
 MUTANTS = (
     # ------------------------------------------------------------------ Triton
@@ -105,8 +106,8 @@ MUTANTS = (
            ("tests/test_siglip.py", "tests/test_cext.py", "-k", "cpu"),
            "device-generic tiling (CPU and CUDA): SigLIP forward column range one short per column block"),
     Mutant("cpu-col-lse-term-dropped", "csrc/cpu/lse_epilogue.h",
-           "        const T d = gr * fast_exp(s - rl) + gc[j + l] * fast_exp(s - cl[j + l]);\n",
-           "        const T d = gr * fast_exp(s - rl);\n",
+           "        const T d = s > thr ? T(0) : gr * fast_exp(s - rl) + gc[j + l] * fast_exp(s - cl[j + l]);\n",
+           "        const T d = s > thr ? T(0) : gr * fast_exp(s - rl);\n",
            ("tests/test_cext.py", "tests/test_cext_cpu_paths.py", "tests/test_info_nce.py", "-k", "cpu"),
            "CPU backward epilogue drops the column-LSE term (vector lanes)"),
     Mutant("cpu-swav-tail-off-by-one", "csrc/cpu/swav_ce.cpp",
@@ -155,4 +156,31 @@ MUTANTS = (
     Mutant("shaping-positive-among-negatives", "contrastive_ops/losses/info_nce.py",
            "blocks = [(keys, torch.stack([self_pos, partner], 1))]", "blocks = [(keys, self_pos[:, None])]",
            _SHAPING, "HCL nt_xent: the positive left among the reweighted negatives"),
+    # ------------------------------------------------------------------ false-negative filter (row_max)
+    Mutant("triton-row-max-dk-dropped", "contrastive_ops/backends/_triton/sim_lse_bwd.py",
+           "    ok = under_row_max(ok, s_raw, scale, row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX), HAS_ROW_MAX)\n"
+           "    lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)\n"
+           "    ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)\n    if REUSE:",
+           "    lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)\n"
+           "    ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)\n    if REUSE:",
+           _MARGIN + ("-k", "triton"), "Triton dk kernel ignores the row threshold (the forward applies it)"),
+    Mutant("triton-gram-row-max-t-dropped", "contrastive_ops/backends/_triton/sim_lse_bwd.py",
+           "            under_row_max_t(ok_t, s_raw, scale, rmax_c, HAS_ROW_MAX))", "            ok_t)",
+           _MARGIN + ("-k", "triton"), "Triton Gram backwards: the columns' view ignores its rows' thresholds"),
+    Mutant("cpu-row-max-bwd-dropped", "csrc/cpu/lse_epilogue.h",
+           "        const T x = g[j + l], d = capped_exp(scale * x, R, thr) * a;\n",
+           "        const T x = g[j + l], d = fast_exp(scale * x - R) * a;\n",
+           _MARGIN + ("-k", "cpu"), "CPU backward (shifted epilogue, vector lanes) ignores the row threshold"),
+    Mutant("tiled-row-max-bwd-dropped", "csrc/cpu/sim_lse_tiled.cpp",
+           "if (allowed(mk, gi, gj) && under_row_max(mk, s, gi)) {", "if (allowed(mk, gi, gj)) {",
+           _MARGIN + ("-k", "tiling"), "CUDA tiling on CPU: the backward epilogue ignores the row threshold"),
+    Mutant("cuda-row-max-bwd-dropped", "csrc/cuda/epilogues.cu",
+           "if (allowed(mk, gi, gj) && under_row_max(mk, s, gi)) {", "if (allowed(mk, gi, gj)) {",
+           _MARGIN + ("-k", "cuda"), "CUDA backward epilogue ignores the row threshold"),
+    Mutant("margin-sign", "contrastive_ops/losses/info_nce.py",
+           "    return cos_pos.detach() + margin\n", "    return cos_pos.detach() - margin\n",
+           _MARGIN, "false-negative filter: threshold cos_pos - m instead of cos_pos + m"),
+    Mutant("margin-count-all-negatives", "contrastive_ops/losses/info_nce.py",
+           "    if cut is not None:\n        n_neg = _kept_count(q, blocks, cut, backend)\n", "",
+           _MARGIN, "shaped info_nce with the filter: M_i counts the dropped negatives too"),
 )

@@ -89,6 +89,13 @@ index on the left.  For 16-bit inputs the forward and backward tiles may
 differ in shape; every config is ≥ 64 rows with a multiple of 4 warps, so all
 of them run ``wgmma`` with the same K-order of the sum.
 
+Row threshold (``row_max``, optional, the ``HAS_ROW_MAX`` flag of every kernel): a pair is left out
+when S > row_max[i], compared in ``tiles.under_row_max`` on the very product ``scaled_s``
+exponentiates, so the forward and every backward drop the same pairs (ties within the rounding of
+S, ``tf32x3`` for fp32 on the GPU, are decided on that S).  The Gram kernels compare each view of
+an entry (a, b) with its own row's threshold (``under_row_max_t`` for the columns' view), on the
+one value read from the tile with the lower index on the left.
+
 Which backward runs (``backward_path``): the deterministic kernels unless the
 atomic path is asked for with ``BACKWARD = "atomic"`` (module attribute, or
 ``CONTRASTIVE_OPS_TRITON_BACKWARD=atomic`` at import) and
@@ -221,15 +228,25 @@ def out_chunks(D: int, dtype: torch.dtype = torch.bfloat16, gram: bool = False) 
 # ---------------------------------------------------------------------------
 
 
-def _flags(q, row_index, col_index, col_start, col_end, exclude, want_col) -> dict:
+def _flags(q, row_index, col_index, col_start, col_end, exclude, want_col, row_max=None) -> dict:
     return dict(
         HAS_ROW_INDEX=row_index is not None,
         HAS_COL_INDEX=col_index is not None,
         HAS_RANGE=col_start is not None or col_end is not None,
         N_EXCLUDE=0 if exclude is None else int(exclude.shape[1]),
         WANT_COL=bool(want_col),
+        HAS_ROW_MAX=row_max is not None,
         **dot_flags(q.dtype),
     )
+
+
+def _row_max_arg(row_max: Optional[Tensor], B: int) -> Optional[Tensor]:
+    """``row_max`` as the kernels read it: (B,) fp32, contiguous."""
+    if row_max is None:
+        return None
+    if tuple(row_max.shape) != (B,):
+        raise ValueError(f"sim_lse: row_max must have shape ({B},), got {tuple(row_max.shape)}")
+    return row_max.to(torch.float32).contiguous()
 
 
 def _sizes(q, k, row_index, col_index) -> Tuple[int, int, int]:
@@ -270,7 +287,10 @@ def gram_kernels_take(dtype: torch.dtype) -> bool:
 
 def _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col) -> bool:
     """The Gram kernels cover q is k with no index lists, no ranges and no column LSE (and, on a
-    GPU, 16-bit inputs: ``gram_kernels_take``)."""
+    GPU, 16-bit inputs: ``gram_kernels_take``).  A row threshold ``row_max`` is applied there too:
+    each view of an entry (a, b) — row a's and row b's — is compared with its own row's threshold
+    on the one value read from the tile with the lower index on the left, forward and backward alike.
+    """
     return (bool(gram) and row_index is None and col_index is None and col_start is None
             and col_end is None and not want_col and q.shape == k.shape and gram_kernels_take(q.dtype)
             and BACKWARD != "gemm")
@@ -280,7 +300,7 @@ def _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col
 GEMM_DS_BYTES = 1 << 30
 
 
-def _gemm_backward(q, k, scale, exclude, row_lse, col_lse, grad_row, grad_col, flags, bd, one_chunk):
+def _gemm_backward(q, k, scale, exclude, row_lse, col_lse, grad_row, grad_col, flags, bd, one_chunk, row_max=None):
     """The GEMM backward (``BACKWARD = "gemm"``; no index lists, no column ranges): for each block
     of rows, the dS kernel recomputes S once and stores dS (rounded to the input dtype, as the dq/dk
     kernels round it before their products), then cuBLAS does dQ = scale·dS·K and accumulates
@@ -303,6 +323,7 @@ def _gemm_backward(q, k, scale, exclude, row_lse, col_lse, grad_row, grad_col, f
         launch("bwd_ds", _bwd_ds_kernel,
                lambda meta, n=r1 - r0: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_N"])))(
             qc, k, scale, scale, scale, scale, scale, _ptr(None if exclude is None else exclude[r0:r1], scale),
+            _ptr(None if row_max is None else row_max[r0:r1], scale),
             row_lse[r0:r1], _ptr(col_lse, row_lse), grad_row[r0:r1], _ptr(grad_col, grad_row), dsc, part,
             r1 - r0, M, D, q.stride(0), k.stride(0), dsc.stride(0), log2_bucket(B), log2_bucket(M),
             BLOCK_D=bd, ONE_CHUNK=one_chunk, **flags,
@@ -343,24 +364,25 @@ def _sim_lse_fwd_op(
     q: Tensor, k: Tensor, scale: Tensor,
     row_index: Optional[Tensor], col_index: Optional[Tensor],
     col_start: Optional[Tensor], col_end: Optional[Tensor], exclude: Optional[Tensor],
-    want_col: bool, gram: bool = False,
+    want_col: bool, gram: bool = False, row_max: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """``gram=True`` promises that ``k`` holds the same values as ``q`` (Gram kernel when it applies)."""
     same_device("sim_lse_fwd", q.device, k=k, row_index=row_index, col_index=col_index, col_start=col_start,
-                col_end=col_end, exclude=exclude)
+                col_end=col_end, exclude=exclude, row_max=row_max)
     scale = scalar_on("sim_lse_fwd", "scale", scale, q.device)
     B, M, D = _sizes(q, k, row_index, col_index)
+    row_max = _row_max_arg(row_max, B)
     col_start, col_end = _ranges(q, B, M, col_start, col_end)
-    flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col)
+    flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col, row_max)
     bd = chunk_d(D, q.dtype)
     if _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col) and B > 0:
         block = gram_block(B, q.device)
         T = triton.cdiv(B, block)
         part = _empty((T, B), torch.float32, q.device)  # every entry written once
         launch("gram_fwd", _gram_fwd_kernel, (triton.cdiv(T, 2),))(
-            q, scale, _ptr(exclude, scale), part, B, D, q.stride(0), log2_bucket(B),
+            q, scale, _ptr(exclude, scale), _ptr(row_max, scale), part, B, D, q.stride(0), log2_bucket(B),
             N_EXCLUDE=flags["N_EXCLUDE"], UPCAST=flags["UPCAST"], PREC=flags["PREC"],
-            BLOCK_D=bd, ONE_CHUNK=D <= bd, BLOCK=block,
+            BLOCK_D=bd, ONE_CHUNK=D <= bd, BLOCK=block, HAS_ROW_MAX=flags["HAS_ROW_MAX"],
         )
         return torch.logsumexp(part, 0), torch.empty((0,), dtype=torch.float32, device=q.device)
     if B == 0:
@@ -372,7 +394,8 @@ def _sim_lse_fwd_op(
     col_part = _empty((t_b if want_col else 0, M), torch.float32, q.device)  # every entry written once
     launch("fwd", _fwd_kernel, (t_b, n_split))(
         q, k, scale, _ptr(row_index, scale), _ptr(col_index, scale), _ptr(col_start, scale),
-        _ptr(col_end, scale), _ptr(exclude, scale), row_part, _ptr(col_part if want_col else None, row_part),
+        _ptr(col_end, scale), _ptr(exclude, scale), _ptr(row_max, scale), row_part,
+        _ptr(col_part if want_col else None, row_part),
         B, M, D, q.stride(0), k.stride(0), cps, log2_bucket(B), log2_bucket(M),
         BLOCK_D=bd, ONE_CHUNK=D <= bd, BLOCK_M=block_m, **flags,
     )
@@ -385,7 +408,7 @@ def _sim_lse_fwd_op(
 
 
 @_sim_lse_fwd_op.register_fake
-def _(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, gram=False):
+def _(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, gram=False, row_max=None):
     B, M, _ = _sizes(q, k, row_index, col_index)
     return q.new_empty((B,), dtype=torch.float32), q.new_empty((M if want_col else 0,), dtype=torch.float32)
 
@@ -396,7 +419,7 @@ def _sim_lse_bwd_op(
     row_index: Optional[Tensor], col_index: Optional[Tensor],
     col_start: Optional[Tensor], col_end: Optional[Tensor], exclude: Optional[Tensor],
     row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor,
-    gram: bool = False, atomic: bool = False, same: bool = False,
+    gram: bool = False, atomic: bool = False, same: bool = False, row_max: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``gram=True`` promises that q *is* k for autograd: where the Gram kernel applies, the whole
     gradient of that one tensor is returned in dq and dk is zero.  ``same=True`` promises only that
@@ -405,12 +428,13 @@ def _sim_lse_bwd_op(
     the single-recompute kernels (non-deterministic; D ≤ 256, else ignored)."""
     same_device("sim_lse_bwd", q.device, k=k, row_index=row_index, col_index=col_index, col_start=col_start,
                 col_end=col_end, exclude=exclude, row_lse=row_lse, col_lse=col_lse, grad_row=grad_row,
-                grad_col=grad_col)
+                grad_col=grad_col, row_max=row_max)
     scale = scalar_on("sim_lse_bwd", "scale", scale, q.device)
     want_col = col_lse.numel() > 0
     B, M, D = _sizes(q, k, row_index, col_index)
+    row_max = _row_max_arg(row_max, B)
     col_start, col_end = _ranges(q, B, M, col_start, col_end)
-    flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col)
+    flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col, row_max)
     launch_any = B > 0 and M > 0
     atomic = bool(atomic) and D <= _ATOMIC_MAX_D
     bd, bdo, gram_bdo = chunk_d(D, q.dtype), block_do(D, q.dtype), block_do(D, q.dtype, gram=True)
@@ -419,13 +443,13 @@ def _sim_lse_bwd_op(
     reuse = one_chunk and n_d == 1 and bdo == bd
     dot_kw = dict(UPCAST=flags["UPCAST"], PREC=flags["PREC"])
     gram_kw = dict(N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=bd, BLOCK_DO=gram_bdo, ONE_CHUNK=one_chunk,
-                   REUSE=one_chunk and gram_n_d == 1 and gram_bdo == bd, **dot_kw)
+                   REUSE=one_chunk and gram_n_d == 1 and gram_bdo == bd, HAS_ROW_MAX=flags["HAS_ROW_MAX"], **dot_kw)
     n_parts = triton.cdiv(B, min_block())
 
     def gram_rows(terms: int, name: str, dscale_part: Tensor) -> Tensor:
         out = _empty(q.shape, q.dtype, q.device)
         launch(name, _gram_bwd_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK"]), gram_n_d))(
-            q, scale, _ptr(exclude, scale), row_lse, grad_row, out, dscale_part,
+            q, scale, _ptr(exclude, scale), _ptr(row_max, scale), row_lse, grad_row, out, dscale_part,
             B, D, q.stride(0), out.stride(0), log2_bucket(B), TERMS=terms, **gram_kw,
         )
         return out
@@ -449,9 +473,10 @@ def _sim_lse_bwd_op(
             dz_acc = torch.zeros((B, D), dtype=torch.float32, device=q.device)
             dscale_part = _empty((slots,), torch.float32, q.device)
             launch("gram_bwd_atomic", _gram_bwd_atomic_kernel, (slots,))(
-                q, scale, _ptr(exclude, scale), row_lse, grad_row, dz_acc, dscale_part,
+                q, scale, _ptr(exclude, scale), _ptr(row_max, scale), row_lse, grad_row, dz_acc, dscale_part,
                 B, D, q.stride(0), dz_acc.stride(0), log2_bucket(B),
-                N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=bd, ONE_CHUNK=one_chunk, BLOCK_DP=d_pad(D), **dot_kw,
+                N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=bd, ONE_CHUNK=one_chunk, BLOCK_DP=d_pad(D),
+                HAS_ROW_MAX=flags["HAS_ROW_MAX"], **dot_kw,
             )
             return dz_acc.to(q.dtype), dk, dscale_part.sum()
         dscale_part = torch.zeros((n_parts,), dtype=torch.float32, device=q.device)
@@ -461,13 +486,14 @@ def _sim_lse_bwd_op(
     if (backward_path(D) == "gemm" and launch_any and not flags["HAS_ROW_INDEX"] and not flags["HAS_COL_INDEX"]
             and not flags["HAS_RANGE"]):
         return _gemm_backward(q, k, scale, exclude, row_lse, col_lse if want_col else None, grad_row,
-                              grad_col if want_col else None, flags, bd, one_chunk)
+                              grad_col if want_col else None, flags, bd, one_chunk, row_max)
 
     # Rows outside an index list get no gradient: those outputs start at zero.
     dq = _empty(q.shape, q.dtype, q.device) if row_index is None and launch_any else torch.zeros_like(q)
     dscale_part = torch.zeros((n_parts,), dtype=torch.float32, device=q.device)
     common = (q, k, scale, _ptr(row_index, scale), _ptr(col_index, scale), _ptr(col_start, scale),
-              _ptr(col_end, scale), _ptr(exclude, scale), row_lse, _ptr(col_lse if want_col else None, row_lse),
+              _ptr(col_end, scale), _ptr(exclude, scale), _ptr(row_max, scale), row_lse,
+              _ptr(col_lse if want_col else None, row_lse),
               grad_row, _ptr(grad_col if want_col else None, grad_row))
     buckets = (log2_bucket(B), log2_bucket(M))
     if atomic:
@@ -499,12 +525,13 @@ def _sim_lse_bwd_op(
 
 @_sim_lse_bwd_op.register_fake
 def _(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse, grad_row, grad_col,
-      gram=False, atomic=False, same=False):
+      gram=False, atomic=False, same=False, row_max=None):
     return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=torch.float32)
 
 
 def sim_lse_forward(q, k, scale, row_index=None, col_index=None, col_start=None, col_end=None,
-                    exclude=None, want_col=False, *, gram: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
+                    exclude=None, want_col=False, *, gram: Optional[bool] = None,
+                    row_max: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Row (B,) and column (M,) LSEs in fp32; the column one is 0-element unless ``want_col``.
 
     ``gram``: None detects it (``same_values(q, k)``); the Gram kernel runs when
@@ -513,12 +540,13 @@ def sim_lse_forward(q, k, scale, row_index=None, col_index=None, col_start=None,
     if gram is None:
         gram = same_values(q, k)
     return torch.ops.contrastive_ops_triton.sim_lse_fwd(
-        q, k, scale, row_index, col_index, col_start, col_end, exclude, bool(want_col), bool(gram))
+        q, k, scale, row_index, col_index, col_start, col_end, exclude, bool(want_col), bool(gram), row_max)
 
 
 def sim_lse_backward(q, k, scale, row_index, col_index, col_start, col_end, exclude,
                      row_lse, col_lse, grad_row, grad_col, *, gram: Optional[bool] = None,
-                     atomic: Optional[bool] = None, same: Optional[bool] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                     atomic: Optional[bool] = None, same: Optional[bool] = None,
+                     row_max: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq like q, dk like k, dscale 0-dim fp32)`` for upstream gradients ``grad_row``/``grad_col``.
 
     ``gram``: None means ``q is k`` (then, where the Gram kernel applies, dq is the
@@ -536,26 +564,27 @@ def sim_lse_backward(q, k, scale, row_index, col_index, col_start, col_end, excl
     return torch.ops.contrastive_ops_triton.sim_lse_bwd(
         q, k, scale, row_index, col_index, col_start, col_end, exclude,
         row_lse, col_lse, grad_row.float().contiguous(), grad_col.float().contiguous(), bool(gram), bool(atomic),
-        bool(gram or same))
+        bool(gram or same), row_max)
 
 
 class _SimLSEPrimitive:
     """The ``"sim_lse"`` primitive of the Triton backend (see ``contrastive_ops.primitives.sim_lse``)."""
 
     @staticmethod
-    def forward(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col):
+    def forward(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_max=None):
         gram = same_values(q, k)
         return sim_lse_forward(q.contiguous(), k.contiguous(), scale.float().reshape(()), row_index,
-                               col_index, col_start, col_end, exclude, want_col, gram=gram)
+                               col_index, col_start, col_end, exclude, want_col, gram=gram, row_max=row_max)
 
     @staticmethod
     def backward(q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
-                 grad_row, grad_col):
+                 grad_row, grad_col, row_max=None):
         gram = q is k  # one tensor for autograd: dq + dk is what it receives
         same = same_values(q, k)  # the forward's test: it took the Gram kernel
         dq, dk, dscale = sim_lse_backward(q.contiguous(), k.contiguous(), scale.float().reshape(()),
                                           row_index, col_index, col_start, col_end, exclude,
-                                          row_lse, col_lse, grad_row, grad_col, gram=gram, same=same)
+                                          row_lse, col_lse, grad_row, grad_col, gram=gram, same=same,
+                                          row_max=row_max)
         return dq, dk, dscale.to(scale.dtype)
 
 
@@ -756,7 +785,8 @@ def compile_specs() -> List[dict]:
     ranges, no exclusions, column LSE) for the general kernels and one exclusion
     for the Gram kernels (NT-Xent).  The atomic kernels (opt-in) are not listed."""
     out = []
-    gen = dict(HAS_ROW_INDEX=False, HAS_COL_INDEX=False, HAS_RANGE=False, N_EXCLUDE=0, WANT_COL=True)
+    gen = dict(HAS_ROW_INDEX=False, HAS_COL_INDEX=False, HAS_RANGE=False, N_EXCLUDE=0, WANT_COL=True,
+               HAS_ROW_MAX=False)
     for dname in SPEC_DTYPES:
         flags = gpu_dot_flags(dname)
         elem = 4 if dname == "fp32" else 2
@@ -774,7 +804,7 @@ def compile_specs() -> List[dict]:
                     out.append(spec("sim_lse_fwd", _fwd_kernel.fn, dname, D, c, w, st))
             for block in (64,):
                 for _, w, st in SYM_FWD_GPU:
-                    c = dict(N_EXCLUDE=1, **flags, BLOCK_D=bd, ONE_CHUNK=one, BLOCK=block)
+                    c = dict(N_EXCLUDE=1, **flags, BLOCK_D=bd, ONE_CHUNK=one, BLOCK=block, HAS_ROW_MAX=False)
                     if fwd_smem(block, block, bd, st, elem) > SMEM_LIMIT:
                         continue
                     out.append(spec("sim_lse_gram_fwd", _gram_fwd_kernel.fn, dname, D, c, w, st))
@@ -801,7 +831,7 @@ def compile_specs() -> List[dict]:
             gbdo = gpu_block_do(D, dname, gram=True)
             gram_bwd = dict(BLOCK_D=bd, BLOCK_DO=gbdo, ONE_CHUNK=one, REUSE=one and D <= gbdo and gbdo == bd)
             for (blk,), w, st in SYM_BWD_GPU:
-                c = dict(N_EXCLUDE=1, **flags, **gram_bwd, TERMS=3, BLOCK=blk)
+                c = dict(N_EXCLUDE=1, **flags, **gram_bwd, TERMS=3, BLOCK=blk, HAS_ROW_MAX=False)
                 if not acc_fits(c, w, gbdo):
                     continue
                 out.append(spec("sim_lse_gram_bwd", _gram_bwd_kernel.fn, dname, D, c, w, st))

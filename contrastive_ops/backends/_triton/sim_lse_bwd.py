@@ -12,7 +12,8 @@ import triton.language as tl
 from .sim_lse_fwd import _FLAG_KEYS
 from .tiles import (
     BWD_ATOMIC_GPU, BWD_GPU, DK_WIDE_GPU, DS_GPU, INTERP_BLOCK, INTERP_SYM, SYM_ATOMIC_GPU, SYM_BWD_GPU, allowed, allowed_t,
-    autotune, col_bounds, col_tile, configs, held_tile, load_tile, row_span, row_tile, s_tile, scaled_s,
+    autotune, col_bounds, col_tile, configs, held_tile, load_tile, row_max_of, row_span, row_tile, s_tile, scaled_s,
+    under_row_max, under_row_max_t,
 )
 
 
@@ -50,13 +51,13 @@ def _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT
 @autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
     DQ, DscalePart,
     B, M, D, stride_q, stride_k, stride_dq, B_LOG2, M_LOG2,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROW_MAX: tl.constexpr,
 ):
     """Row-stationary: program (row tile, output chunk) streams the column tiles; S once per tile.
 
@@ -70,6 +71,7 @@ def _bwd_dq_kernel(
     rows, row_mask, q_rows, cs, ce, e0, e1, lo, hi = row_span(
         pid_m, B, M, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, BLOCK_N, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
     lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)
+    rmax = row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX)
     offs_d = tl.arange(0, BLOCK_D)
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     q_tile = held_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST, ONE_CHUNK)
@@ -81,6 +83,7 @@ def _bwd_dq_kernel(
         s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                        BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
         ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
+        ok = under_row_max(ok, s_raw, scale, rmax, HAS_ROW_MAX)
         ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
         dscale += tl.sum(ds * s_raw, 1)
         if REUSE:
@@ -95,10 +98,11 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs_o, scale,
-             RowIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol, stride_q, stride_k,
+             RowIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol, stride_q, stride_k,
              HAS_ROW_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr, N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr,
              UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-             REUSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_T: tl.constexpr):
+             REUSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_T: tl.constexpr,
+             HAS_ROW_MAX: tl.constexpr):
     """acc += dS_tᵀ · Q_t[:, offs_o] for row tile t against the held column tile (``DK_T``: the
     transposed accumulator, accᵀ += Q_t[:, offs_o]ᵀ · dS_t, D as the product's M dimension)."""
     rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
@@ -107,6 +111,7 @@ def _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs
     s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                    BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
     ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
+    ok = under_row_max(ok, s_raw, scale, row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX), HAS_ROW_MAX)
     lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)
     ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
     if REUSE:
@@ -123,13 +128,13 @@ def _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs
 @autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
 @triton.jit
 def _bwd_dk_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
     DK,
     B, M, D, stride_q, stride_k, stride_dk, B_LOG2, M_LOG2,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
-    DK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROW_MAX: tl.constexpr,
 ):
     """Column-stationary: program (column tile, output chunk) holds its K tile and a BLOCK_N × BLOCK_DO
     dK accumulator and streams the row tiles; S (as Q·Kᵀ) once per tile.  With ranges, row tiles
@@ -155,14 +160,14 @@ def _bwd_dk_kernel(
             lo, hi = col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
             if (lo < n0 + BLOCK_N) & (hi > n0):
                 acc = _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs_o, scale,
-                               RowIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol, stride_q,
-                               stride_k, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC, BLOCK_D,
-                               ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N, DK_T)
+                               RowIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
+                               stride_q, stride_k, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC,
+                               BLOCK_D, ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N, DK_T, HAS_ROW_MAX)
         else:
             acc = _dk_step(acc, Q, K, k_tile, t, B, M, D, cols, col_mask, k_rows, offs_d, offs_o, scale,
-                           RowIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol, stride_q,
-                           stride_k, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC, BLOCK_D,
-                           ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N, DK_T)
+                           RowIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
+                           stride_q, stride_k, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC,
+                           BLOCK_D, ONE_CHUNK, REUSE, BLOCK_M, BLOCK_N, DK_T, HAS_ROW_MAX)
     acc = acc * scale
     if DK_T:
         tl.store(DK + k_rows[None, :] * stride_dk + offs_o[:, None], acc.to(DK.dtype.element_ty),
@@ -190,19 +195,20 @@ _bwd_dk_wide_kernel = autotune(configs(("BLOCK_M", "BLOCK_N"), DK_WIDE_GPU, INTE
           reset_to_zero=["DKAcc"])
 @triton.jit
 def _bwd_atomic_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
     DQ, DKAcc, DscalePart,
     B, M, D, stride_q, stride_k, stride_dq, stride_acc, B_LOG2, M_LOG2,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    BLOCK_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROW_MAX: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     scale = tl.load(Scale)
     rows, row_mask, q_rows, cs, ce, e0, e1, lo, hi = row_span(
         pid_m, B, M, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, BLOCK_N, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
     lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)
+    rmax = row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX)
     offs_d = tl.arange(0, BLOCK_DP)
     d_mask = offs_d < D
     q_tile = load_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST)
@@ -215,6 +221,7 @@ def _bwd_atomic_kernel(
         s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                        BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
         ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
+        ok = under_row_max(ok, s_raw, scale, rmax, HAS_ROW_MAX)
         ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
         dscale += tl.sum(ds * s_raw, 1)
         ds_lo = ds.to(k_tile.dtype)
@@ -261,6 +268,14 @@ def _gram_pick(ds, ds_t, TERMS: tl.constexpr):
 
 
 @triton.jit
+def _gram_oks(s_raw, scale, ok, ok_t, rmax_r, rmax_c, HAS_ROW_MAX: tl.constexpr):
+    """``ok`` (the tile rows' view) and ``ok_t`` (the columns' view) under the row thresholds of the tile's
+    rows ``rmax_r`` and of its columns ``rmax_c``, on the tile's own entries (as the Gram forward)."""
+    return (under_row_max(ok, s_raw, scale, rmax_r, HAS_ROW_MAX),
+            under_row_max_t(ok_t, s_raw, scale, rmax_c, HAS_ROW_MAX))
+
+
+@triton.jit
 def _gram_j_tile(tj, B, Exclude, RowLse, GradRow, Z, offs_d, offs_o, D, stride_z,
                  N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
                  BLOCK: tl.constexpr):
@@ -276,14 +291,15 @@ def _gram_j_tile(tj, B, Exclude, RowLse, GradRow, Z, offs_d, offs_o, D, stride_z
     return rows_j, mask_j, z_rows_j, e0_j, e1_j, lse_j, g_j, zj, zo
 
 
-@autotune(configs(("BLOCK",), SYM_BWD_GPU, INTERP_SYM), key=["D", "B_LOG2", "N_EXCLUDE", "TERMS", "PREC"])
+@autotune(configs(("BLOCK",), SYM_BWD_GPU, INTERP_SYM),
+          key=["D", "B_LOG2", "N_EXCLUDE", "TERMS", "PREC", "HAS_ROW_MAX"])
 @triton.jit
 def _gram_bwd_kernel(
-    Z, Scale, Exclude, RowLse, GradRow, DZ, DscalePart,
+    Z, Scale, Exclude, RowMax, RowLse, GradRow, DZ, DscalePart,
     B, D, stride_z, stride_dz, B_LOG2,
     N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, REUSE: tl.constexpr,
-    TERMS: tl.constexpr, BLOCK: tl.constexpr,
+    TERMS: tl.constexpr, BLOCK: tl.constexpr, HAS_ROW_MAX: tl.constexpr,
 ):
     """Row-stationary over all column tiles J in three loops (J < I, J = I, J > I); one program per
     (row tile, output chunk) holds dZ_I in registers and writes it once: 4 units for one chunk."""
@@ -294,6 +310,7 @@ def _gram_bwd_kernel(
     rows_i, mask_i, z_rows_i, cs, ce, e0_i, e1_i = row_tile(
         ti, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
     lse_i, g_i = _row_stats(RowLse, GradRow, rows_i, mask_i)
+    rmax_i = row_max_of(RowMax, rows_i, mask_i, HAS_ROW_MAX)
     offs_d = tl.arange(0, BLOCK_D)
     offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     zi = held_tile(Z, z_rows_i, mask_i, offs_d, D, stride_z, UPCAST, ONE_CHUNK)
@@ -308,6 +325,8 @@ def _gram_bwd_kernel(
                        BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
         ok = allowed(rows_i, mask_j, mask_i, cs, ce, e0_j, e1_j, False, N_EXCLUDE)
         ok_t = allowed_t(rows_j, mask_j, mask_i, e0_i, e1_i, N_EXCLUDE)
+        ok, ok_t = _gram_oks(s_raw, scale, ok, ok_t, row_max_of(RowMax, rows_j, mask_j, HAS_ROW_MAX), rmax_i,
+                             HAS_ROW_MAX)
         ds_j, ds_it = _gram_ds(s_raw, scale, ok, ok_t, lse_j, g_j, lse_i, g_i)  # dS_JI, (dS_IJ)ᵀ
         dscale_t += tl.sum(ds_it * s_raw, 0)
         a_t = _gram_pick(ds_it, ds_j, TERMS)
@@ -320,6 +339,7 @@ def _gram_bwd_kernel(
     s_raw = tl.where(rows_i[:, None] <= rows_j[None, :], s_raw, tl.trans(s_raw))
     ok = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
     ok_t = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
+    ok, ok_t = _gram_oks(s_raw, scale, ok, ok_t, rmax_i, rmax_i, HAS_ROW_MAX)  # J = I: the same rows
     ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
     dscale = dscale_t + tl.sum(ds * s_raw, 1)
     acc = tl.dot(_gram_pick(ds, ds_t, TERMS).to(zo.dtype), zo, acc, input_precision=PREC)
@@ -332,6 +352,8 @@ def _gram_bwd_kernel(
                        BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
         ok = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
         ok_t = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
+        ok, ok_t = _gram_oks(s_raw, scale, ok, ok_t, rmax_i, row_max_of(RowMax, rows_j, mask_j, HAS_ROW_MAX),
+                             HAS_ROW_MAX)
         ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
         dscale += tl.sum(ds * s_raw, 1)
         acc = tl.dot(_gram_pick(ds, ds_t, TERMS).to(zo.dtype), zo, acc, input_precision=PREC)
@@ -358,15 +380,15 @@ def _pair_range(pid, nprog, T):
 # Atomic Gram backward (opt-in, D ≤ 256): each pair I ≤ J once, S_IJ built once
 # as the forward builds it, dZ_I += A_IJ·Z_J in registers (flushed with one
 # atomic add when leaving I), dZ_J += A_IJᵀ·Z_I (J > I) with fp32 atomics: 3 units.
-@autotune(configs(("BLOCK",), SYM_ATOMIC_GPU, INTERP_SYM), key=["D", "B_LOG2", "N_EXCLUDE", "PREC"],
+@autotune(configs(("BLOCK",), SYM_ATOMIC_GPU, INTERP_SYM), key=["D", "B_LOG2", "N_EXCLUDE", "PREC", "HAS_ROW_MAX"],
           reset_to_zero=["DZAcc"])
 @triton.jit
 def _gram_bwd_atomic_kernel(
-    Z, Scale, Exclude, RowLse, GradRow, DZAcc, DscalePart,
+    Z, Scale, Exclude, RowMax, RowLse, GradRow, DZAcc, DscalePart,
     B, D, stride_z, stride_acc, B_LOG2,
     N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    BLOCK_DP: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_DP: tl.constexpr, BLOCK: tl.constexpr, HAS_ROW_MAX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -391,6 +413,8 @@ def _gram_bwd_atomic_kernel(
             s_raw = tl.where(rows_i[:, None] <= rows_j[None, :], s_raw, tl.trans(s_raw))
         ok = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
         ok_t = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
+        ok, ok_t = _gram_oks(s_raw, scale, ok, ok_t, row_max_of(RowMax, rows_i, mask_i, HAS_ROW_MAX),
+                             row_max_of(RowMax, rows_j, mask_j, HAS_ROW_MAX), HAS_ROW_MAX)
         lse_i, g_i = _row_stats(RowLse, GradRow, rows_i, mask_i)
         lse_j, g_j = _row_stats(RowLse, GradRow, rows_j, mask_j)
         ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
@@ -421,12 +445,13 @@ def _gram_bwd_atomic_kernel(
 @autotune(configs(("BLOCK_M", "BLOCK_N"), DS_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
 @triton.jit
 def _bwd_ds_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowLse, ColLse, GradRow, GradCol,
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
     DS, DscalePart,
     B, M, D, stride_q, stride_k, stride_ds, B_LOG2, M_LOG2,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ROW_MAX: tl.constexpr,
 ):
     """Program (row tile, column tile): S recomputed once, dS (unscaled, rounded to DS's dtype
     exactly as the dq/dk kernels round it before their products) stored, and the tile's partial
@@ -443,6 +468,7 @@ def _bwd_ds_kernel(
     s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                    BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
     ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
+    ok = under_row_max(ok, s_raw, scale, row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX), HAS_ROW_MAX)
     lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)
     ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
     tl.store(DS + rows.to(tl.int64)[:, None] * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty),

@@ -10,11 +10,11 @@ import triton.language as tl
 
 from .tiles import (
     FWD_N_GPU, INTERP_N, SYM_FWD_GPU, allowed, allowed_t, autotune, col_lse, col_tile, configs, held_tile, load_tile,
-    logaddexp, lse_of, online_rows, row_span, row_tile, s_tile, scaled_s,
+    logaddexp, lse_of, online_rows, row_max_of, row_span, row_tile, s_tile, scaled_s, under_row_max, under_row_max_t,
 )
 
 # The launch flags every general kernel is autotuned on (see ``sim_lse._flags``).
-_FLAG_KEYS = ["HAS_ROW_INDEX", "HAS_COL_INDEX", "HAS_RANGE", "N_EXCLUDE", "WANT_COL", "PREC"]
+_FLAG_KEYS = ["HAS_ROW_INDEX", "HAS_COL_INDEX", "HAS_RANGE", "N_EXCLUDE", "WANT_COL", "PREC", "HAS_ROW_MAX"]
 
 
 # ---------------------------------------------------------------------------
@@ -23,17 +23,19 @@ _FLAG_KEYS = ["HAS_ROW_INDEX", "HAS_COL_INDEX", "HAS_RANGE", "N_EXCLUDE", "WANT_
 @autotune(configs(("BLOCK_N",), FWD_N_GPU, INTERP_N), key=["D", "B_LOG2", "M_LOG2", "BLOCK_M"] + _FLAG_KEYS)
 @triton.jit
 def _fwd_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowPart, ColPart,
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowPart, ColPart,
     B, M, D, stride_q, stride_k, cols_per_split, B_LOG2, M_LOG2,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ROW_MAX: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     scale = tl.load(Scale)
     rows, row_mask, q_rows, cs, ce, e0, e1, lo, hi = row_span(
         pid_m, B, M, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, BLOCK_N, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
+    rmax = row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX)
     s0 = pid_s * cols_per_split  # a multiple of every BLOCK_N
     s1 = tl.minimum(s0 + cols_per_split, M)
     a = tl.maximum(lo, s0)  # tile-aligned
@@ -50,6 +52,7 @@ def _fwd_kernel(
         s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                        BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
         ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
+        ok = under_row_max(ok, s_raw, scale, rmax, HAS_ROW_MAX)
         s = scaled_s(s_raw, scale, ok)
         m_i, l_i = online_rows(s, m_i, l_i)
         if WANT_COL:
@@ -69,12 +72,12 @@ def _fwd_kernel(
 # ---------------------------------------------------------------------------
 # Forward, Gram: program p owns row tiles p and T−1−p, each over J ≥ I
 # ---------------------------------------------------------------------------
-@autotune(configs((), SYM_FWD_GPU, ()), key=["D", "B_LOG2", "BLOCK", "N_EXCLUDE", "PREC"])
+@autotune(configs((), SYM_FWD_GPU, ()), key=["D", "B_LOG2", "BLOCK", "N_EXCLUDE", "PREC", "HAS_ROW_MAX"])
 @triton.jit
 def _gram_fwd_kernel(
-    Z, Scale, Exclude, Part, B, D, stride_z, B_LOG2,
+    Z, Scale, Exclude, RowMax, Part, B, D, stride_z, B_LOG2,
     N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_ROW_MAX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     scale = tl.load(Scale)
@@ -87,6 +90,7 @@ def _gram_fwd_kernel(
         ti = pid + r * (T - 1 - 2 * pid)
         rows_i, mask_i, z_rows_i, cs, ce, e0_i, e1_i = row_tile(
             ti, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
+        rmax_i = row_max_of(RowMax, rows_i, mask_i, HAS_ROW_MAX)  # row view: rows I; column view: their columns
         part = Part + ti.to(tl.int64) * B
         for n0 in range(0, ti * BLOCK, BLOCK):  # entries before the diagonal live in other rows of Part
             tl.store(part + n0 + offs, neg)
@@ -102,8 +106,10 @@ def _gram_fwd_kernel(
         s_raw = s_tile(Z, Z, z_rows_i, z_rows_i, mask_i, mask_i, D, stride_z, stride_z, zi, zd,
                        BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
         upper = rows_i[:, None] <= rows_i[None, :]
-        ok_r = allowed(rows_i, mask_i, mask_i, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
-        ok_c = allowed_t(rows_i, mask_i, mask_i, e0_i, e1_i, N_EXCLUDE)
+        ok_r = under_row_max(allowed(rows_i, mask_i, mask_i, cs, ce, e0_i, e1_i, False, N_EXCLUDE), s_raw, scale,
+                             rmax_i, HAS_ROW_MAX)
+        ok_c = under_row_max_t(allowed_t(rows_i, mask_i, mask_i, e0_i, e1_i, N_EXCLUDE), s_raw, scale, rmax_i,
+                               HAS_ROW_MAX)
         m_i, l_i = online_rows(scaled_s(s_raw, scale, ok_r & upper),
                                tl.full((BLOCK,), float("-inf"), tl.float32), tl.zeros((BLOCK,), tl.float32))
         diag_col = col_lse(scaled_s(s_raw, scale, ok_c & (rows_i[:, None] < rows_i[None, :])))
@@ -113,8 +119,10 @@ def _gram_fwd_kernel(
             zj = held_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST, ONE_CHUNK)
             s_raw = s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z, zi, zj,
                            BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-            ok_r = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
+            ok_r = under_row_max(allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE), s_raw, scale,
+                                 rmax_i, HAS_ROW_MAX)
             m_i, l_i = online_rows(scaled_s(s_raw, scale, ok_r), m_i, l_i)
-            ok_c = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
+            ok_c = under_row_max_t(allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE), s_raw, scale,
+                                   row_max_of(RowMax, rows_j, mask_j, HAS_ROW_MAX), HAS_ROW_MAX)
             tl.store(part + rows_j, col_lse(scaled_s(s_raw, scale, ok_c)), mask=mask_j)
         tl.store(part + rows_i, logaddexp(lse_of(m_i, l_i), diag_col), mask=mask_i)

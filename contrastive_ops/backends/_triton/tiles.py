@@ -469,6 +469,40 @@ def col_lse(s):
 
 
 @triton.jit
+def row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX: tl.constexpr):
+    """The row thresholds ``row_max`` of rows ``rows`` (+inf outside ``row_mask``); 0 when absent
+    (never read then)."""
+    if HAS_ROW_MAX:
+        rmax = tl.load(RowMax + rows, mask=row_mask, other=float("inf"))
+    else:
+        rmax = 0.0
+    return rmax
+
+
+@triton.jit
+def under_row_max(ok, s_raw, scale, rmax, HAS_ROW_MAX: tl.constexpr):
+    """``ok`` without the pairs whose logit s_raw·scale exceeds their row's threshold.
+
+    The comparison is on the very product ``scaled_s`` exponentiates (same operands, same
+    multiply), and every kernel forms s_raw with ``s_tile``, so the backward drops exactly the
+    pairs the forward dropped; ties within the rounding of S (``tf32x3`` for fp32 on the GPU) are
+    decided on the kernel's S.  A NaN logit is kept (``not s > t``).
+    """
+    if HAS_ROW_MAX:
+        ok = ok & ~(s_raw * scale > rmax[:, None])
+    return ok
+
+
+@triton.jit
+def under_row_max_t(ok_t, s_raw, scale, rmax_cols, HAS_ROW_MAX: tl.constexpr):
+    """Gram matrices: ``under_row_max`` of the *transposed* pairs (``allowed_t``'s layout), each column's
+    own row threshold ``rmax_cols`` against the same entry of the tile."""
+    if HAS_ROW_MAX:
+        ok_t = ok_t & ~(s_raw * scale > rmax_cols[None, :])
+    return ok_t
+
+
+@triton.jit
 def logaddexp(a, b):
     """log(eᵃ + eᵇ), −inf when both are −inf."""
     mx = tl.maximum(a, b)
@@ -483,7 +517,7 @@ def logaddexp(a, b):
 SPEC_DS = (64, 128, 256, 512, 768, 1024)
 SPEC_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _FEATURE_ARGS = ("Q", "K", "Z", "X", "Y", "DQ", "DK", "DZ", "DX", "DY", "DS", "G")  # DS, G: the GEMM backwards
-_INDEX_ARGS = ("RowIndex", "ColIndex", "ColStart", "ColEnd", "Exclude")
+_INDEX_ARGS = ("RowIndex", "ColIndex", "ColStart", "ColEnd", "Exclude")  # RowMax: *fp32 like the statistics
 _INT_ARGS = ("B", "M", "D", "cols_per_split", "B_LOG2", "M_LOG2", "R0", "R1")
 
 
