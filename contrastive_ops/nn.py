@@ -161,6 +161,8 @@ class _LossModule(torch.nn.Module):
     def __init__(self, *, gather_distributed: bool = False, **kwargs):
         super().__init__()
         self.gather_distributed = bool(gather_distributed)
+        if "exchange" in kwargs:  # "gather" | "ring" (SPEC "Scale-out"); checked when the module is built
+            _dist.check_exchange(kwargs["exchange"])
         self.kwargs = kwargs
 
     def _call(self, *tensors):
@@ -231,10 +233,11 @@ class InfoNCELoss(_MemoryLossModule):
     def __init__(self, temperature: float = 0.07, *, symmetric: bool = False, normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", learnable_temperature: bool = False,
                  gather_distributed: bool = False, in_batch_negatives: bool = True, memory_size: int = 0,
-                 hard_negative_beta: float = 0.0, debias_tau_plus: float = 0.0):
+                 hard_negative_beta: float = 0.0, debias_tau_plus: float = 0.0, exchange: str = "gather"):
         super().__init__(symmetric=symmetric, normalize=normalize, reduction=reduction, backend=backend,
                          gather_distributed=gather_distributed, in_batch_negatives=in_batch_negatives,
-                         hard_negative_beta=hard_negative_beta, debias_tau_plus=debias_tau_plus)
+                         hard_negative_beta=hard_negative_beta, debias_tau_plus=debias_tau_plus,
+                         exchange=exchange)
         self._init_memory(memory_size)
         if not in_batch_negatives and not memory_size:
             raise ValueError("in_batch_negatives=False needs negatives from a memory: set memory_size > 0")
@@ -262,8 +265,8 @@ class InfoNCELoss(_MemoryLossModule):
 class ClipLoss(_LossModule):
     _fn = staticmethod(clip_loss)
 
-    def __init__(self, *, backend: str = "auto", gather_distributed: bool = False):
-        super().__init__(backend=backend, gather_distributed=gather_distributed)
+    def __init__(self, *, backend: str = "auto", gather_distributed: bool = False, exchange: str = "gather"):
+        super().__init__(backend=backend, gather_distributed=gather_distributed, exchange=exchange)
 
     def forward(self, image_features, text_features, logit_scale):
         return self._call(image_features, text_features, logit_scale)
@@ -286,10 +289,10 @@ class NTXentLoss(_MemoryLossModule):
 
     def __init__(self, temperature: float = 0.5, *, normalize: bool = True, reduction: str = "mean",
                  backend: str = "auto", gather_distributed: bool = False, memory_size: int = 0,
-                 hard_negative_beta: float = 0.0, debias_tau_plus: float = 0.0):
+                 hard_negative_beta: float = 0.0, debias_tau_plus: float = 0.0, exchange: str = "gather"):
         super().__init__(temperature=temperature, normalize=normalize, reduction=reduction, backend=backend,
                          gather_distributed=gather_distributed, hard_negative_beta=hard_negative_beta,
-                         debias_tau_plus=debias_tau_plus)
+                         debias_tau_plus=debias_tau_plus, exchange=exchange)
         self._init_memory(memory_size)
 
     def forward(self, z1, z2):
@@ -306,9 +309,10 @@ class DCLLoss(_LossModule):
 
     def __init__(self, temperature: float = 0.1, *, weighted: bool = False, sigma: float = 0.5,
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, exchange: str = "gather"):
         super().__init__(temperature=temperature, weighted=weighted, sigma=sigma, normalize=normalize,
-                         reduction=reduction, backend=backend, gather_distributed=gather_distributed)
+                         reduction=reduction, backend=backend, gather_distributed=gather_distributed,
+                         exchange=exchange)
 
     def forward(self, z1, z2):
         return self._call(z1, z2)
@@ -318,9 +322,11 @@ class DHELLoss(_LossModule):
     _fn = staticmethod(dhel_loss)
 
     def __init__(self, temperature: float = 0.3, *, include_augs: bool = True, normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False):
+                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+                 exchange: str = "gather"):
         super().__init__(temperature=temperature, include_augs=include_augs, normalize=normalize,
-                         reduction=reduction, backend=backend, gather_distributed=gather_distributed)
+                         reduction=reduction, backend=backend, gather_distributed=gather_distributed,
+                         exchange=exchange)
 
     def forward(self, z1, z2):
         return self._call(z1, z2)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .._checks import as_scalar
 from .._numerics import acc_dtype
 from ..distributed import GlobalBatch
+from ..primitives.sim_lse import sim_lse
 
 Tensor = torch.Tensor
 
@@ -175,3 +176,20 @@ def supcon_setup(views: Tensor, labels: Optional[Tensor], temperature, base_temp
     t = as_scalar("temperature", temperature, U)
     factor = t / as_scalar("base_temperature", base_temperature, U)
     return gb, U, Ug, labels, factor, 1.0 / t
+
+
+def cross_lse(q: Tensor, k: Tensor, scale: Tensor, gb: GlobalBatch, *, exclude_own: bool = False,
+              backend: str) -> Tuple[Tensor, Tensor]:
+    """Row LSE of this rank's ``q`` over every rank's ``k`` and column LSE of this rank's ``k`` over every
+    rank's ``q`` (q and k paired row by row: CLIP, symmetric InfoNCE).  ``exclude_own`` leaves out each
+    pair (i, i).
+
+    One process and ``exchange="ring"``: one core call with ``want_col``.  ``"gather"``: two calls, local
+    rows against the gathered other side (a gathered call's columns would be over local anchors only).
+    """
+    own = (torch.arange(q.shape[0], device=q.device) + gb.offset)[:, None] if exclude_own else None
+    if gb.group is None or gb.ring:
+        return sim_lse(q, gb.candidates(k), scale, exclude=own, want_col=True, backend=backend)
+    row, _ = sim_lse(q, gb.gather(k), scale, exclude=own, backend=backend)
+    col, _ = sim_lse(k, gb.gather(q), scale, exclude=own, backend=backend)
+    return row, col

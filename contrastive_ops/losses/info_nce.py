@@ -85,9 +85,9 @@ import torch
 from .. import backends
 from .._checks import _compiling, as_scalar, check_pair, check_queue, check_reduction, shape_str
 from .._numerics import acc_dtype
-from ..distributed import GlobalBatch
+from ..distributed import GlobalBatch, uses_ring
 from ..primitives.sim_lse import sim_lse
-from ._common import inv_temperature, rowdot, take_rows, unit, unit_operands
+from ._common import cross_lse, inv_temperature, rowdot, take_rows, unit, unit_operands
 
 Tensor = torch.Tensor
 
@@ -258,7 +258,8 @@ def info_nce_reference(query, key, temperature=0.07, *, targets=None, symmetric=
 
 def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
                     reduction="mean", backend: str, process_group=None, queue=None,
-                    in_batch_negatives=True, hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
+                    in_batch_negatives=True, hard_negative_beta=0.0, debias_tau_plus=0.0,
+                    exchange="gather") -> Tensor:
     """InfoNCE on ``sim_lse``: row (and column) LSEs from the core, positives in PyTorch.
 
     Under ``process_group``: local queries against the gathered keys (and,
@@ -267,9 +268,10 @@ def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=Fal
     ``logaddexp``; with ``in_batch_negatives=False`` the keys enter only
     through the positive logit (no key core call, no gather).  With β or
     τ⁺ > 0 each block is taken at the scales (1+β)/τ and β/τ instead of 1/τ,
-    the positive excluded (``_shaped_from_lse``).
+    the positive excluded (``_shaped_from_lse``).  ``exchange="ring"``: the
+    keys (symmetric: and queries) visit every rank instead (``gk.candidates``).
     """
-    gk = GlobalBatch(key.shape[0], process_group, key.device)
+    gk = GlobalBatch(key.shape[0], process_group, key.device, exchange)
     q, q32 = unit_operands(query, normalize)
     k, k32 = unit_operands(key, normalize)
     scale = inv_temperature(temperature, q)
@@ -277,12 +279,8 @@ def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=Fal
     if beta > 0 or tau_plus > 0:
         return gk.reduce(_shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normalize, backend,
                                                queue, in_batch_negatives, beta, tau_plus), reduction)
-    if symmetric:
-        if process_group is None:
-            row_lse, col_lse = sim_lse(q, k, scale, want_col=True, backend=backend)
-        else:  # this rank's columns of the global S are the rows of its keys against all queries
-            row_lse, _ = sim_lse(q, gk.gather(k), scale, backend=backend)
-            col_lse, _ = sim_lse(k, gk.gather(q), scale, backend=backend)
+    if symmetric:  # this rank's columns of the global S: its keys against all queries
+        row_lse, col_lse = cross_lse(q, k, scale, gk, backend=backend)
         pos = rowdot(q32, k32) * scale
         loss = 0.5 * ((row_lse - pos) + (col_lse - pos))
     else:
@@ -290,7 +288,7 @@ def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=Fal
         # targets index the local keys (repeats allowed); take_rows: a backward without atomics
         pos = rowdot(q32, take_rows(k32, t)) * scale
         if in_batch_negatives:
-            row_lse, _ = sim_lse(q, gk.gather(k), scale, backend=backend)
+            row_lse, _ = sim_lse(q, gk.candidates(k), scale, backend=backend)
         else:  # MoCo v2: the only key in the denominator is the positive itself
             row_lse = pos
         if _has_rows(queue):
@@ -307,15 +305,10 @@ def _shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normali
     scales = [(1.0 + beta) * scale] + ([beta * scale] if beta > 0 else [])
     if symmetric:
         n_neg = gk.total - 1
-        own = (torch.arange(B, device=q.device) + gk.offset)[:, None]  # global position of query i's key
         pos = rowdot(q32, k32) * scale
         rows, cols = [], []
         for sc in scales:
-            if gk.group is None:
-                r, c = sim_lse(q, k, sc, exclude=own, want_col=True, backend=backend)
-            else:
-                r, _ = sim_lse(q, gk.gather(k), sc, exclude=own, backend=backend)
-                c, _ = sim_lse(k, gk.gather(q), sc, exclude=own, backend=backend)
+            r, c = cross_lse(q, k, sc, gk, exclude_own=True, backend=backend)
             rows.append(r)
             cols.append(c)
         rows.append(None)  # β = 0: no β/τ call, that LSE is log M
@@ -326,7 +319,7 @@ def _shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normali
     pos = rowdot(q32, take_rows(k32, t)) * scale
     blocks, n_neg = [], 0
     if in_batch_negatives:
-        blocks.append((gk.gather(k), (t + gk.offset)[:, None]))
+        blocks.append((gk.candidates(k), (t + gk.offset)[:, None]))
         n_neg += gk.total - 1
     if _has_rows(queue):
         blocks.append((unit_operands(queue, normalize)[0], None))
@@ -339,7 +332,7 @@ def _shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normali
 
 def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
              reduction="mean", backend="auto", process_group=None, queue=None, in_batch_negatives=True,
-             hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
+             hard_negative_beta=0.0, debias_tau_plus=0.0, exchange="gather") -> Tensor:
     r"""InfoNCE of queries against keys.
 
     ``ℓ_i = −s(q_i, k_{t_i}) + LSE_j s(q_i, k_j)`` with ``s(a,b) = â·b̂/τ``
@@ -362,6 +355,8 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
         hard_negative_beta: β >= 0, HCL hard-negative weighting (weights e^{β·s} of the negatives, not detached).
         debias_tau_plus: τ⁺ in [0, 1), debiased CL's class prior; with β the HCL estimator (see the module
             docstring for the formula).  β = τ⁺ = 0 is the plain loss.
+        exchange: ``"gather"`` or ``"ring"``: how the candidates reach each rank under ``process_group``
+            (see ``contrastive_ops.distributed``); ignored without one.
 
     Returns:
         fp32 loss (float64 for float64 inputs); gradients in the input dtype.
@@ -402,13 +397,14 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
         )
     as_scalar("temperature", temperature, query, positive=True)
     beta, tau_plus = _check_shaping(hard_negative_beta, debias_tau_plus)
+    ring = uses_ring(exchange, process_group)
     name = backends.resolve(backend, op="info_nce", tensors=(query, key))
     kw = dict(targets=targets, symmetric=symmetric, normalize=normalize, reduction=reduction,
               process_group=process_group, queue=queue, in_batch_negatives=in_batch_negatives,
               hard_negative_beta=beta, debias_tau_plus=tau_plus)
-    if name == "reference":
+    if name == "reference" and not ring:
         return info_nce_reference(query, key, temperature, **kw)
-    return _fused_info_nce(query, key, temperature, backend=name, **kw)
+    return _fused_info_nce(query, key, temperature, backend=name, exchange=exchange, **kw)
 
 
 # --------------------------------------------------------------------------- clip_loss
@@ -429,42 +425,44 @@ def clip_loss_reference(image_features, text_features, logit_scale, process_grou
     return gb.reduce(gb.local(0.5 * (row + col)), "mean")
 
 
-def _fused_clip_loss(image_features, text_features, logit_scale, *, backend: str, process_group=None) -> Tensor:
+def _fused_clip_loss(image_features, text_features, logit_scale, *, backend: str, process_group=None,
+                     exchange="gather") -> Tensor:
     """CLIP loss on one core call: the row LSEs are the image→text terms, the column LSEs text→image.
 
     Under ``process_group``: local images against all texts and local texts
-    against all images (two core calls).
+    against all images (``cross_lse``: two core calls, or one ring call).
     """
     img, img32 = unit_operands(image_features, False)
     txt, txt32 = unit_operands(text_features, False)
     s = as_scalar("logit_scale", logit_scale, img)
     pos = rowdot(img32, txt32) * s
+    gb = GlobalBatch(img.shape[0], process_group, img.device, exchange)
+    row_lse, col_lse = cross_lse(img, txt, s, gb, backend=backend)
     if process_group is None:
-        row_lse, col_lse = sim_lse(img, txt, s, want_col=True, backend=backend)
         return 0.5 * ((row_lse - pos).mean() + (col_lse - pos).mean())
-    gb = GlobalBatch(img.shape[0], process_group, img.device)
-    row_lse, _ = sim_lse(img, gb.gather(txt), s, backend=backend)
-    col_lse, _ = sim_lse(txt, gb.gather(img), s, backend=backend)
     return gb.reduce(0.5 * ((row_lse - pos) + (col_lse - pos)), "mean")
 
 
-def clip_loss(image_features, text_features, logit_scale, *, backend="auto", process_group=None) -> Tensor:
+def clip_loss(image_features, text_features, logit_scale, *, backend="auto", process_group=None,
+              exchange="gather") -> Tensor:
     r"""open_clip ``ClipLoss``: ½[CE(s·I Tᵀ, arange) + CE(s·T Iᵀ, arange)].
 
     Args:
         image_features, text_features: (B, D) each, same device and dtype; not normalized here.
         logit_scale: s > 0, already exponentiated (as open_clip passes it), float or 0-dim tensor.
-        backend: see ``info_nce``.
+        backend, exchange: see ``info_nce``.
 
     Returns:
         0-dim fp32 loss (float64 for float64 inputs).
     """
     check_pair("image_features", image_features, "text_features", text_features, same_rows=True)
     as_scalar("logit_scale", logit_scale, image_features, positive=True)
+    ring = uses_ring(exchange, process_group)
     name = backends.resolve(backend, op="clip_loss", tensors=(image_features, text_features))
-    if name == "reference":
+    if name == "reference" and not ring:
         return clip_loss_reference(image_features, text_features, logit_scale, process_group)
-    return _fused_clip_loss(image_features, text_features, logit_scale, backend=name, process_group=process_group)
+    return _fused_clip_loss(image_features, text_features, logit_scale, backend=name, process_group=process_group,
+                            exchange=exchange)
 
 
 # --------------------------------------------------------------------------- nt_xent
@@ -502,7 +500,8 @@ def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mea
 
 
 def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend: str,
-                   process_group=None, queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
+                   process_group=None, queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0,
+                   exchange="gather") -> Tensor:
     """NT-Xent on ``sim_lse(Z, Z)`` with the self pair excluded; positives in PyTorch.
 
     Under ``process_group`` the anchors are the 2n local rows and the
@@ -511,11 +510,11 @@ def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean",
     With β or τ⁺ > 0 every block is taken at (1+β)/τ and (β > 0) β/τ, the anchor's
     other view excluded as well (``_shaped_from_lse``).
     """
-    gb = GlobalBatch(z1.shape[0], process_group, z1.device)
+    gb = GlobalBatch(z1.shape[0], process_group, z1.device, exchange)
     (a, a32), (b, b32) = unit_operands(z1, normalize), unit_operands(z2, normalize)
     Z = torch.cat([a, b], 0)  # local anchors, view 1 then view 2
     scale = inv_temperature(temperature, Z)
-    keys = Z if process_group is None else torch.cat([gb.gather(a), gb.gather(b)], 0)
+    keys = Z if process_group is None else gb.candidates(a, b)  # one process: one tensor (symmetric Gram)
     self_pos = gb.anchor_index(2, Z.device)  # arange(2N) in one process
     beta, tau_plus = float(hard_negative_beta), float(debias_tau_plus)
     if beta > 0 or tau_plus > 0:
@@ -539,7 +538,8 @@ def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean",
 
 
 def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend="auto",
-            process_group=None, queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0) -> Tensor:
+            process_group=None, queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0,
+            exchange="gather") -> Tensor:
     r"""SimCLR NT-Xent (lightly ``NTXentLoss``) over the 2N anchors of two views.
 
     Each anchor's positive is its other view; the denominator holds all 2N−1
@@ -554,6 +554,7 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
         queue: optional (K, D) extra negatives of every anchor (see ``info_nce``).
         hard_negative_beta, debias_tau_plus: HCL / debiased CL over each anchor's 2N−2 (+K) negatives
             (see ``info_nce``); ``hard_negative_beta=β, debias_tau_plus=τ⁺`` is the joshr17/HCL criterion.
+        exchange: see ``info_nce``.
     """
     check_pair("z1", z1, "z2", z2, same_rows=True)
     if queue is not None:
@@ -561,12 +562,13 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
     check_reduction(reduction)
     as_scalar("temperature", temperature, z1, positive=True)
     beta, tau_plus = _check_shaping(hard_negative_beta, debias_tau_plus)
+    ring = uses_ring(exchange, process_group)
     name = backends.resolve(backend, op="nt_xent", tensors=(z1, z2))
     kw = dict(normalize=normalize, reduction=reduction, process_group=process_group, queue=queue,
               hard_negative_beta=beta, debias_tau_plus=tau_plus)
-    if name == "reference":
+    if name == "reference" and not ring:
         return nt_xent_reference(z1, z2, temperature, **kw)
-    return _fused_nt_xent(z1, z2, temperature, backend=name, **kw)
+    return _fused_nt_xent(z1, z2, temperature, backend=name, exchange=exchange, **kw)
 
 
 # --------------------------------------------------------------------------- similarity_lse
@@ -580,13 +582,13 @@ def similarity_lse_reference(query, key, scale, process_group=None) -> Tensor:
     return ((q @ k.T) * as_scalar("scale", scale, q)).logsumexp(1)
 
 
-def _fused_similarity_lse(query, key, scale, *, backend: str, process_group=None) -> Tensor:
-    keys = GlobalBatch(key.shape[0], process_group, key.device).gather(key)
-    row_lse, _ = sim_lse(query, keys, as_scalar("scale", scale, query), backend=backend)
+def _fused_similarity_lse(query, key, scale, *, backend: str, process_group=None, exchange="gather") -> Tensor:
+    gk = GlobalBatch(key.shape[0], process_group, key.device, exchange)
+    row_lse, _ = sim_lse(query, gk.candidates(key), as_scalar("scale", scale, query), backend=backend)
     return row_lse
 
 
-def similarity_lse(query, key, scale, *, backend="auto", process_group=None) -> Tensor:
+def similarity_lse(query, key, scale, *, backend="auto", process_group=None, exchange="gather") -> Tensor:
     r"""Row-wise ``LSE_j(scale · q_i·k_j)`` as a (B,) fp32 tensor, differentiable.
 
     Kernel backends never store the B×M matrix: the building block for custom losses.
@@ -594,14 +596,15 @@ def similarity_lse(query, key, scale, *, backend="auto", process_group=None) -> 
     Args:
         query: (B, D); key: (M, D), same device and dtype.
         scale: > 0, float or 0-dim tensor (a tensor requiring grad gets its gradient).
-        backend: see ``info_nce``.
+        backend, exchange: see ``info_nce``.
     """
     check_pair("query", query, "key", key, same_rows=False)
     as_scalar("scale", scale, query, positive=True)
+    ring = uses_ring(exchange, process_group)
     name = backends.resolve(backend, op="similarity_lse", tensors=(query, key))
-    if name == "reference":
+    if name == "reference" and not ring:
         return similarity_lse_reference(query, key, scale, process_group)
-    return _fused_similarity_lse(query, key, scale, backend=name, process_group=process_group)
+    return _fused_similarity_lse(query, key, scale, backend=name, process_group=process_group, exchange=exchange)
 
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "similarity_lse"]
