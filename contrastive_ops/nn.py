@@ -275,8 +275,8 @@ class ClipLoss(_LossModule):
 class SigLIPLoss(_LossModule):
     _fn = staticmethod(siglip_loss)
 
-    def __init__(self, *, backend: str = "auto", gather_distributed: bool = False):
-        super().__init__(backend=backend, gather_distributed=gather_distributed)
+    def __init__(self, *, backend: str = "auto", gather_distributed: bool = False, exchange: str = "gather"):
+        super().__init__(backend=backend, gather_distributed=gather_distributed, exchange=exchange)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias):
         return self._call(image_features, text_features, logit_scale, logit_bias)

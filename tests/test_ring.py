@@ -36,6 +36,7 @@ import torch.multiprocessing as mp
 import contrastive_ops as co
 from contrastive_ops import distributed as codist
 from contrastive_ops.distributed import GlobalBatch
+from contrastive_ops.primitives import siglip_pairs as siglip_mod
 from contrastive_ops.primitives import sim_lse as sim_lse_mod
 from test_distributed import B, PerRank, S, _free_port, _materialize, _Skip
 
@@ -66,10 +67,13 @@ class RCtx:
     def _run(self, fn, args, gb, exchange, kwargs):
         l_args, leaves = _materialize(args, gb)
         seen: List[int] = []
-        real_prim, real_gather = sim_lse_mod.primitive_object, codist._gather
+        real_prims = [(m, m.primitive_object) for m in (sim_lse_mod, siglip_mod)]
+        real_gather = codist._gather
         if exchange == "ring":
-            def recording(backend):
-                p = real_prim(backend)
+            def recording(real_prim):
+                return lambda backend: rec(real_prim(backend))
+
+            def rec(p):
 
                 class Rec:
                     def forward(self, q, k, *a):
@@ -83,12 +87,16 @@ class RCtx:
 
             def no_gather(*a, **k):
                 raise AssertionError("exchange='ring' gathered a tensor")
-            sim_lse_mod.primitive_object, codist._gather = recording, no_gather
+            for m, real in real_prims:
+                m.primitive_object = recording(real)
+            codist._gather = no_gather
         try:
             out = fn(*l_args, process_group=self.group, exchange=exchange, **kwargs)
             return out, leaves, seen
         finally:
-            sim_lse_mod.primitive_object, codist._gather = real_prim, real_gather
+            for m, real in real_prims:
+                m.primitive_object = real
+            codist._gather = real_gather
 
     def check(self, fn: Callable, args, rows=None, **kwargs):
         gb = GlobalBatch(self.n, self.group, torch.device("cpu"))
@@ -251,6 +259,11 @@ def _(c):
     c.check(_module_fn(co.nn.DHELLoss, 0.2), [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1))])
 
 
+@case("siglip_loss")
+def _(c):
+    c.check(co.siglip_loss, [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1)), S(c.scalar(1.5)), S(c.scalar(-2.0))])
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -339,6 +352,7 @@ _FNS = {
     "nt_xent": lambda x, y, **kw: co.nt_xent(x, y, 0.5, **kw),
     "dcl_loss": lambda x, y, **kw: co.dcl_loss(x, y, 0.3, **kw),
     "dhel_loss": lambda x, y, **kw: co.dhel_loss(x, y, 0.3, **kw),
+    "siglip_loss": lambda x, y, **kw: co.siglip_loss(x, y, 2.0, -1.0, **kw),
 }
 
 
@@ -355,7 +369,7 @@ def test_exchange_checked_and_ignored_without_group(name):
 
 
 @pytest.mark.parametrize("cls", [co.nn.InfoNCELoss, co.nn.ClipLoss, co.nn.NTXentLoss, co.nn.DCLLoss,
-                                 co.nn.DHELLoss])
+                                 co.nn.DHELLoss, co.nn.SigLIPLoss])
 def test_module_exchange_keyword(cls):
     with pytest.raises(ValueError, match="exchange must be 'gather' or 'ring'"):
         cls(exchange="allgather")

@@ -25,6 +25,14 @@ backward gives in ``exchange="gather"`` (``contrastive_ops.distributed``).
 Extra memory per rank: two blocks of features (current and next), two
 gradient accumulators in the backward, O(B + block rows) LSEs.  Gradient
 accumulators are kept in the accumulation dtype (fp32 for fp16/bf16).
+
+The ``"siglip"`` pair sum runs the same way (:class:`RingSigLIPFunction`):
+the pair sum of this rank's images against every rank's text block; only the
+rank's own block holds the positive pairs (i, i), so a visiting block's
+diagonal is turned back into negatives with softplus(L) = softplus(−L) + L,
+i.e. Σ_i L_ii added in PyTorch (O(n·D)).
+
+Both Functions share :func:`ring_pass`, the loop that moves the blocks.
 """
 from __future__ import annotations
 
@@ -38,6 +46,39 @@ from ..distributed import RingCandidates, ring_shift, ring_wait
 Tensor = torch.Tensor
 
 
+def ring_pass(cands: RingCandidates, fixed, acc, step):
+    """Visit every rank's block once: W hops, block data prefetched one hop ahead.
+
+    ``fixed``: tensors with dim 0 of block rows that travel with this rank's
+    block unchanged (its LSEs, their gradients); ``acc``: tensors with dim 0
+    of block rows that each hop updates (column partials, gradient
+    accumulators).  ``step(owner, travelling, acc) -> acc`` computes on rank
+    ``owner``'s block ``travelling = [block] + fixed``.  Returns the ``acc`` of
+    this rank's own block after it has visited every rank (sent home after
+    the last hop; ``[]`` if ``acc`` is empty).
+    """
+    gb = cands.gb
+    W, r = gb.world_size, gb.rank
+    cur = [cands.block] + list(fixed)
+    acc = list(acc)
+    for h in range(W):
+        owner, nxt_owner = (r - h) % W, (r - h - 1) % W
+        if h < W - 1:  # the next block's transfer overlaps this block's compute
+            m = cands.rows(nxt_owner)
+            nbufs = [t.new_empty((m,) + tuple(t.shape[1:])) for t in cur]
+            reqs = ring_shift(cur, nbufs, gb.group)
+        acc = list(step(owner, cur, acc))
+        if acc:  # updated after the compute, so sent after it; after the last hop they are home
+            m = cands.rows(nxt_owner)
+            abufs = [t.new_empty((m,) + tuple(t.shape[1:])) for t in acc]
+            ring_wait(ring_shift(acc, abufs, gb.group))
+            acc = abufs
+        if h < W - 1:
+            ring_wait(reqs)
+            cur = nbufs
+    return acc
+
+
 class RingSimLSEFunction(torch.autograd.Function):
     """``sim_lse`` of this rank's anchors against every rank's candidate block, passed around the ring.
 
@@ -48,35 +89,25 @@ class RingSimLSEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, scale, col_start, col_end, exclude, want_col, prim, cands):
-        gb = cands.gb
-        W, r = gb.world_size, gb.rank
         dt = acc_dtype(q.dtype)
-        B, D = q.shape
-        if k.data_ptr() == q.data_ptr():  # a kernel would take them for one tensor (symmetric Gram)
-            k = k.clone()
+        B = q.shape[0]
         row = torch.full((B,), float("-inf"), dtype=dt, device=q.device)
-        cur, col = k, (torch.full((k.shape[0],), float("-inf"), dtype=dt, device=q.device) if want_col else None)
-        own_col = None
-        for h in range(W):
-            owner = (r - h) % W
-            nxt_owner = (r - h - 1) % W
-            if h < W - 1:  # the next block's transfer overlaps this block's compute
-                nbuf = torch.empty((cands.rows(nxt_owner), D), dtype=k.dtype, device=k.device)
-                reqs = ring_shift([cur], [nbuf], gb.group)
-            if B > 0 and cur.shape[0] > 0:
-                cs, ce, ex = cands.local_masks(owner, col_start, col_end, exclude)
-                rl, cl = prim.forward(q, cur, scale, None, None, cs, ce, ex, want_col)
-                row = torch.logaddexp(row, rl)
-                if want_col:
-                    col = torch.logaddexp(col, cl)
-            if want_col:  # this block's column partial goes on with it; after the last hop it is home
-                cbuf = torch.empty((cands.rows(nxt_owner),), dtype=dt, device=q.device)
-                ring_wait(ring_shift([col], [cbuf], gb.group))
-                col = cbuf
-            if h < W - 1:
-                ring_wait(reqs)
-                cur = nbuf
-        own_col = col if want_col else row.new_empty(0)
+
+        def step(owner, cur, acc):
+            nonlocal row
+            blk = cur[0]
+            if B == 0 or blk.shape[0] == 0:
+                return acc
+            if blk.data_ptr() == q.data_ptr():  # a kernel would take them for one tensor (symmetric Gram)
+                blk = blk.clone()
+            cs, ce, ex = cands.local_masks(owner, col_start, col_end, exclude)
+            rl, cl = prim.forward(q, blk, scale, None, None, cs, ce, ex, want_col)
+            row = torch.logaddexp(row, rl)
+            return [torch.logaddexp(acc[0], cl)] if want_col else acc
+
+        col0 = [torch.full((k.shape[0],), float("-inf"), dtype=dt, device=q.device)] if want_col else []
+        out = ring_pass(cands, [], col0, step)
+        own_col = out[0] if want_col else row.new_empty(0)
         ctx.prim, ctx.cands, ctx.want_col = prim, cands, want_col
         ctx.save_for_backward(q, k, scale, col_start, col_end, exclude, row, own_col)
         if not want_col:
@@ -88,47 +119,32 @@ class RingSimLSEFunction(torch.autograd.Function):
     def backward(ctx, g_row, g_col, _g_token):
         q, k, scale, col_start, col_end, exclude, row_lse, own_col = ctx.saved_tensors
         prim, cands, want_col = ctx.prim, ctx.cands, ctx.want_col
-        gb = cands.gb
-        W, r = gb.world_size, gb.rank
         dt = acc_dtype(q.dtype)
-        B, D = q.shape
+        B = q.shape[0]
         g_row = torch.zeros_like(row_lse) if g_row is None else g_row.contiguous()
-        if want_col:
-            g_col = torch.zeros_like(own_col) if g_col is None else g_col.contiguous()
-            aux = torch.stack([own_col, g_col.to(own_col.dtype)])  # (2, m): final col LSE and its gradient
-        dq = torch.zeros((B, D), dtype=dt, device=q.device)
+        fixed = []
+        if want_col:  # (m, 2): the block's final column LSE and its gradient travel with it
+            g_col = torch.zeros_like(own_col) if g_col is None else g_col.to(own_col.dtype)
+            fixed = [torch.stack([own_col, g_col], 1)]
+        dq = torch.zeros(q.shape, dtype=dt, device=q.device)
         dscale = torch.zeros((), dtype=scale.dtype, device=q.device)
-        cur = k
-        dk = torch.zeros(k.shape, dtype=dt, device=k.device)
         empty = row_lse.new_empty(0)
-        for h in range(W):
-            owner = (r - h) % W
-            nxt_owner = (r - h - 1) % W
-            if h < W - 1:
-                nm = cands.rows(nxt_owner)
-                nbuf = torch.empty((nm, D), dtype=k.dtype, device=k.device)
-                send, recv = [cur], [nbuf]
-                if want_col:
-                    naux = torch.empty((2, nm), dtype=aux.dtype, device=aux.device)
-                    send.append(aux)
-                    recv.append(naux)
-                reqs = ring_shift(send, recv, gb.group)
-            if B > 0 and cur.shape[0] > 0:
-                cs, ce, ex = cands.local_masks(owner, col_start, col_end, exclude)
-                c_lse, c_g = (aux[0].contiguous(), aux[1].contiguous()) if want_col else (empty, empty)
-                dq_h, dk_h, ds_h = prim.backward(q, cur, scale, None, None, cs, ce, ex, row_lse, c_lse, g_row, c_g)
-                dq += dq_h.to(dt)
-                dk += dk_h.to(dt)
-                dscale = dscale + ds_h.reshape(()).to(dscale.dtype)
-            # the block's gradient accumulator goes on with it; after the last hop it is home
-            dbuf = torch.empty((cands.rows(nxt_owner), D), dtype=dt, device=k.device)
-            ring_wait(ring_shift([dk], [dbuf], gb.group))
-            dk = dbuf
-            if h < W - 1:
-                ring_wait(reqs)
-                cur = nbuf
-                if want_col:
-                    aux = naux
+
+        def step(owner, cur, acc):
+            nonlocal dq, dscale
+            blk = cur[0]
+            if B == 0 or blk.shape[0] == 0:
+                return acc
+            if blk.data_ptr() == q.data_ptr():
+                blk = blk.clone()
+            cs, ce, ex = cands.local_masks(owner, col_start, col_end, exclude)
+            c_lse, c_g = (cur[1][:, 0].contiguous(), cur[1][:, 1].contiguous()) if want_col else (empty, empty)
+            dq_h, dk_h, ds_h = prim.backward(q, blk, scale, None, None, cs, ce, ex, row_lse, c_lse, g_row, c_g)
+            dq = dq + dq_h.to(dt)
+            dscale = dscale + ds_h.reshape(()).to(dscale.dtype)
+            return [acc[0] + dk_h.to(dt)]
+
+        (dk,) = ring_pass(cands, fixed, [torch.zeros(k.shape, dtype=dt, device=k.device)], step)
         needs = ctx.needs_input_grad
         return (dq.to(q.dtype) if needs[0] else None, dk.to(k.dtype) if needs[1] else None,
                 dscale if needs[2] else None, None, None, None, None, None, None)
@@ -148,7 +164,84 @@ def ring_sim_lse(q: Tensor, cands: RingCandidates, scale: Tensor, *, row_index: 
     if q.dtype != cands.dtype or q.shape[1] != cands.D:
         raise ValueError(f"anchors {tuple(q.shape)} {q.dtype} do not match the ring candidates "
                          f"(D={cands.D}, {cands.dtype})")
-    row, col, token = RingSimLSEFunction.apply(q.contiguous(), cands.block.contiguous(), scale.reshape(()),
+    cands.block = cands.block.contiguous()
+    row, col, token = RingSimLSEFunction.apply(q.contiguous(), cands.block, scale.reshape(()),
                                                col_start, col_end, exclude, want_col, prim, cands)
     cands.gb._tokens.append(token)
     return row, (col if want_col else None)
+
+
+class RingSigLIPFunction(torch.autograd.Function):
+    """The ``"siglip"`` pair sum of this rank's ``x`` against every rank's ``y`` block (positives: this
+    rank's own pairs (i, i)); outputs ``(total, token)``."""
+
+    @staticmethod
+    def forward(ctx, x, y, scale, bias, prim, cands):
+        me = cands.gb.rank
+        dt = acc_dtype(x.dtype)
+        total = torch.zeros((), dtype=dt, device=x.device)
+
+        def step(owner, cur, acc):
+            nonlocal total
+            blk = cur[0]
+            if x.shape[0] == 0 or blk.shape[0] == 0:
+                return acc
+            total = total + prim.forward(x, blk, scale, bias).to(dt)
+            if owner != me:  # no positives in another rank's block: softplus(L) = softplus(−L) + L
+                d = min(x.shape[0], blk.shape[0])
+                total = total + (scale * (x[:d].to(dt) * blk[:d].to(dt)).sum() + d * bias).to(dt)
+            return acc
+
+        ring_pass(cands, [], [], step)
+        ctx.prim, ctx.cands = prim, cands
+        ctx.save_for_backward(x, y, scale, bias)
+        return total, torch.zeros((), dtype=dt, device=x.device)
+
+    @staticmethod
+    def backward(ctx, grad, _g_token):
+        x, y, scale, bias = ctx.saved_tensors
+        prim, cands = ctx.prim, ctx.cands
+        me = cands.gb.rank
+        dt = acc_dtype(x.dtype)
+        G = (torch.zeros((), dtype=scale.dtype, device=x.device) if grad is None
+             else grad.reshape(()).to(scale.dtype))
+        dx = torch.zeros(x.shape, dtype=dt, device=x.device)
+        ds = torch.zeros((), dtype=scale.dtype, device=x.device)
+        db = torch.zeros((), dtype=bias.dtype, device=x.device)
+
+        def step(owner, cur, acc):
+            nonlocal dx, ds, db
+            blk = cur[0]
+            if x.shape[0] == 0 or blk.shape[0] == 0:
+                return acc
+            dx_h, dy_h, ds_h, db_h = prim.backward(x, blk, scale, bias, G)
+            dx = dx + dx_h.to(dt)
+            dy = acc[0] + dy_h.to(dt)
+            ds = ds + ds_h.reshape(()).to(ds.dtype)
+            db = db + db_h.reshape(()).to(db.dtype)
+            if owner != me:  # the gradient of Σ_i L_ii over the block's diagonal
+                d = min(x.shape[0], blk.shape[0])
+                xd, yd = x[:d].to(dt), blk[:d].to(dt)
+                dx = torch.cat([dx[:d] + G * scale * yd, dx[d:]])
+                dy = torch.cat([dy[:d] + G * scale * xd, dy[d:]])
+                ds = ds + G * (xd * yd).sum()
+                db = db + G * d
+            return [dy]
+
+        (dy,) = ring_pass(cands, [], [torch.zeros(y.shape, dtype=dt, device=y.device)], step)
+        needs = ctx.needs_input_grad
+        return (dx.to(x.dtype) if needs[0] else None, dy.to(y.dtype) if needs[1] else None,
+                ds if needs[2] else None, db if needs[3] else None, None, None)
+
+
+def ring_siglip_pairs(x: Tensor, cands: RingCandidates, scale: Tensor, bias: Tensor, *, prim) -> Tensor:
+    """The ``"siglip"`` pair sum of this rank's ``x`` against every rank's block of ``cands`` (one part)."""
+    if cands.P != 1:
+        raise ValueError("the SigLIP pair sum takes candidates of one part")
+    if x.dtype != cands.dtype or x.shape[1] != cands.D:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not match the ring candidates (D={cands.D}, "
+                         f"{cands.dtype})")
+    cands.block = cands.block.contiguous()
+    total, token = RingSigLIPFunction.apply(x.contiguous(), cands.block, scale, bias, prim, cands)
+    cands.gb._tokens.append(token)
+    return total
