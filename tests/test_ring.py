@@ -98,7 +98,8 @@ class RCtx:
                 m.primitive_object = real
             codist._gather = real_gather
 
-    def check(self, fn: Callable, args, rows=None, **kwargs):
+    def check(self, fn: Callable, args, rows=None, block_rows=None, **kwargs):
+        """``block_rows``: the rows each rank's candidate block may have (default: 1 or 2 local batches)."""
         gb = GlobalBatch(self.n, self.group, torch.device("cpu"))
         kwargs.setdefault("backend", self.backend)
         g_args, g_leaves = _materialize(args, None)
@@ -154,8 +155,9 @@ class RCtx:
                 g = torch.zeros_like(b) if a is None else a
                 self.close(codist.all_reduce_sum(g, self.group) / self.world, b.grad, f"ring grad of shared {i}")
         # never the global candidates: every block the kernel saw is one rank's (one or two views)
-        assert seen, f"rank {self.rank}: the ring never called the primitive"
-        allowed = {p * s for s in self.sizes for p in (1, 2)}
+        calls = codist.all_reduce_sum(torch.tensor([len(seen)]), self.group)
+        assert int(calls) > 0, "the ring never called the primitive"
+        allowed = block_rows or {p * s for s in self.sizes for p in (1, 2)}
         assert set(seen) <= allowed, f"rank {self.rank}: the primitive saw blocks of {sorted(set(seen))} rows"
 
 
@@ -257,6 +259,30 @@ def _(c):
     c.check(_module_fn(co.nn.InfoNCELoss, 0.2, symmetric=True), [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1))])
     c.check(_module_fn(co.nn.DCLLoss, 0.2, weighted=True), [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1))])
     c.check(_module_fn(co.nn.DHELLoss, 0.2), [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1))])
+
+
+def _point_inputs(c, G: int = 5, empty_last: bool = False):
+    g = torch.Generator().manual_seed(3001)
+    m1, m2 = torch.rand(c.N, G, generator=g) > 0.4, torch.rand(c.N, G, generator=g) > 0.4
+    m1[0, :2] = m2[0, :2] = True
+    if empty_last:  # the last rank holds no co-masked token
+        m1[c.N - c.sizes[-1]:] = False
+    S = m1 & m2
+    counts = {int(S[sum(c.sizes[:r]): sum(c.sizes[:r + 1])].sum()) for r in range(c.world)}
+    return [B(c.randn(c.N, G, 4)), B(c.randn(c.N, G, 4, seed=1)), B(m1), B(m2)], counts
+
+
+@case("point_token_infonce_batch")
+def _(c):
+    args, counts = _point_inputs(c)
+    c.check(lambda f1, f2, m1, m2, t, **kw: co.point_token_contrast(f1, f2, m1, m2, temperature=t, **kw),
+            args + [S(c.scalar(0.2))], negatives="batch", block_rows=counts)
+
+
+@case("point_token_infonce_batch_rank_without_tokens")
+def _(c):
+    args, counts = _point_inputs(c, empty_last=True)
+    c.check(co.point_token_contrast, args, negatives="batch", temperature=0.3, block_rows=counts)
 
 
 @case("siglip_loss")
