@@ -405,8 +405,10 @@ class GlobalBatch:
         """
         if self.ring:
             return RingCandidates(self, [p if dtype is None else p.to(dtype) for p in parts])
-        gs = [self.gather(p) for p in parts]
-        out = gs[0] if len(gs) == 1 else torch.cat(gs)
+        if len(parts) == 1:
+            out = self.gather(parts[0])
+        else:  # one collective for every part: (P, n, D) gathered along dim 1, view-major
+            out = self.gather(torch.stack(parts), dim=1).reshape(-1, parts[0].shape[-1])
         return out if dtype is None else out.to(dtype)
 
     def gather(self, t: Tensor, dim: int = 0) -> Tensor:

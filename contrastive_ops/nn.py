@@ -370,10 +370,10 @@ class SupConLoss(_MemoryLossModule):
 
     def __init__(self, temperature: float = 0.07, *, base_temperature: float = 0.07, contrast_mode: str = "all",
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
-                 gather_distributed: bool = False, memory_size: int = 0):
+                 gather_distributed: bool = False, memory_size: int = 0, exchange: str = "gather"):
         super().__init__(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
                          normalize=normalize, reduction=reduction, backend=backend,
-                         gather_distributed=gather_distributed)
+                         gather_distributed=gather_distributed, exchange=exchange)
         self._init_memory(memory_size)
 
     def forward(self, features, labels: Optional[torch.Tensor] = None):

@@ -99,7 +99,7 @@ class RCtx:
             codist._gather = real_gather
 
     def check(self, fn: Callable, args, rows=None, block_rows=None, **kwargs):
-        """``block_rows``: the rows each rank's candidate block may have (default: 1 or 2 local batches)."""
+        """``block_rows``: the rows each rank's candidate block may have (default: 1 to 3 local batches)."""
         gb = GlobalBatch(self.n, self.group, torch.device("cpu"))
         kwargs.setdefault("backend", self.backend)
         g_args, g_leaves = _materialize(args, None)
@@ -157,7 +157,7 @@ class RCtx:
         # never the global candidates: every block the kernel saw is one rank's (one or two views)
         calls = codist.all_reduce_sum(torch.tensor([len(seen)]), self.group)
         assert int(calls) > 0, "the ring never called the primitive"
-        allowed = block_rows or {p * s for s in self.sizes for p in (1, 2)}
+        allowed = block_rows or {p * s for s in self.sizes for p in (1, 2, 3)}
         assert set(seen) <= allowed, f"rank {self.rank}: the primitive saw blocks of {sorted(set(seen))} rows"
 
 
@@ -259,6 +259,7 @@ def _(c):
     c.check(_module_fn(co.nn.InfoNCELoss, 0.2, symmetric=True), [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1))])
     c.check(_module_fn(co.nn.DCLLoss, 0.2, weighted=True), [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1))])
     c.check(_module_fn(co.nn.DHELLoss, 0.2), [B(c.randn(c.N, 6)), B(c.randn(c.N, 6, seed=1))])
+    c.check(_module_fn(co.nn.SupConLoss, 0.2), [B(c.randn(c.N, 2, 6)), B(_labels(c))])
 
 
 def _point_inputs(c, G: int = 5, empty_last: bool = False):
@@ -283,6 +284,53 @@ def _(c):
 def _(c):
     args, counts = _point_inputs(c, empty_last=True)
     c.check(co.point_token_contrast, args, negatives="batch", temperature=0.3, block_rows=counts)
+
+
+def _labels(c, classes=3):
+    return torch.randint(0, classes, (c.N,), generator=torch.Generator().manual_seed(2001))
+
+
+@case("supcon_labels")
+def _(c):
+    c.check(co.supcon_loss, [B(c.randn(c.N, 2, 5)), B(_labels(c)), S(c.scalar(0.2))])
+
+
+@case("supcon_no_labels_one_none")
+def _(c):
+    c.check(co.supcon_loss, [B(c.randn(c.N, 3, 5)), None, 0.3], contrast_mode="one", reduction="none")
+
+
+@case("supcon_labelled_queue")
+def _(c):
+    q = c.randn(4, 5, seed=9, requires_grad=False)
+    qy = torch.tensor([0, 2, 2, 5])
+    c.check(lambda f, y, **kw: co.supcon_loss(f, y, 0.2, queue=q, queue_labels=qy, **kw),
+            [B(c.randn(c.N, 2, 5)), B(_labels(c))])
+
+
+@case("mv_infonce")
+def _(c):
+    c.check(co.mv_infonce, [B(c.randn(c.N, 3, 5)), S(c.scalar(0.2))])
+
+
+@case("mv_infonce_pairwise_none")
+def _(c):
+    c.check(co.mv_infonce, [B(c.randn(c.N, 3, 5)), 0.3], variant="pairwise", reduction="none")
+
+
+@case("mv_dhel")
+def _(c):
+    c.check(co.mv_dhel, [B(c.randn(c.N, 3, 5)), S(c.scalar(0.2))])
+
+
+@case("mv_mask_ring_not_supported")
+def _(c):
+    # Raised before any collective, alike on every rank (the masked compositions select candidates by index).
+    x, m = c.randn(c.n, 3, 5), torch.ones(c.n, 3, dtype=torch.bool)
+    for fn in (co.mv_infonce, co.mv_dhel):
+        with pytest.raises(NotImplementedError, match="does not take a mask"):
+            fn(x, 0.2, mask=m, process_group=c.group, exchange="ring", backend=c.backend)
+        fn(x, 0.2, mask=m, process_group=c.group, exchange="gather", backend=c.backend)  # the gather takes it
 
 
 @case("siglip_loss")
@@ -379,6 +427,12 @@ _FNS = {
     "dcl_loss": lambda x, y, **kw: co.dcl_loss(x, y, 0.3, **kw),
     "dhel_loss": lambda x, y, **kw: co.dhel_loss(x, y, 0.3, **kw),
     "siglip_loss": lambda x, y, **kw: co.siglip_loss(x, y, 2.0, -1.0, **kw),
+    "supcon_loss": lambda x, y, **kw: co.supcon_loss(torch.stack([x, y], 1), torch.arange(5) % 2, **kw),
+    "mv_infonce": lambda x, y, **kw: co.mv_infonce(torch.stack([x, y], 1), 0.2, **kw),
+    "mv_dhel": lambda x, y, **kw: co.mv_dhel(torch.stack([x, y], 1), 0.2, **kw),
+    "point_token_contrast": lambda x, y, **kw: co.point_token_contrast(
+        x.view(5, 2, 2), y.view(5, 2, 2), torch.ones(5, 2, dtype=torch.bool), torch.ones(5, 2, dtype=torch.bool),
+        negatives="batch", **kw),
 }
 
 
@@ -395,8 +449,9 @@ def test_exchange_checked_and_ignored_without_group(name):
 
 
 @pytest.mark.parametrize("cls", [co.nn.InfoNCELoss, co.nn.ClipLoss, co.nn.NTXentLoss, co.nn.DCLLoss,
-                                 co.nn.DHELLoss, co.nn.SigLIPLoss])
+                                 co.nn.DHELLoss, co.nn.SigLIPLoss, co.nn.SupConLoss])
 def test_module_exchange_keyword(cls):
     with pytest.raises(ValueError, match="exchange must be 'gather' or 'ring'"):
         cls(exchange="allgather")
     assert "exchange='ring'" in repr(cls(exchange="ring"))
+

@@ -46,20 +46,20 @@ from ..distributed import RingCandidates, ring_shift, ring_wait
 Tensor = torch.Tensor
 
 
-def ring_pass(cands: RingCandidates, fixed, acc, step):
+def ring_pass(cands: RingCandidates, travel, acc, step):
     """Visit every rank's block once: W hops, block data prefetched one hop ahead.
 
-    ``fixed``: tensors with dim 0 of block rows that travel with this rank's
-    block unchanged (its LSEs, their gradients); ``acc``: tensors with dim 0
-    of block rows that each hop updates (column partials, gradient
-    accumulators).  ``step(owner, travelling, acc) -> acc`` computes on rank
-    ``owner``'s block ``travelling = [block] + fixed``.  Returns the ``acc`` of
+    ``travel``: this rank's tensors with dim 0 of block rows (``cands.rows``)
+    that go round unchanged (the block, its LSEs and their gradients, its
+    labels); ``acc``: tensors with dim 0 of block rows that each hop updates
+    (column partials, gradient accumulators).  ``step(owner, travelling, acc)
+    -> acc`` computes on rank ``owner``'s ``travel`` tensors.  Returns the ``acc`` of
     this rank's own block after it has visited every rank (sent home after
     the last hop; ``[]`` if ``acc`` is empty).
     """
     gb = cands.gb
     W, r = gb.world_size, gb.rank
-    cur = [cands.block] + list(fixed)
+    cur = list(travel)
     acc = list(acc)
     for h in range(W):
         owner, nxt_owner = (r - h) % W, (r - h - 1) % W
@@ -106,7 +106,7 @@ class RingSimLSEFunction(torch.autograd.Function):
             return [torch.logaddexp(acc[0], cl)] if want_col else acc
 
         col0 = [torch.full((k.shape[0],), float("-inf"), dtype=dt, device=q.device)] if want_col else []
-        out = ring_pass(cands, [], col0, step)
+        out = ring_pass(cands, [cands.block], col0, step)
         own_col = out[0] if want_col else row.new_empty(0)
         ctx.prim, ctx.cands, ctx.want_col = prim, cands, want_col
         ctx.save_for_backward(q, k, scale, col_start, col_end, exclude, row, own_col)
@@ -144,7 +144,7 @@ class RingSimLSEFunction(torch.autograd.Function):
             dscale = dscale + ds_h.reshape(()).to(dscale.dtype)
             return [acc[0] + dk_h.to(dt)]
 
-        (dk,) = ring_pass(cands, fixed, [torch.zeros(k.shape, dtype=dt, device=k.device)], step)
+        (dk,) = ring_pass(cands, [cands.block] + fixed, [torch.zeros(k.shape, dtype=dt, device=k.device)], step)
         needs = ctx.needs_input_grad
         return (dq.to(q.dtype) if needs[0] else None, dk.to(k.dtype) if needs[1] else None,
                 dscale if needs[2] else None, None, None, None, None, None, None)
@@ -192,7 +192,7 @@ class RingSigLIPFunction(torch.autograd.Function):
                 total = total + (scale * (x[:d].to(dt) * blk[:d].to(dt)).sum() + d * bias).to(dt)
             return acc
 
-        ring_pass(cands, [], [], step)
+        ring_pass(cands, [cands.block], [], step)
         ctx.prim, ctx.cands = prim, cands
         ctx.save_for_backward(x, y, scale, bias)
         return total, torch.zeros((), dtype=dt, device=x.device)
@@ -228,7 +228,7 @@ class RingSigLIPFunction(torch.autograd.Function):
                 db = db + G * d
             return [dy]
 
-        (dy,) = ring_pass(cands, [], [torch.zeros(y.shape, dtype=dt, device=y.device)], step)
+        (dy,) = ring_pass(cands, [cands.block], [torch.zeros(y.shape, dtype=dt, device=y.device)], step)
         needs = ctx.needs_input_grad
         return (dx.to(x.dtype) if needs[0] else None, dy.to(y.dtype) if needs[1] else None,
                 ds if needs[2] else None, db if needs[3] else None, None, None)
