@@ -14,8 +14,9 @@ uneven local batches) runs every case below; for each case each rank
 
 While the ring runs, the all-gather of ``contrastive_ops.distributed`` is
 replaced by one that fails, and every block the primitive sees is recorded:
-no block may have more rows than two local batches (nt_xent-style stacks of
-two views), i.e. no rank ever holds the global candidates.
+every block must be one rank's (one to three views of its local batch),
+i.e. no rank ever holds the global candidates.  A last case checks that
+ranks which disagree on the candidates' shape or dtype get a clear error.
 """
 from __future__ import annotations
 
@@ -331,6 +332,19 @@ def _(c):
         with pytest.raises(NotImplementedError, match="does not take a mask"):
             fn(x, 0.2, mask=m, process_group=c.group, exchange="ring", backend=c.backend)
         fn(x, 0.2, mask=m, process_group=c.group, exchange="gather", backend=c.backend)  # the gather takes it
+
+
+@case("ranks_disagree")
+def _(c):
+    # A rank with another width or dtype is a ValueError on every rank before any transfer, not a hang.
+    D = 5 if c.rank == 0 else 6
+    q, k = c.randn(c.n, D), c.randn(c.n, D, seed=1)
+    with pytest.raises(ValueError, match="rank 0: parts=1, D=5.*rank 1: parts=1, D=6"):
+        co.similarity_lse(q, k, 1.0, process_group=c.group, exchange="ring", backend=c.backend)
+    dt = torch.float32 if c.rank == c.world - 1 else torch.float64
+    q, k = c.randn(c.n, 4).to(dt), c.randn(c.n, 4, seed=1).to(dt)
+    with pytest.raises(ValueError, match="candidate blocks disagree"):
+        co.info_nce(q, k, 0.2, process_group=c.group, exchange="ring", backend="reference")
 
 
 @case("siglip_loss")
