@@ -336,9 +336,10 @@ class MVInfoNCELoss(_LossModule):
     _fn = staticmethod(mv_infonce)
 
     def __init__(self, temperature: float = 0.1, *, variant: str = "mv", normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False):
+                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+                 exchange: str = "gather"):
         super().__init__(temperature=temperature, variant=variant, normalize=normalize, reduction=reduction,
-                         backend=backend, gather_distributed=gather_distributed)
+                         backend=backend, gather_distributed=gather_distributed, exchange=exchange)
 
     def forward(self, features, mask: Optional[torch.Tensor] = None):
         return type(self)._fn(features, mask=mask, process_group=_group(self.gather_distributed), **self.kwargs)
@@ -348,9 +349,9 @@ class MVDHELLoss(_LossModule):
     _fn = staticmethod(mv_dhel)
 
     def __init__(self, temperature: float = 0.2, *, normalize: bool = True, reduction: str = "mean",
-                 backend: str = "auto", gather_distributed: bool = False):
+                 backend: str = "auto", gather_distributed: bool = False, exchange: str = "gather"):
         super().__init__(temperature=temperature, normalize=normalize, reduction=reduction, backend=backend,
-                         gather_distributed=gather_distributed)
+                         gather_distributed=gather_distributed, exchange=exchange)
 
     def forward(self, features, mask: Optional[torch.Tensor] = None):
         return type(self)._fn(features, mask=mask, process_group=_group(self.gather_distributed), **self.kwargs)
@@ -454,9 +455,10 @@ class PointTokenContrastLoss(_LossModule):
     _fn = staticmethod(point_token_contrast)
 
     def __init__(self, *, mode: str = "infonce", temperature: float = 0.1, pairing: str = "diag",
-                 negatives: str = "cloud", backend: str = "auto", gather_distributed: bool = False):
+                 negatives: str = "cloud", backend: str = "auto", gather_distributed: bool = False,
+                 exchange: str = "gather"):
         super().__init__(mode=mode, temperature=temperature, pairing=pairing, negatives=negatives,
-                         backend=backend, gather_distributed=gather_distributed)
+                         backend=backend, gather_distributed=gather_distributed, exchange=exchange)
 
     def forward(self, f1, f2, mask1, mask2):
         return self._call(f1, f2, mask1, mask2)
