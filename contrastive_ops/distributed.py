@@ -242,21 +242,23 @@ def _peer(group, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank)
 
 
-def ring_shift(send: List[Tensor], recv: List[Tensor], process_group):
+def ring_shift(send: List[Tensor], recv: List[Tensor], process_group, tag: int = 0):
     """Post ``send`` to the next rank and ``recv`` from the previous one (``batch_isend_irecv``).
 
     Returns the requests; call :func:`ring_wait` on them.  Tensor ``t`` of
-    ``send`` pairs with tensor ``t`` of ``recv`` (tag ``t``), so several
-    tensors can travel in one step.  With one rank nothing moves.
+    ``send`` pairs with tensor ``t`` of ``recv`` (tag ``tag + t``), so several
+    tensors can travel in one step; transfers in flight at the same time take
+    different ``tag`` ranges (backends that ignore tags match them by the
+    order of posting, which is the same on every rank).  Needs two ranks or more.
     """
     dist = _dist()
     W, r = world_size(process_group), rank(process_group)
     nxt, prv = _peer(process_group, (r + 1) % W), _peer(process_group, (r - 1) % W)
     ops = []
     for t, x in enumerate(send):
-        ops.append(dist.P2POp(dist.isend, x.contiguous(), nxt, process_group, t))
+        ops.append(dist.P2POp(dist.isend, x.contiguous(), nxt, process_group, tag + t))
     for t, x in enumerate(recv):
-        ops.append(dist.P2POp(dist.irecv, x, prv, process_group, t))
+        ops.append(dist.P2POp(dist.irecv, x, prv, process_group, tag + t))
     return dist.batch_isend_irecv(ops) if ops else []
 
 

@@ -229,10 +229,9 @@ class _RingLabelSum(torch.autograd.Function):
     def forward(ctx, values, labels, cands):
         out = torch.zeros_like(values)
 
-        def step(owner, cur, acc):
+        def step(owner, cur):
             nonlocal out
             out = out + label_sum(cur[0], cur[1], labels)
-            return acc
 
         ring_pass(cands, [values, labels], [], step)
         ctx.cands = cands
@@ -244,8 +243,8 @@ class _RingLabelSum(torch.autograd.Function):
         (labels,) = ctx.saved_tensors
         grad = grad.contiguous()
 
-        def step(owner, cur, acc):
-            return [acc[0] + label_sum(grad, labels, cur[0])]
+        def step(owner, cur):
+            return [label_sum(grad, labels, cur[0])]
 
         (dv,) = ring_pass(ctx.cands, [labels], [torch.zeros_like(grad)], step)
         return dv, None, None

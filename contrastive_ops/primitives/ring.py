@@ -17,13 +17,15 @@ Backward, with the final ``row_lse`` and each block's final ``col_lse``::
 
     for hop h = 0 .. W−1:                     block k_s travels with (col_lse_s, g_col_s)
         dq    += ∂/∂q   of this hop's pairs   (prim.backward with the final LSEs)
-        dk_s  += ∂/∂k_s of this hop's pairs   (the accumulator travels with k_s)
+        dk_s  += ∂/∂k_s of this hop's pairs   (the accumulator arrives from r−1 while
+                                               this hop computes, then goes on to r+1)
     after the last hop dk_s reaches its owner s.
 
 so each rank ends with Σ_r ∂L_r/∂(its rows), what ``all_gather_with_grad``'s
 backward gives in ``exchange="gather"`` (``contrastive_ops.distributed``).
-Extra memory per rank: two blocks of features (current and next), two
-gradient accumulators in the backward, O(B + block rows) LSEs.  Gradient
+Extra memory per rank: two blocks of features (current and next), three
+block-sized gradient buffers in the backward (the accumulator going out, the
+one coming in, this hop's contribution), O(B + block rows) LSEs.  Gradient
 accumulators are kept in the accumulation dtype (fp32 for fp16/bf16).
 
 The ``"siglip"`` pair sum runs the same way (:class:`RingSigLIPFunction`):
@@ -46,36 +48,51 @@ from ..distributed import RingCandidates, ring_shift, ring_wait
 Tensor = torch.Tensor
 
 
-def ring_pass(cands: RingCandidates, travel, acc, step):
+_ACC_TAG = 16  # tags of the accumulators, apart from the travelling tensors' (in flight at the same time)
+
+
+def ring_pass(cands: RingCandidates, travel, acc, step, combine=torch.add):
     """Visit every rank's block once: W hops, block data prefetched one hop ahead.
 
     ``travel``: this rank's tensors with dim 0 of block rows (``cands.rows``)
     that go round unchanged (the block, its LSEs and their gradients, its
-    labels); ``acc``: tensors with dim 0 of block rows that each hop updates
-    (column partials, gradient accumulators).  ``step(owner, travelling, acc)
-    -> acc`` computes on rank ``owner``'s ``travel`` tensors.  Returns the ``acc`` of
-    this rank's own block after it has visited every rank (sent home after
-    the last hop; ``[]`` if ``acc`` is empty).
+    labels); ``acc``: this rank's initial accumulators (dim 0 of block rows:
+    column partials, gradient accumulators) that each hop merges a
+    contribution into with ``combine``.  ``step(owner, travelling)`` computes
+    on rank ``owner``'s ``travel`` tensors and returns its contributions to
+    that block's ``acc`` (or None: nothing).  Returns the ``acc`` of this
+    rank's own block after every rank has added to it (``[]`` if ``acc`` is
+    empty).
+
+    Overlap: the next block's tensors are posted before this block's compute;
+    this block's accumulators, sent on by the previous rank after its own
+    compute on the block, are waited for only after this rank's compute.
     """
     gb = cands.gb
     W, r = gb.world_size, gb.rank
     cur = list(travel)
     acc = list(acc)
+    acc_reqs, sent = [], None
     for h in range(W):
-        owner, nxt_owner = (r - h) % W, (r - h - 1) % W
-        if h < W - 1:  # the next block's transfer overlaps this block's compute
+        nxt_owner = (r - h - 1) % W
+        if h < W - 1:
             m = cands.rows(nxt_owner)
             nbufs = [t.new_empty((m,) + tuple(t.shape[1:])) for t in cur]
             reqs = ring_shift(cur, nbufs, gb.group)
-        acc = list(step(owner, cur, acc))
-        if acc:  # updated after the compute, so sent after it; after the last hop they are home
+        contrib = step((r - h) % W, cur)
+        if acc:
+            ring_wait(acc_reqs)  # this block's accumulators have arrived (h > 0)
+            if contrib is not None:
+                acc = [combine(a, c) for a, c in zip(acc, contrib)]
+            # on to the next rank; after the last hop they reach their owner
             m = cands.rows(nxt_owner)
-            abufs = [t.new_empty((m,) + tuple(t.shape[1:])) for t in acc]
-            ring_wait(ring_shift(acc, abufs, gb.group))
+            sent, abufs = acc, [t.new_empty((m,) + tuple(t.shape[1:])) for t in acc]
+            acc_reqs = ring_shift(sent, abufs, gb.group, tag=_ACC_TAG)
             acc = abufs
         if h < W - 1:
             ring_wait(reqs)
             cur = nbufs
+    ring_wait(acc_reqs)
     return acc
 
 
@@ -93,20 +110,20 @@ class RingSimLSEFunction(torch.autograd.Function):
         B = q.shape[0]
         row = torch.full((B,), float("-inf"), dtype=dt, device=q.device)
 
-        def step(owner, cur, acc):
+        def step(owner, cur):
             nonlocal row
             blk = cur[0]
             if B == 0 or blk.shape[0] == 0:
-                return acc
+                return None
             if blk.data_ptr() == q.data_ptr():  # a kernel would take them for one tensor (symmetric Gram)
                 blk = blk.clone()
             cs, ce, ex = cands.local_masks(owner, col_start, col_end, exclude)
             rl, cl = prim.forward(q, blk, scale, None, None, cs, ce, ex, want_col)
             row = torch.logaddexp(row, rl)
-            return [torch.logaddexp(acc[0], cl)] if want_col else acc
+            return [cl.to(dt)] if want_col else None
 
         col0 = [torch.full((k.shape[0],), float("-inf"), dtype=dt, device=q.device)] if want_col else []
-        out = ring_pass(cands, [cands.block], col0, step)
+        out = ring_pass(cands, [cands.block], col0, step, combine=torch.logaddexp)
         own_col = out[0] if want_col else row.new_empty(0)
         ctx.prim, ctx.cands, ctx.want_col = prim, cands, want_col
         ctx.save_for_backward(q, k, scale, col_start, col_end, exclude, row, own_col)
@@ -130,11 +147,11 @@ class RingSimLSEFunction(torch.autograd.Function):
         dscale = torch.zeros((), dtype=scale.dtype, device=q.device)
         empty = row_lse.new_empty(0)
 
-        def step(owner, cur, acc):
+        def step(owner, cur):
             nonlocal dq, dscale
             blk = cur[0]
             if B == 0 or blk.shape[0] == 0:
-                return acc
+                return None
             if blk.data_ptr() == q.data_ptr():
                 blk = blk.clone()
             cs, ce, ex = cands.local_masks(owner, col_start, col_end, exclude)
@@ -142,7 +159,7 @@ class RingSimLSEFunction(torch.autograd.Function):
             dq_h, dk_h, ds_h = prim.backward(q, blk, scale, None, None, cs, ce, ex, row_lse, c_lse, g_row, c_g)
             dq = dq + dq_h.to(dt)
             dscale = dscale + ds_h.reshape(()).to(dscale.dtype)
-            return [acc[0] + dk_h.to(dt)]
+            return [dk_h.to(dt)]
 
         (dk,) = ring_pass(cands, [cands.block] + fixed, [torch.zeros(k.shape, dtype=dt, device=k.device)], step)
         needs = ctx.needs_input_grad
@@ -181,16 +198,16 @@ class RingSigLIPFunction(torch.autograd.Function):
         dt = acc_dtype(x.dtype)
         total = torch.zeros((), dtype=dt, device=x.device)
 
-        def step(owner, cur, acc):
+        def step(owner, cur):
             nonlocal total
             blk = cur[0]
             if x.shape[0] == 0 or blk.shape[0] == 0:
-                return acc
+                return None
             total = total + prim.forward(x, blk, scale, bias).to(dt)
             if owner != me:  # no positives in another rank's block: softplus(L) = softplus(−L) + L
                 d = min(x.shape[0], blk.shape[0])
                 total = total + (scale * (x[:d].to(dt) * blk[:d].to(dt)).sum() + d * bias).to(dt)
-            return acc
+            return None
 
         ring_pass(cands, [cands.block], [], step)
         ctx.prim, ctx.cands = prim, cands
@@ -209,14 +226,14 @@ class RingSigLIPFunction(torch.autograd.Function):
         ds = torch.zeros((), dtype=scale.dtype, device=x.device)
         db = torch.zeros((), dtype=bias.dtype, device=x.device)
 
-        def step(owner, cur, acc):
+        def step(owner, cur):
             nonlocal dx, ds, db
             blk = cur[0]
             if x.shape[0] == 0 or blk.shape[0] == 0:
-                return acc
+                return None
             dx_h, dy_h, ds_h, db_h = prim.backward(x, blk, scale, bias, G)
             dx = dx + dx_h.to(dt)
-            dy = acc[0] + dy_h.to(dt)
+            dy = dy_h.to(dt)
             ds = ds + ds_h.reshape(()).to(ds.dtype)
             db = db + db_h.reshape(()).to(db.dtype)
             if owner != me:  # the gradient of Σ_i L_ii over the block's diagonal
