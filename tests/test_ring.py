@@ -6,16 +6,20 @@ uneven local batches) runs every case below; for each case each rank
 * computes the single-process loss and gradients on the global batch,
 * runs the loss on its own slice with ``exchange="gather"`` and with
   ``exchange="ring"``,
-* checks that the ring's values and gradients equal the gather's, and that
+* checks that the ring's values and gradients equal the gather's (a shared
+  scalar's gradient: its sum over the ranks, which the two modes may split
+  differently between the ranks), and that
   the mean over ranks of the ring losses equals the single-process loss
   (per-anchor values: its anchors' global values), its input gradients / W
   the matching rows of the single-process gradients (DDP's averaging), and
   the mean over ranks of a shared scalar's gradient the single-process one.
 
+Backends: ``reference`` (the composition on the dense core, hop by hop) and
+``cpu`` for every case, the interpreted ``triton`` for the CLIP case only.
 While the ring runs, the all-gather of ``contrastive_ops.distributed`` is
 replaced by one that fails, and every block the primitive sees is recorded:
 every block must be one rank's (one to three views of its local batch),
-i.e. no rank ever holds the global candidates.  A last case checks that
+i.e. no rank ever holds the global candidates.  One case checks that
 ranks which disagree on the candidates' shape or dtype get a clear error.
 """
 from __future__ import annotations
