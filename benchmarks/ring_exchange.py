@@ -186,7 +186,9 @@ def main(argv=None):
     rows = []
     for W in args.world:
         mp.spawn(_worker, args=(W, _free_port(), args, str(out)), nprocs=W, join=True)
-        rows += json.loads((out / f"world{W}.json").read_text())
+        part = out / f"world{W}.json"  # what rank 0 of that group wrote
+        rows += json.loads(part.read_text())
+        part.unlink()
     (out / "results.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
     md = _markdown(rows, args)
     (out / "results.md").write_text(md)
