@@ -37,6 +37,19 @@ to the largest size for the collective and cuts the padding away.
 ``process_group=None`` means no distribution (every helper then returns its
 input); gathers happen before the backend is called, so every kernel backend
 takes part unchanged.
+
+Exchange modes (SPEC "Scale-out: ring exchange")
+------------------------------------------------
+``GlobalBatch(..., exchange="gather")`` all-gathers the candidates as above.
+``exchange="ring"`` never builds them: :meth:`GlobalBatch.candidates` returns
+a :class:`RingCandidates` handle on this rank's block, and the primitives that
+accept one (``primitives.sim_lse``, ``primitives.ring``) pass the blocks rank
+to rank with ``batch_isend_irecv`` (``W − 1`` hops), merging each hop's partial
+LSEs online.  A loss is written once against ``gb.candidates(...)``; the two
+modes only differ in what that returns.  Global candidate indices (the
+``col_start``/``col_end``/``exclude`` of ``sim_lse``) mean the same in both
+modes: for ``gb.candidates(a, b)`` position ``p·total + offset_r + i`` is row
+``i`` of part ``p`` on rank ``r`` (view-major, as ``cat([gather(a), gather(b)])``).
 """
 from __future__ import annotations
 
@@ -202,6 +215,140 @@ def reduce(values: Tensor, reduction: str, process_group, count: Optional[Tensor
     return total * W / n_global.clamp_min(1)
 
 
+EXCHANGES = ("gather", "ring")
+
+
+def check_exchange(exchange) -> str:
+    """``exchange`` must be ``"gather"`` or ``"ring"`` (ValueError otherwise)."""
+    if not isinstance(exchange, str) or exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be 'gather' or 'ring', got {exchange!r}")
+    return exchange
+
+
+def uses_ring(exchange, process_group) -> bool:
+    """Whether a call runs the ring: ``exchange="ring"`` (checked) with a process group of more than one rank."""
+    check_exchange(exchange)
+    if exchange != "ring" or process_group is None:
+        return False
+    check_group(process_group)
+    return world_size(process_group) > 1
+
+
+def _peer(group, group_rank: int) -> int:
+    """The global rank of ``group_rank`` in ``group`` (what ``P2POp`` takes)."""
+    dist = _dist()
+    if group is None or group is dist.group.WORLD:
+        return group_rank
+    return dist.get_global_rank(group, group_rank)
+
+
+def ring_shift(send: List[Tensor], recv: List[Tensor], process_group, tag: int = 0):
+    """Post ``send`` to the next rank and ``recv`` from the previous one (``batch_isend_irecv``).
+
+    Returns the requests; call :func:`ring_wait` on them.  Tensor ``t`` of
+    ``send`` pairs with tensor ``t`` of ``recv`` (tag ``tag + t``), so several
+    tensors can travel in one step; transfers in flight at the same time take
+    different ``tag`` ranges (backends that ignore tags match them by the
+    order of posting, which is the same on every rank).  Needs two ranks or more.
+    """
+    dist = _dist()
+    W, r = world_size(process_group), rank(process_group)
+    nxt, prv = _peer(process_group, (r + 1) % W), _peer(process_group, (r - 1) % W)
+    ops = []
+    for t, x in enumerate(send):
+        ops.append(dist.P2POp(dist.isend, x.contiguous(), nxt, process_group, tag + t))
+    for t, x in enumerate(recv):
+        ops.append(dist.P2POp(dist.irecv, x, prv, process_group, tag + t))
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def ring_wait(reqs) -> None:
+    for q in reqs:
+        q.wait()
+
+
+_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+class RingCandidates:
+    """This rank's block of a view-major candidate stack, for a ring exchange (never gathered).
+
+    ``parts`` are local (n, D) tensors; the global stack they stand for is
+    ``cat([gather(parts[0]), gather(parts[1]), ...])`` and ``block`` is this
+    rank's ``cat(parts)`` (``P·n`` rows).  On creation the ranks compare a
+    descriptor (parts, width, dtype, rows) in one small all-gather, so a
+    mismatch is a clear error on every rank instead of a hang of the
+    point-to-point transfers.
+    """
+
+    def __init__(self, gb: "GlobalBatch", parts):
+        self.gb = gb
+        self.parts = tuple(parts)
+        if not self.parts:
+            raise ValueError("candidates needs at least one tensor")
+        for p in self.parts:
+            if p.dim() != 2 or p.shape[0] != gb.n:
+                raise ValueError(f"ring candidates must be ({gb.n}, D) tensors (this rank's rows), got "
+                                 f"{tuple(p.shape)}")
+            if p.dtype != self.parts[0].dtype or p.shape[1] != self.parts[0].shape[1]:
+                raise ValueError("ring candidates' parts must share dtype and width")
+        self.P = len(self.parts)
+        self.D = self.parts[0].shape[1]
+        self.dtype = self.parts[0].dtype
+        self.device = self.parts[0].device
+        self.block = self.parts[0] if self.P == 1 else torch.cat(self.parts)
+        self._check_ranks_agree()
+
+    def _check_ranks_agree(self) -> None:
+        code = _DTYPES.index(self.dtype) if self.dtype in _DTYPES else len(_DTYPES)
+        mine = torch.tensor([self.P, self.D, code, self.gb.n, int(self.block.requires_grad)], dtype=torch.int64,
+                            device=self.device)
+        allv = [torch.empty_like(mine) for _ in range(self.gb.world_size)]
+        _dist().all_gather(allv, mine, group=self.gb.group)
+        rows = [tuple(int(x) for x in a.tolist()) for a in allv]
+        bad = [r for r in range(len(rows)) if rows[r][:3] != rows[0][:3] or rows[r][4] != rows[0][4]
+               or rows[r][3] != self.gb.sizes[r]]
+        if bad:
+            def desc(t):
+                dt = _DTYPES[t[2]] if t[2] < len(_DTYPES) else "other"
+                return f"parts={t[0]}, D={t[1]}, dtype={dt}, rows={t[3]}, requires_grad={bool(t[4])}"
+            lines = "; ".join(f"rank {r}: {desc(t)}" for r, t in enumerate(rows))
+            raise ValueError(f"exchange='ring': the ranks' candidate blocks disagree ({lines})")
+
+    def rows(self, owner: int) -> int:
+        """Rows of rank ``owner``'s block."""
+        return self.P * self.gb.sizes[owner]
+
+    def _below(self, x: Tensor, owner: int) -> Tensor:
+        """How many rows of ``owner``'s block have a global position < ``x`` (int64)."""
+        n, off, T = self.gb.sizes[owner], self.gb.offsets[owner], self.gb.total
+        c = torch.zeros_like(x)
+        for p in range(self.P):
+            c = c + (x - (p * T + off)).clamp(0, n)
+        return c
+
+    def local_masks(self, owner: int, col_start: Optional[Tensor], col_end: Optional[Tensor],
+                    exclude: Optional[Tensor]):
+        """Global ``col_start``/``col_end``/``exclude`` as positions in ``owner``'s block (int32).
+
+        The map from a block's rows to global positions is increasing, so a
+        global range ``[start, end)`` is a range of the block too.
+        """
+        out = []
+        for t in (col_start, col_end):
+            out.append(None if t is None else self._below(t.long(), owner).to(torch.int32).contiguous())
+        if exclude is None:
+            out.append(None)
+        else:
+            e = exclude.long()
+            n, off, T = self.gb.sizes[owner], self.gb.offsets[owner], self.gb.total
+            p = torch.div(e, T, rounding_mode="floor")
+            w = e - p * T - off
+            ok = (e >= 0) & (p < self.P) & (w >= 0) & (w < n)
+            out.append(torch.where(ok, p * n + w, torch.full_like(e, -1)).to(torch.int32).contiguous())
+        return tuple(out)
+
+
 class GlobalBatch:
     """Where this rank's ``n`` local rows sit in the concatenated global batch.
 
@@ -218,7 +365,8 @@ class GlobalBatch:
     the plain reduction, so a composition written with it serves both cases.
     """
 
-    def __init__(self, n: int, process_group, device):
+    def __init__(self, n: int, process_group, device, exchange: str = "gather"):
+        check_exchange(exchange)
         check_group(process_group)
         self.group = process_group
         self.n = n
@@ -227,7 +375,11 @@ class GlobalBatch:
         self.sizes = gather_sizes(n, process_group, device)
         self.offset = sum(self.sizes[: self.rank])
         self.total = sum(self.sizes)
+        self.offsets = [sum(self.sizes[:r]) for r in range(len(self.sizes))]
+        # "ring" only means something with more than one rank; otherwise it is ignored.
+        self.ring = exchange == "ring" and self.world_size > 1
         self._gathered: List[Tensor] = []
+        self._tokens: List[Tensor] = []  # zero outputs of ring Functions (see _anchor)
 
     def _keep(self, g: Tensor) -> Tensor:
         if g.requires_grad:
@@ -239,7 +391,27 @@ class GlobalBatch:
         on every rank, also where this rank's anchors happen not to use a gathered tensor."""
         for g in self._gathered:
             out = out + g.sum().to(out.dtype) * 0
+        for t in self._tokens:  # exactly 0, in the graph of a ring Function whose backward is a collective
+            out = out + t.to(out.dtype)
         return out
+
+    def candidates(self, *parts: Tensor, dtype: Optional[torch.dtype] = None):
+        """The global candidate stack ``cat([gather(p) for p in parts])`` (cast to ``dtype`` after the
+        gather, if given) for the primitives.
+
+        ``exchange="gather"``: that tensor (``parts[0]`` itself for one part
+        without a process group).  ``exchange="ring"``: a
+        :class:`RingCandidates` handle on this rank's block, which
+        ``primitives.sim_lse`` runs around the ring; global indices mean the
+        same in both modes.
+        """
+        if self.ring:
+            return RingCandidates(self, [p if dtype is None else p.to(dtype) for p in parts])
+        if len(parts) == 1:
+            out = self.gather(parts[0])
+        else:  # one collective for every part: (P, n, D) gathered along dim 1, view-major
+            out = self.gather(torch.stack(parts), dim=1).reshape(-1, parts[0].shape[-1])
+        return out if dtype is None else out.to(dtype)
 
     def gather(self, t: Tensor, dim: int = 0) -> Tensor:
         """All ranks' ``t`` concatenated along ``dim`` (this rank's rows there), with gradient."""

@@ -170,6 +170,8 @@ class _LossModule(torch.nn.Module):
     def __init__(self, *, gather_distributed: bool = False, **kwargs):
         super().__init__()
         self.gather_distributed = bool(gather_distributed)
+        if "exchange" in kwargs:  # "gather" | "ring" (SPEC "Scale-out"); checked when the module is built
+            _dist.check_exchange(kwargs["exchange"])
         self.kwargs = kwargs
 
     def _call(self, *tensors):
@@ -241,11 +243,11 @@ class InfoNCELoss(_MemoryLossModule):
                  reduction: str = "mean", backend: str = "auto", learnable_temperature: bool = False,
                  gather_distributed: bool = False, in_batch_negatives: bool = True, memory_size: int = 0,
                  hard_negative_beta: float = 0.0, debias_tau_plus: float = 0.0,
-                 false_negative_margin: Optional[float] = None):
+                 false_negative_margin: Optional[float] = None, exchange: str = "gather"):
         super().__init__(symmetric=symmetric, normalize=normalize, reduction=reduction, backend=backend,
                          gather_distributed=gather_distributed, in_batch_negatives=in_batch_negatives,
                          hard_negative_beta=hard_negative_beta, debias_tau_plus=debias_tau_plus,
-                         false_negative_margin=false_negative_margin)
+                         false_negative_margin=false_negative_margin, exchange=exchange)
         self._init_memory(memory_size)
         if not in_batch_negatives and not memory_size:
             raise ValueError("in_batch_negatives=False needs negatives from a memory: set memory_size > 0")
@@ -273,8 +275,8 @@ class InfoNCELoss(_MemoryLossModule):
 class ClipLoss(_LossModule):
     _fn = staticmethod(clip_loss)
 
-    def __init__(self, *, backend: str = "auto", gather_distributed: bool = False):
-        super().__init__(backend=backend, gather_distributed=gather_distributed)
+    def __init__(self, *, backend: str = "auto", gather_distributed: bool = False, exchange: str = "gather"):
+        super().__init__(backend=backend, gather_distributed=gather_distributed, exchange=exchange)
 
     def forward(self, image_features, text_features, logit_scale):
         return self._call(image_features, text_features, logit_scale)
@@ -283,8 +285,8 @@ class ClipLoss(_LossModule):
 class SigLIPLoss(_LossModule):
     _fn = staticmethod(siglip_loss)
 
-    def __init__(self, *, backend: str = "auto", gather_distributed: bool = False):
-        super().__init__(backend=backend, gather_distributed=gather_distributed)
+    def __init__(self, *, backend: str = "auto", gather_distributed: bool = False, exchange: str = "gather"):
+        super().__init__(backend=backend, gather_distributed=gather_distributed, exchange=exchange)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias):
         return self._call(image_features, text_features, logit_scale, logit_bias)
@@ -298,10 +300,11 @@ class NTXentLoss(_MemoryLossModule):
     def __init__(self, temperature: float = 0.5, *, normalize: bool = True, reduction: str = "mean",
                  backend: str = "auto", gather_distributed: bool = False, memory_size: int = 0,
                  hard_negative_beta: float = 0.0, debias_tau_plus: float = 0.0,
-                 false_negative_margin: Optional[float] = None):
+                 false_negative_margin: Optional[float] = None, exchange: str = "gather"):
         super().__init__(temperature=temperature, normalize=normalize, reduction=reduction, backend=backend,
                          gather_distributed=gather_distributed, hard_negative_beta=hard_negative_beta,
-                         debias_tau_plus=debias_tau_plus, false_negative_margin=false_negative_margin)
+                         debias_tau_plus=debias_tau_plus, false_negative_margin=false_negative_margin,
+                         exchange=exchange)
         self._init_memory(memory_size)
 
     def forward(self, z1, z2):
@@ -318,9 +321,10 @@ class DCLLoss(_LossModule):
 
     def __init__(self, temperature: float = 0.1, *, weighted: bool = False, sigma: float = 0.5,
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, exchange: str = "gather"):
         super().__init__(temperature=temperature, weighted=weighted, sigma=sigma, normalize=normalize,
-                         reduction=reduction, backend=backend, gather_distributed=gather_distributed)
+                         reduction=reduction, backend=backend, gather_distributed=gather_distributed,
+                         exchange=exchange)
 
     def forward(self, z1, z2):
         return self._call(z1, z2)
@@ -330,9 +334,11 @@ class DHELLoss(_LossModule):
     _fn = staticmethod(dhel_loss)
 
     def __init__(self, temperature: float = 0.3, *, include_augs: bool = True, normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False):
+                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+                 exchange: str = "gather"):
         super().__init__(temperature=temperature, include_augs=include_augs, normalize=normalize,
-                         reduction=reduction, backend=backend, gather_distributed=gather_distributed)
+                         reduction=reduction, backend=backend, gather_distributed=gather_distributed,
+                         exchange=exchange)
 
     def forward(self, z1, z2):
         return self._call(z1, z2)
@@ -342,9 +348,10 @@ class MVInfoNCELoss(_LossModule):
     _fn = staticmethod(mv_infonce)
 
     def __init__(self, temperature: float = 0.1, *, variant: str = "mv", normalize: bool = True,
-                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False):
+                 reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False,
+                 exchange: str = "gather"):
         super().__init__(temperature=temperature, variant=variant, normalize=normalize, reduction=reduction,
-                         backend=backend, gather_distributed=gather_distributed)
+                         backend=backend, gather_distributed=gather_distributed, exchange=exchange)
 
     def forward(self, features, mask: Optional[torch.Tensor] = None):
         return type(self)._fn(features, mask=mask, process_group=_group(self.gather_distributed), **self.kwargs)
@@ -354,9 +361,9 @@ class MVDHELLoss(_LossModule):
     _fn = staticmethod(mv_dhel)
 
     def __init__(self, temperature: float = 0.2, *, normalize: bool = True, reduction: str = "mean",
-                 backend: str = "auto", gather_distributed: bool = False):
+                 backend: str = "auto", gather_distributed: bool = False, exchange: str = "gather"):
         super().__init__(temperature=temperature, normalize=normalize, reduction=reduction, backend=backend,
-                         gather_distributed=gather_distributed)
+                         gather_distributed=gather_distributed, exchange=exchange)
 
     def forward(self, features, mask: Optional[torch.Tensor] = None):
         return type(self)._fn(features, mask=mask, process_group=_group(self.gather_distributed), **self.kwargs)
@@ -376,10 +383,10 @@ class SupConLoss(_MemoryLossModule):
 
     def __init__(self, temperature: float = 0.07, *, base_temperature: float = 0.07, contrast_mode: str = "all",
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
-                 gather_distributed: bool = False, memory_size: int = 0):
+                 gather_distributed: bool = False, memory_size: int = 0, exchange: str = "gather"):
         super().__init__(temperature=temperature, base_temperature=base_temperature, contrast_mode=contrast_mode,
                          normalize=normalize, reduction=reduction, backend=backend,
-                         gather_distributed=gather_distributed)
+                         gather_distributed=gather_distributed, exchange=exchange)
         self._init_memory(memory_size)
 
     def forward(self, features, labels: Optional[torch.Tensor] = None):
@@ -460,9 +467,10 @@ class PointTokenContrastLoss(_LossModule):
     _fn = staticmethod(point_token_contrast)
 
     def __init__(self, *, mode: str = "infonce", temperature: float = 0.1, pairing: str = "diag",
-                 negatives: str = "cloud", backend: str = "auto", gather_distributed: bool = False):
+                 negatives: str = "cloud", backend: str = "auto", gather_distributed: bool = False,
+                 exchange: str = "gather"):
         super().__init__(mode=mode, temperature=temperature, pairing=pairing, negatives=negatives,
-                         backend=backend, gather_distributed=gather_distributed)
+                         backend=backend, gather_distributed=gather_distributed, exchange=exchange)
 
     def forward(self, f1, f2, mask1, mask2):
         return self._call(f1, f2, mask1, mask2)

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 from .._checks import as_scalar
 from .._numerics import acc_dtype
-from ..distributed import GlobalBatch
+from ..distributed import GlobalBatch, RingCandidates
+from ..primitives.ring import ring_pass
+from ..primitives.sim_lse import sim_lse
 
 Tensor = torch.Tensor
 
@@ -217,14 +219,100 @@ def label_groups(labels: Optional[Tensor], N: int, device) -> Tensor:
 
 
 def supcon_setup(views: Tensor, labels: Optional[Tensor], temperature, base_temperature, normalize: bool,
-                 process_group):
+                 process_group, gather: bool = True, exchange: str = "gather"):
     """The common start of the SupCon-family compositions on view-major ``views`` (V, n, D): this
     rank's unit features ``U``, the gathered ones ``Ug`` (V, N, D), the gathered labels, and the
-    factor τ/τ_b and scale 1/τ.  Returns ``(gb, U, Ug, labels, factor, scale)``."""
-    gb = GlobalBatch(views.shape[1], process_group, views.device)
+    factor τ/τ_b and scale 1/τ.  Returns ``(gb, U, Ug, labels, factor, scale)``.
+
+    ``gather=False`` (compositions written on ``gb.candidates``): ``Ug`` is None and the labels stay
+    this rank's; ``exchange`` is then the ``GlobalBatch``'s."""
+    gb = GlobalBatch(views.shape[1], process_group, views.device, exchange)
     U = unit(views, normalize)
+    if not gather:
+        t = as_scalar("temperature", temperature, U)
+        return gb, U, None, labels, t / as_scalar("base_temperature", base_temperature, U), 1.0 / t
     Ug = gb.gather(U, dim=1)  # (V, N, D)
     labels = None if labels is None else gb.gather_nograd(labels)
     t = as_scalar("temperature", temperature, U)
     factor = t / as_scalar("base_temperature", base_temperature, U)
     return gb, U, Ug, labels, factor, 1.0 / t
+
+
+def cross_lse(q: Tensor, k: Tensor, scale: Tensor, gb: GlobalBatch, *, exclude_own: bool = False,
+              backend: str, q_all: Optional[Tensor] = None, k_all: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Row LSE of this rank's ``q`` over every rank's ``k`` and column LSE of this rank's ``k`` over every
+    rank's ``q`` (q and k paired row by row: CLIP, symmetric InfoNCE).  ``exclude_own`` leaves out each
+    pair (i, i).
+
+    One process and ``exchange="ring"``: one core call with ``want_col``.  ``"gather"``: two calls, local
+    rows against the gathered other side (a gathered call's columns would be over local anchors only);
+    ``q_all``/``k_all``: those gathered tensors when the caller has them already.
+    """
+    own = (torch.arange(q.shape[0], device=q.device) + gb.offset)[:, None] if exclude_own else None
+    if gb.group is None or gb.ring:
+        return sim_lse(q, gb.candidates(k), scale, exclude=own, want_col=True, backend=backend)
+    row, _ = sim_lse(q, gb.gather(k) if k_all is None else k_all, scale, exclude=own, backend=backend)
+    col, _ = sim_lse(k, gb.gather(q) if q_all is None else q_all, scale, exclude=own, backend=backend)
+    return row, col
+
+
+# ----------------------------------------------------------------------------- sums over equal labels
+
+
+def label_sum(values: Tensor, labels: Tensor, query_labels: Tensor) -> Tensor:
+    """``out[i] = Σ_{j: labels_j = query_labels_i} values[j]`` (``values`` (m, ...), ``out`` (n, ...)).
+
+    Deterministic and without data-dependent shapes (``label_groups``, ``index_sum``, ``take_rows``);
+    differentiable in ``values``.  ``query_labels is labels`` groups the m labels once.
+    """
+    m = labels.shape[0]
+    if query_labels is labels:
+        gid = label_groups(labels, m, labels.device)
+        return take_rows(index_sum(values, gid, m), gid)
+    n = query_labels.shape[0]
+    gid = label_groups(torch.cat([labels.long(), query_labels.long()]), m + n, labels.device)
+    return take_rows(index_sum(values, gid[:m], m + n), gid[m:])
+
+
+class _RingLabelSum(torch.autograd.Function):
+    """``label_sum`` of every rank's rows queried at this rank's labels, the blocks passed around the ring;
+    the backward sends each block's gradient (the same sum with the roles swapped) home."""
+
+    @staticmethod
+    def forward(ctx, values, labels, cands):
+        out = torch.zeros_like(values)
+
+        def step(owner, cur):
+            nonlocal out
+            out = out + label_sum(cur[0], cur[1], labels)
+
+        ring_pass(cands, [values, labels], [], step)
+        ctx.cands = cands
+        ctx.save_for_backward(labels)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (labels,) = ctx.saved_tensors
+        grad = grad.contiguous()
+
+        def step(owner, cur):
+            return [label_sum(grad, labels, cur[0])]
+
+        (dv,) = ring_pass(ctx.cands, [labels], [torch.zeros_like(grad)], step)
+        return dv, None, None
+
+
+def global_label_sum(gb: GlobalBatch, values: Tensor, labels: Tensor) -> Tensor:
+    """For each of this rank's rows i: Σ over every rank's rows j with ``labels_j = labels_i`` of
+    ``values_j`` (``values`` (n, D), ``labels`` (n,)), with gradient to every rank's values.
+
+    One process: ``label_sum``; ``"gather"``: of the gathered values and labels; ``"ring"``: the
+    (values, labels) blocks travel (``_RingLabelSum``), nothing global is held.
+    """
+    if gb.group is None:
+        return label_sum(values, labels, labels)
+    if gb.ring:
+        out = _RingLabelSum.apply(values, labels.long().contiguous(), RingCandidates(gb, [values]))
+        return out
+    return label_sum(gb.gather(values), gb.gather_nograd(labels), labels)

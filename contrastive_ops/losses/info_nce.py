@@ -103,9 +103,9 @@ import torch
 from .. import backends
 from .._checks import _compiling, as_scalar, check_pair, check_queue, check_reduction, shape_str
 from .._numerics import acc_dtype
-from ..distributed import GlobalBatch
+from ..distributed import GlobalBatch, uses_ring
 from ..primitives.sim_lse import sim_lse
-from ._common import inv_temperature, rowdot, take_rows, unit, unit_operands
+from ._common import cross_lse, inv_temperature, rowdot, take_rows, unit, unit_operands
 
 Tensor = torch.Tensor
 
@@ -283,7 +283,8 @@ def _kept_count(anchors: Tensor, blocks, cut: Tensor, backend: str) -> Tensor:
     2⁻²⁴ over the same blocks (LSE = log M_i + O(2⁻²⁴)); rounded, in the accumulation dtype."""
     sc = torch.tensor(_COUNT_SCALE, dtype=acc_dtype(anchors.dtype), device=anchors.device)
     with torch.no_grad():
-        lse, _ = _negatives_lse(anchors.detach(), [(c.detach(), ex) for c, ex in blocks], sc, backend, cut=cut)
+        lse, _ = _negatives_lse(anchors.detach(), [(c.detach() if isinstance(c, Tensor) else c, ex)
+                                                   for c, ex in blocks], sc, backend, cut=cut)
     return torch.round(torch.exp(lse.double())).to(lse.dtype)
 
 
@@ -360,7 +361,7 @@ def info_nce_reference(query, key, temperature=0.07, *, targets=None, symmetric=
 def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
                     reduction="mean", backend: str, process_group=None, queue=None,
                     in_batch_negatives=True, hard_negative_beta=0.0, debias_tau_plus=0.0,
-                    false_negative_margin=None) -> Tensor:
+                    false_negative_margin=None, exchange="gather") -> Tensor:
     """InfoNCE on ``sim_lse``: row (and column) LSEs from the core, positives in PyTorch.
 
     Under ``process_group``: local queries against the gathered keys (and,
@@ -369,9 +370,10 @@ def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=Fal
     ``logaddexp``; with ``in_batch_negatives=False`` the keys enter only
     through the positive logit (no key core call, no gather).  With β or
     τ⁺ > 0 each block is taken at the scales (1+β)/τ and β/τ instead of 1/τ,
-    the positive excluded (``_shaped_from_lse``).
+    the positive excluded (``_shaped_from_lse``).  ``exchange="ring"``: the
+    keys (symmetric: and queries) visit every rank instead (``gk.candidates``).
     """
-    gk = GlobalBatch(key.shape[0], process_group, key.device)
+    gk = GlobalBatch(key.shape[0], process_group, key.device, exchange)
     q, q32 = unit_operands(query, normalize)
     k, k32 = unit_operands(key, normalize)
     scale = inv_temperature(temperature, q)
@@ -383,12 +385,8 @@ def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=Fal
     if margin is not None:
         return gk.reduce(_filtered_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normalize, backend,
                                                  queue, in_batch_negatives, margin), reduction)
-    if symmetric:
-        if process_group is None:
-            row_lse, col_lse = sim_lse(q, k, scale, want_col=True, backend=backend)
-        else:  # this rank's columns of the global S are the rows of its keys against all queries
-            row_lse, _ = sim_lse(q, gk.gather(k), scale, backend=backend)
-            col_lse, _ = sim_lse(k, gk.gather(q), scale, backend=backend)
+    if symmetric:  # this rank's columns of the global S: its keys against all queries
+        row_lse, col_lse = cross_lse(q, k, scale, gk, backend=backend)
         pos = rowdot(q32, k32) * scale
         loss = 0.5 * ((row_lse - pos) + (col_lse - pos))
     else:
@@ -396,7 +394,7 @@ def _fused_info_nce(query, key, temperature=0.07, *, targets=None, symmetric=Fal
         # targets index the local keys (repeats allowed); take_rows: a backward without atomics
         pos = rowdot(q32, take_rows(k32, t)) * scale
         if in_batch_negatives:
-            row_lse, _ = sim_lse(q, gk.gather(k), scale, backend=backend)
+            row_lse, _ = sim_lse(q, gk.candidates(k), scale, backend=backend)
         else:  # MoCo v2: the only key in the denominator is the positive itself
             row_lse = pos
         if _has_rows(queue):
@@ -416,15 +414,15 @@ def _filtered_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, norma
         own = (torch.arange(B, device=q.device) + gk.offset)[:, None]  # global position of query i's key
         cos_pos = rowdot(q32, k32)
         pos, cut = cos_pos * scale, _fn_cut(cos_pos, margin)
-        row, _ = _negatives_lse(q, [(gk.gather(k), own)], scale, backend, cut=cut)
-        col, _ = _negatives_lse(k, [(gk.gather(q), own)], scale, backend, cut=cut)
+        row, _ = _negatives_lse(q, [(gk.candidates(k), own)], scale, backend, cut=cut)
+        col, _ = _negatives_lse(k, [(gk.candidates(q), own)], scale, backend, cut=cut)
         return 0.5 * ((torch.logaddexp(pos, row) - pos) + (torch.logaddexp(pos, col) - pos))
     t = torch.arange(B, device=q.device) if targets is None else targets.long()
     cos_pos = rowdot(q32, take_rows(k32, t))
     pos, cut = cos_pos * scale, _fn_cut(cos_pos, margin)
     blocks = []
     if in_batch_negatives:
-        blocks.append((gk.gather(k), (t + gk.offset)[:, None]))
+        blocks.append((gk.candidates(k), (t + gk.offset)[:, None]))
     if _has_rows(queue):
         blocks.append((unit_operands(queue, normalize)[0], None))
     if not blocks:
@@ -448,7 +446,7 @@ def _shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normali
         pos = cos_pos * scale
         if margin is not None:
             cut = _fn_cut(cos_pos, margin)
-            rb, cb = [(gk.gather(k), own)], [(gk.gather(q), own)]
+            rb, cb = [(gk.candidates(k), own)], [(gk.candidates(q), own)]
             rows = [_negatives_lse(q, rb, sc, backend, cut=cut)[0] for sc in scales] + [None]
             cols = [_negatives_lse(k, cb, sc, backend, cut=cut)[0] for sc in scales] + [None]
             n_row, n_col = _kept_count(q, rb, cut, backend), _kept_count(k, cb, cut, backend)
@@ -456,11 +454,7 @@ def _shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normali
                           + _shaped_from_lse(pos, cols[0], cols[1], n_col, beta, tau_plus, scale))
         rows, cols = [], []
         for sc in scales:
-            if gk.group is None:
-                r, c = sim_lse(q, k, sc, exclude=own, want_col=True, backend=backend)
-            else:
-                r, _ = sim_lse(q, gk.gather(k), sc, exclude=own, backend=backend)
-                c, _ = sim_lse(k, gk.gather(q), sc, exclude=own, backend=backend)
+            r, c = cross_lse(q, k, sc, gk, exclude_own=True, backend=backend)
             rows.append(r)
             cols.append(c)
         rows.append(None)  # β = 0: no β/τ call, that LSE is log M
@@ -473,7 +467,7 @@ def _shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normali
     cut = None if margin is None else _fn_cut(cos_pos, margin)
     blocks, n_neg = [], 0
     if in_batch_negatives:
-        blocks.append((gk.gather(k), (t + gk.offset)[:, None]))
+        blocks.append((gk.candidates(k), (t + gk.offset)[:, None]))
         n_neg += gk.total - 1
     if _has_rows(queue):
         blocks.append((unit_operands(queue, normalize)[0], None))
@@ -488,7 +482,8 @@ def _shaped_info_nce_rows(q, q32, k, k32, gk, scale, targets, symmetric, normali
 
 def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, normalize=True,
              reduction="mean", backend="auto", process_group=None, queue=None, in_batch_negatives=True,
-             hard_negative_beta=0.0, debias_tau_plus=0.0, false_negative_margin=None) -> Tensor:
+             hard_negative_beta=0.0, debias_tau_plus=0.0, false_negative_margin=None,
+             exchange="gather") -> Tensor:
     r"""InfoNCE of queries against keys.
 
     ``ℓ_i = −s(q_i, k_{t_i}) + LSE_j s(q_i, k_j)`` with ``s(a,b) = â·b̂/τ``
@@ -517,6 +512,8 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
             negatives.  ``symmetric=True``: each direction filters its own anchor's negatives (the column term,
             anchor key i with positive query i, drops query j when cos(k_i, q_j) > cos(k_i, q_i) + m).  A
             candidate within rounding of the threshold may fall either way (the kernels compare their own S).
+        exchange: ``"gather"`` or ``"ring"``: how the candidates reach each rank under ``process_group``
+            (see ``contrastive_ops.distributed``); ignored without one.
 
     Returns:
         fp32 loss (float64 for float64 inputs); gradients in the input dtype.
@@ -558,13 +555,14 @@ def info_nce(query, key, temperature=0.07, *, targets=None, symmetric=False, nor
     as_scalar("temperature", temperature, query, positive=True)
     beta, tau_plus = _check_shaping(hard_negative_beta, debias_tau_plus)
     margin = _check_margin(false_negative_margin, normalize)
+    ring = uses_ring(exchange, process_group)
     name = backends.resolve(backend, op="info_nce", tensors=(query, key))
     kw = dict(targets=targets, symmetric=symmetric, normalize=normalize, reduction=reduction,
               process_group=process_group, queue=queue, in_batch_negatives=in_batch_negatives,
               hard_negative_beta=beta, debias_tau_plus=tau_plus, false_negative_margin=margin)
-    if name == "reference":
+    if name == "reference" and not ring:
         return info_nce_reference(query, key, temperature, **kw)
-    return _fused_info_nce(query, key, temperature, backend=name, **kw)
+    return _fused_info_nce(query, key, temperature, backend=name, exchange=exchange, **kw)
 
 
 # --------------------------------------------------------------------------- clip_loss
@@ -585,42 +583,44 @@ def clip_loss_reference(image_features, text_features, logit_scale, process_grou
     return gb.reduce(gb.local(0.5 * (row + col)), "mean")
 
 
-def _fused_clip_loss(image_features, text_features, logit_scale, *, backend: str, process_group=None) -> Tensor:
+def _fused_clip_loss(image_features, text_features, logit_scale, *, backend: str, process_group=None,
+                     exchange="gather") -> Tensor:
     """CLIP loss on one core call: the row LSEs are the image→text terms, the column LSEs text→image.
 
     Under ``process_group``: local images against all texts and local texts
-    against all images (two core calls).
+    against all images (``cross_lse``: two core calls, or one ring call).
     """
     img, img32 = unit_operands(image_features, False)
     txt, txt32 = unit_operands(text_features, False)
     s = as_scalar("logit_scale", logit_scale, img)
     pos = rowdot(img32, txt32) * s
+    gb = GlobalBatch(img.shape[0], process_group, img.device, exchange)
+    row_lse, col_lse = cross_lse(img, txt, s, gb, backend=backend)
     if process_group is None:
-        row_lse, col_lse = sim_lse(img, txt, s, want_col=True, backend=backend)
         return 0.5 * ((row_lse - pos).mean() + (col_lse - pos).mean())
-    gb = GlobalBatch(img.shape[0], process_group, img.device)
-    row_lse, _ = sim_lse(img, gb.gather(txt), s, backend=backend)
-    col_lse, _ = sim_lse(txt, gb.gather(img), s, backend=backend)
     return gb.reduce(0.5 * ((row_lse - pos) + (col_lse - pos)), "mean")
 
 
-def clip_loss(image_features, text_features, logit_scale, *, backend="auto", process_group=None) -> Tensor:
+def clip_loss(image_features, text_features, logit_scale, *, backend="auto", process_group=None,
+              exchange="gather") -> Tensor:
     r"""open_clip ``ClipLoss``: ½[CE(s·I Tᵀ, arange) + CE(s·T Iᵀ, arange)].
 
     Args:
         image_features, text_features: (B, D) each, same device and dtype; not normalized here.
         logit_scale: s > 0, already exponentiated (as open_clip passes it), float or 0-dim tensor.
-        backend: see ``info_nce``.
+        backend, exchange: see ``info_nce``.
 
     Returns:
         0-dim fp32 loss (float64 for float64 inputs).
     """
     check_pair("image_features", image_features, "text_features", text_features, same_rows=True)
     as_scalar("logit_scale", logit_scale, image_features, positive=True)
+    ring = uses_ring(exchange, process_group)
     name = backends.resolve(backend, op="clip_loss", tensors=(image_features, text_features))
-    if name == "reference":
+    if name == "reference" and not ring:
         return clip_loss_reference(image_features, text_features, logit_scale, process_group)
-    return _fused_clip_loss(image_features, text_features, logit_scale, backend=name, process_group=process_group)
+    return _fused_clip_loss(image_features, text_features, logit_scale, backend=name, process_group=process_group,
+                            exchange=exchange)
 
 
 # --------------------------------------------------------------------------- nt_xent
@@ -680,7 +680,7 @@ def nt_xent_reference(z1, z2, temperature=0.5, *, normalize=True, reduction="mea
 
 def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend: str,
                    process_group=None, queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0,
-                   false_negative_margin=None) -> Tensor:
+                   false_negative_margin=None, exchange="gather") -> Tensor:
     """NT-Xent on ``sim_lse(Z, Z)`` with the self pair excluded; positives in PyTorch.
 
     Under ``process_group`` the anchors are the 2n local rows and the
@@ -691,11 +691,11 @@ def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean",
     excluded from every call and added back with ``logaddexp`` (plain) or counted as the positive (shaped),
     every call gets the threshold at its scale, and M_i counts the kept negatives (``_kept_count``).
     """
-    gb = GlobalBatch(z1.shape[0], process_group, z1.device)
+    gb = GlobalBatch(z1.shape[0], process_group, z1.device, exchange)
     (a, a32), (b, b32) = unit_operands(z1, normalize), unit_operands(z2, normalize)
     Z = torch.cat([a, b], 0)  # local anchors, view 1 then view 2
     scale = inv_temperature(temperature, Z)
-    keys = Z if process_group is None else torch.cat([gb.gather(a), gb.gather(b)], 0)
+    keys = Z if process_group is None else gb.candidates(a, b)  # one process: one tensor (symmetric Gram)
     self_pos = gb.anchor_index(2, Z.device)  # arange(2N) in one process
     beta, tau_plus = float(hard_negative_beta), float(debias_tau_plus)
     margin = false_negative_margin
@@ -728,7 +728,7 @@ def _fused_nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean",
 
 def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backend="auto",
             process_group=None, queue=None, hard_negative_beta=0.0, debias_tau_plus=0.0,
-            false_negative_margin=None) -> Tensor:
+            false_negative_margin=None, exchange="gather") -> Tensor:
     r"""SimCLR NT-Xent (lightly ``NTXentLoss``) over the 2N anchors of two views.
 
     Each anchor's positive is its other view; the denominator holds all 2N−1
@@ -746,6 +746,7 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
         false_negative_margin: None, or a float m (needs ``normalize=True``): a negative b of anchor a (another
             embedding or a queue entry) is left out when cos(z_a, z_b) > cos(z_a, z_partner) + m, on detached
             cosines; the other view (the positive) always stays (see ``info_nce``).
+        exchange: see ``info_nce``.
     """
     check_pair("z1", z1, "z2", z2, same_rows=True)
     if queue is not None:
@@ -754,12 +755,13 @@ def nt_xent(z1, z2, temperature=0.5, *, normalize=True, reduction="mean", backen
     as_scalar("temperature", temperature, z1, positive=True)
     beta, tau_plus = _check_shaping(hard_negative_beta, debias_tau_plus)
     margin = _check_margin(false_negative_margin, normalize)
+    ring = uses_ring(exchange, process_group)
     name = backends.resolve(backend, op="nt_xent", tensors=(z1, z2))
     kw = dict(normalize=normalize, reduction=reduction, process_group=process_group, queue=queue,
               hard_negative_beta=beta, debias_tau_plus=tau_plus, false_negative_margin=margin)
-    if name == "reference":
+    if name == "reference" and not ring:
         return nt_xent_reference(z1, z2, temperature, **kw)
-    return _fused_nt_xent(z1, z2, temperature, backend=name, **kw)
+    return _fused_nt_xent(z1, z2, temperature, backend=name, exchange=exchange, **kw)
 
 
 # --------------------------------------------------------------------------- similarity_lse
@@ -773,13 +775,13 @@ def similarity_lse_reference(query, key, scale, process_group=None) -> Tensor:
     return ((q @ k.T) * as_scalar("scale", scale, q)).logsumexp(1)
 
 
-def _fused_similarity_lse(query, key, scale, *, backend: str, process_group=None) -> Tensor:
-    keys = GlobalBatch(key.shape[0], process_group, key.device).gather(key)
-    row_lse, _ = sim_lse(query, keys, as_scalar("scale", scale, query), backend=backend)
+def _fused_similarity_lse(query, key, scale, *, backend: str, process_group=None, exchange="gather") -> Tensor:
+    gk = GlobalBatch(key.shape[0], process_group, key.device, exchange)
+    row_lse, _ = sim_lse(query, gk.candidates(key), as_scalar("scale", scale, query), backend=backend)
     return row_lse
 
 
-def similarity_lse(query, key, scale, *, backend="auto", process_group=None) -> Tensor:
+def similarity_lse(query, key, scale, *, backend="auto", process_group=None, exchange="gather") -> Tensor:
     r"""Row-wise ``LSE_j(scale · q_i·k_j)`` as a (B,) fp32 tensor, differentiable.
 
     Kernel backends never store the B×M matrix: the building block for custom losses.
@@ -787,14 +789,15 @@ def similarity_lse(query, key, scale, *, backend="auto", process_group=None) -> 
     Args:
         query: (B, D); key: (M, D), same device and dtype.
         scale: > 0, float or 0-dim tensor (a tensor requiring grad gets its gradient).
-        backend: see ``info_nce``.
+        backend, exchange: see ``info_nce``.
     """
     check_pair("query", query, "key", key, same_rows=False)
     as_scalar("scale", scale, query, positive=True)
+    ring = uses_ring(exchange, process_group)
     name = backends.resolve(backend, op="similarity_lse", tensors=(query, key))
-    if name == "reference":
+    if name == "reference" and not ring:
         return similarity_lse_reference(query, key, scale, process_group)
-    return _fused_similarity_lse(query, key, scale, backend=name, process_group=process_group)
+    return _fused_similarity_lse(query, key, scale, backend=name, process_group=process_group, exchange=exchange)
 
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "similarity_lse"]

@@ -49,9 +49,9 @@ import torch.nn.functional as F
 
 from .. import _checks, backends
 from .._numerics import masked_lse
-from ..distributed import GlobalBatch
+from ..distributed import GlobalBatch, uses_ring
 from ..primitives.sim_lse import sim_lse
-from ._common import index_sum, inv_temperature, take_rows, unit
+from ._common import cross_lse, index_sum, inv_temperature, take_rows, unit
 from ._present_first import present_list
 
 Tensor = torch.Tensor
@@ -167,18 +167,21 @@ def mv_dhel_reference(views: Tensor, temperature, mask: Optional[Tensor] = None,
 
 def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None, *, variant: str = "mv",
                       normalize: bool = True, reduction: str = "mean", backend: str,
-                      process_group=None) -> Tensor:
+                      process_group=None, exchange: str = "gather") -> Tensor:
     """MV-InfoNCE on the core: never builds (V·N)² or N² tensors.
 
     Anchors are this rank's instances (``views``, ``mask``: local, ``n`` of
-    them), candidates the gathered ones (``N``; ``n == N`` in one process).
+    them), candidates every rank's (``N``; ``n == N`` in one process): gathered, or
+    visited around the ring (``exchange="ring"``, without a mask).
     """
     V, n, D = views.shape
-    gb = GlobalBatch(n, process_group, views.device)
+    gb = GlobalBatch(n, process_group, views.device, exchange)
     U = unit(views, normalize)  # (V, n, D) accumulation dtype: positives
-    Ug = gb.gather(U, dim=1)  # (V, N, D)
-    N = Ug.shape[1]
-    Uc, Zc = U.to(views.dtype), Ug.to(views.dtype)  # core operands in the input dtype
+    N = gb.total
+    Uc = U.to(views.dtype)  # core operands in the input dtype
+    # every rank's view-major (V·N, D) stack (a ring handle, or gathered in the input dtype)
+    Zg = Uc.reshape(V * n, D) if gb.group is None else gb.candidates(*U.unbind(0), dtype=views.dtype)
+    Zc = None if gb.ring or gb.group is None else Zg.view(V, N, D)
     scale = inv_temperature(temperature, U)
     present = _present(mask, V, n, U.device)
     counted = present.sum(0) >= 2
@@ -186,7 +189,7 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
     zero = U.sum() * 0 + torch.zeros(n, dtype=U.dtype, device=U.device)
     if variant == "mv":
         Z = Uc.reshape(V * n, D)
-        Zg = Z if gb.group is None else Zc.reshape(V * N, D)  # one process: the same tensor (Gram kernels)
+        Zg = Z if gb.group is None else Zg  # one process: the same tensor (Gram kernels)
         self_pos = gb.anchor_index(V, U.device)  # global position of each local anchor
         if mask is None:
             # Row (l, i): LSE over all V·N−1 others (self excluded, positives kept).
@@ -218,11 +221,8 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
         for m in range(l + 1, V):
             pos = (U[l] * U[m]).sum(-1) * scale  # (n,)
             if mask is None:
-                if process_group is None:
-                    r, c = sim_lse(Uc[l], Uc[m], scale, want_col=True, backend=backend)
-                else:
-                    r, _ = sim_lse(Uc[l], Zc[m], scale, backend=backend)
-                    c, _ = sim_lse(Uc[m], Zc[l], scale, backend=backend)
+                r, c = cross_lse(Uc[l], Uc[m], scale, gb, backend=backend, q_all=None if Zc is None else Zc[l],
+                                 k_all=None if Zc is None else Zc[m])
                 total = total + (r + c - 2 * pos) / N
             else:
                 # Instances present in both views first; the other rows get an empty range (-inf).
@@ -248,19 +248,19 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
 
 
 def _fused_mv_dhel(views: Tensor, temperature, mask: Optional[Tensor] = None, *, normalize: bool = True,
-                   reduction: str = "mean", backend: str, process_group=None) -> Tensor:
+                   reduction: str = "mean", backend: str, process_group=None, exchange: str = "gather") -> Tensor:
     """MV-DHEL on the core: one call over view-major features, each row limited to its own view block.
 
-    Anchors are this rank's instances (``n``), candidates the gathered ones (``N``).
+    Anchors are this rank's instances (``n``), candidates every rank's (``N``): gathered, or visited
+    around the ring (``exchange="ring"``, without a mask).
     """
     V, n, D = views.shape
-    gb = GlobalBatch(n, process_group, views.device)
+    gb = GlobalBatch(n, process_group, views.device, exchange)
     U = unit(views, normalize)
-    Ug = gb.gather(U, dim=1)
-    N = Ug.shape[1]
+    N = gb.total
     Z = U.to(views.dtype).reshape(V * n, D)
     # One process: the same tensor as the candidates, so the kernels take the symmetric Gram both ways.
-    Zg = Z if gb.group is None else Ug.to(views.dtype).reshape(V * N, D)
+    Zg = Z if gb.group is None else gb.candidates(*U.unbind(0), dtype=views.dtype)
     scale = inv_temperature(temperature, U)
     present = _present(mask, V, n, U.device)
     counted = present.sum(0) >= 2
@@ -355,6 +355,15 @@ def mv_dhel_released(features: Tensor, temperature: float, *, product: bool = Fa
 # ---------------------------------------------------------------------------------------------
 
 
+def _ring_without_mask(exchange, process_group, mask) -> bool:
+    """Whether the call runs the ring; a mask with the ring is not supported (its compaction selects
+    candidates by index, which only a gathered stack has)."""
+    ring = uses_ring(exchange, process_group)
+    if ring and mask is not None:
+        raise NotImplementedError("exchange='ring' does not take a mask yet; use exchange='gather' with a mask")
+    return ring
+
+
 def _check_common(features, mask, reduction):
     views = _checks.check_views("features", features, min_views=2)
     V, N, _ = views.shape
@@ -364,7 +373,7 @@ def _check_common(features, mask, reduction):
 
 
 def mv_infonce(features, temperature=0.1, *, mask=None, variant="mv", normalize=True, reduction="mean",
-               backend="auto", process_group=None) -> Tensor:
+               backend="auto", process_group=None, exchange="gather") -> Tensor:
     r"""MV-InfoNCE over V ≥ 2 views.
 
     Args:
@@ -379,21 +388,24 @@ def mv_infonce(features, temperature=0.1, *, mask=None, variant="mv", normalize=
         reduction: ``"mean"`` (over instances that count), ``"sum"`` or ``"none"`` ((N,), 0 for the
             instances left out).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+        exchange: ``"gather"`` or ``"ring"`` under ``process_group`` (see ``info_nce``); ``"ring"`` does
+            not take a ``mask`` yet (NotImplementedError).
 
     Returns the loss in fp32 (float64 for float64 inputs).
     """
     views = _check_common(features, mask, reduction)
     _checks.check_choice("variant", variant, VARIANTS)
     temperature = _checks.as_scalar("temperature", temperature, views, positive=True)
+    ring = _ring_without_mask(exchange, process_group, mask)
     name = backends.resolve(backend, op="mv_infonce", tensors=[views])
     kw = dict(variant=variant, normalize=normalize, reduction=reduction, process_group=process_group)
-    if name == "reference":
+    if name == "reference" and not ring:
         return mv_infonce_reference(views, temperature, mask, **kw)
-    return _fused_mv_infonce(views, temperature, mask, backend=name, **kw)
+    return _fused_mv_infonce(views, temperature, mask, backend=name, exchange=exchange, **kw)
 
 
 def mv_dhel(features, temperature=0.2, *, mask=None, normalize=True, reduction="mean", backend="auto",
-            process_group=None) -> Tensor:
+            process_group=None, exchange="gather") -> Tensor:
     r"""MV-DHEL over V ≥ 2 views: ℓ_i = −LSE_{l<l'} s(u_il,u_il') + Σ_l LSE_{j≠i} s(u_il,u_jl).
 
     Arguments as :func:`mv_infonce` (no ``variant``).  Negatives come from the same view only; a
@@ -401,8 +413,9 @@ def mv_dhel(features, temperature=0.2, *, mask=None, normalize=True, reduction="
     """
     views = _check_common(features, mask, reduction)
     temperature = _checks.as_scalar("temperature", temperature, views, positive=True)
+    ring = _ring_without_mask(exchange, process_group, mask)
     name = backends.resolve(backend, op="mv_dhel", tensors=[views])
     kw = dict(normalize=normalize, reduction=reduction, process_group=process_group)
-    if name == "reference":
+    if name == "reference" and not ring:
         return mv_dhel_reference(views, temperature, mask, **kw)
-    return _fused_mv_dhel(views, temperature, mask, backend=name, **kw)
+    return _fused_mv_dhel(views, temperature, mask, backend=name, exchange=exchange, **kw)

@@ -66,9 +66,9 @@ import torch.nn.functional as F
 
 from .. import _checks, backends
 from .._numerics import acc_dtype, masked_lse
-from ..distributed import GlobalBatch, reduce
+from ..distributed import GlobalBatch, reduce, uses_ring
 from ..primitives.sim_lse import sim_lse
-from ._common import inv_temperature, unit, unit_row_pairs
+from ._common import cross_lse, inv_temperature, unit, unit_row_pairs
 from ._present_first import present_list
 
 Tensor = torch.Tensor
@@ -178,6 +178,7 @@ def _fused_point_token_contrast(
     negatives: str = "cloud",
     backend: str,
     process_group=None,
+    exchange: str = "gather",
 ) -> Tensor:
     """The loss on O(B·G·D) tensors plus, for "infonce", one call of the core.
 
@@ -194,7 +195,7 @@ def _fused_point_token_contrast(
     """
     if process_group is not None:
         return _fused_distributed(f1, f2, mask1, mask2, inv_t, mode=mode, pairing=pairing, negatives=negatives,
-                                  backend=backend, process_group=process_group)
+                                  backend=backend, process_group=process_group, exchange=exchange)
     B, G, D = f1.shape
     dt = acc_dtype(f1.dtype)
     S = mask1 & mask2
@@ -245,13 +246,15 @@ def _fused_point_token_contrast(
     return per.sum() / count
 
 
-def _fused_distributed(f1, f2, mask1, mask2, inv_t, *, mode, pairing, negatives, backend, process_group) -> Tensor:
+def _fused_distributed(f1, f2, mask1, mask2, inv_t, *, mode, pairing, negatives, backend, process_group,
+                       exchange="gather") -> Tensor:
     """The fused loss under a process group: this rank's co-masked tokens are the anchors.
 
     "cosine" and "cloud" run the single-process composition on the local
     clouds (their candidates never leave a cloud) and turn its mean into this
     rank's share of the mean over the global |S|; "batch" gathers the
-    compacted co-masked tokens of both branches.
+    compacted co-masked tokens of both branches (``exchange="ring"``: they
+    visit every rank instead; a rank with none still takes part in the ring).
     """
     S = mask1 & mask2
     if mode == "cosine" or negatives == "cloud":
@@ -264,14 +267,14 @@ def _fused_distributed(f1, f2, mask1, mask2, inv_t, *, mode, pairing, negatives,
     Sf = S.reshape(B * G)
     u = unit(f1).reshape(B * G, D)[Sf]  # this rank's co-masked tokens, (b, i) order
     v = unit(f2).reshape(B * G, D)[Sf]
-    gb = GlobalBatch(u.shape[0], process_group, f1.device)  # ranks hold different numbers of them
-    Ug, Vg = gb.gather(u.to(f1.dtype)), gb.gather(v.to(f2.dtype))
+    gb = GlobalBatch(u.shape[0], process_group, f1.device, exchange)  # ranks hold different numbers of them
     inv_t = inv_t.to(dt)
     pos = (u * v).sum(-1) * inv_t
-    if gb.n == 0:  # no co-masked token here: 0, still attached to the graph
+    if gb.n == 0 and not gb.ring:  # no co-masked token here: 0, still attached to the graph
+        gb.gather(v.to(f2.dtype)), gb.gather(u.to(f1.dtype))  # the other ranks' gathers (cross_lse's order)
         return gb.reduce(pos, "mean", torch.zeros_like(pos, dtype=torch.bool))
-    lse12, _ = sim_lse(u.to(f1.dtype), Vg, inv_t, backend=backend)  # f1_k over every co-masked f2
-    lse21, _ = sim_lse(v.to(f2.dtype), Ug, inv_t, backend=backend)  # f2_k over every co-masked f1
+    # f1_k over every co-masked f2 (rows) and f2_k over every co-masked f1 (columns)
+    lse12, lse21 = cross_lse(u.to(f1.dtype), v.to(f2.dtype), inv_t, gb, backend=backend)
     per = 0.5 * (lse12.to(dt) + lse21.to(dt)) - pos
     return gb.reduce(per, "mean", torch.ones_like(per, dtype=torch.bool))
 
@@ -309,6 +312,7 @@ def point_token_contrast(
     negatives: str = "cloud",
     backend: str = "auto",
     process_group=None,
+    exchange: str = "gather",
 ) -> Tensor:
     r"""Contrast of the tokens masked in both branches of a two-mask point-cloud MAE.
 
@@ -324,6 +328,8 @@ def point_token_contrast(
         negatives: ``"cloud"`` (candidates are the co-masked tokens of the same
             cloud) or ``"batch"`` (all co-masked tokens); only for ``"infonce"``.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+        exchange: ``"gather"`` or ``"ring"`` under ``process_group``: how ``negatives="batch"`` meets the
+            other ranks' tokens (the other settings never leave a cloud and exchange nothing).
 
     Returns:
         0-dim loss, fp32 (float64 for float64 inputs); 0 (in the graph) when
@@ -343,8 +349,9 @@ def point_token_contrast(
     _check_args(f1, f2, mask1, mask2, mode, pairing, negatives, backend)
     _checks.as_scalar("temperature", temperature, f1, positive=True)
     inv_t = inv_temperature(temperature, f1)
+    ring = uses_ring(exchange, process_group) and mode == "infonce" and negatives == "batch"
     name = backends.resolve(backend, op="point_token_contrast", tensors=(f1, f2))
     kw = dict(mode=mode, pairing=pairing, negatives=negatives, process_group=process_group)
-    if name == "reference":
+    if name == "reference" and not ring:
         return point_token_contrast_reference(f1, f2, mask1, mask2, inv_t, **kw)
-    return _fused_point_token_contrast(f1, f2, mask1, mask2, inv_t, backend=name, **kw)
+    return _fused_point_token_contrast(f1, f2, mask1, mask2, inv_t, backend=name, exchange=exchange, **kw)

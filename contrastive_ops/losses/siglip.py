@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .. import backends
 from .._checks import as_scalar, check_pair
 from .._numerics import acc_dtype
-from ..distributed import GlobalBatch
+from ..distributed import GlobalBatch, uses_ring
 from ..primitives.siglip_pairs import siglip_pairs
 
 Tensor = torch.Tensor
@@ -53,19 +53,23 @@ def siglip_loss_reference(image_features, text_features, logit_scale, logit_bias
 
 
 def _fused_siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend: str,
-                       process_group=None) -> Tensor:
+                       process_group=None, exchange="gather") -> Tensor:
     """SigLIP on the ``"siglip"`` primitive; ``backend="reference"`` runs its dense maths instead.
 
     Under ``process_group`` the local images (n rows) meet all N gathered
     texts, rotated so that this rank's texts come first: the positive pairs
     are then (i, i) of the n×N pair sum, as the primitive expects.  The loss
     divides by the global B (``gb.reduce`` of the per-rank total).
+    ``exchange="ring"``: the text blocks visit every rank instead, the
+    positives being the pairs with the rank's own block.
     """
     x, y = image_features, text_features
     s = as_scalar("logit_scale", logit_scale, x).reshape(())
     b = as_scalar("logit_bias", logit_bias, x).reshape(())
-    gb = GlobalBatch(x.shape[0], process_group, x.device)
-    if process_group is not None:
+    gb = GlobalBatch(x.shape[0], process_group, x.device, exchange)
+    if gb.ring:
+        y = gb.candidates(y)
+    elif process_group is not None:
         Y = gb.gather(y)
         y = torch.cat([Y[gb.offset:], Y[:gb.offset]])
     total = siglip_pairs(x, y, s, b, backend=backend)
@@ -73,7 +77,7 @@ def _fused_siglip_loss(image_features, text_features, logit_scale, logit_bias, *
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend="auto",
-                process_group=None) -> Tensor:
+                process_group=None, exchange="gather") -> Tensor:
     r"""SigLIP loss: −(1/B) Σ_{i,j} log σ(z_ij·(s·x_i·y_j + b)), z = 2I − 1.
 
     Args:
@@ -81,6 +85,7 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
         logit_scale: s > 0, already exponentiated (as open_clip passes it), float or 0-dim tensor.
         logit_bias: b, float or 0-dim tensor.  Tensors requiring grad get their gradients.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+        exchange: ``"gather"`` or ``"ring"`` under ``process_group`` (see ``info_nce``).
 
     Returns:
         0-dim fp32 loss (float64 for float64 inputs); gradients in the input dtype.
@@ -88,8 +93,9 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
     check_pair("image_features", image_features, "text_features", text_features, same_rows=True)
     as_scalar("logit_scale", logit_scale, image_features, positive=True)
     as_scalar("logit_bias", logit_bias, image_features)
+    ring = uses_ring(exchange, process_group)
     name = backends.resolve(backend, op="siglip_loss", tensors=(image_features, text_features))
-    if name == "reference":
+    if name == "reference" and not ring:
         return siglip_loss_reference(image_features, text_features, logit_scale, logit_bias, process_group)
     return _fused_siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=name,
-                              process_group=process_group)
+                              process_group=process_group, exchange=exchange)

@@ -42,9 +42,9 @@ import torch
 from .. import _checks, backends
 from .._checks import as_scalar
 from .._numerics import masked_lse
-from ..distributed import GlobalBatch
+from ..distributed import GlobalBatch, uses_ring
 from ..primitives.sim_lse import sim_lse
-from ._common import index_sum, label_groups as _label_groups, supcon_setup, take_rows, unit
+from ._common import global_label_sum, label_sum, supcon_setup, unit
 
 Tensor = torch.Tensor
 CONTRAST_MODES = ("all", "one")
@@ -88,54 +88,51 @@ def supcon_reference(views: Tensor, labels: Optional[Tensor], temperature, base_
 def _fused_supcon(views: Tensor, labels: Optional[Tensor], temperature, base_temperature, *,
                   contrast_mode: str = "all", normalize: bool = True, reduction: str = "mean",
                   backend: str, process_group=None, queue: Optional[Tensor] = None,
-                  queue_labels: Optional[Tensor] = None) -> Tensor:
+                  queue_labels: Optional[Tensor] = None, exchange: str = "gather") -> Tensor:
     """SupCon on the core: one similarity-LSE call, label sums in PyTorch; never builds A × V·N.
 
-    Anchors are this rank's (``n`` instances per view), the contrast set the
-    gathered V·N features (``N`` = ``n`` in one process).
+    Anchors are this rank's (``n`` instances per view), the contrast set every
+    rank's V·N features (``gb.candidates``: gathered, or visited around the
+    ring); the positives' feature sums per label come from
+    ``global_label_sum`` (gathered, or a ring pass of (sum, label) blocks).
     """
     V, n, D = views.shape
-    gb, U, Ug, labels, factor, scale = supcon_setup(views, labels, temperature, base_temperature, normalize,
-                                                    process_group)
-    N = Ug.shape[1]
+    gb, U, _, labels, factor, scale = supcon_setup(views, labels, temperature, base_temperature, normalize,
+                                                   process_group, gather=False, exchange=exchange)
     groups = 1 if contrast_mode == "one" else V
     Za = U[:groups].reshape(groups * n, D)  # this rank's anchors, view-major
     a = gb.anchor_index(groups, U.device)  # their positions in the contrast set
-    Z = Ug.reshape(V * N, D)
     # Anchor a sits at column a of the contrast set: exclude it.
-    Zk = Z.to(views.dtype)
-    # One process and every view an anchor: anchors and candidates are the same tensor (Gram kernels).
-    Zak = Zk if (groups == V and gb.group is None) else Za.to(views.dtype)
+    if gb.group is None:  # every view an anchor: anchors and candidates are the same tensor (Gram kernels)
+        Zk = U.reshape(V * n, D).to(views.dtype)
+        Zak = Zk if groups == V else Za.to(views.dtype)
+    else:
+        Zk = gb.candidates(*U.unbind(0), dtype=views.dtype)
+        Zak = Za.to(views.dtype)
     lse, _ = sim_lse(Zak, Zk, scale, exclude=a, backend=backend)
     K = 0 if queue is None else queue.shape[0]
     labelled_queue = K > 0 and queue_labels is not None
-    # W_i = Σ_{j: y_j = y_i} Σ_v u_vj: the features of instance i's label, all views (N, D).
-    inst_sum = Ug.sum(0)
-    inst_cnt = torch.full((N,), V, dtype=torch.long, device=U.device)
+    # W_i = Σ_{j: y_j = y_i} Σ_v u_vj over every rank's instances: the features of i's label, all views.
+    inst_sum = U.sum(0)  # (n, D)
     if labels is None:
-        W, cnt = inst_sum, inst_cnt
+        W = inst_sum
+        cnt = torch.full((n,), V, dtype=torch.long, device=U.device)
     else:
-        if labelled_queue:  # one grouping of batch and queue labels, so equal labels share an id
-            gid_all = _label_groups(torch.cat([labels.long(), queue_labels.long()]), N + K, U.device)
-            gid, qgid, G = gid_all[:N], gid_all[N:], N + K
-        else:
-            gid, G = _label_groups(labels, N, U.device), N
-        W = take_rows(index_sum(inst_sum, gid, G), gid)
-        cnt = take_rows(index_sum(inst_cnt, gid, G), gid)
+        W = global_label_sum(gb, inst_sum, labels)
+        cnt = global_label_sum(gb, torch.full((n, 1), V, dtype=torch.long, device=U.device), labels)[:, 0]
     # Anchor (v, i) of this rank: positives are the other V·|y_i| − 1 features of its label.
-    Wl = gb.local(W)[None]  # (1, n, D), broadcast over the anchor views
     Za3 = U[:groups]  # (groups, n, D)
-    pos_sum = ((Wl - Za3) * Za3).sum(-1).reshape(groups * n) * scale  # Σ_{p∈P(a)} s_ap over the batch
-    npos = (gb.local(cnt) - 1).repeat(groups)
+    pos_sum = ((W[None] - Za3) * Za3).sum(-1).reshape(groups * n) * scale  # Σ_{p∈P(a)} s_ap over the batch
+    npos = (cnt - 1).repeat(groups)
     if K > 0:
         Qu = unit(queue, normalize)
         q_lse, _ = sim_lse(Zak, Qu.to(views.dtype), scale, backend=backend)
         lse = torch.logaddexp(lse, q_lse)
     if labelled_queue:  # queue entries with the anchor's label are positives too
-        QW = take_rows(index_sum(Qu, qgid, G), gid)  # (N, D): the queue features of instance i's label
-        q_cnt = take_rows(index_sum(torch.ones_like(qgid), qgid, G), gid)
-        pos_sum = pos_sum + (gb.local(QW)[None] * Za3).sum(-1).reshape(groups * n) * scale
-        npos = npos + gb.local(q_cnt).repeat(groups)
+        QW = label_sum(Qu, queue_labels, labels)  # (n, D): the queue features of instance i's label
+        q_cnt = label_sum(torch.ones_like(queue_labels, dtype=torch.long), queue_labels, labels)
+        pos_sum = pos_sum + (QW[None] * Za3).sum(-1).reshape(groups * n) * scale
+        npos = npos + q_cnt.repeat(groups)
     has = npos > 0
     mean_pos = pos_sum / npos.clamp_min(1)
     values = -factor * (mean_pos - torch.where(has, lse, 0))
@@ -145,7 +142,7 @@ def _fused_supcon(views: Tensor, labels: Optional[Tensor], temperature, base_tem
 
 def supcon_loss(features, labels=None, temperature=0.07, *, base_temperature=0.07, contrast_mode="all",
                 normalize=True, reduction="mean", backend="auto", process_group=None, queue=None,
-                queue_labels=None) -> Tensor:
+                queue_labels=None, exchange="gather") -> Tensor:
     r"""Supervised contrastive loss (SupContrast L_out).
 
     Args:
@@ -161,6 +158,7 @@ def supcon_loss(features, labels=None, temperature=0.07, *, base_temperature=0.0
             features, normalized like them; they get gradient only if they require it.
         queue_labels: optional (K,) integer labels of the queue entries (needs ``labels``): entries with
             the anchor's label are positives too.  Without them the queue holds negatives only.
+        exchange: ``"gather"`` or ``"ring"`` under ``process_group`` (see ``info_nce``).
 
     ℓ_a = −(τ/τ_b)·mean_{p∈P(a)}[s_ap − LSE_{c≠a} s_ac].  Returns fp32 (float64 for float64 inputs).
     """
@@ -180,9 +178,10 @@ def supcon_loss(features, labels=None, temperature=0.07, *, base_temperature=0.0
     _checks.check_reduction(reduction)
     temperature = _checks.as_scalar("temperature", temperature, views, positive=True)
     base_temperature = _checks.as_scalar("base_temperature", base_temperature, views, positive=True)
+    ring = uses_ring(exchange, process_group)
     name = backends.resolve(backend, op="supcon_loss", tensors=[views])
     kw = dict(contrast_mode=contrast_mode, normalize=normalize, reduction=reduction, process_group=process_group,
               queue=queue, queue_labels=queue_labels)
-    if name == "reference":
+    if name == "reference" and not ring:
         return supcon_reference(views, labels, temperature, base_temperature, **kw)
-    return _fused_supcon(views, labels, temperature, base_temperature, backend=name, **kw)
+    return _fused_supcon(views, labels, temperature, base_temperature, backend=name, exchange=exchange, **kw)

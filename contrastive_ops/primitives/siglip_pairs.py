@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from .._numerics import acc_dtype
+from ..distributed import RingCandidates
 
 Tensor = torch.Tensor
 
@@ -79,13 +80,38 @@ class SigLIPPairsFunction(torch.autograd.Function):
         )
 
 
+class DenseSigLIP:
+    """The ``"siglip"`` primitive interface computed by the dense reference (``backend="reference"`` in a ring)."""
+
+    def forward(self, x, y, scale, bias):
+        with torch.no_grad():
+            return siglip_pairs_reference(x, y, scale, bias)
+
+    def backward(self, x, y, scale, bias, grad):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (x, y, scale, bias)]
+            return torch.autograd.grad(siglip_pairs_reference(*leaves) * grad, leaves)
+
+
+def primitive_object(backend: str):
+    """The ``"siglip"`` primitive object of ``backend`` (``"reference"``: :class:`DenseSigLIP`)."""
+    return DenseSigLIP() if backend == "reference" else backends.primitive(backend, "siglip")
+
+
 def siglip_pairs(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, backend: str) -> Tensor:
     """The pair sum of the contract; ``backend`` is a concrete backend name.
 
     ``"reference"`` runs the dense version (same maths, stores B×B); kernel
     backends never store B×B.  ``scale`` and ``bias`` are 0-dim tensors in the
-    accumulation dtype.
+    accumulation dtype.  ``y`` may be a ``distributed.RingCandidates`` handle
+    (``exchange="ring"``): the sum is then over this rank's ``x`` against every
+    rank's ``y`` block, the positives being this rank's own pairs (i, i)
+    (``primitives.ring``).
     """
+    if isinstance(y, RingCandidates):
+        from .ring import ring_siglip_pairs
+
+        return ring_siglip_pairs(x, y, scale, bias, prim=primitive_object(backend))
     if backend == "reference":
         return siglip_pairs_reference(x, y, scale, bias)
     return SigLIPPairsFunction.apply(x.contiguous(), y.contiguous(), scale, bias, backend)

@@ -85,6 +85,7 @@ import torch
 
 from .. import backends
 from .._numerics import acc_dtype, masked_lse
+from ..distributed import RingCandidates
 
 Tensor = torch.Tensor
 
@@ -183,6 +184,42 @@ class SimLSEFunction(torch.autograd.Function):
         return dq, dk, dscale, None, None, None, None, None, None, None, None
 
 
+class DenseSimLSE:
+    """The ``"sim_lse"`` primitive interface computed by the dense reference (``backend="reference"`` in a ring)."""
+
+    def forward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_max=None):
+        with torch.no_grad():
+            row, col = sim_lse_reference(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col,
+                                         row_max=row_max)
+        return row, (col if want_col else row.new_empty(0))
+
+    def backward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
+                 grad_row, grad_col, row_max=None):
+        dt = acc_dtype(q.dtype)
+        S = (q.to(dt) @ k.to(dt).T) * scale.to(dt)
+        ok = allowed_mask(S.shape[0], S.shape[1], col_start, col_end, exclude, S.device, S, row_max)
+        dS = torch.zeros_like(S)
+        fin_r = torch.isfinite(row_lse)
+        dS = dS + torch.where(ok & fin_r[:, None], grad_row[:, None] * torch.exp(S - row_lse[:, None]),
+                              torch.zeros_like(S))
+        if col_lse.numel():
+            fin_c = torch.isfinite(col_lse)
+            dS = dS + torch.where(ok & fin_c[None, :], grad_col[None, :] * torch.exp(S - col_lse[None, :]),
+                                  torch.zeros_like(S))
+        dq = (dS @ k.to(dt)) * scale.to(dt)
+        dk = (dS.T @ q.to(dt)) * scale.to(dt)
+        dscale = (dS * S).sum() / scale.to(dt)
+        return dq.to(q.dtype), dk.to(k.dtype), dscale
+
+
+_DENSE = DenseSimLSE()
+
+
+def primitive_object(backend: str):
+    """The ``"sim_lse"`` primitive object of ``backend`` (``"reference"``: :class:`DenseSimLSE`)."""
+    return _DENSE if backend == "reference" else backends.primitive(backend, "sim_lse")
+
+
 def _as_index(t: Optional[Tensor], device) -> Optional[Tensor]:
     if t is None:
         return None
@@ -214,6 +251,12 @@ def sim_lse(
     differentiable; with either, ``scale`` must be > 0 on kernel backends (module docstring).
     Returns ``(row_lse, col_lse)`` with ``col_lse`` None unless ``want_col``.
     ``row_max`` (B,): the per-row logit threshold of the module docstring (detached here).
+
+    ``k`` may be a ``distributed.RingCandidates`` handle (``GlobalBatch.candidates``
+    with ``exchange="ring"``): the candidates are then every rank's block,
+    visited around the ring (``primitives.ring``), the masks are in global
+    candidate positions, and ``col_lse`` covers this rank's block against
+    every rank's anchors.
     """
     if row_bias is not None or col_bias is not None:
         if row_max is not None:
@@ -227,6 +270,16 @@ def sim_lse(
         return _biased(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_bias,
                        col_bias, backend)
     device = q.device
+    if isinstance(k, RingCandidates):
+        from .ring import ring_sim_lse
+
+        scale = scale.to(device=device, dtype=acc_dtype(q.dtype))
+        if row_max is not None:
+            row_max = row_max.detach().to(device=device, dtype=acc_dtype(q.dtype)).contiguous()
+        return ring_sim_lse(q, k, scale, row_index=row_index, col_index=col_index, col_start=col_start,
+                            col_end=col_end,
+                            exclude=None if exclude is None else exclude.reshape(exclude.shape[0], -1).long(),
+                            want_col=want_col, prim=primitive_object(backend), row_max=row_max)
     args = (
         _as_index(row_index, device),
         _as_index(col_index, device),
