@@ -358,6 +358,8 @@ def _gated_case(B=19, M=37, D=5, seed=0):
     ce[2] = cs[2]  # empty
     cs[5], ce[5] = 0, M  # all
     cs[7], ce[7] = 15, 17  # across the block edge at 16 (interpreter blocks), over the zero key
+    # the last row block (rows 16-18) ends one column into the second column block, the zero key's
+    cs[16:], ce[16:] = torch.tensor([10, 3, 17]), torch.tensor([17, 9, 17])
     return a, w, k, cs, ce
 
 
