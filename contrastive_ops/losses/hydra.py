@@ -72,8 +72,15 @@ every pair instead costs O(P·D) memory and, for a deterministic backward, a
 segmented sum over P rows: slower at every class count tried, 10 to 1000.)
 
 ``gating="filter"`` needs, per tile, the second product Σ_d g_id² k_jd² for the
-per-pair key norm, which the sim_lse primitive lacks: it runs on the reference
-(``"auto"`` takes it with a warning; an explicit kernel backend raises).
+per-pair key norm: the ``gated_lse`` primitive (``primitives/gated_lse.py``),
+on the same layout (sorted keys repeated twice, two column ranges per anchor,
+anchors ordered by their ranges), with a = n(z ⊙ g) ⊙ g and w = g² in the
+accumulation dtype and the raw keys; the positive logits are one product pair
+per class, (a·kᵀ)·max(w·(k⊙k)ᵀ, eps²)^(-1/2)·s.  Only the ``"triton"`` backend
+implements ``gated_lse``: an explicit ``"cpu"`` or ``"cuda"`` backend raises for
+``"filter"``; under ``"auto"`` a kernel backend without it gives way to the
+next one of the device's priority that has it (on CUDA tensors: triton), else
+to the reference with a warning (on CPU tensors, as before).
 """
 from __future__ import annotations
 
@@ -263,8 +270,8 @@ def hydra_loss(z1, k2, gate, y1, posy, temperature=0.1, *, positives="c2", gatin
             pair) or ``"simlap"`` (normalized features, anchor times g², no second normalization).
         reduction: ``"mean"`` over all positive pairs, ``"sum"``, or ``"none"``: (B,) per-anchor sums.
 
-    Kernel backends run ``gating="simlap"``; ``"filter"`` runs on the reference (see the module
-    docstring).  The fused path reads the class runs on the host (a synchronization; a graph break
+    Kernel backends run ``gating="simlap"``; ``"filter"`` runs on the reference and the ``"triton"``
+    backend (the ``gated_lse`` primitive; see the module docstring).  The fused path reads the class runs on the host (a synchronization; a graph break
     under ``torch.compile``).  Returns fp32 (float64 for float64 inputs).
     """
     _checks.check_pair("z1", z1, "k2", k2, same_rows=True)
