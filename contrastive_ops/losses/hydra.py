@@ -271,8 +271,9 @@ def hydra_loss(z1, k2, gate, y1, posy, temperature=0.1, *, positives="c2", gatin
         reduction: ``"mean"`` over all positive pairs, ``"sum"``, or ``"none"``: (B,) per-anchor sums.
 
     Kernel backends run ``gating="simlap"``; ``"filter"`` runs on the reference and the ``"triton"``
-    backend (the ``gated_lse`` primitive; see the module docstring).  The fused path reads the class runs on the host (a synchronization; a graph break
-    under ``torch.compile``).  Returns fp32 (float64 for float64 inputs).
+    backend (the ``gated_lse`` primitive; see the module docstring).  The fused path reads the class
+    runs on the host (a synchronization; a graph break under ``torch.compile``).  Returns fp32 (float64
+    for float64 inputs).
     """
     _checks.check_pair("z1", z1, "k2", k2, same_rows=True)
     B, D = z1.shape

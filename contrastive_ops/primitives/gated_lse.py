@@ -38,7 +38,6 @@ not implement it.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 

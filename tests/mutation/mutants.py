@@ -158,8 +158,9 @@ MUTANTS = (
            _SHAPING, "HCL nt_xent: the positive left among the reweighted negatives"),
     # ------------------------------------------------------------------ gated_lse (hydra filter gating)
     Mutant("gated-lse-norm-gate-dropped-at-tile-edge", "contrastive_ops/backends/_triton/gated_lse.py",
-           "        g, n, z = _logits(a, w, k, s, PREC)\n        ok = (cols[None, :] >= cs[:, None]) & (cols[None, :] < ce[:, None])\n        z = tl.where(ok, z, float(\"-inf\"))\n",
-           "        g, n, z = _logits(a, w, k, s, PREC)\n        ok = (cols[None, :] >= cs[:, None]) & (cols[None, :] < ce[:, None])\n"
+           "        ok = (cols[None, :] >= cs[:, None]) & (cols[None, :] < ce[:, None])\n"
+           "        z = tl.where(ok, z, float(\"-inf\"))\n",
+           "        ok = (cols[None, :] >= cs[:, None]) & (cols[None, :] < ce[:, None])\n"
            "        z = tl.where(cols[None, :] % BLOCK_N == BLOCK_N - 1,\n"
            "                     g * tl.rsqrt(tl.maximum(tl.sum(k * k, 1), 1e-24))[None, :] * s, z)\n"
            "        z = tl.where(ok, z, float(\"-inf\"))\n",

@@ -1,6 +1,7 @@
 r"""Triton kernels of the ``"gated_lse"`` primitive (maths in ``contrastive_ops.primitives.gated_lse``).
 
-Per tile two products in fp32: G = a·kᵀ and N = w·(k⊙k)ᵀ, then S = scale·G·max(N, eps²)^(-1/2).
+Per tile two products in fp32: G = a·kᵀ and N = w·(k⊙k)ᵀ, then S = scale·G·max(N, eps²)^(-1/2) with
+eps² = 1e-24 (the losses' eps 1e-12 of F.normalize, written into the kernels).
 
 * forward, one program per BLOCK_M rows, streaming the columns of the union
   of its rows' ranges (the caller orders rows by range, so a block's union is
@@ -27,7 +28,6 @@ from .args import same_device, scalar_on
 from .tiles import dot_flags, empty, interpreting, launch
 
 Tensor = torch.Tensor
-EPS2 = 1e-24  # (1e-12)²: the clamp of F.normalize on the squared norm
 
 
 @triton.jit
