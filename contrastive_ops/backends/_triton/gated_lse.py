@@ -28,6 +28,7 @@ from .args import same_device, scalar_on
 from .tiles import dot_flags, empty, interpreting, launch
 
 Tensor = torch.Tensor
+BWD_WARPS = 8  # the backward kernels hold two fp32 (BLOCK, BLOCK_D) accumulators: 4 warps spill at D = 128
 
 
 @triton.jit
@@ -148,15 +149,23 @@ def _gated_lse_dk_kernel(A, W, K, Scale, CS, CE, LSE, GL, DK, B, M, D, stride_a,
              mask=cmask[:, None] & (offs_d[None, :] < D))
 
 
-def _blocks(D: int) -> dict:
+def _blocks(D: int, kernel: str = "fwd") -> dict:
+    """Tile sizes; on a GPU the backward kernels stream half-width tiles (the other side of each product
+    keeps 64 rows, wgmma's M): two fp32 accumulators of (64, BLOCK_D) fill the registers."""
     bd = max(16, triton.next_power_of_2(D))
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=bd)
-    return dict(BLOCK_M=64, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd)
+    wide = 64 if bd <= 128 else 32
+    if kernel == "daw":
+        return dict(BLOCK_M=64, BLOCK_N=wide // 2, BLOCK_D=bd)
+    if kernel == "dk":
+        return dict(BLOCK_M=wide // 2, BLOCK_N=64, BLOCK_D=bd)
+    return dict(BLOCK_M=64, BLOCK_N=wide, BLOCK_D=bd)
 
 
-def _flags(D: int) -> dict:
-    return dict(PREC=dot_flags(torch.float32)["PREC"], **_blocks(D))
+def _flags(D: int, kernel: str = "fwd") -> dict:
+    warps = {} if interpreting() else dict(num_warps=4 if kernel == "fwd" else BWD_WARPS, num_stages=2)
+    return dict(PREC=dot_flags(torch.float32)["PREC"], **_blocks(D, kernel), **warps)
 
 
 @torch.library.triton_op("contrastive_ops_triton::gated_lse_fwd", mutates_args=())
@@ -191,12 +200,13 @@ def _gated_lse_bwd_op(a: Tensor, w: Tensor, k: Tensor, scale: Tensor, col_start:
     dw = empty(w.shape, torch.float32, a.device)
     dk = empty(k.shape, k.dtype, k.device)
     part = empty((B,), torch.float32, a.device)
-    f = _flags(D)
     if B > 0:
+        f = _flags(D, "daw")
         launch("gated_lse_daw", _gated_lse_daw_kernel, (triton.cdiv(B, f["BLOCK_M"]),))(
             a, w, k, scale, col_start, col_end, lse, grad_lse, da, dw, part, B, M, D, a.stride(0), w.stride(0),
             k.stride(0), **f)
     if M > 0:
+        f = _flags(D, "dk")
         launch("gated_lse_dk", _gated_lse_dk_kernel, (triton.cdiv(M, f["BLOCK_N"]),))(
             a, w, k, scale, col_start, col_end, lse, grad_lse, dk, B, M, D, a.stride(0), w.stride(0),
             k.stride(0), dk.stride(0), **f)
@@ -249,6 +259,8 @@ def compile_specs():
     D = 128
     bd = max(16, triton.next_power_of_2(D))
     c = dict(PREC="tf32x3", BLOCK_M=64, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd)
+    c_daw = dict(c, BLOCK_N=c["BLOCK_N"] // 2)
+    c_dk = dict(c, BLOCK_M=c["BLOCK_N"] // 2)
     for dtype in ("bf16", "fp16", "fp32"):
         t = "*" + dtype
         common = dict(A="*fp32", W="*fp32", K=t, Scale="*fp32", CS="*i32", CE="*i32")
@@ -257,8 +269,8 @@ def compile_specs():
                         constexprs=c, num_warps=4, num_stages=2, dtype=dtype, D=D))
         out.append(dict(name="gated_lse_daw", fn=_gated_lse_daw_kernel,
                         args=dict(common, LSE="*fp32", GL="*fp32", DA="*fp32", DW="*fp32", Part="*fp32", **dims),
-                        constexprs=c, num_warps=4, num_stages=2, dtype=dtype, D=D))
+                        constexprs=c_daw, num_warps=BWD_WARPS, num_stages=2, dtype=dtype, D=D))
         out.append(dict(name="gated_lse_dk", fn=_gated_lse_dk_kernel,
                         args=dict(common, LSE="*fp32", GL="*fp32", DK=t, **dims, stride_dk="i32"),
-                        constexprs=c, num_warps=4, num_stages=2, dtype=dtype, D=D))
+                        constexprs=c_dk, num_warps=BWD_WARPS, num_stages=2, dtype=dtype, D=D))
     return out
