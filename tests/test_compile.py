@@ -310,9 +310,26 @@ def _sim_expect_bwd_samples(fwd_qualname):
     return out
 
 
+def _gated_lse_fwd_samples():
+    out = []
+    for dt in (torch.float32, torch.bfloat16):
+        a, k = _f((6, 5), torch.float32, False, 11), _f((7, 5), dt, False, 12)
+        w = _f((6, 5), torch.float32, False, 13).abs()
+        s = torch.tensor(0.8, dtype=torch.float32, device=DEVICE)
+        out.append((a, w, k, s, _i32([0, 2, 7, 3, 0, 5]), _i32([7, 2, 7, 6, 1, 7])))
+    return out
+
+
+def _gated_lse_bwd_samples(fwd_qualname):
+    fwd = _op(fwd_qualname)
+    return [args + (fwd(*args), torch.randn(6, device=DEVICE)) for args in _gated_lse_fwd_samples()]
+
+
 SAMPLES = {
     "sim_expect_fwd": lambda q, grad: _sim_expect_fwd_samples(),
     "sim_expect_bwd": lambda q, grad: _sim_expect_bwd_samples(q.replace("sim_expect_bwd", "sim_expect_fwd")),
+    "gated_lse_fwd": lambda q, grad: _gated_lse_fwd_samples(),
+    "gated_lse_bwd": lambda q, grad: _gated_lse_bwd_samples(q.replace("gated_lse_bwd", "gated_lse_fwd")),
     "swav_ce_fwd": lambda q, grad: _swav_ce_fwd_samples(grad),
     "swav_ce_bwd": lambda q, grad: _swav_ce_bwd_samples(q.replace("swav_ce_bwd", "swav_ce_fwd")),
     "sim_lse_fwd": lambda q, grad: _sim_lse_fwd_samples(grad),

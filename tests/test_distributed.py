@@ -537,7 +537,12 @@ def _hydra_args(c: Ctx):
 
 @case("hydra_filter")
 def _(c: Ctx):
-    c.check(co.hydra_loss, _hydra_args(c))  # the reference only: kernel backends cannot run it
+    c.check(co.hydra_loss, _hydra_args(c))  # the gated_lse composition; the cpu backend cannot run it
+
+
+@case("hydra_filter_class_none")
+def _(c: Ctx):
+    c.check(co.hydra_loss, _hydra_args(c), positives="class", reduction="none")
 
 
 @case("hydra_simlap")
@@ -825,9 +830,28 @@ class _DenseSimExpect:
             return torch.autograd.grad((lse2 * grad_lse).sum() + (mean2 * grad_mean).sum(), leaves)
 
 
+class _DenseGatedLSE:
+    """The "gated_lse" primitive with the kernel interface, computed densely."""
+
+    def forward(self, a, w, k, scale, col_start, col_end):
+        from contrastive_ops.primitives.gated_lse import gated_lse_reference
+
+        with torch.no_grad():
+            return gated_lse_reference(a, w, k, scale, col_start, col_end)
+
+    def backward(self, a, w, k, scale, col_start, col_end, lse, grad_lse):
+        from contrastive_ops.primitives.gated_lse import gated_lse_reference
+
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (a, w, k, scale)]
+            lse2 = gated_lse_reference(*leaves, col_start, col_end)
+            return torch.autograd.grad(torch.where(torch.isfinite(lse2), lse2 * grad_lse, 0).sum(), leaves)
+
+
 _DENSE_PRIMITIVES = {"sim_lse": _DenseSimLSE(), "siglip": _DenseSigLIP(), "sinkhorn": _DenseSinkhorn(),
                      "sim_expect": _DenseSimExpect()}
 _DENSE_PRIMITIVES.update({"pix_pos_sum": _DensePixPosSum(), "pix_pos_lse": _DensePixPosLSE()})
+_DENSE_PRIMITIVES["gated_lse"] = _DenseGatedLSE()
 # Ops whose composition needs a primitive the dense stand-in lacks keep the reference.
 _DENSE_OPS = {op for op, prims in __import__("contrastive_ops.backends", fromlist=["x"]).OP_PRIMITIVES.items()
               if all(p in _DENSE_PRIMITIVES for p in prims)}
@@ -844,6 +868,9 @@ def _use_dense_compositions() -> None:
         else real_resolve("reference" if backend == "composition" else backend, op=op, tensors=tensors))
     backends.primitive = lambda name, prim: (_DENSE_PRIMITIVES[prim] if name == "composition"
                                              else real_primitive(name, prim))
+    real_has = backends.has_primitive
+    backends.has_primitive = lambda name, prim: (prim in _DENSE_PRIMITIVES if name == "composition"
+                                                 else real_has(name, prim))
 
 
 def _kernel_backends_for_cpu() -> List[str]:

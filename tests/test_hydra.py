@@ -1,7 +1,7 @@
 """hydra_loss: a float64 loop over anchors, positives and negatives (values and gradients of features,
 gates and temperature), the official code re-typed (its row-mean centring: same loss, overflows), the
-fused composition (``gating="simlap"``) on every kernel backend, the per-pair gating the primitive
-lacks, the module, bad input."""
+fused composition (``gating="simlap"``) on every kernel backend, ``gating="filter"`` on the triton
+backend (the ``gated_lse`` primitive) and the error of the backends without it, the module, bad input."""
 import warnings
 
 import pytest
@@ -250,10 +250,10 @@ def test_kernel_backends_match_reference(backend, dtype):
                                    positives=positives, reduction=reduction, sharpness=10.0, normalized=True)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] != "triton"])
 def test_kernel_backend_names_what_the_primitive_lacks(backend):
     z, k, g, y1, posy = _batch(B=6, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="per-pair norm"):
+    with pytest.raises(RuntimeError, match="per-pair norm.*gated_lse primitive, which backend"):
         co.hydra_loss(z.to(DEVICE), k.to(DEVICE), g.to(DEVICE), y1.to(DEVICE), posy.to(DEVICE), backend=backend)
 
 
@@ -334,3 +334,128 @@ def test_bad_labels(which, bad, match):
 def test_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
         co.hydra_loss(*_batch(B=6, dtype=torch.float32), **kw)
+
+
+# ------------------------------------------------------------------------------------------
+# gating="filter" on the gated_lse primitive (triton backend)
+# ------------------------------------------------------------------------------------------
+
+TRITON = [p for p in backend_params() if p.values[0] == "triton"]
+
+
+def _gated_case(B=19, M=37, D=5, seed=0):
+    """Ragged column ranges over two column blocks and more: empty ranges, a range ending at M, one
+    row whose gate is zero (every key norm clamped, logits 0) and a key that is all zero."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, D, generator=g)
+    w = torch.rand(B, D, generator=g) * 0.9 + 0.05
+    w[4] = 0
+    a[4] = 0  # as in hydra, where a = n(z ⊙ g) ⊙ g
+    k = torch.randn(M, D, generator=g)
+    k[16] = 0
+    cs = torch.randint(0, M, (B,), generator=g)
+    ce = torch.minimum(cs + torch.randint(0, 25, (B,), generator=g), torch.tensor(M))
+    ce[2] = cs[2]  # empty
+    cs[5], ce[5] = 0, M  # all
+    cs[7], ce[7] = 15, 17  # across the block edge at 16 (interpreter blocks), over the zero key
+    # the last row block (rows 16-18) ends one column into the second column block, the zero key's
+    cs[16:], ce[16:] = torch.tensor([10, 3, 17]), torch.tensor([17, 9, 17])
+    return a, w, k, cs, ce
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("kdtype", [torch.float32, torch.bfloat16])
+def test_gated_lse_primitive_matches_reference(backend, kdtype):
+    from contrastive_ops.backends._triton import tiles
+    from contrastive_ops.primitives.gated_lse import gated_lse
+
+    a, w, k, cs, ce = _gated_case()
+    k = k.to(kdtype)
+    gv = torch.randn(a.shape[0], generator=torch.Generator().manual_seed(9))
+    res = {}
+    for be in ("reference", backend):
+        ins = [t.clone().requires_grad_(True) for t in (a, w, k)] + [torch.tensor(2.5, requires_grad=True)]
+        old = tiles.POISON_OUTPUTS
+        tiles.POISON_OUTPUTS = True
+        try:
+            lse = gated_lse(*ins, col_start=cs, col_end=ce, backend=be)
+            grads = torch.autograd.grad((torch.where(torch.isfinite(lse), lse, 0) * gv).sum(), ins)
+        finally:
+            tiles.POISON_OUTPUTS = old
+        res[be] = (lse.detach(),) + tuple(grads)
+    empty = ce <= cs
+    assert torch.equal(torch.isinf(res[backend][0]), empty) and (res[backend][0][empty] < 0).all()
+    for x, y in zip(res["reference"], res[backend]):
+        assert not torch.isnan(y).any()
+        # dk is stored in k's dtype by both: one rounding apart at most (2^-7 relative for bf16)
+        rtol = 2.0 ** -7 if y.dtype == torch.bfloat16 else 1e-5
+        x, y = x.float(), y.float()
+        torch.testing.assert_close(torch.where(torch.isinf(x), 0, x), torch.where(torch.isinf(y), 0, y),
+                                   rtol=rtol, atol=1e-5)
+    # a zero gate's row: every key norm clamped, every logit 0
+    torch.testing.assert_close(res[backend][0][4], torch.tensor(float(ce[4] - cs[4])).log())
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("positives", ["c2", "class"])
+@pytest.mark.parametrize("labels", ["random", "edge", "one_class"])
+def test_triton_filter_matches_loop(backend, positives, labels):
+    """gating='filter' on the triton backend against the float64 loop: values, and gradients of the
+    features, keys, gates and a tensor temperature; outputs NaN-poisoned."""
+    from contrastive_ops.backends._triton import tiles
+
+    B = 8 if labels == "edge" else 21  # > one interpreter row block
+    z, k, g, y1, posy = _batch(B=B, D=5, classes=4, seed=11)
+    if labels == "edge":
+        y1, posy = _edge_labels()
+    elif labels == "one_class":
+        y1 = posy = torch.zeros(B, dtype=torch.long)
+    z64, k64, g64 = (t.clone().requires_grad_(True) for t in (z, k, g))
+    tau64 = torch.tensor(0.2, dtype=F64, requires_grad=True)
+    vals, mean = loop_hydra(z64, k64, g64, y1, posy, tau64, positives=positives, gating="filter")
+    dev = [t.float().requires_grad_(True) for t in (z, k, g)]
+    tau = torch.tensor(0.2, requires_grad=True)
+    old = tiles.POISON_OUTPUTS
+    tiles.POISON_OUTPUTS = True
+    try:
+        kw = dict(positives=positives, gating="filter", backend=backend)
+        out = co.hydra_loss(*dev, y1, posy, 0.2, reduction="none", **kw)
+        torch.testing.assert_close(out.double(), vals.detach(), rtol=1e-5, atol=1e-5)
+        out = co.hydra_loss(*dev, y1, posy, tau, **kw)
+        torch.testing.assert_close(out.double(), mean.detach(), rtol=1e-5, atol=1e-5)
+        (2 * out).backward()
+    finally:
+        tiles.POISON_OUTPUTS = old
+    (2 * mean).backward()
+    for a, b in zip(dev + [tau], (z64, k64, g64, tau64)):
+        assert not torch.isnan(a.grad).any()
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_filter_matches_reference(backend, dtype):
+    z, k, g, y1, posy = _batch(B=37, D=16, classes=6, seed=7, dtype=torch.float32)
+    ts = [t.requires_grad_(True) for t in (z, k, g)] + [y1, posy]
+    for positives, reduction in (("c2", "mean"), ("class", "none")):
+        compare_with_reference(_hydra, ts, backend=backend, dtype=dtype, temperature=0.1, gating="filter",
+                               positives=positives, reduction=reduction, sharpness=10.0, normalized=True)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_auto_takes_gated_lse_past_a_backend_without_it(backend, monkeypatch):
+    """Under "auto" the first kernel backend of the priority that lacks gated_lse (the cuda backend on
+    CUDA tensors) gives way to the next one that has it (triton), without a warning."""
+    from contrastive_ops import backends
+    from contrastive_ops.backends._triton import tiles
+
+    if not co.available_backends()["cpu"][0]:
+        pytest.skip("needs the cpu backend ahead of triton")
+    monkeypatch.setitem(backends.AUTO_PRIORITY, "cpu", ("cpu", "triton", "reference"))
+    ts = [t.float() for t in _batch(B=6, D=4, classes=3, seed=2)[:3]] + _batch(B=6, D=4, classes=3, seed=2)[3:]
+    before = tiles.LAUNCHES["gated_lse_fwd"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = co.hydra_loss(*ts, backend="auto")
+    assert tiles.LAUNCHES["gated_lse_fwd"] == before + 2
+    torch.testing.assert_close(out, co.hydra_loss(*ts, backend="reference"))

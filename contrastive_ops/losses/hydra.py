@@ -72,8 +72,15 @@ every pair instead costs O(P·D) memory and, for a deterministic backward, a
 segmented sum over P rows: slower at every class count tried, 10 to 1000.)
 
 ``gating="filter"`` needs, per tile, the second product Σ_d g_id² k_jd² for the
-per-pair key norm, which the sim_lse primitive lacks: it runs on the reference
-(``"auto"`` takes it with a warning; an explicit kernel backend raises).
+per-pair key norm: the ``gated_lse`` primitive (``primitives/gated_lse.py``),
+on the same layout (sorted keys repeated twice, two column ranges per anchor,
+anchors ordered by their ranges), with a = n(z ⊙ g) ⊙ g and w = g² in the
+accumulation dtype and the raw keys; the positive logits are one product pair
+per class, (a·kᵀ)·max(w·(k⊙k)ᵀ, eps²)^(-1/2)·s.  Only the ``"triton"`` backend
+implements ``gated_lse``: an explicit ``"cpu"`` or ``"cuda"`` backend raises for
+``"filter"``; under ``"auto"`` a kernel backend without it gives way to the
+next one of the device's priority that has it (on CUDA tensors: triton), else
+to the reference with a warning (on CPU tensors, as before).
 """
 from __future__ import annotations
 
@@ -87,6 +94,7 @@ from .. import _checks, backends
 from .._checks import as_scalar, shape_str
 from .._numerics import acc_dtype, masked_lse
 from ..distributed import GlobalBatch
+from ..primitives.gated_lse import gated_lse
 from ..primitives.sim_lse import sim_lse
 from ._common import NORM_EPS, index_sum, kernel_operands, take_rows, unit
 
@@ -135,15 +143,23 @@ def _class_ranges(sorted_labels: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor
 
 
 def _fused_hydra(z1: Tensor, k2: Tensor, gate: Tensor, y1: Tensor, posy: Tensor, temperature, *,
-                 positives: str = "c2", reduction: str = "mean", backend: str, process_group=None) -> Tensor:
-    """``gating="simlap"`` on the core: two column-range row LSEs for the negatives, pair logits for the
-    positives; never builds B × M."""
+                 positives: str = "c2", gating: str = "simlap", reduction: str = "mean", backend: str,
+                 process_group=None) -> Tensor:
+    """The fused composition (module docstring): two column-range row LSEs for the negatives (``sim_lse``
+    for ``"simlap"``, ``gated_lse`` for ``"filter"``), pair logits for the positives; never builds B × M."""
     B = z1.shape[0]
     gb = GlobalBatch(B, process_group, z1.device)
     dt = acc_dtype(z1.dtype)
     scale = 1.0 / as_scalar("temperature", temperature, z1.to(dt))
-    Qk, Qr = kernel_operands(unit(z1) * gate.to(dt) * gate.to(dt), z1.dtype)  # ẑ ⊙ g²
-    Kk, Kr = kernel_operands(unit(gb.gather(k2)), k2.dtype)  # k̂, all ranks
+    if gating == "simlap":
+        Qk, Qr = kernel_operands(unit(z1) * gate.to(dt) * gate.to(dt), z1.dtype)  # ẑ ⊙ g²
+        Kk, Kr = kernel_operands(unit(gb.gather(k2)), k2.dtype)  # k̂, all ranks
+    else:  # filter: a = n(z ⊙ g) ⊙ g and w = g² in the accumulation dtype, the raw keys as given
+        g = gate.to(dt)
+        Qk = Qr = F.normalize(z1.to(dt) * g, dim=-1, eps=NORM_EPS) * g
+        Wr = g * g
+        Kk = gb.gather(k2)
+        Kr = Kk.to(dt)
     yk = gb.gather_nograd(y1)
     M = yk.numel()
     ys, perm = torch.sort(yk)
@@ -163,10 +179,14 @@ def _fused_hydra(z1: Tensor, k2: Tensor, gate: Tensor, y1: Tensor, posy: Tensor,
     back = torch.empty_like(order)
     back[order] = torch.arange(B, device=order.device)
     K2 = torch.cat([Ks, Ks], 0)
-    outer, _ = sim_lse(Qk, K2, scale, row_index=order, col_start=b_hi[order], col_end=(a_lo + M)[order],
-                       backend=backend)
-    inner, _ = sim_lse(Qk, K2, scale, row_index=order, col_start=a_hi[order],
-                       col_end=torch.maximum(b_lo, a_hi)[order], backend=backend)
+    arcs = ((b_hi, a_lo + M), (a_hi, torch.maximum(b_lo, a_hi)))
+    if gating == "simlap":
+        outer, inner = (sim_lse(Qk, K2, scale, row_index=order, col_start=lo[order], col_end=hi[order],
+                                backend=backend)[0] for lo, hi in arcs)
+    else:
+        Qo, Wo = take_rows(Qk, order, distinct=True), take_rows(Wr, order, distinct=True)
+        outer, inner = (gated_lse(Qo, Wo, K2, scale, col_start=lo[order], col_end=hi[order], backend=backend)
+                        for lo, hi in arcs)
     both = take_rows(torch.stack([outer, inner], 1), back, distinct=True)  # back in anchor order
     neg_lse = masked_lse(both, torch.isfinite(both), 1)  # N_i
     # Positive pairs: the anchors listed by positive class c (posy, or for "class" also y1 ≠ posy)
@@ -183,14 +203,20 @@ def _fused_hydra(z1: Tensor, k2: Tensor, gate: Tensor, y1: Tensor, posy: Tensor,
     found = key_classes[at] == classes
     Ksr = take_rows(Kr, perm, distinct=True)
     Qa = take_rows(Qr, anchors, distinct=positives == "c2")
+    Wa = take_rows(Wr, anchors, distinct=positives == "c2") if gating == "filter" else Qa
     Na = take_rows(neg_lse, anchors, distinct=positives == "c2")
     # One product per class block, O(P) logits.  Split (not sliced): the backward of a split is one
     # concatenation, a slice's a full-size zero tensor per class.
     K_by_class = Ksr.split(key_runs.tolist())  # a host synchronization
     parts, P = [], 0
-    for Qc, Nc, c, ok in zip(Qa.split(runs.tolist()), Na.split(runs.tolist()), at.tolist(), found.tolist()):
+    split = runs.tolist()
+    for Qc, Wc, Nc, c, ok in zip(Qa.split(split), Wa.split(split), Na.split(split), at.tolist(), found.tolist()):
         if ok:
-            L = (Qc @ K_by_class[c].T) * scale
+            Kc = K_by_class[c]
+            L = Qc @ Kc.T
+            if gating == "filter":  # the per-pair key norm under the anchor's gate, clamped as the reference
+                L = L * (Wc @ (Kc * Kc).T).clamp_min(NORM_EPS * NORM_EPS).rsqrt()
+            L = L * scale
             parts.append((torch.logaddexp(Nc[:, None], L) - L).sum(1))
             P += L.numel()
         else:  # no key of this class: no positive pair
@@ -200,11 +226,28 @@ def _fused_hydra(z1: Tensor, k2: Tensor, gate: Tensor, y1: Tensor, posy: Tensor,
     return gb.reduce(values, reduction, count=torch.tensor(P, device=z1.device))
 
 
-def kernel_why_not(gating: str) -> Optional[str]:
-    """Why the fused composition cannot compute this configuration (None: it can)."""
-    if gating == "filter":
+def kernel_why_not(gating: str, backend: str) -> Optional[str]:
+    """Why kernel backend ``backend`` cannot run the fused composition of this gating (None: it can)."""
+    if gating == "filter" and not backends.has_primitive(backend, "gated_lse"):
         return ("gating='filter' normalizes each key with the anchor's gate, a per-pair norm "
-                "sum_d g_id^2 k_jd^2 (a second product per tile), which the sim_lse primitive lacks")
+                f"sum_d g_id^2 k_jd^2 (a second product per tile): the gated_lse primitive, which backend "
+                f"{backend!r} lacks (the 'triton' backend has it)")
+    return None
+
+
+def _auto_filter_backend(tensors) -> Optional[str]:
+    """Under ``"auto"`` for ``gating="filter"``: the first kernel backend of the device's priority that runs
+    hydra_loss here and has ``gated_lse`` (None: none)."""
+    device = tensors[0].device
+    for cand in backends.AUTO_PRIORITY.get(device.type, ()):
+        if cand == "reference":
+            continue
+        try:
+            name = backends.resolve(cand, op="hydra_loss", tensors=tensors)
+        except RuntimeError:
+            continue
+        if kernel_why_not("filter", name) is None:
+            return name
     return None
 
 
@@ -227,9 +270,10 @@ def hydra_loss(z1, k2, gate, y1, posy, temperature=0.1, *, positives="c2", gatin
             pair) or ``"simlap"`` (normalized features, anchor times g², no second normalization).
         reduction: ``"mean"`` over all positive pairs, ``"sum"``, or ``"none"``: (B,) per-anchor sums.
 
-    Kernel backends run ``gating="simlap"``; ``"filter"`` runs on the reference (see the module
-    docstring).  The fused path reads the class runs on the host (a synchronization; a graph break
-    under ``torch.compile``).  Returns fp32 (float64 for float64 inputs).
+    Kernel backends run ``gating="simlap"``; ``"filter"`` runs on the reference and the ``"triton"``
+    backend (the ``gated_lse`` primitive; see the module docstring).  The fused path reads the class
+    runs on the host (a synchronization; a graph break under ``torch.compile``).  Returns fp32 (float64
+    for float64 inputs).
     """
     _checks.check_pair("z1", z1, "k2", k2, same_rows=True)
     B, D = z1.shape
@@ -248,11 +292,15 @@ def hydra_loss(z1, k2, gate, y1, posy, temperature=0.1, *, positives="c2", gatin
     name = backends.resolve(backend, op="hydra_loss", tensors=[z1])
     kw = dict(positives=positives, reduction=reduction, process_group=process_group)
     if name != "reference":
-        why = kernel_why_not(gating)
+        why = kernel_why_not(gating, name)
         if why is not None and requested != "auto":
             raise RuntimeError(f"backend {name!r} cannot run hydra_loss with these arguments: {why}")
+        if why is not None:  # "auto": a later kernel backend of the priority may have the primitive
+            alt = _auto_filter_backend([z1])
+            if alt is not None:
+                name, why = alt, None
         if why is None:
-            return _fused_hydra(z1, k2, gate, y1, posy, temperature, backend=name, **kw)
+            return _fused_hydra(z1, k2, gate, y1, posy, temperature, gating=gating, backend=name, **kw)
         if why not in _WARNED:
             _WARNED.add(why)
             warnings.warn(f"contrastive_ops: hydra_loss runs on the plain-PyTorch reference ({why}); "

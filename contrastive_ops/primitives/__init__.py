@@ -17,6 +17,7 @@ module             backend key           entry the losses call
 ``sim_expect``     ``"sim_expect"``      ``sim_expect(q, k, scale, exclude=, backend=)``
 ``pix_pos``        ``"pix_pos_sum"``     ``pix_pos_sum(x, dx, dy, diag, ratio, H, W, backend=)``
 ``pix_pos``        ``"pix_pos_lse"``     ``pix_pos_lse(q, k, scale, dx, dy, diag, ratio, H, W, ...)``
+``gated_lse``      ``"gated_lse"``       ``gated_lse(a, w, k, scale, col_start=, col_end=, backend=)``
 =================  ====================  =========================================
 
 Imports go one way: losses → primitives → backends → the extension.

@@ -50,6 +50,7 @@ _FUZZ_TRITON = ("tests/test_fuzz.py", "-k", "triton")
 _TILED = ("tests/test_cuda_tiling.py",)
 _SHAPING = ("tests/test_negative_shaping.py",)
 _MARGIN = ("tests/test_false_negative_margin.py",)
+_GATED = ("tests/test_hydra.py", "-k", "gated or filter")
 
 MUTANTS = (
     # ------------------------------------------------------------------ Triton
@@ -183,4 +184,22 @@ MUTANTS = (
     Mutant("margin-count-all-negatives", "contrastive_ops/losses/info_nce.py",
            "    if cut is not None:\n        n_neg = _kept_count(q, blocks, cut, backend)\n", "",
            _MARGIN, "shaped info_nce with the filter: M_i counts the dropped negatives too"),
+    # ------------------------------------------------------------------ gated_lse (hydra filter gating)
+    Mutant("gated-lse-norm-gate-dropped-at-tile-edge", "contrastive_ops/backends/_triton/gated_lse.py",
+           "        ok = (cols[None, :] >= cs[:, None]) & (cols[None, :] < ce[:, None])\n"
+           "        z = tl.where(ok, z, float(\"-inf\"))\n",
+           "        ok = (cols[None, :] >= cs[:, None]) & (cols[None, :] < ce[:, None])\n"
+           "        z = tl.where(cols[None, :] % BLOCK_N == BLOCK_N - 1,\n"
+           "                     g * tl.rsqrt(tl.maximum(tl.sum(k * k, 1), 1e-24))[None, :] * s, z)\n"
+           "        z = tl.where(ok, z, float(\"-inf\"))\n",
+           _GATED, "gated_lse forward: the last column of each tile normalized by the ungated key norm"),
+    Mutant("gated-lse-dk-norm-term-halved", "contrastive_ops/backends/_triton/gated_lse.py",
+           "    dk += 2.0 * k * dkw\n", "    dk += k * dkw\n",
+           _GATED, "gated_lse dk: the key-norm term's factor 2 of d(k²)/dk dropped"),
+    Mutant("gated-lse-dw-dropped", "contrastive_ops/backends/_triton/gated_lse.py",
+           "        dw = tl.dot(dn, k * k, dw, input_precision=PREC)\n", "",
+           _GATED, "gated_lse backward: no gradient into the squared gate"),
+    Mutant("gated-lse-dk-skips-touching-row-block", "contrastive_ops/backends/_triton/gated_lse.py",
+           "tl.max(ce, 0) > c0):", "tl.max(ce, 0) > c0 + 1):",
+           _GATED, "gated_lse dk: a row block whose ranges end one column into the block is skipped"),
 )

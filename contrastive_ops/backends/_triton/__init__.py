@@ -5,7 +5,8 @@ Primitives: ``"sim_lse"`` (the tiled similarity-LSE core, :mod:`.sim_lse`, on th
 ``"siglip"`` (the SigLIP pair sum, :mod:`.siglip`), ``"sinkhorn"`` (the
 log-domain Sinkhorn-Knopp scalings, :mod:`.sinkhorn`) and ``"swav_ce"`` (SwAV's
 swapped-prediction cross-entropy, :mod:`.swav_ce`), ``"pix_pos_sum"`` and ``"pix_pos_lse"``
-(PixPro / PixContrast pixel pairs with positives from crop coordinates, :mod:`.pix_pos`).  Runs on CUDA tensors when
+(PixPro / PixContrast pixel pairs with positives from crop coordinates, :mod:`.pix_pos`), ``"gated_lse"``
+(the row LSE of per-pair gated, normalized similarities of hydra's filter gating, :mod:`.gated_lse`).  Runs on CUDA tensors when
 Triton has an active GPU driver, and on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before ``import triton``).
 """
@@ -20,6 +21,7 @@ _IMPORT_ERROR = None
 try:
     import triton
 
+    from .gated_lse import GATED_LSE
     from .pix_pos import PIX_POS_LSE, PIX_POS_SUM
     from .sim_expect import SIM_EXPECT
     from .sim_lse import SIM_LSE
@@ -29,6 +31,7 @@ try:
 
     PRIMITIVES: Dict[str, object] = {"sim_lse": SIM_LSE, "siglip": SIGLIP, "sinkhorn": SINKHORN, "swav_ce": SWAV_CE,
                                      "sim_expect": SIM_EXPECT, "pix_pos_sum": PIX_POS_SUM, "pix_pos_lse": PIX_POS_LSE}
+    PRIMITIVES["gated_lse"] = GATED_LSE
 except Exception as e:  # noqa: BLE001 - reported by availability()
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
     PRIMITIVES = {}
