@@ -325,10 +325,48 @@ def _gated_lse_bwd_samples(fwd_qualname):
     return [args + (fwd(*args), torch.randn(6, device=DEVICE)) for args in _gated_lse_fwd_samples()]
 
 
+def _pix_geometry(N=2, H=3, W=4):
+    from pix_cases import crops
+
+    from contrastive_ops.primitives import pix_pos
+
+    c1, c2 = crops(N, far=1)
+    dx, dy, dg = pix_pos.geometry(c1.to(DEVICE), c2.to(DEVICE), H, W)
+    return dx, dy, dg, torch.tensor(0.7, device=DEVICE), H, W
+
+
+def _pix_pos_sum_samples():
+    dx, dy, dg, ratio, H, W = _pix_geometry()
+    return [(_f((2, H * W, 5), dt, False, 14), dx, dy, dg, ratio, H, W) for dt in (torch.float32, torch.bfloat16)]
+
+
+def _pix_pos_lse_fwd_samples():
+    dx, dy, dg, ratio, H, W = _pix_geometry()
+    out = []
+    for dt in (torch.float32, torch.bfloat16):
+        q, k = _f((2, H * W, 5), dt, False, 15), _f((2, H * W, 5), dt, False, 16)
+        s = torch.tensor(2.5, dtype=torch.float32, device=DEVICE)
+        out += [(q, k, s, dx, dy, dg, ratio, H, W, False, 0), (q, k, s, dx, dy, dg, ratio, H, W, True, 0)]
+    return out
+
+
+def _pix_pos_lse_bwd_samples(fwd_qualname):
+    fwd = _op(fwd_qualname)
+    out = []
+    for args in _pix_pos_lse_fwd_samples():
+        lse_pos, lse_all = fwd(*args)
+        g = torch.randn(lse_pos.shape, device=DEVICE)
+        out.append(args + (lse_pos, lse_all, g, -g))
+    return out
+
+
 SAMPLES = {
     "sim_expect_fwd": lambda q, grad: _sim_expect_fwd_samples(),
     "sim_expect_bwd": lambda q, grad: _sim_expect_bwd_samples(q.replace("sim_expect_bwd", "sim_expect_fwd")),
     "gated_lse_fwd": lambda q, grad: _gated_lse_fwd_samples(),
+    "pix_pos_sum": lambda q, grad: _pix_pos_sum_samples(),
+    "pix_pos_lse_fwd": lambda q, grad: _pix_pos_lse_fwd_samples(),
+    "pix_pos_lse_bwd": lambda q, grad: _pix_pos_lse_bwd_samples(q.replace("pix_pos_lse_bwd", "pix_pos_lse_fwd")),
     "gated_lse_bwd": lambda q, grad: _gated_lse_bwd_samples(q.replace("gated_lse_bwd", "gated_lse_fwd")),
     "swav_ce_fwd": lambda q, grad: _swav_ce_fwd_samples(grad),
     "swav_ce_bwd": lambda q, grad: _swav_ce_bwd_samples(q.replace("swav_ce_bwd", "swav_ce_fwd")),

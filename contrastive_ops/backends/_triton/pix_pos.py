@@ -359,11 +359,12 @@ def compile_specs():
                         num_warps=4, num_stages=2, dtype=dtype, D=D))
         for batch in (False, True):
             c = dict(BATCH=batch, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=D, **flags)
-            out.append(dict(name="pix_pos_lse_fwd", fn=_pix_pos_lse_fwd_kernel,
+            b = "_batch" if batch else ""  # a distinct name per variant: the gate's fault tables key by name
+            out.append(dict(name="pix_pos_lse_fwd" + b, fn=_pix_pos_lse_fwd_kernel,
                             args=dict(Q=t, K=t, Scale="*fp32", **geo, LsePos="*fp32", LseAll="*fp32", BK="i32",
                                       C0="i32", P="i32", D="i32", H="i32", W="i32"),
                             constexprs=c, num_warps=4, num_stages=2, dtype=dtype, D=D))
-            out.append(dict(name="pix_pos_lse_bwd", fn=_pix_pos_lse_bwd_kernel,
+            out.append(dict(name="pix_pos_lse_bwd" + b, fn=_pix_pos_lse_bwd_kernel,
                             args=dict(Q=t, K=t, Scale="*fp32", **geo, LsePos="*fp32", LseAll="*fp32",
                                       GPos="*fp32", GAll="*fp32", DQ=t, Part="*fp32", BK="i32", C0="i32", P="i32",
                                       D="i32",

@@ -250,14 +250,15 @@ def compile_specs():
             c = dict(HAS_EXCL=has_excl, UPCAST=False, PREC=prec, BLOCK_M=64, BLOCK_N=64 if bd <= 128 else 32,
                      BLOCK_D=bd)
             common = dict(Q=t, K=t, Scale="*fp32", Excl="*i32" if has_excl else t, LSE="*fp32", MEAN="*fp32")
-            out.append(dict(name="sim_expect_fwd", fn=_sim_expect_fwd_kernel,
+            x = "_x" if has_excl else ""  # a distinct name per variant: the gate's fault tables key by name
+            out.append(dict(name="sim_expect_fwd" + x, fn=_sim_expect_fwd_kernel,
                             args=dict(common, B="i32", M="i32", D="i32", stride_q="i32", stride_k="i32"),
                             constexprs=c, num_warps=4, num_stages=2, dtype=dtype, D=D))
-            out.append(dict(name="sim_expect_dq", fn=_sim_expect_dq_kernel,
+            out.append(dict(name="sim_expect_dq" + x, fn=_sim_expect_dq_kernel,
                             args=dict(common, GL="*fp32", GM="*fp32", DQ=t, Part="*fp32", B="i32", M="i32", D="i32",
                                       stride_q="i32", stride_k="i32", stride_dq="i32"),
                             constexprs=c, num_warps=4, num_stages=2, dtype=dtype, D=D))
-            out.append(dict(name="sim_expect_dk", fn=_sim_expect_dk_kernel,
+            out.append(dict(name="sim_expect_dk" + x, fn=_sim_expect_dk_kernel,
                             args=dict(common, GL="*fp32", GM="*fp32", DK=t, B="i32", M="i32", D="i32",
                                       stride_q="i32", stride_k="i32", stride_dk="i32"),
                             constexprs=c, num_warps=4, num_stages=2, dtype=dtype, D=D))
