@@ -262,4 +262,24 @@ def compile_specs():
                             args=dict(common, GL="*fp32", GM="*fp32", DK=t, B="i32", M="i32", D="i32",
                                       stride_q="i32", stride_k="i32", stride_dk="i32"),
                             constexprs=c, num_warps=4, num_stages=2, dtype=dtype, D=D))
-    return out
+    from .tiles import mark_known_faults  # here, below the kernels: their line numbers key the gate's cache
+
+    return mark_known_faults(out, _GATE_FAULTS, "backends/_triton/sim_expect.py")
+
+
+# The sm_90a compile gate's measured faults per Triton minor version (``specs --faults``; see
+# ``tiles.mark_known_faults``): kept below the kernels so that editing it leaves their cache keys alone.
+_GATE_FAULTS = {
+    "3.6": {
+        ("sim_expect_dk", "fp32", (128,), "64x64 w4 s2"): "spills 1192 B stored / 988 B loaded",
+        ("sim_expect_dk_x", "fp32", (128,), "64x64 w4 s2"): "spills 1200 B stored / 996 B loaded",
+        ("sim_expect_dq", "fp32", (128,), "64x64 w4 s2"): "spills 1076 B stored / 892 B loaded",
+        ("sim_expect_dq_x", "fp32", (128,), "64x64 w4 s2"): "spills 1232 B stored / 996 B loaded",
+    },
+    "3.8": {
+        ("sim_expect_dk", "fp32", (128,), "64x64 w4 s2"): "spills 1292 B stored / 1080 B loaded",
+        ("sim_expect_dk_x", "fp32", (128,), "64x64 w4 s2"): "spills 1336 B stored / 1140 B loaded",
+        ("sim_expect_dq", "fp32", (128,), "64x64 w4 s2"): "spills 1136 B stored / 948 B loaded",
+        ("sim_expect_dq_x", "fp32", (128,), "64x64 w4 s2"): "spills 1196 B stored / 1012 B loaded",
+    },
+}
