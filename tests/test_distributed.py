@@ -715,32 +715,9 @@ def _(c: Ctx):
 # --------------------------------------------------------------------------- processes
 
 
-class _DenseSimLSE:
-    """The "sim_lse" primitive with the kernel interface, computed by the dense core.
-
-    Lets the fused compositions (and the core's autograd Function) run under a
-    process group on any machine, with or without compiled kernels.
-    """
-
-    def forward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_max=None):
-        from contrastive_ops.primitives.sim_lse import sim_lse_reference
-
-        with torch.no_grad():
-            row, col = sim_lse_reference(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col,
-                                         row_max=row_max)
-        return row, (col if want_col else row.new_empty(0))
-
-    def backward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
-                 grad_row, grad_col, row_max=None):
-        from contrastive_ops.primitives.sim_lse import sim_lse_reference
-
-        want_col = col_lse.numel() > 0
-        with torch.enable_grad():
-            qq, kk, ss = (t.detach().requires_grad_(True) for t in (q, k, scale))
-            row, col = sim_lse_reference(qq, kk, ss, row_index, col_index, col_start, col_end, exclude, want_col,
-                                         row_max=row_max)
-            total = (row * grad_row).sum() + ((col * grad_col).sum() if want_col else 0)
-            return torch.autograd.grad(total, (qq, kk, ss))
+# The "sim_lse" primitive with the kernel interface, computed by the dense core: lets the fused compositions
+# (and the core's autograd Function) run under a process group on any machine, with or without kernels.
+from contrastive_ops.primitives.sim_lse import DenseSimLSE as _DenseSimLSE  # noqa: E402
 
 
 class _DensePixPosSum:

@@ -265,19 +265,7 @@ def test_brute_force_at_zero_is_the_plain_brute_force():
 # --------------------------------------------------------------------------- the core calls
 
 
-class _RecordingSimLSE(_RecordingDenseSimLSE):
-    """The recording dense primitive with the column LSE's gradient as well (symmetric=True asks for it)."""
-
-    def backward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
-                 grad_row, grad_col):
-        from contrastive_ops.primitives.sim_lse import sim_lse_reference
-
-        want_col = grad_col.numel() > 0
-        with torch.enable_grad():
-            qq, kk, ss = (t.detach().requires_grad_(True) for t in (q, k, scale))
-            row, col = sim_lse_reference(qq, kk, ss, row_index, col_index, col_start, col_end, exclude, want_col)
-            total = (row * grad_row).sum() + ((col * grad_col).sum() if want_col else 0)
-            return torch.autograd.grad(total, (qq, kk, ss))
+_RecordingSimLSE = _RecordingDenseSimLSE  # the recording dense primitive; it returns the column LSE's gradient too
 
 
 @pytest.mark.parametrize("beta,tau_plus,per_block", [(1.0, 0.0, 2), (0.5, 0.2, 2), (0.0, 0.2, 1)])

@@ -66,8 +66,15 @@ def test_cuda_kernels_are_compiled_and_registered():
     ops = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("contrastive_ops::")]
     # Ops named with a leading underscore are test hooks; the "_*_tiled_*" ones run the CUDA host
     # tiling on CPU (csrc/cpu/sim_lse_tiled.cpp) and have no CUDA kernel by design.
+    # The ops of the CPU-only primitives (_cext.CPU_ONLY_OPS) have no CUDA kernel by design either; the cuda
+    # backend must then not offer their primitives.
     cpu_ops = [o for o in ops if torch._C._dispatch_has_kernel_for_dispatch_key(o, "CPU")
-               and not o.split("::", 1)[1].startswith("_")]
+               and not o.split("::", 1)[1].startswith("_") and o.split("::", 1)[1] not in _cext.CPU_ONLY_OPS]
+    from contrastive_ops.backends import cuda as cuda_backend
+
+    offered = set(_cext.CPU_ONLY_PRIMITIVES) & set(cuda_backend.PRIMITIVES)
+    assert not offered, f"the cuda backend offers CPU-only primitives: {sorted(offered)}"
+    assert {f"contrastive_ops::{n}" for n in _cext.CPU_ONLY_OPS} <= set(ops), "a CPU-only op is not registered"
     assert cpu_ops, f"no contrastive_ops op has a CPU kernel: {ops}"
     missing = [o for o in cpu_ops if not torch._C._dispatch_has_kernel_for_dispatch_key(o, "CUDA")]
     assert not missing, f"ops with a CPU kernel but no CUDA kernel registered: {missing}"

@@ -342,3 +342,5 @@ SINKHORN = Sinkhorn()
 PRIMITIVES = {"sim_lse": SimLSE(), "siglip": SigLIP(), "sinkhorn": SINKHORN, "swav_ce": SWAV_CE}
 # Primitives with a CPU kernel and no CUDA one (the "cuda" backend does not list them).
 CPU_ONLY_PRIMITIVES = {"sim_expect": SimExpect(), "pix_pos_sum": PixPosSum(), "pix_pos_lse": PixPosLSE()}
+# Their ops (csrc/ops.cpp): a CPU kernel and, by design, no CUDA one.
+CPU_ONLY_OPS = ("sim_expect_fwd", "sim_expect_bwd", "pix_pos_sum", "pix_pos_lse_fwd", "pix_pos_lse_bwd")

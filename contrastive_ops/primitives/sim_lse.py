@@ -185,7 +185,10 @@ class SimLSEFunction(torch.autograd.Function):
 
 
 class DenseSimLSE:
-    """The ``"sim_lse"`` primitive interface computed by the dense reference (``backend="reference"`` in a ring)."""
+    """The ``"sim_lse"`` primitive interface computed densely (``backend="reference"`` in a ring, and the tests'
+    stand-in for a kernel).  As the kernels do, the backward takes the LSEs it is given (in a ring: the merged
+    LSEs of every hop, not this block's own) and returns full gradients of ``q`` and ``k`` (summed over repeated
+    indices) even when they are one tensor."""
 
     def forward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_max=None):
         with torch.no_grad():
@@ -196,20 +199,23 @@ class DenseSimLSE:
     def backward(self, q, k, scale, row_index, col_index, col_start, col_end, exclude, row_lse, col_lse,
                  grad_row, grad_col, row_max=None):
         dt = acc_dtype(q.dtype)
-        S = (q.to(dt) @ k.to(dt).T) * scale.to(dt)
+        Q = (q if row_index is None else q[row_index.long()]).to(dt)
+        K = (k if col_index is None else k[col_index.long()]).to(dt)
+        G = Q @ K.T
+        S = G * scale.to(dt)
         ok = allowed_mask(S.shape[0], S.shape[1], col_start, col_end, exclude, S.device, S, row_max)
-        dS = torch.zeros_like(S)
-        fin_r = torch.isfinite(row_lse)
-        dS = dS + torch.where(ok & fin_r[:, None], grad_row[:, None] * torch.exp(S - row_lse[:, None]),
-                              torch.zeros_like(S))
+        zero = torch.zeros((), dtype=dt, device=S.device)
+        dS = torch.where(ok & torch.isfinite(row_lse)[:, None], grad_row[:, None] * torch.exp(S - row_lse[:, None]),
+                         zero)
         if col_lse.numel():
-            fin_c = torch.isfinite(col_lse)
-            dS = dS + torch.where(ok & fin_c[None, :], grad_col[None, :] * torch.exp(S - col_lse[None, :]),
-                                  torch.zeros_like(S))
-        dq = (dS @ k.to(dt)) * scale.to(dt)
-        dk = (dS.T @ q.to(dt)) * scale.to(dt)
-        dscale = (dS * S).sum() / scale.to(dt)
-        return dq.to(q.dtype), dk.to(k.dtype), dscale
+            dS = dS + torch.where(ok & torch.isfinite(col_lse)[None, :],
+                                  grad_col[None, :] * torch.exp(S - col_lse[None, :]), zero)
+        dQ, dK = (dS @ K) * scale.to(dt), (dS.T @ Q) * scale.to(dt)
+        dq = dQ if row_index is None else torch.zeros(q.shape, dtype=dt, device=q.device).index_add_(
+            0, row_index.long(), dQ)
+        dk = dK if col_index is None else torch.zeros(k.shape, dtype=dt, device=k.device).index_add_(
+            0, col_index.long(), dK)
+        return dq.to(q.dtype), dk.to(k.dtype), (dS * G).sum()
 
 
 _DENSE = DenseSimLSE()
