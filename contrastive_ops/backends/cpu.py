@@ -16,9 +16,13 @@ positive predicate evaluated per pair from the crop geometry.
 """
 from __future__ import annotations
 
+from collections import ChainMap
+
 from . import _cext
 
-PRIMITIVES = {**_cext.PRIMITIVES, **_cext.CPU_ONLY_PRIMITIVES}
+# A live view of both tables (the extension's primitives first): what is installed in
+# ``_cext.PRIMITIVES`` (the CUDA backend's table too) is what this backend serves.
+PRIMITIVES = ChainMap(_cext.PRIMITIVES, _cext.CPU_ONLY_PRIMITIVES)
 
 
 def availability():
