@@ -134,8 +134,13 @@ def test_inputs_are_deterministic_and_device_independent():
     ("similarity_lse", 6 * 100 * 100 * 32),
     ("selfcon_loss", 6 * (C.SELFCON_EXITS * 100) ** 2 * 32),
     ("supremix_loss", 6 * 200 * 200 * 32 + 4 * 200 * 200 * 32),
+    ("sepclr_loss", 4 * 6 * 100 * 100 * 32 + 2 * 6 * 100 * 100 * (32 + 16)),
+    ("cacr_loss", C.CACR_VIEWS * (C.CACR_VIEWS - 1) // 2 * 6 * 100 * 100 * 32),
+    ("hydra_loss", 2 * 6 * 100 * 200 * 32),
     ("sinkhorn_knopp", None),
     ("swav_loss", None),
+    ("pixpro_loss", None),
+    ("pixcontrast_loss", None),
 ])
 def test_flop_counts_follow_the_convention(name, expected):
     assert C.CASES[name].make(100, 32, device="meta").flops == expected

@@ -63,6 +63,8 @@ Tensor = torch.Tensor
 VIEWS = 4
 SUPCON_VIEWS = 2
 SELFCON_EXITS = 3  # two sub-network exits and the backbone
+CACR_VIEWS = 5  # the official small-scale setting: a query and four positives
+PIX_MAP = 7  # PixPro's 7×7 feature map
 PROTOTYPES = 3000
 SWAV_CROPS = 4
 TOKENS = 64
@@ -270,6 +272,62 @@ def _make_supremix(n, d, dt, dev, seed, variant, small):
     return Inputs((feats, labels), kw, {"features": [n, 2, d], "labels": [n]}, flops)
 
 
+def _make_sepclr(n, d, dt, dev, seed, variant, small):
+    """Common heads (N, D) and salient heads (N, D/2, scaled 0.1 as unnormalized outputs), labels 0/1."""
+    r = _Draw(dev, dt, seed)
+    ds = max(1, d // 2)
+    c1, c2 = r.feat(n, d), r.feat(n, d)
+    s1 = (0.1 * torch.randn(n, ds, generator=r.g)).to(r.device, dt).requires_grad_(True)
+    s2 = (0.1 * torch.randn(n, ds, generator=r.g)).to(r.device, dt).requires_grad_(True)
+    labels = r.randint(2, n)
+    # uniformity of four heads and two k-JEM terms: six N×N core calls (S, dQ, dK each)
+    flops = 4 * 3 * _mm(n, n, d) + 2 * 3 * _mm(n, n, d + ds)
+    shapes = {"common_1": [n, d], "common_2": [n, d], "salient_1": [n, ds], "salient_2": [n, ds], "labels": [n]}
+    return Inputs((c1, c2, s1, s2, labels), {}, shapes, flops)
+
+
+def _make_cacr(n, d, dt, dev, seed, variant, small):
+    r = _Draw(dev, dt, seed)
+    v = CACR_VIEWS
+    # repulsion: one softmax-weighted row mean per view pair x < y (S, dQ, dK each)
+    return Inputs((r.feat(n, v, d),), {}, {"features": [n, v, d]}, v * (v - 1) // 2 * 3 * _mm(n, n, d))
+
+
+def _make_hydra(n, d, dt, dev, seed, variant, small):
+    """SimLAP gating (runs on every backend): features, a gate in (0, 1), the anchors' and positive classes."""
+    r = _Draw(dev, dt, seed)
+    z1, k2 = r.feat(n, d), r.feat(n, d)
+    gate = torch.sigmoid(torch.randn(n, d, generator=r.g)).to(r.device, dt).requires_grad_(True)
+    classes = max(2, n // 8)
+    y1, posy = r.randint(classes, n), r.randint(classes, n)
+    kw = dict(temperature=0.1, gating="simlap")
+    shapes = {"z1": [n, d], "k2": [n, d], "gate": [n, d], "y1": [n], "posy": [n]}
+    return Inputs((z1, k2, gate, y1, posy), kw, shapes, 2 * 3 * _mm(n, 2 * n, d))
+
+
+def _crop_boxes(r, n):
+    """Two overlapping crop boxes (N, 4) = (x0, y0, x1, y1) in [0, 1] per image, as random resized crops."""
+    wh = 0.4 + 0.5 * torch.rand(2, n, 2, generator=r.g)
+    c = 0.3 + 0.4 * torch.rand(n, 2, generator=r.g)
+    c2 = c + 0.2 * (torch.rand(n, 2, generator=r.g) - 0.5)
+    b1 = torch.cat([c - wh[0] / 2, c + wh[0] / 2], 1)
+    b2 = torch.cat([c2 - wh[1] / 2, c2 + wh[1] / 2], 1)
+    return b1.to(r.device), b2.to(r.device)
+
+
+def _make_pix(temperature):
+    def make(n, d, dt, dev, seed, variant, small):
+        """n images, (n, C=D, 7, 7) maps as PixPro's: two online maps (with grad) and two momentum maps."""
+        r = _Draw(dev, dt, seed)
+        H = W = PIX_MAP
+        maps = [r.feat(n, d, H, W, grad=i < 2) for i in range(4)]
+        c1, c2 = _crop_boxes(r, n)
+        kw = {} if temperature is None else dict(temperature=temperature)
+        shapes = {"maps": [n, d, H, W], "coords": [n, 4]}
+        return Inputs((*maps, c1, c2), kw, shapes, None)
+    return make
+
+
 def _make_dcl(n, d, dt, dev, seed, variant, small):
     r = _Draw(dev, dt, seed)
     kw = dict(temperature=0.1)
@@ -395,6 +453,11 @@ CASES: Dict[str, LossCase] = {c.name: c for c in [
           "6·(2N)·(2N)·D + 4·(2N)·(2N)·D (hard negatives; no weights, no hard positives)"),
     _case("selfcon_loss", _make_selfcon, ("default", "alpha", "unlabeled"),
           f"6·(VN)·(VN)·D, V={SELFCON_EXITS} exits (alpha: 6·((V−1)N)·(VN)·D + 6·N·N·D)"),
+    _case("sepclr_loss", _make_sepclr, formula="4·6·N·N·D + 2·6·N·N·(D + D/2) (uniformity and k-JEM LSEs)"),
+    _case("cacr_loss", _make_cacr, formula=f"V(V−1)/2·6·N·N·D, V={CACR_VIEWS} (repulsion)"),
+    _case("hydra_loss", _make_hydra, formula="2·6·N·(2N)·D (simlap gating: keys twice, two LSEs)"),
+    _case("pixpro_loss", _make_pix(None), formula=f"none (N maps of {PIX_MAP}×{PIX_MAP} pixels)"),
+    _case("pixcontrast_loss", _make_pix(0.3), formula=f"none (N maps of {PIX_MAP}×{PIX_MAP} pixels)"),
 ]}
 
 
