@@ -750,21 +750,7 @@ class _DensePixPosLSE:
             return torch.autograd.grad(total, (qq, ss))
 
 
-class _DenseSigLIP:
-    """The "siglip" pair-sum primitive with the kernel interface, computed densely."""
-
-    def forward(self, x, y, scale, bias):
-        from contrastive_ops.primitives.siglip_pairs import siglip_pairs_reference
-
-        with torch.no_grad():
-            return siglip_pairs_reference(x, y, scale, bias)
-
-    def backward(self, x, y, scale, bias, grad):
-        from contrastive_ops.primitives.siglip_pairs import siglip_pairs_reference
-
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(True) for t in (x, y, scale, bias)]
-            return torch.autograd.grad(siglip_pairs_reference(*leaves) * grad, leaves)
+from contrastive_ops.primitives.siglip_pairs import DenseSigLIP as _DenseSigLIP  # noqa: E402  (dense "siglip")
 
 
 class _DenseSinkhorn:
@@ -879,23 +865,28 @@ def _worker(rank: int, world: int, port: int, sizes: List[int], backend_names: L
             for name, fn in CASES.items():
                 if only and not any(o in name for o in only):
                     continue
-                ctx = Ctx(rank, world, sizes, backend, _dtype_for(backend))
-                t0 = time.time()
-                try:
-                    fn(ctx)
-                    err = None
-                except _Skip as e:
-                    err = f"SKIP: {e}"
-                except Exception:  # noqa: BLE001 - reported to the parent
-                    err = traceback.format_exc()
-                    print(f"rank {rank}: {backend}/{name} failed:\n{err}", file=sys.stderr, flush=True)
-                results[f"{backend}/{name}"] = dict(error=err, seconds=time.time() - t0)
-                # Keep the ranks in step even when one of them failed between collectives.
-                dist.barrier()
+                run_case(results, f"{backend}/{name}", lambda: fn(Ctx(rank, world, sizes, backend, _dtype_for(backend))),
+                         rank)
     finally:
         with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
         dist.destroy_process_group()
+
+
+def run_case(results: dict, key: str, call: Callable[[], None], rank: int) -> None:
+    """Run one case on this rank and record its error (None, "SKIP: ..." or the traceback) and time in
+    ``results[key]``; then a barrier keeps the ranks in step even when one failed between collectives."""
+    t0 = time.time()
+    try:
+        call()
+        err = None
+    except _Skip as e:
+        err = f"SKIP: {e}"
+    except Exception:  # noqa: BLE001 - reported to the parent
+        err = traceback.format_exc()
+        print(f"rank {rank}: {key} failed:\n{err}", file=sys.stderr, flush=True)
+    results[key] = dict(error=err, seconds=time.time() - t0)
+    dist.barrier()
 
 
 def _free_port() -> int:
@@ -904,22 +895,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_group(world: int, sizes: List[int], backend_names: List[str], timeout_s: float = RUN_TIMEOUT_S) -> dict:
-    """Spawn ``world`` ranks running every case; return {case: [error of rank r or None]}."""
+def spawn_ranks(worker: Callable, world: int, *args, timeout_s: float, what: str) -> List[dict]:
+    """Spawn ``world`` processes of ``worker(rank, world, port, *args, outdir)`` and return what each rank
+    wrote to ``outdir/rank<r>.json``; past ``timeout_s`` the ranks are terminated and ``what`` is named."""
     with tempfile.TemporaryDirectory() as outdir:
-        port = _free_port()
-        ctx = mp.spawn(_worker, args=(world, port, sizes, backend_names, outdir), nprocs=world, join=False)
+        ctx = mp.spawn(worker, args=(world, _free_port(), *args, outdir), nprocs=world, join=False)
         deadline = time.time() + timeout_s
         while not ctx.join(timeout=1.0):
             if time.time() > deadline:
                 for p in ctx.processes:
                     if p.is_alive():
                         p.terminate()
-                raise TimeoutError(f"distributed run with world size {world} did not finish in {timeout_s} s")
+                raise TimeoutError(f"{what} did not finish in {timeout_s} s")
         per_rank = []
         for r in range(world):
             with open(os.path.join(outdir, f"rank{r}.json")) as f:
                 per_rank.append(json.load(f))
+    return per_rank
+
+
+def run_group(world: int, sizes: List[int], backend_names: List[str], timeout_s: float = RUN_TIMEOUT_S) -> dict:
+    """Spawn ``world`` ranks running every case; return {case: [error of rank r or None]}."""
+    per_rank = spawn_ranks(_worker, world, sizes, backend_names, timeout_s=timeout_s,
+                           what=f"distributed run with world size {world}")
     return {k: [pr[k]["error"] for pr in per_rank] for k in per_rank[0]}, per_rank
 
 

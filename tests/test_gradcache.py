@@ -20,21 +20,18 @@ import datetime
 import json
 import os
 import sys
-import tempfile
-import time
 import traceback
 from typing import Callable, Dict, List, NamedTuple
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import contrastive_ops as co
 from contrastive_ops import distributed as codist
-from test_distributed import COLLECTIVE_TIMEOUT_S, _free_port
+from test_distributed import COLLECTIVE_TIMEOUT_S, spawn_ranks
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -516,20 +513,7 @@ def _worker(rank: int, world: int, port: int, outdir: str):
 @pytest.fixture(scope="module")
 def ddp_results():
     world = len(SIZES)
-    with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.spawn(_worker, args=(world, _free_port(), outdir), nprocs=world, join=False)
-        deadline = time.time() + RUN_TIMEOUT_S
-        while not ctx.join(timeout=1.0):
-            if time.time() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.terminate()
-                raise TimeoutError(f"the GradCache DDP run did not finish in {RUN_TIMEOUT_S} s")
-        out = []
-        for r in range(world):
-            with open(os.path.join(outdir, f"rank{r}.json")) as f:
-                out.append(json.load(f))
-    return out
+    return spawn_ranks(_worker, world, timeout_s=RUN_TIMEOUT_S, what="the GradCache DDP run")
 
 
 @pytest.mark.distributed

@@ -27,23 +27,18 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import sys
-import tempfile
-import time
-import traceback
 from typing import Callable, Dict, List
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import contrastive_ops as co
 from contrastive_ops import distributed as codist
 from contrastive_ops.distributed import GlobalBatch
 from contrastive_ops.primitives import siglip_pairs as siglip_mod
 from contrastive_ops.primitives import sim_lse as sim_lse_mod
-from test_distributed import B, PerRank, S, _free_port, _materialize, _Skip
+from test_distributed import B, PerRank, S, _materialize, _Skip, run_case, spawn_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -422,17 +417,8 @@ def _worker(rank: int, world: int, port: int, sizes: List[int], backend_names: L
                 if backend == "triton" and name not in TRITON_CASES:
                     results[f"{backend}/{name}"] = dict(error="SKIP: interpreted Triton runs one case", seconds=0)
                     continue
-                t0 = time.time()
-                try:
-                    fn(RCtx(rank, world, sizes, backend, _dtype_for(backend)))
-                    err = None
-                except _Skip as e:
-                    err = f"SKIP: {e}"
-                except Exception:  # noqa: BLE001 - reported to the parent
-                    err = traceback.format_exc()
-                    print(f"rank {rank}: {backend}/{name} failed:\n{err}", file=sys.stderr, flush=True)
-                results[f"{backend}/{name}"] = dict(error=err, seconds=time.time() - t0)
-                dist.barrier()
+                run_case(results, f"{backend}/{name}",
+                         lambda: fn(RCtx(rank, world, sizes, backend, _dtype_for(backend))), rank)
     finally:
         with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
@@ -440,20 +426,8 @@ def _worker(rank: int, world: int, port: int, sizes: List[int], backend_names: L
 
 
 def run_group(world: int) -> dict:
-    with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.spawn(_worker, args=(world, _free_port(), SIZES[world], BACKENDS, outdir), nprocs=world,
-                       join=False)
-        deadline = time.time() + RUN_TIMEOUT_S
-        while not ctx.join(timeout=1.0):
-            if time.time() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.terminate()
-                raise TimeoutError(f"ring run with world size {world} did not finish in {RUN_TIMEOUT_S} s")
-        per_rank = []
-        for r in range(world):
-            with open(os.path.join(outdir, f"rank{r}.json")) as f:
-                per_rank.append(json.load(f))
+    per_rank = spawn_ranks(_worker, world, SIZES[world], BACKENDS, timeout_s=RUN_TIMEOUT_S,
+                           what=f"ring run with world size {world}")
     return {k: [pr[k]["error"] for pr in per_rank] for k in per_rank[0]}
 
 
