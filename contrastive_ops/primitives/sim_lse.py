@@ -264,28 +264,19 @@ def sim_lse(
     candidate positions, and ``col_lse`` covers this rank's block against
     every rank's anchors.
     """
-    if row_bias is not None or col_bias is not None:
-        if row_max is not None:
-            raise ValueError("sim_lse: row_max and bias terms together are not supported (got both)")
-        if backend == "reference":
-            return sim_lse_reference(
-                q, k, scale.to(device=q.device, dtype=acc_dtype(q.dtype)), _as_index(row_index, q.device),
-                _as_index(col_index, q.device), _as_index(col_start, q.device), _as_index(col_end, q.device),
-                None if exclude is None else _as_index(exclude.reshape(exclude.shape[0], -1), q.device),
-                want_col=want_col, row_bias=row_bias, col_bias=col_bias)
+    device = q.device
+    scale = scale.to(device=device, dtype=acc_dtype(q.dtype))
+    if row_max is not None:
+        B = q.shape[0] if row_index is None else row_index.shape[0]
+        if tuple(row_max.shape) != (B,):
+            raise ValueError(f"row_max must have shape ({B},) (one per anchor), got {tuple(row_max.shape)}")
+        row_max = row_max.detach().to(device=device, dtype=acc_dtype(q.dtype)).contiguous()
+    biased = row_bias is not None or col_bias is not None
+    if biased and row_max is not None:
+        raise ValueError("sim_lse: row_max and bias terms together are not supported (got both)")
+    if biased and backend != "reference":
         return _biased(q, k, scale, row_index, col_index, col_start, col_end, exclude, want_col, row_bias,
                        col_bias, backend)
-    device = q.device
-    if isinstance(k, RingCandidates):
-        from .ring import ring_sim_lse
-
-        scale = scale.to(device=device, dtype=acc_dtype(q.dtype))
-        if row_max is not None:
-            row_max = row_max.detach().to(device=device, dtype=acc_dtype(q.dtype)).contiguous()
-        return ring_sim_lse(q, k, scale, row_index=row_index, col_index=col_index, col_start=col_start,
-                            col_end=col_end,
-                            exclude=None if exclude is None else exclude.reshape(exclude.shape[0], -1).long(),
-                            want_col=want_col, prim=primitive_object(backend), row_max=row_max)
     args = (
         _as_index(row_index, device),
         _as_index(col_index, device),
@@ -293,12 +284,15 @@ def sim_lse(
         _as_index(col_end, device),
         None if exclude is None else _as_index(exclude.reshape(exclude.shape[0], -1), device),
     )
-    scale = scale.to(device=device, dtype=acc_dtype(q.dtype))
-    if row_max is not None:
-        B = q.shape[0] if row_index is None else row_index.shape[0]
-        if tuple(row_max.shape) != (B,):
-            raise ValueError(f"row_max must have shape ({B},) (one per anchor), got {tuple(row_max.shape)}")
-        row_max = row_max.detach().to(device=device, dtype=acc_dtype(q.dtype)).contiguous()
+    if biased:  # the reference
+        return sim_lse_reference(q, k, scale, *args, want_col=want_col, row_bias=row_bias, col_bias=col_bias)
+    if isinstance(k, RingCandidates):
+        from .ring import ring_sim_lse
+
+        return ring_sim_lse(q, k, scale, row_index=row_index, col_index=col_index, col_start=col_start,
+                            col_end=col_end,
+                            exclude=None if exclude is None else exclude.reshape(exclude.shape[0], -1).long(),
+                            want_col=want_col, prim=primitive_object(backend), row_max=row_max)
     if backend == "reference":
         return sim_lse_reference(q, k, scale, *args, want_col=want_col, row_max=row_max)
     qc = q.contiguous()
