@@ -38,6 +38,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <cstdlib>
 #include <string>
 #include <limits>
@@ -85,22 +86,33 @@ inline OptTensor acc_row_max(const OptTensor& row_max, at::ScalarType acc) {
 // fp32 GEMMs in IEEE fp32 for the lifetime of the guard, whatever the global TF32 switch
 // (torch.set_float32_matmul_precision("high") or torch.backends.cuda.matmul.allow_tf32):
 // logits with TF32's 10 mantissa bits would break the fp32 error budget the CPU and Triton
-// paths meet.  The switch is process-global: the previous setting (legacy "high" or
-// "medium", or the fp32_precision "tf32") is restored on exit.
+// paths meet.
+//
+// With cuBLAS (ATen's default BLAS library) this is at::NoTF32Guard: thread-local, it gives the
+// cuBLAS handle this thread takes CUBLAS_DEFAULT_MATH and changes nothing global, so other
+// threads' matmuls keep their TF32 setting.  cuBLASLt does not consult that guard: when it is the
+// preferred library (torch.backends.cuda.preferred_blas_library("cublaslt") or
+// TORCH_BLAS_PREFER_CUBLASLT=1) and TF32 is on, the process-global switch is turned off for the
+// guard's lifetime and restored after (the previous setting: legacy "high" or "medium", or the
+// fp32_precision "tf32"); fp32 matmuls of other threads during the call then run in IEEE fp32 too.
 class IeeeFp32Matmul {
  public:
   IeeeFp32Matmul() {
     auto& ctx = at::globalContext();
     if (!ctx.allowTF32CuBLAS()) return;
+    if (ctx.blasPreferredBackend() != at::BlasBackend::Cublaslt) {
+      thread_local_.emplace();
+      return;
+    }
     try {
       medium_ = ctx.float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
     } catch (const c10::Error&) {
     }
     ctx.setAllowTF32CuBLAS(false);
-    active_ = true;
+    global_ = true;
   }
   ~IeeeFp32Matmul() {
-    if (!active_) return;
+    if (!global_) return;
     auto& ctx = at::globalContext();
     ctx.setAllowTF32CuBLAS(true);
     if (medium_) ctx.setFloat32MatmulPrecision("medium");
@@ -109,7 +121,8 @@ class IeeeFp32Matmul {
   IeeeFp32Matmul& operator=(const IeeeFp32Matmul&) = delete;
 
  private:
-  bool active_ = false, medium_ = false;
+  std::optional<at::NoTF32Guard> thread_local_;
+  bool global_ = false, medium_ = false;
 };
 
 // Tile rows × columns of the CUDA backend.  Default: columns up to 16384 and rows up to 2048

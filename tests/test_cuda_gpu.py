@@ -73,7 +73,9 @@ def test_fp16_mean_reduction_at_32k_keeps_gradients():
     assert (out[3] != 0).float().mean() > 0.99  # dk: no flushed rows
 
 
-def test_fp32_ignores_the_global_tf32_switch(small_tiles):
+@pytest.mark.filterwarnings("ignore:torch.backends.cuda.preferred_blas_library")
+@pytest.mark.parametrize("blas", ["cublas", "cublaslt"])
+def test_fp32_ignores_the_global_tf32_switch(small_tiles, blas):
     """torch.set_float32_matmul_precision("high") must not give the fp32 logits TF32's 10 bits.
 
     Error budget against float64: 10× the error of the fp32 reference computed
@@ -84,7 +86,9 @@ def test_fp32_ignores_the_global_tf32_switch(small_tiles):
     g_row, g_col = torch.randn(300, generator=gen).cuda(), torch.randn(700, generator=gen).cuda()
     scale = torch.tensor(0.2, device="cuda")
     before = torch.get_float32_matmul_precision()
+    library = torch.backends.cuda.preferred_blas_library()
     try:
+        torch.backends.cuda.preferred_blas_library(blas)
         torch.set_float32_matmul_precision("high")
         out = tc._run_core(q, k, scale, kw, True, g_row, g_col, "cuda", torch.float32)
         assert torch.get_float32_matmul_precision() == "high"
@@ -94,6 +98,7 @@ def test_fp32_ignores_the_global_tf32_switch(small_tiles):
         r64 = tc._run_core(q, k, scale, kw, True, g_row, g_col, "reference", torch.float64)
     finally:
         torch.set_float32_matmul_precision(before)
+        torch.backends.cuda.preferred_blas_library(library)
     for name, a, b, c in zip(("row_lse", "col_lse", "dq", "dk", "dscale"), out, r32, r64):
         err = (a.double() - c).abs().max().item()
         budget = 10 * (b.double() - c).abs().max().item() + 1e-7 * c.abs().max().item()

@@ -140,12 +140,17 @@ def test_fp16_ds_tiles_keep_tiny_gradients(tiled):
     tc.assert_close(out[4], ref[4], torch.float16, what="dscale")
 
 
+@pytest.mark.filterwarnings("ignore:torch.backends.cuda.preferred_blas_library")
+@pytest.mark.parametrize("blas", ["cublas", "cublaslt"])
 @pytest.mark.parametrize("precision", ["high", "medium", "highest"])
-def test_fp32_gemm_guard_restores_the_global_switch(tiled, precision):
-    """The tiling runs its fp32 GEMMs with TF32 off and gives the caller's setting back."""
+def test_fp32_gemm_guard_restores_the_global_switch(tiled, precision, blas):
+    """The tiling runs its fp32 GEMMs with TF32 off and gives the caller's setting back: with cuBLAS
+    through a thread-local guard, with cuBLASLt preferred through the global switch, restored."""
     tiled(3, 5)
     before = torch.get_float32_matmul_precision()
+    library = torch.backends.cuda.preferred_blas_library()
     try:
+        torch.backends.cuda.preferred_blas_library(blas)
         torch.set_float32_matmul_precision(precision)
         tf32 = torch.backends.cuda.matmul.allow_tf32
         tc._compare("cpu", 7, 9, 4, "plain", torch.float32, True)
@@ -153,6 +158,7 @@ def test_fp32_gemm_guard_restores_the_global_switch(tiled, precision):
         assert torch.backends.cuda.matmul.allow_tf32 == tf32
     finally:
         torch.set_float32_matmul_precision(before)
+        torch.backends.cuda.preferred_blas_library(library)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
