@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+
+import contrastive_ops as co
 
 # (N, H, W): the paper's 7×7 map, a 5×5 map and a non-square one; P = H·W is never a multiple of the
 # kernels' 16-wide tiles, so every tile edge is ragged.
@@ -79,3 +82,10 @@ def assert_positives(c1, c2, H: int, W: int, far: int = 0) -> None:
     n = positive_counts(c1, c2, H, W)
     N = len(n)
     assert all(v > 0 for v in n[:N - far]) and all(v == 0 for v in n[N - far:]), n
+
+
+def cpu_kernel_or_skip(primitive: str) -> None:
+    """Skip unless the C++ extension is loaded and serves ``primitive`` on the cpu backend."""
+    ok, why = co.available_backends()["cpu"]
+    if not ok or primitive not in co.backends.backend_module("cpu").PRIMITIVES:
+        pytest.skip(f"cpu backend without {primitive}: {why}")

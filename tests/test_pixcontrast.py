@@ -12,7 +12,7 @@ from contrastive_ops.backends._triton import tiles as ttiles
 from contrastive_ops.losses import pixpro as px
 from contrastive_ops.primitives import pix_pos
 from helpers import DEVICE, backend_params, compare_with_reference, nan_filled_memory
-from pix_cases import SHAPES, assert_positives, crops, maps, pixels, positive
+from pix_cases import SHAPES, assert_positives, cpu_kernel_or_skip, crops, maps, pixels, positive
 
 RATIO = 0.7
 TAU = 0.3
@@ -230,15 +230,9 @@ def test_bad_input():
         co.pixcontrast_loss(*f, c1.to("meta"), c2)
 
 
-def _cpu_kernel_or_skip():
-    ok, why = co.available_backends()["cpu"]
-    if not ok or "pix_pos_lse" not in co.backends.backend_module("cpu").PRIMITIVES:
-        pytest.skip(f"cpu backend without pix_pos_lse: {why}")
-
-
 def test_cpu_ops_opcheck():
     """Schema, fake kernels and AOT dispatch of the C++ ops (the Triton ops' fake mode is a GPU matter)."""
-    _cpu_kernel_or_skip()
+    cpu_kernel_or_skip("pix_pos_lse")
     N, H, W = 3, 5, 7
     c1, c2 = crops(N, far=1)
     dx, dy, dg = pix_pos.geometry(c1, c2, H, W)
@@ -254,7 +248,7 @@ def test_cpu_ops_opcheck():
 
 
 def test_compile_fullgraph_cpu():
-    _cpu_kernel_or_skip()
+    cpu_kernel_or_skip("pix_pos_lse")
     N, H, W = 3, 5, 7
     c1, c2 = crops(N, far=1)
     f = maps(N, H, W)
