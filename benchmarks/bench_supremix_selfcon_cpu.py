@@ -80,6 +80,17 @@ def _meminfo(key):
     return None
 
 
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def mixture_bytes(B, D):
     """The official code's mixture tensor: (2B, 2B, 2B, D) float32."""
     return (2 * B) ** 3 * D * 4
@@ -308,7 +319,8 @@ def _table(sub, provs):
 def markdown(rows, meta):
     out = [f"# CPU: SupReMix and SelfCon against the official code — {meta['date']}", "",
            f"{meta['cpu']}, {meta['mem_gib']:.1f} GiB, torch {meta['torch']}, float32, {meta['threads']} thread(s); "
-           "the machine was shared with other jobs (2 cores): times are indicative.", "",
+           "the machine was shared with other jobs (2 cores; load average "
+           f"{meta['load_avg'][1]:.1f} over the last 5 minutes of the run): times are indicative.", "",
            "Step = forward + backward of every input, median ms over the repeats (providers timed in turns); "
            "peak = peak tensor bytes of one step (torch.profiler, CPU allocator).", ""]
     sup = [r for r in rows if r["loss"] == "supremix"]
@@ -317,15 +329,16 @@ def markdown(rows, meta):
         provs = list(dict.fromkeys(r["provider"] for r in sub))
         out += [f"## supremix ({key}): {SUPREMIX_SETTINGS[key]['title']}", ""] + _table(sub, provs) + [""]
         for r in sub:
-            if r["status"] != "ok" and not (r["provider"] == "official" and r["reason"].startswith("out of memory")):
-                out.append(f"* B = {r['N']}, `{r['provider']}` not run: {r['reason']}")
             if r["status"] == "ok" and "delta_vs_reference" in r:
                 out.append(f"* B = {r['N']}, `official` loss {r['loss_value']:.4f} vs reference "
                            f"{r['loss_value'] - r['delta_vs_reference']:.4f} (its separate max-shifts); equal to the "
                            "reference with the mixtures off")
+        skipped = {}
         for r in sub:
-            if r["provider"] == "official" and r["status"] != "ok" and r["reason"].startswith("out of memory"):
-                out.append(f"* B = {r['N']}, `official`: {r['reason']}")
+            if r["status"] != "ok":
+                skipped.setdefault((r["provider"], r["reason"]), []).append(str(r["N"]))
+        for (prov, reason), Ns in skipped.items():
+            out.append(f"* B = {', '.join(Ns)}, `{prov}` not run: {reason}")
         out.append("")
     sc = [r for r in rows if r["loss"] == "selfcon"]
     if sc:
@@ -365,7 +378,7 @@ def main():
     rows += run_selfcon(sizes(args.selfcon_sizes), args, V=args.selfcon_views)
     import datetime
 
-    meta = dict(date=datetime.date.today().isoformat(), cpu=platform.processor() or platform.machine(),
+    meta = dict(date=datetime.date.today().isoformat(), cpu=_cpu_name(),
                 torch=torch.__version__, threads=args.threads, mem_gib=(total or 0) / GiB,
                 load_avg=os.getloadavg())
     if args.json:
