@@ -238,13 +238,14 @@ def run_supremix(sizes, args, D=128):
             pred = official_predicted_bytes(B, D)
             avail = _meminfo("MemAvailable")
             total = _meminfo("MemTotal")
-            if total is not None and mixture_bytes(B, D) > total:
-                skip["official"] = (f"out of memory: its mixture tensor (2B)^3*D*4 = {mixture_bytes(B, D) / GiB:.1f} GiB "
+            mix = mixture_bytes(B, D)
+            if total is not None and mix > total:
+                skip["official"] = (f"out of memory: its mixture tensor (2B)^3*D*4 = {mix / GiB:.1f} GiB "
                                     f"exceeds this machine's {total / GiB:.1f} GiB (not tried)")
             elif pred > limit or (avail is not None and pred > avail - 2 * GiB):
-                skip["official"] = (f"predicted peak {pred / GiB:.1f} GiB (mixture tensor {mixture_bytes(B, D) / GiB:.1f} "
-                                    f"GiB) over the limit {limit / GiB:.0f} GiB or the "
-                                    f"{(avail or 0) / GiB:.1f} GiB available now (not tried)")
+                skip["official"] = (f"predicted peak {pred / GiB:.1f} GiB (mixture tensor {mix / GiB:.1f} GiB) over "
+                                    f"the limit {limit / GiB:.0f} GiB or the {(avail or 0) / GiB:.1f} GiB available "
+                                    "now (not tried)")
             ref_fn = providers["reference"]
             ref = float(ref_fn(x, y, lam).detach())
 
@@ -350,8 +351,9 @@ def markdown(rows, meta):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--supremix-sizes", default="64,128",
-                    help="batches (B instances, 2 views); the first batch that does not fit the official code is added")
-    ap.add_argument("--no-oom-point", action="store_true", help="do not add the first batch the official code cannot run")
+                    help="batches (B instances, 2 views); the first batch the official code cannot hold is added")
+    ap.add_argument("--no-oom-point", action="store_true",
+                    help="do not add the first batch the official code cannot run")
     ap.add_argument("--supremix-settings", default="a,b")
     ap.add_argument("--official-limit-gib", type=float, default=12.0,
                     help="run the official SupReMix code only where its predicted peak is below this")
