@@ -547,12 +547,17 @@ def test_gated_lse_cpu_matches_float64_reference(backend, kdtype, shape, scale):
     empty = ce <= cs
     assert torch.equal(torch.isinf(out[0]), empty) and (out[0][empty] < 0).all()
     assert out[3].dtype == kdtype and out[1].dtype == out[2].dtype == out[4].dtype == torch.float32
+    fin = lambda t: None if t is None else torch.where(torch.isinf(t), 0, t)  # noqa: E731
     for name, x, e, lo in zip(("lse", "da", "dw", "dk", "dscale"), out, exact, low):
         assert not torch.isnan(x).any(), name
-        fin = lambda t: None if t is None else torch.where(torch.isinf(t), 0, t)  # noqa: E731
-        # the clamped rows' gradients are of size 1e12·|k|: compared relative to their own size
-        assert_close(fin(x), fin(e), kdtype, low=fin(lo), scale=max(1.0, float(e.abs().max()) * 1e-4)
-                     if name in ("da", "dw") and B == 70 else 1.0, what=name)
+        if name == "da" and B == 70:
+            # row B − 4 (zero gate, a ~ 1e-13): its key norms clamped, its da of size 1e12·|k|: compared
+            # relative to its own size, the other rows as every output
+            big = torch.arange(B) == B - 4
+            assert float(e[big].abs().max()) > 1e9
+            torch.testing.assert_close(x[big].double(), e[big], rtol=1e-5, atol=1e-5 * float(e[big].abs().max()))
+            x, e, lo = x[~big], e[~big], None if lo is None else lo[~big]
+        assert_close(fin(x), fin(e), kdtype, low=fin(lo), what=name)
     if B >= 19:  # a zero gate and zero a: every key norm clamped, every logit 0
         torch.testing.assert_close(out[0][4], torch.tensor(float(ce[4] - cs[4])).log())
 
