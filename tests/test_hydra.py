@@ -581,6 +581,7 @@ def test_gated_lse_cpu_float64(backend):
              torch.randn(7, 3, generator=g, dtype=F64), s]
     small = [t.clone().requires_grad_(True) for t in small]
     cs5, ce5 = torch.tensor([0, 2, 1, 3, 1]), torch.tensor([7, 2, 7, 6, 4])  # row 1 empty: left out
+
     def f(a, w, k, s):
         return gated_lse(a, w, k, s, col_start=cs5, col_end=ce5, backend=backend)[[0, 2, 3, 4]]
 
