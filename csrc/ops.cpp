@@ -6,7 +6,7 @@
 // The maths of each op is the contract of its primitive in
 // contrastive_ops/primitives/: sim_lse_* in sim_lse.py, siglip_* in
 // siglip_pairs.py, sinkhorn* in sinkhorn.py, swav_ce_* in swav_ce.py, sim_expect_* in
-// sim_expect.py, pix_pos_* in pix_pos.py.
+// sim_expect.py, pix_pos_* in pix_pos.py, gated_lse_* in gated_lse.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -67,6 +67,14 @@ TORCH_LIBRARY(contrastive_ops, m) {
       "pix_pos_lse_bwd(Tensor q, Tensor k, Tensor scale, Tensor dxt, Tensor dyt, Tensor diag, Tensor ratio, "
       "int H, int W, bool batch_negatives, int offset, Tensor lse_pos, Tensor lse_all, Tensor g_pos, "
       "Tensor g_all) -> (Tensor, Tensor)");
+
+  // Hydra's filter gating: row LSE over [col_start_i, col_end_i) of s·(a_i·k_j)·max(w_i·(k_j⊙k_j), eps²)^(-1/2),
+  // lse (B,) fp32 (float64 for float64 a); CPU only (csrc/cpu/gated_lse.cpp, primitives/gated_lse.py).
+  m.def("gated_lse_fwd(Tensor a, Tensor w, Tensor k, Tensor scale, Tensor col_start, Tensor col_end) -> Tensor");
+  // (da, dw in a's dtype, dk like k, dscale 0-dim) for the upstream gradient grad_lse of lse.
+  m.def(
+      "gated_lse_bwd(Tensor a, Tensor w, Tensor k, Tensor scale, Tensor col_start, Tensor col_end, Tensor lse, "
+      "Tensor grad_lse) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // Test hooks of the CPU kernels (csrc/cpu/sim_lse.cpp, csrc/cpu/sinkhorn.cpp):
   // the epilogue flags (1 shifted exponentials, 2 symmetric Gram, 4 dq holds

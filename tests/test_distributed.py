@@ -537,7 +537,7 @@ def _hydra_args(c: Ctx):
 
 @case("hydra_filter")
 def _(c: Ctx):
-    c.check(co.hydra_loss, _hydra_args(c))  # the gated_lse composition; the cpu backend cannot run it
+    c.check(co.hydra_loss, _hydra_args(c))  # the gated_lse composition (cpu and triton; cuda raises)
 
 
 @case("hydra_filter_class_none")

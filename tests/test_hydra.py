@@ -1,7 +1,8 @@
 """hydra_loss: a float64 loop over anchors, positives and negatives (values and gradients of features,
 gates and temperature), the official code re-typed (its row-mean centring: same loss, overflows), the
-fused composition (``gating="simlap"``) on every kernel backend, ``gating="filter"`` on the triton
-backend (the ``gated_lse`` primitive) and the error of the backends without it, the module, bad input."""
+fused composition (``gating="simlap"``) on every kernel backend, ``gating="filter"`` on the triton and
+cpu backends (the ``gated_lse`` primitive, its kernels against the float64 reference) and the error of
+the backend without it (cuda), the module, bad input."""
 import warnings
 
 import pytest
@@ -250,7 +251,7 @@ def test_kernel_backends_match_reference(backend, dtype):
                                    positives=positives, reduction=reduction, sharpness=10.0, normalized=True)
 
 
-@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] != "triton"])
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] not in ("triton", "cpu")])
 def test_kernel_backend_names_what_the_primitive_lacks(backend):
     z, k, g, y1, posy = _batch(B=6, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="per-pair norm.*gated_lse primitive, which backend"):
@@ -258,10 +259,16 @@ def test_kernel_backend_names_what_the_primitive_lacks(backend):
 
 
 def test_auto_takes_the_reference_for_the_filter_gating(monkeypatch):
+    """With no kernel backend of the priority that has gated_lse (here the cpu backend's table without
+    it), "auto" takes the reference, with a warning given once."""
     from contrastive_ops import backends
+    from contrastive_ops.backends import _cext
 
     if backends.resolve("auto", op="hydra_loss", tensors=[torch.zeros(1, device=DEVICE)]) == "reference":
         pytest.skip("no kernel backend here")
+    monkeypatch.delitem(_cext.CPU_ONLY_PRIMITIVES, "gated_lse", raising=False)
+    monkeypatch.setitem(backends.AUTO_PRIORITY, DEVICE.type,
+                        tuple(b for b in backends.AUTO_PRIORITY[DEVICE.type] if b != "triton"))
     monkeypatch.setattr(hy, "_WARNED", set())
     ts = [t.to(DEVICE) for t in _batch(B=6, dtype=torch.float32)]
     with pytest.warns(RuntimeWarning, match="gating='filter'"):
@@ -445,12 +452,15 @@ def test_triton_filter_matches_reference(backend, dtype):
 @pytest.mark.parametrize("backend", TRITON)
 def test_auto_takes_gated_lse_past_a_backend_without_it(backend, monkeypatch):
     """Under "auto" the first kernel backend of the priority that lacks gated_lse (the cuda backend on
-    CUDA tensors) gives way to the next one that has it (triton), without a warning."""
+    CUDA tensors; here the cpu backend with its table lacking it) gives way to the next one that has it
+    (triton), without a warning."""
     from contrastive_ops import backends
+    from contrastive_ops.backends import _cext
     from contrastive_ops.backends._triton import tiles
 
     if not co.available_backends()["cpu"][0]:
         pytest.skip("needs the cpu backend ahead of triton")
+    monkeypatch.delitem(_cext.CPU_ONLY_PRIMITIVES, "gated_lse", raising=False)
     monkeypatch.setitem(backends.AUTO_PRIORITY, "cpu", ("cpu", "triton", "reference"))
     ts = [t.float() for t in _batch(B=6, D=4, classes=3, seed=2)[:3]] + _batch(B=6, D=4, classes=3, seed=2)[3:]
     before = tiles.LAUNCHES["gated_lse_fwd"]
@@ -459,3 +469,240 @@ def test_auto_takes_gated_lse_past_a_backend_without_it(backend, monkeypatch):
         out = co.hydra_loss(*ts, backend="auto")
     assert tiles.LAUNCHES["gated_lse_fwd"] == before + 2
     torch.testing.assert_close(out, co.hydra_loss(*ts, backend="reference"))
+
+
+# ------------------------------------------------------------------------------------------
+# gating="filter" on the cpu backend's gated_lse kernels (csrc/cpu/gated_lse.cpp: 64-row blocks,
+# 128-column tiles)
+# ------------------------------------------------------------------------------------------
+
+CPU = [p for p in backend_params(torch.device("cpu")) if p.values[0] == "cpu"]
+
+
+def _has_cpu_gated_lse():
+    from contrastive_ops import backends
+
+    return co.available_backends()["cpu"][0] and backends.has_primitive("cpu", "gated_lse")
+
+
+def _gated_case_tiles(B=70, M=300, D=33, seed=0):
+    """Ragged sizes over two row blocks and three column tiles: empty ranges, full ranges, ranges that
+    start or end at a tile edge (127/128/129, 255/256), one column, a row with a zero gate (every key
+    norm clamped) and a zero key (its norm clamped for every row)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, D, generator=g)
+    w = torch.rand(B, D, generator=g) * 0.9 + 0.05
+    w[4] = 0
+    a[4] = 0  # as in hydra, where a = n(z ⊙ g) ⊙ g
+    w[B - 4] = 0  # zero gate, nonzero a: the clamped norm scales its logits by 1e12 (finite: small a)
+    a[B - 4] *= 1e-13
+    k = torch.randn(M, D, generator=g)
+    k[128] = 0
+    cs = torch.randint(0, M, (B,), generator=g)
+    ce = torch.minimum(cs + torch.randint(0, 200, (B,), generator=g), torch.tensor(M))
+    fixed = {2: (40, 40), 5: (0, M), 7: (127, 129), 8: (128, 129), 9: (0, 128), 10: (128, 256), 11: (255, 257),
+             12: (299, 300), 13: (M, M), 63: (0, 1), 64: (126, 130), 69: (256, M)}
+    for i, (s, e) in fixed.items():
+        if i < B:
+            cs[i], ce[i] = min(s, M), min(e, M)
+    return a, w, k, cs, ce
+
+
+def _gated_grads(a, w, k, s, cs, ce, gv, backend):
+    from contrastive_ops.primitives.gated_lse import gated_lse
+
+    ins = [t.detach().clone().requires_grad_(True) for t in (a, w, k, s)]
+    lse = gated_lse(*ins, col_start=cs, col_end=ce, backend=backend)
+    grads = torch.autograd.grad((torch.where(torch.isfinite(lse), lse, 0) * gv.to(lse.dtype)).sum(), ins)
+    return (lse.detach(),) + tuple(grads)
+
+
+@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("kdtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(70, 300, 33), (19, 37, 5), (1, 1, 3), (1, 129, 7)])
+@pytest.mark.parametrize("scale", [2.5, 10.0])
+def test_gated_lse_cpu_matches_float64_reference(backend, kdtype, shape, scale):
+    """Forward and every gradient (a, w, k, scale) against the float64 reference on the same (rounded)
+    keys; in fp16/bf16 the error may be HALF_C times the reference's own in that dtype (fp32 a, w and
+    the keys in the dtype, dk rounded to it).  Outputs NaN-poisoned; γ nonzero on empty rows too."""
+    from contrastive_ops.testing import assert_close
+    from helpers import nan_filled_memory
+
+    B, M, D = shape
+    if shape == (19, 37, 5):
+        a, w, k, cs, ce = _gated_case()
+    elif B == 70:
+        a, w, k, cs, ce = _gated_case_tiles()
+    else:
+        g = torch.Generator().manual_seed(M)
+        a, w, k = torch.randn(B, D, generator=g), torch.rand(B, D, generator=g), torch.randn(M, D, generator=g)
+        cs, ce = torch.tensor([0]), torch.tensor([M])
+    k = k.to(kdtype)
+    s = torch.tensor(scale)
+    gv = torch.randn(B, generator=torch.Generator().manual_seed(9))
+    with nan_filled_memory():
+        out = _gated_grads(a, w, k, s, cs, ce, gv, backend)
+    exact = _gated_grads(a.double(), w.double(), k.double(), s.double(), cs, ce, gv, "reference")
+    low = _gated_grads(a, w, k, s, cs, ce, gv, "reference") if kdtype != torch.float32 else (None,) * 5
+    empty = ce <= cs
+    assert torch.equal(torch.isinf(out[0]), empty) and (out[0][empty] < 0).all()
+    assert out[3].dtype == kdtype and out[1].dtype == out[2].dtype == out[4].dtype == torch.float32
+    fin = lambda t: None if t is None else torch.where(torch.isinf(t), 0, t)  # noqa: E731
+    for name, x, e, lo in zip(("lse", "da", "dw", "dk", "dscale"), out, exact, low):
+        assert not torch.isnan(x).any(), name
+        if name == "da" and B == 70:
+            # row B − 4 (zero gate, a ~ 1e-13): its key norms clamped, its da of size 1e12·|k|: compared
+            # relative to its own size, the other rows as every output
+            big = torch.arange(B) == B - 4
+            assert float(e[big].abs().max()) > 1e9
+            torch.testing.assert_close(x[big].double(), e[big], rtol=1e-5, atol=1e-5 * float(e[big].abs().max()))
+            x, e, lo = x[~big], e[~big], None if lo is None else lo[~big]
+        assert_close(fin(x), fin(e), kdtype, low=fin(lo), what=name)
+    if B >= 19:  # a zero gate and zero a: every key norm clamped, every logit 0
+        torch.testing.assert_close(out[0][4], torch.tensor(float(ce[4] - cs[4])).log())
+
+
+@pytest.mark.parametrize("backend", CPU)
+def test_gated_lse_cpu_float64(backend):
+    """float64 a, w, k run in float64 (tight tolerance) and pass gradcheck."""
+    from contrastive_ops.primitives.gated_lse import gated_lse
+
+    a, w, k, cs, ce = (t.double() if t.is_floating_point() else t for t in _gated_case_tiles(B=67, M=260, D=9))
+    w[63] = 1  # (no 1e12-scaled row: gradcheck's finite differences)
+    gv = torch.randn(67, dtype=F64, generator=torch.Generator().manual_seed(3))
+    s = torch.tensor(1.7, dtype=F64)
+    out = _gated_grads(a, w, k, s, cs, ce, gv, backend)
+    ref = _gated_grads(a, w, k, s, cs, ce, gv, "reference")
+    for x, y in zip(out, ref):
+        assert x.dtype == F64
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    g = torch.Generator().manual_seed(5)
+    small = [torch.randn(5, 3, generator=g, dtype=F64), torch.rand(5, 3, generator=g, dtype=F64) + 0.1,
+             torch.randn(7, 3, generator=g, dtype=F64), s]
+    small = [t.clone().requires_grad_(True) for t in small]
+    cs5, ce5 = torch.tensor([0, 2, 1, 3, 1]), torch.tensor([7, 2, 7, 6, 4])  # row 1 empty: left out
+
+    def f(a, w, k, s):
+        return gated_lse(a, w, k, s, col_start=cs5, col_end=ce5, backend=backend)[[0, 2, 3, 4]]
+
+    assert torch.autograd.gradcheck(f, small)
+
+
+@pytest.mark.parametrize("backend", CPU)
+def test_gated_lse_cpu_is_deterministic(backend):
+    """Two runs bitwise equal, with one thread and with several (the tiles do not depend on the thread
+    count, so the results are equal across thread counts too)."""
+    a, w, k, cs, ce = _gated_case_tiles(B=300, M=700, D=24, seed=4)
+    cs[:], ce[:] = torch.randint(0, 350, (300,)), torch.randint(350, 701, (300,))
+    gv = torch.randn(300, generator=torch.Generator().manual_seed(1))
+    s = torch.tensor(3.0)
+    prev = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 1, 4, 4):
+            torch.set_num_threads(threads)
+            runs.append(_gated_grads(a, w, k.bfloat16(), s, cs, ce, gv, backend))
+    finally:
+        torch.set_num_threads(prev)
+    for r in runs[1:]:
+        for x, y in zip(runs[0], r):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", CPU)
+def test_gated_lse_cpu_bad_input(backend):
+    from contrastive_ops.backends import _cext
+
+    a, w, k, cs, ce = _gated_case()
+    s = torch.tensor(1.0)
+    op = torch.ops.contrastive_ops.gated_lse_fwd
+    _cext.ensure_loaded()
+    with pytest.raises(RuntimeError, match=r"col_start and col_end must lie in \[0, 37\]"):
+        op(a, w, k, s, cs.int(), (ce + 1).int())
+    with pytest.raises(RuntimeError, match="a and w must be float32"):
+        op(a.half(), w.half(), k, s, cs.int(), ce.int())
+    with pytest.raises(RuntimeError, match="k must be float32, float16 or bfloat16"):
+        op(a, w, k.double(), s, cs.int(), ce.int())
+    with pytest.raises(RuntimeError, match=r"a and w must be \(B, D\) and k \(M, D\)"):
+        op(a, w[:, :4], k, s, cs.int(), ce.int())
+    with pytest.raises(RuntimeError, match="int32"):
+        op(a, w, k, s, cs, ce)
+
+
+@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("positives", ["c2", "class"])
+@pytest.mark.parametrize("labels", ["random", "edge", "one_class"])
+def test_cpu_filter_matches_loop(backend, positives, labels):
+    """gating='filter' on the cpu backend against the float64 loop: values, and gradients of the
+    features, keys, gates and a tensor temperature; outputs NaN-poisoned.  B = 70: two row blocks and
+    2·70 sorted keys over two column tiles."""
+    from helpers import nan_filled_memory
+
+    B = 8 if labels == "edge" else 70
+    z, k, g, y1, posy = _batch(B=B, D=5, classes=4, seed=11)
+    if labels == "edge":
+        y1, posy = _edge_labels()
+    elif labels == "one_class":
+        y1 = posy = torch.zeros(B, dtype=torch.long)
+    z64, k64, g64 = (t.clone().requires_grad_(True) for t in (z, k, g))
+    tau64 = torch.tensor(0.2, dtype=F64, requires_grad=True)
+    vals, mean = loop_hydra(z64, k64, g64, y1, posy, tau64, positives=positives, gating="filter")
+    dev = [t.float().requires_grad_(True) for t in (z, k, g)]
+    tau = torch.tensor(0.2, requires_grad=True)
+    kw = dict(positives=positives, gating="filter", backend=backend)
+    with nan_filled_memory():
+        out = co.hydra_loss(*dev, y1, posy, 0.2, reduction="none", **kw)
+        torch.testing.assert_close(out.double(), vals.detach(), rtol=1e-5, atol=1e-5)
+        out = co.hydra_loss(*dev, y1, posy, tau, **kw)
+        torch.testing.assert_close(out.double(), mean.detach(), rtol=1e-5, atol=1e-5)
+        (2 * out).backward()
+    (2 * mean).backward()
+    for a, b in zip(dev + [tau], (z64, k64, g64, tau64)):
+        assert not torch.isnan(a.grad).any()
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
+    # float64 inputs run the float64 kernels: the loop's values to float64 precision
+    out64 = co.hydra_loss(z, k, g, y1, posy, 0.2, reduction="none", **kw)
+    assert out64.dtype == F64
+    torch.testing.assert_close(out64, vals.detach(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_filter_matches_reference(backend, dtype):
+    z, k, g, y1, posy = _batch(B=37, D=16, classes=6, seed=7, dtype=torch.float32)
+    ts = [t.requires_grad_(True) for t in (z, k, g)] + [y1, posy]
+    for positives, reduction in (("c2", "mean"), ("class", "none")):
+        compare_with_reference(_hydra, ts, backend=backend, dtype=dtype, temperature=0.1, gating="filter",
+                               positives=positives, reduction=reduction, sharpness=10.0, normalized=True)
+
+
+def test_auto_on_cpu_tensors_takes_the_cpu_kernels(monkeypatch):
+    """Under "auto" CPU tensors run gating='filter' on the cpu backend's gated_lse, without a warning."""
+    from contrastive_ops.backends import _cext
+
+    if not _has_cpu_gated_lse():
+        pytest.skip("the cpu backend is not available here")
+    from contrastive_ops import backends
+
+    monkeypatch.setitem(backends.AUTO_PRIORITY, "cpu", ("cpu", "reference"))
+    calls = []
+    real = _cext.CPU_ONLY_PRIMITIVES["gated_lse"]
+
+    class Counting:
+        def forward(self, *args):
+            calls.append("fwd")
+            return real.forward(*args)
+
+        def backward(self, *args):
+            calls.append("bwd")
+            return real.backward(*args)
+
+    monkeypatch.setitem(_cext.CPU_ONLY_PRIMITIVES, "gated_lse", Counting())
+    z, k, g, y1, posy = _batch(B=12, D=4, classes=3, seed=2, dtype=torch.float32)
+    z.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = co.hydra_loss(z, k, g, y1, posy, backend="auto")
+        out.backward()
+    assert calls == ["fwd", "fwd", "bwd", "bwd"]
+    torch.testing.assert_close(out, co.hydra_loss(z, k, g, y1, posy, backend="reference"))

@@ -13,7 +13,7 @@ once the library is loaded:
 * the primitive objects the backends expose (``PRIMITIVES``): one class per
   primitive, whose contract is the docstring of its module in
   ``contrastive_ops.primitives`` (``sim_lse``, ``siglip_pairs``, ``sinkhorn``,
-  ``swav_ce``).  All tensors on one device.
+  ``swav_ce``; CPU only: ``sim_expect``, ``pix_pos``, ``gated_lse``).  All tensors on one device.
 """
 from __future__ import annotations
 
@@ -197,6 +197,19 @@ def _fake_sim_expect_bwd(q, k, scale, exclude, lse, mean, grad_lse, grad_mean):
     return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=acc_dtype(q.dtype))
 
 
+def _fake_gated_lse_fwd(a, w, k, scale, col_start, col_end):
+    torch._check(a.dim() == 2 and w.shape == a.shape and k.dim() == 2 and k.shape[1] == a.shape[1],
+                 lambda: f"gated_lse_fwd: a and w must be (B, D) and k (M, D), got {a.shape}, {w.shape} and {k.shape}")
+    torch._check(scale.dim() == 0, lambda: "gated_lse_fwd: scale must be 0-dim")
+    return a.new_empty((a.shape[0],))
+
+
+def _fake_gated_lse_bwd(a, w, k, scale, col_start, col_end, lse, grad_lse):
+    torch._check(a.dim() == 2 and w.shape == a.shape and k.dim() == 2 and k.shape[1] == a.shape[1],
+                 lambda: f"gated_lse_bwd: a and w must be (B, D) and k (M, D), got {a.shape}, {w.shape} and {k.shape}")
+    return torch.empty_like(a), torch.empty_like(w, dtype=a.dtype), torch.empty_like(k), a.new_empty(())
+
+
 _FAKES = {
     "sim_lse_fwd": _fake_sim_lse_fwd,
     "sim_lse_bwd": _fake_sim_lse_bwd,
@@ -212,6 +225,8 @@ _FAKES = {
     "sinkhorn_codes": _fake_sinkhorn_codes,
     "sim_expect_fwd": _fake_sim_expect_fwd,
     "sim_expect_bwd": _fake_sim_expect_bwd,
+    "gated_lse_fwd": _fake_gated_lse_fwd,
+    "gated_lse_bwd": _fake_gated_lse_bwd,
 }
 _AUTOGRAD = {
     "sim_lse_fwd": (_sim_lse_backward, _sim_lse_setup),
@@ -337,10 +352,35 @@ class PixPosLSE:
                                                          g_pos, g_all)
 
 
+class GatedLSE:
+    """Primitive ``"gated_lse"`` (contract in ``contrastive_ops.primitives.gated_lse``); CPU kernels only.
+
+    Also takes float64 ``a``, ``w`` and ``k`` (computed in float64)."""
+
+    @staticmethod
+    def forward(a, w, k, scale, col_start, col_end):
+        ensure_loaded()
+        return torch.ops.contrastive_ops.gated_lse_fwd(a, w, k, _scale_like(scale, a), col_start.to(torch.int32),
+                                                       col_end.to(torch.int32))
+
+    @staticmethod
+    def backward(a, w, k, scale, col_start, col_end, lse, grad_lse):
+        ensure_loaded()
+        return torch.ops.contrastive_ops.gated_lse_bwd(a, w, k, _scale_like(scale, a), col_start.to(torch.int32),
+                                                       col_end.to(torch.int32), lse, grad_lse)
+
+
+def _scale_like(scale, a: Tensor) -> Tensor:
+    """The 0-dim scale in the accumulation dtype of ``a`` (fp32, float64 for float64 ``a``)."""
+    return torch.as_tensor(scale, device=a.device).to(acc_dtype(a.dtype)).reshape(())
+
+
 SWAV_CE = SwAVCE()
 SINKHORN = Sinkhorn()
 PRIMITIVES = {"sim_lse": SimLSE(), "siglip": SigLIP(), "sinkhorn": SINKHORN, "swav_ce": SWAV_CE}
 # Primitives with a CPU kernel and no CUDA one (the "cuda" backend does not list them).
 CPU_ONLY_PRIMITIVES = {"sim_expect": SimExpect(), "pix_pos_sum": PixPosSum(), "pix_pos_lse": PixPosLSE()}
+CPU_ONLY_PRIMITIVES["gated_lse"] = GatedLSE()
 # Their ops (csrc/ops.cpp): a CPU kernel and, by design, no CUDA one.
 CPU_ONLY_OPS = ("sim_expect_fwd", "sim_expect_bwd", "pix_pos_sum", "pix_pos_lse_fwd", "pix_pos_lse_bwd")
+CPU_ONLY_OPS += ("gated_lse_fwd", "gated_lse_bwd")

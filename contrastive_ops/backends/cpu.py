@@ -12,7 +12,9 @@ Sinkhorn codes and the swapped-prediction cross-entropy (``"swav_ce"``), each
 one pass per row.  ``"sim_expect"`` (CACR's repulsion, ``csrc/cpu/sim_expect.cpp``): row blocks
 of one GEMM each and their row statistics; CPU only.  PixPro's masked pixel sum (``"pix_pos_sum"``) and
 PixContrast's two LSEs (``"pix_pos_lse"``), ``csrc/cpu/pix_pos.cpp``: the
-positive predicate evaluated per pair from the crop geometry.
+positive predicate evaluated per pair from the crop geometry.  Hydra's filter gating
+(``"gated_lse"``, ``csrc/cpu/gated_lse.cpp``): tiles of two GEMMs each (a·kᵀ and w·(k⊙k)ᵀ) with an
+online LSE per row over its column range; CPU only.
 """
 from __future__ import annotations
 

@@ -76,11 +76,11 @@ per-pair key norm: the ``gated_lse`` primitive (``primitives/gated_lse.py``),
 on the same layout (sorted keys repeated twice, two column ranges per anchor,
 anchors ordered by their ranges), with a = n(z ⊙ g) ⊙ g and w = g² in the
 accumulation dtype and the raw keys; the positive logits are one product pair
-per class, (a·kᵀ)·max(w·(k⊙k)ᵀ, eps²)^(-1/2)·s.  Only the ``"triton"`` backend
-implements ``gated_lse``: an explicit ``"cpu"`` or ``"cuda"`` backend raises for
-``"filter"``; under ``"auto"`` a kernel backend without it gives way to the
-next one of the device's priority that has it (on CUDA tensors: triton), else
-to the reference with a warning (on CPU tensors, as before).
+per class, (a·kᵀ)·max(w·(k⊙k)ᵀ, eps²)^(-1/2)·s.  The ``"cpu"`` (C++, CPU tensors) and
+``"triton"`` backends implement ``gated_lse``; the ``"cuda"`` backend does not: asked for explicitly it
+raises for ``"filter"``, and under ``"auto"`` it gives way to the next backend of the device's priority
+that has the primitive (on CUDA tensors: triton), else to the reference with a warning.  On CPU tensors
+``"auto"`` takes the ``"cpu"`` kernels.
 """
 from __future__ import annotations
 
@@ -231,7 +231,7 @@ def kernel_why_not(gating: str, backend: str) -> Optional[str]:
     if gating == "filter" and not backends.has_primitive(backend, "gated_lse"):
         return ("gating='filter' normalizes each key with the anchor's gate, a per-pair norm "
                 f"sum_d g_id^2 k_jd^2 (a second product per tile): the gated_lse primitive, which backend "
-                f"{backend!r} lacks (the 'triton' backend has it)")
+                f"{backend!r} lacks (the 'cpu' and 'triton' backends have it)")
     return None
 
 
@@ -270,8 +270,9 @@ def hydra_loss(z1, k2, gate, y1, posy, temperature=0.1, *, positives="c2", gatin
             pair) or ``"simlap"`` (normalized features, anchor times g², no second normalization).
         reduction: ``"mean"`` over all positive pairs, ``"sum"``, or ``"none"``: (B,) per-anchor sums.
 
-    Kernel backends run ``gating="simlap"``; ``"filter"`` runs on the reference and the ``"triton"``
-    backend (the ``gated_lse`` primitive; see the module docstring).  The fused path reads the class
+    Kernel backends run ``gating="simlap"``; ``"filter"`` runs on the reference, the ``"cpu"`` and the
+    ``"triton"`` backends (the ``gated_lse`` primitive; the ``"cuda"`` backend raises, see the module
+    docstring).  The fused path reads the class
     runs on the host (a synchronization; a graph break under ``torch.compile``).  Returns fp32 (float64
     for float64 inputs).
     """

@@ -32,9 +32,10 @@ Kernel backends implement ``"gated_lse"`` as an object with::
     backward(a, w, k, scale, col_start, col_end, lse, grad_lse) -> (da fp32, dw fp32, dk like k, dscale 0-dim fp32)
 
 with ``a``, ``w`` fp32, ``k`` fp32/fp16/bf16, ``scale`` a 0-dim fp32 tensor and
-``col_start``, ``col_end`` (B,) int32 in [0, M].  Kernel:
-``backends/_triton/gated_lse.py``.  The ``"cpu"`` and ``"cuda"`` backends do
-not implement it.
+``col_start``, ``col_end`` (B,) int32 in [0, M].  Kernels:
+``backends/_triton/gated_lse.py`` and ``csrc/cpu/gated_lse.cpp`` (the ``"cpu"``
+backend, which also takes float64 ``a``, ``w``, ``k``, computed in float64).
+The ``"cuda"`` backend does not implement it.
 """
 from __future__ import annotations
 

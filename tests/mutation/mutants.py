@@ -51,6 +51,7 @@ _TILED = ("tests/test_cuda_tiling.py",)
 _SHAPING = ("tests/test_negative_shaping.py",)
 _MARGIN = ("tests/test_false_negative_margin.py",)
 _GATED = ("tests/test_hydra.py", "-k", "gated or filter")
+_GATED_CPU = ("tests/test_hydra.py", "-k", "cpu")
 
 MUTANTS = (
     # ------------------------------------------------------------------ Triton
@@ -202,4 +203,20 @@ MUTANTS = (
     Mutant("gated-lse-dk-skips-touching-row-block", "contrastive_ops/backends/_triton/gated_lse.py",
            "tl.max(ce, 0) > c0):", "tl.max(ce, 0) > c0 + 1):",
            _GATED, "gated_lse dk: a row block whose ranges end one column into the block is skipped"),
+    Mutant("cpu-gated-lse-fwd-tile-edge-off-by-one", "csrc/cpu/gated_lse.cpp",
+           "const int64_t j1 = std::min<int64_t>(c0 + nc, o.ce[row]) - c0;",
+           "const int64_t j1 = std::min<int64_t>(c0 + nc - 1, o.ce[row]) - c0;",
+           _GATED_CPU, "CPU gated_lse forward: the last column of each tile left out of every row's LSE"),
+    Mutant("cpu-gated-lse-bwd-tile-edge-off-by-one", "csrc/cpu/gated_lse.cpp",
+           "j1 = std::min<int64_t>(c0 + nc, ce[row]) - c0;", "j1 = std::min<int64_t>(c0 + nc - 1, ce[row]) - c0;",
+           _GATED_CPU, "CPU gated_lse backward: the last column of each tile gets no gradient"),
+    Mutant("cpu-gated-lse-dn-factor", "csrc/cpu/gated_lse.cpp",
+           "T(-0.5) * ds * z / nj", "T(-1) * ds * z / nj",
+           _GATED_CPU, "CPU gated_lse backward: dN = -dS·S/N (the factor 1/2 of d(N^-1/2) dropped)"),
+    Mutant("cpu-gated-lse-dk-norm-term-halved", "csrc/cpu/gated_lse.cpp",
+           "dkg[x] += T(2) * kc[x] * dn[x];", "dkg[x] += kc[x] * dn[x];",
+           _GATED_CPU, "CPU gated_lse dk: the key-norm term's factor 2 of d(k²)/dk dropped"),
+    Mutant("cpu-gated-lse-dk-skips-touching-row-block", "csrc/cpu/gated_lse.cpp",
+           "o.hi[b] > c0)) continue;", "o.hi[b] > c0 + 1)) continue;",
+           _GATED_CPU, "CPU gated_lse dk: a row block whose ranges end one column into the column block is skipped"),
 )
