@@ -66,17 +66,19 @@ sorted keys repeated twice, so N_i is two row LSEs with a column range each
 (a_lo, b_lo) (``row_index``), so a kernel's row block spans about the columns
 its rows need.  The P positive logits (B·M/C for C balanced classes) come
 from one product per class, the anchors paired with that class against its
-column range of the sorted keys: O(P) memory, a host synchronization for the
-class runs and a Python loop over the classes.  (Gathering the two rows of
-every pair instead costs O(P·D) memory and, for a deterministic backward, a
-segmented sum over P rows: slower at every class count tried, 10 to 1000.)
+column range of the sorted keys, batched: classes whose (anchor count, key
+count) round up to the same powers of two form one padded ``bmm`` (at most 4×
+their P logits), so a batch of 1000 classes is a handful of products, not a
+thousand.  O(P) logits and O((B + M)·D) gathered rows (each anchor and key row
+once per call), a host synchronization for the class buckets.  (Gathering the
+two rows of every pair instead costs O(P·D) memory.)
 
 ``gating="filter"`` needs, per tile, the second product Σ_d g_id² k_jd² for the
 per-pair key norm: the ``gated_lse`` primitive (``primitives/gated_lse.py``),
 on the same layout (sorted keys repeated twice, two column ranges per anchor,
 anchors ordered by their ranges), with a = n(z ⊙ g) ⊙ g and w = g² in the
 accumulation dtype and the raw keys; the positive logits are one product pair
-per class, (a·kᵀ)·max(w·(k⊙k)ᵀ, eps²)^(-1/2)·s.  The ``"cpu"`` (C++, CPU tensors) and
+per class bucket, (a·kᵀ)·max(w·(k⊙k)ᵀ, eps²)^(-1/2)·s.  The ``"cpu"`` (C++, CPU tensors) and
 ``"triton"`` backends implement ``gated_lse``; the ``"cuda"`` backend does not: asked for explicitly it
 raises for ``"filter"``, and under ``"auto"`` it gives way to the next backend of the device's priority
 that has the primitive (on CUDA tensors: triton), else to the reference with a warning.  On CPU tensors
@@ -203,27 +205,60 @@ def _fused_hydra(z1: Tensor, k2: Tensor, gate: Tensor, y1: Tensor, posy: Tensor,
     found = key_classes[at] == classes
     Ksr = take_rows(Kr, perm, distinct=True)
     Qa = take_rows(Qr, anchors, distinct=positives == "c2")
-    Wa = take_rows(Wr, anchors, distinct=positives == "c2") if gating == "filter" else Qa
+    Wa = take_rows(Wr, anchors, distinct=positives == "c2") if gating == "filter" else None
     Na = take_rows(neg_lse, anchors, distinct=positives == "c2")
-    # One product per class block, O(P) logits.  Split (not sliced): the backward of a split is one
-    # concatenation, a slice's a full-size zero tensor per class.
-    K_by_class = Ksr.split(key_runs.tolist())  # a host synchronization
-    parts, P = [], 0
-    split = runs.tolist()
-    for Qc, Wc, Nc, c, ok in zip(Qa.split(split), Wa.split(split), Na.split(split), at.tolist(), found.tolist()):
-        if ok:
-            Kc = K_by_class[c]
-            L = Qc @ Kc.T
-            if gating == "filter":  # the per-pair key norm under the anchor's gate, clamped as the reference
-                L = L * (Wc @ (Kc * Kc).T).clamp_min(NORM_EPS * NORM_EPS).rsqrt()
-            L = L * scale
-            parts.append((torch.logaddexp(Nc[:, None], L) - L).sum(1))
-            P += L.numel()
-        else:  # no key of this class: no positive pair
-            parts.append(0 * Qc[:, 0])
-    per = torch.cat(parts)
-    values = index_sum(per, anchors, B)
+    vals, pos, P = _positive_terms(Qa, Wa, Na, Ksr, scale, runs, key_runs, at, found)
+    if vals is None:  # no positive pair anywhere: a zero that keeps the graph
+        values = index_sum(0 * Qa[:, 0], anchors, B)
+    else:
+        values = index_sum(vals, take_rows(anchors, pos), B)
     return gb.reduce(values, reduction, count=torch.tensor(P, device=z1.device))
+
+
+def _positive_terms(Qa: Tensor, Wa: Optional[Tensor], Na: Tensor, Ksr: Tensor, scale: Tensor, runs: Tensor,
+                    key_runs: Tensor, at: Tensor, found: Tensor):
+    """Σ_{j ∈ class c} [logaddexp(N_i, L_ij) − L_ij] of every anchor row i of ``Qa`` (grouped by class: ``runs``
+    rows per class, the keys of class ``at[c]`` a run of ``key_runs`` rows of ``Ksr``), O(P) logits.
+
+    Classes are batched: those whose (anchor count, key count) round up to the same powers of two form one
+    padded ``bmm`` (at most 4× the bucket's P logits), so the work is a few large products whatever the
+    number of classes (ImageNet's 1000 classes at batch 1024 would be ~1000 tiny products otherwise).
+    Returns (terms, row of ``Qa`` of each term, P), or (None, None, 0) without positive pairs."""
+    dev = Qa.device
+    a_off = torch.cumsum(runs, 0) - runs
+    k_off = torch.cumsum(key_runs, 0) - key_runs
+    na, nk = runs, torch.where(found, key_runs[at], 0)
+    live = (nk > 0).nonzero().flatten()
+    if live.numel() == 0:
+        return None, None, 0
+    na_l, nk_l = na[live], nk[live]
+    P = int((na_l * nk_l).sum())
+    ceil2 = lambda n: torch.exp2(torch.ceil(torch.log2(n.double()))).long()  # noqa: E731
+    pa, pk = ceil2(na_l), ceil2(nk_l)
+    bucket = pa * (int(pk.max()) + 1) + pk
+    vals, pos = [], []
+    for b in torch.unique(bucket).tolist():  # a host synchronization per call (as the class splits were)
+        sel = (bucket == b).nonzero().flatten()
+        cls = live[sel]
+        A_pad, K_pad = int(pa[sel[0]]), int(pk[sel[0]])
+        ar, kr = torch.arange(A_pad, device=dev), torch.arange(K_pad, device=dev)
+        a_ok = ar[None, :] < na[cls][:, None]  # (n, A_pad)
+        k_ok = kr[None, :] < nk[cls][:, None]  # (n, K_pad)
+        a_idx = torch.where(a_ok, a_off[cls][:, None] + ar[None, :], 0)
+        k_idx = torch.where(k_ok, k_off[at[cls]][:, None] + kr[None, :], 0)
+        n = cls.numel()
+        Qb = take_rows(Qa, a_idx.flatten()).view(n, A_pad, -1)
+        Kb = take_rows(Ksr, k_idx.flatten()).view(n, K_pad, -1)
+        L = torch.bmm(Qb, Kb.transpose(1, 2))
+        if Wa is not None:  # the per-pair key norm under the anchor's gate, clamped as the reference
+            Wb = take_rows(Wa, a_idx.flatten()).view(n, A_pad, -1)
+            L = L * torch.bmm(Wb, (Kb * Kb).transpose(1, 2)).clamp_min(NORM_EPS * NORM_EPS).rsqrt()
+        L = L * scale
+        Nb = take_rows(Na, a_idx.flatten()).view(n, A_pad, 1)
+        term = torch.where(k_ok[:, None, :], torch.logaddexp(Nb, L) - L, 0).sum(2)  # (n, A_pad)
+        vals.append(term[a_ok])
+        pos.append(a_idx[a_ok])
+    return torch.cat(vals), torch.cat(pos), P
 
 
 def kernel_why_not(gating: str, backend: str) -> Optional[str]:
