@@ -209,3 +209,13 @@ def test_reference_is_exact_in_float64():
                               torch.full((5,), -1, dtype=torch.int32), 1, False)
     d = coef[:, None] * (y_row[:, None] - y_col[None, :]).abs()
     torch.testing.assert_close(lse, torch.log(((d * d + 1) * torch.exp(2.0 * q @ k.T)).sum(1)), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_q_is_k(backend):
+    """One tensor as anchors and candidates (SupReMix's real pairs): its gradient is dq + dk."""
+    _, k, y_row, y_col, coef, start, end, exclude = _case(13, 13, 6, seed=9, dtype=torch.float32)
+    args = (y_col, y_col, coef, start, end, exclude)  # the rows' labels are the columns'
+    fn = lambda z, s, **kw: _call(z, z, s, args, "L1_inv", False, **kw).nan_to_num(neginf=-1e4)  # noqa: E731
+    compare_with_reference(fn, [k.requires_grad_(), torch.tensor(3.0, requires_grad=True)], backend=backend,
+                           dtype=torch.float32, sharpness=3.0)

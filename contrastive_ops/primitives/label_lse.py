@@ -94,21 +94,27 @@ def label_lse_reference(q: Tensor, k: Tensor, scale: Tensor, y_row: Tensor, y_co
 
 
 class LabelLSEFunction(torch.autograd.Function):
-    """Autograd over a kernel backend's ``"label_lse"`` primitive (contract in the module docstring)."""
+    """Autograd over a kernel backend's ``"label_lse"`` primitive (contract in the module docstring).
+
+    ``k`` is None when the candidates are the anchors' own matrix (q is k): one autograd input, whose
+    gradient is dq + dk (``torch.compile`` cannot trace one tensor passed as two inputs)."""
 
     @staticmethod
     def forward(ctx, q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, backend):
         prim = backends.primitive(backend, "label_lse")
-        lse = prim.forward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal)
-        ctx.prim, ctx.kind, ctx.skip_equal = prim, kind, skip_equal
+        lse = prim.forward(q, q if k is None else k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind,
+                           skip_equal)
+        ctx.prim, ctx.kind, ctx.skip_equal, ctx.same = prim, kind, skip_equal, k is None
         ctx.save_for_backward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, lse)
         return lse
 
     @staticmethod
     def backward(ctx, g):
         q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, lse = ctx.saved_tensors
-        dq, dk, dscale = ctx.prim.backward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, ctx.kind,
-                                           ctx.skip_equal, lse, g.contiguous())
+        dq, dk, dscale = ctx.prim.backward(q, q if ctx.same else k, scale, y_row, y_col, coef, col_start, col_end,
+                                           exclude, ctx.kind, ctx.skip_equal, lse, g.contiguous())
+        if ctx.same:
+            dq, dk = dq + dk, None
         n = ctx.needs_input_grad
         return (dq if n[0] else None, dk if n[1] else None, dscale if n[2] else None) + (None,) * 9
 
@@ -155,5 +161,5 @@ def label_lse(q: Tensor, k: Tensor, scale, y_row: Tensor, y_col: Tensor, *, kind
     ex = _rows("exclude", exclude, B, dev, torch.int32, -1)
     if backend == "reference":
         return label_lse_reference(q, k, scale, yr, yc, c, start, end, ex, kind_i, bool(skip_equal))
-    return LabelLSEFunction.apply(q.contiguous(), k.contiguous(), scale, yr, yc, c, start, end, ex, kind_i,
-                                  bool(skip_equal), backend)
+    return LabelLSEFunction.apply(q.contiguous(), None if k is q else k.contiguous(), scale, yr, yc, c, start, end,
+                                  ex, kind_i, bool(skip_equal), backend)
