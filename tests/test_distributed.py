@@ -574,7 +574,7 @@ def _(c: Ctx):
 
 @case("supremix_full_reference")
 def _(c: Ctx):
-    # weights and hard positives: the reference only (kernel backends raise "cannot run": skipped)
+    # hard positives with float labels: the reference only (kernel backends raise "cannot run": skipped)
     c.check(lambda f, y, tau, **kw: co.supremix_loss(f, y, tau, mix_lambda=0.3, window=3, **kw),
             [B(c.randn(c.N, 2, 5)), B(_ages(c)), S(c.scalar(0.5))])
 

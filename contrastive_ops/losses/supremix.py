@@ -89,6 +89,25 @@ What the primitives lack, so these configurations run on the reference only
 * candidates that are pairs (j, k) of rows with a λ per pair — hard positives
   with floating-point labels (O(M³) logits λ_ijk G_ij + (1−λ_ijk) G_ik).
 
+λ per pair without an A × M buffer (not implemented; what it needs): the
+kernels would draw λ_ik themselves from a counter-based generator (Philox-4x32,
+key = a seed, counter = (global i, global k, draw number)), regenerating the
+same λ_ik in forward and backward, and the reference would draw the same
+numbers from a tensor version of that generator over the (A, M) grid (global
+indices, so ranks and one process agree).  Beta(a, b) = X/(X + Y) with
+X ~ Gamma(a), Y ~ Gamma(b): for integer a, b (the default Beta(2, 8)) a Gamma(n)
+is −Σ_{m<n} log u_m, a + b uniforms per pair with a fixed count; for other
+a, b Marsaglia–Tsang (d = α − 1/3, c = 1/√(9d), a Box–Muller normal z,
+accept v = (1 + cz)³ when log u < z²/2 + d − dv + d·log v; α < 1 via
+Gamma(α + 1)·u^{1/α}), a rejection loop whose draw numbers continue the
+pair's counter, so the result stays deterministic.  The logit
+λ_ik·z_i·sg(z_i)/τ + (1−λ_ik)·z_i·sg(z_k)/τ + φ((1−λ_ik)|Δy|) is then a
+per-pair scale of G plus a per-pair label term, and dq also needs the row sum
+Σ_k P_ik·λ_ik (the gradient of the self term).  The values differ from
+``torch.distributions.Beta`` on torch's global generator, so ``mix_lambda=None``
+would draw a seed from torch's generator instead, and the reference would
+change with it.
+
 The reference stores A × M Gram blocks and streams the hard positives over
 anchor blocks (at most 2²² logits at a time).
 
