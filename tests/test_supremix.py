@@ -364,6 +364,29 @@ def test_backend_without_label_lse_names_it(monkeypatch):
     co.supremix_loss(x, LABELS.to(DEVICE), mix_pos=False, use_weight=False, mix_lambda=0.3, backend=name)
 
 
+def test_auto_takes_a_backend_with_label_lse(monkeypatch):
+    """Under "auto", a first choice without label_lse (the "cuda" backend on CUDA tensors) gives way to the
+    next kernel backend that has it (Triton), here simulated on CPU tensors with the cpu backend."""
+    from contrastive_ops import backends
+
+    avail = co.available_backends()
+    if DEVICE.type != "cpu" or not (avail["cpu"][0] and avail["triton"][0]):
+        pytest.skip("needs the cpu and the (interpreted) triton backends")
+    from contrastive_ops.backends._triton import tiles
+
+    monkeypatch.setitem(backends.AUTO_PRIORITY, "cpu", ("cpu", "triton", "reference"))
+    real = backends.has_primitive
+    monkeypatch.setattr(backends, "has_primitive", lambda b, p: False if (b, p) == ("cpu", "label_lse") else real(b, p))
+    x = torch.randn(6, 2, 4)
+    y = LABELS.long()
+    before = tiles.LAUNCHES["label_lse_fwd"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="contrastive_ops")  # no fallback to the reference
+        out = co.supremix_loss(x, y, mix_lambda=0.3, window=3, backend="auto")
+    assert tiles.LAUNCHES["label_lse_fwd"] == before + 2  # real pairs and hard negatives
+    torch.testing.assert_close(out, co.supremix_loss(x, y, mix_lambda=0.3, window=3, backend="reference"))
+
+
 def test_auto_takes_the_reference_for_what_kernels_lack(monkeypatch):
     from contrastive_ops import backends
 

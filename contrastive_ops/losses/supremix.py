@@ -215,9 +215,9 @@ def supremix_reference(views: Tensor, labels: Tensor, temperature, base_temperat
     return gb.reduce(torch.where(has, values, 0), reduction, has)
 
 
-def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, labels, backend=None) -> Optional[str]:
+def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, labels, backend: str) -> Optional[str]:
     """Why the fused composition cannot compute this configuration on ``backend`` (None: it can)."""
-    if use_weight and backend is not None and not backends.has_primitive(backend, "label_lse"):
+    if use_weight and not backends.has_primitive(backend, "label_lse"):
         return (f"use_weight=True needs the label_lse primitive (a per-pair label log-weight in the LSE), which "
                 f"backend {backend!r} does not implement (the cpu and triton backends do)")
     if mix_pos and labels.is_floating_point():
