@@ -468,3 +468,23 @@ def test_bad_features():
         co.supremix_loss(torch.randn(6), LABELS)
     with pytest.raises(TypeError, match="floating"):
         co.supremix_loss(torch.zeros(6, 2, 4, dtype=torch.long), LABELS)
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params(torch.device("cpu")) if p.values[0] == "cpu"])
+def test_weighted_fused_path_stores_no_anchor_by_sample_buffer(backend):
+    """use_weight=True on the kernels: peak tensor bytes of forward + backward far below one A × M fp32
+    matrix (the reference holds several)."""
+    from contrastive_ops.benchmarking.measure import peak_memory
+
+    N = 2048  # the kernel's tiles are O(64·M) per thread: M = 4096 leaves a clear gap to A × M
+    M = 2 * N
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N, 2, 8, generator=g, requires_grad=True)
+    y = torch.randint(18, 60, (N,), generator=g)
+
+    def step(be):
+        return lambda: torch.autograd.grad(co.supremix_loss(x, y, mix_lambda=0.3, mix_pos=False, backend=be), x)
+
+    assert peak_memory(step("reference"), torch.device("cpu")) >= M * M * 4
+    fused = peak_memory(step(backend), torch.device("cpu"))
+    assert fused < M * M * 4 / 4, f"fused peak {fused} bytes vs one A x M fp32 matrix {M * M * 4}"
