@@ -85,15 +85,15 @@ at::Tensor tile_logits(const Operands& o, int64_t r0, int64_t r1, int64_t c0, in
   const at::Tensor G = o.q.slice(0, r0, r1).mm(o.k.slice(0, c0, c1).t());
   const at::Tensor yr = o.y_row.slice(0, r0, r1).unsqueeze(1), yc = o.y_col.slice(0, c0, c1).unsqueeze(0);
   at::Tensor d = (yr - yc).abs() * o.coef.slice(0, r0, r1).unsqueeze(1);
-  if (o.kind == 1 || o.kind == 3) d = d * d;
-  at::Tensor w = at::log1p(d);
+  if (o.kind == 1 || o.kind == 3) d.mul_(d);
+  at::Tensor w = d.log1p_();
   if (o.kind >= 2) w = -w;
   const at::Tensor cols = at::arange(c0, c1, o.start.options()).unsqueeze(0);
   at::Tensor allowed = (cols >= o.start.slice(0, r0, r1).unsqueeze(1)) & (cols < o.end.slice(0, r0, r1).unsqueeze(1)) &
                        (cols != o.excl.slice(0, r0, r1).unsqueeze(1));
   if (o.skip_equal) allowed = allowed & (yr != yc);
   if (G_out != nullptr) *G_out = G;
-  return (G * o.s + w).masked_fill(allowed.logical_not(), kNegInf);
+  return w.add_(G, o.s).masked_fill_(allowed.logical_not(), kNegInf);  // in place: one (r, c) float tile less
 }
 
 // P (0 where not allowed or the row has nothing allowed) of a tile of logits against the rows' lse (r, 1).
