@@ -188,6 +188,7 @@ def test_cuda_backend_does_not_list_it():
 @pytest.mark.parametrize("kw, match", [
     (dict(kind="L3"), "kind must be one of"),
     (dict(kind=4), "kind must be one of"),
+    (dict(kind=1.0), "kind must be one of"),
     (dict(kind="L1", coef=torch.ones(3)), r"coef must have shape \(4,\)"),
     (dict(kind="L1", exclude=torch.zeros(5, dtype=torch.long)), r"exclude must have shape \(4,\)"),
 ])

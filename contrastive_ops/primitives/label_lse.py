@@ -144,7 +144,7 @@ def label_lse(q: Tensor, k: Tensor, scale, y_row: Tensor, y_col: Tensor, *, kind
         raise ValueError(f"label_lse: q and k must be 2-D with one feature size, got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")
     kind_i = KINDS.index(kind) if isinstance(kind, str) and kind in KINDS else kind
-    if isinstance(kind_i, bool) or kind_i not in range(len(KINDS)):
+    if not isinstance(kind_i, int) or isinstance(kind_i, bool) or kind_i not in range(len(KINDS)):
         raise ValueError(f"label_lse: kind must be one of {KINDS} or its index, got {kind!r}")
     B, M = q.shape[0], k.shape[0]
     dt = acc_dtype(q.dtype)
