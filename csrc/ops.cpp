@@ -6,7 +6,8 @@
 // The maths of each op is the contract of its primitive in
 // contrastive_ops/primitives/: sim_lse_* in sim_lse.py, siglip_* in
 // siglip_pairs.py, sinkhorn* in sinkhorn.py, swav_ce_* in swav_ce.py, sim_expect_* in
-// sim_expect.py, pix_pos_* in pix_pos.py, gated_lse_* in gated_lse.py.
+// sim_expect.py, pix_pos_* in pix_pos.py, gated_lse_* in gated_lse.py,
+// label_lse_* in label_lse.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -56,6 +57,17 @@ TORCH_LIBRARY(contrastive_ops, m) {
   m.def(
       "sim_expect_bwd(Tensor q, Tensor k, Tensor scale, Tensor? exclude, Tensor lse, Tensor mean, Tensor grad_lse, "
       "Tensor grad_mean) -> (Tensor, Tensor, Tensor)");
+  // Row LSE of scale·q·kᵀ plus the label log-weight φ(coef_i·|y_row_i − y_col_j|) over a column range per row,
+  // one excluded candidate per row at most (< 0: none) and, with skip_equal, the equal labels left out:
+  // lse (B,) in the accumulation dtype.  kind: 0 L1_inv, 1 L2_inv, 2 L1, 3 L2.  CPU kernels only
+  // (csrc/cpu/label_lse.cpp; maths in contrastive_ops/primitives/label_lse.py).
+  m.def(
+      "label_lse_fwd(Tensor q, Tensor k, Tensor scale, Tensor y_row, Tensor y_col, Tensor coef, Tensor col_start, "
+      "Tensor col_end, Tensor exclude, int kind, bool skip_equal) -> Tensor");
+  // (dq like q, dk like k, dscale 0-dim) for the upstream gradient grad of lse; labels and coef get none.
+  m.def(
+      "label_lse_bwd(Tensor q, Tensor k, Tensor scale, Tensor y_row, Tensor y_col, Tensor coef, Tensor col_start, "
+      "Tensor col_end, Tensor exclude, int kind, bool skip_equal, Tensor lse, Tensor grad) -> (Tensor, Tensor, Tensor)");
   // PixPro's masked pixel sum (Z (B, P, D), cnt (B, P)), positives from the per-axis bin-centre tables;
   // CPU only (primitives/pix_pos.py).
   m.def("pix_pos_sum(Tensor x, Tensor dxt, Tensor dyt, Tensor diag, Tensor ratio, int H, int W) -> (Tensor, Tensor)");

@@ -308,8 +308,8 @@ def build_selfcon_loss(d) -> Case:
 
 
 def build_supremix_loss(d) -> Case:
-    """The configurations the kernel backends compute (no weights, a float or per-anchor λ, hard positives
-    with integer labels); the others run on the reference only and are tested in ``test_supremix.py``."""
+    """The configurations the kernel backends compute (with or without weights, a float or per-anchor λ, hard
+    positives with integer labels); the others run on the reference only and are tested in ``test_supremix.py``."""
     g = _gen(d)
     N, D = d.int("N", 1, 40, 10), d.int("D", 1, 40, 19)
     V = d.int("V", 1, 3, 2)
@@ -329,7 +329,9 @@ def build_supremix_loss(d) -> Case:
            else d.float("mix_lambda", 0.01, 1.0, 0.3))
     kw = dict(labels=labels, mix_neg=d.pick("mix_neg", (True, False), default=True),
               mix_pos=integer and d.pick("mix_pos", (True, False), default=True), window=d.int("window", 1, 4, 3),
-              use_weight=False, mix_lambda=lam, normalize=normalize,
+              use_weight=d.pick("use_weight", (True, False), default=True),
+              distance=d.pick("distance", ("L1_inv", "L2_inv", "L1", "L2"), default="L1_inv"),
+              mix_lambda=lam, normalize=normalize,
               reduction=d.pick("reduction", ("mean", "sum", "none"), default="mean"), **tk)
     if d.pick("base_temperature_as", ("none", "float"), default="none") == "float":
         kw["base_temperature"] = d.float("base_temperature", 0.05, 2.0, 0.5)

@@ -310,6 +310,25 @@ def _sim_expect_bwd_samples(fwd_qualname):
     return out
 
 
+def _label_lse_fwd_samples():
+    out = []
+    for dt in (torch.float32, torch.bfloat16):
+        q, k = _f((6, 5), dt, False, 17), _f((7, 5), dt, False, 18)
+        s = torch.tensor(0.8, dtype=torch.float32, device=DEVICE)
+        yr = torch.tensor([1.0, 2, 3, 1, 5, 2], device=DEVICE)
+        yc = torch.tensor([2.0, 1, 3, 3, 0, 1, 4], device=DEVICE)
+        c = torch.tensor([1.0, 0.5, 0.2, 1.0, 0.7, 0.0], device=DEVICE)
+        out.append((q, k, s, yr, yc, c, _i32([0, 2, 7, 3, 0, 5]), _i32([7, 2, 7, 6, 1, 7]),
+                    _i32([0, 6, -1, 2, 3, 1]), 0, False))
+        out.append((q, k, s, yr, yc, c, _i32([0] * 6), _i32([7] * 6), _i32([-1] * 6), 3, True))
+    return out
+
+
+def _label_lse_bwd_samples(fwd_qualname):
+    fwd = _op(fwd_qualname)
+    return [args + (fwd(*args), torch.randn(6, device=DEVICE)) for args in _label_lse_fwd_samples()]
+
+
 def _gated_lse_fwd_samples():
     out = []
     for dt in (torch.float32, torch.bfloat16):
@@ -364,6 +383,8 @@ SAMPLES = {
     "sim_expect_fwd": lambda q, grad: _sim_expect_fwd_samples(),
     "sim_expect_bwd": lambda q, grad: _sim_expect_bwd_samples(q.replace("sim_expect_bwd", "sim_expect_fwd")),
     "gated_lse_fwd": lambda q, grad: _gated_lse_fwd_samples(),
+    "label_lse_fwd": lambda q, grad: _label_lse_fwd_samples(),
+    "label_lse_bwd": lambda q, grad: _label_lse_bwd_samples(q.replace("label_lse_bwd", "label_lse_fwd")),
     "pix_pos_sum": lambda q, grad: _pix_pos_sum_samples(),
     "pix_pos_lse_fwd": lambda q, grad: _pix_pos_lse_fwd_samples(),
     "pix_pos_lse_bwd": lambda q, grad: _pix_pos_lse_bwd_samples(q.replace("pix_pos_lse_bwd", "pix_pos_lse_fwd")),

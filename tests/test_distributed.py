@@ -528,6 +528,23 @@ def _(c: Ctx):
             [B(c.randn(c.N, 2, 5)), B(20 + c.randint(4, c.N, seed=1)), S(c.scalar(0.2))])
 
 
+@case("supremix_fused_weighted")
+def _(c: Ctx):
+    # the official weights (label_lse): real pairs and hard negatives with a per-anchor lambda
+    lam = c.rand(2 * c.N).double()
+    local = torch.cat([lam[v * c.N + c.offset: v * c.N + c.offset + c.n] for v in range(2)])
+    c.check(lambda f, y, lam, **kw: co.supremix_loss(f, y, 0.2, mix_pos=False, distance="L2", mix_lambda=lam, **kw),
+            [B(c.randn(c.N, 2, 5)), B(_ages(c)), PerRank(lam, local)])
+
+
+@case("supremix_fused_weighted_hard_positives_none")
+def _(c: Ctx):
+    # the official defaults but lambda (a float) on integer labels: weights, hard negatives and positives fused
+    c.check(lambda f, y, tau, **kw: co.supremix_loss(f, y, tau, mix_lambda=0.3, window=3, **kw),
+            [B(c.randn(c.N, 2, 5)), B(20 + c.randint(4, c.N, seed=1)), S(c.scalar(0.2))], reduction="none",
+            rows=_view_major_rows(2))
+
+
 def _hydra_args(c: Ctx):
     y1 = c.randint(3, c.N, seed=1)
     posy = y1[torch.randperm(c.N, generator=torch.Generator().manual_seed(5))]
@@ -557,7 +574,7 @@ def _(c: Ctx):
 
 @case("supremix_full_reference")
 def _(c: Ctx):
-    # weights and hard positives: the reference only (kernel backends raise "cannot run": skipped)
+    # hard positives with float labels: the reference only (kernel backends raise "cannot run": skipped)
     c.check(lambda f, y, tau, **kw: co.supremix_loss(f, y, tau, mix_lambda=0.3, window=3, **kw),
             [B(c.randn(c.N, 2, 5)), B(_ages(c)), S(c.scalar(0.5))])
 
@@ -811,10 +828,29 @@ class _DenseGatedLSE:
             return torch.autograd.grad(torch.where(torch.isfinite(lse2), lse2 * grad_lse, 0).sum(), leaves)
 
 
+class _DenseLabelLSE:
+    """The "label_lse" primitive with the kernel interface, computed densely."""
+
+    def forward(self, q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal):
+        from contrastive_ops.primitives.label_lse import label_lse_reference
+
+        with torch.no_grad():
+            return label_lse_reference(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal)
+
+    def backward(self, q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, lse, grad):
+        from contrastive_ops.primitives.label_lse import label_lse_reference
+
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, scale)]
+            lse2 = label_lse_reference(*leaves, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal)
+            return torch.autograd.grad(torch.where(torch.isfinite(lse2), lse2 * grad, 0).sum(), leaves)
+
+
 _DENSE_PRIMITIVES = {"sim_lse": _DenseSimLSE(), "siglip": _DenseSigLIP(), "sinkhorn": _DenseSinkhorn(),
                      "sim_expect": _DenseSimExpect()}
 _DENSE_PRIMITIVES.update({"pix_pos_sum": _DensePixPosSum(), "pix_pos_lse": _DensePixPosLSE()})
 _DENSE_PRIMITIVES["gated_lse"] = _DenseGatedLSE()
+_DENSE_PRIMITIVES["label_lse"] = _DenseLabelLSE()
 # Ops whose composition needs a primitive the dense stand-in lacks keep the reference.
 _DENSE_OPS = {op for op, prims in __import__("contrastive_ops.backends", fromlist=["x"]).OP_PRIMITIVES.items()
               if all(p in _DENSE_PRIMITIVES for p in prims)}

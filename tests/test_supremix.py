@@ -290,17 +290,101 @@ def test_kernel_backends_match_reference(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("distance", sm.DISTANCES)
+@pytest.mark.parametrize("mix_neg, lam_kind", [(True, "float"), (True, "anchor"), (False, "float")])
+@pytest.mark.parametrize("mix_pos", [False, True])
+def test_weighted_kernel_backends_match_loop(backend, distance, mix_neg, lam_kind, mix_pos):
+    """``use_weight=True`` (the official default) on the label_lse primitive: real pairs w(|y_i − y_a|), hard
+    negatives w((1−λ_i)|y_i − y_k|), hard positives unweighted (integer labels: composed too)."""
+    N = LABELS.numel()
+    M = 2 * N
+    lam = _fusable(lam_kind, M)
+    lam_mat = (torch.full((M, M), lam, dtype=F64) if lam_kind == "float" else lam[:, None].expand(M, M))
+    x64 = torch.randn(N, 2, 5, dtype=F64, generator=torch.Generator().manual_seed(7))
+    kw = dict(mix_neg=mix_neg, mix_pos=mix_pos, use_weight=True, distance=distance, window=3)
+    labels = LABELS.long() if mix_pos else LABELS
+    x_loop = x64.clone().requires_grad_(True)
+    vals, mean = loop_supremix(x_loop, labels, 0.2, lam=lam_mat, **kw)
+    x = x64.float().to(DEVICE).requires_grad_(True)
+    lam_d = lam if lam_kind == "float" else lam.float().to(DEVICE)
+    y = labels.to(DEVICE)
+    out = co.supremix_loss(x, y, 0.2, mix_lambda=lam_d, reduction="none", backend=backend, **kw)
+    torch.testing.assert_close(out.double().cpu(), vals.detach(), rtol=1e-5, atol=1e-5)
+    out = co.supremix_loss(x, y, 0.2, mix_lambda=lam_d, backend=backend, **kw)
+    torch.testing.assert_close(out.double().cpu(), mean.detach(), rtol=1e-5, atol=1e-5)
+    (2 * out).backward()
+    (2 * mean).backward()
+    torch.testing.assert_close(x.grad.double().cpu(), x_loop.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("distance", sm.DISTANCES)
+def test_weighted_kernel_backends_match_reference(backend, dtype, distance):
+    N = 21
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(N, 2, 16, generator=g).to(DEVICE).requires_grad_(True)
+    y = torch.randint(18, 30, (N,), generator=g).to(DEVICE)
+    lam = torch.rand(2 * N, generator=g).to(DEVICE)
+    for reduction in ("mean", "none"):
+        for mix_neg, mix_pos, labels in ((True, False, y.float()), (False, False, y.float()), (True, True, y)):
+            compare_with_reference(_sup, [x, labels], backend=backend, dtype=dtype, temperature=0.2, mix_lambda=lam,
+                                   mix_neg=mix_neg, mix_pos=mix_pos, use_weight=True, distance=distance,
+                                   reduction=reduction, sharpness=5.0, normalized=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("kw, missing", [
-    (dict(mix_lambda=0.3), "use_weight=True needs a per-pair log-weight"),
+    (dict(mix_lambda=0.3), "mix_pos=True with floating-point labels needs an LSE over pairs"),
     (dict(use_weight=False, mix_lambda=0.3), "mix_pos=True with floating-point labels needs an LSE over pairs"),
     (dict(use_weight=False, mix_pos=False), "per-pair scale"),
+    (dict(mix_pos=False), "per-pair scale"),
     (dict(use_weight=False, mix_pos=False, mix_lambda=torch.full((12, 12), 0.3)), "per-pair scale"),
+    (dict(mix_pos=False, mix_lambda=torch.full((12, 12), 0.3)), "per-pair scale"),
 ])
 def test_kernel_backend_names_what_the_primitive_lacks(backend, kw, missing):
     x = torch.randn(6, 2, 4, device=DEVICE)
     kw = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     with pytest.raises(RuntimeError, match=missing):
         co.supremix_loss(x, LABELS.to(DEVICE), backend=backend, **kw)
+
+
+def test_backend_without_label_lse_names_it(monkeypatch):
+    """A kernel backend without the label_lse primitive (the "cuda" one) refuses use_weight=True by name."""
+    from contrastive_ops import backends
+
+    name = next((p.values[0] for p in backend_params() if not p.marks), None)
+    if name is None:
+        pytest.skip("no kernel backend here")
+    real = backends.has_primitive
+    monkeypatch.setattr(backends, "has_primitive", lambda b, p: False if p == "label_lse" else real(b, p))
+    x = torch.randn(6, 2, 4, device=DEVICE)
+    with pytest.raises(RuntimeError, match=f"label_lse primitive.*backend '{name}' does not implement"):
+        co.supremix_loss(x, LABELS.to(DEVICE), mix_pos=False, mix_lambda=0.3, backend=name)
+    co.supremix_loss(x, LABELS.to(DEVICE), mix_pos=False, use_weight=False, mix_lambda=0.3, backend=name)
+
+
+def test_auto_takes_a_backend_with_label_lse(monkeypatch):
+    """Under "auto", a first choice without label_lse (the "cuda" backend on CUDA tensors) gives way to the
+    next kernel backend that has it (Triton), here simulated on CPU tensors with the cpu backend."""
+    from contrastive_ops import backends
+
+    avail = co.available_backends()
+    if DEVICE.type != "cpu" or not (avail["cpu"][0] and avail["triton"][0]):
+        pytest.skip("needs the cpu and the (interpreted) triton backends")
+    from contrastive_ops.backends._triton import tiles
+
+    monkeypatch.setitem(backends.AUTO_PRIORITY, "cpu", ("cpu", "triton", "reference"))
+    real = backends.has_primitive
+    monkeypatch.setattr(backends, "has_primitive", lambda b, p: False if (b, p) == ("cpu", "label_lse") else real(b, p))
+    x = torch.randn(6, 2, 4)
+    y = LABELS.long()
+    before = tiles.LAUNCHES["label_lse_fwd"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="contrastive_ops")  # no fallback to the reference
+        out = co.supremix_loss(x, y, mix_lambda=0.3, window=3, backend="auto")
+    assert tiles.LAUNCHES["label_lse_fwd"] == before + 2  # real pairs and hard negatives
+    torch.testing.assert_close(out, co.supremix_loss(x, y, mix_lambda=0.3, window=3, backend="reference"))
 
 
 def test_auto_takes_the_reference_for_what_kernels_lack(monkeypatch):
@@ -311,12 +395,15 @@ def test_auto_takes_the_reference_for_what_kernels_lack(monkeypatch):
     monkeypatch.setattr(sm, "_WARNED", set())
     x = torch.randn(6, 2, 4, device=DEVICE)
     y = LABELS.to(DEVICE)
-    with pytest.warns(RuntimeWarning, match="use_weight=True"):
+    with pytest.warns(RuntimeWarning, match="mix_pos=True with floating-point labels"):
         out = co.supremix_loss(x, y, mix_lambda=0.3, backend="auto")
     torch.testing.assert_close(out, co.supremix_loss(x, y, mix_lambda=0.3, backend="reference"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         co.supremix_loss(x, y, mix_lambda=0.3, backend="auto")  # said once
+        # the official weights with integer labels: fused, no warning
+        out = co.supremix_loss(x, y.long(), mix_lambda=0.3, window=3, backend="auto")
+    torch.testing.assert_close(out, co.supremix_loss(x, y.long(), mix_lambda=0.3, window=3, backend="reference"))
 
 
 def test_module():
@@ -381,3 +468,23 @@ def test_bad_features():
         co.supremix_loss(torch.randn(6), LABELS)
     with pytest.raises(TypeError, match="floating"):
         co.supremix_loss(torch.zeros(6, 2, 4, dtype=torch.long), LABELS)
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params(torch.device("cpu")) if p.values[0] == "cpu"])
+def test_weighted_fused_path_stores_no_anchor_by_sample_buffer(backend):
+    """use_weight=True on the kernels: peak tensor bytes of forward + backward far below one A × M fp32
+    matrix (the reference holds several)."""
+    from contrastive_ops.benchmarking.measure import peak_memory
+
+    N = 2048  # the kernel's tiles are O(64·M) per thread: M = 4096 leaves a clear gap to A × M
+    M = 2 * N
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N, 2, 8, generator=g, requires_grad=True)
+    y = torch.randint(18, 60, (N,), generator=g)
+
+    def step(be):
+        return lambda: torch.autograd.grad(co.supremix_loss(x, y, mix_lambda=0.3, mix_pos=False, backend=be), x)
+
+    assert peak_memory(step("reference"), torch.device("cpu")) >= M * M * 4
+    fused = peak_memory(step(backend), torch.device("cpu"))
+    assert fused < M * M * 4 / 4, f"fused peak {fused} bytes vs one A x M fp32 matrix {M * M * 4}"

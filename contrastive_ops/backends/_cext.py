@@ -210,6 +210,27 @@ def _fake_gated_lse_bwd(a, w, k, scale, col_start, col_end, lse, grad_lse):
     return torch.empty_like(a), torch.empty_like(w, dtype=a.dtype), torch.empty_like(k), a.new_empty(())
 
 
+def _fake_label_lse_fwd(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal):
+    torch._check(q.dim() == 2 and k.dim() == 2 and q.shape[1] == k.shape[1],
+                 lambda: f"label_lse_fwd: q and k must be 2-D with one feature size, got {q.shape} and {k.shape}")
+    torch._check(scale.dim() == 0, lambda: "label_lse_fwd: scale must be 0-dim")
+    for name, t in (("y_row", y_row), ("coef", coef), ("col_start", col_start), ("col_end", col_end),
+                    ("exclude", exclude)):
+        torch._check(t.dim() == 1 and t.shape[0] == q.shape[0],
+                     lambda: f"label_lse_fwd: {name} must have {q.shape[0]} rows, got {t.shape}")
+    torch._check(y_col.dim() == 1 and y_col.shape[0] == k.shape[0],
+                 lambda: f"label_lse_fwd: y_col must have {k.shape[0]} entries, got {y_col.shape}")
+    return q.new_empty((q.shape[0],), dtype=acc_dtype(q.dtype))
+
+
+def _fake_label_lse_bwd(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, lse, grad):
+    torch._check(q.dim() == 2 and k.dim() == 2 and q.shape[1] == k.shape[1],
+                 lambda: f"label_lse_bwd: q and k must be 2-D with one feature size, got {q.shape} and {k.shape}")
+    torch._check(lse.shape == (q.shape[0],) and grad.shape == (q.shape[0],),
+                 lambda: f"label_lse_bwd: lse and grad must have shape ({q.shape[0]},)")
+    return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=acc_dtype(q.dtype))
+
+
 _FAKES = {
     "sim_lse_fwd": _fake_sim_lse_fwd,
     "sim_lse_bwd": _fake_sim_lse_bwd,
@@ -227,6 +248,8 @@ _FAKES = {
     "sim_expect_bwd": _fake_sim_expect_bwd,
     "gated_lse_fwd": _fake_gated_lse_fwd,
     "gated_lse_bwd": _fake_gated_lse_bwd,
+    "label_lse_fwd": _fake_label_lse_fwd,
+    "label_lse_bwd": _fake_label_lse_bwd,
 }
 _AUTOGRAD = {
     "sim_lse_fwd": (_sim_lse_backward, _sim_lse_setup),
@@ -326,6 +349,24 @@ class SimExpect:
     def backward(q, k, scale, exclude, lse, mean, grad_lse, grad_mean):
         ensure_loaded()
         return torch.ops.contrastive_ops.sim_expect_bwd(q, k, scale, exclude, lse, mean, grad_lse, grad_mean)
+
+
+class LabelLSE:
+    """Primitive ``"label_lse"`` (contract in ``contrastive_ops.primitives.label_lse``): CPU kernels only."""
+
+    @staticmethod
+    def forward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal):
+        ensure_loaded()
+        return torch.ops.contrastive_ops.label_lse_fwd(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude,
+                                                       int(kind), bool(skip_equal))
+
+    @staticmethod
+    def backward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, lse, grad):
+        ensure_loaded()
+        return torch.ops.contrastive_ops.label_lse_bwd(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude,
+                                                       int(kind), bool(skip_equal), lse, grad)
+
+
 class PixPosSum:
     """Primitive ``"pix_pos_sum"`` (contract in ``contrastive_ops.primitives.pix_pos``); CPU kernel only."""
 
@@ -381,6 +422,8 @@ PRIMITIVES = {"sim_lse": SimLSE(), "siglip": SigLIP(), "sinkhorn": SINKHORN, "sw
 # Primitives with a CPU kernel and no CUDA one (the "cuda" backend does not list them).
 CPU_ONLY_PRIMITIVES = {"sim_expect": SimExpect(), "pix_pos_sum": PixPosSum(), "pix_pos_lse": PixPosLSE()}
 CPU_ONLY_PRIMITIVES["gated_lse"] = GatedLSE()
+CPU_ONLY_PRIMITIVES["label_lse"] = LabelLSE()
 # Their ops (csrc/ops.cpp): a CPU kernel and, by design, no CUDA one.
 CPU_ONLY_OPS = ("sim_expect_fwd", "sim_expect_bwd", "pix_pos_sum", "pix_pos_lse_fwd", "pix_pos_lse_bwd")
 CPU_ONLY_OPS += ("gated_lse_fwd", "gated_lse_bwd")
+CPU_ONLY_OPS += ("label_lse_fwd", "label_lse_bwd")

@@ -10,7 +10,8 @@ multithreaded epilogues.  Never stores the B×M similarity
 matrix.  SwAV: the
 Sinkhorn codes and the swapped-prediction cross-entropy (``"swav_ce"``), each
 one pass per row.  ``"sim_expect"`` (CACR's repulsion, ``csrc/cpu/sim_expect.cpp``): row blocks
-of one GEMM each and their row statistics; CPU only.  PixPro's masked pixel sum (``"pix_pos_sum"``) and
+of one GEMM each and their row statistics; CPU only.  ``"label_lse"`` (SupReMix's weighted LSE,
+``csrc/cpu/label_lse.cpp``): the same row and column blocks with the label log-weight per tile; CPU only.  PixPro's masked pixel sum (``"pix_pos_sum"``) and
 PixContrast's two LSEs (``"pix_pos_lse"``), ``csrc/cpu/pix_pos.cpp``: the
 positive predicate evaluated per pair from the crop geometry.  Hydra's filter gating
 (``"gated_lse"``, ``csrc/cpu/gated_lse.cpp``): tiles of two GEMMs each (a·kᵀ and w·(k⊙k)ᵀ) with an

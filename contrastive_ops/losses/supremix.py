@@ -57,30 +57,56 @@ anchors, this rank's V·n under ``process_group``), in [0, 1], receiving no
 gradient; ``None`` draws λ_ik ~ Beta(``beta``) per pair from torch's global
 RNG, as the code does.
 
-Fused composition (kernel backends) on ``sim_lse``, the samples sorted by
-label so that each label value is a column range:
+Fused composition (kernel backends) on ``sim_lse`` and ``label_lse``, the
+samples sorted by label so that each label value is a column range:
 
-* real pairs: one call with the anchor excluded; real positives from
-  per-label feature sums;
-* hard negatives: two calls (the columns before and after the anchor's label
-  range, ``col_end`` / ``col_start``) with the anchor rows scaled by (1−λ_i)
-  against detached samples, plus λ_i·z_i·sg(z_i)/τ;
+* real pairs: one call with the anchor excluded (``label_lse`` with c = 1
+  when ``use_weight``, its log-weight φ = log w(|y_i − y_a|) added to each
+  logit; ``sim_lse`` otherwise); real positives from per-label feature sums;
+* hard negatives: the anchor rows scaled by (1−λ_i) against detached samples,
+  plus λ_i·z_i·sg(z_i)/τ; with ``use_weight`` one ``label_lse`` call with
+  c_i = 1 − λ_i (a mixture's label λ_i y_i + (1−λ_i) y_k is (1−λ_i)|y_i − y_k|
+  away from y_i) that skips equal labels, without it two ``sim_lse`` calls
+  (the columns before and after the anchor's label range, ``col_end`` /
+  ``col_start``);
 * hard positives, integer labels: y_j = y_i − d_j, y_k = y_i + d_k with
   1 <= d < n, so λ = d_k/(d_j + d_k) is one number per offset class
   (d_j, d_k), and Σ_{j,k} e^{λ s_ij + (1−λ) s_ik} factorizes into
   e^{LSE_j λ s_ij}·e^{LSE_k (1−λ) s_ik}: two label-range calls per class,
   2·(⌈n⌉−1)² calls (32 for n = 5); their positive logits from the per-label
-  sums of the samples (summed in a fixed order, no atomics).
+  sums of the samples (summed in a fixed order, no atomics).  Their weight is
+  1 (label y_i exactly), so ``use_weight`` changes nothing here.
 
-What the primitive lacks, so these configurations run on the reference only
+``label_lse`` has CPU and Triton kernels; the ``"cuda"`` backend lacks it, so
+there ``use_weight=True`` raises naming it, and ``"auto"`` on CUDA tensors
+takes Triton for it.
+
+What the primitives lack, so these configurations run on the reference only
 (``"auto"`` takes it with a warning; an explicit kernel backend raises):
 
-* a per-pair additive log-weight (log w(|y_i − y_a|), from a label per row and
-  per column) — ``use_weight=True`` (the official default);
 * a per-pair scale — λ_ik drawn per pair (``mix_lambda=None``, the official
   sampling, or (A, M));
 * candidates that are pairs (j, k) of rows with a λ per pair — hard positives
   with floating-point labels (O(M³) logits λ_ijk G_ij + (1−λ_ijk) G_ik).
+
+λ per pair without an A × M buffer (not implemented; what it needs): the
+kernels would draw λ_ik themselves from a counter-based generator (Philox-4x32,
+key = a seed, counter = (global i, global k, draw number)), regenerating the
+same λ_ik in forward and backward, and the reference would draw the same
+numbers from a tensor version of that generator over the (A, M) grid (global
+indices, so ranks and one process agree).  Beta(a, b) = X/(X + Y) with
+X ~ Gamma(a), Y ~ Gamma(b): for integer a, b (the default Beta(2, 8)) a Gamma(n)
+is −Σ_{m<n} log u_m, a + b uniforms per pair with a fixed count; for other
+a, b Marsaglia–Tsang (d = α − 1/3, c = 1/√(9d), a Box–Muller normal z,
+accept v = (1 + cz)³ when log u < z²/2 + d − dv + d·log v; α < 1 via
+Gamma(α + 1)·u^{1/α}), a rejection loop whose draw numbers continue the
+pair's counter, so the result stays deterministic.  The logit
+λ_ik·z_i·sg(z_i)/τ + (1−λ_ik)·z_i·sg(z_k)/τ + φ((1−λ_ik)|Δy|) is then a
+per-pair scale of G plus a per-pair label term, and dq also needs the row sum
+Σ_k P_ik·λ_ik (the gradient of the self term).  The values differ from
+``torch.distributions.Beta`` on torch's global generator, so ``mix_lambda=None``
+would draw a seed from torch's generator instead, and the reference would
+change with it.
 
 The reference stores A × M Gram blocks and streams the hard positives over
 anchor blocks (at most 2²² logits at a time).
@@ -103,24 +129,19 @@ from .. import _checks, backends
 from .._checks import as_scalar, shape_str
 from .._numerics import acc_dtype, masked_lse
 from ..distributed import GlobalBatch
+from ..primitives.label_lse import KINDS, label_lse, log_weight
 from ..primitives.sim_lse import sim_lse
 from ._common import index_sum, label_groups, take_rows, unit
 
 Tensor = torch.Tensor
-DISTANCES = ("L1_inv", "L2_inv", "L1", "L2")
+DISTANCES = KINDS  # ("L1_inv", "L2_inv", "L1", "L2")
 _BLOCK = 1 << 22  # hard-positive logits held at once by the reference
 _WARNED: set = set()  # reasons already given for taking the reference under "auto"
 
 
 def _log_weight(d: Tensor, distance: str) -> Tensor:
-    """log w(d) for a label distance d >= 0."""
-    if distance == "L1_inv":
-        return torch.log1p(d)
-    if distance == "L2_inv":
-        return torch.log1p(d * d)
-    if distance == "L1":
-        return -torch.log1p(d)
-    return -torch.log1p(d * d)
+    """log w(d) for a label distance d >= 0 (``DISTANCES`` are the primitive's ``KINDS``, in its order)."""
+    return log_weight(d, DISTANCES.index(distance))
 
 
 def _lse_parts(parts) -> Tensor:
@@ -194,24 +215,24 @@ def supremix_reference(views: Tensor, labels: Tensor, temperature, base_temperat
     return gb.reduce(torch.where(has, values, 0), reduction, has)
 
 
-def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, labels) -> Optional[str]:
-    """Why the fused composition cannot compute this configuration (None: it can)."""
-    if use_weight:
-        return ("use_weight=True needs a per-pair log-weight log w(|y_i - y_a|) in the LSE, which the sim_lse "
-                "primitive lacks")
+def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, labels, backend: str) -> Optional[str]:
+    """Why the fused composition cannot compute this configuration on ``backend`` (None: it can)."""
+    if use_weight and not backends.has_primitive(backend, "label_lse"):
+        return (f"use_weight=True needs the label_lse primitive (a per-pair label log-weight in the LSE), which "
+                f"backend {backend!r} does not implement (the cpu and triton backends do)")
     if mix_pos and labels.is_floating_point():
         return ("mix_pos=True with floating-point labels needs an LSE over pairs (j, k) of candidates with a "
                 "lambda per pair (O(M^3) logits), which the sim_lse primitive lacks; integer labels are composed")
     if mix_neg and (mix_lambda is None or mix_lambda.dim() == 2):
         return ("mix_neg with a lambda per pair (mix_lambda None or (A, M)) needs a per-pair scale, which the "
-                "sim_lse primitive lacks; pass a float or one lambda per anchor")
+                "sim_lse and label_lse primitives lack; pass a float or one lambda per anchor")
     return None
 
 
 def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature, *, window=5, mix_neg=True,
-                    mix_pos=False, mix_lambda: Optional[Tensor] = None, normalize=True, reduction="mean",
-                    backend: str, process_group=None) -> Tensor:
-    """SupReMix without weights on the core (hard positives for integer labels): no A × M buffer."""
+                    mix_pos=False, use_weight=False, distance="L1_inv", mix_lambda: Optional[Tensor] = None,
+                    normalize=True, reduction="mean", backend: str, process_group=None) -> Tensor:
+    """SupReMix on the primitives (hard positives for integer labels, λ a float or per anchor): no A × M buffer."""
     V, n, D = views.shape
     gb = GlobalBatch(n, process_group, views.device)
     U = unit(views, normalize)
@@ -226,7 +247,12 @@ def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature
     scale = 1.0 / t
     Zk = Z.to(views.dtype)
     Zak = Zk if gb.group is None else Za.to(views.dtype)
-    parts = [sim_lse(Zak, Zk, scale, exclude=a, backend=backend)[0]]
+    y = yl.repeat(V)
+    ya = y[a]
+    if use_weight:  # Σ_{a≠i} w(|y_i − y_a|) e^{G_ia}: the label term in the LSE
+        parts = [label_lse(Zak, Zk, scale, ya, y, kind=distance, exclude=a, backend=backend)]
+    else:
+        parts = [sim_lse(Zak, Zk, scale, exclude=a, backend=backend)[0]]
     # real positives: per-label sums of the samples (one label group per instance label, repeated per view)
     gid = label_groups(yl, N, U.device).repeat(V)
     # label sums in an order fixed by the data (index_sum / take_rows: no atomics on CUDA)
@@ -235,20 +261,24 @@ def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature
     ga = gid[a]
     pos_sum = ((take_rows(group_sum, ga) - Za) * Za).sum(-1) * scale
     pos_cnt = take_rows(group_cnt, ga) - 1
-    y = yl.repeat(V)
-    ys, perm = torch.sort(y)  # the samples sorted by label: each label value is a column range
-    ya = y[a]
-    Zs = Z.detach()[perm]
-    Kd = Zs.to(views.dtype)
+    if mix_neg or mix_pos:
+        ys, perm = torch.sort(y)  # the samples sorted by label: each label value is a column range
+        Kd = Z.detach()[perm].to(views.dtype)
     if mix_neg:
         lam = mix_lambda.to(device=U.device, dtype=U.dtype)  # 0-dim or (A,)
-        lo = torch.searchsorted(ys, ya, right=False)  # candidates before the anchor's label range
-        hi = torch.searchsorted(ys, ya, right=True)  # and after it
         Q = ((1 - lam).reshape(-1, 1) * Za).to(views.dtype)  # (1−λ_i)·z_i against sg(z_k)
-        before = sim_lse(Q, Kd, scale, col_end=lo, backend=backend)[0]
-        after = sim_lse(Q, Kd, scale, col_start=hi, backend=backend)[0]
         self_d = (Za * Za.detach()).sum(1) * scale
-        parts.append(lam * self_d + _lse_parts([before, after]))
+        if use_weight:
+            # the mixture's label is λ_i y_i + (1−λ_i) y_k: its distance (1−λ_i)|y_i − y_k|; equal labels skipped
+            neg = label_lse(Q, Kd, scale, ya, ys, kind=distance, coef=(1 - lam).expand(ya.shape), skip_equal=True,
+                            backend=backend)
+        else:
+            lo = torch.searchsorted(ys, ya, right=False)  # candidates before the anchor's label range
+            hi = torch.searchsorted(ys, ya, right=True)  # and after it
+            before = sim_lse(Q, Kd, scale, col_end=lo, backend=backend)[0]
+            after = sim_lse(Q, Kd, scale, col_start=hi, backend=backend)[0]
+            neg = _lse_parts([before, after])
+        parts.append(lam * self_d + neg)
     if mix_pos:
         # Integer labels: y_j = y_i − d_j, y_k = y_i + d_k with 1 <= d < window, λ = d_k/(d_j + d_k) is one
         # number per offset class (d_j, d_k), where Σ_{j,k} e^{λ s_ij + (1−λ) s_ik} factorizes into
@@ -286,6 +316,20 @@ def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature
     has = pos_cnt > 0
     values = -factor * (pos_sum / pos_cnt.clamp_min(1) - torch.where(has, lse, 0))
     return gb.reduce(torch.where(has, values, 0), reduction, has)
+
+
+def _auto_with_label_lse(name: str, views: Tensor) -> str:
+    """Under ``"auto"``: the first backend of the device's priority list after ``name`` that runs
+    supremix_loss and has the ``label_lse`` primitive (Triton on CUDA tensors), else ``name``."""
+    prio = backends.AUTO_PRIORITY.get(views.device.type, ())
+    for cand in prio[prio.index(name) + 1:] if name in prio else ():
+        if cand == "reference" or not backends.has_primitive(cand, "label_lse"):
+            continue
+        try:
+            return backends.resolve(cand, op="supremix_loss", tensors=[views])
+        except RuntimeError:
+            continue
+    return name
 
 
 def _check_lambda(mix_lambda, A: int, M: int, like: Tensor) -> Optional[Tensor]:
@@ -329,9 +373,11 @@ def supremix_loss(features, labels, temperature=0.5, *, base_temperature=None, w
         normalize: L2-normalize the features first (the official network does).
         reduction: ``"mean"`` over anchors with a positive, ``"sum"``, or ``"none"`` ((V·N,) view-major).
 
-    Kernel backends compute ``use_weight=False`` with a float or per-anchor ``mix_lambda`` (or
-    ``mix_neg=False``), and ``mix_pos=True`` for integer labels; see the module docstring for what
-    the primitive lacks.
+    Kernel backends (``"cpu"``, ``"triton"``; ``"cuda"`` with ``use_weight=False`` only) compute every
+    ``distance`` with or without ``use_weight``, with a float or per-anchor ``mix_lambda`` (or
+    ``mix_neg=False``), and ``mix_pos=True`` for integer labels.  On the reference only: λ per pair
+    (``mix_lambda`` None, the default, or (A, M)) and ``mix_pos=True`` with floating-point labels; see the
+    module docstring for what the primitives lack.
     Returns fp32 (float64 for float64 inputs).
     """
     views = _checks.check_views("features", features, min_views=1, allow_single=True)
@@ -364,12 +410,16 @@ def supremix_loss(features, labels, temperature=0.5, *, base_temperature=None, w
     kw = dict(mix_neg=bool(mix_neg), mix_lambda=lam, normalize=normalize, reduction=reduction,
               process_group=process_group)
     if name != "reference":
-        why = kernel_why_not(mix_pos=mix_pos, use_weight=use_weight, mix_neg=mix_neg, mix_lambda=lam, labels=labels)
+        if requested == "auto" and use_weight and not backends.has_primitive(name, "label_lse"):
+            name = _auto_with_label_lse(name, views)
+        why = kernel_why_not(mix_pos=mix_pos, use_weight=use_weight, mix_neg=mix_neg, mix_lambda=lam, labels=labels,
+                             backend=name)
         if why is not None and requested != "auto":
             raise RuntimeError(f"backend {name!r} cannot run supremix_loss with these arguments: {why}")
         if why is None:
             return _fused_supremix(views, labels, temperature, base_temperature, window=window,
-                                   mix_pos=bool(mix_pos), backend=name, **kw)
+                                   mix_pos=bool(mix_pos), use_weight=bool(use_weight), distance=distance,
+                                   backend=name, **kw)
         if why not in _WARNED:
             _WARNED.add(why)
             warnings.warn(f"contrastive_ops: supremix_loss runs on the plain-PyTorch reference ({why}); "

@@ -18,6 +18,7 @@ module             backend key           entry the losses call
 ``pix_pos``        ``"pix_pos_sum"``     ``pix_pos_sum(x, dx, dy, diag, ratio, H, W, backend=)``
 ``pix_pos``        ``"pix_pos_lse"``     ``pix_pos_lse(q, k, scale, dx, dy, diag, ratio, H, W, ...)``
 ``gated_lse``      ``"gated_lse"``       ``gated_lse(a, w, k, scale, col_start=, col_end=, backend=)``
+``label_lse``      ``"label_lse"``       ``label_lse(q, k, scale, y_row, y_col, kind=, coef=, ..., backend=)``
 =================  ====================  =========================================
 
 Imports go one way: losses → primitives → backends → the extension.

@@ -52,6 +52,8 @@ _SHAPING = ("tests/test_negative_shaping.py",)
 _MARGIN = ("tests/test_false_negative_margin.py",)
 _GATED = ("tests/test_hydra.py", "-k", "gated or filter")
 _GATED_CPU = ("tests/test_hydra.py", "-k", "cpu")
+_LABEL = ("tests/test_label_lse.py",)
+_WEIGHTED = ("tests/test_supremix.py", "-k", "weighted")
 
 MUTANTS = (
     # ------------------------------------------------------------------ Triton
@@ -219,4 +221,36 @@ MUTANTS = (
     Mutant("cpu-gated-lse-dk-skips-touching-row-block", "csrc/cpu/gated_lse.cpp",
            "o.hi[b] > c0)) continue;", "o.hi[b] > c0 + 1)) continue;",
            _GATED_CPU, "CPU gated_lse dk: a row block whose ranges end one column into the column block is skipped"),
+    # ------------------------------------------------------------------ label_lse (SupReMix weights)
+    Mutant("triton-label-lse-weight-sign", "contrastive_ops/backends/_triton/label_lse.py",
+           "    w = tl.where(kind >= 2, -w, w)\n", "    w = tl.where(kind >= 2, w, -w)\n",
+           _LABEL + ("-k", "triton"), "Triton label_lse: the log-weight's sign swapped (w and 1/w)"),
+    Mutant("triton-label-lse-coef-ignored", "contrastive_ops/backends/_triton/label_lse.py",
+           "    d = c[:, None] * tl.abs(yr[:, None] - yc[None, :])\n",
+           "    d = tl.abs(yr[:, None] - yc[None, :]) + 0.0 * c[:, None]\n",
+           _LABEL + ("-k", "triton"), "Triton label_lse: the row coefficient c_i (1 - lambda_i) ignored"),
+    Mutant("triton-label-lse-dk-tile-edge", "contrastive_ops/backends/_triton/label_lse.py",
+           "    cmask = cols < M\n    offs_d = tl.arange(0, BLOCK_D)\n    k = _tile(K, cols, cmask, offs_d, D, stride_k, UPCAST)\n"
+           "    yc = tl.load(YC + cols, mask=cmask, other=0.0)\n    s = tl.load(Scale)\n",
+           "    cmask = (cols < M) & (cols % BLOCK_N != BLOCK_N - 1)\n    offs_d = tl.arange(0, BLOCK_D)\n"
+           "    k = _tile(K, cols, cmask, offs_d, D, stride_k, UPCAST)\n"
+           "    yc = tl.load(YC + cols, mask=cmask, other=0.0)\n    s = tl.load(Scale)\n",
+           _LABEL + ("-k", "triton"), "Triton label_lse dk: the last column of each tile gets no gradient"),
+    Mutant("triton-label-lse-skip-equal-ignored", "contrastive_ops/backends/_triton/label_lse.py",
+           "    ok = ok & ((skip == 0) | (yr[:, None] != yc[None, :]))\n", "",
+           _LABEL + ("-k", "triton"), "Triton label_lse: equal labels not skipped"),
+    Mutant("cpu-label-lse-weight-sign", "csrc/cpu/label_lse.cpp",
+           "  if (o.kind >= 2) w = -w;\n", "  if (o.kind < 2) w = -w;\n",
+           _LABEL + ("-k", "cpu"), "CPU label_lse: the log-weight's sign swapped (w and 1/w)"),
+    Mutant("cpu-label-lse-coef-ignored", "csrc/cpu/label_lse.cpp",
+           "  at::Tensor d = (yr - yc).abs() * o.coef.slice(0, r0, r1).unsqueeze(1);\n",
+           "  at::Tensor d = (yr - yc).abs();\n",
+           _LABEL + ("-k", "cpu"), "CPU label_lse: the row coefficient c_i (1 - lambda_i) ignored"),
+    Mutant("cpu-label-lse-dk-block-edge", "csrc/cpu/label_lse.cpp",
+           "      const int64_t c0 = b * kBlock, c1 = std::min(M, c0 + kBlock);\n      const at::Tensor P = probs(",
+           "      const int64_t c0 = b * kBlock, c1 = std::min(M, c0 + kBlock - 1);\n      dk.slice(0, c1, std::min(M, c0 + kBlock)).zero_();\n      const at::Tensor P = probs(",
+           _LABEL + ("-k", "cpu"), "CPU label_lse dk: the last candidate of each 64-column block gets no gradient"),
+    Mutant("supremix-weighted-neg-coef-one", "contrastive_ops/losses/supremix.py",
+           "coef=(1 - lam).expand(ya.shape), skip_equal=True", "coef=torch.ones_like(ya, dtype=lam.dtype), skip_equal=True",
+           _WEIGHTED, "SupReMix hard negatives weighted by w(|y_i - y_k|), not the mixture's w((1-lambda_i)|y_i - y_k|)"),
 )

@@ -6,7 +6,9 @@ Primitives: ``"sim_lse"`` (the tiled similarity-LSE core, :mod:`.sim_lse`, on th
 log-domain Sinkhorn-Knopp scalings, :mod:`.sinkhorn`) and ``"swav_ce"`` (SwAV's
 swapped-prediction cross-entropy, :mod:`.swav_ce`), ``"pix_pos_sum"`` and ``"pix_pos_lse"``
 (PixPro / PixContrast pixel pairs with positives from crop coordinates, :mod:`.pix_pos`), ``"gated_lse"``
-(the row LSE of per-pair gated, normalized similarities of hydra's filter gating, :mod:`.gated_lse`).  Runs on CUDA tensors when
+(the row LSE of per-pair gated, normalized similarities of hydra's filter gating, :mod:`.gated_lse`),
+``"label_lse"`` (the row LSE of similarities plus a per-pair label-distance log-weight, SupReMix's
+weighted denominator, :mod:`.label_lse`).  Runs on CUDA tensors when
 Triton has an active GPU driver, and on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before ``import triton``).
 """
@@ -22,6 +24,7 @@ try:
     import triton
 
     from .gated_lse import GATED_LSE
+    from .label_lse import LABEL_LSE
     from .pix_pos import PIX_POS_LSE, PIX_POS_SUM
     from .sim_expect import SIM_EXPECT
     from .sim_lse import SIM_LSE
@@ -32,6 +35,7 @@ try:
     PRIMITIVES: Dict[str, object] = {"sim_lse": SIM_LSE, "siglip": SIGLIP, "sinkhorn": SINKHORN, "swav_ce": SWAV_CE,
                                      "sim_expect": SIM_EXPECT, "pix_pos_sum": PIX_POS_SUM, "pix_pos_lse": PIX_POS_LSE}
     PRIMITIVES["gated_lse"] = GATED_LSE
+    PRIMITIVES["label_lse"] = LABEL_LSE
 except Exception as e:  # noqa: BLE001 - reported by availability()
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
     PRIMITIVES = {}

@@ -1,0 +1,284 @@
+r"""Triton kernels of the ``"label_lse"`` primitive (maths in ``contrastive_ops.primitives.label_lse``).
+
+G = q·kᵀ (fp32 accumulation), S = scale·G + φ(c_i·|y_i − ŷ_j|) on the allowed pairs
+(start_i <= j < end_i, j != exclude_i, and ŷ_j != y_i when ``skip_equal``), −inf elsewhere.
+The weight kind and ``skip_equal`` are runtime arguments (one binary for all of them):
+φ = ±log(1 + d^p), p = 2 for the kinds 1 and 3 ("L2_inv", "L2"), negative for the
+kinds 2 and 3 ("L1", "L2"); log(1 + d) rather than log1p: the term is added to a
+logit, so its absolute error (an fp32 ulp of 1 + d) is what counts.
+
+* forward, one program per BLOCK_M rows, streaming BLOCK_N candidates: an
+  online max m and l = Σ e^{S−m} give lse = m + log l;
+* dq, one program per BLOCK_M rows: P = e^{S − lse} recomputed,
+  dG = γ·scale·P, dq += dG·k, and the row's part of dscale, γ_i·Σ_j P_ij·G_ij;
+* dk, one program per BLOCK_N candidates, streaming the rows: dk += dGᵀ·q.
+
+No atomics (deterministic); dscale is the ``torch.sum`` of the per-row parts.
+Tiles hold all of D (BLOCK_D = next power of two ≥ D, at least 16): simple
+and exact, not tuned (wide D costs registers on a GPU).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .args import same_device, scalar_on
+from .tiles import dot_flags, empty, interpreting, launch
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _tile(X, rows, rmask, offs_d, D, stride, UPCAST: tl.constexpr):
+    t = tl.load(X + rows[:, None].to(tl.int64) * stride + offs_d[None, :],
+                mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _logits(g, s, yr, c, st, en, ex, rmask, yc, cols, cmask, kind, skip):
+    """(S, allowed) of a (rows, cols) tile of G: S = s·G + φ(c·|y − ŷ|), −inf where not allowed."""
+    d = c[:, None] * tl.abs(yr[:, None] - yc[None, :])
+    d = tl.where((kind == 1) | (kind == 3), d * d, d)
+    w = tl.log(1.0 + d)
+    w = tl.where(kind >= 2, -w, w)
+    ok = (rmask[:, None] & cmask[None, :] & (cols[None, :] >= st[:, None]) & (cols[None, :] < en[:, None])
+          & (cols[None, :] != ex[:, None]))
+    ok = ok & ((skip == 0) | (yr[:, None] != yc[None, :]))
+    return tl.where(ok, g * s + w, float("-inf")), ok
+
+
+@triton.jit
+def _label_lse_fwd_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, B, M, D, stride_q, stride_k, kind, skip,
+                          UPCAST: tl.constexpr, PREC: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _tile(Q, rows, rmask, offs_d, D, stride_q, UPCAST)
+    s = tl.load(Scale)
+    yr = tl.load(YR + rows, mask=rmask, other=0.0)
+    c = tl.load(Coef + rows, mask=rmask, other=0.0)
+    st = tl.load(Start + rows, mask=rmask, other=0)
+    en = tl.load(End + rows, mask=rmask, other=0)
+    ex = tl.load(Excl + rows, mask=rmask, other=-1)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    acc_l = tl.zeros([BLOCK_M], tl.float32)
+    for j0 in range(0, M, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        cmask = cols < M
+        k = _tile(K, cols, cmask, offs_d, D, stride_k, UPCAST)
+        yc = tl.load(YC + cols, mask=cmask, other=0.0)
+        g = tl.dot(q, tl.trans(k), input_precision=PREC)
+        z, ok = _logits(g, s, yr, c, st, en, ex, rmask, yc, cols, cmask, kind, skip)
+        m_new = tl.maximum(m, tl.max(z, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no candidate yet
+        acc_l = acc_l * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
+        m = m_new
+    has = acc_l > 0
+    tl.store(LSE + rows, tl.where(has, m + tl.log(tl.where(has, acc_l, 1.0)), float("-inf")), mask=rmask)
+
+
+@triton.jit
+def _probs(z, lse):
+    """P = e^{S − lse} (0 where S = −inf, and on rows with nothing allowed)."""
+    has = lse > float("-inf")
+    return tl.where(has[:, None], tl.exp(z - tl.where(has, lse, 0.0)[:, None]), 0.0)
+
+
+@triton.jit
+def _label_lse_dq_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, GL, DQ, Part, B, M, D, stride_q, stride_k,
+                         stride_dq, kind, skip, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _tile(Q, rows, rmask, offs_d, D, stride_q, UPCAST)
+    s = tl.load(Scale)
+    yr = tl.load(YR + rows, mask=rmask, other=0.0)
+    c = tl.load(Coef + rows, mask=rmask, other=0.0)
+    st = tl.load(Start + rows, mask=rmask, other=0)
+    en = tl.load(End + rows, mask=rmask, other=0)
+    ex = tl.load(Excl + rows, mask=rmask, other=-1)
+    lse = tl.load(LSE + rows, mask=rmask, other=float("-inf"))
+    gl = tl.load(GL + rows, mask=rmask, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    pg = tl.zeros([BLOCK_M], tl.float32)
+    for j0 in range(0, M, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        cmask = cols < M
+        k = _tile(K, cols, cmask, offs_d, D, stride_k, UPCAST)
+        yc = tl.load(YC + cols, mask=cmask, other=0.0)
+        g = tl.dot(q, tl.trans(k), input_precision=PREC)
+        z, ok = _logits(g, s, yr, c, st, en, ex, rmask, yc, cols, cmask, kind, skip)
+        p = _probs(z, lse)
+        pg += tl.sum(p * g, 1)
+        acc = tl.dot((p * (s * gl)[:, None]).to(k.dtype), k, acc, input_precision=PREC)
+    tl.store(DQ + rows[:, None].to(tl.int64) * stride_dq + offs_d[None, :], acc.to(DQ.dtype.element_ty),
+             mask=rmask[:, None] & (offs_d[None, :] < D))
+    tl.store(Part + rows, gl * pg, mask=rmask)
+
+
+@triton.jit
+def _label_lse_dk_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, GL, DK, B, M, D, stride_q, stride_k,
+                         stride_dk, kind, skip, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < M
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _tile(K, cols, cmask, offs_d, D, stride_k, UPCAST)
+    yc = tl.load(YC + cols, mask=cmask, other=0.0)
+    s = tl.load(Scale)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for i0 in range(0, B, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
+        rmask = rows < B
+        q = _tile(Q, rows, rmask, offs_d, D, stride_q, UPCAST)
+        yr = tl.load(YR + rows, mask=rmask, other=0.0)
+        c = tl.load(Coef + rows, mask=rmask, other=0.0)
+        st = tl.load(Start + rows, mask=rmask, other=0)
+        en = tl.load(End + rows, mask=rmask, other=0)
+        ex = tl.load(Excl + rows, mask=rmask, other=-1)
+        lse = tl.load(LSE + rows, mask=rmask, other=float("-inf"))
+        gl = tl.load(GL + rows, mask=rmask, other=0.0)
+        g = tl.dot(q, tl.trans(k), input_precision=PREC)
+        z, ok = _logits(g, s, yr, c, st, en, ex, rmask, yc, cols, cmask, kind, skip)
+        dg = _probs(z, lse) * (s * gl)[:, None]
+        acc = tl.dot(tl.trans(dg.to(q.dtype)), q, acc, input_precision=PREC)
+    tl.store(DK + cols[:, None].to(tl.int64) * stride_dk + offs_d[None, :], acc.to(DK.dtype.element_ty),
+             mask=cmask[:, None] & (offs_d[None, :] < D))
+
+
+def _gpu_config(D: int, dtype: str) -> dict:
+    """Block sizes and warps on the GPU.  fp32 (tf32x3 keeps split copies of the full-D tiles in registers)
+    takes 32-wide column tiles on 8 warps: at D = 128 on sm_90a (Triton 3.8) that spills 0 / 184 / 264 B per
+    thread in forward / dq / dk, against 112 / 1488 / 1768 B at 64 × 64 on 4 warps; 16-bit inputs spill
+    nothing at 64 × 64 on 4 warps."""
+    bd = max(16, triton.next_power_of_2(D))
+    if dtype == "fp32":
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=bd, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd, num_warps=4, num_stages=2)
+
+
+def _flags(q: Tensor) -> dict:
+    if interpreting():
+        blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=max(16, triton.next_power_of_2(q.shape[1])))
+    else:
+        blocks = _gpu_config(q.shape[1], "fp32" if q.dtype == torch.float32 else "bf16")
+    return dict(**dot_flags(q.dtype), **blocks)
+
+
+@torch.library.triton_op("contrastive_ops_triton::label_lse_fwd", mutates_args=())
+def _label_lse_fwd_op(q: Tensor, k: Tensor, scale: Tensor, y_row: Tensor, y_col: Tensor, coef: Tensor,
+                      col_start: Tensor, col_end: Tensor, exclude: Tensor, kind: int, skip_equal: bool) -> Tensor:
+    same_device("label_lse_fwd", q.device, k=k, y_row=y_row, y_col=y_col, coef=coef, col_start=col_start,
+                col_end=col_end, exclude=exclude)
+    scale = scalar_on("label_lse_fwd", "scale", scale, q.device)
+    B, D = q.shape
+    M = k.shape[0]
+    lse = empty((B,), torch.float32, q.device)
+    if B > 0:
+        f = _flags(q)
+        launch("label_lse_fwd", _label_lse_fwd_kernel, (triton.cdiv(B, f["BLOCK_M"]),))(
+            q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, lse, B, M, D, q.stride(0), k.stride(0),
+            int(kind), int(skip_equal), **f)
+    return lse
+
+
+@_label_lse_fwd_op.register_fake
+def _(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal):
+    return q.new_empty((q.shape[0],), dtype=torch.float32)
+
+
+@torch.library.triton_op("contrastive_ops_triton::label_lse_bwd", mutates_args=())
+def _label_lse_bwd_op(q: Tensor, k: Tensor, scale: Tensor, y_row: Tensor, y_col: Tensor, coef: Tensor,
+                      col_start: Tensor, col_end: Tensor, exclude: Tensor, kind: int, skip_equal: bool, lse: Tensor,
+                      grad: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    same_device("label_lse_bwd", q.device, k=k, y_row=y_row, y_col=y_col, coef=coef, col_start=col_start,
+                col_end=col_end, exclude=exclude, lse=lse, grad=grad)
+    scale = scalar_on("label_lse_bwd", "scale", scale, q.device)
+    B, D = q.shape
+    M = k.shape[0]
+    dq = empty(q.shape, q.dtype, q.device)
+    dk = empty(k.shape, k.dtype, k.device)
+    part = empty((B,), torch.float32, q.device)
+    f = _flags(q)
+    args = (q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, lse, grad)
+    if B > 0:
+        launch("label_lse_dq", _label_lse_dq_kernel, (triton.cdiv(B, f["BLOCK_M"]),))(
+            *args, dq, part, B, M, D, q.stride(0), k.stride(0), dq.stride(0), int(kind), int(skip_equal), **f)
+    if M > 0:
+        launch("label_lse_dk", _label_lse_dk_kernel, (triton.cdiv(M, f["BLOCK_N"]),))(
+            *args, dk, B, M, D, q.stride(0), k.stride(0), dk.stride(0), int(kind), int(skip_equal), **f)
+    return dq, dk, part.sum()
+
+
+@_label_lse_bwd_op.register_fake
+def _(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, lse, grad):
+    return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=torch.float32)
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def _check(q: Tensor, k: Tensor) -> None:
+    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1] or q.dtype != k.dtype:
+        raise ValueError(f"label_lse: q and k must be 2-D of one feature size and dtype, got {tuple(q.shape)} "
+                         f"{q.dtype} and {tuple(k.shape)} {k.dtype}")
+
+
+class _LabelLSE:
+    """The ``"label_lse"`` primitive of the Triton backend (contract in ``primitives/label_lse.py``)."""
+
+    @staticmethod
+    def forward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal) -> Tensor:
+        _check(q, k)
+        return torch.ops.contrastive_ops_triton.label_lse_fwd(
+            q.contiguous(), k.contiguous(), _f32(scale).reshape(()), _f32(y_row), _f32(y_col), _f32(coef),
+            col_start.contiguous(), col_end.contiguous(), exclude.contiguous(), int(kind), bool(skip_equal))
+
+    @staticmethod
+    def backward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, lse, grad):
+        _check(q, k)
+        return torch.ops.contrastive_ops_triton.label_lse_bwd(
+            q.contiguous(), k.contiguous(), _f32(scale).reshape(()), _f32(y_row), _f32(y_col), _f32(coef),
+            col_start.contiguous(), col_end.contiguous(), exclude.contiguous(), int(kind), bool(skip_equal),
+            _f32(lse), _f32(grad))
+
+
+LABEL_LSE = _LabelLSE()
+
+
+def compile_specs():
+    """The variants the launchers compile (see ``backends/_triton/specs.py``): forward, dq and dk in every
+    input dtype (kind and skip_equal are runtime arguments) at D = 128 (SupReMix's feature size on AgeDB)
+    on the GPU configs.  No fault table (``tiles.mark_known_faults`` needs one per supported Triton): the
+    fp32 dq and dk spill (``_gpu_config``) and are to be entered once the gate has measured them."""
+    out = []
+    D = 128
+    for dtype in ("bf16", "fp16", "fp32"):
+        t = "*" + dtype
+        cfg = _gpu_config(D, dtype)
+        warps = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        c = dict(UPCAST=False, PREC="tf32x3" if dtype == "fp32" else "tf32", **cfg)
+        common = dict(Q=t, K=t, Scale="*fp32", YR="*fp32", YC="*fp32", Coef="*fp32", Start="*i32", End="*i32",
+                      Excl="*i32", LSE="*fp32")
+        out.append(dict(name="label_lse_fwd", fn=_label_lse_fwd_kernel,
+                        args=dict(common, B="i32", M="i32", D="i32", stride_q="i32", stride_k="i32", kind="i32",
+                                  skip="i32"),
+                        constexprs=c, dtype=dtype, D=D, **warps))
+        out.append(dict(name="label_lse_dq", fn=_label_lse_dq_kernel,
+                        args=dict(common, GL="*fp32", DQ=t, Part="*fp32", B="i32", M="i32", D="i32", stride_q="i32",
+                                  stride_k="i32", stride_dq="i32", kind="i32", skip="i32"),
+                        constexprs=c, dtype=dtype, D=D, **warps))
+        out.append(dict(name="label_lse_dk", fn=_label_lse_dk_kernel,
+                        args=dict(common, GL="*fp32", DK=t, B="i32", M="i32", D="i32", stride_q="i32",
+                                  stride_k="i32", stride_dk="i32", kind="i32", skip="i32"),
+                        constexprs=c, dtype=dtype, D=D, **warps))
+    return out
