@@ -53,7 +53,7 @@ modes: for ``gb.candidates(a, b)`` position ``p·total + offset_r + i`` is row
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -270,18 +270,61 @@ def ring_wait(reqs) -> None:
 _DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
+class PresentCandidates(NamedTuple):
+    """A candidate stack of which only some rows take part (``GlobalBatch.candidates(..., present=...)``
+    without a ring): ``rows`` (M, D), ``present`` (M,) bool, both global (gathered) or this process's."""
+
+    rows: Tensor
+    present: Tensor
+
+
+def restrict_to_present(present: Tensor, pos: Tensor, count: Tensor, B: int, col_start: Optional[Tensor],
+                        col_end: Optional[Tensor], exclude: Optional[Tensor]):
+    """Candidate masks over a stack's rows turned into masks over its present rows listed first.
+
+    ``present`` (M,) bool, ``pos``/``count`` from ``present_first(present)``; ``col_start``/``col_end``
+    (B,) and ``exclude`` (B, E) are positions in the stack (0..M).  Returns ``(col_start, col_end,
+    exclude)`` (int32, contiguous) in the present-first order, for ``sim_lse`` with
+    ``col_index = order``: the range ``[start, end)`` becomes the range of the present rows inside it
+    (the present rows before a position, counted), a missing ``col_end`` the present count (the
+    absent rows, listed after the present ones, lie in no range), an excluded present row its place
+    in the list and an excluded absent row nothing (-1).
+    """
+    M = present.numel()
+    p = present.reshape(-1).long()
+    below = torch.cat([p.new_zeros(1), torch.cumsum(p, 0)])  # present rows before position x, x in 0..M
+    out = []
+    for t in (col_start, col_end):
+        out.append(None if t is None else below[t.long().clamp(0, M)].to(torch.int32).contiguous())
+    if out[1] is None:
+        out[1] = count.reshape(1).expand(B).to(torch.int32).contiguous()
+    if exclude is None:
+        out.append(None)
+    else:
+        e = exclude.long()
+        inside = (e >= 0) & (e < M)
+        at = e.clamp(0, max(M - 1, 0))
+        keep = inside & present.reshape(-1)[at] if M else inside
+        out.append(torch.where(keep, pos[at] if M else e, torch.full_like(e, -1)).to(torch.int32).contiguous())
+    return tuple(out)
+
+
 class RingCandidates:
     """This rank's block of a view-major candidate stack, for a ring exchange (never gathered).
 
     ``parts`` are local (n, D) tensors; the global stack they stand for is
     ``cat([gather(parts[0]), gather(parts[1]), ...])`` and ``block`` is this
-    rank's ``cat(parts)`` (``P·n`` rows).  On creation the ranks compare a
-    descriptor (parts, width, dtype, rows) in one small all-gather, so a
-    mismatch is a clear error on every rank instead of a hang of the
-    point-to-point transfers.
+    rank's ``cat(parts)`` (``P·n`` rows).  ``present`` (optional: one (n,)
+    bool per part, or a (P, n) bool tensor) marks the rows that take part;
+    ``present_rows`` (``P·n`` uint8, 1 = present) travels with the block, and
+    each hop restricts the candidates to the visiting block's present rows
+    (:func:`restrict_to_present`), so global positions keep their meaning.
+    On creation the ranks compare a descriptor (parts, width, dtype, rows,
+    requires_grad, mask) in one small all-gather, so a mismatch is a clear
+    error on every rank instead of a hang of the point-to-point transfers.
     """
 
-    def __init__(self, gb: "GlobalBatch", parts):
+    def __init__(self, gb: "GlobalBatch", parts, present=None):
         self.gb = gb
         self.parts = tuple(parts)
         if not self.parts:
@@ -297,21 +340,29 @@ class RingCandidates:
         self.dtype = self.parts[0].dtype
         self.device = self.parts[0].device
         self.block = self.parts[0] if self.P == 1 else torch.cat(self.parts)
+        self.present_rows = None
+        if present is not None:
+            pm = torch.stack(list(present)) if isinstance(present, (list, tuple)) else present
+            if pm.dtype != torch.bool or tuple(pm.shape) not in ((self.P, gb.n), (self.P * gb.n,)):
+                raise ValueError(f"ring candidates' present rows must be bool of shape ({self.P}, {gb.n}), got "
+                                 f"{pm.dtype} {tuple(pm.shape)}")
+            self.present_rows = pm.reshape(-1).to(device=self.device, dtype=torch.uint8).contiguous()
         self._check_ranks_agree()
 
     def _check_ranks_agree(self) -> None:
         code = _DTYPES.index(self.dtype) if self.dtype in _DTYPES else len(_DTYPES)
-        mine = torch.tensor([self.P, self.D, code, self.gb.n, int(self.block.requires_grad)], dtype=torch.int64,
-                            device=self.device)
+        mine = torch.tensor([self.P, self.D, code, self.gb.n, int(self.block.requires_grad),
+                             int(self.present_rows is not None)], dtype=torch.int64, device=self.device)
         allv = [torch.empty_like(mine) for _ in range(self.gb.world_size)]
         _dist().all_gather(allv, mine, group=self.gb.group)
         rows = [tuple(int(x) for x in a.tolist()) for a in allv]
-        bad = [r for r in range(len(rows)) if rows[r][:3] != rows[0][:3] or rows[r][4] != rows[0][4]
+        bad = [r for r in range(len(rows)) if rows[r][:3] != rows[0][:3] or rows[r][4:] != rows[0][4:]
                or rows[r][3] != self.gb.sizes[r]]
         if bad:
             def desc(t):
                 dt = _DTYPES[t[2]] if t[2] < len(_DTYPES) else "other"
-                return f"parts={t[0]}, D={t[1]}, dtype={dt}, rows={t[3]}, requires_grad={bool(t[4])}"
+                return (f"parts={t[0]}, D={t[1]}, dtype={dt}, rows={t[3]}, requires_grad={bool(t[4])}, "
+                        f"mask={bool(t[5])}")
             lines = "; ".join(f"rank {r}: {desc(t)}" for r, t in enumerate(rows))
             raise ValueError(f"exchange='ring': the ranks' candidate blocks disagree ({lines})")
 
@@ -395,23 +446,38 @@ class GlobalBatch:
             out = out + t.to(out.dtype)
         return out
 
-    def candidates(self, *parts: Tensor, dtype: Optional[torch.dtype] = None):
+    def candidates(self, *parts: Tensor, dtype: Optional[torch.dtype] = None, present=None,
+                   stack: Optional[Tensor] = None):
         """The global candidate stack ``cat([gather(p) for p in parts])`` (cast to ``dtype`` after the
         gather, if given) for the primitives.
 
         ``exchange="gather"``: that tensor (``parts[0]`` itself for one part
-        without a process group).  ``exchange="ring"``: a
-        :class:`RingCandidates` handle on this rank's block, which
-        ``primitives.sim_lse`` runs around the ring; global indices mean the
-        same in both modes.
+        without a process group; ``stack``, this process's ``cat(parts)`` in
+        ``dtype``, itself when given, so a kernel sees anchors and candidates
+        as one tensor).  ``exchange="ring"``: a :class:`RingCandidates` handle
+        on this rank's block, which ``primitives.sim_lse`` runs around the
+        ring; global indices mean the same in both modes.
+
+        ``present`` (a (P, n) bool tensor or one (n,) bool per part: the rows
+        that take part): ``"gather"`` returns :class:`PresentCandidates` (the
+        stack and its gathered rows' mask), ``"ring"`` a handle whose mask
+        travels with its block; ``losses._present_first.present_sim_lse``
+        takes either.
         """
         if self.ring:
-            return RingCandidates(self, [p if dtype is None else p.to(dtype) for p in parts])
-        if len(parts) == 1:
-            out = self.gather(parts[0])
-        else:  # one collective for every part: (P, n, D) gathered along dim 1, view-major
-            out = self.gather(torch.stack(parts), dim=1).reshape(-1, parts[0].shape[-1])
-        return out if dtype is None else out.to(dtype)
+            return RingCandidates(self, [p if dtype is None else p.to(dtype) for p in parts], present)
+        if self.group is None and stack is not None:
+            out = stack
+        else:
+            if len(parts) == 1:
+                out = self.gather(parts[0])
+            else:  # one collective for every part: (P, n, D) gathered along dim 1, view-major
+                out = self.gather(torch.stack(parts), dim=1).reshape(-1, parts[0].shape[-1])
+            out = out if dtype is None else out.to(dtype)
+        if present is None:
+            return out
+        pm = torch.stack(list(present)) if isinstance(present, (list, tuple)) else present
+        return PresentCandidates(out, self.gather_nograd(pm.reshape(len(parts), self.n), dim=1).reshape(-1))
 
     def gather(self, t: Tensor, dim: int = 0) -> Tensor:
         """All ranks' ``t`` concatenated along ``dim`` (this rank's rows there), with gradient."""

@@ -15,7 +15,8 @@ uneven local batches) runs every case below; for each case each rank
   the mean over ranks of a shared scalar's gradient the single-process one.
 
 Backends: ``reference`` (the composition on the dense core, hop by hop) and
-``cpu`` for every case, the interpreted ``triton`` for the CLIP case only.
+``cpu`` for every case, the interpreted ``triton`` for the CLIP case and one
+masked multi-view case only.
 While the ring runs, the all-gather of ``contrastive_ops.distributed`` is
 replaced by one that fails, and every block the primitive sees is recorded:
 every block must be one rank's (one to three views of its local batch),
@@ -355,14 +356,55 @@ def _(c):
     c.check(co.mv_dhel, [B(c.randn(c.N, 3, 5)), S(c.scalar(0.2))])
 
 
-@case("mv_mask_ring_not_supported")
+def _view_mask(c, V: int = 3, empty_rank: bool = False) -> torch.Tensor:
+    """A global (N, V) view mask with missing views: instance 0 has one present view (a candidate
+    that leaves the mean), the last rank's rows have one present view in all (``empty_rank``: none)."""
+    m = torch.rand(c.N, V, generator=torch.Generator().manual_seed(4001)) > 0.3
+    m[0] = False
+    m[0, 1] = True
+    if c.N > 1:
+        m[1] = True
+    last = c.N - c.sizes[-1]
+    m[last:] = False
+    if not empty_rank:
+        m[last, V - 1] = True
+    return m
+
+
+@case("mv_infonce_mask")
 def _(c):
-    # Raised before any collective, alike on every rank (the masked compositions select candidates by index).
-    x, m = c.randn(c.n, 3, 5), torch.ones(c.n, 3, dtype=torch.bool)
-    for fn in (co.mv_infonce, co.mv_dhel):
-        with pytest.raises(NotImplementedError, match="does not take a mask"):
-            fn(x, 0.2, mask=m, process_group=c.group, exchange="ring", backend=c.backend)
-        fn(x, 0.2, mask=m, process_group=c.group, exchange="gather", backend=c.backend)  # the gather takes it
+    c.check(lambda x, m, t, **kw: co.mv_infonce(x, t, mask=m, **kw),
+            [B(c.randn(c.N, 3, 5)), B(_view_mask(c)), S(c.scalar(0.2))])
+
+
+@case("mv_infonce_mask_none_rank_without_views")
+def _(c):
+    c.check(lambda x, m, **kw: co.mv_infonce(x, 0.3, mask=m, **kw),
+            [B(c.randn(c.N, 3, 5)), B(_view_mask(c, empty_rank=True))], reduction="none")
+
+
+@case("mv_infonce_pairwise_mask")
+def _(c):
+    c.check(lambda x, m, t, **kw: co.mv_infonce(x, t, mask=m, variant="pairwise", **kw),
+            [B(c.randn(c.N, 3, 5)), B(_view_mask(c)), S(c.scalar(0.25))])
+
+
+@case("mv_infonce_pairwise_mask_none")
+def _(c):
+    c.check(lambda x, m, **kw: co.mv_infonce(x, 0.3, mask=m, variant="pairwise", reduction="none", **kw),
+            [B(c.randn(c.N, 3, 5)), B(_view_mask(c, empty_rank=True))])
+
+
+@case("mv_dhel_mask")
+def _(c):
+    c.check(lambda x, m, t, **kw: co.mv_dhel(x, t, mask=m, **kw),
+            [B(c.randn(c.N, 3, 5)), B(_view_mask(c)), S(c.scalar(0.2))])
+
+
+@case("mv_dhel_mask_sum_rank_without_views")
+def _(c):
+    c.check(lambda x, m, **kw: co.mv_dhel(x, 0.3, mask=m, reduction="sum", **kw),
+            [B(c.randn(c.N, 3, 5)), B(_view_mask(c, empty_rank=True))])
 
 
 @case("ranks_disagree")
@@ -386,8 +428,9 @@ def _(c):
 # --------------------------------------------------------------------------- processes
 
 
-# The interpreted Triton backend is slow: one small case (the column LSE travelling with its block).
-TRITON_CASES = {"clip_loss"}
+# The interpreted Triton backend is slow: small cases (the column LSE travelling with its block; the view mask
+# travelling with its block).
+TRITON_CASES = {"clip_loss", "mv_dhel_mask"}
 
 
 def _backends() -> List[str]:
