@@ -50,10 +50,26 @@ modes only differ in what that returns.  Global candidate indices (the
 ``col_start``/``col_end``/``exclude`` of ``sim_lse``) mean the same in both
 modes: for ``gb.candidates(a, b)`` position ``p·total + offset_r + i`` is row
 ``i`` of part ``p`` on rank ``r`` (view-major, as ``cat([gather(a), gather(b)])``).
+
+Pre-flight check of the ring (:func:`ring_preflight`).  Before any collective
+of a ring call the ranks exchange small descriptors through the process
+group's c10d store (local rows for ``GlobalBatch``; parts, width, dtype, rows,
+requires_grad and mask for each ``RingCandidates``), waiting at most
+``CONTRASTIVE_OPS_RING_TIMEOUT`` seconds (default 300), not the group's own
+timeout (30 min by default).  A rank that never arrives (it skipped the loss,
+or called it with ``exchange="gather"``) is a ``RuntimeError`` naming it on
+every waiting rank; descriptors that disagree are a ``ValueError`` on every
+rank.  Each check is numbered per group (the ranks make the same calls in the
+same order), and a rank deletes its key of the previous check once every rank
+has reached the current one, so the store holds at most two checks' keys.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+import datetime
+import json
+import math
+import os
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
@@ -267,7 +283,79 @@ def ring_wait(reqs) -> None:
         q.wait()
 
 
-_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+RING_TIMEOUT_ENV = "CONTRASTIVE_OPS_RING_TIMEOUT"
+RING_TIMEOUT_DEFAULT_S = 300.0
+_PREFLIGHT_PREFIX = "contrastive_ops/ring_preflight"
+_preflight_calls: Dict[str, int] = {}  # per process group (by name): the number of the next check
+
+
+def ring_timeout() -> float:
+    """Seconds the ring's pre-flight check waits for the other ranks (``CONTRASTIVE_OPS_RING_TIMEOUT``,
+    read at every call; default 300)."""
+    raw = os.environ.get(RING_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return RING_TIMEOUT_DEFAULT_S
+    try:
+        t = float(raw)
+    except ValueError:
+        t = float("nan")
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"{RING_TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
+    return t
+
+
+def _group_store(process_group):
+    """``(name, store)`` of ``process_group``: its name and its c10d store (the one
+    ``init_process_group`` / ``new_group`` made, which every backend has)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    dist = _dist()
+    pg = dist.group.WORLD if process_group is None else process_group
+    return c10d._get_process_group_name(pg), c10d._get_process_group_store(pg)
+
+
+def _delete(store, key: str) -> None:
+    try:
+        store.delete_key(key)
+    except RuntimeError:  # a store without deletion (FileStore): the key stays
+        pass
+
+
+def ring_preflight(process_group, kind: str, desc: dict) -> List[dict]:
+    """Every rank's ``desc`` (a small JSON-able dict), exchanged through the group's store with a bounded wait.
+
+    Called at the same point of a ring call by every rank, before any collective.  Waits at most
+    :func:`ring_timeout` seconds for the other ranks; on expiry raises ``RuntimeError`` naming the
+    ranks that did not arrive and the check (its number in this group and ``kind``).  Ranks at
+    different kinds of check are a ``ValueError``.  Returns the descriptors in rank order.
+    """
+    W, r = world_size(process_group), rank(process_group)
+    name, store = _group_store(process_group)
+    call = _preflight_calls.get(name, 0)
+    _preflight_calls[name] = call + 1
+    keys = [f"{_PREFLIGHT_PREFIX}/{call}/{i}" for i in range(W)]
+    store.set(keys[r], json.dumps(dict(desc, kind=kind)))
+    timeout = ring_timeout()
+    try:
+        store.wait(keys, datetime.timedelta(seconds=timeout))
+    except RuntimeError:  # DistStoreError (a RuntimeError): the wait expired
+        missing = [i for i, k in enumerate(keys) if not store.check([k])]
+        if missing:
+            _delete(store, keys[r])  # a late rank must not take the check for passed
+            raise RuntimeError(
+                f"exchange='ring': rank(s) {missing} of {W} did not reach pre-flight check {call} ({kind}) of "
+                f"process group {name!r} within {timeout:g} s ({RING_TIMEOUT_ENV}); every rank must call the "
+                f"loss the same number of times with exchange='ring' and the same arguments") from None
+    if call > 0:  # every rank reached this check, so each is done reading the previous one
+        _delete(store, f"{_PREFLIGHT_PREFIX}/{call - 1}/{r}")
+    raw = store.multi_get(keys) if W > 1 else [store.get(keys[0])]
+    out = [json.loads(v.decode() if isinstance(v, (bytes, bytearray)) else v) for v in raw]
+    kinds = [d.get("kind") for d in out]
+    if any(k != kind for k in kinds):
+        lines = "; ".join(f"rank {i}: {k}" for i, k in enumerate(kinds))
+        raise ValueError(f"exchange='ring': the ranks are at different steps of pre-flight check {call} ({lines}); "
+                         f"every rank must call the loss with the same arguments")
+    return out
 
 
 class PresentCandidates(NamedTuple):
@@ -320,8 +408,9 @@ class RingCandidates:
     each hop restricts the candidates to the visiting block's present rows
     (:func:`restrict_to_present`), so global positions keep their meaning.
     On creation the ranks compare a descriptor (parts, width, dtype, rows,
-    requires_grad, mask) in one small all-gather, so a mismatch is a clear
-    error on every rank instead of a hang of the point-to-point transfers.
+    requires_grad, mask) through the group's store (:func:`ring_preflight`,
+    a bounded wait), so a mismatch or a missing rank is a clear error on
+    every rank instead of a hang of the point-to-point transfers.
     """
 
     def __init__(self, gb: "GlobalBatch", parts, present=None):
@@ -350,19 +439,15 @@ class RingCandidates:
         self._check_ranks_agree()
 
     def _check_ranks_agree(self) -> None:
-        code = _DTYPES.index(self.dtype) if self.dtype in _DTYPES else len(_DTYPES)
-        mine = torch.tensor([self.P, self.D, code, self.gb.n, int(self.block.requires_grad),
-                             int(self.present_rows is not None)], dtype=torch.int64, device=self.device)
-        allv = [torch.empty_like(mine) for _ in range(self.gb.world_size)]
-        _dist().all_gather(allv, mine, group=self.gb.group)
-        rows = [tuple(int(x) for x in a.tolist()) for a in allv]
-        bad = [r for r in range(len(rows)) if rows[r][:3] != rows[0][:3] or rows[r][4:] != rows[0][4:]
-               or rows[r][3] != self.gb.sizes[r]]
+        mine = dict(parts=self.P, D=self.D, dtype=str(self.dtype).replace("torch.", ""), rows=self.gb.n,
+                    requires_grad=bool(self.block.requires_grad), mask=self.present_rows is not None)
+        rows = ring_preflight(self.gb.group, "candidates", mine)
+        same = ("parts", "D", "dtype", "requires_grad", "mask")
+        bad = [r for r, t in enumerate(rows) if any(t[k] != rows[0][k] for k in same) or t["rows"] != self.gb.sizes[r]]
         if bad:
             def desc(t):
-                dt = _DTYPES[t[2]] if t[2] < len(_DTYPES) else "other"
-                return (f"parts={t[0]}, D={t[1]}, dtype={dt}, rows={t[3]}, requires_grad={bool(t[4])}, "
-                        f"mask={bool(t[5])}")
+                return (f"parts={t['parts']}, D={t['D']}, dtype={t['dtype']}, rows={t['rows']}, "
+                        f"requires_grad={t['requires_grad']}, mask={t['mask']}")
             lines = "; ".join(f"rank {r}: {desc(t)}" for r, t in enumerate(rows))
             raise ValueError(f"exchange='ring': the ranks' candidate blocks disagree ({lines})")
 
@@ -423,7 +508,11 @@ class GlobalBatch:
         self.n = n
         self.world_size = world_size(process_group)
         self.rank = rank(process_group)
-        self.sizes = gather_sizes(n, process_group, device)
+        if exchange == "ring" and self.world_size > 1:
+            # the ring's first step: the sizes through the store, with a bounded wait (no collective yet)
+            self.sizes = [int(d["n"]) for d in ring_preflight(process_group, "batch", dict(n=int(n)))]
+        else:
+            self.sizes = gather_sizes(n, process_group, device)
         self.offset = sum(self.sizes[: self.rank])
         self.total = sum(self.sizes)
         self.offsets = [sum(self.sizes[:r]) for r in range(len(self.sizes))]
