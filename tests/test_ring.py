@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 from typing import Callable, Dict, List
 
 import pytest
@@ -536,3 +537,109 @@ def test_module_exchange_keyword(cls):
         cls(exchange="allgather")
     assert "exchange='ring'" in repr(cls(exchange="ring"))
 
+
+
+# --------------------------------------------------------------------------- pre-flight check
+
+
+PREFLIGHT_TIMEOUT_S = 2.0
+PREFLIGHT_SIZES = [2, 3, 1]
+
+
+def _preflight_consecutive_calls(c):
+    """Many ring calls in a row (gather calls between them) keep working and agree with the gather, and the
+    store keeps the keys of the last check only."""
+    name, store = codist._group_store(c.group)
+    q, k = c.randn(c.n, 6), c.randn(c.n, 6, seed=1)
+    x, m = c.randn(c.n, 3, 4, seed=2), _view_mask(c)[c.offset: c.offset + c.n]
+    for i in range(12):
+        a = co.info_nce(q, k, 0.2, process_group=c.group, exchange="gather", backend="reference")
+        b = co.info_nce(q, k, 0.2, process_group=c.group, exchange="ring", backend="reference")
+        c.close(b, a, f"info_nce call {i}")
+        b.backward()
+        a = co.mv_dhel(x, 0.3, mask=m, process_group=c.group, exchange="gather", backend="reference")
+        b = co.mv_dhel(x, 0.3, mask=m, process_group=c.group, exchange="ring", backend="reference")
+        c.close(b, a, f"mv_dhel call {i}")
+    dist.barrier()
+    last = codist._preflight_calls[name] - 1
+    assert last + 1 >= 4 * 12, last  # a batch and a candidates check per ring call at least
+    key = lambda call, r: f"{codist._PREFLIGHT_PREFIX}/{call}/{r}"  # noqa: E731
+    assert all(store.check([key(last, r)]) for r in range(c.world))
+    left = [(call, r) for call in range(last) for r in range(c.world) if store.check([key(call, r)])]
+    assert not left, f"keys of finished checks left in the store: {left[:5]}"
+
+
+def _preflight_disagree(c):
+    """A rank with another width, dtype or without the mask: a ValueError on every rank, quickly."""
+    x = c.randn(c.n, 3, 4 if c.rank != 1 else 5)
+    m = torch.ones(c.n, 3, dtype=torch.bool)
+    t0 = time.time()
+    with pytest.raises(ValueError, match="rank 0: parts=3, D=4.*rank 1: parts=3, D=5"):
+        co.mv_infonce(x, 0.2, mask=m, process_group=c.group, exchange="ring", backend="reference")
+    x = c.randn(c.n, 3, 4).to(torch.float32 if c.rank == c.world - 1 else torch.float64)
+    with pytest.raises(ValueError, match=f"rank {c.world - 1}: parts=3, D=4, dtype=float32"):
+        co.mv_dhel(x, 0.2, mask=m, process_group=c.group, exchange="ring", backend="reference")
+    x = c.randn(c.n, 3, 4)
+    with pytest.raises(ValueError, match="mask=True.*rank 1: .*mask=False"):
+        co.mv_dhel(x, 0.2, mask=None if c.rank == 1 else m, process_group=c.group, exchange="ring",
+                   backend="reference")
+    assert time.time() - t0 < PREFLIGHT_TIMEOUT_S, "a disagreement waited for the timeout"
+    # the ranks are still in step
+    co.mv_dhel(x, 0.2, mask=m, process_group=c.group, exchange="ring", backend="reference").backward()
+
+
+def _preflight_absent_rank(c):
+    """The last rank never calls the loss: the others raise a RuntimeError naming it within the timeout
+    (the group's own collective timeout is far longer).  Last: the ranks' check numbers part ways here."""
+    if c.rank == c.world - 1:
+        return
+    q, k = c.randn(c.n, 6), c.randn(c.n, 6, seed=1)
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match=rf"rank\(s\) \[{c.world - 1}\] of {c.world} did not reach pre-flight "
+                                           rf"check \d+ \(batch\).*within {PREFLIGHT_TIMEOUT_S:g} s"):
+        co.info_nce(q, k, 0.2, process_group=c.group, exchange="ring", backend="reference")
+    took = time.time() - t0
+    assert PREFLIGHT_TIMEOUT_S * 0.9 <= took < PREFLIGHT_TIMEOUT_S + 5, took
+
+
+PREFLIGHT_CASES = {"consecutive_calls": _preflight_consecutive_calls, "disagree": _preflight_disagree,
+                   "absent_rank": _preflight_absent_rank}
+
+
+def _preflight_worker(rank: int, world: int, port: int, sizes: List[int], outdir: str):
+    torch.set_num_threads(1)
+    os.environ[codist.RING_TIMEOUT_ENV] = str(PREFLIGHT_TIMEOUT_S)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    results = {}
+    try:
+        for name, fn in PREFLIGHT_CASES.items():
+            run_case(results, name, lambda: fn(RCtx(rank, world, sizes, "reference", torch.float64)), rank)
+    finally:
+        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+_PREFLIGHT: Dict[str, list] = {}
+
+
+@pytest.mark.parametrize("name", list(PREFLIGHT_CASES))
+def test_ring_preflight(name):
+    if not _PREFLIGHT:
+        per_rank = spawn_ranks(_preflight_worker, len(PREFLIGHT_SIZES), PREFLIGHT_SIZES, timeout_s=RUN_TIMEOUT_S,
+                               what="ring pre-flight run")
+        _PREFLIGHT.update({k: [pr[k]["error"] for pr in per_rank] for k in per_rank[0]})
+    failed = [f"--- rank {r} ---\n{e}" for r, e in enumerate(_PREFLIGHT[name]) if e is not None]
+    assert not failed, "\n".join(failed)
+
+
+def test_ring_timeout_setting(monkeypatch):
+    monkeypatch.delenv(codist.RING_TIMEOUT_ENV, raising=False)
+    assert codist.ring_timeout() == codist.RING_TIMEOUT_DEFAULT_S
+    monkeypatch.setenv(codist.RING_TIMEOUT_ENV, "7.5")
+    assert codist.ring_timeout() == 7.5
+    for bad in ("0", "-1", "inf", "nan", "soon"):
+        monkeypatch.setenv(codist.RING_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=f"{codist.RING_TIMEOUT_ENV} must be a number of seconds > 0"):
+            codist.ring_timeout()
