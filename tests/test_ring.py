@@ -22,6 +22,12 @@ replaced by one that fails, and every block the primitive sees is recorded:
 every block must be one rank's (one to three views of its local batch),
 i.e. no rank ever holds the global candidates.  One case checks that
 ranks which disagree on the candidates' shape or dtype get a clear error.
+
+The pre-flight check (``distributed.ring_preflight``, through the group's
+store with ``CONTRASTIVE_OPS_RING_TIMEOUT``) runs in a group of its own
+(``test_ring_preflight``): a rank that never calls the loss is named on the
+others within the timeout, disagreeing width / dtype / mask is a ValueError
+on every rank, and many calls in a row leave only the last check's keys.
 """
 from __future__ import annotations
 
