@@ -90,6 +90,6 @@ def present_sim_lse(q: Tensor, cands, scale: Tensor, *, row_index: Optional[Tens
     cs, ce, ex = restrict_to_present(present, pos, count, B, col_start, col_end, ex)
     row, col = sim_lse(q, k, scale, row_index=row_index, col_index=cols, col_start=cs, col_end=ce, exclude=ex,
                        want_col=want_col, backend=backend)
-    if want_col:  # list order → stack order; absent rows (in no range) and the cut tail are -inf
-        col = torch.cat([col, col.new_full((present.numel(),), float("-inf"))])[pos]
+    if want_col:  # list order → stack order (distinct rows: no accumulating backward); absent rows are -inf
+        col = col.new_full((present.numel(),), float("-inf")).index_put((cols,), col)
     return row, col
