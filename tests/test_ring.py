@@ -548,7 +548,7 @@ def test_module_exchange_keyword(cls):
 # --------------------------------------------------------------------------- pre-flight check
 
 
-PREFLIGHT_TIMEOUT_S = 2.0
+PREFLIGHT_TIMEOUT_S = 4.0
 PREFLIGHT_SIZES = [2, 3, 1]
 
 
