@@ -544,7 +544,6 @@ def test_module_exchange_keyword(cls):
     assert "exchange='ring'" in repr(cls(exchange="ring"))
 
 
-
 # --------------------------------------------------------------------------- pre-flight check
 
 

@@ -28,6 +28,11 @@ losses (N = 2048, V = 4, a quarter of the views missing) and 25–30 % longer fo
 point-token InfoNCE (B = 128, G = 64, 36 % co-masked).  Setting
 ``STATIC = True`` passes the whole list in eager mode too (tests use it to run
 the static lists through every kernel backend).
+
+Candidates that carry their present rows (``GlobalBatch.candidates(...,
+present=...)``, the multi-view losses' view mask): :func:`present_sim_lse`
+runs the core on the present rows listed first, the masks given in the whole
+stack's positions, one process, gathered or around the ring alike.
 """
 from __future__ import annotations
 
