@@ -58,8 +58,9 @@ requires_grad and mask for each ``RingCandidates``), waiting at most
 ``CONTRASTIVE_OPS_RING_TIMEOUT`` seconds (default 300), not the group's own
 timeout (30 min by default).  A rank that never arrives (it skipped the loss,
 or called it with ``exchange="gather"``) is a ``RuntimeError`` naming it on
-every waiting rank; descriptors that disagree are a ``ValueError`` on every
-rank.  Each check is numbered per group (the ranks make the same calls in the
+every waiting rank (and on itself, should it arrive later: the ranks that gave
+up leave that in their keys); descriptors that disagree are a ``ValueError`` on
+every rank.  Each check is numbered per group (the ranks make the same calls in the
 same order), and a rank deletes its key of the previous check once every rank
 has reached the current one, so the store holds at most two checks' keys.
 """
@@ -286,6 +287,7 @@ def ring_wait(reqs) -> None:
 RING_TIMEOUT_ENV = "CONTRASTIVE_OPS_RING_TIMEOUT"
 RING_TIMEOUT_DEFAULT_S = 300.0
 _PREFLIGHT_PREFIX = "contrastive_ops/ring_preflight"
+_GAVE_UP = "gave up waiting"  # the descriptor a rank leaves when its wait expired
 _preflight_calls: Dict[str, int] = {}  # per process group (by name): the number of the next check
 
 
@@ -341,7 +343,9 @@ def ring_preflight(process_group, kind: str, desc: dict) -> List[dict]:
     except RuntimeError:  # DistStoreError (a RuntimeError): the wait expired
         missing = [i for i, k in enumerate(keys) if not store.check([k])]
         if missing:
-            _delete(store, keys[r])  # a late rank must not take the check for passed
+            # The key stays (the other waiting ranks count this rank as arrived) but says it gave up, so a
+            # late rank raises too instead of starting the ring.
+            store.set(keys[r], json.dumps(dict(kind=_GAVE_UP, missing=missing)))
             raise RuntimeError(
                 f"exchange='ring': rank(s) {missing} of {W} did not reach pre-flight check {call} ({kind}) of "
                 f"process group {name!r} within {timeout:g} s ({RING_TIMEOUT_ENV}); every rank must call the "
@@ -351,6 +355,11 @@ def ring_preflight(process_group, kind: str, desc: dict) -> List[dict]:
     raw = store.multi_get(keys) if W > 1 else [store.get(keys[0])]
     out = [json.loads(v.decode() if isinstance(v, (bytes, bytearray)) else v) for v in raw]
     kinds = [d.get("kind") for d in out]
+    gave_up = [i for i, k in enumerate(kinds) if k == _GAVE_UP]
+    if gave_up:
+        raise RuntimeError(f"exchange='ring': rank(s) {gave_up} of {W} gave up waiting at pre-flight check {call} "
+                           f"({kind}) of process group {name!r} before this rank arrived ({RING_TIMEOUT_ENV}); every "
+                           f"rank must call the loss the same number of times with exchange='ring'")
     if any(k != kind for k in kinds):
         lines = "; ".join(f"rank {i}: {k}" for i, k in enumerate(kinds))
         raise ValueError(f"exchange='ring': the ranks are at different steps of pre-flight check {call} ({lines}); "

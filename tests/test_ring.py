@@ -25,9 +25,10 @@ ranks which disagree on the candidates' shape or dtype get a clear error.
 
 The pre-flight check (``distributed.ring_preflight``, through the group's
 store with ``CONTRASTIVE_OPS_RING_TIMEOUT``) runs in a group of its own
-(``test_ring_preflight``): a rank that never calls the loss is named on the
-others within the timeout, disagreeing width / dtype / mask is a ValueError
-on every rank, and many calls in a row leave only the last check's keys.
+(``test_ring_preflight``): a rank that does not call the loss in time is named
+on the others within the timeout (and raises itself when it calls late),
+disagreeing width / dtype / mask is a ValueError on every rank, and many calls
+in a row leave only the last check's keys.
 """
 from __future__ import annotations
 
@@ -594,17 +595,27 @@ def _preflight_disagree(c):
 
 
 def _preflight_absent_rank(c):
-    """The last rank never calls the loss: the others raise a RuntimeError naming it within the timeout
-    (the group's own collective timeout is far longer).  Last: the ranks' check numbers part ways here."""
-    if c.rank == c.world - 1:
-        return
+    """The last rank does not call the loss in time: the others raise a RuntimeError naming it within the
+    timeout (the group's own collective timeout is far longer); when it calls later, it raises too (the
+    others left word in the store) instead of starting the ring, and the ranks are in step again."""
     q, k = c.randn(c.n, 6), c.randn(c.n, 6, seed=1)
-    t0 = time.time()
-    with pytest.raises(RuntimeError, match=rf"rank\(s\) \[{c.world - 1}\] of {c.world} did not reach pre-flight "
-                                           rf"check \d+ \(batch\).*within {PREFLIGHT_TIMEOUT_S:g} s"):
-        co.info_nce(q, k, 0.2, process_group=c.group, exchange="ring", backend="reference")
-    took = time.time() - t0
-    assert PREFLIGHT_TIMEOUT_S * 0.9 <= took < PREFLIGHT_TIMEOUT_S + 5, took
+    ring = lambda: co.info_nce(q, k, 0.2, process_group=c.group, exchange="ring", backend="reference")  # noqa: E731
+    if c.rank == c.world - 1:
+        time.sleep(PREFLIGHT_TIMEOUT_S + 4)
+        others = ", ".join(str(r) for r in range(c.world - 1))
+        with pytest.raises(RuntimeError, match=rf"rank\(s\) \[{others}\] of {c.world} gave up waiting at "
+                                               rf"pre-flight check \d+ \(batch\)"):
+            ring()
+    else:
+        t0 = time.time()
+        with pytest.raises(RuntimeError, match=rf"rank\(s\) \[{c.world - 1}\] of {c.world} did not reach "
+                                               rf"pre-flight check \d+ \(batch\).*within {PREFLIGHT_TIMEOUT_S:g} s"):
+            ring()
+        took = time.time() - t0
+        assert PREFLIGHT_TIMEOUT_S * 0.9 <= took < PREFLIGHT_TIMEOUT_S + 3, took
+    dist.barrier()
+    a = co.info_nce(q, k, 0.2, process_group=c.group, exchange="gather", backend="reference")
+    c.close(ring(), a, "a ring call after the timeout")
 
 
 PREFLIGHT_CASES = {"consecutive_calls": _preflight_consecutive_calls, "disagree": _preflight_disagree,
