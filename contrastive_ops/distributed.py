@@ -50,10 +50,27 @@ modes only differ in what that returns.  Global candidate indices (the
 ``col_start``/``col_end``/``exclude`` of ``sim_lse``) mean the same in both
 modes: for ``gb.candidates(a, b)`` position ``p·total + offset_r + i`` is row
 ``i`` of part ``p`` on rank ``r`` (view-major, as ``cat([gather(a), gather(b)])``).
+
+Pre-flight check of the ring (:func:`ring_preflight`).  Before any collective
+of a ring call the ranks exchange small descriptors through the process
+group's c10d store (local rows for ``GlobalBatch``; parts, width, dtype, rows,
+requires_grad and mask for each ``RingCandidates``), waiting at most
+``CONTRASTIVE_OPS_RING_TIMEOUT`` seconds (default 300), not the group's own
+timeout (30 min by default).  A rank that never arrives (it skipped the loss,
+or called it with ``exchange="gather"``) is a ``RuntimeError`` naming it on
+every waiting rank (and on itself, should it arrive later: the ranks that gave
+up leave that in their keys); descriptors that disagree are a ``ValueError`` on
+every rank.  Each check is numbered per group (the ranks make the same calls in the
+same order), and a rank deletes its key of the previous check once every rank
+has reached the current one, so the store holds at most two checks' keys.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import datetime
+import json
+import math
+import os
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
@@ -267,7 +284,126 @@ def ring_wait(reqs) -> None:
         q.wait()
 
 
-_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+RING_TIMEOUT_ENV = "CONTRASTIVE_OPS_RING_TIMEOUT"
+RING_TIMEOUT_DEFAULT_S = 300.0
+_PREFLIGHT_PREFIX = "contrastive_ops/ring_preflight"
+_GAVE_UP = "gave up waiting"  # the descriptor a rank leaves when its wait expired
+_preflight_calls: Dict[str, int] = {}  # per process group (by name): the number of the next check
+
+
+def ring_timeout() -> float:
+    """Seconds the ring's pre-flight check waits for the other ranks (``CONTRASTIVE_OPS_RING_TIMEOUT``,
+    read at every call; default 300)."""
+    raw = os.environ.get(RING_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return RING_TIMEOUT_DEFAULT_S
+    try:
+        t = float(raw)
+    except ValueError:
+        t = float("nan")
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"{RING_TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
+    return t
+
+
+def _group_store(process_group):
+    """``(name, store)`` of ``process_group``: its name and its c10d store (the one
+    ``init_process_group`` / ``new_group`` made, which every backend has)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    dist = _dist()
+    pg = dist.group.WORLD if process_group is None else process_group
+    return c10d._get_process_group_name(pg), c10d._get_process_group_store(pg)
+
+
+def _delete(store, key: str) -> None:
+    try:
+        store.delete_key(key)
+    except RuntimeError:  # a store without deletion (FileStore): the key stays
+        pass
+
+
+def ring_preflight(process_group, kind: str, desc: dict) -> List[dict]:
+    """Every rank's ``desc`` (a small JSON-able dict), exchanged through the group's store with a bounded wait.
+
+    Called at the same point of a ring call by every rank, before any collective.  Waits at most
+    :func:`ring_timeout` seconds for the other ranks; on expiry raises ``RuntimeError`` naming the
+    ranks that did not arrive and the check (its number in this group and ``kind``).  Ranks at
+    different kinds of check are a ``ValueError``.  Returns the descriptors in rank order.
+    """
+    W, r = world_size(process_group), rank(process_group)
+    name, store = _group_store(process_group)
+    call = _preflight_calls.get(name, 0)
+    _preflight_calls[name] = call + 1
+    keys = [f"{_PREFLIGHT_PREFIX}/{call}/{i}" for i in range(W)]
+    store.set(keys[r], json.dumps(dict(desc, kind=kind)))
+    timeout = ring_timeout()
+    try:
+        store.wait(keys, datetime.timedelta(seconds=timeout))
+    except RuntimeError:  # DistStoreError (a RuntimeError): the wait expired
+        missing = [i for i, k in enumerate(keys) if not store.check([k])]
+        if missing:
+            # The key stays (the other waiting ranks count this rank as arrived) but says it gave up, so a
+            # late rank raises too instead of starting the ring.
+            store.set(keys[r], json.dumps(dict(kind=_GAVE_UP, missing=missing)))
+            raise RuntimeError(
+                f"exchange='ring': rank(s) {missing} of {W} did not reach pre-flight check {call} ({kind}) of "
+                f"process group {name!r} within {timeout:g} s ({RING_TIMEOUT_ENV}); every rank must call the "
+                f"loss the same number of times with exchange='ring' and the same arguments") from None
+    if call > 0:  # every rank reached this check, so each is done reading the previous one
+        _delete(store, f"{_PREFLIGHT_PREFIX}/{call - 1}/{r}")
+    raw = store.multi_get(keys) if W > 1 else [store.get(keys[0])]
+    out = [json.loads(v.decode() if isinstance(v, (bytes, bytearray)) else v) for v in raw]
+    kinds = [d.get("kind") for d in out]
+    gave_up = [i for i, k in enumerate(kinds) if k == _GAVE_UP]
+    if gave_up:
+        raise RuntimeError(f"exchange='ring': rank(s) {gave_up} of {W} gave up waiting at pre-flight check {call} "
+                           f"({kind}) of process group {name!r} before this rank arrived ({RING_TIMEOUT_ENV}); every "
+                           f"rank must call the loss the same number of times with exchange='ring'")
+    if any(k != kind for k in kinds):
+        lines = "; ".join(f"rank {i}: {k}" for i, k in enumerate(kinds))
+        raise ValueError(f"exchange='ring': the ranks are at different steps of pre-flight check {call} ({lines}); "
+                         f"every rank must call the loss with the same arguments")
+    return out
+
+
+class PresentCandidates(NamedTuple):
+    """A candidate stack of which only some rows take part (``GlobalBatch.candidates(..., present=...)``
+    without a ring): ``rows`` (M, D), ``present`` (M,) bool, both global (gathered) or this process's."""
+
+    rows: Tensor
+    present: Tensor
+
+
+def restrict_to_present(present: Tensor, pos: Tensor, count: Tensor, B: int, col_start: Optional[Tensor],
+                        col_end: Optional[Tensor], exclude: Optional[Tensor]):
+    """Candidate masks over a stack's rows turned into masks over its present rows listed first.
+
+    ``present`` (M,) bool, ``pos``/``count`` from ``present_first(present)``; ``col_start``/``col_end``
+    (B,) and ``exclude`` (B, E) are positions in the stack (0..M).  Returns ``(col_start, col_end,
+    exclude)`` (int32, contiguous) in the present-first order, for ``sim_lse`` with
+    ``col_index = order``: the range ``[start, end)`` becomes the range of the present rows inside it
+    (the present rows before a position, counted), a missing ``col_end`` the present count (the
+    absent rows, listed after the present ones, lie in no range), an excluded present row its place
+    in the list and an excluded absent row nothing (-1).
+    """
+    M = present.numel()
+    p = present.reshape(-1).long()
+    below = torch.cat([p.new_zeros(1), torch.cumsum(p, 0)])  # present rows before position x, x in 0..M
+    out = []
+    for t in (col_start, col_end):
+        out.append(None if t is None else below[t.long().clamp(0, M)].to(torch.int32).contiguous())
+    if out[1] is None:
+        out[1] = count.reshape(1).expand(B).to(torch.int32).contiguous()
+    if exclude is None:
+        out.append(None)
+    else:
+        e = exclude.long()
+        inside = (e >= 0) & (e < M)
+        at = e.clamp(0, max(M - 1, 0))
+        keep = inside & present.reshape(-1)[at] if M else inside
+        out.append(torch.where(keep, pos[at] if M else e, torch.full_like(e, -1)).to(torch.int32).contiguous())
+    return tuple(out)
 
 
 class RingCandidates:
@@ -275,13 +411,18 @@ class RingCandidates:
 
     ``parts`` are local (n, D) tensors; the global stack they stand for is
     ``cat([gather(parts[0]), gather(parts[1]), ...])`` and ``block`` is this
-    rank's ``cat(parts)`` (``P·n`` rows).  On creation the ranks compare a
-    descriptor (parts, width, dtype, rows) in one small all-gather, so a
-    mismatch is a clear error on every rank instead of a hang of the
-    point-to-point transfers.
+    rank's ``cat(parts)`` (``P·n`` rows).  ``present`` (optional: one (n,)
+    bool per part, or a (P, n) bool tensor) marks the rows that take part;
+    ``present_rows`` (``P·n`` uint8, 1 = present) travels with the block, and
+    each hop restricts the candidates to the visiting block's present rows
+    (:func:`restrict_to_present`), so global positions keep their meaning.
+    On creation the ranks compare a descriptor (parts, width, dtype, rows,
+    requires_grad, mask) through the group's store (:func:`ring_preflight`,
+    a bounded wait), so a mismatch or a missing rank is a clear error on
+    every rank instead of a hang of the point-to-point transfers.
     """
 
-    def __init__(self, gb: "GlobalBatch", parts):
+    def __init__(self, gb: "GlobalBatch", parts, present=None):
         self.gb = gb
         self.parts = tuple(parts)
         if not self.parts:
@@ -297,21 +438,25 @@ class RingCandidates:
         self.dtype = self.parts[0].dtype
         self.device = self.parts[0].device
         self.block = self.parts[0] if self.P == 1 else torch.cat(self.parts)
+        self.present_rows = None
+        if present is not None:
+            pm = torch.stack(list(present)) if isinstance(present, (list, tuple)) else present
+            if pm.dtype != torch.bool or tuple(pm.shape) not in ((self.P, gb.n), (self.P * gb.n,)):
+                raise ValueError(f"ring candidates' present rows must be bool of shape ({self.P}, {gb.n}), got "
+                                 f"{pm.dtype} {tuple(pm.shape)}")
+            self.present_rows = pm.reshape(-1).to(device=self.device, dtype=torch.uint8).contiguous()
         self._check_ranks_agree()
 
     def _check_ranks_agree(self) -> None:
-        code = _DTYPES.index(self.dtype) if self.dtype in _DTYPES else len(_DTYPES)
-        mine = torch.tensor([self.P, self.D, code, self.gb.n, int(self.block.requires_grad)], dtype=torch.int64,
-                            device=self.device)
-        allv = [torch.empty_like(mine) for _ in range(self.gb.world_size)]
-        _dist().all_gather(allv, mine, group=self.gb.group)
-        rows = [tuple(int(x) for x in a.tolist()) for a in allv]
-        bad = [r for r in range(len(rows)) if rows[r][:3] != rows[0][:3] or rows[r][4] != rows[0][4]
-               or rows[r][3] != self.gb.sizes[r]]
+        mine = dict(parts=self.P, D=self.D, dtype=str(self.dtype).replace("torch.", ""), rows=self.gb.n,
+                    requires_grad=bool(self.block.requires_grad), mask=self.present_rows is not None)
+        rows = ring_preflight(self.gb.group, "candidates", mine)
+        same = ("parts", "D", "dtype", "requires_grad", "mask")
+        bad = [r for r, t in enumerate(rows) if any(t[k] != rows[0][k] for k in same) or t["rows"] != self.gb.sizes[r]]
         if bad:
             def desc(t):
-                dt = _DTYPES[t[2]] if t[2] < len(_DTYPES) else "other"
-                return f"parts={t[0]}, D={t[1]}, dtype={dt}, rows={t[3]}, requires_grad={bool(t[4])}"
+                return (f"parts={t['parts']}, D={t['D']}, dtype={t['dtype']}, rows={t['rows']}, "
+                        f"requires_grad={t['requires_grad']}, mask={t['mask']}")
             lines = "; ".join(f"rank {r}: {desc(t)}" for r, t in enumerate(rows))
             raise ValueError(f"exchange='ring': the ranks' candidate blocks disagree ({lines})")
 
@@ -372,7 +517,11 @@ class GlobalBatch:
         self.n = n
         self.world_size = world_size(process_group)
         self.rank = rank(process_group)
-        self.sizes = gather_sizes(n, process_group, device)
+        if exchange == "ring" and self.world_size > 1:
+            # the ring's first step: the sizes through the store, with a bounded wait (no collective yet)
+            self.sizes = [int(d["n"]) for d in ring_preflight(process_group, "batch", dict(n=int(n)))]
+        else:
+            self.sizes = gather_sizes(n, process_group, device)
         self.offset = sum(self.sizes[: self.rank])
         self.total = sum(self.sizes)
         self.offsets = [sum(self.sizes[:r]) for r in range(len(self.sizes))]
@@ -395,23 +544,38 @@ class GlobalBatch:
             out = out + t.to(out.dtype)
         return out
 
-    def candidates(self, *parts: Tensor, dtype: Optional[torch.dtype] = None):
+    def candidates(self, *parts: Tensor, dtype: Optional[torch.dtype] = None, present=None,
+                   stack: Optional[Tensor] = None):
         """The global candidate stack ``cat([gather(p) for p in parts])`` (cast to ``dtype`` after the
         gather, if given) for the primitives.
 
         ``exchange="gather"``: that tensor (``parts[0]`` itself for one part
-        without a process group).  ``exchange="ring"``: a
-        :class:`RingCandidates` handle on this rank's block, which
-        ``primitives.sim_lse`` runs around the ring; global indices mean the
-        same in both modes.
+        without a process group; ``stack``, this process's ``cat(parts)`` in
+        ``dtype``, itself when given, so a kernel sees anchors and candidates
+        as one tensor).  ``exchange="ring"``: a :class:`RingCandidates` handle
+        on this rank's block, which ``primitives.sim_lse`` runs around the
+        ring; global indices mean the same in both modes.
+
+        ``present`` (a (P, n) bool tensor or one (n,) bool per part: the rows
+        that take part): ``"gather"`` returns :class:`PresentCandidates` (the
+        stack and its gathered rows' mask), ``"ring"`` a handle whose mask
+        travels with its block; ``losses._present_first.present_sim_lse``
+        takes either.
         """
         if self.ring:
-            return RingCandidates(self, [p if dtype is None else p.to(dtype) for p in parts])
-        if len(parts) == 1:
-            out = self.gather(parts[0])
-        else:  # one collective for every part: (P, n, D) gathered along dim 1, view-major
-            out = self.gather(torch.stack(parts), dim=1).reshape(-1, parts[0].shape[-1])
-        return out if dtype is None else out.to(dtype)
+            return RingCandidates(self, [p if dtype is None else p.to(dtype) for p in parts], present)
+        if self.group is None and stack is not None:
+            out = stack
+        else:
+            if len(parts) == 1:
+                out = self.gather(parts[0])
+            else:  # one collective for every part: (P, n, D) gathered along dim 1, view-major
+                out = self.gather(torch.stack(parts), dim=1).reshape(-1, parts[0].shape[-1])
+            out = out if dtype is None else out.to(dtype)
+        if present is None:
+            return out
+        pm = torch.stack(list(present)) if isinstance(present, (list, tuple)) else present
+        return PresentCandidates(out, self.gather_nograd(pm.reshape(len(parts), self.n), dim=1).reshape(-1))
 
     def gather(self, t: Tensor, dim: int = 0) -> Tensor:
         """All ranks' ``t`` concatenated along ``dim`` (this rank's rows there), with gradient."""

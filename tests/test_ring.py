@@ -15,18 +15,27 @@ uneven local batches) runs every case below; for each case each rank
   the mean over ranks of a shared scalar's gradient the single-process one.
 
 Backends: ``reference`` (the composition on the dense core, hop by hop) and
-``cpu`` for every case, the interpreted ``triton`` for the CLIP case only.
+``cpu`` for every case, the interpreted ``triton`` for the CLIP case and one
+masked multi-view case only.
 While the ring runs, the all-gather of ``contrastive_ops.distributed`` is
 replaced by one that fails, and every block the primitive sees is recorded:
 every block must be one rank's (one to three views of its local batch),
 i.e. no rank ever holds the global candidates.  One case checks that
 ranks which disagree on the candidates' shape or dtype get a clear error.
+
+The pre-flight check (``distributed.ring_preflight``, through the group's
+store with ``CONTRASTIVE_OPS_RING_TIMEOUT``) runs in a group of its own
+(``test_ring_preflight``): a rank that does not call the loss in time is named
+on the others within the timeout (and raises itself when it calls late),
+disagreeing width / dtype / mask is a ValueError on every rank, and many calls
+in a row leave only the last check's keys.
 """
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import time
 from typing import Callable, Dict, List
 
 import pytest
@@ -355,14 +364,55 @@ def _(c):
     c.check(co.mv_dhel, [B(c.randn(c.N, 3, 5)), S(c.scalar(0.2))])
 
 
-@case("mv_mask_ring_not_supported")
+def _view_mask(c, V: int = 3, empty_rank: bool = False) -> torch.Tensor:
+    """A global (N, V) view mask with missing views: instance 0 has one present view (a candidate
+    that leaves the mean), the last rank's rows have one present view in all (``empty_rank``: none)."""
+    m = torch.rand(c.N, V, generator=torch.Generator().manual_seed(4001)) > 0.3
+    m[0] = False
+    m[0, 1] = True
+    if c.N > 1:
+        m[1] = True
+    last = c.N - c.sizes[-1]
+    m[last:] = False
+    if not empty_rank:
+        m[last, V - 1] = True
+    return m
+
+
+@case("mv_infonce_mask")
 def _(c):
-    # Raised before any collective, alike on every rank (the masked compositions select candidates by index).
-    x, m = c.randn(c.n, 3, 5), torch.ones(c.n, 3, dtype=torch.bool)
-    for fn in (co.mv_infonce, co.mv_dhel):
-        with pytest.raises(NotImplementedError, match="does not take a mask"):
-            fn(x, 0.2, mask=m, process_group=c.group, exchange="ring", backend=c.backend)
-        fn(x, 0.2, mask=m, process_group=c.group, exchange="gather", backend=c.backend)  # the gather takes it
+    c.check(lambda x, m, t, **kw: co.mv_infonce(x, t, mask=m, **kw),
+            [B(c.randn(c.N, 3, 5)), B(_view_mask(c)), S(c.scalar(0.2))])
+
+
+@case("mv_infonce_mask_none_rank_without_views")
+def _(c):
+    c.check(lambda x, m, **kw: co.mv_infonce(x, 0.3, mask=m, **kw),
+            [B(c.randn(c.N, 3, 5)), B(_view_mask(c, empty_rank=True))], reduction="none")
+
+
+@case("mv_infonce_pairwise_mask")
+def _(c):
+    c.check(lambda x, m, t, **kw: co.mv_infonce(x, t, mask=m, variant="pairwise", **kw),
+            [B(c.randn(c.N, 3, 5)), B(_view_mask(c)), S(c.scalar(0.25))])
+
+
+@case("mv_infonce_pairwise_mask_none")
+def _(c):
+    c.check(lambda x, m, **kw: co.mv_infonce(x, 0.3, mask=m, variant="pairwise", reduction="none", **kw),
+            [B(c.randn(c.N, 3, 5)), B(_view_mask(c, empty_rank=True))])
+
+
+@case("mv_dhel_mask")
+def _(c):
+    c.check(lambda x, m, t, **kw: co.mv_dhel(x, t, mask=m, **kw),
+            [B(c.randn(c.N, 3, 5)), B(_view_mask(c)), S(c.scalar(0.2))])
+
+
+@case("mv_dhel_mask_sum_rank_without_views")
+def _(c):
+    c.check(lambda x, m, **kw: co.mv_dhel(x, 0.3, mask=m, reduction="sum", **kw),
+            [B(c.randn(c.N, 3, 5)), B(_view_mask(c, empty_rank=True))])
 
 
 @case("ranks_disagree")
@@ -386,8 +436,9 @@ def _(c):
 # --------------------------------------------------------------------------- processes
 
 
-# The interpreted Triton backend is slow: one small case (the column LSE travelling with its block).
-TRITON_CASES = {"clip_loss"}
+# The interpreted Triton backend is slow: small cases (the column LSE travelling with its block; the view mask
+# travelling with its block).
+TRITON_CASES = {"clip_loss", "mv_dhel_mask"}
 
 
 def _backends() -> List[str]:
@@ -493,3 +544,118 @@ def test_module_exchange_keyword(cls):
         cls(exchange="allgather")
     assert "exchange='ring'" in repr(cls(exchange="ring"))
 
+
+# --------------------------------------------------------------------------- pre-flight check
+
+
+PREFLIGHT_TIMEOUT_S = 4.0
+PREFLIGHT_SIZES = [2, 3, 1]
+
+
+def _preflight_consecutive_calls(c):
+    """Many ring calls in a row (gather calls between them) keep working and agree with the gather, and the
+    store keeps the keys of the last check only."""
+    name, store = codist._group_store(c.group)
+    q, k = c.randn(c.n, 6), c.randn(c.n, 6, seed=1)
+    x, m = c.randn(c.n, 3, 4, seed=2), _view_mask(c)[c.offset: c.offset + c.n]
+    for i in range(12):
+        a = co.info_nce(q, k, 0.2, process_group=c.group, exchange="gather", backend="reference")
+        b = co.info_nce(q, k, 0.2, process_group=c.group, exchange="ring", backend="reference")
+        c.close(b, a, f"info_nce call {i}")
+        b.backward()
+        a = co.mv_dhel(x, 0.3, mask=m, process_group=c.group, exchange="gather", backend="reference")
+        b = co.mv_dhel(x, 0.3, mask=m, process_group=c.group, exchange="ring", backend="reference")
+        c.close(b, a, f"mv_dhel call {i}")
+    dist.barrier()
+    last = codist._preflight_calls[name] - 1
+    assert last + 1 >= 4 * 12, last  # a batch and a candidates check per ring call at least
+    key = lambda call, r: f"{codist._PREFLIGHT_PREFIX}/{call}/{r}"  # noqa: E731
+    assert all(store.check([key(last, r)]) for r in range(c.world))
+    left = [(call, r) for call in range(last) for r in range(c.world) if store.check([key(call, r)])]
+    assert not left, f"keys of finished checks left in the store: {left[:5]}"
+
+
+def _preflight_disagree(c):
+    """A rank with another width, dtype or without the mask: a ValueError on every rank, quickly."""
+    x = c.randn(c.n, 3, 4 if c.rank != 1 else 5)
+    m = torch.ones(c.n, 3, dtype=torch.bool)
+    t0 = time.time()
+    with pytest.raises(ValueError, match="rank 0: parts=3, D=4.*rank 1: parts=3, D=5"):
+        co.mv_infonce(x, 0.2, mask=m, process_group=c.group, exchange="ring", backend="reference")
+    x = c.randn(c.n, 3, 4).to(torch.float32 if c.rank == c.world - 1 else torch.float64)
+    with pytest.raises(ValueError, match=f"rank {c.world - 1}: parts=3, D=4, dtype=float32"):
+        co.mv_dhel(x, 0.2, mask=m, process_group=c.group, exchange="ring", backend="reference")
+    x = c.randn(c.n, 3, 4)
+    with pytest.raises(ValueError, match="mask=True.*rank 1: .*mask=False"):
+        co.mv_dhel(x, 0.2, mask=None if c.rank == 1 else m, process_group=c.group, exchange="ring",
+                   backend="reference")
+    assert time.time() - t0 < PREFLIGHT_TIMEOUT_S, "a disagreement waited for the timeout"
+    # the ranks are still in step
+    co.mv_dhel(x, 0.2, mask=m, process_group=c.group, exchange="ring", backend="reference").backward()
+
+
+def _preflight_absent_rank(c):
+    """The last rank does not call the loss in time: the others raise a RuntimeError naming it within the
+    timeout (the group's own collective timeout is far longer); when it calls later, it raises too (the
+    others left word in the store) instead of starting the ring, and the ranks are in step again."""
+    q, k = c.randn(c.n, 6), c.randn(c.n, 6, seed=1)
+    ring = lambda: co.info_nce(q, k, 0.2, process_group=c.group, exchange="ring", backend="reference")  # noqa: E731
+    if c.rank == c.world - 1:
+        time.sleep(PREFLIGHT_TIMEOUT_S + 4)
+        others = ", ".join(str(r) for r in range(c.world - 1))
+        with pytest.raises(RuntimeError, match=rf"rank\(s\) \[{others}\] of {c.world} gave up waiting at "
+                                               rf"pre-flight check \d+ \(batch\)"):
+            ring()
+    else:
+        t0 = time.time()
+        with pytest.raises(RuntimeError, match=rf"rank\(s\) \[{c.world - 1}\] of {c.world} did not reach "
+                                               rf"pre-flight check \d+ \(batch\).*within {PREFLIGHT_TIMEOUT_S:g} s"):
+            ring()
+        took = time.time() - t0
+        assert PREFLIGHT_TIMEOUT_S * 0.9 <= took < PREFLIGHT_TIMEOUT_S + 3, took
+    dist.barrier()
+    a = co.info_nce(q, k, 0.2, process_group=c.group, exchange="gather", backend="reference")
+    c.close(ring(), a, "a ring call after the timeout")
+
+
+PREFLIGHT_CASES = {"consecutive_calls": _preflight_consecutive_calls, "disagree": _preflight_disagree,
+                   "absent_rank": _preflight_absent_rank}
+
+
+def _preflight_worker(rank: int, world: int, port: int, sizes: List[int], outdir: str):
+    torch.set_num_threads(1)
+    os.environ[codist.RING_TIMEOUT_ENV] = str(PREFLIGHT_TIMEOUT_S)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    results = {}
+    try:
+        for name, fn in PREFLIGHT_CASES.items():
+            run_case(results, name, lambda: fn(RCtx(rank, world, sizes, "reference", torch.float64)), rank)
+    finally:
+        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+_PREFLIGHT: Dict[str, list] = {}
+
+
+@pytest.mark.parametrize("name", list(PREFLIGHT_CASES))
+def test_ring_preflight(name):
+    if not _PREFLIGHT:
+        per_rank = spawn_ranks(_preflight_worker, len(PREFLIGHT_SIZES), PREFLIGHT_SIZES, timeout_s=RUN_TIMEOUT_S,
+                               what="ring pre-flight run")
+        _PREFLIGHT.update({k: [pr[k]["error"] for pr in per_rank] for k in per_rank[0]})
+    failed = [f"--- rank {r} ---\n{e}" for r, e in enumerate(_PREFLIGHT[name]) if e is not None]
+    assert not failed, "\n".join(failed)
+
+
+def test_ring_timeout_setting(monkeypatch):
+    monkeypatch.delenv(codist.RING_TIMEOUT_ENV, raising=False)
+    assert codist.ring_timeout() == codist.RING_TIMEOUT_DEFAULT_S
+    monkeypatch.setenv(codist.RING_TIMEOUT_ENV, "7.5")
+    assert codist.ring_timeout() == 7.5
+    for bad in ("0", "-1", "inf", "nan", "soon"):
+        monkeypatch.setenv(codist.RING_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=f"{codist.RING_TIMEOUT_ENV} must be a number of seconds > 0"):
+            codist.ring_timeout()

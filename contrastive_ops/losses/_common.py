@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 from .._checks import as_scalar
 from .._numerics import acc_dtype
-from ..distributed import GlobalBatch, RingCandidates
+from ..distributed import GlobalBatch, PresentCandidates, RingCandidates
 from ..primitives.ring import ring_pass
 from ..primitives.sim_lse import sim_lse
+from ._present_first import present_sim_lse
 
 Tensor = torch.Tensor
 
@@ -239,20 +240,34 @@ def supcon_setup(views: Tensor, labels: Optional[Tensor], temperature, base_temp
 
 
 def cross_lse(q: Tensor, k: Tensor, scale: Tensor, gb: GlobalBatch, *, exclude_own: bool = False,
-              backend: str, q_all: Optional[Tensor] = None, k_all: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+              backend: str, q_all: Optional[Tensor] = None, k_all: Optional[Tensor] = None,
+              present: Optional[Tensor] = None, present_all: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Row LSE of this rank's ``q`` over every rank's ``k`` and column LSE of this rank's ``k`` over every
     rank's ``q`` (q and k paired row by row: CLIP, symmetric InfoNCE).  ``exclude_own`` leaves out each
-    pair (i, i).
+    pair (i, i).  ``present`` (n,) bool: only the pairs whose rows are both present take part (absent
+    rows: -inf); the mask goes with the candidates (``gb.candidates(..., present=...)``).
 
     One process and ``exchange="ring"``: one core call with ``want_col``.  ``"gather"``: two calls, local
     rows against the gathered other side (a gathered call's columns would be over local anchors only);
-    ``q_all``/``k_all``: those gathered tensors when the caller has them already.
+    ``q_all``/``k_all`` (and ``present_all``, the gathered ``present``): those gathered tensors when the
+    caller has them already.
     """
     own = (torch.arange(q.shape[0], device=q.device) + gb.offset)[:, None] if exclude_own else None
+    if present is None:
+        if gb.group is None or gb.ring:
+            return sim_lse(q, gb.candidates(k), scale, exclude=own, want_col=True, backend=backend)
+        row, _ = sim_lse(q, gb.gather(k) if k_all is None else k_all, scale, exclude=own, backend=backend)
+        col, _ = sim_lse(k, gb.gather(q) if q_all is None else q_all, scale, exclude=own, backend=backend)
+        return row, col
+    end = torch.where(present, gb.total, 0)  # absent anchors: an empty range
     if gb.group is None or gb.ring:
-        return sim_lse(q, gb.candidates(k), scale, exclude=own, want_col=True, backend=backend)
-    row, _ = sim_lse(q, gb.gather(k) if k_all is None else k_all, scale, exclude=own, backend=backend)
-    col, _ = sim_lse(k, gb.gather(q) if q_all is None else q_all, scale, exclude=own, backend=backend)
+        return present_sim_lse(q, gb.candidates(k, present=[present]), scale, col_end=end, exclude=own,
+                               want_col=True, backend=backend)
+    pa = gb.gather_nograd(present) if present_all is None else present_all
+    row, _ = present_sim_lse(q, PresentCandidates(gb.gather(k) if k_all is None else k_all, pa), scale,
+                             col_end=end, exclude=own, backend=backend)
+    col, _ = present_sim_lse(k, PresentCandidates(gb.gather(q) if q_all is None else q_all, pa), scale,
+                             col_end=end, exclude=own, backend=backend)
     return row, col
 
 

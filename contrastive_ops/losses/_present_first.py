@@ -28,34 +28,26 @@ losses (N = 2048, V = 4, a quarter of the views missing) and 25–30 % longer fo
 point-token InfoNCE (B = 128, G = 64, 36 % co-masked).  Setting
 ``STATIC = True`` passes the whole list in eager mode too (tests use it to run
 the static lists through every kernel backend).
+
+Candidates that carry their present rows (``GlobalBatch.candidates(...,
+present=...)``, the multi-view losses' view mask): :func:`present_sim_lse`
+runs the core on the present rows listed first, the masks given in the whole
+stack's positions, one process, gathered or around the ring alike.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+
+from .._numerics import present_first
+from ..distributed import RingCandidates, restrict_to_present
+from ..primitives.sim_lse import sim_lse
 
 Tensor = torch.Tensor
 
 # Pass whole static-length lists in eager mode too (see the module docstring).
 STATIC = False
-
-
-def present_first(present: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(order, pos, count)`` of a bool vector: present items first, each group in ascending order.
-
-    ``order`` (n,) int64 lists the items, ``pos`` (n,) int64 is its inverse
-    (``pos[order] = arange(n)``), ``count`` the 0-dim int64 number of present
-    items.  O(n), no sort and no host synchronization.
-    """
-    p = present.reshape(-1).long()
-    n = p.numel()
-    count = p.sum()
-    before = torch.cumsum(p, 0) - p  # present items before item x
-    ar = torch.arange(n, device=p.device)
-    pos = torch.where(p.bool(), before, count + ar - before)  # absent: after all present ones
-    order = torch.zeros_like(pos).scatter(0, pos, ar)
-    return order, pos, count
 
 
 def kept(count: Tensor, n: int) -> int:
@@ -73,3 +65,36 @@ def present_list(present: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """``(index, pos, count)``: :func:`present_first`'s order cut to :func:`kept` entries."""
     order, pos, count = present_first(present)
     return order[: kept(count, order.numel())], pos, count
+
+
+def present_sim_lse(q: Tensor, cands, scale: Tensor, *, row_index: Optional[Tensor] = None,
+                    col_start: Optional[Tensor] = None, col_end: Optional[Tensor] = None,
+                    exclude: Optional[Tensor] = None, want_col: bool = False,
+                    backend: str) -> Tuple[Tensor, Optional[Tensor]]:
+    """``sim_lse`` of ``q`` against the present rows of ``cands`` only (``GlobalBatch.candidates(...,
+    present=...)``), one composition for every exchange.
+
+    The masks are positions in the whole candidate stack (global under a
+    process group), as without a mask.  A :class:`~contrastive_ops.distributed.PresentCandidates`
+    (one process, or gathered): the present rows listed first (``present_list``: cut in eager mode,
+    static under ``torch.compile``) are the core's ``col_index`` and the masks are translated into
+    that list (``distributed.restrict_to_present``).  A ring handle: its mask travels with its block
+    and each hop does the same on the visiting block (``primitives.ring``).  ``col_lse`` (``want_col``)
+    is in the stack's row order, -inf at absent rows.
+    """
+    if isinstance(cands, RingCandidates):
+        if cands.present_rows is None:
+            raise ValueError("present_sim_lse takes ring candidates with present rows "
+                             "(GlobalBatch.candidates(..., present=...))")
+        return sim_lse(q, cands, scale, row_index=row_index, col_start=col_start, col_end=col_end,
+                       exclude=exclude, want_col=want_col, backend=backend)
+    k, present = cands
+    B = q.shape[0] if row_index is None else row_index.shape[0]
+    cols, pos, count = present_list(present)
+    ex = None if exclude is None else exclude.reshape(exclude.shape[0], -1)
+    cs, ce, ex = restrict_to_present(present, pos, count, B, col_start, col_end, ex)
+    row, col = sim_lse(q, k, scale, row_index=row_index, col_index=cols, col_start=cs, col_end=ce, exclude=ex,
+                       want_col=want_col, backend=backend)
+    if want_col:  # list order → stack order (distinct rows: no accumulating backward); absent rows are -inf
+        col = col.new_full((present.numel(),), float("-inf")).index_put((cols,), col)
+    return row, col

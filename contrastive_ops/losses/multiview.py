@@ -28,15 +28,20 @@ official code's z of shape (V·N, D) = [all of view 0; all of view 1; ...].
 Fused compositions (``_fused_*``) call the similarity-LSE core once per loss
 (once per unordered view pair for ``"pairwise"``) on the view-major (V·N, D)
 features and keep everything else on O(V·N·D) and O(N·V²) tensors.  With a
-mask, the core's index lists hold the present views first and the absent ones
-after them with an empty candidate range (static length, no host sync under
-``torch.compile``; see ``contrastive_ops.losses._present_first``).
+mask, the candidates carry their present rows (``GlobalBatch.candidates(...,
+present=...)``) and the core's index lists hold the present views first and the
+absent ones after them with an empty candidate range (static length, no host
+sync under ``torch.compile``; see ``contrastive_ops.losses._present_first``).
 
 Under ``process_group`` (``contrastive_ops.distributed``) the instances are
 all-gathered with gradient (the mask without); the anchors are this rank's
 instances, the candidates every rank's.  The core runs this rank's anchor rows
 against the gathered (V·N, D) stack, excluding each anchor's own global
 position; the counts of the mean (instances that count, pairs) are global.
+With ``exchange="ring"`` the same composition runs on a ring handle instead of
+the gathered stack: each rank's (V·n, D) block travels with its mask rows, each
+hop lists the visiting block's present rows first (``present_sim_lse``), and the
+global counts are one small all-reduce.
 The references compute the dense loss of the gathered batch and keep this
 rank's instances.
 """
@@ -49,10 +54,10 @@ import torch.nn.functional as F
 
 from .. import _checks, backends
 from .._numerics import masked_lse
-from ..distributed import GlobalBatch, uses_ring
+from ..distributed import GlobalBatch, all_reduce_sum, uses_ring
 from ..primitives.sim_lse import sim_lse
-from ._common import cross_lse, index_sum, inv_temperature, take_rows, unit
-from ._present_first import present_list
+from ._common import cross_lse, inv_temperature, unit
+from ._present_first import present_list, present_sim_lse
 
 Tensor = torch.Tensor
 VARIANTS = ("mv", "pairwise")
@@ -172,38 +177,34 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
 
     Anchors are this rank's instances (``views``, ``mask``: local, ``n`` of
     them), candidates every rank's (``N``; ``n == N`` in one process): gathered, or
-    visited around the ring (``exchange="ring"``, without a mask).
+    visited around the ring (``exchange="ring"``; the mask rows travel with their block).
     """
     V, n, D = views.shape
     gb = GlobalBatch(n, process_group, views.device, exchange)
     U = unit(views, normalize)  # (V, n, D) accumulation dtype: positives
     N = gb.total
     Uc = U.to(views.dtype)  # core operands in the input dtype
-    # every rank's view-major (V·N, D) stack (a ring handle, or gathered in the input dtype)
-    Zg = Uc.reshape(V * n, D) if gb.group is None else gb.candidates(*U.unbind(0), dtype=views.dtype)
-    Zc = None if gb.ring or gb.group is None else Zg.view(V, N, D)
+    Z = Uc.reshape(V * n, D)
     scale = inv_temperature(temperature, U)
     present = _present(mask, V, n, U.device)
     counted = present.sum(0) >= 2
-    mask_g = None if mask is None else gb.gather_nograd(mask)
     zero = U.sum() * 0 + torch.zeros(n, dtype=U.dtype, device=U.device)
     if variant == "mv":
-        Z = Uc.reshape(V * n, D)
-        Zg = Z if gb.group is None else Zg  # one process: the same tensor (Gram kernels)
+        # every rank's view-major (V·N, D) stack (a ring handle, or gathered in the input dtype; one
+        # process: Z itself, so the Gram kernels see one tensor), with its present rows under a mask
+        Zg = gb.candidates(*U.unbind(0), dtype=views.dtype, stack=Z, present=None if mask is None else present)
         self_pos = gb.anchor_index(V, U.device)  # global position of each local anchor
         if mask is None:
             # Row (l, i): LSE over all V·N−1 others (self excluded, positives kept).
             row, _ = sim_lse(Z, Zg, scale, exclude=self_pos, backend=backend)
             den = torch.logsumexp(row.view(V, n), 0)
         else:
-            # Present anchors first (rows), present candidates first (columns): positions below the
-            # present counts are the compacted lists.  Absent anchors get an empty range (-inf).
+            # Present anchors first (rows), present candidates only; positions are the stack's.  Absent
+            # anchors get an empty range (-inf).
             rows, _, _ = present_list(present.reshape(-1))
-            cols, cpos, n_cols = present_list(mask_g.T.reshape(-1))
-            end = torch.where(present.reshape(-1)[rows], n_cols, 0)
-            excl = cpos[self_pos[rows]]  # self, in the candidates' order (outside the range if absent)
-            row_c, _ = sim_lse(Z, Zg, scale, row_index=rows, col_index=cols, col_end=end, exclude=excl,
-                                    backend=backend)
+            end = torch.where(present.reshape(-1)[rows], V * N, 0)
+            row_c, _ = present_sim_lse(Z, Zg, scale, row_index=rows, col_end=end, exclude=self_pos[rows],
+                                       backend=backend)
             row = torch.full((V * n,), float("-inf"), dtype=row_c.dtype, device=U.device).index_put((rows,), row_c)
             den = masked_lse(row.view(V, n), present & counted[None, :], 0)
         ok = present.T[:, :, None] & present.T[:, None, :] & _not_eye(V, U.device)
@@ -212,38 +213,39 @@ def _fused_mv_infonce(views: Tensor, temperature, mask: Optional[Tensor] = None,
         return gb.reduce(values, reduction, counted)
 
     # "pairwise": one core call per unordered pair (l, m); the row LSE is the
-    # denominator of direction l→m, the column LSE that of m→l.  Under a process
-    # group the columns of this rank's instances are the rows of its view-m
-    # anchors against all view-l candidates: a second call.
+    # denominator of direction l→m, the column LSE that of m→l (``cross_lse``:
+    # under "gather" two calls against the gathered views, gathered once here).
+    # With a mask only the instances present in both views take part, and the
+    # counts of the mean (per pair, instances that count) are global sums.
+    Zc = None
+    if gb.group is not None and not gb.ring:
+        Zc = gb.candidates(*U.unbind(0), dtype=views.dtype).view(V, N, D)
     total = zero
     n_pairs = V * (V - 1) if mask is None else 0
+    if mask is not None:
+        co_present = (mask[:, :, None] & mask[:, None, :]).sum(0)  # (V, V): instances present in both views
+        counts = all_reduce_sum(torch.cat([co_present.reshape(-1), counted.sum().reshape(1)]), gb.group)
+        pair_count, n_counted = counts[:-1].view(V, V), counts[-1]
+        mask_g = None if Zc is None else gb.gather_nograd(mask)
     for l in range(V):
         for m in range(l + 1, V):
             pos = (U[l] * U[m]).sum(-1) * scale  # (n,)
+            kw = dict(backend=backend, q_all=None if Zc is None else Zc[l], k_all=None if Zc is None else Zc[m])
             if mask is None:
-                r, c = cross_lse(Uc[l], Uc[m], scale, gb, backend=backend, q_all=None if Zc is None else Zc[l],
-                                 k_all=None if Zc is None else Zc[m])
+                r, c = cross_lse(Uc[l], Uc[m], scale, gb, **kw)
                 total = total + (r + c - 2 * pos) / N
             else:
-                # Instances present in both views first; the other rows get an empty range (-inf).
                 both = mask[:, l] & mask[:, m]
-                cols, _, cnt = present_list(mask_g[:, l] & mask_g[:, m])
-                rows = cols if process_group is None else present_list(both)[0]
-                on = both[rows]
-                end = torch.where(on, cnt, 0)
-                if process_group is None:
-                    r, c = sim_lse(Uc[l], Uc[m], scale, row_index=rows, col_index=rows, col_end=end,
-                                        want_col=True, backend=backend)
-                else:
-                    r, _ = sim_lse(Uc[l], Zc[m], scale, row_index=rows, col_index=cols, col_end=end,
-                                        backend=backend)
-                    c, _ = sim_lse(Uc[m], Zc[l], scale, row_index=rows, col_index=cols, col_end=end,
-                                        backend=backend)
-                ce = torch.where(on, r + c - 2 * take_rows(pos, rows), 0) / cnt.clamp_min(1)
-                total = total + index_sum(ce.to(total.dtype), rows, n)  # no atomics: deterministic
+                cnt = pair_count[l, m]
+                r, c = cross_lse(Uc[l], Uc[m], scale, gb, present=both,
+                                 present_all=None if mask_g is None else mask_g[:, l] & mask_g[:, m], **kw)
+                ce = torch.where(both, r + c - 2 * pos, 0) / cnt.clamp_min(1)
+                total = total + ce.to(total.dtype)
                 n_pairs = n_pairs + 2 * (cnt > 0)  # a pair with no common instance leaves the mean
-    n_counted = N if mask_g is None else (mask_g.sum(1) >= 2).sum()  # global
-    values = total * n_counted / (n_pairs if mask is None else n_pairs.clamp_min(1))
+    if mask is None:
+        values = total * N / n_pairs
+    else:
+        values = total * n_counted / n_pairs.clamp_min(1)
     return gb.reduce(values, reduction, counted)
 
 
@@ -252,18 +254,18 @@ def _fused_mv_dhel(views: Tensor, temperature, mask: Optional[Tensor] = None, *,
     """MV-DHEL on the core: one call over view-major features, each row limited to its own view block.
 
     Anchors are this rank's instances (``n``), candidates every rank's (``N``): gathered, or visited
-    around the ring (``exchange="ring"``, without a mask).
+    around the ring (``exchange="ring"``; the mask rows travel with their block).
     """
     V, n, D = views.shape
     gb = GlobalBatch(n, process_group, views.device, exchange)
     U = unit(views, normalize)
     N = gb.total
     Z = U.to(views.dtype).reshape(V * n, D)
-    # One process: the same tensor as the candidates, so the kernels take the symmetric Gram both ways.
-    Zg = Z if gb.group is None else gb.candidates(*U.unbind(0), dtype=views.dtype)
     scale = inv_temperature(temperature, U)
     present = _present(mask, V, n, U.device)
     counted = present.sum(0) >= 2
+    # One process: Z itself as the candidates, so the kernels take the symmetric Gram both ways.
+    Zg = gb.candidates(*U.unbind(0), dtype=views.dtype, stack=Z, present=None if mask is None else present)
     self_pos = gb.anchor_index(V, U.device)  # global position of each local anchor
     view_of = torch.arange(V, device=Z.device).repeat_interleave(n)
     unif = U.sum() * 0 + torch.zeros(n, dtype=U.dtype, device=U.device)
@@ -274,21 +276,15 @@ def _fused_mv_dhel(views: Tensor, temperature, mask: Optional[Tensor] = None, *,
                                   backend=backend)
             unif = unif + row.view(V, n).sum(0)
     else:
-        mask_g = gb.gather_nograd(mask)
-        # Present entries first: in the candidates' order view l's present entries form the block
-        # [offsets[l], offsets[l] + counts[l]).  Absent anchors get an empty range (-inf).
+        # Present anchors first, each against the present rows of its own view's block [l·N, (l+1)·N)
+        # of the stack (present candidates only).  Absent anchors get an empty range (-inf).
         rows, _, _ = present_list(present.reshape(-1))
-        cols, cpos, _ = present_list(mask_g.T.reshape(-1))
-        counts = mask_g.sum(0)  # (V,)
-        offsets = torch.cumsum(counts, 0) - counts
-        v_of = view_of[rows]
         on = present.reshape(-1)[rows]
-        start = offsets[v_of]
-        end = torch.where(on, start + counts[v_of], start)
-        excl = cpos[self_pos[rows]]  # self, in the candidates' order
-        row_c, _ = sim_lse(Z, Zg, scale, row_index=rows, col_index=cols, col_start=start, col_end=end,
-                                exclude=excl, backend=backend)
-        term = on & (counts[v_of] >= 2)  # else the row's set is empty (-inf): left out
+        start = view_of[rows] * N
+        end = torch.where(on, start + N, start)
+        row_c, _ = present_sim_lse(Z, Zg, scale, row_index=rows, col_start=start, col_end=end,
+                                   exclude=self_pos[rows], backend=backend)
+        term = on & (row_c > float("-inf"))  # else no other instance is present in that view: left out
         vals = torch.where(term, row_c, 0)
         flat = torch.zeros(V * n, dtype=vals.dtype, device=vals.device).index_put((rows,), vals)
         unif = unif + flat.view(V, n).sum(0)
@@ -355,15 +351,6 @@ def mv_dhel_released(features: Tensor, temperature: float, *, product: bool = Fa
 # ---------------------------------------------------------------------------------------------
 
 
-def _ring_without_mask(exchange, process_group, mask) -> bool:
-    """Whether the call runs the ring; a mask with the ring is not supported (its compaction selects
-    candidates by index, which only a gathered stack has)."""
-    ring = uses_ring(exchange, process_group)
-    if ring and mask is not None:
-        raise NotImplementedError("exchange='ring' does not take a mask yet; use exchange='gather' with a mask")
-    return ring
-
-
 def _check_common(features, mask, reduction):
     views = _checks.check_views("features", features, min_views=2)
     V, N, _ = views.shape
@@ -388,15 +375,15 @@ def mv_infonce(features, temperature=0.1, *, mask=None, variant="mv", normalize=
         reduction: ``"mean"`` (over instances that count), ``"sum"`` or ``"none"`` ((N,), 0 for the
             instances left out).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
-        exchange: ``"gather"`` or ``"ring"`` under ``process_group`` (see ``info_nce``); ``"ring"`` does
-            not take a ``mask`` yet (NotImplementedError).
+        exchange: ``"gather"`` or ``"ring"`` under ``process_group`` (see ``info_nce``); with
+            ``"ring"`` the mask rows travel with the candidate blocks.
 
     Returns the loss in fp32 (float64 for float64 inputs).
     """
     views = _check_common(features, mask, reduction)
     _checks.check_choice("variant", variant, VARIANTS)
     temperature = _checks.as_scalar("temperature", temperature, views, positive=True)
-    ring = _ring_without_mask(exchange, process_group, mask)
+    ring = uses_ring(exchange, process_group)
     name = backends.resolve(backend, op="mv_infonce", tensors=[views])
     kw = dict(variant=variant, normalize=normalize, reduction=reduction, process_group=process_group)
     if name == "reference" and not ring:
@@ -413,7 +400,7 @@ def mv_dhel(features, temperature=0.2, *, mask=None, normalize=True, reduction="
     """
     views = _check_common(features, mask, reduction)
     temperature = _checks.as_scalar("temperature", temperature, views, positive=True)
-    ring = _ring_without_mask(exchange, process_group, mask)
+    ring = uses_ring(exchange, process_group)
     name = backends.resolve(backend, op="mv_dhel", tensors=[views])
     kw = dict(normalize=normalize, reduction=reduction, process_group=process_group)
     if name == "reference" and not ring:

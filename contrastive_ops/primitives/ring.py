@@ -34,6 +34,12 @@ rank's own block holds the positive pairs (i, i), so a visiting block's
 diagonal is turned back into negatives with softplus(L) = softplus(−L) + L,
 i.e. Σ_i L_ii added in PyTorch (O(n·D)).
 
+Candidates with a mask (``RingCandidates.present_rows``: the multi-view
+losses' present views): the mask rows travel with their block, and each hop
+lists the visiting block's present rows first (``col_index``) and turns the
+masks into positions in that list (:func:`hop_masks`), so absent rows enter
+no LSE and get no gradient, as the gathered stack's present-first lists do.
+
 Both Functions share :func:`ring_pass`, the loop that moves the blocks.
 """
 from __future__ import annotations
@@ -42,8 +48,8 @@ from typing import Optional
 
 import torch
 
-from .._numerics import acc_dtype
-from ..distributed import RingCandidates, ring_shift, ring_wait
+from .._numerics import acc_dtype, present_first
+from ..distributed import RingCandidates, restrict_to_present, ring_shift, ring_wait
 
 Tensor = torch.Tensor
 
@@ -96,6 +102,21 @@ def ring_pass(cands: RingCandidates, travel, acc, step, combine=torch.add):
     return acc
 
 
+def hop_masks(cands: RingCandidates, owner: int, B: int, cur, col_start, col_end, exclude):
+    """The masks of one hop on ``owner``'s block, ``cur`` its travelling tensors (``cur[1]``: its present
+    rows when the candidates have a mask).  Returns ``(col_index, col_start, col_end, exclude, pos)``:
+    without a mask ``col_index``/``pos`` are None and the masks are block positions; with one,
+    ``col_index`` lists the present rows first and the masks are positions in it, ``pos`` the list
+    position of each block row (block order ↔ list order of the column LSEs)."""
+    cs, ce, ex = cands.local_masks(owner, col_start, col_end, exclude)
+    if cands.present_rows is None:
+        return None, cs, ce, ex, None
+    present = cur[1].bool()
+    order, pos, count = present_first(present)
+    cs, ce, ex = restrict_to_present(present, pos, count, B, cs, ce, ex)
+    return order.to(torch.int32).contiguous(), cs, ce, ex, pos
+
+
 class RingSimLSEFunction(torch.autograd.Function):
     """``sim_lse`` of this rank's anchors against every rank's candidate block, passed around the ring.
 
@@ -118,13 +139,15 @@ class RingSimLSEFunction(torch.autograd.Function):
                 return None
             if blk.data_ptr() == q.data_ptr():  # a kernel would take them for one tensor (symmetric Gram)
                 blk = blk.clone()
-            cs, ce, ex = cands.local_masks(owner, col_start, col_end, exclude)
-            rl, cl = prim.forward(q, blk, scale, None, None, cs, ce, ex, want_col, **rm)
+            ci, cs, ce, ex, pos = hop_masks(cands, owner, B, cur, col_start, col_end, exclude)
+            rl, cl = prim.forward(q, blk, scale, None, ci, cs, ce, ex, want_col, **rm)
             row = torch.logaddexp(row, rl)
+            if want_col and pos is not None:
+                cl = cl[pos]  # list order → block order
             return [cl.to(dt)] if want_col else None
 
         col0 = [torch.full((k.shape[0],), float("-inf"), dtype=dt, device=q.device)] if want_col else []
-        out = ring_pass(cands, [cands.block], col0, step, combine=torch.logaddexp)
+        out = ring_pass(cands, [cands.block] + _mask_rows(cands), col0, step, combine=torch.logaddexp)
         own_col = out[0] if want_col else row.new_empty(0)
         ctx.prim, ctx.cands, ctx.want_col, ctx.rm = prim, cands, want_col, rm
         ctx.save_for_backward(q, k, scale, col_start, col_end, exclude, row, own_col)
@@ -155,18 +178,26 @@ class RingSimLSEFunction(torch.autograd.Function):
                 return None
             if blk.data_ptr() == q.data_ptr():
                 blk = blk.clone()
-            cs, ce, ex = cands.local_masks(owner, col_start, col_end, exclude)
-            c_lse, c_g = (cur[1][:, 0].contiguous(), cur[1][:, 1].contiguous()) if want_col else (empty, empty)
-            dq_h, dk_h, ds_h = prim.backward(q, blk, scale, None, None, cs, ce, ex, row_lse, c_lse, g_row, c_g,
-                                             **rm)
+            ci, cs, ce, ex, pos = hop_masks(cands, owner, B, cur, col_start, col_end, exclude)
+            c_lse, c_g = (cur[-1][:, 0], cur[-1][:, 1]) if want_col else (empty, empty)
+            if want_col and ci is not None:  # block order → list order
+                c_lse, c_g = c_lse[ci.long()], c_g[ci.long()]
+            dq_h, dk_h, ds_h = prim.backward(q, blk, scale, None, ci, cs, ce, ex, row_lse, c_lse.contiguous(),
+                                             g_row, c_g.contiguous(), **rm)
             dq = dq + dq_h.to(dt)
             dscale = dscale + ds_h.reshape(()).to(dscale.dtype)
             return [dk_h.to(dt)]
 
-        (dk,) = ring_pass(cands, [cands.block] + fixed, [torch.zeros(k.shape, dtype=dt, device=k.device)], step)
+        (dk,) = ring_pass(cands, [cands.block] + _mask_rows(cands) + fixed,
+                          [torch.zeros(k.shape, dtype=dt, device=k.device)], step)
         needs = ctx.needs_input_grad
         return (dq.to(q.dtype) if needs[0] else None, dk.to(k.dtype) if needs[1] else None,
                 dscale if needs[2] else None, None, None, None, None, None, None, None)
+
+
+def _mask_rows(cands: RingCandidates):
+    """The travelling mask rows of ``cands`` (``[]`` without a mask)."""
+    return [] if cands.present_rows is None else [cands.present_rows]
 
 
 def ring_sim_lse(q: Tensor, cands: RingCandidates, scale: Tensor, *, row_index: Optional[Tensor],
@@ -178,7 +209,8 @@ def ring_sim_lse(q: Tensor, cands: RingCandidates, scale: Tensor, *, row_index: 
     block or None)``."""
     if col_index is not None:
         raise NotImplementedError("col_index is not supported with exchange='ring' (the candidates are "
-                                  "never gathered); select candidates with col_start/col_end/exclude")
+                                  "never gathered); select candidates with col_start/col_end/exclude and "
+                                  "the handle's present rows (GlobalBatch.candidates(..., present=...))")
     if row_index is not None:
         q = q.index_select(0, row_index.long())
     if row_max is not None and tuple(row_max.shape) != (q.shape[0],):
