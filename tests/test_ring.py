@@ -618,8 +618,29 @@ def _preflight_absent_rank(c):
     c.close(ring(), a, "a ring call after the timeout")
 
 
+def _preflight_collective(c):
+    """CONTRASTIVE_OPS_RING_TIMEOUT=0: the descriptors travel in one all-gather (no store keys); the ring
+    still equals gather and a disagreement is still a ValueError on every rank."""
+    name, store = codist._group_store(c.group)
+    before = codist._preflight_calls.get(name, 0)
+    os.environ[codist.RING_TIMEOUT_ENV] = "0"
+    try:
+        q, k = c.randn(c.n, 6), c.randn(c.n, 6, seed=1)
+        x, m = c.randn(c.n, 3, 4, seed=2), _view_mask(c)[c.offset: c.offset + c.n]
+        a = co.info_nce(q, k, 0.2, process_group=c.group, exchange="gather", backend="reference")
+        c.close(co.info_nce(q, k, 0.2, process_group=c.group, exchange="ring", backend="reference"), a, "info_nce")
+        a = co.mv_dhel(x, 0.3, mask=m, process_group=c.group, exchange="gather", backend="reference")
+        c.close(co.mv_dhel(x, 0.3, mask=m, process_group=c.group, exchange="ring", backend="reference"), a, "mv_dhel")
+        y = c.randn(c.n, 3, 4 if c.rank != 1 else 5)
+        with pytest.raises(ValueError, match="rank 0: parts=3, D=4.*rank 1: parts=3, D=5"):
+            co.mv_infonce(y, 0.2, mask=m, process_group=c.group, exchange="ring", backend="reference")
+        assert codist._preflight_calls.get(name, 0) == before, "the store check ran"
+    finally:
+        os.environ[codist.RING_TIMEOUT_ENV] = str(PREFLIGHT_TIMEOUT_S)
+
+
 PREFLIGHT_CASES = {"consecutive_calls": _preflight_consecutive_calls, "disagree": _preflight_disagree,
-                   "absent_rank": _preflight_absent_rank}
+                   "absent_rank": _preflight_absent_rank, "collective": _preflight_collective}
 
 
 def _preflight_worker(rank: int, world: int, port: int, sizes: List[int], outdir: str):
@@ -655,7 +676,9 @@ def test_ring_timeout_setting(monkeypatch):
     assert codist.ring_timeout() == codist.RING_TIMEOUT_DEFAULT_S
     monkeypatch.setenv(codist.RING_TIMEOUT_ENV, "7.5")
     assert codist.ring_timeout() == 7.5
-    for bad in ("0", "-1", "inf", "nan", "soon"):
+    monkeypatch.setenv(codist.RING_TIMEOUT_ENV, "0")
+    assert codist.ring_timeout() == 0  # the all-gather pre-flight
+    for bad in ("-1", "inf", "nan", "soon"):
         monkeypatch.setenv(codist.RING_TIMEOUT_ENV, bad)
-        with pytest.raises(ValueError, match=f"{codist.RING_TIMEOUT_ENV} must be a number of seconds > 0"):
+        with pytest.raises(ValueError, match=f"{codist.RING_TIMEOUT_ENV} must be a number of seconds >= 0"):
             codist.ring_timeout()
