@@ -47,7 +47,7 @@ def _add_common(p: argparse.ArgumentParser, *, sub: bool = False) -> None:
                    help="a smoke run: small sizes, few repeats, no torch.compile, only the default variant "
                         "of each loss checked")
     p.add_argument("--sizes", type=_sizes, help="comma-separated batch sizes to time, e.g. 256,1024,4096")
-    p.add_argument("--losses", type=_csv, help="comma-separated loss names (default: all 13)")
+    p.add_argument("--losses", type=_csv, help="comma-separated loss names (default: every loss of the library)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="device to time on (default: cuda if present)")
     p.add_argument("--dim", type=int, default=argparse.SUPPRESS if sub else 128,
                    help="feature dimension D of the timed inputs (default 128)")

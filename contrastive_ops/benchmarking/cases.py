@@ -79,6 +79,7 @@ class Inputs:
     shapes: Dict[str, list]
     flops: Optional[int]  # fwd+bwd, see the FLOP convention above; None if not a similarity loss
     differentiable: bool = True
+    needs: Tuple[str, ...] = ()  # primitives this configuration needs beyond the loss's own (OP_PRIMITIVES)
 
     def tensors(self) -> List[Tensor]:
         return [t for t in _flatten((self.args, self.kwargs)) if isinstance(t, Tensor)]
@@ -262,14 +263,16 @@ def _make_selfcon(n, d, dt, dev, seed, variant, small):
 
 
 def _make_supremix(n, d, dt, dev, seed, variant, small):
-    """The configuration the kernels compute: no weights, no hard positives, one λ."""
+    """No hard positives, one λ; ``"weighted"``: the official distance-magnifying weights (``label_lse``)."""
     r = _Draw(dev, dt, seed)
     feats = r.feat(n, 2, d)
     labels = 18.0 + r.randint(max(2, n // 8), n).float()
-    kw = dict(temperature=0.5, mix_pos=False, use_weight=False, mix_lambda=0.3, mix_neg=variant != "no_mix")
+    weighted = variant == "weighted"
+    kw = dict(temperature=0.5, mix_pos=False, use_weight=weighted, mix_lambda=0.3, mix_neg=variant != "no_mix")
     # real pairs: S, dQ, dK; hard negatives against detached samples: S, dQ
     flops = 3 * _mm(2 * n, 2 * n, d) + (2 * _mm(2 * n, 2 * n, d) if kw["mix_neg"] else 0)
-    return Inputs((feats, labels), kw, {"features": [n, 2, d], "labels": [n]}, flops)
+    return Inputs((feats, labels), kw, {"features": [n, 2, d], "labels": [n]}, flops,
+                  needs=("label_lse",) if weighted else ())
 
 
 def _make_sepclr(n, d, dt, dev, seed, variant, small):
@@ -294,15 +297,19 @@ def _make_cacr(n, d, dt, dev, seed, variant, small):
 
 
 def _make_hydra(n, d, dt, dev, seed, variant, small):
-    """SimLAP gating (runs on every backend): features, a gate in (0, 1), the anchors' and positive classes."""
+    """Features, a gate in (0, 1), the anchors' and positive classes; SimLAP gating (every backend) or
+    ``"filter"`` (hydra's default: the ``gated_lse`` primitive, two products per tile)."""
     r = _Draw(dev, dt, seed)
     z1, k2 = r.feat(n, d), r.feat(n, d)
     gate = torch.sigmoid(torch.randn(n, d, generator=r.g)).to(r.device, dt).requires_grad_(True)
     classes = max(2, n // 8)
     y1, posy = r.randint(classes, n), r.randint(classes, n)
-    kw = dict(temperature=0.1, gating="simlap")
+    gating = "filter" if variant == "filter" else "simlap"
+    kw = dict(temperature=0.1, gating=gating)
     shapes = {"z1": [n, d], "k2": [n, d], "gate": [n, d], "y1": [n], "posy": [n]}
-    return Inputs((z1, k2, gate, y1, posy), kw, shapes, 2 * 3 * _mm(n, 2 * n, d))
+    per_lse = 3 * _mm(n, 2 * n, d) * (2 if gating == "filter" else 1)
+    return Inputs((z1, k2, gate, y1, posy), kw, shapes, 2 * per_lse,
+                  needs=("gated_lse",) if gating == "filter" else ())
 
 
 def _crop_boxes(r, n):
@@ -449,13 +456,14 @@ CASES: Dict[str, LossCase] = {c.name: c for c in [
     _case("point_token_contrast", _make_point_token, ("default", "batch", "cosine", "official"),
           f"8·Σ_clouds |co-masked|²·D, G={TOKENS} tokens per cloud, N tokens in all"),
     _case("similarity_lse", _make_similarity_lse, ("default", "rect"), "6·N·N·D"),
-    _case("supremix_loss", _make_supremix, ("default", "no_mix"),
-          "6·(2N)·(2N)·D + 4·(2N)·(2N)·D (hard negatives; no weights, no hard positives)"),
+    _case("supremix_loss", _make_supremix, ("default", "no_mix", "weighted"),
+          "6·(2N)·(2N)·D + 4·(2N)·(2N)·D (hard negatives; no hard positives)"),
     _case("selfcon_loss", _make_selfcon, ("default", "alpha", "unlabeled"),
           f"6·(VN)·(VN)·D, V={SELFCON_EXITS} exits (alpha: 6·((V−1)N)·(VN)·D + 6·N·N·D)"),
     _case("sepclr_loss", _make_sepclr, formula="4·6·N·N·D + 2·6·N·N·(D + D/2) (uniformity and k-JEM LSEs)"),
     _case("cacr_loss", _make_cacr, formula=f"V(V−1)/2·6·N·N·D, V={CACR_VIEWS} (repulsion)"),
-    _case("hydra_loss", _make_hydra, formula="2·6·N·(2N)·D (simlap gating: keys twice, two LSEs)"),
+    _case("hydra_loss", _make_hydra, ("default", "filter"),
+          "2·6·N·(2N)·D (simlap gating: keys twice, two LSEs; filter: ×2, a second product per tile)"),
     _case("pixpro_loss", _make_pix(None), formula=f"none (N maps of {PIX_MAP}×{PIX_MAP} pixels)"),
     _case("pixcontrast_loss", _make_pix(0.3), formula=f"none (N maps of {PIX_MAP}×{PIX_MAP} pixels)"),
 ]}
@@ -486,6 +494,9 @@ def backend_why_not(case: LossCase, backend: str, inp: Inputs) -> Optional[str]:
         backends.resolve(backend, op=case.name, tensors=inp.tensors())
     except RuntimeError as e:
         return str(e)
+    missing = [p for p in inp.needs if backend != "reference" and not backends.has_primitive(backend, p)]
+    if missing:
+        return f"backend {backend!r} does not implement {missing}, needed by {case.name} with these arguments"
     return None
 
 
