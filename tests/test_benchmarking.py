@@ -110,6 +110,21 @@ def test_compiled_reference_is_the_reference():
     torch.testing.assert_close(impl.run(inp), ref)
 
 
+@pytest.mark.parametrize("name,variant,prim", [("hydra_loss", "filter", "gated_lse"),
+                                                ("supremix_loss", "weighted", "label_lse")])
+def test_a_variant_needing_a_primitive_is_not_applicable_without_it(monkeypatch, name, variant, prim):
+    """A backend that runs the loss but lacks a primitive the variant needs is reported with the reason."""
+    case = C.CASES[name]
+    inp = case.make(8, 16, variant=variant, small=True)
+    assert prim in inp.needs
+    real = C.backends.has_primitive
+    monkeypatch.setattr(C.backends, "has_primitive", lambda b, p: p != prim and real(b, p))
+    why = C.backend_why_not(case, "cpu", inp)
+    assert why is not None and prim in why, why
+    assert C.backend_why_not(case, "reference", inp) is None
+    assert prim not in case.make(8, 16, small=True).needs  # the default variant runs without it
+
+
 def test_inputs_are_deterministic_and_device_independent():
     for case in C.CASES.values():
         a = case.make(20, 8, small=True)
