@@ -22,6 +22,10 @@ replaced by one that fails, and every block the primitive sees is recorded:
 every block must be one rank's (one to three views of its local batch),
 i.e. no rank ever holds the global candidates.  One case checks that
 ranks which disagree on the candidates' shape or dtype get a clear error.
+``test_ring_never_holds_the_global_candidates`` measures it at world size 4
+(cpu kernels): the largest tensor of a ring step is one rank's block, and
+the peak of live tensors is below the gather's and within a W-independent
+number of blocks.
 
 The pre-flight check (``distributed.ring_preflight``, through the group's
 store with ``CONTRASTIVE_OPS_RING_TIMEOUT``) runs in a group of its own
@@ -682,3 +686,104 @@ def test_ring_timeout_setting(monkeypatch):
         monkeypatch.setenv(codist.RING_TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=f"{codist.RING_TIMEOUT_ENV} must be a number of seconds >= 0"):
             codist.ring_timeout()
+
+
+# --------------------------------------------------------------------------- memory per rank
+
+
+MEMORY_SIZES = [300, 257, 256, 211]  # world size 4, uneven
+MEMORY_D = 64
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of live tensor storages made by ATen ops while active, and the largest single storage."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = self.largest = 0
+        self.seen = set()
+
+    def _free(self, key, nbytes):
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                st = t.untyped_storage()
+                key, nbytes = st.data_ptr(), st.nbytes()
+                if nbytes == 0 or key in self.seen:
+                    continue
+                self.seen.add(key)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                self.largest = max(self.largest, nbytes)
+                weakref.finalize(t, self._free, key, nbytes)
+        return out
+
+
+def _memory_steps(group, x, y, v, m):
+    """One forward + backward per loss; {loss: (peak bytes, largest tensor bytes)}."""
+    out = {}
+    for name, fn in (("clip_loss", lambda a, b, ex: co.clip_loss(a, b, 10.0, process_group=group, exchange=ex,
+                                                                   backend="cpu")),
+                     ("mv_infonce_mask", lambda a, b, ex: co.mv_infonce(v, 0.2, mask=m, process_group=group,
+                                                                        exchange=ex, backend="cpu"))):
+        for ex in ("gather", "ring"):
+            xs, ys = x.detach().clone().requires_grad_(True), y.detach().clone().requires_grad_(True)
+            v.grad = None
+            dist.barrier()
+            with _LiveBytes() as mb:
+                fn(xs, ys, ex).backward()
+            out[f"{name}/{ex}"] = (mb.peak, mb.largest)
+    return out
+
+
+def _memory_worker(rank: int, world: int, port: int, sizes: List[int], outdir: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        n = sizes[rank]
+        g = torch.Generator().manual_seed(rank)
+        x, y = torch.randn(n, MEMORY_D, generator=g), torch.randn(n, MEMORY_D, generator=g)
+        v = torch.randn(n, 3, MEMORY_D, generator=g).requires_grad_(True)
+        m = torch.rand(n, 3, generator=g) < 0.8
+        res = _memory_steps(dist.group.WORLD, x, y, v, m)
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+
+
+# The ring's peak of live tensors in blocks (the largest rank's candidate block, fp32), whatever W: local
+# inputs and their gradients, the current and next visiting block, their accumulators and the core's
+# per-hop outputs (measured at W = 4: about 8 for CLIP, 11-13 for masked MV-InfoNCE with 3 views, whose
+# hops also carry the view mask and compact the present rows).  The gather's grows as W: all W blocks and
+# their gradient (about 12-13 blocks at W = 4).  A ring that kept every visited block would exceed them.
+RING_PEAK_BLOCKS = {"clip_loss": 10, "mv_infonce_mask": 14}
+
+
+def test_ring_never_holds_the_global_candidates():
+    """World size 4, the cpu kernels: under the ring no tensor of a rank's step is as large as the gathered
+    candidates (the largest is one rank's block), the peak of live tensors is below the gather's and
+    within a W-independent number of blocks."""
+    if not co.available_backends()["cpu"][0]:
+        pytest.skip(co.available_backends()["cpu"][1])
+    per_rank = spawn_ranks(_memory_worker, len(MEMORY_SIZES), MEMORY_SIZES, timeout_s=RUN_TIMEOUT_S,
+                           what="ring memory run")
+    N, n_max = sum(MEMORY_SIZES), max(MEMORY_SIZES)
+    for loss, views in (("clip_loss", 1), ("mv_infonce_mask", 3)):
+        gathered = views * N * MEMORY_D * 4  # one side's global candidates, fp32
+        block = views * n_max * MEMORY_D * 4  # the largest rank's block
+        for r, res in enumerate(per_rank):
+            g_peak, g_largest = res[f"{loss}/gather"]
+            r_peak, r_largest = res[f"{loss}/ring"]
+            assert g_largest >= gathered, (loss, r, g_largest, gathered)  # the probe sees the gather
+            assert r_largest < gathered / 2, (loss, r, r_largest, gathered)
+            assert r_largest <= 2 * block, (loss, r, r_largest, block)
+            assert r_peak < g_peak, (loss, r, r_peak, g_peak)
+            assert r_peak <= RING_PEAK_BLOCKS[loss] * block, (loss, r, r_peak / block)

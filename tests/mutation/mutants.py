@@ -54,6 +54,7 @@ _GATED = ("tests/test_hydra.py", "-k", "gated or filter")
 _GATED_CPU = ("tests/test_hydra.py", "-k", "cpu")
 _LABEL = ("tests/test_label_lse.py",)
 _WEIGHTED = ("tests/test_supremix.py", "-k", "weighted")
+_RING_MEMORY = ("tests/test_ring.py", "-k", "never_holds")
 
 MUTANTS = (
     # ------------------------------------------------------------------ Triton
@@ -253,4 +254,9 @@ MUTANTS = (
     Mutant("supremix-weighted-neg-coef-one", "contrastive_ops/losses/supremix.py",
            "coef=(1 - lam).expand(ya.shape), skip_equal=True", "coef=torch.ones_like(ya, dtype=lam.dtype), skip_equal=True",
            _WEIGHTED, "SupReMix hard negatives weighted by w(|y_i - y_k|), not the mixture's w((1-lambda_i)|y_i - y_k|)"),
+    # ------------------------------------------------------------------ ring exchange
+    Mutant("ring-keeps-visited-blocks", "contrastive_ops/primitives/ring.py",
+           "            ring_wait(reqs)\n            cur = nbufs",
+           "            ring_wait(reqs)\n            cands._kept = getattr(cands, '_kept', []) + [cur]\n            cur = nbufs",
+           _RING_MEMORY, "ring: every visited candidate block kept alive (the global batch held piece by piece)"),
 )
