@@ -129,7 +129,7 @@ from .. import _checks, backends
 from .._checks import as_scalar, shape_str
 from .._numerics import acc_dtype, masked_lse
 from ..distributed import GlobalBatch
-from ..primitives.label_lse import KINDS, label_lse, log_weight
+from ..primitives.label_lse import KINDS, MAX_BETA, kernel_beta, label_lse, log_weight, pair_lambda
 from ..primitives.sim_lse import sim_lse
 from ._common import index_sum, label_groups, take_rows, unit
 
@@ -150,21 +150,41 @@ def _lse_parts(parts) -> Tensor:
     return masked_lse(P, torch.isfinite(P), 1)
 
 
-def _lambda_rows(lam: Optional[Tensor], A: int, M: int, beta, like: Tensor) -> Tensor:
-    """λ as an (A, M) (or broadcastable (A, 1) / 0-dim) tensor in the accumulation dtype."""
+def _lambda_rows(lam: Optional[Tensor], a: Tensor, M: int, beta, like: Tensor, seed: Optional[int]) -> Tensor:
+    """λ as an (A, M) (or broadcastable (A, 1) / 0-dim) tensor in the accumulation dtype; ``None``: drawn per
+    pair, by the counter-based generator (``pair_lambda``, what the kernels draw) keyed by ``seed`` and the
+    global (anchor, sample) indices, or from torch's generator for a Beta the kernels cannot draw (seed None)."""
     if lam is None:
+        if seed is not None:
+            return pair_lambda(seed, a, torch.arange(M, device=like.device), beta, like.dtype)
         b0 = torch.tensor(float(beta[0]), dtype=like.dtype, device=like.device)
         b1 = torch.tensor(float(beta[1]), dtype=like.dtype, device=like.device)
-        return torch.distributions.Beta(b0, b1).sample((A, M))
+        return torch.distributions.Beta(b0, b1).sample((a.numel(), M))
     lam = lam.to(device=like.device, dtype=like.dtype)
     return lam[:, None] if lam.dim() == 1 else lam
+
+
+def draw_seed(process_group=None, device=None) -> int:
+    """The seed of the per-pair λ: one integer from torch's default CPU generator (``torch.manual_seed`` makes
+    calls reproducible); under ``process_group`` rank 0's, broadcast, so every rank draws the same λ."""
+    seed = torch.randint(0, 2 ** 31 - 1, ())
+    if process_group is not None:
+        import torch.distributed as dist
+
+        t = seed.reshape(1).to(device)
+        dist.broadcast(t, src=dist.get_global_rank(process_group, 0), group=process_group)
+        seed = t.cpu()
+    return int(seed.reshape(()))
 
 
 def supremix_reference(views: Tensor, labels: Tensor, temperature, base_temperature, *, window=5,
                        beta=(2.0, 8.0), mix_neg=True, mix_pos=True, use_weight=True, distance="L1_inv",
                        mix_lambda: Optional[Tensor] = None, normalize=True, reduction="mean",
-                       process_group=None) -> Tensor:
-    """Exact SupReMix (the paper's joint LSE) on view-major ``views`` (V, n, D); Gram blocks A × M."""
+                       process_group=None, seed: Optional[int] = None) -> Tensor:
+    """Exact SupReMix (the paper's joint LSE) on view-major ``views`` (V, n, D); Gram blocks A × M.
+
+    ``mix_lambda=None``: λ per pair from ``pair_lambda(seed, ...)`` when ``seed`` is given (what the kernels
+    draw), else from ``torch.distributions.Beta(beta)`` on torch's generator."""
     V, n, D = views.shape
     gb = GlobalBatch(n, process_group, views.device)
     U = unit(views, normalize)
@@ -187,7 +207,7 @@ def supremix_reference(views: Tensor, labels: Tensor, temperature, base_temperat
     pos_sum = torch.where(pos_real, G, 0).sum(1)
     pos_cnt = pos_real.sum(1).to(U.dtype)
     if mix_neg:
-        lam = _lambda_rows(mix_lambda, A, M, beta, Gd)
+        lam = _lambda_rows(mix_lambda, a, M, beta, Gd, seed)
         self_d = (Za * Za.detach()).sum(1, keepdim=True) / t  # z_i·sg(z_i)/τ
         logit = lam * self_d + (1 - lam) * Gd
         wn = _log_weight((1 - lam) * dist, distance) if use_weight else 0
@@ -215,7 +235,8 @@ def supremix_reference(views: Tensor, labels: Tensor, temperature, base_temperat
     return gb.reduce(torch.where(has, values, 0), reduction, has)
 
 
-def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, labels, backend: str) -> Optional[str]:
+def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, labels, backend: str,
+                   beta=(2.0, 8.0)) -> Optional[str]:
     """Why the fused composition cannot compute this configuration on ``backend`` (None: it can)."""
     if use_weight and not backends.has_primitive(backend, "label_lse"):
         return (f"use_weight=True needs the label_lse primitive (a per-pair label log-weight in the LSE), which "
@@ -223,16 +244,25 @@ def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, labels, backend:
     if mix_pos and labels.is_floating_point():
         return ("mix_pos=True with floating-point labels needs an LSE over pairs (j, k) of candidates with a "
                 "lambda per pair (O(M^3) logits), which the sim_lse primitive lacks; integer labels are composed")
-    if mix_neg and (mix_lambda is None or mix_lambda.dim() == 2):
-        return ("mix_neg with a lambda per pair (mix_lambda None or (A, M)) needs a per-pair scale, which the "
-                "sim_lse and label_lse primitives lack; pass a float or one lambda per anchor")
+    if mix_neg and mix_lambda is not None and mix_lambda.dim() == 2:
+        return ("mix_neg with an (A, M) mix_lambda (an anchor-by-sample input) runs on the reference only; pass "
+                "None (drawn per pair in the kernels), a float or one lambda per anchor")
+    if mix_neg and mix_lambda is None:
+        if not kernel_beta(beta):
+            return (f"mix_lambda=None with beta={tuple(beta)}: the kernels draw lambda per pair from Beta(a, b) "
+                    f"for integers a, b >= 1 with a + b <= {MAX_BETA} only")
+        if not backends.has_primitive(backend, "label_lse"):
+            return (f"mix_lambda=None (lambda drawn per pair) needs the label_lse primitive's mixture mode, which "
+                    f"backend {backend!r} does not implement (the cpu and triton backends do)")
     return None
 
 
 def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature, *, window=5, mix_neg=True,
                     mix_pos=False, use_weight=False, distance="L1_inv", mix_lambda: Optional[Tensor] = None,
-                    normalize=True, reduction="mean", backend: str, process_group=None) -> Tensor:
-    """SupReMix on the primitives (hard positives for integer labels, λ a float or per anchor): no A × M buffer."""
+                    normalize=True, reduction="mean", backend: str, process_group=None, beta=(2, 8),
+                    seed: Optional[int] = None) -> Tensor:
+    """SupReMix on the primitives (hard positives for integer labels, λ a float, per anchor or drawn per pair
+    in the kernels from ``seed``): no A × M buffer."""
     V, n, D = views.shape
     gb = GlobalBatch(n, process_group, views.device)
     U = unit(views, normalize)
@@ -264,7 +294,17 @@ def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature
     if mix_neg or mix_pos:
         ys, perm = torch.sort(y)  # the samples sorted by label: each label value is a column range
         Kd = Z.detach()[perm].to(views.dtype)
-    if mix_neg:
+    if mix_neg and mix_lambda is None:
+        # λ_ik drawn per pair inside the kernels (label_lse's mixture mode), keyed by the global anchor and sample
+        # indices: logit λ_ik·z_i·sg(z_i)/τ + (1−λ_ik)·z_i·sg(z_k)/τ + φ((1−λ_ik)|y_i − y_k|) (φ = 0 without
+        # use_weight: coef 0), equal labels skipped
+        self_d = (Za * Za.detach()).sum(1) * scale
+        coef = 1.0 if use_weight else 0.0
+        neg = label_lse(Za.to(views.dtype), Kd, scale, ya, ys, kind=distance if use_weight else 0, coef=coef,
+                        skip_equal=True, row_term=self_d, seed=seed, beta=(int(beta[0]), int(beta[1])), row_ids=a,
+                        col_ids=perm, backend=backend)
+        parts.append(neg)
+    elif mix_neg:
         lam = mix_lambda.to(device=U.device, dtype=U.dtype)  # 0-dim or (A,)
         Q = ((1 - lam).reshape(-1, 1) * Za).to(views.dtype)  # (1−λ_i)·z_i against sg(z_k)
         self_d = (Za * Za.detach()).sum(1) * scale
@@ -407,19 +447,23 @@ def supremix_loss(features, labels, temperature=0.5, *, base_temperature=None, w
     lam = _check_lambda(mix_lambda, V * N, V * gb_n, views)
     requested = backends.get_backend() if backend is None else backend
     name = backends.resolve(backend, op="supremix_loss", tensors=[views])
+    # λ per pair: one seed from torch's generator (rank 0's under process_group) keys the counter-based draws of
+    # the kernels and of the reference alike; a Beta the kernels cannot draw keeps torch.distributions.Beta
+    seed = draw_seed(process_group, views.device) if mix_neg and lam is None and kernel_beta(beta) else None
     kw = dict(mix_neg=bool(mix_neg), mix_lambda=lam, normalize=normalize, reduction=reduction,
-              process_group=process_group)
+              process_group=process_group, seed=seed)
     if name != "reference":
-        if requested == "auto" and use_weight and not backends.has_primitive(name, "label_lse"):
+        needs_label_lse = use_weight or (mix_neg and lam is None)
+        if requested == "auto" and needs_label_lse and not backends.has_primitive(name, "label_lse"):
             name = _auto_with_label_lse(name, views)
         why = kernel_why_not(mix_pos=mix_pos, use_weight=use_weight, mix_neg=mix_neg, mix_lambda=lam, labels=labels,
-                             backend=name)
+                             backend=name, beta=beta)
         if why is not None and requested != "auto":
             raise RuntimeError(f"backend {name!r} cannot run supremix_loss with these arguments: {why}")
         if why is None:
             return _fused_supremix(views, labels, temperature, base_temperature, window=window,
                                    mix_pos=bool(mix_pos), use_weight=bool(use_weight), distance=distance,
-                                   backend=name, **kw)
+                                   backend=name, beta=beta, **kw)
         if why not in _WARNED:
             _WARNED.add(why)
             warnings.warn(f"contrastive_ops: supremix_loss runs on the plain-PyTorch reference ({why}); "
