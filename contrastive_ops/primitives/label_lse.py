@@ -209,7 +209,7 @@ def _ids(name: str, t, n: int, device) -> Tensor:
     if tuple(t.shape) != (n,) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"label_lse: {name} must be an integer tensor of shape ({n},), got {t.dtype} "
                          f"{tuple(t.shape)}")
-    if not torch.compiler.is_compiling() and n > 0 and not bool(((t >= 0) & (t < 2 ** 31)).all()):
+    if not torch.compiler.is_compiling() and n > 0 and not bool(((t >= 0) & (t.long() < 2 ** 31)).all()):
         raise ValueError(f"label_lse: {name} must lie in [0, 2**31)")
     return t.to(torch.int32).contiguous()
 
