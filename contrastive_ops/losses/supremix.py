@@ -54,8 +54,24 @@ Where code and paper differ (the paper is followed):
 ``mix_lambda`` fixes the hard-negative λ (reproducible tests): a float or
 0-dim tensor, one value per anchor (A,), or one per pair (A, M) (A = the
 anchors, this rank's V·n under ``process_group``), in [0, 1], receiving no
-gradient; ``None`` draws λ_ik ~ Beta(``beta``) per pair from torch's global
-RNG, as the code does.
+gradient; ``None`` (the default, the official sampling) draws λ_ik ~
+Beta(``beta``) per pair:
+
+* integer a, b >= 1 with a + b <= 32 (the default Beta(2, 8)): from the
+  counter-based generator of ``primitives/label_lse.py`` (``pair_lambda``),
+  keyed by one seed per call drawn from torch's default CPU generator
+  (``torch.manual_seed`` makes calls reproducible) and counted by the global
+  anchor index i and the global sample index k.  The kernels draw λ_ik inside
+  their tiles and the reference builds the same (A, M) matrix from the same
+  function, so every backend gives the same loss for a given torch seed.
+  Under ``process_group`` rank 0's seed is broadcast to the group, and the
+  counters are global, so the ranks draw what one process would;
+* other a, b: ``torch.distributions.Beta`` on torch's global generator, as the
+  code does, on the reference only (an explicit kernel backend raises;
+  ``"auto"`` warns and takes the reference).
+
+The values differ from those of ``torch.distributions.Beta``: the same
+distribution, another stream.
 
 Fused composition (kernel backends) on ``sim_lse`` and ``label_lse``, the
 samples sorted by label so that each label value is a column range:
@@ -63,12 +79,18 @@ samples sorted by label so that each label value is a column range:
 * real pairs: one call with the anchor excluded (``label_lse`` with c = 1
   when ``use_weight``, its log-weight φ = log w(|y_i − y_a|) added to each
   logit; ``sim_lse`` otherwise); real positives from per-label feature sums;
-* hard negatives: the anchor rows scaled by (1−λ_i) against detached samples,
-  plus λ_i·z_i·sg(z_i)/τ; with ``use_weight`` one ``label_lse`` call with
-  c_i = 1 − λ_i (a mixture's label λ_i y_i + (1−λ_i) y_k is (1−λ_i)|y_i − y_k|
-  away from y_i) that skips equal labels, without it two ``sim_lse`` calls
-  (the columns before and after the anchor's label range, ``col_end`` /
-  ``col_start``);
+* hard negatives, λ drawn per pair (``mix_lambda=None``): one ``label_lse``
+  call in mixture mode, q = z_i, k = sg(z_k), row term z_i·sg(z_i)/τ,
+  λ_ik drawn in the kernels from the seed and the counters (global anchor,
+  global sample: the label-sorted columns keep their sample index), c = 1
+  with ``use_weight`` (φ((1−λ_ik)|y_i − y_k|)) and c = 0 without it (φ = 0),
+  equal labels skipped;
+* hard negatives, λ a float or per anchor: the anchor rows scaled by (1−λ_i)
+  against detached samples, plus λ_i·z_i·sg(z_i)/τ; with ``use_weight`` one
+  ``label_lse`` call with c_i = 1 − λ_i (a mixture's label λ_i y_i + (1−λ_i) y_k
+  is (1−λ_i)|y_i − y_k| away from y_i) that skips equal labels, without it
+  two ``sim_lse`` calls (the columns before and after the anchor's label
+  range, ``col_end`` / ``col_start``);
 * hard positives, integer labels: y_j = y_i − d_j, y_k = y_i + d_k with
   1 <= d < n, so λ = d_k/(d_j + d_k) is one number per offset class
   (d_j, d_k), and Σ_{j,k} e^{λ s_ij + (1−λ) s_ik} factorizes into
@@ -78,35 +100,17 @@ samples sorted by label so that each label value is a column range:
   1 (label y_i exactly), so ``use_weight`` changes nothing here.
 
 ``label_lse`` has CPU and Triton kernels; the ``"cuda"`` backend lacks it, so
-there ``use_weight=True`` raises naming it, and ``"auto"`` on CUDA tensors
-takes Triton for it.
+there ``use_weight=True`` and ``mix_lambda=None`` (with ``mix_neg``) raise
+naming it, and ``"auto"`` on CUDA tensors takes Triton for them.
 
-What the primitives lack, so these configurations run on the reference only
+What the kernels lack, so these configurations run on the reference only
 (``"auto"`` takes it with a warning; an explicit kernel backend raises):
 
-* a per-pair scale — λ_ik drawn per pair (``mix_lambda=None``, the official
-  sampling, or (A, M));
+* an (A, M) ``mix_lambda`` (an anchor-by-sample input);
+* ``mix_lambda=None`` with a Beta the kernels cannot draw (non-integer a or
+  b, or a + b > 32);
 * candidates that are pairs (j, k) of rows with a λ per pair — hard positives
   with floating-point labels (O(M³) logits λ_ijk G_ij + (1−λ_ijk) G_ik).
-
-λ per pair without an A × M buffer (not implemented; what it needs): the
-kernels would draw λ_ik themselves from a counter-based generator (Philox-4x32,
-key = a seed, counter = (global i, global k, draw number)), regenerating the
-same λ_ik in forward and backward, and the reference would draw the same
-numbers from a tensor version of that generator over the (A, M) grid (global
-indices, so ranks and one process agree).  Beta(a, b) = X/(X + Y) with
-X ~ Gamma(a), Y ~ Gamma(b): for integer a, b (the default Beta(2, 8)) a Gamma(n)
-is −Σ_{m<n} log u_m, a + b uniforms per pair with a fixed count; for other
-a, b Marsaglia–Tsang (d = α − 1/3, c = 1/√(9d), a Box–Muller normal z,
-accept v = (1 + cz)³ when log u < z²/2 + d − dv + d·log v; α < 1 via
-Gamma(α + 1)·u^{1/α}), a rejection loop whose draw numbers continue the
-pair's counter, so the result stays deterministic.  The logit
-λ_ik·z_i·sg(z_i)/τ + (1−λ_ik)·z_i·sg(z_k)/τ + φ((1−λ_ik)|Δy|) is then a
-per-pair scale of G plus a per-pair label term, and dq also needs the row sum
-Σ_k P_ik·λ_ik (the gradient of the self term).  The values differ from
-``torch.distributions.Beta`` on torch's global generator, so ``mix_lambda=None``
-would draw a seed from torch's generator instead, and the reference would
-change with it.
 
 The reference stores A × M Gram blocks and streams the hard positives over
 anchor blocks (at most 2²² logits at a time).
@@ -409,15 +413,18 @@ def supremix_loss(features, labels, temperature=0.5, *, base_temperature=None, w
         mix_neg, mix_pos: add the hard negatives / hard positives (both: ``--contrastive_method supremix``).
         use_weight, distance: the "distance magnifying" denominator weight w (``"L1_inv"``: |Δy| + 1).
         mix_lambda: fixes the hard-negative λ: float, 0-dim, (A,) per anchor or (A, M) per pair; ``None``
-            draws it per pair from Beta(``beta``).
+            draws it per pair from Beta(``beta``): for integer a, b (a + b <= 32) from a counter-based
+            generator keyed by a seed drawn from torch's generator (the same λ on every backend; rank 0's
+            seed under ``process_group``), otherwise from ``torch.distributions.Beta`` (reference only).
         normalize: L2-normalize the features first (the official network does).
         reduction: ``"mean"`` over anchors with a positive, ``"sum"``, or ``"none"`` ((V·N,) view-major).
 
-    Kernel backends (``"cpu"``, ``"triton"``; ``"cuda"`` with ``use_weight=False`` only) compute every
-    ``distance`` with or without ``use_weight``, with a float or per-anchor ``mix_lambda`` (or
-    ``mix_neg=False``), and ``mix_pos=True`` for integer labels.  On the reference only: λ per pair
-    (``mix_lambda`` None, the default, or (A, M)) and ``mix_pos=True`` with floating-point labels; see the
-    module docstring for what the primitives lack.
+    Kernel backends (``"cpu"``, ``"triton"``; ``"cuda"`` with ``use_weight=False`` and a given
+    ``mix_lambda`` only) compute every ``distance`` with or without ``use_weight``, with ``mix_lambda``
+    None (λ drawn per pair inside the kernels, integer Beta), a float or per anchor (or ``mix_neg=False``),
+    and ``mix_pos=True`` for integer labels.  On the reference only: an (A, M) ``mix_lambda``, a
+    non-integer ``beta`` with ``mix_lambda=None``, and ``mix_pos=True`` with floating-point labels; see the
+    module docstring.
     Returns fp32 (float64 for float64 inputs).
     """
     views = _checks.check_views("features", features, min_views=1, allow_single=True)

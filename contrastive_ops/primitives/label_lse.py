@@ -28,6 +28,39 @@ on allowed pairs (0 elsewhere, and on rows with nothing allowed)::
 Only the row statistics (lse and γ) are needed to recompute P tile by tile,
 so a kernel needs no B×M buffer.
 
+Mixture mode (SupReMix's hard negatives with λ drawn per pair)
+---------------------------------------------------------------
+Given a row term b (B,) (SupReMix: b_i = z_i·sg(z_i)/τ; it receives a gradient),
+a seed, integer Beta parameters (a, b) and the pairs' counters (row ids (B,),
+column ids (M,): global anchor and sample indices, so a pair's λ is the same on
+any number of ranks and for any order of the columns)::
+
+    λ_ij     = pair_lambda(seed, row_id_i, col_id_j)                 ~ Beta(a, b)
+    S[i, j]  = λ_ij·b_i + (1 − λ_ij)·scale·G_ij + φ((1 − λ_ij)·c_i·|y_i − ŷ_j|)
+
+(the logit of the detached mixture λ_ij z_i + (1−λ_ij) z_j, whose label is
+(1−λ_ij)|y_i − y_j| away from y_i).  c stays: SupReMix passes c = 1 with its
+weights and c = 0 without them (φ(0) = 0: the unweighted mixture, through the
+same kernels).  Backward: dG = γ_i·scale·(1 − λ_ij)·P_ij (dq, dk as above),
+dscale = Σ_i γ_i Σ_j P_ij·(1 − λ_ij)·G_ij and db_i = γ_i·Σ_j P_ij·λ_ij.  The
+kernels recompute λ in every tile of every pass (forward, dq, dk) and never
+store it.
+
+The generator (``pair_key``, ``pair_uniform``, ``pair_lambda``) is
+counter-based and written identically here (int64 arithmetic masked to 32 bits,
+the tensor version the reference uses), in C++ (uint32_t) and in Triton
+(uint32): key = fmix(fmix(seed ⊕ i·K_r) ⊕ j·K_c), draw t is
+u_t = ((fmix(key ⊕ (t+1)·K_t) >> 9) + ½)·2⁻²³ ∈ (0, 1) (fmix: murmur3's
+32-bit finalizer; 23 bits so that u is exact in fp32 and bitwise the same
+everywhere), and for integer a, b >= 1 with a + b <= 32::
+
+    λ = G_a/(G_a + G_b),  G_a = −Σ_{t<a} log u_t,  G_b = −Σ_{t<b} log u_{a+t}
+
+(a + b uniforms per pair: 10 for SupReMix's Beta(2, 8)).  The uniforms agree
+bit for bit across backends; λ to the rounding of the logs in the
+accumulation dtype.  Other Beta parameters (non-integer, or a + b > 32) are
+not drawn by the kernels.
+
 Why a primitive of its own and not an option of ``sim_lse``: ``sim_lse`` has
 a dozen kernels (CPU row-block, symmetric-Gram and tiled-CUDA-host paths; the
 Triton general, Gram, atomic and GEMM-backward kernels; the CUDA kernels),
@@ -39,18 +72,24 @@ passes per backend, and ``sim_lse`` stays as it is.
 
 Kernel backends implement ``"label_lse"`` as an object with::
 
-    forward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal) -> lse (B,)
-    backward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, lse, grad)
-        -> (dq like q, dk like k, dscale 0-dim)
+    forward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, mix) -> lse (B,)
+    backward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, mix, lse, grad)
+        -> (dq like q, dk like k, dscale 0-dim, db (B,))
 
 with ``scale`` a 0-dim tensor of the accumulation dtype, ``y_row``, ``coef``
 (B,) and ``y_col`` (M,) in the accumulation dtype (fp32; float64 for float64
 inputs), ``col_start``, ``col_end``, ``exclude`` (B,) int32, ``kind`` an int
-(the index in ``KINDS``) and ``skip_equal`` a bool; lse and dscale in the
-accumulation dtype.  Kernels: ``backends/_triton/label_lse.py`` and
-``csrc/cpu/label_lse.cpp``.  The ``"cuda"`` backend does not implement it:
-a loss that needs it names what is missing there, and ``"auto"`` takes Triton
-on CUDA tensors.
+(the index in ``KINDS``) and ``skip_equal`` a bool; ``mix`` None, or the
+mixture mode's (row_term (B,) in the accumulation dtype, row_ids (B,) int32,
+col_ids (M,) int32, seed int in [0, 2³¹), beta_a int, beta_b int); lse,
+dscale and db in the accumulation dtype (db is 0 without ``mix``).  Kernels:
+``backends/_triton/label_lse.py`` and ``csrc/cpu/label_lse.cpp`` (ops
+``label_lse_fwd`` / ``label_lse_bwd`` with the mixture arguments flattened:
+``Tensor? row_term, Tensor? row_ids, Tensor? col_ids, int seed, int beta_a,
+int beta_b``; ``label_lse_uniforms`` and the Triton ``pair_uniforms`` expose
+the generator's uniforms to the tests).  The ``"cuda"`` backend does not
+implement it: a loss that needs it names what is missing there, and ``"auto"``
+takes Triton on CUDA tensors.
 """
 from __future__ import annotations
 
