@@ -254,11 +254,11 @@ MUTANTS = (
            _LABEL + ("-k", "cpu"), "CPU label_lse dk: the last candidate of each 64-column block gets no gradient"),
     # ------------------------------------------------------------------ label_lse mixture mode (λ per pair)
     Mutant("triton-label-lse-mix-draw-index", "contrastive_ops/backends/_triton/label_lse.py",
-           "        gb += -tl.log(_uniform(key, beta_a + t))\n", "        gb += -tl.log(_uniform(key, beta_a + t + 1))\n",
+           "        gb += -tl.log(_uniform(key, BETA_A + t))\n", "        gb += -tl.log(_uniform(key, BETA_A + t + 1))\n",
            _MIX + ("-k", "triton"), "Triton label_lse: the Gamma(b) part of lambda drawn with shifted draw indices"),
     Mutant("triton-label-lse-mix-bwd-lambda-other-draw", "contrastive_ops/backends/_triton/label_lse.py",
            "        p = _probs(z, lse)\n        if MIX:\n            p = p * (1.0 - lam)\n",
-           "        p = _probs(z, lse)\n        if MIX:\n            p = p * (1.0 - _mix_lambda(SeedP + 0, RID, CID, rows, rmask, cols, cmask, beta_a + 1, beta_b - 1))\n",
+           "        p = _probs(z, lse)\n        if MIX:\n            p = p * (1.0 - _mix_lambda(SeedP + 0, RID, CID, rows, rmask, cols, cmask, BETA_A + 1, BETA_B - 1))\n",
            _MIX + ("-k", "triton"), "Triton label_lse dk: the (1 - lambda) factor from another draw (Beta(a+1, b-1))"),
     Mutant("triton-label-lse-mix-db-missing", "contrastive_ops/backends/_triton/label_lse.py",
            "            pl += tl.sum(p * lam, 1)\n", "",

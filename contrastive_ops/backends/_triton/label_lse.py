@@ -65,25 +65,26 @@ def _uniform(key, t):
 
 
 @triton.jit
-def _pair_lambda(seed, rid, cid, beta_a, beta_b):
-    """λ ~ Beta(a, b) = G_a/(G_a + G_b) of a (rows, cols) tile, G from a + b uniforms (pair_lambda)."""
+def _pair_lambda(seed, rid, cid, BETA_A: tl.constexpr, BETA_B: tl.constexpr):
+    """λ ~ Beta(a, b) = G_a/(G_a + G_b) of a (rows, cols) tile, G from a + b uniforms (pair_lambda).  a and b
+    are compile-time: the draws unroll, and the tile loops around them stay pipelined (no nested loop)."""
     key = _pair_key(seed, rid, cid)
     ga = -tl.log(_uniform(key, 0))
-    for t in range(1, beta_a):
+    for t in tl.static_range(1, BETA_A):
         ga += -tl.log(_uniform(key, t))
-    gb = -tl.log(_uniform(key, beta_a))
-    for t in range(1, beta_b):
-        gb += -tl.log(_uniform(key, beta_a + t))
+    gb = -tl.log(_uniform(key, BETA_A))
+    for t in tl.static_range(1, BETA_B):
+        gb += -tl.log(_uniform(key, BETA_A + t))
     return ga / (ga + gb)
 
 
 @triton.jit
-def _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, beta_a, beta_b):
+def _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, BETA_A: tl.constexpr, BETA_B: tl.constexpr):
     """λ of the tile's pairs, from the seed (a 1-element int64 tensor) and the rows' / columns' ids."""
     seed = tl.load(SeedP).to(tl.uint32)
     rid = tl.load(RID + rows, mask=rmask, other=0).to(tl.uint32)
     cid = tl.load(CID + cols, mask=cmask, other=0).to(tl.uint32)
-    return _pair_lambda(seed, rid, cid, beta_a, beta_b)
+    return _pair_lambda(seed, rid, cid, BETA_A, BETA_B)
 
 
 @triton.jit
@@ -123,8 +124,8 @@ def _label_lse_uniform_kernel(SeedP, RID, CID, Out, R, C, draw, BLOCK_R: tl.cons
 
 @triton.jit
 def _label_lse_fwd_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, RID, CID, SeedP, B, M, D, stride_q,
-                          stride_k, kind, skip, beta_a, beta_b, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                          MIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                          stride_k, kind, skip, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                          MIX: tl.constexpr, BETA_A: tl.constexpr, BETA_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
     offs_d = tl.arange(0, BLOCK_D)
@@ -148,7 +149,7 @@ def _label_lse_fwd_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, 
         g = tl.dot(q, tl.trans(k), input_precision=PREC)
         lam = 0.0
         if MIX:
-            lam = _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, beta_a, beta_b)
+            lam = _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, BETA_A, BETA_B)
         z, ok = _logits(g, s, yr, c, st, en, ex, rmask, yc, cols, cmask, kind, skip, lam, b, MIX)
         m_new = tl.maximum(m, tl.max(z, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no candidate yet
@@ -167,8 +168,8 @@ def _probs(z, lse):
 
 @triton.jit
 def _label_lse_dq_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, RID, CID, SeedP, GL, DQ, Part, DB, B,
-                         M, D, stride_q, stride_k, stride_dq, kind, skip, beta_a, beta_b, UPCAST: tl.constexpr,
-                         PREC: tl.constexpr, MIX: tl.constexpr,
+                         M, D, stride_q, stride_k, stride_dq, kind, skip, UPCAST: tl.constexpr,
+                         PREC: tl.constexpr, MIX: tl.constexpr, BETA_A: tl.constexpr, BETA_B: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
@@ -196,7 +197,7 @@ def _label_lse_dq_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, R
         g = tl.dot(q, tl.trans(k), input_precision=PREC)
         lam = 0.0
         if MIX:
-            lam = _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, beta_a, beta_b)
+            lam = _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, BETA_A, BETA_B)
         z, ok = _logits(g, s, yr, c, st, en, ex, rmask, yc, cols, cmask, kind, skip, lam, b, MIX)
         p = _probs(z, lse)
         if MIX:
@@ -212,8 +213,8 @@ def _label_lse_dq_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, R
 
 @triton.jit
 def _label_lse_dk_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, RID, CID, SeedP, GL, DK, B, M, D,
-                         stride_q, stride_k, stride_dk, kind, skip, beta_a, beta_b, UPCAST: tl.constexpr,
-                         PREC: tl.constexpr, MIX: tl.constexpr,
+                         stride_q, stride_k, stride_dk, kind, skip, UPCAST: tl.constexpr,
+                         PREC: tl.constexpr, MIX: tl.constexpr, BETA_A: tl.constexpr, BETA_B: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < M
@@ -239,7 +240,7 @@ def _label_lse_dk_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, R
         g = tl.dot(q, tl.trans(k), input_precision=PREC)
         lam = 0.0
         if MIX:
-            lam = _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, beta_a, beta_b)
+            lam = _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, BETA_A, BETA_B)
         z, ok = _logits(g, s, yr, c, st, en, ex, rmask, yc, cols, cmask, kind, skip, lam, b, MIX)
         p = _probs(z, lse)
         if MIX:
@@ -250,22 +251,24 @@ def _label_lse_dk_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, R
              mask=cmask[:, None] & (offs_d[None, :] < D))
 
 
-def _gpu_config(D: int, dtype: str) -> dict:
+def _gpu_config(D: int, dtype: str, mix: bool = False) -> dict:
     """Block sizes and warps on the GPU.  fp32 (tf32x3 keeps split copies of the full-D tiles in registers)
     takes 32-wide column tiles on 8 warps: at D = 128 on sm_90a (Triton 3.8) that spills 0 / 184 / 264 B per
     thread in forward / dq / dk, against 112 / 1488 / 1768 B at 64 × 64 on 4 warps; 16-bit inputs spill
-    nothing at 64 × 64 on 4 warps."""
+    nothing at 64 × 64 on 4 warps.  The mixture mode (λ from a + b = 10 unrolled draws per pair) takes the
+    32-wide tiles on 8 warps in every dtype: at 64 × 64 on 4 warps its 16-bit kernels spilled 2.5–4.2 kB per
+    thread."""
     bd = max(16, triton.next_power_of_2(D))
-    if dtype == "fp32":
+    if dtype == "fp32" or mix:
         return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=bd, num_warps=8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd, num_warps=4, num_stages=2)
 
 
-def _flags(q: Tensor) -> dict:
+def _flags(q: Tensor, mix: bool = False) -> dict:
     if interpreting():
         blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=max(16, triton.next_power_of_2(q.shape[1])))
     else:
-        blocks = _gpu_config(q.shape[1], "fp32" if q.dtype == torch.float32 else "bf16")
+        blocks = _gpu_config(q.shape[1], "fp32" if q.dtype == torch.float32 else "bf16", mix)
     return dict(**dot_flags(q.dtype), **blocks)
 
 
@@ -289,6 +292,11 @@ def _mix_operands(name, q, B, M, row_term, row_ids, col_ids, seed, beta_a, beta_
                 SeedP=torch.tensor([seed], dtype=torch.int64, device=q.device)), True
 
 
+def _betas(mix: bool, beta_a: int, beta_b: int) -> dict:
+    """The kernels' compile-time Beta(a, b) (one binary per (a, b) in mixture mode; 0, 0 without it)."""
+    return dict(BETA_A=int(beta_a), BETA_B=int(beta_b)) if mix else dict(BETA_A=0, BETA_B=0)
+
+
 @torch.library.triton_op("contrastive_ops_triton::label_lse_fwd", mutates_args=())
 def _label_lse_fwd_op(q: Tensor, k: Tensor, scale: Tensor, y_row: Tensor, y_col: Tensor, coef: Tensor,
                       col_start: Tensor, col_end: Tensor, exclude: Tensor, kind: int, skip_equal: bool,
@@ -302,11 +310,11 @@ def _label_lse_fwd_op(q: Tensor, k: Tensor, scale: Tensor, y_row: Tensor, y_col:
     mix, MIX = _mix_operands("label_lse_fwd", q, B, M, row_term, row_ids, col_ids, seed, beta_a, beta_b)
     lse = empty((B,), torch.float32, q.device)
     if B > 0:
-        f = _flags(q)
+        f = _flags(q, MIX)
         launch("label_lse_fwd", _label_lse_fwd_kernel, (triton.cdiv(B, f["BLOCK_M"]),))(
             q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, lse, mix["RT"], mix["RID"], mix["CID"],
-            mix["SeedP"], B, M, D, q.stride(0), k.stride(0), int(kind), int(skip_equal), int(beta_a), int(beta_b),
-            MIX=MIX, **f)
+            mix["SeedP"], B, M, D, q.stride(0), k.stride(0), int(kind), int(skip_equal), MIX=MIX,
+            **_betas(MIX, beta_a, beta_b), **f)
     return lse
 
 
@@ -331,17 +339,17 @@ def _label_lse_bwd_op(q: Tensor, k: Tensor, scale: Tensor, y_row: Tensor, y_col:
     dk = empty(k.shape, k.dtype, k.device)
     part = empty((B,), torch.float32, q.device)
     db = empty((B,), torch.float32, q.device)
-    f = _flags(q)
+    f = _flags(q, MIX)
     args = (q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, lse, mix["RT"], mix["RID"], mix["CID"],
             mix["SeedP"], grad)
     if B > 0:
         launch("label_lse_dq", _label_lse_dq_kernel, (triton.cdiv(B, f["BLOCK_M"]),))(
             *args, dq, part, db, B, M, D, q.stride(0), k.stride(0), dq.stride(0), int(kind), int(skip_equal),
-            int(beta_a), int(beta_b), MIX=MIX, **f)
+            MIX=MIX, **_betas(MIX, beta_a, beta_b), **f)
     if M > 0:
         launch("label_lse_dk", _label_lse_dk_kernel, (triton.cdiv(M, f["BLOCK_N"]),))(
-            *args, dk, B, M, D, q.stride(0), k.stride(0), dk.stride(0), int(kind), int(skip_equal), int(beta_a),
-            int(beta_b), MIX=MIX, **f)
+            *args, dk, B, M, D, q.stride(0), k.stride(0), dk.stride(0), int(kind), int(skip_equal), MIX=MIX,
+            **_betas(MIX, beta_a, beta_b), **f)
     return dq, dk, part.sum(), db
 
 
@@ -406,33 +414,32 @@ LABEL_LSE = _LabelLSE()
 
 def compile_specs():
     """The variants the launchers compile (see ``backends/_triton/specs.py``): forward, dq and dk in every
-    input dtype (kind, skip_equal and the Beta parameters are runtime arguments), without and with the
-    per-pair mixture (``MIX``), at D = 128 (SupReMix's feature size on AgeDB) on the GPU configs.  No fault
+    input dtype (kind and skip_equal are runtime arguments), without and with the per-pair mixture
+    (``MIX``, at SupReMix's Beta(2, 8): a and b are compile-time), at D = 128 (SupReMix's feature size on AgeDB) on the GPU configs.  No fault
     table (``tiles.mark_known_faults`` needs one per supported Triton): the fp32 dq and dk spill
     (``_gpu_config``) and are to be entered once the gate has measured them."""
     out = []
     D = 128
     for dtype in ("bf16", "fp16", "fp32"):
         t = "*" + dtype
-        cfg = _gpu_config(D, dtype)
-        warps = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
         for mix in (False, True):
-            c = dict(UPCAST=False, PREC="tf32x3" if dtype == "fp32" else "tf32", MIX=mix, **cfg)
+            cfg = _gpu_config(D, dtype, mix)
+            warps = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+            c = dict(UPCAST=False, PREC="tf32x3" if dtype == "fp32" else "tf32", MIX=mix,
+                     BETA_A=2 if mix else 0, BETA_B=8 if mix else 0, **cfg)
             common = dict(Q=t, K=t, Scale="*fp32", YR="*fp32", YC="*fp32", Coef="*fp32", Start="*i32", End="*i32",
                           Excl="*i32", LSE="*fp32", RT="*fp32", RID="*i32", CID="*i32", SeedP="*i64")
             sfx = "_mix" if mix else ""
             out.append(dict(name="label_lse_fwd" + sfx, fn=_label_lse_fwd_kernel,
                             args=dict(common, B="i32", M="i32", D="i32", stride_q="i32", stride_k="i32", kind="i32",
-                                      skip="i32", beta_a="i32", beta_b="i32"),
+                                      skip="i32"),
                             constexprs=c, dtype=dtype, D=D, **warps))
             out.append(dict(name="label_lse_dq" + sfx, fn=_label_lse_dq_kernel,
                             args=dict(common, GL="*fp32", DQ=t, Part="*fp32", DB="*fp32", B="i32", M="i32", D="i32",
-                                      stride_q="i32", stride_k="i32", stride_dq="i32", kind="i32", skip="i32",
-                                      beta_a="i32", beta_b="i32"),
+                                      stride_q="i32", stride_k="i32", stride_dq="i32", kind="i32", skip="i32"),
                             constexprs=c, dtype=dtype, D=D, **warps))
             out.append(dict(name="label_lse_dk" + sfx, fn=_label_lse_dk_kernel,
                             args=dict(common, GL="*fp32", DK=t, B="i32", M="i32", D="i32", stride_q="i32",
-                                      stride_k="i32", stride_dk="i32", kind="i32", skip="i32", beta_a="i32",
-                                      beta_b="i32"),
+                                      stride_k="i32", stride_dk="i32", kind="i32", skip="i32"),
                             constexprs=c, dtype=dtype, D=D, **warps))
     return out
