@@ -556,8 +556,8 @@ def test_bad_features():
 
 @pytest.mark.parametrize("backend", [p for p in backend_params(torch.device("cpu")) if p.values[0] == "cpu"])
 def test_weighted_fused_path_stores_no_anchor_by_sample_buffer(backend):
-    """use_weight=True on the kernels, λ fixed or drawn per pair: peak tensor bytes of forward + backward far below one A × M fp32
-    matrix (the reference holds several)."""
+    """use_weight=True on the kernels, λ fixed or drawn per pair: peak tensor bytes of forward + backward far
+    below one A × M fp32 matrix (the reference holds several)."""
     from contrastive_ops.benchmarking.measure import peak_memory
 
     N = 2048  # the kernel's tiles are O(64·M) per thread: M = 4096 leaves a clear gap to A × M

@@ -125,7 +125,8 @@ def _label_lse_uniform_kernel(SeedP, RID, CID, Out, R, C, draw, BLOCK_R: tl.cons
 @triton.jit
 def _label_lse_fwd_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, RID, CID, SeedP, B, M, D, stride_q,
                           stride_k, kind, skip, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                          MIX: tl.constexpr, BETA_A: tl.constexpr, BETA_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                          MIX: tl.constexpr, BETA_A: tl.constexpr, BETA_B: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
     offs_d = tl.arange(0, BLOCK_D)
@@ -415,9 +416,10 @@ LABEL_LSE = _LabelLSE()
 def compile_specs():
     """The variants the launchers compile (see ``backends/_triton/specs.py``): forward, dq and dk in every
     input dtype (kind and skip_equal are runtime arguments), without and with the per-pair mixture
-    (``MIX``, at SupReMix's Beta(2, 8): a and b are compile-time), at D = 128 (SupReMix's feature size on AgeDB) on the GPU configs.  No fault
-    table (``tiles.mark_known_faults`` needs one per supported Triton): the fp32 dq and dk spill
-    (``_gpu_config``) and are to be entered once the gate has measured them."""
+    (``MIX``, at SupReMix's Beta(2, 8): a and b are compile-time), at D = 128 (SupReMix's feature size on
+    AgeDB) on the GPU configs.  No fault table (``tiles.mark_known_faults`` needs one per supported Triton):
+    the fp32 dq and dk spill (``_gpu_config``; with the mixture 212 / 416 B per thread on sm_90a, Triton 3.8)
+    and are to be entered once the gate has measured them."""
     out = []
     D = 128
     for dtype in ("bf16", "fp16", "fp32"):
