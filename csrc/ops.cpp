@@ -59,15 +59,24 @@ TORCH_LIBRARY(contrastive_ops, m) {
       "Tensor grad_mean) -> (Tensor, Tensor, Tensor)");
   // Row LSE of scale·q·kᵀ plus the label log-weight φ(coef_i·|y_row_i − y_col_j|) over a column range per row,
   // one excluded candidate per row at most (< 0: none) and, with skip_equal, the equal labels left out:
-  // lse (B,) in the accumulation dtype.  kind: 0 L1_inv, 1 L2_inv, 2 L1, 3 L2.  CPU kernels only
-  // (csrc/cpu/label_lse.cpp; maths in contrastive_ops/primitives/label_lse.py).
+  // lse (B,) in the accumulation dtype.  kind: 0 L1_inv, 1 L2_inv, 2 L1, 3 L2.  Mixture mode (row_term given,
+  // with row_ids (B,) and col_ids (M,) int32): λ_ij ~ Beta(beta_a, beta_b) from the counter-based generator
+  // keyed by (seed, row_ids_i, col_ids_j), and each logit is λ·row_term_i + (1 − λ)·scale·q_i·k_j +
+  // φ((1 − λ)·coef_i·|Δy|).  CPU kernels only (csrc/cpu/label_lse.cpp; maths in
+  // contrastive_ops/primitives/label_lse.py).
   m.def(
       "label_lse_fwd(Tensor q, Tensor k, Tensor scale, Tensor y_row, Tensor y_col, Tensor coef, Tensor col_start, "
-      "Tensor col_end, Tensor exclude, int kind, bool skip_equal) -> Tensor");
-  // (dq like q, dk like k, dscale 0-dim) for the upstream gradient grad of lse; labels and coef get none.
+      "Tensor col_end, Tensor exclude, int kind, bool skip_equal, Tensor? row_term, Tensor? row_ids, "
+      "Tensor? col_ids, int seed, int beta_a, int beta_b) -> Tensor");
+  // (dq like q, dk like k, dscale 0-dim, drow_term (B,)) for the upstream gradient grad of lse; labels and coef
+  // get none; drow_term is 0 outside mixture mode.
   m.def(
       "label_lse_bwd(Tensor q, Tensor k, Tensor scale, Tensor y_row, Tensor y_col, Tensor coef, Tensor col_start, "
-      "Tensor col_end, Tensor exclude, int kind, bool skip_equal, Tensor lse, Tensor grad) -> (Tensor, Tensor, Tensor)");
+      "Tensor col_end, Tensor exclude, int kind, bool skip_equal, Tensor? row_term, Tensor? row_ids, "
+      "Tensor? col_ids, int seed, int beta_a, int beta_b, Tensor lse, Tensor grad) -> (Tensor, Tensor, Tensor, "
+      "Tensor)");
+  // The mixture generator's uniforms u_draw of the pairs (rows_i, cols_j): (R, C) fp32 (a test hook).
+  m.def("label_lse_uniforms(int seed, Tensor rows, Tensor cols, int draw) -> Tensor");
   // PixPro's masked pixel sum (Z (B, P, D), cnt (B, P)), positives from the per-axis bin-centre tables;
   // CPU only (primitives/pix_pos.py).
   m.def("pix_pos_sum(Tensor x, Tensor dxt, Tensor dyt, Tensor diag, Tensor ratio, int H, int W) -> (Tensor, Tensor)");

@@ -312,6 +312,7 @@ def _sim_expect_bwd_samples(fwd_qualname):
 
 def _label_lse_fwd_samples():
     out = []
+    no_mix = (None, None, None, 0, 0, 0)
     for dt in (torch.float32, torch.bfloat16):
         q, k = _f((6, 5), dt, False, 17), _f((7, 5), dt, False, 18)
         s = torch.tensor(0.8, dtype=torch.float32, device=DEVICE)
@@ -319,14 +320,23 @@ def _label_lse_fwd_samples():
         yc = torch.tensor([2.0, 1, 3, 3, 0, 1, 4], device=DEVICE)
         c = torch.tensor([1.0, 0.5, 0.2, 1.0, 0.7, 0.0], device=DEVICE)
         out.append((q, k, s, yr, yc, c, _i32([0, 2, 7, 3, 0, 5]), _i32([7, 2, 7, 6, 1, 7]),
-                    _i32([0, 6, -1, 2, 3, 1]), 0, False))
-        out.append((q, k, s, yr, yc, c, _i32([0] * 6), _i32([7] * 6), _i32([-1] * 6), 3, True))
+                    _i32([0, 6, -1, 2, 3, 1]), 0, False) + no_mix)
+        out.append((q, k, s, yr, yc, c, _i32([0] * 6), _i32([7] * 6), _i32([-1] * 6), 3, True) + no_mix)
+        # mixture mode: λ per pair from the seed and the rows' / columns' ids
+        b = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.5, -0.3], device=DEVICE)
+        out.append((q, k, s, yr, yc, c, _i32([0, 2, 7, 3, 0, 5]), _i32([7, 2, 7, 6, 1, 7]),
+                    _i32([0, 6, -1, 2, 3, 1]), 1, True, b, _i32([4, 9, 0, 2 ** 31 - 1, 7, 3]),
+                    _i32([6, 5, 4, 3, 2, 1, 0]), 12345, 2, 8))
     return out
 
 
 def _label_lse_bwd_samples(fwd_qualname):
     fwd = _op(fwd_qualname)
     return [args + (fwd(*args), torch.randn(6, device=DEVICE)) for args in _label_lse_fwd_samples()]
+
+
+def _label_lse_uniforms_samples():
+    return [(77, _i32([0, 5, 2 ** 31 - 1]), _i32([3, 1]), 4), (0, _i32([1]), _i32([0, 2, 9]), 0)]
 
 
 def _gated_lse_fwd_samples():
@@ -385,6 +395,7 @@ SAMPLES = {
     "gated_lse_fwd": lambda q, grad: _gated_lse_fwd_samples(),
     "label_lse_fwd": lambda q, grad: _label_lse_fwd_samples(),
     "label_lse_bwd": lambda q, grad: _label_lse_bwd_samples(q.replace("label_lse_bwd", "label_lse_fwd")),
+    "label_lse_uniforms": lambda q, grad: _label_lse_uniforms_samples(),
     "pix_pos_sum": lambda q, grad: _pix_pos_sum_samples(),
     "pix_pos_lse_fwd": lambda q, grad: _pix_pos_lse_fwd_samples(),
     "pix_pos_lse_bwd": lambda q, grad: _pix_pos_lse_bwd_samples(q.replace("pix_pos_lse_bwd", "pix_pos_lse_fwd")),

@@ -545,6 +545,27 @@ def _(c: Ctx):
             rows=_view_major_rows(2))
 
 
+@case("supremix_fused_drawn_lambda")
+def _(c: Ctx):
+    # the official defaults: λ drawn per pair (counters: global anchor and sample); every rank seeds torch
+    # differently, so only rank 0's seed, broadcast, can give the single process's λ (it draws with seed 17)
+    def fn(f, y, tau, process_group=None, **kw):
+        torch.manual_seed(17 + (0 if process_group is None else 1000 * c.rank))
+        return co.supremix_loss(f, y, tau, window=3, process_group=process_group, **kw)
+
+    c.check(fn, [B(c.randn(c.N, 2, 5)), B(20 + c.randint(4, c.N, seed=1)), S(c.scalar(0.2))], reduction="none",
+            rows=_view_major_rows(2))
+
+
+@case("supremix_fused_drawn_lambda_unweighted")
+def _(c: Ctx):
+    def fn(f, y, tau, process_group=None, **kw):
+        torch.manual_seed(5 + (0 if process_group is None else 1000 * c.rank))
+        return co.supremix_loss(f, y, tau, mix_pos=False, use_weight=False, process_group=process_group, **kw)
+
+    c.check(fn, [B(c.randn(c.N, 2, 5)), B(_ages(c)), S(c.scalar(0.2))])
+
+
 def _hydra_args(c: Ctx):
     y1 = c.randint(3, c.N, seed=1)
     posy = y1[torch.randperm(c.N, generator=torch.Generator().manual_seed(5))]
@@ -829,21 +850,29 @@ class _DenseGatedLSE:
 
 
 class _DenseLabelLSE:
-    """The "label_lse" primitive with the kernel interface, computed densely."""
+    """The "label_lse" primitive with the kernel interface, computed densely (mixture mode included)."""
 
-    def forward(self, q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal):
+    def forward(self, q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, mix=None):
         from contrastive_ops.primitives.label_lse import label_lse_reference
 
         with torch.no_grad():
-            return label_lse_reference(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal)
+            return label_lse_reference(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal,
+                                       mix)
 
-    def backward(self, q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, lse, grad):
+    def backward(self, q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, mix, lse,
+                 grad):
         from contrastive_ops.primitives.label_lse import label_lse_reference
 
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (q, k, scale)]
-            lse2 = label_lse_reference(*leaves, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal)
-            return torch.autograd.grad(torch.where(torch.isfinite(lse2), lse2 * grad, 0).sum(), leaves)
+            b = None if mix is None else mix[0].detach().requires_grad_(True)
+            mix2 = None if mix is None else (b,) + tuple(mix[1:])
+            lse2 = label_lse_reference(*leaves, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal,
+                                       mix2)
+            J = torch.where(torch.isfinite(lse2), lse2 * grad, 0).sum()
+            if mix is None:
+                return tuple(torch.autograd.grad(J, leaves)) + (torch.zeros_like(lse),)
+            return torch.autograd.grad(J, leaves + [b])
 
 
 _DENSE_PRIMITIVES = {"sim_lse": _DenseSimLSE(), "siglip": _DenseSigLIP(), "sinkhorn": _DenseSinkhorn(),

@@ -1,6 +1,7 @@
 """supremix_loss: a float64 loop over anchors, samples and mixtures (values and gradients, mixtures
 detached), the official code transcribed (its separate max-shifts against the paper's joint LSE), the
-fused composition on every kernel backend, the configurations the primitive cannot express, bad input."""
+fused composition on every kernel backend (with λ given, and with the official per-pair draw: the kernels and
+the reference draw the same λ from one seed), the configurations the kernels cannot express, bad input."""
 import itertools
 import warnings
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 import contrastive_ops as co
 from contrastive_ops.losses import supremix as sm
+from contrastive_ops.primitives.label_lse import pair_lambda
 from helpers import DEVICE, backend_params, compare_with_reference
 
 F64 = torch.float64
@@ -228,14 +230,86 @@ def test_official_code_l2_inv_weight_of_mixtures():
     torch.testing.assert_close(ours, loop_supremix(x, LABELS, 0.5, lam=lam, **kw)[1])
 
 
+def _drawn_lambda(torch_seed, M, beta=(2, 8), dtype=F64):
+    """The (M, M) λ that a call after ``torch.manual_seed(torch_seed)`` draws: one seed from torch's
+    generator, then the counter-based generator over (global anchor, global sample)."""
+    torch.manual_seed(torch_seed)
+    seed = int(torch.randint(0, 2 ** 31 - 1, ()))
+    return pair_lambda(seed, torch.arange(M), torch.arange(M), beta, dtype)
+
+
 def test_lambda_drawn_per_pair_from_beta():
+    """mix_lambda=None: λ_ik per pair (every (anchor, sample) its own) from the counter-based generator keyed by
+    one seed from torch's generator; reproducible under torch.manual_seed, a new draw per call otherwise; a
+    Beta the kernels cannot draw (non-integer) keeps torch.distributions.Beta per pair."""
     x = torch.randn(6, 2, 4)
-    torch.manual_seed(3)
-    lam = torch.distributions.Beta(torch.tensor(2.0), torch.tensor(8.0)).sample((12, 12))
+    lam = _drawn_lambda(3, 12, dtype=torch.float32)
+    assert lam.unique().numel() == 144  # one λ per pair
+    assert abs(float(lam.mean()) - 0.2) < 0.05
     torch.manual_seed(3)
     drawn = co.supremix_loss(x, LABELS, backend="reference")
     torch.testing.assert_close(drawn, co.supremix_loss(x, LABELS, mix_lambda=lam, backend="reference"))
     assert (drawn - co.supremix_loss(x, LABELS, mix_lambda=0.2, backend="reference")).abs() > 1e-4
+    # per anchor, the same λ for every sample would be another loss
+    assert (drawn - co.supremix_loss(x, LABELS, mix_lambda=lam[:, 0], backend="reference")).abs() > 1e-4
+    torch.manual_seed(3)
+    assert torch.equal(co.supremix_loss(x, LABELS, backend="reference"), drawn)
+    assert (co.supremix_loss(x, LABELS, backend="reference") - drawn).abs() > 1e-6  # the next call draws anew
+    # Beta(2.5, 8): torch.distributions.Beta on torch's generator, per pair
+    torch.manual_seed(4)
+    lam = torch.distributions.Beta(torch.tensor(2.5), torch.tensor(8.0)).sample((12, 12))
+    torch.manual_seed(4)
+    drawn = co.supremix_loss(x, LABELS, beta=(2.5, 8.0), backend="reference")
+    torch.testing.assert_close(drawn, co.supremix_loss(x, LABELS, mix_lambda=lam, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("use_weight, distance", [(True, "L1_inv"), (True, "L2"), (False, "L1_inv")])
+@pytest.mark.parametrize("mix_pos", [False, True])
+@pytest.mark.parametrize("beta", [(2, 8), (3, 1)])
+def test_drawn_lambda_kernel_backends_match_loop(backend, use_weight, distance, mix_pos, beta):
+    """mix_lambda=None on the kernels (λ drawn per pair inside them) against the float64 loop given the λ
+    matrix of the same seed: values, per-anchor values and gradients."""
+    N = LABELS.numel()
+    M = 2 * N
+    x64 = torch.randn(N, 2, 5, dtype=F64, generator=torch.Generator().manual_seed(9))
+    kw = dict(mix_neg=True, mix_pos=mix_pos, use_weight=use_weight, distance=distance, window=3)
+    labels = LABELS.long() if mix_pos else LABELS
+    x_loop = x64.clone().requires_grad_(True)
+    vals, mean = loop_supremix(x_loop, labels, 0.2, lam=_drawn_lambda(21, M, beta), **kw)
+    x = x64.float().to(DEVICE).requires_grad_(True)
+    y = labels.to(DEVICE)
+    torch.manual_seed(21)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="contrastive_ops")  # no fallback to the reference
+        out = co.supremix_loss(x, y, 0.2, reduction="none", beta=beta, backend=backend, **kw)
+    torch.testing.assert_close(out.double().cpu(), vals.detach(), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(21)
+    out = co.supremix_loss(x, y, 0.2, beta=beta, backend=backend, **kw)
+    torch.testing.assert_close(out.double().cpu(), mean.detach(), rtol=1e-5, atol=1e-5)
+    (2 * out).backward()
+    (2 * mean).backward()
+    torch.testing.assert_close(x.grad.double().cpu(), x_loop.grad, rtol=1e-4, atol=1e-5)
+
+
+def _seeded(*args, torch_seed=13, **kw):
+    torch.manual_seed(torch_seed)
+    return co.supremix_loss(*args, **kw)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_arguments_kernel_backends_match_reference(backend, dtype):
+    """The official defaults (mix_lambda=None: λ ~ Beta(2, 8) per pair, use_weight=True, both mixtures; integer
+    labels) on the kernels against the reference for the same torch.manual_seed."""
+    N = 21
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(N, 2, 16, generator=g).to(DEVICE).requires_grad_(True)
+    y = torch.randint(18, 30, (N,), generator=g).to(DEVICE)
+    for reduction in ("mean", "none"):
+        for labels, mix_pos in ((y, True), (y.float(), False)):
+            compare_with_reference(_seeded, [x, labels], backend=backend, dtype=dtype, mix_pos=mix_pos,
+                                   reduction=reduction, sharpness=2.0, normalized=True)
 
 
 def _fusable(lam_kind, M):
@@ -337,10 +411,10 @@ def test_weighted_kernel_backends_match_reference(backend, dtype, distance):
 @pytest.mark.parametrize("kw, missing", [
     (dict(mix_lambda=0.3), "mix_pos=True with floating-point labels needs an LSE over pairs"),
     (dict(use_weight=False, mix_lambda=0.3), "mix_pos=True with floating-point labels needs an LSE over pairs"),
-    (dict(use_weight=False, mix_pos=False), "per-pair scale"),
-    (dict(mix_pos=False), "per-pair scale"),
-    (dict(use_weight=False, mix_pos=False, mix_lambda=torch.full((12, 12), 0.3)), "per-pair scale"),
-    (dict(mix_pos=False, mix_lambda=torch.full((12, 12), 0.3)), "per-pair scale"),
+    (dict(use_weight=False, mix_pos=False, beta=(2.5, 8.0)), r"beta=\(2.5, 8.0\).*integers a, b >= 1"),
+    (dict(mix_pos=False, beta=(20, 13)), r"beta=\(20, 13\).*a \+ b <= 32"),
+    (dict(use_weight=False, mix_pos=False, mix_lambda=torch.full((12, 12), 0.3)), r"\(A, M\) mix_lambda"),
+    (dict(mix_pos=False, mix_lambda=torch.full((12, 12), 0.3)), r"\(A, M\) mix_lambda"),
 ])
 def test_kernel_backend_names_what_the_primitive_lacks(backend, kw, missing):
     x = torch.randn(6, 2, 4, device=DEVICE)
@@ -361,6 +435,9 @@ def test_backend_without_label_lse_names_it(monkeypatch):
     x = torch.randn(6, 2, 4, device=DEVICE)
     with pytest.raises(RuntimeError, match=f"label_lse primitive.*backend '{name}' does not implement"):
         co.supremix_loss(x, LABELS.to(DEVICE), mix_pos=False, mix_lambda=0.3, backend=name)
+    # λ drawn per pair goes through label_lse's mixture mode, with or without the weights
+    with pytest.raises(RuntimeError, match=f"mix_lambda=None.*mixture mode.*backend '{name}' does not implement"):
+        co.supremix_loss(x, LABELS.to(DEVICE), mix_pos=False, use_weight=False, backend=name)
     co.supremix_loss(x, LABELS.to(DEVICE), mix_pos=False, use_weight=False, mix_lambda=0.3, backend=name)
 
 
@@ -404,6 +481,13 @@ def test_auto_takes_the_reference_for_what_kernels_lack(monkeypatch):
         # the official weights with integer labels: fused, no warning
         out = co.supremix_loss(x, y.long(), mix_lambda=0.3, window=3, backend="auto")
     torch.testing.assert_close(out, co.supremix_loss(x, y.long(), mix_lambda=0.3, window=3, backend="reference"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="contrastive_ops")
+        # the official defaults (λ drawn per pair) with integer labels: fused, no warning, the reference's λ
+        out = _seeded(x, y.long(), window=3, backend="auto")
+    torch.testing.assert_close(out, _seeded(x, y.long(), window=3, backend="reference"))
+    with pytest.warns(RuntimeWarning, match=r"beta=\(2.5, 8.0\)"):
+        co.supremix_loss(x, y.long(), window=3, beta=(2.5, 8.0), backend="auto")
 
 
 def test_module():
@@ -472,8 +556,8 @@ def test_bad_features():
 
 @pytest.mark.parametrize("backend", [p for p in backend_params(torch.device("cpu")) if p.values[0] == "cpu"])
 def test_weighted_fused_path_stores_no_anchor_by_sample_buffer(backend):
-    """use_weight=True on the kernels: peak tensor bytes of forward + backward far below one A × M fp32
-    matrix (the reference holds several)."""
+    """use_weight=True on the kernels, λ fixed or drawn per pair: peak tensor bytes of forward + backward far
+    below one A × M fp32 matrix (the reference holds several)."""
     from contrastive_ops.benchmarking.measure import peak_memory
 
     N = 2048  # the kernel's tiles are O(64·M) per thread: M = 4096 leaves a clear gap to A × M
@@ -482,9 +566,10 @@ def test_weighted_fused_path_stores_no_anchor_by_sample_buffer(backend):
     x = torch.randn(N, 2, 8, generator=g, requires_grad=True)
     y = torch.randint(18, 60, (N,), generator=g)
 
-    def step(be):
-        return lambda: torch.autograd.grad(co.supremix_loss(x, y, mix_lambda=0.3, mix_pos=False, backend=be), x)
+    for lam in (0.3, None):  # None: λ drawn per pair (in the kernels: recomputed per tile, never stored)
+        def step(be):
+            return lambda: torch.autograd.grad(co.supremix_loss(x, y, mix_lambda=lam, mix_pos=False, backend=be), x)
 
-    assert peak_memory(step("reference"), torch.device("cpu")) >= M * M * 4
-    fused = peak_memory(step(backend), torch.device("cpu"))
-    assert fused < M * M * 4 / 4, f"fused peak {fused} bytes vs one A x M fp32 matrix {M * M * 4}"
+        assert peak_memory(step("reference"), torch.device("cpu")) >= M * M * 4
+        fused = peak_memory(step(backend), torch.device("cpu"))
+        assert fused < M * M * 4 / 4, f"fused peak {fused} bytes vs one A x M fp32 matrix {M * M * 4} (lam {lam})"

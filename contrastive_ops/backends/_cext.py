@@ -210,25 +210,36 @@ def _fake_gated_lse_bwd(a, w, k, scale, col_start, col_end, lse, grad_lse):
     return torch.empty_like(a), torch.empty_like(w, dtype=a.dtype), torch.empty_like(k), a.new_empty(())
 
 
-def _fake_label_lse_fwd(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal):
+def _fake_label_lse_fwd(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, row_term,
+                        row_ids, col_ids, seed, beta_a, beta_b):
     torch._check(q.dim() == 2 and k.dim() == 2 and q.shape[1] == k.shape[1],
                  lambda: f"label_lse_fwd: q and k must be 2-D with one feature size, got {q.shape} and {k.shape}")
     torch._check(scale.dim() == 0, lambda: "label_lse_fwd: scale must be 0-dim")
     for name, t in (("y_row", y_row), ("coef", coef), ("col_start", col_start), ("col_end", col_end),
-                    ("exclude", exclude)):
-        torch._check(t.dim() == 1 and t.shape[0] == q.shape[0],
-                     lambda: f"label_lse_fwd: {name} must have {q.shape[0]} rows, got {t.shape}")
-    torch._check(y_col.dim() == 1 and y_col.shape[0] == k.shape[0],
-                 lambda: f"label_lse_fwd: y_col must have {k.shape[0]} entries, got {y_col.shape}")
+                    ("exclude", exclude), ("row_term", row_term), ("row_ids", row_ids)):
+        if t is not None:
+            torch._check(t.dim() == 1 and t.shape[0] == q.shape[0],
+                         lambda: f"label_lse_fwd: {name} must have {q.shape[0]} rows, got {t.shape}")
+    for name, t in (("y_col", y_col), ("col_ids", col_ids)):
+        if t is not None:
+            torch._check(t.dim() == 1 and t.shape[0] == k.shape[0],
+                         lambda: f"label_lse_fwd: {name} must have {k.shape[0]} entries, got {t.shape}")
     return q.new_empty((q.shape[0],), dtype=acc_dtype(q.dtype))
 
 
-def _fake_label_lse_bwd(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, lse, grad):
+def _fake_label_lse_bwd(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, row_term,
+                        row_ids, col_ids, seed, beta_a, beta_b, lse, grad):
     torch._check(q.dim() == 2 and k.dim() == 2 and q.shape[1] == k.shape[1],
                  lambda: f"label_lse_bwd: q and k must be 2-D with one feature size, got {q.shape} and {k.shape}")
     torch._check(lse.shape == (q.shape[0],) and grad.shape == (q.shape[0],),
                  lambda: f"label_lse_bwd: lse and grad must have shape ({q.shape[0]},)")
-    return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=acc_dtype(q.dtype))
+    acc = acc_dtype(q.dtype)
+    return torch.empty_like(q), torch.empty_like(k), q.new_empty((), dtype=acc), q.new_empty((q.shape[0],), dtype=acc)
+
+
+def _fake_label_lse_uniforms(seed, rows, cols, draw):
+    torch._check(rows.dim() == 1 and cols.dim() == 1, lambda: "label_lse_uniforms: rows and cols must be 1-D")
+    return rows.new_empty((rows.shape[0], cols.shape[0]), dtype=torch.float32)
 
 
 _FAKES = {
@@ -250,6 +261,7 @@ _FAKES = {
     "gated_lse_bwd": _fake_gated_lse_bwd,
     "label_lse_fwd": _fake_label_lse_fwd,
     "label_lse_bwd": _fake_label_lse_bwd,
+    "label_lse_uniforms": _fake_label_lse_uniforms,
 }
 _AUTOGRAD = {
     "sim_lse_fwd": (_sim_lse_backward, _sim_lse_setup),
@@ -355,16 +367,23 @@ class LabelLSE:
     """Primitive ``"label_lse"`` (contract in ``contrastive_ops.primitives.label_lse``): CPU kernels only."""
 
     @staticmethod
-    def forward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal):
-        ensure_loaded()
-        return torch.ops.contrastive_ops.label_lse_fwd(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude,
-                                                       int(kind), bool(skip_equal))
+    def _mix(mix):
+        if mix is None:
+            return None, None, None, 0, 0, 0
+        row_term, row_ids, col_ids, seed, beta_a, beta_b = mix
+        return row_term, row_ids, col_ids, int(seed), int(beta_a), int(beta_b)
 
     @staticmethod
-    def backward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, lse, grad):
+    def forward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, mix=None):
+        ensure_loaded()
+        return torch.ops.contrastive_ops.label_lse_fwd(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude,
+                                                       int(kind), bool(skip_equal), *LabelLSE._mix(mix))
+
+    @staticmethod
+    def backward(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude, kind, skip_equal, mix, lse, grad):
         ensure_loaded()
         return torch.ops.contrastive_ops.label_lse_bwd(q, k, scale, y_row, y_col, coef, col_start, col_end, exclude,
-                                                       int(kind), bool(skip_equal), lse, grad)
+                                                       int(kind), bool(skip_equal), *LabelLSE._mix(mix), lse, grad)
 
 
 class PixPosSum:
@@ -426,4 +445,4 @@ CPU_ONLY_PRIMITIVES["label_lse"] = LabelLSE()
 # Their ops (csrc/ops.cpp): a CPU kernel and, by design, no CUDA one.
 CPU_ONLY_OPS = ("sim_expect_fwd", "sim_expect_bwd", "pix_pos_sum", "pix_pos_lse_fwd", "pix_pos_lse_bwd")
 CPU_ONLY_OPS += ("gated_lse_fwd", "gated_lse_bwd")
-CPU_ONLY_OPS += ("label_lse_fwd", "label_lse_bwd")
+CPU_ONLY_OPS += ("label_lse_fwd", "label_lse_bwd", "label_lse_uniforms")

@@ -54,8 +54,24 @@ Where code and paper differ (the paper is followed):
 ``mix_lambda`` fixes the hard-negative λ (reproducible tests): a float or
 0-dim tensor, one value per anchor (A,), or one per pair (A, M) (A = the
 anchors, this rank's V·n under ``process_group``), in [0, 1], receiving no
-gradient; ``None`` draws λ_ik ~ Beta(``beta``) per pair from torch's global
-RNG, as the code does.
+gradient; ``None`` (the default, the official sampling) draws λ_ik ~
+Beta(``beta``) per pair:
+
+* integer a, b >= 1 with a + b <= 32 (the default Beta(2, 8)): from the
+  counter-based generator of ``primitives/label_lse.py`` (``pair_lambda``),
+  keyed by one seed per call drawn from torch's default CPU generator
+  (``torch.manual_seed`` makes calls reproducible) and counted by the global
+  anchor index i and the global sample index k.  The kernels draw λ_ik inside
+  their tiles and the reference builds the same (A, M) matrix from the same
+  function, so every backend gives the same loss for a given torch seed.
+  Under ``process_group`` rank 0's seed is broadcast to the group, and the
+  counters are global, so the ranks draw what one process would;
+* other a, b: ``torch.distributions.Beta`` on torch's global generator, as the
+  code does, on the reference only (an explicit kernel backend raises;
+  ``"auto"`` warns and takes the reference).
+
+The values differ from those of ``torch.distributions.Beta``: the same
+distribution, another stream.
 
 Fused composition (kernel backends) on ``sim_lse`` and ``label_lse``, the
 samples sorted by label so that each label value is a column range:
@@ -63,12 +79,18 @@ samples sorted by label so that each label value is a column range:
 * real pairs: one call with the anchor excluded (``label_lse`` with c = 1
   when ``use_weight``, its log-weight φ = log w(|y_i − y_a|) added to each
   logit; ``sim_lse`` otherwise); real positives from per-label feature sums;
-* hard negatives: the anchor rows scaled by (1−λ_i) against detached samples,
-  plus λ_i·z_i·sg(z_i)/τ; with ``use_weight`` one ``label_lse`` call with
-  c_i = 1 − λ_i (a mixture's label λ_i y_i + (1−λ_i) y_k is (1−λ_i)|y_i − y_k|
-  away from y_i) that skips equal labels, without it two ``sim_lse`` calls
-  (the columns before and after the anchor's label range, ``col_end`` /
-  ``col_start``);
+* hard negatives, λ drawn per pair (``mix_lambda=None``): one ``label_lse``
+  call in mixture mode, q = z_i, k = sg(z_k), row term z_i·sg(z_i)/τ,
+  λ_ik drawn in the kernels from the seed and the counters (global anchor,
+  global sample: the label-sorted columns keep their sample index), c = 1
+  with ``use_weight`` (φ((1−λ_ik)|y_i − y_k|)) and c = 0 without it (φ = 0),
+  equal labels skipped;
+* hard negatives, λ a float or per anchor: the anchor rows scaled by (1−λ_i)
+  against detached samples, plus λ_i·z_i·sg(z_i)/τ; with ``use_weight`` one
+  ``label_lse`` call with c_i = 1 − λ_i (a mixture's label λ_i y_i + (1−λ_i) y_k
+  is (1−λ_i)|y_i − y_k| away from y_i) that skips equal labels, without it
+  two ``sim_lse`` calls (the columns before and after the anchor's label
+  range, ``col_end`` / ``col_start``);
 * hard positives, integer labels: y_j = y_i − d_j, y_k = y_i + d_k with
   1 <= d < n, so λ = d_k/(d_j + d_k) is one number per offset class
   (d_j, d_k), and Σ_{j,k} e^{λ s_ij + (1−λ) s_ik} factorizes into
@@ -78,35 +100,17 @@ samples sorted by label so that each label value is a column range:
   1 (label y_i exactly), so ``use_weight`` changes nothing here.
 
 ``label_lse`` has CPU and Triton kernels; the ``"cuda"`` backend lacks it, so
-there ``use_weight=True`` raises naming it, and ``"auto"`` on CUDA tensors
-takes Triton for it.
+there ``use_weight=True`` and ``mix_lambda=None`` (with ``mix_neg``) raise
+naming it, and ``"auto"`` on CUDA tensors takes Triton for them.
 
-What the primitives lack, so these configurations run on the reference only
+What the kernels lack, so these configurations run on the reference only
 (``"auto"`` takes it with a warning; an explicit kernel backend raises):
 
-* a per-pair scale — λ_ik drawn per pair (``mix_lambda=None``, the official
-  sampling, or (A, M));
+* an (A, M) ``mix_lambda`` (an anchor-by-sample input);
+* ``mix_lambda=None`` with a Beta the kernels cannot draw (non-integer a or
+  b, or a + b > 32);
 * candidates that are pairs (j, k) of rows with a λ per pair — hard positives
   with floating-point labels (O(M³) logits λ_ijk G_ij + (1−λ_ijk) G_ik).
-
-λ per pair without an A × M buffer (not implemented; what it needs): the
-kernels would draw λ_ik themselves from a counter-based generator (Philox-4x32,
-key = a seed, counter = (global i, global k, draw number)), regenerating the
-same λ_ik in forward and backward, and the reference would draw the same
-numbers from a tensor version of that generator over the (A, M) grid (global
-indices, so ranks and one process agree).  Beta(a, b) = X/(X + Y) with
-X ~ Gamma(a), Y ~ Gamma(b): for integer a, b (the default Beta(2, 8)) a Gamma(n)
-is −Σ_{m<n} log u_m, a + b uniforms per pair with a fixed count; for other
-a, b Marsaglia–Tsang (d = α − 1/3, c = 1/√(9d), a Box–Muller normal z,
-accept v = (1 + cz)³ when log u < z²/2 + d − dv + d·log v; α < 1 via
-Gamma(α + 1)·u^{1/α}), a rejection loop whose draw numbers continue the
-pair's counter, so the result stays deterministic.  The logit
-λ_ik·z_i·sg(z_i)/τ + (1−λ_ik)·z_i·sg(z_k)/τ + φ((1−λ_ik)|Δy|) is then a
-per-pair scale of G plus a per-pair label term, and dq also needs the row sum
-Σ_k P_ik·λ_ik (the gradient of the self term).  The values differ from
-``torch.distributions.Beta`` on torch's global generator, so ``mix_lambda=None``
-would draw a seed from torch's generator instead, and the reference would
-change with it.
 
 The reference stores A × M Gram blocks and streams the hard positives over
 anchor blocks (at most 2²² logits at a time).
@@ -129,7 +133,7 @@ from .. import _checks, backends
 from .._checks import as_scalar, shape_str
 from .._numerics import acc_dtype, masked_lse
 from ..distributed import GlobalBatch
-from ..primitives.label_lse import KINDS, label_lse, log_weight
+from ..primitives.label_lse import KINDS, MAX_BETA, kernel_beta, label_lse, log_weight, pair_lambda
 from ..primitives.sim_lse import sim_lse
 from ._common import index_sum, label_groups, take_rows, unit
 
@@ -150,21 +154,41 @@ def _lse_parts(parts) -> Tensor:
     return masked_lse(P, torch.isfinite(P), 1)
 
 
-def _lambda_rows(lam: Optional[Tensor], A: int, M: int, beta, like: Tensor) -> Tensor:
-    """λ as an (A, M) (or broadcastable (A, 1) / 0-dim) tensor in the accumulation dtype."""
+def _lambda_rows(lam: Optional[Tensor], a: Tensor, M: int, beta, like: Tensor, seed: Optional[int]) -> Tensor:
+    """λ as an (A, M) (or broadcastable (A, 1) / 0-dim) tensor in the accumulation dtype; ``None``: drawn per
+    pair, by the counter-based generator (``pair_lambda``, what the kernels draw) keyed by ``seed`` and the
+    global (anchor, sample) indices, or from torch's generator for a Beta the kernels cannot draw (seed None)."""
     if lam is None:
+        if seed is not None:
+            return pair_lambda(seed, a, torch.arange(M, device=like.device), beta, like.dtype)
         b0 = torch.tensor(float(beta[0]), dtype=like.dtype, device=like.device)
         b1 = torch.tensor(float(beta[1]), dtype=like.dtype, device=like.device)
-        return torch.distributions.Beta(b0, b1).sample((A, M))
+        return torch.distributions.Beta(b0, b1).sample((a.numel(), M))
     lam = lam.to(device=like.device, dtype=like.dtype)
     return lam[:, None] if lam.dim() == 1 else lam
+
+
+def draw_seed(process_group=None, device=None) -> int:
+    """The seed of the per-pair λ: one integer from torch's default CPU generator (``torch.manual_seed`` makes
+    calls reproducible); under ``process_group`` rank 0's, broadcast, so every rank draws the same λ."""
+    seed = torch.randint(0, 2 ** 31 - 1, ())
+    if process_group is not None:
+        import torch.distributed as dist
+
+        t = seed.reshape(1).to(device)
+        dist.broadcast(t, src=dist.get_global_rank(process_group, 0), group=process_group)
+        seed = t.cpu()
+    return int(seed.reshape(()))
 
 
 def supremix_reference(views: Tensor, labels: Tensor, temperature, base_temperature, *, window=5,
                        beta=(2.0, 8.0), mix_neg=True, mix_pos=True, use_weight=True, distance="L1_inv",
                        mix_lambda: Optional[Tensor] = None, normalize=True, reduction="mean",
-                       process_group=None) -> Tensor:
-    """Exact SupReMix (the paper's joint LSE) on view-major ``views`` (V, n, D); Gram blocks A × M."""
+                       process_group=None, seed: Optional[int] = None) -> Tensor:
+    """Exact SupReMix (the paper's joint LSE) on view-major ``views`` (V, n, D); Gram blocks A × M.
+
+    ``mix_lambda=None``: λ per pair from ``pair_lambda(seed, ...)`` when ``seed`` is given (what the kernels
+    draw), else from ``torch.distributions.Beta(beta)`` on torch's generator."""
     V, n, D = views.shape
     gb = GlobalBatch(n, process_group, views.device)
     U = unit(views, normalize)
@@ -187,7 +211,7 @@ def supremix_reference(views: Tensor, labels: Tensor, temperature, base_temperat
     pos_sum = torch.where(pos_real, G, 0).sum(1)
     pos_cnt = pos_real.sum(1).to(U.dtype)
     if mix_neg:
-        lam = _lambda_rows(mix_lambda, A, M, beta, Gd)
+        lam = _lambda_rows(mix_lambda, a, M, beta, Gd, seed)
         self_d = (Za * Za.detach()).sum(1, keepdim=True) / t  # z_i·sg(z_i)/τ
         logit = lam * self_d + (1 - lam) * Gd
         wn = _log_weight((1 - lam) * dist, distance) if use_weight else 0
@@ -215,7 +239,8 @@ def supremix_reference(views: Tensor, labels: Tensor, temperature, base_temperat
     return gb.reduce(torch.where(has, values, 0), reduction, has)
 
 
-def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, labels, backend: str) -> Optional[str]:
+def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, labels, backend: str,
+                   beta=(2.0, 8.0)) -> Optional[str]:
     """Why the fused composition cannot compute this configuration on ``backend`` (None: it can)."""
     if use_weight and not backends.has_primitive(backend, "label_lse"):
         return (f"use_weight=True needs the label_lse primitive (a per-pair label log-weight in the LSE), which "
@@ -223,16 +248,25 @@ def kernel_why_not(*, mix_pos, use_weight, mix_neg, mix_lambda, labels, backend:
     if mix_pos and labels.is_floating_point():
         return ("mix_pos=True with floating-point labels needs an LSE over pairs (j, k) of candidates with a "
                 "lambda per pair (O(M^3) logits), which the sim_lse primitive lacks; integer labels are composed")
-    if mix_neg and (mix_lambda is None or mix_lambda.dim() == 2):
-        return ("mix_neg with a lambda per pair (mix_lambda None or (A, M)) needs a per-pair scale, which the "
-                "sim_lse and label_lse primitives lack; pass a float or one lambda per anchor")
+    if mix_neg and mix_lambda is not None and mix_lambda.dim() == 2:
+        return ("mix_neg with an (A, M) mix_lambda (an anchor-by-sample input) runs on the reference only; pass "
+                "None (drawn per pair in the kernels), a float or one lambda per anchor")
+    if mix_neg and mix_lambda is None:
+        if not kernel_beta(beta):
+            return (f"mix_lambda=None with beta={tuple(beta)}: the kernels draw lambda per pair from Beta(a, b) "
+                    f"for integers a, b >= 1 with a + b <= {MAX_BETA} only")
+        if not backends.has_primitive(backend, "label_lse"):
+            return (f"mix_lambda=None (lambda drawn per pair) needs the label_lse primitive's mixture mode, which "
+                    f"backend {backend!r} does not implement (the cpu and triton backends do)")
     return None
 
 
 def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature, *, window=5, mix_neg=True,
                     mix_pos=False, use_weight=False, distance="L1_inv", mix_lambda: Optional[Tensor] = None,
-                    normalize=True, reduction="mean", backend: str, process_group=None) -> Tensor:
-    """SupReMix on the primitives (hard positives for integer labels, λ a float or per anchor): no A × M buffer."""
+                    normalize=True, reduction="mean", backend: str, process_group=None, beta=(2, 8),
+                    seed: Optional[int] = None) -> Tensor:
+    """SupReMix on the primitives (hard positives for integer labels, λ a float, per anchor or drawn per pair
+    in the kernels from ``seed``): no A × M buffer."""
     V, n, D = views.shape
     gb = GlobalBatch(n, process_group, views.device)
     U = unit(views, normalize)
@@ -264,7 +298,17 @@ def _fused_supremix(views: Tensor, labels: Tensor, temperature, base_temperature
     if mix_neg or mix_pos:
         ys, perm = torch.sort(y)  # the samples sorted by label: each label value is a column range
         Kd = Z.detach()[perm].to(views.dtype)
-    if mix_neg:
+    if mix_neg and mix_lambda is None:
+        # λ_ik drawn per pair inside the kernels (label_lse's mixture mode), keyed by the global anchor and sample
+        # indices: logit λ_ik·z_i·sg(z_i)/τ + (1−λ_ik)·z_i·sg(z_k)/τ + φ((1−λ_ik)|y_i − y_k|) (φ = 0 without
+        # use_weight: coef 0), equal labels skipped
+        self_d = (Za * Za.detach()).sum(1) * scale
+        coef = 1.0 if use_weight else 0.0
+        neg = label_lse(Za.to(views.dtype), Kd, scale, ya, ys, kind=distance if use_weight else 0, coef=coef,
+                        skip_equal=True, row_term=self_d, seed=seed, beta=(int(beta[0]), int(beta[1])), row_ids=a,
+                        col_ids=perm, backend=backend)
+        parts.append(neg)
+    elif mix_neg:
         lam = mix_lambda.to(device=U.device, dtype=U.dtype)  # 0-dim or (A,)
         Q = ((1 - lam).reshape(-1, 1) * Za).to(views.dtype)  # (1−λ_i)·z_i against sg(z_k)
         self_d = (Za * Za.detach()).sum(1) * scale
@@ -369,15 +413,18 @@ def supremix_loss(features, labels, temperature=0.5, *, base_temperature=None, w
         mix_neg, mix_pos: add the hard negatives / hard positives (both: ``--contrastive_method supremix``).
         use_weight, distance: the "distance magnifying" denominator weight w (``"L1_inv"``: |Δy| + 1).
         mix_lambda: fixes the hard-negative λ: float, 0-dim, (A,) per anchor or (A, M) per pair; ``None``
-            draws it per pair from Beta(``beta``).
+            draws it per pair from Beta(``beta``): for integer a, b (a + b <= 32) from a counter-based
+            generator keyed by a seed drawn from torch's generator (the same λ on every backend; rank 0's
+            seed under ``process_group``), otherwise from ``torch.distributions.Beta`` (reference only).
         normalize: L2-normalize the features first (the official network does).
         reduction: ``"mean"`` over anchors with a positive, ``"sum"``, or ``"none"`` ((V·N,) view-major).
 
-    Kernel backends (``"cpu"``, ``"triton"``; ``"cuda"`` with ``use_weight=False`` only) compute every
-    ``distance`` with or without ``use_weight``, with a float or per-anchor ``mix_lambda`` (or
-    ``mix_neg=False``), and ``mix_pos=True`` for integer labels.  On the reference only: λ per pair
-    (``mix_lambda`` None, the default, or (A, M)) and ``mix_pos=True`` with floating-point labels; see the
-    module docstring for what the primitives lack.
+    Kernel backends (``"cpu"``, ``"triton"``; ``"cuda"`` with ``use_weight=False`` and a given
+    ``mix_lambda`` only) compute every ``distance`` with or without ``use_weight``, with ``mix_lambda``
+    None (λ drawn per pair inside the kernels, integer Beta), a float or per anchor (or ``mix_neg=False``),
+    and ``mix_pos=True`` for integer labels.  On the reference only: an (A, M) ``mix_lambda``, a
+    non-integer ``beta`` with ``mix_lambda=None``, and ``mix_pos=True`` with floating-point labels; see the
+    module docstring.
     Returns fp32 (float64 for float64 inputs).
     """
     views = _checks.check_views("features", features, min_views=1, allow_single=True)
@@ -407,19 +454,23 @@ def supremix_loss(features, labels, temperature=0.5, *, base_temperature=None, w
     lam = _check_lambda(mix_lambda, V * N, V * gb_n, views)
     requested = backends.get_backend() if backend is None else backend
     name = backends.resolve(backend, op="supremix_loss", tensors=[views])
+    # λ per pair: one seed from torch's generator (rank 0's under process_group) keys the counter-based draws of
+    # the kernels and of the reference alike; a Beta the kernels cannot draw keeps torch.distributions.Beta
+    seed = draw_seed(process_group, views.device) if mix_neg and lam is None and kernel_beta(beta) else None
     kw = dict(mix_neg=bool(mix_neg), mix_lambda=lam, normalize=normalize, reduction=reduction,
-              process_group=process_group)
+              process_group=process_group, seed=seed)
     if name != "reference":
-        if requested == "auto" and use_weight and not backends.has_primitive(name, "label_lse"):
+        needs_label_lse = use_weight or (mix_neg and lam is None)
+        if requested == "auto" and needs_label_lse and not backends.has_primitive(name, "label_lse"):
             name = _auto_with_label_lse(name, views)
         why = kernel_why_not(mix_pos=mix_pos, use_weight=use_weight, mix_neg=mix_neg, mix_lambda=lam, labels=labels,
-                             backend=name)
+                             backend=name, beta=beta)
         if why is not None and requested != "auto":
             raise RuntimeError(f"backend {name!r} cannot run supremix_loss with these arguments: {why}")
         if why is None:
             return _fused_supremix(views, labels, temperature, base_temperature, window=window,
                                    mix_pos=bool(mix_pos), use_weight=bool(use_weight), distance=distance,
-                                   backend=name, **kw)
+                                   backend=name, beta=beta, **kw)
         if why not in _WARNED:
             _WARNED.add(why)
             warnings.warn(f"contrastive_ops: supremix_loss runs on the plain-PyTorch reference ({why}); "

@@ -55,6 +55,8 @@ _GATED_CPU = ("tests/test_hydra.py", "-k", "cpu")
 _LABEL = ("tests/test_label_lse.py",)
 _WEIGHTED = ("tests/test_supremix.py", "-k", "weighted")
 _RING_MEMORY = ("tests/test_ring.py", "-k", "never_holds")
+_MIX = ("tests/test_label_lse.py", "-k", "mixture or generator or draw")
+_DRAWN = ("tests/test_supremix.py", "-k", "drawn or default")
 
 MUTANTS = (
     # ------------------------------------------------------------------ Triton
@@ -248,9 +250,45 @@ MUTANTS = (
            "  at::Tensor d = (yr - yc).abs();\n",
            _LABEL + ("-k", "cpu"), "CPU label_lse: the row coefficient c_i (1 - lambda_i) ignored"),
     Mutant("cpu-label-lse-dk-block-edge", "csrc/cpu/label_lse.cpp",
-           "      const int64_t c0 = b * kBlock, c1 = std::min(M, c0 + kBlock);\n      const at::Tensor P = probs(",
-           "      const int64_t c0 = b * kBlock, c1 = std::min(M, c0 + kBlock - 1);\n      dk.slice(0, c1, std::min(M, c0 + kBlock)).zero_();\n      const at::Tensor P = probs(",
+           "      const int64_t c0 = b * kBlock, c1 = std::min(M, c0 + kBlock);\n      at::Tensor lam;\n",
+           "      const int64_t c0 = b * kBlock, c1 = std::min(M, c0 + kBlock - 1);\n      dk.slice(0, c1, std::min(M, c0 + kBlock)).zero_();\n      at::Tensor lam;\n",
            _LABEL + ("-k", "cpu"), "CPU label_lse dk: the last candidate of each 64-column block gets no gradient"),
+    # ------------------------------------------------------------------ label_lse mixture mode (λ per pair)
+    Mutant("triton-label-lse-mix-draw-index", "contrastive_ops/backends/_triton/label_lse.py",
+           "        gb += -tl.log(_uniform(key, BETA_A + t))\n", "        gb += -tl.log(_uniform(key, BETA_A + t + 1))\n",
+           _MIX + ("-k", "triton"), "Triton label_lse: the Gamma(b) part of lambda drawn with shifted draw indices"),
+    Mutant("triton-label-lse-mix-bwd-lambda-other-draw", "contrastive_ops/backends/_triton/label_lse.py",
+           "        p = _probs(z, lse)\n        if MIX:\n            p = p * (1.0 - lam)\n",
+           "        p = _probs(z, lse)\n        if MIX:\n            p = p * (1.0 - _mix_lambda(SeedP + 0, RID, CID, rows, rmask, cols, cmask, BETA_A + 1, BETA_B - 1))\n",
+           _MIX + ("-k", "triton"), "Triton label_lse dk: the (1 - lambda) factor from another draw (Beta(a+1, b-1))"),
+    Mutant("triton-label-lse-mix-db-missing", "contrastive_ops/backends/_triton/label_lse.py",
+           "            pl += tl.sum(p * lam, 1)\n", "",
+           _MIX + ("-k", "triton"), "Triton label_lse: the row term's gradient db missing (0)"),
+    Mutant("triton-label-lse-mix-dq-no-one-minus-lambda", "contrastive_ops/backends/_triton/label_lse.py",
+           "            p = p * (1.0 - lam)  # the G part of each logit carries (1 − λ)\n", "",
+           _MIX + ("-k", "triton"), "Triton label_lse dq/dscale: the (1 - lambda) factor of the G part dropped"),
+    Mutant("triton-label-lse-mix-weight-without-lambda", "contrastive_ops/backends/_triton/label_lse.py",
+           "    if MIX:\n        d = d * (1.0 - lam)\n", "",
+           _MIX + ("-k", "triton"), "Triton label_lse: the mixture's label distance not scaled by (1 - lambda)"),
+    Mutant("cpu-label-lse-mix-draw-index", "csrc/cpu/label_lse.cpp",
+           "gb += -std::log(static_cast<T>(pair_uniform(key, static_cast<uint32_t>(a + t))));",
+           "gb += -std::log(static_cast<T>(pair_uniform(key, static_cast<uint32_t>(a + t + 1))));",
+           _MIX + ("-k", "cpu"), "CPU label_lse: the Gamma(b) part of lambda drawn with shifted draw indices"),
+    Mutant("cpu-label-lse-mix-bwd-lambda-other-draw", "csrc/cpu/label_lse.cpp",
+           "      if (o.mix) P = P * (1 - lam);\n",
+           "      if (o.mix) {\n        Operands o2 = o;\n        o2.seed += 1;\n        P = P * (1 - tile_lambda(o2, 0, B, c0, c1));\n      }\n",
+           _MIX + ("-k", "cpu"), "CPU label_lse dk: the (1 - lambda) factor from another seed's draw"),
+    Mutant("cpu-label-lse-mix-db-missing", "csrc/cpu/label_lse.cpp",
+           "        db.slice(0, r0, r1).copy_(g * (P * lam).sum(1));\n", "        db.slice(0, r0, r1).zero_();\n",
+           _MIX + ("-k", "cpu"), "CPU label_lse: the row term's gradient db missing (0)"),
+    Mutant("supremix-drawn-lambda-local-rows", "contrastive_ops/losses/supremix.py",
+           "row_term=self_d, seed=seed, beta=(int(beta[0]), int(beta[1])), row_ids=a,",
+           "row_term=self_d, seed=seed, beta=(int(beta[0]), int(beta[1])), row_ids=torch.arange(a.numel()).flip(0),",
+           _DRAWN, "SupReMix per-pair lambda keyed by other row counters than the reference's (global anchor index)"),
+    Mutant("supremix-drawn-lambda-unsorted-cols", "contrastive_ops/losses/supremix.py",
+           "row_ids=a,\n                        col_ids=perm, backend=backend)",
+           "row_ids=a,\n                        col_ids=None, backend=backend)",
+           _DRAWN, "SupReMix per-pair lambda keyed by the label-sorted column positions, not the sample indices"),
     Mutant("supremix-weighted-neg-coef-one", "contrastive_ops/losses/supremix.py",
            "coef=(1 - lam).expand(ya.shape), skip_equal=True", "coef=torch.ones_like(ya, dtype=lam.dtype), skip_equal=True",
            _WEIGHTED, "SupReMix hard negatives weighted by w(|y_i - y_k|), not the mixture's w((1-lambda_i)|y_i - y_k|)"),
