@@ -5,9 +5,10 @@
   projection head (``--dim``), τ = τ_b = 0.5, window n = 5, λ ~ Beta(2, 8) (``--beta 0``), integer ages
   drawn uniformly from AgeDB's range 1–101.  Two settings:
 
-  (a) the official defaults: ``use_weight=True`` (``L1_inv``), one λ per pair (an (M, M) tensor drawn
-      once per size, M = 2B, so that every provider sees the same λ; ``mix_lambda=None`` draws the same
-      kind every step);
+  (a) the official defaults: ``use_weight=True`` (``L1_inv``), one λ per pair: ours with
+      ``mix_lambda=None`` (λ drawn per pair inside the kernels from a counter-based generator, seeded
+      from torch's generator, reset to one seed before every call), the official code with the (M, M)
+      matrix of those same λ (``label_lse.pair_lambda``), M = 2B, so that every provider sees the same λ;
   (b) ``use_weight=False`` with one λ per anchor (an (M,) tensor): the configuration the fused
       composition computes.
 
@@ -57,6 +58,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import contrastive_ops as co  # noqa: E402
+from contrastive_ops.losses.supremix import draw_seed  # noqa: E402
+from contrastive_ops.primitives.label_lse import pair_lambda  # noqa: E402
 from contrastive_ops.benchmarking.measure import peak_memory, summarize, time_step  # noqa: E402
 from test_selfcon import official_selfcon  # noqa: E402
 from test_supremix import official_supremix  # noqa: E402
@@ -119,15 +122,27 @@ SUPREMIX_SETTINGS = {
 SUPREMIX_KW = dict(window=5, beta=(2.0, 8.0), mix_neg=True, mix_pos=True)
 
 
+LAMBDA_SEED = 1234  # torch.manual_seed before every per-pair call of ours: the λ the official code gets
+
+
+def _drawn_lambda(M):
+    """The (M, M) λ that ``supremix_loss(mix_lambda=None)`` draws in one process after
+    ``torch.manual_seed(LAMBDA_SEED)`` (rows: the view-major anchors, columns: the samples)."""
+    torch.manual_seed(LAMBDA_SEED)
+    ids = torch.arange(M)
+    return pair_lambda(draw_seed(), ids, ids, (2, 8))
+
+
 def _supremix_inputs(B, lam_kind, D=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, 2, D, generator=g).requires_grad_()
     y = torch.randint(1, 102, (B,), generator=g)  # integer ages, AgeDB's range
     M = 2 * B
+    if lam_kind == "pair":
+        return x, y, _drawn_lambda(M)
     beta = torch.distributions.Beta(torch.tensor(2.0), torch.tensor(8.0))
     torch.manual_seed(seed)
-    lam = beta.sample((M, M) if lam_kind == "pair" else (M,))
-    return x, y, lam
+    return x, y, beta.sample((M,))
 
 
 def _supremix_providers(use_weight):
@@ -140,6 +155,9 @@ def _supremix_providers(use_weight):
     def ours(backend):
         def fn(x, y, lam, mixtures=True):
             kw = dict(SUPREMIX_KW, mix_neg=mixtures, mix_pos=mixtures)
+            if lam.dim() == 2:  # per pair: drawn inside the call (the kernels' generator), as `lam` holds
+                torch.manual_seed(LAMBDA_SEED)
+                lam = None
             return co.supremix_loss(x, y, 0.5, use_weight=use_weight, mix_lambda=lam, backend=backend, **kw)
         return fn
 
@@ -252,6 +270,10 @@ def run_supremix(sizes, args, D=128):
             def check(name, fn):
                 if name == "reference":
                     torch.autograd.grad(fn(x, y, lam), x)
+                    if lam.dim() == 2:  # the λ drawn inside the call are the matrix the official code gets
+                        given = float(co.supremix_loss(x, y, 0.5, use_weight=st["use_weight"], mix_lambda=lam,
+                                                       backend="reference", **SUPREMIX_KW).detach())
+                        assert _close(given, ref), f"supremix B={B}: drawn λ {ref} != the given matrix {given}"
                     return ref, {}
                 try:
                     out = fn(x, y, lam)
