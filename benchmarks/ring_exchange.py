@@ -31,7 +31,6 @@ import socket
 import statistics
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -41,33 +40,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import contrastive_ops as co  # noqa: E402
-
-
-class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak bytes of live tensor storages created by ATen ops while the mode is active (CPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen = set()
-
-    def _free(self, key, nbytes):
-        self.seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                st = t.untyped_storage()
-                key, nbytes = st.data_ptr(), st.nbytes()
-                if nbytes == 0 or key in self.seen:
-                    continue
-                self.seen.add(key)
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, key, nbytes)
-        return out
+from contrastive_ops.benchmarking.measure import LiveBytes  # noqa: E402
 
 
 def _sizes(N: int, W: int):

@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 import contrastive_ops as co
 from contrastive_ops import distributed as codist
+from contrastive_ops.benchmarking.measure import LiveBytes
 from contrastive_ops.distributed import GlobalBatch
 from contrastive_ops.primitives import siglip_pairs as siglip_mod
 from contrastive_ops.primitives import sim_lse as sim_lse_mod
@@ -695,36 +696,6 @@ MEMORY_SIZES = [300, 257, 256, 211]  # world size 4, uneven
 MEMORY_D = 64
 
 
-class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak bytes of live tensor storages made by ATen ops while active, and the largest single storage."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = self.largest = 0
-        self.seen = set()
-
-    def _free(self, key, nbytes):
-        self.seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        import weakref
-
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                st = t.untyped_storage()
-                key, nbytes = st.data_ptr(), st.nbytes()
-                if nbytes == 0 or key in self.seen:
-                    continue
-                self.seen.add(key)
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                self.largest = max(self.largest, nbytes)
-                weakref.finalize(t, self._free, key, nbytes)
-        return out
-
-
 def _memory_steps(group, x, y, v, m):
     """One forward + backward per loss; {loss: (peak bytes, largest tensor bytes)}."""
     out = {}
@@ -736,7 +707,7 @@ def _memory_steps(group, x, y, v, m):
             xs, ys = x.detach().clone().requires_grad_(True), y.detach().clone().requires_grad_(True)
             v.grad = None
             dist.barrier()
-            with _LiveBytes() as mb:
+            with LiveBytes() as mb:
                 fn(xs, ys, ex).backward()
             out[f"{name}/{ex}"] = (mb.peak, mb.largest)
     return out

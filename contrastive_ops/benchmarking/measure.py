@@ -164,6 +164,38 @@ def _cpu_peak_bytes(step: Callable[[], None]) -> int:
     return peak
 
 
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of live tensor storages made by ATen ops while the mode is active, and the largest single
+    storage (any device; for processes whose allocator the profiler does not see, e.g. distributed ranks).
+    ``with LiveBytes() as mb: step()`` then ``mb.peak``, ``mb.largest``."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = self.largest = 0
+        self.seen = set()
+
+    def _free(self, key, nbytes):
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                st = t.untyped_storage()
+                key, nbytes = st.data_ptr(), st.nbytes()
+                if nbytes == 0 or key in self.seen:
+                    continue
+                self.seen.add(key)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                self.largest = max(self.largest, nbytes)
+                weakref.finalize(t, self._free, key, nbytes)
+        return out
+
+
 def peak_memory(step: Callable[[], None], device: torch.device) -> int:
     """Peak extra bytes of one step over what is allocated before it (see module docstring)."""
     device = torch.device(device)
