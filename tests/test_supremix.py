@@ -316,21 +316,11 @@ def _fusable(lam_kind, M):
     return {"float": 0.3, "anchor": torch.rand(M, generator=torch.Generator().manual_seed(2), dtype=F64)}[lam_kind]
 
 
-@pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("mix_neg", [True, False])
-@pytest.mark.parametrize("lam_kind", ["float", "anchor"])
-@pytest.mark.parametrize("V", [1, 2])
-@pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("mix_pos", [False, True])
-def test_kernel_backends_match_loop(backend, mix_neg, lam_kind, V, normalize, mix_pos):
-    """Hard positives are composed for integer labels (one λ per offset class, ``window=3``: 4 classes)."""
-    N = LABELS.numel()
-    M = V * N
-    lam = _fusable(lam_kind, M)
-    lam_mat = (torch.full((M, M), lam, dtype=F64) if lam_kind == "float" else lam[:, None].expand(M, M))
-    x64 = torch.randn(N, V, 5, dtype=F64) * (1 if normalize else 0.5)
-    kw = dict(mix_neg=mix_neg, mix_pos=mix_pos, use_weight=False, normalize=normalize, window=3)
-    labels = LABELS.long() if mix_pos else LABELS
+def _match_loop(backend, x64, labels, lam, lam_kind, kw):
+    """Values (per anchor and mean) and the features' gradient of the fp32 kernel path against the float64
+    loop, λ a float or one per anchor (the loop gets it as its (M, M) matrix)."""
+    M = x64.shape[0] * x64.shape[1]
+    lam_mat = torch.full((M, M), lam, dtype=F64) if lam_kind == "float" else lam[:, None].expand(M, M)
     x_loop = x64.clone().requires_grad_(True)
     vals, mean = loop_supremix(x_loop, labels, 0.2, lam=lam_mat, **kw)
     x = x64.float().to(DEVICE).requires_grad_(True)
@@ -343,6 +333,23 @@ def test_kernel_backends_match_loop(backend, mix_neg, lam_kind, V, normalize, mi
     (2 * out).backward()
     (2 * mean).backward()
     torch.testing.assert_close(x.grad.double().cpu(), x_loop.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("mix_neg", [True, False])
+@pytest.mark.parametrize("lam_kind", ["float", "anchor"])
+@pytest.mark.parametrize("V", [1, 2])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("mix_pos", [False, True])
+def test_kernel_backends_match_loop(backend, mix_neg, lam_kind, V, normalize, mix_pos):
+    """Hard positives are composed for integer labels (one λ per offset class, ``window=3``: 4 classes)."""
+    N = LABELS.numel()
+    M = V * N
+    lam = _fusable(lam_kind, M)
+    x64 = torch.randn(N, V, 5, dtype=F64) * (1 if normalize else 0.5)
+    kw = dict(mix_neg=mix_neg, mix_pos=mix_pos, use_weight=False, normalize=normalize, window=3)
+    labels = LABELS.long() if mix_pos else LABELS
+    _match_loop(backend, x64, labels, lam, lam_kind, kw)
 
 
 def _sup(x, labels, *, backend, **kw):
@@ -373,22 +380,10 @@ def test_weighted_kernel_backends_match_loop(backend, distance, mix_neg, lam_kin
     N = LABELS.numel()
     M = 2 * N
     lam = _fusable(lam_kind, M)
-    lam_mat = (torch.full((M, M), lam, dtype=F64) if lam_kind == "float" else lam[:, None].expand(M, M))
     x64 = torch.randn(N, 2, 5, dtype=F64, generator=torch.Generator().manual_seed(7))
     kw = dict(mix_neg=mix_neg, mix_pos=mix_pos, use_weight=True, distance=distance, window=3)
     labels = LABELS.long() if mix_pos else LABELS
-    x_loop = x64.clone().requires_grad_(True)
-    vals, mean = loop_supremix(x_loop, labels, 0.2, lam=lam_mat, **kw)
-    x = x64.float().to(DEVICE).requires_grad_(True)
-    lam_d = lam if lam_kind == "float" else lam.float().to(DEVICE)
-    y = labels.to(DEVICE)
-    out = co.supremix_loss(x, y, 0.2, mix_lambda=lam_d, reduction="none", backend=backend, **kw)
-    torch.testing.assert_close(out.double().cpu(), vals.detach(), rtol=1e-5, atol=1e-5)
-    out = co.supremix_loss(x, y, 0.2, mix_lambda=lam_d, backend=backend, **kw)
-    torch.testing.assert_close(out.double().cpu(), mean.detach(), rtol=1e-5, atol=1e-5)
-    (2 * out).backward()
-    (2 * mean).backward()
-    torch.testing.assert_close(x.grad.double().cpu(), x_loop.grad, rtol=1e-4, atol=1e-5)
+    _match_loop(backend, x64, labels, lam, lam_kind, kw)
 
 
 @pytest.mark.parametrize("backend", backend_params())
