@@ -403,15 +403,9 @@ def test_gated_lse_primitive_matches_reference(backend, kdtype):
     torch.testing.assert_close(res[backend][0][4], torch.tensor(float(ce[4] - cs[4])).log())
 
 
-@pytest.mark.parametrize("backend", TRITON)
-@pytest.mark.parametrize("positives", ["c2", "class"])
-@pytest.mark.parametrize("labels", ["random", "edge", "one_class"])
-def test_triton_filter_matches_loop(backend, positives, labels):
-    """gating='filter' on the triton backend against the float64 loop: values, and gradients of the
-    features, keys, gates and a tensor temperature; outputs NaN-poisoned."""
-    from contrastive_ops.backends._triton import tiles
-
-    B = 8 if labels == "edge" else 21  # > one interpreter row block
+def _filter_case(B, labels, positives):
+    """A gating='filter' batch (random, edge or one-class labels), its float64 loop values and mean over the
+    float64 leaves, and fp32 leaves for a kernel backend (features, keys, gates; a tensor temperature)."""
     z, k, g, y1, posy = _batch(B=B, D=5, classes=4, seed=11)
     if labels == "edge":
         y1, posy = _edge_labels()
@@ -422,6 +416,19 @@ def test_triton_filter_matches_loop(backend, positives, labels):
     vals, mean = loop_hydra(z64, k64, g64, y1, posy, tau64, positives=positives, gating="filter")
     dev = [t.float().requires_grad_(True) for t in (z, k, g)]
     tau = torch.tensor(0.2, requires_grad=True)
+    return y1, posy, z64, k64, g64, tau64, vals, mean, dev, tau
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("positives", ["c2", "class"])
+@pytest.mark.parametrize("labels", ["random", "edge", "one_class"])
+def test_triton_filter_matches_loop(backend, positives, labels):
+    """gating='filter' on the triton backend against the float64 loop: values, and gradients of the
+    features, keys, gates and a tensor temperature; outputs NaN-poisoned."""
+    from contrastive_ops.backends._triton import tiles
+
+    B = 8 if labels == "edge" else 21  # > one interpreter row block
+    y1, posy, z64, k64, g64, tau64, vals, mean, dev, tau = _filter_case(B, labels, positives)
     old = tiles.POISON_OUTPUTS
     tiles.POISON_OUTPUTS = True
     try:
@@ -639,16 +646,7 @@ def test_cpu_filter_matches_loop(backend, positives, labels):
     from helpers import nan_filled_memory
 
     B = 8 if labels == "edge" else 70
-    z, k, g, y1, posy = _batch(B=B, D=5, classes=4, seed=11)
-    if labels == "edge":
-        y1, posy = _edge_labels()
-    elif labels == "one_class":
-        y1 = posy = torch.zeros(B, dtype=torch.long)
-    z64, k64, g64 = (t.clone().requires_grad_(True) for t in (z, k, g))
-    tau64 = torch.tensor(0.2, dtype=F64, requires_grad=True)
-    vals, mean = loop_hydra(z64, k64, g64, y1, posy, tau64, positives=positives, gating="filter")
-    dev = [t.float().requires_grad_(True) for t in (z, k, g)]
-    tau = torch.tensor(0.2, requires_grad=True)
+    y1, posy, z64, k64, g64, tau64, vals, mean, dev, tau = _filter_case(B, labels, positives)
     kw = dict(positives=positives, gating="filter", backend=backend)
     with nan_filled_memory():
         out = co.hydra_loss(*dev, y1, posy, 0.2, reduction="none", **kw)
@@ -661,7 +659,7 @@ def test_cpu_filter_matches_loop(backend, positives, labels):
         assert not torch.isnan(a.grad).any()
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
     # float64 inputs run the float64 kernels: the loop's values to float64 precision
-    out64 = co.hydra_loss(z, k, g, y1, posy, 0.2, reduction="none", **kw)
+    out64 = co.hydra_loss(*(t.detach() for t in (z64, k64, g64)), y1, posy, 0.2, reduction="none", **kw)
     assert out64.dtype == F64
     torch.testing.assert_close(out64, vals.detach(), rtol=1e-10, atol=1e-10)
 
