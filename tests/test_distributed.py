@@ -935,7 +935,7 @@ def _worker(rank: int, world: int, port: int, sizes: List[int], backend_names: L
     finally:
         with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
-        dist.destroy_process_group()
+        close_group()
 
 
 def run_case(results: dict, key: str, call: Callable[[], None], rank: int) -> None:
@@ -958,6 +958,15 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def close_group() -> None:
+    """Every rank reaches this point before any closes its connections, then the group is destroyed: under
+    gloo a rank that tears down while a peer is still finishing its last collective can abort that peer."""
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def spawn_ranks(worker: Callable, world: int, *args, timeout_s: float, what: str) -> List[dict]:

@@ -52,7 +52,7 @@ from contrastive_ops.benchmarking.measure import LiveBytes
 from contrastive_ops.distributed import GlobalBatch
 from contrastive_ops.primitives import siglip_pairs as siglip_mod
 from contrastive_ops.primitives import sim_lse as sim_lse_mod
-from test_distributed import B, PerRank, S, _materialize, _Skip, run_case, spawn_ranks
+from test_distributed import B, PerRank, S, _materialize, _Skip, close_group, run_case, spawn_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -478,7 +478,7 @@ def _worker(rank: int, world: int, port: int, sizes: List[int], backend_names: L
     finally:
         with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
-        dist.destroy_process_group()
+        close_group()
 
 
 def run_group(world: int) -> dict:
@@ -660,7 +660,7 @@ def _preflight_worker(rank: int, world: int, port: int, sizes: List[int], outdir
     finally:
         with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
-        dist.destroy_process_group()
+        close_group()
 
 
 _PREFLIGHT: Dict[str, list] = {}
@@ -725,7 +725,7 @@ def _memory_worker(rank: int, world: int, port: int, sizes: List[int], outdir: s
         m = torch.rand(n, 3, generator=g) < 0.8
         res = _memory_steps(dist.group.WORLD, x, y, v, m)
     finally:
-        dist.destroy_process_group()
+        close_group()
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
 
