@@ -111,6 +111,7 @@ def _worker(rank, world, port, args, outdir):
     if rank == 0:
         with open(os.path.join(outdir, f"world{world}.json"), "w") as f:
             json.dump([r for rs in out for r in rs], f)
+    dist.barrier()  # every rank done before any closes its connections (gloo aborts a peer otherwise)
     dist.destroy_process_group()
 
 
