@@ -146,8 +146,9 @@ def main(argv=None):
     p.add_argument("--sizes", default="16384,32768,65536")
     p.add_argument("--dims", default="512,1024")
     p.add_argument("--losses", default="clip_loss,info_nce,siglip_loss,nt_xent,info_nce_queue")
-    p.add_argument("--backends", default="triton,triton:gemm,cuda,reference",
-                   help="backends; triton:gemm is the Triton backend with its GEMM backward")
+    p.add_argument("--backends", default="triton,triton:deterministic,cuda,reference",
+                   help="backends; triton:<path> is the Triton backend with that backward path (triton: "
+                        "auto, which takes the GEMM backward at these shapes; triton:deterministic, the fused one)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--peers", action="store_true", help="also time the peers of each loss that import here")
     p.add_argument("--json", default=None)

@@ -203,8 +203,9 @@ dq + dk 14.6 + 13.6 ms (75 TFLOP/s). The model's assumption that a tile loop
 runs at the dense matmul rate does not hold for these kernels: 64 x 64 tiles
 beside a 64 x 512 fp32 accumulator (255 registers, 8 warps, 2 stages) keep
 wgmma far from saturated. Use the measured rates above, not the table, until
-the kernels change; the opt-in GEMM backward (README, "How it works") moves the
-backward's products to cuBLAS for that reason."""
+the kernels change. The GEMM backward (README, "How it works") moves the
+backward's products to cuBLAS for that reason; the next section predicts it from
+these measured rates, and `auto` takes it where that prediction says so."""
 
 
 def clip_markdown(clip: List[dict], tables) -> str:
@@ -237,6 +238,80 @@ def clip_markdown(clip: List[dict], tables) -> str:
     return "\n".join(lines) + "\n\n" + MEASURED_NOTE + "\n"
 
 
+# --------------------------------------------------------------------------- calibrated by the H200 run
+
+# The losses of the quick sweep for each kind of the calibrated model, and their rows: CLIP and SigLIP
+# have B rows and B columns, NT-Xent (a Gram loss) 2B of each.
+CALIBRATED_LOSSES = (("clip_loss", "general", 1), ("nt_xent", "gram", 2), ("siglip_loss", "siglip", 1))
+QUICK_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "nvidia-h200-2026-12-04",
+                          "quick.json")
+
+
+def _quick_walls(path: str = QUICK_JSON) -> Dict[tuple, float]:
+    """{(loss, B, D, backend): seconds} of the committed H200 sweep (bf16)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError:
+        return {}
+    return {(r["loss"], r["B"], r["D"], r["backend"]): r["time_s"] for r in data["rows"]
+            if r.get("status") == "ok" and r.get("dtype") == "bfloat16"}
+
+
+def calibrated_rows(Bs=(16384, 32768, 65536), Ds=(128, 256, 512, 768, 1024)) -> List[dict]:
+    """The cost model that chooses the Triton backward (``contrastive_ops.backends._triton.costs``:
+    kernel rates measured on the H200, cuBLAS for the GEMM path's products): predicted kernel time
+    of a forward + backward step on the fused and on the GEMM backward, and which one "auto" takes."""
+    import torch
+
+    from contrastive_ops.backends._triton import costs
+
+    walls = _quick_walls()
+    out = []
+    for loss, kind, mult in CALIBRATED_LOSSES:
+        for B in Bs:
+            for D in Ds:
+                n = mult * B
+                fused = costs.step_seconds("deterministic", n, n, D, 2, kind)
+                gemm = costs.step_seconds("gemm", n, n, D, 2, kind)
+                auto = "gemm" if costs.gemm_pays(n, n, D, torch.bfloat16, kind) else "deterministic"
+                peers = {k[3]: v for k, v in walls.items() if k[:3] == (loss, B, D) and k[3].startswith("peer:")}
+                out.append(dict(loss=loss, B=B, D=D, rows=n, fused_s=fused, gemm_s=gemm, auto=auto,
+                                auto_s=gemm if auto == "gemm" else fused,
+                                measured_triton_s=walls.get((loss, B, D, "triton")),
+                                measured_cuda_s=walls.get((loss, B, D, "cuda")),
+                                measured_best_peer=min(peers.items(), key=lambda kv: kv[1]) if peers else None))
+    return out
+
+
+def calibrated_markdown(rs: List[dict]) -> str:
+    def ms(v):
+        return "-" if v is None else f"{v * 1e3:.2f}"
+
+    lines = [
+        "## Calibrated by the H200 run: the backward that `auto` takes",
+        "",
+        "`contrastive_ops/backends/_triton/costs.py` predicts each path from the kernel times the H200 run measured "
+        "(`nvidia-h200-2026-12-04-diag/profile.log`: the forward tile loop at 237 TFLOP/s at D = 512 and 326 at "
+        "1024, the fused dq + dk at 138 and 98, the Gram backward at 126, SigLIP's at 153; cuBLAS at 760; "
+        "D < 512 takes D = 512's rates, an extrapolation). The GEMM backward is the dS kernel at the forward's "
+        "rate, the write of dS, and the two products at cuBLAS speed. Kernel time only (the measured steps add "
+        "about 1 ms of elementwise work at B = 16384). `auto` takes the GEMM backward where it is predicted "
+        "1.25x faster (16-bit, at least 2^22 pairs). Measured wall times of the same step are from "
+        "`nvidia-h200-2026-12-04/quick.json` (fused Triton backward, the CUDA backend and the fastest peer).",
+        "",
+        "| loss | B | D | predicted fused ms | predicted GEMM ms | auto | measured triton (fused) ms | "
+        "measured cuda ms | fastest peer ms |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for r in rs:
+        peer = r["measured_best_peer"]
+        peer_s = "-" if peer is None else f"{peer[1] * 1e3:.2f} ({peer[0][5:]})"
+        lines.append(f"| {r['loss']} | {r['B']} | {r['D']} | {ms(r['fused_s'])} | {ms(r['gemm_s'])} | {r['auto']} | "
+                     f"{ms(r['measured_triton_s'])} | {ms(r['measured_cuda_s'])} | {peer_s} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="H200 performance model of the Triton sim_lse / SigLIP kernels")
     p.add_argument("--json", help="write the rows and the CLIP summary to this file")
@@ -263,9 +338,14 @@ def main(argv=None) -> int:
         if m:
             line += f"; measured {m * 1e3:.2f} ms ({m / c['predicted_s']:.2f}x the prediction)"
         print(line)
+    cal = calibrated_rows()
+    print("\nCalibrated by the H200 run (costs.py), predicted kernel ms of a bf16 step: fused / GEMM backward -> auto")
+    for r in cal:
+        print(f"  {r['loss']:<12} B={r['B']:>6} D={r['D']:>5}: {r['fused_s'] * 1e3:8.2f} / {r['gemm_s'] * 1e3:8.2f}"
+              f" -> {r['auto']}")
     if a.markdown:
         with open(a.markdown, "w") as f:
-            f.write(clip_markdown(clip, tables))
+            f.write(clip_markdown(clip, tables) + "\n" + calibrated_markdown(cal))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(ceilings=dict(dense_bf16=DENSE_BF16_MEASURED, peak=DENSE_BF16_PEAK, hbm=HBM_BYTES_PER_S,

@@ -9,6 +9,9 @@ with index lists or column ranges keep the dq/dk kernels.
 """
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,6 +19,7 @@ import contrastive_ops as co
 from contrastive_ops.primitives.sim_lse import sim_lse_reference
 from contrastive_ops.testing import fp32_products
 from helpers import DEVICE, assert_close
+from contrastive_ops.backends._triton import costs
 from contrastive_ops.backends._triton import siglip as tsiglip
 from contrastive_ops.backends._triton import tiles as ttiles
 from contrastive_ops.primitives.siglip_pairs import siglip_pairs_reference
@@ -146,13 +150,123 @@ def test_siglip_gemm_backward(monkeypatch, shape, dtype, blocks):
 
 def test_backward_setting_is_checked(monkeypatch):
     monkeypatch.setattr(tcore, "BACKWARD", "fast")
-    with pytest.raises(ValueError, match="'deterministic', 'atomic' or 'gemm'"):
+    with pytest.raises(ValueError, match="one of auto, deterministic, atomic, gemm"):
         tcore.backward_path(64)
     monkeypatch.setattr(tsiglip, "BACKWARD", "fast")
     x, y, scale, bias = _siglip_inputs(4, 4, 8, torch.float32)
-    with pytest.raises(ValueError, match="'deterministic', 'atomic' or 'gemm'"):
+    with pytest.raises(ValueError, match="one of auto, deterministic, atomic, gemm"):
         tsiglip.siglip_backward(x, y, scale, bias, torch.tensor(1.0, device=DEVICE))
     # One setting serves both primitives: "atomic" (sim_lse's opt-in) runs SigLIP's default kernels.
     monkeypatch.setattr(tsiglip, "BACKWARD", "atomic")
     _, ran = _launches(lambda: tsiglip.siglip_backward(x, y, scale, bias, torch.tensor(1.0, device=DEVICE)))
     assert ran == {"siglip_bwd_dx": 1, "siglip_bwd_dy": 1}, ran
+
+
+# ---------------------------------------------------------------------------
+# "auto": the GEMM backward where the measured-rate cost model says it pays
+# ---------------------------------------------------------------------------
+
+_PROFILE = Path(__file__).resolve().parents[1] / "benchmarks/results/nvidia-h200-2026-12-04-diag/profile.log"
+
+
+def _profiled_kernel_ms():
+    """{(case header, kernel name): ms} from the committed H200 profile log."""
+    out, header = {}, None
+    for line in _PROFILE.read_text().splitlines():
+        m = re.match(r"(\w+ B=\d+ D=\d+ bf16 \w+): wall", line)
+        if m:
+            header = m.group(1)
+            continue
+        m = re.match(r"\s+([0-9.]+) ms\s+1\.0x\s+(_\w+)$", line)
+        if m and header:
+            out[(header, m.group(2))] = float(m.group(1))
+    return out
+
+
+def test_cost_model_holds_the_committed_measurements():
+    """``costs.MEASURED`` is the committed profile's kernel times, and at a measured shape the
+    model's fused prediction is that measurement (no hidden factor)."""
+    ms = _profiled_kernel_ms()
+    clip = "clip_loss B=16384 D={} bf16 triton"
+    want = {
+        "general_fwd": {d: (16384, 16384, ms[(clip.format(d), "_fwd_kernel")]) for d in (512, 1024)},
+        "general_bwd": {d: (16384, 16384, ms[(clip.format(d), "_bwd_dq_kernel")]
+                            + ms[(clip.format(d), "_bwd_dk_kernel")]) for d in (512, 1024)},
+        "gram_fwd": {512: (32768, 32768, ms[("nt_xent B=16384 D=512 bf16 triton", "_gram_fwd_kernel")])},
+        "gram_bwd": {512: (32768, 32768, ms[("nt_xent B=16384 D=512 bf16 triton", "_gram_bwd_kernel")])},
+        "siglip_fwd": {512: (16384, 16384, ms[("siglip_loss B=16384 D=512 bf16 triton", "_siglip_fwd_kernel")])},
+        "siglip_bwd": {512: (16384, 16384, ms[("siglip_loss B=16384 D=512 bf16 triton", "_siglip_bwd_dx_kernel")]
+                             + ms[("siglip_loss B=16384 D=512 bf16 triton", "_siglip_bwd_dy_kernel")])},
+    }
+    for path, points in want.items():
+        for d, (r, c, t) in points.items():
+            assert costs.MEASURED[path][d][:2] == (r, c) and costs.MEASURED[path][d][2] == pytest.approx(t), path
+    for kind, fwd, bwd, n in (("general", "general_fwd", "general_bwd", 16384), ("gram", "gram_fwd", "gram_bwd", 32768),
+                              ("siglip", "siglip_fwd", "siglip_bwd", 16384)):
+        got = costs.step_seconds("deterministic", n, n, 512, 2, kind)
+        assert got == pytest.approx((want[fwd][512][2] + want[bwd][512][2]) * 1e-3, rel=1e-12), kind
+
+
+def test_auto_choice_by_shape_and_dtype(monkeypatch):
+    bf, fp16 = torch.bfloat16, torch.float16
+    for kind in ("general", "gram", "siglip"):
+        for D in (512, 768, 1024):
+            assert costs.gemm_pays(16384, 16384, D, bf, kind), (kind, D)
+            assert costs.gemm_pays(65536, 65536, D, fp16, kind), (kind, D)
+            assert not costs.gemm_pays(16384, 16384, D, torch.float32, kind), (kind, D)  # neither measured
+            assert not costs.gemm_pays(1024, 1024, D, bf, kind), (kind, D)  # under MIN_PAIRS
+    # Small D: the Gram kernels' one forward unit outweighs the GEMM path's faster backward.
+    assert not costs.gemm_pays(16384, 16384, 64, bf, "gram")
+    monkeypatch.setattr(tcore, "BACKWARD", "auto")
+    monkeypatch.setattr(tsiglip, "BACKWARD", "auto")
+    assert tcore.backward_path(512, 16384, 16384, bf) == "gemm"
+    assert tcore.backward_path(512) == "deterministic"  # no shape: the fused kernels
+    assert tcore.backward_path(512, 16384, 16384, torch.float32) == "deterministic"
+    assert tsiglip.backward_path(16384, 16384, 512, bf) == "gemm"
+    assert tsiglip.backward_path(16384, 16384, 512, torch.float32) == "deterministic"
+    monkeypatch.setattr(tcore, "BACKWARD", "deterministic")
+    assert tcore.backward_path(512, 16384, 16384, bf) == "deterministic"
+    monkeypatch.setattr(tcore, "BACKWARD", "gemm")
+    assert tcore.backward_path(64, 2, 2, torch.float32) == "gemm"
+
+
+def _loss_step(loss, dtype):
+    g = torch.Generator().manual_seed(11)
+    a, b = (torch.randn(45, 128, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(2))
+    if loss == "siglip_loss":
+        args = (a, b, torch.tensor(7.0, device=DEVICE), torch.tensor(-3.0, device=DEVICE))
+    elif loss == "clip_loss":
+        args = (a, b, torch.tensor(7.0, device=DEVICE))
+    else:
+        args = (a, b, 0.3)
+    out, ran = _launches(lambda: getattr(co, loss)(*args, backend="triton"))
+    grads, bwd_ran = _launches(lambda: torch.autograd.grad(out, (a, b)))
+    ran.update(bwd_ran)
+    return (out.detach(), *grads), ran
+
+
+@pytest.mark.parametrize("loss", ["clip_loss", "nt_xent", "siglip_loss"])
+def test_auto_takes_the_gemm_backward_where_the_model_says(monkeypatch, loss):
+    """With the size floor lifted, "auto" on 16-bit inputs at D = 128 routes every part of the step
+    as "gemm" does — bitwise the same results, and the Gram loss leaves its Gram forward for the
+    general one — and fp32 inputs exactly as "deterministic" does."""
+    monkeypatch.setattr(costs, "MIN_PAIRS", 0)
+    monkeypatch.setattr(ttiles, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(tcore, "POISON_OUTPUTS", True)
+    runs = {}
+    for path in ("auto", "gemm", "deterministic"):
+        monkeypatch.setattr(tcore, "BACKWARD", path)
+        monkeypatch.setattr(tsiglip, "BACKWARD", path)
+        runs[path] = {dt: _loss_step(loss, dt) for dt in (torch.float16, torch.float32)}
+    auto16, ran16 = runs["auto"][torch.float16]
+    gemm16, gemm_ran = runs["gemm"][torch.float16]
+    assert ran16 == gemm_ran, (ran16, gemm_ran)
+    assert ("siglip_bwd_g" if loss == "siglip_loss" else "bwd_ds") in ran16, ran16
+    assert "gram_fwd" not in ran16 and "gram_bwd" not in ran16, ran16
+    for x, y in zip(auto16, gemm16):
+        assert torch.equal(x, y) and torch.isfinite(x).all()
+    auto32, ran32 = runs["auto"][torch.float32]
+    det32, det_ran = runs["deterministic"][torch.float32]
+    assert ran32 == det_ran, (ran32, det_ran)
+    for x, y in zip(auto32, det32):
+        assert torch.equal(x, y) and torch.isfinite(x).all()

@@ -31,9 +31,9 @@ from .tiles import (BWD_GPU, DS_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES
 
 Tensor = torch.Tensor
 
-# "gemm": G blocks to memory, the products in cuBLAS (``_gemm_backward``); otherwise the dx/dy kernels
-# (``tiles.BACKWARD_PATHS``: read at import from CONTRASTIVE_OPS_TRITON_BACKWARD like sim_lse's).
-BACKWARD = os.environ.get("CONTRASTIVE_OPS_TRITON_BACKWARD", "deterministic")
+# "gemm": G blocks to memory, the products in cuBLAS (``_gemm_backward``); "auto" (default): that where
+# ``costs.gemm_pays``, else the dx/dy kernels (``tiles.BACKWARD_PATHS``, read at import like sim_lse's).
+BACKWARD = os.environ.get("CONTRASTIVE_OPS_TRITON_BACKWARD", "auto")
 # The GEMM backward's G buffer: blocks of rows × all M columns, at most this many bytes.
 GEMM_G_BYTES = 1 << 30
 
@@ -268,7 +268,7 @@ def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tens
     n_d = out_chunks(D, x.dtype)
     flags = dot_flags(x.dtype)
     buckets = (log2_bucket(B), log2_bucket(M))
-    if checked_backward(BACKWARD) == "gemm" and run:
+    if backward_path(B, M, D, x.dtype) == "gemm" and run:
         return _gemm_backward(x, y, scale, bias, grad)
     if run:
         launch("siglip_bwd_dx", _siglip_bwd_dx_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), n_d))(
@@ -286,6 +286,17 @@ def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tens
 def _(x, y, scale, bias, grad):
     return (torch.empty_like(x), torch.empty_like(y), x.new_empty((), dtype=torch.float32),
             x.new_empty((), dtype=torch.float32))
+
+
+def backward_path(B: int, M: int, D: int, dtype: torch.dtype) -> str:
+    """``"gemm"`` or ``"deterministic"`` (the dx/dy kernels, also under "atomic"): ``BACKWARD``, with
+    "auto" decided by the measured-rate cost model (``costs.gemm_pays``)."""
+    from .costs import gemm_pays  # noqa: PLC0415 - below the kernels, so their lines stay put
+
+    path = checked_backward(BACKWARD)
+    if path == "auto":
+        return "gemm" if gemm_pays(B, M, D, dtype, "siglip") else "deterministic"
+    return "gemm" if path == "gemm" else "deterministic"
 
 
 def siglip_forward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:

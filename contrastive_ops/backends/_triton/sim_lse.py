@@ -96,24 +96,22 @@ S, ``tf32x3`` for fp32 on the GPU, are decided on that S).  The Gram kernels com
 an entry (a, b) with its own row's threshold (``under_row_max_t`` for the columns' view), on the
 one value read from the tile with the lower index on the left.
 
-Which backward runs (``backward_path``): the deterministic kernels unless the
-atomic path is asked for with ``BACKWARD = "atomic"`` (module attribute, or
-``CONTRASTIVE_OPS_TRITON_BACKWARD=atomic`` at import) and
-``torch.are_deterministic_algorithms_enabled()`` is off, or the GEMM backward
-with ``BACKWARD = "gemm"``.
+Which backward runs (``backward_path``): with ``BACKWARD = "auto"`` (the default; module
+attribute, or ``CONTRASTIVE_OPS_TRITON_BACKWARD`` at import) the GEMM backward where the cost
+model of :mod:`.costs` — fed with the kernel times measured on an H200 — predicts it at least
+``costs.MARGIN`` times faster (16-bit inputs, large shapes; no index lists, no column ranges),
+else the fused deterministic kernels; ``"deterministic"`` and ``"gemm"`` force one of them;
+``"atomic"`` takes the atomic kernels where ``torch.are_deterministic_algorithms_enabled()`` is off.
 
-GEMM backward (opt-in, ``_gemm_backward``): on an H200 the dq/dk kernels ran
-at 75–150 TFLOP/s (4.2 + 3.7 ms of a 10.6 ms CLIP step at B = 16384, D = 512,
-bf16) while the forward tile loop ran at 240 and cuBLAS at 760.  This backward
-keeps the forward's strength and hands the products to cuBLAS: per block of
-rows, ``_bwd_ds_kernel`` (a forward-shaped 2-D grid of S tiles, no
-accumulator) recomputes S once and stores dS rounded to the input dtype (as
-the dq/dk kernels round it before their products); then dQ = scale·dS·K and
-dK += dSᵀ·Q (fp32 accumulation across blocks).  Only where there are no index
-lists and no column ranges (those keep the dq/dk kernels); under it the Gram
-losses take the general forward too, so the backward reads the S the forward
-summed.  Its GPU speed is not yet measured: ``benchmarks/gpu_quick.py``
-times it beside the default (backend ``triton:gemm``).
+GEMM backward (``_gemm_backward``): on an H200 the dq/dk kernels ran at 98–138 TFLOP/s (4.2 + 3.7
+ms of a 10.6 ms CLIP step at B = 16384, D = 512, bf16) while the forward tile loop ran at 237 and
+cuBLAS at 760.  This backward keeps the forward's strength and hands the products to cuBLAS: per
+block of rows, ``_bwd_ds_kernel`` (a forward-shaped 2-D grid of S tiles, no accumulator)
+recomputes S once and stores dS rounded to the input dtype (as the dq/dk kernels round it before
+their products); then dQ = scale·dS·K and dK += dSᵀ·Q (fp32 accumulation across blocks).  Where
+it is taken for a Gram loss, the forward takes the general kernel too (``_gram_applies``), so the
+backward reads the S the forward summed.  ``benchmarks/gpu_quick.py`` times ``triton`` (auto)
+beside ``triton:deterministic`` and ``triton:gemm``, which checks the choice.
 
 Layers: the ``@triton.jit`` kernels (:mod:`.sim_lse_fwd`, :mod:`.sim_lse_bwd`; their names are
 re-exported here) → the custom ops
@@ -140,6 +138,7 @@ from .sim_lse_bwd import (  # noqa: F401 - the kernels, re-exported (tests, the 
     _gram_bwd_kernel,
 )
 from .args import same_device, scalar_on
+from .costs import gemm_pays
 from .sim_lse_fwd import _fwd_kernel, _gram_fwd_kernel
 from .tiles import (
     BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, DS_GPU, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SMEM_LIMIT,
@@ -162,8 +161,8 @@ def _empty(shape, dtype, device) -> Tensor:
     return empty(shape, dtype, device, poison=POISON_OUTPUTS)
 
 
-# "deterministic" (default), "atomic" or "gemm": see the module docstring.
-BACKWARD = os.environ.get("CONTRASTIVE_OPS_TRITON_BACKWARD", "deterministic")
+# "auto" (default), "deterministic", "atomic" or "gemm": see the module docstring.
+BACKWARD = os.environ.get("CONTRASTIVE_OPS_TRITON_BACKWARD", "auto")
 _ATOMIC_MAX_D = 256  # the atomic kernels hold a BLOCK × next_pow2(D) fp32 accumulator
 
 
@@ -293,7 +292,7 @@ def _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col
     """
     return (bool(gram) and row_index is None and col_index is None and col_start is None
             and col_end is None and not want_col and q.shape == k.shape and gram_kernels_take(q.dtype)
-            and BACKWARD != "gemm")
+            and backward_path(q.shape[1], q.shape[0], q.shape[0], q.dtype, gram=True) != "gemm")
 
 
 # The GEMM backward's dS buffer: blocks of rows × all M columns, at most this many bytes.
@@ -349,14 +348,18 @@ def same_values(q: Tensor, k: Tensor) -> bool:
         return False
 
 
-def backward_path(D: int) -> str:
-    """``"atomic"``, ``"gemm"`` or ``"deterministic"``: which backward the launcher takes (module
-    docstring; the launcher takes "gemm" where there are no index lists and no column ranges)."""
-    if checked_backward(BACKWARD) == "gemm":
-        return "gemm"
-    if BACKWARD == "atomic" and D <= _ATOMIC_MAX_D and not torch.are_deterministic_algorithms_enabled():
-        return "atomic"
-    return "deterministic"
+def backward_path(D: int, B: int = 0, M: int = 0, dtype: torch.dtype = torch.bfloat16, gram: bool = False) -> str:
+    """``"atomic"``, ``"gemm"`` or ``"deterministic"``: which backward the launcher takes for a
+    (B, M, D) problem of ``dtype`` (module docstring; it takes "gemm" only where there are no index
+    lists and no column ranges).  ``gram``: the Gram-kernel case (q is k), where "auto" weighs the
+    Gram forward and backward against the general forward and the GEMM backward."""
+    path = checked_backward(BACKWARD)
+    if path == "atomic":
+        ok = D <= _ATOMIC_MAX_D and not torch.are_deterministic_algorithms_enabled()
+        return "atomic" if ok else "deterministic"
+    if path == "auto":
+        return "gemm" if gemm_pays(B, M, D, dtype, "gram" if gram else "general") else "deterministic"
+    return path
 
 
 @torch.library.triton_op("contrastive_ops_triton::sim_lse_fwd", mutates_args=())
@@ -483,8 +486,8 @@ def _sim_lse_bwd_op(
         dz = gram_rows(3, "gram_bwd", dscale_part)
         return dz, dk, dscale_part.sum()
 
-    if (backward_path(D) == "gemm" and launch_any and not flags["HAS_ROW_INDEX"] and not flags["HAS_COL_INDEX"]
-            and not flags["HAS_RANGE"]):
+    if (backward_path(D, B, M, q.dtype) == "gemm" and launch_any and not flags["HAS_ROW_INDEX"]
+            and not flags["HAS_COL_INDEX"] and not flags["HAS_RANGE"]):
         return _gemm_backward(q, k, scale, exclude, row_lse, col_lse if want_col else None, grad_row,
                               grad_col if want_col else None, flags, bd, one_chunk, row_max)
 

@@ -676,15 +676,15 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # The backward paths of the Triton primitives (``BACKWARD`` of sim_lse and siglip, both read from
-# CONTRASTIVE_OPS_TRITON_BACKWARD at import); SigLIP has no atomic kernels and runs its default
-# ones under "atomic".
-BACKWARD_PATHS = ("deterministic", "atomic", "gemm")
+# CONTRASTIVE_OPS_TRITON_BACKWARD at import; "auto" chooses between the fused kernels and the GEMM
+# backward by shape, ``costs.gemm_pays``); SigLIP has no atomic kernels and runs its fused ones under "atomic".
+BACKWARD_PATHS = ("auto", "deterministic", "atomic", "gemm")
 
 
 def checked_backward(value: str) -> str:
     """``value`` if it names a backward path, else ValueError."""
     if value not in BACKWARD_PATHS:
-        raise ValueError(f"contrastive_ops triton BACKWARD must be 'deterministic', 'atomic' or 'gemm', got {value!r}")
+        raise ValueError(f"contrastive_ops triton BACKWARD must be one of {', '.join(BACKWARD_PATHS)}, got {value!r}")
     return value
 
 

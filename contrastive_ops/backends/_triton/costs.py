@@ -1,0 +1,101 @@
+"""Which backward the Triton sim_lse and SigLIP launchers take under ``BACKWARD = "auto"`` (the
+default): a cost model fed with kernel times measured on an H200.
+
+The fused backward kernels (sim_lse's dq/dk and Gram kernels, SigLIP's dx/dy) recompute S in the
+same tile loop as the forward, but on the H200 they ran at half the forward's rate or less: at
+B = 16384, D = 512, bf16, the forward tile loop did 2·B·M·D FLOPs at 237 TFLOP/s while dq + dk did
+their 8 units at 138 (98 at D = 1024, the Gram backward 126, SigLIP's 146).  The GEMM backward
+keeps the part that runs well — a forward-shaped kernel recomputes S once and writes dS (or
+SigLIP's G) — and hands the two products to cuBLAS (760 TFLOP/s on the same machine).  Its time
+is predicted from those same measurements:
+
+    t_gemm = 2·B·M·D / r_fwd(D)                 the dS kernel, at the forward tile loop's rate
+           + B·M·e / HBM                        writing dS (e bytes an entry)
+           + max(4·B·M·D / r_cublas, 2·B·M·e / HBM)   dQ = dS·K and dK = dSᵀ·Q, reading dS twice
+    t_fused = units(D)·B·M·D / r_bwd(D)          the kernels' own work at their measured rate
+
+(for a Gram loss the GEMM backward also moves the forward from the Gram kernel, 1 unit at its
+measured rate, to the general one, 2 units at r_fwd, so the whole step is compared).  The rates
+``r`` come from ``MEASURED`` at the nearest measured D: D = 512 and 1024 are measured, D below 512
+takes the rates of 512 (an extrapolation: ``benchmarks/gpu_quick.py`` times ``triton`` against
+``triton:deterministic`` and ``triton:gemm``, which is the check of this choice).  The GEMM path is
+taken when it is predicted ``MARGIN`` times faster, for 16-bit inputs (fp32 would run cuBLAS in
+IEEE fp32 on the FMA units, the fused kernels tf32x3 on tensor cores: neither is measured), and for
+at least ``MIN_PAIRS`` (i, j) pairs (below that both paths take microseconds and the fused one
+launches fewer kernels and allocates no dS buffer).  It needs no index lists and no column ranges;
+the launchers check that and keep the fused kernels otherwise.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+# Kernel times on an NVIDIA H200 (2026-12-04, Triton 3.6, bf16, default configs), from
+# benchmarks/results/nvidia-h200-2026-12-04-diag/profile.log: path -> {D: (rows, cols, ms)}.
+# The Gram rows are NT-Xent at B = 16384 (2B = 32768 rows).
+MEASURED: Dict[str, Dict[int, Tuple[int, int, float]]] = {
+    "general_fwd": {512: (16384, 16384, 1.162), 1024: (16384, 16384, 1.684)},
+    "general_bwd": {512: (16384, 16384, 4.242 + 3.724), 1024: (16384, 16384, 14.593 + 13.573)},
+    "gram_fwd": {512: (32768, 32768, 3.389)},
+    "gram_bwd": {512: (32768, 32768, 26.147)},
+    "siglip_fwd": {512: (16384, 16384, 1.332)},
+    "siglip_bwd": {512: (16384, 16384, 3.804 + 3.362)},
+}
+CUBLAS_FLOPS = 760e12   # torch.matmul, bf16, 8192³, the same machine (nvidia-h200-2026-12-04/summary.txt)
+HBM_BYTES_PER_S = 4.3e12
+MARGIN = 1.25
+MIN_PAIRS = 1 << 22     # B·M below this keeps the fused kernels
+
+
+def _units(path: str, D: int) -> float:
+    """Work of ``path`` in units of B·M·D FLOPs, from the kernel modules' own ``WORK_UNITS``."""
+    from . import siglip, sim_lse  # noqa: PLC0415 - the kernel modules import this one
+    table = dict(sim_lse.WORK_UNITS, **siglip.WORK_UNITS)
+    u = table[path]
+    return float(u(D) if callable(u) else u)
+
+
+def rate(path: str, D: int) -> float:
+    """Measured FLOP/s of ``path`` at the nearest measured D (its own units of work)."""
+    points = MEASURED[path]
+    d = min(points, key=lambda m: (abs(m - D), m))
+    rows, cols, ms = points[d]
+    return _units(path, d) * rows * cols * d / (ms * 1e-3)
+
+
+def _fwd_path(kind: str) -> str:
+    return "siglip_fwd" if kind == "siglip" else "general_fwd"
+
+
+def gemm_backward_seconds(B: int, M: int, D: int, elem: int, kind: str = "general") -> float:
+    """Predicted time of the GEMM backward (dS kernel + two cuBLAS products)."""
+    pairs = float(B) * M
+    ds = 2 * pairs * D / rate(_fwd_path(kind), D) + pairs * elem / HBM_BYTES_PER_S
+    return ds + max(4 * pairs * D / CUBLAS_FLOPS, 2 * pairs * elem / HBM_BYTES_PER_S)
+
+
+def fused_backward_seconds(B: int, M: int, D: int, kind: str = "general") -> float:
+    """Predicted time of the fused backward kernels at their measured rate."""
+    path = {"general": "general_bwd", "gram": "gram_bwd", "siglip": "siglip_bwd"}[kind]
+    return _units(path, D) * float(B) * M * D / rate(path, D)
+
+
+def step_seconds(path: str, B: int, M: int, D: int, elem: int = 2, kind: str = "general") -> float:
+    """Predicted forward + backward time of a step with backward ``path`` ("gemm" or
+    "deterministic"); for ``kind="gram"`` the forward follows the backward (Gram kernel with the
+    fused backward, general kernel with the GEMM one)."""
+    pairs = float(B) * M
+    if path == "gemm":
+        fwd = _fwd_path(kind)
+        return _units(fwd, D) * pairs * D / rate(fwd, D) + gemm_backward_seconds(B, M, D, elem, kind)
+    fwd = "gram_fwd" if kind == "gram" else _fwd_path(kind)
+    return _units(fwd, D) * pairs * D / rate(fwd, D) + fused_backward_seconds(B, M, D, kind)
+
+
+def gemm_pays(B: int, M: int, D: int, dtype: torch.dtype, kind: str = "general") -> bool:
+    """Whether ``"auto"`` takes the GEMM backward for this shape (module docstring)."""
+    if dtype not in (torch.bfloat16, torch.float16) or B * M < MIN_PAIRS or D <= 0:
+        return False
+    elem = torch.empty((), dtype=dtype).element_size()
+    return MARGIN * step_seconds("gemm", B, M, D, elem, kind) < step_seconds("deterministic", B, M, D, elem, kind)
