@@ -332,10 +332,11 @@ def test_sim_lse_row_max_matches_reference(backend, gram, want_col, masks, monke
         assert_close(g, e, dt, what=f"grad of {name} on {backend}")
     if backend == "triton":  # the kernels the case is meant to cover really ran
         ran = {n for n, c in tcore.LAUNCHES.items() if c > before.get(n, 0)}
-        fwd = "gram_fwd" if gram and not masks_need_general(kw) and path != "gemm" else "fwd"
+        fwd = "gram_fwd" if gram and not masks_need_general(kw) else "fwd"
         bwd = {None: "gram_bwd" if fwd == "gram_fwd" else "bwd_dq",
                "atomic": "gram_bwd_atomic" if fwd == "gram_fwd" else "bwd_atomic",
-               "gemm": "bwd_ds" if not masks_need_general(kw) else "bwd_dq"}[path or None]
+               "gemm": "gram_ds" if fwd == "gram_fwd" else "bwd_ds" if not masks_need_general(kw) else "bwd_dq",
+               }[path or None]
         assert {fwd, bwd} <= ran, f"expected {fwd} and {bwd} to run, ran {sorted(ran)}"
 
 

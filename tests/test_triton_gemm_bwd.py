@@ -53,7 +53,8 @@ def test_gemm_backward_matches_reference(gemm, case, want_col, dtype, blocks):
     (dq, dk, ds), ran = _launches(lambda: tcore.sim_lse_backward(q, k, scale, *fkw.values(), row, col, g_row,
                                                                  g_col))
     n_blocks = -(-q.shape[0] // tcore.min_block()) if blocks == "many" else 1
-    assert ran == {"bwd_ds": n_blocks}, ran
+    # q is k (no column LSE): the Gram matrix's G = dS + dSᵀ tile kernel, then one product
+    assert ran == {("gram_ds" if k is q and not want_col else "bwd_ds"): n_blocks}, ran
     assert dq.dtype == q.dtype and dk.dtype == k.dtype and dq.shape == q.shape and dk.shape == k.shape
     if k is q:
         assert_close(dq.float() + dk.float(), r_dq, dtype, what="dq + dk (q is k)", products=PRODUCTS)
@@ -83,15 +84,18 @@ def test_gemm_backward_is_deterministic(gemm):
 
 @pytest.mark.parametrize("loss", ["clip_loss", "nt_xent"])
 def test_losses_on_the_gemm_backward(gemm, loss):
-    """A two-tensor loss and a Gram loss (which takes the general forward under this backward)."""
+    """A two-tensor loss and a Gram loss (Gram forward, then the G = dS + dSᵀ tile kernel)."""
     g = torch.Generator().manual_seed(5)
     a, b = (torch.randn(45, 24, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
     args = (a, b, torch.tensor(7.0, device=DEVICE)) if loss == "clip_loss" else (a, b, 0.3)
     ref = [t.detach().double().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
     fn = getattr(co, loss)
     out, ran = _launches(lambda: fn(*args, backend="triton"))
-    out.backward()
-    assert ran.get("fwd") == 1 and "gram_fwd" not in ran, ran
+    bwd = _launches(out.backward)[1]
+    if loss == "clip_loss":
+        assert ran == {"fwd": 1} and bwd == {"bwd_ds": 1}, (ran, bwd)
+    else:
+        assert ran == {"gram_fwd": 1} and bwd == {"gram_ds": 1}, (ran, bwd)
     r = fn(*ref, backend="reference")
     r.backward()
     assert_close(out, r, torch.float32, what=loss, products=PRODUCTS)
@@ -122,6 +126,48 @@ def test_gemm_backward_reads_the_forwards_s(gemm):
     assert torch.isfinite(got).all()
     tol = 1e-3 * float(Zr.grad.abs().max())
     torch.testing.assert_close(got, Zr.grad, atol=tol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows_per", [None, 32, 40], ids=["one_block", "tile_blocks", "blocks_split_tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("split", [False, True], ids=["z_is_z", "z_and_detached"])
+def test_gram_gemm_backward(gemm, split, dtype, rows_per):
+    """The Gram matrix's GEMM backward (``_gram_ds_kernel`` + one product): q is k (G = dS + dSᵀ),
+    and k holding q's values as another tensor (dS for dq, dSᵀ for dk), with row thresholds and
+    exclusion lists that are not symmetric (row a excludes b but b keeps a), over row blocks that
+    are whole tiles and blocks whose edges cut a tile (40 rows against 32-row tiles)."""
+    if rows_per is not None:
+        gemm.setattr(tcore, "gemm_block_rows", lambda B, M, elem, budget: rows_per)
+    B, D = 75, 40
+    g = torch.Generator().manual_seed(21)
+    Z = torch.randn(B, D, generator=g).to(DEVICE, dtype)
+    K = Z.detach() if split else Z
+    exclude = _i32(torch.stack([torch.arange(B), (torch.arange(B) * 7 + 3) % B], 1))
+    scale = torch.tensor(3.0, device=DEVICE)
+    row_max = (torch.rand(B, generator=g) * 6 + 1).to(DEVICE)
+    fwd, ran = _launches(lambda: tcore.sim_lse_forward(Z, K, scale, exclude=exclude, row_max=row_max))
+    assert ran == {"gram_fwd": 1}, ran
+    row = fwd[0]
+    g_row = torch.linspace(-1.5, 2.0, B, device=DEVICE)
+    none = torch.empty(0, device=DEVICE)
+    (dq, dk, dscale), ran = _launches(lambda: tcore.sim_lse_backward(
+        Z, K, scale, None, None, None, None, exclude, row, none, g_row, none, row_max=row_max))
+    n_blocks = 1 if rows_per is None else -(-B // rows_per)
+    assert ran == {"gram_ds": n_blocks * (2 if split else 1)}, ran
+    rd = _ref_dtype(dtype)
+    qr = Z.detach().to(rd).requires_grad_()
+    kr = Z.detach().to(rd).requires_grad_() if split else qr
+    sr = scale.to(rd).requires_grad_()
+    r_row, _ = sim_lse_reference(qr, kr, sr, exclude=exclude, row_max=row_max.to(rd))
+    assert_close(row, r_row.float(), dtype, what="row LSE", products=PRODUCTS)
+    (g_row.to(rd) * r_row).sum().backward()
+    if split:
+        assert_close(dq.float(), qr.grad.float(), dtype, what="dq", products=PRODUCTS)
+        assert_close(dk.float(), kr.grad.float(), dtype, what="dk", products=PRODUCTS)
+    else:
+        assert not dk.any()
+        assert_close(dq.float(), qr.grad.float(), dtype, what="dz", products=PRODUCTS)
+    assert_close(dscale, sr.grad.float(), dtype, what="dscale", products=PRODUCTS)
 
 
 @pytest.mark.parametrize("blocks", ["one", "many"])
@@ -215,8 +261,6 @@ def test_auto_choice_by_shape_and_dtype(monkeypatch):
             assert costs.gemm_pays(65536, 65536, D, fp16, kind), (kind, D)
             assert not costs.gemm_pays(16384, 16384, D, torch.float32, kind), (kind, D)  # neither measured
             assert not costs.gemm_pays(1024, 1024, D, bf, kind), (kind, D)  # under MIN_PAIRS
-    # Small D: the Gram kernels' one forward unit outweighs the GEMM path's faster backward.
-    assert not costs.gemm_pays(16384, 16384, 64, bf, "gram")
     monkeypatch.setattr(tcore, "BACKWARD", "auto")
     monkeypatch.setattr(tsiglip, "BACKWARD", "auto")
     assert tcore.backward_path(512, 16384, 16384, bf) == "gemm"
@@ -228,6 +272,12 @@ def test_auto_choice_by_shape_and_dtype(monkeypatch):
     assert tcore.backward_path(512, 16384, 16384, bf) == "deterministic"
     monkeypatch.setattr(tcore, "BACKWARD", "gemm")
     assert tcore.backward_path(64, 2, 2, torch.float32) == "gemm"
+    # The margin is applied: a path predicted faster by less than it is not taken.
+    g, f = costs.step_seconds("gemm", 16384, 16384, 512, 2), costs.step_seconds("deterministic", 16384, 16384, 512, 2)
+    monkeypatch.setattr(costs, "MARGIN", 1.01 * f / g)
+    assert not costs.gemm_pays(16384, 16384, 512, bf)
+    monkeypatch.setattr(costs, "MARGIN", 0.99 * f / g)
+    assert costs.gemm_pays(16384, 16384, 512, bf)
 
 
 def _loss_step(loss, dtype):
@@ -248,8 +298,8 @@ def _loss_step(loss, dtype):
 @pytest.mark.parametrize("loss", ["clip_loss", "nt_xent", "siglip_loss"])
 def test_auto_takes_the_gemm_backward_where_the_model_says(monkeypatch, loss):
     """With the size floor lifted, "auto" on 16-bit inputs at D = 128 routes every part of the step
-    as "gemm" does — bitwise the same results, and the Gram loss leaves its Gram forward for the
-    general one — and fp32 inputs exactly as "deterministic" does."""
+    as "gemm" does (bitwise the same results; the Gram loss through its G tile kernel), and fp32
+    inputs exactly as "deterministic" does."""
     monkeypatch.setattr(costs, "MIN_PAIRS", 0)
     monkeypatch.setattr(ttiles, "POISON_OUTPUTS", True)
     monkeypatch.setattr(tcore, "POISON_OUTPUTS", True)
@@ -261,8 +311,8 @@ def test_auto_takes_the_gemm_backward_where_the_model_says(monkeypatch, loss):
     auto16, ran16 = runs["auto"][torch.float16]
     gemm16, gemm_ran = runs["gemm"][torch.float16]
     assert ran16 == gemm_ran, (ran16, gemm_ran)
-    assert ("siglip_bwd_g" if loss == "siglip_loss" else "bwd_ds") in ran16, ran16
-    assert "gram_fwd" not in ran16 and "gram_bwd" not in ran16, ran16
+    want = {"siglip_loss": "siglip_bwd_g", "clip_loss": "bwd_ds", "nt_xent": "gram_ds"}[loss]
+    assert want in ran16 and "gram_bwd" not in ran16 and "bwd_dq" not in ran16, ran16
     for x, y in zip(auto16, gemm16):
         assert torch.equal(x, y) and torch.isfinite(x).all()
     auto32, ran32 = runs["auto"][torch.float32]

@@ -293,7 +293,7 @@ def test_compile_specs():
     from contrastive_ops.backends._triton import siglip as tsiglip
 
     for mod, names in ((tcore, {"sim_lse_fwd", "sim_lse_gram_fwd", "sim_lse_bwd_dq", "sim_lse_bwd_dk",
-                                "sim_lse_bwd_dk_wide", "sim_lse_gram_bwd", "sim_lse_bwd_ds"}),
+                                "sim_lse_bwd_dk_wide", "sim_lse_gram_bwd", "sim_lse_bwd_ds", "sim_lse_gram_ds"}),
                        (tsiglip, {"siglip_fwd", "siglip_bwd_dx", "siglip_bwd_dy", "siglip_bwd_g"})):
         specs = mod.compile_specs()
         assert {s["name"] for s in specs} == names
@@ -309,7 +309,7 @@ def test_compile_specs():
                        if not (n == "BLOCK_N" and s["constexprs"].get("DK_T")))
             if "BLOCK_DO" in s["constexprs"]:
                 assert ttiles.acc_fits(s["constexprs"], s["num_warps"], s["constexprs"]["BLOCK_DO"])
-            if s["name"] in ("sim_lse_fwd", "sim_lse_gram_fwd", "sim_lse_bwd_ds"):
+            if s["name"] in ("sim_lse_fwd", "sim_lse_gram_fwd", "sim_lse_bwd_ds", "sim_lse_gram_ds"):
                 c = s["constexprs"]
                 bm, bn = c.get("BLOCK_M", c.get("BLOCK")), c.get("BLOCK_N", c.get("BLOCK"))
                 elem = 4 if s["dtype"] == "fp32" else 2

@@ -4,7 +4,7 @@ default): a cost model fed with kernel times measured on an H200.
 The fused backward kernels (sim_lse's dq/dk and Gram kernels, SigLIP's dx/dy) recompute S in the
 same tile loop as the forward, but on the H200 they ran at half the forward's rate or less: at
 B = 16384, D = 512, bf16, the forward tile loop did 2·B·M·D FLOPs at 237 TFLOP/s while dq + dk did
-their 8 units at 138 (98 at D = 1024, the Gram backward 126, SigLIP's 146).  The GEMM backward
+their 8 units at 138 (98 at D = 1024, the Gram backward 126, SigLIP's 153).  The GEMM backward
 keeps the part that runs well — a forward-shaped kernel recomputes S once and writes dS (or
 SigLIP's G) — and hands the two products to cuBLAS (760 TFLOP/s on the same machine).  Its time
 is predicted from those same measurements:
@@ -14,8 +14,9 @@ is predicted from those same measurements:
            + max(4·B·M·D / r_cublas, 2·B·M·e / HBM)   dQ = dS·K and dK = dSᵀ·Q, reading dS twice
     t_fused = units(D)·B·M·D / r_bwd(D)          the kernels' own work at their measured rate
 
-(for a Gram loss the GEMM backward also moves the forward from the Gram kernel, 1 unit at its
-measured rate, to the general one, 2 units at r_fwd, so the whole step is compared).  The rates
+(for a Gram loss the forward stays the Gram kernel, and the GEMM backward's tile kernel, with the
+Gram forward's tiles and its measured rate as r_fwd, stores G = dS + dSᵀ, so there is one product:
+4·B·M·D becomes 2·B·M·D and 2·B·M·e becomes B·M·e).  The rates
 ``r`` come from ``MEASURED`` at the nearest measured D: D = 512 and 1024 are measured, D below 512
 takes the rates of 512 (an extrapolation: ``benchmarks/gpu_quick.py`` times ``triton`` against
 ``triton:deterministic`` and ``triton:gemm``, which is the check of this choice).  The GEMM path is
@@ -65,14 +66,23 @@ def rate(path: str, D: int) -> float:
 
 
 def _fwd_path(kind: str) -> str:
-    return "siglip_fwd" if kind == "siglip" else "general_fwd"
+    """The measured kernel whose tile loop the GEMM backward's tile kernel repeats: the general
+    forward's (64 × 128 tiles) for dS, the Gram forward's (64 × 64, both views) for G, SigLIP's."""
+    return {"general": "general_fwd", "gram": "gram_fwd", "siglip": "siglip_fwd"}[kind]
+
+
+def tile_rate(kind: str, D: int) -> float:
+    """FLOP/s of the GEMM backward's tile kernel: its forward's tile loop (the Gram forward evaluates
+    each S tile once for half the pairs, 1 unit, so its FLOP rate of S is that of its unit)."""
+    return rate(_fwd_path(kind), D)
 
 
 def gemm_backward_seconds(B: int, M: int, D: int, elem: int, kind: str = "general") -> float:
-    """Predicted time of the GEMM backward (dS kernel + two cuBLAS products)."""
+    """Predicted time of the GEMM backward (dS kernel + two cuBLAS products; one for a Gram matrix)."""
     pairs = float(B) * M
-    ds = 2 * pairs * D / rate(_fwd_path(kind), D) + pairs * elem / HBM_BYTES_PER_S
-    return ds + max(4 * pairs * D / CUBLAS_FLOPS, 2 * pairs * elem / HBM_BYTES_PER_S)
+    products = 1 if kind == "gram" else 2
+    ds = 2 * pairs * D / tile_rate(kind, D) + pairs * elem / HBM_BYTES_PER_S
+    return ds + max(2 * products * pairs * D / CUBLAS_FLOPS, products * pairs * elem / HBM_BYTES_PER_S)
 
 
 def fused_backward_seconds(B: int, M: int, D: int, kind: str = "general") -> float:
@@ -83,14 +93,11 @@ def fused_backward_seconds(B: int, M: int, D: int, kind: str = "general") -> flo
 
 def step_seconds(path: str, B: int, M: int, D: int, elem: int = 2, kind: str = "general") -> float:
     """Predicted forward + backward time of a step with backward ``path`` ("gemm" or
-    "deterministic"); for ``kind="gram"`` the forward follows the backward (Gram kernel with the
-    fused backward, general kernel with the GEMM one)."""
+    "deterministic"); ``kind="gram"`` runs the Gram forward either way."""
     pairs = float(B) * M
-    if path == "gemm":
-        fwd = _fwd_path(kind)
-        return _units(fwd, D) * pairs * D / rate(fwd, D) + gemm_backward_seconds(B, M, D, elem, kind)
-    fwd = "gram_fwd" if kind == "gram" else _fwd_path(kind)
-    return _units(fwd, D) * pairs * D / rate(fwd, D) + fused_backward_seconds(B, M, D, kind)
+    fwd = _fwd_path(kind)
+    bwd = gemm_backward_seconds(B, M, D, elem, kind) if path == "gemm" else fused_backward_seconds(B, M, D, kind)
+    return _units(fwd, D) * pairs * D / rate(fwd, D) + bwd
 
 
 def gemm_pays(B: int, M: int, D: int, dtype: torch.dtype, kind: str = "general") -> bool:

@@ -108,9 +108,10 @@ ms of a 10.6 ms CLIP step at B = 16384, D = 512, bf16) while the forward tile lo
 cuBLAS at 760.  This backward keeps the forward's strength and hands the products to cuBLAS: per
 block of rows, ``_bwd_ds_kernel`` (a forward-shaped 2-D grid of S tiles, no accumulator)
 recomputes S once and stores dS rounded to the input dtype (as the dq/dk kernels round it before
-their products); then dQ = scale·dS·K and dK += dSᵀ·Q (fp32 accumulation across blocks).  Where
-it is taken for a Gram loss, the forward takes the general kernel too (``_gram_applies``), so the
-backward reads the S the forward summed.  ``benchmarks/gpu_quick.py`` times ``triton`` (auto)
+their products); then dQ = scale·dS·K and dK += dSᵀ·Q (fp32 accumulation across blocks).  For a
+Gram matrix the forward keeps the Gram kernel and ``_gram_ds_kernel`` reads each entry as it did
+(the lower tile index on the left), storing G = dS + dSᵀ for a block of rows; one product
+scale·G·Z then gives the gradient (``_gemm_gram_backward``: 2 + 2 units against 2 + 4).  ``benchmarks/gpu_quick.py`` times ``triton`` (auto)
 beside ``triton:deterministic`` and ``triton:gemm``, which checks the choice.
 
 Layers: the ``@triton.jit`` kernels (:mod:`.sim_lse_fwd`, :mod:`.sim_lse_bwd`; their names are
@@ -134,8 +135,8 @@ import torch
 import triton
 
 from .sim_lse_bwd import (  # noqa: F401 - the kernels, re-exported (tests, the compile gate)
-    _bwd_atomic_kernel, _bwd_dk_kernel, _bwd_dk_wide_kernel, _bwd_dq_kernel, _bwd_ds_kernel, _gram_bwd_atomic_kernel,
-    _gram_bwd_kernel,
+    GRAM_DS_GPU, _bwd_atomic_kernel, _bwd_dk_kernel, _bwd_dk_wide_kernel, _bwd_dq_kernel, _bwd_ds_kernel,
+    _gram_bwd_atomic_kernel, _gram_bwd_kernel, _gram_ds_kernel,
 )
 from .args import same_device, scalar_on
 from .costs import gemm_pays
@@ -291,8 +292,7 @@ def _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col
     on the one value read from the tile with the lower index on the left, forward and backward alike.
     """
     return (bool(gram) and row_index is None and col_index is None and col_start is None
-            and col_end is None and not want_col and q.shape == k.shape and gram_kernels_take(q.dtype)
-            and backward_path(q.shape[1], q.shape[0], q.shape[0], q.dtype, gram=True) != "gemm")
+            and col_end is None and not want_col and q.shape == k.shape and gram_kernels_take(q.dtype))
 
 
 # The GEMM backward's dS buffer: blocks of rows × all M columns, at most this many bytes.
@@ -331,6 +331,36 @@ def _gemm_backward(q, k, scale, exclude, row_lse, col_lse, grad_row, grad_col, f
         dk_acc += mm_f32(dsc.t(), qc)
         parts.append(part.sum())
     return dq, (dk_acc * scale).to(k.dtype), torch.stack(parts).sum()
+
+
+def _gemm_gram_backward(z, scale, exclude, row_lse, grad_row, flags, bd, one_chunk, terms, row_max=None):
+    """The GEMM backward of a Gram matrix (q is k, or k holds q's values): for each block of rows,
+    ``_gram_ds_kernel`` reads S as the Gram forward did and stores G = dS + dSᵀ (``terms`` 3; 1: dS,
+    for dq; 2: dSᵀ, for dk) rounded to the input dtype, then cuBLAS does scale·G·Z for those rows:
+    2 units of recompute and one product of 2, against 4–10 in the Gram kernel and 6 in the general
+    GEMM backward.  Returns (that gradient, dscale)."""
+    B, D = z.shape
+    unit = min_block()
+    rows_per = gemm_block_rows(B, B, z.element_size(), GEMM_DS_BYTES)
+    out = _empty(z.shape, z.dtype, z.device)
+    gbuf = _empty((rows_per, B), z.dtype, z.device)
+    parts = []
+    for r0 in range(0, B, rows_per):
+        r1 = min(B, r0 + rows_per)
+        g = gbuf[: r1 - r0]
+        part = torch.zeros(((triton.cdiv(r1 - r0, unit) + 1) * triton.cdiv(B, unit),), dtype=torch.float32,
+                           device=z.device)
+        launch("gram_ds", _gram_ds_kernel,
+               lambda meta, r0=r0, r1=r1: (triton.cdiv(r1, meta["BLOCK"]) - r0 // meta["BLOCK"],
+                                           triton.cdiv(B, meta["BLOCK"])))(
+            z, scale, _ptr(exclude, scale), _ptr(row_max, scale), row_lse, grad_row, g, part,
+            r0, r1, B, D, z.stride(0), g.stride(0), log2_bucket(B),
+            N_EXCLUDE=flags["N_EXCLUDE"], UPCAST=flags["UPCAST"], PREC=flags["PREC"], BLOCK_D=bd,
+            ONE_CHUNK=one_chunk, TERMS=terms, HAS_ROW_MAX=flags["HAS_ROW_MAX"],
+        )
+        out[r0:r1] = (mm_f32(g, z) * scale).to(z.dtype)
+        parts.append(part.sum())
+    return out, torch.stack(parts).sum()
 
 
 def same_values(q: Tensor, k: Tensor) -> bool:
@@ -448,6 +478,7 @@ def _sim_lse_bwd_op(
     gram_kw = dict(N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=bd, BLOCK_DO=gram_bdo, ONE_CHUNK=one_chunk,
                    REUSE=one_chunk and gram_n_d == 1 and gram_bdo == bd, HAS_ROW_MAX=flags["HAS_ROW_MAX"], **dot_kw)
     n_parts = triton.cdiv(B, min_block())
+    gram_gemm = not atomic and backward_path(D, B, B, q.dtype, gram=True) == "gemm"
 
     def gram_rows(terms: int, name: str, dscale_part: Tensor) -> Tensor:
         out = _empty(q.shape, q.dtype, q.device)
@@ -462,6 +493,10 @@ def _sim_lse_bwd_op(
         # and dk = scale·dSᵀ·Q from the Gram kernel's two terms (the forward's S, read the same way).
         if not launch_any:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros((), dtype=torch.float32, device=q.device)
+        if gram_gemm:
+            dq, dscale = _gemm_gram_backward(q, scale, exclude, row_lse, grad_row, flags, bd, one_chunk, 1, row_max)
+            dk, _ = _gemm_gram_backward(q, scale, exclude, row_lse, grad_row, flags, bd, one_chunk, 2, row_max)
+            return dq, dk, dscale
         dscale_part = torch.zeros((n_parts,), dtype=torch.float32, device=q.device)
         dq = gram_rows(1, "gram_bwd_dq", dscale_part)
         dk = gram_rows(2, "gram_bwd_dk", torch.zeros_like(dscale_part))
@@ -482,6 +517,9 @@ def _sim_lse_bwd_op(
                 HAS_ROW_MAX=flags["HAS_ROW_MAX"], **dot_kw,
             )
             return dz_acc.to(q.dtype), dk, dscale_part.sum()
+        if gram_gemm:
+            dz, dscale = _gemm_gram_backward(q, scale, exclude, row_lse, grad_row, flags, bd, one_chunk, 3, row_max)
+            return dz, dk, dscale
         dscale_part = torch.zeros((n_parts,), dtype=torch.float32, device=q.device)
         dz = gram_rows(3, "gram_bwd", dscale_part)
         return dz, dk, dscale_part.sum()
@@ -831,6 +869,12 @@ def compile_specs() -> List[dict]:
                     continue
                 # one tile pair per program: with D in one chunk there is no loop to pipeline
                 out.append(dict(spec("sim_lse_bwd_ds", _bwd_ds_kernel.fn, dname, D, c, w, st), streaming=not one))
+            for (blk,), w, st in GRAM_DS_GPU:
+                c = dict(N_EXCLUDE=1, **flags, BLOCK_D=bd, ONE_CHUNK=one, TERMS=3, BLOCK=blk, HAS_ROW_MAX=False)
+                if fwd_smem(blk, blk, bd, st, elem) > SMEM_LIMIT:
+                    continue
+                # one tile pair per program, as the dS kernel
+                out.append(dict(spec("sim_lse_gram_ds", _gram_ds_kernel.fn, dname, D, c, w, st), streaming=not one))
             gbdo = gpu_block_do(D, dname, gram=True)
             gram_bwd = dict(BLOCK_D=bd, BLOCK_DO=gbdo, ONE_CHUNK=one, REUSE=one and D <= gbdo and gbdo == bd)
             for (blk,), w, st in SYM_BWD_GPU:

@@ -1,5 +1,5 @@
-r"""Backward kernels of the sim_lse primitive: dq / dk (deterministic), the atomic backward, and
-the Gram backwards (row-stationary and atomic).
+r"""Backward kernels of the sim_lse primitive: dq / dk (deterministic), the atomic backward, the
+Gram backwards (row-stationary and atomic), and the tile kernels of the GEMM backwards (dS, Gram G).
 
 The maths, the paths and their costs are described in :mod:`.sim_lse` (which
 launches these kernels and re-exports their names).
@@ -474,3 +474,69 @@ def _bwd_ds_kernel(
     tl.store(DS + rows.to(tl.int64)[:, None] * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
     tl.store(DscalePart + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(ds * s_raw, 1), 0))
+
+
+# ---------------------------------------------------------------------------
+# GEMM backward of the Gram matrices: G = dS + dSᵀ by tiles, read as the Gram forward reads S
+# ---------------------------------------------------------------------------
+
+# Square tiles (the Gram forward's orientation rule needs I and J of one size) of 64, as the Gram
+# forward's: at 128 × 128 the two views of the tile spill about 1.6 KB per thread on sm_90a.
+GRAM_DS_GPU = [((64,), 4, 3), ((64,), 4, 4), ((64,), 8, 3)]
+
+
+@autotune(configs(("BLOCK",), GRAM_DS_GPU, INTERP_SYM),
+          key=["D", "B_LOG2", "N_EXCLUDE", "TERMS", "PREC", "HAS_ROW_MAX"])
+@triton.jit
+def _gram_ds_kernel(
+    Z, Scale, Exclude, RowMax, RowLse, GradRow, G, DscalePart,
+    R0, R1, B, D, stride_z, stride_g, B_LOG2,
+    N_EXCLUDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, TERMS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ROW_MAX: tl.constexpr,
+):
+    """Program (row tile I among the tiles of rows [R0, R1), column tile J): S read as the Gram
+    forward reads it — the tile pair (L, H) = (min, max)(I, J) with L on the left, the diagonal
+    tile's lower triangle transposed from its upper one — and G_IJ = dS_IJ + (dS_JI)ᵀ (``TERMS`` 3;
+    1: dS_IJ; 2: (dS_JI)ᵀ) stored unscaled, rounded to G's dtype, at G[rows of I − R0, columns of J];
+    DscalePart[program] gets Σ dS_IJ ⊙ S_IJ over the rows of I in [R0, R1) (no atomics).  No dot
+    inside a branch: the layout (I, J) or (J, I) is chosen by ``where`` on the scalar I ≤ J."""
+    ti = R0 // BLOCK + tl.program_id(0)
+    tj = tl.program_id(1)
+    scale = tl.load(Scale)
+    lo = tl.minimum(ti, tj)
+    hi = tl.maximum(ti, tj)
+    rows_l, mask_l, z_rows_l, cs, ce, e0_l, e1_l = row_tile(
+        lo, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
+    rows_h, mask_h, z_rows_h, cs, ce, e0_h, e1_h = row_tile(
+        hi, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
+    lse_l, g_l = _row_stats(RowLse, GradRow, rows_l, mask_l)
+    lse_h, g_h = _row_stats(RowLse, GradRow, rows_h, mask_h)
+    offs_d = tl.arange(0, BLOCK_D)
+    zl = held_tile(Z, z_rows_l, mask_l, offs_d, D, stride_z, UPCAST, ONE_CHUNK)
+    zh = held_tile(Z, z_rows_h, mask_h, offs_d, D, stride_z, UPCAST, ONE_CHUNK)
+    s_raw = s_tile(Z, Z, z_rows_l, z_rows_h, mask_l, mask_h, D, stride_z, stride_z, zl, zh,
+                   BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
+    if lo == hi:
+        s_raw = tl.where(rows_l[:, None] <= rows_h[None, :], s_raw, tl.trans(s_raw))
+    ok = allowed(rows_h, mask_l, mask_h, cs, ce, e0_l, e1_l, False, N_EXCLUDE)
+    ok_t = allowed_t(rows_l, mask_l, mask_h, e0_h, e1_h, N_EXCLUDE)
+    ok, ok_t = _gram_oks(s_raw, scale, ok, ok_t, row_max_of(RowMax, rows_l, mask_l, HAS_ROW_MAX),
+                         row_max_of(RowMax, rows_h, mask_h, HAS_ROW_MAX), HAS_ROW_MAX)
+    ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_l, g_l, lse_h, g_h)  # dS_LH, (dS_HL)ᵀ: layout (L, H)
+    first = ti <= tj  # I = L: G_IJ in the tile's layout; else I = H: G_IJ is the transpose
+    if TERMS == 3:
+        val = ds + ds_t  # symmetric in the two views
+    else:
+        val = tl.where(first, _gram_pick(ds, ds_t, TERMS), _gram_pick(ds_t, ds, TERMS))
+    # G's row index runs along the tile's rows when I = L, along its columns when I = H; only rows of
+    # I in [R0, R1) are this block's
+    in_l = mask_l & (rows_l >= R0) & (rows_l < R1)
+    in_h = mask_h & (rows_h >= R0) & (rows_h < R1)
+    keep = tl.where(first, in_l, mask_l)[:, None] & tl.where(first, mask_h, in_h)[None, :]
+    off_a = tl.where(first, (rows_l - R0).to(tl.int64) * stride_g, rows_l.to(tl.int64))
+    off_b = tl.where(first, rows_h.to(tl.int64), (rows_h - R0).to(tl.int64) * stride_g)
+    tl.store(G + off_a[:, None] + off_b[None, :], val.to(G.dtype.element_ty), mask=keep)
+    d_l = tl.sum(tl.sum(tl.where(keep, ds * s_raw, 0.0), 1), 0)  # row I's own dS entries: the L view
+    d_h = tl.sum(tl.sum(tl.where(keep, ds_t * s_raw, 0.0), 1), 0)  # or the H view
+    tl.store(DscalePart + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.where(first, d_l, d_h))
