@@ -409,15 +409,8 @@ def _gram_bwd_atomic_kernel(
         zj = load_tile(Z, z_rows_j, mask_j, offs_d, D, stride_z, UPCAST)
         s_raw = s_tile(Z, Z, z_rows_i, z_rows_j, mask_i, mask_j, D, stride_z, stride_z, zi, zj,
                        BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-        if tj == ti:
-            s_raw = tl.where(rows_i[:, None] <= rows_j[None, :], s_raw, tl.trans(s_raw))
-        ok = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
-        ok_t = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
-        ok, ok_t = _gram_oks(s_raw, scale, ok, ok_t, row_max_of(RowMax, rows_i, mask_i, HAS_ROW_MAX),
-                             row_max_of(RowMax, rows_j, mask_j, HAS_ROW_MAX), HAS_ROW_MAX)
-        lse_i, g_i = _row_stats(RowLse, GradRow, rows_i, mask_i)
-        lse_j, g_j = _row_stats(RowLse, GradRow, rows_j, mask_j)
-        ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
+        s_raw, ds, ds_t = _gram_pair_ds(s_raw, scale, tj == ti, rows_i, mask_i, e0_i, e1_i, rows_j, mask_j, e0_j,
+                                        e1_j, cs, ce, RowMax, RowLse, GradRow, N_EXCLUDE, HAS_ROW_MAX)
         a = ds + ds_t
         dscale += tl.sum(tl.where(tj == ti, ds, a) * s_raw, 1)
         a_lo = a.to(zj.dtype)
@@ -510,20 +503,13 @@ def _gram_ds_kernel(
         lo, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
     rows_h, mask_h, z_rows_h, cs, ce, e0_h, e1_h = row_tile(
         hi, B, Exclude, Exclude, Exclude, Exclude, BLOCK, False, False, N_EXCLUDE)
-    lse_l, g_l = _row_stats(RowLse, GradRow, rows_l, mask_l)
-    lse_h, g_h = _row_stats(RowLse, GradRow, rows_h, mask_h)
     offs_d = tl.arange(0, BLOCK_D)
     zl = held_tile(Z, z_rows_l, mask_l, offs_d, D, stride_z, UPCAST, ONE_CHUNK)
     zh = held_tile(Z, z_rows_h, mask_h, offs_d, D, stride_z, UPCAST, ONE_CHUNK)
     s_raw = s_tile(Z, Z, z_rows_l, z_rows_h, mask_l, mask_h, D, stride_z, stride_z, zl, zh,
                    BLOCK, BLOCK, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-    if lo == hi:
-        s_raw = tl.where(rows_l[:, None] <= rows_h[None, :], s_raw, tl.trans(s_raw))
-    ok = allowed(rows_h, mask_l, mask_h, cs, ce, e0_l, e1_l, False, N_EXCLUDE)
-    ok_t = allowed_t(rows_l, mask_l, mask_h, e0_h, e1_h, N_EXCLUDE)
-    ok, ok_t = _gram_oks(s_raw, scale, ok, ok_t, row_max_of(RowMax, rows_l, mask_l, HAS_ROW_MAX),
-                         row_max_of(RowMax, rows_h, mask_h, HAS_ROW_MAX), HAS_ROW_MAX)
-    ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_l, g_l, lse_h, g_h)  # dS_LH, (dS_HL)ᵀ: layout (L, H)
+    s_raw, ds, ds_t = _gram_pair_ds(s_raw, scale, lo == hi, rows_l, mask_l, e0_l, e1_l, rows_h, mask_h, e0_h, e1_h,
+                                    cs, ce, RowMax, RowLse, GradRow, N_EXCLUDE, HAS_ROW_MAX)  # layout (L, H)
     first = ti <= tj  # I = L: G_IJ in the tile's layout; else I = H: G_IJ is the transpose
     if TERMS == 3:
         val = ds + ds_t  # symmetric in the two views
@@ -540,3 +526,22 @@ def _gram_ds_kernel(
     d_l = tl.sum(tl.sum(tl.where(keep, ds * s_raw, 0.0), 1), 0)  # row I's own dS entries: the L view
     d_h = tl.sum(tl.sum(tl.where(keep, ds_t * s_raw, 0.0), 1), 0)  # or the H view
     tl.store(DscalePart + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.where(first, d_l, d_h))
+
+
+@triton.jit
+def _gram_pair_ds(s_raw, scale, diag, rows_i, mask_i, e0_i, e1_i, rows_j, mask_j, e0_j, e1_j, cs, ce,
+                  RowMax, RowLse, GradRow, N_EXCLUDE: tl.constexpr, HAS_ROW_MAX: tl.constexpr):
+    """The tile pair (I, J), I ≤ J, of a Gram matrix from its raw tile Z_I·Z_Jᵀ: S as the Gram forward
+    read it (``diag``: the lower triangle is the transposed upper one), and dS_IJ and (dS_JI)ᵀ laid out
+    like the tile, each view under its own row's exclusions and threshold (``_gram_bwd_atomic_kernel``,
+    ``_gram_ds_kernel``)."""
+    if diag:
+        s_raw = tl.where(rows_i[:, None] <= rows_j[None, :], s_raw, tl.trans(s_raw))
+    ok = allowed(rows_j, mask_i, mask_j, cs, ce, e0_i, e1_i, False, N_EXCLUDE)
+    ok_t = allowed_t(rows_i, mask_i, mask_j, e0_j, e1_j, N_EXCLUDE)
+    ok, ok_t = _gram_oks(s_raw, scale, ok, ok_t, row_max_of(RowMax, rows_i, mask_i, HAS_ROW_MAX),
+                         row_max_of(RowMax, rows_j, mask_j, HAS_ROW_MAX), HAS_ROW_MAX)
+    lse_i, g_i = _row_stats(RowLse, GradRow, rows_i, mask_i)
+    lse_j, g_j = _row_stats(RowLse, GradRow, rows_j, mask_j)
+    ds, ds_t = _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j)
+    return s_raw, ds, ds_t
