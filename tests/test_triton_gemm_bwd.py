@@ -259,15 +259,16 @@ def test_auto_choice_by_shape_and_dtype(monkeypatch):
         for D in (512, 768, 1024):
             assert costs.gemm_pays(16384, 16384, D, bf, kind), (kind, D)
             assert costs.gemm_pays(65536, 65536, D, fp16, kind), (kind, D)
-            assert not costs.gemm_pays(16384, 16384, D, torch.float32, kind), (kind, D)  # neither measured
+            assert costs.gemm_pays(16384, 16384, D, torch.float32, kind), (kind, D)  # 20-36 fused units
             assert not costs.gemm_pays(1024, 1024, D, bf, kind), (kind, D)  # under MIN_PAIRS
     monkeypatch.setattr(tcore, "BACKWARD", "auto")
     monkeypatch.setattr(tsiglip, "BACKWARD", "auto")
     assert tcore.backward_path(512, 16384, 16384, bf) == "gemm"
     assert tcore.backward_path(512) == "deterministic"  # no shape: the fused kernels
-    assert tcore.backward_path(512, 16384, 16384, torch.float32) == "deterministic"
+    assert tcore.backward_path(512, 16384, 16384, torch.float32) == "gemm"
+    assert tcore.backward_path(512, 16384, 16384, torch.float64) == "deterministic"  # no rates: the kernels
     assert tsiglip.backward_path(16384, 16384, 512, bf) == "gemm"
-    assert tsiglip.backward_path(16384, 16384, 512, torch.float32) == "deterministic"
+    assert tsiglip.backward_path(1024, 1024, 512, bf) == "deterministic"
     monkeypatch.setattr(tcore, "BACKWARD", "deterministic")
     assert tcore.backward_path(512, 16384, 16384, bf) == "deterministic"
     monkeypatch.setattr(tcore, "BACKWARD", "gemm")
@@ -297,26 +298,24 @@ def _loss_step(loss, dtype):
 
 @pytest.mark.parametrize("loss", ["clip_loss", "nt_xent", "siglip_loss"])
 def test_auto_takes_the_gemm_backward_where_the_model_says(monkeypatch, loss):
-    """With the size floor lifted, "auto" on 16-bit inputs at D = 128 routes every part of the step
-    as "gemm" does (bitwise the same results; the Gram loss through its G tile kernel), and fp32
-    inputs exactly as "deterministic" does."""
-    monkeypatch.setattr(costs, "MIN_PAIRS", 0)
+    """With the size floor lifted, "auto" at D = 128 routes every part of the step as "gemm" does
+    (bitwise the same results; the Gram loss through its G tile kernel), for 16-bit and fp32 inputs;
+    under the floor (these 45 rows), exactly as "deterministic" does."""
     monkeypatch.setattr(ttiles, "POISON_OUTPUTS", True)
     monkeypatch.setattr(tcore, "POISON_OUTPUTS", True)
+    floor = costs.MIN_PAIRS
     runs = {}
-    for path in ("auto", "gemm", "deterministic"):
+    for name, path, min_pairs in (("auto, no floor", "auto", 0), ("gemm", "gemm", floor), ("auto", "auto", floor),
+                                  ("deterministic", "deterministic", floor)):
+        monkeypatch.setattr(costs, "MIN_PAIRS", min_pairs)
         monkeypatch.setattr(tcore, "BACKWARD", path)
         monkeypatch.setattr(tsiglip, "BACKWARD", path)
-        runs[path] = {dt: _loss_step(loss, dt) for dt in (torch.float16, torch.float32)}
-    auto16, ran16 = runs["auto"][torch.float16]
-    gemm16, gemm_ran = runs["gemm"][torch.float16]
-    assert ran16 == gemm_ran, (ran16, gemm_ran)
+        runs[name] = {dt: _loss_step(loss, dt) for dt in (torch.float16, torch.float32)}
     want = {"siglip_loss": "siglip_bwd_g", "clip_loss": "bwd_ds", "nt_xent": "gram_ds"}[loss]
-    assert want in ran16 and "gram_bwd" not in ran16 and "bwd_dq" not in ran16, ran16
-    for x, y in zip(auto16, gemm16):
-        assert torch.equal(x, y) and torch.isfinite(x).all()
-    auto32, ran32 = runs["auto"][torch.float32]
-    det32, det_ran = runs["deterministic"][torch.float32]
-    assert ran32 == det_ran, (ran32, det_ran)
-    for x, y in zip(auto32, det32):
-        assert torch.equal(x, y) and torch.isfinite(x).all()
+    for dt in (torch.float16, torch.float32):
+        for a_name, b_name, fused in (("auto, no floor", "gemm", False), ("auto", "deterministic", True)):
+            (a, a_ran), (b, b_ran) = runs[a_name][dt], runs[b_name][dt]
+            assert a_ran == b_ran, (dt, a_name, a_ran, b_ran)
+            assert (want in a_ran) != fused, (dt, a_name, a_ran)
+            for x, y in zip(a, b):
+                assert torch.equal(x, y) and torch.isfinite(x).all()

@@ -20,10 +20,16 @@ Gram forward's tiles and its measured rate as r_fwd, stores G = dS + dSᵀ, so t
 ``r`` come from ``MEASURED`` at the nearest measured D: D = 512 and 1024 are measured, D below 512
 takes the rates of 512 (an extrapolation: ``benchmarks/gpu_quick.py`` times ``triton`` against
 ``triton:deterministic`` and ``triton:gemm``, which is the check of this choice).  The GEMM path is
-taken when it is predicted ``MARGIN`` times faster, for 16-bit inputs (fp32 would run cuBLAS in
-IEEE fp32 on the FMA units, the fused kernels tf32x3 on tensor cores: neither is measured), and for
-at least ``MIN_PAIRS`` (i, j) pairs (below that both paths take microseconds and the fused one
-launches fewer kernels and allocates no dS buffer).  It needs no index lists and no column ranges;
+taken when it is predicted ``MARGIN`` times faster, and for at least ``MIN_PAIRS`` (i, j) pairs
+(below that both paths take microseconds and the fused one launches fewer kernels and allocates
+no dS buffer).
+
+fp32 inputs are not measured on either path; the model takes the bf16 rates times
+``FP32_TILE_FACTOR`` for every Triton tile loop (tf32x3: three products at the dense tf32 rate,
+half of bf16's) and ``CUBLAS_FP32_FLOPS`` for cuBLAS's products (IEEE fp32 on the FMA units, as
+``tiles.mm_f32`` runs them unless TF32 matmuls are enabled globally).  The GEMM path wins there by
+its work: the fused fp32 kernels split D into 128-wide output chunks and recompute S for each
+(20 units at D = 512, 36 at 1024, against 2 of recompute and 4 of products).  It needs no index lists and no column ranges;
 the launchers check that and keep the fused kernels otherwise.
 """
 from __future__ import annotations
@@ -44,25 +50,29 @@ MEASURED: Dict[str, Dict[int, Tuple[int, int, float]]] = {
     "siglip_bwd": {512: (16384, 16384, 3.804 + 3.362)},
 }
 CUBLAS_FLOPS = 760e12   # torch.matmul, bf16, 8192³, the same machine (nvidia-h200-2026-12-04/summary.txt)
+CUBLAS_FP32_FLOPS = 50e12  # IEEE fp32 GEMM: 75 % of the 67 TFLOP/s FP32 datasheet rate (not measured)
+FP32_TILE_FACTOR = 1 / 6   # a tf32x3 tile loop against the measured bf16 one (not measured)
 HBM_BYTES_PER_S = 4.3e12
 MARGIN = 1.25
 MIN_PAIRS = 1 << 22     # B·M below this keeps the fused kernels
 
 
-def _units(path: str, D: int) -> float:
+def _units(path: str, D: int, dtype: str = "bf16") -> float:
     """Work of ``path`` in units of B·M·D FLOPs, from the kernel modules' own ``WORK_UNITS``."""
     from . import siglip, sim_lse  # noqa: PLC0415 - the kernel modules import this one
     table = dict(sim_lse.WORK_UNITS, **siglip.WORK_UNITS)
     u = table[path]
-    return float(u(D) if callable(u) else u)
+    return float(u(D, dtype) if callable(u) else u)
 
 
-def rate(path: str, D: int) -> float:
-    """Measured FLOP/s of ``path`` at the nearest measured D (its own units of work)."""
+def rate(path: str, D: int, dtype: str = "bf16") -> float:
+    """FLOP/s of ``path`` at the nearest measured D (its own units of work): measured in bf16
+    (fp16 runs the same instructions), times ``FP32_TILE_FACTOR`` for fp32."""
     points = MEASURED[path]
     d = min(points, key=lambda m: (abs(m - D), m))
     rows, cols, ms = points[d]
-    return _units(path, d) * rows * cols * d / (ms * 1e-3)
+    r = _units(path, d) * rows * cols * d / (ms * 1e-3)
+    return r * FP32_TILE_FACTOR if dtype == "fp32" else r
 
 
 def _fwd_path(kind: str) -> str:
@@ -71,38 +81,46 @@ def _fwd_path(kind: str) -> str:
     return {"general": "general_fwd", "gram": "gram_fwd", "siglip": "siglip_fwd"}[kind]
 
 
-def tile_rate(kind: str, D: int) -> float:
+def tile_rate(kind: str, D: int, dtype: str = "bf16") -> float:
     """FLOP/s of the GEMM backward's tile kernel: its forward's tile loop (the Gram forward evaluates
     each S tile once for half the pairs, 1 unit, so its FLOP rate of S is that of its unit)."""
-    return rate(_fwd_path(kind), D)
+    return rate(_fwd_path(kind), D, dtype)
+
+
+def _dtype_name(elem: int) -> str:
+    return "fp32" if elem == 4 else "bf16"
 
 
 def gemm_backward_seconds(B: int, M: int, D: int, elem: int, kind: str = "general") -> float:
     """Predicted time of the GEMM backward (dS kernel + two cuBLAS products; one for a Gram matrix)."""
     pairs = float(B) * M
     products = 1 if kind == "gram" else 2
-    ds = 2 * pairs * D / tile_rate(kind, D) + pairs * elem / HBM_BYTES_PER_S
-    return ds + max(2 * products * pairs * D / CUBLAS_FLOPS, products * pairs * elem / HBM_BYTES_PER_S)
+    ds = 2 * pairs * D / tile_rate(kind, D, _dtype_name(elem)) + pairs * elem / HBM_BYTES_PER_S
+    flops = CUBLAS_FP32_FLOPS if elem == 4 else CUBLAS_FLOPS
+    return ds + max(2 * products * pairs * D / flops, products * pairs * elem / HBM_BYTES_PER_S)
 
 
-def fused_backward_seconds(B: int, M: int, D: int, kind: str = "general") -> float:
+def fused_backward_seconds(B: int, M: int, D: int, kind: str = "general", elem: int = 2) -> float:
     """Predicted time of the fused backward kernels at their measured rate."""
     path = {"general": "general_bwd", "gram": "gram_bwd", "siglip": "siglip_bwd"}[kind]
-    return _units(path, D) * float(B) * M * D / rate(path, D)
+    dt = _dtype_name(elem)
+    return _units(path, D, dt) * float(B) * M * D / rate(path, D, dt)
 
 
 def step_seconds(path: str, B: int, M: int, D: int, elem: int = 2, kind: str = "general") -> float:
     """Predicted forward + backward time of a step with backward ``path`` ("gemm" or
-    "deterministic"); ``kind="gram"`` runs the Gram forward either way."""
+    "deterministic") for inputs of ``elem`` bytes (4: fp32); ``kind="gram"`` runs the Gram forward
+    either way."""
     pairs = float(B) * M
-    fwd = _fwd_path(kind)
-    bwd = gemm_backward_seconds(B, M, D, elem, kind) if path == "gemm" else fused_backward_seconds(B, M, D, kind)
-    return _units(fwd, D) * pairs * D / rate(fwd, D) + bwd
+    fwd, dt = _fwd_path(kind), _dtype_name(elem)
+    bwd = (gemm_backward_seconds(B, M, D, elem, kind) if path == "gemm"
+           else fused_backward_seconds(B, M, D, kind, elem))
+    return _units(fwd, D, dt) * pairs * D / rate(fwd, D, dt) + bwd
 
 
 def gemm_pays(B: int, M: int, D: int, dtype: torch.dtype, kind: str = "general") -> bool:
     """Whether ``"auto"`` takes the GEMM backward for this shape (module docstring)."""
-    if dtype not in (torch.bfloat16, torch.float16) or B * M < MIN_PAIRS or D <= 0:
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32) or B * M < MIN_PAIRS or D <= 0:
         return False
     elem = torch.empty((), dtype=dtype).element_size()
     return MARGIN * step_seconds("gemm", B, M, D, elem, kind) < step_seconds("deterministic", B, M, D, elem, kind)

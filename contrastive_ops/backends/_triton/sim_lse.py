@@ -27,19 +27,21 @@ path                                units               extra memory            
 ==================================  ==================  =============================  =============
 forward, general (split-M)          2                   n_split·B + T_B·M fp32         yes
 forward, Gram (rows J ≥ I)          1                   T·B fp32                       yes
-backward, general, dq + dk kernels  2·(2n_d + 2)        T_B fp32 (dscale parts)        yes  ← default
+backward, general, dq + dk kernels  2·(2n_d + 2)        T_B fp32 (dscale parts)        yes  ← auto, small
                                     = 8 for D ≤ 512 (16-bit); for D = 768, 1024 (16-bit)
                                     dq 6 + wide dk 4 = 10 (dKᵀ = Qᵀ·dS over all of D)
 backward, general, atomic           6                   M·D fp32 (dK accumulator)      no, opt-in
-backward, GEMM (dS blocks + cuBLAS) 2 + 4 (4 in cuBLAS) dS block ≤ 1 GiB + M·D fp32    yes, opt-in
-backward, Gram, row-stationary      2n_d + 2            T fp32                         yes  ← default
+backward, GEMM (dS blocks + cuBLAS) 2 + 4 (4 in cuBLAS) dS block ≤ 1 GiB + M·D fp32    yes  ← auto, large
+backward, Gram, row-stationary      2n_d + 2            T fp32                         yes  ← auto, small
                                     = 4 for D ≤ 256, 6 for D = 512, 10 for D = 1024
+backward, Gram, GEMM (G blocks)     2 + 2 (2 in cuBLAS) G block ≤ 1 GiB                yes  ← auto, large
 backward, Gram, atomic              3                   B·D fp32 (dZ accumulator)      no, opt-in
 backward, Gram, split (z, z.detach) 2·(2n_d + 2)        T fp32                         yes
 ==================================  ==================  =============================  =============
 
-So symmetric CLIP costs 2 + 8 = 10 units for D ≤ 512 (16-bit) and a Gram loss
-1 + 4 = 5 for D ≤ 256.  T_B = cdiv(B, BLOCK_M), T = cdiv(B, BLOCK).
+So symmetric CLIP costs 2 + 8 = 10 units for D ≤ 512 (16-bit) on the fused kernels and 2 + 6 on
+the GEMM backward, a Gram loss 1 + 4 = 5 for D ≤ 256 on the fused kernels and 1 + 4 on the GEMM
+backward at every D ("auto, small / large": ``backward_path``).  T_B = cdiv(B, BLOCK_M), T = cdiv(B, BLOCK).
 
 Forward, general: a grid of (row tiles, column splits).  The number of
 splits is chosen from the shape (``fwd_plan``): one while the row tiles
@@ -99,7 +101,7 @@ one value read from the tile with the lower index on the left.
 Which backward runs (``backward_path``): with ``BACKWARD = "auto"`` (the default; module
 attribute, or ``CONTRASTIVE_OPS_TRITON_BACKWARD`` at import) the GEMM backward where the cost
 model of :mod:`.costs` — fed with the kernel times measured on an H200 — predicts it at least
-``costs.MARGIN`` times faster (16-bit inputs, large shapes; no index lists, no column ranges),
+``costs.MARGIN`` times faster (large shapes; no index lists, no column ranges),
 else the fused deterministic kernels; ``"deterministic"`` and ``"gemm"`` force one of them;
 ``"atomic"`` takes the atomic kernels where ``torch.are_deterministic_algorithms_enabled()`` is off.
 
