@@ -37,13 +37,14 @@
 #   SWEEP_ARGS        extra arguments of "bench"                  (default: none)
 #   PYTEST_ARGS       extra arguments of step 2                   (default: none)
 #   STEPS             comma-separated steps, run in the order given, from build,tests-priority,
-#                     tests,memcheck,racecheck,quick,profile,selfcheck,mvbench,sweep (default:
-#                     build,quick,tests-priority,memcheck,racecheck,tests,profile,selfcheck,mvbench,
+#                     tests,memcheck,racecheck,quick,quick32,profile,selfcheck,mvbench,sweep (default:
+#                     build,quick,quick32,tests-priority,memcheck,racecheck,tests,profile,selfcheck,mvbench,
 #                     sweep: timings first, then the tests (verbose: a cut run still names each
 #                     result); what the deadline leaves out is listed as SKIPPED)
 #   QUICK_ARGS        arguments of benchmarks/gpu_quick.py (step quick; default --sizes 16384,65536 --peers)
 #   QUICK_TIMEOUT     step quick                                  (default 150)
 #   QUICK_TUNE=1      autotune in step quick (default: each kernel's default config)
+#   QUICK32_TIMEOUT   step quick32 (fp32 CLIP and NT-Xent, B = 16384, D = 512; default 60; 0 skips it)
 #   PROFILE_TIMEOUT   each run of step profile                    (default 90)
 #   PROFILE_ARGS      extra arguments of benchmarks/gpu_profile.py (step profile)
 #   PROFILE_TUNE_CASES  cases (loss:B:D,...) profiled again with autotuning (default: none)
@@ -132,7 +133,7 @@ if [ -d "$ROOT/.whl" ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
     fi
 fi
 
-STEPS=${STEPS:-build,quick,tests-priority,memcheck,racecheck,tests,profile,selfcheck,mvbench,sweep}
+STEPS=${STEPS:-build,quick,quick32,tests-priority,memcheck,racecheck,tests,profile,selfcheck,mvbench,sweep}
 
 # Test, sanitizer and self-check steps compile one Triton config per kernel (autotuning over the
 # full lists would spend the run in the compiler); a fresh cache counts what each step compiled.
@@ -205,6 +206,17 @@ do_quick() {
     cat "$RES/quick.log" >> "$SUMMARY"
 }
 
+# fp32 inputs (F.normalize under autocast returns fp32): the Triton backward's two paths, whose fp32 rates
+# the cost model only assumes (contrastive_ops/backends/_triton/costs.py), beside the CUDA backend.
+do_quick32() {
+    [ "${QUICK32_TIMEOUT:-60}" = "0" ] && return
+    # shellcheck disable=SC2086
+    step quick32 "${QUICK32_TIMEOUT:-60}" "${ONE_CONFIG[@]}" $PY benchmarks/gpu_quick.py --json "$RES/quick32.json" \
+        --budget $(( ${QUICK32_TIMEOUT:-60} - 20 )) --dtype float32 --sizes 16384 --dims 512 \
+        --losses clip_loss,nt_xent --backends triton,triton:deterministic,cuda
+    cat "$RES/quick32.log" >> "$SUMMARY"
+}
+
 # Per-kernel device time of a few steps and what the compiler made of each kernel (PROFILE_ARGS: the
 # cases and backends of benchmarks/gpu_profile.py); one run with each kernel's default config, and with
 # PROFILE_TUNE_CASES set, one more that autotunes those cases.
@@ -263,6 +275,7 @@ for s in ${STEPS//,/ }; do
         tests) do_tests ;;
         memcheck|racecheck) do_sanitizer "$s" ;;
         quick) do_quick ;;
+        quick32) do_quick32 ;;
         profile) do_profile ;;
         selfcheck) do_selfcheck ;;
         mvbench) do_mvbench ;;
