@@ -264,7 +264,7 @@ def calibrated_rows(Bs=(16384, 32768, 65536), Ds=(128, 256, 512, 768, 1024)) -> 
     of a forward + backward step on the fused and on the GEMM backward, and which one "auto" takes."""
     import torch
 
-    from contrastive_ops.backends._triton import costs
+    from contrastive_ops.backends._triton import costs, siglip, sim_lse  # noqa: F401 - they declare their work
 
     walls = _quick_walls()
     out = []

@@ -19,7 +19,7 @@ import contrastive_ops as co
 from contrastive_ops.primitives.sim_lse import sim_lse_reference
 from contrastive_ops.testing import fp32_products
 from helpers import DEVICE, assert_close
-from contrastive_ops.backends._triton import costs
+from contrastive_ops.backends._triton import costs, products
 from contrastive_ops.backends._triton import siglip as tsiglip
 from contrastive_ops.backends._triton import tiles as ttiles
 from contrastive_ops.primitives.siglip_pairs import siglip_pairs_reference
@@ -319,3 +319,60 @@ def test_auto_takes_the_gemm_backward_where_the_model_says(monkeypatch, loss):
             assert (want in a_ran) != fused, (dt, a_name, a_ran)
             for x, y in zip(a, b):
                 assert torch.equal(x, y) and torch.isfinite(x).all()
+
+
+# ---------------------------------------------------------------------------
+# fp32 products of the GEMM backwards on tensor cores: six bf16 products of three-term splits
+# ---------------------------------------------------------------------------
+
+
+def _bf16_mm_on_cpu(x, y):
+    """What cuBLAS computes for two bf16 matrices with an fp32 output: exact products, fp32 sums."""
+    assert x.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    return torch.mm(x.float(), y.float())
+
+
+def test_bf16x3_split_reconstructs_fp32():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1000, generator=g) * torch.logspace(-20, 20, 1000)
+    h, m, l = products.split_bf16x3(x)
+    assert h.dtype == m.dtype == l.dtype == torch.bfloat16
+    err = (h.double() + m.double() + l.double() - x.double()).abs()
+    assert (err <= 2.0 ** -23 * x.double().abs()).all()
+    assert (h.double() - x.double()).abs().max() > 0  # one bf16 term alone is not enough
+
+
+@pytest.mark.parametrize("shape", [(70, 300, 40), (5, 4097, 3), (33, 1, 17)], ids=str)
+def test_bf16x6_products_have_fp32_error(monkeypatch, shape):
+    """The six products of ``mm_bf16x6`` (here with exact bf16 products summed in fp32, as cuBLAS
+    computes them) are within twice the IEEE fp32 product's error of the float64 product plus 8
+    roundings of 2^-24 of Σ|a||b|; a plain bf16 product (or one term dropped) is far outside.  The
+    split runs in row chunks: a chunk of 7 rows of ``a`` at a time changes nothing."""
+    n, k, m = shape
+    g = torch.Generator().manual_seed(n * 31 + k)
+    a = torch.randn(n, k, generator=g) * torch.exp(torch.randn(n, 1, generator=g) * 3)
+    b = torch.randn(k, m, generator=g)
+    exact = a.double() @ b.double()
+    scale = a.double().abs() @ b.double().abs()
+    bound = 2 * (torch.mm(a, b).double() - exact).abs() + 8 * 2.0 ** -24 * scale
+    got = products.mm_bf16x6(a, b, mm=_bf16_mm_on_cpu)
+    assert got.dtype == torch.float32 and ((got.double() - exact).abs() <= bound).all()
+    monkeypatch.setattr(products, "SPLIT_ROWS_ELEMS", 7 * k)
+    assert torch.equal(products.mm_bf16x6(a, b, mm=_bf16_mm_on_cpu), got)
+    err = ((got.double() - exact).abs() / scale).max()
+    plain = _bf16_mm_on_cpu(a.bfloat16(), b.bfloat16()).double()
+    assert ((plain - exact).abs() / scale).max() > 100 * err
+    ah, am, al = products.split_bf16x3(a)
+    bh, bm, bl = products.split_bf16x3(b)
+    no_small = sum(_bf16_mm_on_cpu(x, y) for x, y in ((am, bm), (ah, bm), (am, bh), (ah, bh))).double()
+    assert ((no_small - exact).abs() / scale).max() > 4 * err  # the 2^-16 terms matter
+
+
+def test_fp32_products_follow_the_tf32_switch(monkeypatch):
+    """On a GPU, fp32 operands take the split unless TF32 matmuls are enabled globally; 16-bit ones
+    one product with an fp32 output; on the CPU (the interpreter's tensors) fp32 products."""
+    calls = []
+    monkeypatch.setattr(products, "mm_bf16x6", lambda a, b: calls.append("split") or torch.mm(a, b))
+    a, b = torch.randn(4, 5), torch.randn(5, 3)
+    assert torch.equal(products.mm_f32(a, b), torch.mm(a, b)) and calls == []
+    assert products.mm_f32(a.bfloat16(), b.bfloat16()).dtype == torch.float32

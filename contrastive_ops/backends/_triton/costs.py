@@ -26,8 +26,8 @@ no dS buffer).
 
 fp32 inputs are not measured on either path; the model takes the bf16 rates times
 ``FP32_TILE_FACTOR`` for every Triton tile loop (tf32x3: three products at the dense tf32 rate,
-half of bf16's) and ``CUBLAS_FP32_FLOPS`` for cuBLAS's products (IEEE fp32 on the FMA units, as
-``tiles.mm_f32`` runs them unless TF32 matmuls are enabled globally).  The GEMM path wins there by
+half of bf16's) and ``CUBLAS_FP32_FLOPS`` for cuBLAS's products (six bf16 products of three-term
+splits, ``products.mm_f32``, unless TF32 matmuls are enabled globally).  The GEMM path wins there by
 its work: the fused fp32 kernels split D into 128-wide output chunks and recompute S for each
 (20 units at D = 512, 36 at 1024, against 2 of recompute and 4 of products).  It needs no index lists and no column ranges;
 the launchers check that and keep the fused kernels otherwise.
@@ -50,18 +50,25 @@ MEASURED: Dict[str, Dict[int, Tuple[int, int, float]]] = {
     "siglip_bwd": {512: (16384, 16384, 3.804 + 3.362)},
 }
 CUBLAS_FLOPS = 760e12   # torch.matmul, bf16, 8192³, the same machine (nvidia-h200-2026-12-04/summary.txt)
-CUBLAS_FP32_FLOPS = 50e12  # IEEE fp32 GEMM: 75 % of the 67 TFLOP/s FP32 datasheet rate (not measured)
+CUBLAS_FP32_FLOPS = CUBLAS_FLOPS / 6  # fp32 products as six bf16 ones (products.mm_bf16x6), split passes aside
 FP32_TILE_FACTOR = 1 / 6   # a tf32x3 tile loop against the measured bf16 one (not measured)
 HBM_BYTES_PER_S = 4.3e12
 MARGIN = 1.25
 MIN_PAIRS = 1 << 22     # B·M below this keeps the fused kernels
 
 
+# Work per path in units of B·M·D FLOPs: the kernel modules' own ``WORK_UNITS`` (sim_lse's and
+# siglip's), which each registers here when it is imported (``declare_work``).
+WORK: Dict[str, object] = {}
+
+
+def declare_work(table: Dict[str, object]) -> None:
+    WORK.update(table)
+
+
 def _units(path: str, D: int, dtype: str = "bf16") -> float:
-    """Work of ``path`` in units of B·M·D FLOPs, from the kernel modules' own ``WORK_UNITS``."""
-    from . import siglip, sim_lse  # noqa: PLC0415 - the kernel modules import this one
-    table = dict(sim_lse.WORK_UNITS, **siglip.WORK_UNITS)
-    u = table[path]
+    """Work of ``path`` in units of B·M·D FLOPs, from the kernel modules' ``WORK_UNITS``."""
+    u = WORK[path]
     return float(u(D, dtype) if callable(u) else u)
 
 

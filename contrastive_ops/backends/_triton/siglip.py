@@ -27,7 +27,7 @@ import triton.language as tl
 from .args import same_device, scalar_on
 from .tiles import (BWD_GPU, DS_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
                     checked_backward, col_tile, configs, dot_flags, empty, gemm_block_rows, gpu_block_do, gpu_dot_flags,
-                    launch, log2_bucket, min_block, mark_known_faults, mm_f32, s_tile, spec)
+                    launch, log2_bucket, min_block, mark_known_faults, s_tile, spec)
 
 Tensor = torch.Tensor
 
@@ -223,6 +223,8 @@ def _gemm_backward(x, y, scale, bias, grad):
     recomputes the logits once and stores G; cuBLAS does dx = scale·G·Y and accumulates
     dy += Gᵀ·X in fp32 — the dx/dy kernels' 8 units become 2 of recompute plus the two products at
     GEMM speed.  Extra memory: the G block (≤ ``GEMM_G_BYTES``) and an M × D fp32 accumulator."""
+    from .products import mm_f32  # noqa: PLC0415 - below the kernels, so their lines stay put
+
     B, D = x.shape
     M = y.shape[0]
     unit = min_block()
@@ -288,11 +290,12 @@ def _(x, y, scale, bias, grad):
             x.new_empty((), dtype=torch.float32))
 
 
+from .costs import declare_work, gemm_pays  # noqa: E402 - below the kernels, so their lines stay put
+
+
 def backward_path(B: int, M: int, D: int, dtype: torch.dtype) -> str:
     """``"gemm"`` or ``"deterministic"`` (the dx/dy kernels, also under "atomic"): ``BACKWARD``, with
     "auto" decided by the measured-rate cost model (``costs.gemm_pays``)."""
-    from .costs import gemm_pays  # noqa: PLC0415 - below the kernels, so their lines stay put
-
     path = checked_backward(BACKWARD)
     if path == "auto":
         return "gemm" if gemm_pays(B, M, D, dtype, "siglip") else "deterministic"
@@ -446,3 +449,4 @@ def _gpu_work(D: int, dtype_name: str, i: int) -> float:
 # Units of B·M·D and S evaluations per pair (benchmarks/perf_model.py); callables take (D, dtype name).
 WORK_UNITS = {"siglip_fwd": 2, "siglip_bwd": lambda D, dtype="bf16": _gpu_work(D, dtype, 0)}
 S_EVALS = {"siglip_fwd": 1, "siglip_bwd": lambda D, dtype="bf16": _gpu_work(D, dtype, 1)}
+declare_work(WORK_UNITS)  # the cost model that chooses the backward (``backward_path``)

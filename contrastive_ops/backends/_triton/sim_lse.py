@@ -141,14 +141,15 @@ from .sim_lse_bwd import (  # noqa: F401 - the kernels, re-exported (tests, the 
     _gram_bwd_atomic_kernel, _gram_bwd_kernel, _gram_ds_kernel,
 )
 from .args import same_device, scalar_on
-from .costs import gemm_pays
+from .costs import declare_work, gemm_pays
 from .sim_lse_fwd import _fwd_kernel, _gram_fwd_kernel
 from .tiles import (
     BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, DS_GPU, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SMEM_LIMIT,
     SPEC_DS, SPEC_DTYPES, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, checked_backward, chunk_d, col_lse, d_pad,
     dot_flags, empty, fwd_smem, gemm_block_rows, gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch,
-    log2_bucket, mark_known_faults, min_block, mm_f32, sm_count, spec,
+    log2_bucket, mark_known_faults, min_block, sm_count, spec,
 )
+from .products import mm_f32
 
 Tensor = torch.Tensor
 
@@ -692,6 +693,7 @@ S_EVALS = {
     "general_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, False, 1),
     "gram_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, True, 1),
 }
+declare_work(WORK_UNITS)
 
 
 # ---------------------------------------------------------------------------

@@ -666,15 +666,6 @@ def mark_known_faults(specs: List[dict], faults: dict, where: str, version: Opti
     return specs
 
 
-def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a·b with an fp32 result, as the GEMM backwards need it: 16-bit operands on tensor cores with
-    fp32 accumulation (CUDA), the same products in fp32 elsewhere; fp32 operands as torch multiplies
-    them (IEEE unless TF32 matmuls are enabled globally)."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
-
-
 # The backward paths of the Triton primitives (``BACKWARD`` of sim_lse and siglip, both read from
 # CONTRASTIVE_OPS_TRITON_BACKWARD at import; "auto" chooses between the fused kernels and the GEMM
 # backward by shape, ``costs.gemm_pays``); SigLIP has no atomic kernels and runs its fused ones under "atomic".
