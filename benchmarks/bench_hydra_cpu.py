@@ -24,10 +24,8 @@ Run:  PYTHONPATH=.:tests python benchmarks/bench_hydra_cpu.py --json out.json --
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 
 import torch
@@ -36,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import contrastive_ops as co  # noqa: E402
+from contrastive_ops.benchmarking.envinfo import cpu_run_meta, write_results  # noqa: E402
 from contrastive_ops.benchmarking.measure import peak_memory, time_step  # noqa: E402
 from test_hydra import builder_disparate_loss  # noqa: E402
 
@@ -172,16 +171,8 @@ def main():
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     rows = run(sizes, args.dim, args.official_max, args.rounds)
     fit = extrapolate(rows)
-    import datetime
-
-    meta = dict(date=datetime.date.today().isoformat(), cpu=platform.processor() or platform.machine(),
-                torch=torch.__version__, threads=args.threads, mem_total_gib=_total_bytes() / 2**30)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows, official_fit=fit), f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(markdown(rows, meta, fit) + "\n")
+    meta = cpu_run_meta(args.threads, mem_total_gib=_total_bytes() / 2**30)
+    write_results(args.json, args.md, meta, rows, markdown, official_fit=fit)
 
 
 if __name__ == "__main__":

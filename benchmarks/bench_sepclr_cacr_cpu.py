@@ -25,9 +25,7 @@ Run:  PYTHONPATH=.:tests python benchmarks/bench_sepclr_cacr_cpu.py --json out.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 
 import torch
@@ -37,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import contrastive_ops as co  # noqa: E402
+from contrastive_ops.benchmarking.envinfo import cpu_run_meta, write_results  # noqa: E402
 from contrastive_ops.benchmarking.measure import peak_memory, time_step  # noqa: E402
 from test_cacr import our_loss1, our_loss2  # noqa: E402
 from test_sepclr import official_sepclr  # noqa: E402
@@ -129,16 +128,7 @@ def main():
     sizes = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
     rows = run("sepclr", sizes(args.sepclr_sizes), _sepclr_inputs, _sepclr_providers())
     rows += run("cacr", sizes(args.cacr_sizes), _cacr_inputs, _cacr_providers())
-    import datetime
-
-    meta = dict(date=datetime.date.today().isoformat(), cpu=platform.processor() or platform.machine(),
-                torch=torch.__version__, threads=args.threads)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(markdown(rows, meta) + "\n")
+    write_results(args.json, args.md, cpu_run_meta(args.threads), rows, markdown)
 
 
 if __name__ == "__main__":

@@ -46,10 +46,8 @@ Run:  nice -n 0 python benchmarks/bench_supremix_selfcon_cpu.py --json out.json 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 
 import torch
@@ -60,6 +58,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import contrastive_ops as co  # noqa: E402
 from contrastive_ops.losses.supremix import draw_seed  # noqa: E402
 from contrastive_ops.primitives.label_lse import pair_lambda  # noqa: E402
+from contrastive_ops.benchmarking.envinfo import cpu_run_meta, write_results  # noqa: E402
 from contrastive_ops.benchmarking.measure import peak_memory, summarize, time_step  # noqa: E402
 from test_selfcon import official_selfcon  # noqa: E402
 from test_supremix import official_supremix  # noqa: E402
@@ -81,17 +80,6 @@ def _meminfo(key):
     except OSError:
         pass
     return None
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def mixture_bytes(B, D):
@@ -400,17 +388,8 @@ def main():
         sup_sizes = sorted(set(sup_sizes) | {b_oom})
     rows = run_supremix(sup_sizes, args) if sup_sizes and args.supremix_settings else []
     rows += run_selfcon(sizes(args.selfcon_sizes), args, V=args.selfcon_views)
-    import datetime
-
-    meta = dict(date=datetime.date.today().isoformat(), cpu=_cpu_name(),
-                torch=torch.__version__, threads=args.threads, mem_gib=(total or 0) / GiB,
-                load_avg=os.getloadavg())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(markdown(rows, meta) + "\n")
+    meta = cpu_run_meta(args.threads, mem_gib=(total or 0) / GiB, load_avg=os.getloadavg())
+    write_results(args.json, args.md, meta, rows, markdown)
 
 
 if __name__ == "__main__":

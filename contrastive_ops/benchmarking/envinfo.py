@@ -125,3 +125,23 @@ def format_environment(env: Dict, backends: Dict) -> List[str]:
     for name, (ok, why) in backends.items():
         lines.append(f"  {name:<10} {'yes' if ok else 'no ':<4} {why}")
     return lines
+
+
+def cpu_run_meta(threads: int, **extra) -> Dict:
+    """The header of a CPU benchmark's results: date, CPU model and core count, torch, threads."""
+    return dict(date=datetime.date.today().isoformat(), cpu=f"{cpu_model()} ({os.cpu_count()} cores)",
+                torch=torch.__version__, threads=threads, **extra)
+
+
+def write_results(json_path, md_path, meta: Dict, rows: List[Dict], markdown=None, **extra) -> None:
+    """A benchmark's results: ``{"meta", "rows", **extra}`` as JSON to ``json_path`` and
+    ``markdown(rows, meta, *extra.values())`` to ``md_path`` (either path may be None)."""
+    import json
+
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(dict(meta=meta, rows=rows, **extra), f, indent=1)
+    if md_path and markdown is not None:
+        with open(md_path, "w") as f:
+            f.write(markdown(rows, meta, *extra.values()) + "\n")
