@@ -9,6 +9,7 @@ with index lists or column ranges keep the dq/dk kernels.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -319,6 +320,37 @@ def test_auto_takes_the_gemm_backward_where_the_model_says(monkeypatch, loss):
             assert (want in a_ran) != fused, (dt, a_name, a_ran)
             for x, y in zip(a, b):
                 assert torch.equal(x, y) and torch.isfinite(x).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="torch.compile of Triton ops needs a GPU (not under TRITON_INTERPRET)")
+@pytest.mark.parametrize("loss", ["clip_loss", "nt_xent", "siglip_loss"])
+def test_gemm_backward_under_torch_compile(monkeypatch, loss):
+    """The GEMM backward inside the Triton custom ops traces under ``torch.compile(fullgraph=True)``
+    (cuBLAS products, row blocks, the split fp32 products) and gives eager's results."""
+    monkeypatch.setattr(costs, "MIN_PAIRS", 0)
+    monkeypatch.setattr(tcore, "GEMM_DS_BYTES", 1)  # several row blocks
+    monkeypatch.setattr(tsiglip, "GEMM_G_BYTES", 1)
+    for dtype in (torch.bfloat16, torch.float32):
+        torch._dynamo.reset()
+
+        def fn(a, b):
+            args = {"siglip_loss": (a, b, torch.tensor(7.0, device=DEVICE), torch.tensor(-3.0, device=DEVICE)),
+                    "clip_loss": (a, b, torch.tensor(7.0, device=DEVICE)), "nt_xent": (a, b, 0.3)}[loss]
+            return getattr(co, loss)(*args, backend="triton")
+
+        def step(f):
+            g = torch.Generator().manual_seed(13)
+            a, b = (torch.randn(300, 128, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(2))
+            out = f(a, b)
+            out.backward()
+            return out.detach(), a.grad, b.grad
+
+        want = step(fn)
+        got = step(torch.compile(fn, fullgraph=True))
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------

@@ -129,5 +129,5 @@ def gemm_pays(B: int, M: int, D: int, dtype: torch.dtype, kind: str = "general")
     """Whether ``"auto"`` takes the GEMM backward for this shape (module docstring)."""
     if dtype not in (torch.bfloat16, torch.float16, torch.float32) or B * M < MIN_PAIRS or D <= 0:
         return False
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     return MARGIN * step_seconds("gemm", B, M, D, elem, kind) < step_seconds("deterministic", B, M, D, elem, kind)
