@@ -55,12 +55,16 @@ BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # fp32 inputs: tf32x3 runs three tensor-core products per product at the dense tf32 rate (half of bf16).
 FLOP_RATE_FACTOR = {"bf16": 1.0, "fp16": 1.0, "fp32": 1.0 / 6.0}
 
-PATHS = ("general_fwd", "general_bwd", "gram_fwd", "gram_bwd", "siglip_fwd", "siglip_bwd")
+PATHS = ("general_fwd", "general_bwd", "gram_fwd", "gram_bwd", "siglip_fwd", "siglip_bwd",
+         "general_bwd_gemm", "gram_bwd_gemm", "siglip_bwd_gemm")
+# The GEMM backwards' buffer of dS (G for SigLIP and the Gram matrices) in HBM: written once, read by
+# each cuBLAS product.
+GEMM_PRODUCTS = {"general_bwd_gemm": 2, "gram_bwd_gemm": 1, "siglip_bwd_gemm": 2}
 # MUFU operations (ex2, lg2) per evaluated S element: the forward's row and column LSE need one
 # exponential each, the backward's P for the row and the column term one each; SigLIP's softplus
 # is one ex2 and one lg2 in the forward, its sigmoid one ex2 in the backward.
 MUFU_PER_EVAL = {"general_fwd": 2, "general_bwd": 2, "gram_fwd": 2, "gram_bwd": 2, "siglip_fwd": 2,
-                 "siglip_bwd": 1}
+                 "siglip_bwd": 1, "general_bwd_gemm": 2, "gram_bwd_gemm": 2, "siglip_bwd_gemm": 1}
 TILE_M = 128                     # row-tile height assumed for the L2 re-reads
 
 
@@ -134,6 +138,8 @@ def predict(path: str, B: int, M: int, D: int, dtype: str = "bf16", tables=None)
         hbm = operands + 4 * (B + M)                       # read Q, K; write row / column LSE (fp32)
     else:
         hbm = 2 * operands + 4 * 2 * (B + M)               # read Q, K, write dQ, dK; LSE and upstream grads
+        if path in GEMM_PRODUCTS:                          # the GEMM backwards' dS: written, read per product
+            hbm += (1 + GEMM_PRODUCTS[path]) * pairs * b
     streamed = (M if not path.startswith("gram") else B) * D * b
     l2 = math.ceil(B / TILE_M) * streamed * (max(evals, 1.0) if not path.endswith("fwd") else 1.0)
     rate = FLOP_RATE_FACTOR[dtype]
@@ -147,12 +153,13 @@ def predict(path: str, B: int, M: int, D: int, dtype: str = "bf16", tables=None)
                 t_exp_s=t_exp, predicted_s=t, bound=bound, source=tables["source"][path])
 
 
-def clip_step(B: int, D: int, dtype: str = "bf16", tables=None) -> dict:
+def clip_step(B: int, D: int, dtype: str = "bf16", tables=None, backward: str = "general_bwd") -> dict:
     """Symmetric CLIP forward + backward (M = B): predicted time and fraction of the dense bf16 peak
-    (the minimal 8·B²·D FLOPs over the predicted time, against 989 TFLOP/s)."""
+    (the minimal 8·B²·D FLOPs over the predicted time, against 989 TFLOP/s); ``backward``: the
+    fused kernels' path or ``"general_bwd_gemm"``."""
     tables = tables or work_tables()
     f = predict("general_fwd", B, B, D, dtype, tables)
-    g = predict("general_bwd", B, B, D, dtype, tables)
+    g = predict(backward, B, B, D, dtype, tables)
     t = f["predicted_s"] + g["predicted_s"]
     useful = MINIMAL_UNITS * B * B * D
     return dict(B=B, D=D, dtype=dtype, units=f["units"] + g["units"], predicted_s=t,
@@ -223,18 +230,23 @@ def clip_markdown(clip: List[dict], tables) -> str:
         "Work in units of B·M·D FLOPs (a multiply-add is 2) from the kernel modules' `WORK_UNITS` "
         f"({', '.join(sorted(set(tables['source'][p] for p in ('general_fwd', 'general_bwd'))))}: the launchers' "
         "own output D-chunking); the minimal step is 8 units (2 forward + 2 recompute + 4 for dQ and dK). "
+        "Two backwards: the fused dq/dk kernels and the GEMM backward (dS kernel + cuBLAS, with the dS "
+        "buffer's HBM traffic), which `auto` takes at these shapes. "
         f"Fraction of peak = 8·B²·D / predicted time / {DENSE_BF16_PEAK / 1e12:.1f} TFLOP/s (dense bf16 datasheet).",
         "",
-        "| B | D | units (fwd + bwd) | predicted fwd ms | predicted bwd ms | predicted step ms | bound | "
+        "| B | D | backward | units (fwd + bwd) | predicted fwd ms | predicted bwd ms | predicted step ms | bound | "
         "fraction of peak |",
-        "|---:|---:|---|---:|---:|---:|---|---:|",
+        "|---:|---:|---|---|---:|---:|---:|---|---:|",
     ]
     for c in clip:
-        f = predict("general_fwd", c["B"], c["B"], c["D"], c["dtype"], tables)
-        g = predict("general_bwd", c["B"], c["B"], c["D"], c["dtype"], tables)
-        lines.append(f"| {c['B']} | {c['D']} | {f['units']:.0f} + {g['units']:.0f} | {f['predicted_s'] * 1e3:.2f} | "
-                     f"{g['predicted_s'] * 1e3:.2f} | {c['predicted_s'] * 1e3:.2f} | {f['bound']} / {g['bound']} | "
-                     f"{100 * c['fraction_of_peak']:.1f}% |")
+        for bwd, label in (("general_bwd", "fused"), ("general_bwd_gemm", "GEMM")):
+            f = predict("general_fwd", c["B"], c["B"], c["D"], c["dtype"], tables)
+            g = predict(bwd, c["B"], c["B"], c["D"], c["dtype"], tables)
+            t = f["predicted_s"] + g["predicted_s"]
+            frac = MINIMAL_UNITS * c["B"] ** 2 * c["D"] / t / DENSE_BF16_PEAK
+            lines.append(f"| {c['B']} | {c['D']} | {label} | {f['units']:.0f} + {g['units']:.0f} | "
+                         f"{f['predicted_s'] * 1e3:.2f} | {g['predicted_s'] * 1e3:.2f} | {t * 1e3:.2f} | "
+                         f"{f['bound']} / {g['bound']} | {100 * frac:.1f}% |")
     return "\n".join(lines) + "\n\n" + MEASURED_NOTE + "\n"
 
 

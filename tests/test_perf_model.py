@@ -29,6 +29,20 @@ def test_declared_work_matches_the_kernel_structure():
     # fp32: n_d = cdiv(D, 128) output chunks in dq and dk (no wide dk).
     assert [u["general_bwd"](D, "fp32") for D in (128, 512, 1024)] == [8, 20, 36]
     assert u["general_bwd"](512) == u["general_bwd"](512, "bf16")  # bf16 when no dtype is given
+    # The GEMM backwards: one recompute (2) and the products (2 each), at every D.
+    assert [u[p](D) for p in ("general_bwd_gemm", "gram_bwd_gemm", "siglip_bwd_gemm") for D in (64, 1024)] == \
+        [6, 6, 4, 4, 6, 6]
+
+
+def test_gemm_backward_counts_its_ds_buffer():
+    """The GEMM backward's HBM bytes add its dS buffer: written once and read by each product."""
+    t = pm.work_tables()
+    B, D = 16384, 512
+    fused, gemm = pm.predict("general_bwd", B, B, D, "bf16", t), pm.predict("general_bwd_gemm", B, B, D, "bf16", t)
+    assert gemm["hbm_bytes"] - fused["hbm_bytes"] == 3 * B * B * 2
+    gram = pm.predict("gram_bwd_gemm", B, B, D, "fp32", t)
+    assert gram["hbm_bytes"] - pm.predict("gram_bwd", B, B, D, "fp32", t)["hbm_bytes"] == 2 * B * B * 4
+    assert pm.clip_step(B, D, "bf16", t, "general_bwd_gemm")["units"] == 8
 
 
 def test_work_follows_the_launchers_chunking(monkeypatch):

@@ -447,6 +447,7 @@ def _gpu_work(D: int, dtype_name: str, i: int) -> float:
 
 
 # Units of B·M·D and S evaluations per pair (benchmarks/perf_model.py); callables take (D, dtype name).
-WORK_UNITS = {"siglip_fwd": 2, "siglip_bwd": lambda D, dtype="bf16": _gpu_work(D, dtype, 0)}
-S_EVALS = {"siglip_fwd": 1, "siglip_bwd": lambda D, dtype="bf16": _gpu_work(D, dtype, 1)}
+WORK_UNITS = {"siglip_fwd": 2, "siglip_bwd": lambda D, dtype="bf16": _gpu_work(D, dtype, 0),
+              "siglip_bwd_gemm": 6}  # G kernel 2, cuBLAS G·Y and Gᵀ·X 2 + 2
+S_EVALS = {"siglip_fwd": 1, "siglip_bwd": lambda D, dtype="bf16": _gpu_work(D, dtype, 1), "siglip_bwd_gemm": 1}
 declare_work(WORK_UNITS)  # the cost model that chooses the backward (``backward_path``)

@@ -686,12 +686,16 @@ WORK_UNITS = {
     "gram_fwd": 1,
     "general_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, False, 0),
     "gram_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, True, 0),
+    "general_bwd_gemm": 6,  # dS kernel 2, cuBLAS dS·K and dSᵀ·Q 2 + 2
+    "gram_bwd_gemm": 4,     # G = dS + dSᵀ kernel 2 (every tile, both views), cuBLAS G·Z 2
 }
 S_EVALS = {
     "general_fwd": 1,
     "gram_fwd": 0.5,
     "general_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, False, 1),
     "gram_bwd": lambda D, dtype="bf16": _gpu_work(dtype, D, True, 1),
+    "general_bwd_gemm": 1,
+    "gram_bwd_gemm": 1,
 }
 declare_work(WORK_UNITS)
 
