@@ -309,7 +309,8 @@ def calibrated_markdown(rs: List[dict]) -> str:
         "D < 512 takes D = 512's rates, an extrapolation). The GEMM backward is the dS kernel at the forward's "
         "rate, the write of dS, and the two products at cuBLAS speed. Kernel time only (the measured steps add "
         "about 1 ms of elementwise work at B = 16384). `auto` takes the GEMM backward where it is predicted "
-        "1.25x faster (at least 2^22 pairs; fp32 as in costs.py, with assumed rates). Measured wall times of the same step are from "
+        "1.25x faster (at least 2^22 pairs; fp32 as in costs.py, with assumed rates). Measured wall times of the "
+        "same step are from "
         "`nvidia-h200-2026-12-04/quick.json` (fused Triton backward, the CUDA backend and the fastest peer).",
         "",
         "| loss | B | D | predicted fused ms | predicted GEMM ms | auto | measured triton (fused) ms | "

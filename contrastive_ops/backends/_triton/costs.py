@@ -16,21 +16,20 @@ is predicted from those same measurements:
 
 (for a Gram loss the forward stays the Gram kernel, and the GEMM backward's tile kernel, with the
 Gram forward's tiles and its measured rate as r_fwd, stores G = dS + dSᵀ, so there is one product:
-4·B·M·D becomes 2·B·M·D and 2·B·M·e becomes B·M·e).  The rates
-``r`` come from ``MEASURED`` at the nearest measured D: D = 512 and 1024 are measured, D below 512
-takes the rates of 512 (an extrapolation: ``benchmarks/gpu_quick.py`` times ``triton`` against
-``triton:deterministic`` and ``triton:gemm``, which is the check of this choice).  The GEMM path is
-taken when it is predicted ``MARGIN`` times faster, and for at least ``MIN_PAIRS`` (i, j) pairs
-(below that both paths take microseconds and the fused one launches fewer kernels and allocates
-no dS buffer).
+4·B·M·D becomes 2·B·M·D and 2·B·M·e becomes B·M·e).  The rates ``r`` come from ``MEASURED`` at the
+nearest measured D: D = 512 and 1024 are measured, D below 512 takes the rates of 512 (an
+extrapolation; ``benchmarks/gpu_quick.py`` times ``triton`` against ``triton:deterministic``,
+which checks the choice).  The GEMM path is taken when it is predicted ``MARGIN`` times faster,
+and for at least ``MIN_PAIRS`` (i, j) pairs (below that both paths take microseconds and the fused
+one launches fewer kernels and allocates no dS buffer).  It needs no index lists and no column
+ranges; the launchers check that and keep the fused kernels otherwise.
 
 fp32 inputs are not measured on either path; the model takes the bf16 rates times
 ``FP32_TILE_FACTOR`` for every Triton tile loop (tf32x3: three products at the dense tf32 rate,
 half of bf16's) and ``CUBLAS_FP32_FLOPS`` for cuBLAS's products (six bf16 products of three-term
-splits, ``products.mm_f32``, unless TF32 matmuls are enabled globally).  The GEMM path wins there by
-its work: the fused fp32 kernels split D into 128-wide output chunks and recompute S for each
-(20 units at D = 512, 36 at 1024, against 2 of recompute and 4 of products).  It needs no index lists and no column ranges;
-the launchers check that and keep the fused kernels otherwise.
+splits, ``products.mm_f32``, unless TF32 matmuls are enabled globally).  The GEMM path wins there
+by its work: the fused fp32 kernels split D into 128-wide output chunks and recompute S for each
+(20 units at D = 512, 36 at 1024, against 2 of recompute and 4 of products).
 """
 from __future__ import annotations
 

@@ -113,8 +113,9 @@ recomputes S once and stores dS rounded to the input dtype (as the dq/dk kernels
 their products); then dQ = scale·dS·K and dK += dSᵀ·Q (fp32 accumulation across blocks).  For a
 Gram matrix the forward keeps the Gram kernel and ``_gram_ds_kernel`` reads each entry as it did
 (the lower tile index on the left), storing G = dS + dSᵀ for a block of rows; one product
-scale·G·Z then gives the gradient (``_gemm_gram_backward``: 2 + 2 units against 2 + 4).  ``benchmarks/gpu_quick.py`` times ``triton`` (auto)
-beside ``triton:deterministic`` and ``triton:gemm``, which checks the choice.
+scale·G·Z then gives the gradient (``_gemm_gram_backward``: 2 + 2 units against 2 + 4).
+``benchmarks/gpu_quick.py`` times ``triton`` (auto) beside ``triton:deterministic``, which checks
+the choice.
 
 Layers: the ``@triton.jit`` kernels (:mod:`.sim_lse_fwd`, :mod:`.sim_lse_bwd`; their names are
 re-exported here) → the custom ops
