@@ -78,6 +78,31 @@ def test_fuzz_half(name, backend, dtype, data):
     _fuzz(name, backend, dtype, data)
 
 
+# ----------------------------------------------------------------------------- the Triton GEMM backward
+
+
+def _triton_param():
+    return [p for p in backend_params() if p.values[0] == "triton"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *lc.HALF], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("backend", _triton_param())
+@pytest.mark.parametrize("name", lc.LOSSES)
+@_settings(PROFILE["fp32"])
+@given(data=st.data())
+def test_fuzz_triton_gemm_backward(name, backend, dtype, data):
+    """Every function through the Triton backend with its GEMM backward forced (``auto`` takes it
+    only for large problems, which the interpreter cannot run): the dS / G blocks and cuBLAS-style
+    products over the whole argument space, against the reference."""
+    from contrastive_ops.backends._triton import siglip as tsiglip
+    from contrastive_ops.backends._triton import sim_lse as tcore
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tcore, "BACKWARD", "gemm")
+        mp.setattr(tsiglip, "BACKWARD", "gemm")
+        _fuzz(name, backend, dtype, data)
+
+
 # ----------------------------------------------------------------------------- the reference itself
 
 
