@@ -109,6 +109,13 @@ MUTANTS = (
            "tl.program_id(1), tl.where(first, d_l, d_h))", "tl.program_id(1), d_l)",
            ("tests/test_triton_gemm_bwd.py", "-k", "gram"),
            "Gram GEMM backward: the scale gradient sums the lower row's view below the diagonal"),
+    Mutant("triton-gemm-gram-scalar-stores", "contrastive_ops/backends/_triton/sim_lse_bwd.py",
+           "    tl.store(G + (rows_i - R0).to(tl.int64)[:, None] * stride_g + cols_j[None, :], out.to(G.dtype.element_ty),",
+           "    tl.store(G + tl.where(first, (rows_i - R0).to(tl.int64)[:, None] * stride_g + cols_j[None, :],\n"
+           "                          (cols_j - R0).to(tl.int64)[None, :] * stride_g + rows_i[:, None]),\n"
+           "             out.to(G.dtype.element_ty),",
+           ("tests/test_triton_compile.py", "-k", "gram_ds"),
+           "Gram G kernel: the tile's address chosen by where (as first written): scalar 2-byte stores"),
     Mutant("triton-gemm-fp32-split-drops-mm", "contrastive_ops/backends/_triton/products.py",
            "        acc += mm(am, bm)\n", "",
            ("tests/test_triton_gemm_bwd.py", "-k", "bf16x6"),

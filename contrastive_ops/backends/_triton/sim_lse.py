@@ -148,7 +148,7 @@ from .tiles import (
     BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, DS_GPU, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SMEM_LIMIT,
     SPEC_DS, SPEC_DTYPES, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, checked_backward, chunk_d, col_lse, d_pad,
     dot_flags, empty, fwd_smem, gemm_block_rows, gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch,
-    log2_bucket, mark_known_faults, min_block, sm_count, spec,
+    log2_bucket, mark_known_faults, matrix_writer, min_block, sm_count, spec,
 )
 from .products import mm_f32
 
@@ -714,7 +714,6 @@ declare_work(WORK_UNITS)
 # xfail(strict=True), red again once a kernel is fixed.
 _GATE_FAULTS = {
     "3.6": {
-        ("sim_lse_bwd_ds", "fp32", (64, 128, 256, 512, 768, 1024), "128x128 w8 s3"): "spills 12 B stored / 8 B loaded",
         ("sim_lse_bwd_dk", "bf16", (128,), "64x128 w8 s2"): "spills 16 B stored / 16 B loaded",
         ("sim_lse_bwd_dk", "bf16", (256,), "64x128 w8 s2"): "spills 48 B stored / 32 B loaded",
         ("sim_lse_bwd_dk", "bf16", (256,), "64x64 w4 s2"): "spills 96 B stored / 80 B loaded",
@@ -772,7 +771,6 @@ _GATE_FAULTS = {
         ("sim_lse_gram_bwd", "fp32", (128, 256, 512, 768, 1024), "64 w8 s2"): "spills 776 B stored / 932 B loaded",
     },
     "3.8": {
-        ("sim_lse_bwd_ds", "fp32", (64, 128, 256, 512, 768, 1024), "128x128 w8 s3"): "spills 8 B stored / 4 B loaded",
         ("sim_lse_bwd_dk", "bf16", (128,), "64x128 w8 s2"): "spills 8 B stored / 8 B loaded",
         ("sim_lse_bwd_dk", "bf16", (256,), "64x128 w8 s2"): "spills 56 B stored / 40 B loaded",
         ("sim_lse_bwd_dk", "bf16", (256,), "64x64 w4 s2"): "spills 88 B stored / 72 B loaded",
@@ -877,13 +875,15 @@ def compile_specs() -> List[dict]:
                 if fwd_smem(bm, bn, bd, st, elem) > SMEM_LIMIT:
                     continue
                 # one tile pair per program: with D in one chunk there is no loop to pipeline
-                out.append(dict(spec("sim_lse_bwd_ds", _bwd_ds_kernel.fn, dname, D, c, w, st), streaming=not one))
+                out.append(dict(matrix_writer(spec("sim_lse_bwd_ds", _bwd_ds_kernel.fn, dname, D, c, w, st)),
+                                streaming=not one))
             for (blk,), w, st in GRAM_DS_GPU:
                 c = dict(N_EXCLUDE=1, **flags, BLOCK_D=bd, ONE_CHUNK=one, TERMS=3, BLOCK=blk, HAS_ROW_MAX=False)
                 if fwd_smem(blk, blk, bd, st, elem) > SMEM_LIMIT:
                     continue
                 # one tile pair per program, as the dS kernel
-                out.append(dict(spec("sim_lse_gram_ds", _gram_ds_kernel.fn, dname, D, c, w, st), streaming=not one))
+                out.append(dict(matrix_writer(spec("sim_lse_gram_ds", _gram_ds_kernel.fn, dname, D, c, w, st)),
+                                streaming=not one))
             gbdo = gpu_block_do(D, dname, gram=True)
             gram_bwd = dict(BLOCK_D=bd, BLOCK_DO=gbdo, ONE_CHUNK=one, REUSE=one and D <= gbdo and gbdo == bd)
             for (blk,), w, st in SYM_BWD_GPU:

@@ -515,18 +515,24 @@ def _gram_ds_kernel(
         val = ds + ds_t  # symmetric in the two views
     else:
         val = tl.where(first, _gram_pick(ds, ds_t, TERMS), _gram_pick(ds_t, ds, TERMS))
-    # G's row index runs along the tile's rows when I = L, along its columns when I = H; only rows of
-    # I in [R0, R1) are this block's
+    # G_IJ is stored with I's rows along the tile's rows and J's columns contiguous (from ti and tj
+    # directly, so the stores vectorise): the tile itself when I = L, its transpose when I = H.  Only
+    # the rows of I in [R0, R1) are this block's.
+    if first:
+        out = val
+    else:
+        out = tl.trans(val)
+    rows_i = ti * BLOCK + tl.arange(0, BLOCK)
+    cols_j = tj * BLOCK + tl.arange(0, BLOCK)
+    mask_o = ((rows_i >= R0) & (rows_i < R1) & (rows_i < B))[:, None] & (cols_j < B)[None, :]
+    tl.store(G + (rows_i - R0).to(tl.int64)[:, None] * stride_g + cols_j[None, :], out.to(G.dtype.element_ty),
+             mask=mask_o)
     in_l = mask_l & (rows_l >= R0) & (rows_l < R1)
     in_h = mask_h & (rows_h >= R0) & (rows_h < R1)
     keep = tl.where(first, in_l, mask_l)[:, None] & tl.where(first, mask_h, in_h)[None, :]
-    off_a = tl.where(first, (rows_l - R0).to(tl.int64) * stride_g, rows_l.to(tl.int64))
-    off_b = tl.where(first, rows_h.to(tl.int64), (rows_h - R0).to(tl.int64) * stride_g)
-    tl.store(G + off_a[:, None] + off_b[None, :], val.to(G.dtype.element_ty), mask=keep)
     d_l = tl.sum(tl.sum(tl.where(keep, ds * s_raw, 0.0), 1), 0)  # row I's own dS entries: the L view
     d_h = tl.sum(tl.sum(tl.where(keep, ds_t * s_raw, 0.0), 1), 0)  # or the H view
     tl.store(DscalePart + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.where(first, d_l, d_h))
-
 
 @triton.jit
 def _gram_pair_ds(s_raw, scale, diag, rows_i, mask_i, e0_i, e1_i, rows_j, mask_j, e0_j, e1_j, cs, ce,

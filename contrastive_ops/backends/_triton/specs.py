@@ -268,7 +268,7 @@ def compile_spec(spec: dict) -> dict:
     row = dict(key=spec["key"], id=spec["id"], module=spec["module"], name=spec["name"], fn_name=fn.__name__,
                dtype=spec["dtype"],
                Ds=spec["Ds"], config=_config_str(spec), num_warps=spec["num_warps"], num_stages=spec["num_stages"],
-               streaming_declared=spec.get("streaming"), error=None)
+               streaming_declared=spec.get("streaming"), vector_stores_declared=spec.get("vector_stores"), error=None)
     t0 = time.perf_counter()
     log = io.StringIO()
     try:
@@ -305,9 +305,11 @@ def compile_spec(spec: dict) -> dict:
     n_mma = len(re.findall(r"\bmma\.sync", ptx))
     n_cp = len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx))
     n_tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
+    n_st_vec = len(re.findall(r"\bst\.global\.v[248]\.", ptx))
     kind = "wgmma" if n_wgmma else "mma.sync" if n_mma else ("fma" if has_dot else "-")
     row.update(nums, shared=shared, has_dot=has_dot, wgmma=n_wgmma, mma_sync=n_mma, cp_async=n_cp, tma=n_tma,
-               kind=kind, blocks_per_sm=blocks_per_sm(nums["registers"], shared, spec["num_warps"]))
+               st_vector=n_st_vec, kind=kind,
+               blocks_per_sm=blocks_per_sm(nums["registers"], shared, spec["num_warps"]))
     return row
 
 
@@ -325,6 +327,8 @@ def problems(row: dict) -> List[str]:
     streaming = row["streaming_declared"] if row.get("streaming_declared") is not None else row["has_dot"]
     if streaming and not (row["cp_async"] or row["tma"]):
         out.append("streaming loop without cp.async or TMA (not pipelined)")
+    if row.get("vector_stores_declared") and not row.get("st_vector"):
+        out.append("matrix stores not vectorized (no st.global.v2/v4)")
     return out
 
 

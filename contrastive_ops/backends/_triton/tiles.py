@@ -613,6 +613,14 @@ def row_span(t, B, M, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M: tl.constexpr
     return rows, row_mask, q_rows, cs, ce, e0, e1, lo, hi
 
 
+def matrix_writer(sp: dict) -> dict:
+    """A spec of a kernel that stores a (rows, M) block to memory (the GEMM backwards' dS and G), for
+    the common launch: B and M (and the block's bounds) multiples of 16, which Triton's launcher
+    specializes; the gate then requires vectorized stores (``vector_stores``)."""
+    extra = [n for n in ("B", "M", "R0", "R1") if n in sp["args"]]
+    return dict(sp, divisible_by_16=list(sp["divisible_by_16"]) + extra, vector_stores=True)
+
+
 # The compile gate's fault tables.  Below the last @triton.jit on purpose: a kernel's cache key (and
 # so the gate's result cache) includes the line its source starts at, and edits here move none.
 
