@@ -11,7 +11,10 @@ it for this one), in parallel, and each must have:
 * ``wgmma.mma_async`` wherever it has a ``tl.dot`` (fp32 included);
 * no register spills;
 * shared memory within the sm_90 limit (232448 B per block);
-* ``cp.async`` or TMA where it streams tiles through a loop (every dot kernel).
+* ``cp.async`` or TMA where it streams tiles through a loop (every dot kernel);
+* vectorized global stores (``st.global.v2/v4``) in the kernels that write the GEMM backwards'
+  dS / G blocks (``tiles.matrix_writer``: compiled for B and M multiples of 16, as Triton's
+  launcher specializes them).
 
 Variants whose (kernel source hash, spec, Triton version) is in the committed
 cache ``benchmarks/results/triton-sm90-static-<minor>.json`` of the installed
