@@ -250,7 +250,8 @@ def test_autotune_lists_keys_and_pruning(monkeypatch):
     first fitting config alone with CONTRASTIVE_OPS_TRITON_CONFIGS=default, B and M in the keys as
     log₂ buckets, and configs whose accumulator would spill or whose tiles overflow shared memory pruned."""
     lists = [ttiles.FWD_N_GPU, ttiles.BWD_GPU, ttiles.FWD_GPU, ttiles.BWD_ATOMIC_GPU, ttiles.SYM_FWD_GPU,
-             ttiles.SYM_BWD_GPU, ttiles.SYM_ATOMIC_GPU]
+             ttiles.SYM_BWD_GPU, ttiles.SYM_ATOMIC_GPU, ttiles.DS_GPU, ttiles.FWD_N_GPU_FP32, ttiles.FWD_GPU_FP32,
+             ttiles.DS_GPU_FP32]
     for lst in lists:
         assert 1 <= len(lst) <= ttiles.MAX_GPU_CONFIGS
         for blocks, warps, _ in lst:
@@ -263,16 +264,26 @@ def test_autotune_lists_keys_and_pruning(monkeypatch):
     kept = ttiles._prune(bwd, {}, BLOCK_DO=512)  # 64 × 512 fp32 accumulators need 8 warps and 64-row tiles
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept] == [(64, 64, 8)]
     assert ttiles._prune(bwd, {}, BLOCK_DO=128) == bwd
+    # The forward-shaped kernels autotune fp32 inputs over their own list (8-warp tiles: the 4-warp
+    # ones spill with tf32x3 operands), 16-bit inputs over the first one.
     fwd = ttiles.configs(("BLOCK_N",), ttiles.FWD_N_GPU, None)
+    n16 = len(ttiles.FWD_N_GPU)
+    assert len(fwd) == n16 + len(ttiles.FWD_N_GPU_FP32)
+    assert [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in fwd[n16:]] == \
+        [(bn, w, st) for (bn,), w, st in ttiles.FWD_N_GPU_FP32]
     f32, b16 = dict(Q=torch.empty(0)), dict(Q=torch.empty(0, dtype=torch.bfloat16))
-    assert ttiles._prune(fwd, b16, BLOCK_D=128, BLOCK_M=128) == fwd
+    assert ttiles._prune(fwd, b16, BLOCK_D=128, BLOCK_M=128) == fwd[:n16]
     kept = ttiles._prune(fwd, f32, BLOCK_D=128, BLOCK_M=128)  # tf32x3 tiles: 128 × 128 × 3 stages is 384 KB
-    assert 1 <= len(kept) < len(fwd)
+    assert 1 <= len(kept) < len(fwd) - n16 and all(c in fwd[n16:] for c in kept)
     assert all(ttiles.fwd_smem(128, c.kwargs["BLOCK_N"], 128, c.num_stages, 4) <= ttiles.SMEM_LIMIT for c in kept)
+    assert ttiles._prune(bwd, f32, BLOCK_DO=128) == bwd  # a kernel without an fp32 list keeps its one list
+    assert ttiles.gpu_choices(ttiles.DS_GPU, "fp32") is ttiles.DS_GPU_FP32
+    assert ttiles.gpu_choices(ttiles.DS_GPU, "bf16") is ttiles.DS_GPU
+    assert ttiles.gpu_choices(ttiles.BWD_GPU, "fp32") is ttiles.BWD_GPU
     assert ttiles.fwd_smem(128, 128, 128, 3, 4) == 393216 and ttiles.fwd_smem(128, 128, 128, 3, 2) == 131072
     monkeypatch.setattr(ttiles, "CONFIGS", "default")  # the first config that fits, alone
     assert ttiles._prune(bwd, {}, BLOCK_DO=128) == bwd[:1]
-    assert ttiles._prune(fwd, b16, BLOCK_D=128, BLOCK_M=128) == fwd[:1]
+    assert ttiles._prune(fwd, b16, BLOCK_D=128, BLOCK_M=128) == fwd[:1]  # the first fitting one of the dtype's list
     assert ttiles._prune(fwd, f32, BLOCK_D=128, BLOCK_M=128) == kept[:1]
     monkeypatch.setattr(ttiles, "CONFIGS", "fast")
     with pytest.raises(ValueError, match="CONTRASTIVE_OPS_TRITON_CONFIGS"):

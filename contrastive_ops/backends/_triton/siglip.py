@@ -27,7 +27,7 @@ import triton.language as tl
 from .args import same_device, scalar_on
 from .tiles import (BWD_GPU, DS_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
                     checked_backward, col_tile, configs, dot_flags, empty, gemm_block_rows, gpu_block_do, gpu_dot_flags,
-                    launch, log2_bucket, matrix_writer, min_block, mark_known_faults, s_tile, spec)
+                    gpu_choices, launch, log2_bucket, matrix_writer, min_block, mark_known_faults, s_tile, spec)
 
 Tensor = torch.Tensor
 
@@ -364,11 +364,6 @@ _GATE_FAULTS = {
         ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 616 B stored / 432 B loaded",
         ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 232 B stored / 180 B loaded",
         ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 76 B stored / 56 B loaded",
-        ("siglip_bwd_g", "fp32", (64, 128, 256, 512, 768, 1024), "128x64 w4 s3"): "spills 480 B stored / 456 B loaded",
-        ("siglip_bwd_g", "fp32", (64, 128, 256, 512, 768, 1024), "64x128 w4 s3"): "spills 80 B stored / 76 B loaded",
-        ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x128 w8 s3"): "spills 60 B stored / 60 B loaded",
-        ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x64 w4 s3"): "spills 628 B stored / 668 B loaded",
-        ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "64x128 w4 s3"): "spills 132 B stored / 172 B loaded",
     },
     "3.8": {
         ("siglip_bwd_dx", "bf16", (256,), "128x64 w8 s2"): "spills 72 B stored / 56 B loaded",
@@ -396,12 +391,6 @@ _GATE_FAULTS = {
         ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 604 B stored / 424 B loaded",
         ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 400 B stored / 312 B loaded",
         ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 200 B stored / 180 B loaded",
-        ("siglip_bwd_g", "fp32", (64, 128, 256, 512, 768, 1024), "128x64 w4 s3"): "spills 228 B stored / 224 B loaded",
-        ("siglip_bwd_g", "fp32", (64, 128, 256, 512, 768, 1024), "64x128 w4 s3"): "spills 64 B stored / 60 B loaded",
-        ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x128 w8 s3"): "spills 32 B stored / 32 B loaded",
-        ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x64 w4 s3"): "spills 324 B stored / 436 B loaded",
-        ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "64x128 w4 s3"): "spills 132 B stored / 172 B loaded",
-        ("siglip_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "64x64 w4 s4"): "spills 12 B stored / 12 B loaded",
     },
 }
 
@@ -414,7 +403,7 @@ def compile_specs() -> list:
         for D in SPEC_DS:
             bd = max(16, min(triton.next_power_of_2(D), 64))
             bdo = gpu_block_do(D, dname)
-            for (bm, bn), w, st in FWD_GPU:
+            for (bm, bn), w, st in gpu_choices(FWD_GPU, dname):
                 out.append(spec("siglip_fwd", _siglip_fwd_kernel.fn, dname, D,
                                 dict(**flags, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn), w, st))
             for (bm, bn), w, st in BWD_GPU:
@@ -423,7 +412,7 @@ def compile_specs() -> list:
                     continue
                 out.append(spec("siglip_bwd_dx", _siglip_bwd_dx_kernel.fn, dname, D, c, w, st))
                 out.append(spec("siglip_bwd_dy", _siglip_bwd_dy_kernel.fn, dname, D, c, w, st))
-            for (bm, bn), w, st in DS_GPU:
+            for (bm, bn), w, st in gpu_choices(DS_GPU, dname):
                 out.append(matrix_writer(spec("siglip_bwd_g", _siglip_bwd_g_kernel.fn, dname, D,
                                               dict(**flags, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn), w, st)))
     return mark_known_faults(out, _GATE_FAULTS, "backends/_triton/siglip.py")

@@ -148,7 +148,7 @@ from .tiles import (
     BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, DS_GPU, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES, SMEM_LIMIT,
     SPEC_DS, SPEC_DTYPES, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, checked_backward, chunk_d, col_lse, d_pad,
     dot_flags, empty, fwd_smem, gemm_block_rows, gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch,
-    log2_bucket, mark_known_faults, matrix_writer, min_block, sm_count, spec,
+    gpu_choices, log2_bucket, mark_known_faults, matrix_writer, min_block, sm_count, spec,
 )
 from .products import mm_f32
 
@@ -745,9 +745,6 @@ _GATE_FAULTS = {
         ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 624 B stored / 600 B loaded",
         ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 220 B stored / 188 B loaded",
         ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 148 B stored / 120 B loaded",
-        ("sim_lse_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x128 w4 s2"):
-            "spills 1296 B stored / 1004 B loaded",
-        ("sim_lse_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x64 w4 s3"): "spills 16 B stored / 16 B loaded",
         ("sim_lse_gram_bwd", "bf16", (64,), "128 w8 s2"): "spills 964 B stored / 1220 B loaded",
         ("sim_lse_gram_bwd", "bf16", (64,), "64 w4 s2"): "spills 32 B stored / 28 B loaded",
         ("sim_lse_gram_bwd", "bf16", (128,), "128 w8 s2"): "spills 1676 B stored / 1952 B loaded",
@@ -800,8 +797,6 @@ _GATE_FAULTS = {
         ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 48 B stored / 24 B loaded",
         ("sim_lse_fwd", "bf16", (256, 512, 768, 1024), "128x128 w4 s2"): "spills 12 B stored / 12 B loaded",
         ("sim_lse_fwd", "fp16", (128,), "128x128 w4 s2"): "spills 8 B stored / 12 B loaded",
-        ("sim_lse_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x128 w4 s2"): "spills 1092 B stored / 844 B loaded",
-        ("sim_lse_fwd", "fp32", (64, 128, 256, 512, 768, 1024), "128x64 w4 s3"): "spills 16 B stored / 16 B loaded",
         ("sim_lse_gram_bwd", "bf16", (64,), "128 w8 s2"): "spills 1484 B stored / 1844 B loaded",
         ("sim_lse_gram_bwd", "bf16", (64,), "64 w4 s2"): "spills 24 B stored / 20 B loaded",
         ("sim_lse_gram_bwd", "bf16", (128,), "128 w8 s2"): "spills 2012 B stored / 2332 B loaded",
@@ -845,7 +840,7 @@ def compile_specs() -> List[dict]:
             reuse = one and n_d == 1 and bdo == bd
             elem = 4 if dname == "fp32" else 2
             for block_m in (128, 64):
-                for (bn,), w, st in FWD_N_GPU:
+                for (bn,), w, st in gpu_choices(FWD_N_GPU, dname):
                     c = dict(gen, **flags, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_M=block_m, BLOCK_N=bn)
                     if fwd_smem(block_m, bn, bd, st, elem) > SMEM_LIMIT:
                         continue
@@ -870,7 +865,7 @@ def compile_specs() -> List[dict]:
                     c = dict(gen, **flags, BLOCK_D=bd, BLOCK_DO=triton.next_power_of_2(D), ONE_CHUNK=one,
                              REUSE=False, DK_T=True, BLOCK_M=bm, BLOCK_N=bn)
                     out.append(spec("sim_lse_bwd_dk_wide", _bwd_dk_kernel.fn, dname, D, c, w, st))
-            for (bm, bn), w, st in DS_GPU:
+            for (bm, bn), w, st in gpu_choices(DS_GPU, dname):
                 c = dict(gen, **flags, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_M=bm, BLOCK_N=bn)
                 if fwd_smem(bm, bn, bd, st, elem) > SMEM_LIMIT:
                     continue

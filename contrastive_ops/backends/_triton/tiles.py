@@ -214,8 +214,8 @@ def configs(block_names, gpu_choices, interp_choice) -> List[triton.Config]:
     if CONFIGS not in ("tune", "default"):
         raise ValueError(f"CONTRASTIVE_OPS_TRITON_CONFIGS must be 'tune' or 'default', got {CONFIGS!r}")
     assert len(gpu_choices) <= MAX_GPU_CONFIGS, "a config list longer than the autotune budget"
-    return [triton.Config(dict(zip(block_names, blocks)), num_warps=warps, num_stages=stages)
-            for blocks, warps, stages in gpu_choices]
+    return _with_fp32(block_names, gpu_choices, [triton.Config(dict(zip(block_names, b)), num_warps=w, num_stages=s)
+                                                 for b, w, s in gpu_choices])
 
 
 MAX_ACC_PER_THREAD = 128  # fp32 accumulator registers per thread a backward config may hold
@@ -256,7 +256,7 @@ def _prune(configs_list, named_args, **kwargs):
     """Autotune pruning of every kernel: drop backward configs whose accumulator would spill
     (``acc_fits``) and forward configs whose tiles exceed the shared memory (``fwd_smem``); with
     ``CONFIGS == "default"`` keep the first survivor alone.  Never returns an empty list."""
-    kept = list(configs_list)
+    kept = _for_dtype(configs_list, named_args)
     bdo = kwargs.get("BLOCK_DO")
     if bdo:
         kept = [c for c in kept if acc_fits({**kwargs, **c.kwargs}, c.num_warps, bdo)]
@@ -611,6 +611,46 @@ def row_span(t, B, M, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M: tl.constexpr
         t, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
     lo, hi = col_bounds(row_mask, cs, ce, M, BLOCK_N, HAS_RANGE)
     return rows, row_mask, q_rows, cs, ce, e0, e1, lo, hi
+
+
+# fp32 (tf32x3) lists of the forward-shaped kernels (sim_lse's forward and dS kernel, SigLIP's forward
+# and G kernel).  Compiled for sm_90a, their 4-warp tiles over 64 × 64 spill with fp32 operands (the
+# split copies of tf32x3: 12–1,300 B per thread under Triton 3.6 / 3.8) while the 8-warp ones do not,
+# so fp32 inputs autotune over these instead.  Here, below the last @triton.jit, so that the kernels'
+# lines (and the compile gate's cache keys) stay put; ``configs`` and ``_prune`` read them at call time.
+FWD_N_GPU_FP32 = [((128,), 8, 3), ((64,), 8, 3), ((128,), 8, 2), ((64,), 8, 2)]
+FWD_GPU_FP32 = [((128, 64), 8, 3), ((64, 128), 8, 3), ((64, 64), 8, 3), ((64, 64), 4, 3)]
+DS_GPU_FP32 = [((128, 128), 8, 3), ((128, 64), 8, 3), ((64, 128), 8, 3), ((64, 64), 4, 4)]
+_FP32_LISTS = {id(FWD_N_GPU): FWD_N_GPU_FP32, id(FWD_GPU): FWD_GPU_FP32, id(DS_GPU): DS_GPU_FP32}
+_FP32_CONFIGS: set = set()  # ids of the Configs built from an fp32 list
+_SPLIT_CONFIGS: set = set()  # ids of every Config of a kernel that has an fp32 list
+
+
+def gpu_choices(gpu_list: list, dtype_name: str) -> list:
+    """The GPU config list a kernel autotunes over for inputs of ``dtype_name`` (compile specs)."""
+    return _FP32_LISTS.get(id(gpu_list), gpu_list) if dtype_name == "fp32" else gpu_list
+
+
+def _with_fp32(block_names, gpu_list, half: List[triton.Config]) -> List[triton.Config]:
+    """``half`` and, for a list with an fp32 variant, that variant's Configs (``_for_dtype`` keeps
+    the ones of the launch's dtype)."""
+    fp32_list = _FP32_LISTS.get(id(gpu_list))
+    if fp32_list is None:
+        return half
+    assert len(fp32_list) <= MAX_GPU_CONFIGS, "a config list longer than the autotune budget"
+    fp32 = [triton.Config(dict(zip(block_names, b)), num_warps=w, num_stages=s) for b, w, s in fp32_list]
+    _FP32_CONFIGS.update(id(c) for c in fp32)
+    _SPLIT_CONFIGS.update(id(c) for c in half + fp32)
+    return half + fp32
+
+
+def _for_dtype(configs_list, named_args) -> list:
+    """The Configs of the launch's dtype where the kernel has an fp32 list (else all of them)."""
+    kept = list(configs_list)
+    if not any(id(c) in _SPLIT_CONFIGS for c in kept):
+        return kept
+    fp32 = _elem_size(named_args) == 4
+    return [c for c in kept if (id(c) in _FP32_CONFIGS) == fp32] or kept
 
 
 def matrix_writer(sp: dict) -> dict:
