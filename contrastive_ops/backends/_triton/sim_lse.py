@@ -795,8 +795,6 @@ _GATE_FAULTS = {
         ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 628 B stored / 600 B loaded",
         ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 444 B stored / 296 B loaded",
         ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 48 B stored / 24 B loaded",
-        ("sim_lse_fwd", "bf16", (256, 512, 768, 1024), "128x128 w4 s2"): "spills 12 B stored / 12 B loaded",
-        ("sim_lse_fwd", "fp16", (128,), "128x128 w4 s2"): "spills 8 B stored / 12 B loaded",
         ("sim_lse_gram_bwd", "bf16", (64,), "128 w8 s2"): "spills 1484 B stored / 1844 B loaded",
         ("sim_lse_gram_bwd", "bf16", (64,), "64 w4 s2"): "spills 24 B stored / 20 B loaded",
         ("sim_lse_gram_bwd", "bf16", (128,), "128 w8 s2"): "spills 2012 B stored / 2332 B loaded",

@@ -285,7 +285,7 @@ def autotune(configs_list, key, reset_to_zero=None):
 # Every list: tiles of at least 64 rows, warps a multiple of 4 (wgmma), first entry = the default.
 # Forward, general: BLOCK_M is chosen from the shape by the launcher (the split grid and its
 # partial buffers depend on it); the autotuner picks BLOCK_N, warps and stages.
-FWD_N_GPU = [((128,), 8, 3), ((64,), 4, 3), ((128,), 4, 2), ((64,), 8, 2)]  # the last fits fp32 at D = 128
+FWD_N_GPU = [((128,), 8, 3), ((64,), 4, 3), ((64,), 4, 4), ((64,), 8, 2)]  # 16-bit (fp32: FWD_N_GPU_FP32)
 # Backward (dq and dk kernels): BLOCK_M × BLOCK_N S tiles beside a BLOCK × BLOCK_DO accumulator.
 BWD_GPU = [((64, 64), 8, 2), ((64, 64), 4, 2), ((128, 64), 8, 2), ((64, 128), 8, 2)]
 # SigLIP keeps its own lists (same rules).
