@@ -195,6 +195,37 @@ def test_siglip_gemm_backward(monkeypatch, shape, dtype, blocks):
         assert_close(got, want, dtype, what=what, products=PRODUCTS)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_siglip_step_is_one_pass_under_the_gemm_backward(monkeypatch, dtype):
+    """Where SigLIP takes the GEMM backward, a differentiated step computes the loss and its
+    gradient in one pass of the G kernel (the gradient needs no statistic of the forward): the
+    forward launches only that kernel and the backward launches none; values and the gradients of
+    x, y, the learnable scale and bias (upstream gradient 3.7, several row blocks, NaN-filled
+    outputs) match the float64 reference.  Without gradients the plain forward kernel runs."""
+    monkeypatch.setattr(tsiglip, "BACKWARD", "gemm")
+    monkeypatch.setattr(tsiglip, "GEMM_G_BYTES", 1)
+    monkeypatch.setattr(ttiles, "POISON_OUTPUTS", True)
+    B, D = 70, 40
+    x, y, scale, bias = _siglip_inputs(B, B, D, dtype)
+    x, y = x.requires_grad_(), y.requires_grad_()
+    t, b = torch.tensor(2.3, device=DEVICE).requires_grad_(), torch.tensor(-1.5, device=DEVICE).requires_grad_()
+    out, ran = _launches(lambda: co.siglip_loss(x, y, t, b, backend="triton"))
+    assert ran == {"siglip_bwd_g": -(-B // tcore.min_block())}, ran
+    _, ran = _launches(lambda: (out * 3.7).backward())
+    assert ran == {}, ran
+    rd = _ref_dtype(dtype)
+    leaves = [v.detach().to(rd).requires_grad_() for v in (x, y, t, b)]
+    ref = co.siglip_loss(*leaves, backend="reference")
+    (ref * 3.7).backward()
+    assert_close(out, ref.float(), dtype, what="loss", products=PRODUCTS)
+    for got, want, what in zip((x.grad, y.grad, t.grad, b.grad), leaves, ("dx", "dy", "dscale", "dbias")):
+        assert got.dtype == (dtype if what in ("dx", "dy") else torch.float32)
+        assert_close(got.float(), want.grad.float(), dtype, what=what, products=PRODUCTS)
+    with torch.no_grad():
+        _, ran = _launches(lambda: co.siglip_loss(x, y, t, b, backend="triton"))
+    assert ran == {"siglip_fwd": 1}, ran
+
+
 def test_backward_setting_is_checked(monkeypatch):
     monkeypatch.setattr(tcore, "BACKWARD", "fast")
     with pytest.raises(ValueError, match="one of auto, deterministic, atomic, gemm"):

@@ -305,7 +305,7 @@ def test_compile_specs():
 
     for mod, names in ((tcore, {"sim_lse_fwd", "sim_lse_gram_fwd", "sim_lse_bwd_dq", "sim_lse_bwd_dk",
                                 "sim_lse_bwd_dk_wide", "sim_lse_gram_bwd", "sim_lse_bwd_ds", "sim_lse_gram_ds"}),
-                       (tsiglip, {"siglip_fwd", "siglip_bwd_dx", "siglip_bwd_dy", "siglip_bwd_g"})):
+                       (tsiglip, {"siglip_fwd", "siglip_bwd_dx", "siglip_bwd_dy", "siglip_bwd_g", "siglip_g_loss"})):
         specs = mod.compile_specs()
         assert {s["name"] for s in specs} == names
         for s in specs:

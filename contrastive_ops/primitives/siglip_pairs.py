@@ -18,6 +18,12 @@ A kernel backend implements it as the object ``PRIMITIVES["siglip"]`` with::
     forward(x, y, scale, bias) -> total                  0-dim, fp32 (float64 for float64 inputs)
     backward(x, y, scale, bias, grad) -> (dx, dy, dscale, dbias)
 
+and optionally, for a step that will be differentiated (the gradient needs no statistic of the
+forward, so one pass can give both)::
+
+    fuses(x, y) -> bool                                   whether to use it for these inputs
+    forward_with_grads(x, y, scale, bias) -> (total, dx, dy, dscale, dbias)     for G = 1; fp32
+
 where ``x`` and ``y`` are contiguous, of one dtype (fp32, fp16, bf16,
 float64 where the backend takes it), ``scale``, ``bias`` and ``grad`` are
 0-dim tensors in the accumulation dtype (fp32, float64 for float64 inputs)
@@ -59,23 +65,36 @@ class SigLIPPairsFunction(torch.autograd.Function):
     """Autograd over a kernel backend's ``"siglip"`` primitive (the pair sum, not yet divided by B)."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, backend):
+    def forward(ctx, x, y, scale, bias, backend, differentiated=False):
+        """``differentiated``: grad mode is on and an input requires grad (known only outside)."""
         prim = backends.primitive(backend, "siglip")
-        total = prim.forward(x, y, scale, bias)
         ctx.prim = prim
+        ctx.fused = differentiated and hasattr(prim, "forward_with_grads") and prim.fuses(x, y)
+        if ctx.fused:  # loss and gradient (for G = 1) in one pass; the backward only scales them
+            total, dx, dy, dscale, dbias = prim.forward_with_grads(x, y, scale, bias)
+            ctx.dtypes = (x.dtype, y.dtype, scale.dtype, bias.dtype)
+            ctx.save_for_backward(dx, dy, dscale, dbias)
+            return total
+        total = prim.forward(x, y, scale, bias)
         ctx.save_for_backward(x, y, scale, bias)
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        x, y, scale, bias = ctx.saved_tensors
-        dx, dy, dscale, dbias = ctx.prim.backward(x, y, scale, bias, grad.reshape(()).to(scale.dtype))
+        if ctx.fused:
+            g = grad.reshape(()).float()
+            dx, dy, dscale, dbias = (
+                (g * t).to(dt) for t, dt in zip(ctx.saved_tensors, ctx.dtypes))
+        else:
+            x, y, scale, bias = ctx.saved_tensors
+            dx, dy, dscale, dbias = ctx.prim.backward(x, y, scale, bias, grad.reshape(()).to(scale.dtype))
         needs = ctx.needs_input_grad
         return (
             dx if needs[0] else None,
             dy if needs[1] else None,
             dscale if needs[2] else None,
             dbias if needs[3] else None,
+            None,
             None,
         )
 
@@ -114,4 +133,5 @@ def siglip_pairs(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, *, backend: 
         return ring_siglip_pairs(x, y, scale, bias, prim=primitive_object(backend))
     if backend == "reference":
         return siglip_pairs_reference(x, y, scale, bias)
-    return SigLIPPairsFunction.apply(x.contiguous(), y.contiguous(), scale, bias, backend)
+    differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, scale, bias))
+    return SigLIPPairsFunction.apply(x.contiguous(), y.contiguous(), scale, bias, backend, differentiated)

@@ -14,7 +14,8 @@ is predicted from those same measurements:
            + max(4·B·M·D / r_cublas, 2·B·M·e / HBM)   dQ = dS·K and dK = dSᵀ·Q, reading dS twice
     t_fused = units(D)·B·M·D / r_bwd(D)          the kernels' own work at their measured rate
 
-(for a Gram loss the forward stays the Gram kernel, and the GEMM backward's tile kernel, with the
+(for SigLIP, whose gradient needs no statistic of the forward, a differentiated step runs only the
+GEMM backward's pass, which also sums the loss; for a Gram loss the forward stays the Gram kernel, and the GEMM backward's tile kernel, with the
 Gram forward's tiles and its measured rate as r_fwd, stores G = dS + dSᵀ, so there is one product:
 4·B·M·D becomes 2·B·M·D and 2·B·M·e becomes B·M·e).  The rates ``r`` come from ``MEASURED`` at the
 nearest measured D: D = 512 and 1024 are measured, D below 512 takes the rates of 512 (an
@@ -119,6 +120,8 @@ def step_seconds(path: str, B: int, M: int, D: int, elem: int = 2, kind: str = "
     either way."""
     pairs = float(B) * M
     fwd, dt = _fwd_path(kind), _dtype_name(elem)
+    if path == "gemm" and kind == "siglip":  # one pass gives the loss and its gradient (``siglip_fwd_grads``)
+        return gemm_backward_seconds(B, M, D, elem, kind)
     bwd = (gemm_backward_seconds(B, M, D, elem, kind) if path == "gemm"
            else fused_backward_seconds(B, M, D, kind, elem))
     return _units(fwd, D, dt) * pairs * D / rate(fwd, D, dt) + bwd

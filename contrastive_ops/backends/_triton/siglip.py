@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .args import same_device, scalar_on
-from .tiles import (BWD_GPU, DS_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
+from .tiles import (BWD_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
                     checked_backward, col_tile, configs, dot_flags, empty, gemm_block_rows, gpu_block_do, gpu_dot_flags,
                     gpu_choices, launch, log2_bucket, matrix_writer, min_block, mark_known_faults, s_tile, spec)
 
@@ -194,13 +194,19 @@ def _(x, y, scale, bias):
 
 
 # GEMM backward: G of a block of rows [R0, R1) to memory (rounded to the input dtype, as the dx/dy
-# kernels round it before their products), with per-tile partials of dscale and dbias.
-@autotune(configs(("BLOCK_M", "BLOCK_N"), DS_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2", "PREC"])
+# kernels round it before their products), with per-tile partials of dscale and dbias; with
+# WANT_LOSS also of the loss (the loss and its gradient in one pass, ``_siglip_fwd_grads_op``).
+# Its configs, for every dtype: compiled for sm_90a, 128 × 128 tiles spill 36–48 B with the loss,
+# 4-warp tiles beyond 64 × 64 24–36 B; these do not.
+G_GPU = [((128, 64), 8, 3), ((64, 128), 8, 3), ((64, 64), 4, 4)]
+
+
+@autotune(configs(("BLOCK_M", "BLOCK_N"), G_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2", "PREC", "WANT_LOSS"])
 @triton.jit
-def _siglip_bwd_g_kernel(X, Y, Scale, Bias, Grad, G, ScalePart, BiasPart, R0, R1, M, D, stride_x, stride_y,
-                         stride_g, B_LOG2, M_LOG2,
+def _siglip_bwd_g_kernel(X, Y, Scale, Bias, Grad, G, ScalePart, BiasPart, LossPart, R0, R1, M, D, stride_x,
+                         stride_y, stride_g, B_LOG2, M_LOG2,
                          UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WANT_LOSS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     scale = tl.load(Scale)
@@ -209,47 +215,77 @@ def _siglip_bwd_g_kernel(X, Y, Scale, Bias, Grad, G, ScalePart, BiasPart, R0, R1
     rows = R0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < R1
     cols, col_mask, y_rows = col_tile(pid_n * BLOCK_N, M, X, BLOCK_N, False)
-    g, xy = _siglip_g_tile(X, Y, rows.to(tl.int64), y_rows, rows, cols, row_mask, col_mask, D, stride_x, stride_y,
-                           scale, bias, grad, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
+    part = pid_m * tl.num_programs(1) + pid_n
+    if WANT_LOSS:
+        g, s_rows, b_rows, l_rows = _siglip_g_loss_tile(X, Y, rows.to(tl.int64), y_rows, rows, cols, row_mask,
+                                                        col_mask, D, stride_x, stride_y, scale, bias, grad,
+                                                        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
+        tl.store(LossPart + part, tl.sum(l_rows, 0))
+    else:
+        g, xy = _siglip_g_tile(X, Y, rows.to(tl.int64), y_rows, rows, cols, row_mask, col_mask, D, stride_x,
+                               stride_y, scale, bias, grad, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PREC)
+        s_rows, b_rows = tl.sum(g * xy, 1), tl.sum(g, 1)
     tl.store(G + (rows - R0).to(tl.int64)[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
-    part = pid_m * tl.num_programs(1) + pid_n
-    tl.store(ScalePart + part, tl.sum(tl.sum(g * xy, 1), 0))
-    tl.store(BiasPart + part, tl.sum(tl.sum(g, 1), 0))
+    tl.store(ScalePart + part, tl.sum(s_rows, 0))
+    tl.store(BiasPart + part, tl.sum(b_rows, 0))
 
 
-def _gemm_backward(x, y, scale, bias, grad):
+@triton.jit
+def _siglip_g_loss_tile(X, Y, x_rows, y_rows, rows, cols, row_mask, col_mask, D, stride_x, stride_y, scale, bias,
+                        grad, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """``_siglip_g_tile`` and the loss of the tile in one pass (one exponential a pair for both, as
+    ``_sigmoid`` and ``_softplus`` compute them): G and the row sums of G·x·y, G and the loss, so
+    that only G stays a 2-D tile."""
+    xy = s_tile(X, Y, x_rows, y_rows, row_mask, col_mask, D, stride_x, stride_y, 0, 0,
+                BLOCK_M, BLOCK_N, BLOCK_D, False, UPCAST, PREC)
+    nz = _neg_z(rows, cols)
+    t = nz * (scale * xy + bias)
+    ok = row_mask[:, None] & col_mask[None, :]
+    e = tl.exp(-tl.abs(t))
+    u = 1.0 + e
+    log1p = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+    l_rows = tl.sum(tl.where(ok, tl.maximum(t, 0.0) + log1p, 0.0), 1)
+    g = tl.where(ok, grad * nz * tl.where(t >= 0, 1.0 / u, e / u), 0.0)
+    return g, tl.sum(g * xy, 1), tl.sum(g, 1), l_rows
+
+
+def _gemm_backward(x, y, scale, bias, grad, want_loss=False, out_dtype=None):
     """SigLIP's GEMM backward (``BACKWARD = "gemm"``): per block of rows, ``_siglip_bwd_g_kernel``
     recomputes the logits once and stores G; cuBLAS does dx = scale·G·Y and accumulates
     dy += Gᵀ·X in fp32 — the dx/dy kernels' 8 units become 2 of recompute plus the two products at
-    GEMM speed.  Extra memory: the G block (≤ ``GEMM_G_BYTES``) and an M × D fp32 accumulator."""
+    GEMM speed.  Extra memory: the G block (≤ ``GEMM_G_BYTES``) and an M × D fp32 accumulator.
+    ``want_loss``: the same pass also sums the loss, returned first (``siglip_forward_with_grads``);
+    ``out_dtype``: the dtype of dx and dy (default: the inputs')."""
     from .products import mm_f32  # noqa: PLC0415 - below the kernels, so their lines stay put
 
     B, D = x.shape
     M = y.shape[0]
     unit = min_block()
     rows_per = gemm_block_rows(B, M, x.element_size(), GEMM_G_BYTES)
-    dx = empty(x.shape, x.dtype, x.device)
+    dx = empty(x.shape, out_dtype or x.dtype, x.device)
     dy_acc = torch.zeros((M, D), dtype=torch.float32, device=x.device)
     gbuf = empty((rows_per, M), x.dtype, x.device)
     flags = dot_flags(x.dtype)
-    s_parts, b_parts = [], []
+    s_parts, b_parts, l_parts = [], [], []
     for r0 in range(0, B, rows_per):
         r1 = min(B, r0 + rows_per)
         g = gbuf[: r1 - r0]
         n_part = triton.cdiv(r1 - r0, unit) * triton.cdiv(M, unit)
-        sp = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
-        bp = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
+        sp, bp, lp = (torch.zeros((n_part,), dtype=torch.float32, device=x.device) for _ in range(3))
         launch("siglip_bwd_g", _siglip_bwd_g_kernel,
                lambda meta, n=r1 - r0: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_N"])))(
-            x, y, scale, bias, grad, g, sp, bp, r0, r1, M, D, x.stride(0), y.stride(0), g.stride(0),
-            log2_bucket(B), log2_bucket(M), BLOCK_D=block_d(D), **flags,
+            x, y, scale, bias, grad, g, sp, bp, lp, r0, r1, M, D, x.stride(0), y.stride(0), g.stride(0),
+            log2_bucket(B), log2_bucket(M), BLOCK_D=block_d(D), WANT_LOSS=want_loss, **flags,
         )
-        dx[r0:r1] = (mm_f32(g, y) * scale).to(x.dtype)
+        dx[r0:r1] = (mm_f32(g, y) * scale).to(dx.dtype)
         dy_acc += mm_f32(g.t(), x[r0:r1])
         s_parts.append(sp.sum())
         b_parts.append(bp.sum())
-    return dx, (dy_acc * scale).to(y.dtype), torch.stack(s_parts).sum(), torch.stack(b_parts).sum()
+        l_parts.append(lp.sum())
+    out = (dx, (dy_acc * scale).to(out_dtype or y.dtype), torch.stack(s_parts).sum(), torch.stack(b_parts).sum())
+    return ((torch.stack(l_parts).sum(),) + out) if want_loss else out
 
 
 @torch.library.triton_op("contrastive_ops_triton::siglip_bwd", mutates_args=())
@@ -290,6 +326,29 @@ def _(x, y, scale, bias, grad):
             x.new_empty((), dtype=torch.float32))
 
 
+@torch.library.triton_op("contrastive_ops_triton::siglip_fwd_grads", mutates_args=())
+def _siglip_fwd_grads_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(total, dx, dy, dscale, dbias)`` for an upstream gradient of 1, in one pass of the GEMM
+    backward that also sums the loss: SigLIP's gradient needs no statistic of the forward (no LSE),
+    so a step that will be differentiated saves the forward's 2 units.  dx and dy in fp32."""
+    same_device("siglip_fwd_grads", x.device, y=y)
+    scale = scalar_on("siglip_fwd_grads", "scale", scale, x.device)
+    bias = scalar_on("siglip_fwd_grads", "bias", bias, x.device)
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        zero = torch.zeros((), dtype=torch.float32, device=x.device)
+        return zero, torch.zeros_like(x, dtype=torch.float32), torch.zeros_like(y, dtype=torch.float32), zero, zero
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    return _gemm_backward(x, y, scale, bias, one, want_loss=True, out_dtype=torch.float32)
+
+
+@_siglip_fwd_grads_op.register_fake
+def _(x, y, scale, bias):
+    return (x.new_empty((), dtype=torch.float32), torch.empty_like(x, dtype=torch.float32),
+            torch.empty_like(y, dtype=torch.float32), x.new_empty((), dtype=torch.float32),
+            x.new_empty((), dtype=torch.float32))
+
+
 from .costs import declare_work, gemm_pays  # noqa: E402 - below the kernels, so their lines stay put
 
 
@@ -327,6 +386,17 @@ class _SigLIPPrimitive:
     def backward(x, y, scale, bias, grad):
         return siglip_backward(x.contiguous(), y.contiguous(), _scalar(scale, x.device), _scalar(bias, x.device),
                                _scalar(grad, x.device))
+
+    @staticmethod
+    def fuses(x, y) -> bool:
+        """Whether a differentiated step computes the loss and its gradient in one pass: where the
+        backward is the GEMM backward (``backward_path``)."""
+        return backward_path(x.shape[0], y.shape[0], x.shape[1], x.dtype) == "gemm"
+
+    @staticmethod
+    def forward_with_grads(x, y, scale, bias):
+        return torch.ops.contrastive_ops_triton.siglip_fwd_grads(
+            x.contiguous(), y.contiguous(), _scalar(scale, x.device), _scalar(bias, x.device))
 
 
 SIGLIP = _SigLIPPrimitive()
@@ -412,9 +482,11 @@ def compile_specs() -> list:
                     continue
                 out.append(spec("siglip_bwd_dx", _siglip_bwd_dx_kernel.fn, dname, D, c, w, st))
                 out.append(spec("siglip_bwd_dy", _siglip_bwd_dy_kernel.fn, dname, D, c, w, st))
-            for (bm, bn), w, st in gpu_choices(DS_GPU, dname):
-                out.append(matrix_writer(spec("siglip_bwd_g", _siglip_bwd_g_kernel.fn, dname, D,
-                                              dict(**flags, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn), w, st)))
+            for (bm, bn), w, st in G_GPU:
+                for name, loss in (("siglip_bwd_g", False), ("siglip_g_loss", True)):  # backward; fused step
+                    out.append(matrix_writer(spec(name, _siglip_bwd_g_kernel.fn, dname, D,
+                                                  dict(**flags, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, WANT_LOSS=loss),
+                                                  w, st)))
     return mark_known_faults(out, _GATE_FAULTS, "backends/_triton/siglip.py")
 
 
