@@ -406,6 +406,7 @@ SAMPLES = {
     "sim_lse_bwd": lambda q, grad: _sim_lse_bwd_samples(q.replace("sim_lse_bwd", "sim_lse_fwd")),
     "siglip_fwd": lambda q, grad: _siglip_fwd_samples(grad),
     "siglip_bwd": lambda q, grad: _siglip_bwd_samples(),
+    "siglip_fwd_grads": lambda q, grad: _siglip_fwd_samples(False),  # Triton: the one-pass step
     "sinkhorn": lambda q, grad: [(_scores(), 0.05, 3), (_scores(), 0.5, 1)],
     "sinkhorn_col_lse": lambda q, grad: [(_scores(), 0.05, None),
                                          (_scores(), 0.05, torch.randn(5, device=DEVICE))],
