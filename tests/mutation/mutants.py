@@ -106,7 +106,7 @@ MUTANTS = (
            ("tests/test_triton_gemm_bwd.py", "-k", "gram"),
            "Gram GEMM backward: tiles below the diagonal store dS and dSᵀ swapped (wrong for dq and dk apart)"),
     Mutant("triton-gemm-gram-dscale-view", "contrastive_ops/backends/_triton/sim_lse_bwd.py",
-           "tl.program_id(1), tl.where(first, d_l, d_h))", "tl.program_id(1), d_l)",
+           "    own = tl.where(first, ds, ds_t)", "    own = ds",
            ("tests/test_triton_gemm_bwd.py", "-k", "gram"),
            "Gram GEMM backward: the scale gradient sums the lower row's view below the diagonal"),
     Mutant("triton-gemm-gram-scalar-stores", "contrastive_ops/backends/_triton/sim_lse_bwd.py",

@@ -530,9 +530,10 @@ def _gram_ds_kernel(
     in_l = mask_l & (rows_l >= R0) & (rows_l < R1)
     in_h = mask_h & (rows_h >= R0) & (rows_h < R1)
     keep = tl.where(first, in_l, mask_l)[:, None] & tl.where(first, mask_h, in_h)[None, :]
-    d_l = tl.sum(tl.sum(tl.where(keep, ds * s_raw, 0.0), 1), 0)  # row I's own dS entries: the L view
-    d_h = tl.sum(tl.sum(tl.where(keep, ds_t * s_raw, 0.0), 1), 0)  # or the H view
-    tl.store(DscalePart + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.where(first, d_l, d_h))
+    own = tl.where(first, ds, ds_t)  # row I's own dS entries: the L view, or the H view
+    tl.store(DscalePart + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+             tl.sum(tl.sum(tl.where(keep, own * s_raw, 0.0), 1), 0))
+
 
 @triton.jit
 def _gram_pair_ds(s_raw, scale, diag, rows_i, mask_i, e0_i, e1_i, rows_j, mask_j, e0_j, e1_j, cs, ce,
