@@ -38,6 +38,13 @@ def gemm(monkeypatch):
     return monkeypatch
 
 
+def _loss_args(loss, a, b):
+    """The arguments of ``loss`` (clip_loss, nt_xent or siglip_loss) for features a and b."""
+    if loss == "siglip_loss":
+        return a, b, torch.tensor(7.0, device=DEVICE), torch.tensor(-3.0, device=DEVICE)
+    return (a, b, torch.tensor(7.0, device=DEVICE)) if loss == "clip_loss" else (a, b, 0.3)
+
+
 _CASES = [("plain", True), ("plain", False), ("b1", True), ("exclude1", True), ("q_is_k_exclude_self", False)]
 
 
@@ -88,7 +95,7 @@ def test_losses_on_the_gemm_backward(gemm, loss):
     """A two-tensor loss and a Gram loss (Gram forward, then the G = dS + dSᵀ tile kernel)."""
     g = torch.Generator().manual_seed(5)
     a, b = (torch.randn(45, 24, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
-    args = (a, b, torch.tensor(7.0, device=DEVICE)) if loss == "clip_loss" else (a, b, 0.3)
+    args = _loss_args(loss, a, b)
     ref = [t.detach().double().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
     fn = getattr(co, loss)
     out, ran = _launches(lambda: fn(*args, backend="triton"))
@@ -316,12 +323,7 @@ def test_auto_choice_by_shape_and_dtype(monkeypatch):
 def _loss_step(loss, dtype):
     g = torch.Generator().manual_seed(11)
     a, b = (torch.randn(45, 128, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(2))
-    if loss == "siglip_loss":
-        args = (a, b, torch.tensor(7.0, device=DEVICE), torch.tensor(-3.0, device=DEVICE))
-    elif loss == "clip_loss":
-        args = (a, b, torch.tensor(7.0, device=DEVICE))
-    else:
-        args = (a, b, 0.3)
+    args = _loss_args(loss, a, b)
     out, ran = _launches(lambda: getattr(co, loss)(*args, backend="triton"))
     grads, bwd_ran = _launches(lambda: torch.autograd.grad(out, (a, b)))
     ran.update(bwd_ran)
@@ -367,9 +369,7 @@ def test_gemm_backward_under_torch_compile(monkeypatch, loss):
         torch._dynamo.reset()
 
         def fn(a, b):
-            args = {"siglip_loss": (a, b, torch.tensor(7.0, device=DEVICE), torch.tensor(-3.0, device=DEVICE)),
-                    "clip_loss": (a, b, torch.tensor(7.0, device=DEVICE)), "nt_xent": (a, b, 0.3)}[loss]
-            return getattr(co, loss)(*args, backend="triton")
+            return getattr(co, loss)(*_loss_args(loss, a, b), backend="triton")
 
         def step(f):
             g = torch.Generator().manual_seed(13)
