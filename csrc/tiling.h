@@ -246,8 +246,9 @@ inline Tensor tile_view(const Tensor& buf, int64_t br, int64_t bc) {
 }
 
 // lse = m + log(s); -inf where nothing was summed.
+// m + log(s); -inf where nothing was summed (s = 0), NaN where a NaN logit made the sum NaN.
 inline Tensor finish_lse(const Tensor& m, const Tensor& s) {
-  return at::where(s > 0, m + at::log(s), at::full({}, -std::numeric_limits<double>::infinity(), m.options()));
+  return at::where(s == 0, at::full({}, -std::numeric_limits<double>::infinity(), m.options()), m + at::log(s));
 }
 
 // -inf LSE (no allowed entry) -> +inf, so that exp(S - lse) is 0 there instead of NaN.

@@ -55,6 +55,15 @@ CO_INLINE T max_t(const T* p, int64_t n) {
   return m;
 }
 
+// NaN if some p[j] is NaN, else -inf: the maximum of a slice whose other entries are all masked
+// (max_t lets a NaN lose to -inf).
+template <typename T>
+inline T nan_among(const T* p, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    if (p[j] != p[j]) return p[j];
+  return neg_inf<T>();
+}
+
 // Σ_j exp(p[j] - m), m finite.
 template <typename T>
 CO_INLINE T sumexp_t(const T* p, int64_t n, T m) {
@@ -108,10 +117,11 @@ inline void lse_merge(T& m, T& s, T m2, T s2) {
   }
 }
 
-// The log-sum-exp of a finished running (m, s): -inf when nothing was summed.
+// The log-sum-exp of a finished running (m, s): -inf when nothing was summed, NaN when a NaN logit
+// made the sum NaN.
 template <typename T>
 T finish(T m, T s) {
-  return s > 0 ? m + std::log(s) : neg_inf<T>();
+  return s == T(0) ? neg_inf<T>() : m + std::log(s);
 }
 
 // ---- fused loops (float versions multiversioned below) ----

@@ -355,7 +355,8 @@ void fwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T scal
             scale_mask(gp, bc, l, h, scale, row_thr(thr, gi));
             for (int64_t x = 0; x < nh; ++x) gp[hb[x]] = neg_inf<T>();
             if (l >= h) continue;
-            const T m = vmax(gp + l, h - l);
+            T m = vmax(gp + l, h - l);
+            if (m == neg_inf<T>()) m = nan_among(gp + l, h - l);  // a NaN logit alone among masked ones
             if (m != neg_inf<T>()) lse_merge(rm[i], rs[i], m, sumexp(gp + l, h - l, m));
           }
         }
@@ -373,7 +374,7 @@ void fwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T scal
             }
             for (int64_t i = 0; i < br; ++i) colsumexp(g + i * bc + j0, tm, ts, n);
             for (int64_t j = 0; j < n; ++j)
-              if (ts[j] > 0) lse_merge(pcm[c0 + j0 + j], pcs[c0 + j0 + j], tm[j], ts[j]);
+              if (!(ts[j] <= 0)) lse_merge(pcm[c0 + j0 + j], pcs[c0 + j0 + j], tm[j], ts[j]);  // NaN merged
           }
         }
       }
@@ -387,7 +388,7 @@ void fwd_general(const T* Q, const T* K, int64_t B, int64_t M, int64_t D, T scal
       for (int64_t p = 1; p < P; ++p) {
         if (fast) {
           s += cs[p * M + j];
-        } else if (cs[p * M + j] > 0) {
+        } else if (!(cs[p * M + j] <= 0)) {  // a NaN partial is merged too
           lse_merge(m, s, cm[p * M + j], cs[p * M + j]);
         }
       }
