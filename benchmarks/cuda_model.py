@@ -19,7 +19,18 @@ none for the GEMMs' own operands (Q, K: (B + M)·D·e per tile row / column).
 Each kernel takes max(FLOPs / peak, bytes / bandwidth) (kernels on one stream
 do not overlap) plus a launch cost; the epilogue is also bounded by the
 special-function units (2 exponentials per pair forward with the column LSE,
-1 without; 1–2 backward).
+1 without; 1–2 backward) and by instruction issue: INSTR_PER_PAIR SASS
+instructions per pair (counted in the sm_90a build by benchmarks/cuda_sass.py,
+checked against the source by tests/test_cuda_static.py) at 4 warp instructions
+per clock per SM.  The merges of the partials are latency-bound: one global
+load latency (~1 µs under load) per batch of 16 partials per thread.
+
+The issue bound is what the first H200 run measured: the previous epilogues
+(one column per thread, two warp reductions per element, the masks tested per
+element, accurate expf) ran 179 / 125 SASS instructions per pair (forward /
+backward loop bodies), which predicts 1.43 / 1.00 ms at B = 16384 against the
+1.21 / 0.81 ms measured (results/nvidia-h200-2026-12-04-diag/profile.log),
+where the HBM bound alone said 0.25 / 0.37 ms.
 
 Ceilings (measured on the H200 of the GPU runs, see /work/shared/BUILD-NOTES.md):
 ~790 TFLOP/s dense bf16/fp16, ~4.3 TB/s HBM; fp32 GEMMs in IEEE fp32 (TF32
@@ -38,6 +49,13 @@ ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 HBM_BW = 4.3e12
 EXP_RATE = 16 * 132 * 1.98e9
 LAUNCH_S = 4e-6  # per kernel launch on a busy stream (tiles are large: a small term)
+ISSUE_RATE = 32 * 4 * 132 * 1.98e9  # thread instructions per second (4 warp instructions / clk / SM)
+# SASS instructions per pair of the epilogues' main loops (python benchmarks/cuda_sass.py; fp32 tiles,
+# no masks, 16-bit dS; tests/test_cuda_static.py checks them against a fresh build).
+INSTR_PER_PAIR = {"lse_fwd": 25.9, "lse_bwd": 18.0, "siglip_fwd": 41.9, "siglip_bwd": 18.2}
+MERGE_BATCH = 16  # partials a merge thread loads at once (csrc/cuda/epilogues.cu: kMergeBatch)
+LOAD_LATENCY_S = 1e-6
+SUB_ROWS, SUB_COLS = 32, 256 * 4  # rows × columns of one epilogue thread block (fp32 tiles, V = 4)
 
 
 @dataclass
@@ -65,8 +83,13 @@ def tile_shape(B: int, M: int) -> tuple[int, int]:
     return min(B, 2048), min(M, 16384)
 
 
-def kernel_time(flops: float, bytes_: float, peak: float, exps: float = 0.0) -> float:
-    return max(flops / peak, bytes_ / HBM_BW, exps / EXP_RATE) + LAUNCH_S
+def kernel_time(flops: float, bytes_: float, peak: float, exps: float = 0.0, instrs: float = 0.0) -> float:
+    return max(flops / peak, bytes_ / HBM_BW, exps / EXP_RATE, instrs / ISSUE_RATE) + LAUNCH_S
+
+
+def merge_time(nparts: int) -> float:
+    """One merge launch: each thread folds nparts partials, MERGE_BATCH loads in flight at a time."""
+    return LAUNCH_S + math.ceil(nparts / MERGE_BATCH) * LOAD_LATENCY_S
 
 
 def predict(B: int, M: int, D: int, dtype: str = "bf16", want_col: bool = True, tile=None) -> Step:
@@ -84,12 +107,14 @@ def predict(B: int, M: int, D: int, dtype: str = "bf16", want_col: bool = True, 
         operand_bytes = (br + bc) * D * e
         # forward
         f_gemm = kernel_time(gemm_flops, operand_bytes + acc * pairs, peak)
-        f_epi = kernel_time(0, acc * pairs, peak, exps=(2 if want_col else 1) * pairs)
-        f_merge = 2 * LAUNCH_S if want_col else LAUNCH_S
+        f_epi = kernel_time(0, acc * pairs, peak, exps=(2 if want_col else 1) * pairs,
+                            instrs=INSTR_PER_PAIR["lse_fwd"] * pairs)
+        f_merge = merge_time(math.ceil(bc / SUB_COLS)) + (merge_time(math.ceil(br / SUB_ROWS)) if want_col else 0)
         fwd = f_gemm + f_epi + f_merge
         # backward
         b_gemm = kernel_time(gemm_flops, operand_bytes + acc * pairs, peak)
-        b_epi = kernel_time(0, (acc + e_ds) * pairs, peak, exps=(2 if want_col else 1) * pairs)
+        b_epi = kernel_time(0, (acc + e_ds) * pairs, peak, exps=(2 if want_col else 1) * pairs,
+                            instrs=INSTR_PER_PAIR["lse_bwd"] * pairs)
         b_dq = kernel_time(gemm_flops, e_ds * pairs + bc * D * e + 2 * br * D * acc, peak)
         b_dk = kernel_time(gemm_flops, e_ds * pairs + br * D * e + 2 * bc * D * acc, peak)
         bwd = b_gemm + b_epi + b_dq + b_dk + LAUNCH_S

@@ -42,6 +42,19 @@ def test_several_tiles_match_reference(small_tiles, case, dtype, want_col):
         tc._compare("cuda", 300, 300 if case == "q_is_k" else 700, 33, case, dtype, want_col)
 
 
+@pytest.mark.parametrize("tile", ["64,97", "70,2048"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["plain", "exclude1", "ranges"])
+def test_epilogue_widths(monkeypatch, tile, case, dtype):
+    """The epilogues' two column layouts: 4 columns per thread where a tile's width is a multiple of 4
+    (70 × 2048: two thread blocks across, 1024 columns each, and a 52-column last tile), 1 where it is
+    not (64 × 97); row tiles that end inside a chunk of 8 rows (300 = 4·70 + 20); masks and none."""
+    monkeypatch.setenv("CONTRASTIVE_OPS_CUDA_TILE", tile)
+    with tc.nan_filled_memory():
+        tc._compare("cuda", 300, 2100, 33, case, dtype, True)
+        tc._siglip_compare("cuda", 300, 2100, 33, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_siglip_several_tiles(small_tiles, dtype):
     with tc.nan_filled_memory():

@@ -40,4 +40,30 @@ def test_hbm_bytes_per_pair(model):
 
 def test_small_D_is_memory_bound(model):
     s = model.predict(65536, 65536, 128, "bf16")
-    assert s.over_gemm > 2  # the five S-sized passes dominate: why a 16-bit S tile is the next step
+    assert s.over_gemm > 2  # the five S-sized passes dominate
+
+
+def _measured_ms(kernel, header="clip_loss B=16384 D=512 bf16 cuda"):
+    """A kernel's time per step in the H200 profile of 2026-12-04 (the previous epilogues)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "nvidia-h200-2026-12-04-diag",
+                        "profile.log")
+    lines = open(path).read().split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        if kernel in line:
+            return float(line.split()[0])
+    raise LookupError(kernel)
+
+
+@pytest.mark.parametrize("kernel, instrs", [("lse_fwd_kernel", 179), ("lse_bwd_kernel", 125)])
+def test_issue_bound_explains_the_measured_epilogues(model, kernel, instrs):
+    """The previous epilogues' loop bodies (179 / 125 SASS instructions per pair, sm_90a) at the issue rate
+    give the measured H200 times within 20-40 %, where the HBM bound alone is 2-5x under them."""
+    pairs = 16384 * 16384
+    measured = _measured_ms(kernel) * 1e-3
+    issue = pairs * instrs / model.ISSUE_RATE
+    hbm = pairs * (4 if kernel == "lse_fwd_kernel" else 6) / model.HBM_BW
+    assert 0.8 < issue / measured < 1.4
+    assert measured / hbm > 2

@@ -114,6 +114,14 @@ def test_sim_lse_tiled_empty_row_blocks_and_narrow_ranges(tiled):
         tc.assert_close(a[fin], b[fin], torch.float32, what=name)
 
 
+@pytest.mark.parametrize("tile", [(3, 5), (1, 1), (5, 3), (100, 100)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_sim_lse_tiled_nan_logits_reach_their_lses(tiled, tile):
+    """A NaN logit reaches its row's and its column's LSE whichever sub-block or row fold holds it."""
+    sim, _ = tiled(*tile)
+    tc.test_sim_lse_nan_logits_reach_their_lses("cpu", 9, 11)
+    assert sim.calls == 1
+
+
 def test_fp16_ds_tiles_keep_tiny_gradients(tiled):
     """fp16 dS tiles are stored as σ·dS: entries below fp16's subnormals are not flushed.
 

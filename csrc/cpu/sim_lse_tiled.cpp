@@ -31,7 +31,10 @@ namespace {
 
 using namespace tile_math;
 
-constexpr int64_t kSubRows = 2, kSubCols = 2;  // several partials in both directions of a 3 × 5 tile
+// Sub-blocks of 4 × 2 (several partials in both directions of the 5 × 3 and larger test tiles), the
+// forward's column statistics folded 2 rows at a time (several folds per sub-block, a short last one).
+constexpr int64_t kSubRows = 4, kSubCols = 2;
+constexpr int kChunk = 2;
 
 thread_local int64_t t_rows = 3, t_cols = 5;
 
@@ -73,20 +76,29 @@ struct CpuTiledDev {
       const T* g = G.data_ptr<T>();
       const T sc = scale.item<T>();
       std::vector<T> rpm(nbx * br), rps(nbx * br), cpm(want_col ? nby * bc : 0), cps(want_col ? nby * bc : 0);
+      std::vector<T> v(kSubRows * kSubCols);  // a sub-block's logits, row-major (w columns)
       for (int64_t by = 0; by < nby; ++by) {
         const int64_t i0 = by * kSubRows, i1 = std::min(br, i0 + kSubRows);
         for (int64_t bx = 0; bx < nbx; ++bx) {
           const int64_t j0 = bx * kSubCols, j1 = std::min(bc, j0 + kSubCols);
-          for (int64_t i = i0; i < i1; ++i) {
-            T m = neg_inf<T>(), s = 0;
-            for (int64_t j = j0; j < j1; ++j) lse_push_masked(m, s, masked_logit(mk, sc, g[i * bc + j], r0 + i, c0 + j));
+          const int w = int(j1 - j0);
+          for (int64_t i = i0; i < i1; ++i) {  // the row's masks read once, as the CUDA kernel does
+            const uint32_t ok = allowed_bits(row_cols(mk, r0 + i), c0 + j0, w);
+            const T thr = row_threshold<T>(mk, r0 + i);
+            for (int64_t j = j0; j < j1; ++j)
+              v[(i - i0) * w + (j - j0)] = masked_logit_row(((ok >> (j - j0)) & 1u) != 0, thr, sc, g[i * bc + j]);
+          }
+          for (int64_t i = i0; i < i1; ++i) {  // CUDA: a maximum over the thread's columns and the warp
+            const T* row = v.data() + (i - i0) * w;
+            const T m = chunk_max(row, w, 1);
             rpm[bx * br + i] = m;
-            rps[bx * br + i] = s;
+            rps[bx * br + i] = chunk_sum_exp(row, w, 1, m);
           }
           if (!want_col) continue;
           for (int64_t j = j0; j < j1; ++j) {
             T m = neg_inf<T>(), s = 0;
-            for (int64_t i = i0; i < i1; ++i) lse_push_masked(m, s, masked_logit(mk, sc, g[i * bc + j], r0 + i, c0 + j));
+            for (int64_t rc = 0; rc < i1 - i0; rc += kChunk)
+              chunk_fold(m, s, v.data() + rc * w + (j - j0), int(std::min<int64_t>(kChunk, i1 - i0 - rc)), w);
             cpm[by * bc + j] = m;
             cps[by * bc + j] = s;
           }
@@ -134,7 +146,7 @@ struct CpuTiledDev {
               const T gv = g[i * bc + j];
               T d = 0;
               const T s = mul_rn(sc, gv);
-              if (allowed(mk, gi, gj) && under_row_max(mk, s, gi)) {
+              if (allowed_bits(row_cols(mk, gi), gj, 1) != 0 && under_threshold(s, row_threshold<T>(mk, gi))) {
                 d = lse_grad(s, rlp[gi], grp[gi], has_col, clj, gcj);
                 acc += d * gv;
               }

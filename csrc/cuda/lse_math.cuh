@@ -20,11 +20,42 @@
 #define CO_HD static inline
 #endif
 
+// A loop the device compiler must not unroll (short runtime trip counts).
+#if defined(__CUDACC__)
+#define CO_NO_UNROLL _Pragma("unroll 1")
+#else
+#define CO_NO_UNROLL
+#endif
+
 namespace contrastive_ops {
 namespace lse_math {
 
 CO_HD float dexp(float x) { return expf(x); }
 CO_HD double dexp(double x) { return exp(x); }
+// exp of the epilogues' per-element sums and gradients: on the GPU the hardware exponential
+// (ex2.approx.ftz of x·log2(e), as Triton's tl.exp; relative error about 2^-22 + |x|·2^-24, results
+// below 2^-126 flushed to 0, and exp(-inf) = 0), on the host expf; exp in double on both.  x is a logit minus a maximum
+// or an LSE, computed before the call, so the error does not grow with the logits themselves.
+CO_HD float fexp(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;  // ex2.approx.ftz: one multiply and one MUFU.EX2 (__expf adds a denormal-range fix-up)
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+#else
+  return expf(x);
+#endif
+}
+CO_HD double fexp(double x) { return exp(x); }
+// a / b for a divisor in [1, 2] (a sigmoid's 1 + e^-|v|): on the GPU the fast division (2 ulp, no
+// slow path for denormal or huge divisors, which cannot occur), on the host the IEEE one.
+CO_HD float fdiv(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(a, b);
+#else
+  return a / b;
+#endif
+}
+CO_HD double fdiv(double a, double b) { return a / b; }
 CO_HD float dlog(float x) { return logf(x); }
 CO_HD double dlog(double x) { return log(x); }
 CO_HD float dlog1p(float x) { return log1pf(x); }
@@ -52,6 +83,18 @@ CO_HD double mul_rn(double a, double b) {
   return a * b;
 #endif
 }
+
+// max(a, b), NaN if either is NaN (one FMNMX.NAN on the GPU for fp32).
+CO_HD float nan_max(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return a != a || a > b ? a : b;
+#endif
+}
+CO_HD double nan_max(double a, double b) { return a != a || a > b ? a : b; }
 
 template <typename T>
 CO_HD T neg_inf() {

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "lse_math.cuh"
 
@@ -32,36 +33,91 @@ struct DevMasks {
   const void* rmax;  // row_max (B,) in the accumulation dtype T of the tile, or nullptr
 };
 
-// Is candidate gj (a position in K) allowed for anchor gi?
-CO_HD bool allowed(const DevMasks& mk, int64_t gi, int64_t gj) {
-  if (mk.cs && gj < int64_t(mk.cs[gi])) return false;
-  if (mk.ce && gj >= int64_t(mk.ce[gi])) return false;
-  for (int64_t x = 0; x < mk.E; ++x)
-    if (int64_t(mk.ex[gi * mk.E + x]) == gj) return false;
-  return true;
+// The column masks of one anchor, read once per row: allowed columns [lo, hi) minus its E excluded
+// ones (entries < 0 exclude nothing).
+struct RowCols {
+  int64_t lo, hi;
+  const int32_t* ex;
+  int64_t E;
+};
+
+CO_HD RowCols row_cols(const DevMasks& mk, int64_t gi) {
+  return {mk.cs ? int64_t(mk.cs[gi]) : int64_t(0), mk.ce ? int64_t(mk.ce[gi]) : std::numeric_limits<int64_t>::max(),
+          mk.ex ? mk.ex + gi * mk.E : nullptr, mk.ex ? mk.E : int64_t(0)};
 }
 
-// The row threshold of anchor gi on its logit s (the value the epilogue exponentiates, forward and
-// backward alike): kept unless s > row_max[gi]; a NaN s is kept (a threshold never hides a NaN).
-template <typename T>
-CO_HD bool under_row_max(const DevMasks& mk, T s, int64_t gi) {
-  return mk.rmax == nullptr || !(s > static_cast<const T*>(mk.rmax)[gi]);
+// Bit k (k < n ≤ 32) set when column gj0 + k is allowed by the row's column masks: the range tested
+// per column, the exclusion list read once for the n columns (a thread's columns on the GPU).
+CO_HD uint32_t low_bits(int64_t x) { return x >= 32 ? 0xffffffffu : (1u << x) - 1u; }  // bits [0, x), 0 ≤ x
+
+CO_HD uint32_t allowed_bits(const RowCols& rc, int64_t gj0, int n) {
+  // the range relative to gj0, clamped to [0, n]: 64-bit arithmetic once per row, not per column
+  const int64_t lo = rc.lo - gj0 < 0 ? 0 : (rc.lo - gj0 > n ? n : rc.lo - gj0);
+  const int64_t hi = rc.hi - gj0 < 0 ? 0 : (rc.hi - gj0 > n ? n : rc.hi - gj0);
+  uint32_t bits = low_bits(hi) & ~low_bits(lo);
+  CO_NO_UNROLL
+  for (int64_t x = 0; x < rc.E; ++x) {  // E is small (1 for NT-Xent): a plain loop, not unrolled
+    const uint64_t d = uint64_t(int64_t(rc.ex[x]) - gj0);  // one unsigned test of 0 ≤ d < n
+    if (d < uint64_t(n)) bits &= ~(1u << d);
+  }
+  return bits;
 }
 
-// S = scale·G, rounded once, or -inf where the pair is not allowed (masks and row threshold).
+// The row threshold of anchor gi: row_max[gi], or +inf without one.
 template <typename T>
-CO_HD T masked_logit(const DevMasks& mk, T sc, T g, int64_t gi, int64_t gj) {
-  if (!allowed(mk, gi, gj)) return neg_inf<T>();
+CO_HD T row_threshold(const DevMasks& mk, int64_t gi) {
+  return mk.rmax == nullptr ? std::numeric_limits<T>::infinity() : static_cast<const T*>(mk.rmax)[gi];
+}
+
+// A logit s is kept under the row threshold thr unless s > thr, compared on the S the epilogue
+// exponentiates (forward and backward alike); a NaN s is kept (a threshold never hides a NaN).
+template <typename T>
+CO_HD bool under_threshold(T s, T thr) {
+  return !(s > thr);
+}
+
+// S = scale·G, rounded once, or -inf where the column masks (ok: the pair's bit of allowed_bits) or the
+// row threshold exclude the pair.
+template <typename T>
+CO_HD T masked_logit_row(bool ok, T thr, T sc, T g) {
+  if (!ok) return neg_inf<T>();
   const T s = mul_rn(sc, g);
-  return under_row_max(mk, s, gi) ? s : neg_inf<T>();
+  return under_threshold(s, thr) ? s : neg_inf<T>();
+}
+
+// Max of the n logits v[0], v[stride], …; -inf when all are masked (-inf), NaN when one is NaN (so
+// that the sum below turns NaN too, whatever the other logits).
+template <typename T>
+CO_HD T chunk_max(const T* v, int n, int stride) {
+  T m = neg_inf<T>();
+  for (int i = 0; i < n; ++i) m = nan_max(m, v[i * stride]);
+  return m;
+}
+
+// Σ exp(v[i·stride] - m) over the n logits, for m their maximum (a chunk's, a warp's): masked
+// logits (-inf) add exp(-inf) = 0, and the sum is 0 when m is -inf (every logit masked).
+template <typename T>
+CO_HD T chunk_sum_exp(const T* v, int n, int stride, T m) {
+  if (m == neg_inf<T>()) return T(0);
+  T s = 0;
+  for (int i = 0; i < n; ++i) s += fexp(v[i * stride] - m);
+  return s;
+}
+
+// Fold n logits into a running (m, s): one maximum, one sum of exponentials against it, one merge
+// (a column's rows held in registers by the CUDA forward epilogue, a sub-block's on CPU).
+template <typename T>
+CO_HD void chunk_fold(T& m, T& s, const T* v, int n, int stride) {
+  const T cm = chunk_max(v, n, stride);
+  lse_merge(m, s, cm, chunk_sum_exp(v, n, stride, cm));
 }
 
 // dS of an allowed pair from its recomputed logit s: g_row·exp(s - row_lse) + g_col·exp(s - col_lse).
 // rl / cl are +inf where the LSE was -inf (see safe_lse in csrc/tiling.h): the term is then 0.
 template <typename T>
 CO_HD T lse_grad(T s, T rl, T gr, bool has_col, T cl, T gc) {
-  T d = gr * dexp(s - rl);
-  if (has_col) d += gc * dexp(s - cl);
+  T d = gr * fexp(s - rl);
+  if (has_col) d += gc * fexp(s - cl);
   return d;
 }
 
@@ -73,13 +129,13 @@ CO_HD T siglip_logit(T sc, T b, T g) {
 
 template <typename T>
 CO_HD T softplus(T v) {
-  return (v > T(0) ? v : T(0)) + dlog1p(dexp(-dabs(v)));
+  return (v > T(0) ? v : T(0)) + dlog1p(fexp(-dabs(v)));
 }
 
 template <typename T>
 CO_HD T sigmoid(T v) {
-  const T e = dexp(-dabs(v));
-  return v >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+  const T e = fexp(-dabs(v));
+  return v >= T(0) ? fdiv(T(1), T(1) + e) : fdiv(e, T(1) + e);
 }
 
 // softplus(-z·l) of one pair.
