@@ -167,3 +167,32 @@ def triton_assert_close(*args, **kwargs) -> None:
     on a GPU (``contrastive_ops.testing.fp32_products``), IEEE under the interpreter."""
     kwargs.setdefault("products", fp32_products("triton", DEVICE))
     assert_close(*args, **kwargs)
+
+
+def check_nan_logits(backend, device, B, M):
+    """A NaN logit makes its row's and its column's LSE NaN, and no other LSE.
+
+    A NaN must win the maxima, wherever it sits (a tile, a sub-block, a fold of rows, a lane), or a
+    maximum of -inf over the rest drops it from the sum, and a finished LSE must not test its sum
+    with ``> 0``: row 4 sees one column only, so its NaN logit is alone among masked ones; row 7's
+    NaN logit (column 3) sits among finite ones.
+    """
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(B, 4, generator=gen), torch.randn(M, 4, generator=gen)
+    q[4, 1] = float("nan")
+    k[3, 0] = float("nan")
+    start, end = torch.full((B,), 4), torch.full((B,), M)
+    start[4], end[4] = 6, 7  # row 4: one logit, NaN, at column 6
+    start[7], end[7] = 2, 5  # row 7: columns 2..4; column 3 is seen by row 7 only
+    kw = dict(col_start=start.to(device), col_end=end.to(device))
+    q, k, scale = q.to(device), k.to(device), torch.tensor(1.7, device=device)
+    from contrastive_ops.primitives.sim_lse import sim_lse
+
+    row, col = sim_lse(q, k, scale, want_col=True, backend=backend, **kw)
+    ref_row, ref_col = sim_lse(q, k, scale, want_col=True, backend="reference", **kw)
+    assert torch.isnan(row).nonzero().flatten().tolist() == [4, 7]
+    assert torch.isnan(col).nonzero().flatten().tolist() == [3, 6]
+    for name, a, b in (("row_lse", row, ref_row), ("col_lse", col, ref_col)):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b)), name
+        fin = torch.isfinite(b)
+        assert_close(a[fin], b[fin], torch.float32, what=name)

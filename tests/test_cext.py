@@ -20,7 +20,7 @@ from contrastive_ops._numerics import acc_dtype
 from contrastive_ops.backends import _cext
 from contrastive_ops.primitives.siglip_pairs import siglip_pairs_reference
 from contrastive_ops.primitives.sim_lse import sim_lse
-from helpers import TOL, assert_close, nan_filled_memory
+from helpers import TOL, assert_close, check_nan_logits, nan_filled_memory
 
 _OK, _WHY = _cext.availability("cpu")
 if not _OK and os.environ.get("CI") != "true":  # CI must have the extension: there this fails below
@@ -149,29 +149,7 @@ def test_sim_lse_rows_only(device, case):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("B, M", [(9, 11), (90, 2100)], ids=["9x11", "90x2100"])
 def test_sim_lse_nan_logits_reach_their_lses(device, B, M):
-    """A NaN logit makes its row's and its column's LSE NaN, and no other LSE.
-
-    A NaN must win the maxima, wherever it sits (a tile, a sub-block, a fold of rows, a lane), or a
-    maximum of -inf over the rest drops it from the sum: row 4 sees one column only, so its NaN logit
-    is alone among masked ones; row 7's NaN logit (column 3) sits among finite ones.
-    """
-    gen = torch.Generator().manual_seed(3)
-    q, k = torch.randn(B, 4, generator=gen), torch.randn(M, 4, generator=gen)
-    q[4, 1] = float("nan")
-    k[3, 0] = float("nan")
-    start, end = torch.full((B,), 4), torch.full((B,), M)
-    start[4], end[4] = 6, 7  # row 4: one logit, NaN, at column 6
-    start[7], end[7] = 2, 5  # row 7: columns 2..4; column 3 is seen by row 7 only
-    kw = dict(col_start=start.to(device), col_end=end.to(device))
-    q, k, scale = q.to(device), k.to(device), torch.tensor(1.7, device=device)
-    row, col = sim_lse(q, k, scale, want_col=True, backend=BACKEND[device], **kw)
-    ref_row, ref_col = sim_lse(q, k, scale, want_col=True, backend="reference", **kw)
-    assert torch.isnan(row).nonzero().flatten().tolist() == [4, 7]
-    assert torch.isnan(col).nonzero().flatten().tolist() == [3, 6]
-    for name, a, b in (("row_lse", row, ref_row), ("col_lse", col, ref_col)):
-        assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b)), name
-        fin = torch.isfinite(b)
-        assert_close(a[fin], b[fin], torch.float32, what=name)
+    check_nan_logits(BACKEND[device], device, B, M)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -19,7 +19,7 @@ import contrastive_ops as co
 from contrastive_ops import backends
 from contrastive_ops.primitives.sim_lse import sim_lse, sim_lse_reference
 from contrastive_ops.primitives.siglip_pairs import siglip_pairs_reference as siglip_sum_reference
-from helpers import DEVICE, TOL
+from helpers import DEVICE, TOL, check_nan_logits
 from helpers import triton_assert_close as assert_close
 
 _OK, _WHY = co.available_backends()["triton"]
@@ -229,6 +229,11 @@ def test_sim_lse_autograd(case, dtype):
     if not same:
         assert_close(dk.float(), r_dk, dtype, what="dk")
     assert_close(ds, r_ds, dtype, what="dscale")
+
+
+@pytest.mark.parametrize("B, M", [(9, 11), (90, 300)], ids=["9x11", "90x300"])
+def test_sim_lse_nan_logits_reach_their_lses(B, M):
+    check_nan_logits("triton", DEVICE, B, M)
 
 
 def test_sim_lse_all_rows_empty():

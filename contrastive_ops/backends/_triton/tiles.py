@@ -447,8 +447,8 @@ def col_bounds(row_mask, cs, ce, M, BLOCK_N: tl.constexpr, HAS_RANGE: tl.constex
 
 @triton.jit
 def lse_of(m, l):
-    """m + log l of an online (max, sum) pair; −inf where nothing was summed."""
-    return tl.where(l > 0, m + tl.log(l), float("-inf"))
+    """m + log l of an online (max, sum) pair; −inf where nothing was summed, NaN where a NaN was."""
+    return tl.where(l == 0, float("-inf"), m + tl.log(l))
 
 
 @triton.jit
