@@ -83,7 +83,7 @@ struct CpuTiledDev {
           const int64_t j0 = bx * kSubCols, j1 = std::min(bc, j0 + kSubCols);
           const int w = int(j1 - j0);
           for (int64_t i = i0; i < i1; ++i) {  // the row's masks read once, as the CUDA kernel does
-            const uint32_t ok = allowed_bits(row_cols(mk, r0 + i), c0 + j0, w);
+            const uint32_t ok = tile_allowed_bits(tile_range(mk, r0 + i, c0, bc), row_ex(mk, r0 + i), c0, int32_t(j0), w);
             const T thr = row_threshold<T>(mk, r0 + i);
             for (int64_t j = j0; j < j1; ++j)
               v[(i - i0) * w + (j - j0)] = masked_logit_row(((ok >> (j - j0)) & 1u) != 0, thr, sc, g[i * bc + j]);
@@ -146,7 +146,8 @@ struct CpuTiledDev {
               const T gv = g[i * bc + j];
               T d = 0;
               const T s = mul_rn(sc, gv);
-              if (allowed_bits(row_cols(mk, gi), gj, 1) != 0 && under_threshold(s, row_threshold<T>(mk, gi))) {
+              const uint32_t ok = tile_allowed_bits(tile_range(mk, gi, c0, bc), row_ex(mk, gi), c0, int32_t(j), 1);
+              if (ok != 0 && under_threshold(s, row_threshold<T>(mk, gi))) {
                 d = lse_grad(s, rlp[gi], grp[gi], has_col, clj, gcj);
                 acc += d * gv;
               }

@@ -112,6 +112,25 @@ __device__ __forceinline__ T warp_nan_max(T v) {
   return v;
 }
 
+// A row's column range (relative to the tile) and threshold, staged in shared memory once per block.
+template <typename T>
+struct RowMasks {
+  TileRange range;
+  T thr;
+};
+
+// rmk[t] ← the masks of row gi0 + t, t < nrows (64-bit index arithmetic once per row and block, not
+// per row and thread); ends with a barrier.
+template <typename T>
+__device__ __forceinline__ void stage_row_masks(RowMasks<T>* rmk, const DevMasks& mk, int64_t gi0, int nrows,
+                                                int64_t c0, int64_t bc) {
+  if (int(threadIdx.x) < nrows) {
+    rmk[threadIdx.x].range = tile_range(mk, gi0 + threadIdx.x, c0, bc);
+    rmk[threadIdx.x].thr = row_threshold<T>(mk, gi0 + threadIdx.x);
+  }
+  __syncthreads();
+}
+
 // Sum over the block in a fixed order (warp tree, then the warps in order); valid in every thread.
 template <typename T>
 __device__ T block_sum(T v) {
@@ -153,12 +172,14 @@ __global__ void __launch_bounds__(kThreads)
                    int64_t c0, DevMasks mk, T* __restrict__ rpm, T* __restrict__ rps, T* __restrict__ cpm,
                    T* __restrict__ cps) {
   __shared__ T wm[kSubRows][kWarps], ws[kSubRows][kWarps];
+  __shared__ RowMasks<T> rmk[kMasked ? kSubRows : 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t j = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * V;  // the thread's first column
   const int64_t i0 = int64_t(blockIdx.y) * kSubRows;
   const int nrows = int(br - i0 < kSubRows ? br - i0 : kSubRows);
   const bool in = j < bc, cols = cpm != nullptr;  // V > 1 divides bc: a thread's columns are all in or all out
   const T sc = *scale;
+  if constexpr (kMasked) stage_row_masks(rmk, mk, r0 + i0, nrows, c0, bc);
   T cm[V], cs[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) cm[k] = neg_inf<T>(), cs[k] = 0;
@@ -169,11 +190,11 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = i0 + rc + r;
       if (in && rc + r < nrows) {
         load_pack<T, V>(G + i * bc + j, v[r]);
-        if constexpr (kMasked) {  // the row's masks read once, then tested per column
-          const uint32_t ok = allowed_bits(row_cols(mk, r0 + i), c0 + j, V);
-          const T thr = row_threshold<T>(mk, r0 + i);
+        if constexpr (kMasked) {  // the row's masks from shared memory, tested for the thread's V columns
+          const RowMasks<T> rm = rmk[rc + r];
+          const uint32_t ok = tile_allowed_bits(rm.range, row_ex(mk, r0 + i), c0, int32_t(j), V);
 #pragma unroll
-          for (int k = 0; k < V; ++k) v[r][k] = masked_logit_row(((ok >> k) & 1u) != 0, thr, sc, v[r][k]);
+          for (int k = 0; k < V; ++k) v[r][k] = masked_logit_row(((ok >> k) & 1u) != 0, rm.thr, sc, v[r][k]);
         } else {
 #pragma unroll
           for (int k = 0; k < V; ++k) v[r][k] = mul_rn(sc, v[r][k]);
@@ -254,6 +275,7 @@ __global__ void __launch_bounds__(kThreads)
                    int64_t r0, int64_t c0, DevMasks mk, const T* __restrict__ rl, const T* __restrict__ gr,
                    const T* __restrict__ cl, const T* __restrict__ gc, bool has_col, T* __restrict__ part) {
   __shared__ T srl[kSubRows], sgr[kSubRows];  // the rows' LSE and upstream gradient
+  __shared__ RowMasks<T> rmk[kMasked ? kSubRows : 1];
   const int64_t j = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * V;
   const int64_t i0 = int64_t(blockIdx.y) * kSubRows;
   const int nrows = int(br - i0 < kSubRows ? br - i0 : kSubRows);
@@ -261,7 +283,11 @@ __global__ void __launch_bounds__(kThreads)
     srl[threadIdx.x] = rl[r0 + i0 + threadIdx.x];
     sgr[threadIdx.x] = gr[r0 + i0 + threadIdx.x];
   }
-  __syncthreads();
+  if constexpr (kMasked) {
+    stage_row_masks(rmk, mk, r0 + i0, nrows, c0, bc);
+  } else {
+    __syncthreads();
+  }
   const T sc = *scale;
   T acc = 0;
   if (j < bc) {
@@ -276,20 +302,22 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = i0 + r, gi = r0 + i;
       T g[V], d[V];
       load_pack<T, V>(G + i * bc + j, g);
-      const uint32_t ok = kMasked ? allowed_bits(row_cols(mk, gi), c0 + j, V) : 0u;
-      const T thr = kMasked ? row_threshold<T>(mk, gi) : T(0);
+      uint32_t ok = 0;
+      T thr = 0;
+      if constexpr (kMasked) {
+        ok = tile_allowed_bits(rmk[r].range, row_ex(mk, gi), c0, int32_t(j), V);
+        thr = rmk[r].thr;
+      }
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const T s = mul_rn(sc, g[k]);
         d[k] = 0;
-        if constexpr (kMasked) {
-          if (((ok >> k) & 1u) != 0 && under_threshold(s, thr)) {
-            d[k] = lse_grad(s, srl[r], sgr[r], has_col, clj[k], gcj[k]);
-          }
-        } else {
+        // masked pairs add nothing to dscale (not even 0·G, which is NaN for an infinite G)
+        const bool keep = !kMasked || (((ok >> k) & 1u) != 0 && under_threshold(s, thr));
+        if (keep) {
           d[k] = lse_grad(s, srl[r], sgr[r], has_col, clj[k], gcj[k]);
+          acc += d[k] * g[k];
         }
-        acc += d[k] * g[k];
       }
       store_pack<O, T, V>(dS + i * bc + j, d);
     }

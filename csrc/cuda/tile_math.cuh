@@ -33,31 +33,40 @@ struct DevMasks {
   const void* rmax;  // row_max (B,) in the accumulation dtype T of the tile, or nullptr
 };
 
-// The column masks of one anchor, read once per row: allowed columns [lo, hi) minus its E excluded
-// ones (entries < 0 exclude nothing).
-struct RowCols {
-  int64_t lo, hi;
+// The allowed column range of anchor gi relative to a tile's first column c0: [lo, hi) clamped to
+// [0, bc] (a tile is narrower than 2^31 columns).  Read once per row of a tile (the CUDA kernels stage
+// it in shared memory), so the per-column tests below are 32-bit.
+struct TileRange {
+  int32_t lo, hi;
+};
+
+CO_HD TileRange tile_range(const DevMasks& mk, int64_t gi, int64_t c0, int64_t bc) {
+  const int64_t lo = mk.cs ? int64_t(mk.cs[gi]) - c0 : 0, hi = mk.ce ? int64_t(mk.ce[gi]) - c0 : bc;
+  return {int32_t(lo < 0 ? 0 : (lo > bc ? bc : lo)), int32_t(hi < 0 ? 0 : (hi > bc ? bc : hi))};
+}
+
+// The exclusion list of anchor gi: E positions in K (entries < 0 exclude nothing).
+struct RowEx {
   const int32_t* ex;
   int64_t E;
 };
 
-CO_HD RowCols row_cols(const DevMasks& mk, int64_t gi) {
-  return {mk.cs ? int64_t(mk.cs[gi]) : int64_t(0), mk.ce ? int64_t(mk.ce[gi]) : std::numeric_limits<int64_t>::max(),
-          mk.ex ? mk.ex + gi * mk.E : nullptr, mk.ex ? mk.E : int64_t(0)};
+CO_HD RowEx row_ex(const DevMasks& mk, int64_t gi) {
+  return {mk.ex ? mk.ex + gi * mk.E : nullptr, mk.ex ? mk.E : int64_t(0)};
 }
 
-// Bit k (k < n ≤ 32) set when column gj0 + k is allowed by the row's column masks: the range tested
-// per column, the exclusion list read once for the n columns (a thread's columns on the GPU).
-CO_HD uint32_t low_bits(int64_t x) { return x >= 32 ? 0xffffffffu : (1u << x) - 1u; }  // bits [0, x), 0 ≤ x
+CO_HD uint32_t low_bits(int32_t x) { return x >= 32 ? 0xffffffffu : (1u << x) - 1u; }  // bits [0, x), 0 ≤ x
 
-CO_HD uint32_t allowed_bits(const RowCols& rc, int64_t gj0, int n) {
-  // the range relative to gj0, clamped to [0, n]: 64-bit arithmetic once per row, not per column
-  const int64_t lo = rc.lo - gj0 < 0 ? 0 : (rc.lo - gj0 > n ? n : rc.lo - gj0);
-  const int64_t hi = rc.hi - gj0 < 0 ? 0 : (rc.hi - gj0 > n ? n : rc.hi - gj0);
+// Bit k (k < n ≤ 32) set when column j + k of the tile starting at c0 is allowed for the row: inside
+// its range and not excluded.  The exclusion list is read once for the n columns (a thread's columns
+// on the GPU).
+CO_HD uint32_t tile_allowed_bits(TileRange t, RowEx x, int64_t c0, int32_t j, int n) {
+  const int32_t lo = t.lo - j < 0 ? 0 : (t.lo - j > n ? n : t.lo - j);
+  const int32_t hi = t.hi - j < 0 ? 0 : (t.hi - j > n ? n : t.hi - j);
   uint32_t bits = low_bits(hi) & ~low_bits(lo);
   CO_NO_UNROLL
-  for (int64_t x = 0; x < rc.E; ++x) {  // E is small (1 for NT-Xent): a plain loop, not unrolled
-    const uint64_t d = uint64_t(int64_t(rc.ex[x]) - gj0);  // one unsigned test of 0 ≤ d < n
+  for (int64_t e = 0; e < x.E; ++e) {  // E is small (1 for NT-Xent): a plain loop, not unrolled
+    const uint64_t d = uint64_t(int64_t(x.ex[e]) - c0 - j);  // one unsigned test of 0 ≤ d < n
     if (d < uint64_t(n)) bits &= ~(1u << d);
   }
   return bits;
@@ -76,7 +85,7 @@ CO_HD bool under_threshold(T s, T thr) {
   return !(s > thr);
 }
 
-// S = scale·G, rounded once, or -inf where the column masks (ok: the pair's bit of allowed_bits) or the
+// S = scale·G, rounded once, or -inf where the column masks (ok: the pair's bit of tile_allowed_bits) or the
 // row threshold exclude the pair.
 template <typename T>
 CO_HD T masked_logit_row(bool ok, T thr, T sc, T g) {
