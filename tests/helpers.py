@@ -196,3 +196,10 @@ def check_nan_logits(backend, device, B, M):
         assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b)), name
         fin = torch.isfinite(b)
         assert_close(a[fin], b[fin], torch.float32, what=name)
+    # q is k with the self pair excluded (the Gram kernels where a backend has them): feature row 4
+    # NaN, so every row sees one NaN logit (row 4 sees only NaN ones)
+    z = torch.randn(B, 4, generator=gen)
+    z[4, 2] = float("nan")
+    z = z.to(device)
+    row, _ = sim_lse(z, z, scale, backend=backend, exclude=torch.arange(B, device=device)[:, None])
+    assert torch.isnan(row).all(), row

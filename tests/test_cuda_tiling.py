@@ -119,7 +119,7 @@ def test_sim_lse_tiled_nan_logits_reach_their_lses(tiled, tile):
     """A NaN logit reaches its row's and its column's LSE whichever sub-block or row fold holds it."""
     sim, _ = tiled(*tile)
     check_nan_logits("cpu", "cpu", 9, 11)
-    assert sim.calls == 1
+    assert sim.calls == 2  # the general case and q is k
 
 
 def test_fp16_ds_tiles_keep_tiny_gradients(tiled):
