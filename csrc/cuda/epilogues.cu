@@ -30,6 +30,7 @@
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
+#include <limits>
 #include <type_traits>
 
 #include "epilogues.h"
@@ -410,6 +411,9 @@ void dispatch_acc_out(const Tensor& G, const Tensor& dS, F&& f) {
 
 void check_tile(const Tensor& G) {
   TORCH_CHECK(G.is_contiguous(), "contrastive_ops (cuda): tile must be contiguous");
+  // the masked epilogues test a row's columns in 32-bit tile coordinates (TileRange)
+  TORCH_CHECK(G.size(1) <= std::numeric_limits<int32_t>::max(), "contrastive_ops (cuda): tile of ", G.size(1),
+              " columns is too wide (CONTRASTIVE_OPS_CUDA_TILE)");
 }
 
 bool has_masks(const Masks& mk) {
