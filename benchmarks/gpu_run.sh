@@ -37,7 +37,7 @@
 #   SWEEP_ARGS        extra arguments of "bench"                  (default: none)
 #   PYTEST_ARGS       extra arguments of step 2                   (default: none)
 #   STEPS             comma-separated steps, run in the order given, from build,tests-priority,
-#                     tests,memcheck,racecheck,quick,quick32,profile,selfcheck,mvbench,sweep (default:
+#                     tests,memcheck,racecheck,quick,quick32,profile,tiles,selfcheck,mvbench,sweep (default:
 #                     build,quick,quick32,tests-priority,memcheck,racecheck,tests,profile,selfcheck,mvbench,
 #                     sweep: timings first, then the tests (verbose: a cut run still names each
 #                     result); what the deadline leaves out is listed as SKIPPED)
@@ -48,6 +48,8 @@
 #   PROFILE_TIMEOUT   each run of step profile                    (default 90)
 #   PROFILE_ARGS      extra arguments of benchmarks/gpu_profile.py (step profile)
 #   PROFILE_TUNE_CASES  cases (loss:B:D,...) profiled again with autotuning (default: none)
+#   TILES_TIMEOUT     step tiles (not in the default STEPS: name it)  (default 240)
+#   TILES_ARGS        arguments of benchmarks/gpu_tile_sweep.py (default: its cases, both kernels)
 #   TEST_FILES        the files or node ids of step tests         (default: tests, less the priority files)
 #   PYTEST_WORKERS    pytest-xdist workers of the test steps      (default: nproc, none without xdist)
 #   SKIP_BUILD=1      use the extension already built in place
@@ -230,6 +232,15 @@ do_profile() {
     fi
 }
 
+# The Triton tile loops (the forward and the GEMM backward's dS kernel) over a wider config space than
+# the autotune lists (benchmarks/gpu_tile_sweep.py): the rate the cost model and the "50 % of peak" goal
+# hang on.  Not in the default STEPS (it compiles ~40 configs per kernel and case); TILES_ARGS: its cases.
+do_tiles() {
+    # shellcheck disable=SC2086
+    step tiles "${TILES_TIMEOUT:-240}" $PY benchmarks/gpu_tile_sweep.py --json "$RES/tiles.json" ${TILES_ARGS:-}
+    grep -E "^(fwd|ds) |best:" "$RES/tiles.log" >> "$SUMMARY"
+}
+
 do_selfcheck() {
     step selfcheck "${CHECK_TIMEOUT:-45}" "${ONE_CONFIG[@]}" $PY -m contrastive_ops --no-bench --no-progress -v
 }
@@ -277,6 +288,7 @@ for s in ${STEPS//,/ }; do
         quick) do_quick ;;
         quick32) do_quick32 ;;
         profile) do_profile ;;
+        tiles) do_tiles ;;
         selfcheck) do_selfcheck ;;
         mvbench) do_mvbench ;;
         sweep) do_sweep ;;
