@@ -174,6 +174,14 @@ MUTANTS = (
            "  for (int i = 0; i < n; ++i) s += fexp(v[i * stride] - m);\n",
            "  for (int i = 1; i < n; ++i) s += fexp(v[i * stride] - m);\n",
            _TILED, "tile epilogue sums of exponentials (CUDA kernels and the CPU instantiation) skip a chunk's first logit"),
+    Mutant("tile-math-exclusion-misses-last-column", "csrc/cuda/tile_math.cuh",
+           "    if (d < uint64_t(n)) bits &= ~(1u << d);\n", "    if (d + 1 < uint64_t(n)) bits &= ~(1u << d);\n",
+           _TILED, "tile epilogue masks (CUDA kernels and the CPU instantiation): an exclusion in a thread's last "
+           "column is ignored"),
+    Mutant("tile-math-range-end-off-by-one", "csrc/cuda/tile_math.cuh",
+           "  uint32_t bits = low_bits(hi) & ~low_bits(lo);\n", "  uint32_t bits = low_bits(hi + 1) & ~low_bits(lo);\n",
+           _TILED, "tile epilogue masks (CUDA kernels and the CPU instantiation): a row's column range one column "
+           "too long"),
     Mutant("lse-math-merge-drops-partial", "csrc/cuda/lse_math.cuh",
            "  s = s * dexp(m - mn) + s2 * dexp(m2 - mn);\n", "  s = s * dexp(m - mn);\n",
            _TILED, "online LSE merge of two partials (CUDA kernels and the CPU instantiation) drops the second sum"),
