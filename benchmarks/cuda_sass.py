@@ -41,6 +41,7 @@ EPILOGUES = [
     ("lse_fwd fp32 (no masks)", "lse_fwd_kernelIfLi4ELb0E", 8 * 4),
     ("lse_fwd fp32 (masks)", "lse_fwd_kernelIfLi4ELb1E", 8 * 4),
     ("lse_bwd fp32 -> bf16 dS (no masks)", "lse_bwd_kernelIfN3c108BFloat16ELi4ELb0E", 4 * 4),
+    ("lse_bwd fp32 -> bf16 dS (masks)", "lse_bwd_kernelIfN3c108BFloat16ELi4ELb1E", 4 * 4),
     ("lse_bwd fp32 -> fp16 dS (no masks)", "lse_bwd_kernelIfN3c104HalfELi4ELb0E", 4 * 4),
     ("lse_bwd fp32 -> fp32 dS (no masks)", "lse_bwd_kernelIffLi4ELb0E", 4 * 4),
     ("siglip_fwd fp32", "siglip_fwd_kernelIfLi4E", 4 * 4),
