@@ -48,7 +48,7 @@
 #   PROFILE_TIMEOUT   each run of step profile                    (default 90)
 #   PROFILE_ARGS      extra arguments of benchmarks/gpu_profile.py (step profile)
 #   PROFILE_TUNE_CASES  cases (loss:B:D,...) profiled again with autotuning (default: none)
-#   TILES_TIMEOUT     step tiles (not in the default STEPS: name it)  (default 240)
+#   TILES_TIMEOUT     step tiles (not in the default STEPS: name it; 2 cases x 2 kernels x 16 configs) (default 240)
 #   TILES_ARGS        arguments of benchmarks/gpu_tile_sweep.py (default: its cases, both kernels)
 #   TEST_FILES        the files or node ids of step tests         (default: tests, less the priority files)
 #   PYTEST_WORKERS    pytest-xdist workers of the test steps      (default: nproc, none without xdist)
@@ -234,7 +234,7 @@ do_profile() {
 
 # The Triton tile loops (the forward and the GEMM backward's dS kernel) over a wider config space than
 # the autotune lists (benchmarks/gpu_tile_sweep.py): the rate the cost model and the "50 % of peak" goal
-# hang on.  Not in the default STEPS (it compiles ~40 configs per kernel and case); TILES_ARGS: its cases.
+# hang on.  Not in the default STEPS (it compiles 16 configs per kernel and case); TILES_ARGS: its arguments.
 do_tiles() {
     # shellcheck disable=SC2086
     step tiles "${TILES_TIMEOUT:-240}" $PY benchmarks/gpu_tile_sweep.py --json "$RES/tiles.json" ${TILES_ARGS:-}

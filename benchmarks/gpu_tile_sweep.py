@@ -1,7 +1,8 @@
 """How fast the Triton tile loops can run: the forward and the dS kernel over a wider config space.
 
     python benchmarks/gpu_tile_sweep.py [--cases 16384:16384:512,16384:16384:1024] [--kernels fwd,ds]
-                                        [--reps 5] [--json out.json]
+                                        [--blocks 64,128] [--warps 4,8] [--stages 2,3] [--reps 5]
+                                        [--json out.json]
 
 The cost model of the Triton backward (``contrastive_ops/backends/_triton/costs.py``)
 takes the tile loop's rate from the H200 run of 2026-12-04: the forward at 237
@@ -10,7 +11,8 @@ autotune lists.  Both the GEMM backward (the dS kernel runs the same loop) and
 the "≥ 50 % of peak" goal hang on that rate.  This script times the two
 kernels directly (their jitted functions, bypassing the autotuner) for every
 candidate of a wider space: BLOCK_M and BLOCK_N in {64, 128}, 4 or 8 warps,
-2–4 stages, those whose shared memory fits sm_90 (``tiles.fwd_smem``), with the
+2 or 3 stages by default (``--blocks``, ``--warps``, ``--stages``), those whose
+shared memory fits sm_90 (``tiles.fwd_smem``), with the
 CLIP flags (bf16, column LSE, no masks) and the launcher's own split of the
 columns (``fwd_plan``'s rule for the given BLOCK_M).  Per case and kernel it
 prints each candidate's time (median of ``--reps`` CUDA-event timings after two
@@ -38,17 +40,16 @@ import triton
 from contrastive_ops.backends._triton import sim_lse as ts
 from contrastive_ops.backends._triton import tiles as tt
 
-BLOCKS = (64, 128)
-WARPS = (4, 8)
-STAGES = (2, 3, 4)
+SPACE = dict(blocks=(64, 128), warps=(4, 8), stages=(2, 3))
 
 
-def candidates(block_d: int, elem: int, interpreted: bool):
+def candidates(block_d: int, elem: int, interpreted: bool, space=None):
     """(BLOCK_M, BLOCK_N, warps, stages) with the forward tiles' shared memory within sm_90's limit."""
     if interpreted:
         return [(16, 16, 1, 1)]
+    sp = space or SPACE
     out = []
-    for bm, bn, w, s in itertools.product(BLOCKS, BLOCKS, WARPS, STAGES):
+    for bm, bn, w, s in itertools.product(sp["blocks"], sp["blocks"], sp["warps"], sp["stages"]):
         if tt.fwd_smem(bm, bn, block_d, s, elem) <= tt.SMEM_LIMIT:
             out.append((bm, bn, w, s))
     return out
@@ -162,7 +163,7 @@ DEFAULTS = {"fwd": lambda B: (ts.fwd_plan(B, B, torch.device("cuda"))[0],) + tt.
             "ds": lambda B: tt.DS_GPU[0][0] + tt.DS_GPU[0][1:]}
 
 
-def sweep(cases, kernels, reps: int, log=print) -> list:
+def sweep(cases, kernels, reps: int, log=print, space=None) -> list:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     interpreted = tt.interpreting()
     if device.type == "cpu" and not interpreted:
@@ -173,7 +174,7 @@ def sweep(cases, kernels, reps: int, log=print) -> list:
         S = scale * (q.float() @ k.float().t())  # the reference logits (fp32 products of the bf16 inputs)
         flops = 2.0 * B * M * D
         for kern in kernels:
-            cands = candidates(tt.chunk_d(D, q.dtype), q.element_size(), interpreted)
+            cands = candidates(tt.chunk_d(D, q.dtype), q.element_size(), interpreted, space)
             default = None if interpreted else DEFAULTS[kern](B)
             log(f"\n{kern}  B={B} M={M} D={D} bf16: {len(cands)} candidates"
                 + ("" if default is None else f" (default {default})"))
@@ -207,9 +208,12 @@ def _cases(text: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="16384:16384:512,16384:16384:1024,32768:32768:512",
-                    help="B:M:D,... (default: CLIP at B = 16384, D = 512 and 1024; B = 32768, D = 512)")
+    ap.add_argument("--cases", default="16384:16384:512,16384:16384:1024",
+                    help="B:M:D,... (default: CLIP at B = 16384, D = 512 and 1024)")
     ap.add_argument("--kernels", default="fwd,ds")
+    ap.add_argument("--blocks", default="64,128", help="BLOCK_M and BLOCK_N values")
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--stages", default="2,3")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
@@ -220,7 +224,9 @@ def main(argv=None) -> int:
     meta = dict(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (interpreter)",
                 torch=torch.__version__, triton=triton.__version__)
     print(meta)
-    rows = sweep(_cases(a.cases), kernels, a.reps)
+    ints = lambda t: tuple(int(x) for x in t.split(",") if x)  # noqa: E731
+    space = dict(blocks=ints(a.blocks), warps=ints(a.warps), stages=ints(a.stages))
+    rows = sweep(_cases(a.cases), kernels, a.reps, space=space)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
