@@ -16,7 +16,8 @@ import torch
 from contrastive_ops.backends import backend_module
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1" or not backend_module("triton").availability()[0],
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1"
+    or not backend_module("triton").availability()[0],
     reason="a launch check under TRITON_INTERPRET=1 on CPU (the GPU runs the sweep itself)")
 
 

@@ -83,7 +83,8 @@ struct CpuTiledDev {
           const int64_t j0 = bx * kSubCols, j1 = std::min(bc, j0 + kSubCols);
           const int w = int(j1 - j0);
           for (int64_t i = i0; i < i1; ++i) {  // the row's masks read once, as the CUDA kernel does
-            const uint32_t ok = tile_allowed_bits(tile_range(mk, r0 + i, c0, bc), row_ex(mk, r0 + i), c0, int32_t(j0), w);
+            const uint32_t ok =
+                tile_allowed_bits(tile_range(mk, r0 + i, c0, bc), row_ex(mk, r0 + i), c0, int32_t(j0), w);
             const T thr = row_threshold<T>(mk, r0 + i);
             for (int64_t j = j0; j < j1; ++j)
               v[(i - i0) * w + (j - j0)] = masked_logit_row(((ok >> (j - j0)) & 1u) != 0, thr, sc, g[i * bc + j]);

@@ -33,9 +33,10 @@ namespace lse_math {
 CO_HD float dexp(float x) { return expf(x); }
 CO_HD double dexp(double x) { return exp(x); }
 // exp of the epilogues' per-element sums and gradients: on the GPU the hardware exponential
-// (ex2.approx.ftz of x·log2(e), as Triton's tl.exp; relative error about 2^-22 + |x|·2^-24, results
-// below 2^-126 flushed to 0, and exp(-inf) = 0), on the host expf; exp in double on both.  x is a logit minus a maximum
-// or an LSE, computed before the call, so the error does not grow with the logits themselves.
+// (ex2.approx.ftz of x·log2(e), as Triton's tl.exp; relative error about 2^-22 + |x|·2^-24,
+// results below 2^-126 flushed to 0, exp(-inf) = 0), on the host expf; exp in double on both.
+// x is a logit minus a maximum or an LSE, computed before the call, so the error does not grow
+// with the logits themselves.
 CO_HD float fexp(float x) {
 #if defined(__CUDA_ARCH__)
   float y;  // ex2.approx.ftz: one multiply and one MUFU.EX2 (__expf adds a denormal-range fix-up)
