@@ -67,7 +67,7 @@ def _problem(case, B, M, D, device, gen):
     else:
         q = torch.randn(B, D, generator=gen)
         k = torch.randn(M, D, generator=gen)
-    if case in ("ranges", "exclude2"):
+    if case in ("ranges", "exclude2", "ranges_exclude6"):
         start = torch.randint(0, M, (B,), generator=gen)
         end = torch.clamp(start + torch.randint(-2, M, (B,), generator=gen), 0, M)  # some start >= end: empty
         start[0], end[0] = 0, M
@@ -78,6 +78,11 @@ def _problem(case, B, M, D, device, gen):
     if case == "exclude2":
         ex = torch.randint(-1, M, (B, 2), generator=gen)
         ex[::3, 1] = ex[::3, 0]  # the same candidate excluded twice
+        kw["exclude"] = ex
+    if case == "ranges_exclude6":  # not in CASES: a long exclusion list beside the ranges (tests of its own)
+        ex = torch.randint(-1, M, (B, 6), generator=gen)
+        ex[::2, 5] = ex[::2, 0]  # repeats
+        ex[1::3, 2] = torch.clamp(kw["col_start"][1::3], max=M - 1)  # the first allowed column, where there is one
         kw["exclude"] = ex
     kw = {n: t.to(device) for n, t in kw.items()}
     return q.to(device), k.to(device), kw

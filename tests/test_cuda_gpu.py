@@ -55,6 +55,14 @@ def test_epilogue_widths(monkeypatch, tile, case, dtype):
         tc._siglip_compare("cuda", 300, 2100, 33, dtype)
 
 
+@pytest.mark.parametrize("tile", ["64,96", "64,97"])
+def test_long_exclusion_lists(monkeypatch, tile):
+    """Six exclusions per row beside column ranges, in both column layouts of the epilogues."""
+    monkeypatch.setenv("CONTRASTIVE_OPS_CUDA_TILE", tile)
+    with tc.nan_filled_memory():
+        tc._compare("cuda", 300, 700, 33, "ranges_exclude6", torch.float32, True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_siglip_several_tiles(small_tiles, dtype):
     with tc.nan_filled_memory():

@@ -114,6 +114,17 @@ def test_sim_lse_tiled_empty_row_blocks_and_narrow_ranges(tiled):
         tc.assert_close(a[fin], b[fin], torch.float32, what=name)
 
 
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_sim_lse_tiled_long_exclusion_lists(tiled, tile):
+    """Six exclusions per row (repeats, -1, a row's first allowed column) beside column ranges: the
+    exclusion loop of tile_allowed_bits over every sub-block and tile."""
+    sim, _ = tiled(*tile)
+    with nan_filled_memory():
+        for B, M, D in [(13, 17, 6), (40, 33, 5)]:
+            tc._compare("cpu", B, M, D, "ranges_exclude6", torch.float32, True, seed=B)
+    assert sim.calls == 4
+
+
 @pytest.mark.parametrize("tile", [(3, 5), (1, 1), (5, 3), (100, 100)], ids=lambda t: f"{t[0]}x{t[1]}")
 def test_sim_lse_tiled_nan_logits_reach_their_lses(tiled, tile):
     """A NaN logit reaches its row's and its column's LSE whichever sub-block or row fold holds it."""
