@@ -61,26 +61,12 @@ __device__ __forceinline__ void load_pack(const T* p, T (&out)[V]) {
   for (int k = 0; k < V; ++k) out[k] = pk.v[k];
 }
 
-// The storage of O: its own type, or the raw 16 bits of a half / bfloat16 (so that a pack of them is
-// one vector store, not one 2-byte store per element).
+// The raw 16 bits of x rounded to O (half or bfloat16): a pack of them is one vector store, not one
+// 2-byte store per element.
 template <typename O>
-struct Bits {
-  using type = O;
-  template <typename T>
-  static __device__ __forceinline__ O of(T x) {
-    return static_cast<O>(x);
-  }
-};
-template <>
-struct Bits<c10::Half> {
-  using type = uint16_t;
-  static __device__ __forceinline__ uint16_t of(float x) { return c10::Half(x).x; }
-};
-template <>
-struct Bits<c10::BFloat16> {
-  using type = uint16_t;
-  static __device__ __forceinline__ uint16_t of(float x) { return c10::BFloat16(x).x; }
-};
+__device__ __forceinline__ uint32_t bits16(float x) {
+  return O(x).x;
+}
 
 // One vector store of V values converted to O (the front end splits a stored struct into scalar stores;
 // the vector intrinsics keep it one instruction: 8 bytes for four 16-bit values, 16 for fp32 / fp64).
@@ -92,7 +78,7 @@ __device__ __forceinline__ void store_pack(O* p, const T (&in)[V]) {
     uint32_t w[2];
 #pragma unroll
     for (int k = 0; k < 2; ++k)
-      w[k] = uint32_t(Bits<O>::of(in[2 * k])) | (uint32_t(Bits<O>::of(in[2 * k + 1])) << 16);
+      w[k] = bits16<O>(in[2 * k]) | (bits16<O>(in[2 * k + 1]) << 16);
     __stwb(reinterpret_cast<uint2*>(p), make_uint2(w[0], w[1]));
   } else if constexpr (std::is_same_v<O, float> && V == 4) {
     __stwb(reinterpret_cast<float4*>(p), make_float4(in[0], in[1], in[2], in[3]));
@@ -103,15 +89,6 @@ __device__ __forceinline__ void store_pack(O* p, const T (&in)[V]) {
   }
 }
 
-
-// Maximum over the warp (every lane gets it), NaN if any lane holds NaN: a row with one NaN logit
-// gets a NaN statistic whichever lane holds it.
-template <typename T>
-__device__ __forceinline__ T warp_nan_max(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
 
 // A row's column range (relative to the tile) and threshold, staged in shared memory once per block.
 template <typename T>
@@ -207,7 +184,7 @@ __global__ void __launch_bounds__(kThreads)
     }
 #pragma unroll
     for (int r = 0; r < kChunk; ++r) {
-      const T m = warp_nan_max(chunk_max(v[r], V, 1));
+      const T m = warp_max(chunk_max(v[r], V, 1));
       const T e = warp_sum(chunk_sum_exp(v[r], V, 1, m));
       if (lane == 0) {  // rows past nrows hold (-inf, 0) and are never read
         wm[rc + r][warp] = m;

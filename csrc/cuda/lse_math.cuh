@@ -111,7 +111,7 @@ CO_HD void lse_merge(T& m, T& s, T m2, T s2) {
   m = mn;
 }
 
-// Add e^x to (m, s); x must not be -inf (use lse_push_masked where it can be).
+// Add e^x to (m, s); x must not be -inf.
 template <typename T>
 CO_HD void lse_push(T& m, T& s, T x) {
   if (x > m) {
@@ -120,12 +120,6 @@ CO_HD void lse_push(T& m, T& s, T x) {
   } else {
     s += dexp(x - m);
   }
-}
-
-// lse_push that ignores x = -inf (a masked entry).
-template <typename T>
-CO_HD void lse_push_masked(T& m, T& s, T x) {
-  if (x != neg_inf<T>()) lse_push(m, s, x);
 }
 
 #if defined(__CUDACC__)
@@ -147,13 +141,12 @@ static __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// Maximum over the warp (every lane gets it), NaN if any lane holds NaN: a row with one NaN logit
+// gets a NaN statistic whichever lane holds it.
 template <typename T>
 static __device__ __forceinline__ T warp_max(T v) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const T o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = o > v ? o : v;
-  }
+  for (int off = 16; off > 0; off >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
 #endif
