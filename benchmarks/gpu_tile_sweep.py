@@ -14,7 +14,7 @@ candidate of a wider space: BLOCK_M and BLOCK_N in {64, 128}, 4 or 8 warps,
 2 or 3 stages by default (``--blocks``, ``--warps``, ``--stages``), those whose
 shared memory fits sm_90 (``tiles.fwd_smem``), with the
 CLIP flags (bf16, column LSE, no masks) and the launcher's own split of the
-columns (``fwd_plan``'s rule for the given BLOCK_M).  Per case and kernel it
+columns (``fwd_plan`` with the given BLOCK_M).  Per case and kernel it
 prints each candidate's time (median of ``--reps`` CUDA-event timings after two
 warm-ups), TFLOP/s (2·B·M·D per pass) and its error against the fp32 formula
 (a config with a wrong result is marked WRONG and never the best), the default
@@ -55,17 +55,6 @@ def candidates(block_d: int, elem: int, interpreted: bool, space=None):
     return out
 
 
-def split(B: int, M: int, block_m: int, device) -> tuple:
-    """``fwd_plan``'s column split for a given BLOCK_M: (n_split, cols_per_split)."""
-    sms = tt.sm_count(device)
-    align, min_cols = (16, 16) if tt.interpreting() else (128, 1024)
-    t_b = triton.cdiv(B, block_m)
-    want = max(1, triton.cdiv(2 * sms, max(t_b, 1)))
-    n_split = max(1, min(want, M // min_cols))
-    cps = triton.cdiv(triton.cdiv(max(M, 1), n_split), align) * align
-    return triton.cdiv(max(M, 1), cps), cps
-
-
 def _timer(fn, reps: int) -> float:
     for _ in range(2):
         fn()
@@ -97,14 +86,21 @@ def _inputs(B: int, M: int, D: int, device):
     return q, k, scale
 
 
-def fwd_launcher(q, k, scale, cfg):
-    """The general forward (CLIP flags) with one explicit config."""
+def _launch(q, k, cfg):
+    """What both launchers need: sizes, the CLIP flags (column LSE, no masks), the D chunk and the
+    config's meta-parameters."""
     bm, bn, w, s = cfg
     B, D = q.shape
-    M = k.shape[0]
-    flags = ts._flags(q, None, None, None, None, None, True)
-    bd = tt.chunk_d(D, q.dtype)
-    n_split, cps = split(B, M, bm, q.device)
+    meta = dict(BLOCK_D=tt.chunk_d(D, q.dtype), ONE_CHUNK=D <= tt.chunk_d(D, q.dtype), BLOCK_M=bm, BLOCK_N=bn,
+                num_warps=w, num_stages=s, **ts._flags(q, None, None, None, None, None, True))
+    return B, k.shape[0], D, meta
+
+
+def fwd_launcher(q, k, scale, cfg):
+    """The general forward (CLIP flags) with one explicit config and the launcher's column split."""
+    B, M, D, meta = _launch(q, k, cfg)
+    bm = meta["BLOCK_M"]
+    _, n_split, cps = ts.fwd_plan(B, M, q.device, block_m=bm)
     t_b = triton.cdiv(B, bm)
     row_part = torch.empty((n_split, B), dtype=torch.float32, device=q.device)
     col_part = torch.empty((t_b, M), dtype=torch.float32, device=q.device)
@@ -113,8 +109,7 @@ def fwd_launcher(q, k, scale, cfg):
     def run():
         fn[(t_b, n_split)](
             q, k, scale, scale, scale, scale, scale, scale, scale, row_part, col_part,
-            B, M, D, q.stride(0), k.stride(0), cps, tt.log2_bucket(B), tt.log2_bucket(M),
-            BLOCK_D=bd, ONE_CHUNK=D <= bd, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **flags,
+            B, M, D, q.stride(0), k.stride(0), cps, tt.log2_bucket(B), tt.log2_bucket(M), **meta,
         )
 
     def error(S):
@@ -127,11 +122,8 @@ def fwd_launcher(q, k, scale, cfg):
 
 def ds_launcher(q, k, scale, cfg):
     """The GEMM backward's dS kernel (CLIP flags) over all rows with one explicit config."""
-    bm, bn, w, s = cfg
-    B, D = q.shape
-    M = k.shape[0]
-    flags = ts._flags(q, None, None, None, None, None, True)
-    bd = tt.chunk_d(D, q.dtype)
+    B, M, D, meta = _launch(q, k, cfg)
+    bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
     row_lse = torch.full((B,), 5.0, device=q.device)
     col_lse = torch.full((M,), 5.0, device=q.device)
     g_row, g_col = torch.full((B,), 1.0 / B, device=q.device), torch.full((M,), 1.0 / M, device=q.device)
@@ -142,8 +134,7 @@ def ds_launcher(q, k, scale, cfg):
     def run():
         fn[(triton.cdiv(B, bm), triton.cdiv(M, bn))](
             q, k, scale, scale, scale, scale, scale, scale, scale, row_lse, col_lse, g_row, g_col, ds, part,
-            B, M, D, q.stride(0), k.stride(0), ds.stride(0), tt.log2_bucket(B), tt.log2_bucket(M),
-            BLOCK_D=bd, ONE_CHUNK=D <= bd, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **flags,
+            B, M, D, q.stride(0), k.stride(0), ds.stride(0), tt.log2_bucket(B), tt.log2_bucket(M), **meta,
         )
 
     def error(S):

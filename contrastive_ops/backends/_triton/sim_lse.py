@@ -176,19 +176,21 @@ _ATOMIC_MAX_D = 256  # the atomic kernels hold a BLOCK × next_pow2(D) fp32 accu
 # ---------------------------------------------------------------------------
 
 
-def fwd_plan(B: int, M: int, device: torch.device) -> Tuple[int, int, int]:
+def fwd_plan(B: int, M: int, device: torch.device, block_m: Optional[int] = None) -> Tuple[int, int, int]:
     """``(BLOCK_M, n_split, cols_per_split)`` of the general forward, from the shape.
 
-    128-row tiles while they fill the SMs, else 64; then, while the row tiles
-    are fewer than about two per SM, the columns are split into chunks of at
-    least ``min_cols`` (a multiple of every BLOCK_N) so the grid fills the GPU.
+    128-row tiles while they fill the SMs, else 64 (``block_m`` imposes one: the tile sweep of
+    ``benchmarks/gpu_tile_sweep.py``); then, while the row tiles are fewer than about two per SM,
+    the columns are split into chunks of at least ``min_cols`` (a multiple of every BLOCK_N) so
+    the grid fills the GPU.
     """
     sms = sm_count(device)
     if interpreting():
-        block_m, align, min_cols = INTERP_BLOCK[0], INTERP_N[0], INTERP_N[0]
+        auto_m, align, min_cols = INTERP_BLOCK[0], INTERP_N[0], INTERP_N[0]
     else:
-        block_m = 128 if triton.cdiv(B, 128) >= sms else 64
+        auto_m = 128 if triton.cdiv(B, 128) >= sms else 64
         align, min_cols = 128, 1024
+    block_m = block_m or auto_m
     t_b = triton.cdiv(B, block_m)
     want = max(1, triton.cdiv(2 * sms, max(t_b, 1)))
     n_split = max(1, min(want, M // min_cols))
