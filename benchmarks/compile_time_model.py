@@ -138,10 +138,10 @@ def _n_configs(kernel: str) -> int:
     from contrastive_ops.backends._triton import tiles as t
 
     # The dk kernel's wide form (_bwd_dk_wide_kernel) is the same function with DK_WIDE_GPU.
-    lists = {"_fwd_kernel": t.FWD_N_GPU, "_bwd_dq_kernel": t.BWD_GPU, "_bwd_dk_kernel": t.BWD_GPU,
+    lists = {"_fwd_kernel": t.FWD_N_GPU, "_bwd_dq_kernel": t.BWD_DQ_GPU, "_bwd_dk_kernel": t.BWD_GPU,
              "_bwd_atomic_kernel": t.BWD_ATOMIC_GPU, "_gram_fwd_kernel": t.SYM_FWD_GPU,
              "_gram_bwd_kernel": t.SYM_BWD_GPU, "_gram_bwd_atomic_kernel": t.SYM_ATOMIC_GPU,
-             "_siglip_fwd_kernel": t.FWD_GPU, "_siglip_bwd_dx_kernel": t.BWD_GPU, "_siglip_bwd_dy_kernel": t.BWD_GPU}
+             "_siglip_fwd_kernel": t.FWD_GPU, "_siglip_bwd_dx_kernel": t.BWD_DQ_GPU, "_siglip_bwd_dy_kernel": t.BWD_GPU}
     return len(lists.get(kernel, [None]))
 
 

@@ -75,7 +75,8 @@ def _params():
         return [pytest.param(None, id="collect")]
     out = []
     for s in _SPECS:
-        marks = [pytest.mark.xfail(strict=True, reason=s["expect_fail"])] if s["expect_fail"] else []
+        why = ("pruned, never launched: " if s.get("pruned") else "") + (s["expect_fail"] or "")
+        marks = [pytest.mark.xfail(strict=True, reason=why)] if s["expect_fail"] else []
         out.append(pytest.param(s, id=s["id"], marks=marks))
     return out
 
@@ -187,6 +188,61 @@ def test_known_faults_must_match_a_spec():
         mark_known_faults([dict(sp)], {"3.6": stale, "3.8": {}}, "t", version="3.6")
     with pytest.raises(ValueError, match="match no spec"):       # stale under the other version
         mark_known_faults([dict(sp)], {"3.6": fault, "3.8": stale}, "t", version="3.6")
+
+
+def test_known_faults_with_a_clean_sibling_are_pruned():
+    """A failing variant is 'pruned' when a clean config of the same kernel, dtype and D exists (the
+    autotuner never launches it); a kernel whose every config fails keeps its expected failures."""
+    from contrastive_ops.backends._triton.tiles import mark_known_faults
+
+    base = dict(name="k", dtype="bf16", constexprs={"BLOCK": 64}, num_stages=2)
+    specs = [dict(base, D=128, num_warps=4), dict(base, D=128, num_warps=8), dict(base, D=256, num_warps=4)]
+    faults = {"3.6": {("k", "bf16", (128, 256), "64 w4 s2"): "spills 8 B"}}
+    out = mark_known_faults(specs, faults, "t", version="3.6")
+    assert [bool(sp.get("expect_fail")) for sp in out] == [True, False, True]
+    assert [sp["pruned"] for sp in out] == [True, False, False]   # D = 256 has no clean config
+
+
+def _config_of(sp):
+    import triton
+
+    c = sp["constexprs"]
+    return triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK") if k in c},
+                         num_warps=sp["num_warps"], num_stages=sp["num_stages"])
+
+
+def test_autotuner_prunes_the_gate_faults():
+    """``tiles._prune`` drops every config the installed Triton's fault tables mark for that kernel, dtype
+    and blocks while a clean one is left, and keeps a failing config that is the only one: what the
+    gate table calls pruned is what the dispatcher never launches."""
+    import torch
+
+    from contrastive_ops.backends._triton import siglip, sim_lse, tiles
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    n_pruned = n_kept = 0
+    for mod in (sim_lse, siglip):
+        specs = mod.compile_specs()
+        groups = {}
+        for sp in specs:
+            groups.setdefault((sp["name"], sp["dtype"], sp["D"]), []).append(sp)
+        for sp in specs:
+            if not sp.get("expect_fail"):
+                continue
+            args = {"Q": torch.empty(0, dtype=dtypes[sp["dtype"]])}
+            kw = {k: v for k, v in sp["constexprs"].items() if k not in ("BLOCK_M", "BLOCK_N", "BLOCK")}
+            bad = _config_of(sp)
+            clean = [_config_of(o) for o in groups[(sp["name"], sp["dtype"], sp["D"])] if not o.get("expect_fail")]
+            assert bool(clean) == sp["pruned"]
+            got = tiles._prune([bad] + clean, args, fn=sp["fn"], **kw)
+            if sp["pruned"]:
+                assert bad not in got and got and all(c in clean for c in got), sp["expect_fail"]
+                n_pruned += 1
+            else:
+                assert got == [bad]
+                n_kept += 1
+            assert tiles._prune(clean or [bad], args, fn=sp["fn"], **kw)  # never empty
+    assert n_pruned > 0
 
 
 def test_known_faults_are_per_triton_version(monkeypatch):

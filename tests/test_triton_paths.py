@@ -145,8 +145,10 @@ def test_output_chunks(name, dtype):
 
 def test_block_do_gpu_widths(monkeypatch):
     """S once per gradient up to D = 512 in 16-bit (128 in fp32, 256 in the Gram backward); D = 768 and
-    1024 in two chunks.  S chunks: 16-bit one chunk up to 128 then 64 wide, fp32 32 wide."""
+    1024 in two chunks.  S chunks: 16-bit one chunk up to 128 then 64 wide, fp32 16 wide (SigLIP's the
+    same, at most 64).  The transposed dk accumulator takes 16-bit D of 512 and 1024 padded."""
     monkeypatch.setattr(ttiles, "interpreting", lambda: False)
+    monkeypatch.setattr(tcore, "interpreting", lambda: False)
     for D, bf16, f32 in [(64, 64, 64), (128, 128, 128), (200, 256, 128), (256, 256, 128), (512, 512, 128),
                          (768, 512, 128), (1024, 512, 128)]:
         assert ttiles.block_do(D, torch.bfloat16) == bf16, D
@@ -155,7 +157,12 @@ def test_block_do_gpu_widths(monkeypatch):
         gram = min(bf16, ttiles.GRAM_MAX_DO)  # the Gram backward's accumulator stops at 256
         assert ttiles.block_do(D, torch.bfloat16, gram=True) == gram == ttiles.gpu_block_do(D, "bf16", gram=True)
         assert ttiles.chunk_d(D, torch.bfloat16) == (max(64, D) if D <= 128 else 64) == ttiles.gpu_chunk_d(D)
-        assert ttiles.chunk_d(D, torch.float32) == 32 == ttiles.gpu_chunk_d(D, "fp32")
+        assert ttiles.chunk_d(D, torch.float32) == 16 == ttiles.gpu_chunk_d(D, "fp32")
+        assert ttiles.block_d(D, torch.float32) == 16 and ttiles.block_d(D, torch.bfloat16) == 64
+        assert tcore.dk_wide(D, torch.bfloat16) == (D >= 257) and not tcore.dk_wide(D, torch.float32)
+    for D, bd in ((8, 16), (32, 32), (257, 64), (1025, 64)):
+        assert ttiles.block_d(D, torch.bfloat16) == bd and ttiles.block_d(D, torch.float32) == min(bd, 16)
+        assert tcore.dk_wide(D, torch.float16) == (D == 257)
 
 
 def _gram(B, D, dtype, exclude_self=True, seed=0):
@@ -249,13 +256,14 @@ def test_autotune_lists_keys_and_pruning(monkeypatch):
     """≤ 4 configs per kernel on the GPU, tiles ≥ 64 rows and warps a multiple of 4 (wgmma), the
     first fitting config alone with CONTRASTIVE_OPS_TRITON_CONFIGS=default, B and M in the keys as
     log₂ buckets, and configs whose accumulator would spill or whose tiles overflow shared memory pruned."""
-    lists = [ttiles.FWD_N_GPU, ttiles.BWD_GPU, ttiles.FWD_GPU, ttiles.BWD_ATOMIC_GPU, ttiles.SYM_FWD_GPU,
+    lists = [ttiles.FWD_N_GPU, ttiles.BWD_GPU, ttiles.BWD_DQ_GPU, ttiles.FWD_GPU, ttiles.BWD_ATOMIC_GPU, ttiles.SYM_FWD_GPU,
              ttiles.SYM_BWD_GPU, ttiles.SYM_ATOMIC_GPU, ttiles.DS_GPU, ttiles.FWD_N_GPU_FP32, ttiles.FWD_GPU_FP32,
              ttiles.DS_GPU_FP32]
     for lst in lists:
         assert 1 <= len(lst) <= ttiles.MAX_GPU_CONFIGS
-        for blocks, warps, _ in lst:
-            assert warps % 4 == 0 and all(b >= 64 for b in blocks), lst
+        for blocks, warps, _ in lst:  # the dq list's 32 is BLOCK_N: the N side of S and the K side of dS·K
+            assert warps % 4 == 0 and all(b >= (32 if lst is ttiles.BWD_DQ_GPU and i == 1 else 64)
+                                          for i, b in enumerate(blocks)), lst
     monkeypatch.setattr(ttiles, "interpreting", lambda: False)
     import triton
 
@@ -315,9 +323,11 @@ def test_compile_specs():
             assert set(s["args"]) | set(s["constexprs"]) == set(s["fn"].arg_names)
             assert s["dtype"] in ("bf16", "fp16", "fp32") and s["D"] in ttiles.SPEC_DS
             assert s["num_warps"] % 4 == 0
-            # S tiles of ≥ 64 rows (wgmma's M); the wide dk kernel's 32 columns are the N side of both products
+            # S tiles of ≥ 64 rows (wgmma's M); the wide dk kernel's 16 or 32 columns are the N side of both
+            # products, as are the 32 columns of the row-stationary dq and dx kernels (S's N, dS·K's K)
+            narrow_n = s["constexprs"].get("DK_T") or s["name"] in ("sim_lse_bwd_dq", "siglip_bwd_dx")
             assert all(v >= 64 for n, v in s["constexprs"].items() if n in ("BLOCK_M", "BLOCK_N", "BLOCK")
-                       if not (n == "BLOCK_N" and s["constexprs"].get("DK_T")))
+                       if not (n == "BLOCK_N" and narrow_n))
             if "BLOCK_DO" in s["constexprs"]:
                 assert ttiles.acc_fits(s["constexprs"], s["num_warps"], s["constexprs"]["BLOCK_DO"])
             if s["name"] in ("sim_lse_fwd", "sim_lse_gram_fwd", "sim_lse_bwd_ds", "sim_lse_gram_ds"):
@@ -327,12 +337,12 @@ def test_compile_specs():
                 assert ttiles.fwd_smem(bm, bn, c["BLOCK_D"], s["num_stages"], elem) <= ttiles.SMEM_LIMIT
         for name in names:
             got = {(s["dtype"], s["D"]) for s in specs if s["name"] == name}
-            if name == "sim_lse_bwd_dk_wide":  # 16-bit D wider than one dq chunk
-                assert got == {(dt, D) for dt in ("bf16", "fp16") for D in (768, 1024)}
+            if name == "sim_lse_bwd_dk_wide":  # 16-bit D of 512 to 1024
+                assert got == {(dt, D) for dt in ("bf16", "fp16") for D in (512, 768, 1024)}
                 continue
             want = {(dt, D) for dt in ("bf16", "fp16", "fp32") for D in ttiles.SPEC_DS}
             if name == "sim_lse_bwd_dk":
-                want -= {(dt, D) for dt in ("bf16", "fp16") for D in (768, 1024)}
+                want -= {(dt, D) for dt in ("bf16", "fp16") for D in (512, 768, 1024)}
             assert got == want, name
 
 

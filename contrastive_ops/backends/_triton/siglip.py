@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .args import same_device, scalar_on
-from .tiles import (BWD_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
+from .tiles import (BWD_DQ_GPU, BWD_GPU, FWD_GPU, INTERP_BLOCK, SPEC_DS, SPEC_DTYPES, acc_fits, autotune, block_d, block_do,
                     checked_backward, col_tile, configs, dot_flags, empty, gemm_block_rows, gpu_block_do, gpu_dot_flags,
                     gpu_choices, launch, log2_bucket, matrix_writer, min_block, mark_known_faults, s_tile, spec)
 
@@ -102,7 +102,7 @@ def _siglip_g_tile(X, Y, x_rows, y_rows, rows, cols, row_mask, col_mask, D, stri
 
 # Row-stationary dx = scale·G Y per (row tile, output D-chunk); chunk 0 also
 # writes the tile's Σ G·x·y (dscale) and Σ G (dbias).
-@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2", "PREC"])
+@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_DQ_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2", "PREC"])
 @triton.jit
 def _siglip_bwd_dx_kernel(X, Y, Scale, Bias, Grad, DX, ScalePart, BiasPart, B, M, D, stride_x, stride_y, stride_dx,
                           B_LOG2, M_LOG2,
@@ -183,7 +183,7 @@ def _siglip_fwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
     if B > 0 and M > 0:
         launch("siglip_fwd", _siglip_fwd_kernel, lambda meta: (triton.cdiv(B, meta["BLOCK_M"]),))(
             x, y, scale, bias, part, B, M, D, x.stride(0), y.stride(0), log2_bucket(B), log2_bucket(M),
-            BLOCK_D=block_d(D), **dot_flags(x.dtype),
+            BLOCK_D=block_d(D, x.dtype), **dot_flags(x.dtype),
         )
     return part.sum()
 
@@ -277,7 +277,7 @@ def _gemm_backward(x, y, scale, bias, grad, want_loss=False, out_dtype=None):
         launch("siglip_bwd_g", _siglip_bwd_g_kernel,
                lambda meta, n=r1 - r0: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_N"])))(
             x, y, scale, bias, grad, g, sp, bp, lp, r0, r1, M, D, x.stride(0), y.stride(0), g.stride(0),
-            log2_bucket(B), log2_bucket(M), BLOCK_D=block_d(D), WANT_LOSS=want_loss, **flags,
+            log2_bucket(B), log2_bucket(M), BLOCK_D=block_d(D, x.dtype), WANT_LOSS=want_loss, **flags,
         )
         dx[r0:r1] = (mm_f32(g, y) * scale).to(dx.dtype)
         dy_acc += mm_f32(g.t(), x[r0:r1])
@@ -302,7 +302,7 @@ def _siglip_bwd_op(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, grad: Tens
     n_part = triton.cdiv(B, min_block())
     scale_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
     bias_part = torch.zeros((n_part,), dtype=torch.float32, device=x.device)
-    bd, bdo = block_d(D), block_do(D, x.dtype)
+    bd, bdo = block_d(D, x.dtype), block_do(D, x.dtype)
     n_d = out_chunks(D, x.dtype)
     flags = dot_flags(x.dtype)
     buckets = (log2_bucket(B), log2_bucket(M))
@@ -416,24 +416,15 @@ _GATE_FAULTS = {
         ("siglip_bwd_dx", "fp16", (256,), "128x64 w8 s2"): "spills 56 B stored / 40 B loaded",
         ("siglip_bwd_dx", "fp16", (256,), "64x64 w4 s2"): "spills 68 B stored / 52 B loaded",
         ("siglip_bwd_dx", "fp16", (512, 768, 1024), "64x64 w8 s2"): "spills 56 B stored / 44 B loaded",
-        ("siglip_bwd_dx", "fp32", (64,), "128x64 w8 s2"): "spills 276 B stored / 256 B loaded",
-        ("siglip_bwd_dx", "fp32", (64,), "64x128 w8 s2"): "spills 904 B stored / 816 B loaded",
-        ("siglip_bwd_dx", "fp32", (64,), "64x64 w4 s2"): "spills 280 B stored / 256 B loaded",
-        ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 744 B stored / 556 B loaded",
-        ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 864 B stored / 704 B loaded",
-        ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 536 B stored / 384 B loaded",
-        ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 96 B stored / 80 B loaded",
+        ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 32 B stored / 16 B loaded",
+        ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 144 B stored / 92 B loaded",
         ("siglip_bwd_dy", "bf16", (256,), "64x128 w8 s2"): "spills 44 B stored / 28 B loaded",
         ("siglip_bwd_dy", "bf16", (256,), "64x64 w4 s2"): "spills 56 B stored / 40 B loaded",
         ("siglip_bwd_dy", "fp16", (256,), "64x128 w8 s2"): "spills 44 B stored / 28 B loaded",
         ("siglip_bwd_dy", "fp16", (256,), "64x64 w4 s2"): "spills 56 B stored / 40 B loaded",
-        ("siglip_bwd_dy", "fp32", (64,), "128x64 w8 s2"): "spills 432 B stored / 416 B loaded",
-        ("siglip_bwd_dy", "fp32", (64,), "64x128 w8 s2"): "spills 384 B stored / 288 B loaded",
-        ("siglip_bwd_dy", "fp32", (64,), "64x64 w4 s2"): "spills 24 B stored / 12 B loaded",
-        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 532 B stored / 440 B loaded",
-        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 616 B stored / 432 B loaded",
-        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 232 B stored / 180 B loaded",
-        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 76 B stored / 56 B loaded",
+        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 48 B stored / 24 B loaded",
+        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 96 B stored / 64 B loaded",
+        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 64 B stored / 40 B loaded",
     },
     "3.8": {
         ("siglip_bwd_dx", "bf16", (256,), "128x64 w8 s2"): "spills 72 B stored / 56 B loaded",
@@ -441,47 +432,38 @@ _GATE_FAULTS = {
         ("siglip_bwd_dx", "fp16", (256,), "128x64 w8 s2"): "spills 72 B stored / 56 B loaded",
         ("siglip_bwd_dx", "fp16", (256,), "64x64 w4 s2"): "spills 148 B stored / 128 B loaded",
         ("siglip_bwd_dx", "fp16", (512, 768, 1024), "64x64 w8 s2"): "spills 40 B stored / 24 B loaded",
-        ("siglip_bwd_dx", "fp32", (64,), "128x64 w8 s2"): "spills 296 B stored / 264 B loaded",
-        ("siglip_bwd_dx", "fp32", (64,), "64x128 w8 s2"): "spills 872 B stored / 772 B loaded",
-        ("siglip_bwd_dx", "fp32", (64,), "64x64 w4 s2"): "spills 272 B stored / 244 B loaded",
-        ("siglip_bwd_dx", "fp32", (64,), "64x64 w8 s2"): "spills 272 B stored / 228 B loaded",
-        ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 616 B stored / 480 B loaded",
-        ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 852 B stored / 680 B loaded",
-        ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 604 B stored / 472 B loaded",
-        ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 248 B stored / 220 B loaded",
+        ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 384 B stored / 252 B loaded",
+        ("siglip_bwd_dx", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 396 B stored / 256 B loaded",
         ("siglip_bwd_dy", "bf16", (256,), "64x128 w8 s2"): "spills 48 B stored / 32 B loaded",
         ("siglip_bwd_dy", "bf16", (256,), "64x64 w4 s2"): "spills 56 B stored / 40 B loaded",
         ("siglip_bwd_dy", "fp16", (256,), "64x128 w8 s2"): "spills 48 B stored / 32 B loaded",
         ("siglip_bwd_dy", "fp16", (256,), "64x64 w4 s2"): "spills 56 B stored / 40 B loaded",
-        ("siglip_bwd_dy", "fp32", (64,), "128x64 w8 s2"): "spills 288 B stored / 272 B loaded",
-        ("siglip_bwd_dy", "fp32", (64,), "64x128 w8 s2"): "spills 468 B stored / 336 B loaded",
-        ("siglip_bwd_dy", "fp32", (64,), "64x64 w4 s2"): "spills 120 B stored / 108 B loaded",
-        ("siglip_bwd_dy", "fp32", (64,), "64x64 w8 s2"): "spills 288 B stored / 244 B loaded",
-        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 624 B stored / 600 B loaded",
-        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 604 B stored / 424 B loaded",
-        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 400 B stored / 312 B loaded",
-        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w8 s2"): "spills 200 B stored / 180 B loaded",
+        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 48 B stored / 24 B loaded",
+        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 108 B stored / 76 B loaded",
+        ("siglip_bwd_dy", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 56 B stored / 32 B loaded",
     },
 }
 
 
 def compile_specs() -> list:
     """Every (kernel, config, dtype, D) the GPU dispatcher can pick (see ``sim_lse.compile_specs``)."""
+    from .tiles import gpu_block_d
+
     out = []
     for dname in SPEC_DTYPES:
         flags = gpu_dot_flags(dname)
         for D in SPEC_DS:
-            bd = max(16, min(triton.next_power_of_2(D), 64))
+            bd = gpu_block_d(D, dname == "fp32")
             bdo = gpu_block_do(D, dname)
             for (bm, bn), w, st in gpu_choices(FWD_GPU, dname):
                 out.append(spec("siglip_fwd", _siglip_fwd_kernel.fn, dname, D,
                                 dict(**flags, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn), w, st))
-            for (bm, bn), w, st in BWD_GPU:
-                c = dict(**flags, BLOCK_D=bd, BLOCK_DO=bdo, BLOCK_M=bm, BLOCK_N=bn)
-                if not acc_fits(c, w, bdo):
-                    continue
-                out.append(spec("siglip_bwd_dx", _siglip_bwd_dx_kernel.fn, dname, D, c, w, st))
-                out.append(spec("siglip_bwd_dy", _siglip_bwd_dy_kernel.fn, dname, D, c, w, st))
+            for name, kernel, choices in (("siglip_bwd_dx", _siglip_bwd_dx_kernel, BWD_DQ_GPU),
+                                          ("siglip_bwd_dy", _siglip_bwd_dy_kernel, BWD_GPU)):
+                for (bm, bn), w, st in choices:
+                    c = dict(**flags, BLOCK_D=bd, BLOCK_DO=bdo, BLOCK_M=bm, BLOCK_N=bn)
+                    if acc_fits(c, w, bdo):
+                        out.append(spec(name, kernel.fn, dname, D, c, w, st))
             for (bm, bn), w, st in G_GPU:
                 for name, loss in (("siglip_bwd_g", False), ("siglip_g_loss", True)):  # backward; fused step
                     out.append(matrix_writer(spec(name, _siglip_bwd_g_kernel.fn, dname, D,

@@ -11,9 +11,9 @@ import triton.language as tl
 
 from .sim_lse_fwd import _FLAG_KEYS
 from .tiles import (
-    BWD_ATOMIC_GPU, BWD_GPU, DK_WIDE_GPU, DS_GPU, INTERP_BLOCK, INTERP_SYM, SYM_ATOMIC_GPU, SYM_BWD_GPU, allowed, allowed_t,
-    autotune, col_bounds, col_tile, configs, held_tile, load_tile, row_max_of, row_span, row_tile, s_tile, scaled_s,
-    under_row_max, under_row_max_t,
+    BWD_ATOMIC_GPU, BWD_DQ_GPU, BWD_GPU, DK_WIDE_GPU, DS_GPU, INTERP_BLOCK, INTERP_SYM, SYM_ATOMIC_GPU, SYM_BWD_GPU,
+    allowed, allowed_t, autotune, col_bounds, col_tile, configs, held_tile, load_tile, row_max_of, row_span, row_tile,
+    s_tile, scaled_s, under_row_max, under_row_max_t,
 )
 
 
@@ -48,7 +48,7 @@ def _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT
     return tl.where(ok, ds, 0.0)
 
 
-@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
+@autotune(configs(("BLOCK_M", "BLOCK_N"), BWD_DQ_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
@@ -177,8 +177,8 @@ def _bwd_dk_kernel(
                  mask=col_mask[:, None] & (offs_o < D)[None, :])
 
 
-# The same kernel with the transposed dK accumulator (``DK_T``), for 16-bit D wider than one
-# output chunk of the dq kernel: D = 768 and 1024 in one chunk, S once (4 units instead of 6).
+# The same kernel with the transposed dK accumulator (``DK_T``), for 16-bit padded D of 512 and 1024:
+# all of D in one chunk, S once (4 units; the plain kernel's 6 at D = 1024 and spills at 512).
 _bwd_dk_wide_kernel = autotune(configs(("BLOCK_M", "BLOCK_N"), DK_WIDE_GPU, INTERP_BLOCK),
                                key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)(_bwd_dk_kernel.fn)
 

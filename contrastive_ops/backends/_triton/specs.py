@@ -183,6 +183,7 @@ def collect(all_configs: bool = False) -> List[dict]:
         if key in out:
             if s["D"] not in out[key]["Ds"]:
                 out[key]["Ds"].append(s["D"])
+            out[key]["pruned"] = out[key].get("pruned", False) and s.get("pruned", False)  # at every D
             continue
         out[key] = dict(s, key=key, Ds=[s["D"]])
     specs = list(out.values())
@@ -393,7 +394,8 @@ def run_gate(all_configs: bool = False, jobs: Optional[int] = None, cache: Optio
                     os.environ.pop("TRITON_CACHE_DIR", None)
                 else:
                     os.environ["TRITON_CACHE_DIR"] = old
-    return [dict(rows[s["key"]], expect_fail=s.get("expect_fail"), table_config=spec_config(s)) for s in specs]
+    return [dict(rows[s["key"]], expect_fail=s.get("expect_fail"), pruned=s.get("pruned", False),
+                 table_config=spec_config(s)) for s in specs]
 
 
 def _cost_guess(spec: dict) -> float:
@@ -411,7 +413,7 @@ def write_cache(rows: List[dict], path: Optional[str] = None) -> None:
     path = path or cache_path()
     keep = {}
     for r in rows:
-        r = {k: v for k, v in r.items() if k not in ("cached", "expect_fail", "id", "Ds", "table_config")}
+        r = {k: v for k, v in r.items() if k not in ("cached", "expect_fail", "pruned", "id", "Ds", "table_config")}
         keep[r["key"]] = r
     with open(path, "w") as f:
         json.dump(dict(triton=triton.__version__, target=list(TARGET), rows=dict(sorted(keep.items()))), f, indent=1)
@@ -439,7 +441,9 @@ def render_table(rows: List[dict]) -> str:
         "shared = bytes of shared memory per block (limit 232448); blocks/SM from registers, shared memory "
         "and warps; instr = the tensor-core instruction of the kernel's `tl.dot` (`fma`: none, `-`: no dot); "
         "cp.async/TMA = asynchronous copies in the PTX; gate = the checks of `specs.problems` "
-        "(xfail: a known failure the gate expects, with its reason below the table).",
+        "(xfail: a known failure the gate expects, with its reason below the table; pruned: a known failure "
+        "the autotuner never launches, because a clean config of the same kernel, dtype and D is left, "
+        "`tiles.gate_faulty`).",
         "",
         "| kernel | dtype | D | config | regs | spills | shared | warps | blocks/SM | instr | cp.async/TMA "
         "| compile s | gate |",
@@ -449,8 +453,9 @@ def render_table(rows: List[dict]) -> str:
     for r in sorted(rows, key=lambda r: (r["module"], r["name"], DTYPES.index(r["dtype"]),
                                          [d or 0 for d in r["Ds"]], r["config"])):
         probs = problems(r)
-        verdict = "ok" if not probs else ("xfail" if r.get("expect_fail") else "FAIL") + ": " + "; ".join(probs)
-        if r.get("expect_fail") and probs:
+        known = ("pruned" if r.get("pruned") else "xfail") if r.get("expect_fail") else "FAIL"
+        verdict = "ok" if not probs else known + ": " + "; ".join(probs)
+        if r.get("expect_fail") and probs and not r.get("pruned"):
             reasons[r["expect_fail"]] = True
         if r.get("error"):
             lines.append(f"| {r['module']}.{r['name']} | {r['dtype']} | {_ds(r['Ds'])} | {r['config']} | | | | "
@@ -461,11 +466,14 @@ def render_table(rows: List[dict]) -> str:
             f"{r['spill_stores'] + r['spill_loads']} | {r['shared']} | {r['num_warps']} | {r['blocks_per_sm']} | "
             f"{r['kind']} | {r['cp_async']}/{r['tma']} | {r.get('compile_s', '')} | {verdict} |")
     n_ok = sum(1 for r in rows if not problems(r))
-    n_x = sum(1 for r in rows if problems(r) and r.get("expect_fail"))
-    n_f = len(rows) - n_ok - n_x
-    lines += ["", f"{len(rows)} binaries: {n_ok} ok, {n_x} expected failures, {n_f} failures."]
+    n_p = sum(1 for r in rows if problems(r) and r.get("expect_fail") and r.get("pruned"))
+    n_x = sum(1 for r in rows if problems(r) and r.get("expect_fail")) - n_p
+    n_f = len(rows) - n_ok - n_x - n_p
+    lines += ["", f"{len(rows)} binaries: {n_ok} ok, {n_p} known failures pruned (never launched), "
+                  f"{n_x} expected failures the dispatcher can launch, {n_f} failures."]
     if reasons:
-        lines += ["", "Expected failures:", ""] + [f"- {r}" for r in reasons]
+        lines += ["", "Expected failures the dispatcher can launch (no clean config of that kernel, dtype and D):",
+                  ""] + [f"- {r}" for r in reasons]
     return "\n".join(lines) + "\n"
 
 
@@ -492,6 +500,41 @@ def render_faults(rows: List[dict]) -> str:
     return "\n".join(out) if out else f"# no variant fails the gate under Triton {v}\n"
 
 
+def write_faults(rows: List[dict]) -> List[str]:
+    """Rewrite the installed Triton's table in the ``_GATE_FAULTS`` of every kernel module from the
+    gate's rows (what ``--faults`` prints); return the files changed.  A module with faults but no
+    ``_GATE_FAULTS`` is an error (add the dict below its kernels first)."""
+    from .tiles import triton_minor
+
+    v = triton_minor()
+    blocks: Dict[str, List[str]] = {}
+    for block in render_faults(rows).split("\n\n"):
+        lines = block.strip("\n").split("\n")
+        if lines and lines[0].startswith("# backends/_triton/"):
+            blocks[lines[0].split("/")[-1].split(".py")[0]] = lines[1:]
+    changed = []
+    for name, mod in sorted(_modules().items()):
+        path = mod.__file__
+        with open(path) as f:
+            src = f.read().split("\n")
+        new = blocks.get(name, [f'    "{v}": {{', "    },"])
+        if not hasattr(mod, "_GATE_FAULTS"):
+            if name in blocks:
+                raise ValueError(f"{path}: variants fail the gate but the module has no _GATE_FAULTS")
+            continue
+        start = next((i for i, line in enumerate(src) if line.startswith(f'    "{v}": {{')), None)
+        if start is None:  # a new version: its table goes after the last one
+            start = end = next(i for i in range(len(src) - 1, -1, -1) if src[i] == "    },") + 1
+        else:
+            end = start + 1 if src[start].endswith("{},") else src.index("    },", start) + 1
+        out = src[:start] + new + src[end:]
+        if out != src:
+            with open(path, "w") as f:
+                f.write("\n".join(out))
+            changed.append(path)
+    return changed
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--list", action="store_true", help="print the specs as JSON and exit")
@@ -502,16 +545,19 @@ def main(argv=None) -> int:
                    help="update the committed cache and table of the installed Triton's minor version")
     p.add_argument("--faults", action="store_true",
                    help="print the _GATE_FAULTS entries of the installed Triton's minor version")
+    p.add_argument("--write-faults", action="store_true",
+                   help="rewrite the installed Triton minor version's table in each module's _GATE_FAULTS")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the gate compiles for the GPU", file=sys.stderr)
         return 2
-    if a.faults:  # measuring: a Triton without a fault table yet expects every variant to pass
+    if a.faults or a.write_faults:  # measuring: no fault table applies (the tables are being made)
         os.environ["CONTRASTIVE_OPS_GATE_MEASURE"] = "1"
     if a.list:
         json.dump([dict(id=s["id"], key=s["key"], module=s["module"], name=s["name"], dtype=s["dtype"], Ds=s["Ds"],
-                        expect_fail=s.get("expect_fail")) for s in collect(a.all_configs)], sys.stdout)
+                        expect_fail=s.get("expect_fail"), pruned=s.get("pruned", False))
+                   for s in collect(a.all_configs)], sys.stdout)
         return 0
     t0 = time.perf_counter()
     cache = {} if a.no_cache else load_cache()
@@ -530,6 +576,10 @@ def main(argv=None) -> int:
             f.write(render_table(rows))
     if a.faults:
         print(render_faults(rows))
+    if a.write_faults:
+        for path in write_faults(rows):
+            print(f"rewrote the fault table of {path}", file=sys.stderr)
+        return 0
     bad = [r for r in rows if problems(r) and not r.get("expect_fail")]
     return 1 if bad else 0
 

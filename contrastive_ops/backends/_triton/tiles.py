@@ -13,7 +13,7 @@ Block-size rules (GPU):
   in forward and backward alike (32-row tiles compile to ``mma.sync``, whose
   fp32 sums may round differently).
 * 16-bit D ≤ 128 is one chunk (the stationary tile is loaded once per program);
-  wider D streams 64-wide chunks; fp32 streams 32-wide chunks.
+  wider D streams 64-wide chunks; fp32 streams 16-wide chunks.
 * The backward's gradient accumulators hold up to ``max_do(dtype)`` columns of
   D (512 in 16-bit, 128 in fp32), so S is recomputed once per gradient for
   every D up to that width.
@@ -27,6 +27,7 @@ specialization).  Under the interpreter one small config.
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
 import os
 from typing import List, Optional
@@ -112,8 +113,8 @@ def chunk_d(D: int, dtype: torch.dtype = torch.bfloat16) -> int:
 
     On the GPU every 16-bit D ≤ 128 is one chunk (the stationary tile is loaded
     once per program); wider D streams 64-wide chunks.  fp32 (tf32x3 splits each
-    operand in registers) streams 32-wide chunks: 128-wide ones spill 1.6–2.5 KB
-    per thread in the backward on sm_90a, 32-wide ones about 70 B.  Under the
+    operand in registers) streams 16-wide chunks: in the backward on sm_90a 128-wide
+    ones spill 1.6–2.5 KB per thread, 32-wide ones 70–1,200 B, 16-wide none.  Under the
     interpreter the cap is 32, so the tests see both the one-chunk (D ≤ 32) and
     the chunked layouts.
     """
@@ -162,10 +163,10 @@ def _chunk_width(D: int, cap: int) -> int:
     return max(16, triton.next_power_of_2(triton.cdiv(D, n_d)))
 
 
-def block_d(D: int) -> int:
-    """Width of the D chunks of the SigLIP kernels (a power of two, at least 16)."""
-    cap = 32 if interpreting() else 64
-    return max(16, min(triton.next_power_of_2(D), cap))
+def block_d(D: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Width of the D chunks of the SigLIP kernels (a power of two, at least 16; ``gpu_block_d``)."""
+    fp32 = dtype == torch.float32
+    return min(max(16, triton.next_power_of_2(D)), 32) if interpreting() else gpu_block_d(D, fp32)
 
 
 def d_pad(D: int) -> int:
@@ -218,7 +219,7 @@ def configs(block_names, gpu_choices, interp_choice) -> List[triton.Config]:
                                                  for b, w, s in gpu_choices])
 
 
-MAX_ACC_PER_THREAD = 128  # fp32 accumulator registers per thread a backward config may hold
+MAX_ACC_PER_THREAD = 128  # fp32 accumulator registers per thread a backward config may hold (dKᵀ: 64)
 SMEM_LIMIT = 232448  # bytes of shared memory one sm_90 program may use
 
 
@@ -228,11 +229,11 @@ def acc_fits(cfg_kwargs: dict, num_warps: int, block_do_: int) -> bool:
     The stationary block is at most max(BLOCK_M, BLOCK_N) (or BLOCK) rows; its
     accumulator takes rows·BLOCK_DO/(32·warps) registers per thread, kept ≤ 128
     so the S tile, dS and addresses fit beside it in 255 without spilling.
+    The transposed dK accumulator (``DK_T``, BLOCK_DO × BLOCK_N) is kept ≤ 64 (at 128 it spills).
     """
-    if cfg_kwargs.get("DK_T"):  # the transposed dK accumulator: BLOCK_DO × BLOCK_N
-        rows = cfg_kwargs["BLOCK_N"]
-    else:
-        rows = max(cfg_kwargs.get(n, 0) for n in ("BLOCK_M", "BLOCK_N", "BLOCK"))
+    if cfg_kwargs.get("DK_T"):
+        return cfg_kwargs["BLOCK_N"] * block_do_ <= MAX_ACC_PER_THREAD // 2 * 32 * num_warps
+    rows = max(cfg_kwargs.get(n, 0) for n in ("BLOCK_M", "BLOCK_N", "BLOCK"))
     return rows * block_do_ <= MAX_ACC_PER_THREAD * 32 * num_warps
 
 
@@ -244,19 +245,18 @@ def fwd_smem(block_m: int, block_n: int, block_d: int, num_stages: int, elem: in
     return (block_m + num_stages * block_n) * block_d * elem
 
 
-def _elem_size(named_args) -> int:
-    for n in ("Q", "Z", "X"):
-        t = named_args.get(n)
-        if t is not None and hasattr(t, "element_size"):
-            return t.element_size()
-    return 2
+# The compile gate's fault tables feed the pruning: a config the gate measured failing for a kernel,
+# dtype and blocks is not autotuned where a clean one exists (``gate_faulty``, at the end of the file).
 
 
-def _prune(configs_list, named_args, **kwargs):
-    """Autotune pruning of every kernel: drop backward configs whose accumulator would spill
-    (``acc_fits``) and forward configs whose tiles exceed the shared memory (``fwd_smem``); with
-    ``CONFIGS == "default"`` keep the first survivor alone.  Never returns an empty list."""
+def _prune(configs_list, named_args, fn=None, **kwargs):
+    """Autotune pruning of every kernel: drop the configs the compile gate measured failing for this
+    kernel, dtype and blocks where another is left (``gate_faulty``), backward configs whose
+    accumulator would spill (``acc_fits``) and forward configs whose tiles exceed the shared memory
+    (``fwd_smem``); with ``CONFIGS == "default"`` keep the first survivor alone.  Never empty."""
     kept = _for_dtype(configs_list, named_args)
+    faulty = gate_faulty(fn, named_args, kwargs)
+    kept = [c for c in kept if not faulty(c)] or kept
     bdo = kwargs.get("BLOCK_DO")
     if bdo:
         kept = [c for c in kept if acc_fits({**kwargs, **c.kwargs}, c.num_warps, bdo)]
@@ -278,23 +278,24 @@ def autotune(configs_list, key, reset_to_zero=None):
     """``triton.autotune`` with the pruning of ``_prune`` and on-disk result caching where the
     installed Triton has it."""
     extra = dict(cache_results=True) if _AUTOTUNE_CACHES and not interpreting() else {}
-    return triton.autotune(configs=configs_list, key=key, reset_to_zero=reset_to_zero,
-                           prune_configs_by=dict(early_config_prune=_prune), **extra)
+    return lambda fn: triton.autotune(configs=configs_list, key=key, reset_to_zero=reset_to_zero, **extra,
+                                      prune_configs_by=dict(early_config_prune=functools.partial(_prune, fn=fn)))(fn)
 
 
 # Every list: tiles of at least 64 rows, warps a multiple of 4 (wgmma), first entry = the default.
 # Forward, general: BLOCK_M is chosen from the shape by the launcher (the split grid and its
 # partial buffers depend on it); the autotuner picks BLOCK_N, warps and stages.
 FWD_N_GPU = [((128,), 8, 3), ((64,), 4, 3), ((64,), 4, 4), ((64,), 8, 2)]  # 16-bit (fp32: FWD_N_GPU_FP32)
-# Backward (dq and dk kernels): BLOCK_M × BLOCK_N S tiles beside a BLOCK × BLOCK_DO accumulator.
+# Backward: BLOCK_M × BLOCK_N S tiles beside a BLOCK × BLOCK_DO accumulator (dk; SigLIP's dy).  The
+# row-stationary dq (SigLIP's dx) also takes 64 × 32 tiles: beside a 64 × 512 accumulator they spill none.
 BWD_GPU = [((64, 64), 8, 2), ((64, 64), 4, 2), ((128, 64), 8, 2), ((64, 128), 8, 2)]
+BWD_DQ_GPU = [((64, 64), 8, 2), ((64, 64), 4, 2), ((128, 64), 8, 2), ((64, 32), 8, 2)]
 # SigLIP keeps its own lists (same rules).
 FWD_GPU = [((128, 128), 8, 3), ((128, 64), 4, 3), ((64, 128), 4, 3), ((64, 64), 4, 4)]
-# The dk kernel with the transposed accumulator (16-bit, D = 768 and 1024): dKᵀ (≤ 1024 × 32) += Qᵀ·dS,
-# so the whole of D is one output chunk (128 accumulator registers per thread on 8 warps).
-DK_WIDE_GPU = [((64, 32), 8, 2)]
-# The dS kernel of the GEMM backward: an S tile and an elementwise epilogue stored to memory, the
-# shape of a forward tile (SigLIP's forward list).
+# The dk kernel with the transposed accumulator (16-bit, padded D = 512 and 1024): dKᵀ += Qᵀ·dS over
+# the whole of D in one output chunk; ``acc_fits`` keeps 512 × 32 or 1024 × 16 (64 registers per thread).
+DK_WIDE_GPU = [((64, 32), 8, 2), ((64, 16), 8, 2)]
+# The dS kernel of the GEMM backward: an S tile and an elementwise epilogue stored to memory (a forward tile).
 DS_GPU = [((128, 128), 8, 3), ((128, 64), 4, 3), ((64, 128), 4, 3), ((64, 64), 4, 4)]
 DK_WIDE_MAX_D = 1024
 # Atomic backward: full-width (≤ 256) tiles of Q and K.
@@ -568,7 +569,7 @@ def gpu_chunk_d(D: int, dtype_name: str = "bf16") -> int:
     """``chunk_d`` as on the GPU (for the compile specs, whatever mode this process is in)."""
     p2 = max(16, triton.next_power_of_2(D))
     if dtype_name == "fp32":
-        return min(p2, 32)
+        return min(p2, 16)
     return p2 if p2 <= 128 else 64
 
 
@@ -689,6 +690,8 @@ def mark_known_faults(specs: List[dict], faults: dict, where: str, version: Opti
     unless ``CONTRASTIVE_OPS_GATE_MEASURE=1`` (``specs --faults`` sets it to measure that Triton's
     table: every variant is then expected to pass).
     """
+    if not _MARKING:  # ``_measured_faults`` reads the specs themselves
+        return specs
     version = triton_minor(version)
     bad = [v for v in faults if not isinstance(v, str) or triton_minor(v) != v]
     if bad:
@@ -702,7 +705,7 @@ def mark_known_faults(specs: List[dict], faults: dict, where: str, version: Opti
     present = {(sp["name"], sp["dtype"], sp["D"], spec_config(sp)) for sp in specs}
     stale = [(v, k) for v, table in sorted(faults.items()) for k in table
              if any((k[0], k[1], d, k[3]) not in present for d in k[2])]
-    if stale:
+    if stale and os.environ.get("CONTRASTIVE_OPS_GATE_MEASURE") != "1":
         raise ValueError(f"{where}: compile-gate fault entries that match no spec: {stale}")
     index = {(n, dt, d, cfg): (ds, why) for (n, dt, ds, cfg), why in faults.get(version, {}).items() for d in ds}
     for sp in specs:
@@ -711,6 +714,9 @@ def mark_known_faults(specs: List[dict], faults: dict, where: str, version: Opti
             ds, why = index[k]
             sp["expect_fail"] = (f"{k[0]} {k[1]} D={'/'.join(map(str, ds))} {k[3]}: {why} "
                                  f"(Triton {version} ptxas, sm_90a)")
+    clean = {(sp["name"], sp["dtype"], sp["D"]) for sp in specs if not sp.get("expect_fail")}
+    for sp in specs:  # never launched: ``_prune`` takes a clean config of the same kernel, dtype and D
+        sp["pruned"] = bool(sp.get("expect_fail")) and (sp["name"], sp["dtype"], sp["D"]) in clean
     return specs
 
 
@@ -732,3 +738,76 @@ def gemm_block_rows(B: int, M: int, elem_size: int, budget: int) -> int:
     the smallest tile (at least one tile), at most B."""
     unit = min_block()
     return min(B, max(unit, budget // max(1, M * elem_size) // unit * unit))
+
+
+def gpu_block_d(D: int, fp32: bool = False) -> int:
+    """SigLIP's ``block_d`` as on the GPU: 64-wide chunks, 16-wide for fp32 (as ``gpu_chunk_d``)."""
+    return min(max(16, triton.next_power_of_2(D)), 16 if fp32 else 64)
+
+
+def _elem_size(named_args) -> int:
+    for n in ("Q", "Z", "X", "K"):
+        t = named_args.get(n)
+        if t is not None and hasattr(t, "element_size"):
+            return t.element_size()
+    return 2
+
+
+def _dtype_name(named_args) -> Optional[str]:
+    """"bf16" / "fp16" / "fp32" of a launch's feature operand (the compile specs' ``dtype``)."""
+    for n in ("Q", "Z", "X", "K"):
+        t = named_args.get(n)
+        if t is not None and hasattr(t, "dtype"):
+            return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(t.dtype)
+    return None
+
+
+_GATE_BLOCK_KEYS = ("ONE_CHUNK", "REUSE", "DK_T")
+_FAULTY: Optional[dict] = None  # kernel -> {(dtype, blocks, warps, stages)} the gate measured failing
+
+
+def _blocks(constexprs: dict) -> tuple:
+    """What, beside the dtype, warps and stages, picks a kernel's binary among its compile specs: the
+    BLOCK sizes and the layout switches (the launch flags of the specs are the common ones)."""
+    return tuple(sorted((k, v) for k, v in constexprs.items() if k.startswith("BLOCK") or k in _GATE_BLOCK_KEYS))
+
+
+def gate_faulty(fn, named_args, kwargs):
+    """Predicate on the configs of a launch of kernel ``fn``: True for those the sm_90a compile gate
+    measured failing (spills, ``mma.sync``, ...) under the installed Triton minor version for this
+    dtype and these blocks, from the kernel modules' ``_GATE_FAULTS`` (none for a Triton without a
+    table).  ``_prune`` drops them where another config is left, so the autotuner never launches a
+    variant the gate marks when a clean one exists; ``specs`` lists those as pruned."""
+    global _FAULTY
+    if _FAULTY is None:
+        _FAULTY = _measured_faults()
+    bad = _FAULTY.get(fn, ())
+    dtype = _dtype_name(named_args)
+    if not bad or dtype is None:
+        return lambda c: False
+    return lambda c: (dtype, _blocks({**kwargs, **c.kwargs}), c.num_warps, c.num_stages) in bad
+
+
+_MARKING = True  # False while ``_measured_faults`` collects the specs (``mark_known_faults`` then passes)
+
+
+def _measured_faults() -> dict:
+    global _MARKING
+    from . import specs
+
+    out: dict = {}
+    for mod in specs._modules().values():
+        table = getattr(mod, "_GATE_FAULTS", {}).get(triton_minor())
+        if not table:
+            continue
+        failing = {(k[0], k[1], d, k[3]) for k in table for d in k[2]}
+        _MARKING = False
+        try:
+            spec_list = mod.compile_specs()
+        finally:
+            _MARKING = True
+        for sp in spec_list:
+            if (sp["name"], sp["dtype"], sp["D"], spec_config(sp)) in failing:
+                out.setdefault(sp["fn"], set()).add(
+                    (sp["dtype"], _blocks(sp["constexprs"]), sp["num_warps"], sp["num_stages"]))
+    return out
