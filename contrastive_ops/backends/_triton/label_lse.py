@@ -14,8 +14,10 @@ logit, so its absolute error (an fp32 ulp of 1 + d) is what counts.
 * dk, one program per BLOCK_N candidates, streaming the rows: dk += dGᵀ·q.
 
 No atomics (deterministic); dscale is the ``torch.sum`` of the per-row parts.
-Tiles hold all of D (BLOCK_D = next power of two ≥ D, at least 16): simple
-and exact, not tuned (wide D costs registers on a GPU).
+Gradient tiles hold all of D (BLOCK_D = next power of two ≥ D, at least 16).
+G is formed by one helper, ``_g``, the same way in all three kernels: from
+held full-D tiles in 16-bit, from BLOCK_DS-wide chunks in fp32 (tf32x3 keeps
+split copies of its operands in registers).  Not tuned otherwise.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .args import same_device, scalar_on
-from .tiles import dot_flags, empty, interpreting, launch
+from .tiles import dot_flags, empty, held_tile, interpreting, launch, s_tile
 
 Tensor = torch.Tensor
 
@@ -38,6 +40,15 @@ def _tile(X, rows, rmask, offs_d, D, stride, UPCAST: tl.constexpr):
     if UPCAST:
         t = t.to(tl.float32)
     return t
+
+
+@triton.jit
+def _g(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST: tl.constexpr, PREC: tl.constexpr,
+       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr):
+    """G = q·kᵀ of a tile: from the held tiles ``q`` and ``k`` when BLOCK_DS == BLOCK_D, else summed
+    over BLOCK_DS-wide chunks read from memory in increasing order (``tiles.s_tile``)."""
+    return s_tile(Q, K, rows.to(tl.int64), cols.to(tl.int64), rmask, cmask, D, stride_q, stride_k, q, k,
+                  BLOCK_M, BLOCK_N, BLOCK_DS, BLOCK_DS == BLOCK_D, UPCAST, PREC)
 
 
 @triton.jit
@@ -126,11 +137,12 @@ def _label_lse_uniform_kernel(SeedP, RID, CID, Out, R, C, draw, BLOCK_R: tl.cons
 def _label_lse_fwd_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, RID, CID, SeedP, B, M, D, stride_q,
                           stride_k, kind, skip, UPCAST: tl.constexpr, PREC: tl.constexpr,
                           MIX: tl.constexpr, BETA_A: tl.constexpr, BETA_B: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_DS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
     offs_d = tl.arange(0, BLOCK_D)
-    q = _tile(Q, rows, rmask, offs_d, D, stride_q, UPCAST)
+    q = held_tile(Q, rows.to(tl.int64), rmask, offs_d, D, stride_q, UPCAST, BLOCK_DS == BLOCK_D)
     s = tl.load(Scale)
     yr = tl.load(YR + rows, mask=rmask, other=0.0)
     c = tl.load(Coef + rows, mask=rmask, other=0.0)
@@ -145,9 +157,10 @@ def _label_lse_fwd_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, 
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
-        k = _tile(K, cols, cmask, offs_d, D, stride_k, UPCAST)
+        k = held_tile(K, cols.to(tl.int64), cmask, offs_d, D, stride_k, UPCAST, BLOCK_DS == BLOCK_D)
         yc = tl.load(YC + cols, mask=cmask, other=0.0)
-        g = tl.dot(q, tl.trans(k), input_precision=PREC)
+        g = _g(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_D,
+               BLOCK_DS)
         lam = 0.0
         if MIX:
             lam = _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, BETA_A, BETA_B)
@@ -171,11 +184,12 @@ def _probs(z, lse):
 def _label_lse_dq_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, RID, CID, SeedP, GL, DQ, Part, DB, B,
                          M, D, stride_q, stride_k, stride_dq, kind, skip, UPCAST: tl.constexpr,
                          PREC: tl.constexpr, MIX: tl.constexpr, BETA_A: tl.constexpr, BETA_B: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_DS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
     offs_d = tl.arange(0, BLOCK_D)
-    q = _tile(Q, rows, rmask, offs_d, D, stride_q, UPCAST)
+    q = held_tile(Q, rows.to(tl.int64), rmask, offs_d, D, stride_q, UPCAST, BLOCK_DS == BLOCK_D)
     s = tl.load(Scale)
     yr = tl.load(YR + rows, mask=rmask, other=0.0)
     c = tl.load(Coef + rows, mask=rmask, other=0.0)
@@ -195,7 +209,8 @@ def _label_lse_dq_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, R
         cmask = cols < M
         k = _tile(K, cols, cmask, offs_d, D, stride_k, UPCAST)
         yc = tl.load(YC + cols, mask=cmask, other=0.0)
-        g = tl.dot(q, tl.trans(k), input_precision=PREC)
+        g = _g(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_D,
+               BLOCK_DS)
         lam = 0.0
         if MIX:
             lam = _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, BETA_A, BETA_B)
@@ -216,11 +231,12 @@ def _label_lse_dq_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, R
 def _label_lse_dk_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, RID, CID, SeedP, GL, DK, B, M, D,
                          stride_q, stride_k, stride_dk, kind, skip, UPCAST: tl.constexpr,
                          PREC: tl.constexpr, MIX: tl.constexpr, BETA_A: tl.constexpr, BETA_B: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_DS: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < M
     offs_d = tl.arange(0, BLOCK_D)
-    k = _tile(K, cols, cmask, offs_d, D, stride_k, UPCAST)
+    k = held_tile(K, cols.to(tl.int64), cmask, offs_d, D, stride_k, UPCAST, BLOCK_DS == BLOCK_D)
     yc = tl.load(YC + cols, mask=cmask, other=0.0)
     s = tl.load(Scale)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -238,7 +254,8 @@ def _label_lse_dk_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, R
         b = tl.zeros([BLOCK_M], tl.float32)
         if MIX:
             b = tl.load(RT + rows, mask=rmask, other=0.0)
-        g = tl.dot(q, tl.trans(k), input_precision=PREC)
+        g = _g(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_D,
+               BLOCK_DS)
         lam = 0.0
         if MIX:
             lam = _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, BETA_A, BETA_B)
@@ -253,21 +270,28 @@ def _label_lse_dk_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, R
 
 
 def _gpu_config(D: int, dtype: str, mix: bool = False) -> dict:
-    """Block sizes and warps on the GPU.  fp32 (tf32x3 keeps split copies of the full-D tiles in registers)
-    takes 32-wide column tiles on 8 warps: at D = 128 on sm_90a (Triton 3.8) that spills 0 / 184 / 264 B per
-    thread in forward / dq / dk, against 112 / 1488 / 1768 B at 64 × 64 on 4 warps; 16-bit inputs spill
-    nothing at 64 × 64 on 4 warps.  The mixture mode (λ from a + b = 10 unrolled draws per pair) takes the
+    """Block sizes and warps on the GPU.  fp32 (tf32x3 keeps split copies of its operands in registers)
+    forms G from 16-wide D chunks on 32-wide column tiles and 8 warps: at D = 128 on sm_90a (Triton 3.8)
+    its forward, dq and dk spill nothing (full-D G tiles: 0 / 184 / 264 B per thread; at 64 × 64 on
+    4 warps 112 / 1488 / 1768 B); 16-bit inputs spill nothing at 64 × 64 on 4 warps.  The mixture mode (λ from a + b = 10 unrolled draws per pair) takes the
     32-wide tiles on 8 warps in every dtype: at 64 × 64 on 4 warps its 16-bit kernels spilled 2.5–4.2 kB per
     thread."""
     bd = max(16, triton.next_power_of_2(D))
+    ds = _block_ds(D, dtype)
     if dtype == "fp32" or mix:
-        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=bd, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=bd, BLOCK_DS=ds, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd, BLOCK_DS=ds, num_warps=4, num_stages=2)
+
+
+def _block_ds(D: int, dtype: str) -> int:
+    """Width of G's D chunks: all of D in 16-bit, 16 in fp32 (in both modes: the interpreter runs both paths)."""
+    return 16 if dtype == "fp32" else max(16, triton.next_power_of_2(D))
 
 
 def _flags(q: Tensor, mix: bool = False) -> dict:
     if interpreting():
-        blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=max(16, triton.next_power_of_2(q.shape[1])))
+        blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=max(16, triton.next_power_of_2(q.shape[1])),
+                      BLOCK_DS=_block_ds(q.shape[1], "fp32" if q.dtype == torch.float32 else "bf16"))
     else:
         blocks = _gpu_config(q.shape[1], "fp32" if q.dtype == torch.float32 else "bf16", mix)
     return dict(**dot_flags(q.dtype), **blocks)
@@ -452,15 +476,7 @@ def compile_specs():
 # ``tiles.mark_known_faults``): kept below the kernels so that editing it leaves their cache keys alone.
 _GATE_FAULTS = {
     "3.6": {
-        ("label_lse_dk", "fp32", (128,), "64x32 w8 s2"): "spills 276 B stored / 276 B loaded",
-        ("label_lse_dk_mix", "fp32", (128,), "64x32 w8 s2"): "spills 420 B stored / 404 B loaded",
-        ("label_lse_dq", "fp32", (128,), "64x32 w8 s2"): "spills 232 B stored / 232 B loaded",
-        ("label_lse_dq_mix", "fp32", (128,), "64x32 w8 s2"): "spills 260 B stored / 256 B loaded",
     },
     "3.8": {
-        ("label_lse_dk", "fp32", (128,), "64x32 w8 s2"): "spills 264 B stored / 264 B loaded",
-        ("label_lse_dk_mix", "fp32", (128,), "64x32 w8 s2"): "spills 416 B stored / 400 B loaded",
-        ("label_lse_dq", "fp32", (128,), "64x32 w8 s2"): "spills 188 B stored / 188 B loaded",
-        ("label_lse_dq_mix", "fp32", (128,), "64x32 w8 s2"): "spills 212 B stored / 200 B loaded",
     },
 }
