@@ -203,6 +203,19 @@ def test_known_faults_with_a_clean_sibling_are_pruned():
     assert [sp["pruned"] for sp in out] == [True, False, False]   # D = 256 has no clean config
 
 
+def test_fault_tables_are_rewritten_per_version():
+    """``specs --write-faults`` replaces the installed version's table of a module, leaves the others, and
+    appends a table for a version the module had none for."""
+    from contrastive_ops.backends._triton.specs import replace_fault_table
+
+    src = ["_GATE_FAULTS = {", '    "3.6": {', '        ("k", "bf16", (64,), "64 w4 s2"): "spills 8 B",', "    },",
+           '    "3.8": {},', "}"]
+    new38 = ['    "3.8": {', '        ("k", "fp32", (64,), "64 w8 s2"): "spills 4 B",', "    },"]
+    assert replace_fault_table(src, "3.8", new38) == src[:4] + new38 + src[5:]
+    assert replace_fault_table(src, "3.6", ['    "3.6": {', "    },"]) == src[:1] + ['    "3.6": {', "    },"] + src[4:]
+    assert replace_fault_table(src, "3.9", ['    "3.9": {', "    },"]) == src[:4] + ['    "3.9": {', "    },"] + src[4:]
+
+
 def _config_of(sp):
     import triton
 

@@ -160,6 +160,12 @@ def test_block_do_gpu_widths(monkeypatch):
         assert ttiles.chunk_d(D, torch.float32) == 16 == ttiles.gpu_chunk_d(D, "fp32")
         assert ttiles.block_d(D, torch.float32) == 16 and ttiles.block_d(D, torch.bfloat16) == 64
         assert tcore.dk_wide(D, torch.bfloat16) == (D >= 257) and not tcore.dk_wide(D, torch.float32)
+    for D in (64, 100, 128, 200):  # the Gram kernels stream 64-wide chunks where 16-bit would hold 128
+        assert tcore.gram_chunk_d(D, torch.bfloat16) == 64 and tcore.gram_chunk_d(D, torch.float32) == 16
+    assert tcore.gram_chunk_d(32, torch.float16) == 32
+    bf, f32 = torch.bfloat16, torch.float32  # fp32 Gram matrices: the GEMM Gram backward, at any size
+    assert tcore.backward_path(128, 64, 64, f32, gram=True) == "gemm"
+    assert tcore.backward_path(128, 64, 64, bf, gram=True) == tcore.backward_path(128, 64, 64, f32) == "deterministic"
     for D, bd in ((8, 16), (32, 32), (257, 64), (1025, 64)):
         assert ttiles.block_d(D, torch.bfloat16) == bd and ttiles.block_d(D, torch.float32) == min(bd, 16)
         assert tcore.dk_wide(D, torch.float16) == (D == 257)
@@ -341,6 +347,8 @@ def test_compile_specs():
                 assert got == {(dt, D) for dt in ("bf16", "fp16") for D in (512, 768, 1024)}
                 continue
             want = {(dt, D) for dt in ("bf16", "fp16", "fp32") for D in ttiles.SPEC_DS}
+            if name == "sim_lse_gram_bwd":  # fp32 Gram matrices take the GEMM Gram backward
+                want -= {("fp32", D) for D in ttiles.SPEC_DS}
             if name == "sim_lse_bwd_dk":
                 want -= {(dt, D) for dt in ("bf16", "fp16") for D in (512, 768, 1024)}
             assert got == want, name

@@ -198,6 +198,19 @@ def fwd_plan(B: int, M: int, device: torch.device, block_m: Optional[int] = None
     return block_m, triton.cdiv(max(M, 1), cps), cps
 
 
+def gram_chunk_d(D: int, dtype: torch.dtype) -> int:
+    """``chunk_d`` of the Gram kernels (forward, fused backward, G tiles), which form S alike: on the
+    GPU 16-bit D of 65–128 streams two 64-wide chunks instead of holding one 128-wide tile (the fused
+    Gram backward spills 88–540 B per thread with held 128-wide tiles on sm_90a, none with chunks)."""
+    return gpu_gram_chunk_d(D, "fp32" if dtype == torch.float32 else "bf16") if not interpreting() else chunk_d(D)
+
+
+def gpu_gram_chunk_d(D: int, dtype_name: str) -> int:
+    """``gram_chunk_d`` as on the GPU (compile specs)."""
+    bd = gpu_chunk_d(D, dtype_name)
+    return 64 if bd == 128 else bd
+
+
 def gram_block(B: int, device: torch.device) -> int:
     """Square tile of the Gram forward: 64 on the GPU (128 spills: two masked 128×128 fp32 copies of
     S live at once, 136–1,184 B per thread on sm_90a)."""
@@ -395,6 +408,8 @@ def backward_path(D: int, B: int = 0, M: int = 0, dtype: torch.dtype = torch.bfl
     if path == "atomic":
         ok = D <= _ATOMIC_MAX_D and not torch.are_deterministic_algorithms_enabled()
         return "atomic" if ok else "deterministic"
+    if gram and dtype == torch.float32 and not interpreting():
+        return "gemm"  # ``gram_fused``: the fused fp32 Gram backward spills; the GEMM one is deterministic too
     if path == "auto":
         return "gemm" if gemm_pays(B, M, D, dtype, "gram" if gram else "general") else "deterministic"
     return path
@@ -417,6 +432,7 @@ def _sim_lse_fwd_op(
     flags = _flags(q, row_index, col_index, col_start, col_end, exclude, want_col, row_max)
     bd = chunk_d(D, q.dtype)
     if _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col) and B > 0:
+        bd = gram_chunk_d(D, q.dtype)
         block = gram_block(B, q.device)
         T = triton.cdiv(B, block)
         part = _empty((T, B), torch.float32, q.device)  # every entry written once
@@ -480,11 +496,13 @@ def _sim_lse_bwd_op(
     atomic = bool(atomic) and D <= _ATOMIC_MAX_D
     bd, bdo, gram_bdo = chunk_d(D, q.dtype), block_do(D, q.dtype), block_do(D, q.dtype, gram=True)
     one_chunk = D <= bd
+    gbd = gram_chunk_d(D, q.dtype)  # the Gram kernels' S chunks
+    g_one = D <= gbd
     n_d, gram_n_d = out_chunks(D, q.dtype), out_chunks(D, q.dtype, gram=True)
     reuse = one_chunk and n_d == 1 and bdo == bd
     dot_kw = dict(UPCAST=flags["UPCAST"], PREC=flags["PREC"])
-    gram_kw = dict(N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=bd, BLOCK_DO=gram_bdo, ONE_CHUNK=one_chunk,
-                   REUSE=one_chunk and gram_n_d == 1 and gram_bdo == bd, HAS_ROW_MAX=flags["HAS_ROW_MAX"], **dot_kw)
+    gram_kw = dict(N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=gbd, BLOCK_DO=gram_bdo, ONE_CHUNK=g_one,
+                   REUSE=g_one and gram_n_d == 1 and gram_bdo == gbd, HAS_ROW_MAX=flags["HAS_ROW_MAX"], **dot_kw)
     n_parts = triton.cdiv(B, min_block())
     gram_gemm = not atomic and backward_path(D, B, B, q.dtype, gram=True) == "gemm"
 
@@ -502,8 +520,8 @@ def _sim_lse_bwd_op(
         if not launch_any:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros((), dtype=torch.float32, device=q.device)
         if gram_gemm:
-            dq, dscale = _gemm_gram_backward(q, scale, exclude, row_lse, grad_row, flags, bd, one_chunk, 1, row_max)
-            dk, _ = _gemm_gram_backward(q, scale, exclude, row_lse, grad_row, flags, bd, one_chunk, 2, row_max)
+            dq, dscale = _gemm_gram_backward(q, scale, exclude, row_lse, grad_row, flags, gbd, g_one, 1, row_max)
+            dk, _ = _gemm_gram_backward(q, scale, exclude, row_lse, grad_row, flags, gbd, g_one, 2, row_max)
             return dq, dk, dscale
         dscale_part = torch.zeros((n_parts,), dtype=torch.float32, device=q.device)
         dq = gram_rows(1, "gram_bwd_dq", dscale_part)
@@ -521,12 +539,12 @@ def _sim_lse_bwd_op(
             launch("gram_bwd_atomic", _gram_bwd_atomic_kernel, (slots,))(
                 q, scale, _ptr(exclude, scale), _ptr(row_max, scale), row_lse, grad_row, dz_acc, dscale_part,
                 B, D, q.stride(0), dz_acc.stride(0), log2_bucket(B),
-                N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=bd, ONE_CHUNK=one_chunk, BLOCK_DP=d_pad(D),
+                N_EXCLUDE=flags["N_EXCLUDE"], BLOCK_D=gbd, ONE_CHUNK=g_one, BLOCK_DP=d_pad(D),
                 HAS_ROW_MAX=flags["HAS_ROW_MAX"], **dot_kw,
             )
             return dz_acc.to(q.dtype), dk, dscale_part.sum()
         if gram_gemm:
-            dz, dscale = _gemm_gram_backward(q, scale, exclude, row_lse, grad_row, flags, bd, one_chunk, 3, row_max)
+            dz, dscale = _gemm_gram_backward(q, scale, exclude, row_lse, grad_row, flags, gbd, g_one, 3, row_max)
             return dz, dk, dscale
         dscale_part = torch.zeros((n_parts,), dtype=torch.float32, device=q.device)
         dz = gram_rows(3, "gram_bwd", dscale_part)
@@ -738,25 +756,16 @@ _GATE_FAULTS = {
         ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 84 B stored / 52 B loaded",
         ("sim_lse_gram_bwd", "bf16", (64,), "128 w8 s2"): "spills 964 B stored / 1220 B loaded",
         ("sim_lse_gram_bwd", "bf16", (64,), "64 w4 s2"): "spills 32 B stored / 28 B loaded",
-        ("sim_lse_gram_bwd", "bf16", (128,), "128 w8 s2"): "spills 1676 B stored / 1952 B loaded",
-        ("sim_lse_gram_bwd", "bf16", (128,), "64 w4 s2"): "spills 200 B stored / 188 B loaded",
-        ("sim_lse_gram_bwd", "bf16", (128,), "64 w8 s2"): "spills 80 B stored / 68 B loaded",
+        ("sim_lse_gram_bwd", "bf16", (128,), "128 w8 s2"): "spills 2324 B stored / 2744 B loaded",
+        ("sim_lse_gram_bwd", "bf16", (128,), "64 w4 s2"): "spills 88 B stored / 72 B loaded",
         ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "128 w8 s2"): "spills 5576 B stored / 6268 B loaded",
         ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "64 w4 s2"): "spills 1004 B stored / 1196 B loaded",
         ("sim_lse_gram_bwd", "fp16", (64,), "128 w8 s2"): "spills 964 B stored / 1220 B loaded",
         ("sim_lse_gram_bwd", "fp16", (64,), "64 w4 s2"): "spills 32 B stored / 28 B loaded",
-        ("sim_lse_gram_bwd", "fp16", (128,), "128 w8 s2"): "spills 1676 B stored / 1952 B loaded",
-        ("sim_lse_gram_bwd", "fp16", (128,), "64 w4 s2"): "spills 200 B stored / 188 B loaded",
-        ("sim_lse_gram_bwd", "fp16", (128,), "64 w8 s2"): "spills 80 B stored / 68 B loaded",
+        ("sim_lse_gram_bwd", "fp16", (128,), "128 w8 s2"): "spills 2324 B stored / 2744 B loaded",
+        ("sim_lse_gram_bwd", "fp16", (128,), "64 w4 s2"): "spills 88 B stored / 72 B loaded",
         ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "128 w8 s2"): "spills 5576 B stored / 6268 B loaded",
         ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "64 w4 s2"): "spills 1004 B stored / 1196 B loaded",
-        ("sim_lse_gram_bwd", "fp32", (64,), "128 w8 s2"): "spills 3228 B stored / 3412 B loaded",
-        ("sim_lse_gram_bwd", "fp32", (64,), "64 w4 s2"): "spills 340 B stored / 284 B loaded",
-        ("sim_lse_gram_bwd", "fp32", (64,), "64 w8 s2"): "spills 24 B stored / 36 B loaded",
-        ("sim_lse_gram_bwd", "fp32", (128, 256, 512, 768, 1024), "128 w8 s2"):
-            "spills 4908 B stored / 4940 B loaded; shared memory 262144 B > 232448 B",
-        ("sim_lse_gram_bwd", "fp32", (128, 256, 512, 768, 1024), "64 w4 s2"): "spills 1516 B stored / 1272 B loaded",
-        ("sim_lse_gram_bwd", "fp32", (128, 256, 512, 768, 1024), "64 w8 s2"): "spills 244 B stored / 240 B loaded",
     },
     "3.8": {
         ("sim_lse_bwd_dk", "bf16", (128,), "64x128 w8 s2"): "spills 8 B stored / 8 B loaded",
@@ -776,25 +785,16 @@ _GATE_FAULTS = {
         ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 84 B stored / 56 B loaded",
         ("sim_lse_gram_bwd", "bf16", (64,), "128 w8 s2"): "spills 1484 B stored / 1844 B loaded",
         ("sim_lse_gram_bwd", "bf16", (64,), "64 w4 s2"): "spills 24 B stored / 20 B loaded",
-        ("sim_lse_gram_bwd", "bf16", (128,), "128 w8 s2"): "spills 2012 B stored / 2332 B loaded",
-        ("sim_lse_gram_bwd", "bf16", (128,), "64 w4 s2"): "spills 152 B stored / 144 B loaded",
-        ("sim_lse_gram_bwd", "bf16", (128,), "64 w8 s2"): "spills 156 B stored / 148 B loaded",
+        ("sim_lse_gram_bwd", "bf16", (128,), "128 w8 s2"): "spills 2032 B stored / 2436 B loaded",
+        ("sim_lse_gram_bwd", "bf16", (128,), "64 w4 s2"): "spills 64 B stored / 44 B loaded",
         ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "128 w8 s2"): "spills 4956 B stored / 5600 B loaded",
         ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "64 w4 s2"): "spills 780 B stored / 964 B loaded",
         ("sim_lse_gram_bwd", "fp16", (64,), "128 w8 s2"): "spills 1304 B stored / 1604 B loaded",
         ("sim_lse_gram_bwd", "fp16", (64,), "64 w4 s2"): "spills 192 B stored / 304 B loaded",
-        ("sim_lse_gram_bwd", "fp16", (128,), "128 w8 s2"): "spills 1960 B stored / 2344 B loaded",
-        ("sim_lse_gram_bwd", "fp16", (128,), "64 w4 s2"): "spills 48 B stored / 40 B loaded",
-        ("sim_lse_gram_bwd", "fp16", (128,), "64 w8 s2"): "spills 240 B stored / 300 B loaded",
+        ("sim_lse_gram_bwd", "fp16", (128,), "128 w8 s2"): "spills 2028 B stored / 2412 B loaded",
+        ("sim_lse_gram_bwd", "fp16", (128,), "64 w4 s2"): "spills 100 B stored / 80 B loaded",
         ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "128 w8 s2"): "spills 4344 B stored / 4988 B loaded",
         ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "64 w4 s2"): "spills 1144 B stored / 1328 B loaded",
-        ("sim_lse_gram_bwd", "fp32", (64,), "128 w8 s2"): "spills 3120 B stored / 3260 B loaded",
-        ("sim_lse_gram_bwd", "fp32", (64,), "64 w4 s2"): "spills 424 B stored / 332 B loaded",
-        ("sim_lse_gram_bwd", "fp32", (64,), "64 w8 s2"): "spills 36 B stored / 52 B loaded",
-        ("sim_lse_gram_bwd", "fp32", (128, 256, 512, 768, 1024), "128 w8 s2"):
-            "spills 4660 B stored / 4724 B loaded; shared memory 262144 B > 232448 B",
-        ("sim_lse_gram_bwd", "fp32", (128, 256, 512, 768, 1024), "64 w4 s2"): "spills 1468 B stored / 1232 B loaded",
-        ("sim_lse_gram_bwd", "fp32", (128, 256, 512, 768, 1024), "64 w8 s2"): "spills 188 B stored / 192 B loaded",
     },
 }
 
@@ -803,7 +803,8 @@ def compile_specs() -> List[dict]:
     """One entry per (kernel, config, dtype, D) the GPU dispatcher can pick, for D in
     ``tiles.SPEC_DS`` and bf16/fp16/fp32, with the CLIP flags (no index lists, no
     ranges, no exclusions, column LSE) for the general kernels and one exclusion
-    for the Gram kernels (NT-Xent).  The atomic kernels (opt-in) are not listed."""
+    for the Gram kernels (NT-Xent).  The atomic kernels (opt-in) are not listed, nor the
+    fused Gram backward in fp32 (``backward_path`` sends fp32 Gram matrices to the GEMM one)."""
     out = []
     gen = dict(HAS_ROW_INDEX=False, HAS_COL_INDEX=False, HAS_RANGE=False, N_EXCLUDE=0, WANT_COL=True,
                HAS_ROW_MAX=False)
@@ -813,6 +814,8 @@ def compile_specs() -> List[dict]:
         for D in SPEC_DS:
             bd, bdo = gpu_chunk_d(D, dname), gpu_block_do(D, dname)
             one = D <= bd
+            gbd = gpu_gram_chunk_d(D, dname)  # the Gram kernels' S chunks
+            g_one = D <= gbd
             n_d = triton.cdiv(D, bdo)
             reuse = one and n_d == 1 and bdo == bd
             elem = 4 if dname == "fp32" else 2
@@ -824,8 +827,8 @@ def compile_specs() -> List[dict]:
                     out.append(spec("sim_lse_fwd", _fwd_kernel.fn, dname, D, c, w, st))
             for block in (64,):
                 for _, w, st in SYM_FWD_GPU:
-                    c = dict(N_EXCLUDE=1, **flags, BLOCK_D=bd, ONE_CHUNK=one, BLOCK=block, HAS_ROW_MAX=False)
-                    if fwd_smem(block, block, bd, st, elem) > SMEM_LIMIT:
+                    c = dict(N_EXCLUDE=1, **flags, BLOCK_D=gbd, ONE_CHUNK=g_one, BLOCK=block, HAS_ROW_MAX=False)
+                    if fwd_smem(block, block, gbd, st, elem) > SMEM_LIMIT:
                         continue
                     out.append(spec("sim_lse_gram_fwd", _gram_fwd_kernel.fn, dname, D, c, w, st))
             bwd = dict(BLOCK_D=bd, BLOCK_DO=bdo, ONE_CHUNK=one, REUSE=reuse)
@@ -854,15 +857,15 @@ def compile_specs() -> List[dict]:
                 out.append(dict(matrix_writer(spec("sim_lse_bwd_ds", _bwd_ds_kernel.fn, dname, D, c, w, st)),
                                 streaming=not one))
             for (blk,), w, st in GRAM_DS_GPU:
-                c = dict(N_EXCLUDE=1, **flags, BLOCK_D=bd, ONE_CHUNK=one, TERMS=3, BLOCK=blk, HAS_ROW_MAX=False)
-                if fwd_smem(blk, blk, bd, st, elem) > SMEM_LIMIT:
+                c = dict(N_EXCLUDE=1, **flags, BLOCK_D=gbd, ONE_CHUNK=g_one, TERMS=3, BLOCK=blk, HAS_ROW_MAX=False)
+                if fwd_smem(blk, blk, gbd, st, elem) > SMEM_LIMIT:
                     continue
                 # one tile pair per program, as the dS kernel
                 out.append(dict(matrix_writer(spec("sim_lse_gram_ds", _gram_ds_kernel.fn, dname, D, c, w, st)),
-                                streaming=not one))
+                                streaming=not g_one))
             gbdo = gpu_block_do(D, dname, gram=True)
-            gram_bwd = dict(BLOCK_D=bd, BLOCK_DO=gbdo, ONE_CHUNK=one, REUSE=one and D <= gbdo and gbdo == bd)
-            for (blk,), w, st in SYM_BWD_GPU:
+            gram_bwd = dict(BLOCK_D=gbd, BLOCK_DO=gbdo, ONE_CHUNK=g_one, REUSE=g_one and D <= gbdo and gbdo == gbd)
+            for (blk,), w, st in SYM_BWD_GPU if dname != "fp32" else ():  # fp32: the GEMM Gram backward
                 c = dict(N_EXCLUDE=1, **flags, **gram_bwd, TERMS=3, BLOCK=blk, HAS_ROW_MAX=False)
                 if not acc_fits(c, w, gbdo):
                     continue

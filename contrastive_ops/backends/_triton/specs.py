@@ -500,6 +500,17 @@ def render_faults(rows: List[dict]) -> str:
     return "\n".join(out) if out else f"# no variant fails the gate under Triton {v}\n"
 
 
+def replace_fault_table(src: List[str], version: str, block: List[str]) -> List[str]:
+    """The lines ``src`` of a kernel module with the ``"<version>": {...},`` entry of its
+    ``_GATE_FAULTS`` replaced by ``block`` (appended after the last table for a new version)."""
+    start = next((i for i, line in enumerate(src) if line.startswith(f'    "{version}": {{')), None)
+    if start is None:
+        start = end = next(i for i in range(len(src) - 1, -1, -1) if src[i] == "    },") + 1
+    else:
+        end = start + 1 if src[start].endswith("{},") else src.index("    },", start) + 1
+    return src[:start] + block + src[end:]
+
+
 def write_faults(rows: List[dict]) -> List[str]:
     """Rewrite the installed Triton's table in the ``_GATE_FAULTS`` of every kernel module from the
     gate's rows (what ``--faults`` prints); return the files changed.  A module with faults but no
@@ -522,12 +533,7 @@ def write_faults(rows: List[dict]) -> List[str]:
             if name in blocks:
                 raise ValueError(f"{path}: variants fail the gate but the module has no _GATE_FAULTS")
             continue
-        start = next((i for i, line in enumerate(src) if line.startswith(f'    "{v}": {{')), None)
-        if start is None:  # a new version: its table goes after the last one
-            start = end = next(i for i in range(len(src) - 1, -1, -1) if src[i] == "    },") + 1
-        else:
-            end = start + 1 if src[start].endswith("{},") else src.index("    },", start) + 1
-        out = src[:start] + new + src[end:]
+        out = replace_fault_table(src, v, new)
         if out != src:
             with open(path, "w") as f:
                 f.write("\n".join(out))
@@ -577,8 +583,13 @@ def main(argv=None) -> int:
     if a.faults:
         print(render_faults(rows))
     if a.write_faults:
-        for path in write_faults(rows):
+        changed = write_faults(rows)
+        for path in changed:
             print(f"rewrote the fault table of {path}", file=sys.stderr)
+        if changed and a.write:  # the table's verdicts read the fault tables: render it again with the new ones
+            env = {k: v for k, v in os.environ.items() if k != "CONTRASTIVE_OPS_GATE_MEASURE"}
+            again = [sys.executable, "-m", __spec__.name, "--write"] + (["--all-configs"] if a.all_configs else [])
+            subprocess.run(again, env=env, check=True)
         return 0
     bad = [r for r in rows if problems(r) and not r.get("expect_fail")]
     return 1 if bad else 0
