@@ -113,6 +113,15 @@ def test_every_primitive_has_specs():
     assert {d for s in _SPECS for d in s["Ds"] if d} >= {64, 128, 256, 512, 768, 1024}
 
 
+def test_dispatcher_launches_no_failing_variant():
+    """Every variant the gate measured failing (spills, mma.sync, shared memory, ...) under the installed
+    Triton has a clean config of the same kernel, dtype and D, so the autotuner never launches it
+    (``pruned``): a change that leaves some kernel with only failing configs turns this red."""
+    assert _SPECS is not None, _LIST_ERROR
+    launchable = [s["id"] for s in _SPECS if s["expect_fail"] and not s.get("pruned")]
+    assert not launchable, launchable
+
+
 def test_gate_checks_catch_each_defect():
     """Each check of the gate fails on a row that has its defect (a gate that cannot fail is no gate)."""
     good = dict(error=None, has_dot=True, wgmma=4, mma_sync=0, kind="wgmma", spill_stores=0, spill_loads=0,

@@ -169,9 +169,9 @@ def _gated_lse_dk_kernel(A, W, K, Scale, CS, CE, LSE, GL, DK, Tmp, B, M, D, stri
 
 
 def _blocks(D: int, kernel: str = "fwd") -> dict:
-    """Tile sizes; on a GPU the backward kernels stream half-width tiles beside their fp32 (64, BLOCK_D)
-    accumulator (the dk kernel's 32-row G and N tiles are mma.sync: with 64 rows it spills); G and N
-    from 16-wide D chunks."""
+    """Tile sizes; on a GPU every G and N tile has 64 rows (wgmma, as in the forward) and the backward
+    kernels hold 32 columns beside their fp32 accumulator (the dk kernel's (32, BLOCK_D) accumulator
+    makes its gradient products mma.sync); G and N from 16-wide D chunks."""
     bd = max(16, triton.next_power_of_2(D))
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=bd, BLOCK_DS=16)
@@ -179,7 +179,7 @@ def _blocks(D: int, kernel: str = "fwd") -> dict:
     if kernel == "daw":
         return dict(BLOCK_M=64, BLOCK_N=wide // 2, BLOCK_D=bd, BLOCK_DS=16)
     if kernel == "dk":
-        return dict(BLOCK_M=wide // 2, BLOCK_N=64, BLOCK_D=bd, BLOCK_DS=16)
+        return dict(BLOCK_M=64, BLOCK_N=wide // 2, BLOCK_D=bd, BLOCK_DS=16)
     return dict(BLOCK_M=64, BLOCK_N=wide, BLOCK_D=bd, BLOCK_DS=16)
 
 
@@ -283,7 +283,7 @@ def compile_specs():
     bd = max(16, triton.next_power_of_2(D))
     c = dict(PREC="tf32x3", BLOCK_M=64, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd, BLOCK_DS=16)
     c_daw = dict(c, BLOCK_N=c["BLOCK_N"] // 2)
-    c_dk = dict(c, BLOCK_M=c["BLOCK_N"] // 2)
+    c_dk = dict(c, BLOCK_N=c["BLOCK_N"] // 2)
     for dtype in ("bf16", "fp16", "fp32"):
         t = "*" + dtype
         common = dict(A="*fp32", W="*fp32", K=t, Scale="*fp32", CS="*i32", CE="*i32")

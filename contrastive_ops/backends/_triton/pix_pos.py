@@ -34,29 +34,28 @@ pos) and over every allowed candidate (positives: c = b + C0 and pos).
 
 one program per row tile, no atomics; torch sums the dscale parts.
 
-Tiles are 16 × 16 on the GPU as under the interpreter.  Measured for sm_90a with Triton 3.8
-(compiled without a GPU, ``specs.compile_spec``; never run on one): every variant compiles; 16-row
-tiles are below wgmma's 64, so the products are ``mma.sync``, and the fp32 LSE kernels (all of
-D = 256 in registers, tf32x3) spill 20–540 B.  64 × 64 tiles reach wgmma but spill 40–5600 B and
-the fp32 LSE kernels then exceed the shared memory of an SM, so they are not used.  Tuning these
-kernels needs a GPU.
+Tiles are 64 × 64 on the GPU (16 × 16 under the interpreter): wgmma's M is 64, so 16-row tiles
+compiled to ``mma.sync``.  S is formed by one helper, ``_qk``, from D chunks read from memory
+(64-wide, 16-wide in fp32), never from a held full-D tile: with all of D = 256 in registers the
+64 × 64 LSE kernels spilled 40–5,600 B per thread on sm_90a.  The LSE backward takes 64 × 32
+tiles; in fp32 it splits dQ into 64-wide chunks (one program each, recomputing S) and pix_pos_sum
+takes 64-wide D chunks.  Compiled for sm_90a (Triton 3.6 and 3.8), every variant runs on wgmma without
+spills; none has run on a GPU.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .args import same_device, scalar_on
-from .tiles import dot_flags, empty, launch
+from .tiles import dot_flags, empty, interpreting, launch
 
 Tensor = torch.Tensor
 
-BLOCK_M = 16
-BLOCK_N = 16
-MAX_D = 1024  # the LSE kernels hold all of D in one block
+MAX_D = 1024  # the LSE backward holds all of D in one accumulator
 
 
 @triton.jit
@@ -118,20 +117,33 @@ def _lse_step(m, s, x):
 
 
 @triton.jit
+def _qk(Q, K, rows, m_ok, cols, n_ok, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr,
+        UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Q_I·K_Jᵀ summed over BLOCK_DS-wide chunks of D read from memory in increasing order: the one way
+    the forward and the backward form S (no full-D tile is held in registers)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    offs = tl.arange(0, BLOCK_DS)
+    for d0 in range(0, D, BLOCK_DS):
+        d_ok = d0 + offs < D
+        q = tl.load(Q + rows[:, None] * D + d0 + offs[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(K + cols[:, None] * D + d0 + offs[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            k = k.to(tl.float32)
+        acc = tl.dot(q, tl.trans(k), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _pix_pos_lse_fwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, BK, C0, P, D, H, W,
                             BATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_D: tl.constexpr, GEO64: tl.constexpr, UPCAST: tl.constexpr,
+                            BLOCK_DS: tl.constexpr, GEO64: tl.constexpr, UPCAST: tl.constexpr,
                             PREC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pm = tl.program_id(1)
     offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < P
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
     rows = (b * P + offs_m).to(tl.int64)
-    q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
     scale = tl.load(Scale)
     diag = tl.load(Diag + b)
     ratio = tl.load(Ratio)
@@ -151,10 +163,7 @@ def _pix_pos_lse_fwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, 
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < P
             cols = (c * P + offs_n).to(tl.int64)
-            k = tl.load(K + cols[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            S = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            S = _qk(Q, K, rows, m_ok, cols, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_DS, UPCAST, PREC) * scale
             ok = m_ok[:, None] & n_ok[None, :]
             pos = _pos_tile(DXT, DYT, b, offs_m, offs_n, m_ok, n_ok, P, H, W, diag, ratio, GEO64) & (c == own)
             mp, sp = _lse_step(mp, sp, tl.where(pos, S, float("-inf")))
@@ -167,18 +176,16 @@ def _pix_pos_lse_fwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, 
 def _pix_pos_lse_bwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, GPos, GAll, DQ, Part,
                             BK, C0, P, D, H, W,
                             BATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_D: tl.constexpr, GEO64: tl.constexpr, UPCAST: tl.constexpr,
-                            PREC: tl.constexpr):
+                            BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr, GEO64: tl.constexpr,
+                            UPCAST: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pm = tl.program_id(1)
+    pd = tl.program_id(2)  # the BLOCK_D-wide chunk of dQ this program accumulates
     offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < P
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     rows = (b * P + offs_m).to(tl.int64)
-    q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
     scale = tl.load(Scale)
     diag = tl.load(Diag + b)
     ratio = tl.load(Ratio)
@@ -205,9 +212,7 @@ def _pix_pos_lse_bwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, 
             n_ok = offs_n < P
             cols = (c * P + offs_n).to(tl.int64)
             k = tl.load(K + cols[:, None] * D + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            dot = tl.dot(q, tl.trans(k), input_precision=PREC)
+            dot = _qk(Q, K, rows, m_ok, cols, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_DS, UPCAST, PREC)
             S = dot * scale
             ok = m_ok[:, None] & n_ok[None, :]
             pos = _pos_tile(DXT, DYT, b, offs_m, offs_n, m_ok, n_ok, P, H, W, diag, ratio, GEO64) & (c == own)
@@ -218,7 +223,8 @@ def _pix_pos_lse_bwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, 
             ds += tl.sum(w * dot, axis=1)
     tl.store(DQ + rows[:, None] * D + offs_d[None, :], (acc * scale).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(Part + rows, ds, mask=m_ok)
+    if pd == 0:
+        tl.store(Part + rows, ds, mask=m_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -226,6 +232,35 @@ def _pix_pos_lse_bwd_kernel(Q, K, Scale, DXT, DYT, Diag, Ratio, LsePos, LseAll, 
 
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
+
+
+def _gpu(interp: Optional[bool]) -> bool:
+    return not (interpreting() if interp is None else interp)
+
+
+def _dq_chunk(D: int, dtype: torch.dtype, interp: Optional[bool] = None) -> int:
+    """Width of the LSE backward's dQ chunks (one program per chunk, each recomputing S): all of D,
+    64 in fp32 on the GPU (a 64 × 256 fp32 accumulator beside tf32x3 operands spills 1.2–1.6 KB);
+    16 under the interpreter, so its tests run several chunks."""
+    if not _gpu(interp):
+        return min(_block_d(D), 16)
+    return min(_block_d(D), 64) if dtype == torch.float32 else _block_d(D)
+
+
+def _sum_chunk(D: int, dtype: torch.dtype, interp: Optional[bool] = None) -> int:
+    """Width of pix_pos_sum's D chunks (one program each): 128, 64 in fp32 on the GPU (128 spills)."""
+    return min(_block_d(D), 64 if dtype == torch.float32 and _gpu(interp) else 128)
+
+
+def _tiles(dtype: torch.dtype, interp: Optional[bool] = None, lse_bwd: bool = False) -> dict:
+    """Tile sizes and warps: 16 × 16 under the interpreter; on the GPU 64 × 64 on 8 warps (wgmma's M is
+    64; 64 × 32 in the LSE backward, which spills 4–64 B beside 64 columns with a batch of negatives),
+    S formed from 64-wide D chunks (16-wide in fp32, whose tf32x3 splits take registers); the
+    interpreter runs 16-wide chunks, so its tests cover the chunked S."""
+    if not _gpu(interp):
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DS=16)
+    fp32 = dtype == torch.float32
+    return dict(BLOCK_M=64, BLOCK_N=32 if lse_bwd else 64, BLOCK_DS=16 if fp32 else 64, num_warps=8)
 
 
 def _geo_flags(x: Tensor, dxt: Tensor) -> dict:
@@ -240,11 +275,12 @@ def _pix_pos_sum_op(x: Tensor, dxt: Tensor, dyt: Tensor, diag: Tensor, ratio: Te
     out = empty((B, P, D), torch.float32, x.device)
     cnt = empty((B, P), torch.float32, x.device)
     if B * P * D > 0:
-        BD = min(_block_d(D), 128)
-        grid = (B, triton.cdiv(P, BLOCK_M), triton.cdiv(D, BD))
+        BD = _sum_chunk(D, x.dtype)
+        t = _tiles(x.dtype)
+        t.pop("BLOCK_DS")
+        grid = (B, triton.cdiv(P, t["BLOCK_M"]), triton.cdiv(D, BD))
         launch("pix_pos_sum", _pix_pos_sum_kernel, grid)(
-            x, dxt, dyt, diag, ratio, out, cnt, P, D, H, W,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BD, **_geo_flags(x, dxt))
+            x, dxt, dyt, diag, ratio, out, cnt, P, D, H, W, BLOCK_D=BD, **t, **_geo_flags(x, dxt))
     elif B * P > 0:
         out.zero_()
         cnt.zero_()
@@ -266,10 +302,10 @@ def _pix_pos_lse_fwd_op(q: Tensor, k: Tensor, scale: Tensor, dxt: Tensor, dyt: T
     lse_pos = empty((B, P), torch.float32, q.device)
     lse_all = empty((B, P), torch.float32, q.device)
     if B * P > 0:
-        launch("pix_pos_lse_fwd", _pix_pos_lse_fwd_kernel, (B, triton.cdiv(P, BLOCK_M)))(
+        t = _tiles(q.dtype)
+        launch("pix_pos_lse_fwd", _pix_pos_lse_fwd_kernel, (B, triton.cdiv(P, t["BLOCK_M"])))(
             q, k, scale, dxt, dyt, diag, ratio, lse_pos, lse_all, k.shape[0], offset, P, D, H, W,
-            BATCH=bool(batch_negatives), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
-            **_geo_flags(q, dxt))
+            BATCH=bool(batch_negatives), **t, **_geo_flags(q, dxt))
     return lse_pos, lse_all
 
 
@@ -291,11 +327,11 @@ def _pix_pos_lse_bwd_op(q: Tensor, k: Tensor, scale: Tensor, dxt: Tensor, dyt: T
     dq = empty((B, P, D), q.dtype, q.device)
     part = empty((B, P), torch.float32, q.device)
     if B * P > 0:
-        launch("pix_pos_lse_bwd", _pix_pos_lse_bwd_kernel, (B, triton.cdiv(P, BLOCK_M)))(
+        t = _tiles(q.dtype, lse_bwd=True)
+        bd = _dq_chunk(D, q.dtype)
+        launch("pix_pos_lse_bwd", _pix_pos_lse_bwd_kernel, (B, triton.cdiv(P, t["BLOCK_M"]), triton.cdiv(D, bd)))(
             q, k, scale, dxt, dyt, diag, ratio, lse_pos, lse_all, g_pos, g_all, dq, part, k.shape[0], offset, P, D,
-            H, W,
-            BATCH=bool(batch_negatives), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
-            **_geo_flags(q, dxt))
+            H, W, BATCH=bool(batch_negatives), BLOCK_D=bd, **t, **_geo_flags(q, dxt))
     return dq, part.sum()
 
 
@@ -353,23 +389,28 @@ def compile_specs():
         t = "*" + dtype
         flags = dict(GEO64=False, UPCAST=False, PREC="tf32x3" if dtype == "fp32" else "tf32")
         D = 256
+        tdt = torch.float32 if dtype == "fp32" else torch.bfloat16
+        tiles = _tiles(tdt, interp=False)
+        w = tiles.pop("num_warps")
+        ds = tiles.pop("BLOCK_DS")
         out.append(dict(name="pix_pos_sum", fn=_pix_pos_sum_kernel,
                         args=dict(X=t, **geo, Out="*fp32", Cnt="*fp32", P="i32", D="i32", H="i32", W="i32"),
-                        constexprs=dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=128, **flags),
-                        num_warps=4, num_stages=2, dtype=dtype, D=D))
+                        constexprs=dict(**tiles, BLOCK_D=_sum_chunk(D, tdt, interp=False), **flags), num_warps=w,
+                        num_stages=2, dtype=dtype, D=D))
         for batch in (False, True):
-            c = dict(BATCH=batch, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=D, **flags)
+            c = dict(BATCH=batch, **tiles, BLOCK_DS=ds, **flags)
             b = "_batch" if batch else ""  # a distinct name per variant: the gate's fault tables key by name
             out.append(dict(name="pix_pos_lse_fwd" + b, fn=_pix_pos_lse_fwd_kernel,
                             args=dict(Q=t, K=t, Scale="*fp32", **geo, LsePos="*fp32", LseAll="*fp32", BK="i32",
                                       C0="i32", P="i32", D="i32", H="i32", W="i32"),
-                            constexprs=c, num_warps=4, num_stages=2, dtype=dtype, D=D))
+                            constexprs=c, num_warps=w, num_stages=2, dtype=dtype, D=D))
             out.append(dict(name="pix_pos_lse_bwd" + b, fn=_pix_pos_lse_bwd_kernel,
                             args=dict(Q=t, K=t, Scale="*fp32", **geo, LsePos="*fp32", LseAll="*fp32",
                                       GPos="*fp32", GAll="*fp32", DQ=t, Part="*fp32", BK="i32", C0="i32", P="i32",
-                                      D="i32",
-                                      H="i32", W="i32"),
-                            constexprs=c, num_warps=4, num_stages=2, dtype=dtype, D=D))
+                                      D="i32", H="i32", W="i32"),
+                            constexprs=dict(c, BLOCK_N=_tiles(tdt, False, lse_bwd=True)["BLOCK_N"],
+                                            BLOCK_D=_dq_chunk(D, tdt, interp=False)),
+                            num_warps=w, num_stages=2, dtype=dtype, D=D))
     from .tiles import mark_known_faults  # here, below the kernels: their line numbers key the gate's cache
 
     return mark_known_faults(out, _GATE_FAULTS, "backends/_triton/pix_pos.py")
@@ -379,45 +420,7 @@ def compile_specs():
 # ``tiles.mark_known_faults``): kept below the kernels so that editing it leaves their cache keys alone.
 _GATE_FAULTS = {
     "3.6": {
-        ("pix_pos_lse_bwd", "bf16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_bwd", "fp16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_bwd", "fp32", (256,), "16x16 w4 s2"):
-            "tl.dot compiles to mma.sync, not wgmma.mma_async; spills 468 B stored / 340 B loaded",
-        ("pix_pos_lse_bwd_batch", "bf16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_bwd_batch", "fp16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_bwd_batch", "fp32", (256,), "16x16 w4 s2"):
-            "tl.dot compiles to mma.sync, not wgmma.mma_async; spills 564 B stored / 424 B loaded",
-        ("pix_pos_lse_fwd", "bf16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_fwd", "fp16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_fwd", "fp32", (256,), "16x16 w4 s2"):
-            "tl.dot compiles to mma.sync, not wgmma.mma_async; spills 212 B stored / 284 B loaded",
-        ("pix_pos_lse_fwd_batch", "bf16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_fwd_batch", "fp16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_fwd_batch", "fp32", (256,), "16x16 w4 s2"):
-            "tl.dot compiles to mma.sync, not wgmma.mma_async; spills 268 B stored / 352 B loaded",
-        ("pix_pos_sum", "bf16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_sum", "fp16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_sum", "fp32", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
     },
     "3.8": {
-        ("pix_pos_lse_bwd", "bf16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_bwd", "fp16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_bwd", "fp32", (256,), "16x16 w4 s2"):
-            "tl.dot compiles to mma.sync, not wgmma.mma_async; spills 476 B stored / 352 B loaded",
-        ("pix_pos_lse_bwd_batch", "bf16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_bwd_batch", "fp16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_bwd_batch", "fp32", (256,), "16x16 w4 s2"):
-            "tl.dot compiles to mma.sync, not wgmma.mma_async; spills 540 B stored / 420 B loaded",
-        ("pix_pos_lse_fwd", "bf16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_fwd", "fp16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_fwd", "fp32", (256,), "16x16 w4 s2"):
-            "tl.dot compiles to mma.sync, not wgmma.mma_async; spills 20 B stored / 16 B loaded",
-        ("pix_pos_lse_fwd_batch", "bf16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_fwd_batch", "fp16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_lse_fwd_batch", "fp32", (256,), "16x16 w4 s2"):
-            "tl.dot compiles to mma.sync, not wgmma.mma_async; spills 96 B stored / 80 B loaded",
-        ("pix_pos_sum", "bf16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_sum", "fp16", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
-        ("pix_pos_sum", "fp32", (256,), "16x16 w4 s2"): "tl.dot compiles to mma.sync, not wgmma.mma_async",
     },
 }
