@@ -341,6 +341,21 @@ def test_backward_path_selection(monkeypatch):
         tcore.backward_path(64)
 
 
+def test_gpu_backward_paths_of_fp32(monkeypatch):
+    """On the GPU, fp32 takes no atomic kernel (they spill on sm_90a) and fp32 Gram matrices take the GEMM
+    Gram backward (the fused fp32 Gram kernel spills); 16-bit keeps both choices."""
+    monkeypatch.setattr(tcore, "interpreting", lambda: False)
+    f32, bf = torch.float32, torch.bfloat16
+    monkeypatch.setattr(tcore, "BACKWARD", "atomic")
+    assert tcore.backward_path(64, dtype=bf) == tcore.backward_path(64, dtype=bf, gram=True) == "atomic"
+    assert tcore.backward_path(64, dtype=f32) == "deterministic"
+    assert tcore.backward_path(64, dtype=f32, gram=True) == "gemm"
+    for path in ("deterministic", "auto"):
+        monkeypatch.setattr(tcore, "BACKWARD", path)
+        assert tcore.backward_path(64, 128, 128, f32, gram=True) == "gemm"
+        assert tcore.backward_path(64, 128, 128, bf, gram=True) == "deterministic"
+
+
 def test_atomic_falls_back_for_wide_d():
     """D > 256: the atomic accumulator would not fit, the deterministic kernels run."""
     g = torch.Generator().manual_seed(5)

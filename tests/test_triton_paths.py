@@ -318,7 +318,8 @@ def test_compile_specs():
     from contrastive_ops.backends._triton import siglip as tsiglip
 
     for mod, names in ((tcore, {"sim_lse_fwd", "sim_lse_gram_fwd", "sim_lse_bwd_dq", "sim_lse_bwd_dk",
-                                "sim_lse_bwd_dk_wide", "sim_lse_gram_bwd", "sim_lse_bwd_ds", "sim_lse_gram_ds"}),
+                                "sim_lse_bwd_dk_wide", "sim_lse_gram_bwd", "sim_lse_bwd_ds", "sim_lse_gram_ds",
+                                "sim_lse_bwd_atomic", "sim_lse_gram_bwd_atomic"}),
                        (tsiglip, {"siglip_fwd", "siglip_bwd_dx", "siglip_bwd_dy", "siglip_bwd_g", "siglip_g_loss"})):
         specs = mod.compile_specs()
         assert {s["name"] for s in specs} == names
@@ -349,6 +350,8 @@ def test_compile_specs():
             want = {(dt, D) for dt in ("bf16", "fp16", "fp32") for D in ttiles.SPEC_DS}
             if name == "sim_lse_gram_bwd":  # fp32 Gram matrices take the GEMM Gram backward
                 want -= {("fp32", D) for D in ttiles.SPEC_DS}
+            if name in ("sim_lse_bwd_atomic", "sim_lse_gram_bwd_atomic"):  # opt-in, 16-bit, D ≤ 256
+                want = {(dt, D) for dt in ("bf16", "fp16") for D in ttiles.SPEC_DS if D <= 256}
             if name == "sim_lse_bwd_dk":
                 want -= {(dt, D) for dt in ("bf16", "fp16") for D in (512, 768, 1024)}
             assert got == want, name

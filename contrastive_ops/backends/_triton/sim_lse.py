@@ -145,8 +145,8 @@ from .args import same_device, scalar_on
 from .costs import declare_work, gemm_pays
 from .sim_lse_fwd import _fwd_kernel, _gram_fwd_kernel
 from .tiles import (
-    BWD_DQ_GPU, BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, DS_GPU, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES,
-    SMEM_LIMIT, SPEC_DS, SPEC_DTYPES, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, checked_backward, chunk_d, col_lse,
+    BWD_ATOMIC_GPU, BWD_DQ_GPU, BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, DS_GPU, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES,
+    SMEM_LIMIT, SPEC_DS, SPEC_DTYPES, SYM_ATOMIC_GPU, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, checked_backward, chunk_d, col_lse,
     d_pad, dot_flags, empty, fwd_smem, gemm_block_rows, gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch,
     gpu_choices, log2_bucket, mark_known_faults, matrix_writer, min_block, sm_count, spec,
 )
@@ -405,11 +405,13 @@ def backward_path(D: int, B: int = 0, M: int = 0, dtype: torch.dtype = torch.bfl
     lists and no column ranges).  ``gram``: the Gram-kernel case (q is k), where "auto" weighs the
     Gram forward and backward against the general forward and the GEMM backward."""
     path = checked_backward(BACKWARD)
-    if path == "atomic":
-        ok = D <= _ATOMIC_MAX_D and not torch.are_deterministic_algorithms_enabled()
-        return "atomic" if ok else "deterministic"
-    if gram and dtype == torch.float32 and not interpreting():
-        return "gemm"  # ``gram_fused``: the fused fp32 Gram backward spills; the GEMM one is deterministic too
+    fp32_gpu = dtype == torch.float32 and not interpreting()
+    if path == "atomic":  # fp32's atomic kernels spill 32 B–8 KB per thread on sm_90a: the deterministic ones
+        if D <= _ATOMIC_MAX_D and not torch.are_deterministic_algorithms_enabled() and not fp32_gpu:
+            return "atomic"
+        path = "deterministic"
+    if gram and fp32_gpu:
+        return "gemm"  # the fused fp32 Gram backward spills on sm_90a; the GEMM one is deterministic too
     if path == "auto":
         return "gemm" if gemm_pays(B, M, D, dtype, "gram" if gram else "general") else "deterministic"
     return path
@@ -627,7 +629,7 @@ def sim_lse_backward(q, k, scale, row_index, col_index, col_start, col_end, excl
     if same is None:
         same = same_values(q, k)
     if atomic is None:
-        atomic = backward_path(q.shape[1]) == "atomic"
+        atomic = backward_path(q.shape[1], dtype=q.dtype) == "atomic"
     return torch.ops.contrastive_ops_triton.sim_lse_bwd(
         q, k, scale, row_index, col_index, col_start, col_end, exclude,
         row_lse, col_lse, grad_row.float().contiguous(), grad_col.float().contiguous(), bool(gram), bool(atomic),
@@ -736,6 +738,10 @@ declare_work(WORK_UNITS)
 # xfail(strict=True), red again once a kernel is fixed.
 _GATE_FAULTS = {
     "3.6": {
+        ("sim_lse_bwd_atomic", "bf16", (256,), "128x64 w8 s2"): "spills 288 B stored / 272 B loaded",
+        ("sim_lse_bwd_atomic", "bf16", (256,), "64x64 w4 s2"): "spills 1724 B stored / 1196 B loaded",
+        ("sim_lse_bwd_atomic", "fp16", (256,), "128x64 w8 s2"): "spills 288 B stored / 272 B loaded",
+        ("sim_lse_bwd_atomic", "fp16", (256,), "64x64 w4 s2"): "spills 1724 B stored / 1196 B loaded",
         ("sim_lse_bwd_dk", "bf16", (128,), "64x128 w8 s2"): "spills 16 B stored / 16 B loaded",
         ("sim_lse_bwd_dk", "bf16", (256,), "64x128 w8 s2"): "spills 48 B stored / 32 B loaded",
         ("sim_lse_bwd_dk", "bf16", (256,), "64x64 w4 s2"): "spills 96 B stored / 80 B loaded",
@@ -766,8 +772,28 @@ _GATE_FAULTS = {
         ("sim_lse_gram_bwd", "fp16", (128,), "64 w4 s2"): "spills 88 B stored / 72 B loaded",
         ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "128 w8 s2"): "spills 5576 B stored / 6268 B loaded",
         ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "64 w4 s2"): "spills 1004 B stored / 1196 B loaded",
+        ("sim_lse_gram_bwd_atomic", "bf16", (64,), "128 w8 s1"):
+            "spills 284 B stored / 212 B loaded; streaming loop without cp.async or TMA (not pipelined)",
+        ("sim_lse_gram_bwd_atomic", "bf16", (128,), "128 w8 s1"):
+            "spills 856 B stored / 760 B loaded; streaming loop without cp.async or TMA (not pipelined)",
+        ("sim_lse_gram_bwd_atomic", "bf16", (128,), "64 w4 s2"): "spills 4 B stored / 4 B loaded",
+        ("sim_lse_gram_bwd_atomic", "bf16", (256,), "128 w8 s1"):
+            "spills 3396 B stored / 2620 B loaded; streaming loop without cp.async or TMA (not pipelined)",
+        ("sim_lse_gram_bwd_atomic", "bf16", (256,), "64 w4 s2"): "spills 3860 B stored / 3084 B loaded",
+        ("sim_lse_gram_bwd_atomic", "fp16", (64,), "128 w8 s1"):
+            "spills 284 B stored / 212 B loaded; streaming loop without cp.async or TMA (not pipelined)",
+        ("sim_lse_gram_bwd_atomic", "fp16", (128,), "128 w8 s1"):
+            "spills 856 B stored / 760 B loaded; streaming loop without cp.async or TMA (not pipelined)",
+        ("sim_lse_gram_bwd_atomic", "fp16", (128,), "64 w4 s2"): "spills 4 B stored / 4 B loaded",
+        ("sim_lse_gram_bwd_atomic", "fp16", (256,), "128 w8 s1"):
+            "spills 3396 B stored / 2620 B loaded; streaming loop without cp.async or TMA (not pipelined)",
+        ("sim_lse_gram_bwd_atomic", "fp16", (256,), "64 w4 s2"): "spills 3860 B stored / 3084 B loaded",
     },
     "3.8": {
+        ("sim_lse_bwd_atomic", "bf16", (256,), "128x64 w8 s2"): "spills 364 B stored / 348 B loaded",
+        ("sim_lse_bwd_atomic", "bf16", (256,), "64x64 w4 s2"): "spills 1652 B stored / 1124 B loaded",
+        ("sim_lse_bwd_atomic", "fp16", (256,), "128x64 w8 s2"): "spills 312 B stored / 296 B loaded",
+        ("sim_lse_bwd_atomic", "fp16", (256,), "64x64 w4 s2"): "spills 1916 B stored / 1388 B loaded",
         ("sim_lse_bwd_dk", "bf16", (128,), "64x128 w8 s2"): "spills 8 B stored / 8 B loaded",
         ("sim_lse_bwd_dk", "bf16", (256,), "64x128 w8 s2"): "spills 56 B stored / 40 B loaded",
         ("sim_lse_bwd_dk", "bf16", (256,), "64x64 w4 s2"): "spills 88 B stored / 72 B loaded",
@@ -795,6 +821,21 @@ _GATE_FAULTS = {
         ("sim_lse_gram_bwd", "fp16", (128,), "64 w4 s2"): "spills 100 B stored / 80 B loaded",
         ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "128 w8 s2"): "spills 4344 B stored / 4988 B loaded",
         ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "64 w4 s2"): "spills 1144 B stored / 1328 B loaded",
+        ("sim_lse_gram_bwd_atomic", "bf16", (64,), "128 w8 s1"):
+            "spills 264 B stored / 192 B loaded; streaming loop without cp.async or TMA (not pipelined)",
+        ("sim_lse_gram_bwd_atomic", "bf16", (128,), "128 w8 s1"):
+            "spills 900 B stored / 784 B loaded; streaming loop without cp.async or TMA (not pipelined)",
+        ("sim_lse_gram_bwd_atomic", "bf16", (256,), "128 w8 s1"):
+            "spills 3360 B stored / 2584 B loaded; streaming loop without cp.async or TMA (not pipelined)",
+        ("sim_lse_gram_bwd_atomic", "bf16", (256,), "64 w4 s2"): "spills 3852 B stored / 3076 B loaded",
+        ("sim_lse_gram_bwd_atomic", "fp16", (64,), "128 w8 s1"):
+            "spills 672 B stored / 612 B loaded; streaming loop without cp.async or TMA (not pipelined)",
+        ("sim_lse_gram_bwd_atomic", "fp16", (128,), "128 w8 s1"):
+            "spills 1276 B stored / 1292 B loaded; streaming loop without cp.async or TMA (not pipelined)",
+        ("sim_lse_gram_bwd_atomic", "fp16", (128,), "64 w4 s2"): "spills 12 B stored / 12 B loaded",
+        ("sim_lse_gram_bwd_atomic", "fp16", (256,), "128 w8 s1"):
+            "spills 3664 B stored / 2888 B loaded; streaming loop without cp.async or TMA (not pipelined)",
+        ("sim_lse_gram_bwd_atomic", "fp16", (256,), "64 w4 s2"): "spills 3888 B stored / 3112 B loaded",
     },
 }
 
@@ -803,8 +844,8 @@ def compile_specs() -> List[dict]:
     """One entry per (kernel, config, dtype, D) the GPU dispatcher can pick, for D in
     ``tiles.SPEC_DS`` and bf16/fp16/fp32, with the CLIP flags (no index lists, no
     ranges, no exclusions, column LSE) for the general kernels and one exclusion
-    for the Gram kernels (NT-Xent).  The atomic kernels (opt-in) are not listed, nor the
-    fused Gram backward in fp32 (``backward_path`` sends fp32 Gram matrices to the GEMM one)."""
+    for the Gram kernels (NT-Xent); the opt-in atomic kernels for 16-bit D ≤ 256.  fp32 has
+    no atomic and no fused Gram backward on the GPU (``backward_path``)."""
     out = []
     gen = dict(HAS_ROW_INDEX=False, HAS_COL_INDEX=False, HAS_RANGE=False, N_EXCLUDE=0, WANT_COL=True,
                HAS_ROW_MAX=False)
@@ -870,4 +911,12 @@ def compile_specs() -> List[dict]:
                 if not acc_fits(c, w, gbdo):
                     continue
                 out.append(spec("sim_lse_gram_bwd", _gram_bwd_kernel.fn, dname, D, c, w, st))
+            if D <= _ATOMIC_MAX_D and dname != "fp32":  # the opt-in atomic backwards, 16-bit (``backward_path``)
+                for (bm, bn), w, st in BWD_ATOMIC_GPU:
+                    c = dict(gen, **flags, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_DP=d_pad(D), BLOCK_M=bm, BLOCK_N=bn)
+                    out.append(spec("sim_lse_bwd_atomic", _bwd_atomic_kernel.fn, dname, D, c, w, st))
+                for (blk,), w, st in SYM_ATOMIC_GPU:
+                    c = dict(N_EXCLUDE=1, **flags, BLOCK_D=gbd, ONE_CHUNK=g_one, BLOCK_DP=d_pad(D), BLOCK=blk,
+                             HAS_ROW_MAX=False)
+                    out.append(spec("sim_lse_gram_bwd_atomic", _gram_bwd_atomic_kernel.fn, dname, D, c, w, st))
     return mark_known_faults(out, _GATE_FAULTS, "backends/_triton/sim_lse.py")
