@@ -160,8 +160,9 @@ def test_block_do_gpu_widths(monkeypatch):
         assert ttiles.chunk_d(D, torch.float32) == 16 == ttiles.gpu_chunk_d(D, "fp32")
         assert ttiles.block_d(D, torch.float32) == 16 and ttiles.block_d(D, torch.bfloat16) == 64
         assert tcore.dk_wide(D, torch.bfloat16) == (D >= 257) and not tcore.dk_wide(D, torch.float32)
-    for D in (64, 100, 128, 200):  # the Gram kernels stream 64-wide chunks where 16-bit would hold 128
+    for D in (100, 128, 200):  # the Gram kernels stream two chunks where 16-bit would hold one tile
         assert tcore.gram_chunk_d(D, torch.bfloat16) == 64 and tcore.gram_chunk_d(D, torch.float32) == 16
+    assert tcore.gram_chunk_d(64, torch.float16) == 32 and tcore.gram_chunk_d(40, torch.bfloat16) == 32
     assert tcore.gram_chunk_d(32, torch.float16) == 32
     bf, f32 = torch.bfloat16, torch.float32  # fp32 Gram matrices: the GEMM Gram backward, at any size
     assert tcore.backward_path(128, 64, 64, f32, gram=True) == "gemm"

@@ -12,8 +12,8 @@ import triton.language as tl
 from .sim_lse_fwd import _FLAG_KEYS
 from .tiles import (
     BWD_ATOMIC_GPU, BWD_DQ_GPU, BWD_GPU, DK_WIDE_GPU, DS_GPU, INTERP_BLOCK, INTERP_SYM, SYM_ATOMIC_GPU, SYM_BWD_GPU,
-    allowed, allowed_t, autotune, col_bounds, col_tile, configs, held_tile, load_tile, row_max_of, row_span, row_tile,
-    s_tile, scaled_s, under_row_max, under_row_max_t,
+    allowed, allowed_t, autotune, col_bounds, col_tile, configs, fexp, held_tile, load_tile, row_max_of, row_span,
+    row_tile, s_tile, scaled_s, under_row_max, under_row_max_t,
 )
 
 
@@ -39,12 +39,12 @@ def _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT
     """dS of a tile from the recomputed S and the saved LSEs (an LSE of −inf counts as +inf: P = 0)."""
     s = scaled_s(s_raw, scale, ok)
     lse_r = tl.where(lse_r == float("-inf"), float("inf"), lse_r)
-    ds = g_r[:, None] * tl.exp(s - lse_r[:, None])
+    ds = g_r[:, None] * fexp(s - lse_r[:, None])
     if WANT_COL:
         lse_c = tl.load(ColLse + cols, mask=col_mask, other=float("-inf"))
         lse_c = tl.where(lse_c == float("-inf"), float("inf"), lse_c)
         g_c = tl.load(GradCol + cols, mask=col_mask, other=0.0)
-        ds += g_c[None, :] * tl.exp(s - lse_c[None, :])
+        ds += g_c[None, :] * fexp(s - lse_c[None, :])
     return tl.where(ok, ds, 0.0)
 
 
@@ -251,8 +251,8 @@ def _gram_ds(s_raw, scale, ok, ok_t, lse_i, g_i, lse_j, g_j):
     """dS_IJ and (dS_JI)ᵀ, both laid out like the tile S_IJ (rows I, columns J)."""
     lse_i = tl.where(lse_i == float("-inf"), float("inf"), lse_i)
     lse_j = tl.where(lse_j == float("-inf"), float("inf"), lse_j)
-    ds = tl.where(ok, g_i[:, None] * tl.exp(scaled_s(s_raw, scale, ok) - lse_i[:, None]), 0.0)
-    ds_t = tl.where(ok_t, g_j[None, :] * tl.exp(scaled_s(s_raw, scale, ok_t) - lse_j[None, :]), 0.0)
+    ds = tl.where(ok, g_i[:, None] * fexp(scaled_s(s_raw, scale, ok) - lse_i[:, None]), 0.0)
+    ds_t = tl.where(ok_t, g_j[None, :] * fexp(scaled_s(s_raw, scale, ok_t) - lse_j[None, :]), 0.0)
     return ds, ds_t
 
 
