@@ -80,7 +80,7 @@ MUTANTS = (
            "        col_lse = torch.logsumexp(col_part, 0)\n", "        col_lse = col_part[0]\n", _CORE,
            "sim_lse column LSE keeps the first row tile's partial only (dropped terms)"),
     Mutant("triton-sim-lse-bwd-col-term-dropped", "contrastive_ops/backends/_triton/sim_lse_bwd.py",
-           "        ds += g_c[None, :] * tl.exp(s - lse_c[None, :])\n", "", _CORE,
+           "        ds += g_c[None, :] * fexp(s - lse_c[None, :])\n", "", _CORE,
            "sim_lse backward dS drops the column-LSE term"),
     Mutant("triton-siglip-dscale-sign", "contrastive_ops/backends/_triton/siglip.py",
            "        d_scale += tl.sum(g * xy, 1)\n", "        d_scale -= tl.sum(g * xy, 1)\n",
@@ -304,10 +304,11 @@ MUTANTS = (
            "    d = tl.abs(yr[:, None] - yc[None, :]) + 0.0 * c[:, None]\n",
            _LABEL + ("-k", "triton"), "Triton label_lse: the row coefficient c_i (1 - lambda_i) ignored"),
     Mutant("triton-label-lse-dk-tile-edge", "contrastive_ops/backends/_triton/label_lse.py",
-           "    cmask = cols < M\n    offs_d = tl.arange(0, BLOCK_D)\n    k = _tile(K, cols, cmask, offs_d, D, stride_k, UPCAST)\n"
+           "    cmask = cols < M\n    offs_d = tl.arange(0, BLOCK_D)\n"
+           "    k = held_tile(K, cols.to(tl.int64), cmask, offs_d, D, stride_k, UPCAST, BLOCK_DS == BLOCK_D)\n"
            "    yc = tl.load(YC + cols, mask=cmask, other=0.0)\n    s = tl.load(Scale)\n",
            "    cmask = (cols < M) & (cols % BLOCK_N != BLOCK_N - 1)\n    offs_d = tl.arange(0, BLOCK_D)\n"
-           "    k = _tile(K, cols, cmask, offs_d, D, stride_k, UPCAST)\n"
+           "    k = held_tile(K, cols.to(tl.int64), cmask, offs_d, D, stride_k, UPCAST, BLOCK_DS == BLOCK_D)\n"
            "    yc = tl.load(YC + cols, mask=cmask, other=0.0)\n    s = tl.load(Scale)\n",
            _LABEL + ("-k", "triton"), "Triton label_lse dk: the last column of each tile gets no gradient"),
     Mutant("triton-label-lse-skip-equal-ignored", "contrastive_ops/backends/_triton/label_lse.py",
