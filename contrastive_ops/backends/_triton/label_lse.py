@@ -15,7 +15,7 @@ logit, so its absolute error (an fp32 ulp of 1 + d) is what counts.
 
 No atomics (deterministic); dscale is the ``torch.sum`` of the per-row parts.
 Gradient tiles hold all of D (BLOCK_D = next power of two ≥ D, at least 16).
-G is formed by one helper, ``_g``, the same way in all three kernels: from
+G is formed by one helper, ``tiles.g_tile``, the same way in all three kernels: from
 held full-D tiles in 16-bit, from BLOCK_DS-wide chunks in fp32 (tf32x3 keeps
 split copies of its operands in registers).  Not tuned otherwise.
 """
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .args import same_device, scalar_on
-from .tiles import dot_flags, empty, held_tile, interpreting, launch, s_tile
+from .tiles import dot_flags, empty, g_tile, held_tile, interpreting, launch
 
 Tensor = torch.Tensor
 
@@ -40,15 +40,6 @@ def _tile(X, rows, rmask, offs_d, D, stride, UPCAST: tl.constexpr):
     if UPCAST:
         t = t.to(tl.float32)
     return t
-
-
-@triton.jit
-def _g(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST: tl.constexpr, PREC: tl.constexpr,
-       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr):
-    """G = q·kᵀ of a tile: from the held tiles ``q`` and ``k`` when BLOCK_DS == BLOCK_D, else summed
-    over BLOCK_DS-wide chunks read from memory in increasing order (``tiles.s_tile``)."""
-    return s_tile(Q, K, rows.to(tl.int64), cols.to(tl.int64), rmask, cmask, D, stride_q, stride_k, q, k,
-                  BLOCK_M, BLOCK_N, BLOCK_DS, BLOCK_DS == BLOCK_D, UPCAST, PREC)
 
 
 @triton.jit
@@ -159,8 +150,8 @@ def _label_lse_fwd_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, 
         cmask = cols < M
         k = held_tile(K, cols.to(tl.int64), cmask, offs_d, D, stride_k, UPCAST, BLOCK_DS == BLOCK_D)
         yc = tl.load(YC + cols, mask=cmask, other=0.0)
-        g = _g(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_D,
-               BLOCK_DS)
+        g = g_tile(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC, BLOCK_M, BLOCK_N,
+                   BLOCK_D, BLOCK_DS)
         lam = 0.0
         if MIX:
             lam = _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, BETA_A, BETA_B)
@@ -209,8 +200,8 @@ def _label_lse_dq_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, R
         cmask = cols < M
         k = _tile(K, cols, cmask, offs_d, D, stride_k, UPCAST)
         yc = tl.load(YC + cols, mask=cmask, other=0.0)
-        g = _g(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_D,
-               BLOCK_DS)
+        g = g_tile(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC, BLOCK_M, BLOCK_N,
+                   BLOCK_D, BLOCK_DS)
         lam = 0.0
         if MIX:
             lam = _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, BETA_A, BETA_B)
@@ -254,8 +245,8 @@ def _label_lse_dk_kernel(Q, K, Scale, YR, YC, Coef, Start, End, Excl, LSE, RT, R
         b = tl.zeros([BLOCK_M], tl.float32)
         if MIX:
             b = tl.load(RT + rows, mask=rmask, other=0.0)
-        g = _g(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_D,
-               BLOCK_DS)
+        g = g_tile(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC, BLOCK_M, BLOCK_N,
+                   BLOCK_D, BLOCK_DS)
         lam = 0.0
         if MIX:
             lam = _mix_lambda(SeedP, RID, CID, rows, rmask, cols, cmask, BETA_A, BETA_B)
@@ -273,9 +264,9 @@ def _gpu_config(D: int, dtype: str, mix: bool = False) -> dict:
     """Block sizes and warps on the GPU.  fp32 (tf32x3 keeps split copies of its operands in registers)
     forms G from 16-wide D chunks on 32-wide column tiles and 8 warps: at D = 128 on sm_90a (Triton 3.8)
     its forward, dq and dk spill nothing (full-D G tiles: 0 / 184 / 264 B per thread; at 64 × 64 on
-    4 warps 112 / 1488 / 1768 B); 16-bit inputs spill nothing at 64 × 64 on 4 warps.  The mixture mode (λ from a + b = 10 unrolled draws per pair) takes the
-    32-wide tiles on 8 warps in every dtype: at 64 × 64 on 4 warps its 16-bit kernels spilled 2.5–4.2 kB per
-    thread."""
+    4 warps 112 / 1488 / 1768 B); 16-bit inputs spill nothing at 64 × 64 on 4 warps.  The mixture
+    mode (λ from a + b = 10 unrolled draws per pair) takes the 32-wide tiles on 8 warps in every dtype:
+    at 64 × 64 on 4 warps its 16-bit kernels spilled 2.5–4.2 kB per thread."""
     bd = max(16, triton.next_power_of_2(D))
     ds = _block_ds(D, dtype)
     if dtype == "fp32" or mix:

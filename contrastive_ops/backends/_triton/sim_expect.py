@@ -12,7 +12,7 @@ G = q·kᵀ (fp32 accumulation), S = scale·G, one excluded candidate per row at
 
 No atomics (deterministic); dscale is the ``torch.sum`` of the per-row parts.
 Gradient tiles hold all of D (BLOCK_D = next power of two ≥ D, at least 16).
-G is formed by one helper, ``_g_tile``, the same way in all three kernels:
+G is formed by one helper, ``tiles.g_tile``, the same way in all three kernels:
 from held full-D tiles in 16-bit, from BLOCK_DS-wide chunks in fp32 (tf32x3
 keeps split copies of its operands in registers: a held 64 × 128 fp32 tile
 spills 2 KB per thread on sm_90a).  Not tuned otherwise.
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .args import same_device, scalar_on
-from .tiles import dot_flags, empty, held_tile, interpreting, launch, s_tile
+from .tiles import dot_flags, empty, g_tile, held_tile, interpreting, launch
 
 Tensor = torch.Tensor
 
@@ -38,15 +38,6 @@ def _rows_tile(Q, rows, rmask, offs_d, D, stride_q, UPCAST: tl.constexpr):
     if UPCAST:
         t = t.to(tl.float32)
     return t
-
-
-@triton.jit
-def _g_tile(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST: tl.constexpr, PREC: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr):
-    """G = q·kᵀ of a tile: from the held tiles ``q`` and ``k`` when BLOCK_DS == BLOCK_D, else summed
-    over BLOCK_DS-wide chunks read from memory in increasing order (``tiles.s_tile``)."""
-    return s_tile(Q, K, rows.to(tl.int64), cols.to(tl.int64), rmask, cmask, D, stride_q, stride_k, q, k,
-                  BLOCK_M, BLOCK_N, BLOCK_DS, BLOCK_DS == BLOCK_D, UPCAST, PREC)
 
 
 @triton.jit
@@ -70,7 +61,7 @@ def _sim_expect_fwd_kernel(Q, K, Scale, Excl, LSE, MEAN, B, M, D, stride_q, stri
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
         k = held_tile(K, cols.to(tl.int64), cmask, offs_d, D, stride_k, UPCAST, BLOCK_DS == BLOCK_D)
-        g = _g_tile(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC,
+        g = g_tile(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC,
                     BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DS)
         ok = cmask[None, :] & (cols[None, :] != ex[:, None])
         z = tl.where(ok, g * s, float("-inf"))
@@ -121,7 +112,7 @@ def _sim_expect_dq_kernel(Q, K, Scale, Excl, LSE, MEAN, GL, GM, DQ, Part, B, M, 
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
         k = _rows_tile(K, cols, cmask, offs_d, D, stride_k, UPCAST)
-        g = _g_tile(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC,
+        g = g_tile(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC,
                     BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DS)
         ok = cmask[None, :] & (cols[None, :] != ex[:, None])
         p, dg = _dg_tile(g, ok, s, lse, mean, gl, gm)
@@ -155,7 +146,7 @@ def _sim_expect_dk_kernel(Q, K, Scale, Excl, LSE, MEAN, GL, GM, DK, B, M, D, str
             ex = tl.load(Excl + rows, mask=rmask, other=-1)
         else:
             ex = tl.full([BLOCK_M], -1, tl.int32)
-        g = _g_tile(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC,
+        g = g_tile(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST, PREC,
                     BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DS)
         ok = cmask[None, :] & rmask[:, None] & (cols[None, :] != ex[:, None])
         p, dg = _dg_tile(g, ok, s, lse, mean, gl, gm)

@@ -145,10 +145,11 @@ from .args import same_device, scalar_on
 from .costs import declare_work, gemm_pays
 from .sim_lse_fwd import _fwd_kernel, _gram_fwd_kernel
 from .tiles import (
-    BWD_ATOMIC_GPU, BWD_DQ_GPU, BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, DS_GPU, FWD_N_GPU, INTERP_BLOCK, INTERP_N, INTERP_SYM, LAUNCHES,
-    SMEM_LIMIT, SPEC_DS, SPEC_DTYPES, SYM_ATOMIC_GPU, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits, block_do, checked_backward, chunk_d, col_lse,
-    d_pad, dot_flags, empty, fwd_smem, gemm_block_rows, gpu_block_do, gpu_chunk_d, gpu_dot_flags, interpreting, launch,
-    gpu_choices, log2_bucket, mark_known_faults, matrix_writer, min_block, sm_count, spec,
+    BWD_ATOMIC_GPU, BWD_DQ_GPU, BWD_GPU, DK_WIDE_GPU, DK_WIDE_MAX_D, DS_GPU, FWD_N_GPU, INTERP_BLOCK, INTERP_N,
+    INTERP_SYM, LAUNCHES, SMEM_LIMIT, SPEC_DS, SPEC_DTYPES, SYM_ATOMIC_GPU, SYM_BWD_GPU, SYM_FWD_GPU, acc_fits,
+    block_do, checked_backward, chunk_d, col_lse, d_pad, dot_flags, empty, fwd_smem, gemm_block_rows, gpu_block_do,
+    gpu_chunk_d, gpu_dot_flags, interpreting, launch, gpu_choices, log2_bucket, mark_known_faults, matrix_writer,
+    min_block, sm_count, spec,
 )
 from .products import mm_f32
 

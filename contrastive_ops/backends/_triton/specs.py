@@ -51,12 +51,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib
 import io
 import json
 import math
 import os
-import pkgutil
 import re
 import subprocess
 import sys
@@ -96,14 +94,9 @@ def table_path(version: Optional[str] = None) -> str:
 
 
 def _modules():
-    from . import __name__ as pkg_name
-    pkg = importlib.import_module(pkg_name)
-    out = {}
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name == "specs" or info.name.startswith("__"):
-            continue
-        out[info.name] = importlib.import_module(f"{pkg_name}.{info.name}")
-    return out
+    from .tiles import kernel_modules
+
+    return kernel_modules()
 
 
 def _check_spec(spec: dict, where: str) -> None:

@@ -792,12 +792,21 @@ def gate_faulty(fn, named_args, kwargs):
 _MARKING = True  # False while ``_measured_faults`` collects the specs (``mark_known_faults`` then passes)
 
 
+def kernel_modules() -> dict:
+    """Every module of this package but ``specs`` (imported by name: the compile gate and
+    ``gate_faulty`` read their ``compile_specs`` and ``_GATE_FAULTS``), by module name."""
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(__package__)
+    return {info.name: importlib.import_module(f"{__package__}.{info.name}")
+            for info in pkgutil.iter_modules(pkg.__path__) if info.name != "specs" and not info.name.startswith("__")}
+
+
 def _measured_faults() -> dict:
     global _MARKING
-    from . import specs
-
     out: dict = {}
-    for mod in specs._modules().values():
+    for mod in kernel_modules().values():
         table = getattr(mod, "_GATE_FAULTS", {}).get(triton_minor())
         if not table:
             continue
@@ -829,3 +838,13 @@ def fexp(x):
     else:
         y = tl.exp(x)
     return y
+
+
+@triton.jit
+def g_tile(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST: tl.constexpr, PREC: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr):
+    """G = q·kᵀ of a tile of (int32) rows and columns, as ``sim_expect`` and ``label_lse`` form it in all
+    their kernels: from the held BLOCK_D-wide tiles ``q`` and ``k`` when BLOCK_DS == BLOCK_D, else over
+    BLOCK_DS-wide chunks read from memory in increasing order (``s_tile``)."""
+    return s_tile(Q, K, rows.to(tl.int64), cols.to(tl.int64), rmask, cmask, D, stride_q, stride_k, q, k,
+                  BLOCK_M, BLOCK_N, BLOCK_DS, BLOCK_DS == BLOCK_D, UPCAST, PREC)
