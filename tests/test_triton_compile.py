@@ -267,6 +267,23 @@ def test_autotuner_prunes_the_gate_faults():
     assert n_pruned > 0
 
 
+def test_unreadable_or_missing_fault_tables_are_said(monkeypatch):
+    """Without fault tables (an unmeasured Triton, or specs that fail to build) the autotuner prunes
+    nothing and says so once, rather than silently."""
+    from contrastive_ops.backends._triton import tiles
+
+    def broken():
+        raise RuntimeError("stale entry")
+
+    for measured, match in ((broken, "could not be read"), (dict, "no compile-gate fault table")):
+        monkeypatch.setattr(tiles, "_FAULTY", None)
+        monkeypatch.setattr(tiles, "_measured_faults", measured)
+        monkeypatch.setattr(tiles, "interpreting", lambda: False)
+        with pytest.warns(RuntimeWarning, match=match):
+            pred = tiles.gate_faulty(object(), {}, {})
+        assert not pred(_config_of(dict(constexprs={"BLOCK": 64}, num_warps=4, num_stages=2)))
+
+
 def test_known_faults_are_per_triton_version(monkeypatch):
     """Each Triton minor version has its own table (its own ptxas): a variant that spills only under 3.6 is
     expected to fail there and to pass under 3.8; an unmeasured Triton or an unversioned table raises."""

@@ -781,7 +781,17 @@ def gate_faulty(fn, named_args, kwargs):
     variant the gate marks when a clean one exists; ``specs`` lists those as pruned."""
     global _FAULTY
     if _FAULTY is None:
-        _FAULTY = _measured_faults()
+        import warnings
+
+        try:
+            _FAULTY = _measured_faults()
+            if not _FAULTY and not interpreting():
+                warnings.warn(f"contrastive_ops: no compile-gate fault table for Triton {triton.__version__} "
+                              "(measured: 3.6, 3.8); the autotuner may launch configs that spill", RuntimeWarning)
+        except Exception as e:  # noqa: BLE001 - a kernel module's specs failed: tune over every config, and say so
+            warnings.warn(f"contrastive_ops: the compile gate's fault tables could not be read ({e!r}); the Triton "
+                          "autotuner runs every config", RuntimeWarning)
+            _FAULTY = {}
     bad = _FAULTY.get(fn, ())
     dtype = _dtype_name(named_args)
     if not bad or dtype is None:
