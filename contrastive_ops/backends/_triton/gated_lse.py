@@ -16,7 +16,7 @@ eps² = 1e-24 (the losses' eps 1e-12 of F.normalize, written into the kernels).
 No atomics (deterministic); dscale is the ``torch.sum`` of the per-row parts.
 Gradient tiles hold all of D (BLOCK_D = next power of two ≥ D, at least 16);
 keys of any input dtype are upcast to fp32 in the tile.  G and N are formed
-by one helper, ``_gn``, the same way in all three kernels: summed over
+by one helper, ``_logits``, the same way in all three kernels: summed over
 BLOCK_DS-wide D chunks read from memory (held full-D fp32 operands, split
 three ways by tf32x3, spilled 0.4–5 KB per thread on sm_90a at D = 128).
 """
@@ -176,11 +176,7 @@ def _blocks(D: int, kernel: str = "fwd") -> dict:
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=bd, BLOCK_DS=16)
     wide = 64 if bd <= 128 else 32
-    if kernel == "daw":
-        return dict(BLOCK_M=64, BLOCK_N=wide // 2, BLOCK_D=bd, BLOCK_DS=16)
-    if kernel == "dk":
-        return dict(BLOCK_M=64, BLOCK_N=wide // 2, BLOCK_D=bd, BLOCK_DS=16)
-    return dict(BLOCK_M=64, BLOCK_N=wide, BLOCK_D=bd, BLOCK_DS=16)
+    return dict(BLOCK_M=64, BLOCK_N=wide if kernel == "fwd" else wide // 2, BLOCK_D=bd, BLOCK_DS=16)
 
 
 def _flags(D: int, kernel: str = "fwd") -> dict:

@@ -210,8 +210,7 @@ def gram_chunk_d(D: int, dtype: torch.dtype) -> int:
 def gpu_gram_chunk_d(D: int, dtype_name: str) -> int:
     """``gram_chunk_d`` as on the GPU (compile specs)."""
     bd = gpu_chunk_d(D, dtype_name)
-    held = D <= bd and dtype_name != "fp32"  # one chunk: a held tile
-    return bd // 2 if held and bd >= 64 else bd
+    return bd // 2 if D <= bd and bd >= 64 else bd  # one chunk of 64 or 128 (16-bit): a held tile
 
 
 def gram_block(B: int, device: torch.device) -> int:

@@ -470,9 +470,9 @@ def render_table(rows: List[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_faults(rows: List[dict]) -> str:
-    """The ``_GATE_FAULTS`` table of each kernel module for the installed Triton, from the gate's rows
-    (``run_gate``): every variant that fails a check, keyed as ``tiles.mark_known_faults`` reads it."""
+def _fault_tables(rows: List[dict]) -> Dict[str, List[str]]:
+    """Module name -> the lines of its ``"<version>": {...},`` entry for the installed Triton, from the
+    gate's rows: every variant that fails a check, keyed as ``tiles.mark_known_faults`` reads it."""
     from .tiles import triton_minor
 
     by_module: Dict[str, List[str]] = {}
@@ -487,10 +487,17 @@ def render_faults(rows: List[dict]) -> str:
                 line = f"        {key}\n            {why}"
             by_module.setdefault(r["module"], []).append(line)
     v = triton_minor()
+    return {module: [f'    "{v}": {{'] + lines + ["    },"] for module, lines in by_module.items()}
+
+
+def render_faults(rows: List[dict]) -> str:
+    """The ``_GATE_FAULTS`` entries of each kernel module for the installed Triton (``_fault_tables``)."""
+    from .tiles import triton_minor
+
     out = []
-    for module, lines in by_module.items():
-        out += [f"# backends/_triton/{module}.py, _GATE_FAULTS", f'    "{v}": {{'] + lines + ["    },", ""]
-    return "\n".join(out) if out else f"# no variant fails the gate under Triton {v}\n"
+    for module, lines in _fault_tables(rows).items():
+        out += [f"# backends/_triton/{module}.py, _GATE_FAULTS"] + lines + [""]
+    return "\n".join(out) if out else f"# no variant fails the gate under Triton {triton_minor()}\n"
 
 
 def replace_fault_table(src: List[str], version: str, block: List[str]) -> List[str]:
@@ -511,11 +518,7 @@ def write_faults(rows: List[dict]) -> List[str]:
     from .tiles import triton_minor
 
     v = triton_minor()
-    blocks: Dict[str, List[str]] = {}
-    for block in render_faults(rows).split("\n\n"):
-        lines = block.strip("\n").split("\n")
-        if lines and lines[0].startswith("# backends/_triton/"):
-            blocks[lines[0].split("/")[-1].split(".py")[0]] = lines[1:]
+    blocks = _fault_tables(rows)
     changed = []
     for name, mod in sorted(_modules().items()):
         path = mod.__file__
