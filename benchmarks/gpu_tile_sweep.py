@@ -103,7 +103,7 @@ def fwd_launcher(q, k, scale, cfg):
     _, n_split, cps = ts.fwd_plan(B, M, q.device, block_m=bm)
     t_b = triton.cdiv(B, bm)
     row_part = torch.empty((n_split, B), dtype=torch.float32, device=q.device)
-    col_part = torch.empty((t_b, M), dtype=torch.float32, device=q.device)
+    col_part = torch.empty((t_b, 2, M), dtype=torch.float32, device=q.device)
     fn = ts._fwd_kernel.fn
 
     def run():
@@ -114,7 +114,7 @@ def fwd_launcher(q, k, scale, cfg):
 
     def error(S):
         """Largest difference of the row and column LSEs from the fp32 reference."""
-        row, col = torch.logsumexp(row_part, 0), torch.logsumexp(col_part, 0)
+        row, col = torch.logsumexp(row_part, 0), ts.merge_col_part(col_part)
         return max((row - torch.logsumexp(S, 1)).abs().max().item(), (col - torch.logsumexp(S, 0)).abs().max().item())
 
     return run, error
@@ -124,22 +124,21 @@ def ds_launcher(q, k, scale, cfg):
     """The GEMM backward's dS kernel (CLIP flags) over all rows with one explicit config."""
     B, M, D, meta = _launch(q, k, cfg)
     bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-    row_lse = torch.full((B,), 5.0, device=q.device)
-    col_lse = torch.full((M,), 5.0, device=q.device)
-    g_row, g_col = torch.full((B,), 1.0 / B, device=q.device), torch.full((M,), 1.0 / M, device=q.device)
+    full = lambda n, v: torch.full((n,), v, device=q.device)  # noqa: E731
+    row_lse, g_row = ts.ds_stats(full(B, 5.0), full(B, 1.0 / B))  # padded, as the launcher passes them
+    col_lse, g_col = ts.ds_stats(full(M, 5.0), full(M, 1.0 / M))
     ds = torch.empty((B, M), dtype=q.dtype, device=q.device)
-    part = torch.zeros((triton.cdiv(B, bm) * triton.cdiv(M, bn),), dtype=torch.float32, device=q.device)
     fn = ts._bwd_ds_kernel.fn
 
     def run():
         fn[(triton.cdiv(B, bm), triton.cdiv(M, bn))](
-            q, k, scale, scale, scale, scale, scale, scale, scale, row_lse, col_lse, g_row, g_col, ds, part,
+            q, k, scale, scale, scale, scale, scale, scale, scale, row_lse, col_lse, g_row, g_col, ds,
             B, M, D, q.stride(0), k.stride(0), ds.stride(0), tt.log2_bucket(B), tt.log2_bucket(M), **meta,
         )
 
     def error(S):
         """Largest difference of dS from the fp32 formula, relative to its largest entry."""
-        ref = g_row[:, None] * torch.exp(S - 5.0) + g_col[None, :] * torch.exp(S - 5.0)
+        ref = g_row[:B, None] * torch.exp(S - 5.0) + g_col[None, :M] * torch.exp(S - 5.0)
         return ((ds.float() - ref).abs().max() / ref.abs().max()).item()
 
     return run, error

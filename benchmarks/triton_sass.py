@@ -8,10 +8,13 @@ for the shape, the first config of the kernel's list), the kernel is compiled fo
 ``backends/nvidia/bin``) is cut into:
 
 * the **D loop**: the innermost loop, one BLOCK_D chunk of the S product (its HGMMA instructions);
-* the **epilogue**: the rest of the column-tile loop, per thread and column tile (masks, the
-  online row LSE, the column LSE, stores); for the dS kernel, which takes one tile per program,
+* the **epilogue**: the rest of the column-tile loop, per thread and column tile (the online row
+  LSE, the column partials, stores; the forward's first column-tile loop, over the tiles inside
+  the matrix, which take no per-entry mask); for the dS kernel, which takes one tile per program,
   the rest of the kernel.  Nothing overlaps it with the tile's products: the next tile's D loop
-  starts after it.
+  starts after it.  Blocks that a forward branch jumps over (``cold``: ``rows_and_cols``' exact
+  fallback for tiles whose logits spread more than about 55) are left out; the table gives
+  their size.
 
 Model of one column tile on one SM (one block per SM, W warps, 4 schedulers):
 
@@ -20,16 +23,19 @@ Model of one column tile on one SM (one block per SM, W warps, 4 schedulers):
 
 with E the epilogue's instructions per thread.  The two constants are fitted to the two forward
 times the H200 measured (``costs.MEASURED["general_fwd"]``: B = M = 16384, D = 512 and 1024, 64 ×
-128 tiles, Triton 3.6), using the SASS of that kernel as it was measured (``tl.exp``; the current
-kernels use ``tiles.fexp``): EFF_D is the D loop's fraction of the dense bf16 rate, K_EPI the
-epilogue's clocks per issued instruction.  The fit uses Triton 3.6's machine code (the GPU machine's);
-another Triton gives other counts, so the script says which one it read.
+128 tiles, Triton 3.6), using the SASS of that kernel as it was measured (``MEASURED_SASS``:
+``online_rows`` + ``col_lse`` with ``tl.exp``, as each Triton compiled it): EFF_D is the D loop's
+fraction of the dense bf16 rate, K_EPI the epilogue's clocks per issued instruction.  The fit
+uses Triton 3.6's machine code (the GPU machine's); another Triton gives other counts, so the
+script says which one it read.  In the CLIP step the dS kernel takes the longer of its tile loop
+and its HBM write (its stores retire while the SM goes on), and the products the longer of their
+FLOPs at cuBLAS's measured rate and their reads of dS.
 
     python benchmarks/triton_sass.py                       # the table
     python benchmarks/triton_sass.py --write               # benchmarks/results/triton-tile-model-sm90-<minor>.{md,json}
 
 ``tests/test_triton_sass.py`` recompiles the forward under the installed Triton and checks the
-committed counts of that version.
+committed counts of that version, the calibration and the CLIP step's fraction of peak.
 """
 from __future__ import annotations
 
@@ -66,9 +72,10 @@ class TileLoop:
     registers: int
     d_loop: int        # SASS instructions of one pass of the D loop
     hgmma: int         # HGMMA instructions in it
-    epilogue: int      # per thread and column tile: the column-tile loop minus its D loop
+    epilogue: int      # per thread and column tile: the column-tile loop minus its D loop and cold blocks
     fast_exp: bool
     triton: str
+    cold: int = 0      # instructions of the blocks a forward branch skips (``rows_and_cols``' fallback)
 
 
 def _spec(name: str, D: int, block_m: Optional[int] = None) -> dict:
@@ -122,6 +129,27 @@ def loops(ins: List[Tuple[int, str]]) -> List[Tuple[int, int]]:
     return out
 
 
+def cold_blocks(ins: List[Tuple[int, str]], lo: int, hi: int, skip: Tuple[int, int]) -> List[Tuple[int, int]]:
+    """The disjoint address ranges that forward branches in [lo, hi] jump over, leaving out those
+    that hold the D loop ``skip`` (a loop's entry guard): the blocks a taken branch skips.  In the
+    tile loops these are the rare paths (``rows_and_cols``' exact fallback), which the model leaves
+    out of the epilogue."""
+    spans = []
+    for a, t in ins:
+        m = re.search(r"\bBRA (0x[0-9a-f]+)", t)
+        if m and lo <= a <= hi and not skip[0] <= a <= skip[1] and a < int(m.group(1), 16) <= hi:
+            b = int(m.group(1), 16)
+            if not (a < skip[0] and skip[1] < b):
+                spans.append((a, b))
+    merged: List[Tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
+
+
 def tile_loop(name: str, D: int, block_m: Optional[int] = None, fast_exp: bool = True) -> TileLoop:
     """Compile and cut the column-tile loop of kernel ``name`` (module docstring)."""
     import triton
@@ -129,7 +157,10 @@ def tile_loop(name: str, D: int, block_m: Optional[int] = None, fast_exp: bool =
     spec = _spec(name, D, block_m)
     ins, regs = _sass(spec, fast_exp)
     ls = loops(ins)
-    outer = max(ls, key=lambda x: x[1] - x[0])
+    nests = [o for o in ls if any(l != o and o[0] <= l[0] and l[1] <= o[1] for l in ls)]
+    # the column-tile loop: the first loop holding a D loop (``_fwd_kernel``'s plain tiles; its
+    # masked last tile is a second copy after it), else the longest loop
+    outer = min(nests) if nests else max(ls, key=lambda x: x[1] - x[0])
     inner = [l for l in ls if l != outer and outer[0] <= l[0] and l[1] <= outer[1]]
     if not inner:  # one tile per program (the dS kernel): the D loop, and the whole rest of the kernel
         (i0, i1), outer = outer, (ins[0][0], ins[-1][0])
@@ -138,10 +169,11 @@ def tile_loop(name: str, D: int, block_m: Optional[int] = None, fast_exp: bool =
     else:
         raise RuntimeError(f"{name} D={D}: expected one D loop inside the column-tile loop, found {len(inner)}")
     n = lambda a, b: sum(1 for x, t in ins if a <= x <= b and not t.startswith("NOP"))  # noqa: E731
+    cold = sum(n(a + 1, b - 1) for a, b in cold_blocks(ins, outer[0], outer[1], (i0, i1)))
     c = spec["constexprs"]
     return TileLoop(name, D, c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], spec["num_warps"], spec["num_stages"], regs,
                     d_loop=n(i0, i1), hgmma=sum(1 for x, t in ins if i0 <= x <= i1 and "HGMMA" in t),
-                    epilogue=n(*outer) - n(i0, i1), fast_exp=fast_exp, triton=triton.__version__)
+                    epilogue=n(*outer) - n(i0, i1) - cold, fast_exp=fast_exp, triton=triton.__version__, cold=cold)
 
 
 def tile_loop_in_child(name: str, D: int, block_m: Optional[int] = None, fast_exp: bool = True) -> TileLoop:
@@ -154,6 +186,30 @@ def tile_loop_in_child(name: str, D: int, block_m: Optional[int] = None, fast_ex
     if out.returncode != 0:
         raise RuntimeError(f"tile_loop {name} D={D}: {out.stderr[-3000:]}")
     return TileLoop(**json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+# The machine code of the forward the H200 measured (``online_rows`` + ``col_lse``, ``tl.exp``, 64 ×
+# 128 × 64 tiles on 8 warps, 3 stages), as each Triton compiled it before ``rows_and_cols`` replaced
+# that epilogue: the calibration's input, kept as it was measured.
+MEASURED_SASS = {
+    "3.6": dict(d_loop=89, hgmma=4, epilogue=1572, registers=128),
+    "3.8": dict(d_loop=94, hgmma=4, epilogue=1630, registers=116),
+}
+
+
+def measured_loop(D: int, version: Optional[str] = None) -> TileLoop:
+    """The measured forward's tile loop at D under Triton ``version`` (default: the installed one)."""
+    import triton
+
+    from contrastive_ops.backends._triton.tiles import triton_minor
+
+    v = version or triton.__version__
+    minor = triton_minor(v)
+    if minor not in MEASURED_SASS:
+        raise RuntimeError(f"no machine code of the measured forward for Triton {minor}: compile the kernel the "
+                           "H200 ran (online_rows + col_lse, tl.exp) under it and add it to MEASURED_SASS")
+    return TileLoop("sim_lse_fwd (measured)", D, 64, 128, 64, 8, 3, fast_exp=False, triton=v,
+                    **MEASURED_SASS[minor])
 
 
 def mma_clocks(t: TileLoop) -> float:
@@ -209,7 +265,9 @@ def clip_step(B: int, D: int, eff: float, k: float) -> Dict[str, float]:
     fwd = predict(tile_loop_in_child("sim_lse_fwd", D, _block_m(B)), eff, k)
     ds = predict(tile_loop_in_child("sim_lse_bwd_ds", D), eff, k)
     t_fwd = 2 * pairs * D / (fwd["tflops"] * 1e12)
-    t_ds = 2 * pairs * D / (ds["tflops"] * 1e12) + pairs * 2 / HBM_BYTES_PER_S
+    # the dS stores retire while the SM goes on (nothing waits on them): the kernel takes the longer of
+    # its tile loop and its HBM write, as the products take the longer of their FLOPs and their reads
+    t_ds = max(2 * pairs * D / (ds["tflops"] * 1e12), pairs * 2 / HBM_BYTES_PER_S)
     t_mm = max(4 * pairs * D / CUBLAS_FLOPS, 2 * pairs * 2 / HBM_BYTES_PER_S)
     total = t_fwd + t_ds + t_mm
     return dict(B=B, D=D, fwd_ms=t_fwd * 1e3, ds_ms=t_ds * 1e3, products_ms=t_mm * 1e3, step_ms=total * 1e3,
@@ -217,10 +275,10 @@ def clip_step(B: int, D: int, eff: float, k: float) -> Dict[str, float]:
 
 
 def report() -> dict:
-    measured = [tile_loop_in_child("sim_lse_fwd", D, 64, fast_exp=False) for D in (512, 1024)]
-    eff, k = calibrate(*measured)
+    eff, k = calibrate(measured_loop(512), measured_loop(1024))
     rows = []
     for D in (512, 1024):
+        rows.append(dict(asdict(measured_loop(D)), **predict(measured_loop(D), eff, k)))
         for name, bm, fast in (("sim_lse_fwd", 64, False), ("sim_lse_fwd", 64, True), ("sim_lse_fwd", 128, True),
                                ("sim_lse_bwd_ds", None, True)):
             t = tile_loop_in_child(name, D, bm, fast_exp=fast)
@@ -244,22 +302,25 @@ def markdown(rep: dict) -> str:
         "",
         f"Written by `benchmarks/triton_sass.py` (Triton {t}, compiled without a GPU). Per column tile and",
         "thread: the D loop (one BLOCK_D chunk of S) and the epilogue (everything else in the column-tile",
-        "loop: masks, row LSE, column LSE, stores), in SASS instructions. The model (module docstring),",
-        f"fitted to the forward the H200 measured: the D loop runs at EFF_D = {rep['eff_d']:.2f} of 790",
+        "loop: row LSE, column partials, stores), in SASS instructions; \"cold\": the instructions of the",
+        "blocks a branch skips (the forward's exact fallback for tiles of widely spread logits), left out",
+        "of the epilogue. \"(measured)\": the forward as the H200 ran it (``MEASURED_SASS``). The model",
+        f"(module docstring), fitted to that run: the D loop runs at EFF_D = {rep['eff_d']:.2f} of 790",
         f"TFLOP/s and the epilogue takes K_EPI = {rep['k_epi']:.2f} clocks per issued warp instruction",
         "(4 schedulers per SM), with no overlap between them.",
         "",
-        "| kernel | D | tile | warps | regs | exp | D-loop instrs | HGMMA | epilogue instrs | "
+        "| kernel | D | tile | warps | regs | exp | D-loop instrs | HGMMA | epilogue instrs | cold | "
         "predicted TFLOP/s | epilogue share |",
-        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rep["rows"]:
         lines.append(f"| {r['kernel']} | {r['D']} | {r['block_m']}x{r['block_n']}x{r['block_d']} | {r['warps']} | "
                      f"{r['registers']} | {'ftz' if r['fast_exp'] else 'tl.exp'} | {r['d_loop']} | {r['hgmma']} | "
-                     f"{r['epilogue']} | {r['tflops']:.0f} | {100 * r['epilogue_share']:.0f}% |")
+                     f"{r['epilogue']} | {r.get('cold', 0)} | {r['tflops']:.0f} | {100 * r['epilogue_share']:.0f}% |")
     lines += ["", "Measured (calibration): "
               + ", ".join(f"D = {D}: {c:.0f} clocks per 64 × 128 tile" for D, c in rep["measured_tile_clk"].items()),
-              "", "CLIP step (forward + GEMM backward, bf16) with these tile loops and cuBLAS at 760 TFLOP/s:", "",
+              "", "CLIP step (forward + GEMM backward, bf16) with these tile loops, the dS write under the dS kernel's",
+              "loop and cuBLAS at 760 TFLOP/s; fraction of the 989 TFLOP/s dense bf16 peak for 8·B²·D:", "",
               "| B | D | forward ms | dS kernel ms | products ms | step ms | fraction of peak |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
     for s in rep["clip"]:

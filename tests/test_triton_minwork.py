@@ -443,3 +443,30 @@ def test_large_logits_backward_reads_forward_s(path, ex, D, atomic):
         assert torch.isfinite(a).all(), f"{path}: {what} not finite"
         tol = 1e-3 * float(r.abs().max())
         torch.testing.assert_close(a.double(), r, atol=tol, rtol=1e-4, msg=lambda m: f"{path} {what}: {m}")
+
+
+# The general forward's column partials (``tiles.rows_and_cols``): one exponential per entry against
+# the tile's maximum T while the tile's logits spread less than about 55, each column's own maximum
+# (the fallback branch) where they spread more.  Row norms from 0.01 to 1 at scale 300: the first
+# row tiles stay on the shared maximum, the last ones spread more than 110 and exp(S − T) underflows
+# (below e^-103) for their weakest columns, which only the fallback gets right (under the interpreter too,
+# whose exp does not flush below 2^-126).  B and M ragged: plain tiles, a masked last column tile
+# and rows past B, which the plain tiles leave out of the columns per row.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [10.0, 300.0], ids=["shared_max", "mixed_fallback"])
+def test_forward_column_partials_shared_max_and_fallback(dtype, scale):
+    B, M, D = 70, 77, 24
+    g = torch.Generator().manual_seed(int(scale))
+    q = torch.randn(B, D, generator=g, dtype=torch.float64)
+    k = torch.randn(M, D, generator=g, dtype=torch.float64)
+    q = q / q.norm(dim=1, keepdim=True) * torch.logspace(-2, 0, B, dtype=torch.float64)[:, None]
+    k = k / k.norm(dim=1, keepdim=True)
+    q, k = q.to(DEVICE, dtype), k.to(DEVICE, dtype)
+    s = torch.tensor(scale, device=DEVICE)
+    row, col = tcore.sim_lse_forward(q, k, s, want_col=True)
+    r_row, r_col = sim_lse_reference(q.double(), k.double(), s.double(), want_col=True)
+    S = scale * q.double() @ k.double().t()
+    spread = (S[-32:].max() - S[-32:].max(0).values.min()).item()
+    assert (spread > 110) == (scale == 300.0), spread  # exp(−110): past fp32's smallest number
+    _check_lse(row, r_row, torch.float32, "row_lse")
+    _check_lse(col, r_col, torch.float32, "col_lse")

@@ -55,10 +55,33 @@ def test_structure_and_ftz_exponential(loops):
 
 
 def test_calibration_reproduces_the_measurements():
+    """The fit reproduces the two measured forward times from the measured kernel's machine code,
+    which the committed table carries as its "(measured)" rows."""
     rep = _committed()
     eff, k = rep["eff_d"], rep["k_epi"]
     assert 0.3 < eff <= 1.0 and 0.5 < k < 4.0
+    assert (eff, k) == pytest.approx(ts.calibrate(ts.measured_loop(512), ts.measured_loop(1024)), rel=1e-9)
     for D in (512, 1024):
-        t = ts.TileLoop(**{f: v for f, v in _row(rep, "sim_lse_fwd", D, 64, False).items()
-                           if f in ts.TileLoop.__dataclass_fields__})
+        t = ts.measured_loop(D)
+        row = _row(rep, "sim_lse_fwd (measured)", D, 64, False)
+        assert (t.d_loop, t.epilogue) == (row["d_loop"], row["epilogue"])
         assert ts.predict(t, eff, k)["tile_clk"] == pytest.approx(ts.measured_tile_clocks(D), rel=1e-6)
+
+
+def test_fallback_is_cold_and_the_epilogue_shrank(loops):
+    """The forward's exact fallback (``rows_and_cols``) is a block a branch skips, left out of the
+    epilogue, and the epilogue of the plain tiles is at most 60 % of the measured kernel's."""
+    for fast, t in loops.items():
+        assert t.cold > 0
+        assert t.epilogue <= 0.6 * ts.measured_loop(512).epilogue
+
+
+def test_clip_step_reaches_half_of_peak():
+    """The committed model's symmetric CLIP step (forward + GEMM backward, bf16) at B = 32768 and
+    D = 512, 1024: at least half of the dense bf16 peak."""
+    rep = _committed()
+    steps = {(s["B"], s["D"]): s for s in rep["clip"]}
+    for D in (512, 1024):
+        s = steps[(32768, D)]
+        assert s["fraction_of_peak"] >= 0.5, s
+        assert s["step_ms"] == pytest.approx(s["fwd_ms"] + s["ds_ms"] + s["products_ms"])

@@ -48,10 +48,12 @@ splits is chosen from the shape (``fwd_plan``): one while the row tiles
 alone fill the GPU, else enough column chunks for about two programs per SM
 (flash-decoding).  Program (t, s) runs the online LSE of its rows over its
 columns and writes one partial LSE per row into ``RowPart[s]``, and, for the
-column LSE, each tile's column LSE into ``ColPart[t]`` (every entry written
-once, −inf for columns outside the rows' ranges): no barriers, no
+column LSE, each tile's column partial into ``ColPart[t]`` as a pair (c, Σ
+exp(S − c)) (``tiles.rows_and_cols``: c is the tile's maximum, or the
+column's where the tile's logits spread too far; every entry written once,
+(0, 0) for columns outside the rows' ranges): no barriers, no
 read-modify-write, no atomics.  torch merges the partials (``logsumexp`` over
-the first axis, a fixed order).
+the first axis of RowPart and of c + log Σ, a fixed order).
 
 Forward, Gram: each pair {a, b} of rows has ONE value, entry (min, max) of the
 tile product Z_I·Z_Jᵀ with the lower-index tile on the left (the two fp32
@@ -322,37 +324,57 @@ def _gram_applies(gram, q, k, row_index, col_index, col_start, col_end, want_col
 GEMM_DS_BYTES = 1 << 30
 
 
+def merge_col_part(col_part: Tensor) -> Tensor:
+    """The column LSEs from the general forward's (reference, sum) partials (T_B, 2, M)."""
+    return torch.logsumexp(col_part[:, 0] + torch.log(col_part[:, 1]), 0)
+
+
+# Padding of ``ds_stats``: at least the largest tile of the dS kernel's configs (GPU and interpreter).
+DS_STAT_PAD = 256
+
+
+def ds_stats(lse: Tensor, grad: Tensor) -> Tuple[Tensor, Tensor]:
+    """The dS kernel's statistics: the LSEs with −inf as +inf (P = 0) and the gradients, both padded
+    by ``DS_STAT_PAD`` entries (+inf, 0) so that a tile past the end reads them without masks."""
+    n = lse.numel()
+    lse_p = torch.full((n + DS_STAT_PAD,), float("inf"), dtype=torch.float32, device=lse.device)
+    lse_p[:n] = torch.where(lse == float("-inf"), float("inf"), lse)
+    grad_p = torch.zeros((n + DS_STAT_PAD,), dtype=torch.float32, device=grad.device)
+    grad_p[:n] = grad
+    return lse_p, grad_p
+
+
 def _gemm_backward(q, k, scale, exclude, row_lse, col_lse, grad_row, grad_col, flags, bd, one_chunk, row_max=None):
     """The GEMM backward (``BACKWARD = "gemm"``; no index lists, no column ranges): for each block
     of rows, the dS kernel recomputes S once and stores dS (rounded to the input dtype, as the dq/dk
     kernels round it before their products), then cuBLAS does dQ = scale·dS·K and accumulates
     dK += dSᵀ·Q in fp32: 2 units of recompute on the Triton side and the two products at GEMM speed,
     against 8 units in the dq/dk kernels.  Extra memory: the dS block (≤ ``GEMM_DS_BYTES``) and an
-    M × D fp32 accumulator.  Deterministic: every sum has a fixed order."""
+    M × D fp32 accumulator.  dscale is Σ Q ⊙ (dS·K) from the fp32 product dQ is made of.
+    Deterministic: every sum has a fixed order."""
     B, D = q.shape
     M = k.shape[0]
-    unit = min_block()
     rows_per = gemm_block_rows(B, M, q.element_size(), GEMM_DS_BYTES)
     dq = _empty(q.shape, q.dtype, q.device)
     dk_acc = torch.zeros((M, D), dtype=torch.float32, device=q.device)
     ds = _empty((rows_per, M), q.dtype, q.device)
+    lse_r, g_r = ds_stats(row_lse, grad_row)
+    lse_c, g_c = ds_stats(col_lse, grad_col) if col_lse is not None else (lse_r, g_r)
     parts = []
     for r0 in range(0, B, rows_per):
         r1 = min(B, r0 + rows_per)
         qc, dsc = q[r0:r1], ds[: r1 - r0]
-        part = torch.zeros((triton.cdiv(r1 - r0, unit) * triton.cdiv(M, unit),), dtype=torch.float32,
-                           device=q.device)
         launch("bwd_ds", _bwd_ds_kernel,
                lambda meta, n=r1 - r0: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_N"])))(
             qc, k, scale, scale, scale, scale, scale, _ptr(None if exclude is None else exclude[r0:r1], scale),
-            _ptr(None if row_max is None else row_max[r0:r1], scale),
-            row_lse[r0:r1], _ptr(col_lse, row_lse), grad_row[r0:r1], _ptr(grad_col, grad_row), dsc, part,
+            _ptr(None if row_max is None else row_max[r0:r1], scale), lse_r[r0:], lse_c, g_r[r0:], g_c, dsc,
             r1 - r0, M, D, q.stride(0), k.stride(0), dsc.stride(0), log2_bucket(B), log2_bucket(M),
             BLOCK_D=bd, ONE_CHUNK=one_chunk, **flags,
         )
-        dq[r0:r1] = (mm_f32(dsc, k) * scale).to(q.dtype)
+        dsk = mm_f32(dsc, k)
+        dq[r0:r1] = (dsk * scale).to(q.dtype)
+        parts.append(torch.einsum("bd,bd->", dsk, qc.float()))  # Σ dS ⊙ (Q Kᵀ) = Σ Q ⊙ (dS·K)
         dk_acc += mm_f32(dsc.t(), qc)
-        parts.append(part.sum())
     return dq, (dk_acc * scale).to(k.dtype), torch.stack(parts).sum()
 
 
@@ -452,7 +474,8 @@ def _sim_lse_fwd_op(
     block_m, n_split, cps = fwd_plan(B, M, q.device)
     t_b = triton.cdiv(B, block_m)
     row_part = _empty((n_split, B), torch.float32, q.device)
-    col_part = _empty((t_b if want_col else 0, M), torch.float32, q.device)  # every entry written once
+    # (reference, sum) per row tile and column, every entry written once (``rows_and_cols``)
+    col_part = _empty((t_b if want_col else 0, 2, M), torch.float32, q.device)
     launch("fwd", _fwd_kernel, (t_b, n_split))(
         q, k, scale, _ptr(row_index, scale), _ptr(col_index, scale), _ptr(col_start, scale),
         _ptr(col_end, scale), _ptr(exclude, scale), _ptr(row_max, scale), row_part,
@@ -462,7 +485,7 @@ def _sim_lse_fwd_op(
     )
     row_lse = row_part[0] if n_split == 1 else torch.logsumexp(row_part, 0)
     if want_col:
-        col_lse = torch.logsumexp(col_part, 0)
+        col_lse = merge_col_part(col_part)
     else:
         col_lse = torch.empty((0,), dtype=torch.float32, device=q.device)
     return row_lse, col_lse
@@ -740,10 +763,10 @@ declare_work(WORK_UNITS)
 # xfail(strict=True), red again once a kernel is fixed.
 _GATE_FAULTS = {
     "3.6": {
-        ("sim_lse_bwd_atomic", "bf16", (256,), "128x64 w8 s2"): "spills 332 B stored / 316 B loaded",
-        ("sim_lse_bwd_atomic", "bf16", (256,), "64x64 w4 s2"): "spills 1732 B stored / 1208 B loaded",
-        ("sim_lse_bwd_atomic", "fp16", (256,), "128x64 w8 s2"): "spills 332 B stored / 316 B loaded",
-        ("sim_lse_bwd_atomic", "fp16", (256,), "64x64 w4 s2"): "spills 1732 B stored / 1208 B loaded",
+        ("sim_lse_bwd_atomic", "bf16", (256,), "128x64 w8 s2"): "spills 276 B stored / 260 B loaded",
+        ("sim_lse_bwd_atomic", "bf16", (256,), "64x64 w4 s2"): "spills 1948 B stored / 1420 B loaded",
+        ("sim_lse_bwd_atomic", "fp16", (256,), "128x64 w8 s2"): "spills 276 B stored / 260 B loaded",
+        ("sim_lse_bwd_atomic", "fp16", (256,), "64x64 w4 s2"): "spills 1948 B stored / 1420 B loaded",
         ("sim_lse_bwd_dk", "bf16", (256,), "64x128 w8 s2"): "spills 64 B stored / 48 B loaded",
         ("sim_lse_bwd_dk", "bf16", (256,), "64x64 w4 s2"): "spills 100 B stored / 84 B loaded",
         ("sim_lse_bwd_dk", "fp16", (256,), "64x128 w8 s2"): "spills 64 B stored / 48 B loaded",
@@ -752,24 +775,23 @@ _GATE_FAULTS = {
         ("sim_lse_bwd_dk", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 116 B stored / 84 B loaded",
         ("sim_lse_bwd_dk", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 56 B stored / 32 B loaded",
         ("sim_lse_bwd_dq", "bf16", (256,), "128x64 w8 s2"): "spills 32 B stored / 16 B loaded",
-        ("sim_lse_bwd_dq", "bf16", (256,), "64x64 w4 s2"): "spills 48 B stored / 32 B loaded",
+        ("sim_lse_bwd_dq", "bf16", (256,), "64x64 w4 s2"): "spills 116 B stored / 92 B loaded",
         ("sim_lse_bwd_dq", "bf16", (512, 768, 1024), "64x64 w8 s2"): "spills 16 B stored / 8 B loaded",
         ("sim_lse_bwd_dq", "fp16", (256,), "128x64 w8 s2"): "spills 32 B stored / 16 B loaded",
-        ("sim_lse_bwd_dq", "fp16", (256,), "64x64 w4 s2"): "spills 48 B stored / 32 B loaded",
+        ("sim_lse_bwd_dq", "fp16", (256,), "64x64 w4 s2"): "spills 116 B stored / 92 B loaded",
         ("sim_lse_bwd_dq", "fp16", (512, 768, 1024), "64x64 w8 s2"): "spills 16 B stored / 8 B loaded",
-        ("sim_lse_bwd_dq", "fp32", (64,), "128x64 w8 s2"): "spills 24 B stored / 12 B loaded",
         ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 24 B stored / 12 B loaded",
         ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 148 B stored / 100 B loaded",
         ("sim_lse_gram_bwd", "bf16", (64,), "128 w8 s2"): "spills 1092 B stored / 1484 B loaded",
         ("sim_lse_gram_bwd", "bf16", (128,), "128 w8 s2"): "spills 1960 B stored / 2444 B loaded",
-        ("sim_lse_gram_bwd", "bf16", (128,), "64 w4 s2"): "spills 80 B stored / 64 B loaded",
-        ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "128 w8 s2"): "spills 4128 B stored / 5016 B loaded",
-        ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "64 w4 s2"): "spills 824 B stored / 1012 B loaded",
+        ("sim_lse_gram_bwd", "bf16", (128,), "64 w4 s2"): "spills 140 B stored / 156 B loaded",
+        ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "128 w8 s2"): "spills 4132 B stored / 4956 B loaded",
+        ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "64 w4 s2"): "spills 888 B stored / 1076 B loaded",
         ("sim_lse_gram_bwd", "fp16", (64,), "128 w8 s2"): "spills 1092 B stored / 1484 B loaded",
         ("sim_lse_gram_bwd", "fp16", (128,), "128 w8 s2"): "spills 1960 B stored / 2444 B loaded",
-        ("sim_lse_gram_bwd", "fp16", (128,), "64 w4 s2"): "spills 80 B stored / 64 B loaded",
-        ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "128 w8 s2"): "spills 4128 B stored / 5016 B loaded",
-        ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "64 w4 s2"): "spills 824 B stored / 1012 B loaded",
+        ("sim_lse_gram_bwd", "fp16", (128,), "64 w4 s2"): "spills 140 B stored / 156 B loaded",
+        ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "128 w8 s2"): "spills 4132 B stored / 4956 B loaded",
+        ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "64 w4 s2"): "spills 888 B stored / 1076 B loaded",
         ("sim_lse_gram_bwd_atomic", "bf16", (64,), "128 w8 s1"):
             "spills 740 B stored / 680 B loaded; streaming loop without cp.async or TMA (not pipelined)",
         ("sim_lse_gram_bwd_atomic", "bf16", (128,), "128 w8 s1"):
@@ -786,10 +808,10 @@ _GATE_FAULTS = {
         ("sim_lse_gram_bwd_atomic", "fp16", (256,), "64 w4 s2"): "spills 3052 B stored / 2276 B loaded",
     },
     "3.8": {
-        ("sim_lse_bwd_atomic", "bf16", (256,), "128x64 w8 s2"): "spills 356 B stored / 340 B loaded",
-        ("sim_lse_bwd_atomic", "bf16", (256,), "64x64 w4 s2"): "spills 1740 B stored / 1216 B loaded",
-        ("sim_lse_bwd_atomic", "fp16", (256,), "128x64 w8 s2"): "spills 360 B stored / 344 B loaded",
-        ("sim_lse_bwd_atomic", "fp16", (256,), "64x64 w4 s2"): "spills 1748 B stored / 1220 B loaded",
+        ("sim_lse_bwd_atomic", "bf16", (256,), "128x64 w8 s2"): "spills 300 B stored / 284 B loaded",
+        ("sim_lse_bwd_atomic", "bf16", (256,), "64x64 w4 s2"): "spills 1948 B stored / 1420 B loaded",
+        ("sim_lse_bwd_atomic", "fp16", (256,), "128x64 w8 s2"): "spills 292 B stored / 276 B loaded",
+        ("sim_lse_bwd_atomic", "fp16", (256,), "64x64 w4 s2"): "spills 1952 B stored / 1424 B loaded",
         ("sim_lse_bwd_dk", "bf16", (256,), "64x128 w8 s2"): "spills 64 B stored / 48 B loaded",
         ("sim_lse_bwd_dk", "bf16", (256,), "64x64 w4 s2"): "spills 100 B stored / 84 B loaded",
         ("sim_lse_bwd_dk", "fp16", (256,), "64x128 w8 s2"): "spills 64 B stored / 48 B loaded",
@@ -797,21 +819,23 @@ _GATE_FAULTS = {
         ("sim_lse_bwd_dk", "fp32", (128, 256, 512, 768, 1024), "64x128 w8 s2"): "spills 104 B stored / 72 B loaded",
         ("sim_lse_bwd_dk", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 60 B stored / 36 B loaded",
         ("sim_lse_bwd_dq", "bf16", (256,), "128x64 w8 s2"): "spills 48 B stored / 32 B loaded",
-        ("sim_lse_bwd_dq", "bf16", (256,), "64x64 w4 s2"): "spills 88 B stored / 68 B loaded",
-        ("sim_lse_bwd_dq", "fp16", (256,), "128x64 w8 s2"): "spills 120 B stored / 96 B loaded",
-        ("sim_lse_bwd_dq", "fp16", (256,), "64x64 w4 s2"): "spills 172 B stored / 148 B loaded",
-        ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 24 B stored / 12 B loaded",
-        ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 112 B stored / 76 B loaded",
-        ("sim_lse_gram_bwd", "bf16", (64,), "128 w8 s2"): "spills 532 B stored / 760 B loaded",
-        ("sim_lse_gram_bwd", "bf16", (128,), "128 w8 s2"): "spills 1748 B stored / 2172 B loaded",
+        ("sim_lse_bwd_dq", "bf16", (256,), "64x64 w4 s2"): "spills 112 B stored / 88 B loaded",
+        ("sim_lse_bwd_dq", "fp16", (256,), "128x64 w8 s2"): "spills 88 B stored / 68 B loaded",
+        ("sim_lse_bwd_dq", "fp16", (256,), "64x64 w4 s2"): "spills 140 B stored / 116 B loaded",
+        ("sim_lse_bwd_dq", "fp32", (64,), "64x64 w4 s2"): "spills 40 B stored / 20 B loaded",
+        ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "128x64 w8 s2"): "spills 32 B stored / 16 B loaded",
+        ("sim_lse_bwd_dq", "fp32", (128, 256, 512, 768, 1024), "64x64 w4 s2"): "spills 156 B stored / 100 B loaded",
+        ("sim_lse_fwd", "fp16", (128,), "128x128 w8 s3"): "spills 4 B stored / 12 B loaded",
+        ("sim_lse_gram_bwd", "bf16", (64,), "128 w8 s2"): "spills 556 B stored / 780 B loaded",
+        ("sim_lse_gram_bwd", "bf16", (128,), "128 w8 s2"): "spills 1312 B stored / 1700 B loaded",
         ("sim_lse_gram_bwd", "bf16", (128,), "64 w4 s2"): "spills 80 B stored / 60 B loaded",
-        ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "128 w8 s2"): "spills 3920 B stored / 4996 B loaded",
-        ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "64 w4 s2"): "spills 656 B stored / 840 B loaded",
+        ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "128 w8 s2"): "spills 3840 B stored / 4888 B loaded",
+        ("sim_lse_gram_bwd", "bf16", (256, 512, 768, 1024), "64 w4 s2"): "spills 624 B stored / 808 B loaded",
         ("sim_lse_gram_bwd", "fp16", (64,), "128 w8 s2"): "spills 904 B stored / 1280 B loaded",
         ("sim_lse_gram_bwd", "fp16", (128,), "128 w8 s2"): "spills 1416 B stored / 1800 B loaded",
-        ("sim_lse_gram_bwd", "fp16", (128,), "64 w4 s2"): "spills 84 B stored / 64 B loaded",
-        ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "128 w8 s2"): "spills 3684 B stored / 4316 B loaded",
-        ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "64 w4 s2"): "spills 1000 B stored / 1184 B loaded",
+        ("sim_lse_gram_bwd", "fp16", (128,), "64 w4 s2"): "spills 80 B stored / 60 B loaded",
+        ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "128 w8 s2"): "spills 3540 B stored / 4148 B loaded",
+        ("sim_lse_gram_bwd", "fp16", (256, 512, 768, 1024), "64 w4 s2"): "spills 1088 B stored / 1312 B loaded",
         ("sim_lse_gram_bwd_atomic", "bf16", (64,), "128 w8 s1"):
             "spills 248 B stored / 176 B loaded; streaming loop without cp.async or TMA (not pipelined)",
         ("sim_lse_gram_bwd_atomic", "bf16", (128,), "128 w8 s1"):

@@ -37,13 +37,23 @@ def _store_rows(Out, out_rows, mask, stride, offs_o, D, acc, scale):
 @triton.jit
 def _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL: tl.constexpr):
     """dS of a tile from the recomputed S and the saved LSEs (an LSE of −inf counts as +inf: P = 0)."""
-    s = scaled_s(s_raw, scale, ok)
     lse_r = tl.where(lse_r == float("-inf"), float("inf"), lse_r)
-    ds = g_r[:, None] * fexp(s - lse_r[:, None])
     if WANT_COL:
-        lse_c = tl.load(ColLse + cols, mask=col_mask, other=float("-inf"))
+        lse_c = tl.load(ColLse + cols, mask=col_mask, other=float("inf"))
         lse_c = tl.where(lse_c == float("-inf"), float("inf"), lse_c)
         g_c = tl.load(GradCol + cols, mask=col_mask, other=0.0)
+    else:
+        lse_c = 0.0
+        g_c = 0.0
+    return _p_tile(s_raw, scale, ok, lse_r, g_r, lse_c, g_c, WANT_COL)
+
+
+@triton.jit
+def _p_tile(s_raw, scale, ok, lse_r, g_r, lse_c, g_c, WANT_COL: tl.constexpr):
+    """dS = g_r·P_row (+ g_c·P_col) of a tile, from LSEs in which −inf is already +inf."""
+    s = scaled_s(s_raw, scale, ok)
+    ds = g_r[:, None] * fexp(s - lse_r[:, None])
+    if WANT_COL:
         ds += g_c[None, :] * fexp(s - lse_c[None, :])
     return tl.where(ok, ds, 0.0)
 
@@ -438,35 +448,48 @@ def _gram_bwd_atomic_kernel(
 @autotune(configs(("BLOCK_M", "BLOCK_N"), DS_GPU, INTERP_BLOCK), key=["D", "B_LOG2", "M_LOG2"] + _FLAG_KEYS)
 @triton.jit
 def _bwd_ds_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol,
-    DS, DscalePart,
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowLse, ColLse, GradRow, GradCol, DS,
     B, M, D, stride_q, stride_k, stride_ds, B_LOG2, M_LOG2,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROW_MAX: tl.constexpr,
 ):
-    """Program (row tile, column tile): S recomputed once, dS (unscaled, rounded to DS's dtype
-    exactly as the dq/dk kernels round it before their products) stored, and the tile's partial
-    of dscale = Σ dS ⊙ (Q Kᵀ) written to DscalePart[row tile, column tile] (no atomics)."""
+    """Program (row tile, column tile): S recomputed once and dS (unscaled, rounded to DS's dtype
+    exactly as the dq/dk kernels round it before their products) stored.  dscale = Σ dS ⊙ (Q Kᵀ)
+    is Σ Q ⊙ (dS·K), which the launcher takes from the product it does anyway.
+
+    The statistics come as ``ds_stats`` makes them: −inf LSEs already +inf, and padded (LSE +inf,
+    gradient 0) past B and M by at least one tile, so they are read without masks.  Without ranges,
+    exclusions or thresholds no entry is masked either: a row past B or a column past M has P = 0
+    and gradient 0 on its side, and its entries, whatever they are, are not stored."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     scale = tl.load(Scale)
     rows, row_mask, q_rows, cs, ce, e0, e1 = row_tile(
         pid_m, B, RowIndex, ColStart, ColEnd, Exclude, BLOCK_M, HAS_ROW_INDEX, HAS_RANGE, N_EXCLUDE)
     cols, col_mask, k_rows = col_tile(pid_n * BLOCK_N, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
+    lse_r = tl.load(RowLse + rows)  # before the D loop: their latency goes under it
+    g_r = tl.load(GradRow + rows)
+    if WANT_COL:
+        lse_c = tl.load(ColLse + cols)
+        g_c = tl.load(GradCol + cols)
+    else:
+        lse_c = 0.0
+        g_c = 0.0
     offs_d = tl.arange(0, BLOCK_D)
     q_tile = held_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST, ONE_CHUNK)
     k_tile = held_tile(K, k_rows, col_mask, offs_d, D, stride_k, UPCAST, ONE_CHUNK)
     s_raw = s_tile(Q, K, q_rows, k_rows, row_mask, col_mask, D, stride_q, stride_k, q_tile, k_tile,
                    BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, PREC)
-    ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
-    ok = under_row_max(ok, s_raw, scale, row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX), HAS_ROW_MAX)
-    lse_r, g_r = _row_stats(RowLse, GradRow, rows, row_mask)
-    ds = _ds_tile(s_raw, scale, ok, lse_r, g_r, ColLse, GradCol, cols, col_mask, WANT_COL)
+    if not HAS_RANGE and N_EXCLUDE == 0 and not HAS_ROW_MAX:
+        ok = True
+    else:
+        ok = allowed(cols, row_mask, col_mask, cs, ce, e0, e1, HAS_RANGE, N_EXCLUDE)
+        ok = under_row_max(ok, s_raw, scale, row_max_of(RowMax, rows, row_mask, HAS_ROW_MAX), HAS_ROW_MAX)
+    ds = _p_tile(s_raw, scale, ok, lse_r, g_r, lse_c, g_c, WANT_COL)
     tl.store(DS + rows.to(tl.int64)[:, None] * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
-    tl.store(DscalePart + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(ds * s_raw, 1), 0))
 
 
 # ---------------------------------------------------------------------------

@@ -361,11 +361,11 @@ def scaled_s(s_raw, scale, ok):
 
     At huge logits (|S| ~ 1e8, fp32 ulp 8) the backward's P = exp(S − lse) is
     only ≤ 1 if its S is bitwise the forward's, so forward and backward share
-    this helper (the same product, the same multiply; the select between the
-    multiply and any later subtraction also keeps the compiler from contracting
-    ``s_raw·scale − lse`` into an FMA in one kernel and not in another).
+    this helper (the same product, the same multiply, rounded on its own: ``mul_rn``
+    keeps the compiler from contracting ``s_raw·scale − lse`` into an FMA where no
+    select stands between them, in one kernel and not in another).
     """
-    return tl.where(ok, s_raw * scale, float("-inf"))
+    return tl.where(ok, mul_rn(s_raw, scale), float("-inf"))
 
 
 @triton.jit
@@ -858,3 +858,61 @@ def g_tile(Q, K, rows, rmask, cols, cmask, q, k, D, stride_q, stride_k, UPCAST: 
     BLOCK_DS-wide chunks read from memory in increasing order (``s_tile``)."""
     return s_tile(Q, K, rows.to(tl.int64), cols.to(tl.int64), rmask, cmask, D, stride_q, stride_k, q, k,
                   BLOCK_M, BLOCK_N, BLOCK_DS, BLOCK_DS == BLOCK_D, UPCAST, PREC)
+
+
+@triton.jit
+def mul_rn(a, b):
+    """a·b rounded on its own (PTX ``mul.rn``, which ptxas never fuses into an FMA; the interpreter
+    rounds every operation)."""
+    if FAST_EXP:
+        y = libdevice.mul_rn(a, b)
+    else:
+        y = a * b
+    return y
+
+
+# A column sum of exp(S − T) below this (its largest term below 2^-86 for 64 rows) may have lost terms
+# of relative size 2^-34 or more to the flush below 2^-126: ``rows_and_cols`` falls back to ``col_lse``.
+SHARED_MAX_FLOOR = tl.constexpr(2.0 ** -80)
+
+
+@triton.jit
+def rows_and_cols(s, m_i, l_i, row_ok, col_ok):
+    """``online_rows`` and the tile's column LSEs from ONE exponential per entry.
+
+    P = exp(S − t) with t the tile's row maxima serves both sides: the rows add Σⱼ P·exp(t − m_new) to
+    their running sums, the columns sum P·exp(t − T) = exp(S − T) with T the tile's maximum, and
+    the column's LSE is T + log of that sum, returned as the pair (T, sum): the caller stores both
+    and the log is taken where the row tiles' partials are merged, once per entry of the partial
+    instead of once per column, thread and tile.  That is exact while every column's largest entry
+    is within about 55 of T (its sum ≥ ``SHARED_MAX_FLOOR``), which holds for every tile of logits
+    spread less than that (unit features at scale ≤ 27 always); a tile with a column below the
+    floor (or entirely −inf) takes each column's own maximum instead (``col_max_sum``), in a branch
+    with no dot.  Against ``online_rows`` + ``col_lse`` this saves one exponential per entry and the
+    column max reduction across lanes and warps.  Rows outside ``row_ok`` take no part in the
+    columns (the unmasked tiles of ``_fwd_kernel`` leave them in S; their row sums are never stored);
+    columns outside ``col_ok`` (True in a tile inside the matrix) do not call for the fallback.
+    """
+    t = tl.max(s, 1)
+    m_new = tl.maximum(m_i, t)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    t_safe = tl.where(t == float("-inf"), m_safe, t)  # a row with nothing allowed here: P = 0, weight 1
+    p = fexp(s - t_safe[:, None])
+    l_new = l_i * fexp(m_i - m_safe) + tl.sum(p, 1) * fexp(t_safe - m_safe)
+    t_col = tl.where(row_ok, t, float("-inf"))
+    big = tl.max(t_col, 0)
+    big = tl.where(big == float("-inf"), 0.0, big)
+    c_sum = tl.sum(p * fexp(t_col - big)[:, None], 0)  # a row with t = −inf weighs 0
+    c_ref = tl.broadcast_to(big, c_sum.shape)
+    if tl.max((col_ok & ~(c_sum >= SHARED_MAX_FLOOR)).to(tl.int32), 0) > 0:
+        c_ref, c_sum = col_max_sum(tl.where(row_ok[:, None], s, float("-inf")))
+    return m_new, l_new, c_ref, c_sum
+
+
+@triton.jit
+def col_max_sum(s):
+    """Each column of a tile S as (c, Σ exp(S − c)) with c its maximum (0 for a column with nothing
+    allowed, whose sum is then 0): ``col_lse`` without the log."""
+    c_max = tl.max(s, 0)
+    c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
+    return c_safe, tl.sum(fexp(s - c_safe[None, :]), 0)
