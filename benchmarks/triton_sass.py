@@ -283,7 +283,7 @@ def report() -> dict:
                                ("sim_lse_bwd_ds", None, True)):
             t = tile_loop_in_child(name, D, bm, fast_exp=fast)
             rows.append(dict(asdict(t), **predict(t, eff, k)))
-    steps = [clip_step(B, D, eff, k) for B in (16384, 32768) for D in (512, 1024)]
+    steps = [clip_step(B, D, eff, k) for B in (16384, 32768, 65536) for D in (512, 1024)]
     return dict(eff_d=eff, k_epi=k, measured_tile_clk={D: measured_tile_clocks(D) for D in (512, 1024)},
                 rows=rows, clip=steps)
 

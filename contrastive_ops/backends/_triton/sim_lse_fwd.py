@@ -9,9 +9,9 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    FWD_N_GPU, INTERP_N, SYM_FWD_GPU, allowed, allowed_t, autotune, col_lse, col_tile, configs, held_tile, load_tile,
-    logaddexp, lse_of, online_rows, row_max_of, row_span, row_tile, rows_and_cols, s_tile, scaled_s, under_row_max,
-    under_row_max_t,
+    COL_REF_GROUP, FWD_N_GPU, INTERP_N, SYM_FWD_GPU, allowed, allowed_t, autotune, col_lse, col_tile, configs,
+    held_tile, load_tile, logaddexp, lse_of, online_rows, row_max_of, row_span, row_tile, rows_and_cols, s_tile,
+    scaled_s, under_row_max, under_row_max_t,
 )
 
 # The launch flags every general kernel is autotuned on (see ``sim_lse._flags``).
@@ -22,13 +22,14 @@ _FLAG_KEYS = ["HAS_ROW_INDEX", "HAS_COL_INDEX", "HAS_RANGE", "N_EXCLUDE", "WANT_
 # Forward, general: grid (row tiles, column splits)
 # ---------------------------------------------------------------------------
 @triton.jit
-def _fwd_tile(Q, K, q_rows, row_mask, q_tile, n0, m_i, l_i, col_out, scale, rmax, cs, ce, e0, e1, M, D, ColIndex,
-              stride_q, stride_k, offs_d, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
+def _fwd_tile(Q, K, q_rows, row_mask, q_tile, n0, m_i, l_i, col_out, ref_out, scale, rmax, cs, ce, e0, e1, M, D,
+              ColIndex, stride_q, stride_k, offs_d, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
               N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
               BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_ROW_MAX: tl.constexpr, MASKED: tl.constexpr):
-    """Fold the column tile at ``n0`` into the rows' running (max, sum) and store its columns' partial
-    LSEs as (reference, sum) pairs: ColPart[row tile] holds the references, then the sums.
+    """Fold the column tile at ``n0`` into the rows' running (max, sum) and store its columns' partials
+    (``rows_and_cols``): the values at ``col_out``, the tile's reference at ``ref_out``, once per
+    ``COL_REF_GROUP`` columns.
     ``MASKED``: every entry under ``allowed`` and the row threshold; otherwise (a plain tile inside
     the matrix) S as it is, rows past B left out of the columns by ``rows_and_cols``."""
     cols, col_mask, k_rows = col_tile(n0, M, ColIndex, BLOCK_N, HAS_COL_INDEX)
@@ -42,9 +43,11 @@ def _fwd_tile(Q, K, q_rows, row_mask, q_tile, n0, m_i, l_i, col_out, scale, rmax
         ok = True
     s = scaled_s(s_raw, scale, ok)
     if WANT_COL:
-        m_i, l_i, c_ref, c_sum = rows_and_cols(s, m_i, l_i, row_mask, col_mask if MASKED else True)
-        tl.store(col_out + cols, c_ref, mask=col_mask)
-        tl.store(col_out + M + cols, c_sum, mask=col_mask)
+        m_i, l_i, c_ref, c_val = rows_and_cols(s, m_i, l_i, row_mask, col_mask if MASKED else True)
+        tl.store(col_out + cols, c_val, mask=col_mask)
+        groups = n0 // COL_REF_GROUP + tl.arange(0, BLOCK_N // COL_REF_GROUP)
+        tl.store(ref_out + groups, tl.full((BLOCK_N // COL_REF_GROUP,), 0.0, tl.float32) + c_ref,
+                 mask=groups < tl.cdiv(M, COL_REF_GROUP))
     else:
         m_i, l_i = online_rows(s, m_i, l_i)
     return m_i, l_i
@@ -53,7 +56,7 @@ def _fwd_tile(Q, K, q_rows, row_mask, q_tile, n0, m_i, l_i, col_out, scale, rmax
 @autotune(configs(("BLOCK_N",), FWD_N_GPU, INTERP_N), key=["D", "B_LOG2", "M_LOG2", "BLOCK_M"] + _FLAG_KEYS)
 @triton.jit
 def _fwd_kernel(
-    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowPart, ColPart,
+    Q, K, Scale, RowIndex, ColIndex, ColStart, ColEnd, Exclude, RowMax, RowPart, ColPart, ColRef,
     B, M, D, stride_q, stride_k, cols_per_split, B_LOG2, M_LOG2,
     HAS_ROW_INDEX: tl.constexpr, HAS_COL_INDEX: tl.constexpr, HAS_RANGE: tl.constexpr,
     N_EXCLUDE: tl.constexpr, WANT_COL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -72,7 +75,8 @@ def _fwd_kernel(
     b = tl.minimum(hi, s1)
     offs_d = tl.arange(0, BLOCK_D)
     q_tile = held_tile(Q, q_rows, row_mask, offs_d, D, stride_q, UPCAST, ONE_CHUNK)  # the Q tile is loaded once
-    col_out = ColPart + pid_m.to(tl.int64) * (2 * M)
+    col_out = ColPart + pid_m.to(tl.int64) * M
+    ref_out = ColRef + pid_m.to(tl.int64) * tl.cdiv(M, COL_REF_GROUP)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     n_tiles = tl.cdiv(tl.maximum(b - a, 0), BLOCK_N)
@@ -82,27 +86,30 @@ def _fwd_kernel(
     plain = not HAS_RANGE and N_EXCLUDE == 0 and not HAS_ROW_MAX
     n_plain = tl.maximum(b - a, 0) // BLOCK_N if plain else 0
     for i in range(0, n_plain):
-        m_i, l_i = _fwd_tile(Q, K, q_rows, row_mask, q_tile, a + i * BLOCK_N, m_i, l_i, col_out, scale, rmax,
-                             cs, ce, e0, e1, M, D, ColIndex, stride_q, stride_k, offs_d, HAS_COL_INDEX, HAS_RANGE,
-                             N_EXCLUDE, WANT_COL, UPCAST, PREC, BLOCK_D, ONE_CHUNK, BLOCK_M, BLOCK_N,
+        m_i, l_i = _fwd_tile(Q, K, q_rows, row_mask, q_tile, a + i * BLOCK_N, m_i, l_i, col_out, ref_out, scale,
+                             rmax, cs, ce, e0, e1, M, D, ColIndex, stride_q, stride_k, offs_d, HAS_COL_INDEX,
+                             HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC, BLOCK_D, ONE_CHUNK, BLOCK_M, BLOCK_N,
                              HAS_ROW_MAX, False)
     for i in range(n_plain, n_tiles):
-        m_i, l_i = _fwd_tile(Q, K, q_rows, row_mask, q_tile, a + i * BLOCK_N, m_i, l_i, col_out, scale, rmax,
-                             cs, ce, e0, e1, M, D, ColIndex, stride_q, stride_k, offs_d, HAS_COL_INDEX, HAS_RANGE,
-                             N_EXCLUDE, WANT_COL, UPCAST, PREC, BLOCK_D, ONE_CHUNK, BLOCK_M, BLOCK_N,
+        m_i, l_i = _fwd_tile(Q, K, q_rows, row_mask, q_tile, a + i * BLOCK_N, m_i, l_i, col_out, ref_out, scale,
+                             rmax, cs, ce, e0, e1, M, D, ColIndex, stride_q, stride_k, offs_d, HAS_COL_INDEX,
+                             HAS_RANGE, N_EXCLUDE, WANT_COL, UPCAST, PREC, BLOCK_D, ONE_CHUNK, BLOCK_M, BLOCK_N,
                              HAS_ROW_MAX, True)
     tl.store(RowPart + pid_s.to(tl.int64) * B + rows, lse_of(m_i, l_i), mask=row_mask)
-    if WANT_COL:  # the split's columns no row of this tile may reach: partial (0, 0), i.e. −inf
+    if WANT_COL:  # the split's columns no row of this tile may reach: an LSE of −inf (reference +inf)
         offs_n = tl.arange(0, BLOCK_N)
-        zero = tl.zeros((BLOCK_N,), tl.float32)
+        neg = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        offs_g = tl.arange(0, BLOCK_N // COL_REF_GROUP)
+        inf = tl.full((BLOCK_N // COL_REF_GROUP,), float("inf"), tl.float32)
+        n_groups = tl.cdiv(M, COL_REF_GROUP)
         end = tl.minimum(a, s1)
         for n0 in range(s0, end, BLOCK_N):
-            tl.store(col_out + n0 + offs_n, zero, mask=n0 + offs_n < end)
-            tl.store(col_out + M + n0 + offs_n, zero, mask=n0 + offs_n < end)
+            tl.store(col_out + n0 + offs_n, neg, mask=n0 + offs_n < end)
+            tl.store(ref_out + n0 // COL_REF_GROUP + offs_g, inf, mask=n0 // COL_REF_GROUP + offs_g < n_groups)
         t_end = a + n_tiles * BLOCK_N
         for n0 in range(t_end, s1, BLOCK_N):
-            tl.store(col_out + n0 + offs_n, zero, mask=n0 + offs_n < s1)
-            tl.store(col_out + M + n0 + offs_n, zero, mask=n0 + offs_n < s1)
+            tl.store(col_out + n0 + offs_n, neg, mask=n0 + offs_n < s1)
+            tl.store(ref_out + n0 // COL_REF_GROUP + offs_g, inf, mask=n0 // COL_REF_GROUP + offs_g < n_groups)
 
 
 # ---------------------------------------------------------------------------

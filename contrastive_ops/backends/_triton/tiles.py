@@ -871,6 +871,9 @@ def mul_rn(a, b):
     return y
 
 
+# The general forward stores one column reference per this many columns (a divisor of every BLOCK_N
+# of its config lists, GPU and interpreter, and of the tile sweep's).
+COL_REF_GROUP = tl.constexpr(16)
 # A column sum of exp(S − T) below this (its largest term below 2^-86 for 64 rows) may have lost terms
 # of relative size 2^-34 or more to the flush below 2^-126: ``rows_and_cols`` falls back to ``col_lse``.
 SHARED_MAX_FLOOR = tl.constexpr(2.0 ** -80)
@@ -878,20 +881,22 @@ SHARED_MAX_FLOOR = tl.constexpr(2.0 ** -80)
 
 @triton.jit
 def rows_and_cols(s, m_i, l_i, row_ok, col_ok):
-    """``online_rows`` and the tile's column LSEs from ONE exponential per entry.
+    """``online_rows`` and the tile's column partials from ONE exponential per entry.
 
     P = exp(S − t) with t the tile's row maxima serves both sides: the rows add Σⱼ P·exp(t − m_new) to
-    their running sums, the columns sum P·exp(t − T) = exp(S − T) with T the tile's maximum, and
-    the column's LSE is T + log of that sum, returned as the pair (T, sum): the caller stores both
-    and the log is taken where the row tiles' partials are merged, once per entry of the partial
-    instead of once per column, thread and tile.  That is exact while every column's largest entry
-    is within about 55 of T (its sum ≥ ``SHARED_MAX_FLOOR``), which holds for every tile of logits
-    spread less than that (unit features at scale ≤ 27 always); a tile with a column below the
-    floor (or entirely −inf) takes each column's own maximum instead (``col_max_sum``), in a branch
-    with no dot.  Against ``online_rows`` + ``col_lse`` this saves one exponential per entry and the
-    column max reduction across lanes and warps.  Rows outside ``row_ok`` take no part in the
-    columns (the unmasked tiles of ``_fwd_kernel`` leave them in S; their row sums are never stored);
-    columns outside ``col_ok`` (True in a tile inside the matrix) do not call for the fallback.
+    their running sums, the columns sum P·exp(t − T) = exp(S − T) with T the tile's maximum, and the
+    column's LSE is T + log of that sum.  Returned as (T, sums): the caller stores the sums and T
+    once per ``COL_REF_GROUP`` columns, and the log is taken where the row tiles' partials are
+    merged, once per entry of the partial instead of once per column, thread and tile.  That is
+    exact while every column's largest entry is within about 55 of T (its sum ≥
+    ``SHARED_MAX_FLOOR``), which holds for every tile of logits spread less than that (unit features
+    at scale ≤ 27 always); a tile with a column below the floor (or entirely −inf) takes each
+    column's LSE with its own maximum (``col_lse``) in a branch with no dot, and returns (+inf,
+    LSEs): a reference of +inf marks partials that are LSEs already.  Against ``online_rows`` +
+    ``col_lse`` this saves one exponential per entry, the column max reduction across lanes and
+    warps, and the logs.  Rows outside ``row_ok`` take no part in the columns (the unmasked tiles of
+    ``_fwd_kernel`` leave them in S; their row sums are never stored); columns outside ``col_ok``
+    (True in a tile inside the matrix) do not call for the fallback.
     """
     t = tl.max(s, 1)
     m_new = tl.maximum(m_i, t)
@@ -901,18 +906,9 @@ def rows_and_cols(s, m_i, l_i, row_ok, col_ok):
     l_new = l_i * fexp(m_i - m_safe) + tl.sum(p, 1) * fexp(t_safe - m_safe)
     t_col = tl.where(row_ok, t, float("-inf"))
     big = tl.max(t_col, 0)
-    big = tl.where(big == float("-inf"), 0.0, big)
-    c_sum = tl.sum(p * fexp(t_col - big)[:, None], 0)  # a row with t = −inf weighs 0
-    c_ref = tl.broadcast_to(big, c_sum.shape)
-    if tl.max((col_ok & ~(c_sum >= SHARED_MAX_FLOOR)).to(tl.int32), 0) > 0:
-        c_ref, c_sum = col_max_sum(tl.where(row_ok[:, None], s, float("-inf")))
-    return m_new, l_new, c_ref, c_sum
-
-
-@triton.jit
-def col_max_sum(s):
-    """Each column of a tile S as (c, Σ exp(S − c)) with c its maximum (0 for a column with nothing
-    allowed, whose sum is then 0): ``col_lse`` without the log."""
-    c_max = tl.max(s, 0)
-    c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
-    return c_safe, tl.sum(fexp(s - c_safe[None, :]), 0)
+    c_ref = tl.where(big == float("-inf"), 0.0, big)
+    c_val = tl.sum(p * fexp(t_col - c_ref)[:, None], 0)  # a row with t = −inf weighs 0
+    if tl.max((col_ok & ~(c_val >= SHARED_MAX_FLOOR)).to(tl.int32), 0) > 0:
+        c_ref = float("inf")
+        c_val = col_lse(tl.where(row_ok[:, None], s, float("-inf")))
+    return m_new, l_new, c_ref, c_val
