@@ -119,14 +119,19 @@ def _sass(spec: dict, fast_exp: bool) -> Tuple[List[Tuple[int, str]], int]:
     return ins, int(specs._ptxas_numbers(specs._run_ptxas(k.asm["ptx"]))["registers"])
 
 
-def loops(ins: List[Tuple[int, str]]) -> List[Tuple[int, int]]:
-    """(first, last) address of every loop: a backward branch and its target."""
+def branches(ins: List[Tuple[int, str]]) -> List[Tuple[int, int]]:
+    """(address, target) of every branch."""
     out = []
     for a, t in ins:
         m = re.search(r"\bBRA (0x[0-9a-f]+)", t)
-        if m and int(m.group(1), 16) < a:
-            out.append((int(m.group(1), 16), a))
+        if m:
+            out.append((a, int(m.group(1), 16)))
     return out
+
+
+def loops(ins: List[Tuple[int, str]]) -> List[Tuple[int, int]]:
+    """(first, last) address of every loop: a backward branch and its target."""
+    return [(b, a) for a, b in branches(ins) if b < a]
 
 
 def cold_blocks(ins: List[Tuple[int, str]], lo: int, hi: int, skip: Tuple[int, int]) -> List[Tuple[int, int]]:
@@ -134,15 +139,10 @@ def cold_blocks(ins: List[Tuple[int, str]], lo: int, hi: int, skip: Tuple[int, i
     that hold the D loop ``skip`` (a loop's entry guard): the blocks a taken branch skips.  In the
     tile loops these are the rare paths (``rows_and_cols``' exact fallback), which the model leaves
     out of the epilogue."""
-    spans = []
-    for a, t in ins:
-        m = re.search(r"\bBRA (0x[0-9a-f]+)", t)
-        if m and lo <= a <= hi and not skip[0] <= a <= skip[1] and a < int(m.group(1), 16) <= hi:
-            b = int(m.group(1), 16)
-            if not (a < skip[0] and skip[1] < b):
-                spans.append((a, b))
+    spans = sorted((a, b) for a, b in branches(ins)
+                   if lo <= a < b <= hi and not skip[0] <= a <= skip[1] and not (a < skip[0] and skip[1] < b))
     merged: List[Tuple[int, int]] = []
-    for a, b in sorted(spans):
+    for a, b in spans:
         if merged and a < merged[-1][1]:
             merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
         else:
@@ -278,7 +278,8 @@ def report() -> dict:
     eff, k = calibrate(measured_loop(512), measured_loop(1024))
     rows = []
     for D in (512, 1024):
-        rows.append(dict(asdict(measured_loop(D)), **predict(measured_loop(D), eff, k)))
+        m = measured_loop(D)
+        rows.append(dict(asdict(m), **predict(m, eff, k)))
         for name, bm, fast in (("sim_lse_fwd", 64, False), ("sim_lse_fwd", 64, True), ("sim_lse_fwd", 128, True),
                                ("sim_lse_bwd_ds", None, True)):
             t = tile_loop_in_child(name, D, bm, fast_exp=fast)
